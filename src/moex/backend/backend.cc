@@ -1,0 +1,2 @@
+// Anchors the Backend vtable in moex_backend.
+#include "moex/backend/backend.h"

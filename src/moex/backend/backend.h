@@ -1,0 +1,96 @@
+// The Backend interface: every numeric op the model code needs, on tensors that live on the
+// backend's device. Model code (model/) calls only this; cpu/ and cuda/ implement it.
+// Conventions: activations are fp32, row-major [rows, cols]; weights are bf16, f16 or f32 in the
+// checkpoint's layout ([out_features, in_features], like torch.nn.Linear); host-side integer inputs
+// (token ids, positions, expert ids) are passed as host spans, since the host schedules every step.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "moex/core/tensor.h"
+
+namespace moex {
+
+// One expert's SwiGLU weights: down(silu(gate x) * up x). gate/up [ffn, hidden], down [hidden, ffn].
+struct ExpertWeights {
+  TensorView gate;
+  TensorView up;
+  TensorView down;
+  bool valid() const { return !gate.empty(); }
+};
+
+// Top-k routing of a batch of tokens: row t holds token t's experts, best first.
+struct Routing {
+  int64_t num_tokens = 0;
+  int64_t top_k = 0;
+  std::vector<int32_t> expert_ids;  // [num_tokens * top_k]
+  std::vector<float> weights;       // [num_tokens * top_k]
+};
+
+enum class RouterScoring : uint8_t { kSoftmax, kSigmoid };
+
+// Owned activation memory on a backend's device; freed by the backend that made it.
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  TensorView view;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- memory -------------------------------------------------------------------------------
+  // An fp32/int activation buffer of the given shape on this device (contents undefined).
+  virtual std::unique_ptr<Buffer> alloc(DType dtype, Shape shape) = 0;
+  // A weight usable by this backend's ops. CPU: the host view itself (zero copy from the mmap);
+  // CUDA: uploaded once. The returned view stays valid as long as the backend lives.
+  virtual TensorView upload_weight(const TensorView& host, const std::string& name) = 0;
+  virtual void copy_to_host(const TensorView& src, void* dst) = 0;
+  virtual void copy_from_host(const void* src, const TensorView& dst) = 0;
+  virtual void synchronize() {}
+
+  // ---- ops ----------------------------------------------------------------------------------
+  // out[i, :] = table[ids[i], :] as fp32.
+  virtual void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) = 0;
+  // out[n, out_features] = x[n, in_features] @ w^T (+ bias[out_features]).
+  virtual void linear(const TensorView& x, const TensorView& w, const TensorView* bias,
+                      const TensorView& out) = 0;
+  // Row-wise RMSNorm over the last dim: out = x / sqrt(mean(x^2) + eps) * weight. In-place allowed.
+  virtual void rms_norm(const TensorView& x, const TensorView& weight, float eps, const TensorView& out) = 0;
+  // out = a + b (same shape). In-place allowed.
+  virtual void add(const TensorView& a, const TensorView& b, const TensorView& out) = 0;
+  // Clamp every element into [-limit, limit] in place (OLMoE clip_qkv).
+  virtual void clamp(const TensorView& x, float limit) = 0;
+  // Rotary embedding, rotate-half (GPT-NeoX) convention, in place on x[n, heads, head_dim]; token i
+  // is at positions[i]; the first rotary_dim dims of each head rotate.
+  virtual void rope(const TensorView& x, std::span<const int32_t> positions, int64_t rotary_dim,
+                    double theta) = 0;
+  // Writes k/v [n, kv_heads, head_dim] into cache rows [start_pos, start_pos + n).
+  virtual void kv_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
+                        const TensorView& v_cache, int64_t start_pos) = 0;
+  // Causal GQA attention for one sequence: q[n, heads, head_dim] at positions start_pos..start_pos+n-1
+  // over cache rows [0, start_pos + n); out[n, heads, head_dim]. scale = 1/sqrt(head_dim).
+  virtual void attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                         int64_t start_pos, float scale, const TensorView& out) = 0;
+  // out = silu(gate) * up, elementwise on [n, ffn].
+  virtual void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out) = 0;
+  // acc[r, :] += sigmoid(gate_logit[r, 0]) * x[r, :]  (Qwen2-MoE shared-expert gate).
+  virtual void add_sigmoid_gated(const TensorView& acc, const TensorView& x, const TensorView& gate_logit) = 0;
+  // Router: logits[n, num_experts] -> top-k ids/weights on the host. Ties pick the lower expert id.
+  // Softmax scoring: weights are softmax probabilities, renormalised over the top-k if normalize.
+  virtual void route(const TensorView& logits, int64_t top_k, RouterScoring scoring, bool normalize,
+                     Routing* routing) = 0;
+  // out[t, :] = sum_j routing.weights[t, j] * expert_{ids[t, j]}(x[t, :]). experts[e] must be valid
+  // for every id that occurs in routing; out is overwritten.
+  virtual void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
+                           const TensorView& out) = 0;
+};
+
+}  // namespace moex

@@ -1,0 +1,44 @@
+#include "moex/core/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace moex {
+
+std::string Shape::str() const {
+  std::string out = "[";
+  for (int i = 0; i < ndim; ++i) {
+    if (i) out += ", ";
+    out += std::to_string(dims[i]);
+  }
+  return out + "]";
+}
+
+TensorView TensorView::rows(int64_t row_begin, int64_t num_rows) const {
+  MOEX_ASSERT(shape.ndim >= 1 && row_begin >= 0 && row_begin + num_rows <= shape[0], "rows {}+{} of {}",
+              row_begin, num_rows, shape.str());
+  int64_t row_elems = shape[0] ? numel() / shape[0] : 0;
+  TensorView out = *this;
+  out.data = static_cast<char*>(data) + static_cast<size_t>(row_begin * row_elems) * dtype_size(dtype);
+  out.shape.dims[0] = num_rows;
+  return out;
+}
+
+TensorView TensorView::reshape(Shape dims) const {
+  MOEX_ASSERT(dims.numel() == numel(), "reshape {} -> {}", shape.str(), dims.str());
+  TensorView out = *this;
+  out.shape = dims;
+  return out;
+}
+
+HostTensor::HostTensor(DType dtype, Shape shape) {
+  size_t bytes = static_cast<size_t>(shape.numel()) * dtype_size(dtype);
+  size_t rounded = (bytes + 63) / 64 * 64;
+  void* ptr = std::aligned_alloc(64, rounded ? rounded : 64);
+  if (!ptr) throw BudgetError(fmt::format("out of host memory allocating {} bytes", bytes));
+  std::memset(ptr, 0, rounded ? rounded : 64);
+  storage_ = std::shared_ptr<void>(ptr, [](void* p) { std::free(p); });
+  view_ = TensorView(ptr, dtype, shape);
+}
+
+}  // namespace moex
