@@ -1,0 +1,49 @@
+// The seam between model code and expert placement: the MoE layer asks a provider for the weights of
+// the experts its router picked; the provider decides where they come from (resident, GPU cache,
+// host tier, disk) and accounts every move. Model code never knows where an expert lives.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "moex/backend/backend.h"
+
+namespace moex {
+
+// Identifies one expert of one MoE layer. layer_idx counts MoE layers in model order (dense layers
+// are skipped), matching router_logits in the CLI contract.
+struct ExpertKey {
+  int32_t layer_idx = 0;
+  int32_t expert_idx = 0;
+  bool operator==(const ExpertKey&) const = default;
+};
+
+// Counters every provider keeps; the CLI prints them and `--json` stats carries them.
+struct ExpertProviderStats {
+  int64_t hits = 0;            // requested experts already in the fast tier
+  int64_t misses = 0;          // requested experts that had to be fetched or computed elsewhere
+  int64_t bytes_moved = 0;     // bytes copied between tiers
+  double stall_ms = 0;         // time the step waited for expert weights
+  int64_t prefetch_issued = 0;
+  int64_t prefetch_used = 0;   // prefetched experts that were requested before eviction
+};
+
+class ExpertProvider {
+ public:
+  virtual ~ExpertProvider() = default;
+
+  // Called once per MoE layer and step, after routing: returns (in *experts, indexed by expert id,
+  // sized num_experts) valid weights for every expert id occurring in routing. The views stay valid
+  // until release(layer_idx). hidden_states [n, hidden] (on the backend) lets predictors look ahead.
+  virtual void acquire(int32_t layer_idx, const Routing& routing, const TensorView& hidden_states,
+                       std::vector<ExpertWeights>* experts) = 0;
+  // The layer's expert computation is done: its experts may be evicted again.
+  virtual void release(int32_t layer_idx) = 0;
+  // Marks the end of a request (sequence), for predictors that learn per-request activation.
+  virtual void end_sequence() {}
+
+  virtual ExpertProviderStats stats() const { return {}; }
+};
+
+}  // namespace moex
