@@ -1,0 +1,35 @@
+// A loaded model: its canonical config and host weights (plus the mapped checkpoint they point into).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "moex/io/checkpoint.h"
+#include "moex/model/model_config.h"
+#include "moex/model/model_weights.h"
+
+namespace moex {
+
+struct LoadOptions {
+  LoadFormat format = LoadFormat::kSafetensors;
+  uint64_t seed = 0;  // for kRandom
+};
+
+class Model {
+ public:
+  // dir holds config.json (+ safetensors unless format is kRandom). Throws moex::Error subclasses
+  // naming the file and field on any problem.
+  static std::unique_ptr<Model> load(const std::string& dir, const LoadOptions& options = {});
+
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return weights_; }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  std::string dir_;
+  ModelConfig config_;
+  std::unique_ptr<Checkpoint> checkpoint_;  // must outlive weights_' views
+  ModelWeights weights_;
+};
+
+}  // namespace moex

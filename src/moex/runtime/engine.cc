@@ -1,0 +1,81 @@
+#include "moex/runtime/engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "moex/backend/cpu/cpu_backend.h"
+#include "moex/core/error.h"
+#include "moex/moe/resident_provider.h"
+#ifdef MOEX_WITH_CUDA
+#include "moex/backend/cuda/cuda_backend.h"
+#endif
+
+namespace moex {
+namespace {
+double elapsed_ms(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - since).count();
+}
+}  // namespace
+
+std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads) {
+  if (device == "cpu") return make_cpu_backend(num_threads);
+  if (device == "cuda") {
+#ifdef MOEX_WITH_CUDA
+    return make_cuda_backend(0);
+#else
+    throw UsageError("--device cuda: this moex build has no CUDA backend (build with the cuda-release preset)");
+#endif
+  }
+  throw UsageError(fmt::format("--device \"{}\": unknown device (cpu or cuda)", device));
+}
+
+Engine::Engine(const Model& model, const EngineOptions& options) : model_(model) {
+  backend_ = make_backend(options.device, options.num_threads);
+  std::vector<std::vector<ExpertWeights>> host_experts;
+  for (const LayerWeights& layer : model.weights().layers)
+    if (layer.is_moe) host_experts.push_back(layer.experts);
+  experts_ = std::make_unique<ResidentExpertProvider>(*backend_, host_experts);
+  decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_);
+  if (options.max_seq_len > 0) decoder_->reserve(options.max_seq_len);
+}
+
+Engine::~Engine() = default;
+
+std::vector<float> Engine::prompt_logits(std::span<const int32_t> prompt, RouterObserver* observer) {
+  std::vector<float> logits;
+  decoder_->forward(prompt, 0, /*all_logits=*/true, &logits, observer);
+  return logits;
+}
+
+GenerationResult Engine::generate(std::span<const int32_t> prompt, const GenerationOptions& options,
+                                  const std::function<bool(int32_t)>& on_token) {
+  if (prompt.empty()) throw UsageError("the prompt is empty: give at least one token");
+  if (options.max_new_tokens < 0) throw UsageError("-n must be >= 0");
+  Sampler sampler(options.sampling);
+  GenerationResult result;
+  decoder_->reserve(static_cast<int64_t>(prompt.size()) + options.max_new_tokens);
+  std::vector<float> logits;
+  auto start = std::chrono::steady_clock::now();
+  decoder_->forward(prompt, 0, /*all_logits=*/false, &logits);
+  result.prefill_ms = elapsed_ms(start);
+  const auto& eos = config().eos_token_ids;
+  int64_t position = static_cast<int64_t>(prompt.size());
+  start = std::chrono::steady_clock::now();
+  result.stop_reason = "length";
+  for (int64_t step = 0; step < options.max_new_tokens; ++step) {
+    int32_t token = sampler.sample(logits);
+    result.output_ids.push_back(token);
+    bool keep_going = !on_token || on_token(token);
+    if (options.stop_at_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
+      result.stop_reason = "eos";
+      break;
+    }
+    if (!keep_going || step + 1 == options.max_new_tokens) break;
+    decoder_->forward(std::span<const int32_t>(&token, 1), position++, false, &logits);
+    ++result.decode_steps;
+  }
+  result.decode_ms = elapsed_ms(start);
+  return result;
+}
+
+}  // namespace moex

@@ -1,0 +1,69 @@
+// Engine: a loaded model on a backend, ready to generate. It owns the backend, the expert provider
+// and the decoder, and runs the prefill + decode loop for one sequence at a time.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "moex/backend/backend.h"
+#include "moex/model/decoder.h"
+#include "moex/model/model.h"
+#include "moex/moe/expert_provider.h"
+#include "moex/runtime/sampler.h"
+
+namespace moex {
+
+struct EngineOptions {
+  std::string device = "cpu";  // "cpu" or "cuda"
+  int num_threads = 0;          // CPU threads; 0: all hardware threads
+  int64_t max_seq_len = 0;      // KV cache capacity; 0: grow on demand
+};
+
+struct GenerationOptions {
+  int64_t max_new_tokens = 64;
+  SamplingParams sampling;
+  bool stop_at_eos = true;
+};
+
+struct GenerationResult {
+  std::vector<int32_t> output_ids;
+  std::string stop_reason;  // "length" or "eos"
+  double prefill_ms = 0;
+  double decode_ms = 0;     // all decode steps together
+  int64_t decode_steps = 0;
+};
+
+// Makes the backend for a device name; throws UsageError for an unknown or unavailable device.
+std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads);
+
+class Engine {
+ public:
+  // model must outlive the engine. Throws UsageError for an unknown device.
+  Engine(const Model& model, const EngineOptions& options);
+  ~Engine();
+
+  const ModelConfig& config() const { return model_.config(); }
+  Backend& backend() { return *backend_; }
+  ExpertProvider& experts() { return *experts_; }
+  Decoder& decoder() { return *decoder_; }
+
+  // Runs the prompt from position 0 (a new sequence) and returns logits for every prompt position
+  // ([prompt.size() * vocab]).
+  std::vector<float> prompt_logits(std::span<const int32_t> prompt, RouterObserver* observer = nullptr);
+
+  // Prefills the prompt as a new sequence, then samples up to max_new_tokens. on_token (optional) sees
+  // each new id as it is produced and may return false to stop early.
+  GenerationResult generate(std::span<const int32_t> prompt, const GenerationOptions& options,
+                            const std::function<bool(int32_t)>& on_token = {});
+
+ private:
+  const Model& model_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<ExpertProvider> experts_;
+  std::unique_ptr<Decoder> decoder_;
+};
+
+}  // namespace moex
