@@ -48,7 +48,8 @@ SPECS = [
 # Variants that only repackage a base fixture: the reference must come out identical to the base's.
 DERIVED = [
     dict(name="mixtral_alt_layout", base="mixtral", transform="alt_layout"),
-    dict(name="qwen3_moe_sharded", base="qwen3_moe", transform="shard2"),
+    # Hub Qwen3-MoE checkpoints spell the expert count `num_experts`; transformers 5 writes `num_local_experts`.
+    dict(name="qwen3_moe_sharded", base="qwen3_moe", transform="shard2+hub_names"),
     dict(name="olmoe_rope_alt", base="olmoe", transform="rope_alt"),
 ]
 
@@ -474,7 +475,25 @@ def transform_rope_alt(path, base_model, spec):
     return what
 
 
-TRANSFORMS = {"alt_layout": transform_alt_layout, "shard2": transform_shard2, "rope_alt": transform_rope_alt}
+def transform_hub_names(path, base_model, spec):
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if "num_local_experts" not in cfg:
+        return "config already says num_experts"
+    cfg["num_experts"] = cfg.pop("num_local_experts")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return "renamed num_local_experts to num_experts in config.json"
+
+
+TRANSFORMS = {"alt_layout": transform_alt_layout, "shard2": transform_shard2, "rope_alt": transform_rope_alt,
+              "hub_names": transform_hub_names}
+
+
+def apply_transforms(names, path, base_model, spec):
+    return "; ".join(TRANSFORMS[t](path, base_model, spec) for t in names.split("+"))
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -584,7 +603,7 @@ def main():
             shutil.rmtree(path, ignore_errors=True)
             shutil.copytree(os.path.join(args.out, d["base"]), path)
             os.remove(os.path.join(path, "reference.json"))
-            facts["transform"] = TRANSFORMS[d["transform"]](path, base_model, spec)
+            facts["transform"] = apply_transforms(d["transform"], path, base_model, spec)
             log(f"  {facts['transform']}")
             print_table("written", tensor_table(path))
             ev, _ = finalize(name, path, spec["dtype"], prompt, base_model, facts)
