@@ -1,0 +1,122 @@
+// Causal GQA attention over an fp32 KV cache. One task is one (head, query) pair; tasks of the same
+// head are adjacent so a thread's consecutive tasks reread the same K/V rows from cache. Softmax is
+// online over blocks of kKeyBlock keys: the running max keeps every exp argument <= 0.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "moex/backend/cpu/ops.h"
+#include "moex/backend/cpu/simd.h"
+#include "moex/core/error.h"
+
+namespace moex::cpu {
+namespace {
+
+constexpr int64_t kKeyBlock = 64;
+constexpr int64_t kMaxHeadDim = 1024;
+
+inline float dot(const float* a, const float* b, int64_t count) {
+  int64_t idx = 0;
+  float sum = 0.0f;
+#ifdef MOEX_CPU_AVX2
+  __m256 acc0 = _mm256_setzero_ps();
+  __m256 acc1 = _mm256_setzero_ps();
+  for (; idx + 16 <= count; idx += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + idx), _mm256_loadu_ps(b + idx), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + idx + 8), _mm256_loadu_ps(b + idx + 8), acc1);
+  }
+  for (; idx + 8 <= count; idx += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + idx), _mm256_loadu_ps(b + idx), acc0);
+  sum = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; idx < count; ++idx) sum += a[idx] * b[idx];
+  return sum;
+}
+
+// acc[d] = acc[d] * scale + sum_j p[j] * v[j * stride + d]
+inline void scale_accumulate(float* acc, float scale, const float* p, const float* v, int64_t stride, int64_t num,
+                             int64_t head_dim) {
+  int64_t d = 0;
+#ifdef MOEX_CPU_AVX2
+  __m256 s = _mm256_set1_ps(scale);
+  for (; d + 8 <= head_dim; d += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), s);
+    for (int64_t j = 0; j < num; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * stride + d), a);
+    _mm256_storeu_ps(acc + d, a);
+  }
+#endif
+  for (; d < head_dim; ++d) {
+    float a = acc[d] * scale;
+    for (int64_t j = 0; j < num; ++j) a += p[j] * v[j * stride + d];
+    acc[d] = a;
+  }
+}
+
+// p[j] = exp(s[j] - max), returns the sum.
+inline float exp_shifted(float* s, int64_t num, float max) {
+  int64_t j = 0;
+  float sum = 0.0f;
+#ifdef MOEX_CPU_AVX2
+  __m256 m = _mm256_set1_ps(max);
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= num; j += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; j < num; ++j) {
+    s[j] = std::exp(s[j] - max);
+    sum += s[j];
+  }
+  return sum;
+}
+
+void attend_one(const float* q, const float* k, const float* v, int64_t stride, int64_t len, int64_t head_dim,
+                float scale, float* out) {
+  alignas(32) float acc[kMaxHeadDim];
+  alignas(32) float scores[kKeyBlock];
+  std::fill(acc, acc + head_dim, 0.0f);
+  float running_max = -std::numeric_limits<float>::infinity();
+  float running_sum = 0.0f;
+  for (int64_t key = 0; key < len; key += kKeyBlock) {
+    int64_t num = std::min(kKeyBlock, len - key);
+    float block_max = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < num; ++j) {
+      scores[j] = dot(q, k + (key + j) * stride, head_dim) * scale;
+      block_max = std::max(block_max, scores[j]);
+    }
+    float new_max = std::max(running_max, block_max);
+    float correction = running_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(running_max - new_max);
+    float block_sum = exp_shifted(scores, num, new_max);
+    running_sum = running_sum * correction + block_sum;
+    scale_accumulate(acc, correction, scores, v + key * stride, stride, num, head_dim);
+    running_max = new_max;
+  }
+  float inv = 1.0f / running_sum;
+  for (int64_t d = 0; d < head_dim; ++d) out[d] = acc[d] * inv;
+}
+
+}  // namespace
+
+void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t n,
+               int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t start_pos, float scale, float* out) {
+  MOEX_ASSERT(head_dim <= kMaxHeadDim, "head_dim {} > {}", head_dim, kMaxHeadDim);
+  MOEX_ASSERT(kv_heads > 0 && heads % kv_heads == 0, "heads {} not a multiple of kv_heads {}", heads, kv_heads);
+  int64_t group = heads / kv_heads;
+  int64_t stride = kv_heads * head_dim;
+  // Work per task grows with the context; short contexts need bigger chunks to pay for a wake-up.
+  int64_t min_tasks = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, (start_pos + n) * head_dim));
+  pool.parallel_for(heads * n, min_tasks, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t head = task / n;
+      int64_t token = task % n;
+      int64_t kv_head = head / group;
+      int64_t offset = (token * heads + head) * head_dim;
+      attend_one(q + offset, k_cache + kv_head * head_dim, v_cache + kv_head * head_dim, stride,
+                 start_pos + token + 1, head_dim, scale, out + offset);
+    }
+  });
+}
+
+}  // namespace moex::cpu

@@ -1,0 +1,151 @@
+// Expert execution. Work units are (expert, block of output rows) across every active expert, so at
+// batch 1 the two selected experts' rows are split over all threads, and in prefill each expert runs
+// the packed GEMM over its own tokens with the same units.
+#include "moex/backend/cpu/moe.h"
+
+#include <algorithm>
+
+#include "moex/backend/cpu/linear_kernels.h"
+#include "moex/backend/cpu/ops.h"
+#include "moex/core/error.h"
+
+namespace moex::cpu {
+namespace {
+
+template <typename T>
+void grow(std::vector<T>& buffer, size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+}
+
+LinearProblem make_problem(const float* x, int64_t ldx, int64_t m, const TensorView& w, float* out, int64_t ldo) {
+  LinearProblem p;
+  p.x = x;
+  p.ldx = ldx;
+  p.m = m;
+  p.k = w.dim(1);
+  p.w = w.data;
+  p.w_dtype = w.dtype;
+  p.out = out;
+  p.ldo = ldo;
+  return p;
+}
+
+}  // namespace
+
+void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden, const Routing& routing,
+                 std::span<const ExpertWeights> experts, float* out) {
+  int64_t n = routing.num_tokens;
+  int64_t top_k = routing.top_k;
+  int64_t num_experts = static_cast<int64_t>(experts.size());
+  int64_t num_rows = n * top_k;
+  MOEX_ASSERT(static_cast<int64_t>(routing.expert_ids.size()) == num_rows &&
+                  static_cast<int64_t>(routing.weights.size()) == num_rows,
+              "routing holds {} ids / {} weights for {} tokens x top-{}", routing.expert_ids.size(),
+              routing.weights.size(), n, top_k);
+  if (n == 0) return;
+
+  // Counting sort of (token, slot) rows by expert; tokens stay ascending within an expert.
+  s.expert_offset.assign(static_cast<size_t>(num_experts + 1), 0);
+  for (int32_t id : routing.expert_ids) {
+    MOEX_ASSERT(id >= 0 && id < num_experts, "routed expert id {} of {}", id, num_experts);
+    ++s.expert_offset[id + 1];
+  }
+  int64_t max_ffn = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (s.expert_offset[e + 1] == 0) continue;
+    const ExpertWeights& w = experts[e];
+    MOEX_ASSERT(w.valid(), "expert {} is routed to but has no weights", e);
+    int64_t ffn = w.gate.dim(0);
+    MOEX_ASSERT(w.gate.shape.ndim == 2 && w.gate.dim(1) == hidden && w.up.shape == w.gate.shape &&
+                    w.down.shape.ndim == 2 && w.down.dim(0) == hidden && w.down.dim(1) == ffn,
+                "expert {}: gate {} up {} down {} with hidden {}", e, w.gate.shape.str(), w.up.shape.str(),
+                w.down.shape.str(), hidden);
+    max_ffn = std::max(max_ffn, ffn);
+  }
+  for (int64_t e = 0; e < num_experts; ++e) s.expert_offset[e + 1] += s.expert_offset[e];
+  s.expert_fill.assign(s.expert_offset.begin(), s.expert_offset.end() - 1);
+  grow(s.slot_row, static_cast<size_t>(num_rows));
+  grow(s.row_token, static_cast<size_t>(num_rows));
+  for (int64_t token = 0; token < n; ++token)
+    for (int64_t slot = 0; slot < top_k; ++slot) {
+      int32_t e = routing.expert_ids[token * top_k + slot];
+      int64_t row = s.expert_fill[e]++;
+      s.slot_row[token * top_k + slot] = row;
+      s.row_token[row] = static_cast<int32_t>(token);
+    }
+
+  grow(s.x_sorted, static_cast<size_t>(num_rows * hidden));
+  grow(s.gate, static_cast<size_t>(num_rows * max_ffn));
+  grow(s.up, static_cast<size_t>(num_rows * max_ffn));
+  grow(s.down, static_cast<size_t>(num_rows * hidden));
+  for (int64_t row = 0; row < num_rows; ++row)
+    std::copy_n(x + s.row_token[row] * hidden, hidden, s.x_sorted.data() + row * hidden);
+
+  auto build_units = [&](bool down_pass) {
+    s.units.clear();
+    for (int64_t e = 0; e < num_experts; ++e) {
+      int64_t count = s.expert_offset[e + 1] - s.expert_offset[e];
+      if (count == 0) continue;
+      int64_t rows = down_pass ? hidden : experts[e].gate.dim(0);
+      int64_t block = linear_row_block(count);
+      for (int64_t begin = 0; begin < rows; begin += block)
+        s.units.push_back({static_cast<int32_t>(e), begin, std::min(rows, begin + block)});
+    }
+  };
+
+  // Pass 1: gate and up rows of each unit, then silu(gate) * up on the same rows while still in cache.
+  build_units(false);
+  pool.parallel_for(static_cast<int64_t>(s.units.size()), 1, [&](int64_t unit_begin, int64_t unit_end) {
+    for (int64_t unit_idx = unit_begin; unit_idx < unit_end; ++unit_idx) {
+      const MoeScratch::Unit& unit = s.units[unit_idx];
+      int64_t first = s.expert_offset[unit.expert];
+      int64_t count = s.expert_offset[unit.expert + 1] - first;
+      const ExpertWeights& w = experts[unit.expert];
+      const float* xs = s.x_sorted.data() + first * hidden;
+      float* gate = s.gate.data() + first * max_ffn;
+      float* up = s.up.data() + first * max_ffn;
+      linear_block(make_problem(xs, hidden, count, w.gate, gate, max_ffn), unit.row_begin, unit.row_end, 0, count);
+      linear_block(make_problem(xs, hidden, count, w.up, up, max_ffn), unit.row_begin, unit.row_end, 0, count);
+      for (int64_t row = 0; row < count; ++row) {
+        int64_t offset = row * max_ffn + unit.row_begin;
+        silu_mul_span(gate + offset, up + offset, gate + offset, unit.row_end - unit.row_begin);
+      }
+    }
+  });
+
+  // Pass 2: down projection of each expert's rows.
+  build_units(true);
+  pool.parallel_for(static_cast<int64_t>(s.units.size()), 1, [&](int64_t unit_begin, int64_t unit_end) {
+    for (int64_t unit_idx = unit_begin; unit_idx < unit_end; ++unit_idx) {
+      const MoeScratch::Unit& unit = s.units[unit_idx];
+      int64_t first = s.expert_offset[unit.expert];
+      int64_t count = s.expert_offset[unit.expert + 1] - first;
+      const ExpertWeights& w = experts[unit.expert];
+      linear_block(make_problem(s.gate.data() + first * max_ffn, max_ffn, count, w.down,
+                                s.down.data() + first * hidden, hidden),
+                   unit.row_begin, unit.row_end, 0, count);
+    }
+  });
+
+  // Weighted sum per token, adding experts in ascending id order like transformers' index_add_ loop.
+  int64_t min_tokens = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden));
+  MOEX_ASSERT(top_k <= 64, "top_k {} > 64", top_k);
+  pool.parallel_for(n, min_tokens, [&](int64_t token_begin, int64_t token_end) {
+    int64_t order[64];
+    for (int64_t token = token_begin; token < token_end; ++token) {
+      const int32_t* ids = routing.expert_ids.data() + token * top_k;
+      for (int64_t slot = 0; slot < top_k; ++slot) order[slot] = slot;
+      std::sort(order, order + top_k, [&](int64_t a, int64_t b) { return ids[a] < ids[b] || (ids[a] == ids[b] && a < b); });
+      float* dst = out + token * hidden;
+      std::fill(dst, dst + hidden, 0.0f);
+      for (int64_t idx = 0; idx < top_k; ++idx) {
+        int64_t slot = order[idx];
+        float weight = routing.weights[token * top_k + slot];
+        const float* src = s.down.data() + s.slot_row[token * top_k + slot] * hidden;
+        for (int64_t d = 0; d < hidden; ++d) dst[d] += src[d] * weight;
+      }
+    }
+  });
+}
+
+}  // namespace moex::cpu
