@@ -1,0 +1,124 @@
+// Slot bookkeeping of the expert cache: which experts are resident, which are pinned (in use or being
+// written), and which to evict, with the budget per layer or global, in slots or bytes. It holds no
+// weights and knows no device: the expert store maps keys to memory; the trace simulator and the
+// engine drive the same object. Not thread-safe: one owner (the provider's scheduling thread).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "moex/moe/expert_provider.h"
+#include "moex/moe/policy/eviction_policy.h"
+
+namespace moex {
+
+enum class CacheScope : uint8_t {
+  kPerLayer,  // each layer has its own budget; a miss evicts only within its layer
+  kGlobal,    // one budget shared by all layers; a miss may evict any layer's expert
+};
+
+struct ExpertCacheConfig {
+  int32_t num_layers = 0;
+  int32_t num_experts = 0;
+  CacheScope scope = CacheScope::kPerLayer;
+  // Exactly one of the two budgets is > 0. Slots count experts; bytes use expert_bytes. The budget is
+  // per layer with kPerLayer, for the whole model with kGlobal.
+  int64_t capacity_slots = 0;
+  int64_t capacity_bytes = 0;
+  // Bytes of one expert: one value for all layers, or one per layer. Needed with capacity_bytes.
+  std::vector<int64_t> expert_bytes;
+};
+
+enum class CacheOutcome : uint8_t {
+  kHit,     // resident already
+  kMiss,    // made resident now (the caller loads its weights), evicting if needed
+  kNoRoom,  // not resident and nothing evictable: everything in its scope is pinned
+};
+
+enum class InsertOutcome : uint8_t { kInserted, kAlreadyResident, kNoRoom };
+
+struct ExpertCacheStats {
+  int64_t hits = 0;
+  int64_t misses = 0;
+  int64_t no_room = 0;
+  int64_t evictions = 0;
+  int64_t prefetch_inserts = 0;
+  int64_t prefetch_used = 0;    // prefetched experts whose first demand access came before eviction
+  int64_t prefetch_unused = 0;  // prefetched experts evicted (or dropped) before any demand access
+};
+
+class ExpertCache {
+ public:
+  // Throws BudgetError when the budget cannot hold one expert and UsageError on a malformed config.
+  ExpertCache(ExpertCacheConfig config, std::unique_ptr<EvictionPolicy> policy);
+
+  // Demand access for one layer step: pins every key (each pin is undone by one release()). Resident
+  // keys are pinned first so that loading the others never evicts an expert of the same step. Keys are
+  // visited in ascending (layer, expert) order, one policy tick each, which defines tie-breaking.
+  // outcomes[i] answers keys[i]; keys with kNoRoom are not pinned. Evicted keys are appended to
+  // *evicted (the caller frees their memory). Duplicate keys are a bug.
+  void acquire(std::span<const ExpertKey> keys, std::span<CacheOutcome> outcomes,
+               std::vector<ExpertKey>* evicted);
+  // Unpins keys that acquire() or pin() pinned.
+  void release(std::span<const ExpertKey> keys);
+
+  // Makes a key resident without a demand access (prefetch). Not pinned.
+  InsertOutcome insert(ExpertKey key, std::vector<ExpertKey>* evicted);
+  // Pins a resident key (e.g. while a copy reads or writes its slot); false if not resident.
+  bool pin(ExpertKey key);
+  void unpin(ExpertKey key);
+  // Drops a resident, unpinned key; false if absent or pinned.
+  bool erase(ExpertKey key);
+
+  void begin_request() { policy_->on_request_begin(); }
+  void end_request() { policy_->on_request_end(); }
+
+  bool contains(ExpertKey key) const { return slot(key).resident; }
+  int32_t pin_count(ExpertKey key) const { return slot(key).pins; }
+  // Resident experts of one layer, ascending.
+  std::vector<int32_t> resident_experts(int32_t layer_idx) const;
+  int64_t num_resident() const { return num_resident_; }
+  // Units in use in the scope of layer_idx (slots or bytes), and the capacity of that scope.
+  int64_t used(int32_t layer_idx) const;
+  int64_t capacity() const { return capacity_; }
+  int64_t expert_bytes(int32_t layer_idx) const;
+
+  const ExpertCacheConfig& config() const { return config_; }
+  const EvictionPolicy& policy() const { return *policy_; }
+  const ExpertCacheStats& stats() const { return stats_; }
+
+ private:
+  struct Slot {
+    bool resident = false;
+    bool prefetched_unused = false;
+    int32_t pins = 0;
+  };
+
+  size_t index(ExpertKey key) const;
+  Slot& slot(ExpertKey key) { return slots_[index(key)]; }
+  const Slot& slot(ExpertKey key) const { return slots_[index(key)]; }
+  int64_t cost(int32_t layer_idx) const;
+  int32_t scope_of(int32_t layer_idx) const;
+  // Evicts until `key` fits; false (and nothing evicted) if the unpinned keys of its scope cannot
+  // free enough.
+  bool make_room(ExpertKey key, std::vector<ExpertKey>* evicted);
+  void add(ExpertKey key);
+  void remove(ExpertKey key);
+
+  ExpertCacheConfig config_;
+  std::unique_ptr<EvictionPolicy> policy_;
+  int64_t capacity_ = 0;
+  std::vector<Slot> slots_;    // [layer][expert]
+  std::vector<int64_t> used_;  // per scope: one per layer, or one
+  int64_t num_resident_ = 0;
+  int64_t tick_ = 0;
+  ExpertCacheStats stats_;
+  // Scratch, reused so that a steady-state step allocates nothing.
+  std::vector<ExpertKey> candidates_;
+  std::vector<size_t> order_;
+  std::vector<uint8_t> was_resident_;
+};
+
+}  // namespace moex
