@@ -14,7 +14,7 @@ namespace moex::cli {
 namespace {
 
 // Used when neither -p nor --prompt-ids is given and the model has no tokenizer.
-const std::vector<int32_t> kBuiltinPromptIds = {1, 415, 1571, 676, 10493};
+const std::vector<int32_t> kBuiltinPromptIds = {1, 17, 42, 99, 123};
 
 nlohmann::json provider_stats_json(const ExpertProviderStats& stats) {
   const int64_t requests = stats.hits + stats.misses;

@@ -9,7 +9,8 @@
 namespace moex::arch {
 
 inline void parse_qwen_moe_layers(const HfConfig& hf, ModelConfig* cfg) {
-  cfg->num_experts = hf.get_int("num_experts");
+  // Hub checkpoints say num_experts; transformers 5 writes Qwen3-MoE's as num_local_experts.
+  cfg->num_experts = hf.has("num_experts") ? hf.get_int("num_experts") : hf.get_int("num_local_experts");
   cfg->top_k = hf.get_int("num_experts_per_tok");
   cfg->expert_ffn_size = hf.get_int("moe_intermediate_size");
   cfg->dense_ffn_size = hf.get_int("intermediate_size", 0);

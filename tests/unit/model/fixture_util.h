@@ -1,0 +1,33 @@
+// Test helpers around tests/fixtures: discovery of the transformers reference checkpoints and their
+// reference.json (see docs/fixtures.md for the format).
+#pragma once
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace moex::test {
+
+inline std::filesystem::path fixtures_root() { return std::filesystem::path(MOEX_SOURCE_DIR) / "tests/fixtures"; }
+
+// Every fixture directory that has a reference.json, sorted by name.
+inline std::vector<std::string> fixture_names() {
+  std::vector<std::string> names;
+  if (!std::filesystem::exists(fixtures_root())) return names;
+  for (const auto& entry : std::filesystem::directory_iterator(fixtures_root()))
+    if (std::filesystem::exists(entry.path() / "reference.json") && std::filesystem::exists(entry.path() / "config.json"))
+      names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+inline nlohmann::json read_json(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+}  // namespace moex::test

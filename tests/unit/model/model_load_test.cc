@@ -1,0 +1,138 @@
+// Model loading: the registry covers every family with a fixture, and bad checkpoints give one clear
+// error naming the file and the field or tensor.
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "moex/core/error.h"
+#include "moex/io/hf_config.h"
+#include "moex/model/model.h"
+#include "moex/model/registry.h"
+#include "unit/model/fixture_util.h"
+#include "unit/safetensors_writer.h"
+
+namespace moex {
+namespace {
+namespace fs = std::filesystem;
+
+std::string first_fixture_of(const std::string& architecture) {
+  for (const auto& name : test::fixture_names()) {
+    auto cfg = test::read_json(test::fixtures_root() / name / "config.json");
+    if (cfg["architectures"][0] == architecture) return name;
+  }
+  return "";
+}
+
+TEST(Registry, EveryFamilyHasAFixtureThatLoads) {
+  for (const ArchEntry& entry : arch_registry()) {
+    std::string fixture = first_fixture_of(entry.hf_architecture);
+    ASSERT_FALSE(fixture.empty()) << entry.hf_architecture << " has no fixture under tests/fixtures";
+    auto model = Model::load((test::fixtures_root() / fixture).string());
+    EXPECT_EQ(model->config().architecture, entry.hf_architecture);
+    EXPECT_GT(model->config().num_moe_layers(), 0);
+  }
+}
+
+// A writable copy of a fixture whose config.json is edited by `edit`.
+fs::path edited_copy(const std::string& fixture, const std::string& tag,
+                     const std::function<void(nlohmann::json&)>& edit) {
+  fs::path dir = test::temp_dir(tag);
+  fs::copy(test::fixtures_root() / fixture, dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  auto cfg = test::read_json(dir / "config.json");
+  edit(cfg);
+  std::ofstream(dir / "config.json") << cfg.dump(2);
+  return dir;
+}
+
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a moex::Error";
+  return "";
+}
+
+TEST(ModelLoad, UnknownArchitecture) {
+  auto dir = edited_copy(first_fixture_of("MixtralForCausalLM"), "arch",
+                         [](auto& cfg) { cfg["architectures"] = {"GPT2LMHeadModel"}; });
+  std::string msg = error_of([&] { Model::load(dir.string()); });
+  EXPECT_NE(msg.find("unknown architecture \"GPT2LMHeadModel\"; moex supports MixtralForCausalLM"), std::string::npos)
+      << msg;
+}
+
+TEST(ModelLoad, ShapeDisagreesWithConfig) {
+  auto dir = edited_copy(first_fixture_of("MixtralForCausalLM"), "shape",
+                         [](auto& cfg) { cfg["vocab_size"] = cfg["vocab_size"].template get<int>() + 1; });
+  std::string msg = error_of([&] { Model::load(dir.string()); });
+  EXPECT_NE(msg.find("tensor \"model.embed_tokens.weight\" has shape"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("expected ["), std::string::npos) << msg;
+}
+
+TEST(ModelLoad, DtypeDisagreesWithConfig) {
+  auto dir = edited_copy(first_fixture_of("MixtralForCausalLM"), "dtype", [](auto& cfg) {
+    cfg.erase("dtype");
+    cfg["torch_dtype"] = "float16";
+  });
+  std::string msg = error_of([&] { Model::load(dir.string()); });
+  EXPECT_NE(msg.find("but config.json says F16"), std::string::npos) << msg;
+}
+
+TEST(ModelLoad, MissingFieldAndBadValues) {
+  auto fixture = first_fixture_of("Qwen3MoeForCausalLM");
+  auto dir = edited_copy(fixture, "field", [](auto& cfg) { cfg.erase("num_experts"); cfg.erase("num_local_experts"); });
+  EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("required field \"num_local_experts\" is missing"),
+            std::string::npos);
+  dir = edited_copy(fixture, "topk", [](auto& cfg) { cfg["num_experts_per_tok"] = 1000; });
+  EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("num_experts_per_tok (1000) exceeds"), std::string::npos);
+  dir = edited_copy(fixture, "heads", [](auto& cfg) { cfg["num_key_value_heads"] = 3; });
+  EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("is not a multiple of num_key_value_heads (3)"),
+            std::string::npos);
+}
+
+TEST(ModelLoad, MissingTensorFileAndConfig) {
+  auto dir = edited_copy(first_fixture_of("OlmoeForCausalLM"), "nofile", [](auto&) {});
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (entry.path().extension() == ".safetensors") fs::remove(entry.path());
+  fs::remove(dir / "model.safetensors.index.json");
+  EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("no *.safetensors file"), std::string::npos);
+  fs::remove(dir / "config.json");
+  EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("config.json: cannot open"), std::string::npos);
+  EXPECT_NE(error_of([] { Model::load("/nonexistent/model"); }).find("model directory does not exist"),
+            std::string::npos);
+}
+
+TEST(ModelLoad, RopeThetaFromEitherPlace) {
+  HfConfig top = HfConfig::parse(R"({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "rope_theta": 1234.0})", "a.json");
+  HfConfig nested = HfConfig::parse(R"({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 4321.0}})", "b.json");
+  HfConfig scaled = HfConfig::parse(R"({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})", "c.json");
+  ModelConfig cfg;
+  parse_common_config(top, &cfg);
+  EXPECT_DOUBLE_EQ(cfg.rope_theta, 1234.0);
+  parse_common_config(nested, &cfg);
+  EXPECT_DOUBLE_EQ(cfg.rope_theta, 4321.0);
+  EXPECT_NE(error_of([&] { parse_common_config(scaled, &cfg); }).find("rope_type \"yarn\" is not supported"),
+            std::string::npos);
+}
+
+TEST(ModelLoad, RandomWeightsAtConfigShapes) {
+  auto model = Model::load((test::fixtures_root() / first_fixture_of("Qwen2MoeForCausalLM")).string(),
+                           LoadOptions{LoadFormat::kRandom, 7});
+  const auto& cfg = model->config();
+  ASSERT_EQ(model->weights().layers.size(), static_cast<size_t>(cfg.num_layers));
+  for (const auto& layer : model->weights().layers) {
+    if (!layer.is_moe) continue;
+    EXPECT_EQ(layer.experts.size(), static_cast<size_t>(cfg.num_experts));
+    EXPECT_EQ(layer.experts[0].down.shape, (Shape{cfg.hidden_size, cfg.expert_ffn_size}));
+  }
+}
+
+}  // namespace
+}  // namespace moex
