@@ -31,6 +31,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
 fi
 
+tools/fetch_tokenizers.sh || echo "setup.sh: tokenizer downloads failed; the tests that need them will skip" >&2
+
 if [ "$build" -eq 1 ]; then
   cmake --preset "$preset" >/dev/null
   cmake --build --preset "$preset" --target moex

@@ -1,0 +1,262 @@
+// BPE merge loop and vocabulary loading; see bpe_model.h for the design.
+#include "moex/tokenizer/bpe_model.h"
+
+#include <algorithm>
+#include <mutex>
+#include <queue>
+
+#include "moex/tokenizer/json_util.h"
+#include "moex/tokenizer/pipeline.h"
+#include "moex/tokenizer/utf8.h"
+
+namespace moex::tok {
+namespace {
+
+uint64_t pair_key(int32_t left, int32_t right) {
+  return ((static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right)) + 1;
+}
+uint64_t hash_key(uint64_t key) { return (key * 0x9E3779B97F4A7C15ull) ^ (key >> 29); }
+
+std::string byte_token(uint8_t byte) { return fmt::format("<0x{:02X}>", byte); }
+
+}  // namespace
+
+BpeModel::BpeModel(const nlohmann::json& model, const std::string& where) {
+  const auto& vocab = require(model, "vocab", where);
+  if (!vocab.is_object())
+    throw FormatError(fmt::format("{}.vocab: expected an object of token -> id, found {}", where, json_kind(vocab)));
+  vocab_.reserve(vocab.size());
+  int32_t max_id = -1;
+  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
+    if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 || it.value().get<int64_t>() > INT32_MAX)
+      throw FormatError(fmt::format("{}.vocab[\"{}\"]: expected a non-negative integer id, found {}", where, it.key(),
+                                    it.value().dump()));
+    const auto id = it.value().get<int32_t>();
+    vocab_.emplace(it.key(), id);
+    max_id = std::max(max_id, id);
+  }
+  id_to_token_.resize(static_cast<size_t>(max_id + 1));
+  for (const auto& [token, id] : vocab_) id_to_token_[id] = token;
+
+  if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() != 0.0)
+    throw FormatError(fmt::format("{}.dropout: BPE dropout is not supported for inference (found {})", where,
+                                  model["dropout"].dump()));
+  auto opt_string = [&](const char* key) -> std::string {
+    return model.contains(key) && !model[key].is_null() ? get_string(model, key, where) : std::string();
+  };
+  continuing_prefix_ = opt_string("continuing_subword_prefix");
+  end_suffix_ = opt_string("end_of_word_suffix");
+  const std::string unk = opt_string("unk_token");
+  if (!unk.empty()) {
+    auto it = vocab_.find(unk);
+    if (it == vocab_.end())
+      throw FormatError(fmt::format("{}.unk_token: \"{}\" is not in the vocabulary", where, unk));
+    unk_id_ = it->second;
+  }
+  byte_fallback_ = get_bool(model, "byte_fallback", false, where);
+  fuse_unk_ = get_bool(model, "fuse_unk", false, where);
+  ignore_merges_ = get_bool(model, "ignore_merges", false, where);
+  for (int b = 0; b < 256; ++b) {
+    auto fb = vocab_.find(byte_token(static_cast<uint8_t>(b)));
+    byte_fallback_ids_[b] = fb == vocab_.end() ? -1 : fb->second;
+    auto bl = vocab_.find(byte_to_unicode(static_cast<uint8_t>(b)));
+    byte_ids_[b] = bl == vocab_.end() ? -1 : bl->second;
+  }
+
+  const auto& merges = require(model, "merges", where);
+  if (!merges.is_array()) throw FormatError(fmt::format("{}.merges: expected an array", where));
+  size_t capacity = 16;
+  while (capacity < merges.size() * 2) capacity <<= 1;
+  merge_keys_.assign(capacity, 0);
+  merge_vals_.assign(capacity, 0);
+  merge_mask_ = capacity - 1;
+  for (size_t rank = 0; rank < merges.size(); ++rank) {
+    const auto& m = merges[rank];
+    std::string left, right;
+    if (m.is_string()) {  // "a b" (older files)
+      const std::string& s = m.get_ref<const std::string&>();
+      const size_t space = s.find(' ', 1);
+      if (space == std::string::npos)
+        throw FormatError(fmt::format("{}.merges[{}]: expected \"left right\", found \"{}\"", where, rank, s));
+      left = s.substr(0, space);
+      right = s.substr(space + 1);
+    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {  // ["a", "b"]
+      left = m[0].get<std::string>();
+      right = m[1].get<std::string>();
+    } else {
+      throw FormatError(fmt::format("{}.merges[{}]: expected \"left right\" or [left, right], found {}", where, rank,
+                                    m.dump()));
+    }
+    auto l = vocab_.find(left), r = vocab_.find(right);
+    const std::string merged = left + right.substr(std::min(right.size(), continuing_prefix_.size()));
+    auto n = vocab_.find(merged);
+    if (l == vocab_.end() || r == vocab_.end() || n == vocab_.end())
+      throw FormatError(fmt::format("{}.merges[{}]: \"{}\" + \"{}\" uses a token that is not in the vocabulary",
+                                    where, rank, left, right));
+    const uint64_t key = pair_key(l->second, r->second);
+    for (uint64_t slot = hash_key(key) & merge_mask_;; slot = (slot + 1) & merge_mask_) {
+      // A repeated pair keeps its last rank, as the reference's map built from the merge list does.
+      if (merge_keys_[slot] == key || merge_keys_[slot] == 0) {
+        merge_keys_[slot] = key;
+        merge_vals_[slot] = (static_cast<uint64_t>(rank) << 32) | static_cast<uint32_t>(n->second);
+        break;
+      }
+    }
+  }
+}
+
+void BpeModel::set_byte_level(bool on) { byte_level_ = on; }
+
+bool BpeModel::lookup_merge(int32_t left, int32_t right, uint32_t* rank, int32_t* merged) const {
+  const uint64_t key = pair_key(left, right);
+  for (uint64_t slot = hash_key(key) & merge_mask_;; slot = (slot + 1) & merge_mask_) {
+    const uint64_t k = merge_keys_[slot];
+    if (k == key) {
+      *rank = static_cast<uint32_t>(merge_vals_[slot] >> 32);
+      *merged = static_cast<int32_t>(merge_vals_[slot] & 0xFFFFFFFFu);
+      return true;
+    }
+    if (k == 0) return false;
+  }
+}
+
+std::optional<int32_t> BpeModel::token_to_id(std::string_view token) const {
+  auto it = vocab_.find(token);
+  if (it == vocab_.end()) return std::nullopt;
+  return it->second;
+}
+
+const std::string* BpeModel::id_to_token(int32_t id) const {
+  if (id < 0 || id >= size() || id_to_token_[id].empty()) return nullptr;
+  return &id_to_token_[id];
+}
+
+void BpeModel::encode_word(std::string_view word, std::vector<int32_t>& out) const {
+  if (word.empty()) return;
+  const bool cacheable = word.size() <= kCacheMaxWordBytes;
+  if (cacheable) {
+    std::shared_lock lock(cache_mutex_);
+    auto it = cache_.find(word);
+    if (it != cache_.end()) {
+      out.insert(out.end(), it->second.begin(), it->second.end());
+      return;
+    }
+  }
+  const size_t first = out.size();
+  merge_word(word, out);
+  if (cacheable) {
+    std::unique_lock lock(cache_mutex_);
+    if (cache_.size() >= kCacheMaxEntries) cache_.clear();
+    cache_.emplace(std::string(word), std::vector<int32_t>(out.begin() + static_cast<ptrdiff_t>(first), out.end()));
+  }
+}
+
+void BpeModel::merge_word(std::string_view raw, std::vector<int32_t>& out) const {
+  // Byte-level words are looked up in their ByteLevel spelling (needed for ignore_merges and unknowns).
+  std::string mapped;
+  if (byte_level_) {
+    mapped.reserve(raw.size() * 2);
+    for (unsigned char c : raw) mapped += byte_to_unicode(c);
+  }
+  const std::string_view word = byte_level_ ? std::string_view(mapped) : raw;
+  if (ignore_merges_) {
+    if (auto it = vocab_.find(word); it != vocab_.end()) {
+      out.push_back(it->second);
+      return;
+    }
+  }
+
+  struct Symbol {
+    int32_t id, prev, next;
+    bool removed;
+  };
+  std::vector<Symbol> symbols;
+  symbols.reserve(word.size());
+  auto add = [&](int32_t id) {
+    const auto idx = static_cast<int32_t>(symbols.size());
+    symbols.push_back({id, idx - 1, idx + 1, false});
+  };
+  int32_t pending_unk = -1;  // the reference's (fused) unknown run, flushed by the next known char
+  std::string with_affixes;
+  for (size_t pos = 0; pos < word.size();) {
+    const size_t len = utf8::char_len(word, pos);
+    const bool is_first = pos == 0, is_last = pos + len == word.size();
+    std::string_view piece = word.substr(pos, len);
+    int32_t id = -1;
+    if (byte_level_ && continuing_prefix_.empty() && end_suffix_.empty()) {
+      const int b = unicode_to_byte(utf8::decode(word, pos, len));
+      id = b >= 0 ? byte_ids_[b] : -1;
+    } else {
+      if ((!is_first && !continuing_prefix_.empty()) || (is_last && !end_suffix_.empty())) {
+        with_affixes.assign(!is_first ? continuing_prefix_ : std::string());
+        with_affixes.append(piece);
+        if (is_last) with_affixes += end_suffix_;
+        piece = with_affixes;
+      }
+      auto it = vocab_.find(piece);
+      if (it != vocab_.end()) id = it->second;
+    }
+    pos += len;
+    if (id >= 0) {
+      if (pending_unk >= 0) {
+        add(pending_unk);
+        pending_unk = -1;
+      }
+      add(id);
+      continue;
+    }
+    if (byte_fallback_) {
+      bool all = true;
+      for (unsigned char c : piece) all = all && byte_fallback_ids_[c] >= 0;
+      if (all) {
+        for (unsigned char c : piece) add(byte_fallback_ids_[c]);
+        continue;
+      }
+    }
+    if (unk_id_) {
+      if (pending_unk >= 0 && !fuse_unk_) add(pending_unk);
+      pending_unk = *unk_id_;
+    }
+    // Without an unk token the reference drops the character silently; so do we.
+  }
+  if (pending_unk >= 0) add(pending_unk);
+  if (symbols.empty()) return;
+  symbols.back().next = -1;
+
+  struct Merge {
+    uint32_t rank;
+    int32_t pos, merged;
+    bool operator<(const Merge& o) const {  // max-heap: lowest rank first, then leftmost
+      return rank != o.rank ? rank > o.rank : pos > o.pos;
+    }
+  };
+  std::priority_queue<Merge> queue;
+  for (size_t idx = 0; idx + 1 < symbols.size(); ++idx) {
+    uint32_t rank;
+    int32_t merged;
+    if (lookup_merge(symbols[idx].id, symbols[idx + 1].id, &rank, &merged))
+      queue.push({rank, static_cast<int32_t>(idx), merged});
+  }
+  while (!queue.empty()) {
+    const Merge top = queue.top();
+    queue.pop();
+    Symbol& cur = symbols[top.pos];
+    if (cur.removed || cur.next < 0) continue;
+    const Symbol right = symbols[cur.next];
+    uint32_t rank;
+    int32_t merged;
+    if (!lookup_merge(cur.id, right.id, &rank, &merged) || merged != top.merged) continue;  // stale entry
+    symbols[cur.next].removed = true;
+    cur.id = top.merged;
+    cur.next = right.next;
+    if (right.next >= 0) symbols[right.next].prev = top.pos;
+    if (cur.prev >= 0 && lookup_merge(symbols[cur.prev].id, cur.id, &rank, &merged))
+      queue.push({rank, cur.prev, merged});
+    if (cur.next >= 0 && lookup_merge(cur.id, symbols[cur.next].id, &rank, &merged))
+      queue.push({rank, top.pos, merged});
+  }
+  for (const Symbol& s : symbols)
+    if (!s.removed) out.push_back(s.id);
+}
+
+}  // namespace moex::tok

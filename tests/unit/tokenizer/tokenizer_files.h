@@ -1,0 +1,57 @@
+// Where tokenizer tests find real tokenizer files: npm downloads (tools/fetch_tokenizers.sh) and OLMoE's
+// from ../shared. Tests that need a missing file skip with a hint instead of failing.
+#pragma once
+
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "moex/tokenizer/tokenizer.h"
+
+namespace moex::test {
+
+inline std::filesystem::path source_dir() { return MOEX_SOURCE_DIR; }
+inline std::filesystem::path fixture_dir() { return source_dir() / "tests/fixtures/tokenizer"; }
+
+// Directory holding tokenizer.json (+ tokenizer_config.json) of `family`, or "" when unavailable.
+inline std::filesystem::path family_dir(const std::string& family) {
+  if (family == "olmoe") {
+    const auto xz = source_dir() / "../shared/tokenizers/olmoe/tokenizer.json.xz";
+    if (!std::filesystem::exists(xz)) return {};
+    const auto dir = std::filesystem::temp_directory_path() / "moex_tokenizer_test_olmoe";
+    if (!std::filesystem::exists(dir / "tokenizer.json")) {
+      std::filesystem::create_directories(dir);
+      const std::string tmp = (dir / "tokenizer.json.part").string();
+      const std::string cmd = "xz -dc '" + xz.string() + "' > '" + tmp + "' 2>/dev/null";
+      if (std::system(cmd.c_str()) != 0) return {};
+      std::filesystem::rename(tmp, dir / "tokenizer.json");
+      std::filesystem::copy_file(xz.parent_path() / "tokenizer_config.json", dir / "tokenizer_config.json",
+                                 std::filesystem::copy_options::overwrite_existing);
+    }
+    return dir;
+  }
+  const auto dir = source_dir() / "third_party/downloads/tokenizers" / family;
+  return std::filesystem::exists(dir / "tokenizer.json") ? dir : std::filesystem::path();
+}
+
+// Loads each family once per test binary (the big vocabularies take ~1 s to parse).
+inline const Tokenizer* family_tokenizer(const std::string& family) {
+  static std::map<std::string, std::unique_ptr<Tokenizer>> cache;
+  auto it = cache.find(family);
+  if (it == cache.end()) {
+    const auto dir = family_dir(family);
+    it = cache.emplace(family, dir.empty() ? nullptr : std::make_unique<Tokenizer>(Tokenizer::from_dir(dir))).first;
+  }
+  return it->second.get();
+}
+
+#define MOEX_REQUIRE_FAMILY(tok, family)                                                                 \
+  const ::moex::Tokenizer* tok = ::moex::test::family_tokenizer(family);                                 \
+  if (!tok) GTEST_SKIP() << "tokenizer files of " << (family)                                             \
+                         << " are missing: run tools/fetch_tokenizers.sh (OLMoE: ../shared/tokenizers)"
+
+}  // namespace moex::test
