@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# End-to-end checks of the moex CLI as a user drives it: the JSON contract, and one clear error line with
+# a non-zero exit (never a crash) for each kind of bad input.
+# Usage: cli_test.sh MOEX_BINARY SOURCE_DIR
+set -u
+moex="$1"
+src="$2"
+fixture="$src/tests/fixtures/mixtral"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+passed=0
+
+ok() { passed=$((passed + 1)); }
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+# expect_error NAME EXPECTED_STDERR_SUBSTRING CMD...: non-zero exit below 128 (no signal) and the message.
+expect_error() {
+  local name="$1" expected="$2"
+  shift 2
+  "$@" >"$tmp/out" 2>"$tmp/err"
+  local rc=$?
+  if [ $rc -eq 0 ]; then fail "$name: exit 0, expected an error"; return; fi
+  if [ $rc -ge 128 ]; then fail "$name: crashed with exit $rc: $(cat "$tmp/err")"; return; fi
+  if ! grep -qF -- "$expected" "$tmp/err"; then fail "$name: stderr lacks \"$expected\": $(cat "$tmp/err")"; return; fi
+  ok
+}
+
+# JSON contract of run and logits.
+prompt=$(python3 -c "import json;print(','.join(map(str,json.load(open('$fixture/reference.json'))['prompt_ids'])))")
+if "$moex" run -m "$fixture" --prompt-ids "$prompt" -n 16 --temperature 0 --ignore-eos --json >"$tmp/run.json" 2>"$tmp/err"; then
+  python3 - "$tmp/run.json" "$fixture/reference.json" <<'PY' && ok || fail "run --json contract"
+import json, sys
+out = json.load(open(sys.argv[1])); ref = json.load(open(sys.argv[2]))
+for key in ("prompt_ids", "output_ids", "text", "stats"):
+    assert key in out, key
+for key in ("expert_hits", "expert_misses", "bytes_moved", "prefetch_precision", "prefetch_recall", "stall_ms"):
+    assert key in out["stats"], key
+assert out["prompt_ids"] == ref["prompt_ids"]
+assert out["output_ids"] == ref["greedy_ids"], (out["output_ids"], ref["greedy_ids"])
+PY
+else
+  fail "run --json exited non-zero: $(cat "$tmp/err")"
+fi
+if "$moex" logits -m "$fixture" --prompt-ids "$prompt" --router --json >"$tmp/logits.json" 2>"$tmp/err"; then
+  python3 - "$tmp/logits.json" "$fixture/reference.json" <<'PY' && ok || fail "logits --json contract"
+import json, sys
+out = json.load(open(sys.argv[1])); ref = json.load(open(sys.argv[2]))
+assert len(out["logits"]) == len(ref["prompt_ids"]) and len(out["logits"][0]) == len(ref["logits"][0])
+diff = max(abs(a - b) for ra, rb in zip(out["logits"], ref["logits"]) for a, b in zip(ra, rb))
+assert diff < 1e-3, diff
+assert len(out["router_logits"]) == len(ref["router_logits"])
+PY
+else
+  fail "logits exited non-zero: $(cat "$tmp/err")"
+fi
+"$moex" run -n 4 >"$tmp/out" 2>"$tmp/err" && ok || fail "moex run with no -m (embedded default model): $(cat "$tmp/err")"
+"$moex" --help >"$tmp/out" 2>&1 && grep -q "run" "$tmp/out" && ok || fail "--help"
+
+# Bad input.
+expect_error "malformed --prompt-ids" 'is not a comma-separated list of token ids (bad item "x")' \
+  "$moex" run -m "$fixture" --prompt-ids 1,x
+expect_error "empty --prompt-ids" "--prompt-ids: empty list" "$moex" logits -m "$fixture" --prompt-ids " " --json
+expect_error "token id out of range" "token id 70000 is out of range" "$moex" run -m "$fixture" --prompt-ids 1,70000
+expect_error "missing model dir" "model directory does not exist" "$moex" run -m "$tmp/nope" --prompt-ids 1
+expect_error "unknown flag" "--bogus" "$moex" run --bogus
+expect_error "bad temperature" "--temperature" "$moex" run -m "$fixture" --prompt-ids 1 --temperature -1
+expect_error "bad device" "--device" "$moex" run -m "$fixture" --prompt-ids 1 --device tpu
+
+cp -r "$fixture" "$tmp/truncated"
+size=$(stat -c %s "$tmp/truncated/model.safetensors")
+truncate -s $((size / 2)) "$tmp/truncated/model.safetensors"
+expect_error "truncated safetensors" "truncated: tensor" "$moex" run -m "$tmp/truncated" --prompt-ids 1
+
+cp -r "$fixture" "$tmp/corrupt"
+printf '\xff\xff\xff\xff\xff\xff\xff\x7f' | dd of="$tmp/corrupt/model.safetensors" bs=1 count=8 conv=notrunc 2>/dev/null
+expect_error "corrupt safetensors header" "corrupt or truncated safetensors header" "$moex" run -m "$tmp/corrupt" --prompt-ids 1
+
+cp -r "$fixture" "$tmp/arch"
+python3 - "$tmp/arch/config.json" <<'PY'
+import json, sys
+cfg = json.load(open(sys.argv[1])); cfg["architectures"] = ["BertModel"]; json.dump(cfg, open(sys.argv[1], "w"))
+PY
+expect_error "unknown architecture" 'unknown architecture "BertModel"' "$moex" run -m "$tmp/arch" --prompt-ids 1
+
+cp -r "$fixture" "$tmp/badjson"
+echo "{ not json" >"$tmp/badjson/config.json"
+expect_error "corrupt config.json" "config.json: not valid JSON" "$moex" run -m "$tmp/badjson" --prompt-ids 1
+
+echo "$passed passed, $failures failed"
+[ "$failures" -eq 0 ]
