@@ -14,6 +14,8 @@ namespace {
 const CommandEntry kCommands[] = {
     {"run", "generate text or token ids from a prompt", setup_run},
     {"logits", "print the model's logits (and router logits) for a prompt as JSON", setup_logits},
+    {"tokenize", "text to token ids with the checkpoint's tokenizer", setup_tokenize},
+    {"detokenize", "token ids to text with the checkpoint's tokenizer", setup_detokenize},
 };
 
 }  // namespace
