@@ -1,0 +1,125 @@
+// Predictors on synthetic routing whose answer is known, and the registry.
+#include <gtest/gtest.h>
+
+#include "moex/core/error.h"
+#include "moex/moe/predictor/expert_predictor.h"
+
+namespace moex {
+namespace {
+
+PredictorOptions options(int32_t num_layers, int32_t num_experts, int32_t top_k) {
+  PredictorOptions o;
+  o.num_layers = num_layers;
+  o.num_experts = num_experts;
+  o.top_k = top_k;
+  return o;
+}
+
+std::vector<int32_t> top(ExpertPredictor& predictor, int32_t target_layer, size_t count) {
+  std::vector<ScoredExpert> scored;
+  predictor.predict(target_layer, &scored);
+  std::vector<int32_t> ids;
+  for (size_t idx = 0; idx < scored.size() && idx < count; ++idx) ids.push_back(scored[idx].expert_idx);
+  return ids;
+}
+
+void observe(ExpertPredictor& predictor, int32_t layer_idx, std::vector<int32_t> ids, std::vector<float> weights = {}) {
+  predictor.observe(layer_idx, ids, weights);
+}
+
+TEST(Predictors, FrequencyRanksByCountPerLayer) {
+  auto predictor = make_expert_predictor("frequency", options(2, 4, 1));
+  EXPECT_TRUE(top(*predictor, 0, 4).empty());
+  for (int32_t id : {3, 3, 1, 3, 1, 2}) {
+    observe(*predictor, 0, {id});
+    observe(*predictor, 1, {0});
+  }
+  EXPECT_EQ(top(*predictor, 0, 4), (std::vector<int32_t>{3, 1, 2}));
+  EXPECT_EQ(top(*predictor, 1, 4), (std::vector<int32_t>{0}));
+}
+
+TEST(Predictors, StridePredictsTheLatestChoiceByGateWeight) {
+  auto predictor = make_expert_predictor("stride", options(2, 8, 2));
+  observe(*predictor, 0, {5, 2}, {0.3f, 0.7f});
+  observe(*predictor, 1, {1, 6}, {0.6f, 0.4f});
+  EXPECT_EQ(top(*predictor, 0, 2), (std::vector<int32_t>{2, 5}));  // next token's layer 0
+  observe(*predictor, 0, {4, 2}, {0.8f, 0.2f});
+  EXPECT_EQ(top(*predictor, 1, 2), (std::vector<int32_t>{1, 6}));  // this token's layer 1: last token's
+  EXPECT_EQ(top(*predictor, 0, 2), (std::vector<int32_t>{4, 2}));
+  predictor->begin_request();
+  EXPECT_TRUE(top(*predictor, 0, 2).empty());
+  EXPECT_NE(make_expert_predictor("recency", options(2, 8, 2)), nullptr);
+}
+
+TEST(Predictors, AffinityLearnsLayerToLayerTransitions) {
+  // Layer 1 always picks expert (layer-0 expert + 1) % 4, layer 0 cycles.
+  auto predictor = make_expert_predictor("affinity", options(2, 4, 1));
+  for (int token = 0; token < 12; ++token) {
+    observe(*predictor, 0, {token % 4});
+    observe(*predictor, 1, {(token % 4 + 1) % 4});
+  }
+  observe(*predictor, 0, {2});
+  EXPECT_EQ(top(*predictor, 1, 1), (std::vector<int32_t>{3}));
+  // Two layers ahead (layer 0 of the next token): layer 1 -> next layer 0 transitions, chained.
+  // Layer 1 = x+1 is followed by layer 0 = (x+1) % 4, so from layer-0 expert 2: 3 then 3.
+  EXPECT_EQ(top(*predictor, 0, 1), (std::vector<int32_t>{3}));
+}
+
+TEST(Predictors, EamMatchesTheMostSimilarPastRequest) {
+  // Two past request types: A uses experts {0} everywhere, B uses {1} at layer 0 and {3} at layer 1.
+  auto predictor = make_expert_predictor("eam", options(2, 4, 1));
+  auto request = [&](int32_t first, int32_t second, int tokens) {
+    predictor->begin_request();
+    for (int token = 0; token < tokens; ++token) {
+      observe(*predictor, 0, {first});
+      observe(*predictor, 1, {second});
+    }
+    predictor->end_request();
+  };
+  request(0, 0, 5);
+  request(1, 3, 5);
+  // A new request that starts like B: layer 1 should come out as 3, from B's matrix.
+  predictor->begin_request();
+  observe(*predictor, 0, {1});
+  EXPECT_EQ(top(*predictor, 1, 1), (std::vector<int32_t>{3}));
+  // Own counts join in: layer 0's own activation of 1 ranks first.
+  EXPECT_EQ(top(*predictor, 0, 1), (std::vector<int32_t>{1}));
+}
+
+TEST(Predictors, PregateUsesLookaheadLogitsUntilTheLayerRuns) {
+  auto predictor = make_expert_predictor("pregate", options(3, 4, 2));
+  EXPECT_TRUE(top(*predictor, 1, 2).empty());
+  std::vector<float> logits = {0.5f, -1.0f, 2.0f, 1.0f};
+  predictor->observe_lookahead_logits(1, logits);
+  EXPECT_EQ(top(*predictor, 1, 2), (std::vector<int32_t>{2, 3}));
+  std::vector<ScoredExpert> scored;
+  predictor->predict(1, &scored);
+  double total = 0;
+  for (const ScoredExpert& s : scored) total += s.score;
+  EXPECT_NEAR(total, 1.0, 1e-9);  // softmax
+  observe(*predictor, 1, {2, 3});
+  EXPECT_TRUE(top(*predictor, 1, 2).empty());  // consumed
+}
+
+TEST(Predictors, RegistryRejectsUnknownNamesAndBadShapes) {
+  try {
+    make_expert_predictor("oracle", options(2, 4, 1));
+    FAIL() << "expected UsageError";
+  } catch (const UsageError& e) {
+    EXPECT_STREQ(e.what(),
+                 "unknown expert predictor \"oracle\"; expected one of: frequency, stride, recency, affinity, eam, pregate");
+  }
+  EXPECT_THROW(make_expert_predictor("frequency", options(2, 4, 5)), UsageError);
+}
+
+TEST(PredictionStats, PrecisionAndRecall) {
+  PredictionStats stats;
+  stats.add(std::vector<int32_t>{1, 2, 3}, std::vector<int32_t>{2, 4});
+  stats.add(std::vector<int32_t>{}, std::vector<int32_t>{5, 6});
+  EXPECT_EQ(stats.num_correct, 1);
+  EXPECT_DOUBLE_EQ(stats.precision(), 1.0 / 3);
+  EXPECT_DOUBLE_EQ(stats.recall(), 1.0 / 4);
+}
+
+}  // namespace
+}  // namespace moex
