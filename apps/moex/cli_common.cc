@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "moex/core/error.h"
+#include "moex/moe/offload_provider.h"
 
 namespace moex::cli {
 
@@ -17,6 +18,14 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
       ->check(CLI::IsMember({"safetensors", "random"}));
   sub->add_option("--device", options->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--threads", options->num_threads, "CPU threads (0: all)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--host-memory", options->host_memory,
+                  "offload experts on the CPU backend: RAM for experts read from disk, e.g. 8GiB (default: all resident)");
+  sub->add_option("--gpu-memory", options->gpu_memory,
+                  "offload experts with --device cuda: bound on everything moex puts on the GPU, e.g. 16GiB");
+  sub->add_option("--cache-policy", options->cache_policy, "expert cache eviction policy when offloading")
+      ->check(CLI::IsMember({"lru", "lfu", "activation"}));
+  sub->add_flag("--per-layer-cache", options->per_layer_cache,
+                "split the expert budget evenly over MoE layers instead of one global cache");
 }
 
 std::string default_model_dir() {
@@ -27,17 +36,47 @@ std::string default_model_dir() {
   return (root / "tests/fixtures/mixtral").string();
 }
 
+std::string resolved_model_dir(const ModelOptions& options) {
+  return options.model_dir.empty() ? default_model_dir() : options.model_dir;
+}
+
+std::unique_ptr<Tokenizer> load_tokenizer_if_present(const std::string& model_dir) {
+  namespace fs = std::filesystem;
+  if (!fs::exists(fs::path(model_dir) / "tokenizer.json") && !fs::exists(fs::path(model_dir) / "tokenizer.model"))
+    return nullptr;
+  return std::make_unique<Tokenizer>(Tokenizer::from_dir(model_dir));
+}
+
 std::unique_ptr<Model> load_model(const ModelOptions& options) {
   LoadOptions load;
   load.format = options.load_format == "random" ? LoadFormat::kRandom : LoadFormat::kSafetensors;
   load.seed = options.random_seed;
-  return Model::load(options.model_dir.empty() ? default_model_dir() : options.model_dir, load);
+  return Model::load(resolved_model_dir(options), load);
 }
 
-EngineOptions engine_options(const ModelOptions& options) {
+EngineOptions engine_options(const ModelOptions& options, const ModelConfig& config) {
   EngineOptions engine;
   engine.device = options.device;
   engine.num_threads = options.num_threads;
+  engine.cache_policy = options.cache_policy;
+  engine.per_layer_cache = options.per_layer_cache;
+  if (!options.host_memory.empty()) {
+    if (options.device != "cpu")
+      throw UsageError("--host-memory bounds the CPU backend's expert RAM; with --device cuda use --gpu-memory");
+    engine.expert_budget_bytes = parse_byte_size(options.host_memory, "--host-memory");
+  }
+  if (!options.gpu_memory.empty()) {
+    if (options.device != "cuda") throw UsageError("--gpu-memory needs --device cuda");
+    const int64_t total = parse_byte_size(options.gpu_memory, "--gpu-memory");
+    // Leave room for the resident weights and a working reserve (KV cache, activations, cuBLAS workspace).
+    constexpr int64_t kReserveBytes = int64_t{1} << 30;
+    const int64_t resident = Engine::resident_weight_bytes(config);
+    engine.expert_budget_bytes = total - resident - kReserveBytes;
+    if (engine.expert_budget_bytes <= 0)
+      throw UsageError(fmt::format("--gpu-memory {}: the model's resident weights need {:.2f} GiB plus a 1 GiB reserve, "
+                                   "which leaves nothing for experts",
+                                   options.gpu_memory, resident / 1073741824.0));
+  }
   return engine;
 }
 

@@ -10,6 +10,7 @@
 
 #include "moex/model/model.h"
 #include "moex/runtime/engine.h"
+#include "moex/tokenizer/tokenizer.h"
 
 namespace moex::cli {
 
@@ -19,6 +20,10 @@ struct ModelOptions {
   uint64_t random_seed = 0;
   std::string device = "cpu";
   int num_threads = 0;
+  std::string host_memory;   // expert budget on the CPU backend (disk -> host RAM tier)
+  std::string gpu_memory;    // everything moex puts on the GPU (CUDA)
+  std::string cache_policy = "lru";
+  bool per_layer_cache = false;
 };
 
 // Declares -m, --load-format, --device, --threads on sub.
@@ -26,7 +31,13 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
 // The embedded default model's directory (models/default, else the Mixtral test fixture).
 std::string default_model_dir();
 std::unique_ptr<Model> load_model(const ModelOptions& options);
-EngineOptions engine_options(const ModelOptions& options);
+// Engine options from the flags; the model's config sizes the GPU expert budget. Throws UsageError for
+// bad sizes or a budget that leaves no room for experts.
+EngineOptions engine_options(const ModelOptions& options, const ModelConfig& config);
+// The model directory's tokenizer, or nullptr when it ships none (tokenizer.json / tokenizer.model).
+std::unique_ptr<Tokenizer> load_tokenizer_if_present(const std::string& model_dir);
+// The directory a ModelOptions resolves to (the default model when -m is absent).
+std::string resolved_model_dir(const ModelOptions& options);
 
 // Parses "1,2,3" (spaces allowed); throws UsageError naming the flag and the bad item.
 std::vector<int32_t> parse_id_list(const std::string& text, const std::string& flag);

@@ -53,7 +53,7 @@ CommandAction setup_logits(CLI::App* sub) {
   return [options]() -> int {
     std::vector<int32_t> ids = parse_id_list(options->prompt_ids, "--prompt-ids");
     auto model = load_model(options->model);
-    Engine engine(*model, engine_options(options->model));
+    Engine engine(*model, engine_options(options->model, model->config()));
     RouterCollector collector(model->config().num_experts);
     std::vector<float> logits = engine.prompt_logits(ids, options->router ? &collector : nullptr);
     const int64_t vocab = model->config().vocab_size;

@@ -13,7 +13,8 @@
 namespace moex::cli {
 namespace {
 
-// Used when neither -p nor --prompt-ids is given and the model has no tokenizer.
+// Used when neither -p nor --prompt-ids is given: text for a model with a tokenizer, else ids.
+const char* kBuiltinPrompt = "The old man walked";
 const std::vector<int32_t> kBuiltinPromptIds = {1, 17, 42, 99, 123};
 
 nlohmann::json provider_stats_json(const ExpertProviderStats& stats) {
@@ -61,25 +62,44 @@ CommandAction setup_run(CLI::App* sub) {
   return [options, seed]() -> int {
     if (seed->count() == 0) options->sampling.seed = std::random_device{}();
     auto model = load_model(options->model);
+    const std::string model_dir = resolved_model_dir(options->model);
+    std::unique_ptr<Tokenizer> tokenizer = load_tokenizer_if_present(model_dir);
     std::vector<int32_t> prompt_ids;
-    if (!options->prompt_ids.empty()) prompt_ids = parse_id_list(options->prompt_ids, "--prompt-ids");
-    else if (!options->prompt.empty())
-      throw UsageError("-p: this model directory has no tokenizer support yet; pass --prompt-ids");
-    else prompt_ids = kBuiltinPromptIds;
-    Engine engine(*model, engine_options(options->model));
+    std::string prompt_text = options->prompt;
+    if (!options->prompt_ids.empty()) {
+      prompt_ids = parse_id_list(options->prompt_ids, "--prompt-ids");
+    } else {
+      if (prompt_text.empty() && tokenizer) prompt_text = kBuiltinPrompt;
+      if (!prompt_text.empty()) {
+        if (!tokenizer)
+          throw UsageError(fmt::format("-p: {} has no tokenizer.json or tokenizer.model; pass --prompt-ids", model_dir));
+        prompt_ids = tokenizer->encode(prompt_text, /*add_special_tokens=*/true);
+        if (prompt_ids.empty()) throw UsageError("-p: the prompt encodes to no tokens");
+      } else {
+        prompt_ids = kBuiltinPromptIds;
+      }
+    }
+    Engine engine(*model, engine_options(options->model, model->config()));
     GenerationOptions generation;
     generation.max_new_tokens = options->max_new_tokens;
     generation.sampling = options->sampling;
     generation.stop_at_eos = !options->ignore_eos;
+    std::unique_ptr<StreamingDecoder> stream;
+    if (tokenizer) stream = std::make_unique<StreamingDecoder>(*tokenizer, /*skip_special_tokens=*/true);
+    if (!options->json && tokenizer && !prompt_text.empty()) {
+      std::fputs(prompt_text.c_str(), stdout);
+      std::fflush(stdout);
+    }
     auto on_token = [&](int32_t token) {
-      if (!options->json) {
-        std::printf("%d ", token);
-        std::fflush(stdout);
-      }
+      if (options->json) return true;
+      if (stream) std::fputs(stream->step(token).c_str(), stdout);
+      else std::printf("%d ", token);
+      std::fflush(stdout);
       return true;
     };
     GenerationResult result = engine.generate(prompt_ids, generation, on_token);
     if (!options->json) {
+      if (stream) std::fputs(stream->finish().c_str(), stdout);
       std::printf("\n");
       std::fprintf(stderr, "moex: %zu prompt tokens in %.1f ms, %zu tokens generated at %.1f tokens/s (%s)\n",
                    prompt_ids.size(), result.prefill_ms, result.output_ids.size(),
@@ -97,7 +117,7 @@ CommandAction setup_run(CLI::App* sub) {
     stats["stop_reason"] = result.stop_reason;
     stats["seed"] = options->sampling.seed;
     stats["device"] = options->model.device;
-    nlohmann::json out = {{"prompt_ids", prompt_ids}, {"output_ids", result.output_ids}, {"text", ""}, {"stats", stats}};
+    nlohmann::json out = {{"prompt_ids", prompt_ids}, {"output_ids", result.output_ids}, {"text", tokenizer ? tokenizer->decode(result.output_ids, /*skip_special_tokens=*/true) : ""}, {"stats", stats}};
     std::cout << out.dump() << "\n";
     return 0;
   };

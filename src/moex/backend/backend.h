@@ -88,7 +88,8 @@ class Backend {
   virtual void route(const TensorView& logits, int64_t top_k, RouterScoring scoring, bool normalize,
                      Routing* routing) = 0;
   // out[t, :] = sum_j routing.weights[t, j] * expert_{ids[t, j]}(x[t, :]). experts[e] must be valid
-  // for every id that occurs in routing; out is overwritten.
+  // for every id >= 0 that occurs in routing; entries with id < 0 are skipped (they contribute
+  // nothing: the offloading path runs a layer's experts in waves). out is overwritten.
   virtual void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
                            const TensorView& out) = 0;
 };

@@ -1,5 +1,6 @@
 #include "moex/model/decoder.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "moex/core/error.h"
@@ -16,7 +17,7 @@ namespace {
 // Scratch slots: one buffer each, grown on demand and reused every step.
 enum Slot : int {
   kResidual, kNormed, kQ, kK, kV, kAttn, kProj, kRouterLogits, kFfnOut, kGate, kUp, kAct, kShared, kSharedGate,
-  kLogits, kNumSlots
+  kLogits, kPartial, kNumSlots
 };
 }  // namespace
 
@@ -93,6 +94,38 @@ void Decoder::swiglu(const TensorView& x, const ExpertWeights& mlp, int64_t ffn,
   backend_.linear(gate, mlp.down, nullptr, out);
 }
 
+void Decoder::run_experts(int32_t moe_layer_idx, const TensorView& h, const TensorView& out) {
+  experts_.acquire(moe_layer_idx, routing_, h, &expert_table_);
+  auto resident = [&](int32_t id) { return id >= 0 && expert_table_[id].valid(); };
+  if (std::all_of(routing_.expert_ids.begin(), routing_.expert_ids.end(), resident)) {
+    backend_.moe_experts(h, routing_, expert_table_, out);
+    experts_.release(moe_layer_idx);
+    return;
+  }
+  // The provider's budget could not hold every routed expert at once (a prefill touching most of a
+  // layer's experts): run the resident ones, release them, ask for the rest, accumulate.
+  pending_ = routing_;
+  wave_ = routing_;
+  const TensorView partial = scratch(kPartial, out.shape);
+  for (bool first = true;; first = false) {
+    bool remaining = false;
+    for (size_t idx = 0; idx < pending_.expert_ids.size(); ++idx) {
+      const int32_t id = pending_.expert_ids[idx];
+      const bool now = resident(id);
+      wave_.expert_ids[idx] = now ? id : -1;
+      if (now) pending_.expert_ids[idx] = -1;
+      remaining |= pending_.expert_ids[idx] >= 0;
+    }
+    backend_.moe_experts(h, wave_, expert_table_, first ? out : partial);
+    if (!first) backend_.add(out, partial, out);
+    experts_.release(moe_layer_idx);
+    if (!remaining) return;
+    experts_.acquire(moe_layer_idx, pending_, h, &expert_table_);
+  }
+}
+
+void Decoder::end_sequence() { experts_.end_sequence(); }
+
 void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_logits, std::vector<float>* logits,
                       RouterObserver* observer) {
   const int64_t n = static_cast<int64_t>(ids.size());
@@ -164,9 +197,7 @@ void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_
         backend_.copy_to_host(router_logits, router_host_.data());
         observer->on_router(host_layer.moe_layer_idx, start_pos, router_host_, routing_);
       }
-      experts_.acquire(host_layer.moe_layer_idx, routing_, h, &expert_table_);
-      backend_.moe_experts(h, routing_, expert_table_, ffn_out);
-      experts_.release(host_layer.moe_layer_idx);
+      run_experts(host_layer.moe_layer_idx, h, ffn_out);
       if (layer.shared_expert.valid()) {
         TensorView shared = scratch(kShared, Shape{n, hidden});
         swiglu(h, layer.shared_expert, cfg_.shared_expert_ffn_size, shared);

@@ -37,11 +37,15 @@ class Decoder {
   // given it receives fp32 rows of vocab_size: every position when all_logits, else the last only.
   void forward(std::span<const int32_t> ids, int64_t start_pos, bool all_logits, std::vector<float>* logits,
                RouterObserver* observer = nullptr);
+  // Tells the expert provider that the current sequence ended (per-request predictors and policies).
+  void end_sequence();
 
  private:
   struct DeviceLayer;
   TensorView scratch(int slot, Shape shape);
   void swiglu(const TensorView& x, const ExpertWeights& mlp, int64_t ffn, const TensorView& out);
+  // routing_'s experts on h into out, in waves when the provider cannot hold them all at once.
+  void run_experts(int32_t moe_layer_idx, const TensorView& h, const TensorView& out);
 
   const ModelConfig& cfg_;
   const ModelWeights& host_;
@@ -53,7 +57,7 @@ class Decoder {
   int64_t max_seq_len_ = 0;
   std::vector<std::unique_ptr<Buffer>> scratch_;
   std::vector<ExpertWeights> expert_table_;
-  Routing routing_;
+  Routing routing_, pending_, wave_;
   std::vector<float> router_host_;
 };
 

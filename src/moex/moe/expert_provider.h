@@ -33,9 +33,13 @@ class ExpertProvider {
  public:
   virtual ~ExpertProvider() = default;
 
-  // Called once per MoE layer and step, after routing: returns (in *experts, indexed by expert id,
-  // sized num_experts) valid weights for every expert id occurring in routing. The views stay valid
-  // until release(layer_idx). hidden_states [n, hidden] (on the backend) lets predictors look ahead.
+  // Called after routing, once per MoE layer and step (or several times, see below): fills *experts
+  // (indexed by expert id, sized num_experts) with valid weights for the expert ids of routing that it
+  // could make resident, and pins them until release(layer_idx). Ids < 0 in routing are ignored. A
+  // provider whose budget cannot hold every routed expert at once (a prefill that touches all of a
+  // layer's experts) returns a subset, at least one expert; the caller runs those, releases, and asks
+  // again for the rest. Throws BudgetError when it can make no expert resident. hidden_states
+  // [n, hidden] (on the backend) lets predictors look ahead.
   virtual void acquire(int32_t layer_idx, const Routing& routing, const TensorView& hidden_states,
                        std::vector<ExpertWeights>* experts) = 0;
   // The layer's expert computation is done: its experts may be evicted again.

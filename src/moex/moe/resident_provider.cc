@@ -24,7 +24,13 @@ void ResidentExpertProvider::acquire(int32_t layer_idx, const Routing& routing, 
   MOEX_ASSERT(layer_idx >= 0 && static_cast<size_t>(layer_idx) < resident_.size(), "MoE layer {} of {}", layer_idx,
               resident_.size());
   *experts = resident_[layer_idx];
-  stats_.hits += static_cast<int64_t>(routing.expert_ids.size());
+  // Hits count distinct experts per step, as the offloading providers count them.
+  std::vector<uint8_t> seen(resident_[layer_idx].size(), 0);
+  for (int32_t id : routing.expert_ids)
+    if (id >= 0 && !seen[id]) {
+      seen[id] = 1;
+      ++stats_.hits;
+    }
 }
 
 }  // namespace moex

@@ -5,6 +5,7 @@
 
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/core/error.h"
+#include "moex/moe/offload_provider.h"
 #include "moex/moe/resident_provider.h"
 #ifdef MOEX_WITH_CUDA
 #include "moex/backend/cuda/cuda_backend.h"
@@ -34,7 +35,20 @@ Engine::Engine(const Model& model, const EngineOptions& options) : model_(model)
   std::vector<std::vector<ExpertWeights>> host_experts;
   for (const LayerWeights& layer : model.weights().layers)
     if (layer.is_moe) host_experts.push_back(layer.experts);
-  experts_ = std::make_unique<ResidentExpertProvider>(*backend_, host_experts);
+  if (options.expert_budget_bytes > 0 && !host_experts.empty()) {
+    const std::string dir = model.dir();
+    auto describe = [dir](ExpertKey key) {
+      return fmt::format("{}: MoE layer {} expert {}", dir.empty() ? "model" : dir, key.layer_idx, key.expert_idx);
+    };
+    auto store = std::make_unique<ExpertStore>(*backend_, host_experts, describe, /*verify=*/true);
+    OffloadConfig offload;
+    offload.budget_bytes = options.expert_budget_bytes;
+    offload.policy = options.cache_policy;
+    offload.scope = options.per_layer_cache ? CacheScope::kPerLayer : CacheScope::kGlobal;
+    experts_ = std::make_unique<OffloadingExpertProvider>(std::move(store), model.config().top_k, offload);
+  } else {
+    experts_ = std::make_unique<ResidentExpertProvider>(*backend_, host_experts);
+  }
   decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_);
   if (options.max_seq_len > 0) decoder_->reserve(options.max_seq_len);
 }
@@ -44,6 +58,7 @@ Engine::~Engine() = default;
 std::vector<float> Engine::prompt_logits(std::span<const int32_t> prompt, RouterObserver* observer) {
   std::vector<float> logits;
   decoder_->forward(prompt, 0, /*all_logits=*/true, &logits, observer);
+  decoder_->end_sequence();
   return logits;
 }
 
@@ -75,7 +90,24 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
     ++result.decode_steps;
   }
   result.decode_ms = elapsed_ms(start);
+  decoder_->end_sequence();
   return result;
+}
+
+int64_t Engine::resident_weight_bytes(const ModelConfig& cfg) {
+  const int64_t elem = static_cast<int64_t>(dtype_size(cfg.weight_dtype));
+  const int64_t hidden = cfg.hidden_size, q_dim = cfg.num_heads * cfg.head_dim;
+  const int64_t kv_dim = cfg.num_kv_heads * cfg.head_dim;
+  int64_t elems = cfg.vocab_size * hidden * (cfg.tie_word_embeddings ? 1 : 2);
+  for (int64_t layer_idx = 0; layer_idx < cfg.num_layers; ++layer_idx) {
+    elems += hidden * (q_dim + 2 * kv_dim) + q_dim * hidden;
+    if (cfg.layer_is_moe[layer_idx]) {
+      elems += cfg.num_experts * hidden + 3 * cfg.shared_expert_ffn_size * hidden + (cfg.shared_expert_gate ? hidden : 0);
+    } else {
+      elems += 3 * cfg.dense_ffn_size * hidden;
+    }
+  }
+  return elems * elem;
 }
 
 }  // namespace moex

@@ -20,6 +20,11 @@ struct EngineOptions {
   std::string device = "cpu";  // "cpu" or "cuda"
   int num_threads = 0;          // CPU threads; 0: all hardware threads
   int64_t max_seq_len = 0;      // KV cache capacity; 0: grow on demand
+  // Expert offloading: bytes of fast-tier memory for experts (host RAM on the CPU backend, GPU memory
+  // with CUDA). 0: every expert resident.
+  int64_t expert_budget_bytes = 0;
+  std::string cache_policy = "lru";
+  bool per_layer_cache = false;
 };
 
 struct GenerationOptions {
@@ -58,6 +63,10 @@ class Engine {
   // each new id as it is produced and may return false to stop early.
   GenerationResult generate(std::span<const int32_t> prompt, const GenerationOptions& options,
                             const std::function<bool(int32_t)>& on_token = {});
+
+  // Bytes of the weights that always stay on the backend (attention, norms, embeddings, dense MLPs,
+  // shared experts, routers): what an offloading budget must leave room for.
+  static int64_t resident_weight_bytes(const ModelConfig& cfg);
 
  private:
   const Model& model_;

@@ -47,7 +47,8 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
   // Counting sort of (token, slot) rows by expert; tokens stay ascending within an expert.
   s.expert_offset.assign(static_cast<size_t>(num_experts + 1), 0);
   for (int32_t id : routing.expert_ids) {
-    MOEX_ASSERT(id >= 0 && id < num_experts, "routed expert id {} of {}", id, num_experts);
+    if (id < 0) continue;  // skipped entry (offloading runs a layer's experts in waves)
+    MOEX_ASSERT(id < num_experts, "routed expert id {} of {}", id, num_experts);
     ++s.expert_offset[id + 1];
   }
   int64_t max_ffn = 0;
@@ -69,6 +70,10 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
   for (int64_t token = 0; token < n; ++token)
     for (int64_t slot = 0; slot < top_k; ++slot) {
       int32_t e = routing.expert_ids[token * top_k + slot];
+      if (e < 0) {
+        s.slot_row[token * top_k + slot] = -1;
+        continue;
+      }
       int64_t row = s.expert_fill[e]++;
       s.slot_row[token * top_k + slot] = row;
       s.row_token[row] = static_cast<int32_t>(token);
@@ -78,7 +83,8 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
   grow(s.gate, static_cast<size_t>(num_rows * max_ffn));
   grow(s.up, static_cast<size_t>(num_rows * max_ffn));
   grow(s.down, static_cast<size_t>(num_rows * hidden));
-  for (int64_t row = 0; row < num_rows; ++row)
+  const int64_t active_rows = s.expert_offset[num_experts];
+  for (int64_t row = 0; row < active_rows; ++row)
     std::copy_n(x + s.row_token[row] * hidden, hidden, s.x_sorted.data() + row * hidden);
 
   auto build_units = [&](bool down_pass) {
@@ -140,6 +146,7 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
       std::fill(dst, dst + hidden, 0.0f);
       for (int64_t idx = 0; idx < top_k; ++idx) {
         int64_t slot = order[idx];
+        if (s.slot_row[token * top_k + slot] < 0) continue;
         float weight = routing.weights[token * top_k + slot];
         const float* src = s.down.data() + s.slot_row[token * top_k + slot] * hidden;
         for (int64_t d = 0; d < hidden; ++d) dst[d] += src[d] * weight;

@@ -1,0 +1,131 @@
+#include "moex/moe/offload_provider.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+
+#include "moex/core/error.h"
+#include "moex/moe/policy/eviction_policy.h"
+
+namespace moex {
+
+OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> store, int64_t top_k,
+                                                   const OffloadConfig& config)
+    : store_(std::move(store)) {
+  const int32_t num_layers = store_->num_layers();
+  MOEX_ASSERT(num_layers > 0, "offloading a model without MoE layers");
+  const int32_t num_experts = store_->num_experts(0);
+  int64_t max_expert_bytes = 0;
+  ExpertCacheConfig cache_config;
+  cache_config.num_layers = num_layers;
+  cache_config.num_experts = num_experts;
+  cache_config.scope = config.scope;
+  for (int32_t layer_idx = 0; layer_idx < num_layers; ++layer_idx) {
+    cache_config.expert_bytes.push_back(store_->expert_bytes(layer_idx));
+    max_expert_bytes = std::max(max_expert_bytes, store_->expert_bytes(layer_idx));
+  }
+  int64_t budget = config.budget_bytes;
+  if (config.scope == CacheScope::kPerLayer) budget /= num_layers;
+  const int64_t minimum = top_k * max_expert_bytes * (config.scope == CacheScope::kPerLayer ? num_layers : 1);
+  if (config.budget_bytes < minimum)
+    throw BudgetError(fmt::format(
+        "the expert memory budget of {} bytes ({:.1f} MiB) cannot hold one layer's top-{} experts; the minimum is "
+        "{} bytes ({:.1f} MiB){}",
+        config.budget_bytes, config.budget_bytes / 1048576.0, top_k, minimum, minimum / 1048576.0,
+        config.scope == CacheScope::kPerLayer ? " with per-layer budgets" : ""));
+  cache_config.capacity_bytes = budget;
+  PolicyOptions policy_options;
+  policy_options.num_layers = num_layers;
+  policy_options.num_experts = num_experts;
+  cache_ = std::make_unique<ExpertCache>(cache_config, make_eviction_policy(config.policy, policy_options));
+  seen_.assign(static_cast<size_t>(num_experts), 0);
+}
+
+void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing, const TensorView& /*hidden*/,
+                                       std::vector<ExpertWeights>* experts) {
+  if (!request_open_) {
+    cache_->begin_request();
+    request_open_ = true;
+  }
+  const int32_t num_experts = store_->num_experts(layer_idx);
+  keys_.clear();
+  for (int32_t id : routing.expert_ids)
+    if (id >= 0 && !seen_[id]) {
+      seen_[id] = 1;
+      keys_.push_back(ExpertKey{layer_idx, id});
+    }
+  for (const ExpertKey& key : keys_) seen_[key.expert_idx] = 0;
+  std::sort(keys_.begin(), keys_.end(),
+            [](const ExpertKey& a, const ExpertKey& b) { return a.expert_idx < b.expert_idx; });
+  outcomes_.assign(keys_.size(), CacheOutcome::kNoRoom);
+  evicted_.clear();
+  cache_->acquire(keys_, outcomes_, &evicted_);
+  for (const ExpertKey& key : evicted_) store_->free(key);
+
+  experts->assign(static_cast<size_t>(num_experts), ExpertWeights{});
+  auto start = std::chrono::steady_clock::now();
+  bool loaded_any = false;
+  for (size_t idx = 0; idx < keys_.size(); ++idx) {
+    const ExpertKey key = keys_[idx];
+    switch (outcomes_[idx]) {
+      case CacheOutcome::kHit:
+        ++stats_.hits;
+        (*experts)[key.expert_idx] = store_->resident(key);
+        pinned_.push_back(key);
+        break;
+      case CacheOutcome::kMiss:
+        ++stats_.misses;
+        (*experts)[key.expert_idx] = store_->load(key);
+        pinned_.push_back(key);
+        loaded_any = true;
+        break;
+      case CacheOutcome::kNoRoom:
+        break;  // runs in a later wave, after release() frees this wave's slots
+    }
+  }
+  if (loaded_any)
+    stats_.stall_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  if (pinned_.empty() && !keys_.empty())
+    throw BudgetError(fmt::format("MoE layer {}: no expert fits in the expert memory budget ({} bytes in use of {})",
+                                  layer_idx, cache_->used(layer_idx), cache_->capacity()));
+}
+
+void OffloadingExpertProvider::release(int32_t /*layer_idx*/) {
+  cache_->release(pinned_);
+  pinned_.clear();
+}
+
+void OffloadingExpertProvider::end_sequence() {
+  if (request_open_) cache_->end_request();
+  request_open_ = false;
+}
+
+ExpertProviderStats OffloadingExpertProvider::stats() const {
+  ExpertProviderStats out = stats_;
+  out.bytes_moved = store_->stats().bytes_moved;
+  return out;
+}
+
+int64_t parse_byte_size(const std::string& text, const std::string& flag) {
+  char* end = nullptr;
+  errno = 0;
+  double value = std::strtod(text.c_str(), &end);
+  std::string unit = end ? std::string(end) : "";
+  unit.erase(0, unit.find_first_not_of(' '));
+  double scale = 0;
+  if (unit.empty() || unit == "B") scale = 1;
+  else if (unit == "KiB" || unit == "K") scale = 1024.0;
+  else if (unit == "MiB" || unit == "M") scale = 1024.0 * 1024;
+  else if (unit == "GiB" || unit == "G") scale = 1024.0 * 1024 * 1024;
+  else if (unit == "TiB" || unit == "T") scale = 1024.0 * 1024 * 1024 * 1024;
+  else if (unit == "KB") scale = 1e3;
+  else if (unit == "MB") scale = 1e6;
+  else if (unit == "GB") scale = 1e9;
+  else if (unit == "TB") scale = 1e12;
+  if (end == text.c_str() || errno != 0 || scale == 0 || !(value >= 0) || !std::isfinite(value))
+    throw UsageError(fmt::format("{}: \"{}\" is not a size; use e.g. 16GiB, 512MiB, 64KiB or a byte count", flag, text));
+  return static_cast<int64_t>(value * scale);
+}
+
+}  // namespace moex

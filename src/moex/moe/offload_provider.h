@@ -1,0 +1,54 @@
+// The offloading ExpertProvider: experts live in the ExpertStore's source tier (disk mmap or host
+// RAM) and a byte-bounded pool of fast-tier slots; an ExpertCache with a pluggable eviction policy
+// decides which stay resident. Misses load on demand (accounted as stall time). Outputs are
+// identical to the resident provider: only where weights live changes.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moex/moe/expert_cache.h"
+#include "moex/moe/expert_provider.h"
+#include "moex/moe/expert_store.h"
+
+namespace moex {
+
+struct OffloadConfig {
+  int64_t budget_bytes = 0;                // fast-tier bytes for expert weights
+  CacheScope scope = CacheScope::kGlobal;  // one budget for all layers (kPerLayer: split evenly)
+  std::string policy = "lru";
+  bool verify_weights = true;              // NaN/Inf check on first read from the source tier
+};
+
+class OffloadingExpertProvider : public ExpertProvider {
+ public:
+  // top_k: experts per token; the budget must hold top_k experts (one decode step of one layer),
+  // else BudgetError names the minimum.
+  OffloadingExpertProvider(std::unique_ptr<ExpertStore> store, int64_t top_k, const OffloadConfig& config);
+
+  void acquire(int32_t layer_idx, const Routing& routing, const TensorView& hidden_states,
+               std::vector<ExpertWeights>* experts) override;
+  void release(int32_t layer_idx) override;
+  void end_sequence() override;
+  ExpertProviderStats stats() const override;
+
+  const ExpertCache& cache() const { return *cache_; }
+
+ private:
+  std::unique_ptr<ExpertStore> store_;
+  std::unique_ptr<ExpertCache> cache_;
+  std::vector<ExpertKey> keys_;        // this acquire's distinct experts, ascending
+  std::vector<CacheOutcome> outcomes_;
+  std::vector<ExpertKey> evicted_;
+  std::vector<ExpertKey> pinned_;      // released by release()
+  std::vector<uint8_t> seen_;
+  ExpertProviderStats stats_;
+  bool request_open_ = false;
+};
+
+// Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError
+// naming the flag.
+int64_t parse_byte_size(const std::string& text, const std::string& flag);
+
+}  // namespace moex
