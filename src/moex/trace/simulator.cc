@@ -49,6 +49,7 @@ class Replay {
       lookahead_ = std::clamp(config.lookahead_layers, 1, num_layers);
       pregate_ = config.predictor == "pregate";
       guess_.assign(num_layers, {});
+      predicted_.assign(num_layers, {});
       has_guess_.assign(num_layers, 0);
     }
     if (config.prefetch_mode == PrefetchMode::kLink)
@@ -161,11 +162,18 @@ class Replay {
     planner_->cancel_stale(step_ + 1);
   }
 
-  // Finished prefetches take their slot now (demand fetches already hold theirs).
+  // Finished prefetches take their slot now (demand fetches already hold theirs). The other experts
+  // predicted for the same layer are pinned meanwhile: an arriving guess must not evict a resident one.
   void commit_done() {
     for (const TransferDone& done : done_) {
       if (done.kind != TransferKind::kPrefetch) continue;
+      pinned_.clear();
+      for (int32_t expert_idx : predicted_[done.key.layer_idx]) {
+        ExpertKey key{done.key.layer_idx, expert_idx};
+        if (!(key == done.key) && cache_->pin(key)) pinned_.push_back(key);
+      }
       if (cache_->insert(done.key, nullptr) == InsertOutcome::kInserted) ++result_.prefetch_inserted;
+      cache_->release(pinned_);
     }
     done_.clear();
   }
@@ -176,6 +184,8 @@ class Replay {
       int32_t target = (layer_idx + ahead) % trace_.num_layers;
       predictor_->predict(target, &scored_);
       if (scored_.size() > static_cast<size_t>(width_)) scored_.resize(width_);
+      predicted_[target].clear();
+      for (const ScoredExpert& s : scored_) predicted_[target].push_back(s.expert_idx);
       if (ahead == 1) {
         guess_[target].clear();
         for (const ScoredExpert& s : scored_) guess_[target].push_back(s.expert_idx);
@@ -246,6 +256,7 @@ class Replay {
   int64_t experts_moved_ = 0;
   std::vector<std::vector<int32_t>> guess_;  // per layer: the latest next-layer guess
   std::vector<uint8_t> has_guess_;
+  std::vector<std::vector<int32_t>> predicted_;  // per layer: the latest guess for its next run
   // Scratch.
   std::vector<ExpertKey> keys_, acquired_, pinned_;
   std::vector<CacheOutcome> outcomes_;
