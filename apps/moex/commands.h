@@ -21,6 +21,7 @@ struct CommandEntry {
 // One declaration per subcommand file.
 CommandAction setup_run(CLI::App* sub);
 CommandAction setup_logits(CLI::App* sub);
+CommandAction setup_bench(CLI::App* sub);
 CommandAction setup_tokenize(CLI::App* sub);
 CommandAction setup_detokenize(CLI::App* sub);
 

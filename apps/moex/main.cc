@@ -14,6 +14,7 @@ namespace {
 const CommandEntry kCommands[] = {
     {"run", "generate text or token ids from a prompt", setup_run},
     {"logits", "print the model's logits (and router logits) for a prompt as JSON", setup_logits},
+    {"bench", "time prefill and decode of a model (real or random weights at real shapes)", setup_bench},
     {"tokenize", "text to token ids with the checkpoint's tokenizer", setup_tokenize},
     {"detokenize", "token ids to text with the checkpoint's tokenizer", setup_detokenize},
 };

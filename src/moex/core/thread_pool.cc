@@ -1,59 +1,83 @@
 #include "moex/core/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MOEX_CPU_RELAX() _mm_pause()
+#else
+#define MOEX_CPU_RELAX() std::this_thread::yield()
+#endif
 
 namespace moex {
 namespace {
-// ~50 us of spinning before a worker sleeps: longer than the gap between two loops of a decode step.
-constexpr int kSpinIterations = 20000;
+// A worker spins this long after its last loop before it sleeps: longer than the gap between two
+// loops of a decode step, short enough not to burn a core between requests.
+constexpr auto kSpinTime = std::chrono::microseconds(200);
+// The caller yields its core after this many idle polls, so a worker that shares it can finish.
+constexpr int kCallerPollsBeforeYield = 2000;
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int idx = 1; idx < num_threads; ++idx) workers_.emplace_back([this, idx] { worker_loop(idx); });
+  for (int idx = 1; idx < num_threads; ++idx) workers_.emplace_back([this] { worker_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+    stop_.store(true);
     generation_.fetch_add(1);
   }
   wake_.notify_all();
   for (auto& worker : workers_) worker.join();
 }
 
-void ThreadPool::run_chunks() {
+void ThreadPool::run_chunks(uint32_t generation) {
   for (;;) {
-    int64_t chunk_idx = next_chunk_.fetch_add(1);
-    if (chunk_idx >= job_num_chunks_) return;
-    int64_t begin = chunk_idx * job_chunk_;
-    int64_t end = std::min(job_items_, begin + job_chunk_);
+    uint64_t cursor = cursor_.load(std::memory_order_acquire);
+    if (static_cast<uint32_t>(cursor >> 32) != generation) return;
+    const auto* fn = job_.load(std::memory_order_relaxed);
+    int64_t items = job_items_.load(std::memory_order_relaxed);
+    int64_t chunk = job_chunk_.load(std::memory_order_relaxed);
+    int64_t num_chunks = job_num_chunks_.load(std::memory_order_relaxed);
+    int64_t chunk_idx = static_cast<int64_t>(cursor & 0xffffffffu);
+    if (chunk_idx >= num_chunks) return;
+    // Succeeds only while this loop still has this chunk unclaimed, which proves the fields read
+    // above belong to it (they are rewritten only after all its chunks are done).
+    if (!cursor_.compare_exchange_weak(cursor, cursor + 1, std::memory_order_acq_rel)) continue;
+    int64_t begin = chunk_idx * chunk;
+    int64_t end = std::min(items, begin + chunk);
     try {
-      (*job_)(begin, end);
+      (*fn)(begin, end);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex_);
       if (!error_) error_ = std::current_exception();
     }
+    done_chunks_.fetch_add(1, std::memory_order_acq_rel);
   }
 }
 
-void ThreadPool::worker_loop(int /*worker_idx*/) {
-  uint64_t seen = 0;
+void ThreadPool::worker_loop() {
+  uint32_t seen = 0;
   for (;;) {
-    int spins = 0;
-    while (generation_.load(std::memory_order_acquire) == seen && spins < kSpinIterations) ++spins;
-    if (generation_.load(std::memory_order_acquire) == seen) {
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return generation_.load() != seen; });
+    auto spin_start = std::chrono::steady_clock::now();
+    for (int polls = 0; generation_.load(std::memory_order_acquire) == seen; ++polls) {
+      MOEX_CPU_RELAX();
+      if ((polls & 63) == 63 && std::chrono::steady_clock::now() - spin_start > kSpinTime) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        // seq_cst increment then predicate check, against the caller's seq_cst generation store then
+        // sleepers_ load: one of the two sides always sees the other, so no wake-up is lost.
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        sleepers_.fetch_sub(1);
+        break;
+      }
     }
+    if (stop_.load()) return;
     seen = generation_.load(std::memory_order_acquire);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (stop_) return;
-    }
-    run_chunks();
-    pending_workers_.fetch_sub(1, std::memory_order_acq_rel);
+    run_chunks(seen);
   }
 }
 
@@ -69,22 +93,25 @@ void ThreadPool::parallel_for(int64_t num_items, int64_t min_chunk,
     fn(0, num_items);
     return;
   }
-  job_ = &fn;
-  job_items_ = num_items;
-  job_chunk_ = chunk;
-  job_num_chunks_ = num_chunks;
+  job_.store(&fn, std::memory_order_relaxed);
+  job_items_.store(num_items, std::memory_order_relaxed);
+  job_chunk_.store(chunk, std::memory_order_relaxed);
+  job_num_chunks_.store(num_chunks, std::memory_order_relaxed);
   error_ = nullptr;
-  next_chunk_.store(0);
-  pending_workers_.store(static_cast<int>(workers_.size()));
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
+  done_chunks_.store(0, std::memory_order_relaxed);
+  uint32_t generation = generation_.load(std::memory_order_relaxed) + 1;
+  cursor_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_release);
+  generation_.store(generation);
+  if (sleepers_.load() > 0) {
+    { std::lock_guard<std::mutex> lock(mutex_); }
+    wake_.notify_all();
   }
-  wake_.notify_all();
-  run_chunks();
-  while (pending_workers_.load(std::memory_order_acquire) != 0) {
+  run_chunks(generation);
+  for (int polls = 0; done_chunks_.load(std::memory_order_acquire) < num_chunks; ++polls) {
+    if (polls < kCallerPollsBeforeYield) MOEX_CPU_RELAX();
+    else std::this_thread::yield();
   }
-  job_ = nullptr;
+  job_.store(nullptr, std::memory_order_relaxed);
   if (error_) std::rethrow_exception(error_);
 }
 

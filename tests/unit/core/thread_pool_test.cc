@@ -1,0 +1,72 @@
+// ThreadPool: every item is processed exactly once, exceptions reach the caller, and thousands of
+// back-to-back loops (the decode pattern) neither lose nor repeat work, with more threads than cores.
+#include "moex/core/thread_pool.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <stdexcept>
+#include <vector>
+
+namespace moex {
+namespace {
+
+TEST(ThreadPool, EachItemOnceAcrossSizesAndThreadCounts) {
+  for (int threads : {1, 2, 3, 8}) {
+    ThreadPool pool(threads);
+    EXPECT_EQ(pool.num_threads(), threads);
+    for (int64_t items : {0, 1, 2, 7, 31, 129, 1000, 100003}) {
+      for (int64_t min_chunk : {1, 16, 1000}) {
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(items));
+        pool.parallel_for(items, min_chunk, [&](int64_t begin, int64_t end) {
+          ASSERT_LE(0, begin);
+          ASSERT_LE(end, items);
+          for (int64_t i = begin; i < end; ++i) hits[i].fetch_add(1);
+        });
+        for (int64_t i = 0; i < items; ++i)
+          ASSERT_EQ(hits[i].load(), 1) << "threads=" << threads << " items=" << items << " min_chunk=" << min_chunk
+                                       << " item=" << i;
+      }
+    }
+  }
+}
+
+TEST(ThreadPool, ManyShortLoopsBackToBack) {
+  ThreadPool pool(4);  // oversubscribes a 2-core CI machine on purpose
+  std::vector<int64_t> values(64, 0);
+  for (int loop = 0; loop < 20000; ++loop) {
+    pool.parallel_for(64, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) values[i] += i;
+    });
+  }
+  for (int64_t i = 0; i < 64; ++i) EXPECT_EQ(values[i], 20000 * i) << i;
+}
+
+TEST(ThreadPool, ExceptionReachesCallerAndPoolStaysUsable) {
+  ThreadPool pool(3);
+  EXPECT_THROW(pool.parallel_for(100, 1,
+                                 [&](int64_t begin, int64_t) {
+                                   if (begin == 0) throw std::runtime_error("chunk 0 failed");
+                                 }),
+               std::runtime_error);
+  std::atomic<int64_t> sum{0};
+  pool.parallel_for(100, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) sum += i;
+  });
+  EXPECT_EQ(sum.load(), 4950);
+}
+
+TEST(ThreadPool, IdleWorkersSleepAndWakeUp) {
+  ThreadPool pool(2);
+  std::atomic<int64_t> sum{0};
+  for (int round = 0; round < 3; ++round) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the spin window: workers sleep
+    pool.parallel_for(1000, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) sum += 1;
+    });
+  }
+  EXPECT_EQ(sum.load(), 3000);
+}
+
+}  // namespace
+}  // namespace moex
