@@ -1,6 +1,7 @@
-// GEMV and packed GEMM over one register-tile kernel (kT tokens x kR weight rows, dot-product form:
-// each accumulator holds 8 partial sums of one output, reduced once per K-block). The dot-product
-// form needs no transpose of the [out, in] weights, so a GEMM panel is a plain widening copy.
+// GEMV (row-sequential weight stream) and packed GEMM (register tiles of kT tokens x kR weight rows
+// in dot-product form: each accumulator holds 8 partial sums of one output, reduced once per
+// K-block). The dot-product form needs no transpose of the [out, in] weights, so a GEMM panel is a
+// plain widening copy.
 #include "moex/backend/cpu/linear_kernels.h"
 
 #include <algorithm>
@@ -12,12 +13,8 @@
 namespace moex::cpu {
 namespace {
 
-// Bytes ahead of the current position to prefetch in each streamed weight row. The hardware
-// prefetcher follows a few streams well; explicit hints keep 4+ concurrent row streams ahead.
-constexpr int64_t kPrefetchBytes = 512;
-
 // out[t * ldo + r] (=|+=) sum_k x[t * ldx + k] * w[r * ldw + k] for t < kT, r < kR.
-template <typename W, int kT, int kR, bool kPrefetch>
+template <typename W, int kT, int kR>
 inline void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
                      bool accumulate) {
   float sums[kT][kR];
@@ -35,9 +32,6 @@ inline void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64
 #pragma GCC unroll 4
     for (int r = 0; r < kR; ++r) {
       const W* row = w + r * ldw + kk;
-      if constexpr (kPrefetch) {
-        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes, _MM_HINT_T0);
-      }
       __m256 wv = load8(row);
 #pragma GCC unroll 4
       for (int t = 0; t < kT; ++t) acc[t][r] = _mm256_fmadd_ps(xv[t], wv, acc[t][r]);
@@ -72,22 +66,64 @@ void add_bias(const LinearProblem& p, int64_t row_begin, int64_t row_end, int64_
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------
-// Rows per tile by token count: kT * kR accumulators + kT x vectors + 1 weight vector <= 16 ymm
-// (kT = 4 lets the compiler use memory operands for x).
+// One weight row at a time, so the weight matrix is read front to back as one sequential stream
+// (rows are contiguous): the hardware prefetcher locks on, where interleaving 4 short row streams
+// measured 20-40% slower on 2 KiB rows. kU independent accumulators per token hide FMA latency.
 template <int kT>
-constexpr int gemv_rows_per_tile() {
-  return kT == 1 ? 4 : (kT == 4 ? 3 : 4);
+constexpr int gemv_unroll() {
+  return kT <= 2 ? 4 : 2;
+}
+
+// Prefetch distance for the GEMV weight stream; it runs past the row end into the next row.
+constexpr int64_t kGemvPrefetchBytes = 1024;
+
+template <typename W, int kT>
+inline void gemv_row(const float* x, int64_t ldx, const W* w, int64_t k, float* out, int64_t ldo) {
+  constexpr int kU = gemv_unroll<kT>();
+  float sums[kT];
+  int64_t kk = 0;
+#ifdef MOEX_CPU_AVX2
+  __m256 acc[kT][kU];
+#pragma GCC unroll 4
+  for (int t = 0; t < kT; ++t)
+#pragma GCC unroll 4
+    for (int u = 0; u < kU; ++u) acc[t][u] = _mm256_setzero_ps();
+  for (; kk + 8 * kU <= k; kk += 8 * kU) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + kk) + kGemvPrefetchBytes, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int u = 0; u < kU; ++u) {
+      __m256 wv = load8(w + kk + 8 * u);
+#pragma GCC unroll 4
+      for (int t = 0; t < kT; ++t) acc[t][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * ldx + kk + 8 * u), wv, acc[t][u]);
+    }
+  }
+  for (; kk + 8 <= k; kk += 8) {
+    __m256 wv = load8(w + kk);
+#pragma GCC unroll 4
+    for (int t = 0; t < kT; ++t) acc[t][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * ldx + kk), wv, acc[t][0]);
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < kT; ++t) {
+    __m256 total = acc[t][0];
+#pragma GCC unroll 4
+    for (int u = 1; u < kU; ++u) total = _mm256_add_ps(total, acc[t][u]);
+    sums[t] = hsum(total);
+  }
+#else
+  for (int t = 0; t < kT; ++t) sums[t] = 0.0f;
+#endif
+  for (; kk < k; ++kk) {
+    float wval = to_f32(w[kk]);
+    for (int t = 0; t < kT; ++t) sums[t] += x[t * ldx + kk] * wval;
+  }
+  for (int t = 0; t < kT; ++t) out[t * ldo] = sums[t];
 }
 
 template <typename W, int kT>
 void gemv(const LinearProblem& p, const W* w, int64_t row_begin, int64_t row_end, int64_t token_begin) {
-  constexpr int kR = gemv_rows_per_tile<kT>();
   const float* x = p.x + token_begin * p.ldx;
   float* out = p.out + token_begin * p.ldo;
-  int64_t row = row_begin;
-  for (; row + kR <= row_end; row += kR)
-    dot_tile<W, kT, kR, true>(x, p.ldx, w + row * p.k, p.k, p.k, out + row, p.ldo, false);
-  for (; row < row_end; ++row) dot_tile<W, kT, 1, true>(x, p.ldx, w + row * p.k, p.k, p.k, out + row, p.ldo, false);
+  for (int64_t row = row_begin; row < row_end; ++row) gemv_row<W, kT>(x, p.ldx, w + row * p.k, p.k, out + row, p.ldo);
 }
 
 template <typename W>
@@ -113,7 +149,7 @@ using PanelTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64
 
 template <int kT, int kR>
 constexpr PanelTileFn panel_tile() {
-  return &dot_tile<float, kT, kR, false>;
+  return &dot_tile<float, kT, kR>;
 }
 
 constexpr PanelTileFn kPanelTiles[kGemmTileTokens][kGemmTileRows] = {
