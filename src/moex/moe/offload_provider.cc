@@ -9,6 +9,18 @@
 #include "moex/moe/policy/eviction_policy.h"
 
 namespace moex {
+namespace {
+std::string human_bytes(int64_t bytes) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024 && unit < 4) {
+    value /= 1024;
+    ++unit;
+  }
+  return unit == 0 ? fmt::format("{} bytes", bytes) : fmt::format("{:.1f} {}", value, units[unit]);
+}
+}  // namespace
 
 OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> store, int64_t top_k,
                                                    const OffloadConfig& config)
@@ -30,9 +42,8 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
   const int64_t minimum = top_k * max_expert_bytes * (config.scope == CacheScope::kPerLayer ? num_layers : 1);
   if (config.budget_bytes < minimum)
     throw BudgetError(fmt::format(
-        "the expert memory budget of {} bytes ({:.1f} MiB) cannot hold one layer's top-{} experts; the minimum is "
-        "{} bytes ({:.1f} MiB){}",
-        config.budget_bytes, config.budget_bytes / 1048576.0, top_k, minimum, minimum / 1048576.0,
+        "the expert memory budget of {} cannot hold one layer's top-{} experts; the minimum is {} ({} bytes){}",
+        human_bytes(config.budget_bytes), top_k, human_bytes(minimum), minimum,
         config.scope == CacheScope::kPerLayer ? " with per-layer budgets" : ""));
   cache_config.capacity_bytes = budget;
   PolicyOptions policy_options;

@@ -1,0 +1,178 @@
+// `moex bench`: end-to-end prefill and decode timings of a model (real or --load-format random at real
+// shapes) on a device, with the bytes a decode step must read, so that the result can be set against
+// the memory roofline. Prints a table, and one JSON object with --json (for bench/ scripts).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+#include <numeric>
+
+#include <nlohmann/json.hpp>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "moex/core/error.h"
+#include "moex/core/progress.h"
+
+namespace moex::cli {
+namespace {
+
+struct Summary {
+  double mean = 0, stddev = 0, min = 0;
+};
+
+Summary summarize(const std::vector<double>& values) {
+  Summary s;
+  if (values.empty()) return s;
+  s.mean = std::accumulate(values.begin(), values.end(), 0.0) / values.size();
+  double var = 0;
+  for (double v : values) var += (v - s.mean) * (v - s.mean);
+  s.stddev = values.size() > 1 ? std::sqrt(var / (values.size() - 1)) : 0;
+  s.min = *std::min_element(values.begin(), values.end());
+  return s;
+}
+
+// Bytes one batch-1 decode step must read: every resident weight once, top_k experts per MoE layer.
+int64_t decode_bytes_per_token(const ModelConfig& cfg) {
+  return Engine::resident_weight_bytes(cfg) +
+         cfg.num_moe_layers() * cfg.top_k * static_cast<int64_t>(cfg.expert_bytes());
+}
+
+std::string now_iso() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+}  // namespace
+
+CommandAction setup_bench(CLI::App* sub) {
+  struct Options {
+    ModelOptions model;
+    std::vector<int64_t> prompt_lens{128};
+    int64_t decode_tokens = 32;
+    int64_t decode_context = 16;
+    int reps = 5;
+    int warmup = 1;
+    double bandwidth_gbs = 0;
+    bool json = false;
+  };
+  auto options = std::make_shared<Options>();
+  add_model_options(sub, &options->model, /*model_required=*/true);
+  sub->add_option("--prompt-lens", options->prompt_lens, "prefill lengths to time (tokens), e.g. 512,2048")
+      ->delimiter(',')
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--decode-tokens", options->decode_tokens, "decode steps timed per repetition")
+      ->check(CLI::NonNegativeNumber);
+  sub->add_option("--decode-context", options->decode_context, "prompt length before the timed decode steps")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--reps", options->reps, "timed repetitions (mean +- stddev reported)")->check(CLI::PositiveNumber);
+  sub->add_option("--warmup", options->warmup, "untimed warm-up repetitions")->check(CLI::NonNegativeNumber);
+  sub->add_option("--bandwidth-gbs", options->bandwidth_gbs,
+                  "memory bandwidth of the device (GB/s, measured elsewhere) for the roofline column");
+  sub->add_flag("--json", options->json, "print one JSON object with every parameter and result");
+  return [options]() -> int {
+    auto model = load_model(options->model);
+    const ModelConfig& cfg = model->config();
+    Engine engine(*model, engine_options(options->model, cfg));
+    const int64_t vocab = cfg.vocab_size;
+    uint64_t state = 12345;
+    auto random_ids = [&](int64_t count) {
+      std::vector<int32_t> ids(count);
+      for (auto& id : ids) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        id = static_cast<int32_t>((state >> 33) % static_cast<uint64_t>(vocab));
+      }
+      return ids;
+    };
+    const int total_reps = options->warmup + options->reps;
+    ProgressBar progress("benchmarking", total_reps * static_cast<int64_t>(options->prompt_lens.size() + 1));
+    nlohmann::json prefill_results = nlohmann::json::array();
+    std::vector<float> logits;
+    for (int64_t prompt_len : options->prompt_lens) {
+      engine.decoder().reserve(prompt_len);
+      std::vector<double> ms;
+      for (int rep = 0; rep < total_reps; ++rep) {
+        auto ids = random_ids(prompt_len);
+        auto start = std::chrono::steady_clock::now();
+        engine.decoder().forward(ids, 0, false, &logits);
+        engine.backend().synchronize();
+        double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        engine.decoder().end_sequence();
+        if (rep >= options->warmup) ms.push_back(elapsed);
+        progress.advance();
+      }
+      Summary s = summarize(ms);
+      prefill_results.push_back({{"prompt_tokens", prompt_len},
+                                 {"ms_mean", s.mean},
+                                 {"ms_stddev", s.stddev},
+                                 {"tokens_per_s", prompt_len * 1000.0 / s.mean}});
+    }
+    std::vector<double> per_token_ms;
+    engine.decoder().reserve(options->decode_context + options->decode_tokens);
+    for (int rep = 0; rep < total_reps; ++rep) {
+      auto ids = random_ids(options->decode_context);
+      engine.decoder().forward(ids, 0, false, &logits);
+      int32_t token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      engine.backend().synchronize();
+      auto start = std::chrono::steady_clock::now();
+      for (int64_t step = 0; step < options->decode_tokens; ++step) {
+        engine.decoder().forward(std::span<const int32_t>(&token, 1), options->decode_context + step, false, &logits);
+        token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      }
+      engine.backend().synchronize();
+      double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      engine.decoder().end_sequence();
+      if (rep >= options->warmup && options->decode_tokens > 0) per_token_ms.push_back(elapsed / options->decode_tokens);
+      progress.advance();
+    }
+    progress.finish();
+    Summary decode = summarize(per_token_ms);
+    const int64_t bytes = decode_bytes_per_token(cfg);
+    const ExpertProviderStats stats = engine.experts().stats();
+    nlohmann::json out = {
+        {"date", now_iso()},
+        {"model", cfg.summary()},
+        {"device", options->model.device},
+        {"load_format", options->model.load_format},
+        {"threads", options->model.num_threads},
+        {"reps", options->reps},
+        {"prefill", prefill_results},
+        {"decode", {{"context", options->decode_context},
+                    {"tokens", options->decode_tokens},
+                    {"ms_per_token_mean", decode.mean},
+                    {"ms_per_token_stddev", decode.stddev},
+                    {"tokens_per_s", decode.mean > 0 ? 1000.0 / decode.mean : 0.0}}},
+        {"decode_bytes_per_token", bytes},
+        {"expert_hits", stats.hits},
+        {"expert_misses", stats.misses},
+        {"bytes_moved", stats.bytes_moved},
+        {"stall_ms", stats.stall_ms}};
+    if (options->bandwidth_gbs > 0) {
+      const double floor_ms = bytes / (options->bandwidth_gbs * 1e6);
+      out["bandwidth_gbs"] = options->bandwidth_gbs;
+      out["decode_roofline_ms"] = floor_ms;
+      out["decode_fraction_of_roofline"] = decode.mean > 0 ? floor_ms / decode.mean : 0.0;
+    }
+    if (options->json) {
+      std::cout << out.dump() << "\n";
+      return 0;
+    }
+    std::printf("%s on %s\n", cfg.summary().c_str(), options->model.device.c_str());
+    for (const auto& p : prefill_results)
+      std::printf("prefill %6lld tokens: %9.2f ms (+- %.2f)  %10.1f tokens/s\n",
+                  static_cast<long long>(p["prompt_tokens"].get<int64_t>()), p["ms_mean"].get<double>(),
+                  p["ms_stddev"].get<double>(), p["tokens_per_s"].get<double>());
+    std::printf("decode  (batch 1):    %9.3f ms/token (+- %.3f)  %10.1f tokens/s; reads %.1f MiB/token\n", decode.mean,
+                decode.stddev, decode.mean > 0 ? 1000.0 / decode.mean : 0.0, bytes / 1048576.0);
+    if (options->bandwidth_gbs > 0)
+      std::printf("roofline at %.1f GB/s: %.3f ms/token -> %.0f%% of the roofline\n", options->bandwidth_gbs,
+                  out["decode_roofline_ms"].get<double>(), 100 * out["decode_fraction_of_roofline"].get<double>());
+    return 0;
+  };
+}
+
+}  // namespace moex::cli
