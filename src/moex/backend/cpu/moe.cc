@@ -30,6 +30,21 @@ LinearProblem make_problem(const float* x, int64_t ldx, int64_t m, const TensorV
   return p;
 }
 
+// Calls fn(expert, row_begin, row_end) once per maximal run of adjacent units [unit_begin, unit_end)
+// that belong to one expert and cover contiguous rows.
+template <typename Fn>
+void for_each_run(const std::vector<MoeScratch::Unit>& units, int64_t unit_begin, int64_t unit_end, Fn&& fn) {
+  int64_t run = unit_begin;
+  while (run < unit_end) {
+    int64_t next = run + 1;
+    while (next < unit_end && units[next].expert == units[run].expert &&
+           units[next].row_begin == units[next - 1].row_end)
+      ++next;
+    fn(units[run].expert, units[run].row_begin, units[next - 1].row_end);
+    run = next;
+  }
+}
+
 }  // namespace
 
 void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden, const Routing& routing,
@@ -100,37 +115,35 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
   };
 
   // Pass 1: gate and up rows of each unit, then silu(gate) * up on the same rows while still in cache.
+  // Adjacent units of one expert in a chunk run as one row range: two long sequential weight streams.
   build_units(false);
   pool.parallel_for(static_cast<int64_t>(s.units.size()), 1, [&](int64_t unit_begin, int64_t unit_end) {
-    for (int64_t unit_idx = unit_begin; unit_idx < unit_end; ++unit_idx) {
-      const MoeScratch::Unit& unit = s.units[unit_idx];
-      int64_t first = s.expert_offset[unit.expert];
-      int64_t count = s.expert_offset[unit.expert + 1] - first;
-      const ExpertWeights& w = experts[unit.expert];
+    for_each_run(s.units, unit_begin, unit_end, [&](int32_t expert, int64_t row_begin, int64_t row_end) {
+      int64_t first = s.expert_offset[expert];
+      int64_t count = s.expert_offset[expert + 1] - first;
+      const ExpertWeights& w = experts[expert];
       const float* xs = s.x_sorted.data() + first * hidden;
       float* gate = s.gate.data() + first * max_ffn;
       float* up = s.up.data() + first * max_ffn;
-      linear_block(make_problem(xs, hidden, count, w.gate, gate, max_ffn), unit.row_begin, unit.row_end, 0, count);
-      linear_block(make_problem(xs, hidden, count, w.up, up, max_ffn), unit.row_begin, unit.row_end, 0, count);
+      linear_block(make_problem(xs, hidden, count, w.gate, gate, max_ffn), row_begin, row_end, 0, count);
+      linear_block(make_problem(xs, hidden, count, w.up, up, max_ffn), row_begin, row_end, 0, count);
       for (int64_t row = 0; row < count; ++row) {
-        int64_t offset = row * max_ffn + unit.row_begin;
-        silu_mul_span(gate + offset, up + offset, gate + offset, unit.row_end - unit.row_begin);
+        int64_t offset = row * max_ffn + row_begin;
+        silu_mul_span(gate + offset, up + offset, gate + offset, row_end - row_begin);
       }
-    }
+    });
   });
 
   // Pass 2: down projection of each expert's rows.
   build_units(true);
   pool.parallel_for(static_cast<int64_t>(s.units.size()), 1, [&](int64_t unit_begin, int64_t unit_end) {
-    for (int64_t unit_idx = unit_begin; unit_idx < unit_end; ++unit_idx) {
-      const MoeScratch::Unit& unit = s.units[unit_idx];
-      int64_t first = s.expert_offset[unit.expert];
-      int64_t count = s.expert_offset[unit.expert + 1] - first;
-      const ExpertWeights& w = experts[unit.expert];
-      linear_block(make_problem(s.gate.data() + first * max_ffn, max_ffn, count, w.down,
+    for_each_run(s.units, unit_begin, unit_end, [&](int32_t expert, int64_t row_begin, int64_t row_end) {
+      int64_t first = s.expert_offset[expert];
+      int64_t count = s.expert_offset[expert + 1] - first;
+      linear_block(make_problem(s.gate.data() + first * max_ffn, max_ffn, count, experts[expert].down,
                                 s.down.data() + first * hidden, hidden),
-                   unit.row_begin, unit.row_end, 0, count);
-    }
+                   row_begin, row_end, 0, count);
+    });
   });
 
   // Weighted sum per token, adding experts in ascending id order like transformers' index_add_ loop.
