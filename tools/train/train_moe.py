@@ -99,7 +99,7 @@ def lr_at(frac, peak, warmup=0.03, floor=0.05):
 
 def train(args, p, data, device):
     cfg = hf_models.make_config(p, data.vocab)
-    cfg.router_aux_loss_coef = AUX_LOSS_COEF
+    cfg.router_aux_loss_coef = p.get("aux", AUX_LOSS_COEF)
     torch.manual_seed(args.seed)
     model, impl = hf_models.build_model(cfg, device)
     log(args.preset, f"experts implementation: {impl}; parameters {hf_models.count_params(model) / 1e6:.2f} M")
@@ -169,7 +169,7 @@ def main():
     args = ap.parse_args()
     p = PRESETS[args.preset]
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False  # evaluation and traces run the model in float32
     tok = Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json"))
     data = Data(tok, args.corpus, p["seq"], device)
     log(args.preset, f"train tokens {data.train_tokens}, held-out tokens {data.held_tokens}, "
@@ -195,8 +195,9 @@ def main():
         report["heldout_error"] = traceback.format_exc()
         log(args.preset, report["heldout_error"])
     for name, fn in (("samples", lambda: export.samples(loaded, tok, device)),
-                     ("reference", lambda: export.write_reference(
-                         loaded, tok, args.out, "default" if args.preset.startswith("default") else args.preset)),
+                     ("reference", lambda: export.write_reference(  # on the CPU: exact float32
+                         hf_models.load_model(args.out, "cpu"), tok, args.out,
+                         "default" if args.preset.startswith("default") else args.preset)),
                      ("traces", lambda: trace_record.record(loaded, tok, data, args, device))):
         if name == "traces" and not args.traces:
             continue
