@@ -14,9 +14,9 @@ here="$root/tools/train"
 corpus="$root/.device/corpus/brown.jsonl"
 work=/tmp/moex_train
 out="${OUT:-/tmp/moex_out}"
-presets="${PRESETS:-default_w6 default_d8 default_d8_drop routing_mixtral32 routing_fine64}"
-budget_default="${BUDGET_DEFAULT:-330}"
-budget_routing="${BUDGET_ROUTING:-300}"
+presets="${PRESETS:-default_d8_bal routing_mixtral32 routing_fine64}"  # what made the committed files
+budget_default="${BUDGET_DEFAULT:-400}"
+budget_routing="${BUDGET_ROUTING:-395}"
 trace_prompts="${TRACE_PROMPTS:-300}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$work/logs" "$out"
