@@ -48,47 +48,65 @@ Stats stats(const std::vector<double>& xs) {
 }
 
 // ---- memory bandwidth ----------------------------------------------------------------------------
-// Every thread sums its share of a buffer far larger than the LLC; the sum is kept so the reads stay.
-double measure_read_bandwidth_gbs(ThreadPool& pool, size_t bytes, int passes, double* sink) {
-  size_t count = bytes / sizeof(float);
-  std::vector<float> buffer(count);
-  pool.parallel_for(static_cast<int64_t>(count), 1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) buffer[i] = static_cast<float>(i & 7);
-  });
-  int64_t chunks = 64 * pool.num_threads();
-  int64_t per_chunk = static_cast<int64_t>(count) / chunks / 32 * 32;
-  std::vector<double> partial(static_cast<size_t>(chunks));
-  double best = 0.0;
-  for (int pass = 0; pass < passes; ++pass) {
-    auto start = Clock::now();
-    pool.parallel_for(chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        const float* p = buffer.data() + chunk * per_chunk;
-#ifdef __AVX2__
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t i = 0; i < per_chunk; i += 32) {
-          a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
-          a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
-          a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
-          a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
-        }
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        double s = 0;
-        for (float l : lanes) s += l;
-#else
-        double s = 0;
-        for (int64_t i = 0; i < per_chunk; ++i) s += p[i];
-#endif
-        partial[chunk] = s;
-      }
+// Every thread sums its share of a buffer far larger than the LLC; the sums are kept so the reads
+// stay. The buffer lives across measurements so a pass can run right before each decode repetition:
+// on a shared machine the load changes, and the ratio is only fair between neighbouring measurements.
+class ReadBandwidth {
+ public:
+  ReadBandwidth(ThreadPool& pool, size_t bytes) : pool_(pool), buffer_(bytes / sizeof(float)) {
+    pool_.parallel_for(static_cast<int64_t>(buffer_.size()), 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) buffer_[i] = static_cast<float>(i & 7);
     });
-    double secs = seconds_since(start);
-    best = std::max(best, static_cast<double>(chunks * per_chunk * sizeof(float)) / secs / 1e9);
-    for (double s : partial) *sink += s;
+    chunks_ = 64 * pool_.num_threads();
+    per_chunk_ = static_cast<int64_t>(buffer_.size()) / chunks_ / 32 * 32;
+    partial_.resize(static_cast<size_t>(chunks_));
   }
-  return best;
-}
+
+  // Best of `passes` full reads, in GB/s.
+  double measure_gbs(int passes) {
+    double best = 0.0;
+    for (int pass = 0; pass < passes; ++pass) {
+      auto start = Clock::now();
+      pool_.parallel_for(chunks_, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) partial_[chunk] = sum_chunk(chunk);
+      });
+      double secs = seconds_since(start);
+      best = std::max(best, static_cast<double>(chunks_ * per_chunk_ * sizeof(float)) / secs / 1e9);
+      for (double v : partial_) sink_ += v;
+    }
+    return best;
+  }
+  double sink() const { return sink_; }
+
+ private:
+  double sum_chunk(int64_t chunk) const {
+    const float* p = buffer_.data() + chunk * per_chunk_;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < per_chunk_; i += 32) {
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    double s = 0;
+    for (float l : lanes) s += l;
+    return s;
+#else
+    double s = 0;
+    for (int64_t i = 0; i < per_chunk_; ++i) s += p[i];
+    return s;
+#endif
+  }
+
+  ThreadPool& pool_;
+  std::vector<float> buffer_;
+  int64_t chunks_ = 0, per_chunk_ = 0;
+  std::vector<double> partial_;
+  double sink_ = 0;
+};
 
 // ---- the model -------------------------------------------------------------------------------------
 struct BenchConfig {
@@ -256,6 +274,13 @@ std::string shell_line(const char* cmd) {
   return out;
 }
 
+std::string load_average() {
+  std::ifstream in("/proc/loadavg");
+  double one = 0, five = 0, fifteen = 0;
+  in >> one >> five >> fifteen;
+  return fmt::format("{:.2f} {:.2f} {:.2f}", one, five, fifteen);
+}
+
 std::string cpu_model() {
   std::ifstream in("/proc/cpuinfo");
   std::string line;
@@ -289,10 +314,11 @@ int main(int argc, char** argv) {
   int64_t max_seq = std::max<int64_t>(max_prefill, prompt_tokens + decode_tokens) + 1;
   std::unique_ptr<Backend> backend = make_cpu_backend(threads);
   ThreadPool pool(threads);
-  double sink = 0;
-  double bandwidth = measure_read_bandwidth_gbs(pool, static_cast<size_t>(bandwidth_mib) << 20, 5, &sink);
-  std::printf("memory read bandwidth: %.2f GB/s (%d threads, %lld MiB buffer, best of 5)\n", bandwidth,
-              pool.num_threads(), static_cast<long long>(bandwidth_mib));
+  std::string load_before = load_average();
+  ReadBandwidth reader(pool, static_cast<size_t>(bandwidth_mib) << 20);
+  double first_bandwidth = reader.measure_gbs(5);
+  std::printf("memory read bandwidth: %.2f GB/s (%d threads, %lld MiB buffer, best of 5); load average %s\n",
+              first_bandwidth, pool.num_threads(), static_cast<long long>(bandwidth_mib), load_before.c_str());
 
   auto build_start = Clock::now();
   MoeStack model(*backend, cfg, max_seq);
@@ -306,13 +332,15 @@ int main(int argc, char** argv) {
   std::vector<int32_t> prompt(static_cast<size_t>(prompt_tokens));
   for (int i = 0; i < prompt_tokens; ++i) prompt[i] = (i * 7919 + 11) % static_cast<int32_t>(cfg.vocab);
 
-  // Decode: prompt untimed, then decode_tokens greedy steps timed; one warm-up repetition.
-  std::vector<double> decode_rates;
+  // Decode: prompt untimed, a bandwidth pass, then decode_tokens greedy steps timed; one warm-up
+  // repetition.
+  std::vector<double> decode_rates, bandwidths, ratios;
   std::vector<int32_t> first_tokens;
   for (int rep = -1; rep < reps; ++rep) {
     int32_t next = model.forward(prompt, 0, &finite);
     ok &= finite;
     std::vector<int32_t> generated;
+    double bandwidth_now = reader.measure_gbs(2);
     auto start = Clock::now();
     for (int step = 0; step < decode_tokens; ++step) {
       generated.push_back(next);
@@ -323,10 +351,12 @@ int main(int argc, char** argv) {
     if (rep < 0) first_tokens = generated;
     else {
       decode_rates.push_back(decode_tokens / secs);
+      bandwidths.push_back(bandwidth_now);
       ok &= generated == first_tokens;  // same greedy tokens every repetition
     }
   }
   Stats decode = stats(decode_rates);
+  Stats bandwidth = stats(bandwidths);
 
   std::vector<std::pair<int, Stats>> prefill;
   for (int len : prefill_sizes) {
@@ -346,18 +376,24 @@ int main(int argc, char** argv) {
   double mean_ctx = prompt_tokens + (decode_tokens - 1) / 2.0 + 1;
   size_t weight_bytes = model.active_weight_bytes();
   size_t active_bytes = weight_bytes + model.kv_bytes(static_cast<int64_t>(mean_ctx));
-  double ceiling = bandwidth * 1e9 / static_cast<double>(active_bytes);
-  double ratio = decode.mean / ceiling;
+  double ceiling = bandwidth.mean * 1e9 / static_cast<double>(active_bytes);
+  for (size_t rep = 0; rep < decode_rates.size(); ++rep)
+    ratios.push_back(decode_rates[rep] * static_cast<double>(active_bytes) / (bandwidths[rep] * 1e9));
+  Stats ratio = stats(ratios);
+  std::string load_after = load_average();
   double achieved_gbs = decode.mean * static_cast<double>(active_bytes) / 1e9;
 
   std::printf("\n| metric | value |\n| --- | --- |\n");
   std::printf("| threads | %d |\n", pool.num_threads());
-  std::printf("| read bandwidth | %.2f GB/s |\n", bandwidth);
+  std::printf("| load average (1/5/15 min) | before %s, after %s |\n", load_before.c_str(), load_after.c_str());
+  std::printf("| read bandwidth (pass before each decode rep) | %.2f ± %.2f GB/s |\n", bandwidth.mean,
+              bandwidth.stddev);
   std::printf("| active bytes / decode token | %.1f MB (weights %.1f MB + KV %.2f MB) |\n", active_bytes / 1e6,
               weight_bytes / 1e6, (active_bytes - weight_bytes) / 1e6);
   std::printf("| decode ceiling | %.2f tok/s |\n", ceiling);
   std::printf("| decode | %.2f ± %.2f tok/s (%.2f GB/s effective) |\n", decode.mean, decode.stddev, achieved_gbs);
-  std::printf("| decode / ceiling | %.1f%% |\n", 100.0 * ratio);
+  std::printf("| decode / ceiling (per rep, vs its own bandwidth pass) | %.1f ± %.1f%% |\n", 100.0 * ratio.mean,
+              100.0 * ratio.stddev);
   for (auto& [len, s] : prefill) std::printf("| prefill %d | %.1f ± %.1f tok/s |\n", len, s.mean, s.stddev);
   std::printf("| output check | %s |\n", ok ? "ok (finite logits, identical greedy tokens)" : "FAILED");
 
@@ -374,15 +410,19 @@ int main(int argc, char** argv) {
                  {"experts", cfg.experts}, {"top_k", cfg.top_k},      {"heads", cfg.heads},
                  {"kv_heads", cfg.kv_heads}, {"vocab", cfg.vocab},    {"weights", "bf16"},
                  {"reps", reps},           {"decode_tokens", decode_tokens}, {"prompt_tokens", prompt_tokens}};
-  j["bandwidth_gbs"] = bandwidth;
+  j["load_average_before"] = load_before;
+  j["load_average_after"] = load_after;
+  j["bandwidth_gbs"] = bandwidth.mean;
+  j["bandwidth_gbs_std"] = bandwidth.stddev;
   j["active_bytes_per_token"] = active_bytes;
   j["ceiling_tok_s"] = ceiling;
   j["decode_tok_s"] = decode.mean;
   j["decode_tok_s_std"] = decode.stddev;
-  j["decode_ratio"] = ratio;
+  j["decode_ratio"] = ratio.mean;
+  j["decode_ratio_std"] = ratio.stddev;
   for (auto& [len, s] : prefill) j["prefill_tok_s"][std::to_string(len)] = {{"mean", s.mean}, {"std", s.stddev}};
   j["ok"] = ok;
   std::printf("%s\n", j.dump().c_str());
-  if (sink == 12345.0) std::printf(" ");
+  if (reader.sink() == 12345.0) std::printf(" ");
   return ok ? 0 : 1;
 }
