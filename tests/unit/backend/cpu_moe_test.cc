@@ -38,9 +38,9 @@ void run_moe_case(Backend& backend, const MoeCase& c, uint64_t seed) {
   int64_t routable = c.num_experts > 1 ? c.num_experts - 1 : 1;
   std::vector<ExpertData> data(static_cast<size_t>(c.num_experts));
   std::vector<ExpertWeights> experts(static_cast<size_t>(c.num_experts));
-  // Only the first half of the routable experts get tokens (unless skewed), so some get none; those
+  // Only the first half of the routable experts (at most 8) get tokens (unless skewed), so some get none; those
   // share expert 0's weights, which keeps real-shape cases with many experts cheap to build.
-  int64_t used = c.skewed ? routable : std::max(c.top_k, (routable + 1) / 2);
+  int64_t used = c.skewed ? routable : std::max(c.top_k, std::min<int64_t>(8, (routable + 1) / 2));
   for (int64_t e = 0; e < routable; ++e) {
     if (e >= used) {
       experts[e] = experts[0];
