@@ -38,8 +38,26 @@ function* lcg(seed) {
   for (;;) { s = (Math.imul(s, 1664525) + 1013904223) >>> 0; yield s; }
 }
 
+// A variant: a family's tokenizer.json with fields replaced (tests/fixtures/tokenizer/variants.json).
+function applyVariant(base, v) {
+  const j = JSON.parse(JSON.stringify(base));
+  for (const [k, val] of Object.entries(v.replace || {})) j[k] = val;
+  for (const [k, val] of Object.entries(v.model_overrides || {})) j.model[k] = val;
+  j.added_tokens = (j.added_tokens || []).concat(v.added_tokens_extra || []);
+  return j;
+}
+
 async function main() {
   const only = process.argv[2];
+  const variants = JSON.parse(fs.readFileSync(path.join(fixtures, 'variants.json'), 'utf8')).variants;
+  for (const [name, v] of Object.entries(variants)) {
+    const base = families[v.base];
+    if (base.file && fs.existsSync(base.file)) {
+      const tmp = path.join(downloads, 'tokenizers', `variant_${name}.json`);
+      fs.writeFileSync(tmp, JSON.stringify(applyVariant(JSON.parse(fs.readFileSync(base.file, 'utf8')), v)));
+      families[`variant_${name}`] = { file: tmp, source: `variants.json:${name} over ${base.source}` };
+    }
+  }
   for (const [name, fam] of Object.entries(families)) {
     if (only && only !== name) continue;
     if (!fam.file || !fs.existsSync(fam.file)) { console.error(`skip ${name}: no tokenizer file`); continue; }

@@ -63,6 +63,9 @@ BpeModel::BpeModel(const nlohmann::json& model, const std::string& where) {
     byte_ids_[b] = bl == vocab_.end() ? -1 : bl->second;
   }
 
+  constexpr std::string_view kMeta = "\xE2\x96\x81";  // ▁
+  // Affixes and ignore_merges depend on where a word starts and ends: no cutting then.
+  split_before_metaspace_ = vocab_.contains(kMeta) && continuing_prefix_.empty() && end_suffix_.empty() && !ignore_merges_;
   const auto& merges = require(model, "merges", where);
   if (!merges.is_array()) throw FormatError(fmt::format("{}.merges: expected an array", where));
   size_t capacity = 16;
@@ -93,6 +96,7 @@ BpeModel::BpeModel(const nlohmann::json& model, const std::string& where) {
     if (l == vocab_.end() || r == vocab_.end() || n == vocab_.end())
       throw FormatError(fmt::format("{}.merges[{}]: \"{}\" + \"{}\" uses a token that is not in the vocabulary",
                                     where, rank, left, right));
+    if (right.starts_with(kMeta) && !left.ends_with(kMeta)) split_before_metaspace_ = false;
     const uint64_t key = pair_key(l->second, r->second);
     for (uint64_t slot = hash_key(key) & merge_mask_;; slot = (slot + 1) & merge_mask_) {
       // A repeated pair keeps its last rank, as the reference's map built from the merge list does.
@@ -133,21 +137,32 @@ const std::string* BpeModel::id_to_token(int32_t id) const {
 
 void BpeModel::encode_word(std::string_view word, std::vector<int32_t>& out) const {
   if (word.empty()) return;
+  if (!split_before_metaspace_ || byte_level_) {
+    encode_cached(word, out);
+    return;
+  }
+  constexpr std::string_view kMeta = "\xE2\x96\x81";
+  size_t start = 0;
+  for (size_t pos = word.find(kMeta, 1); pos != std::string_view::npos; pos = word.find(kMeta, pos + 1)) {
+    if (pos >= 3 && word.compare(pos - 3, 3, kMeta) == 0) continue;  // inside a run of ▁: no cut
+    encode_cached(word.substr(start, pos - start), out);
+    start = pos;
+  }
+  encode_cached(word.substr(start), out);
+}
+
+void BpeModel::encode_cached(std::string_view word, std::vector<int32_t>& out) const {
   const bool cacheable = word.size() <= kCacheMaxWordBytes;
+  const uint64_t h = cacheable ? WordCache::hash(word) : 0;
   if (cacheable) {
     std::shared_lock lock(cache_mutex_);
-    auto it = cache_.find(word);
-    if (it != cache_.end()) {
-      out.insert(out.end(), it->second.begin(), it->second.end());
-      return;
-    }
+    if (cache_.find(word, h, out)) return;
   }
   const size_t first = out.size();
   merge_word(word, out);
   if (cacheable) {
     std::unique_lock lock(cache_mutex_);
-    if (cache_.size() >= kCacheMaxEntries) cache_.clear();
-    cache_.emplace(std::string(word), std::vector<int32_t>(out.begin() + static_cast<ptrdiff_t>(first), out.end()));
+    cache_.insert(word, h, out.data() + first, out.size() - first);
   }
 }
 

@@ -14,11 +14,15 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "moex/tokenizer/word_cache.h"
+
 namespace moex::tok {
 
+// Not noexcept on purpose: libstdc++ then stores each node's hash, instead of re-hashing string keys
+// while it walks a bucket.
 struct StringHash {
   using is_transparent = void;
-  size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
 };
 using VocabMap = std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>>;
 
@@ -35,9 +39,11 @@ class BpeModel {
 
   std::optional<int32_t> token_to_id(std::string_view token) const;
   const std::string* id_to_token(int32_t id) const;  // nullptr when no token has this id
-  int32_t size() const { return static_cast<int32_t>(id_to_token_.size()); }
+  int32_t size() const { return static_cast<int32_t>(id_to_token_.size()); }  // max id + 1
+  int32_t count() const { return static_cast<int32_t>(vocab_.size()); }
 
  private:
+  void encode_cached(std::string_view word, std::vector<int32_t>& out) const;
   void merge_word(std::string_view word, std::vector<int32_t>& out) const;
   bool lookup_merge(int32_t left, int32_t right, uint32_t* rank, int32_t* merged) const;
 
@@ -49,14 +55,17 @@ class BpeModel {
   std::optional<int32_t> unk_id_;
   std::string continuing_prefix_, end_suffix_;
   bool byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false, byte_level_ = false;
+  // SentencePiece-style files have no pre-tokenizer, so a whole text is one "word". When no merge joins a
+  // non-"▁" char to a following "▁" (true of Llama-2/Mistral), BPE never crosses such a boundary and the
+  // text can be cut there into words that hit the cache: same ids, many times faster.
+  bool split_before_metaspace_ = false;
   int32_t byte_ids_[256];        // ByteLevel char of each byte -> id, -1 if absent
   int32_t byte_fallback_ids_[256];  // "<0xXX>" -> id, -1 if absent
 
-  // Word cache (raw word bytes -> ids), bounded; cleared when full.
-  static constexpr size_t kCacheMaxEntries = 1 << 18;
+  // Raw word bytes -> ids. Long words are not cached (rare, and they would crowd the arenas).
   static constexpr size_t kCacheMaxWordBytes = 256;
   mutable std::shared_mutex cache_mutex_;
-  mutable std::unordered_map<std::string, std::vector<int32_t>, StringHash, std::equal_to<>> cache_;
+  mutable WordCache cache_;
 };
 
 }  // namespace moex::tok

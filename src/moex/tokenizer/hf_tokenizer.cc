@@ -99,20 +99,29 @@ class HfTokenizer final : public Tokenizer::Impl {
 
     const auto added = j.value("added_tokens", nlohmann::json::array());
     added_.reserve(added.size());
+    int32_t max_added = -1;
     for (size_t idx = 0; idx < added.size(); ++idx) {
       const std::string at = fmt::format("{}: added_tokens[{}]", name, idx);
       const auto& a = added[idx];
-      AddedToken t{get_string(a, "content", at), require(a, "id", at).get<int32_t>(),
-                   get_bool(a, "single_word", false, at), get_bool(a, "lstrip", false, at),
-                   get_bool(a, "rstrip", false, at), get_bool(a, "normalized", true, at),
-                   get_bool(a, "special", false, at)};
+      AddedToken t{get_string(a, "content", at), -1, get_bool(a, "single_word", false, at),
+                   get_bool(a, "lstrip", false, at), get_bool(a, "rstrip", false, at),
+                   get_bool(a, "normalized", true, at), get_bool(a, "special", false, at)};
       if (t.content.empty()) throw FormatError(fmt::format("{}: content must not be empty", at));
+      // The reference ignores the file's "id": a token the vocabulary (or an earlier added token) already
+      // has keeps that id, a new one gets the next free id.
+      if (auto it = added_by_content_.find(t.content); it != added_by_content_.end()) continue;
+      if (auto known = model_->token_to_id(t.content)) {
+        t.id = *known;
+      } else {
+        t.id = max_added < 0 ? model_->count() : (max_added >= model_->count() ? max_added + 1 : model_->count());
+      }
+      max_added = std::max(max_added, t.id);
+      added_by_content_.emplace(t.content, t.id);
       vocab_size_ = std::max(vocab_size_, t.id + 1);
       added_.push_back(std::move(t));
     }
     std::vector<const AddedToken*> raw, normalized;
     for (AddedToken& t : added_) {
-      added_by_content_.emplace(t.content, t.id);
       added_by_id_.emplace(t.id, &t);
       if (t.normalized) {  // matched in normalized text, in normalized spelling
         normalized_content_.push_back(t);

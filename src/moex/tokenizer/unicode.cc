@@ -33,6 +33,9 @@ bool is_alphanumeric(char32_t cp) {
          (c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO);
 }
 
-bool is_combining_mark(char32_t cp) { return category(cp) == UTF8PROC_CATEGORY_MN; }
+bool is_combining_mark(char32_t cp) {
+  const auto c = category(cp);
+  return c == UTF8PROC_CATEGORY_MN || c == UTF8PROC_CATEGORY_MC || c == UTF8PROC_CATEGORY_ME;
+}
 
 }  // namespace moex::tok

@@ -7,6 +7,6 @@ bool is_whitespace(char32_t cp);   // Rust char::is_whitespace (Unicode White_Sp
 bool is_numeric(char32_t cp);      // Rust char::is_numeric (Nd, Nl, No)
 bool is_punctuation(char32_t cp);  // ASCII punctuation or a Unicode P* category
 bool is_alphanumeric(char32_t cp); // Rust char::is_alphanumeric (L*, N*)
-bool is_combining_mark(char32_t cp);  // Mn
+bool is_combining_mark(char32_t cp);  // any Mark (Mn, Mc, Me), as unicode-normalization defines it
 
 }  // namespace moex::tok

@@ -1,5 +1,6 @@
 // Encode and decode against ids and texts from the Hugging Face `tokenizers` library (fixtures generated
-// by tools/tokenizer_reference.js), for every supported family, compared exactly.
+// by tools/tokenizer_reference.js), for every supported family and for pipeline variants built on their
+// vocabularies (variants.json), compared exactly.
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -78,7 +79,9 @@ TEST_P(ReferenceTest, StreamingDecodeConcatenatesToDecode) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, ReferenceTest,
-                         ::testing::Values("llama2", "qwen3", "deepseek_v3", "gptoss", "olmoe"),
+                         ::testing::Values("llama2", "qwen3", "deepseek_v3", "gptoss", "olmoe",
+                                           "variant_llama_metaspace", "variant_llama_metaspace_split",
+                                           "variant_qwen_pipeline_mix", "variant_qwen_whitespace_split"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

@@ -4,11 +4,14 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <map>
 #include <memory>
 #include <string>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "moex/tokenizer/tokenizer.h"
 
@@ -38,13 +41,36 @@ inline std::filesystem::path family_dir(const std::string& family) {
   return std::filesystem::exists(dir / "tokenizer.json") ? dir : std::filesystem::path();
 }
 
-// Loads each family once per test binary (the big vocabularies take ~1 s to parse).
+// "variant_<name>": the family tokenizer.json patched as tests/fixtures/tokenizer/variants.json says (the
+// same patch tools/tokenizer_reference.js applied before asking the reference).
+inline std::unique_ptr<Tokenizer> load_variant(const std::string& name) {
+  std::ifstream vin(fixture_dir() / "variants.json");
+  const auto v = nlohmann::json::parse(vin)["variants"][name.substr(std::string("variant_").size())];
+  const auto dir = family_dir(v["base"]);
+  if (dir.empty()) return nullptr;
+  std::ifstream in(dir / "tokenizer.json");
+  auto j = nlohmann::json::parse(in);
+  const auto replace = v.value("replace", nlohmann::json::object());
+  const auto model_overrides = v.value("model_overrides", nlohmann::json::object());
+  const auto added = v.value("added_tokens_extra", nlohmann::json::array());
+  for (const auto& [k, val] : replace.items()) j[k] = val;
+  for (const auto& [k, val] : model_overrides.items()) j["model"][k] = val;
+  for (const auto& t : added) j["added_tokens"].push_back(t);
+  return std::make_unique<Tokenizer>(Tokenizer::from_json(j.dump(), name));
+}
+
+// Loads each tokenizer once per test binary (the big vocabularies take ~1 s to parse).
 inline const Tokenizer* family_tokenizer(const std::string& family) {
   static std::map<std::string, std::unique_ptr<Tokenizer>> cache;
   auto it = cache.find(family);
   if (it == cache.end()) {
-    const auto dir = family_dir(family);
-    it = cache.emplace(family, dir.empty() ? nullptr : std::make_unique<Tokenizer>(Tokenizer::from_dir(dir))).first;
+    std::unique_ptr<Tokenizer> tok;
+    if (family.starts_with("variant_")) {
+      tok = load_variant(family);
+    } else if (const auto dir = family_dir(family); !dir.empty()) {
+      tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(dir));
+    }
+    it = cache.emplace(family, std::move(tok)).first;
   }
   return it->second.get();
 }
