@@ -1,0 +1,364 @@
+// Kernel-level CUDA benchmark at Model A (Mixtral-shaped 2.45B) and Model B (Qwen3-30B-A3B) shapes:
+// device copy bandwidth first (the roofline's denominator), then GEMV GB/s, the MoE decode layer, grouped
+// and dense tensor-core GEMM TFLOP/s, attention. Inputs rotate over more bytes than L2 holds, so the
+// bandwidth figures are HBM figures. Each row: mean +- stddev over 5 repetitions of `reps` back-to-back
+// launches between two events (launch gaps included, as eager decode sees them).
+// Usage: moex_cuda_kernels_bench [--json FILE]
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "moex/backend/cuda/cuda_backend.h"
+#include "moex/backend/cuda/cuda_check.h"
+#include "moex/backend/cuda/kernels/attention.cuh"
+#include "moex/backend/cuda/kernels/gemv.cuh"
+#include "moex/backend/cuda/kernels/moe.cuh"
+#include "moex/backend/cuda/kernels/router.cuh"
+#include "moex/backend/cuda/moe_plan.h"
+
+namespace moex {
+namespace {
+
+struct Timing {
+  double mean_ms = 0, std_ms = 0;
+};
+
+class Bench {
+ public:
+  Bench() {
+    MOEX_CUDA_CHECK(cudaStreamCreate(&stream_));
+    MOEX_CUDA_CHECK(cudaEventCreate(&start_));
+    MOEX_CUDA_CHECK(cudaEventCreate(&stop_));
+    MOEX_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, 0));
+  }
+  cudaStream_t stream() const { return stream_; }
+  int num_sms() const { return num_sms_; }
+
+  Timing time(const std::function<void(int)>& fn, int reps) {
+    for (int i = 0; i < 3; ++i) fn(i);
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::vector<double> per_call;
+    for (int rep = 0; rep < 5; ++rep) {
+      MOEX_CUDA_CHECK(cudaEventRecord(start_, stream_));
+      for (int i = 0; i < reps; ++i) fn(i);
+      MOEX_CUDA_CHECK(cudaEventRecord(stop_, stream_));
+      MOEX_CUDA_CHECK(cudaEventSynchronize(stop_));
+      MOEX_CUDA_CHECK(cudaGetLastError());
+      float ms = 0;
+      MOEX_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
+      per_call.push_back(ms / reps);
+    }
+    Timing t;
+    for (double v : per_call) t.mean_ms += v / per_call.size();
+    for (double v : per_call) t.std_ms += (v - t.mean_ms) * (v - t.mean_ms) / (per_call.size() - 1);
+    t.std_ms = std::sqrt(t.std_ms);
+    return t;
+  }
+
+  // Device memory filled with bf16 ~ N(0, scale^2)-ish values (a 32 MiB random block tiled).
+  void* random_bf16(size_t count, float scale) {
+    void* ptr = nullptr;
+    MOEX_CUDA_CHECK(cudaMalloc(&ptr, count * 2 + 256));
+    allocations_.push_back(ptr);
+    const size_t block = std::min<size_t>(count, size_t{16} << 20);
+    std::vector<uint16_t> host(block);
+    std::mt19937 rng(static_cast<uint32_t>(count + allocations_.size()));
+    std::normal_distribution<float> dist(0.f, scale);
+    for (auto& v : host) v = f32_to_bf16(dist(rng));
+    for (size_t off = 0; off < count; off += block)
+      MOEX_CUDA_CHECK(cudaMemcpy(static_cast<uint16_t*>(ptr) + off, host.data(), std::min(block, count - off) * 2,
+                                 cudaMemcpyHostToDevice));
+    return ptr;
+  }
+  float* random_f32(size_t count) {
+    std::vector<float> host(count);
+    std::mt19937 rng(static_cast<uint32_t>(count));
+    std::normal_distribution<float> dist(0.f, 1.f);
+    for (auto& v : host) v = dist(rng);
+    void* ptr = nullptr;
+    MOEX_CUDA_CHECK(cudaMalloc(&ptr, count * 4 + 256));
+    allocations_.push_back(ptr);
+    MOEX_CUDA_CHECK(cudaMemcpy(ptr, host.data(), count * 4, cudaMemcpyHostToDevice));
+    return static_cast<float*>(ptr);
+  }
+  void* upload(const void* src, size_t bytes) {
+    void* ptr = nullptr;
+    MOEX_CUDA_CHECK(cudaMalloc(&ptr, bytes + 256));
+    allocations_.push_back(ptr);
+    MOEX_CUDA_CHECK(cudaMemcpy(ptr, src, bytes, cudaMemcpyHostToDevice));
+    return ptr;
+  }
+  void free_all() {
+    MOEX_CUDA_CHECK(cudaDeviceSynchronize());
+    for (void* p : allocations_) cudaFree(p);
+    allocations_.clear();
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+  int num_sms_ = 0;
+  std::vector<void*> allocations_;
+};
+
+struct Row {
+  std::string name, unit;
+  double value = 0, value_std = 0, ms = 0, pct = 0;
+};
+
+std::vector<Row> g_rows;  // this file's results table (a benchmark driver, not library state)
+FILE* g_json = nullptr;
+
+void report(const std::string& name, const Timing& t, double amount, const std::string& unit, double peak) {
+  Row r{name, unit, amount / (t.mean_ms * 1e-3), 0, t.mean_ms, 0};
+  r.value_std = r.value * t.std_ms / t.mean_ms;
+  r.pct = peak > 0 ? 100.0 * r.value / peak : 0;
+  g_rows.push_back(r);
+  std::printf("%-48s %9.4f ms  %10.1f %s  (%.0f%%)\n", name.c_str(), t.mean_ms, r.value / 1e9, unit.c_str(), r.pct);
+  std::fflush(stdout);
+  if (g_json)
+    std::fprintf(g_json,
+                 "{\"bench\":\"cuda_kernels\",\"name\":\"%s\",\"ms\":%.6f,\"ms_std\":%.6f,\"%s\":%.3f,\"pct_peak\":%.1f}\n",
+                 name.c_str(), t.mean_ms, t.std_ms, unit == "GB/s" ? "gbs" : "gflops", r.value / 1e9, r.pct);
+}
+
+// Experts of one MoE layer in one allocation, as the backend would hold them.
+struct ExpertSet {
+  std::vector<ExpertWeights> weights;
+};
+
+ExpertSet make_experts(Bench& b, int64_t experts, int64_t hidden, int64_t ffn) {
+  ExpertSet set;
+  size_t per = static_cast<size_t>(3 * hidden * ffn);
+  auto* base = static_cast<uint16_t*>(b.random_bf16(per * experts, 1.f / std::sqrt(float(hidden))));
+  for (int64_t e = 0; e < experts; ++e) {
+    uint16_t* p = base + per * e;
+    set.weights.push_back({TensorView(p, DType::kBF16, {ffn, hidden}, Device::kCuda),
+                           TensorView(p + hidden * ffn, DType::kBF16, {ffn, hidden}, Device::kCuda),
+                           TensorView(p + 2 * hidden * ffn, DType::kBF16, {hidden, ffn}, Device::kCuda)});
+  }
+  return set;
+}
+
+Routing random_routing(std::mt19937& rng, int64_t tokens, int64_t experts, int64_t top_k) {
+  Routing r;
+  r.num_tokens = tokens;
+  r.top_k = top_k;
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::vector<int32_t> ids(static_cast<size_t>(experts));
+    for (int64_t e = 0; e < experts; ++e) ids[e] = static_cast<int32_t>(e);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    for (int64_t j = 0; j < top_k; ++j) {
+      r.expert_ids.push_back(ids[j]);
+      r.weights.push_back(1.f / top_k);
+    }
+  }
+  return r;
+}
+
+// A device copy of a plan's arrays.
+struct DevicePlan {
+  cuda::MoeGroup* groups;
+  int32_t* row_token;
+  int32_t* slot;
+  float* weights;
+  int num_groups, max_rows;
+  int64_t rows;
+  bool gemm;
+};
+
+DevicePlan upload_plan(Bench& b, const Routing& r, const ExpertSet& set) {
+  cuda::MoePlan plan = cuda::plan_moe(r, set.weights, true);
+  DevicePlan d;
+  d.groups = static_cast<cuda::MoeGroup*>(b.upload(plan.groups.data(), plan.groups.size() * sizeof(cuda::MoeGroup)));
+  d.row_token = static_cast<int32_t*>(b.upload(plan.row_token.data(), plan.row_token.size() * 4));
+  d.slot = static_cast<int32_t*>(b.upload(plan.slot.data(), plan.slot.size() * 4));
+  d.weights = static_cast<float*>(b.upload(r.weights.data(), r.weights.size() * 4));
+  d.num_groups = static_cast<int>(plan.groups.size());
+  d.max_rows = plan.max_rows;
+  d.rows = plan.num_rows();
+  d.gemm = plan.use_gemm;
+  return d;
+}
+
+struct Shape3 {
+  const char* label;
+  int64_t n, k;
+};
+
+int run(const char* json_path) {
+  if (cuda_device_count() == 0) {
+    std::fprintf(stderr, "moex_cuda_kernels_bench: no CUDA device\n");
+    return 1;
+  }
+  if (json_path) g_json = std::fopen(json_path, "w");
+  std::printf("device: %s\n", cuda_device_description(0).c_str());
+  Bench b;
+  cudaStream_t s = b.stream();
+
+  // ---- bandwidth ceiling: device-to-device copy, bytes read + written ----
+  const size_t copy_bytes = size_t{2} << 30;
+  void *src = nullptr, *dst = nullptr;
+  MOEX_CUDA_CHECK(cudaMalloc(&src, copy_bytes));
+  MOEX_CUDA_CHECK(cudaMalloc(&dst, copy_bytes));
+  MOEX_CUDA_CHECK(cudaMemset(src, 1, copy_bytes));
+  Timing tc = b.time([&](int) { MOEX_CUDA_CHECK(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice, s)); }, 5);
+  report("hbm: device copy 2 GiB (read+write)", tc, 2.0 * copy_bytes, "GB/s", 0);
+  const double hbm = 2.0 * copy_bytes / (tc.mean_ms * 1e-3);
+  cudaFree(src);
+  cudaFree(dst);
+  if (g_json) std::fprintf(g_json, "{\"bench\":\"cuda_kernels\",\"name\":\"hbm_copy\",\"gbs\":%.1f,\"device\":\"%s\"}\n", hbm / 1e9, cuda_device_description(0).c_str());
+
+  // ---- dense GEMV (batch 1..8): weight bytes / time vs the copy bandwidth ----
+  const Shape3 gemv_shapes[] = {{"A q_proj 2048x2048", 2048, 2048},   {"A k_proj 1024x2048", 1024, 2048},
+                                {"A expert gate 5632x2048", 5632, 2048}, {"A expert down 2048x5632", 2048, 5632},
+                                {"A lm_head 32000x2048", 32000, 2048},   {"B q_proj 4096x2048", 4096, 2048},
+                                {"B expert gate 768x2048", 768, 2048},   {"B lm_head 151936x2048", 151936, 2048}};
+  for (const Shape3& sh : gemv_shapes) {
+    size_t bytes = static_cast<size_t>(sh.n * sh.k) * 2;
+    int copies = static_cast<int>(std::max<size_t>(2, (size_t{512} << 20) / bytes + 1));
+    std::vector<const uint16_t*> ws;
+    auto* base = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k) * copies, 0.02f));
+    for (int c = 0; c < copies; ++c) ws.push_back(base + static_cast<size_t>(sh.n * sh.k) * c);
+    float* x = b.random_f32(static_cast<size_t>(8 * sh.k));
+    float* y = b.random_f32(static_cast<size_t>(8 * sh.n));
+    for (int m : {1, 8}) {
+      Timing t = b.time([&](int i) { cuda::launch_gemv_bf16(x, m, ws[i % copies], sh.n, sh.k, nullptr, y, s); }, 50);
+      report(fmt::format("gemv m={} {}", m, sh.label), t, static_cast<double>(bytes), "GB/s", hbm / 2);
+    }
+    b.free_all();
+  }
+
+  // ---- MoE decode layer: gate/up (fused SwiGLU) + down + combine, batch 1 and 8 ----
+  struct MoeShape {
+    const char* label;
+    int64_t experts, top_k, hidden, ffn;
+  };
+  std::mt19937 rng(1234);
+  for (MoeShape m : {MoeShape{"A", 8, 2, 2048, 5632}, MoeShape{"B", 128, 8, 2048, 768}}) {
+    ExpertSet set = make_experts(b, m.experts, m.hidden, m.ffn);
+    for (int64_t tokens : {1, 8, 32}) {
+      const int kPlans = 8;
+      std::vector<DevicePlan> plans;
+      double bytes = 0;
+      for (int p = 0; p < kPlans; ++p) {
+        Routing r = random_routing(rng, tokens, m.experts, m.top_k);
+        plans.push_back(upload_plan(b, r, set));
+        std::vector<bool> used(static_cast<size_t>(m.experts));
+        for (int32_t id : r.expert_ids) used[id] = true;
+        bytes += std::count(used.begin(), used.end(), true) * 3.0 * m.hidden * m.ffn * 2 / kPlans;
+      }
+      float* x = b.random_f32(static_cast<size_t>(tokens * m.hidden));
+      float* h = b.random_f32(static_cast<size_t>(tokens * m.top_k * m.ffn));
+      float* y = b.random_f32(static_cast<size_t>(tokens * m.top_k * m.hidden));
+      float* out = b.random_f32(static_cast<size_t>(tokens * m.hidden));
+      auto* hb = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(tokens * m.top_k * m.ffn), 1.f));
+      auto* xb = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(tokens * m.top_k * m.hidden), 1.f));
+      Timing t = b.time(
+          [&](int i) {
+            const DevicePlan& p = plans[i % kPlans];
+            if (p.gemm) {
+              cuda::launch_moe_gemm_gate_up(xb, p.groups, p.num_groups, m.hidden, m.ffn, hb, s);
+              cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, m.hidden, m.ffn, y, s);
+            } else {
+              cuda::launch_moe_gemv(x, p.row_token, p.groups, p.num_groups, p.max_rows, m.hidden, m.ffn, h, y, s);
+            }
+            cuda::launch_moe_combine(y, p.slot, p.weights, tokens, m.top_k, m.hidden, out, s);
+          },
+          40);
+      report(fmt::format("moe layer {} ({}x top-{}, ffn {}) tokens={}", m.label, m.experts, m.top_k, m.ffn, tokens), t,
+             bytes, "GB/s", hbm / 2);
+    }
+    b.free_all();
+  }
+
+  // ---- prefill: grouped expert GEMM (gate/up + down) and dense GEMM, TFLOP/s ----
+  for (MoeShape m : {MoeShape{"A", 8, 2, 2048, 5632}, MoeShape{"B", 128, 8, 2048, 768}}) {
+    ExpertSet set = make_experts(b, m.experts, m.hidden, m.ffn);
+    const int64_t tokens = 2048;
+    Routing r = random_routing(rng, tokens, m.experts, m.top_k);
+    DevicePlan p = upload_plan(b, r, set);
+    auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(p.rows * m.hidden), 1.f));
+    auto* hb = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(p.rows * m.ffn), 1.f));
+    float* y = b.random_f32(static_cast<size_t>(p.rows * m.hidden));
+    Timing t = b.time(
+        [&](int) {
+          cuda::launch_moe_gemm_gate_up(a, p.groups, p.num_groups, m.hidden, m.ffn, hb, s);
+          cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, m.hidden, m.ffn, y, s);
+        },
+        10);
+    report(fmt::format("grouped gemm {} prefill {} tok ({} rows, {} tiles)", m.label, tokens, p.rows, p.num_groups), t,
+           2.0 * 3 * p.rows * m.hidden * m.ffn, "GFLOP/s", 0);
+    b.free_all();
+  }
+  for (Shape3 sh : {Shape3{"dense gemm 2048x2048x2048", 2048, 2048}, Shape3{"dense gemm 2048x32000x2048", 32000, 2048}}) {
+    const int64_t M = 2048;
+    auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(M * sh.k), 1.f));
+    auto* w = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k), 0.02f));
+    float* y = b.random_f32(static_cast<size_t>(M * sh.n));
+    Timing t = b.time([&](int) { cuda::launch_dense_gemm(a, M, sh.k, w, sh.n, nullptr, y, s); }, 10);
+    report(sh.label, t, 2.0 * M * sh.n * sh.k, "GFLOP/s", 0);
+    b.free_all();
+  }
+
+  // ---- attention: decode (bytes of fp32 K+V) and prefill (FLOPs) ----
+  struct AttnShape {
+    const char* label;
+    int64_t heads, kv_heads, n, start;
+  };
+  for (AttnShape a : {AttnShape{"A decode ctx 4096", 16, 8, 1, 4095}, AttnShape{"B decode ctx 4096", 32, 4, 1, 4095},
+                      AttnShape{"A decode ctx 512", 16, 8, 1, 511}, AttnShape{"A prefill 2048", 16, 8, 2048, 0},
+                      AttnShape{"B prefill 2048", 32, 4, 2048, 0}}) {
+    const int64_t D = 128, keys = a.start + a.n;
+    float* q = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
+    float* kc = b.random_f32(static_cast<size_t>(keys * a.kv_heads * D));
+    float* vc = b.random_f32(static_cast<size_t>(keys * a.kv_heads * D));
+    float* o = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
+    cuda::AttentionShape shape{a.n, a.heads, a.kv_heads, D, a.start};
+    size_t ws_bytes = cuda::attention_workspace_bytes(shape, b.num_sms());
+    float* ws = b.random_f32(ws_bytes / 4 + 1);
+    Timing t = b.time([&](int) { cuda::launch_attention(q, kc, vc, o, shape, 0.088f, ws, b.num_sms(), s); },
+                      a.n == 1 ? 100 : 5);
+    if (a.n == 1)
+      report(fmt::format("attention {}", a.label), t, 2.0 * keys * a.kv_heads * D * 4, "GB/s", hbm / 2);
+    else
+      report(fmt::format("attention {}", a.label), t, 2.0 * a.n * a.n * a.heads * D, "GFLOP/s", 0);
+    b.free_all();
+  }
+
+  // ---- router: one launch, 1 and 128 tokens ----
+  for (int64_t tokens : {1, 128}) {
+    float* logits = b.random_f32(static_cast<size_t>(tokens * 128));
+    void* ids = b.upload(std::vector<int32_t>(tokens * 8).data(), tokens * 8 * 4);
+    float* w = b.random_f32(static_cast<size_t>(tokens * 8));
+    Timing t = b.time(
+        [&](int) { cuda::launch_router_topk(logits, tokens, 128, 8, false, true, static_cast<int32_t*>(ids), w, s); }, 100);
+    report(fmt::format("router 128 experts top-8 tokens={}", tokens), t, static_cast<double>(tokens), "Gtok/s", 0);
+    b.free_all();
+  }
+  if (g_json) std::fclose(g_json);
+  return 0;
+}
+
+}  // namespace
+}  // namespace moex
+
+int main(int argc, char** argv) {
+  const char* json = nullptr;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--json") json = argv[i + 1];
+  try {
+    return moex::run(json);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moex_cuda_kernels_bench: %s\n", e.what());
+    return 1;
+  }
+}

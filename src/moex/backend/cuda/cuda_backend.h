@@ -1,0 +1,24 @@
+// Entry point of the CUDA backend. A plain C++ header (no CUDA types) so that the engine and tests can
+// name the factory in every build; the definitions exist only when moex is built with MOEX_CUDA=ON.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "moex/backend/backend.h"
+
+namespace moex {
+
+// A backend whose tensors live on CUDA device `device_idx`. Activations are fp32; weights are stored
+// bf16 (matrices) or fp32 (vectors: norms, biases) whatever the checkpoint's dtype. All ops run in order
+// on one stream owned by the backend; a backend is used by one host thread at a time.
+// Throws moex::Error when the device does not exist or cannot be initialised.
+std::unique_ptr<Backend> make_cuda_backend(int device_idx);
+
+// Number of usable CUDA devices; 0 (never an error) when there is no driver or no GPU.
+int cuda_device_count();
+
+// "NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 79.1 GiB" for logs and benchmark tables.
+std::string cuda_device_description(int device_idx);
+
+}  // namespace moex

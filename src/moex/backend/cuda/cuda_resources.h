@@ -1,0 +1,90 @@
+// RAII owners of CUDA resources used by the backend: device and pinned host memory, a bump arena for
+// weights, and a ring of staging slots that carries small host arrays (token ids, positions, MoE plans)
+// to the device without stalling the host on every op.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace moex::cuda {
+
+class DeviceMemory {
+ public:
+  DeviceMemory() = default;
+  explicit DeviceMemory(size_t bytes);
+  ~DeviceMemory();
+  DeviceMemory(DeviceMemory&& other) noexcept;
+  DeviceMemory& operator=(DeviceMemory&& other) noexcept;
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class PinnedMemory {
+ public:
+  PinnedMemory() = default;
+  explicit PinnedMemory(size_t bytes);
+  ~PinnedMemory();
+  PinnedMemory(PinnedMemory&& other) noexcept;
+  PinnedMemory& operator=(PinnedMemory&& other) noexcept;
+  PinnedMemory(const PinnedMemory&) = delete;
+  PinnedMemory& operator=(const PinnedMemory&) = delete;
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Weights live as long as the backend and are never freed one by one: bump-allocate from large chunks
+// (thousands of experts would otherwise cost thousands of cudaMalloc calls).
+class WeightArena {
+ public:
+  void* allocate(size_t bytes);
+  size_t bytes_used() const { return used_total_; }
+
+ private:
+  static constexpr size_t kChunkBytes = size_t{256} << 20;
+  std::vector<DeviceMemory> chunks_;  // the last one is open for allocation
+  std::vector<DeviceMemory> large_;   // allocations over kChunkBytes, one each
+  size_t chunk_used_ = 0;
+  size_t used_total_ = 0;
+};
+
+// Host -> device transfer of small per-op arrays. Slot s is reused kSlots uploads later: the device side is
+// safe by stream order, the pinned side waits on the event recorded after its last copy, so the host only
+// blocks when it runs kSlots uploads ahead of the GPU. Larger uploads take a growable pair of buffers and
+// synchronise the stream first (prefill-sized plans only).
+class StagingRing {
+ public:
+  static constexpr int kSlots = 32;
+  static constexpr size_t kSlotBytes = size_t{256} << 10;
+
+  StagingRing();
+  ~StagingRing();
+  StagingRing(const StagingRing&) = delete;
+  StagingRing& operator=(const StagingRing&) = delete;
+  // Enqueues the copy of `bytes` bytes from `src` on `stream`; the returned device pointer is valid for work
+  // enqueued on the same stream until kSlots further uploads.
+  void* upload(const void* src, size_t bytes, cudaStream_t stream);
+
+ private:
+  PinnedMemory host_;
+  DeviceMemory device_;
+  std::array<cudaEvent_t, kSlots> events_{};
+  int next_ = 0;
+  PinnedMemory big_host_;
+  DeviceMemory big_device_;
+};
+
+}  // namespace moex::cuda

@@ -1,0 +1,74 @@
+// The inner loop shared by every bandwidth-bound matrix-vector kernel: one warp streams NR weight rows
+// (bf16) and dots them with up to MT activation rows (fp32). CUDA-only header.
+//
+// Why this shape: at batch 1 a token reads every weight byte once, so the loop must keep HBM busy. Each
+// lane issues 16-byte weight loads (8 bf16), kUnroll of them before the first use, with the L1 bypassed
+// (weights are touched once); activations are re-read by every warp of the SM, so they go through L1.
+#pragma once
+
+#include "moex/backend/cuda/kernels/common.cuh"
+
+namespace moex::cuda {
+
+constexpr int kGemvUnroll = 4;
+
+__device__ __forceinline__ uint4 load_stream_16b(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// acc[r][m] (lane-partial) += sum over this lane's chunks of w_r[k] * x_m[k]. k8_count = K / 8; all rows
+// 16-byte aligned. Only the first m_count activation rows are read. Caller reduces with warp_sum.
+template <int NR, int MT>
+__device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], const float* const (&x_rows)[MT],
+                                              int m_count, int k8_count, int lane, float (&acc)[NR][MT]) {
+  int chunk = lane;
+  for (; chunk + 32 * (kGemvUnroll - 1) < k8_count; chunk += 32 * kGemvUnroll) {
+    uint4 packed[kGemvUnroll][NR];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < NR; ++r) packed[u][r] = load_stream_16b(w_rows[r] + (chunk + 32 * u) * 8);
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < m_count) {
+          const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + (chunk + 32 * u) * 8);
+          float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+#pragma unroll
+          for (int r = 0; r < NR; ++r) {
+            float wf[8];
+            unpack_bf16x8(packed[u][r], wf);
+            acc[r][m] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y +
+                         wf[6] * x1.z + wf[7] * x1.w;
+          }
+        }
+      }
+    }
+  }
+  for (; chunk < k8_count; chunk += 32) {
+    uint4 packed[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) packed[r] = load_stream_16b(w_rows[r] + chunk * 8);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < m_count) {
+        const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + chunk * 8);
+        float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+          float wf[8];
+          unpack_bf16x8(packed[r], wf);
+          acc[r][m] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y +
+                       wf[6] * x1.z + wf[7] * x1.w;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace moex::cuda

@@ -1,0 +1,36 @@
+// Launchers of the MoE expert computation. The host plans (it holds the routing): assignments (token,
+// expert) are sorted by expert into rows of a permuted batch, and cut into groups of consecutive rows of
+// one expert. Every kernel below covers all groups of a layer in one launch.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "moex/backend/cuda/kernels/moe_group.h"
+
+namespace moex::cuda {
+
+// GEMV path. x fp32 [*, hidden]; row_token[r] = token of permuted row r; h fp32 [rows, ffn] (scratch);
+// y fp32 [rows, hidden] = down(silu(gate x) * up x) per row, unweighted. groups on the device.
+// max_rows: the largest num_rows among groups (selects the kernel instance). hidden, ffn % 8 == 0.
+void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
+                     int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream);
+
+// GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); a bf16 [rows, hidden] (tokens
+// gathered in permuted order). Stage 2: y fp32 [rows, hidden] = h down^T. hidden, ffn % 8 == 0.
+void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int64_t hidden, int64_t ffn,
+                             uint16_t* h, cudaStream_t stream);
+void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tiles, int64_t hidden, int64_t ffn,
+                          float* y, cudaStream_t stream);
+
+// out[t, :] = sum_j weights[t, j] * y[slot[t, j], :] over slot >= 0; slot/weights [num_tokens, top_k]. Overwrites out, in a
+// fixed order (no atomics), so results are bit-reproducible.
+void launch_moe_combine(const float* y, const int32_t* slot, const float* weights, int64_t num_tokens,
+                        int64_t top_k, int64_t hidden, float* out, cudaStream_t stream);
+
+// Dense tensor-core GEMM: out fp32 [M, N] = a bf16 [M, K] @ w bf16 [N, K]^T (+ bias fp32 [N]). K % 8 == 0.
+void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
+                       float* out, cudaStream_t stream);
+
+}  // namespace moex::cuda

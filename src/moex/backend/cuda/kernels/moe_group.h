@@ -1,0 +1,24 @@
+// The unit of MoE work shared by the host planner and the kernels: plain C++, no CUDA types, so planning
+// code and its tests build without the CUDA headers.
+#pragma once
+
+#include <cstdint>
+
+namespace moex::cuda {
+
+// Rows [row_begin, row_begin + num_rows) of the permuted batch, all routed to the expert whose bf16 weights
+// are gate/up [ffn, hidden] and down [hidden, ffn].
+struct MoeGroup {
+  const uint16_t* gate;
+  const uint16_t* up;
+  const uint16_t* down;
+  int32_t row_begin;
+  int32_t num_rows;
+};
+
+// Decode path (few tokens per expert): groups of at most kMoeGemvMaxRows rows.
+constexpr int kMoeGemvMaxRows = 8;
+// Prefill path (tensor cores): groups of at most kMoeGemmTileRows rows.
+constexpr int kMoeGemmTileRows = 64;
+
+}  // namespace moex::cuda

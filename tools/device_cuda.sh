@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The CUDA backend's one script for the GPU machine.
+#   tools/device_cuda.sh prepare   here: build cuda_tests, the kernel benchmark and moex (cuda-release flags,
+#                                  own build dir), copy them stripped with the shared libraries they need
+#                                  into .device/cuda (gitignored), to be named in the run tool's `carry`.
+#   tools/device_cuda.sh run       there: CUDA tests (ops + transformers fixtures), kernel benchmark, then
+#                                  Model A / Model B decode at batch 1 (moex --load-format random) next to
+#                                  transformers eager in the same call, nvidia-smi power/utilisation sampled
+#                                  during each moex run; logs and JSON lines under $OUT, a table printed last.
+# Options for run: --skip-tests, --skip-kernels, --models "model_a model_b", --tokens N.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEV=.device/cuda
+
+prepare() {
+  local build=build/cuda-dev
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEX_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc >/dev/null || exit 1
+  cmake --build "$build" --target cuda_tests moex_cuda_kernels_bench moex -j2 || exit 1
+  rm -rf "$DEV" && mkdir -p "$DEV/bin" "$DEV/lib"
+  for bin in "$build/tests/cuda_tests" "$build/bench/moex_cuda_kernels_bench" "$build/moex"; do
+    cp "$bin" "$DEV/bin/" && strip "$DEV/bin/$(basename "$bin")"
+    ldd "$bin" | awk '/=> \// {print $3}' | grep -vE '/(libc|libm|libpthread|libdl|librt)\.so' |
+      xargs -r -I{} cp -Ln {} "$DEV/lib/"
+  done
+  du -sh "$DEV"
+}
+
+run() {
+  local skip_tests=0 skip_kernels=0 models="model_a model_b" tokens=128
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --skip-tests) skip_tests=1 ;;
+      --skip-kernels) skip_kernels=1 ;;
+      --models) models="$2"; shift ;;
+      --tokens) tokens="$2"; shift ;;
+      *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  local out="${OUT:-/tmp/moex_device_out}"
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
+  export PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version --format=csv \
+    | tee "$out/device.txt"
+  if [ "$skip_tests" -eq 0 ]; then
+    echo "== cuda_tests"
+    MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 300 "$DEV/bin/cuda_tests" --gtest_brief=1 >"$out/tests.log" 2>&1
+    echo "cuda_tests exit $?"
+    grep -E "^\[fixture|FAILED|PASSED|SKIPPED|tests ran|Failure|Expected|Which is|max abs" "$out/tests.log" | head -60
+  fi
+  if [ "$skip_kernels" -eq 0 ]; then
+    echo "== kernels"
+    timeout 240 "$DEV/bin/moex_cuda_kernels_bench" --json "$out/kernels.jsonl" 2>&1 | tee "$out/kernels.log"
+  fi
+  local prompt_ids
+  prompt_ids=$(seq -s, 11 18)
+  for model in $models; do
+    echo "== $model"
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,memory.used --format=csv,noheader,nounits -lms 100 \
+      >"$out/smi_$model.csv" 2>/dev/null &
+    local smi=$!
+    timeout 300 "$DEV/bin/moex" run -m "bench/cuda/models/$model" --load-format random --device cuda \
+      --prompt-ids "$prompt_ids" -n "$tokens" --temperature 0 --ignore-eos --json >"$out/moex_$model.json" \
+      2>"$out/moex_$model.err"
+    echo "moex exit $? $(head -c 300 "$out/moex_$model.err")"
+    kill "$smi" 2>/dev/null
+    wait "$smi" 2>/dev/null
+    timeout 300 python3 bench/peers/transformers_decode.py "bench/cuda/models/$model" --tokens 32 \
+      --json "$out/peers.jsonl" >"$out/peer_$model.log" 2>&1
+    echo "transformers exit $? $(tail -c 300 "$out/peer_$model.log")"
+  done
+  python3 - "$out" $models <<'PY'
+import json, os, sys
+out, models = sys.argv[1], sys.argv[2:]
+def jl(path):
+    return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+kern = jl(f"{out}/kernels.jsonl")
+hbm = next((k["gbs"] for k in kern if k.get("name") == "hbm_copy"), None)
+device = next((k.get("device") for k in kern if k.get("name") == "hbm_copy"), "?")
+peers = {os.path.basename(p["model_dir"].rstrip("/")): p for p in jl(f"{out}/peers.jsonl")}
+def active_bytes(c):
+    h, d = c["hidden_size"], c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    attn = h * d * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+    experts = c.get("num_local_experts", c.get("num_experts"))
+    ffn = c.get("moe_intermediate_size", c["intermediate_size"])
+    per_layer = attn + experts * h + c["num_experts_per_tok"] * 3 * h * ffn
+    return 2 * (c["num_hidden_layers"] * per_layer + c["vocab_size"] * h)
+f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
+print("\n| model | moex ms/token | floor ms (bytes/HBM) | % of roofline | transformers eager ms/token | speedup | GPU util % | W | J/token |")
+print("|---|---|---|---|---|---|---|---|---|")
+for m in models:
+    cfg = json.load(open(f"bench/cuda/models/{m}/config.json"))
+    res = jl(f"{out}/moex_{m}.json")
+    ms = None
+    if res:
+        st = res[0]["stats"]
+        ms = 1000.0 / st["decode_tokens_per_s"] if st.get("decode_tokens_per_s") else None
+    floor = active_bytes(cfg) / (hbm * 1e9) * 1e3 if hbm else None
+    util = watts = None
+    if os.path.exists(f"{out}/smi_{m}.csv"):
+        rows = [r.split(",") for r in open(f"{out}/smi_{m}.csv") if r.count(",") >= 3]
+        busy = [r for r in rows if r[1].strip().isdigit() and int(r[1]) > 0]
+        if busy:
+            util = sum(float(r[1]) for r in busy) / len(busy)
+            watts = sum(float(r[2]) for r in busy) / len(busy)
+    peer = peers.get(m, {}).get("ms_per_token")
+    print(f"| {m} | {f(ms)} | {f(floor)} | {f(floor / ms * 100 if ms and floor else None, 0)} | {f(peer, 1)} | "
+          f"{f(peer / ms if peer and ms else None, 1)} | {f(util, 0)} | {f(watts, 0)} | "
+          f"{f(watts * ms / 1e3 if watts and ms else None)} |")
+print(f"\ndevice: {device}; HBM (device copy, read+write): {f(hbm, 0)} GB/s")
+PY
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) shift; run "$@" ;;
+  *) sed -n 2,12p "$0"; exit 2 ;;
+esac
