@@ -2,8 +2,8 @@
 // weights in the checkpoint's [out, in] layout, fp32 accumulation. Two paths share one tile kernel:
 // - GEMV (m <= kGemvMaxTokens, decode): each weight row is streamed once and widened on the fly;
 //   memory-bound, so the goal is to keep every core's load ports busy on weight bytes.
-// - GEMM (prefill): a panel of weight rows is widened to fp32 once per K-block and reused by every
-//   token, with 3-token x 4-row register tiles (12 FMA accumulators).
+// - GEMM (prefill): a panel of weight rows is widened to fp32 once and reused by every token, with
+//   3-token x 4-row register tiles (12 FMA accumulators).
 #pragma once
 
 #include <cstdint>
@@ -16,9 +16,9 @@ namespace moex::cpu {
 inline constexpr int64_t kGemvMaxTokens = 4;
 // Output rows handed to a thread at a time: 16 keeps decode work units small enough to balance.
 inline constexpr int64_t kGemvRowBlock = 16;
-// GEMM panel: kGemmRowBlock x kGemmKBlock fp32 = 64 KiB, resident in L2 while all tokens pass over it.
+// Output rows per GEMM work unit; each unit widens its weight rows to fp32 once (in L2-sized panels)
+// and passes all of its tokens over them.
 inline constexpr int64_t kGemmRowBlock = 32;
-inline constexpr int64_t kGemmKBlock = 512;
 
 // One linear problem over raw pointers; rows of w are output features.
 struct LinearProblem {

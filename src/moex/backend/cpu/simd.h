@@ -63,6 +63,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(sum);
 }
 
+// The four horizontal sums of a, b, c, d as one vector, lanes reduced as ((0+1)+(2+3)) + ((4+5)+(6+7)).
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
