@@ -24,5 +24,6 @@ CommandAction setup_logits(CLI::App* sub);
 CommandAction setup_bench(CLI::App* sub);
 CommandAction setup_tokenize(CLI::App* sub);
 CommandAction setup_detokenize(CLI::App* sub);
+CommandAction setup_trace(CLI::App* sub);
 
 }  // namespace moex::cli

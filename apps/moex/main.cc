@@ -17,6 +17,7 @@ const CommandEntry kCommands[] = {
     {"bench", "time prefill and decode of a model (real or random weights at real shapes)", setup_bench},
     {"tokenize", "text to token ids with the checkpoint's tokenizer", setup_tokenize},
     {"detokenize", "token ids to text with the checkpoint's tokenizer", setup_detokenize},
+    {"trace", "simulate expert caches and predictors on routing traces; trace statistics", setup_trace},
 };
 
 }  // namespace
