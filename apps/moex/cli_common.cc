@@ -24,6 +24,11 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                   "offload experts with --device cuda: bound on everything moex puts on the GPU, e.g. 16GiB");
   sub->add_option("--cache-policy", options->cache_policy, "expert cache eviction policy when offloading")
       ->check(CLI::IsMember({"lru", "lfu", "activation"}));
+  sub->add_option("--predictor", options->predictor,
+                  "expert predictor that drives prefetch when offloading: none, frequency, stride, affinity, eam")
+      ->check(CLI::IsMember({"none", "frequency", "stride", "recency", "affinity", "eam"}));
+  sub->add_option("--lookahead-layers", options->lookahead_layers, "MoE layers ahead that prefetch covers")
+      ->check(CLI::PositiveNumber);
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
 }
@@ -60,6 +65,8 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
   engine.num_threads = options.num_threads;
   engine.cache_policy = options.cache_policy;
   engine.per_layer_cache = options.per_layer_cache;
+  engine.predictor = options.predictor;
+  engine.lookahead_layers = options.lookahead_layers;
   if (!options.host_memory.empty()) {
     if (options.device != "cpu")
       throw UsageError("--host-memory bounds the CPU backend's expert RAM; with --device cuda use --gpu-memory");

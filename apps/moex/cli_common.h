@@ -24,6 +24,8 @@ struct ModelOptions {
   std::string gpu_memory;    // everything moex puts on the GPU (CUDA)
   std::string cache_policy = "lru";
   bool per_layer_cache = false;
+  std::string predictor = "none";
+  int32_t lookahead_layers = 1;
 };
 
 // Declares -m, --load-format, --device, --threads on sub.

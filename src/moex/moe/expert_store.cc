@@ -1,6 +1,7 @@
 #include "moex/moe/expert_store.h"
 
 #include <chrono>
+#include <algorithm>
 #include <cstring>
 
 #include "moex/core/error.h"
@@ -49,6 +50,18 @@ ExpertStore::ExpertStore(Backend& backend, std::vector<std::vector<ExpertWeights
   slot_of_.assign(total, -1);
   verified_.assign(total, 0);
   views_.resize(total);
+  state_.assign(total, CopyState::kIdle);
+  cancel_requested_.assign(total, 0);
+  copy_error_.resize(total);
+}
+
+ExpertStore::~ExpertStore() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  work_ready_.notify_all();
+  if (worker_.joinable()) worker_.join();
 }
 
 size_t ExpertStore::index(ExpertKey key) const {
@@ -78,15 +91,9 @@ void ExpertStore::verify_source(ExpertKey key, const ExpertWeights& weights) {
                                 describe_(key)));
 }
 
-ExpertWeights ExpertStore::load(ExpertKey key) {
+int32_t ExpertStore::assign_slot(ExpertKey key) {
   const size_t key_idx = index(key);
-  MOEX_ASSERT(slot_of_[key_idx] < 0, "expert ({}, {}) loaded twice", key.layer_idx, key.expert_idx);
   const ExpertWeights& src = source_[key.layer_idx][key.expert_idx];
-  auto start = std::chrono::steady_clock::now();
-  if (verify_ && !verified_[key_idx]) {
-    verify_source(key, src);
-    verified_[key_idx] = 1;
-  }
   int32_t slot_idx;
   if (!free_slots_.empty()) {
     slot_idx = free_slots_.back();
@@ -97,26 +104,173 @@ ExpertWeights ExpertStore::load(ExpertKey key) {
   }
   Slot& slot = slots_[slot_idx];
   // Slots are sized for the largest expert they held; layers of one model share expert shapes.
-  auto fill = [&](std::unique_ptr<Buffer>& buffer, const TensorView& from) {
+  auto fit = [&](std::unique_ptr<Buffer>& buffer, const TensorView& from) {
     if (!buffer || buffer->view.nbytes() < from.nbytes() || buffer->view.dtype != from.dtype)
       buffer = backend_.alloc(from.dtype, from.shape);
-    TensorView dst(buffer->view.data, from.dtype, from.shape, buffer->view.device);
-    backend_.copy_from_host(from.data, dst);
-    return dst;
+    return TensorView(buffer->view.data, from.dtype, from.shape, buffer->view.device);
   };
   ExpertWeights& view = views_[key_idx];
-  view.gate = fill(slot.gate, src.gate);
-  view.up = fill(slot.up, src.up);
-  view.down = fill(slot.down, src.down);
+  view.gate = fit(slot.gate, src.gate);
+  view.up = fit(slot.up, src.up);
+  view.down = fit(slot.down, src.down);
   slot_of_[key_idx] = slot_idx;
+  return slot_idx;
+}
+
+ExpertWeights ExpertStore::load(ExpertKey key) {
+  const size_t key_idx = index(key);
+  MOEX_ASSERT(slot_of_[key_idx] < 0, "expert ({}, {}) loaded twice", key.layer_idx, key.expert_idx);
+  const ExpertWeights& src = source_[key.layer_idx][key.expert_idx];
+  auto start = std::chrono::steady_clock::now();
+  if (verify_ && !verified_[key_idx]) {
+    verify_source(key, src);
+    verified_[key_idx] = 1;
+  }
+  assign_slot(key);
+  const ExpertWeights& view = views_[key_idx];
+  backend_.copy_from_host(src.gate.data, view.gate);
+  backend_.copy_from_host(src.up.data, view.up);
+  backend_.copy_from_host(src.down.data, view.down);
+  std::lock_guard<std::mutex> lock(mutex_);  // the prefetch thread updates stats_ too
   stats_.loads += 1;
   stats_.bytes_moved += static_cast<int64_t>(src.gate.nbytes() + src.up.nbytes() + src.down.nbytes());
   stats_.load_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   return view;
 }
 
+namespace {
+// Prefetch copies move this many bytes between checks for cancellation: small enough that a stale
+// prefetch stops within ~0.1 ms of PCIe time, large enough to keep copies efficient.
+constexpr size_t kChunkBytes = size_t{4} << 20;
+}  // namespace
+
+void ExpertStore::load_async(ExpertKey key) {
+  const size_t key_idx = index(key);
+  MOEX_ASSERT(slot_of_[key_idx] < 0, "expert ({}, {}) loaded twice", key.layer_idx, key.expert_idx);
+  assign_slot(key);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    state_[key_idx] = CopyState::kQueued;
+    cancel_requested_[key_idx] = 0;
+    copy_error_[key_idx].clear();
+    queue_.push_back(key_idx);
+    if (!worker_.joinable()) worker_ = std::thread([this] { prefetch_loop(); });
+  }
+  work_ready_.notify_one();
+}
+
+bool ExpertStore::in_flight(ExpertKey key) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  CopyState state = state_[index(key)];
+  return state == CopyState::kQueued || state == CopyState::kCopying || state == CopyState::kDone ||
+         state == CopyState::kFailed;
+}
+
+bool ExpertStore::ready(ExpertKey key) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  CopyState state = state_[index(key)];
+  return state == CopyState::kDone || state == CopyState::kFailed || state == CopyState::kIdle;
+}
+
+ExpertWeights ExpertStore::wait(ExpertKey key) {
+  const size_t key_idx = index(key);
+  std::unique_lock<std::mutex> lock(mutex_);
+  copy_done_.wait(lock, [&] { return state_[key_idx] == CopyState::kDone || state_[key_idx] == CopyState::kFailed ||
+                                     state_[key_idx] == CopyState::kIdle; });
+  if (state_[key_idx] == CopyState::kFailed) {
+    std::string error = copy_error_[key_idx];
+    state_[key_idx] = CopyState::kIdle;
+    lock.unlock();
+    free(key);
+    throw IoError(error);
+  }
+  state_[key_idx] = CopyState::kIdle;
+  return views_[key_idx];
+}
+
+void ExpertStore::cancel(ExpertKey key) {
+  const size_t key_idx = index(key);
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (state_[key_idx] == CopyState::kQueued) {
+    queue_.erase(std::find(queue_.begin(), queue_.end(), key_idx));
+    state_[key_idx] = CopyState::kIdle;
+  } else if (state_[key_idx] == CopyState::kCopying) {
+    cancel_requested_[key_idx] = 1;
+    copy_done_.wait(lock, [&] { return state_[key_idx] != CopyState::kCopying; });
+    state_[key_idx] = CopyState::kIdle;
+  } else {
+    state_[key_idx] = CopyState::kIdle;
+  }
+  ++stats_.prefetch_cancelled;
+  lock.unlock();
+  free(key);
+}
+
+void ExpertStore::prefetch_loop() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    work_ready_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    const size_t key_idx = queue_.front();
+    queue_.pop_front();
+    state_[key_idx] = CopyState::kCopying;
+    // Find the key of this index (layers are contiguous ranges of layer_offset_).
+    int32_t layer_idx = 0;
+    while (layer_idx + 1 < num_layers() && layer_offset_[layer_idx + 1] <= static_cast<int32_t>(key_idx)) ++layer_idx;
+    const ExpertKey key{layer_idx, static_cast<int32_t>(key_idx) - layer_offset_[layer_idx]};
+    const ExpertWeights src = source_[layer_idx][key.expert_idx];
+    const ExpertWeights dst = views_[key_idx];
+    const bool needs_verify = verify_ && !verified_[key_idx];
+    lock.unlock();
+    bool cancelled = false;
+    std::string error;
+    auto start = std::chrono::steady_clock::now();
+    try {
+      if (needs_verify) verify_source(key, src);
+      for (const auto& [from, to] : {std::pair{src.gate, dst.gate}, std::pair{src.up, dst.up}, std::pair{src.down, dst.down}}) {
+        const size_t bytes = from.nbytes();
+        const size_t row_bytes = bytes / static_cast<size_t>(from.dim(0));
+        const int64_t rows_per_chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / row_bytes));
+        for (int64_t row = 0; row < from.dim(0) && !cancelled; row += rows_per_chunk) {
+          const int64_t rows = std::min(rows_per_chunk, from.dim(0) - row);
+          backend_.copy_from_host(static_cast<const char*>(from.data) + row * row_bytes, to.rows(row, rows));
+          std::lock_guard<std::mutex> check(mutex_);
+          cancelled = cancel_requested_[key_idx] != 0;
+        }
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    const double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    lock.lock();
+    if (!error.empty()) {
+      state_[key_idx] = CopyState::kFailed;
+      copy_error_[key_idx] = error;
+    } else if (cancelled) {
+      state_[key_idx] = CopyState::kIdle;
+    } else {
+      state_[key_idx] = CopyState::kDone;
+      if (needs_verify) verified_[key_idx] = 1;
+      stats_.prefetch_loads += 1;
+      stats_.bytes_moved += static_cast<int64_t>(src.gate.nbytes() + src.up.nbytes() + src.down.nbytes());
+      stats_.load_ms += elapsed;
+    }
+    copy_done_.notify_all();
+  }
+}
+
+ExpertStoreStats ExpertStore::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
 void ExpertStore::free(ExpertKey key) {
   const size_t key_idx = index(key);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    MOEX_ASSERT(state_[key_idx] == CopyState::kIdle, "freeing expert ({}, {}) while its copy is in flight",
+                key.layer_idx, key.expert_idx);
+  }
   MOEX_ASSERT(slot_of_[key_idx] >= 0, "freeing expert ({}, {}) that is not loaded", key.layer_idx, key.expert_idx);
   free_slots_.push_back(slot_of_[key_idx]);
   slot_of_[key_idx] = -1;

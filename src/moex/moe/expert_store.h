@@ -5,10 +5,15 @@
 // ExpertCache picks what is resident; the store just fills and frees slots.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moex/backend/backend.h"
@@ -17,7 +22,9 @@
 namespace moex {
 
 struct ExpertStoreStats {
-  int64_t loads = 0;
+  int64_t loads = 0;          // demand loads, copied on the caller's thread
+  int64_t prefetch_loads = 0; // copies completed by the prefetch thread
+  int64_t prefetch_cancelled = 0;
   int64_t bytes_moved = 0;
   double load_ms = 0;
 };
@@ -29,6 +36,7 @@ class ExpertStore {
   // time it is read from the source tier, so that a corrupt file is reported, never served.
   ExpertStore(Backend& backend, std::vector<std::vector<ExpertWeights>> source,
               std::function<std::string(ExpertKey)> describe, bool verify);
+  ~ExpertStore();
 
   int32_t num_layers() const { return static_cast<int32_t>(source_.size()); }
   int32_t num_experts(int32_t layer_idx) const { return static_cast<int32_t>(source_[layer_idx].size()); }
@@ -38,20 +46,35 @@ class ExpertStore {
   // Copies key's weights into a fast-tier slot (allocating or reusing a freed one) and returns the
   // backend views. Throws IoError if the source weights are corrupt.
   ExpertWeights load(ExpertKey key);
+  // Starts copying key into a slot on the prefetch thread; the copy runs in chunks so that a demand
+  // load on the caller's thread is never queued behind it, and cancel() stops it between chunks.
+  // The caller keeps the key pinned in its cache until wait() or cancel().
+  void load_async(ExpertKey key);
+  bool in_flight(ExpertKey key) const;
+  // Blocks until key's async copy is done and returns its views; rethrows a copy error.
+  ExpertWeights wait(ExpertKey key);
+  // True when key's async copy has finished (wait() then returns at once).
+  bool ready(ExpertKey key) const;
+  // Stops key's async copy (queued or between chunks) and frees its slot.
+  void cancel(ExpertKey key);
   // Returns key's slot to the free list (its views become invalid).
   void free(ExpertKey key);
   // The resident views of a loaded key.
   const ExpertWeights& resident(ExpertKey key) const;
   bool is_loaded(ExpertKey key) const;
 
-  const ExpertStoreStats& stats() const { return stats_; }
+  ExpertStoreStats stats() const;
 
  private:
   struct Slot {
     std::unique_ptr<Buffer> gate, up, down;
   };
+  enum class CopyState : uint8_t { kIdle, kQueued, kCopying, kDone, kFailed };
   size_t index(ExpertKey key) const;
   void verify_source(ExpertKey key, const ExpertWeights& weights);
+  // Allocates or reuses a slot and sets views_[key] to its (not yet filled) views.
+  int32_t assign_slot(ExpertKey key);
+  void prefetch_loop();
 
   Backend& backend_;
   std::vector<std::vector<ExpertWeights>> source_;
@@ -64,6 +87,16 @@ class ExpertStore {
   std::vector<Slot> slots_;
   std::vector<int32_t> free_slots_;
   ExpertStoreStats stats_;
+
+  // Prefetch thread: copies queued keys chunk by chunk; state_ is guarded by mutex_.
+  mutable std::mutex mutex_;
+  std::condition_variable work_ready_, copy_done_;
+  std::deque<size_t> queue_;              // key indices
+  std::vector<CopyState> state_;          // [key]
+  std::vector<uint8_t> cancel_requested_; // [key]
+  std::vector<std::string> copy_error_;   // [key]
+  bool stop_ = false;
+  std::thread worker_;
 };
 
 }  // namespace moex

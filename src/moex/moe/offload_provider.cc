@@ -24,7 +24,7 @@ std::string human_bytes(int64_t bytes) {
 
 OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> store, int64_t top_k,
                                                    const OffloadConfig& config)
-    : store_(std::move(store)) {
+    : store_(std::move(store)), top_k_(top_k), config_(config) {
   const int32_t num_layers = store_->num_layers();
   MOEX_ASSERT(num_layers > 0, "offloading a model without MoE layers");
   const int32_t num_experts = store_->num_experts(0);
@@ -51,12 +51,73 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
   policy_options.num_experts = num_experts;
   cache_ = std::make_unique<ExpertCache>(cache_config, make_eviction_policy(config.policy, policy_options));
   seen_.assign(static_cast<size_t>(num_experts), 0);
+  if (config.predictor != "none") {
+    PredictorOptions predictor_options;
+    predictor_options.num_layers = num_layers;
+    predictor_options.num_experts = num_experts;
+    predictor_options.top_k = static_cast<int32_t>(top_k);
+    predictor_ = make_expert_predictor(config.predictor, predictor_options);
+  }
+  last_prediction_.resize(static_cast<size_t>(num_layers));
+}
+
+void OffloadingExpertProvider::settle_prefetches(int32_t layer_idx, std::span<const ExpertKey> wanted) {
+  size_t kept = 0;
+  for (const ExpertKey& key : outstanding_) {
+    if (key.layer_idx != layer_idx) {
+      outstanding_[kept++] = key;
+      continue;
+    }
+    const bool is_wanted = std::find(wanted.begin(), wanted.end(), key) != wanted.end();
+    if (is_wanted || store_->ready(key)) {
+      auto start = std::chrono::steady_clock::now();
+      store_->wait(key);  // a wanted copy still in flight stalls this step
+      stats_.stall_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      cache_->unpin(key);
+    } else {  // stale: this layer runs now without it
+      store_->cancel(key);
+      cache_->unpin(key);
+      cache_->erase(key);
+    }
+  }
+  outstanding_.resize(kept);
+}
+
+void OffloadingExpertProvider::observe_and_prefetch(int32_t layer_idx, const Routing& routing) {
+  if (!predictor_ || routing.num_tokens == 0) return;
+  // The predictor follows one token through the layers; in a prefill the last token is the one the
+  // next decode step continues from.
+  const int64_t last = routing.num_tokens - 1;
+  predictor_->observe(layer_idx, std::span<const int32_t>(routing.expert_ids).subspan(last * routing.top_k, routing.top_k),
+                      std::span<const float>(routing.weights).subspan(last * routing.top_k, routing.top_k));
+  const int32_t num_layers = store_->num_layers();
+  const int32_t per_layer = config_.prefetch_per_layer > 0 ? config_.prefetch_per_layer : static_cast<int32_t>(top_k_);
+  for (int32_t ahead = 1; ahead <= config_.lookahead_layers; ++ahead) {
+    const int32_t target = (layer_idx + ahead) % num_layers;
+    predictor_->predict(target, &scored_);
+    auto& predicted = last_prediction_[target];
+    predicted.clear();
+    for (const ScoredExpert& guess : scored_) {
+      if (static_cast<int32_t>(predicted.size()) >= per_layer) break;
+      predicted.push_back(guess.expert_idx);
+      const ExpertKey key{target, guess.expert_idx};
+      if (cache_->contains(key)) continue;
+      evicted_.clear();
+      if (cache_->insert(key, &evicted_) != InsertOutcome::kInserted) break;  // everything else is pinned
+      for (const ExpertKey& gone : evicted_) store_->free(gone);
+      store_->load_async(key);
+      cache_->pin(key);
+      outstanding_.push_back(key);
+      ++stats_.prefetch_issued;
+    }
+  }
 }
 
 void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing, const TensorView& /*hidden*/,
                                        std::vector<ExpertWeights>* experts) {
   if (!request_open_) {
     cache_->begin_request();
+    if (predictor_) predictor_->begin_request();
     request_open_ = true;
   }
   const int32_t num_experts = store_->num_experts(layer_idx);
@@ -69,6 +130,15 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   for (const ExpertKey& key : keys_) seen_[key.expert_idx] = 0;
   std::sort(keys_.begin(), keys_.end(),
             [](const ExpertKey& a, const ExpertKey& b) { return a.expert_idx < b.expert_idx; });
+  // A wave (the rest of a prefill step that did not fit) carries -1 for the entries already run.
+  const bool first_wave = std::none_of(routing.expert_ids.begin(), routing.expert_ids.end(),
+                                       [](int32_t id) { return id < 0; });
+  if (first_wave && predictor_) {
+    std::vector<int32_t> actual;
+    for (const ExpertKey& key : keys_) actual.push_back(key.expert_idx);
+    if (!last_prediction_[layer_idx].empty()) prediction_.add(last_prediction_[layer_idx], actual);
+  }
+  settle_prefetches(layer_idx, keys_);
   outcomes_.assign(keys_.size(), CacheOutcome::kNoRoom);
   evicted_.clear();
   cache_->acquire(keys_, outcomes_, &evicted_);
@@ -100,6 +170,7 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   if (pinned_.empty() && !keys_.empty())
     throw BudgetError(fmt::format("MoE layer {}: no expert fits in the expert memory budget ({} bytes in use of {})",
                                   layer_idx, cache_->used(layer_idx), cache_->capacity()));
+  if (first_wave) observe_and_prefetch(layer_idx, routing);
 }
 
 void OffloadingExpertProvider::release(int32_t /*layer_idx*/) {
@@ -108,13 +179,23 @@ void OffloadingExpertProvider::release(int32_t /*layer_idx*/) {
 }
 
 void OffloadingExpertProvider::end_sequence() {
-  if (request_open_) cache_->end_request();
+  for (const ExpertKey& key : outstanding_) {  // nothing of this request is in flight past its end
+    store_->cancel(key);
+    cache_->unpin(key);
+    cache_->erase(key);
+  }
+  outstanding_.clear();
+  if (request_open_) {
+    cache_->end_request();
+    if (predictor_) predictor_->end_request();
+  }
   request_open_ = false;
 }
 
 ExpertProviderStats OffloadingExpertProvider::stats() const {
   ExpertProviderStats out = stats_;
   out.bytes_moved = store_->stats().bytes_moved;
+  out.prefetch_used = cache_->stats().prefetch_used;
   return out;
 }
 

@@ -11,6 +11,7 @@
 #include "moex/moe/expert_cache.h"
 #include "moex/moe/expert_provider.h"
 #include "moex/moe/expert_store.h"
+#include "moex/moe/predictor/expert_predictor.h"
 
 namespace moex {
 
@@ -19,6 +20,12 @@ struct OffloadConfig {
   CacheScope scope = CacheScope::kGlobal;  // one budget for all layers (kPerLayer: split evenly)
   std::string policy = "lru";
   bool verify_weights = true;              // NaN/Inf check on first read from the source tier
+  // Prefetch: a predictor (moe/predictor registry name, or "none") guesses the experts of the next
+  // lookahead_layers MoE layers; the best prefetch_per_layer of each (0: top_k) are copied ahead on
+  // the store's prefetch thread.
+  std::string predictor = "none";
+  int32_t lookahead_layers = 1;
+  int32_t prefetch_per_layer = 0;
 };
 
 class OffloadingExpertProvider : public ExpertProvider {
@@ -34,8 +41,15 @@ class OffloadingExpertProvider : public ExpertProvider {
   ExpertProviderStats stats() const override;
 
   const ExpertCache& cache() const { return *cache_; }
+  // Precision/recall of the predictor's guesses against the experts each layer then chose.
+  const PredictionStats& prediction_stats() const { return prediction_; }
 
  private:
+  // Settles outstanding prefetches of layer_idx before its demand access: finished ones stay resident
+  // (unpinned), unfinished ones not in `wanted` are cancelled as stale.
+  void settle_prefetches(int32_t layer_idx, std::span<const ExpertKey> wanted);
+  void observe_and_prefetch(int32_t layer_idx, const Routing& routing);
+
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<ExpertCache> cache_;
   std::vector<ExpertKey> keys_;        // this acquire's distinct experts, ascending
@@ -45,6 +59,13 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::vector<uint8_t> seen_;
   ExpertProviderStats stats_;
   bool request_open_ = false;
+  int64_t top_k_ = 0;
+  OffloadConfig config_;
+  std::unique_ptr<ExpertPredictor> predictor_;
+  std::vector<ExpertKey> outstanding_;                // prefetched keys still pinned by the prefetcher
+  std::vector<std::vector<int32_t>> last_prediction_; // [layer]: the experts last predicted for it
+  PredictionStats prediction_;
+  std::vector<ScoredExpert> scored_;
 };
 
 // Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError

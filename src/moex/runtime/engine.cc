@@ -45,6 +45,8 @@ Engine::Engine(const Model& model, const EngineOptions& options) : model_(model)
     offload.budget_bytes = options.expert_budget_bytes;
     offload.policy = options.cache_policy;
     offload.scope = options.per_layer_cache ? CacheScope::kPerLayer : CacheScope::kGlobal;
+    offload.predictor = options.predictor;
+    offload.lookahead_layers = options.lookahead_layers;
     experts_ = std::make_unique<OffloadingExpertProvider>(std::move(store), model.config().top_k, offload);
   } else {
     experts_ = std::make_unique<ResidentExpertProvider>(*backend_, host_experts);

@@ -25,6 +25,8 @@ struct EngineOptions {
   int64_t expert_budget_bytes = 0;
   std::string cache_policy = "lru";
   bool per_layer_cache = false;
+  std::string predictor = "none";  // expert predictor driving prefetch when offloading
+  int32_t lookahead_layers = 1;
 };
 
 struct GenerationOptions {

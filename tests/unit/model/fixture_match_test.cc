@@ -25,7 +25,7 @@ class RouterRecorder : public RouterObserver {
 class FixtureMatch : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(FixtureMatch, LogitsRoutingAndGreedyMatchTransformers) {
-  const auto dir = test::fixtures_root() / GetParam();
+  const auto dir = GetParam() == "default_model" ? test::default_model_dir() : test::fixtures_root() / GetParam();
   const auto ref = test::read_json(dir / "reference.json");
   auto model = Model::load(dir.string());
   EngineOptions options;
@@ -68,7 +68,13 @@ TEST_P(FixtureMatch, LogitsRoutingAndGreedyMatchTransformers) {
   EXPECT_EQ(result.output_ids, ref["greedy_ids"].get<std::vector<int32_t>>());
 }
 
-INSTANTIATE_TEST_SUITE_P(Transformers, FixtureMatch, ::testing::ValuesIn(test::fixture_names()),
+std::vector<std::string> cases() {
+  std::vector<std::string> names = test::fixture_names();
+  if (std::filesystem::exists(test::default_model_dir() / "reference.json")) names.push_back("default_model");
+  return names;
+}
+
+INSTANTIATE_TEST_SUITE_P(Transformers, FixtureMatch, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param; });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(FixtureMatch);
 

@@ -25,6 +25,9 @@ inline std::vector<std::string> fixture_names() {
   return names;
 }
 
+// The embedded default model (models/default) carries a reference.json of the same format.
+inline std::filesystem::path default_model_dir() { return std::filesystem::path(MOEX_SOURCE_DIR) / "models/default"; }
+
 inline nlohmann::json read_json(const std::filesystem::path& path) {
   std::ifstream in(path);
   return nlohmann::json::parse(in);

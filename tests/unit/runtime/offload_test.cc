@@ -82,6 +82,32 @@ INSTANTIATE_TEST_SUITE_P(Families, OffloadMatchesResident,
                          ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
                          [](const auto& info) { return info.param; });
 
+TEST(Offload, PrefetchKeepsOutputsAndCountsPredictions) {
+  const auto dir = test::fixtures_root() / "qwen3_moe";
+  auto model = Model::load(dir.string());
+  const ModelConfig& cfg = model->config();
+  std::vector<int32_t> prompt = {7, 11, 13};
+  const RunOutput resident = run(*model, prompt, 0, "lru");
+  for (const std::string predictor : {"frequency", "stride", "affinity", "eam"}) {
+    SCOPED_TRACE(predictor);
+    EngineOptions options;
+    options.num_threads = 2;
+    options.expert_budget_bytes = (cfg.top_k + 4) * static_cast<int64_t>(cfg.expert_bytes());
+    options.predictor = predictor;
+    options.lookahead_layers = 1;
+    Engine engine(*model, options);
+    EXPECT_EQ(engine.prompt_logits(prompt), resident.logits);
+    GenerationOptions greedy;
+    greedy.max_new_tokens = 12;
+    greedy.stop_at_eos = false;
+    for (int repeat = 0; repeat < 3; ++repeat) EXPECT_EQ(engine.generate(prompt, greedy).output_ids, resident.greedy);
+    const ExpertProviderStats stats = engine.experts().stats();
+    EXPECT_LE(stats.prefetch_used, stats.prefetch_issued);
+    EXPECT_EQ(stats.bytes_moved % static_cast<int64_t>(cfg.expert_bytes()), 0);
+    if (predictor == "frequency") EXPECT_GT(stats.prefetch_issued, 0);
+  }
+}
+
 TEST(Offload, FullBudgetMissesOncePerDistinctExpert) {
   const auto dir = test::fixtures_root() / "mixtral";
   auto model = Model::load(dir.string());
