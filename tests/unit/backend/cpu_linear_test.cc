@@ -68,11 +68,15 @@ TEST(CpuLinear, OddShapesAllDtypes) {
 TEST(CpuLinear, BiasAndBlockBoundaries) {
   auto backend = make_cpu_backend(3);
   uint64_t seed = 5000;
-  // In-features around the 512-wide K block and 8-wide vectors; out-features around the 32-row panel.
+  // In-features around 8-wide vectors and panel shapes (32 rows up to K 1024, fewer rows beyond);
+  // out-features around the 32-row work unit.
   for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16})
     for (int64_t n : {1, 4, 6, 64, 67})
-      for (int64_t in : {8, 511, 512, 513, 1031})
+      for (int64_t in : {8, 511, 1024, 1031, 2816})
         for (int64_t out : {16, 32, 33, 65}) run_linear_case(*backend, {n, in, out, dtype, true}, ++seed);
+  // Rows longer than one panel K-block (8192) are split into K-blocks that accumulate.
+  for (DType dtype : {DType::kBF16, DType::kF16})
+    for (int64_t in : {8191, 8192, 8200, 16390}) run_linear_case(*backend, {7, in, 9, dtype, true}, ++seed);
 }
 
 TEST(CpuLinear, RealShapesMixtralFfn) {
