@@ -24,15 +24,15 @@ expect_error() {  # NAME EXPECTED_STDERR_SUBSTRING CMD...
 for family in qwen3 llama2; do
   dir="$src/third_party/downloads/tokenizers/$family"
   if [ ! -s "$dir/tokenizer.json" ]; then echo "skipped $family: run tools/fetch_tokenizers.sh"; continue; fi
-  # Every fixture case whose text has no NUL: tokenize via --file and -p, detokenize back.
+  # The first fixture cases (edge cases: empty, spaces, newlines, prose): tokenize via --file, detokenize back.
   python3 - "$src/tests/fixtures/tokenizer/$family.json" "$tmp" <<'PY'
 import json, sys
 cases = json.load(open(sys.argv[1]))["cases"]
-for idx, c in enumerate(cases[:20]):
+for idx, c in enumerate(cases[:8]):
     open(f"{sys.argv[2]}/case{idx}.txt", "w", encoding="utf-8", newline="").write(c["text"])
     open(f"{sys.argv[2]}/case{idx}.json", "w").write(json.dumps(c))
 PY
-  for idx in $(seq 0 19); do
+  for idx in $(seq 0 7); do
     "$moex" tokenize -m "$dir" --file "$tmp/case$idx.txt" --json >"$tmp/ids.json" 2>"$tmp/err" || { fail "$family case $idx: tokenize failed: $(cat "$tmp/err")"; continue; }
     python3 -c "
 import json,sys
