@@ -82,10 +82,26 @@ void attend_one(const float* q, const float* k, const float* v, int64_t stride, 
   for (int64_t key = 0; key < len; key += kKeyBlock) {
     int64_t num = std::min(kKeyBlock, len - key);
     float block_max = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < num; ++j) {
-      scores[j] = dot(q, k + (key + j) * stride, head_dim) * scale;
-      block_max = std::max(block_max, scores[j]);
+    int64_t j = 0;
+#ifdef MOEX_CPU_AVX2
+    // Four keys per pass share the q loads and one hadd-tree reduction.
+    if (head_dim % 8 == 0) {
+      for (; j + 4 <= num; j += 4) {
+        const float* k0 = k + (key + j) * stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < head_dim; d += 8) {
+          __m256 qv = _mm256_loadu_ps(q + d);
+          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + stride + d), a1);
+          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + d), a2);
+          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + d), a3);
+        }
+        _mm_storeu_ps(scores + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+      }
     }
+#endif
+    for (; j < num; ++j) scores[j] = dot(q, k + (key + j) * stride, head_dim) * scale;
+    for (j = 0; j < num; ++j) block_max = std::max(block_max, scores[j]);
     float new_max = std::max(running_max, block_max);
     float correction = running_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(running_max - new_max);
     float block_sum = exp_shifted(scores, num, new_max);
