@@ -25,8 +25,9 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
   sub->add_option("--cache-policy", options->cache_policy, "expert cache eviction policy when offloading")
       ->check(CLI::IsMember({"lru", "lfu", "activation"}));
   sub->add_option("--predictor", options->predictor,
-                  "expert predictor that drives prefetch when offloading: none, frequency, stride, affinity, eam")
-      ->check(CLI::IsMember({"none", "frequency", "stride", "recency", "affinity", "eam"}));
+                  "expert predictor that drives prefetch when offloading: none, pregate (next layers' routers on the "
+                  "current hidden state), affinity, eam, frequency, stride")
+      ->check(CLI::IsMember({"none", "pregate", "frequency", "stride", "recency", "affinity", "eam"}));
   sub->add_option("--lookahead-layers", options->lookahead_layers, "MoE layers ahead that prefetch covers")
       ->check(CLI::PositiveNumber);
   sub->add_flag("--per-layer-cache", options->per_layer_cache,

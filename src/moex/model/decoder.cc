@@ -17,7 +17,7 @@ namespace {
 // Scratch slots: one buffer each, grown on demand and reused every step.
 enum Slot : int {
   kResidual, kNormed, kQ, kK, kV, kAttn, kProj, kRouterLogits, kFfnOut, kGate, kUp, kAct, kShared, kSharedGate,
-  kLogits, kPartial, kNumSlots
+  kLogits, kPartial, kLookahead, kNumSlots
 };
 }  // namespace
 
@@ -53,6 +53,7 @@ Decoder::Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& b
     layer.shared_expert = up_mlp(src.shared_expert, prefix + "shared_expert");
     layer.dense_mlp = up_mlp(src.dense_mlp, prefix + "mlp");
     layers_.push_back(layer);
+    if (src.is_moe) moe_layers_.push_back(static_cast<int32_t>(layer_idx));
   }
 }
 
@@ -126,6 +127,20 @@ void Decoder::run_experts(int32_t moe_layer_idx, const TensorView& h, const Tens
 
 void Decoder::end_sequence() { experts_.end_sequence(); }
 
+void Decoder::pregate(int32_t moe_layer_idx, const TensorView& h) {
+  // The residual stream changes little from one layer to the next, so the next layers' routers applied
+  // to this layer's normed hidden state predict their choices (Pre-gated MoE, ProMoE).
+  const TensorView last = h.rows(h.dim(0) - 1, 1);
+  TensorView logits = scratch(kLookahead, Shape{1, cfg_.num_experts});
+  lookahead_host_.resize(static_cast<size_t>(cfg_.num_experts));
+  const int32_t num_moe = static_cast<int32_t>(moe_layers_.size());
+  for (int32_t ahead = 1; ahead <= experts_.lookahead_layers() && moe_layer_idx + ahead < num_moe; ++ahead) {
+    backend_.linear(last, layers_[moe_layers_[moe_layer_idx + ahead]].router, nullptr, logits);
+    backend_.copy_to_host(logits, lookahead_host_.data());
+    experts_.observe_lookahead(moe_layer_idx + ahead, lookahead_host_);
+  }
+}
+
 void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_logits, std::vector<float>* logits,
                       RouterObserver* observer) {
   const int64_t n = static_cast<int64_t>(ids.size());
@@ -197,6 +212,7 @@ void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_
         backend_.copy_to_host(router_logits, router_host_.data());
         observer->on_router(host_layer.moe_layer_idx, start_pos, router_host_, routing_);
       }
+      if (experts_.lookahead_layers() > 0) pregate(host_layer.moe_layer_idx, h);
       run_experts(host_layer.moe_layer_idx, h, ffn_out);
       if (layer.shared_expert.valid()) {
         TensorView shared = scratch(kShared, Shape{n, hidden});

@@ -46,6 +46,8 @@ class Decoder {
   void swiglu(const TensorView& x, const ExpertWeights& mlp, int64_t ffn, const TensorView& out);
   // routing_'s experts on h into out, in waves when the provider cannot hold them all at once.
   void run_experts(int32_t moe_layer_idx, const TensorView& h, const TensorView& out);
+  // Feeds the provider the next MoE layers' router logits on the last token of h.
+  void pregate(int32_t moe_layer_idx, const TensorView& h);
 
   const ModelConfig& cfg_;
   const ModelWeights& host_;
@@ -58,7 +60,8 @@ class Decoder {
   std::vector<std::unique_ptr<Buffer>> scratch_;
   std::vector<ExpertWeights> expert_table_;
   Routing routing_, pending_, wave_;
-  std::vector<float> router_host_;
+  std::vector<float> router_host_, lookahead_host_;
+  std::vector<int32_t> moe_layers_;  // layer index of each MoE layer
 };
 
 }  // namespace moex

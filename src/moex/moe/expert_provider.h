@@ -42,6 +42,13 @@ class ExpertProvider {
   // [n, hidden] (on the backend) lets predictors look ahead.
   virtual void acquire(int32_t layer_idx, const Routing& routing, const TensorView& hidden_states,
                        std::vector<ExpertWeights>* experts) = 0;
+  // Pre-gating: how many MoE layers ahead the provider wants router logits computed on the current
+  // hidden state (0: none), and where they arrive. logits [num_experts] are target_layer_idx's router
+  // applied to the last token's hidden state at the current layer, delivered before acquire().
+  virtual int32_t lookahead_layers() const { return 0; }
+  virtual void observe_lookahead(int32_t target_layer_idx, std::span<const float> logits) {
+    (void)target_layer_idx, (void)logits;
+  }
   // The layer's expert computation is done: its experts may be evicted again.
   virtual void release(int32_t layer_idx) = 0;
   // Marks the end of a request (sequence), for predictors that learn per-request activation.

@@ -173,6 +173,14 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   if (first_wave) observe_and_prefetch(layer_idx, routing);
 }
 
+int32_t OffloadingExpertProvider::lookahead_layers() const {
+  return predictor_ && predictor_->name() == "pregate" ? config_.lookahead_layers : 0;
+}
+
+void OffloadingExpertProvider::observe_lookahead(int32_t target_layer_idx, std::span<const float> logits) {
+  if (predictor_) predictor_->observe_lookahead_logits(target_layer_idx, logits);
+}
+
 void OffloadingExpertProvider::release(int32_t /*layer_idx*/) {
   cache_->release(pinned_);
   pinned_.clear();

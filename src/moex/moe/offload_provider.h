@@ -38,6 +38,8 @@ class OffloadingExpertProvider : public ExpertProvider {
                std::vector<ExpertWeights>* experts) override;
   void release(int32_t layer_idx) override;
   void end_sequence() override;
+  int32_t lookahead_layers() const override;
+  void observe_lookahead(int32_t target_layer_idx, std::span<const float> logits) override;
   ExpertProviderStats stats() const override;
 
   const ExpertCache& cache() const { return *cache_; }
