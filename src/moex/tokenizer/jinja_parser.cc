@@ -127,6 +127,27 @@ std::string preprocess(std::string src) {
   return trimmed;
 }
 
+// The end of a tag: `close` outside string literals and brackets, as jinja2's lexer balances them, so
+// `{{ f({'a': {'b': 1}}) }}` is one tag. Comments end at the first `#}`.
+size_t find_close(const std::string& src, size_t pos, const char* close, bool balanced) {
+  if (!balanced) return src.find(close, pos);
+  int depth = 0;
+  char quote = 0;
+  for (; pos + 1 < src.size(); ++pos) {
+    const char c = src[pos];
+    if (quote) {
+      if (c == '\\') ++pos;
+      else if (c == quote) quote = 0;
+      continue;
+    }
+    if (c == '\'' || c == '"') quote = c;
+    else if (c == '(' || c == '[' || c == '{') ++depth;
+    else if (depth > 0 && (c == ')' || c == ']' || c == '}')) --depth;
+    else if (depth == 0 && src.compare(pos, 2, close) == 0) return pos;
+  }
+  return std::string::npos;
+}
+
 std::vector<Segment> split_segments(const std::string& raw) {
   const std::string src = preprocess(raw);
   std::vector<Segment> out;
@@ -157,7 +178,7 @@ std::vector<Segment> split_segments(const std::string& raw) {
     }
     const char type = src[open + 1];
     const char* close = type == '{' ? "}}" : type == '%' ? "%}" : "#}";
-    const size_t end = src.find(close, open + 2);
+    const size_t end = find_close(src, open + 2, close, type != '#');
     if (end == std::string::npos) fail(line, fmt::format("tag opened with '{{{}' is never closed", type));
     size_t inner_begin = open + 2, inner_end = end;
     if (inner_begin < inner_end && src[inner_begin] == '-') {

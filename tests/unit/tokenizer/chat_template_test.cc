@@ -91,6 +91,19 @@ TEST(ChatTemplateSemantics, ExpressionsFiltersMethods) {
   EXPECT_EQ(render("{% set s %}in{{ 1 }}{% endset %}{{ s|upper }}"), "IN1");
 }
 
+// Constructs GPT-OSS's harmony template relies on: recursive macros over JSON schemas, dict iteration,
+// membership in `(x or [])`, namespace(name=none), slicing from loop.index.
+TEST(ChatTemplateSemantics, HarmonyStyleConstructs) {
+  EXPECT_EQ(render("{% macro t(x) %}{% if x is mapping %}{{ '{' }}{% for k, v in x.items() %}{{ k }}:{{ t(v) }}"
+                   "{% if not loop.last %},{% endif %}{% endfor %}{{ '}' }}{% else %}{{ x }}{% endif %}{% endmacro %}"
+                   "{{ t({'a': 1, 'b': {'c': 2}}) }}"),
+            "{a:1,b:{c:2}}");
+  EXPECT_EQ(render("{{ 'x' not in (none or []) }} {% set ns = namespace(name=none) %}{{ ns.name is none }}"), "True True");
+  EXPECT_EQ(render("{% for m in ms %}{{ ms[loop.index:]|length }}{% endfor %}", R"({"ms": [1, 2, 3]})"), "210");
+  EXPECT_EQ(render("{{ 'content' in m }} {{ m.thinking is defined }}", R"({"m": {"content": "x"}})"), "True False");
+  EXPECT_EQ(render("{{ (t.kind if t.kind is defined else 'json') + '!' }}", R"({"t": {}})"), "json!");
+}
+
 TEST(ChatTemplateErrors, MessagesNameTheProblem) {
   try {
     render("{{ raise_exception('roles must alternate') }}");

@@ -2,6 +2,7 @@
 // by tools/tokenizer_reference.js), for every supported family and for pipeline variants built on their
 // vocabularies (variants.json), compared exactly.
 #include <fstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -75,6 +76,28 @@ TEST_P(ReferenceTest, StreamingDecodeConcatenatesToDecode) {
     }
     text += stream.finish();
     EXPECT_EQ(text, tok->decode(ids)) << "ids: " << show(ids);
+  }
+}
+
+// encode is const and shared across threads (word cache under a lock): concurrent runs must agree with a
+// sequential one, byte for byte, every time.
+TEST_P(ReferenceTest, ConcurrentEncodeIsDeterministic) {
+  MOEX_REQUIRE_FAMILY(tok, GetParam());
+  const auto fixture = load_fixture(GetParam());
+  std::vector<std::string> texts;
+  for (const auto& c : fixture["cases"]) texts.push_back(c["text"]);
+  std::vector<std::vector<int32_t>> want;
+  for (const auto& t : texts) want.push_back(tok->encode(t));
+  for (int round = 0; round < 5; ++round) {
+    std::vector<std::vector<std::vector<int32_t>>> got(2);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 2; ++t)
+      threads.emplace_back([&, t] {
+        for (size_t k = 0; k < texts.size(); ++k) got[t].push_back(tok->encode(texts[(k + t * 7) % texts.size()]));
+      });
+    for (auto& th : threads) th.join();
+    for (int t = 0; t < 2; ++t)
+      for (size_t k = 0; k < texts.size(); ++k) ASSERT_EQ(got[t][k], want[(k + t * 7) % texts.size()]) << "round " << round;
   }
 }
 
