@@ -54,6 +54,12 @@ class Backend {
   virtual TensorView upload_weight(const TensorView& host, const std::string& name) = 0;
   virtual void copy_to_host(const TensorView& src, void* dst) = 0;
   virtual void copy_from_host(const void* src, const TensorView& dst) = 0;
+  // The expert prefetcher's copy: like copy_from_host, but on a copy path separate from compute so it
+  // overlaps with running ops, and callable from one other thread while ops run. Default: copy_from_host.
+  virtual void copy_from_host_async_path(const void* src, const TensorView& dst) { copy_from_host(src, dst); }
+  // Makes host memory that copies read from faster to copy (CUDA: page-locks it). A no-op where it does
+  // not matter; never fails (an unregistered range is merely slower).
+  virtual void register_host_memory(const void* ptr, size_t bytes) { (void)ptr, (void)bytes; }
   virtual void synchronize() {}
 
   // ---- ops ----------------------------------------------------------------------------------

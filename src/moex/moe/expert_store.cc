@@ -53,6 +53,27 @@ ExpertStore::ExpertStore(Backend& backend, std::vector<std::vector<ExpertWeights
   state_.assign(total, CopyState::kIdle);
   cancel_requested_.assign(total, 0);
   copy_error_.resize(total);
+  if (backend_.device() != Device::kCpu) register_source();
+}
+
+void ExpertStore::register_source() {
+  // Whole pages around every source tensor, merged where they touch: tensors of one safetensors file
+  // share pages, and a page can be page-locked only once.
+  constexpr uintptr_t kPage = 4096;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  for (const auto& layer : source_)
+    for (const ExpertWeights& expert : layer)
+      for (const TensorView* view : {&expert.gate, &expert.up, &expert.down}) {
+        const auto begin = reinterpret_cast<uintptr_t>(view->data);
+        ranges.emplace_back(begin & ~(kPage - 1), (begin + view->nbytes() + kPage - 1) & ~(kPage - 1));
+      }
+  std::sort(ranges.begin(), ranges.end());
+  std::vector<std::pair<uintptr_t, uintptr_t>> merged;
+  for (const auto& range : ranges) {
+    if (!merged.empty() && range.first <= merged.back().second) merged.back().second = std::max(merged.back().second, range.second);
+    else merged.push_back(range);
+  }
+  for (const auto& [begin, end] : merged) backend_.register_host_memory(reinterpret_cast<const void*>(begin), end - begin);
 }
 
 ExpertStore::~ExpertStore() {
@@ -233,7 +254,7 @@ void ExpertStore::prefetch_loop() {
         const int64_t rows_per_chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / row_bytes));
         for (int64_t row = 0; row < from.dim(0) && !cancelled; row += rows_per_chunk) {
           const int64_t rows = std::min(rows_per_chunk, from.dim(0) - row);
-          backend_.copy_from_host(static_cast<const char*>(from.data) + row * row_bytes, to.rows(row, rows));
+          backend_.copy_from_host_async_path(static_cast<const char*>(from.data) + row * row_bytes, to.rows(row, rows));
           std::lock_guard<std::mutex> check(mutex_);
           cancelled = cancel_requested_[key_idx] != 0;
         }

@@ -75,6 +75,8 @@ class ExpertStore {
   // Allocates or reuses a slot and sets views_[key] to its (not yet filled) views.
   int32_t assign_slot(ExpertKey key);
   void prefetch_loop();
+  // Page-locks the source tier on backends that copy faster from it (CUDA).
+  void register_source();
 
   Backend& backend_;
   std::vector<std::vector<ExpertWeights>> source_;
