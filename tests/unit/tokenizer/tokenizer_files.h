@@ -2,6 +2,8 @@
 // from ../shared. Tests that need a missing file skip with a hint instead of failing.
 #pragma once
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -28,12 +30,17 @@ inline std::filesystem::path family_dir(const std::string& family) {
     const auto dir = std::filesystem::temp_directory_path() / "moex_tokenizer_test_olmoe";
     if (!std::filesystem::exists(dir / "tokenizer.json")) {
       std::filesystem::create_directories(dir);
-      const std::string tmp = (dir / "tokenizer.json.part").string();
+      // ctest runs test cases as parallel processes: each writes its own files and renames them into
+      // place atomically, tokenizer.json last (its presence means both are complete).
+      const std::string pid = std::to_string(::getpid());
+      const auto config_tmp = dir / ("tokenizer_config.json.part" + pid);
+      std::filesystem::copy_file(xz.parent_path() / "tokenizer_config.json", config_tmp,
+                                 std::filesystem::copy_options::overwrite_existing);
+      std::filesystem::rename(config_tmp, dir / "tokenizer_config.json");
+      const std::string tmp = (dir / ("tokenizer.json.part" + pid)).string();
       const std::string cmd = "xz -dc '" + xz.string() + "' > '" + tmp + "' 2>/dev/null";
       if (std::system(cmd.c_str()) != 0) return {};
       std::filesystem::rename(tmp, dir / "tokenizer.json");
-      std::filesystem::copy_file(xz.parent_path() / "tokenizer_config.json", dir / "tokenizer_config.json",
-                                 std::filesystem::copy_options::overwrite_existing);
     }
     return dir;
   }
