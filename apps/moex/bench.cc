@@ -113,11 +113,15 @@ CommandAction setup_bench(CLI::App* sub) {
     }
     std::vector<double> per_token_ms;
     engine.decoder().reserve(options->decode_context + options->decode_tokens);
+    // Expert traffic of the timed decode steps alone (prefill traffic is reported apart).
+    ExpertProviderStats decode_stats{};
+    int64_t timed_steps = 0;
     for (int rep = 0; rep < total_reps; ++rep) {
       auto ids = random_ids(options->decode_context);
       engine.decoder().forward(ids, 0, false, &logits);
       int32_t token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
       engine.backend().synchronize();
+      const ExpertProviderStats before = engine.experts().stats();
       auto start = std::chrono::steady_clock::now();
       for (int64_t step = 0; step < options->decode_tokens; ++step) {
         engine.decoder().forward(std::span<const int32_t>(&token, 1), options->decode_context + step, false, &logits);
@@ -126,7 +130,17 @@ CommandAction setup_bench(CLI::App* sub) {
       engine.backend().synchronize();
       double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
       engine.decoder().end_sequence();
-      if (rep >= options->warmup && options->decode_tokens > 0) per_token_ms.push_back(elapsed / options->decode_tokens);
+      if (rep >= options->warmup && options->decode_tokens > 0) {
+        per_token_ms.push_back(elapsed / options->decode_tokens);
+        const ExpertProviderStats after = engine.experts().stats();
+        decode_stats.hits += after.hits - before.hits;
+        decode_stats.misses += after.misses - before.misses;
+        decode_stats.bytes_moved += after.bytes_moved - before.bytes_moved;
+        decode_stats.stall_ms += after.stall_ms - before.stall_ms;
+        decode_stats.prefetch_issued += after.prefetch_issued - before.prefetch_issued;
+        decode_stats.prefetch_used += after.prefetch_used - before.prefetch_used;
+        timed_steps += options->decode_tokens;
+      }
       progress.advance();
     }
     progress.finish();
@@ -147,6 +161,21 @@ CommandAction setup_bench(CLI::App* sub) {
                     {"ms_per_token_stddev", decode.stddev},
                     {"tokens_per_s", decode.mean > 0 ? 1000.0 / decode.mean : 0.0}}},
         {"decode_bytes_per_token", bytes},
+        {"decode_experts", {{"hits", decode_stats.hits},
+                            {"misses", decode_stats.misses},
+                            {"hit_rate", decode_stats.hits + decode_stats.misses
+                                             ? static_cast<double>(decode_stats.hits) / (decode_stats.hits + decode_stats.misses)
+                                             : 1.0},
+                            {"bytes_moved_per_token", timed_steps ? decode_stats.bytes_moved / timed_steps : 0},
+                            {"stall_ms_per_token", timed_steps ? decode_stats.stall_ms / timed_steps : 0.0},
+                            {"prefetch_issued", decode_stats.prefetch_issued},
+                            {"prefetch_precision", decode_stats.prefetch_issued
+                                                       ? static_cast<double>(decode_stats.prefetch_used) / decode_stats.prefetch_issued
+                                                       : 0.0},
+                            {"prefetch_recall", decode_stats.misses + decode_stats.prefetch_used
+                                                    ? static_cast<double>(decode_stats.prefetch_used) /
+                                                          (decode_stats.misses + decode_stats.prefetch_used)
+                                                    : 0.0}}},
         {"expert_hits", stats.hits},
         {"expert_misses", stats.misses},
         {"bytes_moved", stats.bytes_moved},
@@ -168,6 +197,14 @@ CommandAction setup_bench(CLI::App* sub) {
                   p["ms_stddev"].get<double>(), p["tokens_per_s"].get<double>());
     std::printf("decode  (batch 1):    %9.3f ms/token (+- %.3f)  %10.1f tokens/s; reads %.1f MiB/token\n", decode.mean,
                 decode.stddev, decode.mean > 0 ? 1000.0 / decode.mean : 0.0, bytes / 1048576.0);
+    if (decode_stats.misses > 0)
+      std::printf("experts while decoding: hit rate %.3f, %.1f MiB moved/token, stall %.2f ms/token, prefetch "
+                  "precision %.2f recall %.2f\n",
+                  out["decode_experts"]["hit_rate"].get<double>(),
+                  out["decode_experts"]["bytes_moved_per_token"].get<int64_t>() / 1048576.0,
+                  out["decode_experts"]["stall_ms_per_token"].get<double>(),
+                  out["decode_experts"]["prefetch_precision"].get<double>(),
+                  out["decode_experts"]["prefetch_recall"].get<double>());
     if (options->bandwidth_gbs > 0)
       std::printf("roofline at %.1f GB/s: %.3f ms/token -> %.0f%% of the roofline\n", options->bandwidth_gbs,
                   out["decode_roofline_ms"].get<double>(), 100 * out["decode_fraction_of_roofline"].get<double>());

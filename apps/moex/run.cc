@@ -105,6 +105,20 @@ CommandAction setup_run(CLI::App* sub) {
                    prompt_ids.size(), result.prefill_ms, result.output_ids.size(),
                    result.decode_steps ? result.decode_steps * 1000.0 / result.decode_ms : 0.0,
                    result.stop_reason.c_str());
+      const ExpertProviderStats stats = engine.experts().stats();
+      if (stats.misses > 0) {
+        const double tokens = static_cast<double>(prompt_ids.size() + result.output_ids.size());
+        std::fprintf(stderr,
+                     "moex: experts: hit rate %.3f (%lld hits, %lld misses), %.2f MiB moved/token, stall %.2f "
+                     "ms/token, prefetch precision %.2f recall %.2f\n",
+                     static_cast<double>(stats.hits) / (stats.hits + stats.misses), static_cast<long long>(stats.hits),
+                     static_cast<long long>(stats.misses), stats.bytes_moved / tokens / 1048576.0,
+                     stats.stall_ms / tokens,
+                     stats.prefetch_issued ? static_cast<double>(stats.prefetch_used) / stats.prefetch_issued : 0.0,
+                     stats.prefetch_used + stats.misses
+                         ? static_cast<double>(stats.prefetch_used) / (stats.prefetch_used + stats.misses)
+                         : 0.0);
+      }
       return 0;
     }
     nlohmann::json stats = provider_stats_json(engine.experts().stats());
