@@ -21,22 +21,21 @@ std::string byte_token(uint8_t byte) { return fmt::format("<0x{:02X}>", byte); }
 
 }  // namespace
 
-BpeModel::BpeModel(const nlohmann::json& model, const std::string& where) {
-  const auto& vocab = require(model, "vocab", where);
-  if (!vocab.is_object())
-    throw FormatError(fmt::format("{}.vocab: expected an object of token -> id, found {}", where, json_kind(vocab)));
-  vocab_.reserve(vocab.size());
+BpeModel::BpeModel(const nlohmann::json& model, BpeData data, const std::string& where) {
+  if (!data.has_vocab) throw FormatError(fmt::format("{}: missing field \"vocab\"", where));
+  if (!data.has_merges) throw FormatError(fmt::format("{}: missing field \"merges\"", where));
   int32_t max_id = -1;
-  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 || it.value().get<int64_t>() > INT32_MAX)
-      throw FormatError(fmt::format("{}.vocab[\"{}\"]: expected a non-negative integer id, found {}", where, it.key(),
-                                    it.value().dump()));
-    const auto id = it.value().get<int32_t>();
-    vocab_.emplace(it.key(), id);
+  size_t key_bytes = 0;
+  for (auto& [token, id] : data.vocab) {
     max_id = std::max(max_id, id);
+    key_bytes += token.size();
   }
+  vocab_.reserve(data.vocab.size(), key_bytes);
   id_to_token_.resize(static_cast<size_t>(max_id + 1));
-  for (const auto& [token, id] : vocab_) id_to_token_[id] = token;
+  for (auto& [token, id] : data.vocab) {
+    vocab_.insert(token, id);
+    id_to_token_[id] = std::move(token);
+  }
 
   if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() != 0.0)
     throw FormatError(fmt::format("{}.dropout: BPE dropout is not supported for inference (found {})", where,
@@ -48,61 +47,45 @@ BpeModel::BpeModel(const nlohmann::json& model, const std::string& where) {
   end_suffix_ = opt_string("end_of_word_suffix");
   const std::string unk = opt_string("unk_token");
   if (!unk.empty()) {
-    auto it = vocab_.find(unk);
-    if (it == vocab_.end())
-      throw FormatError(fmt::format("{}.unk_token: \"{}\" is not in the vocabulary", where, unk));
-    unk_id_ = it->second;
+    const int32_t id = vocab_.find(unk);
+    if (id < 0) throw FormatError(fmt::format("{}.unk_token: \"{}\" is not in the vocabulary", where, unk));
+    unk_id_ = id;
   }
   byte_fallback_ = get_bool(model, "byte_fallback", false, where);
   fuse_unk_ = get_bool(model, "fuse_unk", false, where);
   ignore_merges_ = get_bool(model, "ignore_merges", false, where);
   for (int b = 0; b < 256; ++b) {
-    auto fb = vocab_.find(byte_token(static_cast<uint8_t>(b)));
-    byte_fallback_ids_[b] = fb == vocab_.end() ? -1 : fb->second;
-    auto bl = vocab_.find(byte_to_unicode(static_cast<uint8_t>(b)));
-    byte_ids_[b] = bl == vocab_.end() ? -1 : bl->second;
+    byte_fallback_ids_[b] = vocab_.find(byte_token(static_cast<uint8_t>(b)));
+    byte_ids_[b] = vocab_.find(byte_to_unicode(static_cast<uint8_t>(b)));
   }
 
   constexpr std::string_view kMeta = "\xE2\x96\x81";  // ▁
   // Affixes and ignore_merges depend on where a word starts and ends: no cutting then.
   split_before_metaspace_ = vocab_.contains(kMeta) && continuing_prefix_.empty() && end_suffix_.empty() && !ignore_merges_;
-  const auto& merges = require(model, "merges", where);
-  if (!merges.is_array()) throw FormatError(fmt::format("{}.merges: expected an array", where));
+  const auto& merges = data.merges;
   size_t capacity = 16;
   while (capacity < merges.size() * 2) capacity <<= 1;
   merge_keys_.assign(capacity, 0);
   merge_vals_.assign(capacity, 0);
   merge_mask_ = capacity - 1;
+  std::string merged;
   for (size_t rank = 0; rank < merges.size(); ++rank) {
-    const auto& m = merges[rank];
-    std::string left, right;
-    if (m.is_string()) {  // "a b" (older files)
-      const std::string& s = m.get_ref<const std::string&>();
-      const size_t space = s.find(' ', 1);
-      if (space == std::string::npos)
-        throw FormatError(fmt::format("{}.merges[{}]: expected \"left right\", found \"{}\"", where, rank, s));
-      left = s.substr(0, space);
-      right = s.substr(space + 1);
-    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {  // ["a", "b"]
-      left = m[0].get<std::string>();
-      right = m[1].get<std::string>();
-    } else {
-      throw FormatError(fmt::format("{}.merges[{}]: expected \"left right\" or [left, right], found {}", where, rank,
-                                    m.dump()));
-    }
-    auto l = vocab_.find(left), r = vocab_.find(right);
-    const std::string merged = left + right.substr(std::min(right.size(), continuing_prefix_.size()));
-    auto n = vocab_.find(merged);
-    if (l == vocab_.end() || r == vocab_.end() || n == vocab_.end())
+    const std::string& left = merges[rank].first;
+    const std::string& right = merges[rank].second;
+    const int32_t l = vocab_.find(left), r = vocab_.find(right);
+    merged.assign(left);
+    merged.append(right, std::min(right.size(), continuing_prefix_.size()));
+    const int32_t n = vocab_.find(merged);
+    if (l < 0 || r < 0 || n < 0)
       throw FormatError(fmt::format("{}.merges[{}]: \"{}\" + \"{}\" uses a token that is not in the vocabulary",
                                     where, rank, left, right));
     if (right.starts_with(kMeta) && !left.ends_with(kMeta)) split_before_metaspace_ = false;
-    const uint64_t key = pair_key(l->second, r->second);
+    const uint64_t key = pair_key(l, r);
     for (uint64_t slot = hash_key(key) & merge_mask_;; slot = (slot + 1) & merge_mask_) {
       // A repeated pair keeps its last rank, as the reference's map built from the merge list does.
       if (merge_keys_[slot] == key || merge_keys_[slot] == 0) {
         merge_keys_[slot] = key;
-        merge_vals_[slot] = (static_cast<uint64_t>(rank) << 32) | static_cast<uint32_t>(n->second);
+        merge_vals_[slot] = (static_cast<uint64_t>(rank) << 32) | static_cast<uint32_t>(n);
         break;
       }
     }
@@ -125,9 +108,9 @@ bool BpeModel::lookup_merge(int32_t left, int32_t right, uint32_t* rank, int32_t
 }
 
 std::optional<int32_t> BpeModel::token_to_id(std::string_view token) const {
-  auto it = vocab_.find(token);
-  if (it == vocab_.end()) return std::nullopt;
-  return it->second;
+  const int32_t id = vocab_.find(token);
+  if (id < 0) return std::nullopt;
+  return id;
 }
 
 const std::string* BpeModel::id_to_token(int32_t id) const {
@@ -175,8 +158,8 @@ void BpeModel::merge_word(std::string_view raw, std::vector<int32_t>& out) const
   }
   const std::string_view word = byte_level_ ? std::string_view(mapped) : raw;
   if (ignore_merges_) {
-    if (auto it = vocab_.find(word); it != vocab_.end()) {
-      out.push_back(it->second);
+    if (const int32_t id = vocab_.find(word); id >= 0) {
+      out.push_back(id);
       return;
     }
   }
@@ -208,8 +191,7 @@ void BpeModel::merge_word(std::string_view raw, std::vector<int32_t>& out) const
         if (is_last) with_affixes += end_suffix_;
         piece = with_affixes;
       }
-      auto it = vocab_.find(piece);
-      if (it != vocab_.end()) id = it->second;
+      id = vocab_.find(piece);
     }
     pos += len;
     if (id >= 0) {

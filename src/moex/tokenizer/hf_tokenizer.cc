@@ -75,12 +75,74 @@ void parse_post_processor(const nlohmann::json& j, const std::string& where, Tem
   unsupported(where, type, "TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence");
 }
 
+// Parser callback that moves model.vocab and model.merges into `out` and keeps them out of the JSON tree.
+nlohmann::json::parser_callback_t bpe_capture(BpeData& out, const std::string& where) {
+  using Event = nlohmann::json::parse_event_t;
+  struct State {
+    std::string top_key, model_key, vocab_key;
+    std::vector<std::string> pair;
+  };
+  auto st = std::make_shared<State>();
+  return [&out, st, where](int depth, Event event, nlohmann::json& parsed) -> bool {
+    if (event == Event::key && depth == 1) st->top_key = parsed.get<std::string>();
+    if (st->top_key != "model") return true;
+    if (event == Event::key && depth == 2) {
+      st->model_key = parsed.get<std::string>();
+      out.has_vocab = out.has_vocab || st->model_key == "vocab";
+      out.has_merges = out.has_merges || st->model_key == "merges";
+      return true;
+    }
+    if (depth < 3) return true;
+    if (st->model_key == "vocab") {
+      if (event == Event::key) {
+        st->vocab_key = parsed.get<std::string>();
+        return false;
+      }
+      if (event == Event::value && depth == 3) {
+        if (!parsed.is_number_integer() || parsed.get<int64_t>() < 0 || parsed.get<int64_t>() > INT32_MAX)
+          throw FormatError(fmt::format("{}.vocab[\"{}\"]: expected a non-negative integer id, found {}", where,
+                                        st->vocab_key, parsed.dump()));
+        out.vocab.emplace_back(std::move(st->vocab_key), parsed.get<int32_t>());
+        return false;
+      }
+      throw FormatError(fmt::format("{}.vocab[\"{}\"]: expected a non-negative integer id", where, st->vocab_key));
+    }
+    if (st->model_key == "merges") {
+      const size_t rank = out.merges.size();
+      if (event == Event::value && depth == 3) {  // "a b" (older files)
+        const std::string* s = parsed.is_string() ? parsed.get_ptr<const std::string*>() : nullptr;
+        const size_t space = s ? s->find(' ', 1) : std::string::npos;
+        if (space == std::string::npos)
+          throw FormatError(fmt::format("{}.merges[{}]: expected \"left right\" or [left, right], found {}", where,
+                                        rank, parsed.dump()));
+        out.merges.emplace_back(s->substr(0, space), s->substr(space + 1));
+        return false;
+      }
+      if (event == Event::array_start && depth == 3) {
+        st->pair.clear();
+        return true;
+      }
+      if (event == Event::value && depth == 4 && parsed.is_string()) {
+        st->pair.push_back(std::move(parsed.get_ref<std::string&>()));
+        return false;
+      }
+      if (event == Event::array_end && depth == 3 && st->pair.size() == 2) {
+        out.merges.emplace_back(std::move(st->pair[0]), std::move(st->pair[1]));
+        return false;
+      }
+      throw FormatError(fmt::format("{}.merges[{}]: expected \"left right\" or [left, right]", where, rank));
+    }
+    return true;
+  };
+}
+
 class HfTokenizer final : public Tokenizer::Impl {
  public:
   HfTokenizer(std::string_view json_text, const std::string& name) {
+    BpeData bpe;
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(json_text);
+      j = nlohmann::json::parse(json_text, bpe_capture(bpe, name + ": model"));
     } catch (const nlohmann::json::parse_error& e) {
       throw FormatError(fmt::format("{}: not valid JSON: {}", name, e.what()));
     }
@@ -89,7 +151,7 @@ class HfTokenizer final : public Tokenizer::Impl {
     const std::string model_type = model.contains("type") ? get_string(model, "type", name + ": model") : "BPE";
     if (model_type != "BPE")
       throw FormatError(fmt::format("{}: model: type \"{}\" is not supported (supported: BPE)", name, model_type));
-    model_ = std::make_unique<BpeModel>(model, name + ": model");
+    model_ = std::make_unique<BpeModel>(model, std::move(bpe), name + ": model");
     normalizer_ = make_normalizer(j.value("normalizer", nlohmann::json()), name + ": normalizer");
     pre_tokenizer_ = make_pre_tokenizer(j.value("pre_tokenizer", nlohmann::json()), name + ": pre_tokenizer");
     decoder_ = make_decoder(j.value("decoder", nlohmann::json()), name + ": decoder");
