@@ -146,13 +146,20 @@ std::string Value::repr() const {
     case Kind::kString: return py_string_repr(*str_);
     case Kind::kList: {
       std::string s = "[";
-      for (size_t idx = 0; idx < list_->size(); ++idx) s += (idx ? ", " : "") + (*list_)[idx].repr();
+      for (size_t idx = 0; idx < list_->size(); ++idx) {
+        if (idx) s += ", ";
+        s += (*list_)[idx].repr();
+      }
       return s + "]";
     }
     case Kind::kDict: {
       std::string s = "{";
-      for (size_t idx = 0; idx < dict_->size(); ++idx)
-        s += (idx ? ", " : "") + py_string_repr((*dict_)[idx].first) + ": " + (*dict_)[idx].second.repr();
+      for (size_t idx = 0; idx < dict_->size(); ++idx) {
+        if (idx) s += ", ";
+        s += py_string_repr((*dict_)[idx].first);
+        s += ": ";
+        s += (*dict_)[idx].second.repr();
+      }
       return s + "}";
     }
     case Kind::kFunction: return "<function>";
@@ -161,8 +168,13 @@ std::string Value::repr() const {
 }
 
 std::string Value::to_json(int indent, int depth) const {
-  const std::string nl = indent >= 0 ? "\n" + std::string(static_cast<size_t>(indent * (depth + 1)), ' ') : "";
-  const std::string close_nl = indent >= 0 ? "\n" + std::string(static_cast<size_t>(indent * depth), ' ') : "";
+  std::string nl, close_nl;  // appended, not built with operator+ (GCC 12 -Wrestrict false positive)
+  if (indent >= 0) {
+    nl.push_back('\n');
+    nl.append(static_cast<size_t>(indent * (depth + 1)), ' ');
+    close_nl.push_back('\n');
+    close_nl.append(static_cast<size_t>(indent * depth), ' ');
+  }
   const std::string sep = indent >= 0 ? "," : ", ";
   switch (kind_) {
     case Kind::kUndefined:
@@ -174,14 +186,23 @@ std::string Value::to_json(int indent, int depth) const {
     case Kind::kList: {
       if (list_->empty()) return "[]";
       std::string s = "[";
-      for (size_t idx = 0; idx < list_->size(); ++idx) s += (idx ? sep : "") + nl + (*list_)[idx].to_json(indent, depth + 1);
+      for (size_t idx = 0; idx < list_->size(); ++idx) {
+        if (idx) s += sep;
+        s += nl;
+        s += (*list_)[idx].to_json(indent, depth + 1);
+      }
       return s + close_nl + "]";
     }
     case Kind::kDict: {
       if (dict_->empty()) return "{}";
       std::string s = "{";
-      for (size_t idx = 0; idx < dict_->size(); ++idx)
-        s += (idx ? sep : "") + nl + json_string((*dict_)[idx].first) + ": " + (*dict_)[idx].second.to_json(indent, depth + 1);
+      for (size_t idx = 0; idx < dict_->size(); ++idx) {
+        if (idx) s += sep;
+        s += nl;
+        s += json_string((*dict_)[idx].first);
+        s += ": ";
+        s += (*dict_)[idx].second.to_json(indent, depth + 1);
+      }
       return s + close_nl + "}";
     }
     case Kind::kFunction: throw UsageError("chat template: tojson cannot serialize a function");

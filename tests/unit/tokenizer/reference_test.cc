@@ -19,7 +19,10 @@ nlohmann::json load_fixture(const std::string& family) {
 
 std::string show(const std::vector<int32_t>& ids) {
   std::string s;
-  for (size_t idx = 0; idx < ids.size(); ++idx) s += (idx ? "," : "") + std::to_string(ids[idx]);
+  for (size_t idx = 0; idx < ids.size(); ++idx) {
+    if (idx) s += ',';
+    s += std::to_string(ids[idx]);
+  }
   return s;
 }
 
