@@ -1,6 +1,6 @@
-// Causal GQA attention over an fp32 KV cache. One task is one (head, query) pair; tasks of the same
-// head are adjacent so a thread's consecutive tasks reread the same K/V rows from cache. Softmax is
-// online over blocks of kKeyBlock keys: the running max keeps every exp argument <= 0.
+// Causal GQA attention over an fp32 KV cache. One task is a block of up to 4 queries of one head;
+// tasks of the same head are adjacent so a thread's consecutive tasks reread the same K/V rows from
+// cache. Softmax is online over blocks of kKeyBlock keys: the running max keeps every exp argument <= 0.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -113,6 +113,70 @@ void attend_one(const float* q, const float* k, const float* v, int64_t stride, 
   for (int64_t d = 0; d < head_dim; ++d) out[d] = acc[d] * inv;
 }
 
+#ifdef MOEX_CPU_AVX2
+// kQ consecutive queries of one head, query i seeing keys [0, len0 + i): every K and V row load is
+// shared by the kQ queries (prefill), and one hadd tree yields the kQ scores of a key. Keys past a
+// query's position are masked to -inf, which exp maps to 0. Needs head_dim % 8 == 0.
+template <int kQ>
+void attend_queries(const float* q, int64_t q_stride, const float* k, const float* v, int64_t stride, int64_t len0,
+                    int64_t head_dim, float scale, float* out, int64_t out_stride) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  alignas(32) float acc[kQ][kMaxHeadDim];
+  alignas(32) float scores[kQ][kKeyBlock];
+  float running_max[kQ], running_sum[kQ], correction[kQ];
+  for (int qi = 0; qi < kQ; ++qi) {
+    std::fill(acc[qi], acc[qi] + head_dim, 0.0f);
+    running_max[qi] = kNegInf;
+    running_sum[qi] = 0.0f;
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t len_last = len0 + kQ - 1;
+  for (int64_t key = 0; key < len_last; key += kKeyBlock) {
+    int64_t num = std::min(kKeyBlock, len_last - key);
+    for (int64_t j = 0; j < num; ++j) {
+      const float* krow = k + (key + j) * stride;
+      __m256 a[kQ];
+      for (int qi = 0; qi < kQ; ++qi) a[qi] = zero;
+      for (int64_t d = 0; d < head_dim; d += 8) {
+        __m256 kv = _mm256_loadu_ps(krow + d);
+#pragma GCC unroll 4
+        for (int qi = 0; qi < kQ; ++qi) a[qi] = _mm256_fmadd_ps(_mm256_loadu_ps(q + qi * q_stride + d), kv, a[qi]);
+      }
+      alignas(16) float s[4];
+      _mm_store_ps(s, _mm_mul_ps(hsum4(a[0], kQ > 1 ? a[kQ > 1 ? 1 : 0] : zero, kQ > 2 ? a[kQ > 2 ? 2 : 0] : zero,
+                                       kQ > 3 ? a[kQ > 3 ? 3 : 0] : zero),
+                                 _mm_set1_ps(scale)));
+      for (int qi = 0; qi < kQ; ++qi) scores[qi][j] = key + j < len0 + qi ? s[qi] : kNegInf;
+    }
+    for (int qi = 0; qi < kQ; ++qi) {
+      float block_max = kNegInf;
+      for (int64_t j = 0; j < num; ++j) block_max = std::max(block_max, scores[qi][j]);
+      float new_max = std::max(running_max[qi], block_max);
+      correction[qi] = running_max[qi] == kNegInf ? 0.0f : std::exp(running_max[qi] - new_max);
+      float block_sum = exp_shifted(scores[qi], num, new_max);
+      running_sum[qi] = running_sum[qi] * correction[qi] + block_sum;
+      running_max[qi] = new_max;
+    }
+    for (int64_t d = 0; d < head_dim; d += 8) {
+      __m256 a[kQ];
+#pragma GCC unroll 4
+      for (int qi = 0; qi < kQ; ++qi) a[qi] = _mm256_mul_ps(_mm256_load_ps(acc[qi] + d), _mm256_set1_ps(correction[qi]));
+      for (int64_t j = 0; j < num; ++j) {
+        __m256 vv = _mm256_loadu_ps(v + (key + j) * stride + d);
+#pragma GCC unroll 4
+        for (int qi = 0; qi < kQ; ++qi) a[qi] = _mm256_fmadd_ps(_mm256_set1_ps(scores[qi][j]), vv, a[qi]);
+      }
+#pragma GCC unroll 4
+      for (int qi = 0; qi < kQ; ++qi) _mm256_store_ps(acc[qi] + d, a[qi]);
+    }
+  }
+  for (int qi = 0; qi < kQ; ++qi) {
+    float inv = 1.0f / running_sum[qi];
+    for (int64_t d = 0; d < head_dim; ++d) out[qi * out_stride + d] = acc[qi][d] * inv;
+  }
+}
+#endif
+
 }  // namespace
 
 void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t n,
@@ -121,16 +185,34 @@ void attention(ThreadPool& pool, const float* q, const float* k_cache, const flo
   MOEX_ASSERT(kv_heads > 0 && heads % kv_heads == 0, "heads {} not a multiple of kv_heads {}", heads, kv_heads);
   int64_t group = heads / kv_heads;
   int64_t stride = kv_heads * head_dim;
-  // Work per task grows with the context; short contexts need bigger chunks to pay for a wake-up.
-  int64_t min_tasks = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, (start_pos + n) * head_dim));
-  pool.parallel_for(heads * n, min_tasks, [&](int64_t begin, int64_t end) {
+  // A task is up to kQueryBlock consecutive queries of one head (they share K/V loads); tasks of one
+  // head are adjacent. Work per task grows with the context: short contexts need bigger chunks.
+  constexpr int64_t kQueryBlock = 4;
+  int64_t blocks = (n + kQueryBlock - 1) / kQueryBlock;
+  int64_t min_tasks = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, (start_pos + n) * head_dim * kQueryBlock));
+  int64_t q_stride = heads * head_dim;
+  pool.parallel_for(heads * blocks, min_tasks, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      int64_t head = task / n;
-      int64_t token = task % n;
+      int64_t head = task / blocks;
+      int64_t token = task % blocks * kQueryBlock;
+      int64_t num_queries = std::min(kQueryBlock, n - token);
       int64_t kv_head = head / group;
       int64_t offset = (token * heads + head) * head_dim;
-      attend_one(q + offset, k_cache + kv_head * head_dim, v_cache + kv_head * head_dim, stride,
-                 start_pos + token + 1, head_dim, scale, out + offset);
+      const float* k = k_cache + kv_head * head_dim;
+      const float* v = v_cache + kv_head * head_dim;
+      int64_t len0 = start_pos + token + 1;
+#ifdef MOEX_CPU_AVX2
+      if (head_dim % 8 == 0 && num_queries > 1) {
+        switch (num_queries) {
+          case 2: attend_queries<2>(q + offset, q_stride, k, v, stride, len0, head_dim, scale, out + offset, q_stride); continue;
+          case 3: attend_queries<3>(q + offset, q_stride, k, v, stride, len0, head_dim, scale, out + offset, q_stride); continue;
+          case 4: attend_queries<4>(q + offset, q_stride, k, v, stride, len0, head_dim, scale, out + offset, q_stride); continue;
+          default: break;
+        }
+      }
+#endif
+      for (int64_t i = 0; i < num_queries; ++i)
+        attend_one(q + offset + i * q_stride, k, v, stride, len0 + i, head_dim, scale, out + offset + i * q_stride);
     }
   });
 }
