@@ -30,6 +30,12 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
       ->check(CLI::IsMember({"none", "pregate", "frequency", "stride", "recency", "affinity", "eam"}));
   sub->add_option("--lookahead-layers", options->lookahead_layers, "MoE layers ahead that prefetch covers")
       ->check(CLI::PositiveNumber);
+  sub->add_flag("--cpu-experts", options->cpu_experts,
+                "with --gpu-memory: run missed experts on the host CPU where that beats copying them over PCIe");
+  sub->add_option("--host-read-gbs", options->host_read_gbs, "host DRAM read bandwidth for --cpu-experts' cost model")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--copy-gbs", options->copy_gbs, "pinned host-to-GPU bandwidth for --cpu-experts' cost model")
+      ->check(CLI::PositiveNumber);
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
 }
@@ -68,6 +74,11 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
   engine.per_layer_cache = options.per_layer_cache;
   engine.predictor = options.predictor;
   engine.lookahead_layers = options.lookahead_layers;
+  engine.cpu_experts = options.cpu_experts;
+  engine.host_read_gbs = options.host_read_gbs;
+  engine.copy_gbs = options.copy_gbs;
+  if (options.cpu_experts && options.gpu_memory.empty())
+    throw UsageError("--cpu-experts needs --device cuda and --gpu-memory (it decides copy vs CPU per missed expert)");
   if (!options.host_memory.empty()) {
     if (options.device != "cpu")
       throw UsageError("--host-memory bounds the CPU backend's expert RAM; with --device cuda use --gpu-memory");

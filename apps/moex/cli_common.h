@@ -26,6 +26,9 @@ struct ModelOptions {
   bool per_layer_cache = false;
   std::string predictor = "none";
   int32_t lookahead_layers = 1;
+  bool cpu_experts = false;
+  double host_read_gbs = 100.0;
+  double copy_gbs = 50.0;
 };
 
 // Declares -m, --load-format, --device, --threads on sub.

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -98,6 +99,31 @@ class Backend {
   // nothing: the offloading path runs a layer's experts in waves). out is overwritten.
   virtual void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
                            const TensorView& out) = 0;
+  // route() then moe_experts() for a layer whose experts are all resident, without the routing reaching
+  // the host: a backend may keep ids and weights on its device (no host round trip per MoE layer). experts
+  // is the layer's whole table (every entry valid); the same data pointer must always carry the same
+  // contents, so that a backend may cache what it derives from it (CUDA: a device copy of the pointers).
+  // Whether moe_routed() saves anything over route() + moe_experts() here (a device round trip per MoE
+  // layer); the decoder keeps host-side routing, and the providers' per-expert hit counts, otherwise.
+  virtual bool prefers_device_routing() const { return false; }
+  virtual void moe_routed(const TensorView& x, const TensorView& logits, int64_t top_k, RouterScoring scoring,
+                          bool normalize, std::span<const ExpertWeights> experts, const TensorView& out) {
+    Routing routing;
+    route(logits, top_k, scoring, normalize, &routing);
+    moe_experts(x, routing, experts, out);
+  }
+
+  // ---- decode-step recording (optional) ---------------------------------------------------------
+  // Runs the ops of one single-token step (token at position). A backend may record ops() once per
+  // context-length bucket and replay the recording for later steps (CUDA graphs). ops() must then depend
+  // on token and position only through the embedding, rope, kv_write and attention ops of one row, must
+  // not read anything back to the host, and must touch the same buffers each time: call
+  // reset_step_recordings() when a buffer it uses is reallocated. Default: runs ops().
+  virtual void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) {
+    (void)token, (void)position;
+    ops();
+  }
+  virtual void reset_step_recordings() {}
 };
 
 }  // namespace moex

@@ -17,7 +17,7 @@ namespace {
 // Scratch slots: one buffer each, grown on demand and reused every step.
 enum Slot : int {
   kResidual, kNormed, kQ, kK, kV, kAttn, kProj, kRouterLogits, kFfnOut, kGate, kUp, kAct, kShared, kSharedGate,
-  kLogits, kPartial, kLookahead, kNumSlots
+  kLogits, kPartial, kLookahead, kHostPartial, kNumSlots
 };
 }  // namespace
 
@@ -72,6 +72,7 @@ void Decoder::reserve(int64_t max_seq_len) {
     }
   }
   kv_cache_ = std::move(grown);
+  backend_.reset_step_recordings();
   max_seq_len_ = max_seq_len;
 }
 
@@ -81,6 +82,7 @@ TensorView Decoder::scratch(int slot, Shape shape) {
     Shape grown = shape;
     grown.dims[0] = std::max<int64_t>(shape[0], buffer ? buffer->view.dim(0) * 2 : shape[0]);
     buffer = backend_.alloc(DType::kF32, Shape{grown.numel()});
+    backend_.reset_step_recordings();  // recorded steps name the old buffer
   }
   return TensorView(buffer->view.data, DType::kF32, shape, buffer->view.device);
 }
@@ -99,7 +101,7 @@ void Decoder::run_experts(int32_t moe_layer_idx, const TensorView& h, const Tens
   experts_.acquire(moe_layer_idx, routing_, h, &expert_table_);
   auto resident = [&](int32_t id) { return id >= 0 && expert_table_[id].valid(); };
   if (std::all_of(routing_.expert_ids.begin(), routing_.expert_ids.end(), resident)) {
-    backend_.moe_experts(h, routing_, expert_table_, out);
+    moe_wave(routing_, h, out);
     experts_.release(moe_layer_idx);
     return;
   }
@@ -117,12 +119,42 @@ void Decoder::run_experts(int32_t moe_layer_idx, const TensorView& h, const Tens
       if (now) pending_.expert_ids[idx] = -1;
       remaining |= pending_.expert_ids[idx] >= 0;
     }
-    backend_.moe_experts(h, wave_, expert_table_, first ? out : partial);
+    moe_wave(wave_, h, first ? out : partial);
     if (!first) backend_.add(out, partial, out);
     experts_.release(moe_layer_idx);
     if (!remaining) return;
     experts_.acquire(moe_layer_idx, pending_, h, &expert_table_);
   }
+}
+
+void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorView& out) {
+  auto on_host = [&](int32_t id) {
+    return id >= 0 && expert_table_[id].gate.device == Device::kCpu && backend_.device() != Device::kCpu;
+  };
+  if (std::none_of(wave.expert_ids.begin(), wave.expert_ids.end(), on_host)) {
+    backend_.moe_experts(h, wave, expert_table_, out);
+    return;
+  }
+  MOEX_ASSERT(host_backend_, "the expert provider handed over host experts but the decoder has no host backend");
+  host_wave_ = wave;
+  device_wave_ = wave;
+  for (size_t idx = 0; idx < wave.expert_ids.size(); ++idx) {
+    if (on_host(wave.expert_ids[idx])) device_wave_.expert_ids[idx] = -1;
+    else host_wave_.expert_ids[idx] = -1;
+  }
+  const int64_t n = h.dim(0), hidden = h.dim(1);
+  h_host_.resize(static_cast<size_t>(n * hidden));
+  out_host_.resize(static_cast<size_t>(n * hidden));
+  // h reaches the host before the GPU's expert launch (copy_to_host waits for the stream), so the GPU
+  // runs its resident experts while the CPU runs the missed ones.
+  backend_.copy_to_host(h, h_host_.data());
+  backend_.moe_experts(h, device_wave_, expert_table_, out);
+  const TensorView h_view(h_host_.data(), DType::kF32, Shape{n, hidden});
+  const TensorView out_view(out_host_.data(), DType::kF32, Shape{n, hidden});
+  host_backend_->moe_experts(h_view, host_wave_, expert_table_, out_view);
+  const TensorView from_host = scratch(kHostPartial, Shape{n, hidden});
+  backend_.copy_from_host(out_host_.data(), from_host);
+  backend_.add(out, from_host, out);
 }
 
 void Decoder::end_sequence() { experts_.end_sequence(); }
@@ -151,10 +183,28 @@ void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_
                                    cfg_.vocab_size, cfg_.vocab_size - 1));
   if (start_pos + n > max_seq_len_) reserve(std::max(start_pos + n, max_seq_len_ * 2));
 
-  const int64_t hidden = cfg_.hidden_size, heads = cfg_.num_heads, kv_heads = cfg_.num_kv_heads, hd = cfg_.head_dim;
   std::vector<int32_t> positions(n);
   for (int64_t idx = 0; idx < n; ++idx) positions[idx] = static_cast<int32_t>(start_pos + idx);
 
+  // All-resident experts and nobody who needs the routing on the host: the backend routes on its device,
+  // and a single-token step becomes one recordable sequence of ops (CUDA graphs).
+  const bool device_routing = backend_.prefers_device_routing() && experts_.all_resident() && observer == nullptr &&
+                              experts_.lookahead_layers() == 0;
+  auto ops = [&] { run_layers(ids, start_pos, positions, all_logits, logits != nullptr, device_routing, observer); };
+  if (n == 1 && device_routing)
+    backend_.decode_step(ids[0], start_pos, ops);
+  else
+    ops();
+  if (!logits) return;
+  const int64_t rows = all_logits ? n : 1;
+  logits->resize(static_cast<size_t>(rows * cfg_.vocab_size));
+  backend_.copy_to_host(scratch(kLogits, Shape{rows, cfg_.vocab_size}), logits->data());
+}
+
+void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::span<const int32_t> positions,
+                         bool all_logits, bool want_logits, bool device_routing, RouterObserver* observer) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t hidden = cfg_.hidden_size, heads = cfg_.num_heads, kv_heads = cfg_.num_kv_heads, hd = cfg_.head_dim;
   TensorView x = scratch(kResidual, Shape{n, hidden});
   backend_.embedding(ids, embed_, x);
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
@@ -206,14 +256,19 @@ void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_
     if (host_layer.is_moe) {
       TensorView router_logits = scratch(kRouterLogits, Shape{n, cfg_.num_experts});
       backend_.linear(h, layer.router, nullptr, router_logits);
-      backend_.route(router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob, &routing_);
-      if (observer) {
-        router_host_.resize(static_cast<size_t>(n * cfg_.num_experts));
-        backend_.copy_to_host(router_logits, router_host_.data());
-        observer->on_router(host_layer.moe_layer_idx, start_pos, router_host_, routing_);
+      if (device_routing) {
+        backend_.moe_routed(h, router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob,
+                            experts_.resident_layer(host_layer.moe_layer_idx), ffn_out);
+      } else {
+        backend_.route(router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob, &routing_);
+        if (observer) {
+          router_host_.resize(static_cast<size_t>(n * cfg_.num_experts));
+          backend_.copy_to_host(router_logits, router_host_.data());
+          observer->on_router(host_layer.moe_layer_idx, start_pos, router_host_, routing_);
+        }
+        if (experts_.lookahead_layers() > 0) pregate(host_layer.moe_layer_idx, h);
+        run_experts(host_layer.moe_layer_idx, h, ffn_out);
       }
-      if (experts_.lookahead_layers() > 0) pregate(host_layer.moe_layer_idx, h);
-      run_experts(host_layer.moe_layer_idx, h, ffn_out);
       if (layer.shared_expert.valid()) {
         TensorView shared = scratch(kShared, Shape{n, hidden});
         swiglu(h, layer.shared_expert, cfg_.shared_expert_ffn_size, shared);
@@ -230,15 +285,12 @@ void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_
     }
     backend_.add(x, ffn_out, x);
   }
-  if (!logits) return;
+  if (!want_logits) return;
   const int64_t rows = all_logits ? n : 1;
   TensorView last = x.rows(n - rows, rows);
   TensorView normed = scratch(kNormed, Shape{rows, hidden});
   backend_.rms_norm(last, final_norm_, static_cast<float>(cfg_.rms_norm_eps), normed);
-  TensorView out = scratch(kLogits, Shape{rows, cfg_.vocab_size});
-  backend_.linear(normed, lm_head_, nullptr, out);
-  logits->resize(static_cast<size_t>(rows * cfg_.vocab_size));
-  backend_.copy_to_host(out, logits->data());
+  backend_.linear(normed, lm_head_, nullptr, scratch(kLogits, Shape{rows, cfg_.vocab_size}));
 }
 
 }  // namespace moex

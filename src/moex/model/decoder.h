@@ -27,6 +27,9 @@ class Decoder {
  public:
   // Uploads the non-expert weights to the backend. cfg, weights, backend and experts must outlive it.
   Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& backend, ExpertProvider& experts);
+  // A CPU backend for experts the provider hands over as host views (CPU execution of missed experts
+  // while the main backend is a GPU). Not owned; must outlive the decoder.
+  void set_host_backend(Backend* host_backend) { host_backend_ = host_backend; }
   ~Decoder();
 
   // Sizes the KV cache for sequences up to max_seq_len tokens (keeps the current contents' prefix).
@@ -43,11 +46,16 @@ class Decoder {
  private:
   struct DeviceLayer;
   TensorView scratch(int slot, Shape shape);
+  // The step's ops from embedding to the lm head (left in the kLogits scratch when want_logits).
+  void run_layers(std::span<const int32_t> ids, int64_t start_pos, std::span<const int32_t> positions,
+                  bool all_logits, bool want_logits, bool device_routing, RouterObserver* observer);
   void swiglu(const TensorView& x, const ExpertWeights& mlp, int64_t ffn, const TensorView& out);
   // routing_'s experts on h into out, in waves when the provider cannot hold them all at once.
   void run_experts(int32_t moe_layer_idx, const TensorView& h, const TensorView& out);
   // Feeds the provider the next MoE layers' router logits on the last token of h.
   void pregate(int32_t moe_layer_idx, const TensorView& h);
+  // One wave of experts; those given as host views run on host_backend_ at the same time as the rest.
+  void moe_wave(const Routing& wave, const TensorView& h, const TensorView& out);
 
   const ModelConfig& cfg_;
   const ModelWeights& host_;
@@ -62,6 +70,9 @@ class Decoder {
   Routing routing_, pending_, wave_;
   std::vector<float> router_host_, lookahead_host_;
   std::vector<int32_t> moe_layers_;  // layer index of each MoE layer
+  Backend* host_backend_ = nullptr;
+  Routing host_wave_, device_wave_;
+  std::vector<float> h_host_, out_host_;
 };
 
 }  // namespace moex

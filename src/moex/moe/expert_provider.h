@@ -27,6 +27,7 @@ struct ExpertProviderStats {
   double stall_ms = 0;         // time the step waited for expert weights
   int64_t prefetch_issued = 0;
   int64_t prefetch_used = 0;   // prefetched experts that were requested before eviction
+  int64_t cpu_computed = 0;    // misses run on the host CPU instead of being copied (counted in misses)
 };
 
 class ExpertProvider {
@@ -53,6 +54,17 @@ class ExpertProvider {
   virtual void release(int32_t layer_idx) = 0;
   // Marks the end of a request (sequence), for predictors that learn per-request activation.
   virtual void end_sequence() {}
+
+  // True when every expert of every layer stays resident for the provider's life and acquire() only hands
+  // out resident_layer(): the decoder may then route on the device and skip acquire()/release() (no host
+  // round trip per MoE layer), unless it needs host-side routing for other reasons (observers, lookahead).
+  virtual bool all_resident() const { return false; }
+  // The layer's resident table (indexed by expert id), valid while the provider lives; only when
+  // all_resident().
+  virtual std::span<const ExpertWeights> resident_layer(int32_t layer_idx) const {
+    (void)layer_idx;
+    return {};
+  }
 
   virtual ExpertProviderStats stats() const { return {}; }
 };

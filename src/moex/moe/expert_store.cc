@@ -138,6 +138,16 @@ int32_t ExpertStore::assign_slot(ExpertKey key) {
   return slot_idx;
 }
 
+const ExpertWeights& ExpertStore::source(ExpertKey key) {
+  const size_t key_idx = index(key);
+  const ExpertWeights& src = source_[key.layer_idx][key.expert_idx];
+  if (verify_ && !verified_[key_idx]) {
+    verify_source(key, src);
+    verified_[key_idx] = 1;
+  }
+  return src;
+}
+
 ExpertWeights ExpertStore::load(ExpertKey key) {
   const size_t key_idx = index(key);
   MOEX_ASSERT(slot_of_[key_idx] < 0, "expert ({}, {}) loaded twice", key.layer_idx, key.expert_idx);

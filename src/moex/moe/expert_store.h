@@ -40,6 +40,9 @@ class ExpertStore {
 
   int32_t num_layers() const { return static_cast<int32_t>(source_.size()); }
   int32_t num_experts(int32_t layer_idx) const { return static_cast<int32_t>(source_[layer_idx].size()); }
+  // The source-tier (host) views of an expert, for computing it on the CPU without loading it
+  // (checked for corruption on first use, like a load).
+  const ExpertWeights& source(ExpertKey key);
   // Bytes of one expert (gate + up + down) of a layer in the source dtype.
   int64_t expert_bytes(int32_t layer_idx) const;
 

@@ -145,6 +145,36 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   for (const ExpertKey& key : evicted_) store_->free(key);
 
   experts->assign(static_cast<size_t>(num_experts), ExpertWeights{});
+  // Misses that run on the host CPU: balance the step's missed bytes between the CPU reading them and
+  // PCIe copying them, each path's finish time = bytes assigned / its bandwidth.
+  to_cpu_.clear();
+  if (config_.cpu_experts) {
+    tokens_per_expert_.assign(static_cast<size_t>(num_experts), 0);
+    for (int32_t id : routing.expert_ids)
+      if (id >= 0) ++tokens_per_expert_[id];
+    double cpu_ms = 0, copy_ms = 0;
+    for (size_t idx = 0; idx < keys_.size(); ++idx) {
+      if (outcomes_[idx] != CacheOutcome::kMiss) continue;
+      const ExpertKey key = keys_[idx];
+      const double bytes = static_cast<double>(store_->expert_bytes(layer_idx));
+      const double on_cpu = bytes / (config_.host_read_gbs * 1e6), on_copy = bytes / (config_.copy_gbs * 1e6);
+      if (tokens_per_expert_[key.expert_idx] <= config_.cpu_max_tokens && cpu_ms + on_cpu <= copy_ms + on_copy) {
+        cpu_ms += on_cpu;
+        outcomes_[idx] = CacheOutcome::kNoRoom;  // handled below, not loaded
+        to_cpu_.push_back(key);
+      } else {
+        copy_ms += on_copy;
+      }
+    }
+    // The cache made room for these; give it back: a CPU-run expert is not cached.
+    cache_->release(to_cpu_);
+    for (const ExpertKey& key : to_cpu_) {
+      cache_->erase(key);
+      ++stats_.misses;
+      ++stats_.cpu_computed;
+      (*experts)[key.expert_idx] = store_->source(key);
+    }
+  }
   auto start = std::chrono::steady_clock::now();
   bool loaded_any = false;
   for (size_t idx = 0; idx < keys_.size(); ++idx) {
@@ -167,7 +197,7 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   }
   if (loaded_any)
     stats_.stall_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  if (pinned_.empty() && !keys_.empty())
+  if (pinned_.empty() && to_cpu_.empty() && !keys_.empty())
     throw BudgetError(fmt::format("MoE layer {}: no expert fits in the expert memory budget ({} bytes in use of {})",
                                   layer_idx, cache_->used(layer_idx), cache_->capacity()));
   if (first_wave) observe_and_prefetch(layer_idx, routing);

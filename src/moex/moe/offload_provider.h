@@ -26,6 +26,14 @@ struct OffloadConfig {
   std::string predictor = "none";
   int32_t lookahead_layers = 1;
   int32_t prefetch_per_layer = 0;
+  // CPU execution of missed experts (when the fast tier is not host memory): a missed expert routed
+  // to at most cpu_max_tokens tokens may run on the host CPU from its source-tier copy instead of
+  // crossing PCIe. Each miss goes to whichever path finishes first given the work already assigned
+  // this step, from the two bandwidths (both paths run at once).
+  bool cpu_experts = false;
+  int64_t cpu_max_tokens = 4;
+  double host_read_gbs = 100.0;  // host DRAM read bandwidth of the CPU expert kernels
+  double copy_gbs = 50.0;        // pinned host-to-device copy bandwidth
 };
 
 class OffloadingExpertProvider : public ExpertProvider {
@@ -68,6 +76,8 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::vector<std::vector<int32_t>> last_prediction_; // [layer]: the experts last predicted for it
   PredictionStats prediction_;
   std::vector<ScoredExpert> scored_;
+  std::vector<int64_t> tokens_per_expert_;
+  std::vector<ExpertKey> to_cpu_;
 };
 
 // Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError

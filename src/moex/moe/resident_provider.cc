@@ -33,4 +33,10 @@ void ResidentExpertProvider::acquire(int32_t layer_idx, const Routing& routing, 
     }
 }
 
+std::span<const ExpertWeights> ResidentExpertProvider::resident_layer(int32_t layer_idx) const {
+  MOEX_ASSERT(layer_idx >= 0 && static_cast<size_t>(layer_idx) < resident_.size(), "MoE layer {} of {}", layer_idx,
+              resident_.size());
+  return resident_[layer_idx];
+}
+
 }  // namespace moex

@@ -16,7 +16,10 @@ class ResidentExpertProvider : public ExpertProvider {
   void acquire(int32_t layer_idx, const Routing& routing, const TensorView& hidden_states,
                std::vector<ExpertWeights>* experts) override;
   void release(int32_t /*layer_idx*/) override {}
+  // Hits count only layers routed on the host: device-side routing (all_resident) never shows the ids.
   ExpertProviderStats stats() const override { return stats_; }
+  bool all_resident() const override { return true; }
+  std::span<const ExpertWeights> resident_layer(int32_t layer_idx) const override;
 
  private:
   std::vector<std::vector<ExpertWeights>> resident_;

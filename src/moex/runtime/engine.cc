@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/core/error.h"
@@ -30,8 +31,11 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads
   throw UsageError(fmt::format("--device \"{}\": unknown device (cpu or cuda)", device));
 }
 
-Engine::Engine(const Model& model, const EngineOptions& options) : model_(model) {
-  backend_ = make_backend(options.device, options.num_threads);
+Engine::Engine(const Model& model, const EngineOptions& options)
+    : Engine(model, options, make_backend(options.device, options.num_threads)) {}
+
+Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr<Backend> backend) : model_(model) {
+  backend_ = std::move(backend);
   std::vector<std::vector<ExpertWeights>> host_experts;
   for (const LayerWeights& layer : model.weights().layers)
     if (layer.is_moe) host_experts.push_back(layer.experts);
@@ -47,11 +51,23 @@ Engine::Engine(const Model& model, const EngineOptions& options) : model_(model)
     offload.scope = options.per_layer_cache ? CacheScope::kPerLayer : CacheScope::kGlobal;
     offload.predictor = options.predictor;
     offload.lookahead_layers = options.lookahead_layers;
+    offload.cpu_experts = options.cpu_experts && backend_->device() != Device::kCpu;
+    offload.host_read_gbs = options.host_read_gbs;
+    offload.cpu_max_tokens = options.cpu_max_tokens;
+    offload.copy_gbs = options.copy_gbs;
+    if (offload.cpu_experts) {
+      // One core stays free for the thread that drives expert copies: a copy driver starved by a busy
+      // OpenMP-style pool cut host reads from 86 to 17 GB/s on the GPU machines (PEERS.md).
+      const int threads = options.num_threads > 0 ? options.num_threads
+                                                  : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1);
+      host_backend_ = make_cpu_backend(threads);
+    }
     experts_ = std::make_unique<OffloadingExpertProvider>(std::move(store), model.config().top_k, offload);
   } else {
     experts_ = std::make_unique<ResidentExpertProvider>(*backend_, host_experts);
   }
   decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_);
+  if (host_backend_) decoder_->set_host_backend(host_backend_.get());
   if (options.max_seq_len > 0) decoder_->reserve(options.max_seq_len);
 }
 

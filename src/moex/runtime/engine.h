@@ -27,6 +27,11 @@ struct EngineOptions {
   bool per_layer_cache = false;
   std::string predictor = "none";  // expert predictor driving prefetch when offloading
   int32_t lookahead_layers = 1;
+  // GPU offloading: run missed experts on the host CPU where that beats copying them (see OffloadConfig).
+  bool cpu_experts = false;
+  int64_t cpu_max_tokens = 4;  // a miss routed to more tokens is always copied
+  double host_read_gbs = 100.0;
+  double copy_gbs = 50.0;
 };
 
 struct GenerationOptions {
@@ -50,6 +55,8 @@ class Engine {
  public:
   // model must outlive the engine. Throws UsageError for an unknown device.
   Engine(const Model& model, const EngineOptions& options);
+  // With a backend made elsewhere (options.device is then ignored): tests and embedders.
+  Engine(const Model& model, const EngineOptions& options, std::unique_ptr<Backend> backend);
   ~Engine();
 
   const ModelConfig& config() const { return model_.config(); }
@@ -73,6 +80,7 @@ class Engine {
  private:
   const Model& model_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Backend> host_backend_;  // CPU execution of missed experts next to a GPU backend
   std::unique_ptr<ExpertProvider> experts_;
   std::unique_ptr<Decoder> decoder_;
 };
