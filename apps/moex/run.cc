@@ -9,6 +9,7 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "moex/core/error.h"
+#include "moex/tokenizer/chat_template.h"
 
 namespace moex::cli {
 namespace {
@@ -44,6 +45,8 @@ CommandAction setup_run(CLI::App* sub) {
     bool seed_given = false;
     bool json = false;
     bool ignore_eos = false;
+    bool chat = false;
+    std::string system;
   };
   auto options = std::make_shared<Options>();
   add_model_options(sub, &options->model, /*model_required=*/false);
@@ -57,15 +60,20 @@ CommandAction setup_run(CLI::App* sub) {
       ->check(CLI::NonNegativeNumber);
   auto* seed = sub->add_option("--seed", options->sampling.seed, "random seed (default: random; printed in --json stats)");
   sub->add_flag("--ignore-eos", options->ignore_eos, "keep generating past end-of-sequence tokens");
+  sub->add_flag("--chat", options->chat,
+                "treat -p as a user message and render it with the checkpoint's chat template");
+  sub->add_option("--system", options->system, "with --chat: a system message before the user message");
   sub->add_flag("--json", options->json,
                 "print one JSON object {prompt_ids, output_ids, text, stats} instead of streaming text");
-  return [options, seed]() -> int {
+  return [options, seed, prompt]() -> int {
+    if (prompt->count() > 0 && options->prompt.empty()) throw UsageError("-p: the prompt is empty");
     if (seed->count() == 0) options->sampling.seed = std::random_device{}();
     auto model = load_model(options->model);
     const std::string model_dir = resolved_model_dir(options->model);
     std::unique_ptr<Tokenizer> tokenizer = load_tokenizer_if_present(model_dir);
     std::vector<int32_t> prompt_ids;
     std::string prompt_text = options->prompt;
+    if (options->chat && options->prompt.empty()) throw UsageError("--chat needs -p TEXT (the user message)");
     if (!options->prompt_ids.empty()) {
       prompt_ids = parse_id_list(options->prompt_ids, "--prompt-ids");
     } else {
@@ -73,7 +81,15 @@ CommandAction setup_run(CLI::App* sub) {
       if (!prompt_text.empty()) {
         if (!tokenizer)
           throw UsageError(fmt::format("-p: {} has no tokenizer.json or tokenizer.model; pass --prompt-ids", model_dir));
-        prompt_ids = tokenizer->encode(prompt_text, /*add_special_tokens=*/true);
+        if (options->chat) {
+          std::vector<ChatMessage> messages;
+          if (!options->system.empty()) messages.push_back({"system", options->system});
+          messages.push_back({"user", prompt_text});
+          // Templates write BOS and turn markers themselves: encode without the post-processor's tokens.
+          prompt_ids = tokenizer->encode(ChatTemplate::from_tokenizer(*tokenizer).apply(messages), false);
+        } else {
+          prompt_ids = tokenizer->encode(prompt_text, /*add_special_tokens=*/true);
+        }
         if (prompt_ids.empty()) throw UsageError("-p: the prompt encodes to no tokens");
       } else {
         prompt_ids = kBuiltinPromptIds;
@@ -86,7 +102,7 @@ CommandAction setup_run(CLI::App* sub) {
     generation.stop_at_eos = !options->ignore_eos;
     std::unique_ptr<StreamingDecoder> stream;
     if (tokenizer) stream = std::make_unique<StreamingDecoder>(*tokenizer, /*skip_special_tokens=*/true);
-    if (!options->json && tokenizer && !prompt_text.empty()) {
+    if (!options->json && tokenizer && !prompt_text.empty() && !options->chat) {
       std::fputs(prompt_text.c_str(), stdout);
       std::fflush(stdout);
     }

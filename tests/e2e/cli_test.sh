@@ -57,7 +57,24 @@ fi
 "$moex" run -n 4 >"$tmp/out" 2>"$tmp/err" && ok || fail "moex run with no -m (embedded default model): $(cat "$tmp/err")"
 "$moex" --help >"$tmp/out" 2>&1 && grep -q "run" "$tmp/out" && ok || fail "--help"
 
+# Text in, text out with the embedded default model (it ships a tokenizer and a chat template).
+if "$moex" run -p "The old man walked" -n 8 --temperature 0 --json >"$tmp/text.json" 2>"$tmp/err"; then
+  python3 - "$tmp/text.json" <<'PY' && ok || fail "run -p text output"
+import json, sys
+out = json.load(open(sys.argv[1]))
+assert out["prompt_ids"][0] == 1 and len(out["prompt_ids"]) > 2, out["prompt_ids"]
+assert len(out["output_ids"]) == 8 and len(out["text"]) > 0, out
+PY
+else
+  fail "run -p exited non-zero: $(cat "$tmp/err")"
+fi
+"$moex" run --chat -p "Hello there." -n 4 --temperature 0 >"$tmp/out" 2>"$tmp/err" && ok || fail "run --chat: $(cat "$tmp/err")"
+
 # Bad input.
+expect_error "empty prompt" "-p: the prompt is empty" "$moex" run -p ""
+expect_error "invalid UTF-8 prompt" "not valid UTF-8" "$moex" run -p "$(printf '\xff\xfe')"
+expect_error "--chat without a prompt" "--chat needs -p TEXT" "$moex" run --chat
+expect_error "-p on a model without tokenizer" "has no tokenizer.json or tokenizer.model" "$moex" run -m "$fixture" -p "hi"
 expect_error "malformed --prompt-ids" 'is not a comma-separated list of token ids (bad item "x")' \
   "$moex" run -m "$fixture" --prompt-ids 1,x
 expect_error "empty --prompt-ids" "--prompt-ids: empty list" "$moex" logits -m "$fixture" --prompt-ids " " --json
