@@ -40,7 +40,7 @@ inline RandomTensor random_tensor(std::mt19937_64& rng, DType dtype, Shape shape
   t.dtype = dtype;
   t.shape = shape;
   int64_t count = shape.numel();
-  t.bytes.resize(static_cast<size_t>(count) * dtype_size(dtype) + 16);
+  t.bytes.resize(static_cast<size_t>(count) * dtype_size(dtype));
   t.values.resize(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) {
     float v = uniform_sym(rng, static_cast<float>(scale));
