@@ -7,7 +7,11 @@
 #                                  Model A / Model B decode at batch 1 (moex --load-format random) next to
 #                                  transformers eager in the same call, nvidia-smi power/utilisation sampled
 #                                  during each moex run; logs and JSON lines under $OUT, a table printed last.
-# Options for run: --skip-tests, --skip-kernels, --models "model_a model_b", --tokens N.
+#                                  Then `moex bench` per model: decode with recorded steps (CUDA graphs) and
+#                                  eager (MOEX_CUDA_GRAPHS=0), prefill 512/2048, against the measured HBM; and
+#                                  the 8x7B-shaped layer as the difference of a 3-layer and a 1-layer model.
+# Options for run: --skip-tests, --skip-kernels, --skip-bench, --skip-layer, --models "model_a model_b",
+#                  --tokens N.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEV=.device/cuda
@@ -27,11 +31,13 @@ prepare() {
 }
 
 run() {
-  local skip_tests=0 skip_kernels=0 models="model_a model_b" tokens=128
+  local skip_tests=0 skip_kernels=0 skip_bench=0 skip_layer=0 models="model_a model_b" tokens=128
   while [ $# -gt 0 ]; do
     case "$1" in
       --skip-tests) skip_tests=1 ;;
       --skip-kernels) skip_kernels=1 ;;
+      --skip-bench) skip_bench=1 ;;
+      --skip-layer) skip_layer=1 ;;
       --models) models="$2"; shift ;;
       --tokens) tokens="$2"; shift ;;
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
@@ -71,6 +77,34 @@ run() {
       --json "$out/peers.jsonl" >"$out/peer_$model.log" 2>&1
     echo "transformers exit $? $(tail -c 300 "$out/peer_$model.log")"
   done
+  if [ "$skip_bench" -eq 0 ]; then
+    local hbm
+    hbm=$(python3 -c "import json,sys
+for l in open(sys.argv[1]):
+    k = json.loads(l)
+    if k.get('name') == 'hbm_copy': print(round(k['gbs']))" "$out/kernels.jsonl" 2>/dev/null)
+    hbm=${hbm:-4000}
+    for model in $models; do
+      echo "== bench $model (HBM $hbm GB/s)"
+      timeout 300 "$DEV/bin/moex" bench -m "bench/cuda/models/$model" --load-format random --device cuda \
+        --prompt-lens 512,2048 --decode-tokens 64 --reps 3 --bandwidth-gbs "$hbm" --json \
+        >"$out/bench_$model.json" 2>"$out/bench_$model.err"
+      echo "bench exit $? $(head -c 400 "$out/bench_$model.json")"
+      MOEX_CUDA_GRAPHS=0 timeout 300 "$DEV/bin/moex" bench -m "bench/cuda/models/$model" --load-format random \
+        --device cuda --prompt-lens 16 --decode-tokens 64 --reps 3 --bandwidth-gbs "$hbm" --json \
+        >"$out/bench_eager_$model.json" 2>"$out/bench_eager_$model.err"
+      echo "eager bench exit $? $(head -c 400 "$out/bench_eager_$model.json")"
+    done
+    if [ "$skip_layer" -eq 0 ]; then
+      for model in mixtral_8x7b_l1 mixtral_8x7b_l3; do
+        echo "== bench $model"
+        timeout 300 "$DEV/bin/moex" bench -m "bench/cuda/models/$model" --load-format random --device cuda \
+          --prompt-lens 16 --decode-tokens 64 --reps 3 --bandwidth-gbs "$hbm" --json \
+          >"$out/bench_$model.json" 2>"$out/bench_$model.err"
+        echo "bench exit $? $(head -c 400 "$out/bench_$model.json") $(tail -c 300 "$out/bench_$model.err")"
+      done
+    fi
+  fi
   python3 - "$out" $models <<'PY'
 import json, os, sys
 out, models = sys.argv[1], sys.argv[2:]
@@ -110,6 +144,31 @@ for m in models:
           f"{f(peer / ms if peer and ms else None, 1)} | {f(util, 0)} | {f(watts, 0)} | "
           f"{f(watts * ms / 1e3 if watts and ms else None)} |")
 print(f"\ndevice: {device}; HBM (device copy, read+write): {f(hbm, 0)} GB/s")
+def bench(name):
+    path = f"{out}/bench_{name}.json"
+    try:
+        return json.load(open(path))
+    except Exception:
+        return None
+print("\n| model | decode ms/token (graphs) | eager ms/token | floor ms | % of roofline | prefill 512 tok/s | prefill 2048 tok/s |")
+print("|---|---|---|---|---|---|---|")
+for m in models:
+    b, e = bench(m), bench("eager_" + m)
+    if not b:
+        continue
+    ms = b["decode"]["ms_per_token_mean"]
+    floor = b["decode_bytes_per_token"] / (hbm * 1e9) * 1e3 if hbm else None
+    pre = {p["prompt_tokens"]: p["tokens_per_s"] for p in b["prefill"]}
+    print(f"| {m} | {f(ms)} ± {f(b['decode']['ms_per_token_stddev'])} | {f(e['decode']['ms_per_token_mean'] if e else None)} | "
+          f"{f(floor)} | {f(floor / ms * 100 if floor else None, 0)} | {f(pre.get(512), 0)} | {f(pre.get(2048), 0)} |")
+l1, l3 = bench("mixtral_8x7b_l1"), bench("mixtral_8x7b_l3")
+if l1 and l3:
+    per_ms = (l3["decode"]["ms_per_token_mean"] - l1["decode"]["ms_per_token_mean"]) / 2
+    per_bytes = (l3["decode_bytes_per_token"] - l1["decode_bytes_per_token"]) / 2
+    floor = per_bytes / (hbm * 1e9) * 1e3 if hbm else None
+    print(f"\n8x7B-shaped layer (3-layer minus 1-layer decode, / 2): {per_ms:.4f} ms, floor {f(floor, 4)} ms "
+          f"({per_bytes / 1e6:.0f} MB), {f(floor / per_ms * 100 if floor else None, 0)}% of roofline; "
+          f"1-layer {l1['decode']['ms_per_token_mean']:.4f} ms, 3-layer {l3['decode']['ms_per_token_mean']:.4f} ms")
 PY
 }
 

@@ -79,9 +79,10 @@ void Decoder::reserve(int64_t max_seq_len) {
 TensorView Decoder::scratch(int slot, Shape shape) {
   auto& buffer = scratch_[slot];
   if (!buffer || buffer->view.numel() < shape.numel()) {
-    Shape grown = shape;
-    grown.dims[0] = std::max<int64_t>(shape[0], buffer ? buffer->view.dim(0) * 2 : shape[0]);
-    buffer = backend_.alloc(DType::kF32, Shape{grown.numel()});
+    // The buffer is flat: doubling its element count (not dim 0 times the new row size, which compounded to
+    // 64 GiB on a 2048-token prefill after decode steps).
+    const int64_t grown = std::max<int64_t>(shape.numel(), buffer ? buffer->view.numel() * 2 : 0);
+    buffer = backend_.alloc(DType::kF32, Shape{grown});
     backend_.reset_step_recordings();  // recorded steps name the old buffer
   }
   return TensorView(buffer->view.data, DType::kF32, shape, buffer->view.device);

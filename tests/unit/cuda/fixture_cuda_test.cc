@@ -77,6 +77,10 @@ TEST_P(CudaFixture, MatchesTransformers) {
   greedy.sampling.temperature = 0;
   greedy.stop_at_eos = false;
   EXPECT_EQ(engine.generate(prompt, greedy).output_ids, ref["greedy_ids"].get<std::vector<int32_t>>());
+  // The greedy steps route on the device and replay a recorded step (CUDA graph); none may fall back.
+  const CudaStepGraphStats graphs = cuda_step_graph_stats(engine.backend());
+  EXPECT_EQ(graphs.failures, 0);
+  EXPECT_GT(graphs.replays, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transformers, CudaFixture, ::testing::ValuesIn(names()),

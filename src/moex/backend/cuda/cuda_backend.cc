@@ -1,17 +1,24 @@
 // CudaBackend: the Backend ops on one CUDA device and one stream. Each op validates its tensors once on the
 // host, then calls a kernel launcher (kernels/*.cuh); no op allocates except when a scratch buffer must grow
 // (never in steady-state decode). Only route() and the copy_* calls synchronise with the host.
+// Decode steps (decode_step) run in "step mode": token and position come from a small device buffer written
+// once per step, so the whole step can be recorded as a CUDA graph and replayed (step_graphs.h), and
+// moe_routed() routes and plans on the device, so no MoE layer needs the host.
 #include "moex/backend/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <unordered_map>
 #include <vector>
 
 #include "moex/backend/cuda/cuda_check.h"
 #include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/moe_plan.h"
+#include "moex/backend/cuda/step_graphs.h"
 #include "moex/backend/cuda/kernels/attention.cuh"
 #include "moex/backend/cuda/kernels/elementwise.cuh"
 #include "moex/backend/cuda/kernels/gemv.cuh"
@@ -92,12 +99,19 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     MOEX_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
     staging_ = std::make_unique<StagingRing>();
+    step_values_ = DeviceMemory(16);
+    step_host_ = PinnedMemory(16);
+    MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
+    const char* graphs = std::getenv("MOEX_CUDA_GRAPHS");  // "0": eager decode steps (A/B measurements)
+    graphs_enabled_ = !(graphs && std::string(graphs) == "0");
   }
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     cudaStreamSynchronize(copy_stream_);
     for (void* ptr : registered_) cudaHostUnregister(ptr);
+    graphs_.reset();
+    if (step_event_) cudaEventDestroy(step_event_);
     staging_.reset();
     cudaStreamDestroy(copy_stream_);
     cudaStreamDestroy(stream_);
@@ -107,11 +121,13 @@ class CudaBackend final : public Backend {
   std::string name() const override { return fmt::format("cuda:{}", device_idx_); }
 
   std::unique_ptr<Buffer> alloc(DType dtype, Shape shape) override {
+    refuse_while_capturing("alloc");
     MOEX_CUDA_CHECK(cudaSetDevice(device_idx_));
     return std::make_unique<CudaBuffer>(dtype, shape);
   }
 
   TensorView upload_weight(const TensorView& host, const std::string& name) override {
+    refuse_while_capturing("upload_weight");
     MOEX_CUDA_CHECK(cudaSetDevice(device_idx_));
     // Matrices become bf16 (the kernels' one weight format); vectors (norms, biases) fp32 for precision.
     DType target = host.shape.ndim >= 2 ? DType::kBF16 : DType::kF32;
@@ -125,7 +141,8 @@ class CudaBackend final : public Backend {
     size_t bytes = static_cast<size_t>(count) * dtype_size(target);
     void* dst = arena_.allocate(bytes);
     if (host.dtype == target) {
-      MOEX_CUDA_CHECK(cudaMemcpy(dst, host.data, bytes, cudaMemcpyHostToDevice));
+      copy_host_to_device(dst, host.data, bytes);
+      MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
     } else {
       std::vector<char> converted(bytes);
       convert(host, target, converted.data());
@@ -136,13 +153,15 @@ class CudaBackend final : public Backend {
 
   void copy_to_host(const TensorView& src, void* dst) override {
     check_device(src, "copy_to_host", "src");
+    refuse_while_capturing("copy_to_host");
     MOEX_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   void copy_from_host(const void* src, const TensorView& dst) override {
     check_device(dst, "copy_from_host", "dst");
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, stream_));
+    refuse_while_capturing("copy_from_host");
+    copy_host_to_device(dst.data, src, dst.nbytes());
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
@@ -164,7 +183,44 @@ class CudaBackend final : public Backend {
     else cudaGetLastError();  // clear it: an unregistered range only copies slower
   }
 
-  void synchronize() override { MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override {
+    refuse_while_capturing("synchronize");
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) override {
+    if (!graphs_enabled_) {
+      ops();
+      return;
+    }
+    // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on:
+    // the step before ended with a logits read-back).
+    MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
+    auto* host = static_cast<int32_t*>(step_host_.get());
+    host[0] = token;
+    host[1] = static_cast<int32_t>(position);
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(step_values_.get(), host, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
+    // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
+    int64_t bucket = 256;
+    while (bucket < position + 1) bucket *= 2;
+    step_mode_ = true;
+    step_token_ = token;
+    step_position_ = position;
+    step_bucket_keys_ = bucket;
+    try {
+      graphs_.run(bucket, stream_, ops, &capturing_);
+    } catch (...) {
+      step_mode_ = false;
+      throw;
+    }
+    step_mode_ = false;
+  }
+
+  void reset_step_recordings() override { graphs_.reset(); }
+  CudaStepGraphStats step_graph_stats() const {
+    return CudaStepGraphStats{graphs_.replays(), graphs_.captures(), graphs_.failures()};
+  }
 
   void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) override {
     check_f32(out, "embedding", "out");
@@ -175,7 +231,14 @@ class CudaBackend final : public Backend {
     MOEX_ASSERT(out.numel() == n * hidden, "cuda embedding: out {} for {} ids x {}", out.shape.str(), n, hidden);
     for (int32_t id : ids) MOEX_ASSERT(id >= 0 && id < vocab, "cuda embedding: token id {} outside [0, {})", id, vocab);
     if (n == 0) return;
-    auto* dev_ids = static_cast<const int32_t*>(staging_->upload(ids.data(), ids.size_bytes(), stream_));
+    const int32_t* dev_ids = nullptr;
+    if (step_mode_ && n == 1) {
+      MOEX_ASSERT(ids[0] == step_token_, "cuda embedding: token {} inside the decode step of token {}", ids[0],
+                  step_token_);
+      dev_ids = step_token_device();
+    } else {
+      dev_ids = static_cast<const int32_t*>(upload(ids.data(), ids.size_bytes()));
+    }
     launch_embedding(dev_ids, n, table.data, table.dtype == DType::kF32, hidden, out.as<float>(), stream_);
     MOEX_CUDA_CHECK_LAUNCH();
   }
@@ -247,7 +310,14 @@ class CudaBackend final : public Backend {
     MOEX_ASSERT(rotary_dim % 2 == 0 && rotary_dim <= head_dim, "cuda rope: rotary_dim {} for head_dim {}",
                 rotary_dim, head_dim);
     if (n == 0) return;
-    auto* dev_pos = static_cast<const int32_t*>(staging_->upload(positions.data(), positions.size_bytes(), stream_));
+    const int32_t* dev_pos = nullptr;
+    if (step_mode_ && n == 1) {
+      MOEX_ASSERT(positions[0] == step_position_, "cuda rope: position {} inside the decode step at {}",
+                  positions[0], step_position_);
+      dev_pos = step_position_device();
+    } else {
+      dev_pos = static_cast<const int32_t*>(upload(positions.data(), positions.size_bytes()));
+    }
     launch_rope(x.as<float>(), dev_pos, n, heads, head_dim, rotary_dim, theta, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
   }
@@ -264,6 +334,14 @@ class CudaBackend final : public Backend {
                 "cuda kv_write: k {} cache {}", k.shape.str(), k_cache.shape.str());
     MOEX_ASSERT(start_pos >= 0 && start_pos + n <= capacity, "cuda kv_write: rows [{}, {}) beyond cache of {}",
                 start_pos, start_pos + n, capacity);
+    if (step_mode_ && n == 1) {
+      MOEX_ASSERT(start_pos == step_position_, "cuda kv_write: row {} inside the decode step at {}", start_pos,
+                  step_position_);
+      launch_kv_write_at(k.as<float>(), v.as<float>(), k_cache.as<float>(), v_cache.as<float>(), n, row,
+                         step_position_device(), stream_);
+      MOEX_CUDA_CHECK_LAUNCH();
+      return;
+    }
     size_t offset = static_cast<size_t>(start_pos * row) * sizeof(float);
     MOEX_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(k_cache.data) + offset, k.data, k.nbytes(),
                                     cudaMemcpyDeviceToDevice, stream_));
@@ -291,6 +369,12 @@ class CudaBackend final : public Backend {
                 out.shape.str(), kAttentionMaxHeadDim);
     MOEX_ASSERT(start_pos + shape.num_queries <= k_cache.dim(0), "cuda attention: {} keys beyond cache of {}",
                 start_pos + shape.num_queries, k_cache.dim(0));
+    if (step_mode_ && shape.num_queries == 1) {
+      MOEX_ASSERT(start_pos == step_position_, "cuda attention: position {} inside the decode step at {}",
+                  start_pos, step_position_);
+      shape.start_pos = step_bucket_keys_ - 1;
+      shape.device_start_pos = step_position_device();
+    }
     void* ws = workspace(attention_workspace_bytes(shape, num_sms_));
     launch_attention(q.as<float>(), k_cache.as<float>(), v_cache.as<float>(), out.as<float>(), shape, scale, ws,
                      num_sms_, stream_);
@@ -325,6 +409,7 @@ class CudaBackend final : public Backend {
     MOEX_ASSERT(num_experts <= kRouterMaxExperts && top_k >= 1 && top_k <= std::min<int64_t>(kRouterMaxTopK, num_experts),
                 "cuda route: {} experts (max {}), top_k {} (max {})", num_experts, kRouterMaxExperts, top_k,
                 kRouterMaxTopK);
+    refuse_while_capturing("route");
     routing->num_tokens = n;
     routing->top_k = top_k;
     routing->expert_ids.resize(static_cast<size_t>(n * top_k));
@@ -347,14 +432,47 @@ class CudaBackend final : public Backend {
 
   void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
                    const TensorView& out) override;
+  bool prefers_device_routing() const override { return true; }
+  void moe_routed(const TensorView& x, const TensorView& logits, int64_t top_k, RouterScoring scoring,
+                  bool normalize, std::span<const ExpertWeights> experts, const TensorView& out) override;
 
  private:
+  // Host-dependent work cannot be recorded: throwing makes StepGraphs abandon the capture and run eagerly.
+  void refuse_while_capturing(const char* op) const {
+    if (capturing_) throw UsageError(fmt::format("cuda {}: not recordable inside a CUDA graph capture", op));
+  }
+  void* upload(const void* src, size_t bytes) {
+    refuse_while_capturing("host upload");
+    return staging_->upload(src, bytes, stream_);
+  }
+  // A copy whose source starts in pageable memory and ends in a range page-locked by register_host_memory
+  // (the offloaded experts' pages hold neighbouring tensors too) fails with "invalid argument" (seen on an
+  // H200 with the offloading fixture test): such a copy goes through a pageable bounce buffer.
+  void copy_host_to_device(void* dst, const void* src, size_t bytes) {
+    cudaError_t status = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_);
+    if (status == cudaErrorInvalidValue && !registered_.empty()) {
+      cudaGetLastError();
+      std::vector<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
+      MOEX_CUDA_CHECK(cudaMemcpyAsync(dst, bounce.data(), bytes, cudaMemcpyHostToDevice, stream_));
+      MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));  // bounce dies here
+      return;
+    }
+    MOEX_CUDA_CHECK(status);
+  }
+  const int32_t* step_token_device() const { return static_cast<const int32_t*>(step_values_.get()); }
+  const int32_t* step_position_device() const { return static_cast<const int32_t*>(step_values_.get()) + 1; }
+  // The layer's expert table as device pointers, uploaded on first use (keyed by the span's data pointer,
+  // which the Backend contract of moe_routed keeps stable). ffn of the layer in *ffn.
+  const MoeExpertPtrs* expert_table(std::span<const ExpertWeights> experts, int64_t hidden, int64_t* ffn);
+
   // Scratch for the op being enqueued. Growing synchronises (the old buffer may still be in use).
   void* workspace(size_t bytes) {
     if (bytes == 0) return nullptr;
     if (workspace_.bytes() < bytes) {
+      refuse_while_capturing("workspace growth");
       MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
       workspace_ = DeviceMemory(bytes + bytes / 4);
+      graphs_.reset();  // recorded steps name the old workspace
     }
     return workspace_.get();
   }
@@ -389,6 +507,23 @@ class CudaBackend final : public Backend {
   std::unique_ptr<StagingRing> staging_;
   DeviceMemory workspace_;
   PinnedMemory readback_;
+  // Decode-step mode (decode_step): token and position on the device, graphs per context bucket.
+  DeviceMemory step_values_;  // int32 [token, position]
+  PinnedMemory step_host_;
+  cudaEvent_t step_event_ = nullptr;
+  bool graphs_enabled_ = true;
+  bool step_mode_ = false;
+  bool capturing_ = false;
+  int32_t step_token_ = 0;
+  int64_t step_position_ = 0;
+  int64_t step_bucket_keys_ = 0;
+  StepGraphs graphs_;
+  struct ExpertTable {
+    DeviceMemory pointers;
+    size_t count = 0;
+    int64_t ffn = 0;
+  };
+  std::unordered_map<const ExpertWeights*, ExpertTable> expert_tables_;
 };
 
 void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
@@ -430,7 +565,7 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
   size_t off_token = blob.add(plan.row_token.data(), plan.row_token.size());
   size_t off_slot = blob.add(plan.slot.data(), plan.slot.size());
   size_t off_weight = blob.add(routing.weights.data(), routing.weights.size());
-  auto* args = static_cast<char*>(staging_->upload(blob.bytes().data(), blob.bytes().size(), stream_));
+  auto* args = static_cast<char*>(upload(blob.bytes().data(), blob.bytes().size()));
   auto* groups = reinterpret_cast<const MoeGroup*>(args + off_groups);
   auto* row_token = reinterpret_cast<const int32_t*>(args + off_token);
   auto* slot = reinterpret_cast<const int32_t*>(args + off_slot);
@@ -455,6 +590,86 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
     launch_moe_gemv(x.as<float>(), row_token, groups, num_groups, plan.max_rows, hidden, ffn, h, y, stream_);
     launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   }
+  MOEX_CUDA_CHECK_LAUNCH();
+}
+
+const MoeExpertPtrs* CudaBackend::expert_table(std::span<const ExpertWeights> experts, int64_t hidden,
+                                               int64_t* ffn) {
+  auto it = expert_tables_.find(experts.data());
+  if (it != expert_tables_.end() && it->second.count == experts.size()) {
+    *ffn = it->second.ffn;
+    return static_cast<const MoeExpertPtrs*>(it->second.pointers.get());
+  }
+  refuse_while_capturing("expert table upload");
+  std::vector<MoeExpertPtrs> host(experts.size());
+  int64_t layer_ffn = -1;
+  for (size_t e = 0; e < experts.size(); ++e) {
+    const ExpertWeights& w = experts[e];
+    MOEX_ASSERT(w.valid(), "cuda moe_routed: expert {} of the layer's table is not resident", e);
+    host[e] = MoeExpertPtrs{bf16_data(w.gate, "moe_routed", "gate"), bf16_data(w.up, "moe_routed", "up"),
+                            bf16_data(w.down, "moe_routed", "down")};
+    if (layer_ffn < 0) layer_ffn = w.gate.dim(0);
+    MOEX_ASSERT(w.gate.dim(0) == layer_ffn && w.gate.dim(1) == hidden && w.up.dim(0) == layer_ffn &&
+                    w.up.dim(1) == hidden && w.down.dim(0) == hidden && w.down.dim(1) == layer_ffn,
+                "cuda moe_routed: expert {} gate {} up {} down {} vs hidden {} ffn {}", e, w.gate.shape.str(),
+                w.up.shape.str(), w.down.shape.str(), hidden, layer_ffn);
+  }
+  ExpertTable table;
+  table.pointers = DeviceMemory(std::max<size_t>(host.size() * sizeof(MoeExpertPtrs), 1));
+  table.count = experts.size();
+  table.ffn = layer_ffn;
+  MOEX_CUDA_CHECK(cudaMemcpyAsync(table.pointers.get(), host.data(), host.size() * sizeof(MoeExpertPtrs),
+                                  cudaMemcpyHostToDevice, stream_));
+  MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));  // host is freed on return
+  *ffn = layer_ffn;
+  auto& slot = expert_tables_[experts.data()] = std::move(table);
+  return static_cast<const MoeExpertPtrs*>(slot.pointers.get());
+}
+
+void CudaBackend::moe_routed(const TensorView& x, const TensorView& logits, int64_t top_k, RouterScoring scoring,
+                             bool normalize, std::span<const ExpertWeights> experts, const TensorView& out) {
+  check_f32(x, "moe_routed", "x");
+  check_f32(logits, "moe_routed", "logits");
+  check_f32(out, "moe_routed", "out");
+  const int64_t hidden = x.dim(-1), num_experts = logits.dim(-1);
+  const int64_t n = logits.numel() / std::max<int64_t>(num_experts, 1), total = n * top_k;
+  MOEX_ASSERT(x.numel() == n * hidden && out.numel() == x.numel() &&
+                  num_experts == static_cast<int64_t>(experts.size()),
+              "cuda moe_routed: x {} logits {} out {} for a table of {} experts", x.shape.str(), logits.shape.str(),
+              out.shape.str(), experts.size());
+  MOEX_ASSERT(num_experts <= kRouterMaxExperts && top_k >= 1 && top_k <= std::min<int64_t>(kRouterMaxTopK, num_experts),
+              "cuda moe_routed: {} experts (max {}), top_k {} (max {})", num_experts, kRouterMaxExperts, top_k,
+              kRouterMaxTopK);
+  if (n == 0) return;
+  int64_t ffn = 0;
+  const MoeExpertPtrs* table = expert_table(experts, hidden, &ffn);
+  // Device-side planning covers the GEMV path (few tokens per expert); prefill-sized batches take the
+  // host-planned tensor-core path, one round trip per layer against milliseconds of GEMM.
+  if (n > 2 * kMoeGemvMaxRows || total > kMoeRoutePlanMaxAssignments || hidden % 8 != 0 || ffn % 8 != 0) {
+    refuse_while_capturing("moe_routed outside the device-planned envelope");
+    Backend::moe_routed(x, logits, top_k, scoring, normalize, experts, out);
+    return;
+  }
+  const size_t count = static_cast<size_t>(total);
+  const size_t small = align16(count * 4);
+  const size_t groups_bytes = align16(count * sizeof(MoeGroup));
+  const size_t h_bytes = align16(count * static_cast<size_t>(ffn) * 4);
+  auto* ws = static_cast<char*>(workspace(4 * small + groups_bytes + 16 + h_bytes + count * hidden * 4));
+  auto* ids = reinterpret_cast<int32_t*>(ws);
+  auto* weights = reinterpret_cast<float*>(ws + small);
+  auto* row_token = reinterpret_cast<int32_t*>(ws + 2 * small);
+  auto* slot = reinterpret_cast<int32_t*>(ws + 3 * small);
+  auto* groups = reinterpret_cast<MoeGroup*>(ws + 4 * small);
+  auto* num_groups = reinterpret_cast<int32_t*>(ws + 4 * small + groups_bytes);
+  auto* h = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16);
+  auto* y = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16 + h_bytes);
+  // One token: every group has one row (a token's picks are distinct experts), the 1-row kernel instance.
+  const int max_rows = n == 1 ? 1 : kMoeGemvMaxRows;
+  launch_moe_route_plan(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
+                        table, kMoeGemvMaxRows, ids, weights, row_token, slot, groups, num_groups, stream_);
+  launch_moe_gemv(x.as<float>(), row_token, groups, static_cast<int>(total), max_rows, hidden, ffn, h, y, stream_,
+                  num_groups);
+  launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   MOEX_CUDA_CHECK_LAUNCH();
 }
 
@@ -506,6 +721,11 @@ std::string cuda_device_description(int device_idx) {
   }
   return fmt::format("{}, sm_{}{}, {} SMs, {:.1f} GiB", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
                      static_cast<double>(prop.totalGlobalMem) / (1 << 30));
+}
+
+CudaStepGraphStats cuda_step_graph_stats(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const cuda::CudaBackend*>(&backend);
+  return cuda ? cuda->step_graph_stats() : CudaStepGraphStats{};
 }
 
 std::unique_ptr<Backend> make_cuda_backend(int device_idx) { return std::make_unique<cuda::CudaBackend>(device_idx); }

@@ -15,6 +15,15 @@ namespace moex {
 // Throws moex::Error when the device does not exist or cannot be initialised.
 std::unique_ptr<Backend> make_cuda_backend(int device_idx);
 
+// Decode-step CUDA graphs of a backend made by make_cuda_backend (zeros for any other backend): steps
+// replayed, buckets captured, captures that failed (those steps ran eagerly).
+struct CudaStepGraphStats {
+  int64_t replays = 0;
+  int64_t captures = 0;
+  int64_t failures = 0;
+};
+CudaStepGraphStats cuda_step_graph_stats(const Backend& backend);
+
 // Number of usable CUDA devices; 0 (never an error) when there is no driver or no GPU.
 int cuda_device_count();
 

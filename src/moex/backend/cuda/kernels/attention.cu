@@ -27,6 +27,7 @@ struct Params {
   float* part_ml;   // [splits, kv_heads * rows_per_head, 2]
   int n, heads, kv_heads, head_dim, group, rows_per_head;
   int64_t start_pos;
+  const int32_t* device_start_pos;
   int keys_per_split;
   float scale_log2;
 };
@@ -57,7 +58,8 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(Params p) {
     q_s[idx] = v;
   }
 
-  const int64_t block_key_end = p.start_pos + (row_end - 1) / p.group + 1;
+  const int64_t start_pos = p.device_start_pos ? int64_t(*p.device_start_pos) : p.start_pos;
+  const int64_t block_key_end = start_pos + (row_end - 1) / p.group + 1;
   const int64_t split_begin = int64_t(split) * p.keys_per_split;
   const int64_t split_end = min(split_begin + p.keys_per_split, block_key_end);
 
@@ -66,7 +68,7 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(Params p) {
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     int r = row0 + warp * kRowsPerWarp + rr;
-    row_limit[rr] = r < row_end ? min(p.start_pos + r / p.group + 1, split_end) : split_begin;
+    row_limit[rr] = r < row_end ? min(start_pos + r / p.group + 1, split_end) : split_begin;
     m[rr] = -INFINITY;
     l[rr] = 0.f;
 #pragma unroll
@@ -204,6 +206,7 @@ void launch_attention(const float* q, const float* k_cache, const float* v_cache
   p.group = p.heads / p.kv_heads;
   p.rows_per_head = p.n * p.group;
   p.start_pos = shape.start_pos;
+  p.device_start_pos = shape.device_start_pos;
   p.scale_log2 = scale * kLog2e;
   int splits = choose_splits(shape, num_sms, &p.keys_per_split);
   if (splits > 1) {

@@ -17,6 +17,9 @@ struct AttentionShape {
   int64_t kv_heads = 0;     // heads % kv_heads == 0
   int64_t head_dim = 0;     // <= kAttentionMaxHeadDim
   int64_t start_pos = 0;    // keys visible to query i: [0, start_pos + i]
+  // When set, the kernels read start_pos from this device int instead (a recorded decode step replays for
+  // every position of a bucket); start_pos above is then the largest value it may hold and sizes the grid.
+  const int32_t* device_start_pos = nullptr;
 };
 
 // Scratch needed for the split-K partials at this shape (0 when a single split suffices).

@@ -14,8 +14,24 @@ namespace moex::cuda {
 // GEMV path. x fp32 [*, hidden]; row_token[r] = token of permuted row r; h fp32 [rows, ffn] (scratch);
 // y fp32 [rows, hidden] = down(silu(gate x) * up x) per row, unweighted. groups on the device.
 // max_rows: the largest num_rows among groups (selects the kernel instance). hidden, ffn % 8 == 0.
+// device_num_groups (optional): the real group count, read on the device; num_groups then only bounds it
+// (blocks of groups beyond it exit at once), so a plan made on the device needs no host round trip.
 void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
-                     int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream);
+                     int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
+                     const int32_t* device_num_groups = nullptr);
+
+// Largest num_tokens * top_k the device-side planner takes (one block).
+constexpr int kMoeRoutePlanMaxAssignments = 256;
+
+// Routing and GEMV planning on the device, one launch: logits fp32 [num_tokens, num_experts] -> ids/weights
+// [num_tokens, top_k] (as launch_router_topk), then the plan that plan_moe() makes on the host for the GEMV
+// path: assignments ordered by expert then (token, pick); row_token [total], slot [total], groups (at most
+// total, of <= max_group_rows rows, weights from table [num_experts]) and their count in *num_groups.
+// total = num_tokens * top_k <= kMoeRoutePlanMaxAssignments.
+void launch_moe_route_plan(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
+                           bool sigmoid_scoring, bool normalize, const MoeExpertPtrs* table, int max_group_rows,
+                           int32_t* ids, float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups,
+                           int32_t* num_groups, cudaStream_t stream);
 
 // GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); a bf16 [rows, hidden] (tokens
 // gathered in permuted order). Stage 2: y fp32 [rows, hidden] = h down^T. hidden, ffn % 8 == 0.

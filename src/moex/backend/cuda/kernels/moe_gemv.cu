@@ -12,7 +12,8 @@ constexpr int kWarps = 8;
 template <int MT>
 __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x, const int32_t* row_token,
                                                                   const MoeGroup* groups, int hidden, int ffn,
-                                                                  float* h) {
+                                                                  float* h, const int32_t* num_groups) {
+  if (num_groups && int(blockIdx.y) >= *num_groups) return;
   const MoeGroup g = groups[blockIdx.y];
   int lane = threadIdx.x & 31;
   int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
@@ -34,7 +35,8 @@ __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x
 
 template <int MT>
 __global__ __launch_bounds__(kWarps * 32) void moe_down_kernel(const float* h, const MoeGroup* groups, int hidden,
-                                                               int ffn, float* y) {
+                                                               int ffn, float* y, const int32_t* num_groups) {
+  if (num_groups && int(blockIdx.y) >= *num_groups) return;
   const MoeGroup g = groups[blockIdx.y];
   int lane = threadIdx.x & 31;
   int i = blockIdx.x * kWarps + (threadIdx.x >> 5);
@@ -68,17 +70,18 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const fl
 }  // namespace
 
 void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
-                     int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream) {
+                     int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
+                     const int32_t* device_num_groups) {
   if (num_groups == 0) return;
   int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
   dim3 grid_up(static_cast<unsigned>(ceil_div(ffn, kWarps)), num_groups);
   dim3 grid_down(static_cast<unsigned>(ceil_div(hidden, kWarps)), num_groups);
   if (max_rows <= 1) {
-    moe_gate_up_kernel<1><<<grid_up, kWarps * 32, 0, stream>>>(x, row_token, groups, hid, f, h);
-    moe_down_kernel<1><<<grid_down, kWarps * 32, 0, stream>>>(h, groups, hid, f, y);
+    moe_gate_up_kernel<1><<<grid_up, kWarps * 32, 0, stream>>>(x, row_token, groups, hid, f, h, device_num_groups);
+    moe_down_kernel<1><<<grid_down, kWarps * 32, 0, stream>>>(h, groups, hid, f, y, device_num_groups);
   } else {
-    moe_gate_up_kernel<kMoeGemvMaxRows><<<grid_up, kWarps * 32, 0, stream>>>(x, row_token, groups, hid, f, h);
-    moe_down_kernel<kMoeGemvMaxRows><<<grid_down, kWarps * 32, 0, stream>>>(h, groups, hid, f, y);
+    moe_gate_up_kernel<kMoeGemvMaxRows><<<grid_up, kWarps * 32, 0, stream>>>(x, row_token, groups, hid, f, h, device_num_groups);
+    moe_down_kernel<kMoeGemvMaxRows><<<grid_down, kWarps * 32, 0, stream>>>(h, groups, hid, f, y, device_num_groups);
   }
 }
 

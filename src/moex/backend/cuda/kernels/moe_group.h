@@ -16,6 +16,13 @@ struct MoeGroup {
   int32_t num_rows;
 };
 
+// One expert's bf16 weights, as the device-side planner finds them in a layer's table.
+struct MoeExpertPtrs {
+  const uint16_t* gate;
+  const uint16_t* up;
+  const uint16_t* down;
+};
+
 // Decode path (few tokens per expert): groups of at most kMoeGemvMaxRows rows.
 constexpr int kMoeGemvMaxRows = 8;
 // Prefill path (tensor cores): groups of at most kMoeGemmTileRows rows.

@@ -1,0 +1,76 @@
+// The fused router's per-token work for one warp, shared by the router kernel and the device-side MoE
+// planner: each lane holds num_experts / 32 logits in registers; top-k is k rounds of a warp arg-max with
+// the (value, lower id) order, so there is no sort and no shared memory. CUDA-only header.
+#pragma once
+
+#include "moex/backend/cuda/kernels/common.cuh"
+#include "moex/backend/cuda/kernels/router.cuh"
+
+namespace moex::cuda {
+
+constexpr int kRouterPerLane = kRouterMaxExperts / 32;
+
+// a beats b: higher value, then lower id.
+__device__ __forceinline__ bool router_better(float va, int ia, float vb, int ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// Routes one token (row: its num_experts logits); lanes < top_k write pick `lane` to ids[lane], weights[lane].
+__device__ __forceinline__ void router_warp(const float* row, int num_experts, int top_k, bool sigmoid_scoring,
+                                            bool normalize, int32_t* ids, float* weights) {
+  const int lane = threadIdx.x & 31;
+  float value[kRouterPerLane];
+  float row_max = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kRouterPerLane; ++i) {
+    int e = lane + 32 * i;
+    value[i] = e < num_experts ? row[e] : -INFINITY;
+    row_max = fmaxf(row_max, value[i]);
+  }
+  row_max = warp_max(row_max);
+  float denom = 0.f;
+  if (!sigmoid_scoring) {
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i)
+      if (lane + 32 * i < num_experts) denom += expf(value[i] - row_max);
+    denom = warp_sum(denom);
+  }
+  uint32_t taken = 0;  // bit i: expert lane + 32 i already selected
+  float picked_sum = 0.f;
+  float my_weight = 0.f;  // lane j keeps the weight of pick j (top_k <= 32)
+  int my_id = 0;
+  for (int k = 0; k < top_k; ++k) {
+    float best_v = -INFINITY;
+    int best_e = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i) {
+      int e = lane + 32 * i;
+      if (e < num_experts && !(taken >> i & 1u) && router_better(value[i], e, best_v, best_e)) {
+        best_v = value[i];
+        best_e = e;
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, best_v, offset);
+      int oe = __shfl_xor_sync(0xffffffffu, best_e, offset);
+      if (router_better(ov, oe, best_v, best_e)) {
+        best_v = ov;
+        best_e = oe;
+      }
+    }
+    if ((best_e & 31) == lane) taken |= 1u << (best_e >> 5);
+    float score = sigmoid_scoring ? 1.f / (1.f + expf(-best_v)) : expf(best_v - row_max) / denom;
+    picked_sum += score;
+    if (lane == k) {
+      my_weight = score;
+      my_id = best_e;
+    }
+  }
+  if (lane < top_k) {
+    ids[lane] = my_id;
+    weights[lane] = normalize ? my_weight / picked_sum : my_weight;
+  }
+}
+
+}  // namespace moex::cuda

@@ -1,0 +1,44 @@
+// CUDA graphs of single-token decode steps, one per context-length bucket: the first step of a bucket runs
+// eagerly (it grows every workspace to the step's size), the second is captured and launched, later ones
+// replay. A capture that fails (an op that must synchronise, a shape outside the device-side paths) marks
+// the bucket eager for good; the step is then run eagerly, so a failure costs time, never a result.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+
+namespace moex::cuda {
+
+class StepGraphs {
+ public:
+  StepGraphs() = default;
+  ~StepGraphs();
+  StepGraphs(const StepGraphs&) = delete;
+  StepGraphs& operator=(const StepGraphs&) = delete;
+
+  // Runs (or replays) ops on stream for bucket. *capturing is true while ops() is being recorded.
+  void run(int64_t bucket, cudaStream_t stream, const std::function<void()>& ops, bool* capturing);
+  // Drops every recording (a buffer the steps use moved).
+  void reset();
+
+  int64_t replays() const { return replays_; }
+  int64_t captures() const { return captures_; }
+  int64_t failures() const { return failures_; }
+
+ private:
+  struct Entry {
+    cudaGraphExec_t exec = nullptr;
+    bool warm = false;
+    bool failed = false;
+  };
+  // Records ops() into a graph and launches it; null (and the stream back to normal) when capture failed.
+  cudaGraphExec_t capture(cudaStream_t stream, const std::function<void()>& ops, bool* capturing);
+
+  std::map<int64_t, Entry> entries_;
+  int64_t replays_ = 0, captures_ = 0, failures_ = 0;
+};
+
+}  // namespace moex::cuda
