@@ -139,6 +139,7 @@ CommandAction setup_bench(CLI::App* sub) {
         decode_stats.stall_ms += after.stall_ms - before.stall_ms;
         decode_stats.prefetch_issued += after.prefetch_issued - before.prefetch_issued;
         decode_stats.prefetch_used += after.prefetch_used - before.prefetch_used;
+        decode_stats.cpu_computed += after.cpu_computed - before.cpu_computed;
         timed_steps += options->decode_tokens;
       }
       progress.advance();
@@ -161,12 +162,16 @@ CommandAction setup_bench(CLI::App* sub) {
                     {"ms_per_token_stddev", decode.stddev},
                     {"tokens_per_s", decode.mean > 0 ? 1000.0 / decode.mean : 0.0}}},
         {"decode_bytes_per_token", bytes},
+        {"expert_bytes", static_cast<int64_t>(cfg.expert_bytes())},
         {"decode_experts", {{"hits", decode_stats.hits},
                             {"misses", decode_stats.misses},
                             {"hit_rate", decode_stats.hits + decode_stats.misses
                                              ? static_cast<double>(decode_stats.hits) / (decode_stats.hits + decode_stats.misses)
                                              : 1.0},
                             {"bytes_moved_per_token", timed_steps ? decode_stats.bytes_moved / timed_steps : 0},
+                            {"misses_per_token", timed_steps ? static_cast<double>(decode_stats.misses) / timed_steps : 0.0},
+                            {"cpu_computed_per_token",
+                             timed_steps ? static_cast<double>(decode_stats.cpu_computed) / timed_steps : 0.0},
                             {"stall_ms_per_token", timed_steps ? decode_stats.stall_ms / timed_steps : 0.0},
                             {"prefetch_issued", decode_stats.prefetch_issued},
                             {"prefetch_precision", decode_stats.prefetch_issued

@@ -24,6 +24,8 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
   const std::string& dir() const { return dir_; }
+  // True for --load-format random (no checkpoint behind the weights).
+  bool random_weights() const { return checkpoint_ == nullptr; }
 
  private:
   std::string dir_;

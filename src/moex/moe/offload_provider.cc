@@ -91,7 +91,12 @@ void OffloadingExpertProvider::observe_and_prefetch(int32_t layer_idx, const Rou
   predictor_->observe(layer_idx, std::span<const int32_t>(routing.expert_ids).subspan(last * routing.top_k, routing.top_k),
                       std::span<const float>(routing.weights).subspan(last * routing.top_k, routing.top_k));
   const int32_t num_layers = store_->num_layers();
-  const int32_t per_layer = config_.prefetch_per_layer > 0 ? config_.prefetch_per_layer : static_cast<int32_t>(top_k_);
+  // With CPU execution of misses, PCIe carries only the best guess per layer: a copied expert takes
+  // ~1.7x as long as a CPU read of it, so one copy per layer ahead plus the CPU for the rest balances
+  // the two paths at batch 1; prefetching every guess would leave the CPU idle behind a full link.
+  const int32_t per_layer = config_.prefetch_per_layer > 0 ? config_.prefetch_per_layer
+                            : config_.cpu_experts         ? 1
+                                                          : static_cast<int32_t>(top_k_);
   for (int32_t ahead = 1; ahead <= config_.lookahead_layers; ++ahead) {
     const int32_t target = (layer_idx + ahead) % num_layers;
     predictor_->predict(target, &scored_);

@@ -44,7 +44,9 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
     auto describe = [dir](ExpertKey key) {
       return fmt::format("{}: MoE layer {} expert {}", dir.empty() ? "model" : dir, key.layer_idx, key.expert_idx);
     };
-    auto store = std::make_unique<ExpertStore>(*backend_, host_experts, describe, /*verify=*/true);
+    // Weights read from a checkpoint are checked for corruption on first use; random ones need no check.
+    const bool verify = !model.random_weights();
+    auto store = std::make_unique<ExpertStore>(*backend_, host_experts, describe, verify);
     OffloadConfig offload;
     offload.budget_bytes = options.expert_budget_bytes;
     offload.policy = options.cache_policy;
