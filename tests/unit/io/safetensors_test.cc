@@ -4,6 +4,7 @@
 
 #include "moex/core/error.h"
 #include "moex/io/checkpoint.h"
+#include "unit/error_matchers.h"
 #include "unit/safetensors_writer.h"
 
 namespace moex {
@@ -13,17 +14,7 @@ using test::f32_tensor;
 using test::safetensors_bytes;
 using test::write_file;
 
-// Runs fn and returns the moex::Error message it throws (fails the test if it does not throw).
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a moex::Error";
-  return "";
-}
+using test::error_of;
 
 TEST(Safetensors, ReadsTensorsZeroCopy) {
   auto dir = test::temp_dir("st_ok");

@@ -11,6 +11,7 @@
 #include "moex/model/model.h"
 #include "moex/model/registry.h"
 #include "unit/model/fixture_util.h"
+#include "unit/error_matchers.h"
 #include "unit/safetensors_writer.h"
 
 namespace moex {
@@ -46,16 +47,7 @@ fs::path edited_copy(const std::string& fixture, const std::string& tag,
   return dir;
 }
 
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a moex::Error";
-  return "";
-}
+using test::error_of;
 
 TEST(ModelLoad, UnknownArchitecture) {
   auto dir = edited_copy(first_fixture_of("MixtralForCausalLM"), "arch",
