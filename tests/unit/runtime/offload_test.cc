@@ -68,7 +68,9 @@ TEST_P(OffloadMatchesResident, EveryPolicyAndBudget) {
       EXPECT_GT(offloaded.stats.misses, 0);
       EXPECT_EQ(offloaded.stats.bytes_moved, offloaded.stats.misses * expert_bytes);
       // Nothing is evicted with room for every expert: each one misses at most once.
-      if (slots == all_experts) EXPECT_LE(offloaded.stats.misses, all_experts);
+      if (slots == all_experts) {
+        EXPECT_LE(offloaded.stats.misses, all_experts);
+      }
     }
   }
 }
@@ -99,7 +101,9 @@ TEST(Offload, PrefetchKeepsOutputsAndCountsPredictions) {
     const ExpertProviderStats stats = engine.experts().stats();
     EXPECT_LE(stats.prefetch_used, stats.prefetch_issued);
     EXPECT_EQ(stats.bytes_moved % static_cast<int64_t>(cfg.expert_bytes()), 0);
-    if (predictor == "frequency" || predictor == "pregate") EXPECT_GT(stats.prefetch_issued, 0);
+    if (predictor == "frequency" || predictor == "pregate") {
+      EXPECT_GT(stats.prefetch_issued, 0);
+    }
   }
 }
 

@@ -19,7 +19,7 @@ Trace make_trace(int32_t num_layers, int32_t num_experts, int32_t top_k,
   trace.top_k = top_k;
   for (const auto& tokens : requests) {
     TraceRequest request;
-    request.id = "r" + std::to_string(trace.requests.size());
+    request.id = fmt::format("r{}", trace.requests.size());  // "r" + to_string trips GCC 12 -Wrestrict
     request.num_tokens = static_cast<int64_t>(tokens.size());
     for (const auto& layers : tokens)
       for (const auto& ids : layers) request.expert_ids.insert(request.expert_ids.end(), ids.begin(), ids.end());
