@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "trace_record.h"
 #include "moex/core/error.h"
 #include "moex/trace/simulator.h"
 #include "moex/trace/trace.h"
@@ -327,7 +328,11 @@ CommandAction setup_trace(CLI::App* sub) {
   convert_cmd->add_option("--out", *convert_out, "output file")->required();
   convert_cmd->add_option("--format", *convert_format, "moex (binary) or jsonl");
 
+  auto record_action = std::make_shared<std::function<int()>>();
+  CLI::App* record_cmd = add_trace_record_command(sub, record_action.get());
+
   return [=]() -> int {
+    if (record_cmd->parsed()) return (*record_action)();
     if (simulate_cmd->parsed()) return run_simulate(*sim);
     if (stats_cmd->parsed()) return run_stats(*stats_path, *stats_json);
     return run_convert(*convert_in, *convert_out, *convert_format);

@@ -70,6 +70,23 @@ else
 fi
 "$moex" run --chat -p "Hello there." -n 4 --temperature 0 >"$tmp/out" 2>"$tmp/err" && ok || fail "run --chat: $(cat "$tmp/err")"
 
+# Traces recorded by the engine itself feed the simulator.
+printf 'The old man walked\nShe said that the house was empty.\n' >"$tmp/prompts.txt"
+if "$moex" trace record --prompts "$tmp/prompts.txt" --out "$tmp/trace.bin" -n 4 >"$tmp/out" 2>"$tmp/err" &&
+  "$moex" trace stats --trace "$tmp/trace.bin" --json >"$tmp/stats.json" 2>>"$tmp/err"; then
+  python3 - "$tmp/stats.json" <<'PY' && ok || fail "trace record -> stats"
+import json, sys
+stats = json.load(open(sys.argv[1]))
+layers = stats["layers"]
+assert len(layers) == 8, len(layers)  # the default model's 8 MoE layers, each traced
+assert all(layer["load_skew"] >= 1.0 for layer in layers), layers
+PY
+else
+  fail "trace record/stats: $(cat "$tmp/err")"
+fi
+expect_error "trace record without prompts file" "cannot open the prompts file" \
+  "$moex" trace record --prompts "$tmp/none.txt" --out "$tmp/t.bin"
+
 # Bad input.
 expect_error "empty prompt" "-p: the prompt is empty" "$moex" run -p ""
 expect_error "invalid UTF-8 prompt" "not valid UTF-8" "$moex" run -p "$(printf '\xff\xfe')"

@@ -83,7 +83,7 @@ std::vector<float> Engine::prompt_logits(std::span<const int32_t> prompt, Router
 }
 
 GenerationResult Engine::generate(std::span<const int32_t> prompt, const GenerationOptions& options,
-                                  const std::function<bool(int32_t)>& on_token) {
+                                  const std::function<bool(int32_t)>& on_token, RouterObserver* observer) {
   if (prompt.empty()) throw UsageError("the prompt is empty: give at least one token");
   if (options.max_new_tokens < 0) throw UsageError("-n must be >= 0");
   Sampler sampler(options.sampling);
@@ -91,7 +91,7 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
   decoder_->reserve(static_cast<int64_t>(prompt.size()) + options.max_new_tokens);
   std::vector<float> logits;
   auto start = std::chrono::steady_clock::now();
-  decoder_->forward(prompt, 0, /*all_logits=*/false, &logits);
+  decoder_->forward(prompt, 0, /*all_logits=*/false, &logits, observer);
   result.prefill_ms = elapsed_ms(start);
   const auto& eos = config().eos_token_ids;
   int64_t position = static_cast<int64_t>(prompt.size());
@@ -106,7 +106,7 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
       break;
     }
     if (!keep_going || step + 1 == options.max_new_tokens) break;
-    decoder_->forward(std::span<const int32_t>(&token, 1), position++, false, &logits);
+    decoder_->forward(std::span<const int32_t>(&token, 1), position++, false, &logits, observer);
     ++result.decode_steps;
   }
   result.decode_ms = elapsed_ms(start);

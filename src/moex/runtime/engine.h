@@ -71,7 +71,7 @@ class Engine {
   // Prefills the prompt as a new sequence, then samples up to max_new_tokens. on_token (optional) sees
   // each new id as it is produced and may return false to stop early.
   GenerationResult generate(std::span<const int32_t> prompt, const GenerationOptions& options,
-                            const std::function<bool(int32_t)>& on_token = {});
+                            const std::function<bool(int32_t)>& on_token = {}, RouterObserver* observer = nullptr);
 
   // Bytes of the weights that always stay on the backend (attention, norms, embeddings, dense MLPs,
   // shared experts, routers): what an offloading budget must leave room for.
