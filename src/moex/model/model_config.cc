@@ -94,6 +94,10 @@ void parse_common_config(const HfConfig& hf, ModelConfig* cfg) {
   }
   if (!found_theta) cfg->rope_theta = 10000.0;  // transformers' default when the field is absent
 
+  // The generic decoder's MLPs and experts are SwiGLU: every family shares this limit.
+  std::string act = hf.get_string("hidden_act", "silu");
+  if (act != "silu") throw FormatError(fmt::format("{}: hidden_act \"{}\" is not supported (silu)", hf.source(), act));
+
   cfg->clip_qkv = hf.get_double("clip_qkv", 0.0);
   cfg->bos_token_id = hf.get_int("bos_token_id", -1);
   cfg->eos_token_ids = hf.get_int_list("eos_token_id");

@@ -63,7 +63,8 @@ struct ModelConfig {
 
 class HfConfig;
 
-// Reads the fields every supported family shares (sizes, heads, RoPE, norms, ids, dtype) into cfg.
+// Reads the fields every supported family shares (sizes, heads, RoPE, norms, ids, dtype, and the
+// SwiGLU activation the decoder implements) into cfg.
 // Accepts rope theta at top level or inside rope_parameters / rope_scaling.
 void parse_common_config(const HfConfig& hf, ModelConfig* cfg);
 

@@ -81,6 +81,9 @@ TEST(ModelLoad, MissingFieldAndBadValues) {
             std::string::npos);
   dir = edited_copy(fixture, "topk", [](auto& cfg) { cfg["num_experts_per_tok"] = 1000; });
   EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("num_experts_per_tok (1000) exceeds"), std::string::npos);
+  dir = edited_copy(fixture, "act", [](auto& cfg) { cfg["hidden_act"] = "gelu"; });
+  EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("hidden_act \"gelu\" is not supported (silu)"),
+            std::string::npos);
   dir = edited_copy(fixture, "heads", [](auto& cfg) { cfg["num_key_value_heads"] = 3; });
   EXPECT_NE(error_of([&] { Model::load(dir.string()); }).find("is not a multiple of num_key_value_heads (3)"),
             std::string::npos);

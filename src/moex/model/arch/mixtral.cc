@@ -15,8 +15,6 @@ ModelConfig parse_config(const HfConfig& hf) {
   cfg.expert_ffn_size = hf.get_int("intermediate_size");
   cfg.norm_topk_prob = true;  // Mixtral always renormalises the top-k weights
   cfg.layer_is_moe.assign(cfg.num_layers, 1);
-  std::string act = hf.get_string("hidden_act", "silu");
-  if (act != "silu") throw FormatError(fmt::format("{}: hidden_act \"{}\" is not supported (silu)", hf.source(), act));
   return cfg;
 }
 

@@ -16,8 +16,6 @@ ModelConfig parse_config(const HfConfig& hf) {
   cfg.norm_topk_prob = hf.get_bool("norm_topk_prob", false);
   cfg.qk_norm = QkNorm::kFull;
   cfg.layer_is_moe.assign(cfg.num_layers, 1);
-  std::string act = hf.get_string("hidden_act", "silu");
-  if (act != "silu") throw FormatError(fmt::format("{}: hidden_act \"{}\" is not supported (silu)", hf.source(), act));
   return cfg;
 }
 

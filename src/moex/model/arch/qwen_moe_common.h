@@ -25,8 +25,6 @@ inline void parse_qwen_moe_layers(const HfConfig& hf, ModelConfig* cfg) {
     for (int64_t idx : mlp_only) dense |= idx == layer_idx;
     cfg->layer_is_moe[layer_idx] = !dense && cfg->num_experts > 0 && (layer_idx + 1) % sparse_step == 0;
   }
-  std::string act = hf.get_string("hidden_act", "silu");
-  if (act != "silu") throw FormatError(fmt::format("{}: hidden_act \"{}\" is not supported (silu)", hf.source(), act));
 }
 
 }  // namespace moex::arch
