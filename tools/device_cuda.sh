@@ -9,15 +9,16 @@
 #                                  during each moex run; logs and JSON lines under $OUT, a table printed last.
 #                                  Then `moex bench` per model: decode with recorded steps (CUDA graphs) and
 #                                  eager (MOEX_CUDA_GRAPHS=0), prefill 512/2048, against the measured HBM; and
-#                                  the 8x7B-shaped layer as the difference of a 3-layer and a 1-layer model.
-# Options for run: --skip-tests, --skip-kernels, --skip-bench, --skip-layer, --models "model_a model_b",
-#                  --tokens N.
+#                                  the 8x7B-shaped layer as the difference of a 3-layer and a 1-layer model;
+#                                  batched decode at 1/8/32/128 sequences (moex bench --batch) next to llama.cpp.
+# Options for run: --skip-tests, --skip-kernels, --skip-bench, --skip-layer, --skip-batch,
+#                  --models "model_a model_b", --tokens N.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DEV=.device/cuda
+DEV=${MOEX_DEVICE_DIR:-.device/cuda}  # own dirs per engineer: MOEX_DEVICE_DIR=.device/x MOEX_DEVICE_BUILD=build/x
 
 prepare() {
-  local build=build/cuda-dev
+  local build=${MOEX_DEVICE_BUILD:-build/cuda-dev}
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEX_CUDA=ON \
     -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc >/dev/null || exit 1
   cmake --build "$build" --target cuda_tests moex_cuda_kernels_bench moex -j2 || exit 1
@@ -31,13 +32,14 @@ prepare() {
 }
 
 run() {
-  local skip_tests=0 skip_kernels=0 skip_bench=0 skip_layer=0 models="model_a model_b" tokens=128
+  local skip_tests=0 skip_kernels=0 skip_bench=0 skip_layer=0 skip_batch=0 models="model_a model_b" tokens=128
   while [ $# -gt 0 ]; do
     case "$1" in
       --skip-tests) skip_tests=1 ;;
       --skip-kernels) skip_kernels=1 ;;
       --skip-bench) skip_bench=1 ;;
       --skip-layer) skip_layer=1 ;;
+      --skip-batch) skip_batch=1 ;;
       --models) models="$2"; shift ;;
       --tokens) tokens="$2"; shift ;;
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
@@ -94,7 +96,28 @@ for l in open(sys.argv[1]):
         --device cuda --prompt-lens 16 --decode-tokens 64 --reps 3 --bandwidth-gbs "$hbm" --json \
         >"$out/bench_eager_$model.json" 2>"$out/bench_eager_$model.err"
       echo "eager bench exit $? $(head -c 400 "$out/bench_eager_$model.json")"
+      # A/B in the same call: kernels launched plainly (no programmatic dependent launch), and the previous
+      # build when BASELINE names its dir (bin/moex + lib/, e.g. a stripped copy of the last committed build).
+      MOEX_CUDA_PDL=0 timeout 300 "$DEV/bin/moex" bench -m "bench/cuda/models/$model" --load-format random \
+        --device cuda --prompt-lens 16 --decode-tokens 64 --reps 3 --bandwidth-gbs "$hbm" --json \
+        >"$out/bench_nopdl_$model.json" 2>"$out/bench_nopdl_$model.err"
+      echo "no-PDL bench exit $? $(head -c 300 "$out/bench_nopdl_$model.json")"
+      if [ -n "${BASELINE:-}" ] && [ -x "$BASELINE/bin/moex" ]; then
+        LD_LIBRARY_PATH="$PWD/$BASELINE/lib:$PWD/$DEV/lib" timeout 300 "$BASELINE/bin/moex" bench -m "bench/cuda/models/$model" \
+          --load-format random --device cuda --prompt-lens 16 --decode-tokens 64 --reps 3 --bandwidth-gbs "$hbm" \
+          --json >"$out/bench_baseline_$model.json" 2>"$out/bench_baseline_$model.err"
+        echo "baseline bench exit $? $(head -c 300 "$out/bench_baseline_$model.json")"
+      fi
     done
+    if [ "$skip_batch" -eq 0 ]; then
+      for model in $models; do
+        echo "== batched decode $model"
+        timeout 300 "$DEV/bin/moex" bench -m "bench/cuda/models/$model" --load-format random --device cuda \
+          --prompt-lens 16 --decode-context 16 --decode-tokens 64 --reps 3 --batch 1,8,32,128 --json \
+          >"$out/bench_batch_$model.json" 2>"$out/bench_batch_$model.err"
+        echo "batched bench exit $? $(tail -c 300 "$out/bench_batch_$model.err")"
+      done
+    fi
     if [ "$skip_layer" -eq 0 ]; then
       for model in mixtral_8x7b_l1 mixtral_8x7b_l3; do
         echo "== bench $model"
@@ -150,17 +173,30 @@ def bench(name):
         return json.load(open(path))
     except Exception:
         return None
-print("\n| model | decode ms/token (graphs) | eager ms/token | floor ms | % of roofline | prefill 512 tok/s | prefill 2048 tok/s |")
-print("|---|---|---|---|---|---|---|")
+print("\n| model | decode ms/token (graphs) | eager ms/token | no PDL ms/token | baseline build ms/token | floor ms | % of roofline | prefill 512 tok/s | prefill 2048 tok/s |")
+print("|---|---|---|---|---|---|---|---|---|")
 for m in models:
-    b, e = bench(m), bench("eager_" + m)
+    b, e, n, base = bench(m), bench("eager_" + m), bench("nopdl_" + m), bench("baseline_" + m)
     if not b:
         continue
     ms = b["decode"]["ms_per_token_mean"]
     floor = b["decode_bytes_per_token"] / (hbm * 1e9) * 1e3 if hbm else None
     pre = {p["prompt_tokens"]: p["tokens_per_s"] for p in b["prefill"]}
-    print(f"| {m} | {f(ms)} ± {f(b['decode']['ms_per_token_stddev'])} | {f(e['decode']['ms_per_token_mean'] if e else None)} | "
+    dec = lambda r: r["decode"]["ms_per_token_mean"] if r else None
+    print(f"| {m} | {f(ms)} ± {f(b['decode']['ms_per_token_stddev'])} | {f(dec(e))} | {f(dec(n))} | {f(dec(base))} | "
           f"{f(floor)} | {f(floor / ms * 100 if floor else None, 0)} | {f(pre.get(512), 0)} | {f(pre.get(2048), 0)} |")
+# llama.cpp batched decode (../shared/PEERS.md): Model A only, tokens/s at 1 / 8 / 32 sequences.
+llama = {"H200": {1: 1061, 8: 3991, 32: 11052}, "H100": {1: 977, 8: 3364, 32: 10199}}
+smi = open(f"{out}/device.txt").read() if os.path.exists(f"{out}/device.txt") else ""
+card = next((c for c in ("H200", "H100") if c in str(device) or c in smi), None)
+rows = [(m, r) for m in models for r in ((bench("batch_" + m) or {}).get("batch_decode") or [])]
+if rows:
+    print(f"\n| model | sequences | ms/step | tokens/s | host argmax ms/step | llama.cpp tokens/s ({card or '?'}, PEERS.md) | moex / llama.cpp |")
+    print("|---|---|---|---|---|---|---|")
+    for m, r in rows:
+        peer = llama.get(card, {}).get(r["batch"]) if m == "model_a" else None
+        print(f"| {m} | {r['batch']} | {f(r['ms_per_step_mean'])} ± {f(r['ms_per_step_stddev'])} | {f(r['tokens_per_s'], 0)} | "
+              f"{f(r['host_pick_ms_per_step'])} | {f(peer, 0)} | {f(r['tokens_per_s'] / peer if peer else None, 2)} |")
 l1, l3 = bench("mixtral_8x7b_l1"), bench("mixtral_8x7b_l3")
 if l1 and l3:
     per_ms = (l3["decode"]["ms_per_token_mean"] - l1["decode"]["ms_per_token_mean"]) / 2

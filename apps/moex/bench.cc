@@ -1,6 +1,7 @@
 // `moex bench`: end-to-end prefill and decode timings of a model (real or --load-format random at real
 // shapes) on a device, with the bytes a decode step must read, so that the result can be set against
-// the memory roofline. Prints a table, and one JSON object with --json (for bench/ scripts).
+// the memory roofline; with --batch, batched decode of several sequences in lockstep (Decoder::forward_batch).
+// Prints a table, and one JSON object with --json (for bench/ scripts).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -58,6 +59,7 @@ CommandAction setup_bench(CLI::App* sub) {
     int reps = 5;
     int warmup = 1;
     double bandwidth_gbs = 0;
+    std::vector<int64_t> batches;
     bool json = false;
   };
   auto options = std::make_shared<Options>();
@@ -73,6 +75,11 @@ CommandAction setup_bench(CLI::App* sub) {
   sub->add_option("--warmup", options->warmup, "untimed warm-up repetitions")->check(CLI::NonNegativeNumber);
   sub->add_option("--bandwidth-gbs", options->bandwidth_gbs,
                   "memory bandwidth of the device (GB/s, measured elsewhere) for the roofline column");
+  sub->add_option("--batch", options->batches,
+                  "batched decode at these batch sizes, e.g. 1,8,32,128: that many sequences with a "
+                  "--decode-context prompt each, --decode-tokens greedy steps decoded together")
+      ->delimiter(',')
+      ->check(CLI::PositiveNumber);
   sub->add_flag("--json", options->json, "print one JSON object with every parameter and result");
   return [options]() -> int {
     auto model = load_model(options->model);
@@ -89,7 +96,8 @@ CommandAction setup_bench(CLI::App* sub) {
       return ids;
     };
     const int total_reps = options->warmup + options->reps;
-    ProgressBar progress("benchmarking", total_reps * static_cast<int64_t>(options->prompt_lens.size() + 1));
+    ProgressBar progress("benchmarking", total_reps * static_cast<int64_t>(options->prompt_lens.size() + 1 +
+                                                                           options->batches.size()));
     nlohmann::json prefill_results = nlohmann::json::array();
     std::vector<float> logits;
     for (int64_t prompt_len : options->prompt_lens) {
@@ -140,9 +148,55 @@ CommandAction setup_bench(CLI::App* sub) {
         decode_stats.prefetch_issued += after.prefetch_issued - before.prefetch_issued;
         decode_stats.prefetch_used += after.prefetch_used - before.prefetch_used;
         decode_stats.cpu_computed += after.cpu_computed - before.cpu_computed;
+        decode_stats.split_computed += after.split_computed - before.split_computed;
+        decode_stats.cpu_read_bytes += after.cpu_read_bytes - before.cpu_read_bytes;
         timed_steps += options->decode_tokens;
       }
       progress.advance();
+    }
+    nlohmann::json batch_results = nlohmann::json::array();
+    for (int64_t batch : options->batches) {
+      const int64_t context = options->decode_context, steps_per_rep = options->decode_tokens;
+      engine.decoder().reserve(batch * (context + steps_per_rep + 1));
+      std::vector<double> step_ms, pick_ms;
+      for (int rep = 0; rep < total_reps; ++rep) {
+        std::vector<Decoder::DecodeStep> steps;
+        for (int64_t idx = 0; idx < batch; ++idx) {
+          const int32_t seq = engine.decoder().add_sequence();
+          engine.decoder().forward_sequence(seq, random_ids(context), 0, false, &logits);
+          steps.push_back({seq, argmax(logits), context});
+        }
+        engine.backend().synchronize();
+        double picking = 0;
+        auto start = std::chrono::steady_clock::now();
+        for (int64_t step = 0; step < steps_per_rep; ++step) {
+          engine.decoder().forward_batch(steps, &logits);
+          // Greedy picks on the host are part of a real step; timed apart too, to tell them from the GPU's part.
+          auto pick_start = std::chrono::steady_clock::now();
+          for (int64_t row = 0; row < batch; ++row) {
+            steps[row].token = argmax(std::span<const float>(logits).subspan(row * vocab, vocab));
+            ++steps[row].position;
+          }
+          picking += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - pick_start).count();
+        }
+        engine.backend().synchronize();
+        double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        for (const auto& step : steps) engine.decoder().free_sequence(step.seq);
+        engine.decoder().end_sequence();
+        if (rep >= options->warmup && steps_per_rep > 0) {
+          step_ms.push_back(elapsed / steps_per_rep);
+          pick_ms.push_back(picking / steps_per_rep);
+        }
+        progress.advance();
+      }
+      Summary s = summarize(step_ms);
+      batch_results.push_back({{"batch", batch},
+                               {"context", context},
+                               {"steps", steps_per_rep},
+                               {"ms_per_step_mean", s.mean},
+                               {"ms_per_step_stddev", s.stddev},
+                               {"host_pick_ms_per_step", summarize(pick_ms).mean},
+                               {"tokens_per_s", s.mean > 0 ? batch * 1000.0 / s.mean : 0.0}});
     }
     progress.finish();
     Summary decode = summarize(per_token_ms);
@@ -161,6 +215,7 @@ CommandAction setup_bench(CLI::App* sub) {
                     {"ms_per_token_mean", decode.mean},
                     {"ms_per_token_stddev", decode.stddev},
                     {"tokens_per_s", decode.mean > 0 ? 1000.0 / decode.mean : 0.0}}},
+        {"batch_decode", batch_results},
         {"decode_bytes_per_token", bytes},
         {"expert_bytes", static_cast<int64_t>(cfg.expert_bytes())},
         {"decode_experts", {{"hits", decode_stats.hits},
@@ -172,6 +227,9 @@ CommandAction setup_bench(CLI::App* sub) {
                             {"misses_per_token", timed_steps ? static_cast<double>(decode_stats.misses) / timed_steps : 0.0},
                             {"cpu_computed_per_token",
                              timed_steps ? static_cast<double>(decode_stats.cpu_computed) / timed_steps : 0.0},
+                            {"split_computed_per_token",
+                             timed_steps ? static_cast<double>(decode_stats.split_computed) / timed_steps : 0.0},
+                            {"cpu_read_bytes_per_token", timed_steps ? decode_stats.cpu_read_bytes / timed_steps : 0},
                             {"stall_ms_per_token", timed_steps ? decode_stats.stall_ms / timed_steps : 0.0},
                             {"prefetch_issued", decode_stats.prefetch_issued},
                             {"prefetch_precision", decode_stats.prefetch_issued
@@ -202,6 +260,11 @@ CommandAction setup_bench(CLI::App* sub) {
                   p["ms_stddev"].get<double>(), p["tokens_per_s"].get<double>());
     std::printf("decode  (batch 1):    %9.3f ms/token (+- %.3f)  %10.1f tokens/s; reads %.1f MiB/token\n", decode.mean,
                 decode.stddev, decode.mean > 0 ? 1000.0 / decode.mean : 0.0, bytes / 1048576.0);
+    for (const auto& b : batch_results)
+      std::printf("decode  (batch %3lld):  %9.3f ms/step  (+- %.3f)  %10.1f tokens/s; host argmax %.3f ms/step\n",
+                  static_cast<long long>(b["batch"].get<int64_t>()), b["ms_per_step_mean"].get<double>(),
+                  b["ms_per_step_stddev"].get<double>(), b["tokens_per_s"].get<double>(),
+                  b["host_pick_ms_per_step"].get<double>());
     if (decode_stats.misses > 0)
       std::printf("experts while decoding: hit rate %.3f, %.1f MiB moved/token, stall %.2f ms/token, prefetch "
                   "precision %.2f recall %.2f\n",

@@ -309,26 +309,33 @@ int run(const char* json_path) {
     b.free_all();
   }
 
-  // ---- attention: decode (bytes of fp32 K+V) and prefill (FLOPs) ----
+  // ---- attention over the paged cache (pages of 32): decode (bytes of fp32 K+V) and prefill (FLOPs) ----
   struct AttnShape {
     const char* label;
-    int64_t heads, kv_heads, n, start;
+    int64_t heads, kv_heads, n, start, seqs;  // seqs > 1: one decode row per sequence, each at position start
   };
-  for (AttnShape a : {AttnShape{"A decode ctx 4096", 16, 8, 1, 4095}, AttnShape{"B decode ctx 4096", 32, 4, 1, 4095},
-                      AttnShape{"A decode ctx 512", 16, 8, 1, 511}, AttnShape{"A prefill 2048", 16, 8, 2048, 0},
-                      AttnShape{"B prefill 2048", 32, 4, 2048, 0}}) {
-    const int64_t D = 128, keys = a.start + a.n;
+  for (AttnShape a : {AttnShape{"A decode ctx 4096", 16, 8, 1, 4095, 1}, AttnShape{"B decode ctx 4096", 32, 4, 1, 4095, 1},
+                      AttnShape{"A decode ctx 512", 16, 8, 1, 511, 1}, AttnShape{"A decode 32 seqs ctx 512", 16, 8, 32, 511, 32},
+                      AttnShape{"A prefill 2048", 16, 8, 2048, 0, 1}, AttnShape{"B prefill 2048", 32, 4, 2048, 0, 1}}) {
+    const int64_t D = 128, page = 32, keys = a.start + (a.seqs > 1 ? 1 : a.n);
+    const int64_t pages_per_seq = (keys + page - 1) / page;
     float* q = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
-    float* kc = b.random_f32(static_cast<size_t>(keys * a.kv_heads * D));
-    float* vc = b.random_f32(static_cast<size_t>(keys * a.kv_heads * D));
+    float* kc = b.random_f32(static_cast<size_t>(a.seqs * pages_per_seq * page * a.kv_heads * D));
+    float* vc = b.random_f32(static_cast<size_t>(a.seqs * pages_per_seq * page * a.kv_heads * D));
     float* o = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
-    cuda::AttentionShape shape{a.n, a.heads, a.kv_heads, D, a.start};
+    std::vector<int32_t> meta;  // row_seq [n], row_pos [n], tables [seqs, pages_per_seq]
+    for (int64_t r = 0; r < a.n; ++r) meta.push_back(static_cast<int32_t>(a.seqs > 1 ? r : 0));
+    for (int64_t r = 0; r < a.n; ++r) meta.push_back(static_cast<int32_t>(a.seqs > 1 ? a.start : a.start + r));
+    for (int64_t p = 0; p < a.seqs * pages_per_seq; ++p) meta.push_back(static_cast<int32_t>(p));
+    const auto* dev = static_cast<const int32_t*>(b.upload(meta.data(), meta.size() * 4));
+    const cuda::PagedKvRows rows{dev, dev + a.n, dev + 2 * a.n, pages_per_seq, page};
+    cuda::AttentionShape shape{a.n, a.heads, a.kv_heads, D, keys, a.seqs == 1};
     size_t ws_bytes = cuda::attention_workspace_bytes(shape, b.num_sms());
     float* ws = b.random_f32(ws_bytes / 4 + 1);
-    Timing t = b.time([&](int) { cuda::launch_attention(q, kc, vc, o, shape, 0.088f, ws, b.num_sms(), s); },
-                      a.n == 1 ? 100 : 5);
-    if (a.n == 1)
-      report(fmt::format("attention {}", a.label), t, 2.0 * keys * a.kv_heads * D * 4, "GB/s", hbm);
+    Timing t = b.time([&](int) { cuda::launch_attention(q, kc, vc, rows, o, shape, 0.088f, ws, b.num_sms(), s); },
+                      a.seqs > 1 || a.n == 1 ? 100 : 5);
+    if (a.seqs > 1 || a.n == 1)
+      report(fmt::format("attention {}", a.label), t, 2.0 * a.seqs * keys * a.kv_heads * D * 4, "GB/s", hbm);
     else
       report(fmt::format("attention {}", a.label), t, 2.0 * a.n * a.n * a.heads * D, "GFLOP/s", 0);
     b.free_all();

@@ -5,12 +5,16 @@
 #   2. moex bench with random weights held in host RAM (--load-format random) at a GPU memory budget, for the
 #      Mixtral-8x7B shape (16 GiB, 40 GiB) and the Qwen3-30B-A3B shape (8 GiB), with and without pre-gating;
 #   3. a table with the floor per token: the missed experts' bytes split optimally between a PCIe copy and a
-#      CPU read, both at once (bytes / (pcie + dram)), next to moex's ms/token.
+#      CPU read, both at once (bytes / (pcie + dram)), next to moex's ms/token; and the work floor: every
+#      byte the step copied or read on the CPU (prefetched hits included) over both paths at once.
 # Usage (device): MOEX=path/to/moex bench/offload/offload_bench.sh [--quick]
+#   MOEX_BASE=path/to/other/moex also runs each pre-gating + CPU-expert case with that binary first (named
+#   base_*), for before/after in one call. CASES=pregate skips the LRU cases. TOKENS=N decode tokens (default 8).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 moex="${MOEX:-.device/offload/bin/moex}"
-export LD_LIBRARY_PATH="$PWD/.device/offload/lib:${LD_LIBRARY_PATH:-}"
+# The shared libraries travel next to the binary: <dir>/bin/moex, <dir>/lib/*.so.
+export LD_LIBRARY_PATH="$(cd "$(dirname "$moex")/.." && pwd)/lib:${LD_LIBRARY_PATH:-}"
 out="${OUT:-/tmp/moex_offload}"
 mkdir -p "$out"
 quick=0
@@ -58,49 +62,81 @@ expert = 3 * h * c["moe_intermediate_size"] * 2
 print(2 * e + (1 << 30) + (c["num_experts_per_tok"] + 2) * expert)
 PY
 )
-for flags in "" "--gpu-memory $budget --predictor pregate" "--gpu-memory $budget --predictor pregate --cpu-experts"; do
+# Without a predictor the link is idle when a miss comes, so CPU experts split misses (--host-read-gbs moves
+# the split point).
+for flags in "" "--gpu-memory $budget --predictor pregate" "--gpu-memory $budget --predictor pregate --cpu-experts" \
+  "--gpu-memory $budget --cpu-experts" "--gpu-memory $budget --cpu-experts --host-read-gbs 20"; do
   "$moex" run -m $fx --device cuda $flags --prompt-ids "$ids" -n 16 --temperature 0 --ignore-eos --json \
     >"$out/check.json" 2>"$out/check.err"
   got=$(python3 -c "import json;print(json.load(open('$out/check.json'))['output_ids'])" 2>/dev/null || cat "$out/check.err")
   [ "$got" = "$ref" ] && echo "correct: cuda $flags" || echo "MISMATCH: cuda $flags: $got vs $ref"
 done
 
-run_case() {  # name model gpu_memory extra flags...
-  local name="$1" model="$2" budget="$3"
-  shift 3
-  echo "== $name: $model at $budget $*"
-  timeout 230 "$moex" bench -m "bench/offload/models/$model" --load-format random --device cuda \
-    --gpu-memory "$budget" --prompt-lens 128 --decode-context 16 --decode-tokens "$tokens" --reps 1 --warmup 0 \
-    "$@" --json >"$out/$name.json" 2>"$out/$name.err"
-  echo "exit $? $(tail -c 300 "$out/$name.err")"
-}
-tokens=8
-[ "$quick" -eq 1 ] && tokens=4
-run_case mixtral_16g_pregate_cpu mixtral_8x7b 16GiB --predictor pregate --cpu-experts
-run_case mixtral_16g_lru mixtral_8x7b 16GiB
-run_case qwen3_8g_pregate_cpu qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts
-[ "${CASES:-all}" = "all" ] && run_case qwen3_8g_lru qwen3_30b_a3b 8GiB
-
-python3 - "$out" <<'PY'
-import glob, json, os, sys
-out = sys.argv[1]
+# One row per case from $out/results.jsonl (all cases, or only the one named).
+report() {
+python3 - "$out" "${1:-}" <<'PY'
+import json, sys
+out, only = sys.argv[1], sys.argv[2]
 links = json.load(open(f"{out}/links.json"))
 pcie, dram = links["h2d_pinned_gbs"], links["host_read_gbs"]
-print(f"\nGPU {links['gpu']}: pinned H2D {pcie:.1f} GB/s, host DRAM read {dram:.1f} GB/s")
-print(f"{'case':26} {'ms/token':>9} {'tok/s':>6} {'hit rate':>8} {'miss GB/tok':>11} {'on CPU/tok':>10} {'copied GB/tok':>13} {'floor ms':>8} {'x floor':>7} {'prefill tok/s':>13} {'pf prec':>7} {'pf rec':>6}")
-for path in sorted(glob.glob(f"{out}/*.json")):
-    name = os.path.basename(path)[:-5]
-    if name in ("links", "check"): continue
-    try:
-        r = json.load(open(path)); d = r["decode_experts"]
-    except Exception:
-        print(f"{name:26} failed"); continue
+if not only:
+    print(f"\nGPU {links['gpu']}: pinned H2D {pcie:.1f} GB/s, host DRAM read {dram:.1f} GB/s")
+print(f"{'case':31} {'ms/token':>9} {'tok/s':>6} {'hit rate':>8} {'miss GB/tok':>11} {'on CPU/tok':>10} {'split/tok':>9} {'copied GB/tok':>13} {'CPU GB/tok':>10} {'floor ms':>8} {'x floor':>7} {'work floor':>10} {'x work':>6} {'stall ms':>8} {'prefill tok/s':>13} {'pf prec':>7} {'pf rec':>6}")
+for line in open(f"{out}/results.jsonl"):
+    r = json.loads(line)
+    name = r["case"]
+    if only and name != only: continue
+    if "decode" not in r:
+        print(f"{name:31} failed"); continue
+    d = r["decode_experts"]
     ms = r["decode"]["ms_per_token_mean"]
     # Floor at the measured miss rate: the missed experts' bytes split optimally between a PCIe copy and a
     # CPU read of host DRAM, both running at once.
     miss_gb = d["misses_per_token"] * r["expert_bytes"] / 1e9
     floor = miss_gb / (pcie + dram) * 1e3
-    print(f"{name:26} {ms:9.1f} {1000/ms:6.2f} {d['hit_rate']:8.3f} {miss_gb:11.2f} {d['cpu_computed_per_token']:10.1f} "
-          f"{d['bytes_moved_per_token']/1e9:13.2f} {floor:8.1f} {ms/floor if floor else 0:7.2f} "
+    # Work floor: what the step really moved: copies (prefetched hits included) and CPU reads of host DRAM.
+    copied_gb = d["bytes_moved_per_token"] / 1e9
+    # Builds without the counter ran every CPU miss whole.
+    cpu_gb = d.get("cpu_read_bytes_per_token", d["cpu_computed_per_token"] * r["expert_bytes"]) / 1e9
+    work = (copied_gb + cpu_gb) / (pcie + dram) * 1e3
+    print(f"{name:31} {ms:9.1f} {1000/ms:6.2f} {d['hit_rate']:8.3f} {miss_gb:11.2f} {d['cpu_computed_per_token']:10.1f} "
+          f"{d.get('split_computed_per_token', 0):9.1f} {copied_gb:13.2f} {cpu_gb:10.2f} {floor:8.1f} "
+          f"{ms/floor if floor else 0:7.2f} {work:10.1f} {ms/work if work else 0:6.2f} {d['stall_ms_per_token']:8.1f} "
           f"{r['prefill'][0]['tokens_per_s']:13.1f} {d['prefetch_precision']:7.2f} {d['prefetch_recall']:6.2f}")
 PY
+}
+
+# Each case appends one JSON line to results.jsonl and its stderr to runs.log, and prints its row at once: few
+# files come back from the device, and a call cut short by its time limit still reports the cases it ran.
+run_case() {  # name model gpu_memory extra flags...
+  local name="$1" model="$2" budget="$3" bin="${BIN:-$moex}"
+  shift 3
+  echo "== $name: $model at $budget $* ($bin)" | tee -a "$out/runs.log"
+  timeout 230 "$bin" bench -m "bench/offload/models/$model" --load-format random --device cuda \
+    --gpu-memory "$budget" --prompt-lens 128 --decode-context 16 --decode-tokens "$tokens" --reps 1 --warmup 0 \
+    "$@" --json >"$out/case.json" 2>>"$out/runs.log"
+  local status=$?
+  python3 -c "import json,sys
+try: r = json.load(open(sys.argv[1]))
+except Exception: r = {}
+r['case'] = sys.argv[2]
+print(json.dumps(r))" "$out/case.json" "$name" >>"$out/results.jsonl"
+  rm -f "$out/case.json"
+  echo "exit $status"
+  report "$name"
+}
+tokens="${TOKENS:-8}"
+[ "$quick" -eq 1 ] && tokens=4
+run_pair() {  # name model gpu_memory extra flags...: MOEX_BASE's run first (when set), then this build's
+  [ -n "${MOEX_BASE:-}" ] && BIN="$MOEX_BASE" run_case "base_$1" "${@:2}"
+  run_case "$@"
+}
+run_pair mixtral_16g_pregate_cpu mixtral_8x7b 16GiB --predictor pregate --cpu-experts
+run_pair qwen3_8g_pregate_cpu qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts
+run_pair mixtral_40g_pregate_cpu mixtral_8x7b 40GiB --predictor pregate --cpu-experts
+if [ "${CASES:-all}" = "all" ]; then
+  run_case mixtral_16g_lru mixtral_8x7b 16GiB
+  run_case qwen3_8g_lru qwen3_30b_a3b 8GiB
+fi
+
+report

@@ -121,5 +121,21 @@ cp -r "$fixture" "$tmp/badjson"
 echo "{ not json" >"$tmp/badjson/config.json"
 expect_error "corrupt config.json" "config.json: not valid JSON" "$moex" run -m "$tmp/badjson" --prompt-ids 1
 
+# Batched decode in moex bench: one JSON row per batch size.
+if "$moex" bench -m "$fixture" --prompt-lens 4 --decode-context 3 --decode-tokens 4 --reps 1 --warmup 0 --batch 1,3 \
+  --json >"$tmp/bench.json" 2>"$tmp/err"; then
+  python3 - "$tmp/bench.json" <<'PY' && ok || fail "bench --batch --json contract"
+import json, sys
+rows = json.load(open(sys.argv[1]))["batch_decode"]
+assert [r["batch"] for r in rows] == [1, 3], rows
+for r in rows:
+    assert r["context"] == 3 and r["steps"] == 4 and r["ms_per_step_mean"] > 0, r
+    assert abs(r["tokens_per_s"] - r["batch"] * 1000.0 / r["ms_per_step_mean"]) < 1e-6 * r["tokens_per_s"], r
+PY
+else
+  fail "bench --batch exited non-zero: $(cat "$tmp/err")"
+fi
+expect_error "bench --batch 0" "--batch" "$moex" bench -m "$fixture" --batch 0
+
 echo "$passed passed, $failures failed"
 [ "$failures" -eq 0 ]

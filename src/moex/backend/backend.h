@@ -34,6 +34,23 @@ struct Routing {
 
 enum class RouterScoring : uint8_t { kSoftmax, kSigmoid };
 
+// One forward step's rows in a paged KV cache. A page holds page_size consecutive positions of one sequence.
+// Row i is the token at position row_pos[i] of the step's sequence row_seq[i], whose position p lives in page
+// block_tables[row_seq[i] * table_stride + p / page_size], slot p % page_size. Host memory owned by the caller;
+// it must not change between prepare_kv_step() and the step's last kv op.
+struct KvStep {
+  std::span<const int32_t> row_seq;       // [n], each < num_seqs
+  std::span<const int32_t> row_pos;       // [n], each < table_stride * page_size
+  std::span<const int32_t> block_tables;  // [num_seqs, table_stride] page ids
+  int64_t table_stride = 0;
+  int64_t page_size = 0;
+  int64_t num_seqs() const { return table_stride > 0 ? static_cast<int64_t>(block_tables.size()) / table_stride : 0; }
+};
+
+// Asserts that step is well formed for num_rows rows and a pool of num_pages pages (a malformed step is a bug in
+// the caller): rows in range, every table entry a page of the pool. Largest row_pos + 1 in *max_keys if given.
+void check_kv_step(const KvStep& step, int64_t num_rows, int64_t num_pages, const char* op, int64_t* max_keys = nullptr);
+
 // Owned activation memory on a backend's device; freed by the backend that made it.
 class Buffer {
  public:
@@ -58,6 +75,15 @@ class Backend {
   // The expert prefetcher's copy: like copy_from_host, but on a copy path separate from compute so it
   // overlaps with running ops, and callable from one other thread while ops run. Default: copy_from_host.
   virtual void copy_from_host_async_path(const void* src, const TensorView& dst) { copy_from_host(src, dst); }
+  // A demand copy of expert weights that the caller's thread does not wait for, so the host can compute
+  // while it runs: it starts after the ops enqueued before it (dst may be a slot they just stopped using)
+  // and ahead of prefetcher copies issued after it. src must stay valid and unchanged until the copy is
+  // done (page-locked expert weights). Ops see dst only after wait_enqueued_copies(). Default:
+  // copy_from_host (done on return).
+  virtual void copy_from_host_enqueue(const void* src, const TensorView& dst) { copy_from_host(src, dst); }
+  // Ops enqueued after this call run after every copy_from_host_enqueue() issued before it; the host does
+  // not wait.
+  virtual void wait_enqueued_copies() {}
   // Makes host memory that copies read from faster to copy (CUDA: page-locks it). A no-op where it does
   // not matter; never fails (an unregistered range is merely slower).
   virtual void register_host_memory(const void* ptr, size_t bytes) { (void)ptr, (void)bytes; }
@@ -75,17 +101,54 @@ class Backend {
   virtual void add(const TensorView& a, const TensorView& b, const TensorView& out) = 0;
   // Clamp every element into [-limit, limit] in place (OLMoE clip_qkv).
   virtual void clamp(const TensorView& x, float limit) = 0;
+  // ---- fused ops (decode is launch-bound: a backend may do each in one pass; defaults compose the above) -
+  // One input through several weights: outputs[i].out = x @ outputs[i].w^T (+ bias). Decode's q/k/v and an
+  // MLP's gate/up read x once and launch once.
+  struct LinearOutput {
+    const TensorView* w = nullptr;
+    const TensorView* bias = nullptr;  // may be null
+    const TensorView* out = nullptr;
+  };
+  virtual void linear_many(const TensorView& x, std::span<const LinearOutput> outputs) {
+    for (const LinearOutput& o : outputs) linear(x, *o.w, o.bias, *o.out);
+  }
+  // The residual step before a block: x += delta, then out = rms_norm(x, weight). out must not alias delta.
+  virtual void add_rms_norm(const TensorView& x, const TensorView& delta, const TensorView& weight, float eps,
+                            const TensorView& out) {
+    add(x, delta, x);
+    rms_norm(x, weight, eps, out);
+  }
+  // q [n, heads, head_dim] and k [n, kv_heads, head_dim] in place: per-head RMSNorm with q_norm / k_norm
+  // [head_dim] when given (Qwen3; both or neither), then rope() on both.
+  virtual void qk_norm_rope(const TensorView& q, const TensorView& k, const TensorView* q_norm,
+                            const TensorView* k_norm, float eps, std::span<const int32_t> positions,
+                            int64_t rotary_dim, double theta) {
+    if (q_norm && k_norm) {
+      const int64_t hd = q.dim(2);
+      const TensorView q_rows = q.reshape(Shape{q.numel() / hd, hd}), k_rows = k.reshape(Shape{k.numel() / hd, hd});
+      rms_norm(q_rows, *q_norm, eps, q_rows);
+      rms_norm(k_rows, *k_norm, eps, k_rows);
+    }
+    rope(q, positions, rotary_dim, theta);
+    rope(k, positions, rotary_dim, theta);
+  }
+
   // Rotary embedding, rotate-half (GPT-NeoX) convention, in place on x[n, heads, head_dim]; token i
   // is at positions[i]; the first rotary_dim dims of each head rotate.
   virtual void rope(const TensorView& x, std::span<const int32_t> positions, int64_t rotary_dim,
                     double theta) = 0;
-  // Writes k/v [n, kv_heads, head_dim] into cache rows [start_pos, start_pos + n).
-  virtual void kv_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
-                        const TensorView& v_cache, int64_t start_pos) = 0;
-  // Causal GQA attention for one sequence: q[n, heads, head_dim] at positions start_pos..start_pos+n-1
-  // over cache rows [0, start_pos + n); out[n, heads, head_dim]. scale = 1/sqrt(head_dim).
-  virtual void attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
-                         int64_t start_pos, float scale, const TensorView& out) = 0;
+  // ---- paged KV cache (model/kv_cache.h) -------------------------------------------------------
+  // Tells the backend the KvStep of the kv_write/attention calls that follow, once per forward step and before
+  // its ops (CUDA: one upload of the step's rows and block tables, outside any recorded decode step).
+  virtual void prepare_kv_step(const KvStep& step) { (void)step; }
+  // Stores row i of k/v [n, kv_heads, head_dim] at position step.row_pos[i] of sequence step.row_seq[i].
+  // k_pages/v_pages [num_pages, page_size, kv_heads, head_dim] fp32. step must be the prepared one.
+  virtual void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
+                        const TensorView& v_pages) = 0;
+  // Causal GQA attention: row i of q [n, heads, head_dim] attends to positions 0..step.row_pos[i] of its
+  // sequence (this step's kv_write included); out [n, heads, head_dim]. scale multiplies q.k (1/sqrt(head_dim)).
+  virtual void attention(const KvStep& step, const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
+                         float scale, const TensorView& out) = 0;
   // out = silu(gate) * up, elementwise on [n, ffn].
   virtual void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out) = 0;
   // acc[r, :] += sigmoid(gate_logit[r, 0]) * x[r, :]  (Qwen2-MoE shared-expert gate).
@@ -116,7 +179,8 @@ class Backend {
   // ---- decode-step recording (optional) ---------------------------------------------------------
   // Runs the ops of one single-token step (token at position). A backend may record ops() once per
   // context-length bucket and replay the recording for later steps (CUDA graphs). ops() must then depend
-  // on token and position only through the embedding, rope, kv_write and attention ops of one row, must
+  // on token and position only through the embedding and rope ops of one row and the kv ops of the prepared
+  // KvStep (prepare_kv_step() comes before decode_step(), so its upload stays outside the recording), must
   // not read anything back to the host, and must touch the same buffers each time: call
   // reset_step_recordings() when a buffer it uses is reallocated. Default: runs ops().
   virtual void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) {

@@ -1,6 +1,7 @@
 #include "moex/model/decoder.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 #include "moex/core/error.h"
@@ -17,12 +18,16 @@ namespace {
 // Scratch slots: one buffer each, grown on demand and reused every step.
 enum Slot : int {
   kResidual, kNormed, kQ, kK, kV, kAttn, kProj, kRouterLogits, kFfnOut, kGate, kUp, kAct, kShared, kSharedGate,
-  kLogits, kPartial, kLookahead, kHostPartial, kNumSlots
+  kLogits, kPartial, kLookahead, kHostPartial, kSplitX, kSplitGate, kSplitUp, kSplitAct, kSplitOut, kNumSlots
 };
 }  // namespace
 
-Decoder::Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& backend, ExpertProvider& experts)
+Decoder::Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& backend, ExpertProvider& experts,
+                 const KvCacheOptions& kv)
     : cfg_(cfg), host_(weights), backend_(backend), experts_(experts), scratch_(kNumSlots) {
+  kv_ = std::make_unique<KvCache>(backend_, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv.page_size,
+                                  kv.max_pages);
+  default_seq_ = kv_->add_sequence();
   auto up = [&](const TensorView& view, const std::string& name) {
     return view.empty() ? TensorView{} : backend_.upload_weight(view, name);
   };
@@ -59,22 +64,11 @@ Decoder::Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& b
 
 Decoder::~Decoder() = default;
 
-void Decoder::reserve(int64_t max_seq_len) {
-  if (max_seq_len <= max_seq_len_) return;
-  const Shape shape{max_seq_len, cfg_.num_kv_heads, cfg_.head_dim};
-  std::vector<std::unique_ptr<Buffer>> grown;
-  for (int64_t idx = 0; idx < 2 * cfg_.num_layers; ++idx) {
-    grown.push_back(backend_.alloc(DType::kF32, shape));
-    if (max_seq_len_ > 0) {  // keep the cached prefix: copy through the host (rare: only on growth)
-      std::vector<float> host(static_cast<size_t>(max_seq_len_ * cfg_.num_kv_heads * cfg_.head_dim));
-      backend_.copy_to_host(kv_cache_[idx]->view, host.data());
-      backend_.copy_from_host(host.data(), grown.back()->view.rows(0, max_seq_len_));
-    }
-  }
-  kv_cache_ = std::move(grown);
-  backend_.reset_step_recordings();
-  max_seq_len_ = max_seq_len;
-}
+void Decoder::reserve(int64_t num_tokens) { kv_->reserve(num_tokens); }
+
+int32_t Decoder::add_sequence() { return kv_->add_sequence(); }
+
+void Decoder::free_sequence(int32_t seq) { kv_->free_sequence(seq); }
 
 TensorView Decoder::scratch(int slot, Shape shape) {
   auto& buffer = scratch_[slot];
@@ -92,8 +86,8 @@ void Decoder::swiglu(const TensorView& x, const ExpertWeights& mlp, int64_t ffn,
   const int64_t n = x.dim(0);
   TensorView gate = scratch(kGate, Shape{n, ffn});
   TensorView up = scratch(kUp, Shape{n, ffn});
-  backend_.linear(x, mlp.gate, nullptr, gate);
-  backend_.linear(x, mlp.up, nullptr, up);
+  const Backend::LinearOutput gate_up[2] = {{&mlp.gate, nullptr, &gate}, {&mlp.up, nullptr, &up}};
+  backend_.linear_many(x, gate_up);
   backend_.silu_mul(gate, up, gate);
   backend_.linear(gate, mlp.down, nullptr, out);
 }
@@ -129,33 +123,112 @@ void Decoder::run_experts(int32_t moe_layer_idx, const TensorView& h, const Tens
 }
 
 void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorView& out) {
+  const std::span<const SplitExpert> splits = experts_.split_experts();
   auto on_host = [&](int32_t id) {
     return id >= 0 && expert_table_[id].gate.device == Device::kCpu && backend_.device() != Device::kCpu;
   };
-  if (std::none_of(wave.expert_ids.begin(), wave.expert_ids.end(), on_host)) {
+  if (splits.empty() && std::none_of(wave.expert_ids.begin(), wave.expert_ids.end(), on_host)) {
+    backend_.wait_enqueued_copies();
     backend_.moe_experts(h, wave, expert_table_, out);
     return;
   }
   MOEX_ASSERT(host_backend_, "the expert provider handed over host experts but the decoder has no host backend");
+  auto split_of = [&](int32_t id) -> const SplitExpert* {
+    for (const SplitExpert& split : splits)
+      if (split.expert_idx == id) return &split;
+    return nullptr;
+  };
   host_wave_ = wave;
   device_wave_ = wave;
+  split_entries_.clear();
+  bool any_host = false;
   for (size_t idx = 0; idx < wave.expert_ids.size(); ++idx) {
-    if (on_host(wave.expert_ids[idx])) device_wave_.expert_ids[idx] = -1;
-    else host_wave_.expert_ids[idx] = -1;
+    const int32_t id = wave.expert_ids[idx];
+    if (id >= 0 && split_of(id)) {
+      host_wave_.expert_ids[idx] = device_wave_.expert_ids[idx] = -1;
+      split_entries_.push_back(static_cast<int64_t>(idx));
+    } else if (on_host(id)) {
+      device_wave_.expert_ids[idx] = -1;
+      any_host = true;
+    } else {
+      host_wave_.expert_ids[idx] = -1;
+    }
   }
   const int64_t n = h.dim(0), hidden = h.dim(1);
   h_host_.resize(static_cast<size_t>(n * hidden));
   out_host_.resize(static_cast<size_t>(n * hidden));
-  // h reaches the host before the GPU's expert launch (copy_to_host waits for the stream), so the GPU
-  // runs its resident experts while the CPU runs the missed ones.
+  // h and the small uploads below go before wait_enqueued_copies(): a read-back after it would wait for the
+  // expert copies, which must run while the CPU works.
   backend_.copy_to_host(h, h_host_.data());
+  // A split expert's up projection takes its input scaled by the routing weight (up is linear), so the
+  // act rows of both paths carry the weight and the down projection adds straight into out.
+  const int64_t num_splits = static_cast<int64_t>(split_entries_.size());
+  const int64_t ffn = num_splits > 0 ? splits.front().host.gate.dim(0) : 0;
+  TensorView split_x, split_gate, split_up, split_act, split_out;
+  if (num_splits > 0) {
+    split_x_host_.resize(static_cast<size_t>(num_splits * hidden));
+    split_act_host_.resize(static_cast<size_t>(2 * num_splits * ffn));
+    for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {
+      const int64_t token = split_entries_[split_idx] / wave.top_k;
+      const float weight = wave.weights[split_entries_[split_idx]];
+      for (int64_t col = 0; col < hidden; ++col)
+        split_x_host_[split_idx * hidden + col] = weight * h_host_[token * hidden + col];
+    }
+    split_x = scratch(kSplitX, Shape{num_splits, hidden});
+    backend_.copy_from_host(split_x_host_.data(), split_x);
+    split_gate = scratch(kSplitGate, Shape{num_splits, ffn});
+    split_up = scratch(kSplitUp, Shape{num_splits, ffn});
+    split_act = scratch(kSplitAct, Shape{num_splits, ffn});
+    split_out = scratch(kSplitOut, Shape{num_splits, hidden});
+  }
+  // Elements [offset, offset + count) of a contiguous fp32 view, as one row.
+  auto part = [](const TensorView& view, int64_t offset, int64_t count) {
+    return TensorView(view.as<float>() + offset, DType::kF32, Shape{1, count}, view.device);
+  };
+  backend_.wait_enqueued_copies();
   backend_.moe_experts(h, device_wave_, expert_table_, out);
+  // The backend's rows of the split experts, queued behind their copies while the CPU computes its rows.
+  for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {
+    const int32_t id = wave.expert_ids[split_entries_[split_idx]];
+    const int64_t token = split_entries_[split_idx] / wave.top_k, rows = split_of(id)->host_rows;
+    if (rows == ffn) continue;
+    const ExpertWeights& w = expert_table_[id];
+    const TensorView gate = part(split_gate, split_idx * ffn + rows, ffn - rows);
+    const TensorView up = part(split_up, split_idx * ffn + rows, ffn - rows);
+    backend_.linear(h.rows(token, 1), w.gate.rows(rows, ffn - rows), nullptr, gate);
+    backend_.linear(split_x.rows(split_idx, 1), w.up.rows(rows, ffn - rows), nullptr, up);
+    backend_.silu_mul(gate, up, part(split_act, split_idx * ffn + rows, ffn - rows));
+  }
   const TensorView h_view(h_host_.data(), DType::kF32, Shape{n, hidden});
   const TensorView out_view(out_host_.data(), DType::kF32, Shape{n, hidden});
-  host_backend_->moe_experts(h_view, host_wave_, expert_table_, out_view);
+  if (any_host) host_backend_->moe_experts(h_view, host_wave_, expert_table_, out_view);
+  for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {
+    const SplitExpert& split = *split_of(wave.expert_ids[split_entries_[split_idx]]);
+    const int64_t token = split_entries_[split_idx] / wave.top_k, rows = split.host_rows;
+    float* act = split_act_host_.data() + 2 * split_idx * ffn;
+    const TensorView gate(act, DType::kF32, Shape{1, rows}), up(act + ffn, DType::kF32, Shape{1, rows});
+    host_backend_->linear(h_view.rows(token, 1), split.host.gate.rows(0, rows), nullptr, gate);
+    host_backend_->linear(TensorView(split_x_host_.data() + split_idx * hidden, DType::kF32, Shape{1, hidden}),
+                          split.host.up.rows(0, rows), nullptr, up);
+    host_backend_->silu_mul(gate, up, gate);
+  }
+  // The host's part is done; what remains of the copies (and the backend's short expert work) is a wait.
+  const auto wait_start = std::chrono::steady_clock::now();
   const TensorView from_host = scratch(kHostPartial, Shape{n, hidden});
-  backend_.copy_from_host(out_host_.data(), from_host);
-  backend_.add(out, from_host, out);
+  if (any_host) backend_.copy_from_host(out_host_.data(), from_host);
+  for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {
+    const int64_t rows = split_of(wave.expert_ids[split_entries_[split_idx]])->host_rows;
+    backend_.copy_from_host(split_act_host_.data() + 2 * split_idx * ffn, part(split_act, split_idx * ffn, rows));
+  }
+  const auto waited = std::chrono::steady_clock::now() - wait_start;
+  experts_.add_stall_ms(std::chrono::duration<double, std::milli>(waited).count());
+  if (any_host) backend_.add(out, from_host, out);
+  for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {
+    const int32_t id = wave.expert_ids[split_entries_[split_idx]];
+    const int64_t token = split_entries_[split_idx] / wave.top_k;
+    backend_.linear(split_act.rows(split_idx, 1), expert_table_[id].down, nullptr, split_out.rows(split_idx, 1));
+    backend_.add(out.rows(token, 1), split_out.rows(split_idx, 1), out.rows(token, 1));
+  }
 }
 
 void Decoder::end_sequence() { experts_.end_sequence(); }
@@ -176,24 +249,80 @@ void Decoder::pregate(int32_t moe_layer_idx, const TensorView& h) {
 
 void Decoder::forward(std::span<const int32_t> ids, int64_t start_pos, bool all_logits, std::vector<float>* logits,
                       RouterObserver* observer) {
+  forward_sequence(default_seq_, ids, start_pos, all_logits, logits, observer);
+}
+
+void Decoder::check_token(int32_t id) const {
+  if (id < 0 || id >= cfg_.vocab_size)
+    throw UsageError(fmt::format("token id {} is out of range: the vocabulary has {} ids (0..{})", id, cfg_.vocab_size,
+                                 cfg_.vocab_size - 1));
+}
+
+void Decoder::forward_sequence(int32_t seq, std::span<const int32_t> ids, int64_t start_pos, bool all_logits,
+                               std::vector<float>* logits, RouterObserver* observer) {
   const int64_t n = static_cast<int64_t>(ids.size());
   if (n == 0) throw UsageError("forward: no tokens to run");
-  for (int32_t id : ids)
-    if (id < 0 || id >= cfg_.vocab_size)
-      throw UsageError(fmt::format("token id {} is out of range: the vocabulary has {} ids (0..{})", id,
-                                   cfg_.vocab_size, cfg_.vocab_size - 1));
-  if (start_pos + n > max_seq_len_) reserve(std::max(start_pos + n, max_seq_len_ * 2));
+  for (int32_t id : ids) check_token(id);
+  const int64_t length = kv_->length(seq);
+  if (start_pos < 0 || start_pos > length)
+    throw UsageError(fmt::format("forward: sequence {} holds positions 0..{}; cannot continue at position {}", seq,
+                                 length - 1, start_pos));
+  kv_->resize(seq, start_pos + n);
+  row_seq_.assign(static_cast<size_t>(n), 0);
+  positions_.resize(static_cast<size_t>(n));
+  for (int64_t idx = 0; idx < n; ++idx) positions_[idx] = static_cast<int32_t>(start_pos + idx);
+  const auto table = kv_->block_table(seq);
+  tables_.assign(table.begin(), table.end());
+  run_step(ids, start_pos, static_cast<int64_t>(table.size()), all_logits, logits, observer);
+}
 
-  std::vector<int32_t> positions(n);
-  for (int64_t idx = 0; idx < n; ++idx) positions[idx] = static_cast<int32_t>(start_pos + idx);
+void Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits) {
+  const int64_t n = static_cast<int64_t>(steps.size());
+  if (n == 0) throw UsageError("forward_batch: no sequences to run");
+  ids_.resize(static_cast<size_t>(n));
+  for (int64_t row = 0; row < n; ++row) {
+    const DecodeStep& step = steps[row];
+    check_token(step.token);
+    const int64_t length = kv_->length(step.seq);
+    if (step.position < 0 || step.position > length)
+      throw UsageError(fmt::format("forward_batch: sequence {} holds positions 0..{}; cannot continue at position {}",
+                                   step.seq, length - 1, step.position));
+    for (int64_t other = 0; other < row; ++other)
+      if (steps[other].seq == step.seq)
+        throw UsageError(fmt::format("forward_batch: sequence {} appears twice in one step", step.seq));
+    ids_[row] = step.token;
+  }
+  int64_t stride = 0;
+  for (const DecodeStep& step : steps) {
+    kv_->resize(step.seq, step.position + 1);
+    stride = std::max<int64_t>(stride, static_cast<int64_t>(kv_->block_table(step.seq).size()));
+  }
+  // Row i is the step's sequence i; shorter tables are padded with page 0, never read.
+  row_seq_.resize(static_cast<size_t>(n));
+  positions_.resize(static_cast<size_t>(n));
+  tables_.assign(static_cast<size_t>(n * stride), 0);
+  for (int64_t row = 0; row < n; ++row) {
+    row_seq_[row] = static_cast<int32_t>(row);
+    positions_[row] = static_cast<int32_t>(steps[row].position);
+    const auto table = kv_->block_table(steps[row].seq);
+    std::copy(table.begin(), table.end(), tables_.begin() + row * stride);
+  }
+  run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr);
+}
+
+void Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
+                       std::vector<float>* logits, RouterObserver* observer) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  kv_step_ = KvStep{row_seq_, positions_, tables_, table_stride, kv_->page_size()};
+  backend_.prepare_kv_step(kv_step_);
 
   // All-resident experts and nobody who needs the routing on the host: the backend routes on its device,
   // and a single-token step becomes one recordable sequence of ops (CUDA graphs).
   const bool device_routing = backend_.prefers_device_routing() && experts_.all_resident() && observer == nullptr &&
                               experts_.lookahead_layers() == 0;
-  auto ops = [&] { run_layers(ids, start_pos, positions, all_logits, logits != nullptr, device_routing, observer); };
+  auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, logits != nullptr, device_routing, observer); };
   if (n == 1 && device_routing)
-    backend_.decode_step(ids[0], start_pos, ops);
+    backend_.decode_step(ids[0], positions_[0], ops);
   else
     ops();
   if (!logits) return;
@@ -206,32 +335,34 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
                          bool all_logits, bool want_logits, bool device_routing, RouterObserver* observer) {
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t hidden = cfg_.hidden_size, heads = cfg_.num_heads, kv_heads = cfg_.num_kv_heads, hd = cfg_.head_dim;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
   TensorView x = scratch(kResidual, Shape{n, hidden});
+  TensorView h = scratch(kNormed, Shape{n, hidden});
+  TensorView ffn_out = scratch(kFfnOut, Shape{n, hidden});
   backend_.embedding(ids, embed_, x);
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     const DeviceLayer& layer = layers_[layer_idx];
     const LayerWeights& host_layer = host_.layers[layer_idx];
-    TensorView h = scratch(kNormed, Shape{n, hidden});
-    backend_.rms_norm(x, layer.attn_norm, static_cast<float>(cfg_.rms_norm_eps), h);
+    // The previous block's residual add rides on this block's norm: one pass over x, one launch.
+    if (layer_idx == 0) backend_.rms_norm(x, layer.attn_norm, eps, h);
+    else backend_.add_rms_norm(x, ffn_out, layer.attn_norm, eps, h);
 
     TensorView q = scratch(kQ, Shape{n, heads * hd});
     TensorView k = scratch(kK, Shape{n, kv_heads * hd});
     TensorView v = scratch(kV, Shape{n, kv_heads * hd});
-    backend_.linear(h, layer.q_proj, layer.q_bias.empty() ? nullptr : &layer.q_bias, q);
-    backend_.linear(h, layer.k_proj, layer.k_bias.empty() ? nullptr : &layer.k_bias, k);
-    backend_.linear(h, layer.v_proj, layer.v_bias.empty() ? nullptr : &layer.v_bias, v);
-    switch (cfg_.qk_norm) {
-      case QkNorm::kNone: break;
-      case QkNorm::kPerHead:
-        backend_.rms_norm(q.reshape(Shape{n * heads, hd}), layer.q_norm, static_cast<float>(cfg_.rms_norm_eps),
-                          q.reshape(Shape{n * heads, hd}));
-        backend_.rms_norm(k.reshape(Shape{n * kv_heads, hd}), layer.k_norm, static_cast<float>(cfg_.rms_norm_eps),
-                          k.reshape(Shape{n * kv_heads, hd}));
-        break;
-      case QkNorm::kFull:
-        backend_.rms_norm(q, layer.q_norm, static_cast<float>(cfg_.rms_norm_eps), q);
-        backend_.rms_norm(k, layer.k_norm, static_cast<float>(cfg_.rms_norm_eps), k);
-        break;
+    const Backend::LinearOutput qkv[3] = {{&layer.q_proj, layer.q_bias.empty() ? nullptr : &layer.q_bias, &q},
+                                          {&layer.k_proj, layer.k_bias.empty() ? nullptr : &layer.k_bias, &k},
+                                          {&layer.v_proj, layer.v_bias.empty() ? nullptr : &layer.v_bias, &v}};
+    backend_.linear_many(h, qkv);
+    // Per-head q/k norms go with RoPE into one op, unless a clamp must come between them (OLMoE's order:
+    // norms, clamp, rope).
+    const bool norm_with_rope = cfg_.qk_norm == QkNorm::kPerHead && cfg_.clip_qkv <= 0;
+    if (cfg_.qk_norm == QkNorm::kPerHead && !norm_with_rope) {
+      backend_.rms_norm(q.reshape(Shape{n * heads, hd}), layer.q_norm, eps, q.reshape(Shape{n * heads, hd}));
+      backend_.rms_norm(k.reshape(Shape{n * kv_heads, hd}), layer.k_norm, eps, k.reshape(Shape{n * kv_heads, hd}));
+    } else if (cfg_.qk_norm == QkNorm::kFull) {
+      backend_.rms_norm(q, layer.q_norm, eps, q);
+      backend_.rms_norm(k, layer.k_norm, eps, k);
     }
     if (cfg_.clip_qkv > 0) {  // OLMoE clamps after the q/k norms
       backend_.clamp(q, static_cast<float>(cfg_.clip_qkv));
@@ -240,20 +371,18 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
     }
     TensorView q3 = q.reshape(Shape{n, heads, hd});
     TensorView k3 = k.reshape(Shape{n, kv_heads, hd});
-    backend_.rope(q3, positions, cfg_.rotary_dim, cfg_.rope_theta);
-    backend_.rope(k3, positions, cfg_.rotary_dim, cfg_.rope_theta);
-    const TensorView& k_cache = kv_cache_[2 * layer_idx]->view;
-    const TensorView& v_cache = kv_cache_[2 * layer_idx + 1]->view;
-    backend_.kv_write(k3, v.reshape(Shape{n, kv_heads, hd}), k_cache, v_cache, start_pos);
+    backend_.qk_norm_rope(q3, k3, norm_with_rope ? &layer.q_norm : nullptr, norm_with_rope ? &layer.k_norm : nullptr,
+                          eps, positions, cfg_.rotary_dim, cfg_.rope_theta);
+    const TensorView& k_pages = kv_->k_pages(static_cast<int64_t>(layer_idx));
+    const TensorView& v_pages = kv_->v_pages(static_cast<int64_t>(layer_idx));
+    backend_.kv_write(kv_step_, k3, v.reshape(Shape{n, kv_heads, hd}), k_pages, v_pages);
     TensorView attn = scratch(kAttn, Shape{n, heads, hd});
-    backend_.attention(q3, k_cache, v_cache, start_pos, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))),
+    backend_.attention(kv_step_, q3, k_pages, v_pages, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))),
                        attn);
     TensorView proj = scratch(kProj, Shape{n, hidden});
     backend_.linear(attn.reshape(Shape{n, heads * hd}), layer.o_proj, nullptr, proj);
-    backend_.add(x, proj, x);
+    backend_.add_rms_norm(x, proj, layer.ffn_norm, eps, h);
 
-    backend_.rms_norm(x, layer.ffn_norm, static_cast<float>(cfg_.rms_norm_eps), h);
-    TensorView ffn_out = scratch(kFfnOut, Shape{n, hidden});
     if (host_layer.is_moe) {
       TensorView router_logits = scratch(kRouterLogits, Shape{n, cfg_.num_experts});
       backend_.linear(h, layer.router, nullptr, router_logits);
@@ -284,13 +413,17 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
     } else {
       swiglu(h, layer.dense_mlp, cfg_.dense_ffn_size, ffn_out);
     }
-    backend_.add(x, ffn_out, x);
+    // ffn_out is added to x by the next layer's norm, or below.
   }
   if (!want_logits) return;
   const int64_t rows = all_logits ? n : 1;
-  TensorView last = x.rows(n - rows, rows);
   TensorView normed = scratch(kNormed, Shape{rows, hidden});
-  backend_.rms_norm(last, final_norm_, static_cast<float>(cfg_.rms_norm_eps), normed);
+  if (rows == n) {
+    backend_.add_rms_norm(x, ffn_out, final_norm_, eps, normed);
+  } else {
+    backend_.add(x, ffn_out, x);
+    backend_.rms_norm(x.rows(n - rows, rows), final_norm_, eps, normed);
+  }
   backend_.linear(normed, lm_head_, nullptr, scratch(kLogits, Shape{rows, cfg_.vocab_size}));
 }
 

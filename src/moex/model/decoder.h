@@ -1,6 +1,7 @@
 // The generic MoE decoder: runs any registered family's layer recipe (pre-norm GQA attention with
 // RoPE and optional q/k norm, then a dense or MoE SwiGLU block with an optional shared expert) on a
-// Backend, asking an ExpertProvider for expert weights. One sequence at a time; the KV cache lives here.
+// Backend, asking an ExpertProvider for expert weights. The paged KV cache lives here: a step runs one
+// sequence's tokens (prefill), or one token of each of several sequences (batched decode).
 #pragma once
 
 #include <memory>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "moex/backend/backend.h"
+#include "moex/model/kv_cache.h"
 #include "moex/model/model_config.h"
 #include "moex/model/model_weights.h"
 #include "moex/moe/expert_provider.h"
@@ -23,29 +25,56 @@ class RouterObserver {
                          const Routing& routing) = 0;
 };
 
+struct KvCacheOptions {
+  int64_t page_size = 32;  // positions per page; 32 = one key tile of the CUDA attention kernel
+  int64_t max_pages = 0;   // 0: the pools grow without limit
+};
+
 class Decoder {
  public:
   // Uploads the non-expert weights to the backend. cfg, weights, backend and experts must outlive it.
-  Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& backend, ExpertProvider& experts);
+  Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& backend, ExpertProvider& experts,
+          const KvCacheOptions& kv = {});
   // A CPU backend for experts the provider hands over as host views (CPU execution of missed experts
   // while the main backend is a GPU). Not owned; must outlive the decoder.
   void set_host_backend(Backend* host_backend) { host_backend_ = host_backend; }
   ~Decoder();
 
-  // Sizes the KV cache for sequences up to max_seq_len tokens (keeps the current contents' prefix).
-  void reserve(int64_t max_seq_len);
-  int64_t max_seq_len() const { return max_seq_len_; }
+  // Grows the KV cache to hold num_tokens tokens over all sequences without growing during later steps.
+  void reserve(int64_t num_tokens);
+  KvCache& kv_cache() { return *kv_; }
 
-  // Runs ids at positions [start_pos, start_pos + ids.size()), appending to the KV cache. When logits is
-  // given it receives fp32 rows of vocab_size: every position when all_logits, else the last only.
+  // A new empty sequence for forward_sequence/forward_batch; free_sequence returns its pages.
+  int32_t add_sequence();
+  void free_sequence(int32_t seq);
+
+  // Runs ids at positions [start_pos, start_pos + ids.size()) of sequence seq, whose cached positions from
+  // start_pos on are replaced (start_pos <= its length, else UsageError). When logits is given it receives fp32
+  // rows of vocab_size: every position when all_logits, else the last only.
+  void forward_sequence(int32_t seq, std::span<const int32_t> ids, int64_t start_pos, bool all_logits,
+                        std::vector<float>* logits, RouterObserver* observer = nullptr);
+  // forward_sequence() on the decoder's own sequence (one sequence at a time).
   void forward(std::span<const int32_t> ids, int64_t start_pos, bool all_logits, std::vector<float>* logits,
                RouterObserver* observer = nullptr);
+
+  // One token of each of several distinct sequences, run together; row i of logits ([steps, vocab]) is steps[i]'s.
+  // A step's position is its sequence's length (or less, replacing the positions from there on).
+  struct DecodeStep {
+    int32_t seq = 0;
+    int32_t token = 0;
+    int64_t position = 0;
+  };
+  void forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits);
   // Tells the expert provider that the current sequence ended (per-request predictors and policies).
   void end_sequence();
 
  private:
   struct DeviceLayer;
   TensorView scratch(int slot, Shape shape);
+  void check_token(int32_t id) const;
+  // Runs ids as rows of kv_step_ (built from row_seq_, positions_, tables_), then reads logits back.
+  void run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
+                std::vector<float>* logits, RouterObserver* observer);
   // The step's ops from embedding to the lm head (left in the kLogits scratch when want_logits).
   void run_layers(std::span<const int32_t> ids, int64_t start_pos, std::span<const int32_t> positions,
                   bool all_logits, bool want_logits, bool device_routing, RouterObserver* observer);
@@ -54,7 +83,8 @@ class Decoder {
   void run_experts(int32_t moe_layer_idx, const TensorView& h, const TensorView& out);
   // Feeds the provider the next MoE layers' router logits on the last token of h.
   void pregate(int32_t moe_layer_idx, const TensorView& h);
-  // One wave of experts; those given as host views run on host_backend_ at the same time as the rest.
+  // One wave of experts; those given as host views, and the host rows of split experts, run on
+  // host_backend_ while the backend copies and runs the rest.
   void moe_wave(const Routing& wave, const TensorView& h, const TensorView& out);
 
   const ModelConfig& cfg_;
@@ -63,8 +93,11 @@ class Decoder {
   ExpertProvider& experts_;
   TensorView embed_, final_norm_, lm_head_;
   std::vector<DeviceLayer> layers_;
-  std::vector<std::unique_ptr<Buffer>> kv_cache_;  // 2 per layer: k, v [max_seq, kv_heads, head_dim]
-  int64_t max_seq_len_ = 0;
+  std::unique_ptr<KvCache> kv_;
+  int32_t default_seq_ = 0;
+  // The current step: kv_step_ points into row_seq_, positions_ and tables_; ids_ holds forward_batch tokens.
+  std::vector<int32_t> row_seq_, positions_, tables_, ids_;
+  KvStep kv_step_;
   std::vector<std::unique_ptr<Buffer>> scratch_;
   std::vector<ExpertWeights> expert_table_;
   Routing routing_, pending_, wave_;
@@ -73,6 +106,10 @@ class Decoder {
   Backend* host_backend_ = nullptr;
   Routing host_wave_, device_wave_;
   std::vector<float> h_host_, out_host_;
+  // Split experts (ExpertProvider::split_experts): their entries in the wave, the weight-scaled input of
+  // their up rows, and the host's gate/up rows of each.
+  std::vector<int64_t> split_entries_;
+  std::vector<float> split_x_host_, split_act_host_;
 };
 
 }  // namespace moex

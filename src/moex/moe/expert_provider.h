@@ -28,6 +28,19 @@ struct ExpertProviderStats {
   int64_t prefetch_issued = 0;
   int64_t prefetch_used = 0;   // prefetched experts that were requested before eviction
   int64_t cpu_computed = 0;    // misses run on the host CPU instead of being copied (counted in misses)
+  int64_t split_computed = 0;  // misses split between the host CPU and a partial copy (counted in misses)
+  int64_t cpu_read_bytes = 0;  // expert weight bytes the host CPU read to compute misses (whole and split)
+};
+
+// An expert of the last acquire() that runs split: the host CPU computes its intermediate rows
+// [0, host_rows) (silu(gate x) * up x) from the host views while the rest of gate/up and all of down are
+// copied; the backend computes rows [host_rows, ffn) and the down projection from the views in the expert
+// table, whose first host_rows rows of gate/up are not filled. Only an expert routed to one token of the
+// step is split.
+struct SplitExpert {
+  int32_t expert_idx = 0;
+  int64_t host_rows = 0;
+  ExpertWeights host;  // source-tier views, host memory
 };
 
 class ExpertProvider {
@@ -65,6 +78,12 @@ class ExpertProvider {
     (void)layer_idx;
     return {};
   }
+
+  // The experts of the last acquire() that run split (see SplitExpert), valid until release().
+  virtual std::span<const SplitExpert> split_experts() const { return {}; }
+  // The caller waited ms for expert weights the provider had copying when acquire() returned (the copies of
+  // split and missed experts overlap the host CPU's work; the wait after it is stall time).
+  virtual void add_stall_ms(double ms) { (void)ms; }
 
   virtual ExpertProviderStats stats() const { return {}; }
 };

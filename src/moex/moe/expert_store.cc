@@ -50,8 +50,10 @@ ExpertStore::ExpertStore(Backend& backend, std::vector<std::vector<ExpertWeights
   slot_of_.assign(total, -1);
   verified_.assign(total, 0);
   views_.resize(total);
+  host_rows_.assign(total, 0);
   state_.assign(total, CopyState::kIdle);
   cancel_requested_.assign(total, 0);
+  copied_bytes_.assign(total, 0);
   copy_error_.resize(total);
   if (backend_.device() != Device::kCpu) register_source();
 }
@@ -148,25 +150,45 @@ const ExpertWeights& ExpertStore::source(ExpertKey key) {
   return src;
 }
 
-ExpertWeights ExpertStore::load(ExpertKey key) {
+ExpertWeights ExpertStore::load(ExpertKey key) { return load_split(key, 0); }
+
+ExpertWeights ExpertStore::load_split(ExpertKey key, int64_t host_rows) {
   const size_t key_idx = index(key);
   MOEX_ASSERT(slot_of_[key_idx] < 0, "expert ({}, {}) loaded twice", key.layer_idx, key.expert_idx);
   const ExpertWeights& src = source_[key.layer_idx][key.expert_idx];
+  const int64_t ffn = src.gate.dim(0);
+  MOEX_ASSERT(host_rows >= 0 && host_rows <= ffn, "expert ({}, {}): {} host rows of {}", key.layer_idx,
+              key.expert_idx, host_rows, ffn);
   auto start = std::chrono::steady_clock::now();
   if (verify_ && !verified_[key_idx]) {
     verify_source(key, src);
     verified_[key_idx] = 1;
   }
   assign_slot(key);
+  host_rows_[key_idx] = host_rows;
   const ExpertWeights& view = views_[key_idx];
-  backend_.copy_from_host(src.gate.data, view.gate);
-  backend_.copy_from_host(src.up.data, view.up);
-  backend_.copy_from_host(src.down.data, view.down);
+  size_t bytes = src.down.nbytes();
+  if (host_rows < ffn) {
+    const size_t row_bytes = src.gate.nbytes() / static_cast<size_t>(ffn);
+    const size_t skip = static_cast<size_t>(host_rows) * row_bytes;
+    const int64_t rows = ffn - host_rows;
+    backend_.copy_from_host_enqueue(static_cast<const char*>(src.gate.data) + skip, view.gate.rows(host_rows, rows));
+    backend_.copy_from_host_enqueue(static_cast<const char*>(src.up.data) + skip, view.up.rows(host_rows, rows));
+    bytes += 2 * (src.gate.nbytes() - skip);
+  }
+  backend_.copy_from_host_enqueue(src.down.data, view.down);
   std::lock_guard<std::mutex> lock(mutex_);  // the prefetch thread updates stats_ too
   stats_.loads += 1;
-  stats_.bytes_moved += static_cast<int64_t>(src.gate.nbytes() + src.up.nbytes() + src.down.nbytes());
+  stats_.split_loads += host_rows > 0 ? 1 : 0;
+  stats_.bytes_moved += static_cast<int64_t>(bytes);
+  // Enqueueing time only: the wait for the copy is the decoder's, accounted as stall by the provider.
   stats_.load_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   return view;
+}
+
+void ExpertStore::wait_loads() {
+  backend_.wait_enqueued_copies();
+  backend_.synchronize();
 }
 
 namespace {
@@ -183,6 +205,7 @@ void ExpertStore::load_async(ExpertKey key) {
     std::lock_guard<std::mutex> lock(mutex_);
     state_[key_idx] = CopyState::kQueued;
     cancel_requested_[key_idx] = 0;
+    copied_bytes_[key_idx] = 0;
     copy_error_[key_idx].clear();
     queue_.push_back(key_idx);
     if (!worker_.joinable()) worker_ = std::thread([this] { prefetch_loop(); });
@@ -237,6 +260,57 @@ void ExpertStore::cancel(ExpertKey key) {
   free(key);
 }
 
+ExpertWeights ExpertStore::take_over(ExpertKey key, int64_t* enqueued_bytes) {
+  const size_t key_idx = index(key);
+  *enqueued_bytes = 0;
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (state_[key_idx] == CopyState::kQueued) {
+    queue_.erase(std::find(queue_.begin(), queue_.end(), key_idx));
+    state_[key_idx] = CopyState::kIdle;
+  } else if (state_[key_idx] == CopyState::kCopying) {
+    cancel_requested_[key_idx] = 1;
+    copy_done_.wait(lock, [&] { return state_[key_idx] != CopyState::kCopying; });
+    // A copy that finished before it saw the request is kDone; a stopped one is kIdle with its progress.
+  }
+  if (state_[key_idx] != CopyState::kIdle) {
+    lock.unlock();
+    return wait(key);
+  }
+  const int64_t done = copied_bytes_[key_idx];
+  const bool needs_verify = verify_ && !verified_[key_idx];  // the thread had not started it
+  lock.unlock();
+  const ExpertWeights& src = source_[key.layer_idx][key.expert_idx];
+  const ExpertWeights& dst = views_[key_idx];
+  if (needs_verify) {
+    try {
+      verify_source(key, src);
+    } catch (...) {
+      free(key);
+      throw;
+    }
+    verified_[key_idx] = 1;
+  }
+  int64_t skip = done;  // the thread copies whole rows of gate, then up, then down
+  for (const auto& [from, to] :
+       {std::pair{src.gate, dst.gate}, std::pair{src.up, dst.up}, std::pair{src.down, dst.down}}) {
+    const int64_t bytes = static_cast<int64_t>(from.nbytes());
+    if (skip >= bytes) {
+      skip -= bytes;
+      continue;
+    }
+    const int64_t row_bytes = bytes / from.dim(0), row = skip / row_bytes;
+    backend_.copy_from_host_enqueue(static_cast<const char*>(from.data) + row * row_bytes,
+                                    to.rows(row, from.dim(0) - row));
+    *enqueued_bytes += bytes - row * row_bytes;
+    skip = 0;
+  }
+  lock.lock();
+  stats_.prefetch_loads += 1;
+  stats_.prefetch_taken_over += 1;
+  stats_.bytes_moved += done + *enqueued_bytes;
+  return dst;
+}
+
 void ExpertStore::prefetch_loop() {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
@@ -257,7 +331,11 @@ void ExpertStore::prefetch_loop() {
     std::string error;
     auto start = std::chrono::steady_clock::now();
     try {
-      if (needs_verify) verify_source(key, src);
+      if (needs_verify) {
+        verify_source(key, src);
+        std::lock_guard<std::mutex> verified(mutex_);
+        verified_[key_idx] = 1;
+      }
       for (const auto& [from, to] : {std::pair{src.gate, dst.gate}, std::pair{src.up, dst.up}, std::pair{src.down, dst.down}}) {
         const size_t bytes = from.nbytes();
         const size_t row_bytes = bytes / static_cast<size_t>(from.dim(0));
@@ -266,6 +344,7 @@ void ExpertStore::prefetch_loop() {
           const int64_t rows = std::min(rows_per_chunk, from.dim(0) - row);
           backend_.copy_from_host_async_path(static_cast<const char*>(from.data) + row * row_bytes, to.rows(row, rows));
           std::lock_guard<std::mutex> check(mutex_);
+          copied_bytes_[key_idx] += rows * static_cast<int64_t>(row_bytes);
           cancelled = cancel_requested_[key_idx] != 0;
         }
       }
@@ -305,6 +384,7 @@ void ExpertStore::free(ExpertKey key) {
   MOEX_ASSERT(slot_of_[key_idx] >= 0, "freeing expert ({}, {}) that is not loaded", key.layer_idx, key.expert_idx);
   free_slots_.push_back(slot_of_[key_idx]);
   slot_of_[key_idx] = -1;
+  host_rows_[key_idx] = 0;
   views_[key_idx] = ExpertWeights{};
 }
 

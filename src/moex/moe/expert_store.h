@@ -22,9 +22,11 @@
 namespace moex {
 
 struct ExpertStoreStats {
-  int64_t loads = 0;          // demand loads, copied on the caller's thread
+  int64_t loads = 0;          // demand loads (whole or split), enqueued by the caller's thread
+  int64_t split_loads = 0;    // of which split: only gate/up rows [host_rows, ffn) and down copied
   int64_t prefetch_loads = 0; // copies completed by the prefetch thread
   int64_t prefetch_cancelled = 0;
+  int64_t prefetch_taken_over = 0;  // async copies finished by take_over() (counted in prefetch_loads)
   int64_t bytes_moved = 0;
   double load_ms = 0;
 };
@@ -43,12 +45,24 @@ class ExpertStore {
   // The source-tier (host) views of an expert, for computing it on the CPU without loading it
   // (checked for corruption on first use, like a load).
   const ExpertWeights& source(ExpertKey key);
+  // The layer's first expert's source views, for shapes and dtypes only (unverified: not to be read).
+  const ExpertWeights& layout(int32_t layer_idx) const { return source_[layer_idx].front(); }
   // Bytes of one expert (gate + up + down) of a layer in the source dtype.
   int64_t expert_bytes(int32_t layer_idx) const;
 
   // Copies key's weights into a fast-tier slot (allocating or reusing a freed one) and returns the
-  // backend views. Throws IoError if the source weights are corrupt.
+  // backend views. The copy is enqueued (Backend::copy_from_host_enqueue): ops that read the views must
+  // come after Backend::wait_enqueued_copies(). Throws IoError if the source weights are corrupt.
   ExpertWeights load(ExpertKey key);
+  // Like load(), but leaves gate/up rows [0, host_rows) out: the slot gets rows [host_rows, ffn) of gate and
+  // up and all of down, for an expert whose first host_rows intermediate rows the host CPU computes from
+  // source() while the rest is copied. The views keep the full shapes; their first host_rows rows of gate/up
+  // are not filled. Such a slot is not a resident expert: free it once its layer ran.
+  ExpertWeights load_split(ExpertKey key, int64_t host_rows);
+  // Blocks until every load()/load_split() copy is done and visible to the backend's ops.
+  void wait_loads();
+  // Rows of gate/up left out of key's slot by load_split() (0 for a whole expert).
+  int64_t host_rows(ExpertKey key) const { return host_rows_[index(key)]; }
   // Starts copying key into a slot on the prefetch thread; the copy runs in chunks so that a demand
   // load on the caller's thread is never queued behind it, and cancel() stops it between chunks.
   // The caller keeps the key pinned in its cache until wait() or cancel().
@@ -60,6 +74,11 @@ class ExpertStore {
   bool ready(ExpertKey key) const;
   // Stops key's async copy (queued or between chunks) and frees its slot.
   void cancel(ExpertKey key);
+  // For a wanted async copy still queued or copying: stops it between chunks and enqueues what is left
+  // (Backend::copy_from_host_enqueue), so the caller's host work need not wait for it; ops see the views
+  // after Backend::wait_enqueued_copies(). Like wait() for a finished copy. Returns the views and the
+  // bytes it enqueued in *enqueued_bytes. Rethrows a copy error.
+  ExpertWeights take_over(ExpertKey key, int64_t* enqueued_bytes);
   // Returns key's slot to the free list (its views become invalid).
   void free(ExpertKey key);
   // The resident views of a loaded key.
@@ -89,6 +108,7 @@ class ExpertStore {
   std::vector<int32_t> slot_of_;        // [key] -> slot index or -1
   std::vector<uint8_t> verified_;       // [key]
   std::vector<ExpertWeights> views_;    // [key] resident views
+  std::vector<int64_t> host_rows_;      // [key] gate/up rows not copied (load_split)
   std::vector<Slot> slots_;
   std::vector<int32_t> free_slots_;
   ExpertStoreStats stats_;
@@ -99,6 +119,7 @@ class ExpertStore {
   std::deque<size_t> queue_;              // key indices
   std::vector<CopyState> state_;          // [key]
   std::vector<uint8_t> cancel_requested_; // [key]
+  std::vector<int64_t> copied_bytes_;     // [key] bytes an async copy finished, in gate, up, down order
   std::vector<std::string> copy_error_;   // [key]
   bool stop_ = false;
   std::thread worker_;

@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "moex/core/error.h"
+#include "moex/moe/miss_path.h"
 #include "moex/moe/policy/eviction_policy.h"
 
 namespace moex {
@@ -61,7 +62,9 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
   last_prediction_.resize(static_cast<size_t>(num_layers));
 }
 
-void OffloadingExpertProvider::settle_prefetches(int32_t layer_idx, std::span<const ExpertKey> wanted) {
+void OffloadingExpertProvider::settle_prefetches(int32_t layer_idx, std::span<const ExpertKey> wanted,
+                                                 int64_t* taken_over_bytes) {
+  *taken_over_bytes = 0;
   size_t kept = 0;
   for (const ExpertKey& key : outstanding_) {
     if (key.layer_idx != layer_idx) {
@@ -69,7 +72,14 @@ void OffloadingExpertProvider::settle_prefetches(int32_t layer_idx, std::span<co
       continue;
     }
     const bool is_wanted = std::find(wanted.begin(), wanted.end(), key) != wanted.end();
-    if (is_wanted || store_->ready(key)) {
+    if (is_wanted && config_.cpu_experts && !store_->ready(key)) {
+      // The host has this step's CPU share to run meanwhile: the rest of the copy is enqueued for the
+      // device to wait on, not the host.
+      int64_t enqueued = 0;
+      store_->take_over(key, &enqueued);
+      *taken_over_bytes += enqueued;
+      cache_->unpin(key);
+    } else if (is_wanted || store_->ready(key)) {
       auto start = std::chrono::steady_clock::now();
       store_->wait(key);  // a wanted copy still in flight stalls this step
       stats_.stall_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
@@ -83,7 +93,8 @@ void OffloadingExpertProvider::settle_prefetches(int32_t layer_idx, std::span<co
   outstanding_.resize(kept);
 }
 
-void OffloadingExpertProvider::observe_and_prefetch(int32_t layer_idx, const Routing& routing) {
+void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& routing) {
+  prefetch_plan_.clear();
   if (!predictor_ || routing.num_tokens == 0) return;
   // The predictor follows one token through the layers; in a prefill the last token is the one the
   // next decode step continues from.
@@ -106,14 +117,64 @@ void OffloadingExpertProvider::observe_and_prefetch(int32_t layer_idx, const Rou
       if (static_cast<int32_t>(predicted.size()) >= per_layer) break;
       predicted.push_back(guess.expert_idx);
       const ExpertKey key{target, guess.expert_idx};
-      if (cache_->contains(key)) continue;
-      evicted_.clear();
-      if (cache_->insert(key, &evicted_) != InsertOutcome::kInserted) break;  // everything else is pinned
-      for (const ExpertKey& gone : evicted_) store_->free(gone);
-      store_->load_async(key);
-      cache_->pin(key);
-      outstanding_.push_back(key);
-      ++stats_.prefetch_issued;
+      if (!cache_->contains(key)) prefetch_plan_.push_back(key);
+    }
+  }
+}
+
+void OffloadingExpertProvider::issue_prefetch() {
+  for (const ExpertKey& key : prefetch_plan_) {
+    if (cache_->contains(key)) continue;
+    evicted_.clear();
+    if (cache_->insert(key, &evicted_) != InsertOutcome::kInserted) break;  // everything else is pinned
+    for (const ExpertKey& gone : evicted_) store_->free(gone);
+    store_->load_async(key);
+    cache_->pin(key);
+    outstanding_.push_back(key);
+    ++stats_.prefetch_issued;
+  }
+  prefetch_plan_.clear();
+}
+
+void OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes) {
+  const int32_t num_experts = store_->num_experts(layer_idx);
+  tokens_per_expert_.assign(static_cast<size_t>(num_experts), 0);
+  for (int32_t id : routing.expert_ids)
+    if (id >= 0) ++tokens_per_expert_[id];
+  const ExpertWeights& any = store_->layout(layer_idx);
+  ExpertShape shape;
+  shape.ffn = any.gate.dim(0);
+  shape.row_bytes = static_cast<int64_t>((any.gate.nbytes() + any.up.nbytes()) / static_cast<size_t>(shape.ffn));
+  shape.bytes = store_->expert_bytes(layer_idx);
+  MissCostModel model;
+  model.host_read_gbs = config_.host_read_gbs;
+  model.copy_gbs = config_.copy_gbs;
+  model.split_overhead_ms = config_.split_overhead_ms;
+  // The link is busy with the rest of this layer's prefetches first (link_bytes, taken over) and with the
+  // prefetches this step issues after its demand copies, while the CPU has only this layer's misses to run:
+  // all of it is link work of this step.
+  PathLoad load;
+  const double link_bytes_total =
+      static_cast<double>(link_bytes) + static_cast<double>(prefetch_plan_.size()) * static_cast<double>(shape.bytes);
+  load.link_ms = link_bytes_total / (config_.copy_gbs * 1e6);
+  // Misses the CPU may not take (routed to many tokens) are copied whatever the rest does: book them first.
+  for (size_t idx = 0; idx < keys_.size(); ++idx)
+    if (outcomes_[idx] == CacheOutcome::kMiss && tokens_per_expert_[keys_[idx].expert_idx] > config_.cpu_max_tokens)
+      choose_miss_path(shape, false, false, model, &load);
+  for (size_t idx = 0; idx < keys_.size(); ++idx) {
+    const ExpertKey key = keys_[idx];
+    const int64_t tokens = tokens_per_expert_[key.expert_idx];
+    if (outcomes_[idx] != CacheOutcome::kMiss || tokens > config_.cpu_max_tokens) continue;
+    const MissChoice choice = choose_miss_path(shape, true, config_.split_experts && tokens == 1, model, &load);
+    switch (choice.path) {
+      case MissPath::kCopy: break;
+      case MissPath::kCpu:
+        outcomes_[idx] = CacheOutcome::kNoRoom;  // handled by the caller, not loaded
+        to_cpu_.push_back(key);
+        break;
+      case MissPath::kSplit:
+        splits_.push_back(SplitExpert{key.expert_idx, choice.host_rows, store_->source(key)});
+        break;
     }
   }
 }
@@ -143,40 +204,26 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
     for (const ExpertKey& key : keys_) actual.push_back(key.expert_idx);
     if (!last_prediction_[layer_idx].empty()) prediction_.add(last_prediction_[layer_idx], actual);
   }
-  settle_prefetches(layer_idx, keys_);
+  int64_t taken_over_bytes = 0;
+  settle_prefetches(layer_idx, keys_, &taken_over_bytes);
   outcomes_.assign(keys_.size(), CacheOutcome::kNoRoom);
   evicted_.clear();
   cache_->acquire(keys_, outcomes_, &evicted_);
   for (const ExpertKey& key : evicted_) store_->free(key);
 
   experts->assign(static_cast<size_t>(num_experts), ExpertWeights{});
-  // Misses that run on the host CPU: balance the step's missed bytes between the CPU reading them and
-  // PCIe copying them, each path's finish time = bytes assigned / its bandwidth.
+  if (first_wave) plan_prefetch(layer_idx, routing);
   to_cpu_.clear();
-  if (config_.cpu_experts) {
-    tokens_per_expert_.assign(static_cast<size_t>(num_experts), 0);
-    for (int32_t id : routing.expert_ids)
-      if (id >= 0) ++tokens_per_expert_[id];
-    double cpu_ms = 0, copy_ms = 0;
-    for (size_t idx = 0; idx < keys_.size(); ++idx) {
-      if (outcomes_[idx] != CacheOutcome::kMiss) continue;
-      const ExpertKey key = keys_[idx];
-      const double bytes = static_cast<double>(store_->expert_bytes(layer_idx));
-      const double on_cpu = bytes / (config_.host_read_gbs * 1e6), on_copy = bytes / (config_.copy_gbs * 1e6);
-      if (tokens_per_expert_[key.expert_idx] <= config_.cpu_max_tokens && cpu_ms + on_cpu <= copy_ms + on_copy) {
-        cpu_ms += on_cpu;
-        outcomes_[idx] = CacheOutcome::kNoRoom;  // handled below, not loaded
-        to_cpu_.push_back(key);
-      } else {
-        copy_ms += on_copy;
-      }
-    }
+  splits_.clear();
+  if (config_.cpu_experts && !keys_.empty()) {
+    assign_miss_paths(layer_idx, routing, taken_over_bytes);
     // The cache made room for these; give it back: a CPU-run expert is not cached.
     cache_->release(to_cpu_);
     for (const ExpertKey& key : to_cpu_) {
       cache_->erase(key);
       ++stats_.misses;
       ++stats_.cpu_computed;
+      stats_.cpu_read_bytes += store_->expert_bytes(layer_idx);
       (*experts)[key.expert_idx] = store_->source(key);
     }
   }
@@ -190,22 +237,38 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
         (*experts)[key.expert_idx] = store_->resident(key);
         pinned_.push_back(key);
         break;
-      case CacheOutcome::kMiss:
+      case CacheOutcome::kMiss: {
         ++stats_.misses;
-        (*experts)[key.expert_idx] = store_->load(key);
+        auto split = std::find_if(splits_.begin(), splits_.end(),
+                                  [&](const SplitExpert& s) { return s.expert_idx == key.expert_idx; });
+        if (split != splits_.end()) {
+          ++stats_.split_computed;
+          const int64_t row_bytes =
+              static_cast<int64_t>(split->host.gate.nbytes() + split->host.up.nbytes()) / split->host.gate.dim(0);
+          stats_.cpu_read_bytes += split->host_rows * row_bytes;
+          (*experts)[key.expert_idx] = store_->load_split(key, split->host_rows);
+          split_keys_.push_back(key);
+        } else {
+          (*experts)[key.expert_idx] = store_->load(key);
+          loaded_any = true;
+        }
         pinned_.push_back(key);
-        loaded_any = true;
         break;
+      }
       case CacheOutcome::kNoRoom:
         break;  // runs in a later wave, after release() frees this wave's slots
     }
   }
+  // Copies overlap the host CPU's share of the step, whose wait for them the caller reports
+  // (add_stall_ms); with no host share the step waits for them here, its stall.
+  loaded_any |= taken_over_bytes > 0;
+  if (loaded_any && to_cpu_.empty() && splits_.empty()) store_->wait_loads();
   if (loaded_any)
     stats_.stall_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   if (pinned_.empty() && to_cpu_.empty() && !keys_.empty())
     throw BudgetError(fmt::format("MoE layer {}: no expert fits in the expert memory budget ({} bytes in use of {})",
                                   layer_idx, cache_->used(layer_idx), cache_->capacity()));
-  if (first_wave) observe_and_prefetch(layer_idx, routing);
+  if (first_wave) issue_prefetch();
 }
 
 int32_t OffloadingExpertProvider::lookahead_layers() const {
@@ -219,6 +282,15 @@ void OffloadingExpertProvider::observe_lookahead(int32_t target_layer_idx, std::
 void OffloadingExpertProvider::release(int32_t /*layer_idx*/) {
   cache_->release(pinned_);
   pinned_.clear();
+  // A split expert's slot lacks gate/up rows [0, host_rows): it is no cache hit for a later step. The
+  // layer's ops that read it were enqueued before; a later copy into the slot starts after them
+  // (Backend::copy_from_host_enqueue).
+  for (const ExpertKey& key : split_keys_) {
+    cache_->erase(key);
+    store_->free(key);
+  }
+  split_keys_.clear();
+  splits_.clear();
 }
 
 void OffloadingExpertProvider::end_sequence() {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -28,10 +29,14 @@ struct OffloadConfig {
   int32_t prefetch_per_layer = 0;
   // CPU execution of missed experts (when the fast tier is not host memory): a missed expert routed
   // to at most cpu_max_tokens tokens may run on the host CPU from its source-tier copy instead of
-  // crossing PCIe. Each miss goes to whichever path finishes first given the work already assigned
-  // this step, from the two bandwidths (both paths run at once).
+  // crossing PCIe, and one routed to a single token may be split: the CPU computes its first
+  // intermediate rows while the link copies the rest (moe/miss_path.h). Each miss takes the path that
+  // ends the step earliest given the work already assigned to the CPU and to the link this step (demand
+  // copies and the prefetches the step issues), from the two bandwidths (both paths run at once).
   bool cpu_experts = false;
   int64_t cpu_max_tokens = 4;
+  bool split_experts = true;  // with cpu_experts
+  double split_overhead_ms = 0.05;  // MissCostModel::split_overhead_ms
   double host_read_gbs = 100.0;  // host DRAM read bandwidth of the CPU expert kernels
   double copy_gbs = 50.0;        // pinned host-to-device copy bandwidth
 };
@@ -48,6 +53,8 @@ class OffloadingExpertProvider : public ExpertProvider {
   void end_sequence() override;
   int32_t lookahead_layers() const override;
   void observe_lookahead(int32_t target_layer_idx, std::span<const float> logits) override;
+  std::span<const SplitExpert> split_experts() const override { return splits_; }
+  void add_stall_ms(double ms) override { stats_.stall_ms += ms; }
   ExpertProviderStats stats() const override;
 
   const ExpertCache& cache() const { return *cache_; }
@@ -56,9 +63,16 @@ class OffloadingExpertProvider : public ExpertProvider {
 
  private:
   // Settles outstanding prefetches of layer_idx before its demand access: finished ones stay resident
-  // (unpinned), unfinished ones not in `wanted` are cancelled as stale.
-  void settle_prefetches(int32_t layer_idx, std::span<const ExpertKey> wanted);
-  void observe_and_prefetch(int32_t layer_idx, const Routing& routing);
+  // (unpinned), unfinished ones not in `wanted` are cancelled as stale. With CPU experts an unfinished
+  // wanted one is taken over (ExpertStore::take_over): *taken_over_bytes are then still to copy.
+  void settle_prefetches(int32_t layer_idx, std::span<const ExpertKey> wanted, int64_t* taken_over_bytes);
+  // Feeds the predictor the layer's routing and picks the next layers' experts to prefetch into
+  // prefetch_plan_ (not yet issued: demand copies go first on the link).
+  void plan_prefetch(int32_t layer_idx, const Routing& routing);
+  void issue_prefetch();
+  // Picks each CPU-eligible miss's path (moe/miss_path.h); marks the ones that run whole on the CPU or
+  // split in to_cpu_ / splits_.
+  void assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes);
 
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<ExpertCache> cache_;
@@ -78,6 +92,9 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::vector<ScoredExpert> scored_;
   std::vector<int64_t> tokens_per_expert_;
   std::vector<ExpertKey> to_cpu_;
+  std::vector<ExpertKey> prefetch_plan_;
+  std::vector<SplitExpert> splits_;     // this acquire's split experts (their slots are freed by release())
+  std::vector<ExpertKey> split_keys_;
 };
 
 // Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError

@@ -57,6 +57,7 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
     offload.host_read_gbs = options.host_read_gbs;
     offload.cpu_max_tokens = options.cpu_max_tokens;
     offload.copy_gbs = options.copy_gbs;
+    offload.split_overhead_ms = options.split_overhead_ms;
     if (offload.cpu_experts) {
       // One core stays free for the thread that drives expert copies: a copy driver starved by a busy
       // OpenMP-style pool cut host reads from 86 to 17 GB/s on the GPU machines (PEERS.md).
@@ -68,7 +69,11 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
   } else {
     experts_ = std::make_unique<ResidentExpertProvider>(*backend_, host_experts);
   }
-  decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_);
+  KvCacheOptions kv;
+  kv.page_size = options.kv_page_size;
+  if (kv.page_size <= 0) throw UsageError(fmt::format("KV cache page size must be positive, got {}", kv.page_size));
+  kv.max_pages = (options.kv_max_tokens + kv.page_size - 1) / kv.page_size;
+  decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_, kv);
   if (host_backend_) decoder_->set_host_backend(host_backend_.get());
   if (options.max_seq_len > 0) decoder_->reserve(options.max_seq_len);
 }
@@ -112,6 +117,79 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
   result.decode_ms = elapsed_ms(start);
   decoder_->end_sequence();
   return result;
+}
+
+std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector<int32_t>> prompts,
+                                                    const GenerationOptions& options) {
+  if (prompts.empty()) throw UsageError("generate_batch: no prompts");
+  for (size_t idx = 0; idx < prompts.size(); ++idx)
+    if (prompts[idx].empty()) throw UsageError(fmt::format("prompt {} is empty: give at least one token", idx));
+  if (options.max_new_tokens < 0) throw UsageError("-n must be >= 0");
+  struct Running {
+    int32_t seq = -1;
+    Sampler sampler;
+    int64_t position = 0;
+  };
+  std::vector<Running> running;
+  std::vector<GenerationResult> results(prompts.size());
+  int64_t total_tokens = 0;
+  for (const auto& prompt : prompts) total_tokens += static_cast<int64_t>(prompt.size()) + options.max_new_tokens;
+  decoder_->reserve(total_tokens);
+  const auto& eos = config().eos_token_ids;
+  std::vector<float> logits;
+  std::vector<Decoder::DecodeStep> steps;
+  std::vector<size_t> step_owner;
+  // Samples the next token of sequence idx from its logits row; false when the sequence is finished.
+  auto advance = [&](size_t idx, std::span<const float> row) {
+    Running& r = running[idx];
+    GenerationResult& result = results[idx];
+    const int32_t token = r.sampler.sample(row);
+    result.output_ids.push_back(token);
+    if (options.stop_at_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
+      result.stop_reason = "eos";
+      return false;
+    }
+    if (static_cast<int64_t>(result.output_ids.size()) >= options.max_new_tokens) return false;
+    steps.push_back(Decoder::DecodeStep{r.seq, token, r.position++});
+    step_owner.push_back(idx);
+    return true;
+  };
+  try {
+    for (size_t idx = 0; idx < prompts.size(); ++idx) {
+      SamplingParams sampling = options.sampling;
+      sampling.seed += idx;
+      running.push_back(Running{decoder_->add_sequence(), Sampler(sampling), static_cast<int64_t>(prompts[idx].size())});
+      results[idx].stop_reason = "length";
+      auto start = std::chrono::steady_clock::now();
+      decoder_->forward_sequence(running[idx].seq, prompts[idx], 0, /*all_logits=*/false, &logits);
+      results[idx].prefill_ms = elapsed_ms(start);
+      if (options.max_new_tokens > 0) advance(idx, logits);
+    }
+    auto start = std::chrono::steady_clock::now();
+    const int64_t vocab = config().vocab_size;
+    std::vector<Decoder::DecodeStep> batch;
+    std::vector<size_t> owners;
+    while (!steps.empty()) {
+      batch.swap(steps);
+      owners.swap(step_owner);
+      steps.clear();
+      step_owner.clear();
+      decoder_->forward_batch(batch, &logits);
+      for (size_t row = 0; row < batch.size(); ++row) {
+        ++results[owners[row]].decode_steps;
+        advance(owners[row], std::span<const float>(logits).subspan(row * vocab, vocab));
+      }
+    }
+    const double decode_ms = elapsed_ms(start);
+    for (auto& result : results) result.decode_ms = decode_ms;
+  } catch (...) {
+    for (const Running& r : running) decoder_->free_sequence(r.seq);
+    decoder_->end_sequence();
+    throw;
+  }
+  for (const Running& r : running) decoder_->free_sequence(r.seq);
+  decoder_->end_sequence();
+  return results;
 }
 
 int64_t Engine::resident_weight_bytes(const ModelConfig& cfg) {

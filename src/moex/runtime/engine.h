@@ -1,5 +1,5 @@
 // Engine: a loaded model on a backend, ready to generate. It owns the backend, the expert provider
-// and the decoder, and runs the prefill + decode loop for one sequence at a time.
+// and the decoder, and runs the prefill + decode loop for one sequence, or for several in lockstep.
 #pragma once
 
 #include <functional>
@@ -19,7 +19,9 @@ namespace moex {
 struct EngineOptions {
   std::string device = "cpu";  // "cpu" or "cuda"
   int num_threads = 0;          // CPU threads; 0: all hardware threads
-  int64_t max_seq_len = 0;      // KV cache capacity; 0: grow on demand
+  int64_t max_seq_len = 0;      // KV cache positions allocated up front (all sequences); 0: grow on demand
+  int64_t kv_page_size = 32;    // positions per KV cache page
+  int64_t kv_max_tokens = 0;    // KV cache limit over all sequences (rounded up to pages); 0: none
   // Expert offloading: bytes of fast-tier memory for experts (host RAM on the CPU backend, GPU memory
   // with CUDA). 0: every expert resident.
   int64_t expert_budget_bytes = 0;
@@ -32,6 +34,7 @@ struct EngineOptions {
   int64_t cpu_max_tokens = 4;  // a miss routed to more tokens is always copied
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
+  double split_overhead_ms = 0.05;  // OffloadConfig::split_overhead_ms
 };
 
 struct GenerationOptions {
@@ -72,6 +75,13 @@ class Engine {
   // each new id as it is produced and may return false to stop early.
   GenerationResult generate(std::span<const int32_t> prompt, const GenerationOptions& options,
                             const std::function<bool(int32_t)>& on_token = {}, RouterObserver* observer = nullptr);
+
+  // generate() for several prompts at once: each is prefilled as its own sequence, then all decode in lockstep,
+  // one Decoder::forward_batch step per token for the sequences still running (a sequence stops at eos or
+  // max_new_tokens, as in generate()). Sequence i samples with seed options.sampling.seed + i. Results in
+  // prompt order; decode_ms is the whole lockstep's time, decode_steps the steps each sequence took part in.
+  std::vector<GenerationResult> generate_batch(std::span<const std::vector<int32_t>> prompts,
+                                               const GenerationOptions& options);
 
   // Bytes of the weights that always stay on the backend (attention, norms, embeddings, dense MLPs,
   // shared experts, routers): what an offloading budget must leave room for.

@@ -1,5 +1,6 @@
-// Elementwise, normalisation, embedding, RoPE, KV-cache and attention ops of the CPU backend against
-// double-precision references written here, on seeded random data at tiny, odd and real shapes.
+// Elementwise, normalisation, embedding and RoPE ops of the CPU backend against double-precision references
+// written here, on seeded random data at tiny, odd and real shapes (KV cache and attention:
+// cpu_paged_attention_test.cc).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -205,101 +206,6 @@ TEST(CpuOps, Rope) {
       }
     test::expect_close(out, ref, tol, label);
     test::expect_close(out, exact, exact_tol, label + " vs exact angles");
-  }
-}
-
-TEST(CpuOps, KvWriteAndOverflow) {
-  auto backend = make_cpu_backend(1);
-  std::mt19937_64 rng(600);
-  int64_t max_seq = 9, kv_heads = 2, head_dim = 5;
-  GuardedF32 k_cache({max_seq, kv_heads, head_dim}), v_cache({max_seq, kv_heads, head_dim});
-  std::vector<double> zeros(static_cast<size_t>(max_seq * kv_heads * head_dim), 0.0);
-  for (int64_t i = 0; i < k_cache.numel(); ++i) k_cache.data()[i] = v_cache.data()[i] = 0.0f;
-  RandomTensor k = test::random_tensor(rng, DType::kF32, {3, kv_heads, head_dim});
-  RandomTensor v = test::random_tensor(rng, DType::kF32, {3, kv_heads, head_dim});
-  backend->kv_write(k.view(), v.view(), k_cache.view(), v_cache.view(), 4);
-  std::vector<double> k_ref(zeros), v_ref(zeros);
-  int64_t row = kv_heads * head_dim;
-  for (int64_t i = 0; i < 3 * row; ++i) {
-    k_ref[4 * row + i] = k.values[i];
-    v_ref[4 * row + i] = v.values[i];
-  }
-  test::expect_close(k_cache, k_ref, 0.0, "kv_write k");
-  test::expect_close(v_cache, v_ref, 0.0, "kv_write v");
-  try {
-    backend->kv_write(k.view(), v.view(), k_cache.view(), v_cache.view(), 7);
-    ADD_FAILURE() << "overflowing write accepted";
-  } catch (const BudgetError& e) {
-    EXPECT_NE(std::string(e.what()).find("KV cache holds 9 positions; cannot write positions 7..9"), std::string::npos)
-        << e.what();
-  }
-  test::expect_close(k_cache, k_ref, 0.0, "kv_write k after rejected write");
-}
-
-struct AttentionCase {
-  int64_t n, start_pos, heads, kv_heads, head_dim;
-  std::string str() const {
-    return fmt::format("attention(n={},start_pos={},heads={},kv_heads={},head_dim={})", n, start_pos, heads, kv_heads,
-                       head_dim);
-  }
-};
-
-TEST(CpuOps, AttentionCausalGqa) {
-  uint64_t seed = 700;
-  // 32/8 x 128: Mixtral-8x7B; 16/16 x 128: OLMoE; 32/4 x 128: Qwen3-30B-A3B; odd head_dims for tails.
-  for (AttentionCase c : {AttentionCase{1, 0, 1, 1, 8}, AttentionCase{1, 130, 16, 8, 64}, AttentionCase{3, 5, 8, 2, 64},
-                          AttentionCase{7, 0, 6, 3, 31}, AttentionCase{31, 2, 4, 1, 128}, AttentionCase{129, 0, 2, 2, 16},
-                          AttentionCase{2, 300, 32, 8, 128}, AttentionCase{5, 61, 16, 16, 128},
-                          AttentionCase{4, 1, 32, 4, 3}}) {
-    for (int threads : {1, 3}) {
-      auto backend = make_cpu_backend(threads);
-      std::string label = fmt::format("{} threads={} seed={}", c.str(), threads, ++seed);
-      std::mt19937_64 rng(seed);
-      int64_t len = c.start_pos + c.n;
-      int64_t max_seq = len + 3;
-      RandomTensor q = test::random_tensor(rng, DType::kF32, {c.n, c.heads, c.head_dim}, 0.8);
-      RandomTensor k = test::random_tensor(rng, DType::kF32, {max_seq, c.kv_heads, c.head_dim}, 0.8);
-      RandomTensor v = test::random_tensor(rng, DType::kF32, {max_seq, c.kv_heads, c.head_dim});
-      // Rows past the last query's position must never be read: poison them.
-      int64_t row = c.kv_heads * c.head_dim;
-      for (int64_t i = len * row; i < max_seq * row; ++i) {
-        float nan = std::nanf("");
-        std::memcpy(k.bytes.data() + 4 * i, &nan, 4);
-        std::memcpy(v.bytes.data() + 4 * i, &nan, 4);
-      }
-      GuardedF32 out({c.n, c.heads, c.head_dim});
-      float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
-      backend->attention(q.view(), k.view(), v.view(), c.start_pos, scale, out.view());
-
-      std::vector<double> ref(static_cast<size_t>(out.numel())), tol(ref.size());
-      int64_t group = c.heads / c.kv_heads;
-      for (int64_t t = 0; t < c.n; ++t)
-        for (int64_t h = 0; h < c.heads; ++h) {
-          int64_t kvh = h / group;
-          int64_t visible = c.start_pos + t + 1;
-          std::vector<double> p(static_cast<size_t>(visible));
-          double max = -INFINITY, sum = 0.0, vmax = 0.0;
-          for (int64_t j = 0; j < visible; ++j) {
-            double dot = 0.0;
-            for (int64_t d = 0; d < c.head_dim; ++d)
-              dot += q.values[(t * c.heads + h) * c.head_dim + d] * k.values[(j * c.kv_heads + kvh) * c.head_dim + d];
-            p[j] = dot * static_cast<double>(scale);
-            max = std::max(max, p[j]);
-          }
-          for (int64_t j = 0; j < visible; ++j) sum += (p[j] = std::exp(p[j] - max));
-          for (int64_t d = 0; d < c.head_dim; ++d) {
-            double acc = 0.0;
-            for (int64_t j = 0; j < visible; ++j) {
-              double vv = v.values[(j * c.kv_heads + kvh) * c.head_dim + d];
-              acc += p[j] / sum * vv;
-              vmax = std::max(vmax, std::fabs(vv));
-            }
-            ref[(t * c.heads + h) * c.head_dim + d] = acc;
-            tol[(t * c.heads + h) * c.head_dim + d] = 2e-5 * vmax;
-          }
-        }
-      test::expect_close(out, ref, tol, label);
-    }
   }
 }
 

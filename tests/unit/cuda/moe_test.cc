@@ -119,7 +119,10 @@ INSTANTIATE_TEST_SUITE_P(
                       // Model A (Mixtral-shaped 2.45B; 4 of its 8 experts): decode and a 64-token prefill chunk
                       MoeCase{1, 2048, 5632, 4, 2}, MoeCase{64, 2048, 5632, 4, 2},
                       // Model B (Qwen3-30B-A3B: moe ffn 768, top-8; 16 of its 128 experts here)
-                      MoeCase{1, 2048, 768, 16, 8}, MoeCase{8, 2048, 768, 16, 8}));
+                      MoeCase{1, 2048, 768, 16, 8}, MoeCase{8, 2048, 768, 16, 8},
+                      // batched decode, tensor-core groups of 2-32 tokens: A at 8 and 32 sequences, B at 32
+                      MoeCase{8, 2048, 5632, 4, 2}, MoeCase{32, 2048, 5632, 8, 2}, MoeCase{32, 2048, 768, 16, 8},
+                      MoeCase{13, 96, 64, 3, 2}));  // groups of 8 < rows <= 16, ffn and hidden multiples of 32
 
 TEST(CudaMoePlan, SortsByExpertAndCutsGroups) {
   Routing r;

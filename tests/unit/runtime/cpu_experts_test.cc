@@ -1,14 +1,21 @@
 // CPU execution of missed experts next to a GPU backend, checked without a GPU: a stand-in "device"
 // backend that computes with the CPU backend but tags its memory as device memory and refuses host
 // views, so the decoder must send every expert the provider hands over as a host view to the host
-// backend, and the sum of both paths must equal the resident run.
+// backend, and the sum of both paths must equal the resident run. Also split experts (part CPU, part
+// copied) and the expert store's take-over of an unfinished prefetch.
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
+#include <thread>
 
 #include <gtest/gtest.h>
 
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/model/model.h"
+#include "moex/moe/expert_store.h"
 #include "moex/runtime/engine.h"
 #include "unit/model/fixture_util.h"
 
@@ -24,7 +31,7 @@ TensorView as_device(TensorView view) {
   return view;
 }
 
-class StandInDevice final : public Backend {
+class StandInDevice : public Backend {
  public:
   StandInDevice() : cpu_(make_cpu_backend(1)) {}
   Device device() const override { return Device::kCuda; }
@@ -58,13 +65,15 @@ class StandInDevice final : public Backend {
   void rope(const TensorView& x, std::span<const int32_t> positions, int64_t rotary_dim, double theta) override {
     cpu_->rope(device(x, "rope"), positions, rotary_dim, theta);
   }
-  void kv_write(const TensorView& k, const TensorView& v, const TensorView& kc, const TensorView& vc,
-                int64_t start_pos) override {
-    cpu_->kv_write(device(k, "kv_write"), device(v, "kv_write"), device(kc, "kv_write"), device(vc, "kv_write"), start_pos);
+  void prepare_kv_step(const KvStep& step) override { cpu_->prepare_kv_step(step); }
+  void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& kp,
+                const TensorView& vp) override {
+    cpu_->kv_write(step, device(k, "kv_write"), device(v, "kv_write"), device(kp, "kv_write"), device(vp, "kv_write"));
   }
-  void attention(const TensorView& q, const TensorView& kc, const TensorView& vc, int64_t start_pos, float scale,
+  void attention(const KvStep& step, const TensorView& q, const TensorView& kp, const TensorView& vp, float scale,
                  const TensorView& out) override {
-    cpu_->attention(device(q, "attention"), device(kc, "attention"), device(vc, "attention"), start_pos, scale, device(out, "attention"));
+    cpu_->attention(step, device(q, "attention"), device(kp, "attention"), device(vp, "attention"), scale,
+                    device(out, "attention"));
   }
   void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out) override {
     cpu_->silu_mul(device(gate, "silu_mul"), device(up, "silu_mul"), device(out, "silu_mul"));
@@ -130,6 +139,138 @@ TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
     EXPECT_GT(stats.cpu_computed, 0);
     EXPECT_LT(stats.cpu_computed, stats.misses);  // the cost model also sends some misses over the copy path
     EXPECT_EQ(device_ptr->host_views_refused, 0);
+  }
+}
+
+// Holds the expert store's prefetch copies until opened, so that a test can take one over mid-way.
+class HeldCopies final : public StandInDevice {
+ public:
+  void copy_from_host_async_path(const void* src, const TensorView& dst) override {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      opened_.wait(lock, [&] { return open_; });
+    }
+    copy_from_host(src, dst);
+  }
+  void open() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    opened_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable opened_;
+  bool open_ = false;
+};
+
+// ExpertStore::take_over: the second prefetch is still queued behind the first, held in its first chunk; the
+// first is taken over while held, so it stops after that chunk (when the request lands before the copy is let
+// go, as it does but for a scheduler stall of 200 ms) and the rest is enqueued from there. Either way the slots
+// must equal the source and every byte be counted once.
+TEST(CpuExperts, TakeOverFinishesAPrefetchFromWhereItStopped) {
+  const int64_t hidden = 1024, ffn = 2048;  // f32: 8 MiB gate, up and down, 6 chunks of 4 MiB
+  std::vector<HostTensor> tensors;
+  std::vector<std::vector<ExpertWeights>> layers(1);
+  float next = 0;
+  for (int expert = 0; expert < 2; ++expert) {
+    ExpertWeights weights;
+    for (TensorView* view : {&weights.gate, &weights.up, &weights.down}) {
+      const Shape shape = view == &weights.down ? Shape{hidden, ffn} : Shape{ffn, hidden};
+      tensors.emplace_back(DType::kF32, shape);
+      float* data = tensors.back().view().as<float>();
+      for (int64_t idx = 0; idx < shape.numel(); ++idx) data[idx] = next++ * 1e-3f;
+      *view = tensors.back().view();
+    }
+    layers[0].push_back(weights);
+  }
+  HeldCopies device;
+  ExpertStore store(device, layers, [](ExpertKey) { return std::string("expert"); }, /*verify=*/true);
+  const int64_t expert_bytes = store.expert_bytes(0);
+  store.load_async(ExpertKey{0, 0});
+  store.load_async(ExpertKey{0, 1});
+  int64_t queued = -1, held = -1;
+  const ExpertWeights second = store.take_over(ExpertKey{0, 1}, &queued);
+  EXPECT_EQ(queued, expert_bytes);
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    device.open();
+  });
+  const ExpertWeights first = store.take_over(ExpertKey{0, 0}, &held);
+  opener.join();
+  auto same = [](const TensorView& a, const TensorView& b) { return std::memcmp(a.data, b.data, b.nbytes()) == 0; };
+  for (const auto& [got, want] : {std::pair{first, layers[0][0]}, std::pair{second, layers[0][1]}})
+    EXPECT_TRUE(same(got.gate, want.gate) && same(got.up, want.up) && same(got.down, want.down))
+        << "the first expert had " << held << " of " << expert_bytes << " bytes left";
+  EXPECT_GE(held, 0);
+  EXPECT_LE(held, expert_bytes);
+  const ExpertStoreStats stats = store.stats();
+  EXPECT_EQ(stats.bytes_moved, 2 * expert_bytes);
+  EXPECT_EQ(stats.prefetch_loads, 2);
+  store.free(ExpertKey{0, 0});
+  store.free(ExpertKey{0, 1});
+}
+
+float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  float diff = 0;
+  for (size_t idx = 0; idx < std::min(a.size(), b.size()); ++idx) diff = std::max(diff, std::fabs(a[idx] - b[idx]));
+  return diff;
+}
+
+// Split experts: the CPU computes a missed expert's first intermediate rows while the rest is copied. At
+// decode every routed expert has one token, so the cost model splits misses; the bandwidth pairs put the
+// split point low, in the middle, and at ffn (only down copied). Logits of the prompt and of every decode
+// step must match the resident run.
+TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
+  struct Bandwidths {
+    double host_read_gbs, copy_gbs;
+  };
+  for (const char* fixture : {"mixtral", "qwen2_moe", "olmoe"}) {
+    for (const Bandwidths bandwidths : {Bandwidths{20, 50}, Bandwidths{100, 50}, Bandwidths{120, 50}}) {
+      SCOPED_TRACE(::testing::Message() << fixture << " host " << bandwidths.host_read_gbs << " GB/s, copy "
+                                        << bandwidths.copy_gbs << " GB/s");
+      auto model = Model::load((test::fixtures_root() / fixture).string());
+      const ModelConfig& cfg = model->config();
+      const auto prompt = test::read_json(test::fixtures_root() / fixture / "reference.json")["prompt_ids"]
+                              .get<std::vector<int32_t>>();
+      EngineOptions resident_options;
+      resident_options.num_threads = 1;
+      Engine resident(*model, resident_options);
+      EngineOptions options;
+      options.num_threads = 1;
+      options.expert_budget_bytes = (cfg.top_k + 1) * static_cast<int64_t>(cfg.expert_bytes());
+      options.cpu_experts = true;
+      options.cpu_max_tokens = 64;
+      options.host_read_gbs = bandwidths.host_read_gbs;
+      options.copy_gbs = bandwidths.copy_gbs;
+      options.split_overhead_ms = 0;  // the fixture's experts are 15 KB: any overhead outweighs a split
+      auto device = std::make_unique<StandInDevice>();
+      StandInDevice* device_ptr = device.get();
+      Engine engine(*model, options, std::move(device));
+
+      std::vector<float> want, got;
+      resident.decoder().forward(prompt, 0, /*all_logits=*/true, &want);
+      engine.decoder().forward(prompt, 0, /*all_logits=*/true, &got);
+      EXPECT_LT(max_abs_diff(got, want), 1e-5) << "prompt";
+      int64_t position = static_cast<int64_t>(prompt.size());
+      for (int step = 0; step < 8; ++step, ++position) {
+        const auto last = want.end() - cfg.vocab_size;
+        const int32_t token = static_cast<int32_t>(std::max_element(last, want.end()) - last);
+        resident.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &want);
+        engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &got);
+        EXPECT_LT(max_abs_diff(got, want), 1e-5) << "decode step " << step;
+      }
+      engine.decoder().end_sequence();
+      resident.decoder().end_sequence();
+      const ExpertProviderStats stats = engine.experts().stats();
+      EXPECT_GT(stats.split_computed, 0);
+      // A split copies only the rows the CPU does not compute: fewer bytes than whole copies.
+      const int64_t copied = stats.misses - stats.cpu_computed;
+      EXPECT_LT(stats.bytes_moved, copied * static_cast<int64_t>(cfg.expert_bytes()));
+      EXPECT_GT(stats.bytes_moved, 0);
+      EXPECT_EQ(device_ptr->host_views_refused, 0);
+    }
   }
 }
 

@@ -1,9 +1,12 @@
-// Causal GQA attention over an fp32 KV cache. One task is a block of up to 4 queries of one head;
-// tasks of the same head are adjacent so a thread's consecutive tasks reread the same K/V rows from
-// cache. Softmax is online over blocks of kKeyBlock keys: the running max keeps every exp argument <= 0.
+// Causal GQA attention over a paged fp32 KV cache. One task is a block of up to 4 consecutive queries of one
+// sequence and head; tasks of the same head are adjacent so a thread's consecutive tasks reread the same K/V
+// rows from cache. Softmax is online over blocks of at most kKeyBlock keys that never cross a page, so each
+// block's rows are contiguous; the running max keeps every exp argument <= 0.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "moex/backend/cpu/ops.h"
 #include "moex/backend/cpu/simd.h"
@@ -14,6 +17,18 @@ namespace {
 
 constexpr int64_t kKeyBlock = 64;
 constexpr int64_t kMaxHeadDim = 1024;
+
+// One kv head's keys and values of one sequence, through its block table.
+struct PagedKeys {
+  const float* k;  // page pool + kv_head * head_dim
+  const float* v;
+  const int32_t* table;
+  int64_t page_size;
+  int64_t stride;  // floats from one position to the next inside a page (kv_heads * head_dim)
+  int64_t offset(int64_t key) const { return (table[key / page_size] * page_size + key % page_size) * stride; }
+  // Keys from key on that share its page, capped at limit.
+  int64_t run(int64_t key, int64_t limit) const { return std::min(limit, page_size - key % page_size); }
+};
 
 inline float dot(const float* a, const float* b, int64_t count) {
   int64_t idx = 0;
@@ -72,22 +87,25 @@ inline float exp_shifted(float* s, int64_t num, float max) {
   return sum;
 }
 
-void attend_one(const float* q, const float* k, const float* v, int64_t stride, int64_t len, int64_t head_dim,
-                float scale, float* out) {
+void attend_one(const float* q, const PagedKeys& keys, int64_t len, int64_t head_dim, float scale, float* out) {
   alignas(32) float acc[kMaxHeadDim];
   alignas(32) float scores[kKeyBlock];
   std::fill(acc, acc + head_dim, 0.0f);
+  const int64_t stride = keys.stride;
   float running_max = -std::numeric_limits<float>::infinity();
   float running_sum = 0.0f;
-  for (int64_t key = 0; key < len; key += kKeyBlock) {
-    int64_t num = std::min(kKeyBlock, len - key);
+  int64_t num = 0;
+  for (int64_t key = 0; key < len; key += num) {
+    num = keys.run(key, std::min(kKeyBlock, len - key));
+    const float* k = keys.k + keys.offset(key);
+    const float* v = keys.v + keys.offset(key);
     float block_max = -std::numeric_limits<float>::infinity();
     int64_t j = 0;
 #ifdef MOEX_CPU_AVX2
     // Four keys per pass share the q loads and one hadd-tree reduction.
     if (head_dim % 8 == 0) {
       for (; j + 4 <= num; j += 4) {
-        const float* k0 = k + (key + j) * stride;
+        const float* k0 = k + j * stride;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t d = 0; d < head_dim; d += 8) {
           __m256 qv = _mm256_loadu_ps(q + d);
@@ -100,13 +118,13 @@ void attend_one(const float* q, const float* k, const float* v, int64_t stride, 
       }
     }
 #endif
-    for (; j < num; ++j) scores[j] = dot(q, k + (key + j) * stride, head_dim) * scale;
+    for (; j < num; ++j) scores[j] = dot(q, k + j * stride, head_dim) * scale;
     for (j = 0; j < num; ++j) block_max = std::max(block_max, scores[j]);
     float new_max = std::max(running_max, block_max);
     float correction = running_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(running_max - new_max);
     float block_sum = exp_shifted(scores, num, new_max);
     running_sum = running_sum * correction + block_sum;
-    scale_accumulate(acc, correction, scores, v + key * stride, stride, num, head_dim);
+    scale_accumulate(acc, correction, scores, v, stride, num, head_dim);
     running_max = new_max;
   }
   float inv = 1.0f / running_sum;
@@ -118,8 +136,8 @@ void attend_one(const float* q, const float* k, const float* v, int64_t stride, 
 // shared by the kQ queries (prefill), and one hadd tree yields the kQ scores of a key. Keys past a
 // query's position are masked to -inf, which exp maps to 0. Needs head_dim % 8 == 0.
 template <int kQ>
-void attend_queries(const float* q, int64_t q_stride, const float* k, const float* v, int64_t stride, int64_t len0,
-                    int64_t head_dim, float scale, float* out, int64_t out_stride) {
+void attend_queries(const float* q, int64_t q_stride, const PagedKeys& keys, int64_t len0, int64_t head_dim,
+                    float scale, float* out, int64_t out_stride) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   alignas(32) float acc[kQ][kMaxHeadDim];
   alignas(32) float scores[kQ][kKeyBlock];
@@ -130,11 +148,15 @@ void attend_queries(const float* q, int64_t q_stride, const float* k, const floa
     running_sum[qi] = 0.0f;
   }
   const __m256 zero = _mm256_setzero_ps();
+  const int64_t stride = keys.stride;
   int64_t len_last = len0 + kQ - 1;
-  for (int64_t key = 0; key < len_last; key += kKeyBlock) {
-    int64_t num = std::min(kKeyBlock, len_last - key);
+  int64_t num = 0;
+  for (int64_t key = 0; key < len_last; key += num) {
+    num = keys.run(key, std::min(kKeyBlock, len_last - key));
+    const float* k = keys.k + keys.offset(key);
+    const float* v = keys.v + keys.offset(key);
     for (int64_t j = 0; j < num; ++j) {
-      const float* krow = k + (key + j) * stride;
+      const float* krow = k + j * stride;
       __m256 a[kQ];
       for (int qi = 0; qi < kQ; ++qi) a[qi] = zero;
       for (int64_t d = 0; d < head_dim; d += 8) {
@@ -162,7 +184,7 @@ void attend_queries(const float* q, int64_t q_stride, const float* k, const floa
 #pragma GCC unroll 4
       for (int qi = 0; qi < kQ; ++qi) a[qi] = _mm256_mul_ps(_mm256_load_ps(acc[qi] + d), _mm256_set1_ps(correction[qi]));
       for (int64_t j = 0; j < num; ++j) {
-        __m256 vv = _mm256_loadu_ps(v + (key + j) * stride + d);
+        __m256 vv = _mm256_loadu_ps(v + j * stride + d);
 #pragma GCC unroll 4
         for (int qi = 0; qi < kQ; ++qi) a[qi] = _mm256_fmadd_ps(_mm256_set1_ps(scores[qi][j]), vv, a[qi]);
       }
@@ -179,40 +201,71 @@ void attend_queries(const float* q, int64_t q_stride, const float* k, const floa
 
 }  // namespace
 
-void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t n,
-               int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t start_pos, float scale, float* out) {
+void kv_write(const KvStep& step, const float* k, const float* v, int64_t row_elems, float* k_pages, float* v_pages) {
+  for (size_t row = 0; row < step.row_pos.size(); ++row) {
+    const int64_t pos = step.row_pos[row];
+    const int64_t page = step.block_tables[step.row_seq[row] * step.table_stride + pos / step.page_size];
+    const int64_t dst = (page * step.page_size + pos % step.page_size) * row_elems;
+    std::memcpy(k_pages + dst, k + row * row_elems, sizeof(float) * row_elems);
+    std::memcpy(v_pages + dst, v + row * row_elems, sizeof(float) * row_elems);
+  }
+}
+
+void attention(ThreadPool& pool, const KvStep& step, const float* q, const float* k_pages, const float* v_pages,
+               int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float* out) {
   MOEX_ASSERT(head_dim <= kMaxHeadDim, "head_dim {} > {}", head_dim, kMaxHeadDim);
   MOEX_ASSERT(kv_heads > 0 && heads % kv_heads == 0, "heads {} not a multiple of kv_heads {}", heads, kv_heads);
-  int64_t group = heads / kv_heads;
-  int64_t stride = kv_heads * head_dim;
-  // A task is up to kQueryBlock consecutive queries of one head (they share K/V loads); tasks of one
-  // head are adjacent. Work per task grows with the context: short contexts need bigger chunks.
+  const int64_t n = static_cast<int64_t>(step.row_pos.size());
+  const int64_t group = heads / kv_heads;
+  const int64_t stride = kv_heads * head_dim;
+  // Segments: runs of rows of one sequence at consecutive positions (a prefill chunk; one row per sequence
+  // in batched decode). A task is up to kQueryBlock queries of one segment and head (they share K/V loads).
   constexpr int64_t kQueryBlock = 4;
-  int64_t blocks = (n + kQueryBlock - 1) / kQueryBlock;
-  int64_t min_tasks = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, (start_pos + n) * head_dim * kQueryBlock));
-  int64_t q_stride = heads * head_dim;
-  pool.parallel_for(heads * blocks, min_tasks, [&](int64_t begin, int64_t end) {
+  struct Segment {
+    int64_t row, num_rows, blocks, first_task;
+  };
+  std::vector<Segment> segments;
+  int64_t num_tasks = 0, total_keys = 0;
+  for (int64_t row = 0; row < n;) {
+    int64_t end = row + 1;
+    while (end < n && step.row_seq[end] == step.row_seq[row] && step.row_pos[end] == step.row_pos[end - 1] + 1) ++end;
+    const int64_t blocks = (end - row + kQueryBlock - 1) / kQueryBlock;
+    segments.push_back(Segment{row, end - row, blocks, num_tasks});
+    num_tasks += heads * blocks;
+    total_keys += (step.row_pos[end - 1] + 1) * std::min(end - row, kQueryBlock);
+    row = end;
+  }
+  // Work per task grows with the context: short contexts need bigger chunks.
+  const int64_t avg_keys = std::max<int64_t>(1, total_keys / static_cast<int64_t>(segments.size()));
+  const int64_t min_tasks = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, avg_keys * head_dim));
+  const int64_t q_stride = heads * head_dim;
+  pool.parallel_for(num_tasks, min_tasks, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      int64_t head = task / blocks;
-      int64_t token = task % blocks * kQueryBlock;
-      int64_t num_queries = std::min(kQueryBlock, n - token);
-      int64_t kv_head = head / group;
-      int64_t offset = (token * heads + head) * head_dim;
-      const float* k = k_cache + kv_head * head_dim;
-      const float* v = v_cache + kv_head * head_dim;
-      int64_t len0 = start_pos + token + 1;
+      const auto seg_it = std::upper_bound(segments.begin(), segments.end(), task,
+                                           [](int64_t t, const Segment& s) { return t < s.first_task; }) - 1;
+      const Segment& seg = *seg_it;
+      const int64_t local = task - seg.first_task;
+      const int64_t head = local / seg.blocks;
+      const int64_t first = local % seg.blocks * kQueryBlock;
+      const int64_t num_queries = std::min(kQueryBlock, seg.num_rows - first);
+      const int64_t row = seg.row + first;
+      const int64_t kv_head = head / group;
+      const int64_t offset = (row * heads + head) * head_dim;
+      const PagedKeys keys{k_pages + kv_head * head_dim, v_pages + kv_head * head_dim,
+                           step.block_tables.data() + step.row_seq[row] * step.table_stride, step.page_size, stride};
+      const int64_t len0 = step.row_pos[row] + 1;
 #ifdef MOEX_CPU_AVX2
       if (head_dim % 8 == 0 && num_queries > 1) {
         switch (num_queries) {
-          case 2: attend_queries<2>(q + offset, q_stride, k, v, stride, len0, head_dim, scale, out + offset, q_stride); continue;
-          case 3: attend_queries<3>(q + offset, q_stride, k, v, stride, len0, head_dim, scale, out + offset, q_stride); continue;
-          case 4: attend_queries<4>(q + offset, q_stride, k, v, stride, len0, head_dim, scale, out + offset, q_stride); continue;
+          case 2: attend_queries<2>(q + offset, q_stride, keys, len0, head_dim, scale, out + offset, q_stride); continue;
+          case 3: attend_queries<3>(q + offset, q_stride, keys, len0, head_dim, scale, out + offset, q_stride); continue;
+          case 4: attend_queries<4>(q + offset, q_stride, keys, len0, head_dim, scale, out + offset, q_stride); continue;
           default: break;
         }
       }
 #endif
       for (int64_t i = 0; i < num_queries; ++i)
-        attend_one(q + offset + i * q_stride, k, v, stride, len0 + i, head_dim, scale, out + offset + i * q_stride);
+        attend_one(q + offset + i * q_stride, keys, len0 + i, head_dim, scale, out + offset + i * q_stride);
     }
   });
 }

@@ -117,41 +117,37 @@ class CpuBackend final : public Backend {
     cpu::rope(pool_, x.as<float>(), positions, x.dim(1), x.dim(2), rotary_dim, theta);
   }
 
-  void kv_write(const TensorView& k, const TensorView& v, const TensorView& k_cache, const TensorView& v_cache,
-                int64_t start_pos) override {
+  void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
+                const TensorView& v_pages) override {
     check_f32(k, "kv_write", "k");
     check_f32(v, "kv_write", "v");
-    check_f32(k_cache, "kv_write", "k_cache");
-    check_f32(v_cache, "kv_write", "v_cache");
-    MOEX_ASSERT(k_cache.shape.ndim == 3 && k_cache.shape == v_cache.shape, "kv_write: caches {} / {}",
-                k_cache.shape.str(), v_cache.shape.str());
-    int64_t row = k_cache.dim(1) * k_cache.dim(2);
-    int64_t n = k.shape.ndim > 0 ? k.dim(0) : 0;
-    MOEX_ASSERT(k.numel() == n * row && v.numel() == k.numel(), "kv_write: k {} v {} vs cache {}", k.shape.str(),
-                v.shape.str(), k_cache.shape.str());
-    if (start_pos < 0 || start_pos + n > k_cache.dim(0))
-      throw BudgetError(fmt::format("KV cache holds {} positions; cannot write positions {}..{}. "
-                                    "---> HINT: shorten the prompt or raise the context length",
-                                    k_cache.dim(0), start_pos, start_pos + n - 1));
-    std::memcpy(k_cache.as<float>() + start_pos * row, k.data, k.nbytes());
-    std::memcpy(v_cache.as<float>() + start_pos * row, v.data, v.nbytes());
+    check_f32(k_pages, "kv_write", "k_pages");
+    check_f32(v_pages, "kv_write", "v_pages");
+    MOEX_ASSERT(k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape && k_pages.dim(1) == step.page_size,
+                "kv_write: pages {} / {} for page size {}", k_pages.shape.str(), v_pages.shape.str(), step.page_size);
+    const int64_t row = k_pages.dim(2) * k_pages.dim(3);
+    const int64_t n = k.shape.ndim > 0 ? k.dim(0) : 0;
+    MOEX_ASSERT(k.numel() == n * row && v.numel() == k.numel(), "kv_write: k {} v {} vs pages {}", k.shape.str(),
+                v.shape.str(), k_pages.shape.str());
+    check_kv_step(step, n, k_pages.dim(0), "kv_write");
+    cpu::kv_write(step, k.as<float>(), v.as<float>(), row, k_pages.as<float>(), v_pages.as<float>());
   }
 
-  void attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache, int64_t start_pos,
+  void attention(const KvStep& step, const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
                  float scale, const TensorView& out) override {
     check_f32(q, "attention", "q");
     check_f32(out, "attention", "out");
-    check_f32(k_cache, "attention", "k_cache");
-    check_f32(v_cache, "attention", "v_cache");
-    MOEX_ASSERT(q.shape.ndim == 3 && k_cache.shape.ndim == 3 && k_cache.shape == v_cache.shape &&
-                    q.dim(2) == k_cache.dim(2) && out.numel() == q.numel(),
-                "attention: q {} caches {} / {} out {}", q.shape.str(), k_cache.shape.str(), v_cache.shape.str(),
-                out.shape.str());
-    int64_t n = q.dim(0);
-    MOEX_ASSERT(start_pos >= 0 && start_pos + n <= k_cache.dim(0), "attention: positions {}..{} beyond cache {}",
-                start_pos, start_pos + n, k_cache.dim(0));
-    cpu::attention(pool_, q.as<float>(), k_cache.as<float>(), v_cache.as<float>(), n, q.dim(1), k_cache.dim(1),
-                   q.dim(2), start_pos, scale, out.as<float>());
+    check_f32(k_pages, "attention", "k_pages");
+    check_f32(v_pages, "attention", "v_pages");
+    MOEX_ASSERT(q.shape.ndim == 3 && k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape &&
+                    k_pages.dim(1) == step.page_size && q.dim(2) == k_pages.dim(3) && out.numel() == q.numel(),
+                "attention: q {} pages {} / {} out {} page size {}", q.shape.str(), k_pages.shape.str(),
+                v_pages.shape.str(), out.shape.str(), step.page_size);
+    const int64_t n = q.dim(0);
+    check_kv_step(step, n, k_pages.dim(0), "attention");
+    if (n == 0) return;
+    cpu::attention(pool_, step, q.as<float>(), k_pages.as<float>(), v_pages.as<float>(), q.dim(1), k_pages.dim(2),
+                   q.dim(2), scale, out.as<float>());
   }
 
   void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out) override {

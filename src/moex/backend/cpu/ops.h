@@ -30,10 +30,12 @@ void embedding(std::span<const int32_t> ids, const void* table, DType table_dtyp
 void rope(ThreadPool& pool, float* x, std::span<const int32_t> positions, int64_t heads, int64_t head_dim,
           int64_t rotary_dim, double theta);
 
-// Causal GQA attention, q/out [n, heads, head_dim], caches [max_seq, kv_heads, head_dim]; query i sees
-// cache rows [0, start_pos + i]. Online softmax in blocks of keys, so no score buffer per query.
-void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t n,
-               int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t start_pos, float scale, float* out);
+// Paged KV cache (see KvStep): pages [num_pages, page_size, kv_heads, head_dim], row_elems = kv_heads * head_dim.
+// kv_write stores k/v [n, row_elems] row by row; attention: q/out [n, heads, head_dim], row i sees positions
+// [0, row_pos[i]] of its sequence. Online softmax in blocks of keys, so no score buffer per query.
+void kv_write(const KvStep& step, const float* k, const float* v, int64_t row_elems, float* k_pages, float* v_pages);
+void attention(ThreadPool& pool, const KvStep& step, const float* q, const float* k_pages, const float* v_pages,
+               int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float* out);
 
 // logits [n, num_experts] -> routing (top-k per row, best first, ties to the lower id).
 void route(const float* logits, int64_t n, int64_t num_experts, int64_t top_k, RouterScoring scoring,

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <unordered_map>
 #include <vector>
 
@@ -68,8 +69,9 @@ const void* vector_data(const TensorView& t, bool* is_bf16, const char* op) {
 
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// Above this many rows linear() rounds x to bf16 and uses the tensor cores (weights read once); at or below
-// it, fp32 GEMV passes of kGemvMaxRows rows (weights read rows / 8 times, activations exact).
+// Above this many rows linear() rounds x to bf16 and uses the tiled tensor-core GEMM; at or below it, one row
+// takes the fp32 GEMV and 2..32 rows the few-token tensor-core kernel (weights read once, activations split
+// into two bf16 parts; gemv.cuh).
 constexpr int64_t kLinearGemmMinRows = 32;
 
 // Host-side blob of several arrays uploaded in one staging copy.
@@ -77,14 +79,18 @@ class ArgBlob {
  public:
   template <typename T>
   size_t add(const T* data, size_t count) {
-    size_t offset = bytes_.size();
-    bytes_.resize(offset + align16(count * sizeof(T)));
-    if (count) std::memcpy(bytes_.data() + offset, data, count * sizeof(T));
-    return offset;
+    return add_bytes(data, count * sizeof(T));
   }
   const std::vector<char>& bytes() const { return bytes_; }
 
  private:
+  // Not inlined: once inlined into its callers, GCC 12's -Wstringop-overflow misjudges the resize's bound.
+  [[gnu::noinline]] size_t add_bytes(const void* data, size_t bytes) {
+    const size_t offset = bytes_.size();
+    bytes_.resize(offset + align16(bytes));
+    if (bytes) std::memcpy(bytes_.data() + offset, data, bytes);
+    return offset;
+  }
   std::vector<char> bytes_;
 };
 
@@ -102,6 +108,9 @@ class CudaBackend final : public Backend {
     step_values_ = DeviceMemory(16);
     step_host_ = PinnedMemory(16);
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
+    MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
+    MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
+    MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&demand_copied_, cudaEventDisableTiming));
     const char* graphs = std::getenv("MOEX_CUDA_GRAPHS");  // "0": eager decode steps (A/B measurements)
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
   }
@@ -112,6 +121,9 @@ class CudaBackend final : public Backend {
     for (void* ptr : registered_) cudaHostUnregister(ptr);
     graphs_.reset();
     if (step_event_) cudaEventDestroy(step_event_);
+    if (kv_event_) cudaEventDestroy(kv_event_);
+    if (compute_mark_) cudaEventDestroy(compute_mark_);
+    if (demand_copied_) cudaEventDestroy(demand_copied_);
     staging_.reset();
     cudaStreamDestroy(copy_stream_);
     cudaStreamDestroy(stream_);
@@ -173,6 +185,29 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
   }
 
+  // Expert demand copies go on the prefetcher's copy stream, so a prefetch issued later queues behind them
+  // instead of sharing the link, and after the compute stream's work so far (dst may be a slot it read).
+  void copy_from_host_enqueue(const void* src, const TensorView& dst) override {
+    check_device(dst, "copy_from_host_enqueue", "dst");
+    refuse_while_capturing("copy_from_host_enqueue");
+    MOEX_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
+    MOEX_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+    cudaError_t status = cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_);
+    if (status == cudaErrorInvalidValue && !registered_.empty()) {  // see copy_host_to_device
+      cudaGetLastError();
+      std::vector<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + dst.nbytes());
+      MOEX_CUDA_CHECK(cudaMemcpyAsync(dst.data, bounce.data(), dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_));
+      MOEX_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));  // bounce dies here
+    } else {
+      MOEX_CUDA_CHECK(status);
+    }
+    MOEX_CUDA_CHECK(cudaEventRecord(demand_copied_, copy_stream_));
+  }
+  void wait_enqueued_copies() override {
+    refuse_while_capturing("wait_enqueued_copies");
+    MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream_, demand_copied_, 0));
+  }
+
   // Pageable host memory copies at 6-10 GB/s, page-locked at ~55 GB/s: offloaded experts' source tier
   // is registered once (the caller passes whole, non-overlapping pages).
   void register_host_memory(const void* ptr, size_t bytes) override {
@@ -202,8 +237,9 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaMemcpyAsync(step_values_.get(), host, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
     MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
     // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
-    int64_t bucket = 256;
-    while (bucket < position + 1) bucket *= 2;
+    const int64_t bucket = step_bucket_keys(position + 1);
+    MOEX_ASSERT(kv_rows_ == 1 && kv_bucket_keys_ == bucket, "cuda decode_step at {}: prepare_kv_step({} rows) first",
+                position, kv_rows_);
     step_mode_ = true;
     step_token_ = token;
     step_position_ = position;
@@ -262,6 +298,9 @@ class CudaBackend final : public Backend {
       auto* xb = static_cast<uint16_t*>(workspace(static_cast<size_t>(rows * K) * 2));
       launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
       launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), stream_);
+    } else if (rows <= kLinearMmaMaxRows && K % 32 == 0) {
+      // 2..32 rows: one tensor-core pass reading the weights once (1 row: the fp32 GEMV).
+      launch_gemv_bf16(x.as<float>(), rows, wp, N, K, bp, out.as<float>(), stream_);
     } else if (K % 8 == 0) {
       // Up to kLinearGemmMinRows rows: GEMV passes of kGemvMaxRows, keeping activations in fp32.
       for (int64_t row = 0; row < rows; row += kGemvMaxRows)
@@ -295,6 +334,84 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
+  void linear_many(const TensorView& x, std::span<const LinearOutput> outputs) override {
+    check_f32(x, "linear_many", "x");
+    const int64_t K = x.dim(-1), rows = x.numel() / std::max<int64_t>(K, 1);
+    // One launch only where every output takes the GEMV path; prefill-sized inputs go to the tensor cores.
+    if (rows > kLinearGemmMinRows || K % 8 != 0 ||
+        outputs.size() > static_cast<size_t>(kGemvMaxOutputs)) {
+      Backend::linear_many(x, outputs);
+      return;
+    }
+    GemvOutput gemv[kGemvMaxOutputs];
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const TensorView& w = *outputs[i].w;
+      const TensorView& out = *outputs[i].out;
+      check_f32(out, "linear_many", "out");
+      MOEX_ASSERT(w.shape.ndim == 2 && w.dim(1) == K && out.numel() == rows * w.dim(0),
+                  "cuda linear_many: x {} w {} out {}", x.shape.str(), w.shape.str(), out.shape.str());
+      const float* bias = nullptr;
+      if (outputs[i].bias) {
+        check_f32(*outputs[i].bias, "linear_many", "bias");
+        MOEX_ASSERT(outputs[i].bias->numel() == w.dim(0), "cuda linear_many: bias {} for {} outputs",
+                    outputs[i].bias->shape.str(), w.dim(0));
+        bias = outputs[i].bias->as<float>();
+      }
+      gemv[i] = GemvOutput{bf16_data(w, "linear_many", "w"), bias, out.as<float>(), w.dim(0)};
+    }
+    launch_gemv_bf16_multi(x.as<float>(), rows, K, gemv, static_cast<int>(outputs.size()), stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+  }
+
+  void add_rms_norm(const TensorView& x, const TensorView& delta, const TensorView& weight, float eps,
+                    const TensorView& out) override {
+    check_f32(x, "add_rms_norm", "x");
+    check_f32(delta, "add_rms_norm", "delta");
+    check_f32(out, "add_rms_norm", "out");
+    bool w_bf16 = false;
+    const void* wp = vector_data(weight, &w_bf16, "add_rms_norm");
+    const int64_t cols = x.dim(-1), rows = x.numel() / std::max<int64_t>(cols, 1);
+    MOEX_ASSERT(weight.numel() == cols && out.numel() == x.numel() && delta.numel() == x.numel() &&
+                    out.data != delta.data,
+                "cuda add_rms_norm: x {} delta {} weight {} out {}", x.shape.str(), delta.shape.str(),
+                weight.shape.str(), out.shape.str());
+    launch_add_rms_norm(x.as<float>(), delta.as<float>(), wp, w_bf16, eps, out.as<float>(), rows, cols, stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+  }
+
+  void qk_norm_rope(const TensorView& q, const TensorView& k, const TensorView* q_norm, const TensorView* k_norm,
+                    float eps, std::span<const int32_t> positions, int64_t rotary_dim, double theta) override {
+    check_f32(q, "qk_norm_rope", "q");
+    check_f32(k, "qk_norm_rope", "k");
+    MOEX_ASSERT(q.shape.ndim == 3 && k.shape.ndim == 3 && q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2),
+                "cuda qk_norm_rope: q {} k {} must be [n, heads, head_dim]", q.shape.str(), k.shape.str());
+    const int64_t n = q.dim(0), head_dim = q.dim(2);
+    MOEX_ASSERT((q_norm == nullptr) == (k_norm == nullptr), "cuda qk_norm_rope: q_norm and k_norm go together");
+    MOEX_ASSERT(static_cast<int64_t>(positions.size()) == n, "cuda qk_norm_rope: {} positions for {} tokens",
+                positions.size(), n);
+    MOEX_ASSERT(rotary_dim % 2 == 0 && rotary_dim <= head_dim, "cuda qk_norm_rope: rotary_dim {} for head_dim {}",
+                rotary_dim, head_dim);
+    if (head_dim > kQkNormRopeMaxHeadDim) {
+      Backend::qk_norm_rope(q, k, q_norm, k_norm, eps, positions, rotary_dim, theta);
+      return;
+    }
+    const void* qn = nullptr;
+    const void* kn = nullptr;
+    bool norm_bf16 = false;
+    if (q_norm) {
+      bool k_bf16 = false;
+      qn = vector_data(*q_norm, &norm_bf16, "qk_norm_rope");
+      kn = vector_data(*k_norm, &k_bf16, "qk_norm_rope");
+      MOEX_ASSERT(q_norm->numel() == head_dim && k_norm->numel() == head_dim && k_bf16 == norm_bf16,
+                  "cuda qk_norm_rope: norms {} {} for head_dim {}", q_norm->shape.str(), k_norm->shape.str(),
+                  head_dim);
+    }
+    if (n == 0) return;
+    launch_qk_norm_rope(q.as<float>(), k.as<float>(), n, q.dim(1), k.dim(1), head_dim, qn, kn, norm_bf16, eps,
+                        device_positions(positions, "qk_norm_rope"), rotary_dim, theta, stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+  }
+
   void clamp(const TensorView& x, float limit) override {
     check_f32(x, "clamp", "x");
     launch_clamp(x.as<float>(), x.numel(), limit, stream_);
@@ -310,74 +427,95 @@ class CudaBackend final : public Backend {
     MOEX_ASSERT(rotary_dim % 2 == 0 && rotary_dim <= head_dim, "cuda rope: rotary_dim {} for head_dim {}",
                 rotary_dim, head_dim);
     if (n == 0) return;
-    const int32_t* dev_pos = nullptr;
-    if (step_mode_ && n == 1) {
-      MOEX_ASSERT(positions[0] == step_position_, "cuda rope: position {} inside the decode step at {}",
-                  positions[0], step_position_);
-      dev_pos = step_position_device();
-    } else {
-      dev_pos = static_cast<const int32_t*>(upload(positions.data(), positions.size_bytes()));
-    }
-    launch_rope(x.as<float>(), dev_pos, n, heads, head_dim, rotary_dim, theta, stream_);
+    launch_rope(x.as<float>(), device_positions(positions, "rope"), n, heads, head_dim, rotary_dim, theta, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
-  void kv_write(const TensorView& k, const TensorView& v, const TensorView& k_cache, const TensorView& v_cache,
-                int64_t start_pos) override {
-    check_f32(k, "kv_write", "k");
-    check_f32(v, "kv_write", "v");
-    check_f32(k_cache, "kv_write", "k_cache");
-    check_f32(v_cache, "kv_write", "v_cache");
-    int64_t n = k.dim(0), row = k.numel() / std::max<int64_t>(n, 1);
-    int64_t capacity = k_cache.dim(0);
-    MOEX_ASSERT(k_cache.numel() == capacity * row && v_cache.numel() == capacity * row && v.numel() == k.numel(),
-                "cuda kv_write: k {} cache {}", k.shape.str(), k_cache.shape.str());
-    MOEX_ASSERT(start_pos >= 0 && start_pos + n <= capacity, "cuda kv_write: rows [{}, {}) beyond cache of {}",
-                start_pos, start_pos + n, capacity);
-    if (step_mode_ && n == 1) {
-      MOEX_ASSERT(start_pos == step_position_, "cuda kv_write: row {} inside the decode step at {}", start_pos,
-                  step_position_);
-      launch_kv_write_at(k.as<float>(), v.as<float>(), k_cache.as<float>(), v_cache.as<float>(), n, row,
-                         step_position_device(), stream_);
-      MOEX_CUDA_CHECK_LAUNCH();
-      return;
+  // Copies the step's rows and block tables into kv_device_ (one async copy from pinned memory), with the
+  // tables widened to the stride of the context bucket: a recorded decode step then finds the same layout at
+  // every position of its bucket and needs no other input than this buffer's contents.
+  void prepare_kv_step(const KvStep& step) override {
+    refuse_while_capturing("prepare_kv_step");
+    const int64_t n = static_cast<int64_t>(step.row_seq.size());
+    int64_t max_keys = 0;
+    check_kv_step(step, n, std::numeric_limits<int32_t>::max(), "cuda prepare_kv_step", &max_keys);
+    const int64_t bucket = step_bucket_keys(max_keys);
+    const int64_t stride = (bucket + step.page_size - 1) / step.page_size, num_seqs = step.num_seqs();
+    const size_t count = static_cast<size_t>(2 * n + num_seqs * stride);
+    if (kv_device_.bytes() < count * sizeof(int32_t)) {
+      MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      kv_device_ = DeviceMemory(2 * count * sizeof(int32_t));
+      kv_host_ = PinnedMemory(2 * count * sizeof(int32_t));
+      graphs_.reset();  // recorded steps name the old buffer
+    } else {
+      MOEX_CUDA_CHECK(cudaEventSynchronize(kv_event_));  // the previous step's copy has left kv_host_
     }
-    size_t offset = static_cast<size_t>(start_pos * row) * sizeof(float);
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(k_cache.data) + offset, k.data, k.nbytes(),
-                                    cudaMemcpyDeviceToDevice, stream_));
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(v_cache.data) + offset, v.data, v.nbytes(),
-                                    cudaMemcpyDeviceToDevice, stream_));
+    auto* host = static_cast<int32_t*>(kv_host_.get());
+    std::copy(step.row_seq.begin(), step.row_seq.end(), host);
+    std::copy(step.row_pos.begin(), step.row_pos.end(), host + n);
+    int32_t* tables = host + 2 * n;
+    std::fill(tables, tables + num_seqs * stride, 0);
+    const int64_t used = std::min(stride, step.table_stride);
+    for (int64_t seq = 0; seq < num_seqs; ++seq)
+      std::copy_n(step.block_tables.begin() + seq * step.table_stride, used, tables + seq * stride);
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(kv_device_.get(), host, count * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    MOEX_CUDA_CHECK(cudaEventRecord(kv_event_, stream_));
+    const auto* device = static_cast<const int32_t*>(kv_device_.get());
+    kv_device_rows_ = PagedKvRows{device, device + n, device + 2 * n, stride, step.page_size};
+    kv_rows_ = n;
+    kv_max_keys_ = max_keys;
+    kv_bucket_keys_ = bucket;
+    // A prefill chunk (one sequence, consecutive positions) lets attention blocks share K/V tiles across queries.
+    kv_one_sequence_ = true;
+    for (int64_t row = 1; row < n; ++row)
+      kv_one_sequence_ &= step.row_seq[row] == step.row_seq[0] && step.row_pos[row] == step.row_pos[row - 1] + 1;
+    kv_host_seq_ = step.row_seq.data();
+    kv_host_pos_ = step.row_pos.data();
   }
 
-  void attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache, int64_t start_pos,
+  void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
+                const TensorView& v_pages) override {
+    check_f32(k, "kv_write", "k");
+    check_f32(v, "kv_write", "v");
+    check_f32(k_pages, "kv_write", "k_pages");
+    check_f32(v_pages, "kv_write", "v_pages");
+    const int64_t n = k.shape.ndim > 0 ? k.dim(0) : 0;
+    MOEX_ASSERT(k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape && k_pages.dim(1) == step.page_size &&
+                    k.numel() == n * k_pages.dim(2) * k_pages.dim(3) && v.numel() == k.numel(),
+                "cuda kv_write: k {} v {} pages {} / {} page size {}", k.shape.str(), v.shape.str(),
+                k_pages.shape.str(), v_pages.shape.str(), step.page_size);
+    check_prepared(step, n, k_pages.dim(0), "kv_write");
+    launch_kv_write_paged(k.as<float>(), v.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_, n,
+                          k_pages.dim(2) * k_pages.dim(3), stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+  }
+
+  void attention(const KvStep& step, const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
                  float scale, const TensorView& out) override {
     check_f32(q, "attention", "q");
-    check_f32(k_cache, "attention", "k_cache");
-    check_f32(v_cache, "attention", "v_cache");
+    check_f32(k_pages, "attention", "k_pages");
+    check_f32(v_pages, "attention", "v_pages");
     check_f32(out, "attention", "out");
-    MOEX_ASSERT(q.shape.ndim == 3 && k_cache.shape.ndim == 3, "cuda attention: q {} cache {} must be 3-D",
-                q.shape.str(), k_cache.shape.str());
+    MOEX_ASSERT(q.shape.ndim == 3 && k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape &&
+                    k_pages.dim(1) == step.page_size,
+                "cuda attention: q {} pages {} / {} page size {}", q.shape.str(), k_pages.shape.str(),
+                v_pages.shape.str(), step.page_size);
     AttentionShape shape;
     shape.num_queries = q.dim(0);
     shape.heads = q.dim(1);
     shape.head_dim = q.dim(2);
-    shape.kv_heads = k_cache.dim(1);
-    shape.start_pos = start_pos;
-    MOEX_ASSERT(k_cache.dim(2) == shape.head_dim && shape.heads % shape.kv_heads == 0 &&
+    shape.kv_heads = k_pages.dim(2);
+    MOEX_ASSERT(k_pages.dim(3) == shape.head_dim && shape.heads % shape.kv_heads == 0 &&
                     shape.head_dim <= kAttentionMaxHeadDim && out.numel() == q.numel(),
-                "cuda attention: q {} cache {} out {} (head_dim <= {})", q.shape.str(), k_cache.shape.str(),
+                "cuda attention: q {} pages {} out {} (head_dim <= {})", q.shape.str(), k_pages.shape.str(),
                 out.shape.str(), kAttentionMaxHeadDim);
-    MOEX_ASSERT(start_pos + shape.num_queries <= k_cache.dim(0), "cuda attention: {} keys beyond cache of {}",
-                start_pos + shape.num_queries, k_cache.dim(0));
-    if (step_mode_ && shape.num_queries == 1) {
-      MOEX_ASSERT(start_pos == step_position_, "cuda attention: position {} inside the decode step at {}",
-                  start_pos, step_position_);
-      shape.start_pos = step_bucket_keys_ - 1;
-      shape.device_start_pos = step_position_device();
-    }
+    check_prepared(step, shape.num_queries, k_pages.dim(0), "attention");
+    shape.one_sequence = kv_one_sequence_;
+    // Inside a decode step the grid covers the bucket, so that one recording serves all of its positions.
+    shape.max_keys = step_mode_ ? step_bucket_keys_ : kv_max_keys_;
     void* ws = workspace(attention_workspace_bytes(shape, num_sms_));
-    launch_attention(q.as<float>(), k_cache.as<float>(), v_cache.as<float>(), out.as<float>(), shape, scale, ws,
-                     num_sms_, stream_);
+    launch_attention(q.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_, out.as<float>(), shape,
+                     scale, ws, num_sms_, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
@@ -459,6 +597,28 @@ class CudaBackend final : public Backend {
     }
     MOEX_CUDA_CHECK(status);
   }
+  // Token positions on the device: inside a decode step the step's own device value (so the step can be
+  // replayed for later positions), else an upload.
+  const int32_t* device_positions(std::span<const int32_t> positions, const char* op) {
+    if (step_mode_ && positions.size() == 1) {
+      MOEX_ASSERT(positions[0] == step_position_, "cuda {}: position {} inside the decode step at {}", op,
+                  positions[0], step_position_);
+      return step_position_device();
+    }
+    return static_cast<const int32_t*>(upload(positions.data(), positions.size_bytes()));
+  }
+  // Decode steps of up to this many keys share one recording (and one attention grid).
+  static int64_t step_bucket_keys(int64_t keys) {
+    int64_t bucket = 256;
+    while (bucket < keys) bucket *= 2;
+    return bucket;
+  }
+  // The kv ops run on the rows prepare_kv_step() uploaded: step must be that KvStep.
+  void check_prepared(const KvStep& step, int64_t n, int64_t num_pages, const char* op) const {
+    MOEX_ASSERT(n == kv_rows_ && step.row_seq.data() == kv_host_seq_ && step.row_pos.data() == kv_host_pos_,
+                "cuda {}: {} rows of a KvStep that prepare_kv_step() did not see ({} rows prepared)", op, n, kv_rows_);
+    if (!capturing_) check_kv_step(step, n, num_pages, op);
+  }
   const int32_t* step_token_device() const { return static_cast<const int32_t*>(step_values_.get()); }
   const int32_t* step_position_device() const { return static_cast<const int32_t*>(step_values_.get()) + 1; }
   // The layer's expert table as device pointers, uploaded on first use (keyed by the span's data pointer,
@@ -511,6 +671,8 @@ class CudaBackend final : public Backend {
   DeviceMemory step_values_;  // int32 [token, position]
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
+  cudaEvent_t compute_mark_ = nullptr;   // copy_from_host_enqueue: the compute stream's work so far
+  cudaEvent_t demand_copied_ = nullptr;  // the last copy_from_host_enqueue
   bool graphs_enabled_ = true;
   bool step_mode_ = false;
   bool capturing_ = false;
@@ -518,6 +680,15 @@ class CudaBackend final : public Backend {
   int64_t step_position_ = 0;
   int64_t step_bucket_keys_ = 0;
   StepGraphs graphs_;
+  // The prepared KvStep (prepare_kv_step): rows and tables on the device, uploaded from kv_host_.
+  DeviceMemory kv_device_;
+  PinnedMemory kv_host_;
+  cudaEvent_t kv_event_ = nullptr;
+  PagedKvRows kv_device_rows_;
+  int64_t kv_rows_ = -1, kv_max_keys_ = 0, kv_bucket_keys_ = 0;
+  bool kv_one_sequence_ = false;
+  const int32_t* kv_host_seq_ = nullptr;
+  const int32_t* kv_host_pos_ = nullptr;
   struct ExpertTable {
     DeviceMemory pointers;
     size_t count = 0;
@@ -664,9 +835,16 @@ void CudaBackend::moe_routed(const TensorView& x, const TensorView& logits, int6
   auto* h = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16);
   auto* y = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16 + h_bytes);
   // One token: every group has one row (a token's picks are distinct experts), the 1-row kernel instance.
-  const int max_rows = n == 1 ? 1 : kMoeGemvMaxRows;
+  // A token picks an expert at most once, so no group has more rows than there are tokens.
+  const int max_rows = static_cast<int>(std::min<int64_t>(n, kMoeGemvMaxRows));
   launch_moe_route_plan(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
                         table, kMoeGemvMaxRows, ids, weights, row_token, slot, groups, num_groups, stream_);
+  if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
+    launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
+                              out.as<float>(), stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+    return;
+  }
   launch_moe_gemv(x.as<float>(), row_token, groups, static_cast<int>(total), max_rows, hidden, ffn, h, y, stream_,
                   num_groups);
   launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);

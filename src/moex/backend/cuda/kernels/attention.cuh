@@ -1,5 +1,7 @@
-// Causal GQA attention over an fp32 KV cache, for prefill (many queries) and decode (few queries, keys
-// split across blocks, flash-decoding style, then merged).
+// Causal GQA attention and KV writes over a paged fp32 KV cache (pages [num_pages, page_size, kv_heads,
+// head_dim], block tables per sequence): one launch for a whole step, whether its rows are one sequence's
+// prefill chunk (blocks tile several queries) or one decode row per sequence (flash-decoding: keys split
+// across blocks, then merged).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,23 +13,38 @@ namespace moex::cuda {
 
 constexpr int kAttentionMaxHeadDim = 256;
 
+// A step's rows in the paged cache, in device memory (the backend's copy of a KvStep).
+struct PagedKvRows {
+  const int32_t* row_seq = nullptr;  // [num_rows] index into tables' rows
+  const int32_t* row_pos = nullptr;  // [num_rows]
+  const int32_t* tables = nullptr;   // [num_seqs, table_stride] page ids
+  int64_t table_stride = 0;
+  int64_t page_size = 0;
+};
+
 struct AttentionShape {
-  int64_t num_queries = 0;  // n: queries at positions start_pos .. start_pos + n - 1
+  int64_t num_queries = 0;  // rows of the step
   int64_t heads = 0;
   int64_t kv_heads = 0;     // heads % kv_heads == 0
   int64_t head_dim = 0;     // <= kAttentionMaxHeadDim
-  int64_t start_pos = 0;    // keys visible to query i: [0, start_pos + i]
-  // When set, the kernels read start_pos from this device int instead (a recorded decode step replays for
-  // every position of a bucket); start_pos above is then the largest value it may hold and sizes the grid.
-  const int32_t* device_start_pos = nullptr;
+  // >= every row_pos + 1; sizes the split-K grid. A recorded decode step passes its bucket's key count, so one
+  // grid serves every position of the bucket (blocks past the real length write empty partials and exit).
+  int64_t max_keys = 0;
+  // The rows are one sequence at consecutive positions (prefill): a block then tiles queries, sharing K/V
+  // tiles across them. Otherwise a block serves one row's heads of a GQA group.
+  bool one_sequence = false;
 };
 
 // Scratch needed for the split-K partials at this shape (0 when a single split suffices).
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
 
-// q [n, heads, head_dim], k_cache/v_cache [>= start_pos + n, kv_heads, head_dim], out [n, heads, head_dim],
-// all fp32. scale multiplies q.k. workspace: attention_workspace_bytes(shape, num_sms) bytes.
-void launch_attention(const float* q, const float* k_cache, const float* v_cache, float* out,
+// q/out [n, heads, head_dim] fp32; row i attends to positions 0..row_pos[i] of its sequence.
+// workspace: attention_workspace_bytes(shape, num_sms) bytes.
+void launch_attention(const float* q, const float* k_pages, const float* v_pages, const PagedKvRows& rows, float* out,
                       const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream);
+
+// Row i of k/v [n, row_elems] goes to position row_pos[i] of sequence row_seq[i]; row_elems = kv_heads * head_dim.
+void launch_kv_write_paged(const float* k, const float* v, float* k_pages, float* v_pages, const PagedKvRows& rows,
+                           int64_t n, int64_t row_elems, cudaStream_t stream);
 
 }  // namespace moex::cuda

@@ -64,23 +64,7 @@ __global__ void gather_rows_bf16_kernel(const float* src, const int32_t* rows, i
   for (int64_t col = threadIdx.x; col < cols; col += blockDim.x) to[col] = __float2bfloat16_rn(from[col]);
 }
 
-__global__ void kv_write_at_kernel(const float* k, const float* v, float* k_cache, float* v_cache, int64_t count,
-                                   const int32_t* start_pos, int64_t row_elems) {
-  const int64_t base = int64_t(*start_pos) * row_elems;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    k_cache[base + i] = k[i];
-    v_cache[base + i] = v[i];
-  }
-}
-
 }  // namespace
-
-void launch_kv_write_at(const float* k, const float* v, float* k_cache, float* v_cache, int64_t n, int64_t row_elems,
-                        const int32_t* start_pos, cudaStream_t stream) {
-  const int64_t count = n * row_elems;
-  if (count == 0) return;
-  kv_write_at_kernel<<<grid_for(count), kThreads, 0, stream>>>(k, v, k_cache, v_cache, count, start_pos, row_elems);
-}
 
 void launch_embedding(const int32_t* ids, int64_t num_ids, const void* table, bool table_f32, int64_t hidden,
                       float* out, cudaStream_t stream) {

@@ -28,9 +28,4 @@ void launch_f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t
 void launch_gather_rows_bf16(const float* src, const int32_t* rows, int64_t num_rows, int64_t cols,
                              uint16_t* dst, cudaStream_t stream);
 
-// k_cache/v_cache rows [*start_pos, *start_pos + n) = k/v [n, row_elems]; start_pos on the device (the
-// recorded decode step writes at the position it replays for).
-void launch_kv_write_at(const float* k, const float* v, float* k_cache, float* v_cache, int64_t n, int64_t row_elems,
-                        const int32_t* start_pos, cudaStream_t stream);
-
 }  // namespace moex::cuda

@@ -1,35 +1,55 @@
 // Decode GEMV: one warp per output feature, all m_count activation rows at once so the weight row is read
-// once per step whatever the batch (up to kGemvMaxRows).
+// once per step whatever the batch (up to kGemvMaxRows). Several weights sharing the input (q/k/v) are one
+// grid: warp w of the grid takes row w of the concatenation of the outputs.
+// 2-32 rows take the tensor-core kernel (mma_core.cuh). Launched with programmatic dependent launch
+// (launch.cuh). An L2 prefetch of each warp's weight row before the PDL wait was tried and measured slower
+// on an H200 (Model A 1.154 vs 1.096 ms/token): the prefetches compete with the tail of the kernel before.
 #include "moex/backend/cuda/kernels/gemv.cuh"
+
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
+#include "moex/backend/cuda/kernels/launch.cuh"
+#include "moex/backend/cuda/kernels/mma_core.cuh"
 
 namespace moex::cuda {
 namespace {
 
 constexpr int kWarps = 8;
 
-template <int MT>
-__global__ __launch_bounds__(kWarps * 32) void gemv_kernel(const float* x, int m_count, const bf16* w, int N, int K,
-                                                           const float* bias, float* y) {
-  int lane = threadIdx.x & 31;
+struct GemvOutputs {
+  GemvOutput out[kGemvMaxOutputs];
+  int count;
+};
+
+template <int MT, int U>
+__global__ __launch_bounds__(kWarps * 32) void gemv_kernel(const float* x, int m_count, int K, GemvOutputs outputs) {
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31;
   int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  if (row >= N) return;
-  const bf16* w_rows[1] = {w + int64_t(row) * K};
+  int which = 0;
+  while (which < outputs.count && row >= outputs.out[which].rows) row -= static_cast<int>(outputs.out[which++].rows);
+  const bool active = which < outputs.count;
+  const GemvOutput o = outputs.out[active ? which : 0];
+  const bf16* w_row = reinterpret_cast<const bf16*>(o.w) + int64_t(row) * K;
+  pdl_wait();
+  if (!active) return;
+  const bf16* w_rows[1] = {w_row};
   const float* x_rows[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) x_rows[m] = x + int64_t(m < m_count ? m : 0) * K;
   float acc[1][MT] = {};
-  warp_dot_bf16<1, MT>(w_rows, x_rows, m_count, K / 8, lane, acc);
-  float b = bias ? bias[row] : 0.f;
+  warp_dot_bf16<1, MT, U>(w_rows, x_rows, m_count, K / 8, lane, acc);
+  const float b = o.bias ? o.bias[row] : 0.f;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     float v = warp_sum(acc[0][m]);
-    if (lane == 0 && m < m_count) y[int64_t(m) * N + row] = v + b;
+    if (lane == 0 && m < m_count) o.y[int64_t(m) * o.rows + row] = v + b;
   }
 }
 
 __global__ void gemv_scalar_kernel(const float* x, int64_t m_count, const bf16* w, int64_t N, int64_t K,
                                    const float* bias, float* y) {
+  pdl_launch_dependents();
+  pdl_wait();
   int lane = threadIdx.x & 31;
   int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   if (row >= N) return;
@@ -41,27 +61,114 @@ __global__ void gemv_scalar_kernel(const float* x, int64_t m_count, const bf16* 
   }
 }
 
+// 2-32 tokens: a block owns 16 output rows; its 8 warps split K and sum in warp order. NT n-tiles of 8 tokens.
+template <int NT>
+__global__ __launch_bounds__(kWarps * 32) void linear_mma_kernel(const float* x, int m_count, const bf16* w, int N,
+                                                                 int K, const float* bias, float* y) {
+  __shared__ float red[kWarps * NT * 4 * 32];
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * kMmaRows;
+  pdl_wait();
+  const float* x_row[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int token = nt * kMmaTileTokens + (lane >> 2);
+    x_row[nt] = token < m_count ? x + int64_t(token) * K : nullptr;
+  }
+  const int blocks = K / kMmaKBlock;
+  const bf16* rows[1] = {w};
+  float acc[1][NT][4] = {};
+  warp_mma_tile<1, NT, 4>(rows, row0, N, K, x_row, warp * blocks / kWarps, (warp + 1) * blocks / kWarps, lane, acc);
+  MmaBlockReduce<1, NT>::store(red, acc, warp, lane);
+  __syncthreads();
+  for (int v = threadIdx.x; v < NT * 4 * 32; v += kWarps * 32) {
+    const int l = v & 31, c = (v >> 5) & 3, nt = v >> 7;
+    int row, token;
+    mma_coords(l, nt, c, &row, &token);
+    row += row0;
+    if (row < N && token < m_count)
+      y[int64_t(token) * N + row] = MmaBlockReduce<1, NT>::sum(red, kWarps, 0, nt, c, l) + (bias ? bias[row] : 0.f);
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int64_t K) {
+  return m_count >= 2 && m_count <= kLinearMmaMaxRows && K % kMmaKBlock == 0 && aligned16(x) && aligned16(w);
+}
+
+void launch_linear_mma(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
+                       float* y, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, kMmaRows))), block(kWarps * 32);
+  const bf16* wb = reinterpret_cast<const bf16*>(w);
+  const int m = static_cast<int>(m_count), n = static_cast<int>(N), k = static_cast<int>(K);
+  if (m_count <= 8)
+    launch_pdl(linear_mma_kernel<1>, grid, block, 0, stream, x, m, wb, n, k, bias, y);
+  else if (m_count <= 16)
+    launch_pdl(linear_mma_kernel<2>, grid, block, 0, stream, x, m, wb, n, k, bias, y);
+  else
+    launch_pdl(linear_mma_kernel<4>, grid, block, 0, stream, x, m, wb, n, k, bias, y);
+}
+
+// The fp32 GEMV kernel over up to kGemvMaxOutputs weights; m_count <= kGemvMaxRows, K % 8 == 0, aligned.
+void launch_gemv_kernel(const float* x, int64_t m_count, int64_t K, const GemvOutputs& packed, int64_t total_rows,
+                        cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(total_rows, kWarps))), block(kWarps * 32);
+  const int m = static_cast<int>(m_count), k = static_cast<int>(K);
+  if (m_count == 1)  // 8 loads in flight per lane: measured faster than 4 on Model A at batch 1 (H200)
+    launch_pdl(gemv_kernel<1, 8>, grid, block, 0, stream, x, m, k, packed);
+  else if (m_count == 2)
+    launch_pdl(gemv_kernel<2, 4>, grid, block, 0, stream, x, m, k, packed);
+  else if (m_count <= 4)
+    launch_pdl(gemv_kernel<4, 4>, grid, block, 0, stream, x, m, k, packed);
+  else
+    launch_pdl(gemv_kernel<8, 4>, grid, block, 0, stream, x, m, k, packed);
+}
+
+bool gemv_fits(const float* x, int64_t m_count, const uint16_t* w, int64_t K) {
+  return m_count <= kGemvMaxRows && K % 8 == 0 && aligned16(x) && aligned16(w);
+}
+
 }  // namespace
+
+void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
+                            cudaStream_t stream) {
+  if (m_count == 0 || count == 0) return;
+  // One launch for all outputs at one row; several rows take the tensor cores, one launch per weight.
+  bool one_launch = m_count == 1 && count <= kGemvMaxOutputs;
+  int64_t total_rows = 0;
+  for (int i = 0; i < count; ++i) {
+    one_launch = one_launch && gemv_fits(x, m_count, outputs[i].w, K);
+    total_rows += outputs[i].rows;
+  }
+  if (!one_launch) {
+    for (int i = 0; i < count; ++i)
+      launch_gemv_bf16(x, m_count, outputs[i].w, outputs[i].rows, K, outputs[i].bias, outputs[i].y, stream);
+    return;
+  }
+  if (total_rows == 0) return;
+  GemvOutputs packed{};
+  for (int i = 0; i < count; ++i) packed.out[i] = outputs[i];
+  packed.count = count;
+  launch_gemv_kernel(x, m_count, K, packed, total_rows, stream);
+}
 
 void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
                       float* y, cudaStream_t stream) {
   if (m_count == 0 || N == 0) return;
-  const bf16* wb = reinterpret_cast<const bf16*>(w);
-  unsigned blocks = static_cast<unsigned>(ceil_div(N, kWarps));
-  bool aligned = (reinterpret_cast<uintptr_t>(x) % 16 == 0) && (reinterpret_cast<uintptr_t>(w) % 16 == 0);
-  if (m_count > kGemvMaxRows || K % 8 != 0 || !aligned) {
-    gemv_scalar_kernel<<<blocks, kWarps * 32, 0, stream>>>(x, m_count, wb, N, K, bias, y);
-    return;
+  if (few_token_mma_fits(x, m_count, w, K)) {
+    launch_linear_mma(x, m_count, w, N, K, bias, y, stream);
+  } else if (gemv_fits(x, m_count, w, K)) {
+    GemvOutputs packed{};
+    packed.out[0] = GemvOutput{w, bias, y, N};
+    packed.count = 1;
+    launch_gemv_kernel(x, m_count, K, packed, N, stream);
+  } else {
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarps))), block(kWarps * 32);
+    launch_pdl(gemv_scalar_kernel, grid, block, 0, stream, x, m_count, reinterpret_cast<const bf16*>(w), N, K, bias,
+               y);
   }
-  int m = static_cast<int>(m_count), n = static_cast<int>(N), k = static_cast<int>(K);
-  if (m_count == 1)
-    gemv_kernel<1><<<blocks, kWarps * 32, 0, stream>>>(x, m, wb, n, k, bias, y);
-  else if (m_count == 2)
-    gemv_kernel<2><<<blocks, kWarps * 32, 0, stream>>>(x, m, wb, n, k, bias, y);
-  else if (m_count <= 4)
-    gemv_kernel<4><<<blocks, kWarps * 32, 0, stream>>>(x, m, wb, n, k, bias, y);
-  else
-    gemv_kernel<8><<<blocks, kWarps * 32, 0, stream>>>(x, m, wb, n, k, bias, y);
 }
 
 }  // namespace moex::cuda

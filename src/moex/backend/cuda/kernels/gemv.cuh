@@ -8,11 +8,30 @@
 namespace moex::cuda {
 
 constexpr int kGemvMaxRows = 8;
+constexpr int kGemvMaxOutputs = 3;
+// 2..kLinearMmaMaxRows rows with K % 32 == 0 take tensor cores (mma_core.cuh: weights read once, activations
+// split into two bf16 parts, ~1e-5 relative); one row the fp32 GEMV.
+constexpr int kLinearMmaMaxRows = 32;
+
+// One weight of a multi-output GEMV: y [m_count, rows] = x @ w^T (+ bias). w bf16 [rows, K], bias fp32 or null.
+struct GemvOutput {
+  const uint16_t* w = nullptr;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  int64_t rows = 0;
+};
 
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]). x fp32 [m_count, K] (row stride K), w bf16 [N, K],
-// bias fp32 [N] or null, y fp32 [m_count, N]. Fast path: m_count <= kGemvMaxRows, K % 8 == 0, x and w
-// 16-byte aligned; otherwise a scalar path that is correct for any shape (and slow).
+// bias fp32 [N] or null, y fp32 [m_count, N]. Fast paths: the tensor-core few-token kernel (above), or the
+// GEMV for m_count <= kGemvMaxRows, K % 8 == 0, x and w 16-byte aligned; otherwise a scalar path that is
+// correct for any shape (and slow).
 void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
                       float* y, cudaStream_t stream);
+
+// The same x through up to kGemvMaxOutputs weights in one launch (decode's q/k/v; an MLP's gate/up): x is
+// read once per SM instead of once per launch, and two launch gaps go away. Same fast-path conditions, for
+// every weight; falls back to one launch_gemv_bf16 per output otherwise.
+void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
+                            cudaStream_t stream);
 
 }  // namespace moex::cuda

@@ -10,6 +10,8 @@
 
 namespace moex::cuda {
 
+// 16-byte loads each lane keeps in flight per row: 4 by default; 8 for one activation row, where registers
+// allow it and short rows (K = 2048: 8 chunks per lane) are then fetched in a single round.
 constexpr int kGemvUnroll = 4;
 
 __device__ __forceinline__ uint4 load_stream_16b(const void* ptr) {
@@ -22,18 +24,18 @@ __device__ __forceinline__ uint4 load_stream_16b(const void* ptr) {
 
 // acc[r][m] (lane-partial) += sum over this lane's chunks of w_r[k] * x_m[k]. k8_count = K / 8; all rows
 // 16-byte aligned. Only the first m_count activation rows are read. Caller reduces with warp_sum.
-template <int NR, int MT>
+template <int NR, int MT, int U = kGemvUnroll>
 __device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], const float* const (&x_rows)[MT],
                                               int m_count, int k8_count, int lane, float (&acc)[NR][MT]) {
   int chunk = lane;
-  for (; chunk + 32 * (kGemvUnroll - 1) < k8_count; chunk += 32 * kGemvUnroll) {
-    uint4 packed[kGemvUnroll][NR];
+  for (; chunk + 32 * (U - 1) < k8_count; chunk += 32 * U) {
+    uint4 packed[U][NR];
 #pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < NR; ++r) packed[u][r] = load_stream_16b(w_rows[r] + (chunk + 32 * u) * 8);
 #pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m < m_count) {
@@ -50,21 +52,30 @@ __device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], c
       }
     }
   }
-  for (; chunk < k8_count; chunk += 32) {
-    uint4 packed[NR];
+  // The tail (fewer than U chunks per lane): loaded together too, so it costs one memory round trip, not
+  // one per chunk (K = 5632 would leave six serial loads at U = 8).
+  if (chunk < k8_count) {
+    uint4 packed[U][NR];
 #pragma unroll
-    for (int r = 0; r < NR; ++r) packed[r] = load_stream_16b(w_rows[r] + chunk * 8);
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < m_count) {
-        const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + chunk * 8);
-        float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+      for (int r = 0; r < NR; ++r)
+        packed[u][r] = chunk + 32 * u < k8_count ? load_stream_16b(w_rows[r] + (chunk + 32 * u) * 8) : uint4{};
 #pragma unroll
-        for (int r = 0; r < NR; ++r) {
-          float wf[8];
-          unpack_bf16x8(packed[r], wf);
-          acc[r][m] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y +
-                       wf[6] * x1.z + wf[7] * x1.w;
+    for (int u = 0; u < U; ++u) {
+      if (chunk + 32 * u >= k8_count) break;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < m_count) {
+          const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + (chunk + 32 * u) * 8);
+          float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+#pragma unroll
+          for (int r = 0; r < NR; ++r) {
+            float wf[8];
+            unpack_bf16x8(packed[u][r], wf);
+            acc[r][m] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y +
+                         wf[6] * x1.z + wf[7] * x1.w;
+          }
         }
       }
     }

@@ -20,6 +20,15 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
                      int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
                      const int32_t* device_num_groups = nullptr);
 
+// One token's top_k experts planned on the device (launch_moe_route_plan with one token: top_k groups of one
+// row each, group r = row r): gate/up + SwiGLU into h [top_k, ffn], then down and the weighted combine in one
+// kernel into out [hidden]. Bit-identical to launch_moe_gemv + launch_moe_combine, two launches instead of three.
+// top_k <= kMoeOneTokenMaxTopK.
+constexpr int kMoeOneTokenMaxTopK = 8;
+void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const MoeGroup* groups, int top_k,
+                               int64_t hidden, int64_t ffn, const int32_t* slot, const float* weights, float* h,
+                               float* out, cudaStream_t stream);
+
 // Largest num_tokens * top_k the device-side planner takes (one block).
 constexpr int kMoeRoutePlanMaxAssignments = 256;
 

@@ -1,7 +1,11 @@
-// MoE decode path: per group (one expert, <= 8 tokens) a warp computes one ffn row of gate AND up for all
-// its tokens, applying SwiGLU in registers (the fused activation never round-trips memory as two tensors);
-// then down per group; then a fixed-order weighted combine. Each expert's weights are read once per step.
+// MoE decode path: per group (one expert, <= kMoeGemvMaxRows tokens) gate AND up rows for all its tokens,
+// SwiGLU applied in registers (the fused activation never round-trips memory as two tensors); then down per
+// group; then a fixed-order weighted combine. Each expert's weights are read once per step.
+// One token per group: fp32 GEMV warps. Several: tensor-core tiles (mma_core.cuh) where hidden and ffn are
+// multiples of 32, else the fp32 GEMV in passes of 8 tokens.
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
+#include "moex/backend/cuda/kernels/launch.cuh"
+#include "moex/backend/cuda/kernels/mma_core.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 
 namespace moex::cuda {
@@ -13,6 +17,8 @@ template <int MT>
 __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x, const int32_t* row_token,
                                                                   const MoeGroup* groups, int hidden, int ffn,
                                                                   float* h, const int32_t* num_groups) {
+  pdl_launch_dependents();
+  pdl_wait();  // the plan (groups, num_groups) comes from the kernel before
   if (num_groups && int(blockIdx.y) >= *num_groups) return;
   const MoeGroup g = groups[blockIdx.y];
   int lane = threadIdx.x & 31;
@@ -20,42 +26,176 @@ __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x
   if (j >= ffn) return;
   const bf16* w_rows[2] = {reinterpret_cast<const bf16*>(g.gate) + int64_t(j) * hidden,
                            reinterpret_cast<const bf16*>(g.up) + int64_t(j) * hidden};
-  const float* x_rows[MT];
+  for (int base = 0; base < g.num_rows; base += MT) {  // passes of MT tokens
+    const int count = min(MT, g.num_rows - base);
+    const float* x_rows[MT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) x_rows[m] = x + int64_t(row_token[g.row_begin + (m < g.num_rows ? m : 0)]) * hidden;
-  float acc[2][MT] = {};
-  warp_dot_bf16<2, MT>(w_rows, x_rows, g.num_rows, hidden / 8, lane, acc);
+    for (int m = 0; m < MT; ++m)
+      x_rows[m] = x + int64_t(row_token[g.row_begin + base + (m < count ? m : 0)]) * hidden;
+    float acc[2][MT] = {};
+    warp_dot_bf16<2, MT>(w_rows, x_rows, count, hidden / 8, lane, acc);
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    float gate = warp_sum(acc[0][m]);
-    float up = warp_sum(acc[1][m]);
-    if (lane == 0 && m < g.num_rows) h[int64_t(g.row_begin + m) * ffn + j] = silu(gate) * up;
+    for (int m = 0; m < MT; ++m) {
+      float gate = warp_sum(acc[0][m]);
+      float up = warp_sum(acc[1][m]);
+      if (lane == 0 && m < count) h[int64_t(g.row_begin + base + m) * ffn + j] = silu(gate) * up;
+    }
   }
 }
 
 template <int MT>
 __global__ __launch_bounds__(kWarps * 32) void moe_down_kernel(const float* h, const MoeGroup* groups, int hidden,
                                                                int ffn, float* y, const int32_t* num_groups) {
+  pdl_launch_dependents();
+  pdl_wait();
   if (num_groups && int(blockIdx.y) >= *num_groups) return;
   const MoeGroup g = groups[blockIdx.y];
   int lane = threadIdx.x & 31;
   int i = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (i >= hidden) return;
   const bf16* w_rows[1] = {reinterpret_cast<const bf16*>(g.down) + int64_t(i) * ffn};
-  const float* x_rows[MT];
+  for (int base = 0; base < g.num_rows; base += MT) {
+    const int count = min(MT, g.num_rows - base);
+    const float* x_rows[MT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) x_rows[m] = h + int64_t(g.row_begin + (m < g.num_rows ? m : 0)) * ffn;
-  float acc[1][MT] = {};
-  warp_dot_bf16<1, MT>(w_rows, x_rows, g.num_rows, ffn / 8, lane, acc);
+    for (int m = 0; m < MT; ++m) x_rows[m] = h + int64_t(g.row_begin + base + (m < count ? m : 0)) * ffn;
+    float acc[1][MT] = {};
+    warp_dot_bf16<1, MT>(w_rows, x_rows, count, ffn / 8, lane, acc);
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    float v = warp_sum(acc[0][m]);
-    if (lane == 0 && m < g.num_rows) y[int64_t(g.row_begin + m) * hidden + i] = v;
+    for (int m = 0; m < MT; ++m) {
+      float v = warp_sum(acc[0][m]);
+      if (lane == 0 && m < count) y[int64_t(g.row_begin + base + m) * hidden + i] = v;
+    }
+  }
+}
+
+// Tensor-core instances: a block owns 16 rows of one group's expert (gate and up together, or down) for all
+// the group's tokens (NT tiles of 8); its warps split K and sum in warp order.
+template <int NT>
+__global__ __launch_bounds__(kWarps * 32) void moe_gate_up_mma_kernel(const float* x, const int32_t* row_token,
+                                                                      const MoeGroup* groups, int hidden, int ffn,
+                                                                      float* h, const int32_t* num_groups) {
+  __shared__ float red[kWarps * 2 * NT * 4 * 32];
+  pdl_launch_dependents();
+  pdl_wait();
+  if (num_groups && int(blockIdx.y) >= *num_groups) return;
+  const MoeGroup g = groups[blockIdx.y];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * kMmaRows;
+  const float* x_row[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int i = nt * kMmaTileTokens + (lane >> 2);
+    x_row[nt] = i < g.num_rows ? x + int64_t(row_token[g.row_begin + i]) * hidden : nullptr;
+  }
+  const bf16* w[2] = {reinterpret_cast<const bf16*>(g.gate), reinterpret_cast<const bf16*>(g.up)};
+  const int blocks = hidden / kMmaKBlock;
+  float acc[2][NT][4] = {};
+  warp_mma_tile<2, NT, 4>(w, row0, ffn, hidden, x_row, warp * blocks / kWarps, (warp + 1) * blocks / kWarps, lane,
+                          acc);
+  MmaBlockReduce<2, NT>::store(red, acc, warp, lane);
+  __syncthreads();
+  for (int v = threadIdx.x; v < NT * 4 * 32; v += kWarps * 32) {
+    const int l = v & 31, c = (v >> 5) & 3, nt = v >> 7;
+    int row, token;
+    mma_coords(l, nt, c, &row, &token);
+    row += row0;
+    if (row < ffn && token < g.num_rows) {
+      const float gate = MmaBlockReduce<2, NT>::sum(red, kWarps, 0, nt, c, l);
+      const float up = MmaBlockReduce<2, NT>::sum(red, kWarps, 1, nt, c, l);
+      h[int64_t(g.row_begin + token) * ffn + row] = silu(gate) * up;
+    }
+  }
+}
+
+template <int NT>
+__global__ __launch_bounds__(kWarps * 32) void moe_down_mma_kernel(const float* h, const MoeGroup* groups, int hidden,
+                                                                   int ffn, float* y, const int32_t* num_groups) {
+  __shared__ float red[kWarps * NT * 4 * 32];
+  pdl_launch_dependents();
+  pdl_wait();
+  if (num_groups && int(blockIdx.y) >= *num_groups) return;
+  const MoeGroup g = groups[blockIdx.y];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * kMmaRows;
+  const float* x_row[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int i = nt * kMmaTileTokens + (lane >> 2);
+    x_row[nt] = i < g.num_rows ? h + int64_t(g.row_begin + i) * ffn : nullptr;
+  }
+  const bf16* w[1] = {reinterpret_cast<const bf16*>(g.down)};
+  const int blocks = ffn / kMmaKBlock;
+  float acc[1][NT][4] = {};
+  warp_mma_tile<1, NT, 4>(w, row0, hidden, ffn, x_row, warp * blocks / kWarps, (warp + 1) * blocks / kWarps, lane,
+                          acc);
+  MmaBlockReduce<1, NT>::store(red, acc, warp, lane);
+  __syncthreads();
+  for (int v = threadIdx.x; v < NT * 4 * 32; v += kWarps * 32) {
+    const int l = v & 31, c = (v >> 5) & 3, nt = v >> 7;
+    int row, token;
+    mma_coords(l, nt, c, &row, &token);
+    row += row0;
+    if (row < hidden && token < g.num_rows)
+      y[int64_t(g.row_begin + token) * hidden + row] = MmaBlockReduce<1, NT>::sum(red, kWarps, 0, nt, c, l);
+  }
+}
+
+template <int NT>
+void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups, int hidden,
+                    int ffn, float* h, float* y, cudaStream_t stream, const int32_t* device_num_groups) {
+  const dim3 block(kWarps * 32);
+  const dim3 grid_up(static_cast<unsigned>(ceil_div(ffn, kMmaRows)), num_groups);
+  const dim3 grid_down(static_cast<unsigned>(ceil_div(hidden, kMmaRows)), num_groups);
+  launch_pdl(moe_gate_up_mma_kernel<NT>, grid_up, block, 0, stream, x, row_token, groups, hidden, ffn, h,
+             device_num_groups);
+  launch_pdl(moe_down_mma_kernel<NT>, grid_down, block, 0, stream, static_cast<const float*>(h), groups, hidden, ffn,
+             y, device_num_groups);
+}
+
+// One token (decode at batch 1): every group is one row and row r of the plan is group r. A block's warps
+// each take one (output feature, pick) pair -- top_k warps per feature, so every expert's dot products run in
+// parallel as in moe_down_kernel -- and the block then combines each feature's picks in pick order: the same
+// per-expert reduction and the same summation order as moe_down + moe_combine (bit-identical), one launch and
+// one pass over y fewer. top_k <= kWarps.
+__global__ __launch_bounds__(kWarps * 32) void moe_down_combine_one_token_kernel(const float* h, const MoeGroup* groups,
+                                                                                  const int32_t* slot,
+                                                                                  const float* weights, int top_k,
+                                                                                  int hidden, int ffn, float* out) {
+  __shared__ float s_dot[kWarps];
+  pdl_launch_dependents();
+  pdl_wait();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int features_per_block = kWarps / top_k;
+  const int local = warp / top_k, j = warp % top_k;
+  const int i = blockIdx.x * features_per_block + local;
+  const int row = local < features_per_block && i < hidden ? slot[j] : -1;
+  float dot = 0.f;
+  if (row >= 0) {
+    const MoeGroup g = groups[row];
+    const bf16* w_rows[1] = {reinterpret_cast<const bf16*>(g.down) + int64_t(i) * ffn};
+    const float* x_rows[1] = {h + int64_t(row) * ffn};
+    float part[1][1] = {};
+    warp_dot_bf16<1, 1>(w_rows, x_rows, 1, ffn / 8, lane, part);
+    dot = warp_sum(part[0][0]);
+  }
+  if (lane == 0) s_dot[warp] = dot;
+  __syncthreads();
+  if (threadIdx.x < features_per_block) {
+    const int feature = blockIdx.x * features_per_block + threadIdx.x;
+    if (feature < hidden) {
+      float acc = 0.f;
+      for (int pick = 0; pick < top_k; ++pick)
+        if (slot[pick] >= 0) acc += weights[pick] * s_dot[threadIdx.x * top_k + pick];
+      out[feature] = acc;
+    }
   }
 }
 
 __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const float* weights, int top_k,
                                    int64_t hidden, float* out) {
+  pdl_launch_dependents();
+  pdl_wait();
   int64_t token = blockIdx.x;
   for (int64_t col = threadIdx.x; col < hidden; col += blockDim.x) {
     float acc = 0.f;
@@ -76,19 +216,43 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
   int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
   dim3 grid_up(static_cast<unsigned>(ceil_div(ffn, kWarps)), num_groups);
   dim3 grid_down(static_cast<unsigned>(ceil_div(hidden, kWarps)), num_groups);
+  const dim3 block(kWarps * 32);
+  if (max_rows > 1 && hidden % kMmaKBlock == 0 && ffn % kMmaKBlock == 0 &&
+      reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(h) % 16 == 0) {
+    if (max_rows <= 8)
+      launch_moe_mma<1>(x, row_token, groups, num_groups, hid, f, h, y, stream, device_num_groups);
+    else if (max_rows <= 16)
+      launch_moe_mma<2>(x, row_token, groups, num_groups, hid, f, h, y, stream, device_num_groups);
+    else
+      launch_moe_mma<4>(x, row_token, groups, num_groups, hid, f, h, y, stream, device_num_groups);
+    return;
+  }
   if (max_rows <= 1) {
-    moe_gate_up_kernel<1><<<grid_up, kWarps * 32, 0, stream>>>(x, row_token, groups, hid, f, h, device_num_groups);
-    moe_down_kernel<1><<<grid_down, kWarps * 32, 0, stream>>>(h, groups, hid, f, y, device_num_groups);
+    launch_pdl(moe_gate_up_kernel<1>, grid_up, block, 0, stream, x, row_token, groups, hid, f, h, device_num_groups);
+    launch_pdl(moe_down_kernel<1>, grid_down, block, 0, stream, h, groups, hid, f, y, device_num_groups);
   } else {
-    moe_gate_up_kernel<kMoeGemvMaxRows><<<grid_up, kWarps * 32, 0, stream>>>(x, row_token, groups, hid, f, h, device_num_groups);
-    moe_down_kernel<kMoeGemvMaxRows><<<grid_down, kWarps * 32, 0, stream>>>(h, groups, hid, f, y, device_num_groups);
+    launch_pdl(moe_gate_up_kernel<8>, grid_up, block, 0, stream, x, row_token, groups, hid, f, h, device_num_groups);
+    launch_pdl(moe_down_kernel<8>, grid_down, block, 0, stream, h, groups, hid, f, y, device_num_groups);
   }
 }
 
 void launch_moe_combine(const float* y, const int32_t* slot, const float* weights, int64_t num_tokens,
                         int64_t top_k, int64_t hidden, float* out, cudaStream_t stream) {
   if (num_tokens == 0) return;
-  moe_combine_kernel<<<static_cast<unsigned>(num_tokens), 256, 0, stream>>>(y, slot, weights, static_cast<int>(top_k), hidden, out);
+  launch_pdl(moe_combine_kernel, dim3(static_cast<unsigned>(num_tokens)), dim3(256), 0, stream, y, slot, weights,
+             static_cast<int>(top_k), hidden, out);
+}
+
+void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const MoeGroup* groups, int top_k,
+                               int64_t hidden, int64_t ffn, const int32_t* slot, const float* weights, float* h,
+                               float* out, cudaStream_t stream) {
+  const int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
+  const dim3 block(kWarps * 32);
+  launch_pdl(moe_gate_up_kernel<1>, dim3(static_cast<unsigned>(ceil_div(ffn, kWarps)), top_k), block, 0, stream, x,
+             row_token, groups, hid, f, h, static_cast<const int32_t*>(nullptr));
+  const int features_per_block = kWarps / top_k;
+  launch_pdl(moe_down_combine_one_token_kernel, dim3(static_cast<unsigned>(ceil_div(hidden, features_per_block))),
+             block, 0, stream, h, groups, slot, weights, top_k, hid, f, out);
 }
 
 }  // namespace moex::cuda

@@ -24,7 +24,8 @@ struct MoeExpertPtrs {
 };
 
 // Decode path (few tokens per expert): groups of at most kMoeGemvMaxRows rows.
-constexpr int kMoeGemvMaxRows = 8;
+// 32: the tensor-core instance covers 4 tiles of 8 tokens with one read of the expert's weights.
+constexpr int kMoeGemvMaxRows = 32;
 // Prefill path (tensor cores): groups of at most kMoeGemmTileRows rows.
 constexpr int kMoeGemmTileRows = 64;
 

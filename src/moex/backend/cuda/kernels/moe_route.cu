@@ -2,6 +2,7 @@
 // router_warp.cuh), then orders the (token, pick) assignments by expert exactly as plan_moe() does on the
 // host and cuts them into GEMV groups. The expert kernels then read the plan from device memory: no host
 // round trip per MoE layer, so a decode step can be recorded as one CUDA graph.
+#include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 #include "moex/backend/cuda/kernels/router_warp.cuh"
 
@@ -18,6 +19,8 @@ __global__ __launch_bounds__(kThreads) void moe_route_plan_kernel(const float* l
                                                                   MoeGroup* groups, int32_t* num_groups) {
   __shared__ int32_t s_id[kMoeRoutePlanMaxAssignments];
   __shared__ int32_t s_sorted[kMoeRoutePlanMaxAssignments];  // expert of permuted row r
+  pdl_launch_dependents();
+  pdl_wait();
   const int total = num_tokens * top_k;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int token = warp; token < num_tokens; token += kThreads / 32) {
@@ -62,10 +65,9 @@ void launch_moe_route_plan(const float* logits, int64_t num_tokens, int64_t num_
                            bool sigmoid_scoring, bool normalize, const MoeExpertPtrs* table, int max_group_rows,
                            int32_t* ids, float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups,
                            int32_t* num_groups, cudaStream_t stream) {
-  moe_route_plan_kernel<<<1, kThreads, 0, stream>>>(logits, static_cast<int>(num_tokens),
-                                                    static_cast<int>(num_experts), static_cast<int>(top_k),
-                                                    sigmoid_scoring, normalize, table, max_group_rows, ids, weights,
-                                                    row_token, slot, groups, num_groups);
+  launch_pdl(moe_route_plan_kernel, dim3(1), dim3(kThreads), 0, stream, logits, static_cast<int>(num_tokens),
+             static_cast<int>(num_experts), static_cast<int>(top_k), sigmoid_scoring, normalize, table,
+             max_group_rows, ids, weights, row_token, slot, groups, num_groups);
 }
 
 }  // namespace moex::cuda

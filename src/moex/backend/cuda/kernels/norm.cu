@@ -1,6 +1,7 @@
 // RMSNorm in fp32. A block of 256 threads covers one row; the sum of squares is a block reduction and the
 // second pass re-reads the row from L1/L2 (rows are at most a few KiB, so that re-read is cache-resident).
 #include "moex/backend/cuda/kernels/common.cuh"
+#include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/norm.cuh"
 
 namespace moex::cuda {
@@ -15,6 +16,8 @@ __device__ __forceinline__ float load_weight(const void* weight, bool weight_bf1
 __global__ void rms_norm_kernel(const float* x, const void* weight, bool weight_bf16, float eps, float* out,
                                 int64_t cols, float* residual, const float* delta) {
   __shared__ float scratch[32];
+  pdl_launch_dependents();
+  pdl_wait();
   int64_t row = blockIdx.x;
   const float* src = x + row * cols;
   float sum_sq = 0.f;
@@ -41,15 +44,15 @@ __global__ void rms_norm_kernel(const float* x, const void* weight, bool weight_
 void launch_rms_norm(const float* x, const void* weight, bool weight_bf16, float eps, float* out, int64_t rows,
                      int64_t cols, cudaStream_t stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, weight, weight_bf16, eps, out, cols,
-                                                                         nullptr, nullptr);
+  launch_pdl(rms_norm_kernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, stream, x, weight, weight_bf16,
+             eps, out, cols, static_cast<float*>(nullptr), static_cast<const float*>(nullptr));
 }
 
 void launch_add_rms_norm(float* residual, const float* delta, const void* weight, bool weight_bf16, float eps,
                          float* out, int64_t rows, int64_t cols, cudaStream_t stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(residual, weight, weight_bf16, eps, out,
-                                                                         cols, residual, delta);
+  launch_pdl(rms_norm_kernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, stream,
+             static_cast<const float*>(residual), weight, weight_bf16, eps, out, cols, residual, delta);
 }
 
 }  // namespace moex::cuda

@@ -2,6 +2,7 @@
 // in fp32) so that rounding matches the reference; sincosf (not the fast intrinsic) because angles reach
 // thousands of radians at long positions.
 #include "moex/backend/cuda/kernels/common.cuh"
+#include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/rope.cuh"
 
 namespace moex::cuda {
@@ -9,6 +10,8 @@ namespace {
 
 __global__ void rope_kernel(float* x, const int32_t* positions, int64_t heads, int64_t head_dim, int rotary_dim,
                             float theta) {
+  pdl_launch_dependents();
+  pdl_wait();
   int64_t token = blockIdx.x;
   int half = rotary_dim / 2;
   float pos = static_cast<float>(positions[token]);
@@ -25,13 +28,73 @@ __global__ void rope_kernel(float* x, const int32_t* positions, int64_t heads, i
   }
 }
 
+constexpr int kHeadWarps = 4;
+
+// One warp per (token, head) of q and then k: the head row goes to shared memory (RoPE pairs dim d with
+// d + rotary_dim / 2, which another lane holds), optionally RMS-normalised over head_dim first, then rotated
+// and written back. Same arithmetic as rms_norm_kernel + rope_kernel, except the norm's sum is one warp's.
+__global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q, float* k, int heads, int kv_heads,
+                                                                       int head_dim, const void* q_norm,
+                                                                       const void* k_norm, bool norm_bf16, float eps,
+                                                                       const int32_t* positions, int rotary_dim,
+                                                                       float theta) {
+  __shared__ float s_rows[kHeadWarps][kQkNormRopeMaxHeadDim];
+  pdl_launch_dependents();
+  pdl_wait();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t token = blockIdx.y;
+  const int head = blockIdx.x * kHeadWarps + warp;
+  if (head >= heads + kv_heads) return;
+  const bool is_q = head < heads;
+  float* row = is_q ? q + (token * heads + head) * head_dim : k + (token * kv_heads + (head - heads)) * head_dim;
+  const void* norm = is_q ? q_norm : k_norm;
+  float* s = s_rows[warp];
+  float sum_sq = 0.f;
+  for (int d = lane; d < head_dim; d += 32) {
+    const float v = row[d];
+    s[d] = v;
+    sum_sq += v * v;
+  }
+  if (norm) {
+    const float inv = rsqrtf(warp_sum(sum_sq) / static_cast<float>(head_dim) + eps);
+    for (int d = lane; d < head_dim; d += 32) {
+      const float w = norm_bf16 ? __bfloat162float(static_cast<const bf16*>(norm)[d]) : static_cast<const float*>(norm)[d];
+      s[d] = s[d] * inv * w;
+    }
+  }
+  __syncwarp();
+  const float pos = static_cast<float>(positions[token]);
+  const int half = rotary_dim / 2;
+  for (int d = lane; d < head_dim; d += 32) {
+    float v = s[d];
+    if (d < rotary_dim) {
+      const int pair = d < half ? d : d - half;
+      const float inv_freq = 1.f / powf(theta, static_cast<float>(2 * pair) / static_cast<float>(rotary_dim));
+      float sin_v, cos_v;
+      sincosf(pos * inv_freq, &sin_v, &cos_v);
+      v = d < half ? s[d] * cos_v - s[d + half] * sin_v : s[d] * cos_v + s[d - half] * sin_v;
+    }
+    row[d] = v;
+  }
+}
+
 }  // namespace
+
+void launch_qk_norm_rope(float* q, float* k, int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                         const void* q_norm, const void* k_norm, bool norm_bf16, float eps, const int32_t* positions,
+                         int64_t rotary_dim, double theta, cudaStream_t stream) {
+  if (n == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(heads + kv_heads, kHeadWarps)), static_cast<unsigned>(n));
+  launch_pdl(qk_norm_rope_kernel, grid, dim3(kHeadWarps * 32), 0, stream, q, k, static_cast<int>(heads),
+             static_cast<int>(kv_heads), static_cast<int>(head_dim), q_norm, k_norm, norm_bf16, eps, positions,
+             static_cast<int>(rotary_dim), static_cast<float>(theta));
+}
 
 void launch_rope(float* x, const int32_t* positions, int64_t n, int64_t heads, int64_t head_dim,
                  int64_t rotary_dim, double theta, cudaStream_t stream) {
   if (n == 0 || rotary_dim == 0) return;
-  rope_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(x, positions, heads, head_dim,
-                                                            static_cast<int>(rotary_dim), static_cast<float>(theta));
+  launch_pdl(rope_kernel, dim3(static_cast<unsigned>(n)), dim3(256), 0, stream, x, positions, heads, head_dim,
+             static_cast<int>(rotary_dim), static_cast<float>(theta));
 }
 
 }  // namespace moex::cuda

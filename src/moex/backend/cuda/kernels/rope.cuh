@@ -12,4 +12,13 @@ namespace moex::cuda {
 void launch_rope(float* x, const int32_t* positions, int64_t n, int64_t heads, int64_t head_dim,
                  int64_t rotary_dim, double theta, cudaStream_t stream);
 
+constexpr int64_t kQkNormRopeMaxHeadDim = 256;
+
+// q [n, heads, head_dim] and k [n, kv_heads, head_dim] in one launch: each head row optionally RMS-normalised
+// over head_dim with q_norm / k_norm (fp32 or bf16 [head_dim]; both null: no norm; Qwen3's per-head q/k norm),
+// then rotated as launch_rope. head_dim <= kQkNormRopeMaxHeadDim.
+void launch_qk_norm_rope(float* q, float* k, int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                         const void* q_norm, const void* k_norm, bool norm_bf16, float eps, const int32_t* positions,
+                         int64_t rotary_dim, double theta, cudaStream_t stream);
+
 }  // namespace moex::cuda

@@ -1,0 +1,61 @@
+// Kernel launches with programmatic dependent launch (PDL, sm_90): a kernel launched through launch_pdl()
+// may be scheduled while the kernel before it in the stream is still finishing, so its launch latency and
+// whatever it does before pdl_wait() overlap the tail of that kernel. A decode step is ~10 dependent kernels per layer of a few microseconds each; without
+// this each one pays its launch gap and ramp-up on an idle GPU. CUDA-only header.
+//
+// The contract for every kernel launched with launch_pdl():
+//   - call pdl_wait() before reading anything an earlier kernel of the stream wrote, and before writing
+//     anything an earlier kernel may still read; every thread that returns early must do so only after
+//     pdl_wait() or without touching such memory, and at least one thread of the grid must reach
+//     pdl_wait(), so that this grid never completes before its predecessor (a later kernel relies on that);
+//   - call pdl_launch_dependents() once its own blocks are all running (first statement is fine): the next
+//     kernel's blocks then start and wait in their own pdl_wait().
+// Both are no-ops when the kernel was launched without the attribute (MOEX_CUDA_PDL=0, or <<<>>>).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace moex::cuda {
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// MOEX_CUDA_PDL=0 launches every kernel plainly (for A/B measurements and as an escape hatch).
+inline bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MOEX_CUDA_PDL");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return enabled;
+}
+
+template <typename... Params, typename... Args>
+void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                Args&&... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
+  // A failed launch is left in the runtime's last error, which every op checks (MOEX_CUDA_CHECK_LAUNCH).
+  (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+}  // namespace moex::cuda

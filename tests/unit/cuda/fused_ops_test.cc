@@ -1,0 +1,153 @@
+// The fused decode ops (linear_many, add_rms_norm, qk_norm_rope) against double-precision references, and
+// against the Backend defaults they replace (the unfused ops on the same device), on fresh random data.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "cuda_test_util.h"
+
+namespace moex::cuda_test {
+namespace {
+
+struct ManyCase {
+  int64_t rows, in;
+  std::vector<int64_t> outs;
+  bool bias;
+};
+
+class CudaLinearMany : public ::testing::TestWithParam<ManyCase> {};
+
+TEST_P(CudaLinearMany, MatchesReference) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  const ManyCase c = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(c.rows * 977 + c.in * 3 + c.outs.size()));
+  SCOPED_TRACE(testing::Message() << "linear_many(rows=" << c.rows << ",in=" << c.in << ",outputs=" << c.outs.size()
+                                  << ")");
+  auto x = random_floats(rng, static_cast<size_t>(c.rows * c.in));
+  std::vector<Bf16Weight> w;
+  std::vector<std::vector<float>> bias;
+  std::vector<TensorView> wd, bd;
+  std::vector<std::unique_ptr<GuardedTensor>> yd;
+  for (int64_t n : c.outs) {
+    w.push_back(random_bf16(rng, {n, c.in}, 1.f / std::sqrt(float(c.in))));
+    bias.push_back(random_floats(rng, static_cast<size_t>(n)));
+  }
+  for (size_t i = 0; i < c.outs.size(); ++i) {
+    wd.push_back(backend->upload_weight(w[i].host_view(), "w"));
+    bd.push_back(backend->upload_weight(TensorView(bias[i].data(), DType::kF32, {c.outs[i]}), "b"));
+    yd.push_back(std::make_unique<GuardedTensor>(*backend, Shape{c.rows, c.outs[i]}));
+  }
+  std::vector<TensorView> outs;
+  for (auto& y : yd) outs.push_back(y->view());
+  std::vector<Backend::LinearOutput> outputs;
+  for (size_t i = 0; i < c.outs.size(); ++i) outputs.push_back({&wd[i], c.bias ? &bd[i] : nullptr, &outs[i]});
+  GuardedTensor xd(*backend, {c.rows, c.in});
+  xd.fill(x);
+  backend->linear_many(xd.view(), outputs);
+  for (size_t i = 0; i < c.outs.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "output " << i);
+    const int64_t n = c.outs[i];
+    std::vector<double> ref(static_cast<size_t>(c.rows * n));
+    for (int64_t r = 0; r < c.rows; ++r)
+      for (int64_t o = 0; o < n; ++o) {
+        double acc = c.bias ? bias[i][o] : 0.0;
+        for (int64_t k = 0; k < c.in; ++k) acc += double(x[r * c.in + k]) * w[i].values[o * c.in + k];
+        ref[r * n + o] = acc;
+      }
+    MOEX_EXPECT_CLOSE(yd[i]->read(), ref, c.rows > 32 ? 1e-2 : 1e-5);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinearMany,
+                         ::testing::Values(ManyCase{1, 64, {32, 8, 8}, true}, ManyCase{3, 136, {7, 9}, false},
+                                           ManyCase{8, 256, {31, 1, 65}, true}, ManyCase{2, 31, {5, 6}, true},
+                                           ManyCase{40, 128, {64, 32, 32}, true},  // prefill: tensor cores
+                                           // Model A q/k/v and Model B q/k/v at decode
+                                           ManyCase{1, 2048, {2048, 1024, 1024}, false},
+                                           ManyCase{1, 2048, {4096, 512, 512}, false},
+                                           // an expert's gate/up, K = 5632 leaves a tail of partial rounds
+                                           ManyCase{1, 5632, {64, 64}, false},
+                                           // batched decode rows: the few-token tensor-core kernel
+                                           ManyCase{2, 2048, {2048, 1024, 1024}, false},
+                                           ManyCase{9, 5632, {40, 17}, true}, ManyCase{32, 768, {2048}, true},
+                                           ManyCase{17, 96, {33, 16}, false}));
+
+TEST(CudaAddRmsNorm, MatchesReference) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  for (int64_t rows : {1, 5, 129}) {
+    for (int64_t cols : {31, 2048}) {
+      std::mt19937 rng(static_cast<uint32_t>(rows * 71 + cols));
+      SCOPED_TRACE(testing::Message() << "add_rms_norm(rows=" << rows << ",cols=" << cols << ")");
+      auto x = random_floats(rng, static_cast<size_t>(rows * cols), 2.f);
+      auto delta = random_floats(rng, static_cast<size_t>(rows * cols), 2.f);
+      auto weight = random_floats(rng, static_cast<size_t>(cols));
+      TensorView wd = backend->upload_weight(TensorView(weight.data(), DType::kF32, {cols}), "w");
+      GuardedTensor xd(*backend, {rows, cols}), dd(*backend, {rows, cols}), od(*backend, {rows, cols});
+      xd.fill(x);
+      dd.fill(delta);
+      backend->add_rms_norm(xd.view(), dd.view(), wd, 1e-5f, od.view());
+      std::vector<double> sum(x.size()), ref(x.size());
+      for (int64_t r = 0; r < rows; ++r) {
+        double ss = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          sum[r * cols + c] = double(x[r * cols + c] + delta[r * cols + c]);
+          ss += sum[r * cols + c] * sum[r * cols + c];
+        }
+        const double inv = 1.0 / std::sqrt(ss / cols + 1e-5);
+        for (int64_t c = 0; c < cols; ++c) ref[r * cols + c] = sum[r * cols + c] * inv * weight[c];
+      }
+      MOEX_EXPECT_CLOSE(xd.read(), sum, 1e-7);
+      MOEX_EXPECT_CLOSE(od.read(), ref, 1e-6);
+    }
+  }
+}
+
+struct RopeCase {
+  int64_t tokens, heads, kv_heads, head_dim, rotary_dim;
+  bool norm;
+};
+
+class CudaQkNormRope : public ::testing::TestWithParam<RopeCase> {};
+
+// The fused kernel against Backend's default (rms_norm per head, then rope on q and on k) on the same device:
+// same formulas, only the norm's reduction order differs.
+TEST_P(CudaQkNormRope, MatchesUnfusedOps) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  const RopeCase c = GetParam();
+  SCOPED_TRACE(testing::Message() << "qk_norm_rope(tokens=" << c.tokens << ",heads=" << c.heads << "/" << c.kv_heads
+                                  << ",head_dim=" << c.head_dim << ",rotary=" << c.rotary_dim << ",norm=" << c.norm
+                                  << ")");
+  std::mt19937 rng(static_cast<uint32_t>(c.tokens * 7 + c.heads * 131 + c.head_dim + c.norm));
+  auto q = random_floats(rng, static_cast<size_t>(c.tokens * c.heads * c.head_dim), 2.f);
+  auto k = random_floats(rng, static_cast<size_t>(c.tokens * c.kv_heads * c.head_dim), 2.f);
+  auto qn = random_floats(rng, static_cast<size_t>(c.head_dim));
+  auto kn = random_floats(rng, static_cast<size_t>(c.head_dim));
+  std::vector<int32_t> positions(static_cast<size_t>(c.tokens));
+  std::uniform_int_distribution<int32_t> pos(0, 6000);  // angles of thousands of radians
+  for (auto& p : positions) p = pos(rng);
+  TensorView qnd = backend->upload_weight(TensorView(qn.data(), DType::kF32, {c.head_dim}), "q_norm");
+  TensorView knd = backend->upload_weight(TensorView(kn.data(), DType::kF32, {c.head_dim}), "k_norm");
+  GuardedTensor qf(*backend, {c.tokens, c.heads, c.head_dim}), kf(*backend, {c.tokens, c.kv_heads, c.head_dim});
+  GuardedTensor qu(*backend, {c.tokens, c.heads, c.head_dim}), ku(*backend, {c.tokens, c.kv_heads, c.head_dim});
+  qf.fill(q);
+  kf.fill(k);
+  qu.fill(q);
+  ku.fill(k);
+  backend->qk_norm_rope(qf.view(), kf.view(), c.norm ? &qnd : nullptr, c.norm ? &knd : nullptr, 1e-6f, positions,
+                        c.rotary_dim, 1e6);
+  backend->Backend::qk_norm_rope(qu.view(), ku.view(), c.norm ? &qnd : nullptr, c.norm ? &knd : nullptr, 1e-6f,
+                                 positions, c.rotary_dim, 1e6);
+  const auto qref = qu.read(), kref = ku.read();
+  MOEX_EXPECT_CLOSE(qf.read(), std::vector<double>(qref.begin(), qref.end()), 1e-5);
+  MOEX_EXPECT_CLOSE(kf.read(), std::vector<double>(kref.begin(), kref.end()), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaQkNormRope,
+                         ::testing::Values(RopeCase{1, 32, 4, 128, 128, true},   // Model B decode (Qwen3)
+                                           RopeCase{1, 16, 8, 128, 128, false},  // Model A decode
+                                           RopeCase{7, 4, 2, 16, 16, true}, RopeCase{3, 6, 3, 64, 32, false},
+                                           RopeCase{5, 2, 1, 40, 20, true},     // head_dim not a multiple of 32
+                                           RopeCase{2, 3, 1, 256, 256, true}));
+
+}  // namespace
+}  // namespace moex::cuda_test
