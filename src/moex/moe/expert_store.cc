@@ -242,19 +242,22 @@ ExpertWeights ExpertStore::wait(ExpertKey key) {
   return views_[key_idx];
 }
 
-void ExpertStore::cancel(ExpertKey key) {
-  const size_t key_idx = index(key);
-  std::unique_lock<std::mutex> lock(mutex_);
+void ExpertStore::stop_async_copy(size_t key_idx, std::unique_lock<std::mutex>& lock) {
   if (state_[key_idx] == CopyState::kQueued) {
     queue_.erase(std::find(queue_.begin(), queue_.end(), key_idx));
     state_[key_idx] = CopyState::kIdle;
   } else if (state_[key_idx] == CopyState::kCopying) {
     cancel_requested_[key_idx] = 1;
     copy_done_.wait(lock, [&] { return state_[key_idx] != CopyState::kCopying; });
-    state_[key_idx] = CopyState::kIdle;
-  } else {
-    state_[key_idx] = CopyState::kIdle;
+    // A copy that finished before it saw the request is kDone; a stopped one is kIdle with its progress.
   }
+}
+
+void ExpertStore::cancel(ExpertKey key) {
+  const size_t key_idx = index(key);
+  std::unique_lock<std::mutex> lock(mutex_);
+  stop_async_copy(key_idx, lock);
+  state_[key_idx] = CopyState::kIdle;
   ++stats_.prefetch_cancelled;
   lock.unlock();
   free(key);
@@ -264,14 +267,7 @@ ExpertWeights ExpertStore::take_over(ExpertKey key, int64_t* enqueued_bytes) {
   const size_t key_idx = index(key);
   *enqueued_bytes = 0;
   std::unique_lock<std::mutex> lock(mutex_);
-  if (state_[key_idx] == CopyState::kQueued) {
-    queue_.erase(std::find(queue_.begin(), queue_.end(), key_idx));
-    state_[key_idx] = CopyState::kIdle;
-  } else if (state_[key_idx] == CopyState::kCopying) {
-    cancel_requested_[key_idx] = 1;
-    copy_done_.wait(lock, [&] { return state_[key_idx] != CopyState::kCopying; });
-    // A copy that finished before it saw the request is kDone; a stopped one is kIdle with its progress.
-  }
+  stop_async_copy(key_idx, lock);
   if (state_[key_idx] != CopyState::kIdle) {
     lock.unlock();
     return wait(key);

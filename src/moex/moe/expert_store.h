@@ -97,6 +97,9 @@ class ExpertStore {
   // Allocates or reuses a slot and sets views_[key] to its (not yet filled) views.
   int32_t assign_slot(ExpertKey key);
   void prefetch_loop();
+  // Takes key_idx off the prefetch queue, or stops its running copy between chunks and waits for the thread
+  // to let go of it (mutex_ held through lock). The state is then kIdle (partial progress kept) or kDone.
+  void stop_async_copy(size_t key_idx, std::unique_lock<std::mutex>& lock);
   // Page-locks the source tier on backends that copy faster from it (CUDA).
   void register_source();
 

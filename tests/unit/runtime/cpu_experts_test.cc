@@ -105,13 +105,16 @@ class StandInDevice : public Backend {
   std::vector<HostTensor> uploads_;
 };
 
+std::vector<int32_t> fixture_prompt(const char* fixture) {
+  return test::read_json(test::fixtures_root() / fixture / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+}
+
 TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
   for (const char* fixture : {"mixtral", "qwen2_moe", "olmoe"}) {
     SCOPED_TRACE(fixture);
     auto model = Model::load((test::fixtures_root() / fixture).string());
     const ModelConfig& cfg = model->config();
-    const auto prompt = test::read_json(test::fixtures_root() / fixture / "reference.json")["prompt_ids"]
-                            .get<std::vector<int32_t>>();
+    const std::vector<int32_t> prompt = fixture_prompt(fixture);
     EngineOptions resident_options;
     resident_options.num_threads = 1;
     Engine resident(*model, resident_options);
@@ -232,8 +235,7 @@ TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
                                         << bandwidths.copy_gbs << " GB/s");
       auto model = Model::load((test::fixtures_root() / fixture).string());
       const ModelConfig& cfg = model->config();
-      const auto prompt = test::read_json(test::fixtures_root() / fixture / "reference.json")["prompt_ids"]
-                              .get<std::vector<int32_t>>();
+      const std::vector<int32_t> prompt = fixture_prompt(fixture);
       EngineOptions resident_options;
       resident_options.num_threads = 1;
       Engine resident(*model, resident_options);

@@ -67,29 +67,15 @@ __global__ __launch_bounds__(kWarps * 32) void linear_mma_kernel(const float* x,
                                                                  int K, const float* bias, float* y) {
   __shared__ float red[kWarps * NT * 4 * 32];
   pdl_launch_dependents();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = blockIdx.x * kMmaRows;
   pdl_wait();
+  const int row0 = blockIdx.x * kMmaRows;
   const float* x_row[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int token = nt * kMmaTileTokens + (lane >> 2);
-    x_row[nt] = token < m_count ? x + int64_t(token) * K : nullptr;
-  }
-  const int blocks = K / kMmaKBlock;
+  mma_token_rows<NT>(threadIdx.x & 31, m_count, [&](int i) { return x + int64_t(i) * K; }, x_row);
   const bf16* rows[1] = {w};
-  float acc[1][NT][4] = {};
-  warp_mma_tile<1, NT, 4>(rows, row0, N, K, x_row, warp * blocks / kWarps, (warp + 1) * blocks / kWarps, lane, acc);
-  MmaBlockReduce<1, NT>::store(red, acc, warp, lane);
-  __syncthreads();
-  for (int v = threadIdx.x; v < NT * 4 * 32; v += kWarps * 32) {
-    const int l = v & 31, c = (v >> 5) & 3, nt = v >> 7;
-    int row, token;
-    mma_coords(l, nt, c, &row, &token);
-    row += row0;
-    if (row < N && token < m_count)
-      y[int64_t(token) * N + row] = MmaBlockReduce<1, NT>::sum(red, kWarps, 0, nt, c, l) + (bias ? bias[row] : 0.f);
-  }
+  block_mma_tile<1, NT>(rows, row0, N, K, x_row, kWarps, red);
+  for_each_mma_output<1, NT>(red, kWarps, row0, N, m_count, [&](int row, int token, auto sum) {
+    y[int64_t(token) * N + row] = sum(0) + (bias ? bias[row] : 0.f);
+  });
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }

@@ -22,6 +22,26 @@ __device__ __forceinline__ uint4 load_stream_16b(const void* ptr) {
   return v;
 }
 
+// acc[r][m] += the 8 weights of chunk `chunk` (already loaded, packed[r]) times x_m's 8 values there.
+template <int NR, int MT>
+__device__ __forceinline__ void accumulate_chunk(const uint4 (&packed)[NR], const float* const (&x_rows)[MT],
+                                                 int m_count, int chunk, float (&acc)[NR][MT]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m < m_count) {
+      const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + chunk * 8);
+      float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        float wf[8];
+        unpack_bf16x8(packed[r], wf);
+        acc[r][m] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y +
+                     wf[6] * x1.z + wf[7] * x1.w;
+      }
+    }
+  }
+}
+
 // acc[r][m] (lane-partial) += sum over this lane's chunks of w_r[k] * x_m[k]. k8_count = K / 8; all rows
 // 16-byte aligned. Only the first m_count activation rows are read. Caller reduces with warp_sum.
 template <int NR, int MT, int U = kGemvUnroll>
@@ -36,20 +56,7 @@ __device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], c
       for (int r = 0; r < NR; ++r) packed[u][r] = load_stream_16b(w_rows[r] + (chunk + 32 * u) * 8);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m < m_count) {
-          const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + (chunk + 32 * u) * 8);
-          float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-#pragma unroll
-          for (int r = 0; r < NR; ++r) {
-            float wf[8];
-            unpack_bf16x8(packed[u][r], wf);
-            acc[r][m] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y +
-                         wf[6] * x1.z + wf[7] * x1.w;
-          }
-        }
-      }
+      accumulate_chunk<NR, MT>(packed[u], x_rows, m_count, chunk + 32 * u, acc);
     }
   }
   // The tail (fewer than U chunks per lane): loaded together too, so it costs one memory round trip, not
@@ -64,20 +71,7 @@ __device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], c
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (chunk + 32 * u >= k8_count) break;
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m < m_count) {
-          const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + (chunk + 32 * u) * 8);
-          float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-#pragma unroll
-          for (int r = 0; r < NR; ++r) {
-            float wf[8];
-            unpack_bf16x8(packed[u][r], wf);
-            acc[r][m] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w + wf[4] * x1.x + wf[5] * x1.y +
-                         wf[6] * x1.z + wf[7] * x1.w;
-          }
-        }
-      }
+      accumulate_chunk<NR, MT>(packed[u], x_rows, m_count, chunk + 32 * u, acc);
     }
   }
 }

@@ -128,4 +128,42 @@ __device__ __forceinline__ void mma_coords(int lane, int nt, int c, int* row, in
   *token = nt * kMmaTileTokens + 2 * (lane & 3) + (c & 1);
 }
 
+// Each lane's token row for n-tile nt: row_of(i) for token i = nt * 8 + lane / 4 when i < count, else null.
+template <int NT, typename RowOf>
+__device__ __forceinline__ void mma_token_rows(int lane, int count, RowOf row_of, const float* (&x_row)[NT]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int i = nt * kMmaTileTokens + (lane >> 2);
+    x_row[nt] = i < count ? row_of(i) : nullptr;
+  }
+}
+
+// A block of `warps` warps computes rows [row0, row0 + 16) of the NR weights for all token rows: warp w takes
+// the w-th share of K's blocks, then the partial sums land in red (MmaBlockReduce layout) and the block syncs.
+template <int NR, int NT>
+__device__ __forceinline__ void block_mma_tile(const bf16* const (&w)[NR], int row0, int n_rows, int64_t K,
+                                               const float* const (&x_row)[NT], int warps, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int blocks = static_cast<int>(K / kMmaKBlock);
+  float acc[NR][NT][4] = {};
+  warp_mma_tile<NR, NT, 4>(w, row0, n_rows, K, x_row, warp * blocks / warps, (warp + 1) * blocks / warps, lane, acc);
+  MmaBlockReduce<NR, NT>::store(red, acc, warp, lane);
+  __syncthreads();
+}
+
+// Calls out(row, token, sum_r) for every (row < n_rows, token < count) of the tile just reduced into red, with
+// sum_r(r) the warp-ordered sum for weight r; the elements are spread over the block's threads.
+template <int NR, int NT, typename Out>
+__device__ __forceinline__ void for_each_mma_output(const float* red, int warps, int row0, int n_rows, int count,
+                                                    Out out) {
+  for (int v = threadIdx.x; v < NT * 4 * 32; v += blockDim.x) {
+    const int l = v & 31, c = (v >> 5) & 3, nt = v >> 7;
+    int row, token;
+    mma_coords(l, nt, c, &row, &token);
+    row += row0;
+    if (row < n_rows && token < count)
+      out(row, token, [&](int r) { return MmaBlockReduce<NR, NT>::sum(red, warps, r, nt, c, l); });
+  }
+}
+
 }  // namespace moex::cuda

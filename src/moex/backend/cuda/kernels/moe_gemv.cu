@@ -80,32 +80,15 @@ __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_mma_kernel(const floa
   pdl_wait();
   if (num_groups && int(blockIdx.y) >= *num_groups) return;
   const MoeGroup g = groups[blockIdx.y];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = blockIdx.x * kMmaRows;
   const float* x_row[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int i = nt * kMmaTileTokens + (lane >> 2);
-    x_row[nt] = i < g.num_rows ? x + int64_t(row_token[g.row_begin + i]) * hidden : nullptr;
-  }
+  mma_token_rows<NT>(threadIdx.x & 31, g.num_rows,
+                     [&](int i) { return x + int64_t(row_token[g.row_begin + i]) * hidden; }, x_row);
   const bf16* w[2] = {reinterpret_cast<const bf16*>(g.gate), reinterpret_cast<const bf16*>(g.up)};
-  const int blocks = hidden / kMmaKBlock;
-  float acc[2][NT][4] = {};
-  warp_mma_tile<2, NT, 4>(w, row0, ffn, hidden, x_row, warp * blocks / kWarps, (warp + 1) * blocks / kWarps, lane,
-                          acc);
-  MmaBlockReduce<2, NT>::store(red, acc, warp, lane);
-  __syncthreads();
-  for (int v = threadIdx.x; v < NT * 4 * 32; v += kWarps * 32) {
-    const int l = v & 31, c = (v >> 5) & 3, nt = v >> 7;
-    int row, token;
-    mma_coords(l, nt, c, &row, &token);
-    row += row0;
-    if (row < ffn && token < g.num_rows) {
-      const float gate = MmaBlockReduce<2, NT>::sum(red, kWarps, 0, nt, c, l);
-      const float up = MmaBlockReduce<2, NT>::sum(red, kWarps, 1, nt, c, l);
-      h[int64_t(g.row_begin + token) * ffn + row] = silu(gate) * up;
-    }
-  }
+  block_mma_tile<2, NT>(w, row0, ffn, hidden, x_row, kWarps, red);
+  for_each_mma_output<2, NT>(red, kWarps, row0, ffn, g.num_rows, [&](int row, int token, auto sum) {
+    h[int64_t(g.row_begin + token) * ffn + row] = silu(sum(0)) * sum(1);
+  });
 }
 
 template <int NT>
@@ -116,29 +99,14 @@ __global__ __launch_bounds__(kWarps * 32) void moe_down_mma_kernel(const float* 
   pdl_wait();
   if (num_groups && int(blockIdx.y) >= *num_groups) return;
   const MoeGroup g = groups[blockIdx.y];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = blockIdx.x * kMmaRows;
   const float* x_row[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int i = nt * kMmaTileTokens + (lane >> 2);
-    x_row[nt] = i < g.num_rows ? h + int64_t(g.row_begin + i) * ffn : nullptr;
-  }
+  mma_token_rows<NT>(threadIdx.x & 31, g.num_rows, [&](int i) { return h + int64_t(g.row_begin + i) * ffn; }, x_row);
   const bf16* w[1] = {reinterpret_cast<const bf16*>(g.down)};
-  const int blocks = ffn / kMmaKBlock;
-  float acc[1][NT][4] = {};
-  warp_mma_tile<1, NT, 4>(w, row0, hidden, ffn, x_row, warp * blocks / kWarps, (warp + 1) * blocks / kWarps, lane,
-                          acc);
-  MmaBlockReduce<1, NT>::store(red, acc, warp, lane);
-  __syncthreads();
-  for (int v = threadIdx.x; v < NT * 4 * 32; v += kWarps * 32) {
-    const int l = v & 31, c = (v >> 5) & 3, nt = v >> 7;
-    int row, token;
-    mma_coords(l, nt, c, &row, &token);
-    row += row0;
-    if (row < hidden && token < g.num_rows)
-      y[int64_t(g.row_begin + token) * hidden + row] = MmaBlockReduce<1, NT>::sum(red, kWarps, 0, nt, c, l);
-  }
+  block_mma_tile<1, NT>(w, row0, hidden, ffn, x_row, kWarps, red);
+  for_each_mma_output<1, NT>(red, kWarps, row0, hidden, g.num_rows, [&](int row, int token, auto sum) {
+    y[int64_t(g.row_begin + token) * hidden + row] = sum(0);
+  });
 }
 
 template <int NT>
