@@ -100,7 +100,10 @@ nlohmann::json result_json(const SimResult& r, double belady_hit_rate) {
                        {"late", r.late_prefetches},
                        {"cancelled", r.prefetch_cancelled}};
     out["prediction"] = {{"precision", r.prediction.precision()}, {"recall", r.prediction.recall()}};
-    if (c.predictor == "pregate") out["prefetch"]["synthetic_pregate_accuracy"] = c.pregate_accuracy;
+    if (c.predictor == "pregate") {
+      if (r.pregate_recorded) out["prefetch"]["pregate_logits"] = "recorded";
+      else out["prefetch"]["synthetic_pregate_accuracy"] = c.pregate_accuracy;
+    }
   }
   if (c.prefetch_mode == PrefetchMode::kLink) {
     out["link"] = {{"expert_bytes", c.expert_bytes},
@@ -306,7 +309,8 @@ CommandAction setup_trace(CLI::App* sub) {
   simulate_cmd->add_option("--prefetch-width", sim->prefetch_width, "experts prefetched per predicted layer (0: top_k)");
   simulate_cmd->add_option("--lookahead", sim->lookahead, "layers ahead to predict and prefetch");
   simulate_cmd->add_option("--pregate-accuracy", sim->pregate_accuracy,
-                           "pregate only: synthetic lookahead logits keep each true expert with this probability");
+                           "pregate on a trace without recorded pre-gating logits: synthetic lookahead logits keep each true "
+                           "expert with this probability");
   simulate_cmd->add_option("--seed", sim->seed, "seed of the synthetic pre-gating noise");
   simulate_cmd->add_option("--expert-bytes", sim->expert_bytes, "bytes of one expert (default: known model sizes)");
   simulate_cmd->add_option("--link-gbps", sim->link_gbps, "link model: host-to-device GB/s");

@@ -1,6 +1,7 @@
 // `moex trace record`: runs prompts through a model and writes every token's routing (top-k ids and
 // gate weights per MoE layer, prefill and greedy decode) as a moex binary trace, so traces come from the
-// engine itself and feed `moex trace simulate|stats` directly.
+// engine itself and feed `moex trace simulate|stats` directly; with --pregate-logits also what a pre-gating
+// predictor sees one layer ahead.
 #include <fstream>
 #include <memory>
 
@@ -16,7 +17,8 @@ namespace {
 // Forwards each MoE layer's routing rows to the writer; token index = position in the sequence.
 class TraceRecorder : public RouterObserver {
  public:
-  TraceRecorder(TraceWriter& writer, TraceWriter::RequestHandle request) : writer_(writer), request_(request) {}
+  TraceRecorder(TraceWriter& writer, TraceWriter::RequestHandle request, bool pregate, int32_t num_experts)
+      : writer_(writer), request_(request), pregate_(pregate), num_experts_(num_experts) {}
   void on_router(int32_t moe_layer_idx, int64_t start_pos, std::span<const float>, const Routing& routing) override {
     for (int64_t row = 0; row < routing.num_tokens; ++row) {
       const auto ids = std::span<const int32_t>(routing.expert_ids).subspan(row * routing.top_k, routing.top_k);
@@ -24,10 +26,18 @@ class TraceRecorder : public RouterObserver {
       writer_.record(request_, moe_layer_idx, start_pos + row, ids, weights);
     }
   }
+  bool wants_pregate() const override { return pregate_; }
+  void on_pregate(int32_t target_moe_layer_idx, int64_t start_pos, std::span<const float> logits) override {
+    const int64_t rows = static_cast<int64_t>(logits.size()) / num_experts_;
+    for (int64_t row = 0; row < rows; ++row)
+      writer_.record_pregate(request_, target_moe_layer_idx, start_pos + row, logits.subspan(row * num_experts_, num_experts_));
+  }
 
  private:
   TraceWriter& writer_;
   TraceWriter::RequestHandle request_;
+  bool pregate_;
+  int32_t num_experts_;
 };
 
 struct RecordOptions {
@@ -35,6 +45,7 @@ struct RecordOptions {
   std::string prompts_path;
   std::string out_path;
   int64_t decode_tokens = 16;
+  bool pregate_logits = false;
 };
 
 int run_record(const RecordOptions& options) {
@@ -58,6 +69,7 @@ int run_record(const RecordOptions& options) {
   info.top_k = static_cast<int32_t>(cfg.top_k);
   info.with_gate_weights = true;
   info.with_token_ids = true;
+  info.with_pregate_logits = options.pregate_logits && info.num_layers > 1;
   for (int64_t layer_idx = 0; layer_idx < cfg.num_layers; ++layer_idx)
     if (cfg.layer_is_moe[layer_idx]) info.layer_ids.push_back(static_cast<int32_t>(layer_idx));
   info.source = "moex trace record";
@@ -71,7 +83,7 @@ int run_record(const RecordOptions& options) {
     std::vector<int32_t> ids = tokenizer->encode(prompts[prompt_idx], /*add_special_tokens=*/true);
     if (ids.empty()) continue;
     TraceWriter::RequestHandle request = writer.begin_request(fmt::format("p{}", prompt_idx));
-    TraceRecorder recorder(writer, request);
+    TraceRecorder recorder(writer, request, info.with_pregate_logits, info.num_experts);
     GenerationResult result = engine.generate(ids, greedy, {}, &recorder);
     // The last sampled token never ran through the model: it has no routing to record.
     const int64_t ran = static_cast<int64_t>(ids.size()) + result.decode_steps;
@@ -100,6 +112,10 @@ CLI::App* add_trace_record_command(CLI::App* trace, std::function<int()>* action
   record->add_option("--out", options->out_path, "trace file to write (moex binary format)")->required();
   record->add_option("-n,--decode-tokens", options->decode_tokens, "greedy tokens generated (and traced) per prompt")
       ->check(CLI::NonNegativeNumber);
+  record->add_flag("--pregate-logits", options->pregate_logits,
+                   "also record each MoE layer's router applied to the previous MoE layer's hidden state (pre-gating), "
+                   "so that `moex trace simulate --predictor pregate` replays real pre-gating (num_experts f16 per "
+                   "token and layer)");
   *action = [options] { return run_record(*options); };
   return record;
 }

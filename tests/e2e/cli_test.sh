@@ -84,6 +84,19 @@ PY
 else
   fail "trace record/stats: $(cat "$tmp/err")"
 fi
+# With pre-gating logits recorded, the simulator replays the engine's own pre-gating.
+if "$moex" trace record --prompts "$tmp/prompts.txt" --out "$tmp/pregate.bin" -n 4 --pregate-logits >"$tmp/out" 2>"$tmp/err" &&
+  "$moex" trace simulate --trace "$tmp/pregate.bin" --predictor pregate --cache-fraction 0.5 --json \
+    >"$tmp/sim.json" 2>>"$tmp/err"; then
+  python3 - "$tmp/sim.json" <<'PY' && ok || fail "trace record --pregate-logits -> simulate"
+import json, sys
+runs = json.load(open(sys.argv[1]))
+runs = runs["results"]
+assert runs and all(r["prefetch"]["pregate_logits"] == "recorded" for r in runs), runs
+PY
+else
+  fail "trace record --pregate-logits/simulate: $(cat "$tmp/err")"
+fi
 expect_error "trace record without prompts file" "cannot open the prompts file" \
   "$moex" trace record --prompts "$tmp/none.txt" --out "$tmp/t.bin"
 

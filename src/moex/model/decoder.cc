@@ -395,6 +395,14 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
           router_host_.resize(static_cast<size_t>(n * cfg_.num_experts));
           backend_.copy_to_host(router_logits, router_host_.data());
           observer->on_router(host_layer.moe_layer_idx, start_pos, router_host_, routing_);
+          const int32_t next = host_layer.moe_layer_idx + 1;
+          if (observer->wants_pregate() && next < static_cast<int32_t>(moe_layers_.size())) {
+            TensorView ahead = scratch(kLookahead, Shape{n, cfg_.num_experts});
+            backend_.linear(h, layers_[moe_layers_[next]].router, nullptr, ahead);
+            router_host_.resize(static_cast<size_t>(n * cfg_.num_experts));
+            backend_.copy_to_host(ahead, router_host_.data());
+            observer->on_pregate(next, start_pos, router_host_);
+          }
         }
         if (experts_.lookahead_layers() > 0) pregate(host_layer.moe_layer_idx, h);
         run_experts(host_layer.moe_layer_idx, h, ffn_out);

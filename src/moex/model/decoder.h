@@ -23,6 +23,13 @@ class RouterObserver {
   virtual ~RouterObserver() = default;
   virtual void on_router(int32_t moe_layer_idx, int64_t start_pos, std::span<const float> router_logits,
                          const Routing& routing) = 0;
+  // Pre-gating, for observers that ask for it: target_moe_layer_idx's router applied to the hidden states
+  // that entered the previous MoE layer's router (host fp32 [num_tokens, num_experts]), delivered right
+  // after that layer's on_router. What a pre-gating predictor sees one layer ahead (trace recording).
+  virtual bool wants_pregate() const { return false; }
+  virtual void on_pregate(int32_t target_moe_layer_idx, int64_t start_pos, std::span<const float> logits) {
+    (void)target_moe_layer_idx, (void)start_pos, (void)logits;
+  }
 };
 
 struct KvCacheOptions {

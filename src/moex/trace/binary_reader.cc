@@ -93,6 +93,11 @@ Trace read_moex_trace(const std::string& path) {
     throw FormatError(fmt::format("{}: gate_weights encoding {} (expected \"f16\" or null)", path,
                                   header["gate_weights"].dump()));
   bool with_token_ids = header_field<bool>(header, path, "token_ids");
+  bool with_pregate = header.contains("pregate_logits") && !header["pregate_logits"].is_null();
+  if (with_pregate && header["pregate_logits"] != "f16")
+    throw FormatError(fmt::format("{}: pregate_logits encoding {} (expected \"f16\" or null)", path,
+                                  header["pregate_logits"].dump()));
+  const size_t pregate_per_token = with_pregate ? static_cast<size_t>(trace.num_layers - 1) * trace.num_experts : 0;
 
   int64_t total_tokens = 0;
   while (true) {
@@ -108,7 +113,8 @@ Trace read_moex_trace(const std::string& path) {
     where = fmt::format("request {} (\"{}\")", trace.requests.size(), request.id);
     request.num_tokens = cursor.read<uint32_t>(where + " token count");
     size_t cells = static_cast<size_t>(trace.num_layers) * trace.top_k;
-    size_t per_token = cells * id_bytes + (with_weights ? cells * 2 : 0) + (with_token_ids ? 4 : 0);
+    size_t per_token = cells * id_bytes + (with_weights ? cells * 2 : 0) + (with_token_ids ? 4 : 0) +
+                       pregate_per_token * 2;
     if (cursor.left() < per_token * request.num_tokens)
       throw FormatError(fmt::format("{}: truncated in {}: {} tokens need {} bytes, {} left", path, where,
                                     request.num_tokens, per_token * request.num_tokens, cursor.left()));
@@ -122,6 +128,11 @@ Trace read_moex_trace(const std::string& path) {
         if (with_weights)
           for (int32_t rank = 0; rank < trace.top_k; ++rank)
             request.gate_weights.push_back(f16_to_f32(cursor.read<uint16_t>("gate weight")));
+      }
+      if (with_pregate) {  // layers 1.. only; layer 0 has no layer before it
+        request.pregate_logits.resize(request.pregate_logits.size() + trace.num_experts, 0.0f);
+        for (size_t value = 0; value < pregate_per_token; ++value)
+          request.pregate_logits.push_back(f16_to_f32(cursor.read<uint16_t>("pre-gating logit")));
       }
     }
     check_request_ids(trace, request, path + ": " + where);

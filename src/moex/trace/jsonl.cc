@@ -1,6 +1,7 @@
 // The shared JSONL trace format (../shared/traces/README.md): one request per line,
 // {"model", "num_layers", "num_experts", "top_k", "tokens": [[[ids @layer0], ...], ...], optional
-// "gate_weights" (same shape), "token_ids", "request_id", "layer_ids"}. Errors name file and line.
+// "gate_weights" (same shape), "token_ids", "request_id", "layer_ids", "pregate_logits" ([token][layer]
+// [num_experts], moex's addition)}. Errors name file and line.
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -33,10 +34,12 @@ std::string short_dump(const json& value) {
   return text.size() > 60 ? text.substr(0, 57) + "..." : text;
 }
 
-// tokens / gate_weights: [num_tokens][num_layers][top_k] into out (appended).
+// tokens / gate_weights: [num_tokens][num_layers][top_k] into out (appended); pregate_logits has
+// num_experts values per (token, layer) instead (inner, inner_name).
 template <typename T>
 void read_cube(const json& cube, const Trace& trace, const std::string& where, const char* name,
-               std::vector<T>* out, int64_t expect_tokens) {
+               std::vector<T>* out, int64_t expect_tokens, int32_t inner = -1, const char* inner_name = "top_k") {
+  if (inner < 0) inner = trace.top_k;
   if (!cube.is_array()) throw FormatError(fmt::format("{}: \"{}\" must be an array of tokens", where, name));
   if (expect_tokens >= 0 && static_cast<int64_t>(cube.size()) != expect_tokens)
     throw FormatError(fmt::format("{}: \"{}\" has {} tokens, \"tokens\" has {}", where, name, cube.size(), expect_tokens));
@@ -47,9 +50,9 @@ void read_cube(const json& cube, const Trace& trace, const std::string& where, c
                                     token_idx, trace.num_layers, short_dump(layers)));
     for (size_t layer_idx = 0; layer_idx < layers.size(); ++layer_idx) {
       const json& ids = layers[layer_idx];
-      if (!ids.is_array() || static_cast<int32_t>(ids.size()) != trace.top_k)
-        throw FormatError(fmt::format("{}: \"{}\"[{}][{}] must hold top_k = {} values, found {}", where, name,
-                                      token_idx, layer_idx, trace.top_k, short_dump(ids)));
+      if (!ids.is_array() || static_cast<int32_t>(ids.size()) != inner)
+        throw FormatError(fmt::format("{}: \"{}\"[{}][{}] must hold {} = {} values, found {}", where, name,
+                                      token_idx, layer_idx, inner_name, inner, short_dump(ids)));
       for (const json& value : ids) {
         bool ok = std::is_integral_v<T> ? value.is_number_integer() : value.is_number();
         if (!ok)
@@ -110,6 +113,9 @@ Trace read_jsonl_trace(const std::string& path) {
     request.num_tokens = static_cast<int64_t>(tokens.size());
     if (line.contains("gate_weights") && !line["gate_weights"].is_null())
       read_cube(line["gate_weights"], trace, where, "gate_weights", &request.gate_weights, request.num_tokens);
+    if (line.contains("pregate_logits") && !line["pregate_logits"].is_null())
+      read_cube(line["pregate_logits"], trace, where, "pregate_logits", &request.pregate_logits, request.num_tokens,
+                trace.num_experts, "num_experts");
     if (line.contains("token_ids") && !line["token_ids"].is_null()) {
       const json& ids = line["token_ids"];
       if (!ids.is_array() || static_cast<int64_t>(ids.size()) != request.num_tokens)
@@ -153,6 +159,18 @@ void write_jsonl_trace(const Trace& trace, const std::string& path) {
     line["tokens"] = std::move(tokens);
     if (!request.gate_weights.empty()) line["gate_weights"] = std::move(weights);
     if (!request.token_ids.empty()) line["token_ids"] = request.token_ids;
+    if (!request.pregate_logits.empty()) {
+      json pregate = json::array();
+      for (int64_t token_idx = 0; token_idx < request.num_tokens; ++token_idx) {
+        json layers = json::array();
+        for (int32_t layer_idx = 0; layer_idx < trace.num_layers; ++layer_idx) {
+          auto logits = trace.pregate(request, token_idx, layer_idx);
+          layers.push_back(std::vector<float>(logits.begin(), logits.end()));
+        }
+        pregate.push_back(std::move(layers));
+      }
+      line["pregate_logits"] = std::move(pregate);
+    }
     out << line.dump() << '\n';
   }
   if (!out) throw IoError(fmt::format("{}: write failed", path));

@@ -211,9 +211,16 @@ class Replay {
     cache_->release(pinned_);
   }
 
-  // Synthetic lookahead logits for pre-gating, made from the routing the target layer will really
-  // have (see SimConfig::pregate_accuracy).
+  // Lookahead logits for pre-gating: the trace's recorded ones, else synthetic ones made from the routing
+  // the target layer will really have (see SimConfig::pregate_accuracy).
   void feed_pregate(const TraceRequest& request, int64_t token_idx, int32_t layer_idx) {
+    if (!request.pregate_logits.empty()) {
+      // Recorded by the engine (`moex trace record --pregate-logits`): the next layer's router on this
+      // layer's hidden state, one layer ahead within the token. No guess crosses into the next token.
+      if (layer_idx + 1 < trace_.num_layers)
+        predictor_->observe_lookahead_logits(layer_idx + 1, trace_.pregate(request, token_idx, layer_idx + 1));
+      return;
+    }
     std::uniform_real_distribution<float> noise(0.0f, 1.0f);
     std::bernoulli_distribution keep(config_.pregate_accuracy);
     for (int32_t ahead = 1; ahead <= lookahead_; ++ahead) {
@@ -296,6 +303,7 @@ SimResult simulate(const Trace& trace, const SimConfig& config) {
     throw UsageError(fmt::format("pregate accuracy must be in [0, 1], got {}", config.pregate_accuracy));
   SimResult result;
   result.config = config;
+  result.pregate_recorded = config.predictor == "pregate" && trace.has_pregate_logits();
   result.cache_slots = cache_slots_for(trace, config.scope, config.cache_fraction);
   Replay replay(trace, config, &result);
   replay.run();

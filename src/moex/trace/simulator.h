@@ -56,6 +56,7 @@ struct SimResult {
   int64_t hits = 0;         // expert resident when its layer ran (prefetched ones included)
   int64_t misses = 0;
   int64_t late_prefetches = 0;  // kLink: the copy was under way but not done when needed (a miss)
+  bool pregate_recorded = false;  // predictor "pregate" fed the trace's recorded logits (not synthetic ones)
   std::vector<int64_t> layer_hits;
   std::vector<int64_t> layer_accesses;
   // Prefetch accounting: inserted = prefetched experts that became resident; used = of those, the

@@ -28,6 +28,11 @@ bool Trace::has_token_ids() const {
          std::all_of(requests.begin(), requests.end(), [](const TraceRequest& r) { return !r.token_ids.empty(); });
 }
 
+bool Trace::has_pregate_logits() const {
+  return !requests.empty() && std::all_of(requests.begin(), requests.end(),
+                                          [](const TraceRequest& r) { return !r.pregate_logits.empty(); });
+}
+
 void check_trace_shape(const Trace& trace, const std::string& where) {
   if (trace.num_layers <= 0 || trace.num_experts <= 0 || trace.num_experts > trace_format::kMaxExperts ||
       trace.top_k <= 0 || trace.top_k > trace.num_experts)
@@ -73,6 +78,7 @@ void write_moex_trace(const Trace& trace, const std::string& path) {
   info.top_k = trace.top_k;
   info.with_gate_weights = trace.has_gate_weights();
   info.with_token_ids = trace.has_token_ids();
+  info.with_pregate_logits = trace.has_pregate_logits();
   info.layer_ids = trace.layer_ids;
   info.source = trace.path.empty() ? "" : "converted from " + trace.path;
   TraceWriter writer(path, info);
@@ -83,6 +89,9 @@ void write_moex_trace(const Trace& trace, const std::string& path) {
         writer.record(handle, layer_idx, token_idx, trace.experts(request, token_idx, layer_idx),
                       info.with_gate_weights ? trace.weights(request, token_idx, layer_idx) : std::span<const float>());
       if (info.with_token_ids) writer.record_token_id(handle, token_idx, request.token_ids[token_idx]);
+      if (info.with_pregate_logits)
+        for (int32_t layer_idx = 1; layer_idx < trace.num_layers; ++layer_idx)
+          writer.record_pregate(handle, layer_idx, token_idx, trace.pregate(request, token_idx, layer_idx));
     }
     writer.end_request(handle);
   }

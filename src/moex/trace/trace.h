@@ -17,6 +17,10 @@ struct TraceRequest {
   std::vector<int32_t> expert_ids;  // [num_tokens][num_layers][top_k]
   std::vector<float> gate_weights;  // same shape as expert_ids, or empty
   std::vector<int32_t> token_ids;   // [num_tokens], or empty
+  // Pre-gating: [num_tokens][num_layers][num_experts], layer l's router applied to the hidden state that
+  // entered MoE layer l-1's router (what a pre-gating predictor sees one layer ahead); layer 0 rows are zero.
+  // Empty when not recorded.
+  std::vector<float> pregate_logits;
 };
 
 struct Trace {
@@ -31,6 +35,13 @@ struct Trace {
   int64_t num_tokens() const;
   bool has_gate_weights() const;
   bool has_token_ids() const;
+  bool has_pregate_logits() const;
+  // Empty when the trace has no pre-gating logits; layer_idx >= 1.
+  std::span<const float> pregate(const TraceRequest& request, int64_t token_idx, int32_t layer_idx) const {
+    if (request.pregate_logits.empty()) return {};
+    return std::span<const float>(request.pregate_logits)
+        .subspan((static_cast<size_t>(token_idx) * num_layers + layer_idx) * num_experts, num_experts);
+  }
   std::span<const int32_t> experts(const TraceRequest& request, int64_t token_idx, int32_t layer_idx) const {
     return std::span<const int32_t>(request.expert_ids).subspan(offset(token_idx, layer_idx), top_k);
   }

@@ -1,6 +1,7 @@
 // Binary trace writer: little-endian fields, a JSON header, one record per finished request.
 #include "moex/trace/trace_writer.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -40,6 +41,7 @@ TraceWriter::TraceWriter(const std::string& path, TraceInfo info) : path_(path),
                            {"id_bytes", info_.num_experts <= 256 ? 1 : 2},
                            {"gate_weights", info_.with_gate_weights ? nlohmann::json("f16") : nlohmann::json()},
                            {"token_ids", info_.with_token_ids}};
+  if (info_.with_pregate_logits) header["pregate_logits"] = "f16";
   if (!info_.layer_ids.empty()) header["layer_ids"] = info_.layer_ids;
   if (!info_.source.empty()) header["source"] = info_.source;
   std::string text = header.dump();
@@ -111,10 +113,38 @@ void TraceWriter::record_token_id(RequestHandle request, int64_t token_idx, int3
   open.token_ids[token_idx] = token_id;
 }
 
+void TraceWriter::record_pregate(RequestHandle request, int32_t layer_idx, int64_t token_idx,
+                                 std::span<const float> logits) {
+  OpenRequest& open = open_request(request);
+  MOEX_ASSERT(info_.with_pregate_logits, "trace {}: pre-gating logits recorded but the header says none", path_);
+  MOEX_ASSERT(layer_idx >= 1 && layer_idx < info_.num_layers, "trace record_pregate: layer {} of {} (from 1)",
+              layer_idx, info_.num_layers);
+  MOEX_ASSERT(token_idx >= 0 && token_idx < trace_format::kMaxTokensPerRequest, "trace record_pregate: token {}",
+              token_idx);
+  MOEX_ASSERT(static_cast<int32_t>(logits.size()) == info_.num_experts, "trace record_pregate: {} logits for {} experts",
+              logits.size(), info_.num_experts);
+  const size_t cells = (static_cast<size_t>(token_idx) + 1) * info_.num_layers;
+  if (open.pregate_set.size() < cells) {
+    open.pregate_set.resize(cells, 0);
+    open.pregate.resize(cells * info_.num_experts, 0.0f);
+  }
+  const size_t cell = static_cast<size_t>(token_idx) * info_.num_layers + layer_idx;
+  std::copy(logits.begin(), logits.end(), open.pregate.begin() + static_cast<std::ptrdiff_t>(cell * info_.num_experts));
+  open.pregate_set[cell] = 1;
+}
+
 void TraceWriter::end_request(RequestHandle request) {
   OpenRequest& open = open_request(request);
   size_t row = static_cast<size_t>(info_.num_layers) * info_.top_k;
   int64_t num_tokens = static_cast<int64_t>(open.expert_ids.size() / row);
+  if (info_.with_pregate_logits) {
+    open.pregate_set.resize(static_cast<size_t>(num_tokens) * info_.num_layers, 0);
+    open.pregate.resize(open.pregate_set.size() * info_.num_experts, 0.0f);
+    for (size_t cell = 0; cell < open.pregate_set.size(); ++cell)
+      if (cell % info_.num_layers != 0 && !open.pregate_set[cell])
+        throw FormatError(fmt::format("{}: request \"{}\": token {} has no pre-gating logits for layer {}", path_,
+                                      open.id, cell / info_.num_layers, cell % info_.num_layers));
+  }
   for (size_t at = 0; at < open.expert_ids.size(); ++at)
     if (open.expert_ids[at] < 0)
       throw FormatError(fmt::format("{}: request \"{}\": token {} has no routing recorded for layer {}", path_,
@@ -149,6 +179,12 @@ void TraceWriter::end_request(RequestHandle request) {
         for (int32_t rank = 0; rank < info_.top_k; ++rank)
           append_le<uint16_t>(&bytes, f32_to_f16(open.gate_weights[at + rank]));
     }
+    if (info_.with_pregate_logits)
+      for (int32_t layer_idx = 1; layer_idx < info_.num_layers; ++layer_idx) {
+        const size_t cell = static_cast<size_t>(token_idx) * info_.num_layers + layer_idx;
+        for (int32_t e = 0; e < info_.num_experts; ++e)
+          append_le<uint16_t>(&bytes, f32_to_f16(std::clamp(open.pregate[cell * info_.num_experts + e], -65504.f, 65504.f)));
+      }
   }
   write_bytes(bytes.data(), bytes.size());
   ++num_requests_;

@@ -20,6 +20,7 @@ struct TraceInfo {
   int32_t top_k = 0;
   bool with_gate_weights = false;
   bool with_token_ids = false;
+  bool with_pregate_logits = false;  // layer l's router on the hidden state of layer l-1, l >= 1 (f16)
   std::vector<int32_t> layer_ids;  // optional: original layer numbers of the MoE layers
   std::string source;              // optional: what produced the trace (command, commit)
 };
@@ -40,6 +41,8 @@ class TraceWriter {
   void record(RequestHandle request, int32_t layer_idx, int64_t token_idx, std::span<const int32_t> expert_ids,
               std::span<const float> weights);
   void record_token_id(RequestHandle request, int64_t token_idx, int32_t token_id);
+  // Pre-gating logits of MoE layer layer_idx (>= 1) for one token: num_experts values (with_pregate_logits).
+  void record_pregate(RequestHandle request, int32_t layer_idx, int64_t token_idx, std::span<const float> logits);
   // Writes the request. Throws FormatError if some (token, layer) of tokens 0..last was not recorded.
   void end_request(RequestHandle request);
   // Writes the end record (count of requests and tokens, so truncation is detected) and closes.
@@ -52,6 +55,8 @@ class TraceWriter {
     std::vector<int32_t> expert_ids;  // grown by token: [token][layer][k], -1 = not recorded
     std::vector<float> gate_weights;
     std::vector<int32_t> token_ids;   // -1 = not recorded
+    std::vector<float> pregate;       // [token][layer][expert]
+    std::vector<uint8_t> pregate_set; // [token][layer]: recorded
   };
 
   void write_bytes(const void* data, size_t size);

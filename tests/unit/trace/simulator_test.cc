@@ -1,4 +1,5 @@
 // The simulator on small synthetic traces whose outcome can be worked out by hand or bounded exactly.
+#include <algorithm>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -77,6 +78,40 @@ TEST(Simulator, PerfectPregateMissesOnlyAtRequestStarts) {
     EXPECT_DOUBLE_EQ(r.prediction.precision(), 1.0) << policy;
     EXPECT_DOUBLE_EQ(r.prefetch_precision(), 1.0) << policy;
   }
+}
+
+// Recorded pre-gating logits (as `moex trace record --pregate-logits` writes them) replace the synthetic ones:
+// logits that point at each layer's true experts make every layer after the first hit; logits that point
+// elsewhere predict nothing right.
+TEST(Simulator, RecordedPregateLogitsDriveThePredictor) {
+  Trace trace = random_trace(2, 30, 4, 8, 2, 13);
+  auto record = [&](bool truthful) {
+    for (TraceRequest& request : trace.requests) {
+      request.pregate_logits.assign(static_cast<size_t>(request.num_tokens * trace.num_layers * trace.num_experts), 0.f);
+      for (int64_t t = 0; t < request.num_tokens; ++t)
+        for (int32_t l = 1; l < trace.num_layers; ++l) {
+          float* logits = request.pregate_logits.data() + (t * trace.num_layers + l) * trace.num_experts;
+          auto truth = trace.experts(request, t, l);
+          for (int32_t e = 0; e < trace.num_experts; ++e) {
+            const bool chosen = std::find(truth.begin(), truth.end(), e) != truth.end();
+            logits[e] = chosen == truthful ? 5.f + static_cast<float>(e) : static_cast<float>(-e);
+          }
+        }
+    }
+  };
+  SimConfig config;
+  config.predictor = "pregate";
+  config.cache_fraction = 0.5;
+  config.pregate_accuracy = 0.0;  // would make every synthetic guess wrong: must be ignored
+  record(true);
+  SimResult right = simulate(trace, config);
+  EXPECT_TRUE(right.pregate_recorded);
+  for (int32_t l = 1; l < trace.num_layers; ++l) EXPECT_EQ(right.layer_hits[l], right.layer_accesses[l]) << "layer " << l;
+  EXPECT_GT(right.prediction.num_correct, 0);
+  record(false);
+  SimResult wrong = simulate(trace, config);
+  for (int32_t l = 1; l < trace.num_layers; ++l) EXPECT_LT(wrong.layer_hits[l], wrong.layer_accesses[l]) << "layer " << l;
+  EXPECT_LT(wrong.prediction.precision(), 0.5 * right.prediction.precision());
 }
 
 TEST(Simulator, PregateAccuracyZeroPrefetchesOnlyWrongExperts) {

@@ -156,6 +156,50 @@ TEST_F(TraceIo, WriterRejectsAnIncompleteRequest) {
   }
 }
 
+// Pre-gating logits (layers 1.. of each token, num_experts each) survive JSONL -> binary -> JSONL; values
+// exact in f16 come back exactly, layer 0 reads as zeros, and a request missing some is refused.
+TEST_F(TraceIo, PregateLogitsRoundTripAndAreCheckedForCompleteness) {
+  const std::string line =
+      R"({"model":"m","num_layers":2,"num_experts":4,"top_k":2,"request_id":"r0","tokens":[[[0,1],[2,3]],[[1,2],[3,0]]],)"
+      R"("pregate_logits":[[[0,0,0,0],[0.5,-1.25,3,2]],[[0,0,0,0],[-0.75,8,0.125,1]]]})";
+  Trace trace = read_trace(write("p.jsonl", line));
+  ASSERT_TRUE(trace.has_pregate_logits());
+  EXPECT_EQ(std::vector<float>(trace.pregate(trace.requests[0], 1, 1).begin(), trace.pregate(trace.requests[0], 1, 1).end()),
+            (std::vector<float>{-0.75f, 8.f, 0.125f, 1.f}));
+  std::string bin = (dir_ / "p.moext").string();
+  write_moex_trace(trace, bin);
+  Trace back = read_trace(bin);
+  ASSERT_TRUE(back.has_pregate_logits());
+  EXPECT_EQ(back.requests[0].pregate_logits, trace.requests[0].pregate_logits);
+  std::string jsonl = (dir_ / "p_back.jsonl").string();
+  write_jsonl_trace(back, jsonl);
+  EXPECT_EQ(read_trace(jsonl).requests[0].pregate_logits, trace.requests[0].pregate_logits);
+  // Truncation inside the logits is caught like any other.
+  std::ifstream in(bin, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  expect_error<FormatError>(write("pcut.moext", bytes.substr(0, bytes.size() - 20)), {"pcut.moext", "truncated"});
+  // A JSONL row of the wrong width names the field.
+  expect_error<FormatError>(
+      write("pbad.jsonl", R"({"num_layers":2,"num_experts":4,"top_k":2,"tokens":[[[0,1],[2,3]]],"pregate_logits":[[[0,0,0,0],[1,2]]]})"),
+      {"pbad.jsonl:1", "\"pregate_logits\"[0][1] must hold num_experts = 4 values"});
+  // The writer refuses a request whose token lacks a layer's logits.
+  TraceInfo info;
+  info.num_layers = 3;
+  info.num_experts = 4;
+  info.top_k = 1;
+  info.with_pregate_logits = true;
+  TraceWriter writer((dir_ / "w.moext").string(), info);
+  auto request = writer.begin_request("q");
+  for (int32_t layer = 0; layer < 3; ++layer) writer.record(request, layer, 0, std::vector<int32_t>{layer}, {});
+  writer.record_pregate(request, 1, 0, std::vector<float>{1, 2, 3, 4});
+  try {
+    writer.end_request(request);
+    FAIL() << "expected an error for the missing layer-2 logits";
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("token 0 has no pre-gating logits for layer 2"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(TraceIo, BinaryErrorsNameWhatIsWrong) {
   Trace trace = read_trace(write("t.jsonl", kGoodLine));
   std::string bin = (dir_ / "t.moext").string();
