@@ -176,6 +176,16 @@ class Backend {
     moe_experts(x, routing, experts, out);
   }
 
+  // ---- greedy sampling on the device (optional) ---------------------------------------------------------
+  // ids[r] = the first index of the largest value of logits row r ([rows, vocab] fp32), NaN never winning
+  // (row[0] wins when it is NaN), as the sampler's argmax(). Returns false when the backend has no such
+  // kernel (the caller then reads the logits back and picks on the host). A device backend saves reading
+  // back rows x vocab floats per batched step.
+  virtual bool argmax_rows(const TensorView& logits, std::span<int32_t> ids) {
+    (void)logits, (void)ids;
+    return false;
+  }
+
   // ---- decode-step recording (optional) ---------------------------------------------------------
   // Runs the ops of one single-token step (token at position). A backend may record ops() once per
   // context-length bucket and replay the recording for later steps (CUDA graphs). ops() must then depend

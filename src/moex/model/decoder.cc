@@ -276,7 +276,8 @@ void Decoder::forward_sequence(int32_t seq, std::span<const int32_t> ids, int64_
   run_step(ids, start_pos, static_cast<int64_t>(table.size()), all_logits, logits, observer);
 }
 
-void Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits) {
+bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits,
+                            std::vector<int32_t>* greedy_ids) {
   const int64_t n = static_cast<int64_t>(steps.size());
   if (n == 0) throw UsageError("forward_batch: no sequences to run");
   ids_.resize(static_cast<size_t>(n));
@@ -307,11 +308,11 @@ void Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float
     const auto table = kv_->block_table(steps[row].seq);
     std::copy(table.begin(), table.end(), tables_.begin() + row * stride);
   }
-  run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr);
+  return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, greedy_ids);
 }
 
-void Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                       std::vector<float>* logits, RouterObserver* observer) {
+bool Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
+                       std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* greedy_ids) {
   const int64_t n = static_cast<int64_t>(ids.size());
   kv_step_ = KvStep{row_seq_, positions_, tables_, table_stride, kv_->page_size()};
   backend_.prepare_kv_step(kv_step_);
@@ -320,15 +321,22 @@ void Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t 
   // and a single-token step becomes one recordable sequence of ops (CUDA graphs).
   const bool device_routing = backend_.prefers_device_routing() && experts_.all_resident() && observer == nullptr &&
                               experts_.lookahead_layers() == 0;
-  auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, logits != nullptr, device_routing, observer); };
+  auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, logits != nullptr || greedy_ids != nullptr, device_routing, observer); };
   if (n == 1 && device_routing)
     backend_.decode_step(ids[0], positions_[0], ops);
   else
     ops();
-  if (!logits) return;
+  if (!logits && !greedy_ids) return false;
   const int64_t rows = all_logits ? n : 1;
+  const TensorView device_logits = scratch(kLogits, Shape{rows, cfg_.vocab_size});
+  if (greedy_ids) {
+    greedy_ids->resize(static_cast<size_t>(rows));
+    if (backend_.argmax_rows(device_logits, *greedy_ids)) return true;
+  }
+  if (!logits) throw UsageError("forward: the backend cannot pick greedy tokens itself; pass logits too");
   logits->resize(static_cast<size_t>(rows * cfg_.vocab_size));
-  backend_.copy_to_host(scratch(kLogits, Shape{rows, cfg_.vocab_size}), logits->data());
+  backend_.copy_to_host(device_logits, logits->data());
+  return false;
 }
 
 void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::span<const int32_t> positions,

@@ -71,7 +71,11 @@ class Decoder {
     int32_t token = 0;
     int64_t position = 0;
   };
-  void forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits);
+  // With greedy_ids (greedy decoding): when the backend picks on its device (Backend::argmax_rows), *greedy_ids
+  // receives each row's argmax, the logits are not read back, and the call returns true; otherwise the logits
+  // are read back as without it and the call returns false (the caller picks on the host).
+  bool forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits,
+                     std::vector<int32_t>* greedy_ids = nullptr);
   // Tells the expert provider that the current sequence ended (per-request predictors and policies).
   void end_sequence();
 
@@ -80,8 +84,9 @@ class Decoder {
   TensorView scratch(int slot, Shape shape);
   void check_token(int32_t id) const;
   // Runs ids as rows of kv_step_ (built from row_seq_, positions_, tables_), then reads logits back.
-  void run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                std::vector<float>* logits, RouterObserver* observer);
+  // With greedy_ids, as forward_batch. Returns whether greedy_ids were filled on the device.
+  bool run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
+                std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* greedy_ids = nullptr);
   // The step's ops from embedding to the lm head (left in the kLogits scratch when want_logits).
   void run_layers(std::span<const int32_t> ids, int64_t start_pos, std::span<const int32_t> positions,
                   bool all_logits, bool want_logits, bool device_routing, RouterObserver* observer);

@@ -139,11 +139,10 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
   std::vector<float> logits;
   std::vector<Decoder::DecodeStep> steps;
   std::vector<size_t> step_owner;
-  // Samples the next token of sequence idx from its logits row; false when the sequence is finished.
-  auto advance = [&](size_t idx, std::span<const float> row) {
+  // Takes token (sampled from sequence idx's logits) as its next; false when the sequence is finished.
+  auto take = [&](size_t idx, int32_t token) {
     Running& r = running[idx];
     GenerationResult& result = results[idx];
-    const int32_t token = r.sampler.sample(row);
     result.output_ids.push_back(token);
     if (options.stop_at_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
       result.stop_reason = "eos";
@@ -154,6 +153,10 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
     step_owner.push_back(idx);
     return true;
   };
+  auto advance = [&](size_t idx, std::span<const float> row) { return take(idx, running[idx].sampler.sample(row)); };
+  // Greedy decoding picks on the device when the backend can: one id per sequence comes back, not its logits.
+  const bool greedy = options.sampling.temperature == 0.0f;
+  std::vector<int32_t> picked;
   try {
     for (size_t idx = 0; idx < prompts.size(); ++idx) {
       SamplingParams sampling = options.sampling;
@@ -174,10 +177,11 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
       owners.swap(step_owner);
       steps.clear();
       step_owner.clear();
-      decoder_->forward_batch(batch, &logits);
+      const bool on_device = decoder_->forward_batch(batch, &logits, greedy ? &picked : nullptr);
       for (size_t row = 0; row < batch.size(); ++row) {
         ++results[owners[row]].decode_steps;
-        advance(owners[row], std::span<const float>(logits).subspan(row * vocab, vocab));
+        if (on_device) take(owners[row], picked[row]);
+        else advance(owners[row], std::span<const float>(logits).subspan(row * vocab, vocab));
       }
     }
     const double decode_ms = elapsed_ms(start);

@@ -17,6 +17,7 @@
 #include "moex/model/model.h"
 #include "moex/moe/expert_store.h"
 #include "moex/runtime/engine.h"
+#include "moex/runtime/sampler.h"
 #include "unit/model/fixture_util.h"
 
 namespace moex {
@@ -94,13 +95,15 @@ class StandInDevice : public Backend {
   }
   int64_t host_views_refused = 0;
 
- private:
+ protected:
   // Unwraps a view that must be device memory; a host view reaching a device op is a routing bug.
-  TensorView device(const TensorView& view, const char* op) {
+  TensorView device(const TensorView& view, const char* op) const {
     EXPECT_EQ(view.device, Device::kCuda) << "a host view reached the device backend's " << op;
-    if (view.device != Device::kCuda) ++host_views_refused;
+    if (view.device != Device::kCuda) ++const_cast<StandInDevice*>(this)->host_views_refused;
     return as_host(view);
   }
+
+ private:
   std::unique_ptr<Backend> cpu_;
   std::vector<HostTensor> uploads_;
 };
@@ -272,6 +275,55 @@ TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
       EXPECT_LT(stats.bytes_moved, copied * static_cast<int64_t>(cfg.expert_bytes()));
       EXPECT_GT(stats.bytes_moved, 0);
       EXPECT_EQ(device_ptr->host_views_refused, 0);
+    }
+  }
+}
+
+
+// Greedy batched decoding takes the device's picks (Backend::argmax_rows) when the backend has them: a
+// stand-in device that picks like the host gives generate()'s tokens; one that always picks token 3 is obeyed.
+class PickingDevice : public StandInDevice {
+ public:
+  explicit PickingDevice(int32_t forced) : forced_(forced) {}
+  bool argmax_rows(const TensorView& logits, std::span<int32_t> ids) override {
+    ++calls;
+    const TensorView host = device(logits, "argmax_rows");
+    const int64_t cols = host.dim(-1);
+    for (size_t row = 0; row < ids.size(); ++row)
+      ids[row] = forced_ >= 0 ? forced_
+                              : argmax(std::span<const float>(host.as<const float>() + row * cols, static_cast<size_t>(cols)));
+    return true;
+  }
+  int64_t calls = 0;
+
+ private:
+  int32_t forced_;
+};
+
+TEST(DeviceGreedy, BatchedGreedyDecodingUsesTheDevicePicks) {
+  auto model = Model::load((test::fixtures_root() / "mixtral").string());
+  const std::vector<int32_t> prompt = fixture_prompt("mixtral");
+  const std::vector<std::vector<int32_t>> prompts = {prompt, {prompt.begin(), prompt.begin() + 3}};
+  GenerationOptions greedy;
+  greedy.max_new_tokens = 6;
+  greedy.stop_at_eos = false;
+  EngineOptions options;
+  options.num_threads = 1;
+  Engine reference(*model, options);
+  for (int32_t forced : {-1, 3}) {
+    SCOPED_TRACE(forced);
+    auto device = std::make_unique<PickingDevice>(forced);
+    PickingDevice* picks = device.get();
+    Engine engine(*model, options, std::move(device));
+    const auto results = engine.generate_batch(prompts, greedy);
+    EXPECT_GT(picks->calls, 0);
+    for (size_t idx = 0; idx < prompts.size(); ++idx) {
+      const auto want = reference.generate(prompts[idx], greedy).output_ids;
+      // The first token comes from the prompt's own logits (read back); the rest from the device's picks.
+      ASSERT_EQ(results[idx].output_ids.size(), want.size());
+      EXPECT_EQ(results[idx].output_ids[0], want[0]);
+      for (size_t t = 1; t < want.size(); ++t)
+        EXPECT_EQ(results[idx].output_ids[t], forced >= 0 ? forced : want[t]) << "sequence " << idx << " token " << t;
     }
   }
 }

@@ -27,6 +27,7 @@
 #include "moex/backend/cuda/kernels/norm.cuh"
 #include "moex/backend/cuda/kernels/rope.cuh"
 #include "moex/backend/cuda/kernels/router.cuh"
+#include "moex/backend/cuda/kernels/sampling.cuh"
 
 namespace moex {
 namespace cuda {
@@ -566,6 +567,24 @@ class CudaBackend final : public Backend {
     const char* host = static_cast<const char*>(readback_.get());
     std::memcpy(routing->expert_ids.data(), host, count * 4);
     std::memcpy(routing->weights.data(), host + align16(count * 4), count * 4);
+  }
+
+  bool argmax_rows(const TensorView& logits, std::span<int32_t> ids) override {
+    check_f32(logits, "argmax_rows", "logits");
+    const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
+    MOEX_ASSERT(static_cast<int64_t>(ids.size()) == rows && cols > 0, "cuda argmax_rows: {} ids for logits {}",
+                ids.size(), logits.shape.str());
+    refuse_while_capturing("argmax_rows");
+    if (rows == 0) return true;
+    auto* dev = static_cast<int32_t*>(workspace(static_cast<size_t>(rows) * sizeof(int32_t)));
+    launch_argmax_rows(logits.as<float>(), rows, cols, dev, stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+    const size_t bytes = static_cast<size_t>(rows) * sizeof(int32_t);
+    if (readback_.bytes() < bytes) readback_ = PinnedMemory(bytes * 2);
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(readback_.get(), dev, bytes, cudaMemcpyDeviceToHost, stream_));
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::memcpy(ids.data(), readback_.get(), bytes);
+    return true;
   }
 
   void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
