@@ -48,6 +48,8 @@ class Replay {
       width_ = config.prefetch_width > 0 ? std::min(config.prefetch_width, trace.num_experts) : trace.top_k;
       lookahead_ = std::clamp(config.lookahead_layers, 1, num_layers);
       pregate_ = config.predictor == "pregate";
+      recorded_pregate_ = pregate_ && trace.has_pregate_logits();
+      result_.pregate_recorded = recorded_pregate_;
       guess_.assign(num_layers, {});
       predicted_.assign(num_layers, {});
       has_guess_.assign(num_layers, 0);
@@ -214,7 +216,7 @@ class Replay {
   // Lookahead logits for pre-gating: the trace's recorded ones, else synthetic ones made from the routing
   // the target layer will really have (see SimConfig::pregate_accuracy).
   void feed_pregate(const TraceRequest& request, int64_t token_idx, int32_t layer_idx) {
-    if (!request.pregate_logits.empty()) {
+    if (recorded_pregate_) {
       // Recorded by the engine (`moex trace record --pregate-logits`): the next layer's router on this
       // layer's hidden state, one layer ahead within the token. No guess crosses into the next token.
       if (layer_idx + 1 < trace_.num_layers)
@@ -258,6 +260,7 @@ class Replay {
   int32_t width_ = 0;
   int32_t lookahead_ = 1;
   bool pregate_ = false;
+  bool recorded_pregate_ = false;  // every request carries recorded logits (SimResult::pregate_recorded)
   double now_us_ = 0;
   int64_t step_ = 0;
   int64_t experts_moved_ = 0;
@@ -303,7 +306,6 @@ SimResult simulate(const Trace& trace, const SimConfig& config) {
     throw UsageError(fmt::format("pregate accuracy must be in [0, 1], got {}", config.pregate_accuracy));
   SimResult result;
   result.config = config;
-  result.pregate_recorded = config.predictor == "pregate" && trace.has_pregate_logits();
   result.cache_slots = cache_slots_for(trace, config.scope, config.cache_fraction);
   Replay replay(trace, config, &result);
   replay.run();

@@ -28,7 +28,7 @@ TEST(CudaBatchedDecode, MatchesEachSequenceAlone) {
     const auto dir = fixtures_dir() / name;
     if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
     auto model = Model::load(dir.string());
-    const auto ref = test::read_json(dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+    const auto ref = test::reference_prompt(dir);
     std::vector<std::vector<int32_t>> prompts;
     for (size_t len : {ref.size(), size_t{1}, size_t{4}, size_t{2}, size_t{5}})
       prompts.emplace_back(ref.begin(), ref.begin() + static_cast<int64_t>(std::min(len, ref.size())));

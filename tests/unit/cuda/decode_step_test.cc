@@ -105,7 +105,7 @@ TEST(CudaDecodeStep, GraphsMatchEagerAcrossBuckets) {
     const auto dir = fixtures_dir() / name;
     if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
     auto model = Model::load(dir.string());
-    const auto prompt = test::read_json(dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+    const auto prompt = test::reference_prompt(dir);
     EngineOptions options;
     options.device = "cuda";
     setenv("MOEX_CUDA_GRAPHS", "0", 1);

@@ -66,7 +66,7 @@ class BatchedDecode : public ::testing::TestWithParam<std::string> {};
 TEST_P(BatchedDecode, MatchesEachSequenceAlone) {
   const auto dir = test::fixtures_root() / GetParam();
   auto model = Model::load(dir.string());
-  const auto ref_prompt = test::read_json(dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+  const auto ref_prompt = test::reference_prompt(dir);
   const auto prompts = prompts_of(ref_prompt);
   // Sequence i decodes steps[i] tokens: they drop out of the batch one by one.
   const std::vector<int64_t> steps{9, 4, 7, 1};
@@ -130,7 +130,7 @@ TEST_P(BatchedDecode, MatchesEachSequenceAlone) {
 TEST_P(BatchedDecode, GenerateBatchMatchesGenerate) {
   const auto dir = test::fixtures_root() / GetParam();
   auto model = Model::load(dir.string());
-  const auto prompts = prompts_of(test::read_json(dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>());
+  const auto prompts = prompts_of(test::reference_prompt(dir));
   GenerationOptions greedy;
   greedy.max_new_tokens = 6;
   greedy.sampling.temperature = 0;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -31,6 +32,11 @@ inline std::filesystem::path default_model_dir() { return std::filesystem::path(
 inline nlohmann::json read_json(const std::filesystem::path& path) {
   std::ifstream in(path);
   return nlohmann::json::parse(in);
+}
+
+// The prompt token ids of a fixture directory's reference.json.
+inline std::vector<int32_t> reference_prompt(const std::filesystem::path& fixture_dir) {
+  return read_json(fixture_dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
 }
 
 }  // namespace moex::test

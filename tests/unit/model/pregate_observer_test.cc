@@ -40,8 +40,7 @@ TEST(PregateObserver, LayerLsLogitsAreItsRouterOnLayerLMinus1sInput) {
     SCOPED_TRACE(fixture);
     auto model = Model::load((test::fixtures_root() / fixture).string());
     const ModelConfig& cfg = model->config();
-    const auto prompt =
-        test::read_json(test::fixtures_root() / fixture / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+    const auto prompt = test::reference_prompt(test::fixtures_root() / fixture);
     auto run = [&](const ModelWeights& weights) {
       std::vector<std::vector<ExpertWeights>> host_experts;
       for (const LayerWeights& layer : weights.layers)

@@ -108,16 +108,12 @@ class StandInDevice : public Backend {
   std::vector<HostTensor> uploads_;
 };
 
-std::vector<int32_t> fixture_prompt(const char* fixture) {
-  return test::read_json(test::fixtures_root() / fixture / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
-}
-
 TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
   for (const char* fixture : {"mixtral", "qwen2_moe", "olmoe"}) {
     SCOPED_TRACE(fixture);
     auto model = Model::load((test::fixtures_root() / fixture).string());
     const ModelConfig& cfg = model->config();
-    const std::vector<int32_t> prompt = fixture_prompt(fixture);
+    const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / fixture);
     EngineOptions resident_options;
     resident_options.num_threads = 1;
     Engine resident(*model, resident_options);
@@ -238,7 +234,7 @@ TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
                                         << bandwidths.copy_gbs << " GB/s");
       auto model = Model::load((test::fixtures_root() / fixture).string());
       const ModelConfig& cfg = model->config();
-      const std::vector<int32_t> prompt = fixture_prompt(fixture);
+      const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / fixture);
       EngineOptions resident_options;
       resident_options.num_threads = 1;
       Engine resident(*model, resident_options);
@@ -302,7 +298,7 @@ class PickingDevice : public StandInDevice {
 
 TEST(DeviceGreedy, BatchedGreedyDecodingUsesTheDevicePicks) {
   auto model = Model::load((test::fixtures_root() / "mixtral").string());
-  const std::vector<int32_t> prompt = fixture_prompt("mixtral");
+  const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / "mixtral");
   const std::vector<std::vector<int32_t>> prompts = {prompt, {prompt.begin(), prompt.begin() + 3}};
   GenerationOptions greedy;
   greedy.max_new_tokens = 6;

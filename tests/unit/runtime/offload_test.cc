@@ -49,7 +49,7 @@ class OffloadMatchesResident : public ::testing::TestWithParam<std::string> {};
 TEST_P(OffloadMatchesResident, EveryPolicyAndBudget) {
   const auto dir = test::fixtures_root() / GetParam();
   auto model = Model::load(dir.string());
-  const auto prompt = test::read_json(dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+  const auto prompt = test::reference_prompt(dir);
   const ModelConfig& cfg = model->config();
   const int64_t expert_bytes = static_cast<int64_t>(cfg.expert_bytes());
   const RunOutput resident = run(*model, prompt, 0, "lru");

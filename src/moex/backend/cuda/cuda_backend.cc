@@ -299,15 +299,9 @@ class CudaBackend final : public Backend {
       auto* xb = static_cast<uint16_t*>(workspace(static_cast<size_t>(rows * K) * 2));
       launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
       launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), stream_);
-    } else if (rows <= kLinearMmaMaxRows && K % 32 == 0) {
-      // 2..32 rows: one tensor-core pass reading the weights once (1 row: the fp32 GEMV).
-      launch_gemv_bf16(x.as<float>(), rows, wp, N, K, bp, out.as<float>(), stream_);
-    } else if (K % 8 == 0) {
-      // Up to kLinearGemmMinRows rows: GEMV passes of kGemvMaxRows, keeping activations in fp32.
-      for (int64_t row = 0; row < rows; row += kGemvMaxRows)
-        launch_gemv_bf16(x.as<float>() + row * K, std::min<int64_t>(kGemvMaxRows, rows - row), wp, N, K, bp,
-                         out.as<float>() + row * N, stream_);
     } else {
+      // Up to kLinearGemmMinRows rows: the launcher picks the few-token tensor-core kernel, fp32 GEMV passes or
+      // the scalar fallback (gemv.cuh).
       launch_gemv_bf16(x.as<float>(), rows, wp, N, K, bp, out.as<float>(), stream_);
     }
     MOEX_CUDA_CHECK_LAUNCH();

@@ -112,9 +112,8 @@ void launch_gemv_kernel(const float* x, int64_t m_count, int64_t K, const GemvOu
     launch_pdl(gemv_kernel<8, 4>, grid, block, 0, stream, x, m, k, packed);
 }
 
-bool gemv_fits(const float* x, int64_t m_count, const uint16_t* w, int64_t K) {
-  return m_count <= kGemvMaxRows && K % 8 == 0 && aligned16(x) && aligned16(w);
-}
+// The fp32 GEMV kernel's envelope (any row count: it runs in passes of kGemvMaxRows).
+bool gemv_fits(const float* x, const uint16_t* w, int64_t K) { return K % 8 == 0 && aligned16(x) && aligned16(w); }
 
 }  // namespace
 
@@ -125,7 +124,7 @@ void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const Ge
   bool one_launch = m_count == 1 && count <= kGemvMaxOutputs;
   int64_t total_rows = 0;
   for (int i = 0; i < count; ++i) {
-    one_launch = one_launch && gemv_fits(x, m_count, outputs[i].w, K);
+    one_launch = one_launch && gemv_fits(x, outputs[i].w, K);
     total_rows += outputs[i].rows;
   }
   if (!one_launch) {
@@ -145,11 +144,14 @@ void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_
   if (m_count == 0 || N == 0) return;
   if (few_token_mma_fits(x, m_count, w, K)) {
     launch_linear_mma(x, m_count, w, N, K, bias, y, stream);
-  } else if (gemv_fits(x, m_count, w, K)) {
-    GemvOutputs packed{};
-    packed.out[0] = GemvOutput{w, bias, y, N};
-    packed.count = 1;
-    launch_gemv_kernel(x, m_count, K, packed, N, stream);
+  } else if (gemv_fits(x, w, K)) {
+    // Passes of kGemvMaxRows rows, activations kept in fp32 (rows stay 16-byte aligned: K % 8 == 0).
+    for (int64_t row = 0; row < m_count; row += kGemvMaxRows) {
+      GemvOutputs packed{};
+      packed.out[0] = GemvOutput{w, bias, y + row * N, N};
+      packed.count = 1;
+      launch_gemv_kernel(x + row * K, std::min<int64_t>(kGemvMaxRows, m_count - row), K, packed, N, stream);
+    }
   } else {
     const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarps))), block(kWarps * 32);
     launch_pdl(gemv_scalar_kernel, grid, block, 0, stream, x, m_count, reinterpret_cast<const bf16*>(w), N, K, bias,

@@ -22,9 +22,9 @@ struct GemvOutput {
 };
 
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]). x fp32 [m_count, K] (row stride K), w bf16 [N, K],
-// bias fp32 [N] or null, y fp32 [m_count, N]. Fast paths: the tensor-core few-token kernel (above), or the
-// GEMV for m_count <= kGemvMaxRows, K % 8 == 0, x and w 16-byte aligned; otherwise a scalar path that is
-// correct for any shape (and slow).
+// bias fp32 [N] or null, y fp32 [m_count, N]. Fast paths: the tensor-core few-token kernel (above), else
+// the fp32 GEMV in passes of kGemvMaxRows rows where K % 8 == 0 and x, w are 16-byte aligned; otherwise a
+// scalar path that is correct for any shape (and slow).
 void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
                       float* y, cudaStream_t stream);
 

@@ -13,14 +13,22 @@ namespace {
 
 constexpr int kWarps = 8;
 
+// The group of this block (blockIdx.y), read once the plan is visible: the plan (groups, num_groups) comes
+// from the kernel before, so this waits for it (PDL). False for blocks past the device-side group count.
+__device__ __forceinline__ bool block_group(const MoeGroup* groups, const int32_t* num_groups, MoeGroup* g) {
+  pdl_launch_dependents();
+  pdl_wait();
+  if (num_groups && int(blockIdx.y) >= *num_groups) return false;
+  *g = groups[blockIdx.y];
+  return true;
+}
+
 template <int MT>
 __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x, const int32_t* row_token,
                                                                   const MoeGroup* groups, int hidden, int ffn,
                                                                   float* h, const int32_t* num_groups) {
-  pdl_launch_dependents();
-  pdl_wait();  // the plan (groups, num_groups) comes from the kernel before
-  if (num_groups && int(blockIdx.y) >= *num_groups) return;
-  const MoeGroup g = groups[blockIdx.y];
+  MoeGroup g;
+  if (!block_group(groups, num_groups, &g)) return;
   int lane = threadIdx.x & 31;
   int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (j >= ffn) return;
@@ -46,10 +54,8 @@ __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x
 template <int MT>
 __global__ __launch_bounds__(kWarps * 32) void moe_down_kernel(const float* h, const MoeGroup* groups, int hidden,
                                                                int ffn, float* y, const int32_t* num_groups) {
-  pdl_launch_dependents();
-  pdl_wait();
-  if (num_groups && int(blockIdx.y) >= *num_groups) return;
-  const MoeGroup g = groups[blockIdx.y];
+  MoeGroup g;
+  if (!block_group(groups, num_groups, &g)) return;
   int lane = threadIdx.x & 31;
   int i = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (i >= hidden) return;
@@ -76,10 +82,8 @@ __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_mma_kernel(const floa
                                                                       const MoeGroup* groups, int hidden, int ffn,
                                                                       float* h, const int32_t* num_groups) {
   __shared__ float red[kWarps * 2 * NT * 4 * 32];
-  pdl_launch_dependents();
-  pdl_wait();
-  if (num_groups && int(blockIdx.y) >= *num_groups) return;
-  const MoeGroup g = groups[blockIdx.y];
+  MoeGroup g;
+  if (!block_group(groups, num_groups, &g)) return;
   const int row0 = blockIdx.x * kMmaRows;
   const float* x_row[NT];
   mma_token_rows<NT>(threadIdx.x & 31, g.num_rows,
@@ -95,10 +99,8 @@ template <int NT>
 __global__ __launch_bounds__(kWarps * 32) void moe_down_mma_kernel(const float* h, const MoeGroup* groups, int hidden,
                                                                    int ffn, float* y, const int32_t* num_groups) {
   __shared__ float red[kWarps * NT * 4 * 32];
-  pdl_launch_dependents();
-  pdl_wait();
-  if (num_groups && int(blockIdx.y) >= *num_groups) return;
-  const MoeGroup g = groups[blockIdx.y];
+  MoeGroup g;
+  if (!block_group(groups, num_groups, &g)) return;
   const int row0 = blockIdx.x * kMmaRows;
   const float* x_row[NT];
   mma_token_rows<NT>(threadIdx.x & 31, g.num_rows, [&](int i) { return h + int64_t(g.row_begin + i) * ffn; }, x_row);
