@@ -13,6 +13,11 @@
 #                                  batched decode at 1/8/32/128 sequences (moex bench --batch) next to llama.cpp.
 # Options for run: --skip-tests, --skip-kernels, --skip-bench, --skip-layer, --skip-batch,
 #                  --models "model_a model_b", --tokens N.
+#   tools/device_cuda.sh profile   there: where one decode step's time goes, kernel by kernel (Nsight Compute's
+#                                  gpu__time_duration, eager launches). Each case runs with 1 and 3 decode
+#                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
+#                                  under $PROFILE_DIR (default /tmp/moex_ncu), tables on standard output.
+#                                  Options: --models "model_a model_b", --batch "1 32", --timeout S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEV=${MOEX_DEVICE_DIR:-.device/cuda}  # own dirs per engineer: MOEX_DEVICE_DIR=.device/x MOEX_DEVICE_BUILD=build/x
@@ -208,8 +213,68 @@ if l1 and l3:
 PY
 }
 
+profile() {
+  local models="model_a" batches="1" limit=120
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --models) models="$2"; shift ;;
+      --batch) batches="$2"; shift ;;
+      --timeout) limit="$2"; shift ;;
+      *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  local out="${PROFILE_DIR:-/tmp/moex_ncu}" ncu
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { echo "device_cuda.sh profile: ncu not found" >&2; exit 1; }
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
+  for model in $models; do
+    for batch in $batches; do
+      local batch_flag=(--batch "$batch")
+      [ "$batch" = 1 ] && batch_flag=()  # batch 1 takes the single-sequence decode path
+      for steps in 1 3; do
+        # Eager launches: a recorded step replays the same kernels.
+        MOEX_CUDA_GRAPHS=0 timeout "$limit" "$ncu" --clock-control none --cache-control none \
+          --metrics gpu__time_duration.sum --csv --page raw --print-units base --print-kernel-base function \
+          "$DEV/bin/moex" bench -m "bench/cuda/models/$model" --load-format random --device cuda \
+          --prompt-lens 16 --decode-context 16 --decode-tokens "$steps" --reps 1 --warmup 0 "${batch_flag[@]}" \
+          >"$out/ncu_${model}_b${batch}_s${steps}.csv" 2>"$out/ncu_${model}_b${batch}_s${steps}.err"
+        echo "ncu $model batch $batch steps $steps: exit $? $(tail -c 200 "$out/ncu_${model}_b${batch}_s${steps}.err")"
+      done
+      python3 - "$out/ncu_${model}_b${batch}_s1.csv" "$out/ncu_${model}_b${batch}_s3.csv" "$model batch $batch" <<'PY'
+import csv, collections, sys
+def load(path):
+    rows = [l for l in open(path, errors="replace") if l.startswith('"')]
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for r in csv.DictReader(rows):
+        t = r.get("gpu__time_duration.sum", "").replace(",", "")
+        try:
+            t = float(t)
+        except ValueError:
+            continue  # the units row
+        k = per[r.get("Kernel Name", "?")]
+        k[0] += 1
+        k[1] += t / 1e3  # ns -> us
+    return per
+a, b = load(sys.argv[1]), load(sys.argv[2])
+diff = {n: ((b[n][0] - a.get(n, [0, 0])[0]) / 2, (b[n][1] - a.get(n, [0, 0])[1]) / 2) for n in b}
+total = sum(t for _, t in diff.values())
+print(f"\n{sys.argv[3]}: one decode step = {total:.1f} us of kernel time (sum of Nsight Compute durations), "
+      f"{sum(c for c, _ in diff.values()):.0f} launches")
+print("| kernel | launches/step | us/step | share |")
+print("|---|---|---|---|")
+for n, (c, t) in sorted(diff.items(), key=lambda kv: -kv[1][1]):
+    if t > 0.002 * total:
+        print(f"| {n[:80]} | {c:.1f} | {t:.1f} | {100 * t / total:.1f}% |")
+PY
+    done
+  done
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
+  profile) shift; profile "$@" ;;
   *) sed -n 2,12p "$0"; exit 2 ;;
 esac
