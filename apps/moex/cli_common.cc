@@ -36,6 +36,10 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
       ->check(CLI::PositiveNumber);
   sub->add_option("--copy-gbs", options->copy_gbs, "pinned host-to-GPU bandwidth for --cpu-experts' cost model")
       ->check(CLI::PositiveNumber);
+  sub->add_option("--split-overhead-ms", options->split_overhead_ms,
+                  "with --cpu-experts: what splitting a missed expert between the CPU and the link costs beyond its "
+                  "bytes (ms); a large value turns splitting off")
+      ->check(CLI::NonNegativeNumber);
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
 }
@@ -76,6 +80,7 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
   engine.lookahead_layers = options.lookahead_layers;
   engine.cpu_experts = options.cpu_experts;
   engine.host_read_gbs = options.host_read_gbs;
+  engine.split_overhead_ms = options.split_overhead_ms;
   engine.copy_gbs = options.copy_gbs;
   if (options.cpu_experts && options.gpu_memory.empty())
     throw UsageError("--cpu-experts needs --device cuda and --gpu-memory (it decides copy vs CPU per missed expert)");

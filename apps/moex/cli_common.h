@@ -29,6 +29,7 @@ struct ModelOptions {
   bool cpu_experts = false;
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
+  double split_overhead_ms = 0.5;
 };
 
 // Declares -m, --load-format, --device, --threads on sub.

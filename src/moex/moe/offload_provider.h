@@ -36,7 +36,7 @@ struct OffloadConfig {
   bool cpu_experts = false;
   int64_t cpu_max_tokens = 4;
   bool split_experts = true;  // with cpu_experts
-  double split_overhead_ms = 0.05;  // MissCostModel::split_overhead_ms
+  double split_overhead_ms = 0.5;  // MissCostModel::split_overhead_ms
   double host_read_gbs = 100.0;  // host DRAM read bandwidth of the CPU expert kernels
   double copy_gbs = 50.0;        // pinned host-to-device copy bandwidth
 };

@@ -34,7 +34,7 @@ struct EngineOptions {
   int64_t cpu_max_tokens = 4;  // a miss routed to more tokens is always copied
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
-  double split_overhead_ms = 0.05;  // OffloadConfig::split_overhead_ms
+  double split_overhead_ms = 0.5;  // OffloadConfig::split_overhead_ms
 };
 
 struct GenerationOptions {

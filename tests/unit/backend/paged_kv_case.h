@@ -163,6 +163,10 @@ inline std::vector<PagedCase> paged_cases() {
       PagedCase{16, 8, 128, 32, {0}, {129}},                    // Model A prefill chunk
       PagedCase{32, 4, 128, 16, {5, 300, 17, 64, 0, 2047, 9, 33}, {1, 1, 1, 1, 1, 1, 1, 1}},  // Model B batch 8
       model_a_batch32(),
+      PagedCase{16, 8, 128, 16, {17}, {1}},                     // Model A batch-1 decode (one row)
+      PagedCase{4, 4, 64, 16, {100, 7, 300}, {1, 1, 1}},        // no GQA (one head per kv head), decode
+      PagedCase{32, 4, 128, 16, {4000}, {1}},                   // Model B batch 1, long: 32 splits merged
+
   };
 }
 

@@ -1,11 +1,19 @@
-// Attention over the paged KV cache: a block owns one kv head and up to 8 "rows" (query, head-of-group) pairs
-// of one sequence, so the K/V tile it stages in shared memory (gathered through the block table) serves every
-// query head of the group (GQA) and, for a prefill chunk, several queries. Keys are visited in tiles of 32,
-// lane j scoring key j, with an online softmax per row in registers. When there are too few blocks to fill
-// the GPU (decode), the key range is split across blocks and a second kernel merges the partial softmaxes.
+// Attention over the paged KV cache, two kernels:
+// - Decode rows (one query per sequence, any number of sequences): decode_attention_kernel. A block owns one
+//   row's GQA group of query heads for one kv head and one split of its keys; its 4 warps take 32-key chunks in
+//   turn. Lane j scores key j of a chunk for every head of the group (K read straight from the page, float4),
+//   then lanes own head dims for P.V, so all 128 threads work even at group 2 and short contexts. The warps'
+//   online softmaxes merge in shared memory; with several splits a second kernel merges the splits.
+//   The first kernel (below) ran one warp of four per group-of-2 block and a serial 128-step dot per lane:
+//   19 us per layer at 18 keys on an H100 (Model A), 14% of the batch-1 step.
+// - Prefill chunks and shapes the decode kernel does not cover: attention_kernel. A block owns one kv head and
+//   up to 8 "rows" (query, head-of-group) pairs of one sequence, so the K/V tile it stages in shared memory
+//   (gathered through the block table) serves every query head of the group and several queries. Keys are
+//   visited in tiles of 32, lane j scoring key j, with an online softmax per row in registers.
 // fp32 CUDA-core arithmetic: at decode the step is bound by weight bytes, not attention FLOPs.
 #include "moex/backend/cuda/kernels/attention.cuh"
 #include "moex/backend/cuda/kernels/common.cuh"
+#include "moex/backend/cuda/kernels/launch.cuh"
 
 #include <algorithm>
 
@@ -159,6 +167,8 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(Params p) {
 
 // One warp per (kv head, row): merges the splits' (m, l, acc) into the final normalised output.
 __global__ void attention_merge_kernel(Params p, int splits) {
+  pdl_launch_dependents();
+  pdl_wait();
   int lane = threadIdx.x & 31;
   int64_t flat = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   int64_t total = int64_t(p.kv_heads) * p.rows_per_head;
@@ -182,8 +192,174 @@ __global__ void attention_merge_kernel(Params p, int splits) {
   }
 }
 
+
+// ---- decode rows ------------------------------------------------------------------------------------------
+
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeSplitKeys = kDecodeWarps * kKeyTile;  // a split gives every warp at least one chunk
+constexpr int kPvBatch = 8;                                  // V rows in flight per lane in P.V
+
+bool decode_kernel_fits(const AttentionShape& shape) {
+  const int64_t group = shape.heads / shape.kv_heads;
+  // One row is "one sequence" too: batch-1 decode.
+  return (!shape.one_sequence || shape.num_queries == 1) && (group == 1 || group == 2 || group == 4 || group == 8) && shape.head_dim % 32 == 0 &&
+         shape.head_dim <= kAttentionMaxHeadDim;
+}
+
+size_t decode_smem_bytes(int group, int head_dim) {
+  // q [G][D], then per warp: m [G], l [G], acc [G][D].
+  return sizeof(float) * (group * head_dim + kDecodeWarps * group * (head_dim + 2));
+}
+
+// Block (query, kv head, split); DPL = head_dim / 32 dims per lane, G = heads per kv head.
+template <int DPL, int G>
+__global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Params p) {
+  extern __shared__ float smem[];
+  constexpr int D = DPL * 32;
+  float* q_s = smem;                               // [G][D], pre-scaled by scale * log2(e)
+  float* m_s = q_s + G * D;                        // [warps][G]
+  float* l_s = m_s + kDecodeWarps * G;             // [warps][G]
+  float* acc_s = l_s + kDecodeWarps * G;           // [warps][G][D]
+  pdl_launch_dependents();
+  pdl_wait();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int query = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x)
+    q_s[idx] = p.q[(int64_t(query) * p.heads + kv_head * G) * D + idx] * p.scale_log2;
+  const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
+  const int page_size = static_cast<int>(p.kv.page_size);
+  const int key_end = p.kv.row_pos[query] + 1;
+  const int split_begin = split * p.keys_per_split;
+  const int split_end = min(split_begin + p.keys_per_split, key_end);
+  const int64_t head_stride = int64_t(p.kv_heads) * D;  // floats between consecutive slots
+  __syncthreads();
+
+  float m[G], l[G], acc[G][DPL];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
+  }
+  for (int chunk = split_begin + warp * kKeyTile; chunk < split_end; chunk += kDecodeWarps * kKeyTile) {
+    const int key = chunk + lane;
+    const bool valid = key < split_end;
+    int64_t offset = 0;  // this lane's key: its K/V row
+    float s[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) s[g] = 0.f;
+    if (valid) {
+      offset = (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + int64_t(kv_head) * D;
+      const float4* k4 = reinterpret_cast<const float4*>(p.k_pages + offset);
+#pragma unroll 16
+      for (int i = 0; i < D / 4; ++i) {
+        const float4 kv = k4[i];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float4 qv = reinterpret_cast<const float4*>(q_s + g * D)[i];
+          s[g] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+        }
+      }
+    }
+    float prob[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float score = valid ? s[g] : -INFINITY;
+      const float m_new = fmaxf(m[g], warp_max(score));  // finite: lane 0's key is valid
+      prob[g] = exp2f(score - m_new);
+      const float corr = exp2f(m[g] - m_new);
+      l[g] = l[g] * corr + warp_sum(prob[g]);
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc[g][i] *= corr;
+      m[g] = m_new;
+    }
+    // P.V, 8 keys' V rows loaded before their multiply-adds: one key at a time, each iteration waited for its
+    // loads (a memory latency per key, ~10 us per layer at 18 keys on an H100).
+    const int count = min(kKeyTile, split_end - chunk);
+    for (int j0 = 0; j0 < count; j0 += kPvBatch) {
+      float v[kPvBatch][DPL];
+#pragma unroll
+      for (int jj = 0; jj < kPvBatch; ++jj) {
+        const int64_t row = __shfl_sync(0xffffffffu, offset, (j0 + jj) & 31);
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) v[jj][i] = j0 + jj < count ? p.v_pages[row + lane + 32 * i] : 0.f;
+      }
+#pragma unroll
+      for (int jj = 0; jj < kPvBatch; ++jj) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float pj = __shfl_sync(0xffffffffu, prob[g], (j0 + jj) & 31);  // 0 past the split's keys
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) acc[g][i] += pj * v[jj][i];
+        }
+      }
+    }
+  }
+
+  // Merge the warps' softmaxes (a warp that saw no key holds m = -inf, l = 0, acc = 0).
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      m_s[warp * G + g] = m[g];
+      l_s[warp * G + g] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc_s[(warp * G + g) * D + lane + 32 * i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int g = idx / D, d = idx % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) m_max = fmaxf(m_max, m_s[w * G + g]);
+    float l_sum = 0.f, a_sum = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float f = exp2f(m_s[w * G + g] - m_max);
+        l_sum += l_s[w * G + g] * f;
+        a_sum += acc_s[(w * G + g) * D + d] * f;
+      }
+    }
+    const int r = query * G + g;  // the row of the (query, head of group) pair, as in attention_kernel
+    if (p.part_acc) {
+      const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
+      p.part_acc[prow * D + d] = a_sum;
+      if (d == 0) {
+        p.part_ml[prow * 2] = m_max;
+        p.part_ml[prow * 2 + 1] = l_sum;
+      }
+    } else {
+      p.out[(int64_t(query) * p.heads + kv_head * G + g) * D + d] = a_sum / l_sum;
+    }
+  }
+}
+
+template <int G>
+void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
+  const size_t smem = decode_smem_bytes(G, p.head_dim);
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p);
+  };
+  switch (p.head_dim / 32) {
+    case 1: launch(decode_attention_kernel<1, G>); break;
+    case 2: launch(decode_attention_kernel<2, G>); break;
+    case 3: launch(decode_attention_kernel<3, G>); break;
+    case 4: launch(decode_attention_kernel<4, G>); break;
+    case 5: launch(decode_attention_kernel<5, G>); break;
+    case 6: launch(decode_attention_kernel<6, G>); break;
+    case 7: launch(decode_attention_kernel<7, G>); break;
+    default: launch(decode_attention_kernel<8, G>); break;
+  }
+}
+
+// ---- shared by both -----------------------------------------------------------------------------------------
+
 int64_t grid_x(const AttentionShape& shape) {
   const int64_t group = shape.heads / shape.kv_heads;
+  if (decode_kernel_fits(shape)) return shape.num_queries;
   return shape.one_sequence ? ceil_div(shape.num_queries * group, int64_t(kRowsPerBlock))
                             : shape.num_queries * ceil_div(group, int64_t(kRowsPerBlock));
 }
@@ -192,7 +368,9 @@ int choose_splits(const AttentionShape& shape, int num_sms, int* keys_per_split)
   int64_t base_blocks = grid_x(shape) * shape.kv_heads;
   int64_t total_keys = std::max<int64_t>(shape.max_keys, 1);
   int64_t splits = ceil_div(2 * int64_t(num_sms), base_blocks);
-  splits = std::min<int64_t>(splits, std::min<int64_t>(kMaxSplits, ceil_div(total_keys, 2 * kKeyTile)));
+  // The decode kernel's split feeds its 4 warps a chunk each; the other kernel's, two tiles.
+  const int64_t min_keys = decode_kernel_fits(shape) ? kDecodeSplitKeys : 2 * kKeyTile;
+  splits = std::min<int64_t>(splits, std::min<int64_t>(kMaxSplits, ceil_div(total_keys, min_keys)));
   if (splits < 1) splits = 1;
   int64_t per = ceil_div(ceil_div(total_keys, splits), kKeyTile) * kKeyTile;
   splits = ceil_div(total_keys, per);
@@ -209,6 +387,22 @@ __global__ void kv_write_paged_kernel(const float* k, const float* v, float* k_p
     k_pages[dst] = k[i];
     v_pages[dst] = v[i];
   }
+}
+
+void launch_tiled(const Params& p, dim3 grid, cudaStream_t stream) {
+  size_t smem = smem_bytes(p.head_dim);
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+  };
+  if (p.head_dim <= 32)
+    launch(attention_kernel<1>);
+  else if (p.head_dim <= 64)
+    launch(attention_kernel<2>);
+  else if (p.head_dim <= 128)
+    launch(attention_kernel<4>);
+  else
+    launch(attention_kernel<8>);
 }
 
 }  // namespace
@@ -247,24 +441,23 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
     p.part_ml = p.part_acc + static_cast<size_t>(splits) * num_rows * p.head_dim;
   }
   dim3 grid(static_cast<unsigned>(grid_x(shape)), p.kv_heads, splits);
-  size_t smem = smem_bytes(p.head_dim);
-  auto launch = [&](auto kernel) {
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    kernel<<<grid, kWarps * 32, smem, stream>>>(p);
-  };
-  if (p.head_dim <= 32)
-    launch(attention_kernel<1>);
-  else if (p.head_dim <= 64)
-    launch(attention_kernel<2>);
-  else if (p.head_dim <= 128)
-    launch(attention_kernel<4>);
-  else
-    launch(attention_kernel<8>);
+  if (decode_kernel_fits(shape)) {
+    switch (p.group) {
+      case 1: launch_decode_group<1>(p, grid, stream); break;
+      case 2: launch_decode_group<2>(p, grid, stream); break;
+      case 4: launch_decode_group<4>(p, grid, stream); break;
+      default: launch_decode_group<8>(p, grid, stream); break;
+    }
+  } else {
+    launch_tiled(p, grid, stream);
+  }
   if (splits > 1) {
     int64_t total = int64_t(p.kv_heads) * p.rows_per_head;
-    attention_merge_kernel<<<static_cast<unsigned>(ceil_div(total, 4)), 128, 0, stream>>>(p, splits);
+    launch_pdl(attention_merge_kernel, dim3(static_cast<unsigned>(ceil_div(total, 4))), dim3(128), 0, stream, p,
+               splits);
   }
 }
+
 
 void launch_kv_write_paged(const float* k, const float* v, float* k_pages, float* v_pages, const PagedKvRows& rows,
                            int64_t n, int64_t row_elems, cudaStream_t stream) {

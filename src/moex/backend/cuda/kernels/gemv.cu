@@ -61,20 +61,28 @@ __global__ void gemv_scalar_kernel(const float* x, int64_t m_count, const bf16* 
   }
 }
 
-// 2-32 tokens: a block owns 16 output rows; its 8 warps split K and sum in warp order. NT n-tiles of 8 tokens.
-template <int NT>
+// 2-32 tokens: a block owns NR tiles of 16 output rows (consecutive); its 8 warps split K and sum in warp
+// order. NT n-tiles of 8 tokens. With NT >= 2 the activations dominate the block's loads (every block reads
+// all tokens' K floats for its rows) and their bf16 split dominates its instructions; two row tiles per block
+// share both, so NR = 2 there when N is a multiple of 32.
+template <int NR, int NT>
 __global__ __launch_bounds__(kWarps * 32) void linear_mma_kernel(const float* x, int m_count, const bf16* w, int N,
                                                                  int K, const float* bias, float* y) {
-  __shared__ float red[kWarps * NT * 4 * 32];
+  __shared__ float red[kWarps * NR * NT * 4 * 32];
   pdl_launch_dependents();
   pdl_wait();
-  const int row0 = blockIdx.x * kMmaRows;
+  const int row0 = blockIdx.x * kMmaRows * NR;
   const float* x_row[NT];
   mma_token_rows<NT>(threadIdx.x & 31, m_count, [&](int i) { return x + int64_t(i) * K; }, x_row);
-  const bf16* rows[1] = {w};
-  block_mma_tile<1, NT>(rows, row0, N, K, x_row, kWarps, red);
-  for_each_mma_output<1, NT>(red, kWarps, row0, N, m_count, [&](int row, int token, auto sum) {
-    y[int64_t(token) * N + row] = sum(0) + (bias ? bias[row] : 0.f);
+  // Tile r is weight rows [row0 + 16 r, row0 + 16 r + 16): with NR > 1, N % (16 NR) == 0, so no tile is short.
+  const bf16* rows[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) rows[r] = w + int64_t(r) * kMmaRows * K;
+  block_mma_tile<NR, NT>(rows, row0, NR > 1 ? row0 + kMmaRows : N, K, x_row, kWarps, red);
+  for_each_mma_output<NR, NT>(red, kWarps, row0, N, m_count, [&](int row, int token, auto sum) {
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+      y[int64_t(token) * N + row + r * kMmaRows] = sum(r) + (bias ? bias[row + r * kMmaRows] : 0.f);
   });
 }
 
@@ -86,15 +94,20 @@ bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int6
 
 void launch_linear_mma(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
                        float* y, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(N, kMmaRows))), block(kWarps * 32);
+  const dim3 block(kWarps * 32);
   const bf16* wb = reinterpret_cast<const bf16*>(w);
   const int m = static_cast<int>(m_count), n = static_cast<int>(N), k = static_cast<int>(K);
+  auto launch = [&](auto kernel, int rows_per_block) {
+    launch_pdl(kernel, dim3(static_cast<unsigned>(ceil_div(N, rows_per_block))), block, 0, stream, x, m, wb, n, k,
+               bias, y);
+  };
+  const bool pairs = N % (2 * kMmaRows) == 0;
   if (m_count <= 8)
-    launch_pdl(linear_mma_kernel<1>, grid, block, 0, stream, x, m, wb, n, k, bias, y);
+    launch(linear_mma_kernel<1, 1>, kMmaRows);
   else if (m_count <= 16)
-    launch_pdl(linear_mma_kernel<2>, grid, block, 0, stream, x, m, wb, n, k, bias, y);
+    pairs ? launch(linear_mma_kernel<2, 2>, 2 * kMmaRows) : launch(linear_mma_kernel<1, 2>, kMmaRows);
   else
-    launch_pdl(linear_mma_kernel<4>, grid, block, 0, stream, x, m, wb, n, k, bias, y);
+    pairs ? launch(linear_mma_kernel<2, 4>, 2 * kMmaRows) : launch(linear_mma_kernel<1, 4>, kMmaRows);
 }
 
 // The fp32 GEMV kernel over up to kGemvMaxOutputs weights; m_count <= kGemvMaxRows, K % 8 == 0, aligned.
