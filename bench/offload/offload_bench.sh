@@ -64,8 +64,10 @@ PY
 )
 # Without a predictor the link is idle when a miss comes, so CPU experts split misses (--host-read-gbs moves
 # the split point).
+# The fixture's experts are a few KB: --split-overhead-ms 0 lets them split all the same.
 for flags in "" "--gpu-memory $budget --predictor pregate" "--gpu-memory $budget --predictor pregate --cpu-experts" \
-  "--gpu-memory $budget --cpu-experts" "--gpu-memory $budget --cpu-experts --host-read-gbs 20"; do
+  "--gpu-memory $budget --cpu-experts --split-overhead-ms 0" \
+  "--gpu-memory $budget --cpu-experts --split-overhead-ms 0 --host-read-gbs 20"; do
   "$moex" run -m $fx --device cuda $flags --prompt-ids "$ids" -n 16 --temperature 0 --ignore-eos --json \
     >"$out/check.json" 2>"$out/check.err"
   got=$(python3 -c "import json;print(json.load(open('$out/check.json'))['output_ids'])" 2>/dev/null || cat "$out/check.err")

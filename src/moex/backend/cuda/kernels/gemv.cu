@@ -78,7 +78,7 @@ __global__ __launch_bounds__(kWarps * 32) void linear_mma_kernel(const float* x,
   const bf16* rows[NR];
 #pragma unroll
   for (int r = 0; r < NR; ++r) rows[r] = w + int64_t(r) * kMmaRows * K;
-  block_mma_tile<NR, NT>(rows, row0, NR > 1 ? row0 + kMmaRows : N, K, x_row, kWarps, red);
+  block_mma_tile<NR, NT>(rows, row0, NR > 1 ? row0 + kMmaRows : N, K, x_row, m_count, kWarps, red);
   for_each_mma_output<NR, NT>(red, kWarps, row0, N, m_count, [&](int row, int token, auto sum) {
 #pragma unroll
     for (int r = 0; r < NR; ++r)

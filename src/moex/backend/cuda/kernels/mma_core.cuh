@@ -49,12 +49,14 @@ __device__ __forceinline__ void split_bf16x8(const float4& v0, const float4& v1,
 // acc[r][nt] (m16n8 accumulator fragments) += rows [row0, row0 + 16) of weights w[r] ([n_rows, K] bf16, rows
 // past n_rows read row n_rows - 1 and must be discarded by the caller) times this lane's token rows: x_row[nt]
 // is the row of token nt * 8 + (lane / 4) (fp32, K floats, 16-byte aligned) or null for a missing token.
-// Covers k blocks [kb_begin, kb_end) of kMmaKBlock. D layout: acc[..][0..1] = (row0 + lane/4, tokens 2t, 2t+1),
+// Covers k blocks [kb_begin, kb_end) of kMmaKBlock; n-tiles from active_nt on hold no token (warp-uniform) and
+// are skipped: a group sized for the step's largest (MoE: every expert's kernel gets NT for the most tokens
+// any expert could have) would otherwise convert and multiply zeros. D layout: acc[..][0..1] = (row0 + lane/4, tokens 2t, 2t+1),
 // acc[..][2..3] = (row0 + lane/4 + 8, same tokens), t = lane % 4.
 template <int NR, int NT, int U>
 __device__ __forceinline__ void warp_mma_tile(const bf16* const (&w)[NR], int row0, int n_rows, int64_t K,
-                                              const float* const (&x_row)[NT], int kb_begin, int kb_end, int lane,
-                                              float (&acc)[NR][NT][4]) {
+                                              const float* const (&x_row)[NT], int active_nt, int kb_begin,
+                                              int kb_end, int lane, float (&acc)[NR][NT][4]) {
   const int g = lane >> 2, t = lane & 3;
   const int64_t ra = min(row0 + g, n_rows - 1), rb = min(row0 + g + 8, n_rows - 1);
   const bf16* wa[NR];
@@ -80,6 +82,7 @@ __device__ __forceinline__ void warp_mma_tile(const bf16* const (&w)[NR], int ro
       if (kb + u >= kb_end) break;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
+        if (nt >= active_nt) break;
         uint32_t hi[4] = {}, lo[4] = {};
         if (x_row[nt]) {
           const float4* xp = reinterpret_cast<const float4*>(x_row[nt] + int64_t(kb + u) * kMmaKBlock + 8 * t);
@@ -138,15 +141,18 @@ __device__ __forceinline__ void mma_token_rows(int lane, int count, RowOf row_of
   }
 }
 
-// A block of `warps` warps computes rows [row0, row0 + 16) of the NR weights for all token rows: warp w takes
-// the w-th share of K's blocks, then the partial sums land in red (MmaBlockReduce layout) and the block syncs.
+// A block of `warps` warps computes rows [row0, row0 + 16) of the NR weights for the first `tokens` token rows
+// (<= NT * 8): warp w takes the w-th share of K's blocks, then the partial sums land in red (MmaBlockReduce
+// layout) and the block syncs.
 template <int NR, int NT>
 __device__ __forceinline__ void block_mma_tile(const bf16* const (&w)[NR], int row0, int n_rows, int64_t K,
-                                               const float* const (&x_row)[NT], int warps, float* red) {
+                                               const float* const (&x_row)[NT], int tokens, int warps, float* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int blocks = static_cast<int>(K / kMmaKBlock);
+  const int active_nt = (tokens + kMmaTileTokens - 1) / kMmaTileTokens;
   float acc[NR][NT][4] = {};
-  warp_mma_tile<NR, NT, 4>(w, row0, n_rows, K, x_row, warp * blocks / warps, (warp + 1) * blocks / warps, lane, acc);
+  warp_mma_tile<NR, NT, 4>(w, row0, n_rows, K, x_row, active_nt, warp * blocks / warps, (warp + 1) * blocks / warps,
+                           lane, acc);
   MmaBlockReduce<NR, NT>::store(red, acc, warp, lane);
   __syncthreads();
 }

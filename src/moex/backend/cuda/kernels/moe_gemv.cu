@@ -89,7 +89,7 @@ __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_mma_kernel(const floa
   mma_token_rows<NT>(threadIdx.x & 31, g.num_rows,
                      [&](int i) { return x + int64_t(row_token[g.row_begin + i]) * hidden; }, x_row);
   const bf16* w[2] = {reinterpret_cast<const bf16*>(g.gate), reinterpret_cast<const bf16*>(g.up)};
-  block_mma_tile<2, NT>(w, row0, ffn, hidden, x_row, kWarps, red);
+  block_mma_tile<2, NT>(w, row0, ffn, hidden, x_row, g.num_rows, kWarps, red);
   for_each_mma_output<2, NT>(red, kWarps, row0, ffn, g.num_rows, [&](int row, int token, auto sum) {
     h[int64_t(g.row_begin + token) * ffn + row] = silu(sum(0)) * sum(1);
   });
@@ -105,7 +105,7 @@ __global__ __launch_bounds__(kWarps * 32) void moe_down_mma_kernel(const float* 
   const float* x_row[NT];
   mma_token_rows<NT>(threadIdx.x & 31, g.num_rows, [&](int i) { return h + int64_t(g.row_begin + i) * ffn; }, x_row);
   const bf16* w[1] = {reinterpret_cast<const bf16*>(g.down)};
-  block_mma_tile<1, NT>(w, row0, hidden, ffn, x_row, kWarps, red);
+  block_mma_tile<1, NT>(w, row0, hidden, ffn, x_row, g.num_rows, kWarps, red);
   for_each_mma_output<1, NT>(red, kWarps, row0, hidden, g.num_rows, [&](int row, int token, auto sum) {
     y[int64_t(g.row_begin + token) * hidden + row] = sum(0);
   });
