@@ -146,6 +146,7 @@ CommandAction setup_bench(CLI::App* sub) {
         decode_stats.bytes_moved += after.bytes_moved - before.bytes_moved;
         decode_stats.stall_ms += after.stall_ms - before.stall_ms;
         decode_stats.prefetch_issued += after.prefetch_issued - before.prefetch_issued;
+        decode_stats.prefetch_skipped += after.prefetch_skipped - before.prefetch_skipped;
         decode_stats.prefetch_used += after.prefetch_used - before.prefetch_used;
         decode_stats.cpu_computed += after.cpu_computed - before.cpu_computed;
         decode_stats.split_computed += after.split_computed - before.split_computed;
@@ -237,6 +238,7 @@ CommandAction setup_bench(CLI::App* sub) {
                             {"cpu_read_bytes_per_token", timed_steps ? decode_stats.cpu_read_bytes / timed_steps : 0},
                             {"stall_ms_per_token", timed_steps ? decode_stats.stall_ms / timed_steps : 0.0},
                             {"prefetch_issued", decode_stats.prefetch_issued},
+                            {"prefetch_skipped", decode_stats.prefetch_skipped},
                             {"prefetch_precision", decode_stats.prefetch_issued
                                                        ? static_cast<double>(decode_stats.prefetch_used) / decode_stats.prefetch_issued
                                                        : 0.0},

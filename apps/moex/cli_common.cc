@@ -40,6 +40,9 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                   "with --cpu-experts: what splitting a missed expert between the CPU and the link costs beyond its "
                   "bytes (ms); a large value turns splitting off")
       ->check(CLI::NonNegativeNumber);
+  sub->add_flag("--balance-prefetch", options->balance_prefetch,
+                "with --cpu-experts and --predictor: skip prefetches while the link has more work booked than the "
+                "CPU (experimental)");
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
 }
@@ -81,6 +84,9 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
   engine.cpu_experts = options.cpu_experts;
   engine.host_read_gbs = options.host_read_gbs;
   engine.split_overhead_ms = options.split_overhead_ms;
+  engine.balance_prefetch = options.balance_prefetch;
+  if (options.balance_prefetch && (!options.cpu_experts || options.predictor == "none"))
+    throw UsageError("--balance-prefetch weighs prefetches against CPU work: it needs --cpu-experts and --predictor");
   engine.copy_gbs = options.copy_gbs;
   if (options.cpu_experts && options.gpu_memory.empty())
     throw UsageError("--cpu-experts needs --device cuda and --gpu-memory (it decides copy vs CPU per missed expert)");

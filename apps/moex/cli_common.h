@@ -30,6 +30,7 @@ struct ModelOptions {
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
   double split_overhead_ms = 0.5;
+  bool balance_prefetch = false;
 };
 
 // Declares -m, --load-format, --device, --threads on sub.

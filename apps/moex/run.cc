@@ -26,6 +26,7 @@ nlohmann::json provider_stats_json(const ExpertProviderStats& stats) {
           {"bytes_moved", stats.bytes_moved},
           {"stall_ms", stats.stall_ms},
           {"prefetch_issued", stats.prefetch_issued},
+          {"prefetch_skipped", stats.prefetch_skipped},
           {"prefetch_precision",
            stats.prefetch_issued ? static_cast<double>(stats.prefetch_used) / stats.prefetch_issued : 0.0},
           {"prefetch_recall", stats.misses + stats.prefetch_used

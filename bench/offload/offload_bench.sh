@@ -134,6 +134,8 @@ run_pair() {  # name model gpu_memory extra flags...: MOEX_BASE's run first (whe
   run_case "$@"
 }
 run_pair mixtral_16g_pregate_cpu mixtral_8x7b 16GiB --predictor pregate --cpu-experts
+# Prefetches weighed against the CPU's work (--balance-prefetch): the link was the long path at 16 GiB.
+run_case mixtral_16g_pregate_cpu_balanced mixtral_8x7b 16GiB --predictor pregate --cpu-experts --balance-prefetch
 run_pair qwen3_8g_pregate_cpu qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts
 run_pair mixtral_40g_pregate_cpu mixtral_8x7b 40GiB --predictor pregate --cpu-experts
 if [ "${CASES:-all}" = "all" ]; then

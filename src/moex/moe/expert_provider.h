@@ -26,6 +26,7 @@ struct ExpertProviderStats {
   int64_t bytes_moved = 0;     // bytes copied between tiers
   double stall_ms = 0;         // time the step waited for expert weights
   int64_t prefetch_issued = 0;
+  int64_t prefetch_skipped = 0;  // predicted experts not prefetched to keep the link from the long path
   int64_t prefetch_used = 0;   // prefetched experts that were requested before eviction
   int64_t cpu_computed = 0;    // misses run on the host CPU instead of being copied (counted in misses)
   int64_t split_computed = 0;  // misses split between the host CPU and a partial copy (counted in misses)

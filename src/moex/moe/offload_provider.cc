@@ -11,6 +11,9 @@
 
 namespace moex {
 namespace {
+// balance_prefetch's memory: each layer's bookings weigh this much less per later layer (~10 layers).
+constexpr double kBookingDecay = 0.9;
+
 std::string human_bytes(int64_t bytes) {
   const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
   double value = static_cast<double>(bytes);
@@ -120,6 +123,17 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& r
       if (!cache_->contains(key)) prefetch_plan_.push_back(key);
     }
   }
+  // The link already carries more than the CPU: a prefetch would lengthen the long path by a whole copy,
+  // where its expert, if missed, costs the CPU about half that (host reads are ~2x the link's rate).
+  if (config_.balance_prefetch && config_.cpu_experts && link_booked_ms_ > cpu_booked_ms_) {
+    stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
+    prefetch_plan_.clear();
+  }
+}
+
+void OffloadingExpertProvider::book_paths(double link_ms, double cpu_ms) {
+  link_booked_ms_ = link_booked_ms_ * kBookingDecay + link_ms;
+  cpu_booked_ms_ = cpu_booked_ms_ * kBookingDecay + cpu_ms;
 }
 
 void OffloadingExpertProvider::issue_prefetch() {
@@ -177,6 +191,7 @@ void OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Routin
         break;
     }
   }
+  last_load_ = load;
 }
 
 void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing, const TensorView& /*hidden*/,
@@ -217,6 +232,7 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   splits_.clear();
   if (config_.cpu_experts && !keys_.empty()) {
     assign_miss_paths(layer_idx, routing, taken_over_bytes);
+    if (first_wave) book_paths(last_load_.link_ms, last_load_.cpu_ms);
     // The cache made room for these; give it back: a CPU-run expert is not cached.
     cache_->release(to_cpu_);
     for (const ExpertKey& key : to_cpu_) {

@@ -12,6 +12,7 @@
 #include "moex/moe/expert_cache.h"
 #include "moex/moe/expert_provider.h"
 #include "moex/moe/expert_store.h"
+#include "moex/moe/miss_path.h"
 #include "moex/moe/predictor/expert_predictor.h"
 
 namespace moex {
@@ -39,6 +40,10 @@ struct OffloadConfig {
   double split_overhead_ms = 0.5;  // MissCostModel::split_overhead_ms
   double host_read_gbs = 100.0;  // host DRAM read bandwidth of the CPU expert kernels
   double copy_gbs = 50.0;        // pinned host-to-device copy bandwidth
+  // With cpu_experts and a predictor: skip a layer's prefetch while the link has more work booked than the
+  // CPU over the last layers (both decayed by kBookingDecay per layer), so that prefetches do not make the
+  // link the long path while the CPU could take those experts' misses. Off by default until measured.
+  bool balance_prefetch = false;
 };
 
 class OffloadingExpertProvider : public ExpertProvider {
@@ -73,6 +78,8 @@ class OffloadingExpertProvider : public ExpertProvider {
   // Picks each CPU-eligible miss's path (moe/miss_path.h); marks the ones that run whole on the CPU or
   // split in to_cpu_ / splits_.
   void assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes);
+  // balance_prefetch: adds a layer's booked work (ms) to the running totals of both paths.
+  void book_paths(double link_ms, double cpu_ms);
 
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<ExpertCache> cache_;
@@ -95,6 +102,9 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::vector<ExpertKey> prefetch_plan_;
   std::vector<SplitExpert> splits_;     // this acquire's split experts (their slots are freed by release())
   std::vector<ExpertKey> split_keys_;
+  double link_booked_ms_ = 0;  // balance_prefetch: decayed sums of each path's booked work
+  double cpu_booked_ms_ = 0;
+  PathLoad last_load_;         // the last assign_miss_paths() booking
 };
 
 // Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError

@@ -33,6 +33,34 @@ double best_makespan(const ExpertShape& shape, bool cpu_ok, bool split_ok, const
   return best;
 }
 
+// The default split overhead (measured on the GPU machine): Qwen3-30B-A3B's 9 MB experts go whole to one
+// path however busy the CPU already is, Mixtral-8x7B's 352 MB experts still split. The old 0.05 ms estimate
+// split the small ones once the CPU had queued work (54 splits per token there, each slower than no split).
+TEST(MissPath, DefaultOverheadSplitsLargeExpertsOnly) {
+  const ExpertShape qwen3{768, 2 * 2048 * 2, 3 * 768 * 2048 * 2};
+  auto splits = [&](double overhead_ms) {
+    MissCostModel model;
+    model.host_read_gbs = 104;
+    model.copy_gbs = 54;
+    if (overhead_ms >= 0) model.split_overhead_ms = overhead_ms;
+    int count = 0;
+    for (int queued = 0; queued < 8; ++queued) {
+      PathLoad load;
+      load.cpu_ms = queued * 0.09;  // earlier misses of the layer on the CPU
+      load.link_ms = 0.17;          // one expert's copy in flight
+      count += choose_miss_path(qwen3, true, true, model, &load).path == MissPath::kSplit;
+    }
+    return count;
+  };
+  EXPECT_GT(splits(0.05), 0);  // the scenario does split small experts at the old estimate
+  EXPECT_EQ(splits(-1), 0);    // the default
+  MissCostModel model;
+  model.host_read_gbs = 104;
+  model.copy_gbs = 54;
+  PathLoad load;
+  EXPECT_EQ(choose_miss_path(mixtral(), true, true, model, &load).path, MissPath::kSplit);
+}
+
 TEST(MissPath, IdlePathsSplitOneExpertWhereBothFinishTogether) {
   MissCostModel model;
   model.split_overhead_ms = 0;  // the closed form below has none

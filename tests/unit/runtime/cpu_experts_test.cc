@@ -144,6 +144,45 @@ TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
   }
 }
 
+// --balance-prefetch: with a link far slower than the CPU every prefetch would make the link the long path,
+// so after the first layer's booking the provider skips them; the CPU takes those misses, and the outputs are
+// the resident run's either way.
+TEST(CpuExperts, BalancedPrefetchSkipsPrefetchesWhileTheLinkIsTheLongPath) {
+  auto model = Model::load((test::fixtures_root() / "mixtral").string());
+  const ModelConfig& cfg = model->config();
+  const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / "mixtral");
+  EngineOptions resident_options;
+  resident_options.num_threads = 1;
+  Engine resident(*model, resident_options);
+  GenerationOptions greedy;
+  greedy.max_new_tokens = 12;
+  greedy.stop_at_eos = false;
+  const auto want_ids = resident.generate(prompt, greedy).output_ids;
+
+  ExpertProviderStats stats[2];
+  for (bool balance : {false, true}) {
+    SCOPED_TRACE(balance ? "balanced" : "plain");
+    EngineOptions options;
+    options.num_threads = 1;
+    options.expert_budget_bytes = (cfg.top_k + 2) * static_cast<int64_t>(cfg.expert_bytes());
+    options.cpu_experts = true;
+    options.predictor = "frequency";
+    options.copy_gbs = 1e-4;  // a copy of this fixture's expert books ~150 ms on the link
+    options.balance_prefetch = balance;
+    auto device = std::make_unique<StandInDevice>();
+    StandInDevice* device_ptr = device.get();
+    Engine engine(*model, options, std::move(device));
+    EXPECT_EQ(engine.generate(prompt, greedy).output_ids, want_ids);
+    EXPECT_EQ(device_ptr->host_views_refused, 0);
+    stats[balance] = engine.experts().stats();
+  }
+  EXPECT_GT(stats[0].prefetch_issued, 0);
+  EXPECT_EQ(stats[0].prefetch_skipped, 0);
+  EXPECT_GT(stats[1].prefetch_skipped, 0);
+  EXPECT_LT(stats[1].prefetch_issued, stats[0].prefetch_issued);
+  EXPECT_GT(stats[1].cpu_computed, stats[0].cpu_computed);
+}
+
 // Holds the expert store's prefetch copies until opened, so that a test can take one over mid-way.
 class HeldCopies final : public StandInDevice {
  public:
