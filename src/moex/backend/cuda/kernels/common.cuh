@@ -47,4 +47,7 @@ __device__ __forceinline__ float silu(float value) { return value / (1.f + __exp
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// 16-byte vector loads and stores need 16-byte aligned addresses (launchers check before taking such paths).
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 }  // namespace moex::cuda

@@ -86,8 +86,6 @@ __global__ __launch_bounds__(kWarps * 32) void linear_mma_kernel(const float* x,
   });
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int64_t K) {
   return m_count >= 2 && m_count <= kLinearMmaMaxRows && K % kMmaKBlock == 0 && aligned16(x) && aligned16(w);
 }

@@ -188,7 +188,7 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
   dim3 grid_down(static_cast<unsigned>(ceil_div(hidden, kWarps)), num_groups);
   const dim3 block(kWarps * 32);
   if (max_rows > 1 && hidden % kMmaKBlock == 0 && ffn % kMmaKBlock == 0 &&
-      reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(h) % 16 == 0) {
+      aligned16(x) && aligned16(h)) {
     if (max_rows <= 8)
       launch_moe_mma<1>(x, row_token, groups, num_groups, hid, f, h, y, stream, device_num_groups);
     else if (max_rows <= 16)

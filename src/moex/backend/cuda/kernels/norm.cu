@@ -92,8 +92,6 @@ __global__ __launch_bounds__(kThreads) void rms_norm_vec_kernel(const float* x, 
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Launches the register-resident kernel when the row fits it; false otherwise.
 bool launch_vec(const float* x, const void* weight, bool weight_bf16, float eps, float* out, int64_t rows,
                 int64_t cols, float* residual, const float* delta, cudaStream_t stream) {
