@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from reference_json import fmt, write_reference
+
 PROMPT_LEN = 12
 GREEDY_LEN = 16
 HIDDEN = 64
@@ -301,29 +303,6 @@ def check_generate(model, prompt, greedy):
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def fmt(x):
-    return float(f"{x:.9g}")
-
-
-def write_reference(path, ref):
-    def row(v):
-        return json.dumps(v, separators=(",", ":"))
-    parts = []
-    for key, val in ref.items():
-        if key == "logits":
-            body = "[\n" + ",\n".join("  " + row(r) for r in val) + "\n ]"
-        elif key in ("router_logits", "topk_ids"):
-            body = "[\n" + ",\n".join("  [\n" + ",\n".join("   " + row(r) for r in layer) + "\n  ]"
-                                      for layer in val) + "\n ]"
-        else:
-            body = row(val)
-        parts.append(f" {json.dumps(key)}: {body}")
-    text = "{\n" + ",\n".join(parts) + "\n}\n"
-    json.loads(text)
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def make_reference(name, path, ev, dtype_name):
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)

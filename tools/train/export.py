@@ -9,6 +9,7 @@ checkpoint loaded back in float32.
 import json
 import os
 import shutil
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from transformers import GenerationConfig
 
 import hf_models
 from common import BOS_ID, EOS_ID, log
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/
+from reference_json import fmt, write_reference as write_json  # noqa: E402
 
 REFERENCE_PROMPT = "The old man walked"
 GREEDY_LEN = 16
@@ -77,29 +81,6 @@ def router_logits(model, ids):
     return out.logits[0].float(), routers
 
 
-def _fmt(x):
-    return float(f"{x:.9g}")
-
-
-def _write(path, ref):
-    def row(v):
-        return json.dumps(v, separators=(",", ":"))
-    parts = []
-    for key, val in ref.items():
-        if key == "logits":
-            body = "[\n" + ",\n".join("  " + row(r) for r in val) + "\n ]"
-        elif key in ("router_logits", "topk_ids"):
-            body = "[\n" + ",\n".join("  [\n" + ",\n".join("   " + row(r) for r in layer) + "\n  ]"
-                                      for layer in val) + "\n ]"
-        else:
-            body = row(val)
-        parts.append(f" {json.dumps(key)}: {body}")
-    text = "{\n" + ",\n".join(parts) + "\n}\n"
-    json.loads(text)
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def write_reference(model, tok, out_dir, name):
     device = next(model.parameters()).device
     prompt = tok.encode(REFERENCE_PROMPT).ids
@@ -121,12 +102,12 @@ def write_reference(model, tok, out_dir, name):
         "transformers_version": transformers.__version__,
         "torch_dtype": "bfloat16",
         "prompt_ids": prompt,
-        "logits": [[_fmt(x) for x in r] for r in logits.tolist()],
-        "router_logits": [[[_fmt(x) for x in r] for r in rl.tolist()] for _, rl in routers],
+        "logits": [[fmt(x) for x in r] for r in logits.tolist()],
+        "router_logits": [[[fmt(x) for x in r] for r in rl.tolist()] for _, rl in routers],
         "topk_ids": [torch.topk(rl, top_k, dim=-1).indices.tolist() for _, rl in routers],
         "greedy_ids": greedy,
     }
-    _write(os.path.join(out_dir, "reference.json"), ref)
+    write_json(os.path.join(out_dir, "reference.json"), ref)
     info = dict(prompt_ids=prompt, greedy_ids=greedy, greedy_text=tok.decode(greedy),
                 generate_matches_manual_greedy=gen == greedy, moe_layers=[i for i, _ in routers])
     log("reference", json.dumps(info))
