@@ -29,4 +29,40 @@ void check_kv_step(const KvStep& step, int64_t num_rows, int64_t num_pages, cons
   if (max_keys) *max_keys = longest;
 }
 
+LinearDims check_linear_shapes(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out,
+                               const char* op) {
+  MOEX_ASSERT(w.shape.ndim == 2, "{}: weight must be 2-D, got {}", op, w.shape.str());
+  LinearDims dims;
+  dims.out_features = w.dim(0);
+  dims.in_features = w.dim(1);
+  MOEX_ASSERT(dims.in_features > 0 && x.numel() % dims.in_features == 0, "{}: x {} vs weight {}", op, x.shape.str(),
+              w.shape.str());
+  dims.rows = x.numel() / dims.in_features;
+  MOEX_ASSERT(out.numel() == dims.rows * dims.out_features, "{}: out {} for {} rows x {}", op, out.shape.str(),
+              dims.rows, dims.out_features);
+  if (bias && !bias->empty())
+    MOEX_ASSERT(bias->numel() == dims.out_features, "{}: bias {} for {} outputs", op, bias->shape.str(),
+                dims.out_features);
+  return dims;
+}
+
+int64_t check_kv_write_shapes(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
+                              const TensorView& v_pages, const char* op) {
+  MOEX_ASSERT(k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape && k_pages.dim(1) == step.page_size,
+              "{}: pages {} / {} for page size {}", op, k_pages.shape.str(), v_pages.shape.str(), step.page_size);
+  const int64_t n = k.shape.ndim > 0 ? k.dim(0) : 0;
+  MOEX_ASSERT(k.numel() == n * k_pages.dim(2) * k_pages.dim(3) && v.numel() == k.numel(), "{}: k {} v {} vs pages {}",
+              op, k.shape.str(), v.shape.str(), k_pages.shape.str());
+  return n;
+}
+
+void check_attention_shapes(const KvStep& step, const TensorView& q, const TensorView& k_pages,
+                            const TensorView& v_pages, const TensorView& out, const char* op) {
+  MOEX_ASSERT(q.shape.ndim == 3 && k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape &&
+                  k_pages.dim(1) == step.page_size && q.dim(2) == k_pages.dim(3) && k_pages.dim(2) > 0 &&
+                  q.dim(1) % k_pages.dim(2) == 0 && out.numel() == q.numel(),
+              "{}: q {} pages {} / {} out {} page size {}", op, q.shape.str(), k_pages.shape.str(),
+              v_pages.shape.str(), out.shape.str(), step.page_size);
+}
+
 }  // namespace moex

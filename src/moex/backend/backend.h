@@ -51,6 +51,23 @@ struct KvStep {
 // the caller): rows in range, every table entry a page of the pool. Largest row_pos + 1 in *max_keys if given.
 void check_kv_step(const KvStep& step, int64_t num_rows, int64_t num_pages, const char* op, int64_t* max_keys = nullptr);
 
+// The shape contracts every backend asserts before its kernels run (dtype and device checks stay with the
+// backend: what a backend accepts there differs). A broken contract is a caller bug (MOEX_ASSERT).
+struct LinearDims {
+  int64_t rows = 0, in_features = 0, out_features = 0;
+};
+// linear: w [out, in]; x holds rows of `in` (x.numel() % in == 0); out [rows, out]; bias, if not null and not
+// empty, [out].
+LinearDims check_linear_shapes(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out,
+                               const char* op);
+// kv_write: pages [num_pages, page_size, kv_heads, head_dim] alike for k and v, matching step's page size; k and v
+// hold n rows of kv_heads * head_dim. Returns n.
+int64_t check_kv_write_shapes(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
+                              const TensorView& v_pages, const char* op);
+// attention: q [n, heads, head_dim], pages as for kv_write with heads % kv_heads == 0, out as many elements as q.
+void check_attention_shapes(const KvStep& step, const TensorView& q, const TensorView& k_pages,
+                            const TensorView& v_pages, const TensorView& out, const char* op);
+
 // Owned activation memory on a backend's device; freed by the backend that made it.
 class Buffer {
  public:

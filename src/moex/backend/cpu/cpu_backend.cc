@@ -60,15 +60,9 @@ class CpuBackend final : public Backend {
   void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out) override {
     check_f32(x, "linear", "x");
     check_f32(out, "linear", "out");
-    MOEX_ASSERT(w.shape.ndim == 2 && is_float_dtype(w.dtype), "linear: weight {} {}", dtype_name(w.dtype),
-                w.shape.str());
-    int64_t out_features = w.dim(0);
-    int64_t in_features = w.dim(1);
-    MOEX_ASSERT(in_features > 0 && x.numel() % in_features == 0, "linear: x {} vs weight {}", x.shape.str(),
-                w.shape.str());
-    int64_t n = x.numel() / in_features;
-    MOEX_ASSERT(out.numel() == n * out_features, "linear: out {} for {} rows x {}", out.shape.str(), n,
-                out_features);
+    MOEX_ASSERT(is_float_dtype(w.dtype), "linear: weight dtype {}", dtype_name(w.dtype));
+    const LinearDims dims = check_linear_shapes(x, w, bias, out, "linear");
+    const int64_t out_features = dims.out_features, in_features = dims.in_features, n = dims.rows;
     cpu::LinearProblem p;
     p.x = x.as<float>();
     p.ldx = in_features;
@@ -77,8 +71,7 @@ class CpuBackend final : public Backend {
     p.w = w.data;
     p.w_dtype = w.dtype;
     if (bias && !bias->empty()) {
-      MOEX_ASSERT(bias->numel() == out_features && is_float_dtype(bias->dtype), "linear: bias {} {}",
-                  dtype_name(bias->dtype), bias->shape.str());
+      MOEX_ASSERT(is_float_dtype(bias->dtype), "linear: bias dtype {}", dtype_name(bias->dtype));
       p.bias = bias->data;
       p.bias_dtype = bias->dtype;
     }
@@ -123,12 +116,8 @@ class CpuBackend final : public Backend {
     check_f32(v, "kv_write", "v");
     check_f32(k_pages, "kv_write", "k_pages");
     check_f32(v_pages, "kv_write", "v_pages");
-    MOEX_ASSERT(k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape && k_pages.dim(1) == step.page_size,
-                "kv_write: pages {} / {} for page size {}", k_pages.shape.str(), v_pages.shape.str(), step.page_size);
+    const int64_t n = check_kv_write_shapes(step, k, v, k_pages, v_pages, "kv_write");
     const int64_t row = k_pages.dim(2) * k_pages.dim(3);
-    const int64_t n = k.shape.ndim > 0 ? k.dim(0) : 0;
-    MOEX_ASSERT(k.numel() == n * row && v.numel() == k.numel(), "kv_write: k {} v {} vs pages {}", k.shape.str(),
-                v.shape.str(), k_pages.shape.str());
     check_kv_step(step, n, k_pages.dim(0), "kv_write");
     cpu::kv_write(step, k.as<float>(), v.as<float>(), row, k_pages.as<float>(), v_pages.as<float>());
   }
@@ -139,10 +128,7 @@ class CpuBackend final : public Backend {
     check_f32(out, "attention", "out");
     check_f32(k_pages, "attention", "k_pages");
     check_f32(v_pages, "attention", "v_pages");
-    MOEX_ASSERT(q.shape.ndim == 3 && k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape &&
-                    k_pages.dim(1) == step.page_size && q.dim(2) == k_pages.dim(3) && out.numel() == q.numel(),
-                "attention: q {} pages {} / {} out {} page size {}", q.shape.str(), k_pages.shape.str(),
-                v_pages.shape.str(), out.shape.str(), step.page_size);
+    check_attention_shapes(step, q, k_pages, v_pages, out, "attention");
     const int64_t n = q.dim(0);
     check_kv_step(step, n, k_pages.dim(0), "attention");
     if (n == 0) return;

@@ -284,15 +284,11 @@ class CudaBackend final : public Backend {
     check_f32(x, "linear", "x");
     check_f32(out, "linear", "out");
     const uint16_t* wp = bf16_data(w, "linear", "w");
-    MOEX_ASSERT(w.shape.ndim == 2, "cuda linear: w must be 2-D, got {}", w.shape.str());
-    int64_t N = w.dim(0), K = w.dim(1);
-    MOEX_ASSERT(x.dim(-1) == K, "cuda linear: x {} vs w {}", x.shape.str(), w.shape.str());
-    int64_t rows = x.numel() / K;
-    MOEX_ASSERT(out.numel() == rows * N, "cuda linear: out {} for {} rows x {}", out.shape.str(), rows, N);
+    const LinearDims dims = check_linear_shapes(x, w, bias, out, "cuda linear");
+    const int64_t N = dims.out_features, K = dims.in_features, rows = dims.rows;
     const float* bp = nullptr;
-    if (bias) {
+    if (bias && !bias->empty()) {
       check_f32(*bias, "linear", "bias");
-      MOEX_ASSERT(bias->numel() == N, "cuda linear: bias {} for {} outputs", bias->shape.str(), N);
       bp = bias->as<float>();
     }
     if (rows > kLinearGemmMinRows && K % 8 == 0) {
@@ -343,13 +339,10 @@ class CudaBackend final : public Backend {
       const TensorView& w = *outputs[i].w;
       const TensorView& out = *outputs[i].out;
       check_f32(out, "linear_many", "out");
-      MOEX_ASSERT(w.shape.ndim == 2 && w.dim(1) == K && out.numel() == rows * w.dim(0),
-                  "cuda linear_many: x {} w {} out {}", x.shape.str(), w.shape.str(), out.shape.str());
+      check_linear_shapes(x, w, outputs[i].bias, out, "cuda linear_many");
       const float* bias = nullptr;
-      if (outputs[i].bias) {
+      if (outputs[i].bias && !outputs[i].bias->empty()) {
         check_f32(*outputs[i].bias, "linear_many", "bias");
-        MOEX_ASSERT(outputs[i].bias->numel() == w.dim(0), "cuda linear_many: bias {} for {} outputs",
-                    outputs[i].bias->shape.str(), w.dim(0));
         bias = outputs[i].bias->as<float>();
       }
       gemv[i] = GemvOutput{bf16_data(w, "linear_many", "w"), bias, out.as<float>(), w.dim(0)};
@@ -474,11 +467,7 @@ class CudaBackend final : public Backend {
     check_f32(v, "kv_write", "v");
     check_f32(k_pages, "kv_write", "k_pages");
     check_f32(v_pages, "kv_write", "v_pages");
-    const int64_t n = k.shape.ndim > 0 ? k.dim(0) : 0;
-    MOEX_ASSERT(k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape && k_pages.dim(1) == step.page_size &&
-                    k.numel() == n * k_pages.dim(2) * k_pages.dim(3) && v.numel() == k.numel(),
-                "cuda kv_write: k {} v {} pages {} / {} page size {}", k.shape.str(), v.shape.str(),
-                k_pages.shape.str(), v_pages.shape.str(), step.page_size);
+    const int64_t n = check_kv_write_shapes(step, k, v, k_pages, v_pages, "cuda kv_write");
     check_prepared(step, n, k_pages.dim(0), "kv_write");
     launch_kv_write_paged(k.as<float>(), v.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_, n,
                           k_pages.dim(2) * k_pages.dim(3), stream_);
@@ -491,19 +480,14 @@ class CudaBackend final : public Backend {
     check_f32(k_pages, "attention", "k_pages");
     check_f32(v_pages, "attention", "v_pages");
     check_f32(out, "attention", "out");
-    MOEX_ASSERT(q.shape.ndim == 3 && k_pages.shape.ndim == 4 && k_pages.shape == v_pages.shape &&
-                    k_pages.dim(1) == step.page_size,
-                "cuda attention: q {} pages {} / {} page size {}", q.shape.str(), k_pages.shape.str(),
-                v_pages.shape.str(), step.page_size);
+    check_attention_shapes(step, q, k_pages, v_pages, out, "cuda attention");
     AttentionShape shape;
     shape.num_queries = q.dim(0);
     shape.heads = q.dim(1);
     shape.head_dim = q.dim(2);
     shape.kv_heads = k_pages.dim(2);
-    MOEX_ASSERT(k_pages.dim(3) == shape.head_dim && shape.heads % shape.kv_heads == 0 &&
-                    shape.head_dim <= kAttentionMaxHeadDim && out.numel() == q.numel(),
-                "cuda attention: q {} pages {} out {} (head_dim <= {})", q.shape.str(), k_pages.shape.str(),
-                out.shape.str(), kAttentionMaxHeadDim);
+    MOEX_ASSERT(shape.head_dim <= kAttentionMaxHeadDim, "cuda attention: head_dim {} (at most {})", shape.head_dim,
+                kAttentionMaxHeadDim);
     check_prepared(step, shape.num_queries, k_pages.dim(0), "attention");
     shape.one_sequence = kv_one_sequence_;
     // Inside a decode step the grid covers the bucket, so that one recording serves all of its positions.
