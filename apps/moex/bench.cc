@@ -151,6 +151,7 @@ CommandAction setup_bench(CLI::App* sub) {
         decode_stats.cpu_computed += after.cpu_computed - before.cpu_computed;
         decode_stats.split_computed += after.split_computed - before.split_computed;
         decode_stats.cpu_read_bytes += after.cpu_read_bytes - before.cpu_read_bytes;
+        decode_stats.cpu_ms += after.cpu_ms - before.cpu_ms;
         timed_steps += options->decode_tokens;
       }
       progress.advance();
@@ -237,6 +238,10 @@ CommandAction setup_bench(CLI::App* sub) {
                              timed_steps ? static_cast<double>(decode_stats.split_computed) / timed_steps : 0.0},
                             {"cpu_read_bytes_per_token", timed_steps ? decode_stats.cpu_read_bytes / timed_steps : 0},
                             {"stall_ms_per_token", timed_steps ? decode_stats.stall_ms / timed_steps : 0.0},
+                            {"cpu_ms_per_token", timed_steps ? decode_stats.cpu_ms / timed_steps : 0.0},
+                            {"cpu_read_gbs", decode_stats.cpu_ms > 0
+                                                 ? static_cast<double>(decode_stats.cpu_read_bytes) / decode_stats.cpu_ms / 1e6
+                                                 : 0.0},
                             {"prefetch_issued", decode_stats.prefetch_issued},
                             {"prefetch_skipped", decode_stats.prefetch_skipped},
                             {"prefetch_precision", decode_stats.prefetch_issued

@@ -25,6 +25,7 @@ nlohmann::json provider_stats_json(const ExpertProviderStats& stats) {
           {"expert_hit_rate", requests ? static_cast<double>(stats.hits) / requests : 1.0},
           {"bytes_moved", stats.bytes_moved},
           {"stall_ms", stats.stall_ms},
+          {"cpu_ms", stats.cpu_ms},
           {"prefetch_issued", stats.prefetch_issued},
           {"prefetch_skipped", stats.prefetch_skipped},
           {"prefetch_precision",

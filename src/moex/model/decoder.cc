@@ -201,6 +201,7 @@ void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorVie
   }
   const TensorView h_view(h_host_.data(), DType::kF32, Shape{n, hidden});
   const TensorView out_view(out_host_.data(), DType::kF32, Shape{n, hidden});
+  const auto cpu_start = std::chrono::steady_clock::now();
   if (any_host) host_backend_->moe_experts(h_view, host_wave_, expert_table_, out_view);
   for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {
     const SplitExpert& split = *split_of(wave.expert_ids[split_entries_[split_idx]]);
@@ -214,6 +215,7 @@ void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorVie
   }
   // The host's part is done; what remains of the copies (and the backend's short expert work) is a wait.
   const auto wait_start = std::chrono::steady_clock::now();
+  experts_.add_cpu_ms(std::chrono::duration<double, std::milli>(wait_start - cpu_start).count());
   const TensorView from_host = scratch(kHostPartial, Shape{n, hidden});
   if (any_host) backend_.copy_from_host(out_host_.data(), from_host);
   for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {

@@ -31,6 +31,8 @@ struct ExpertProviderStats {
   int64_t cpu_computed = 0;    // misses run on the host CPU instead of being copied (counted in misses)
   int64_t split_computed = 0;  // misses split between the host CPU and a partial copy (counted in misses)
   int64_t cpu_read_bytes = 0;  // expert weight bytes the host CPU read to compute misses (whole and split)
+  double cpu_ms = 0;           // host time computing missed experts (whole and split rows): cpu_read_bytes
+                               // over it is the rate the CPU path reached
 };
 
 // An expert of the last acquire() that runs split: the host CPU computes its intermediate rows
@@ -85,6 +87,8 @@ class ExpertProvider {
   // The caller waited ms for expert weights the provider had copying when acquire() returned (the copies of
   // split and missed experts overlap the host CPU's work; the wait after it is stall time).
   virtual void add_stall_ms(double ms) { (void)ms; }
+  // The caller computed experts of the last acquire() on the host CPU for ms.
+  virtual void add_cpu_ms(double ms) { (void)ms; }
 
   virtual ExpertProviderStats stats() const { return {}; }
 };

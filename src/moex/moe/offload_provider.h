@@ -60,6 +60,7 @@ class OffloadingExpertProvider : public ExpertProvider {
   void observe_lookahead(int32_t target_layer_idx, std::span<const float> logits) override;
   std::span<const SplitExpert> split_experts() const override { return splits_; }
   void add_stall_ms(double ms) override { stats_.stall_ms += ms; }
+  void add_cpu_ms(double ms) override { stats_.cpu_ms += ms; }
   ExpertProviderStats stats() const override;
 
   const ExpertCache& cache() const { return *cache_; }
