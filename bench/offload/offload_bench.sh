@@ -4,6 +4,8 @@
 #      GB/s (torch, 16 threads), measured here and now;
 #   2. moex bench with random weights held in host RAM (--load-format random) at a GPU memory budget, for the
 #      Mixtral-8x7B shape (16 GiB, 40 GiB) and the Qwen3-30B-A3B shape (8 GiB), with and without pre-gating;
+#   2b. prefill 512 / 2048 tokens of a 4-layer Mixtral-8x7B shape at 6 GiB (llama.cpp's prefill setting in
+#      PEERS.md), unless CASES=pregate;
 #   3. a table with the floor per token: the missed experts' bytes split optimally between a PCIe copy and a
 #      CPU read, both at once (bytes / (pcie + dram)), next to moex's ms/token; and the work floor: every
 #      byte the step copied or read on the CPU (prefetched hits included) over both paths at once.
@@ -146,3 +148,30 @@ if [ "${CASES:-all}" = "all" ]; then
 fi
 
 report
+
+# Prefill with offloaded experts against llama.cpp's best setting in PEERS.md (4-layer 8x7B shape, experts in
+# host RAM, pinned, micro-batch 2048: 3.0k tokens/s at 512, 9.4k at 2048 on the H200 machine). 6 GiB holds
+# one layer's 8 experts but not the model's 32 (11.3 GB): every layer's experts cross the link per prompt.
+# Floor: 32 experts x 352 MB over the link per prompt.
+if [ "${CASES:-all}" = "all" ] || [ "${CASES:-all}" = "prefill" ]; then
+  echo "== prefill: mixtral_8x7b_l4 at 6GiB" | tee -a "$out/runs.log"
+  timeout 230 "$moex" bench -m bench/offload/models/mixtral_8x7b_l4 --load-format random --device cuda \
+    --gpu-memory 6GiB --prompt-lens 512,2048 --decode-tokens 0 --reps 2 --warmup 1 --json \
+    >"$out/prefill.json" 2>>"$out/runs.log"
+  echo "exit $?"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+pcie = json.load(open(f"{out}/links.json"))["h2d_pinned_gbs"]
+try:
+    r = json.load(open(f"{out}/prefill.json"))
+except Exception:
+    sys.exit("prefill case failed (runs.log)")
+floor_s = 32 * r["expert_bytes"] / (pcie * 1e9)
+peers = {512: 3000, 2048: 9400}
+for p in r["prefill"]:
+    n = p["prompt_tokens"]
+    print(f"prefill {n} tokens: {p['tokens_per_s']:.0f} tokens/s (floor {n / floor_s:.0f} at {pcie:.1f} GB/s; "
+          f"llama.cpp {peers.get(n, 0)} in PEERS.md, H200 machine)")
+PY
+fi
