@@ -123,9 +123,12 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& r
       if (!cache_->contains(key)) prefetch_plan_.push_back(key);
     }
   }
-  // The link already carries more than the CPU: a prefetch would lengthen the long path by a whole copy,
-  // where its expert, if missed, costs the CPU about half that (host reads are ~2x the link's rate).
-  if (config_.balance_prefetch && config_.cpu_experts && link_booked_ms_ > cpu_booked_ms_) {
+  // The link already carries more than the CPU would with this prefetch's expert added (what a skipped,
+  // then missed, expert costs it): a prefetch would lengthen the long path by a whole copy, where the CPU runs
+  // that expert in about half the time (host reads are ~2x the link's rate).
+  const double expert_cpu_ms =
+      static_cast<double>(store_->expert_bytes((layer_idx + 1) % num_layers)) / (config_.host_read_gbs * 1e6);
+  if (config_.balance_prefetch && config_.cpu_experts && link_booked_ms_ > cpu_booked_ms_ + expert_cpu_ms) {
     stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
     prefetch_plan_.clear();
   }

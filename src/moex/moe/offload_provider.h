@@ -41,8 +41,8 @@ struct OffloadConfig {
   double host_read_gbs = 100.0;  // host DRAM read bandwidth of the CPU expert kernels
   double copy_gbs = 50.0;        // pinned host-to-device copy bandwidth
   // With cpu_experts and a predictor: skip a layer's prefetch while the link has more work booked than the
-  // CPU over the last layers (both decayed by kBookingDecay per layer), so that prefetches do not make the
-  // link the long path while the CPU could take those experts' misses. Off by default until measured.
+  // CPU (plus one expert's CPU time) over the last layers (decayed per layer), so that prefetches do not make
+  // the link the long path while the CPU could take those experts' misses. Off by default until measured.
   bool balance_prefetch = false;
 };
 
