@@ -13,6 +13,10 @@
 #                                  batched decode at 1/8/32/128 sequences (moex bench --batch) next to llama.cpp.
 # Options for run: --skip-tests, --skip-kernels, --skip-bench, --skip-layer, --skip-batch,
 #                  --models "model_a model_b", --tokens N.
+#   tools/device_cuda.sh ab        there: the short A/B call: HBM copy bandwidth, cuda_tests, then batch-1 decode of
+#                                  Model A and B, batched decode of Model A (1/8/32/128) and the 8x7B layer,
+#                                  this build and BASELINE's (a dir with bin/moex[.gz]) interleaved in the same
+#                                  call (machines differ between calls: compare within one). A table last.
 #   tools/device_cuda.sh profile   there: where one decode step's time goes, kernel by kernel (Nsight Compute's
 #                                  gpu__time_duration, eager launches). Each case runs with 1 and 3 decode
 #                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
@@ -33,7 +37,95 @@ prepare() {
     ldd "$bin" | awk '/=> \// {print $3}' | grep -vE '/(libc|libm|libpthread|libdl|librt)\.so' |
       xargs -r -I{} cp -Ln {} "$DEV/lib/"
   done
+  # Compressed: the tree and the carried paths travel within 64 MiB; every subcommand unpacks them there.
+  gzip -9 -f "$DEV"/bin/*
   du -sh "$DEV"
+}
+
+# Unpacks prepare's compressed binaries (and a baseline's) in place.
+unpack() {
+  local dir
+  for dir in "$DEV/bin" "${BASELINE:+$BASELINE/bin}"; do
+    [ -n "$dir" ] && [ -d "$dir" ] || continue
+    for gz in "$dir"/*.gz; do
+      [ -e "$gz" ] && gunzip -f "$gz" && chmod +x "${gz%.gz}"
+    done
+  done
+  return 0
+}
+
+ab() {
+  local out="${OUT:-/tmp/moex_device_out}" base="${BASELINE:-}"
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
+  nvidia-smi -L
+  python3 -c "
+import torch, time
+x = torch.empty(1 << 31, dtype=torch.uint8, device='cuda'); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(20): y.copy_(x)
+torch.cuda.synchronize(); print('hbm_copy_gbs %.0f' % (20 * 2 * (1 << 31) / (time.perf_counter() - t) / 1e9))" |
+    tee "$out/hbm.txt"
+  MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 200 "$DEV/bin/cuda_tests" --gtest_brief=1 >"$out/tests.log" 2>&1
+  echo "cuda_tests exit $?"
+  grep -E "FAILED|PASSED|Failure" "$out/tests.log" | head -20
+  local builds="new"
+  [ -n "$base" ] && [ -x "$base/bin/moex" ] && builds="new base new base"
+  : >"$out/ab.jsonl"
+  one() {  # build case model flags...: appends {"build", "case", result} to ab.jsonl
+    local build=$1 name=$2 model=$3 bin="$DEV/bin/moex"
+    shift 3
+    [ "$build" = base ] && bin="$base/bin/moex"
+    timeout 150 "$bin" bench -m "bench/cuda/models/$model" --load-format random --device cuda --prompt-lens 16 \
+      --decode-context 16 "$@" --json 2>>"$out/err.log" |
+      python3 -c "import json, sys
+try: r = json.load(sys.stdin)
+except Exception: r = {}
+print(json.dumps({'build': sys.argv[1], 'case': sys.argv[2], 'r': r}))" "$build" "$name" >>"$out/ab.jsonl"
+  }
+  local build
+  for build in $builds; do
+    one "$build" model_a model_a --decode-tokens 64 --reps 3
+    one "$build" model_b model_b --decode-tokens 64 --reps 3
+    one "$build" batched_a model_a --decode-tokens 32 --reps 2 --batch 1,8,32,128
+  done
+  for build in ${base:+base} new; do
+    one "$build" layer_1 mixtral_8x7b_l1 --decode-tokens 64 --reps 3
+    one "$build" layer_3 mixtral_8x7b_l3 --decode-tokens 64 --reps 3
+  done
+  python3 - "$out" <<'PY'
+import collections, json, sys
+out = sys.argv[1]
+hbm = float(open(f"{out}/hbm.txt").read().split()[-1])
+rows = collections.defaultdict(list)
+for line in open(f"{out}/ab.jsonl"):
+    e = json.loads(line)
+    rows[(e["build"], e["case"])].append(e["r"])
+def ms(build, case):
+    return [r["decode"]["ms_per_token_mean"] for r in rows[(build, case)] if "decode" in r]
+print(f"\nHBM (device copy, read + written): {hbm:.0f} GB/s")
+print("| case | this build ms/token | baseline ms/token | floor ms | % of roofline (this build) |")
+print("|---|---|---|---|---|")
+for case in ("model_a", "model_b"):
+    new, base = ms("new", case), ms("base", case)
+    r = next((r for r in rows[("new", case)] if "decode" in r), None)
+    floor = r["decode_bytes_per_token"] / (hbm * 1e6) if r else None
+    fmt = lambda v: " / ".join(f"{x:.4f}" for x in v) or "-"
+    pct = f"{100 * floor / min(new):.0f}%" if floor and new else "-"
+    print(f"| {case} | {fmt(new)} | {fmt(base)} | {floor or 0:.3f} | {pct} |")
+for build in ("new", "base"):
+    for r in rows[(build, "batched_a")]:
+        line = " | ".join(f"b{b['batch']} {b['tokens_per_s']:.0f} tok/s" for b in r.get("batch_decode") or [])
+        print(f"batched Model A, {build}: {line}")
+for build in ("new", "base"):
+    l1, l3 = rows[(build, "layer_1")], rows[(build, "layer_3")]
+    if l1 and l3 and "decode" in l1[0] and "decode" in l3[0]:
+        per = (l3[0]["decode"]["ms_per_token_mean"] - l1[0]["decode"]["ms_per_token_mean"]) / 2
+        floor = (l3[0]["decode_bytes_per_token"] - l1[0]["decode_bytes_per_token"]) / 2 / (hbm * 1e6)
+        pct = f"{100 * floor / per:.0f}%" if per > 0 else "-"
+        print(f"8x7B layer, {build}: {per:.4f} ms, floor {floor:.4f} ms, {pct} of roofline")
+PY
 }
 
 run() {
@@ -274,7 +366,8 @@ PY
 
 case "${1:-}" in
   prepare) prepare ;;
-  run) shift; run "$@" ;;
-  profile) shift; profile "$@" ;;
+  run) shift; unpack; run "$@" ;;
+  ab) shift; unpack; ab "$@" ;;
+  profile) shift; unpack; profile "$@" ;;
   *) sed -n 2,12p "$0"; exit 2 ;;
 esac

@@ -15,6 +15,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 moex="${MOEX:-.device/offload/bin/moex}"
+# tools/device_cuda.sh prepare ships its binaries gzipped (the carry limit): unpack them here.
+for bin in "$moex" "${MOEX_BASE:-}"; do
+  [ -n "$bin" ] && [ ! -x "$bin" ] && [ -f "$bin.gz" ] && gunzip -f "$bin.gz" && chmod +x "$bin"
+done
 # The shared libraries travel next to the binary: <dir>/bin/moex, <dir>/lib/*.so.
 export LD_LIBRARY_PATH="$(cd "$(dirname "$moex")/.." && pwd)/lib:${LD_LIBRARY_PATH:-}"
 out="${OUT:-/tmp/moex_offload}"
