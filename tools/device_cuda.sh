@@ -369,5 +369,5 @@ case "${1:-}" in
   run) shift; unpack; run "$@" ;;
   ab) shift; unpack; ab "$@" ;;
   profile) shift; unpack; profile "$@" ;;
-  *) sed -n 2,12p "$0"; exit 2 ;;
+  *) sed -n "2,$(( $(grep -n '^set -uo' "$0" | cut -d: -f1) - 1 ))p" "$0"; exit 2 ;;
 esac
