@@ -149,6 +149,9 @@ else
   fail "bench --batch exited non-zero: $(cat "$tmp/err")"
 fi
 expect_error "bench --batch 0" "--batch" "$moex" bench -m "$fixture" --batch 0
+expect_error "negative split overhead" "--split-overhead-ms" "$moex" bench -m "$fixture" --split-overhead-ms -1
+expect_error "balanced prefetch without CPU experts" "--balance-prefetch" "$moex" bench -m "$fixture" \
+  --balance-prefetch
 
 echo "$passed passed, $failures failed"
 [ "$failures" -eq 0 ]
