@@ -13,6 +13,7 @@
 #include "moex/model/model.h"
 #include "moex/runtime/engine.h"
 #include "unit/model/fixture_util.h"
+#include "unit/model/topk_recorder.h"
 
 namespace moex {
 namespace {
@@ -31,17 +32,6 @@ std::vector<std::string> names() {
   return out;
 }
 
-class Recorder : public RouterObserver {
- public:
-  void on_router(int32_t moe_layer_idx, int64_t, std::span<const float>, const Routing& routing) override {
-    if (topk.size() <= static_cast<size_t>(moe_layer_idx)) topk.resize(moe_layer_idx + 1);
-    for (int64_t token = 0; token < routing.num_tokens; ++token)
-      topk[moe_layer_idx].emplace_back(routing.expert_ids.begin() + token * routing.top_k,
-                                       routing.expert_ids.begin() + (token + 1) * routing.top_k);
-  }
-  std::vector<std::vector<std::vector<int32_t>>> topk;
-};
-
 class CudaFixture : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaFixture, MatchesTransformers) {
@@ -53,7 +43,7 @@ TEST_P(CudaFixture, MatchesTransformers) {
   options.device = "cuda";
   Engine engine(*model, options);
   const auto prompt = ref["prompt_ids"].get<std::vector<int32_t>>();
-  Recorder recorder;
+  test::TopkRecorder recorder;
   std::vector<float> logits = engine.prompt_logits(prompt, &recorder);
   const int64_t vocab = model->config().vocab_size;
   double max_diff = 0;

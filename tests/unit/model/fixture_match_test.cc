@@ -7,20 +7,10 @@
 #include "moex/model/model.h"
 #include "moex/runtime/engine.h"
 #include "unit/model/fixture_util.h"
+#include "unit/model/topk_recorder.h"
 
 namespace moex {
 namespace {
-
-class RouterRecorder : public RouterObserver {
- public:
-  void on_router(int32_t moe_layer_idx, int64_t, std::span<const float>, const Routing& routing) override {
-    if (topk.size() <= static_cast<size_t>(moe_layer_idx)) topk.resize(moe_layer_idx + 1);
-    for (int64_t token = 0; token < routing.num_tokens; ++token)
-      topk[moe_layer_idx].emplace_back(routing.expert_ids.begin() + token * routing.top_k,
-                                       routing.expert_ids.begin() + (token + 1) * routing.top_k);
-  }
-  std::vector<std::vector<std::vector<int32_t>>> topk;
-};
 
 class FixtureMatch : public ::testing::TestWithParam<std::string> {};
 
@@ -33,7 +23,7 @@ TEST_P(FixtureMatch, LogitsRoutingAndGreedyMatchTransformers) {
   Engine engine(*model, options);
   const auto prompt = ref["prompt_ids"].get<std::vector<int32_t>>();
 
-  RouterRecorder recorder;
+  test::TopkRecorder recorder;
   std::vector<float> logits = engine.prompt_logits(prompt, &recorder);
   const int64_t vocab = model->config().vocab_size;
   const auto& ref_logits = ref["logits"];
