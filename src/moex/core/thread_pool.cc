@@ -74,13 +74,17 @@ void ThreadPool::worker_loop() {
         // seq_cst increment then predicate check, against the caller's seq_cst generation store then
         // sleepers_ load: one of the two sides always sees the other, so no wake-up is lost.
         sleepers_.fetch_add(1);
-        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        wake_.wait(lock, [&] { return generation_.load() != seen || stop_.load(); });
         sleepers_.fetch_sub(1);
         break;
       }
     }
-    if (stop_.load()) return;
+    // The generation first, then stop_: the destructor sets stop_ before it bumps the generation, so a worker
+    // that takes the bumped generation as seen also sees stop_. The other order let a worker read stop_ =
+    // false, then adopt the destructor's generation and sleep waiting for a change that never came (a hang
+    // at pool destruction, seen once in CI).
     seen = generation_.load(std::memory_order_acquire);
+    if (stop_.load()) return;
     run_chunks(seen);
   }
 }
