@@ -126,17 +126,19 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& r
   // The link already carries more than the CPU would with this prefetch's expert added (what a skipped,
   // then missed, expert costs it): a prefetch would lengthen the long path by a whole copy, where the CPU runs
   // that expert in about half the time (host reads are ~2x the link's rate).
-  const double expert_cpu_ms =
-      static_cast<double>(store_->expert_bytes((layer_idx + 1) % num_layers)) / (config_.host_read_gbs * 1e6);
-  if (config_.balance_prefetch && config_.cpu_experts && link_booked_ms_ > cpu_booked_ms_ + expert_cpu_ms) {
-    stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
-    prefetch_plan_.clear();
+  if (config_.balance_prefetch && config_.cpu_experts) {
+    const double expert_cpu_ms =
+        static_cast<double>(store_->expert_bytes((layer_idx + 1) % num_layers)) / (config_.host_read_gbs * 1e6);
+    if (link_booked_ms_ > cpu_booked_ms_ + expert_cpu_ms) {
+      stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
+      prefetch_plan_.clear();
+    }
   }
 }
 
-void OffloadingExpertProvider::book_paths(double link_ms, double cpu_ms) {
-  link_booked_ms_ = link_booked_ms_ * kBookingDecay + link_ms;
-  cpu_booked_ms_ = cpu_booked_ms_ * kBookingDecay + cpu_ms;
+void OffloadingExpertProvider::book_paths(const PathLoad& load) {
+  link_booked_ms_ = link_booked_ms_ * kBookingDecay + load.link_ms;
+  cpu_booked_ms_ = cpu_booked_ms_ * kBookingDecay + load.cpu_ms;
 }
 
 void OffloadingExpertProvider::issue_prefetch() {
@@ -153,7 +155,7 @@ void OffloadingExpertProvider::issue_prefetch() {
   prefetch_plan_.clear();
 }
 
-void OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes) {
+PathLoad OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes) {
   const int32_t num_experts = store_->num_experts(layer_idx);
   tokens_per_expert_.assign(static_cast<size_t>(num_experts), 0);
   for (int32_t id : routing.expert_ids)
@@ -194,7 +196,7 @@ void OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Routin
         break;
     }
   }
-  last_load_ = load;
+  return load;
 }
 
 void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing, const TensorView& /*hidden*/,
@@ -234,8 +236,8 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   to_cpu_.clear();
   splits_.clear();
   if (config_.cpu_experts && !keys_.empty()) {
-    assign_miss_paths(layer_idx, routing, taken_over_bytes);
-    if (first_wave) book_paths(last_load_.link_ms, last_load_.cpu_ms);
+    const PathLoad load = assign_miss_paths(layer_idx, routing, taken_over_bytes);
+    if (first_wave && config_.balance_prefetch) book_paths(load);
     // The cache made room for these; give it back: a CPU-run expert is not cached.
     cache_->release(to_cpu_);
     for (const ExpertKey& key : to_cpu_) {

@@ -77,10 +77,10 @@ class OffloadingExpertProvider : public ExpertProvider {
   void plan_prefetch(int32_t layer_idx, const Routing& routing);
   void issue_prefetch();
   // Picks each CPU-eligible miss's path (moe/miss_path.h); marks the ones that run whole on the CPU or
-  // split in to_cpu_ / splits_.
-  void assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes);
-  // balance_prefetch: adds a layer's booked work (ms) to the running totals of both paths.
-  void book_paths(double link_ms, double cpu_ms);
+  // split in to_cpu_ / splits_. Returns the work each path got this step (ms), prefetches included.
+  PathLoad assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes);
+  // balance_prefetch: adds a layer's booked work to the running totals of both paths.
+  void book_paths(const PathLoad& load);
 
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<ExpertCache> cache_;
@@ -105,7 +105,6 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::vector<ExpertKey> split_keys_;
   double link_booked_ms_ = 0;  // balance_prefetch: decayed sums of each path's booked work
   double cpu_booked_ms_ = 0;
-  PathLoad last_load_;         // the last assign_miss_paths() booking
 };
 
 // Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError

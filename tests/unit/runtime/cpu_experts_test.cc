@@ -108,29 +108,48 @@ class StandInDevice : public Backend {
   std::vector<HostTensor> uploads_;
 };
 
+EngineOptions one_thread() {
+  EngineOptions options;
+  options.num_threads = 1;
+  return options;
+}
+
+// A fixture as these tests use it: the model, its reference prompt, and the resident run (one thread) that
+// the offloaded runs must reproduce.
+struct FixtureRun {
+  explicit FixtureRun(const char* name)
+      : model(Model::load((test::fixtures_root() / name).string())),
+        prompt(test::reference_prompt(test::fixtures_root() / name)),
+        resident(*model, one_thread()) {}
+  std::unique_ptr<Model> model;
+  std::vector<int32_t> prompt;
+  Engine resident;
+};
+
+// Offloading onto a stand-in device with room for top_k + spare experts, misses allowed on the host CPU.
+EngineOptions cpu_expert_options(const ModelConfig& cfg, int64_t spare) {
+  EngineOptions options = one_thread();
+  options.expert_budget_bytes = (cfg.top_k + spare) * static_cast<int64_t>(cfg.expert_bytes());
+  options.cpu_experts = true;
+  return options;
+}
+
 TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
   for (const char* fixture : {"mixtral", "qwen2_moe", "olmoe"}) {
     SCOPED_TRACE(fixture);
-    auto model = Model::load((test::fixtures_root() / fixture).string());
-    const ModelConfig& cfg = model->config();
-    const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / fixture);
-    EngineOptions resident_options;
-    resident_options.num_threads = 1;
-    Engine resident(*model, resident_options);
-    const std::vector<float> want = resident.prompt_logits(prompt);
+    FixtureRun run(fixture);
+    const std::vector<int32_t>& prompt = run.prompt;
+    const std::vector<float> want = run.resident.prompt_logits(prompt);
     GenerationOptions greedy;
     greedy.max_new_tokens = 10;
     greedy.stop_at_eos = false;
-    const auto want_ids = resident.generate(prompt, greedy).output_ids;
+    const auto want_ids = run.resident.generate(prompt, greedy).output_ids;
 
-    EngineOptions options;
-    options.num_threads = 1;
-    options.expert_budget_bytes = (cfg.top_k + 1) * static_cast<int64_t>(cfg.expert_bytes());
-    options.cpu_experts = true;
+    EngineOptions options = cpu_expert_options(run.model->config(), 1);
     options.cpu_max_tokens = 64;  // also the prefill, so both paths run in the same step
     auto device = std::make_unique<StandInDevice>();
     StandInDevice* device_ptr = device.get();
-    Engine engine(*model, options, std::move(device));
+    Engine engine(*run.model, options, std::move(device));
     const std::vector<float> got = engine.prompt_logits(prompt);
     ASSERT_EQ(got.size(), want.size());
     float max_diff = 0;
@@ -149,31 +168,23 @@ TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
 // so after the first layer's booking the provider skips them; the CPU takes those misses, and the outputs are
 // the resident run's either way.
 TEST(CpuExperts, BalancedPrefetchSkipsPrefetchesWhileTheLinkIsTheLongPath) {
-  auto model = Model::load((test::fixtures_root() / "mixtral").string());
-  const ModelConfig& cfg = model->config();
-  const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / "mixtral");
-  EngineOptions resident_options;
-  resident_options.num_threads = 1;
-  Engine resident(*model, resident_options);
+  FixtureRun run("mixtral");
   GenerationOptions greedy;
   greedy.max_new_tokens = 12;
   greedy.stop_at_eos = false;
-  const auto want_ids = resident.generate(prompt, greedy).output_ids;
+  const auto want_ids = run.resident.generate(run.prompt, greedy).output_ids;
 
   ExpertProviderStats stats[2];
   for (bool balance : {false, true}) {
     SCOPED_TRACE(balance ? "balanced" : "plain");
-    EngineOptions options;
-    options.num_threads = 1;
-    options.expert_budget_bytes = (cfg.top_k + 2) * static_cast<int64_t>(cfg.expert_bytes());
-    options.cpu_experts = true;
+    EngineOptions options = cpu_expert_options(run.model->config(), 2);
     options.predictor = "frequency";
     options.copy_gbs = 1e-4;  // a copy of this fixture's expert books ~150 ms on the link
     options.balance_prefetch = balance;
     auto device = std::make_unique<StandInDevice>();
     StandInDevice* device_ptr = device.get();
-    Engine engine(*model, options, std::move(device));
-    EXPECT_EQ(engine.generate(prompt, greedy).output_ids, want_ids);
+    Engine engine(*run.model, options, std::move(device));
+    EXPECT_EQ(engine.generate(run.prompt, greedy).output_ids, want_ids);
     EXPECT_EQ(device_ptr->host_views_refused, 0);
     stats[balance] = engine.experts().stats();
   }
@@ -272,23 +283,18 @@ TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
     for (const Bandwidths bandwidths : {Bandwidths{20, 50}, Bandwidths{100, 50}, Bandwidths{120, 50}}) {
       SCOPED_TRACE(::testing::Message() << fixture << " host " << bandwidths.host_read_gbs << " GB/s, copy "
                                         << bandwidths.copy_gbs << " GB/s");
-      auto model = Model::load((test::fixtures_root() / fixture).string());
-      const ModelConfig& cfg = model->config();
-      const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / fixture);
-      EngineOptions resident_options;
-      resident_options.num_threads = 1;
-      Engine resident(*model, resident_options);
-      EngineOptions options;
-      options.num_threads = 1;
-      options.expert_budget_bytes = (cfg.top_k + 1) * static_cast<int64_t>(cfg.expert_bytes());
-      options.cpu_experts = true;
+      FixtureRun run(fixture);
+      const ModelConfig& cfg = run.model->config();
+      const std::vector<int32_t>& prompt = run.prompt;
+      Engine& resident = run.resident;
+      EngineOptions options = cpu_expert_options(cfg, 1);
       options.cpu_max_tokens = 64;
       options.host_read_gbs = bandwidths.host_read_gbs;
       options.copy_gbs = bandwidths.copy_gbs;
       options.split_overhead_ms = 0;  // the fixture's experts are 15 KB: any overhead outweighs a split
       auto device = std::make_unique<StandInDevice>();
       StandInDevice* device_ptr = device.get();
-      Engine engine(*model, options, std::move(device));
+      Engine engine(*run.model, options, std::move(device));
 
       std::vector<float> want, got;
       resident.decoder().forward(prompt, 0, /*all_logits=*/true, &want);
@@ -337,15 +343,15 @@ class PickingDevice : public StandInDevice {
 };
 
 TEST(DeviceGreedy, BatchedGreedyDecodingUsesTheDevicePicks) {
-  auto model = Model::load((test::fixtures_root() / "mixtral").string());
-  const std::vector<int32_t> prompt = test::reference_prompt(test::fixtures_root() / "mixtral");
+  FixtureRun run("mixtral");
+  const std::vector<int32_t>& prompt = run.prompt;
   const std::vector<std::vector<int32_t>> prompts = {prompt, {prompt.begin(), prompt.begin() + 3}};
   GenerationOptions greedy;
   greedy.max_new_tokens = 6;
   greedy.stop_at_eos = false;
-  EngineOptions options;
-  options.num_threads = 1;
-  Engine reference(*model, options);
+  const EngineOptions options = one_thread();
+  const std::unique_ptr<Model>& model = run.model;
+  Engine& reference = run.resident;
   for (int32_t forced : {-1, 3}) {
     SCOPED_TRACE(forced);
     auto device = std::make_unique<PickingDevice>(forced);
