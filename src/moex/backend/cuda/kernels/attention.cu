@@ -202,14 +202,16 @@ constexpr int kPvBatch = 8;                                  // V rows in flight
 bool decode_kernel_fits(const AttentionShape& shape) {
   const int64_t group = shape.heads / shape.kv_heads;
   // One row is "one sequence" too: batch-1 decode.
-  return (!shape.one_sequence || shape.num_queries == 1) && (group == 1 || group == 2 || group == 4 || group == 8) && shape.head_dim % 32 == 0 &&
-         shape.head_dim <= kAttentionMaxHeadDim;
+  return (!shape.one_sequence || shape.num_queries == 1) && (group == 1 || group == 2 || group == 4 || group == 8) &&
+         shape.head_dim % 32 == 0 && shape.head_dim <= kAttentionMaxHeadDim;
 }
 
-size_t decode_smem_bytes(int group, int head_dim) {
+constexpr size_t decode_smem_bytes(int group, int head_dim) {
   // q [G][D], then per warp: m [G], l [G], acc [G][D].
   return sizeof(float) * (group * head_dim + kDecodeWarps * group * (head_dim + 2));
 }
+// So no launch needs the opt-in to more than the default dynamic shared memory.
+static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
 // Block (query, kv head, split); DPL = head_dim / 32 dims per lane, G = heads per kv head.
 template <int DPL, int G>
@@ -339,10 +341,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
 template <int G>
 void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
   const size_t smem = decode_smem_bytes(G, p.head_dim);
-  auto launch = [&](auto kernel) {
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p);
-  };
+  auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
   switch (p.head_dim / 32) {
     case 1: launch(decode_attention_kernel<1, G>); break;
     case 2: launch(decode_attention_kernel<2, G>); break;
