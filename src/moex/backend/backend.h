@@ -162,6 +162,15 @@ class Backend {
   // k_pages/v_pages [num_pages, page_size, kv_heads, head_dim] fp32. step must be the prepared one.
   virtual void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
                         const TensorView& v_pages) = 0;
+  // qk_norm_rope() then kv_write() of the rotated k and of v [n, kv_heads, head_dim]: one op, so a device
+  // backend can store the step's keys as it rotates them.
+  virtual void qk_norm_rope_kv_write(const TensorView& q, const TensorView& k, const TensorView& v,
+                                     const TensorView* q_norm, const TensorView* k_norm, float eps,
+                                     std::span<const int32_t> positions, int64_t rotary_dim, double theta,
+                                     const KvStep& step, const TensorView& k_pages, const TensorView& v_pages) {
+    qk_norm_rope(q, k, q_norm, k_norm, eps, positions, rotary_dim, theta);
+    kv_write(step, k, v, k_pages, v_pages);
+  }
   // Causal GQA attention: row i of q [n, heads, head_dim] attends to positions 0..step.row_pos[i] of its
   // sequence (this step's kv_write included); out [n, heads, head_dim]. scale multiplies q.k (1/sqrt(head_dim)).
   virtual void attention(const KvStep& step, const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
@@ -179,15 +188,19 @@ class Backend {
   // nothing: the offloading path runs a layer's experts in waves). out is overwritten.
   virtual void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
                            const TensorView& out) = 0;
-  // route() then moe_experts() for a layer whose experts are all resident, without the routing reaching
-  // the host: a backend may keep ids and weights on its device (no host round trip per MoE layer). experts
-  // is the layer's whole table (every entry valid); the same data pointer must always carry the same
-  // contents, so that a backend may cache what it derives from it (CUDA: a device copy of the pointers).
   // Whether moe_routed() saves anything over route() + moe_experts() here (a device round trip per MoE
   // layer); the decoder keeps host-side routing, and the providers' per-expert hit counts, otherwise.
   virtual bool prefers_device_routing() const { return false; }
-  virtual void moe_routed(const TensorView& x, const TensorView& logits, int64_t top_k, RouterScoring scoring,
-                          bool normalize, std::span<const ExpertWeights> experts, const TensorView& out) {
+  // The router GEMV, route() and moe_experts() for a layer whose experts are all resident, without the
+  // routing reaching the host: a backend may keep ids and weights on its device (no host round trip per MoE
+  // layer) and fuse the router with the routing. logits [n, num_experts] is scratch the op fills with x times
+  // router^T. experts is the layer's whole table (every entry valid); the same data pointer must always carry
+  // the same contents, so that a backend may cache what it derives from it (CUDA: a device copy of the
+  // pointers).
+  virtual void moe_routed(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
+                          RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
+                          const TensorView& out) {
+    linear(x, router, nullptr, logits);
     Routing routing;
     route(logits, top_k, scoring, normalize, &routing);
     moe_experts(x, routing, experts, out);

@@ -381,11 +381,11 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
     }
     TensorView q3 = q.reshape(Shape{n, heads, hd});
     TensorView k3 = k.reshape(Shape{n, kv_heads, hd});
-    backend_.qk_norm_rope(q3, k3, norm_with_rope ? &layer.q_norm : nullptr, norm_with_rope ? &layer.k_norm : nullptr,
-                          eps, positions, cfg_.rotary_dim, cfg_.rope_theta);
     const TensorView& k_pages = kv_->k_pages(static_cast<int64_t>(layer_idx));
     const TensorView& v_pages = kv_->v_pages(static_cast<int64_t>(layer_idx));
-    backend_.kv_write(kv_step_, k3, v.reshape(Shape{n, kv_heads, hd}), k_pages, v_pages);
+    backend_.qk_norm_rope_kv_write(q3, k3, v.reshape(Shape{n, kv_heads, hd}), norm_with_rope ? &layer.q_norm : nullptr,
+                                   norm_with_rope ? &layer.k_norm : nullptr, eps, positions, cfg_.rotary_dim,
+                                   cfg_.rope_theta, kv_step_, k_pages, v_pages);
     TensorView attn = scratch(kAttn, Shape{n, heads, hd});
     backend_.attention(kv_step_, q3, k_pages, v_pages, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))),
                        attn);
@@ -395,11 +395,11 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
 
     if (host_layer.is_moe) {
       TensorView router_logits = scratch(kRouterLogits, Shape{n, cfg_.num_experts});
-      backend_.linear(h, layer.router, nullptr, router_logits);
       if (device_routing) {
-        backend_.moe_routed(h, router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob,
+        backend_.moe_routed(h, layer.router, router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob,
                             experts_.resident_layer(host_layer.moe_layer_idx), ffn_out);
       } else {
+        backend_.linear(h, layer.router, nullptr, router_logits);
         backend_.route(router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob, &routing_);
         if (observer) {
           router_host_.resize(static_cast<size_t>(n * cfg_.num_experts));

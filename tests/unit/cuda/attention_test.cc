@@ -61,6 +61,55 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   MOEX_EXPECT_CLOSE(got, std::vector<double>(cpu_out.begin(), cpu_out.end()), 1e-5);
 }
 
+// qk_norm_rope_kv_write (the rotation writes the cache in the same kernel) against qk_norm_rope then
+// kv_write: the same pools and q, bit for bit, with and without per-head norms.
+TEST_P(CudaPagedAttention, FusedRopeKvWriteMatchesSeparateOps) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  const test::PagedCase c = cuda_cases()[GetParam()];
+  SCOPED_TRACE(c.str());
+  test::PagedData d = test::make_paged(c, 2000 + GetParam());
+  const Shape pool = d.pool_shape(c), rows_shape{d.n, c.kv_heads, c.head_dim}, q_shape{d.n, c.heads, c.head_dim};
+  std::mt19937 rng(static_cast<uint32_t>(GetParam()));
+  auto norm = random_floats(rng, static_cast<size_t>(c.head_dim));
+  const TensorView norm_d = backend->upload_weight(TensorView(norm.data(), DType::kF32, {c.head_dim}), "norm");
+  const KvStep step = d.step();
+  const std::vector<int32_t> positions(step.row_pos.begin(), step.row_pos.end());
+  for (bool with_norm : {false, true}) {
+    SCOPED_TRACE(with_norm ? "per-head norms" : "no norms");
+    std::vector<std::vector<float>> pools[2], qs;
+    for (bool fused : {false, true}) {
+      auto kp = backend->alloc(DType::kF32, pool), vp = backend->alloc(DType::kF32, pool);
+      backend->copy_from_host(d.k_pool.data(), kp->view);
+      backend->copy_from_host(d.v_pool.data(), vp->view);
+      GuardedTensor kn(*backend, rows_shape), vn(*backend, rows_shape), qd(*backend, q_shape);
+      kn.fill(d.k_new);
+      vn.fill(d.v_new);
+      qd.fill(d.q);
+      backend->prepare_kv_step(step);
+      const TensorView* qn = with_norm ? &norm_d : nullptr;
+      if (fused) {
+        backend->qk_norm_rope_kv_write(qd.view(), kn.view(), vn.view(), qn, qn, 1e-6f, positions,
+                                       c.head_dim / 2 * 2, 1e4, step, kp->view, vp->view);
+      } else {
+        backend->qk_norm_rope(qd.view(), kn.view(), qn, qn, 1e-6f, positions, c.head_dim / 2 * 2, 1e4);
+        backend->kv_write(step, kn.view(), vn.view(), kp->view, vp->view);
+      }
+      std::vector<float> k_after(d.k_pool.size()), v_after(d.v_pool.size());
+      backend->copy_to_host(kp->view, k_after.data());
+      backend->copy_to_host(vp->view, v_after.data());
+      pools[fused] = {k_after, v_after};
+      qs.push_back(qd.read());
+    }
+    auto same = [](float a, float b) { return std::isnan(b) ? std::isnan(a) : std::memcmp(&a, &b, 4) == 0; };
+    for (int which = 0; which < 2; ++which) {
+      int64_t bad = 0;
+      for (size_t i = 0; i < pools[0][which].size(); ++i) bad += !same(pools[1][which][i], pools[0][which][i]);
+      EXPECT_EQ(bad, 0) << (which ? "v" : "k") << " pool elements differ";
+    }
+    for (size_t i = 0; i < qs[0].size(); ++i) ASSERT_TRUE(same(qs[1][i], qs[0][i])) << "q element " << i;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Cases, CudaPagedAttention, ::testing::Range(size_t{0}, cuda_cases().size()),
                          [](const auto& info) { return "case" + std::to_string(info.param); });
 

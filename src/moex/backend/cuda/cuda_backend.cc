@@ -108,6 +108,8 @@ class CudaBackend final : public Backend {
     staging_ = std::make_unique<StagingRing>();
     step_values_ = DeviceMemory(16);
     step_host_ = PinnedMemory(16);
+    route_ticket_ = DeviceMemory(16);
+    MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
@@ -369,35 +371,23 @@ class CudaBackend final : public Backend {
 
   void qk_norm_rope(const TensorView& q, const TensorView& k, const TensorView* q_norm, const TensorView* k_norm,
                     float eps, std::span<const int32_t> positions, int64_t rotary_dim, double theta) override {
-    check_f32(q, "qk_norm_rope", "q");
-    check_f32(k, "qk_norm_rope", "k");
-    MOEX_ASSERT(q.shape.ndim == 3 && k.shape.ndim == 3 && q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2),
-                "cuda qk_norm_rope: q {} k {} must be [n, heads, head_dim]", q.shape.str(), k.shape.str());
-    const int64_t n = q.dim(0), head_dim = q.dim(2);
-    MOEX_ASSERT((q_norm == nullptr) == (k_norm == nullptr), "cuda qk_norm_rope: q_norm and k_norm go together");
-    MOEX_ASSERT(static_cast<int64_t>(positions.size()) == n, "cuda qk_norm_rope: {} positions for {} tokens",
-                positions.size(), n);
-    MOEX_ASSERT(rotary_dim % 2 == 0 && rotary_dim <= head_dim, "cuda qk_norm_rope: rotary_dim {} for head_dim {}",
-                rotary_dim, head_dim);
-    if (head_dim > kQkNormRopeMaxHeadDim) {
+    if (!qk_norm_rope_launch(q, k, q_norm, k_norm, eps, positions, rotary_dim, theta, KvWrite{}))
       Backend::qk_norm_rope(q, k, q_norm, k_norm, eps, positions, rotary_dim, theta);
-      return;
-    }
-    const void* qn = nullptr;
-    const void* kn = nullptr;
-    bool norm_bf16 = false;
-    if (q_norm) {
-      bool k_bf16 = false;
-      qn = vector_data(*q_norm, &norm_bf16, "qk_norm_rope");
-      kn = vector_data(*k_norm, &k_bf16, "qk_norm_rope");
-      MOEX_ASSERT(q_norm->numel() == head_dim && k_norm->numel() == head_dim && k_bf16 == norm_bf16,
-                  "cuda qk_norm_rope: norms {} {} for head_dim {}", q_norm->shape.str(), k_norm->shape.str(),
-                  head_dim);
-    }
-    if (n == 0) return;
-    launch_qk_norm_rope(q.as<float>(), k.as<float>(), n, q.dim(1), k.dim(1), head_dim, qn, kn, norm_bf16, eps,
-                        device_positions(positions, "qk_norm_rope"), rotary_dim, theta, stream_);
-    MOEX_CUDA_CHECK_LAUNCH();
+  }
+
+  void qk_norm_rope_kv_write(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* q_norm,
+                             const TensorView* k_norm, float eps, std::span<const int32_t> positions,
+                             int64_t rotary_dim, double theta, const KvStep& step, const TensorView& k_pages,
+                             const TensorView& v_pages) override {
+    check_f32(v, "kv_write", "v");
+    check_f32(k_pages, "kv_write", "k_pages");
+    check_f32(v_pages, "kv_write", "v_pages");
+    const int64_t n = check_kv_write_shapes(step, k, v, k_pages, v_pages, "cuda kv_write");
+    check_prepared(step, n, k_pages.dim(0), "kv_write");
+    const KvWrite kv{v.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_};
+    if (!qk_norm_rope_launch(q, k, q_norm, k_norm, eps, positions, rotary_dim, theta, kv))
+      Backend::qk_norm_rope_kv_write(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages,
+                                     v_pages);
   }
 
   void clamp(const TensorView& x, float limit) override {
@@ -568,10 +558,45 @@ class CudaBackend final : public Backend {
   void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
                    const TensorView& out) override;
   bool prefers_device_routing() const override { return true; }
-  void moe_routed(const TensorView& x, const TensorView& logits, int64_t top_k, RouterScoring scoring,
-                  bool normalize, std::span<const ExpertWeights> experts, const TensorView& out) override;
+  void moe_routed(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
+                  RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
+                  const TensorView& out) override;
 
  private:
+  // The qk_norm_rope kernel (with the cache write when kv.k_pages is set); false, launching nothing, for head
+  // dims past its envelope.
+  bool qk_norm_rope_launch(const TensorView& q, const TensorView& k, const TensorView* q_norm,
+                           const TensorView* k_norm, float eps, std::span<const int32_t> positions,
+                           int64_t rotary_dim, double theta, const KvWrite& kv) {
+    check_f32(q, "qk_norm_rope", "q");
+    check_f32(k, "qk_norm_rope", "k");
+    MOEX_ASSERT(q.shape.ndim == 3 && k.shape.ndim == 3 && q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2),
+                "cuda qk_norm_rope: q {} k {} must be [n, heads, head_dim]", q.shape.str(), k.shape.str());
+    const int64_t n = q.dim(0), head_dim = q.dim(2);
+    MOEX_ASSERT((q_norm == nullptr) == (k_norm == nullptr), "cuda qk_norm_rope: q_norm and k_norm go together");
+    MOEX_ASSERT(static_cast<int64_t>(positions.size()) == n, "cuda qk_norm_rope: {} positions for {} tokens",
+                positions.size(), n);
+    MOEX_ASSERT(rotary_dim % 2 == 0 && rotary_dim <= head_dim, "cuda qk_norm_rope: rotary_dim {} for head_dim {}",
+                rotary_dim, head_dim);
+    if (head_dim > kQkNormRopeMaxHeadDim) return false;
+    const void* qn = nullptr;
+    const void* kn = nullptr;
+    bool norm_bf16 = false;
+    if (q_norm) {
+      bool k_bf16 = false;
+      qn = vector_data(*q_norm, &norm_bf16, "qk_norm_rope");
+      kn = vector_data(*k_norm, &k_bf16, "qk_norm_rope");
+      MOEX_ASSERT(q_norm->numel() == head_dim && k_norm->numel() == head_dim && k_bf16 == norm_bf16,
+                  "cuda qk_norm_rope: norms {} {} for head_dim {}", q_norm->shape.str(), k_norm->shape.str(),
+                  head_dim);
+    }
+    if (n == 0) return true;
+    launch_qk_norm_rope(q.as<float>(), k.as<float>(), n, q.dim(1), k.dim(1), head_dim, qn, kn, norm_bf16, eps,
+                        device_positions(positions, "qk_norm_rope"), rotary_dim, theta, kv, stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+    return true;
+  }
+
   // Host-dependent work cannot be recorded: throwing makes StepGraphs abandon the capture and run eagerly.
   void refuse_while_capturing(const char* op) const {
     if (capturing_) throw UsageError(fmt::format("cuda {}: not recordable inside a CUDA graph capture", op));
@@ -666,6 +691,7 @@ class CudaBackend final : public Backend {
   PinnedMemory readback_;
   // Decode-step mode (decode_step): token and position on the device, graphs per context bucket.
   DeviceMemory step_values_;  // int32 [token, position]
+  DeviceMemory route_ticket_;  // launch_moe_router_plan's counter of finished blocks (0 between launches)
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
   cudaEvent_t compute_mark_ = nullptr;   // copy_from_host_enqueue: the compute stream's work so far
@@ -794,17 +820,20 @@ const MoeExpertPtrs* CudaBackend::expert_table(std::span<const ExpertWeights> ex
   return static_cast<const MoeExpertPtrs*>(slot.pointers.get());
 }
 
-void CudaBackend::moe_routed(const TensorView& x, const TensorView& logits, int64_t top_k, RouterScoring scoring,
-                             bool normalize, std::span<const ExpertWeights> experts, const TensorView& out) {
+void CudaBackend::moe_routed(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
+                             RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
+                             const TensorView& out) {
   check_f32(x, "moe_routed", "x");
   check_f32(logits, "moe_routed", "logits");
   check_f32(out, "moe_routed", "out");
+  const uint16_t* router_data = bf16_data(router, "moe_routed", "router");
   const int64_t hidden = x.dim(-1), num_experts = logits.dim(-1);
   const int64_t n = logits.numel() / std::max<int64_t>(num_experts, 1), total = n * top_k;
   MOEX_ASSERT(x.numel() == n * hidden && out.numel() == x.numel() &&
-                  num_experts == static_cast<int64_t>(experts.size()),
-              "cuda moe_routed: x {} logits {} out {} for a table of {} experts", x.shape.str(), logits.shape.str(),
-              out.shape.str(), experts.size());
+                  num_experts == static_cast<int64_t>(experts.size()) && router.shape.ndim == 2 &&
+                  router.dim(0) == num_experts && router.dim(1) == hidden,
+              "cuda moe_routed: x {} router {} logits {} out {} for a table of {} experts", x.shape.str(),
+              router.shape.str(), logits.shape.str(), out.shape.str(), experts.size());
   MOEX_ASSERT(num_experts <= kRouterMaxExperts && top_k >= 1 && top_k <= std::min<int64_t>(kRouterMaxTopK, num_experts),
               "cuda moe_routed: {} experts (max {}), top_k {} (max {})", num_experts, kRouterMaxExperts, top_k,
               kRouterMaxTopK);
@@ -813,9 +842,10 @@ void CudaBackend::moe_routed(const TensorView& x, const TensorView& logits, int6
   const MoeExpertPtrs* table = expert_table(experts, hidden, &ffn);
   // Device-side planning covers the GEMV path (few tokens per expert); prefill-sized batches take the
   // host-planned tensor-core path, one round trip per layer against milliseconds of GEMM.
-  if (n > 2 * kMoeGemvMaxRows || total > kMoeRoutePlanMaxAssignments || hidden % 8 != 0 || ffn % 8 != 0) {
+  if (n > 2 * kMoeGemvMaxRows || total > kMoeRoutePlanMaxAssignments || hidden % 8 != 0 || ffn % 8 != 0 ||
+      !moe_router_plan_fits(x.as<float>(), router_data, hidden)) {
     refuse_while_capturing("moe_routed outside the device-planned envelope");
-    Backend::moe_routed(x, logits, top_k, scoring, normalize, experts, out);
+    Backend::moe_routed(x, router, logits, top_k, scoring, normalize, experts, out);
     return;
   }
   const size_t count = static_cast<size_t>(total);
@@ -834,8 +864,12 @@ void CudaBackend::moe_routed(const TensorView& x, const TensorView& logits, int6
   // One token: every group has one row (a token's picks are distinct experts), the 1-row kernel instance.
   // A token picks an expert at most once, so no group has more rows than there are tokens.
   const int max_rows = static_cast<int>(std::min<int64_t>(n, kMoeGemvMaxRows));
-  launch_moe_route_plan(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
-                        table, kMoeGemvMaxRows, ids, weights, row_token, slot, groups, num_groups, stream_);
+  // One token: the router GEMV rides in the planner's launch. More: linear()'s kernel, then the planner.
+  if (n > 1) linear(x, router, nullptr, logits);
+  launch_moe_router_plan(x.as<float>(), n == 1 ? router_data : nullptr, n, hidden, num_experts, top_k,
+                         scoring == RouterScoring::kSigmoid, normalize, table, kMoeGemvMaxRows, logits.as<float>(),
+                         ids, weights, row_token, slot, groups, num_groups, static_cast<unsigned*>(route_ticket_.get()),
+                         stream_);
   if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
     launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
                               out.as<float>(), stream_);

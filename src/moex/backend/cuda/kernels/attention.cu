@@ -1,11 +1,11 @@
 // Attention over the paged KV cache, two kernels:
 // - Decode rows (one query per sequence, any number of sequences): decode_attention_kernel. A block owns one
-//   row's GQA group of query heads for one kv head and one split of its keys; its 4 warps take 32-key chunks in
-//   turn. Lane j scores key j of a chunk for every head of the group (K read straight from the page, float4),
-//   then lanes own head dims for P.V, so all 128 threads work even at group 2 and short contexts. The warps'
-//   online softmaxes merge in shared memory; with several splits a second kernel merges the splits.
-//   The first kernel (below) ran one warp of four per group-of-2 block and a serial 128-step dot per lane:
-//   19 us per layer at 18 keys on an H100 (Model A), 14% of the batch-1 step.
+//   row's GQA group of query heads (or a part of it: see choose_layout) for one kv head and one split of its
+//   keys; its 4 warps take 32-key chunks in turn. Lane j scores key j of a chunk for every head of the block
+//   (K read straight from the page, float4), then lanes own head dims for P.V, so all 128 threads work even at
+//   group 2 and short contexts. The warps' online softmaxes merge in shared memory; with several splits a
+//   second kernel merges the splits. The first kernel (below) ran one warp of four per group-of-2 block and a
+//   serial 128-step dot per lane: 19 us per layer at 18 keys on an H100 (Model A), 14% of the batch-1 step.
 // - Prefill chunks and shapes the decode kernel does not cover: attention_kernel. A block owns one kv head and
 //   up to 8 "rows" (query, head-of-group) pairs of one sequence, so the K/V tile it stages in shared memory
 //   (gathered through the block table) serves every query head of the group and several queries. Keys are
@@ -196,7 +196,9 @@ __global__ void attention_merge_kernel(Params p, int splits) {
 // ---- decode rows ------------------------------------------------------------------------------------------
 
 constexpr int kDecodeWarps = 4;
-constexpr int kDecodeSplitKeys = kDecodeWarps * kKeyTile;  // a split gives every warp at least one chunk
+// A split gives every warp at least two chunks: a recorded step sizes its grid for its bucket (256 keys at
+// least), and at one chunk per warp the second split of a short context and its merge kernel were pure cost.
+constexpr int kDecodeSplitKeys = 2 * kDecodeWarps * kKeyTile;
 constexpr int kPvBatch = 8;                                  // V rows in flight per lane in P.V
 
 bool decode_kernel_fits(const AttentionShape& shape) {
@@ -213,7 +215,8 @@ constexpr size_t decode_smem_bytes(int group, int head_dim) {
 // So no launch needs the opt-in to more than the default dynamic shared memory.
 static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
-// Block (query, kv head, split); DPL = head_dim / 32 dims per lane, G = heads per kv head.
+// Block (query, head block, split); DPL = head_dim / 32 dims per lane, G = query heads per block: the whole
+// GQA group, or a part of it when the group's blocks alone would leave most SMs idle (choose_layout).
 template <int DPL, int G>
 __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Params p) {
   extern __shared__ float smem[];
@@ -225,9 +228,10 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
   pdl_launch_dependents();
   pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int query = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
+  const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
+  const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
   for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x)
-    q_s[idx] = p.q[(int64_t(query) * p.heads + kv_head * G) * D + idx] * p.scale_log2;
+    q_s[idx] = p.q[(int64_t(query) * p.heads + head0) * D + idx] * p.scale_log2;
   const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
   const int page_size = static_cast<int>(p.kv.page_size);
   const int key_end = p.kv.row_pos[query] + 1;
@@ -324,7 +328,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
         a_sum += acc_s[(w * G + g) * D + d] * f;
       }
     }
-    const int r = query * G + g;  // the row of the (query, head of group) pair, as in attention_kernel
+    const int r = query * p.group + head_in_group + g;  // the (query, head of group) row, as in attention_kernel
     if (p.part_acc) {
       const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
       p.part_acc[prow * D + d] = a_sum;
@@ -333,7 +337,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
         p.part_ml[prow * 2 + 1] = l_sum;
       }
     } else {
-      p.out[(int64_t(query) * p.heads + kv_head * G + g) * D + d] = a_sum / l_sum;
+      p.out[(int64_t(query) * p.heads + head0 + g) * D + d] = a_sum / l_sum;
     }
   }
 }
@@ -356,6 +360,8 @@ void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
 
 // ---- shared by both -----------------------------------------------------------------------------------------
 
+// Blocks per kv head and split before any split: decode blocks per (query, head block), the tiled kernel's
+// per row tile.
 int64_t grid_x(const AttentionShape& shape) {
   const int64_t group = shape.heads / shape.kv_heads;
   if (decode_kernel_fits(shape)) return shape.num_queries;
@@ -363,8 +369,8 @@ int64_t grid_x(const AttentionShape& shape) {
                             : shape.num_queries * ceil_div(group, int64_t(kRowsPerBlock));
 }
 
-int choose_splits(const AttentionShape& shape, int num_sms, int* keys_per_split) {
-  int64_t base_blocks = grid_x(shape) * shape.kv_heads;
+int choose_splits(const AttentionShape& shape, int64_t head_blocks, int num_sms, int* keys_per_split) {
+  int64_t base_blocks = grid_x(shape) * head_blocks;
   int64_t total_keys = std::max<int64_t>(shape.max_keys, 1);
   int64_t splits = ceil_div(2 * int64_t(num_sms), base_blocks);
   // The decode kernel's split feeds its 4 warps a chunk each; the other kernel's, two tiles.
@@ -375,6 +381,29 @@ int choose_splits(const AttentionShape& shape, int num_sms, int* keys_per_split)
   splits = ceil_div(total_keys, per);
   *keys_per_split = static_cast<int>(per);
   return static_cast<int>(splits);
+}
+
+struct Layout {
+  int heads_per_block;  // the tiled kernel: the group (its blocks tile rows); decode: see choose_layout
+  int splits;
+  int keys_per_split;
+};
+
+// Decode blocks take the whole GQA group (K/V read once per group) unless that leaves most SMs idle: batch 1
+// at a short context is 4-8 blocks (one per kv head), each with a long serial per-lane chain (a key's dot
+// for every head of the group). Halving the heads per block until the grid covers the SMs turns that into
+// 32 short blocks on Model B; the group's K/V rows are then read by several blocks, from L2.
+Layout choose_layout(const AttentionShape& shape, int num_sms) {
+  const int group = static_cast<int>(shape.heads / shape.kv_heads);
+  Layout layout{group, 1, 0};
+  auto head_blocks = [&] { return shape.kv_heads * (group / layout.heads_per_block); };
+  layout.splits = choose_splits(shape, head_blocks(), num_sms, &layout.keys_per_split);
+  if (!decode_kernel_fits(shape)) return layout;
+  while (layout.heads_per_block > 1 && grid_x(shape) * head_blocks() * layout.splits < num_sms) {
+    layout.heads_per_block /= 2;
+    layout.splits = choose_splits(shape, head_blocks(), num_sms, &layout.keys_per_split);
+  }
+  return layout;
 }
 
 __global__ void kv_write_paged_kernel(const float* k, const float* v, float* k_pages, float* v_pages, PagedKvRows kv,
@@ -408,8 +437,7 @@ void launch_tiled(const Params& p, dim3 grid, cudaStream_t stream) {
 
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms) {
   if (shape.num_queries == 0) return 0;
-  int keys_per_split = 0;
-  int splits = choose_splits(shape, num_sms, &keys_per_split);
+  const int splits = choose_layout(shape, num_sms).splits;
   if (splits <= 1) return 0;
   size_t rows = static_cast<size_t>(shape.num_queries * shape.heads);
   return sizeof(float) * static_cast<size_t>(splits) * rows * static_cast<size_t>(shape.head_dim + 2);
@@ -433,15 +461,18 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   p.head_chunks = static_cast<int>(ceil_div(int64_t(p.group), int64_t(kRowsPerBlock)));
   p.one_sequence = shape.one_sequence;
   p.scale_log2 = scale * kLog2e;
-  int splits = choose_splits(shape, num_sms, &p.keys_per_split);
+  const Layout layout = choose_layout(shape, num_sms);
+  const int splits = layout.splits;
+  p.keys_per_split = layout.keys_per_split;
   if (splits > 1) {
     size_t num_rows = static_cast<size_t>(p.kv_heads) * p.rows_per_head;
     p.part_acc = static_cast<float*>(workspace);
     p.part_ml = p.part_acc + static_cast<size_t>(splits) * num_rows * p.head_dim;
   }
-  dim3 grid(static_cast<unsigned>(grid_x(shape)), p.kv_heads, splits);
+  const int head_blocks = p.kv_heads * (p.group / layout.heads_per_block);
+  dim3 grid(static_cast<unsigned>(grid_x(shape)), head_blocks, splits);
   if (decode_kernel_fits(shape)) {
-    switch (p.group) {
+    switch (layout.heads_per_block) {
       case 1: launch_decode_group<1>(p, grid, stream); break;
       case 2: launch_decode_group<2>(p, grid, stream); break;
       case 4: launch_decode_group<4>(p, grid, stream); break;

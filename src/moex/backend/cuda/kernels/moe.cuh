@@ -20,7 +20,7 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
                      int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
                      const int32_t* device_num_groups = nullptr);
 
-// One token's top_k experts planned on the device (launch_moe_route_plan with one token: top_k groups of one
+// One token's top_k experts planned on the device (launch_moe_router_plan with one token: top_k groups of one
 // row each, group r = row r): gate/up + SwiGLU into h [top_k, ffn], then down and the weighted combine in one
 // kernel into out [hidden]. Bit-identical to launch_moe_gemv + launch_moe_combine, two launches instead of three.
 // top_k <= kMoeOneTokenMaxTopK.
@@ -32,16 +32,21 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
 // Largest num_tokens * top_k the device-side planner takes (one block).
 constexpr int kMoeRoutePlanMaxAssignments = 256;
 
-// Routing and GEMV planning on the device, one launch: logits fp32 [num_tokens, num_experts] -> ids/weights
-// [num_tokens, top_k] (as launch_router_topk), then the plan that plan_moe() makes on the host for the GEMV
-// path: assignments ordered by expert then (token, pick); row_token [total], slot [total], groups (at most
-// total, of <= max_group_rows rows, weights from table [num_experts]) and their count in *num_groups.
-// total = num_tokens * top_k <= kMoeRoutePlanMaxAssignments.
-void launch_moe_route_plan(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
-                           bool sigmoid_scoring, bool normalize, const MoeExpertPtrs* table, int max_group_rows,
-                           int32_t* ids, float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups,
-                           int32_t* num_groups, cudaStream_t stream);
-
+// Router, routing and GEMV planning on the device, one launch: with router set (num_tokens == 1 only), logits
+// fp32 [1, num_experts] = x fp32 [1, hidden] times router bf16 [num_experts, hidden]^T (the same loop and
+// summation order as launch_gemv_bf16); with router null, logits [num_tokens, num_experts] as given. Then
+// ids/weights [num_tokens, top_k] (as launch_router_topk), then the plan that
+// plan_moe() makes on the host for the GEMV path: assignments ordered by expert then (token, pick); row_token
+// [total], slot [total], groups (at most total, of <= max_group_rows rows, weights from table [num_experts])
+// and their count in *num_groups. total = num_tokens * top_k <= kMoeRoutePlanMaxAssignments; hidden % 8 == 0,
+// x and router 16-byte aligned. ticket: one device counter, 0 before the launch and 0 again after it.
+void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_tokens, int64_t hidden,
+                            int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
+                            const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
+                            float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
+                            unsigned* ticket, cudaStream_t stream);
+// Whether launch_moe_router_plan takes this x and router (hidden % 8 == 0, both 16-byte aligned; router may be null).
+bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden);
 // GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); a bf16 [rows, hidden] (tokens
 // gathered in permuted order). Stage 2: y fp32 [rows, hidden] = h down^T. hidden, ffn % 8 == 0.
 void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int64_t hidden, int64_t ffn,

@@ -1,7 +1,13 @@
-// Device-side routing and planning for the MoE decode path: one block routes every token (a warp each,
-// router_warp.cuh), then orders the (token, pick) assignments by expert exactly as plan_moe() does on the
-// host and cuts them into GEMV groups. The expert kernels then read the plan from device memory: no host
-// round trip per MoE layer, so a decode step can be recorded as one CUDA graph.
+// Device-side router, routing and planning for the MoE decode path, one launch: at one token the grid's warps
+// compute the router logits (one expert row each, the GEMV loop of gemv_core.cuh), and the last block to
+// finish routes every token (a warp each, router_warp.cuh), orders the (token, pick) assignments by expert
+// exactly as plan_moe() does on the host and cuts them into GEMV groups. The expert kernels then read the plan
+// from device memory: no host round trip per MoE layer, so a decode step can be recorded as one CUDA graph.
+// The router GEMV had been a launch of its own (6 us per layer at one token on an H100, for 32 KB of weights
+// on Model A) and the planner built its groups on one thread (10 us per layer on Model B). Several tokens take
+// the logits from linear() instead: a warp per expert re-reading every token's activations made Model A's
+// 32-sequence step 8% slower than linear()'s tensor-core kernel, which reads them once per block.
+#include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 #include "moex/backend/cuda/kernels/router_warp.cuh"
@@ -9,65 +15,140 @@
 namespace moex::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+static_assert(kThreads >= kMoeRoutePlanMaxAssignments, "the planner gives every assignment a thread");
 
-__global__ __launch_bounds__(kThreads) void moe_route_plan_kernel(const float* logits, int num_tokens,
-                                                                  int num_experts, int top_k, bool sigmoid_scoring,
-                                                                  bool normalize, const MoeExpertPtrs* table,
-                                                                  int max_group_rows, int32_t* ids, float* weights,
-                                                                  int32_t* row_token, int32_t* slot,
-                                                                  MoeGroup* groups, int32_t* num_groups) {
+struct RoutePlanParams {
+  const float* x;
+  const bf16* router;
+  float* logits;
+  int num_tokens, hidden, num_experts, top_k;
+  bool sigmoid_scoring, normalize;
+  const MoeExpertPtrs* table;
+  int max_group_rows;
+  int32_t* ids;
+  float* weights;
+  int32_t* row_token;
+  int32_t* slot;
+  MoeGroup* groups;
+  int32_t* num_groups;
+  unsigned* ticket;
+};
+
+// The plan, by one block of kThreads threads, from logits other blocks wrote (router_warp reads them from
+// L2). total = num_tokens * top_k <= kThreads.
+__device__ void route_and_plan(const RoutePlanParams& p) {
   __shared__ int32_t s_id[kMoeRoutePlanMaxAssignments];
   __shared__ int32_t s_sorted[kMoeRoutePlanMaxAssignments];  // expert of permuted row r
-  pdl_launch_dependents();
-  pdl_wait();
-  const int total = num_tokens * top_k;
+  __shared__ int32_t s_warp_starts[kWarps];
+  const int total = p.num_tokens * p.top_k;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int token = warp; token < num_tokens; token += kThreads / 32) {
-    router_warp(logits + int64_t(token) * num_experts, num_experts, top_k, sigmoid_scoring, normalize,
-                ids + int64_t(token) * top_k, weights + int64_t(token) * top_k);
+  for (int token = warp; token < p.num_tokens; token += kWarps) {
+    router_warp(p.logits + int64_t(token) * p.num_experts, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
+                p.ids + int64_t(token) * p.top_k, p.weights + int64_t(token) * p.top_k);
     __syncwarp();
-    if (lane < top_k) s_id[token * top_k + lane] = ids[int64_t(token) * top_k + lane];
+    if (lane < p.top_k) s_id[token * p.top_k + lane] = p.ids[int64_t(token) * p.top_k + lane];
   }
   __syncthreads();
   // Row of assignment a: its rank in (expert, a) order; total <= 256, so a linear scan per thread is cheap.
-  for (int a = threadIdx.x; a < total; a += kThreads) {
+  const int a = threadIdx.x;
+  if (a < total) {
     const int e = s_id[a];
     int rank = 0;
     for (int b = 0; b < total; ++b) {
       const int eb = s_id[b];
       rank += eb < e || (eb == e && b < a);
     }
-    slot[a] = rank;
-    row_token[rank] = a / top_k;
+    p.slot[a] = rank;
+    p.row_token[rank] = a / p.top_k;
     s_sorted[rank] = e;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int count = 0, run_begin = 0;
-    for (int r = 0; r < total; ++r) {
-      const int e = s_sorted[r];
-      if (r > 0 && e != s_sorted[r - 1]) run_begin = r;
-      if ((r - run_begin) % max_group_rows == 0) {
-        const MoeExpertPtrs w = table[e];
-        groups[count++] = MoeGroup{w.gate, w.up, w.down, r, 1};
-      } else {
-        ++groups[count - 1].num_rows;
-      }
-    }
-    *num_groups = count;
+  // Groups: runs of one expert's rows cut every max_group_rows rows. Row r opens a group if it is that far
+  // into its run; a ballot per warp and the warps' counts give each opening row its group's index.
+  const int r = threadIdx.x;
+  const int e = r < total ? s_sorted[r] : -1;
+  int run_begin = r;
+  while (run_begin > 0 && r < total && s_sorted[run_begin - 1] == e) --run_begin;
+  const bool opens = r < total && (r - run_begin) % p.max_group_rows == 0;
+  const unsigned ballot = __ballot_sync(0xffffffffu, opens);
+  if (lane == 0) s_warp_starts[warp] = __popc(ballot);
+  __syncthreads();
+  int index = __popc(ballot & ((1u << lane) - 1u)), count = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    index += w < warp ? s_warp_starts[w] : 0;
+    count += s_warp_starts[w];
   }
+  if (opens) {
+    int end = r + 1;
+    while (end < total && end - r < p.max_group_rows && s_sorted[end] == e) ++end;
+    const MoeExpertPtrs w = p.table[e];
+    p.groups[index] = MoeGroup{w.gate, w.up, w.down, r, end - r};
+  }
+  if (threadIdx.x == 0) *p.num_groups = count;
+}
+
+// With p.router set (one token): the router GEMV, one expert row per warp with the decode GEMV's instance (8
+// loads in flight per lane: the same loop and summation order as linear() at one row), then the plan. Without:
+// one block plans from the logits already in p.logits.
+__global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanParams p) {
+  __shared__ bool s_last;
+  pdl_launch_dependents();
+  pdl_wait();
+  const int lane = threadIdx.x & 31;
+  const int expert = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (p.router && expert < p.num_experts) {
+    const bf16* w_rows[1] = {p.router + int64_t(expert) * p.hidden};
+    const float* x_rows[1] = {p.x};
+    float acc[1][1] = {};
+    warp_dot_bf16<1, 1, 8>(w_rows, x_rows, 1, p.hidden / 8, lane, acc);
+    const float v = warp_sum(acc[0][0]);
+    if (lane == 0) p.logits[expert] = v;
+  }
+  // The last block to finish plans (the threadfence reduction pattern): each writer's fence orders its
+  // logits before the block's ticket; the ticket goes back to 0 for the next launch (graph replays).
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(p.ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (threadIdx.x == 0) *p.ticket = 0;
+  route_and_plan(p);
 }
 
 }  // namespace
 
-void launch_moe_route_plan(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
-                           bool sigmoid_scoring, bool normalize, const MoeExpertPtrs* table, int max_group_rows,
-                           int32_t* ids, float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups,
-                           int32_t* num_groups, cudaStream_t stream) {
-  launch_pdl(moe_route_plan_kernel, dim3(1), dim3(kThreads), 0, stream, logits, static_cast<int>(num_tokens),
-             static_cast<int>(num_experts), static_cast<int>(top_k), sigmoid_scoring, normalize, table,
-             max_group_rows, ids, weights, row_token, slot, groups, num_groups);
+bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden) {
+  return hidden % 8 == 0 && aligned16(x) && (!router || aligned16(router));
+}
+
+void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_tokens, int64_t hidden,
+                            int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
+                            const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
+                            float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
+                            unsigned* ticket, cudaStream_t stream) {
+  const RoutePlanParams p{x,
+                          reinterpret_cast<const bf16*>(router),
+                          logits,
+                          static_cast<int>(num_tokens),
+                          static_cast<int>(hidden),
+                          static_cast<int>(num_experts),
+                          static_cast<int>(top_k),
+                          sigmoid_scoring,
+                          normalize,
+                          table,
+                          max_group_rows,
+                          ids,
+                          weights,
+                          row_token,
+                          slot,
+                          groups,
+                          num_groups,
+                          ticket};
+  const dim3 grid(router ? static_cast<unsigned>(ceil_div(num_experts, int64_t(kWarps))) : 1u), block(kThreads);
+  launch_pdl(moe_router_plan_kernel, grid, block, 0, stream, p);
 }
 
 }  // namespace moex::cuda

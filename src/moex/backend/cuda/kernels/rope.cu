@@ -33,11 +33,13 @@ constexpr int kHeadWarps = 4;
 // One warp per (token, head) of q and then k: the head row goes to shared memory (RoPE pairs dim d with
 // d + rotary_dim / 2, which another lane holds), optionally RMS-normalised over head_dim first, then rotated
 // and written back. Same arithmetic as rms_norm_kernel + rope_kernel, except the norm's sum is one warp's.
+// With kv.k_pages set, a k head's warp also stores the rotated row and the token's v row of that head in
+// the paged cache (kv_write_paged_kernel's layout): one launch fewer per layer.
 __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q, float* k, int heads, int kv_heads,
                                                                        int head_dim, const void* q_norm,
                                                                        const void* k_norm, bool norm_bf16, float eps,
                                                                        const int32_t* positions, int rotary_dim,
-                                                                       float theta) {
+                                                                       float theta, KvWrite kv) {
   __shared__ float s_rows[kHeadWarps][kQkNormRopeMaxHeadDim];
   pdl_launch_dependents();
   pdl_wait();
@@ -65,6 +67,19 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
   __syncwarp();
   const float pos = static_cast<float>(positions[token]);
   const int half = rotary_dim / 2;
+  float* k_slot = nullptr;  // this k head's row in the cache, when the op writes it
+  float* v_slot = nullptr;
+  const float* v_row = nullptr;
+  if (kv.k_pages && !is_q) {
+    const int64_t slot_pos = kv.rows.row_pos[token];
+    const PagedKvRows& rows = kv.rows;
+    const int64_t page = rows.tables[int64_t(rows.row_seq[token]) * rows.table_stride + slot_pos / rows.page_size];
+    const int64_t slot = page * rows.page_size + slot_pos % rows.page_size;
+    const int64_t offset = (slot * kv_heads + (head - heads)) * head_dim;
+    k_slot = kv.k_pages + offset;
+    v_slot = kv.v_pages + offset;
+    v_row = kv.v + (token * kv_heads + (head - heads)) * head_dim;
+  }
   for (int d = lane; d < head_dim; d += 32) {
     float v = s[d];
     if (d < rotary_dim) {
@@ -75,6 +90,10 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
       v = d < half ? s[d] * cos_v - s[d + half] * sin_v : s[d] * cos_v + s[d - half] * sin_v;
     }
     row[d] = v;
+    if (k_slot) {
+      k_slot[d] = v;
+      v_slot[d] = v_row[d];
+    }
   }
 }
 
@@ -82,12 +101,12 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
 
 void launch_qk_norm_rope(float* q, float* k, int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim,
                          const void* q_norm, const void* k_norm, bool norm_bf16, float eps, const int32_t* positions,
-                         int64_t rotary_dim, double theta, cudaStream_t stream) {
+                         int64_t rotary_dim, double theta, const KvWrite& kv, cudaStream_t stream) {
   if (n == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(heads + kv_heads, kHeadWarps)), static_cast<unsigned>(n));
   launch_pdl(qk_norm_rope_kernel, grid, dim3(kHeadWarps * 32), 0, stream, q, k, static_cast<int>(heads),
              static_cast<int>(kv_heads), static_cast<int>(head_dim), q_norm, k_norm, norm_bf16, eps, positions,
-             static_cast<int>(rotary_dim), static_cast<float>(theta));
+             static_cast<int>(rotary_dim), static_cast<float>(theta), kv);
 }
 
 void launch_rope(float* x, const int32_t* positions, int64_t n, int64_t heads, int64_t head_dim,

@@ -24,7 +24,7 @@ __device__ __forceinline__ void router_warp(const float* row, int num_experts, i
 #pragma unroll
   for (int i = 0; i < kRouterPerLane; ++i) {
     int e = lane + 32 * i;
-    value[i] = e < num_experts ? row[e] : -INFINITY;
+    value[i] = e < num_experts ? __ldcg(row + e) : -INFINITY;  // L2: other blocks may have just written the row
     row_max = fmaxf(row_max, value[i]);
   }
   row_max = warp_max(row_max);
