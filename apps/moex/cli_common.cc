@@ -40,9 +40,16 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                   "with --cpu-experts: what splitting a missed expert between the CPU and the link costs beyond its "
                   "bytes (ms); a large value turns splitting off")
       ->check(CLI::NonNegativeNumber);
-  sub->add_flag("--balance-prefetch", options->balance_prefetch,
-                "with --cpu-experts and --predictor: skip prefetches while the link has more work booked than the "
-                "CPU (experimental)");
+  auto* balance = sub->add_flag("--balance-prefetch", options->balance_prefetch,
+                                "with --cpu-experts and --predictor: skip prefetches while the link has more work "
+                                "booked than the CPU (the default with --cpu-experts)");
+  sub->add_flag("--no-balance-prefetch", options->no_balance_prefetch,
+                "with --cpu-experts: prefetch every predicted expert, whatever the CPU's share")
+      ->excludes(balance);
+  sub->add_flag("--scan-steps", options->scan_steps,
+                "when offloading: treat prefill steps that touch nearly every expert as scans (keep part of the "
+                "cache across prompts, prefetch the next layer's experts); faster prefill, slower decode with "
+                "--cpu-experts (docs/offloading.md)");
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
 }
@@ -84,7 +91,8 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
   engine.cpu_experts = options.cpu_experts;
   engine.host_read_gbs = options.host_read_gbs;
   engine.split_overhead_ms = options.split_overhead_ms;
-  engine.balance_prefetch = options.balance_prefetch;
+  engine.balance_prefetch = !options.no_balance_prefetch;
+  engine.scan_steps = options.scan_steps;
   if (options.balance_prefetch && (!options.cpu_experts || options.predictor == "none"))
     throw UsageError("--balance-prefetch weighs prefetches against CPU work: it needs --cpu-experts and --predictor");
   engine.copy_gbs = options.copy_gbs;

@@ -30,7 +30,9 @@ struct ModelOptions {
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
   double split_overhead_ms = 0.5;
-  bool balance_prefetch = false;
+  bool balance_prefetch = false;     // asked for explicitly (it is the default with --cpu-experts)
+  bool no_balance_prefetch = false;
+  bool scan_steps = false;
 };
 
 // Declares -m, --load-format, --device, --threads on sub.

@@ -152,6 +152,8 @@ expect_error "bench --batch 0" "--batch" "$moex" bench -m "$fixture" --batch 0
 expect_error "negative split overhead" "--split-overhead-ms" "$moex" bench -m "$fixture" --split-overhead-ms -1
 expect_error "balanced prefetch without CPU experts" "--balance-prefetch" "$moex" bench -m "$fixture" \
   --balance-prefetch
+expect_error "balanced prefetch both on and off" "balance-prefetch" "$moex" bench -m "$fixture" --balance-prefetch \
+  --no-balance-prefetch
 
 echo "$passed passed, $failures failed"
 [ "$failures" -eq 0 ]

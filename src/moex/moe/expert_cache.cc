@@ -42,6 +42,14 @@ ExpertCache::ExpertCache(ExpertCacheConfig config, std::unique_ptr<EvictionPolic
                                   config_.capacity_slots > 0 ? "slot" : "bytes"));
   slots_.resize(static_cast<size_t>(config_.num_layers) * config_.num_experts);
   used_.assign(config_.scope == CacheScope::kPerLayer ? config_.num_layers : 1, 0);
+  kept_used_.assign(used_.size(), 0);
+  // A scan step pins one layer's experts at a time (the rest of the model streams through what is left), so
+  // what exceeds one layer can be kept across scans. When a layer does not fit (it runs in waves), a quarter
+  // is kept: fewer bytes per scan at the price of smaller waves.
+  const int64_t layer_units = largest * config_.num_experts;
+  scan_keep_ = config_.scan_keep >= 0        ? std::min(config_.scan_keep, capacity_)
+               : capacity_ > layer_units ? capacity_ - layer_units
+                                         : capacity_ / 4;
 }
 
 size_t ExpertCache::index(ExpertKey key) const {
@@ -74,54 +82,90 @@ std::vector<int32_t> ExpertCache::resident_experts(int32_t layer_idx) const {
   return out;
 }
 
-void ExpertCache::add(ExpertKey key) {
-  slot(key).resident = true;
+void ExpertCache::add(ExpertKey key, bool streamed) {
+  Slot& s = slot(key);
+  s.resident = true;
+  s.streamed = streamed;
+  s.insert_tick = tick_;
   used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
+  if (!streamed) kept_used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
+  if (streamed) ++stats_.streamed_inserts;
   ++num_resident_;
 }
 
 void ExpertCache::remove(ExpertKey key) {
   Slot& s = slot(key);
   if (s.prefetched_unused) ++stats_.prefetch_unused;
+  if (!s.streamed) kept_used_[scope_of(key.layer_idx)] -= cost(key.layer_idx);
   s = Slot{};
   used_[scope_of(key.layer_idx)] -= cost(key.layer_idx);
   --num_resident_;
   policy_->on_evict(key);
 }
 
-bool ExpertCache::make_room(ExpertKey key, std::vector<ExpertKey>* evicted) {
+bool ExpertCache::keep_has_room(ExpertKey key) const {
+  return kept_used_[scope_of(key.layer_idx)] + cost(key.layer_idx) <= scan_keep_;
+}
+
+void ExpertCache::promote(ExpertKey key) {
+  Slot& s = slot(key);
+  if (!s.streamed) return;
+  s.streamed = false;
+  kept_used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
+}
+
+bool ExpertCache::make_room(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind, bool prefetch) {
   int32_t scope = scope_of(key.layer_idx);
   int64_t need = used_[scope] + cost(key.layer_idx) - capacity_;
   if (need <= 0) return true;
+  // Victims are chosen first and evicted only if together they free enough (policies rank without side effects).
   candidates_.clear();
-  int64_t freeable = 0;
+  victims_.clear();
   int32_t first_layer = config_.scope == CacheScope::kPerLayer ? key.layer_idx : 0;
   int32_t end_layer = config_.scope == CacheScope::kPerLayer ? key.layer_idx + 1 : config_.num_layers;
   for (int32_t layer_idx = first_layer; layer_idx < end_layer; ++layer_idx)
     for (int32_t expert_idx = 0; expert_idx < config_.num_experts; ++expert_idx) {
       const Slot& s = slot({layer_idx, expert_idx});
-      if (s.resident && s.pins == 0) {
+      if (!s.resident || s.pins > 0) continue;
+      if (kind == AccessKind::kScan && s.streamed) {
+        // A scan prefetch never evicts its own layer's experts: they are this prefetch's hits.
+        if (!(prefetch && layer_idx == key.layer_idx)) victims_.push_back({layer_idx, expert_idx});
+      } else {
         candidates_.push_back({layer_idx, expert_idx});
-        freeable += cost(layer_idx);
       }
     }
-  if (freeable < need) return false;
-  while (need > 0) {
+  if (kind == AccessKind::kScan) {
+    // Streamed experts first, the most recently inserted first (see AccessKind).
+    std::sort(victims_.begin(), victims_.end(),
+              [&](ExpertKey a, ExpertKey b) { return slot(a).insert_tick > slot(b).insert_tick; });
+    size_t count = 0;
+    while (count < victims_.size() && need > 0) need -= cost(victims_[count++].layer_idx);
+    victims_.resize(count);
+  }
+  // The policy's part: every candidate for a demand step; for a scan step's demand, kept experts until the kept
+  // segment is down to scan_keep; nothing for a scan prefetch.
+  int64_t kept = kept_used_[scope];
+  while (need > 0 && !candidates_.empty() && !(kind == AccessKind::kScan && (prefetch || kept <= scan_keep_))) {
     size_t pick = policy_->choose_victim(candidates_, tick_);
     MOEX_ASSERT(pick < candidates_.size(), "policy {} picked victim {} of {}", policy_->name(), pick,
                 candidates_.size());
     ExpertKey victim = candidates_[pick];
     candidates_.erase(candidates_.begin() + static_cast<std::ptrdiff_t>(pick));
+    victims_.push_back(victim);
+    need -= cost(victim.layer_idx);
+    if (!slot(victim).streamed) kept -= cost(victim.layer_idx);
+  }
+  if (need > 0) return false;
+  for (ExpertKey victim : victims_) {
     remove(victim);
     ++stats_.evictions;
     if (evicted) evicted->push_back(victim);
-    need -= cost(victim.layer_idx);
   }
   return true;
 }
 
 void ExpertCache::acquire(std::span<const ExpertKey> keys, std::span<CacheOutcome> outcomes,
-                          std::vector<ExpertKey>* evicted) {
+                          std::vector<ExpertKey>* evicted, AccessKind kind) {
   MOEX_ASSERT(outcomes.size() == keys.size(), "acquire: {} outcomes for {} keys", outcomes.size(),
               keys.size());
   // Order of visit: ascending keys. A few keys per step, so an index sort is cheap.
@@ -148,9 +192,11 @@ void ExpertCache::acquire(std::span<const ExpertKey> keys, std::span<CacheOutcom
       if (s.prefetched_unused) {
         s.prefetched_unused = false;
         ++stats_.prefetch_used;
+      } else if (s.streamed && (kind == AccessKind::kDemand || keep_has_room(key))) {
+        promote(key);
       }
-    } else if (make_room(key, evicted)) {
-      add(key);
+    } else if (make_room(key, evicted, kind, false)) {
+      add(key, kind == AccessKind::kScan && !keep_has_room(key));
       ++s.pins;
       policy_->on_insert(key, tick_++);
       outcomes[idx] = CacheOutcome::kMiss;
@@ -168,11 +214,11 @@ void ExpertCache::release(std::span<const ExpertKey> keys) {
   for (ExpertKey key : keys) unpin(key);
 }
 
-InsertOutcome ExpertCache::insert(ExpertKey key, std::vector<ExpertKey>* evicted) {
+InsertOutcome ExpertCache::insert(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind) {
   Slot& s = slot(key);
   if (s.resident) return InsertOutcome::kAlreadyResident;
-  if (!make_room(key, evicted)) return InsertOutcome::kNoRoom;
-  add(key);
+  if (!make_room(key, evicted, kind, true)) return InsertOutcome::kNoRoom;
+  add(key, kind == AccessKind::kScan);
   s.prefetched_unused = true;
   ++stats_.prefetch_inserts;
   policy_->on_insert(key, tick_++);

@@ -2,6 +2,8 @@
 // written), and which to evict, with the budget per layer or global, in slots or bytes. It holds no
 // weights and knows no device: the expert store maps keys to memory; the trace simulator and the
 // engine drive the same object. Not thread-safe: one owner (the provider's scheduling thread).
+// Scan steps (a prefill touching nearly every expert of every layer) are ranked apart from the policy so that a
+// model larger than the cache keeps a stable subset across prompts instead of cycling everything (see AccessKind).
 #pragma once
 
 #include <cstdint>
@@ -29,7 +31,22 @@ struct ExpertCacheConfig {
   int64_t capacity_bytes = 0;
   // Bytes of one expert: one value for all layers, or one per layer. Needed with capacity_bytes.
   std::vector<int64_t> expert_bytes;
+  // Units (slots or bytes, per scope) that scan steps keep for experts resident across scans (AccessKind::kScan);
+  // < 0: what is left of the capacity after one layer's experts, or a quarter of it when a layer does not fit.
+  int64_t scan_keep = -1;
 };
+
+// How a step uses the cache. kDemand: the policy alone ranks victims (decode, the trace simulator). kScan: the
+// step routes to nearly every expert of the layer (a prefill of many tokens), so each layer's experts are used
+// once and then not before the same layer of the next scan: a cyclic scan longer than the cache, where LRU
+// evicts exactly what the next scan needs first and hits nothing. A scan step therefore admits its misses into
+// a kept segment while it has room (scan_keep units) and marks the others streamed; streamed experts are the
+// first victims, most recently inserted first (LRU insertion at the LRU end, the LIP/BIP rule that keeps a
+// cyclic scan's first part resident), and the kept segment shrinks by the policy only down to scan_keep. We
+// chose this over SLRU/LIRS/2Q because it needs one flag per slot and no history, and leaves the policy in
+// charge of everything else. A streamed expert hit by a later step joins the kept segment if it has room (in a
+// kDemand step always); its first use after a prefetch does not count, since the prefetch was for that use.
+enum class AccessKind : uint8_t { kDemand, kScan };
 
 enum class CacheOutcome : uint8_t {
   kHit,     // resident already
@@ -47,6 +64,7 @@ struct ExpertCacheStats {
   int64_t prefetch_inserts = 0;
   int64_t prefetch_used = 0;    // prefetched experts whose first demand access came before eviction
   int64_t prefetch_unused = 0;  // prefetched experts evicted (or dropped) before any demand access
+  int64_t streamed_inserts = 0; // experts made resident by scan steps outside the kept segment
 };
 
 class ExpertCache {
@@ -60,12 +78,13 @@ class ExpertCache {
   // outcomes[i] answers keys[i]; keys with kNoRoom are not pinned. Evicted keys are appended to
   // *evicted (the caller frees their memory). Duplicate keys are a bug.
   void acquire(std::span<const ExpertKey> keys, std::span<CacheOutcome> outcomes,
-               std::vector<ExpertKey>* evicted);
+               std::vector<ExpertKey>* evicted, AccessKind kind = AccessKind::kDemand);
   // Unpins keys that acquire() or pin() pinned.
   void release(std::span<const ExpertKey> keys);
 
-  // Makes a key resident without a demand access (prefetch). Not pinned.
-  InsertOutcome insert(ExpertKey key, std::vector<ExpertKey>* evicted);
+  // Makes a key resident without a demand access (prefetch). Not pinned. With kScan the key is streamed and
+  // may evict only streamed experts of other layers (never the kept segment, nor its own layer's experts).
+  InsertOutcome insert(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind = AccessKind::kDemand);
   // Pins a resident key (e.g. while a copy reads or writes its slot); false if not resident.
   bool pin(ExpertKey key);
   void unpin(ExpertKey key);
@@ -83,6 +102,9 @@ class ExpertCache {
   // Units in use in the scope of layer_idx (slots or bytes), and the capacity of that scope.
   int64_t used(int32_t layer_idx) const;
   int64_t capacity() const { return capacity_; }
+  // Units of the kept segment of scan steps (ExpertCacheConfig::scan_keep, resolved).
+  int64_t scan_keep() const { return scan_keep_; }
+  bool is_streamed(ExpertKey key) const { return slot(key).streamed; }
   int64_t expert_bytes(int32_t layer_idx) const;
 
   const ExpertCacheConfig& config() const { return config_; }
@@ -93,7 +115,9 @@ class ExpertCache {
   struct Slot {
     bool resident = false;
     bool prefetched_unused = false;
+    bool streamed = false;  // a scan step's expert outside the kept segment: evicted first
     int32_t pins = 0;
+    int64_t insert_tick = 0;
   };
 
   size_t index(ExpertKey key) const;
@@ -102,9 +126,13 @@ class ExpertCache {
   int64_t cost(int32_t layer_idx) const;
   int32_t scope_of(int32_t layer_idx) const;
   // Evicts until `key` fits; false (and nothing evicted) if the unpinned keys of its scope cannot
-  // free enough.
-  bool make_room(ExpertKey key, std::vector<ExpertKey>* evicted);
-  void add(ExpertKey key);
+  // free enough. kind and prefetch: how the key enters (see AccessKind and insert()).
+  bool make_room(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind, bool prefetch);
+  // Whether a key that is (or becomes) kept fits in the kept segment of its scope.
+  bool keep_has_room(ExpertKey key) const;
+  // A streamed expert joins the kept segment.
+  void promote(ExpertKey key);
+  void add(ExpertKey key, bool streamed);
   void remove(ExpertKey key);
 
   ExpertCacheConfig config_;
@@ -112,11 +140,14 @@ class ExpertCache {
   int64_t capacity_ = 0;
   std::vector<Slot> slots_;    // [layer][expert]
   std::vector<int64_t> used_;  // per scope: one per layer, or one
+  std::vector<int64_t> kept_used_;  // per scope: units of resident experts that are not streamed
+  int64_t scan_keep_ = 0;
   int64_t num_resident_ = 0;
   int64_t tick_ = 0;
   ExpertCacheStats stats_;
   // Scratch, reused so that a steady-state step allocates nothing.
   std::vector<ExpertKey> candidates_;
+  std::vector<ExpertKey> victims_;
   std::vector<size_t> order_;
   std::vector<uint8_t> was_resident_;
 };

@@ -50,6 +50,7 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
         human_bytes(config.budget_bytes), top_k, human_bytes(minimum), minimum,
         config.scope == CacheScope::kPerLayer ? " with per-layer budgets" : ""));
   cache_config.capacity_bytes = budget;
+  cache_config.scan_keep = config.scan_keep_bytes;
   PolicyOptions policy_options;
   policy_options.num_layers = num_layers;
   policy_options.num_experts = num_experts;
@@ -136,16 +137,31 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& r
   }
 }
 
+void OffloadingExpertProvider::plan_scan_prefetch(int32_t layer_idx) {
+  const int32_t target = layer_idx + 1;  // the next step's first layer is not known to be a scan
+  size_t kept = 0;
+  for (const ExpertKey& key : prefetch_plan_)
+    if (key.layer_idx == target) prefetch_plan_[kept++] = key;
+  prefetch_plan_.resize(kept);
+  if (target >= store_->num_layers()) return;
+  for (int32_t expert_idx = 0; expert_idx < store_->num_experts(target); ++expert_idx) {
+    const ExpertKey key{target, expert_idx};
+    if (!cache_->contains(key) && std::find(prefetch_plan_.begin(), prefetch_plan_.end(), key) == prefetch_plan_.end())
+      prefetch_plan_.push_back(key);
+  }
+}
+
 void OffloadingExpertProvider::book_paths(const PathLoad& load) {
   link_booked_ms_ = link_booked_ms_ * kBookingDecay + load.link_ms;
   cpu_booked_ms_ = cpu_booked_ms_ * kBookingDecay + load.cpu_ms;
 }
 
-void OffloadingExpertProvider::issue_prefetch() {
+void OffloadingExpertProvider::issue_prefetch(AccessKind kind) {
   for (const ExpertKey& key : prefetch_plan_) {
     if (cache_->contains(key)) continue;
     evicted_.clear();
-    if (cache_->insert(key, &evicted_) != InsertOutcome::kInserted) break;  // everything else is pinned
+    // Everything else is pinned (or, in a scan step, kept).
+    if (cache_->insert(key, &evicted_, kind) != InsertOutcome::kInserted) break;
     for (const ExpertKey& gone : evicted_) store_->free(gone);
     store_->load_async(key);
     cache_->pin(key);
@@ -224,15 +240,24 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
     for (const ExpertKey& key : keys_) actual.push_back(key.expert_idx);
     if (!last_prediction_[layer_idx].empty()) prediction_.add(last_prediction_[layer_idx], actual);
   }
+  // Waves of one step carry the step's routing shape, so all of them agree on being a scan.
+  const bool scan = config_.scan_steps && routing.num_tokens * routing.top_k >= 2 * static_cast<int64_t>(num_experts);
+  const AccessKind kind = scan ? AccessKind::kScan : AccessKind::kDemand;
   int64_t taken_over_bytes = 0;
   settle_prefetches(layer_idx, keys_, &taken_over_bytes);
   outcomes_.assign(keys_.size(), CacheOutcome::kNoRoom);
   evicted_.clear();
-  cache_->acquire(keys_, outcomes_, &evicted_);
+  cache_->acquire(keys_, outcomes_, &evicted_, kind);
   for (const ExpertKey& key : evicted_) store_->free(key);
 
   experts->assign(static_cast<size_t>(num_experts), ExpertWeights{});
   if (first_wave) plan_prefetch(layer_idx, routing);
+  // Only the first wave prefetches: its victims' last readers ran before this layer's routing was read back,
+  // while a later wave's could be the earlier wave's experts, still being read.
+  if (first_wave && scan) plan_scan_prefetch(layer_idx);
+  // A layer that runs in waves needs every slot its first wave leaves (and the ones its CPU-run misses give
+  // back): pinned prefetches there could leave a later wave no room at all.
+  if (std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) != outcomes_.end()) prefetch_plan_.clear();
   to_cpu_.clear();
   splits_.clear();
   if (config_.cpu_experts && !keys_.empty()) {
@@ -289,7 +314,7 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   if (pinned_.empty() && to_cpu_.empty() && !keys_.empty())
     throw BudgetError(fmt::format("MoE layer {}: no expert fits in the expert memory budget ({} bytes in use of {})",
                                   layer_idx, cache_->used(layer_idx), cache_->capacity()));
-  if (first_wave) issue_prefetch();
+  if (first_wave) issue_prefetch(kind);
 }
 
 int32_t OffloadingExpertProvider::lookahead_layers() const {

@@ -35,7 +35,8 @@ struct EngineOptions {
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
   double split_overhead_ms = 0.5;  // OffloadConfig::split_overhead_ms
-  bool balance_prefetch = false;   // OffloadConfig::balance_prefetch
+  bool balance_prefetch = true;    // OffloadConfig::balance_prefetch (applies with cpu_experts)
+  bool scan_steps = false;         // OffloadConfig::scan_steps
 };
 
 struct GenerationOptions {

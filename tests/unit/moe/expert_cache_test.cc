@@ -328,3 +328,77 @@ TEST(ExpertCache, PinnedExpertsSurviveRandomOperations) {
 
 }  // namespace
 }  // namespace moex
+
+namespace moex {
+namespace {
+
+// Two prompts of a prefill that routes to every expert of every layer, Mixtral-8x7B's shape (4 layers x 8
+// experts, as in bench/offload/models/mixtral_8x7b_l4) with 12 slots; returns the hits of the second prompt.
+int64_t second_scan_hits(const std::string& policy, AccessKind kind) {
+  ExpertCacheConfig config;
+  config.num_layers = 4;
+  config.num_experts = 8;
+  config.scope = CacheScope::kGlobal;
+  config.capacity_slots = 12;
+  PolicyOptions options;
+  options.num_layers = 4;
+  options.num_experts = 8;
+  ExpertCache cache(config, make_eviction_policy(policy, options));
+  std::vector<ExpertKey> keys;
+  std::vector<CacheOutcome> outcomes(8);
+  int64_t hits = 0;
+  for (int prompt = 0; prompt < 2; ++prompt) {
+    const int64_t before = cache.stats().hits;
+    for (int32_t layer_idx = 0; layer_idx < 4; ++layer_idx) {
+      keys.clear();
+      for (int32_t expert_idx = 0; expert_idx < 8; ++expert_idx) keys.push_back({layer_idx, expert_idx});
+      cache.acquire(keys, outcomes, nullptr, kind);
+      for (CacheOutcome outcome : outcomes) EXPECT_NE(outcome, CacheOutcome::kNoRoom);
+      cache.release(keys);
+    }
+    hits = cache.stats().hits - before;
+  }
+  return hits;
+}
+
+TEST(ExpertCacheScan, CyclicScanKeepsWhatExceedsOneLayer) {
+  for (const std::string policy : {"lru", "lfu", "activation"}) {
+    SCOPED_TRACE(policy);
+    EXPECT_EQ(second_scan_hits(policy, AccessKind::kScan), 4);  // 12 slots - one layer's 8
+  }
+  EXPECT_EQ(second_scan_hits("lru", AccessKind::kDemand), 0);  // LRU evicts what the next scan needs first
+}
+
+// A scan prefetch evicts only streamed experts of other layers: never the kept segment, never its own layer.
+TEST(ExpertCacheScan, ScanPrefetchSparesKeptExpertsAndItsOwnLayer) {
+  ExpertCacheConfig config;
+  config.num_layers = 2;
+  config.num_experts = 4;
+  config.scope = CacheScope::kGlobal;
+  config.capacity_slots = 6;
+  config.scan_keep = 2;
+  PolicyOptions options;
+  options.num_layers = 2;
+  options.num_experts = 4;
+  ExpertCache cache(config, make_eviction_policy("lru", options));
+  std::vector<ExpertKey> keys = {{0, 0}, {0, 1}, {0, 2}, {0, 3}};
+  std::vector<CacheOutcome> outcomes(4);
+  cache.acquire(keys, outcomes, nullptr, AccessKind::kScan);
+  EXPECT_FALSE(cache.is_streamed({0, 0}));  // the first two fill the kept segment
+  EXPECT_FALSE(cache.is_streamed({0, 1}));
+  EXPECT_TRUE(cache.is_streamed({0, 2}));
+  std::vector<ExpertKey> evicted;
+  EXPECT_EQ(cache.insert({1, 0}, &evicted, AccessKind::kScan), InsertOutcome::kInserted);  // free slots
+  EXPECT_EQ(cache.insert({1, 1}, &evicted, AccessKind::kScan), InsertOutcome::kInserted);
+  // Full; layer 0 still pinned: nothing a scan prefetch may evict.
+  EXPECT_EQ(cache.insert({1, 2}, &evicted, AccessKind::kScan), InsertOutcome::kNoRoom);
+  cache.release(keys);
+  // Streamed (0, 3) then (0, 2) go, most recently inserted first; the kept (0, 0), (0, 1) and layer 1 stay.
+  EXPECT_EQ(cache.insert({1, 2}, &evicted, AccessKind::kScan), InsertOutcome::kInserted);
+  EXPECT_EQ(cache.insert({1, 3}, &evicted, AccessKind::kScan), InsertOutcome::kInserted);
+  EXPECT_EQ(evicted, (std::vector<ExpertKey>{{0, 3}, {0, 2}}));
+  EXPECT_TRUE(cache.contains({0, 0}) && cache.contains({0, 1}) && cache.contains({1, 0}));
+}
+
+}  // namespace
+}  // namespace moex
