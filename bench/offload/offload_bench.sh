@@ -5,13 +5,14 @@
 #   2. moex bench with random weights held in host RAM (--load-format random) at a GPU memory budget, for the
 #      Mixtral-8x7B shape (16 GiB, 40 GiB) and the Qwen3-30B-A3B shape (8 GiB), with and without pre-gating;
 #   2b. prefill 512 / 2048 tokens of a 4-layer Mixtral-8x7B shape at 6 GiB (llama.cpp's prefill setting in
-#      PEERS.md), unless CASES=pregate;
+#      PEERS.md), plain and with --scan-steps, unless CASES=pregate;
 #   3. a table with the floor per token: the missed experts' bytes split optimally between a PCIe copy and a
 #      CPU read, both at once (bytes / (pcie + dram)), next to moex's ms/token; and the work floor: every
 #      byte the step copied or read on the CPU (prefetched hits included) over both paths at once.
 # Usage (device): MOEX=path/to/moex bench/offload/offload_bench.sh [--quick]
 #   MOEX_BASE=path/to/other/moex also runs each pre-gating + CPU-expert case with that binary first (named
-#   base_*), for before/after in one call. CASES=pregate skips the LRU cases. TOKENS=N decode tokens (default 8).
+#   base_*), for before/after in one call. CASES=pregate skips the LRU cases; CASES="name name ..." runs only
+#   the cases named (the names in the table; "prefill" for the prefill case). TOKENS=N decode tokens (default 8).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 moex="${MOEX:-.device/offload/bin/moex}"
@@ -118,9 +119,17 @@ PY
 
 # Each case appends one JSON line to results.jsonl and its stderr to runs.log, and prints its row at once: few
 # files come back from the device, and a call cut short by its time limit still reports the cases it ran.
+# A case runs unless CASES names cases and not this one.
+wanted() {
+  case "${CASES:-all}" in
+    all|pregate|prefill) [ "${CASES:-all}" != prefill ] || [ "$1" = prefill ] ;;
+    *) [[ " $CASES " == *" ${1#base_} "* ]] ;;
+  esac
+}
 run_case() {  # name model gpu_memory extra flags...
   local name="$1" model="$2" budget="$3" bin="${BIN:-$moex}"
   shift 3
+  wanted "$name" || return 0
   echo "== $name: $model at $budget $* ($bin)" | tee -a "$out/runs.log"
   timeout 230 "$bin" bench -m "bench/offload/models/$model" --load-format random --device cuda \
     --gpu-memory "$budget" --prompt-lens 128 --decode-context 16 --decode-tokens "$tokens" --reps 1 --warmup 0 \
@@ -136,6 +145,7 @@ print(json.dumps(r))" "$out/case.json" "$name" >>"$out/results.jsonl"
   report "$name"
 }
 tokens="${TOKENS:-8}"
+touch "$out/results.jsonl"
 [ "$quick" -eq 1 ] && tokens=4
 run_pair() {  # name model gpu_memory extra flags...: MOEX_BASE's run first (when set), then this build's
   [ -n "${MOEX_BASE:-}" ] && BIN="$MOEX_BASE" run_case "base_$1" "${@:2}"
@@ -146,7 +156,7 @@ run_pair mixtral_16g_pregate_cpu mixtral_8x7b 16GiB --predictor pregate --cpu-ex
 run_case mixtral_16g_pregate_cpu_balanced mixtral_8x7b 16GiB --predictor pregate --cpu-experts --balance-prefetch
 run_pair qwen3_8g_pregate_cpu qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts
 run_pair mixtral_40g_pregate_cpu mixtral_8x7b 40GiB --predictor pregate --cpu-experts
-if [ "${CASES:-all}" = "all" ]; then
+if [ "${CASES:-all}" != "pregate" ]; then
   run_case mixtral_16g_lru mixtral_8x7b 16GiB
   run_case qwen3_8g_lru qwen3_30b_a3b 8GiB
 fi
@@ -157,13 +167,18 @@ report
 # host RAM, pinned, micro-batch 2048: 3.0k tokens/s at 512, 9.4k at 2048 on the H200 machine). 6 GiB holds
 # one layer's 8 experts but not the model's 32 (11.3 GB): every layer's experts cross the link per prompt.
 # Floor: 32 experts x 352 MB over the link per prompt.
-if [ "${CASES:-all}" = "all" ] || [ "${CASES:-all}" = "prefill" ]; then
-  echo "== prefill: mixtral_8x7b_l4 at 6GiB" | tee -a "$out/runs.log"
-  timeout 230 "$moex" bench -m bench/offload/models/mixtral_8x7b_l4 --load-format random --device cuda \
-    --gpu-memory 6GiB --prompt-lens 512,2048 --decode-tokens 0 --reps 2 --warmup 1 --json \
-    >"$out/prefill.json" 2>>"$out/runs.log"
-  echo "exit $?"
-  python3 - "$out" <<'PY'
+if [ "${CASES:-all}" != "pregate" ] && wanted prefill; then
+  # MOEX_BASE's run first when set (before/after in one call); this build plain and with --scan-steps.
+  for run in ${MOEX_BASE:+base} plain scan; do
+    bin="$moex" flags=()
+    [ "$run" = base ] && bin="$MOEX_BASE"
+    [ "$run" = scan ] && flags=(--scan-steps)
+    echo "== prefill: mixtral_8x7b_l4 at 6GiB ($bin ${flags[*]})" | tee -a "$out/runs.log"
+    timeout 230 "$bin" bench -m bench/offload/models/mixtral_8x7b_l4 --load-format random --device cuda \
+      --gpu-memory 6GiB --prompt-lens 512,2048 --decode-tokens 0 --reps 2 --warmup 1 "${flags[@]}" --json \
+      >"$out/prefill.json" 2>>"$out/runs.log"
+    echo "exit $?"
+    python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
 pcie = json.load(open(f"{out}/links.json"))["h2d_pinned_gbs"]
@@ -173,9 +188,12 @@ except Exception:
     sys.exit("prefill case failed (runs.log)")
 floor_s = 32 * r["expert_bytes"] / (pcie * 1e9)
 peers = {512: 3000, 2048: 9400}
+print(f"whole run (warm-up and reps of both lengths): expert hits {r['expert_hits']} misses {r['expert_misses']}, "
+      f"{r['bytes_moved'] / 1e9:.1f} GB moved, stall {r['stall_ms']:.0f} ms")
 for p in r["prefill"]:
     n = p["prompt_tokens"]
-    print(f"prefill {n} tokens: {p['tokens_per_s']:.0f} tokens/s (floor {n / floor_s:.0f} at {pcie:.1f} GB/s; "
-          f"llama.cpp {peers.get(n, 0)} in PEERS.md, H200 machine)")
+    print(f"prefill {n} tokens: {p['tokens_per_s']:.0f} tokens/s (every expert over the link: {n / floor_s:.0f} at "
+          f"{pcie:.1f} GB/s; llama.cpp {peers.get(n, 0)} in PEERS.md, H200 machine)")
 PY
+  done
 fi
