@@ -20,6 +20,7 @@
 #include "moex/backend/backend.h"
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/core/thread_pool.h"
+#include "host_info.h"
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -28,6 +29,8 @@
 namespace moex {
 namespace {
 
+using bench::cpu_model;
+using bench::load_average;
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) {
@@ -268,32 +271,6 @@ class MoeStack {
   Routing routing_;
 };
 
-std::string shell_line(const char* cmd) {
-  std::string out;
-  if (FILE* pipe = popen(cmd, "r")) {
-    char buf[256];
-    while (std::fgets(buf, sizeof(buf), pipe)) out += buf;
-    pclose(pipe);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
-  return out;
-}
-
-std::string load_average() {
-  std::ifstream in("/proc/loadavg");
-  double one = 0, five = 0, fifteen = 0;
-  in >> one >> five >> fifteen;
-  return fmt::format("{:.2f} {:.2f} {:.2f}", one, five, fifteen);
-}
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown cpu";
-}
-
 }  // namespace
 }  // namespace moex
 
@@ -408,7 +385,7 @@ int main(int argc, char** argv) {
   nlohmann::json j;
   j["bench"] = "cpu_decode";
   j["device"] = fmt::format("{} x{} threads", cpu_model(), pool.num_threads());
-  j["commit"] = shell_line("git -C " MOEX_SOURCE_DIR " rev-parse --short HEAD 2>/dev/null");
+  j["commit"] = bench::git_commit();
   j["date"] = date;
   j["command"] = command;
   j["config"] = {{"hidden", cfg.hidden}, {"ffn", cfg.ffn},           {"layers", cfg.layers},

@@ -30,6 +30,7 @@
 #include "moex/backend/cpu/simd.h"
 #include "moex/core/error.h"
 #include "moex/core/thread_pool.h"
+#include "host_info.h"
 
 #ifndef MOEX_CPU_AVX2
 #error "host_gemv_bench measures x86 SIMD loops: build with AVX2, FMA and F16C (x86-64-v3)"
@@ -37,6 +38,10 @@
 
 namespace moex {
 namespace {
+
+using bench::cpu_model;
+using bench::git_commit;
+using bench::load_average;
 
 using Clock = std::chrono::steady_clock;
 using cpu::Bf16;
@@ -410,14 +415,6 @@ std::vector<Result> measure(int threads, int reps, const ExpertWeightsArena& wei
 }
 
 // ---- report -------------------------------------------------------------------------------------------------
-// "0.52 0.61 0.70" from /proc/loadavg (1, 5 and 15 minutes).
-std::string load_average() {
-  std::ifstream in("/proc/loadavg");
-  double one = 0, five = 0, fifteen = 0;
-  in >> one >> five >> fifteen;
-  return fmt::format("{:.2f} {:.2f} {:.2f}", one, five, fifteen);
-}
-
 // The transparent-huge-page mode in force ("always", "madvise" or "never"; "unknown" without the sysfs file).
 std::string thp_mode() {
   std::ifstream in("/sys/kernel/mm/transparent_hugepage/enabled");
@@ -425,25 +422,6 @@ std::string thp_mode() {
   std::getline(in, line);
   const size_t open = line.find('['), close = line.find(']');
   return open != std::string::npos && close > open ? line.substr(open + 1, close - open - 1) : "unknown";
-}
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown cpu";
-}
-
-std::string git_commit() {
-  std::string out;
-  if (FILE* pipe = popen("git -C " MOEX_SOURCE_DIR " rev-parse --short HEAD 2>/dev/null", "r")) {
-    char buf[64];
-    while (std::fgets(buf, sizeof(buf), pipe)) out += buf;
-    pclose(pipe);
-  }
-  while (!out.empty() && out.back() == '\n') out.pop_back();
-  return out;
 }
 
 const Result* find_result(const std::vector<Result>& results, int threads, const std::string& name) {

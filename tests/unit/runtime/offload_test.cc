@@ -57,26 +57,28 @@ TEST_P(OffloadMatchesResident, EveryPolicyAndBudget) {
   const int64_t all_experts = cfg.num_moe_layers() * cfg.num_experts;
   for (const std::string policy : {"lru", "lfu", "activation"}) {
     for (int64_t slots : {cfg.top_k, cfg.top_k + 1, all_experts / 2, all_experts}) {
-     for (bool scan_steps : {false, true}) {
-      SCOPED_TRACE(policy + " with " + std::to_string(slots) + " expert slots" + (scan_steps ? ", scan steps" : ""));
-      RunOutput offloaded = run(*model, prompt, slots * expert_bytes, policy, false, scan_steps);
-      ASSERT_EQ(offloaded.logits.size(), resident.logits.size());
-      double max_diff = 0;
-      for (size_t idx = 0; idx < resident.logits.size(); ++idx)
-        max_diff = std::max(max_diff, static_cast<double>(std::fabs(offloaded.logits[idx] - resident.logits[idx])));
-      // Waves change only the order of the expert sum in prefill: float rounding, nothing more.
-      EXPECT_LT(max_diff, 1e-5);
-      EXPECT_EQ(offloaded.greedy, resident.greedy);
-      EXPECT_GT(offloaded.stats.misses, 0);
-      // Prefill (scan) steps prefetch the next layer without a predictor; a prefetch cancelled before its
-      // copy finished moves no counted bytes.
-      EXPECT_GE(offloaded.stats.bytes_moved, offloaded.stats.misses * expert_bytes);
-      EXPECT_LE(offloaded.stats.bytes_moved, (offloaded.stats.misses + offloaded.stats.prefetch_issued) * expert_bytes);
-      // Nothing is evicted with room for every expert: each one misses at most once.
-      if (slots == all_experts) {
-        EXPECT_LE(offloaded.stats.misses, all_experts);
+      for (bool scan_steps : {false, true}) {
+        SCOPED_TRACE(policy + " with " + std::to_string(slots) + " expert slots" +
+                     (scan_steps ? ", scan steps" : ""));
+        RunOutput offloaded = run(*model, prompt, slots * expert_bytes, policy, false, scan_steps);
+        ASSERT_EQ(offloaded.logits.size(), resident.logits.size());
+        double max_diff = 0;
+        for (size_t idx = 0; idx < resident.logits.size(); ++idx)
+          max_diff = std::max(max_diff, double{std::fabs(offloaded.logits[idx] - resident.logits[idx])});
+        // Waves change only the order of the expert sum in prefill: float rounding, nothing more.
+        EXPECT_LT(max_diff, 1e-5);
+        EXPECT_EQ(offloaded.greedy, resident.greedy);
+        EXPECT_GT(offloaded.stats.misses, 0);
+        // Scan steps prefetch the next layer without a predictor; a prefetch cancelled before its copy
+        // finished moves no counted bytes.
+        EXPECT_GE(offloaded.stats.bytes_moved, offloaded.stats.misses * expert_bytes);
+        EXPECT_LE(offloaded.stats.bytes_moved,
+                  (offloaded.stats.misses + offloaded.stats.prefetch_issued) * expert_bytes);
+        // Nothing is evicted with room for every expert: each one misses at most once.
+        if (slots == all_experts) {
+          EXPECT_LE(offloaded.stats.misses, all_experts);
+        }
       }
-     }
     }
   }
 }
@@ -113,17 +115,22 @@ TEST(Offload, PrefetchKeepsOutputsAndCountsPredictions) {
   }
 }
 
+// 32 tokens (first, first + step, ... mod 400): a prefill that routes to every expert of the mixtral fixture.
+std::vector<int32_t> prefill_prompt(int32_t first, int32_t step) {
+  std::vector<int32_t> prompt(32);
+  for (size_t idx = 0; idx < prompt.size(); ++idx) prompt[idx] = first + static_cast<int32_t>(idx) * step % 400;
+  return prompt;
+}
+
 // A prefill of many tokens routes to every expert of every layer: a cyclic scan longer than the cache. With a
 // third of the experts' room, LRU hit nothing on a repeated prompt; the scan rule keeps a part resident.
 TEST(Offload, RepeatedPrefillKeepsExpertsAcrossPrompts) {
   auto model = Model::load((test::fixtures_root() / "mixtral").string());
   const ModelConfig& cfg = model->config();
-  std::vector<int32_t> prompt(32);
-  for (size_t idx = 0; idx < prompt.size(); ++idx) prompt[idx] = static_cast<int32_t>(3 + idx * 11 % 400);
+  const std::vector<int32_t> prompt = prefill_prompt(3, 11);
   EngineOptions resident_options;
   resident_options.num_threads = 2;
-  Engine resident(*model, resident_options);
-  const std::vector<float> want = resident.prompt_logits(prompt);
+  const std::vector<float> want = Engine(*model, resident_options).prompt_logits(prompt);
   const int64_t all_experts = cfg.num_moe_layers() * cfg.num_experts;
   for (const std::string policy : {"lru", "lfu", "activation"}) {
     SCOPED_TRACE(policy);
@@ -152,12 +159,10 @@ TEST(Offload, RepeatedPrefillKeepsExpertsAcrossPrompts) {
 TEST(Offload, PrefillPrefetchesTheNextLayerWithoutAPredictor) {
   auto model = Model::load((test::fixtures_root() / "mixtral").string());
   const ModelConfig& cfg = model->config();
-  std::vector<int32_t> prompt(32);
-  for (size_t idx = 0; idx < prompt.size(); ++idx) prompt[idx] = static_cast<int32_t>(5 + idx * 13 % 400);
+  const std::vector<int32_t> prompt = prefill_prompt(5, 13);
   EngineOptions options;
   options.num_threads = 2;
-  Engine resident(*model, options);
-  const std::vector<float> want = resident.prompt_logits(prompt);
+  const std::vector<float> want = Engine(*model, options).prompt_logits(prompt);
   // One layer's experts plus four: the layer runs in one wave and leaves room to prefetch the next.
   options.expert_budget_bytes = (cfg.num_experts + 4) * static_cast<int64_t>(cfg.expert_bytes());
   options.scan_steps = true;
