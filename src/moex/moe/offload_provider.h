@@ -50,9 +50,10 @@ struct OffloadConfig {
   // of every layer. Its misses are ranked for scan resistance (AccessKind::kScan, keeping scan_keep_bytes
   // across prompts; < 0: ExpertCacheConfig's default), and while a layer runs, the next layer's experts are
   // prefetched, predictor or not, as many as fit without evicting pinned or kept experts, so the link copies
-  // them while the layer computes. Off by default: on an H100 machine it made the 4-layer 8x7B prefill at 6 GiB
-  // 13-18% faster, but the Mixtral-8x7B 16 GiB decode case with CPU experts 20% slower (123.5 -> 148.3
-  // ms/token, fewer decode hits after the prompt; bench/RESULTS.md), for a reason not yet found.
+  // them while the layer computes. Off by default: on H100 machines it made the 4-layer 8x7B prefill at 6 GiB
+  // 8-29% faster, but the Mixtral-8x7B 16 GiB decode case with CPU experts 20% slower (123.5 -> 148.3
+  // ms/token, fewer decode hits; bench/RESULTS.md). Likely why: with CPU experts hardly any decode miss enters
+  // the cache, so decode lives on what the prompt left, and a scan leaves whole early layers there.
   bool scan_steps = false;
   int64_t scan_keep_bytes = -1;
 };
