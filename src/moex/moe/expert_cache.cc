@@ -89,7 +89,6 @@ void ExpertCache::add(ExpertKey key, bool streamed) {
   s.insert_tick = tick_;
   used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
   if (!streamed) kept_used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
-  if (streamed) ++stats_.streamed_inserts;
   ++num_resident_;
 }
 

@@ -64,7 +64,6 @@ struct ExpertCacheStats {
   int64_t prefetch_inserts = 0;
   int64_t prefetch_used = 0;    // prefetched experts whose first demand access came before eviction
   int64_t prefetch_unused = 0;  // prefetched experts evicted (or dropped) before any demand access
-  int64_t streamed_inserts = 0; // experts made resident by scan steps outside the kept segment
 };
 
 class ExpertCache {
@@ -102,8 +101,6 @@ class ExpertCache {
   // Units in use in the scope of layer_idx (slots or bytes), and the capacity of that scope.
   int64_t used(int32_t layer_idx) const;
   int64_t capacity() const { return capacity_; }
-  // Units of the kept segment of scan steps (ExpertCacheConfig::scan_keep, resolved).
-  int64_t scan_keep() const { return scan_keep_; }
   bool is_streamed(ExpertKey key) const { return slot(key).streamed; }
   int64_t expert_bytes(int32_t layer_idx) const;
 

@@ -50,7 +50,6 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
         human_bytes(config.budget_bytes), top_k, human_bytes(minimum), minimum,
         config.scope == CacheScope::kPerLayer ? " with per-layer budgets" : ""));
   cache_config.capacity_bytes = budget;
-  cache_config.scan_keep = config.scan_keep_bytes;
   PolicyOptions policy_options;
   policy_options.num_layers = num_layers;
   policy_options.num_experts = num_experts;
@@ -146,8 +145,8 @@ void OffloadingExpertProvider::plan_scan_prefetch(int32_t layer_idx) {
   if (target >= store_->num_layers()) return;
   for (int32_t expert_idx = 0; expert_idx < store_->num_experts(target); ++expert_idx) {
     const ExpertKey key{target, expert_idx};
-    if (!cache_->contains(key) && std::find(prefetch_plan_.begin(), prefetch_plan_.end(), key) == prefetch_plan_.end())
-      prefetch_plan_.push_back(key);
+    const bool planned = std::find(prefetch_plan_.begin(), prefetch_plan_.end(), key) != prefetch_plan_.end();
+    if (!cache_->contains(key) && !planned) prefetch_plan_.push_back(key);
   }
 }
 
@@ -241,7 +240,8 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
     if (!last_prediction_[layer_idx].empty()) prediction_.add(last_prediction_[layer_idx], actual);
   }
   // Waves of one step carry the step's routing shape, so all of them agree on being a scan.
-  const bool scan = config_.scan_steps && routing.num_tokens * routing.top_k >= 2 * static_cast<int64_t>(num_experts);
+  const bool scan =
+      config_.scan_steps && routing.num_tokens * routing.top_k >= 2 * static_cast<int64_t>(num_experts);
   const AccessKind kind = scan ? AccessKind::kScan : AccessKind::kDemand;
   int64_t taken_over_bytes = 0;
   settle_prefetches(layer_idx, keys_, &taken_over_bytes);
@@ -257,7 +257,8 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   if (first_wave && scan) plan_scan_prefetch(layer_idx);
   // A layer that runs in waves needs every slot its first wave leaves (and the ones its CPU-run misses give
   // back): pinned prefetches there could leave a later wave no room at all.
-  if (std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) != outcomes_.end()) prefetch_plan_.clear();
+  if (std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) != outcomes_.end())
+    prefetch_plan_.clear();
   to_cpu_.clear();
   splits_.clear();
   if (config_.cpu_experts && !keys_.empty()) {

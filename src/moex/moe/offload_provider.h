@@ -47,15 +47,14 @@ struct OffloadConfig {
   bool balance_prefetch = true;
   // Scan steps: a step whose routing has at least twice as many entries as the layer has experts (a prefill
   // of many tokens: with uniform routing 1 - e^-2 = 86% of the experts are routed) touches nearly every expert
-  // of every layer. Its misses are ranked for scan resistance (AccessKind::kScan, keeping scan_keep_bytes
-  // across prompts; < 0: ExpertCacheConfig's default), and while a layer runs, the next layer's experts are
+  // of every layer. Its misses are ranked for scan resistance (AccessKind::kScan, keeping ExpertCacheConfig's
+  // default scan_keep across prompts), and while a layer runs, the next layer's experts are
   // prefetched, predictor or not, as many as fit without evicting pinned or kept experts, so the link copies
   // them while the layer computes. Off by default: on H100 machines it made the 4-layer 8x7B prefill at 6 GiB
   // 8-29% faster, but the Mixtral-8x7B 16 GiB decode case with CPU experts 20% slower (123.5 -> 148.3
   // ms/token, fewer decode hits; bench/RESULTS.md). Likely why: with CPU experts hardly any decode miss enters
   // the cache, so decode lives on what the prompt left, and a scan leaves whole early layers there.
   bool scan_steps = false;
-  int64_t scan_keep_bytes = -1;
 };
 
 class OffloadingExpertProvider : public ExpertProvider {

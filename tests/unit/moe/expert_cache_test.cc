@@ -22,6 +22,16 @@ ExpertCacheConfig one_layer(int32_t num_experts, int64_t slots) {
   return config;
 }
 
+// Several layers sharing one budget of `slots` experts.
+ExpertCacheConfig global_slots(int32_t num_layers, int32_t num_experts, int64_t slots) {
+  ExpertCacheConfig config;
+  config.num_layers = num_layers;
+  config.num_experts = num_experts;
+  config.scope = CacheScope::kGlobal;
+  config.capacity_slots = slots;
+  return config;
+}
+
 std::vector<ExpertKey> future_of(const std::vector<Step>& steps) {
   std::vector<ExpertKey> keys;
   for (Step step : steps) {
@@ -124,12 +134,7 @@ TEST(ExpertCache, ActivationWithGlobalBudgetEvictsTheLayerNeededLast) {
   // 4 layers, global budget of 3 slots. Run layers 0, 1, 2 once each (one expert each). Layer 3's
   // miss must evict: the layer needed last is the one that just ran before it... candidates 0, 1, 2
   // have equal counts; after layer 3 runs, the next layer is 0, so layer 2 is the farthest.
-  ExpertCacheConfig config;
-  config.num_layers = 4;
-  config.num_experts = 4;
-  config.scope = CacheScope::kGlobal;
-  config.capacity_slots = 3;
-  ExpertCache cache(config, make_eviction_policy("activation", {4, 4, {}}));
+  ExpertCache cache(global_slots(4, 4, 3), make_eviction_policy("activation", {4, 4, {}}));
   std::vector<ExpertKey> evicted;
   for (int32_t layer_idx = 0; layer_idx < 4; ++layer_idx) {
     ExpertKey key{layer_idx, 1};
@@ -326,24 +331,10 @@ TEST(ExpertCache, PinnedExpertsSurviveRandomOperations) {
   }
 }
 
-}  // namespace
-}  // namespace moex
-
-namespace moex {
-namespace {
-
 // Two prompts of a prefill that routes to every expert of every layer, Mixtral-8x7B's shape (4 layers x 8
 // experts, as in bench/offload/models/mixtral_8x7b_l4) with 12 slots; returns the hits of the second prompt.
 int64_t second_scan_hits(const std::string& policy, AccessKind kind) {
-  ExpertCacheConfig config;
-  config.num_layers = 4;
-  config.num_experts = 8;
-  config.scope = CacheScope::kGlobal;
-  config.capacity_slots = 12;
-  PolicyOptions options;
-  options.num_layers = 4;
-  options.num_experts = 8;
-  ExpertCache cache(config, make_eviction_policy(policy, options));
+  ExpertCache cache(global_slots(4, 8, 12), make_eviction_policy(policy, {4, 8, {}}));
   std::vector<ExpertKey> keys;
   std::vector<CacheOutcome> outcomes(8);
   int64_t hits = 0;
@@ -371,16 +362,9 @@ TEST(ExpertCacheScan, CyclicScanKeepsWhatExceedsOneLayer) {
 
 // A scan prefetch evicts only streamed experts of other layers: never the kept segment, never its own layer.
 TEST(ExpertCacheScan, ScanPrefetchSparesKeptExpertsAndItsOwnLayer) {
-  ExpertCacheConfig config;
-  config.num_layers = 2;
-  config.num_experts = 4;
-  config.scope = CacheScope::kGlobal;
-  config.capacity_slots = 6;
+  ExpertCacheConfig config = global_slots(2, 4, 6);
   config.scan_keep = 2;
-  PolicyOptions options;
-  options.num_layers = 2;
-  options.num_experts = 4;
-  ExpertCache cache(config, make_eviction_policy("lru", options));
+  ExpertCache cache(config, make_eviction_policy("lru", {2, 4, {}}));
   std::vector<ExpertKey> keys = {{0, 0}, {0, 1}, {0, 2}, {0, 3}};
   std::vector<CacheOutcome> outcomes(4);
   cache.acquire(keys, outcomes, nullptr, AccessKind::kScan);

@@ -379,11 +379,7 @@ class CudaBackend final : public Backend {
                              const TensorView* k_norm, float eps, std::span<const int32_t> positions,
                              int64_t rotary_dim, double theta, const KvStep& step, const TensorView& k_pages,
                              const TensorView& v_pages) override {
-    check_f32(v, "kv_write", "v");
-    check_f32(k_pages, "kv_write", "k_pages");
-    check_f32(v_pages, "kv_write", "v_pages");
-    const int64_t n = check_kv_write_shapes(step, k, v, k_pages, v_pages, "cuda kv_write");
-    check_prepared(step, n, k_pages.dim(0), "kv_write");
+    checked_kv_write_rows(step, k, v, k_pages, v_pages);
     const KvWrite kv{v.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_};
     if (!qk_norm_rope_launch(q, k, q_norm, k_norm, eps, positions, rotary_dim, theta, kv))
       Backend::qk_norm_rope_kv_write(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages,
@@ -453,12 +449,7 @@ class CudaBackend final : public Backend {
 
   void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
                 const TensorView& v_pages) override {
-    check_f32(k, "kv_write", "k");
-    check_f32(v, "kv_write", "v");
-    check_f32(k_pages, "kv_write", "k_pages");
-    check_f32(v_pages, "kv_write", "v_pages");
-    const int64_t n = check_kv_write_shapes(step, k, v, k_pages, v_pages, "cuda kv_write");
-    check_prepared(step, n, k_pages.dim(0), "kv_write");
+    const int64_t n = checked_kv_write_rows(step, k, v, k_pages, v_pages);
     launch_kv_write_paged(k.as<float>(), v.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_, n,
                           k_pages.dim(2) * k_pages.dim(3), stream_);
     MOEX_CUDA_CHECK_LAUNCH();
@@ -563,6 +554,17 @@ class CudaBackend final : public Backend {
                   const TensorView& out) override;
 
  private:
+  // kv_write's checks (dtypes, shapes, the prepared step); the step's row count.
+  int64_t checked_kv_write_rows(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
+                                const TensorView& v_pages) const {
+    check_f32(k, "kv_write", "k");
+    check_f32(v, "kv_write", "v");
+    check_f32(k_pages, "kv_write", "k_pages");
+    check_f32(v_pages, "kv_write", "v_pages");
+    const int64_t n = check_kv_write_shapes(step, k, v, k_pages, v_pages, "cuda kv_write");
+    check_prepared(step, n, k_pages.dim(0), "kv_write");
+    return n;
+  }
   // The qk_norm_rope kernel (with the cache write when kv.k_pages is set); false, launching nothing, for head
   // dims past its envelope.
   bool qk_norm_rope_launch(const TensorView& q, const TensorView& k, const TensorView* q_norm,
