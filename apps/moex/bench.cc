@@ -1,7 +1,9 @@
 // `moex bench`: end-to-end prefill and decode timings of a model (real or --load-format random at real
 // shapes) on a device, with the bytes a decode step must read, so that the result can be set against
 // the memory roofline; with --batch, batched decode of several sequences in lockstep (Decoder::forward_batch).
-// Prints a table, and one JSON object with --json (for bench/ scripts).
+// Prints a table, and one JSON object with --json (for bench/ scripts). With --trace-out, the routing of the
+// batch-1 decode repetitions (prompt and decoded tokens, one request per repetition) is written as a trace for
+// `moex trace simulate|stats`: the cache and predictor behaviour behind a figure can be replayed offline.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -9,6 +11,7 @@
 #include <ctime>
 #include <iostream>
 #include <numeric>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -16,6 +19,8 @@
 #include "commands.h"
 #include "moex/core/error.h"
 #include "moex/core/progress.h"
+#include "moex/trace/trace_writer.h"
+#include "trace_record.h"
 
 namespace moex::cli {
 namespace {
@@ -61,6 +66,7 @@ CommandAction setup_bench(CLI::App* sub) {
     double bandwidth_gbs = 0;
     std::vector<int64_t> batches;
     bool json = false;
+    std::string trace_out;
   };
   auto options = std::make_shared<Options>();
   add_model_options(sub, &options->model, /*model_required=*/true);
@@ -81,9 +87,19 @@ CommandAction setup_bench(CLI::App* sub) {
       ->delimiter(',')
       ->check(CLI::PositiveNumber);
   sub->add_flag("--json", options->json, "print one JSON object with every parameter and result");
+  sub->add_option("--trace-out", options->trace_out,
+                  "write the routing of the batch-1 decode repetitions (warm-up included, one request each: "
+                  "the --decode-context prompt and the decoded tokens) to this file as a moex binary trace; "
+                  "the decode timings then include the recording");
   return [options]() -> int {
     auto model = load_model(options->model);
     const ModelConfig& cfg = model->config();
+    std::unique_ptr<TraceWriter> trace;
+    if (!options->trace_out.empty()) {
+      if (cfg.num_moe_layers() == 0)
+        throw UsageError(fmt::format("--trace-out: {} has no MoE layers to trace", cfg.summary()));
+      trace = std::make_unique<TraceWriter>(options->trace_out, trace_info_for(cfg, false, "moex bench"));
+    }
     Engine engine(*model, engine_options(options->model, cfg));
     const int64_t vocab = cfg.vocab_size;
     uint64_t state = 12345;
@@ -126,18 +142,29 @@ CommandAction setup_bench(CLI::App* sub) {
     int64_t timed_steps = 0;
     for (int rep = 0; rep < total_reps; ++rep) {
       auto ids = random_ids(options->decode_context);
-      engine.decoder().forward(ids, 0, false, &logits);
+      std::optional<TraceRecorder> recorder;
+      TraceWriter::RequestHandle request = 0;
+      if (trace) {
+        request = trace->begin_request(fmt::format("decode-rep{}", rep));
+        recorder.emplace(*trace, request, false, static_cast<int32_t>(cfg.num_experts));
+        for (size_t idx = 0; idx < ids.size(); ++idx) trace->record_token_id(request, static_cast<int64_t>(idx), ids[idx]);
+      }
+      RouterObserver* observer = recorder ? &*recorder : nullptr;
+      engine.decoder().forward(ids, 0, false, &logits, observer);
       int32_t token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
       engine.backend().synchronize();
       const ExpertProviderStats before = engine.experts().stats();
       auto start = std::chrono::steady_clock::now();
       for (int64_t step = 0; step < options->decode_tokens; ++step) {
-        engine.decoder().forward(std::span<const int32_t>(&token, 1), options->decode_context + step, false, &logits);
+        const int64_t position = options->decode_context + step;
+        if (trace) trace->record_token_id(request, position, token);
+        engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &logits, observer);
         token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
       }
       engine.backend().synchronize();
       double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
       engine.decoder().end_sequence();
+      if (trace) trace->end_request(request);
       if (rep >= options->warmup && options->decode_tokens > 0) {
         per_token_ms.push_back(elapsed / options->decode_tokens);
         const ExpertProviderStats after = engine.experts().stats();
@@ -206,6 +233,7 @@ CommandAction setup_bench(CLI::App* sub) {
                                {"tokens_per_s", s.mean > 0 ? batch * 1000.0 / s.mean : 0.0}});
     }
     progress.finish();
+    if (trace) trace->close();
     Summary decode = summarize(per_token_ms);
     const int64_t bytes = decode_bytes_per_token(cfg);
     const ExpertProviderStats stats = engine.experts().stats();
@@ -255,6 +283,7 @@ CommandAction setup_bench(CLI::App* sub) {
         {"expert_misses", stats.misses},
         {"bytes_moved", stats.bytes_moved},
         {"stall_ms", stats.stall_ms}};
+    if (trace) out["trace_out"] = options->trace_out;
     if (options->bandwidth_gbs > 0) {
       const double floor_ms = bytes / (options->bandwidth_gbs * 1e6);
       out["bandwidth_gbs"] = options->bandwidth_gbs;

@@ -14,32 +14,6 @@
 namespace moex::cli {
 namespace {
 
-// Forwards each MoE layer's routing rows to the writer; token index = position in the sequence.
-class TraceRecorder : public RouterObserver {
- public:
-  TraceRecorder(TraceWriter& writer, TraceWriter::RequestHandle request, bool pregate, int32_t num_experts)
-      : writer_(writer), request_(request), pregate_(pregate), num_experts_(num_experts) {}
-  void on_router(int32_t moe_layer_idx, int64_t start_pos, std::span<const float>, const Routing& routing) override {
-    for (int64_t row = 0; row < routing.num_tokens; ++row) {
-      const auto ids = std::span<const int32_t>(routing.expert_ids).subspan(row * routing.top_k, routing.top_k);
-      const auto weights = std::span<const float>(routing.weights).subspan(row * routing.top_k, routing.top_k);
-      writer_.record(request_, moe_layer_idx, start_pos + row, ids, weights);
-    }
-  }
-  bool wants_pregate() const override { return pregate_; }
-  void on_pregate(int32_t target_moe_layer_idx, int64_t start_pos, std::span<const float> logits) override {
-    const int64_t rows = static_cast<int64_t>(logits.size()) / num_experts_;
-    for (int64_t row = 0; row < rows; ++row)
-      writer_.record_pregate(request_, target_moe_layer_idx, start_pos + row, logits.subspan(row * num_experts_, num_experts_));
-  }
-
- private:
-  TraceWriter& writer_;
-  TraceWriter::RequestHandle request_;
-  bool pregate_;
-  int32_t num_experts_;
-};
-
 struct RecordOptions {
   ModelOptions model;
   std::string prompts_path;
@@ -62,17 +36,7 @@ int run_record(const RecordOptions& options) {
     throw UsageError(fmt::format("{}: has no tokenizer.json or tokenizer.model to encode the prompts",
                                  resolved_model_dir(options.model)));
   Engine engine(*model, engine_options(options.model, cfg));
-  TraceInfo info;
-  info.model = cfg.summary();
-  info.num_layers = static_cast<int32_t>(cfg.num_moe_layers());
-  info.num_experts = static_cast<int32_t>(cfg.num_experts);
-  info.top_k = static_cast<int32_t>(cfg.top_k);
-  info.with_gate_weights = true;
-  info.with_token_ids = true;
-  info.with_pregate_logits = options.pregate_logits && info.num_layers > 1;
-  for (int64_t layer_idx = 0; layer_idx < cfg.num_layers; ++layer_idx)
-    if (cfg.layer_is_moe[layer_idx]) info.layer_ids.push_back(static_cast<int32_t>(layer_idx));
-  info.source = "moex trace record";
+  const TraceInfo info = trace_info_for(cfg, options.pregate_logits, "moex trace record");
   TraceWriter writer(options.out_path, info);
   GenerationOptions greedy;
   greedy.max_new_tokens = options.decode_tokens;
@@ -103,6 +67,37 @@ int run_record(const RecordOptions& options) {
 }
 
 }  // namespace
+
+void TraceRecorder::on_router(int32_t moe_layer_idx, int64_t start_pos, std::span<const float>,
+                              const Routing& routing) {
+  for (int64_t row = 0; row < routing.num_tokens; ++row) {
+    const auto ids = std::span<const int32_t>(routing.expert_ids).subspan(row * routing.top_k, routing.top_k);
+    const auto weights = std::span<const float>(routing.weights).subspan(row * routing.top_k, routing.top_k);
+    writer_.record(request_, moe_layer_idx, start_pos + row, ids, weights);
+  }
+}
+
+void TraceRecorder::on_pregate(int32_t target_moe_layer_idx, int64_t start_pos, std::span<const float> logits) {
+  const int64_t rows = static_cast<int64_t>(logits.size()) / num_experts_;
+  for (int64_t row = 0; row < rows; ++row)
+    writer_.record_pregate(request_, target_moe_layer_idx, start_pos + row,
+                           logits.subspan(row * num_experts_, num_experts_));
+}
+
+TraceInfo trace_info_for(const ModelConfig& cfg, bool pregate_logits, std::string source) {
+  TraceInfo info;
+  info.model = cfg.summary();
+  info.num_layers = static_cast<int32_t>(cfg.num_moe_layers());
+  info.num_experts = static_cast<int32_t>(cfg.num_experts);
+  info.top_k = static_cast<int32_t>(cfg.top_k);
+  info.with_gate_weights = true;
+  info.with_token_ids = true;
+  info.with_pregate_logits = pregate_logits && info.num_layers > 1;
+  for (int64_t layer_idx = 0; layer_idx < cfg.num_layers; ++layer_idx)
+    if (cfg.layer_is_moe[layer_idx]) info.layer_ids.push_back(static_cast<int32_t>(layer_idx));
+  info.source = std::move(source);
+  return info;
+}
 
 CLI::App* add_trace_record_command(CLI::App* trace, std::function<int()>* action) {
   auto options = std::make_shared<RecordOptions>();

@@ -217,8 +217,10 @@ int run(const char* json_path) {
   cudaFree(dst);
   if (g_json) std::fprintf(g_json, "{\"bench\":\"cuda_kernels\",\"name\":\"hbm_copy\",\"gbs\":%.1f,\"device\":\"%s\"}\n", hbm / 1e9, cuda_device_description(0).c_str());
 
-  // ---- dense GEMV (batch 1..8): weight bytes / time vs the copy bandwidth ----
+  // ---- dense GEMV (batch 1..32; 2-32 rows take the tensor-core kernel): weight bytes / time vs the copy
+  // bandwidth ----
   const Shape3 gemv_shapes[] = {{"A q_proj 2048x2048", 2048, 2048},   {"A k_proj 1024x2048", 1024, 2048},
+                                {"A q/k/v 4096x2048", 4096, 2048},
                                 {"A expert gate 5632x2048", 5632, 2048}, {"A expert down 2048x5632", 2048, 5632},
                                 {"A lm_head 32000x2048", 32000, 2048},   {"B q_proj 4096x2048", 4096, 2048},
                                 {"B expert gate 768x2048", 768, 2048},   {"B lm_head 151936x2048", 151936, 2048}};
@@ -228,9 +230,9 @@ int run(const char* json_path) {
     std::vector<const uint16_t*> ws;
     auto* base = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k) * copies, 0.02f));
     for (int c = 0; c < copies; ++c) ws.push_back(base + static_cast<size_t>(sh.n * sh.k) * c);
-    float* x = b.random_f32(static_cast<size_t>(8 * sh.k));
-    float* y = b.random_f32(static_cast<size_t>(8 * sh.n));
-    for (int m : {1, 8}) {
+    float* x = b.random_f32(static_cast<size_t>(32 * sh.k));
+    float* y = b.random_f32(static_cast<size_t>(32 * sh.n));
+    for (int m : {1, 8, 16, 32}) {
       Timing t = b.time([&](int i) { cuda::launch_gemv_bf16(x, m, ws[i % copies], sh.n, sh.k, nullptr, y, s); }, 50);
       report(fmt::format("gemv m={} {}", m, sh.label), t, static_cast<double>(bytes), "GB/s", hbm);
     }

@@ -61,28 +61,45 @@ __global__ void gemv_scalar_kernel(const float* x, int64_t m_count, const bf16* 
   }
 }
 
-// 2-32 tokens: a block owns NR tiles of 16 output rows (consecutive); its 8 warps split K and sum in warp
-// order. NT n-tiles of 8 tokens. With NT >= 2 the activations dominate the block's loads (every block reads
-// all tokens' K floats for its rows) and their bf16 split dominates its instructions; two row tiles per block
-// share both, so NR = 2 there when N is a multiple of 32.
-template <int NR, int NT>
-__global__ __launch_bounds__(kWarps * 32) void linear_mma_kernel(const float* x, int m_count, const bf16* w, int N,
-                                                                 int K, const float* bias, float* y) {
-  __shared__ float red[kWarps * NR * NT * 4 * 32];
+// 2-32 tokens: a block owns NR tiles of 16 output rows (consecutive) of one output; its WARPS warps split K and
+// sum in warp order. NT n-tiles of 8 tokens. Several outputs (q/k/v) share one grid: block b takes the output
+// whose tile range holds b. With NT >= 2 the activations dominate the block's loads (every block reads all
+// tokens' K floats for its rows) and their bf16 split dominates its instructions; two row tiles per block share
+// both, so NR = 2 there when the grid stays large (lm_head) and every output's rows are a multiple of 32.
+struct MmaOutputs {
+  GemvOutput out[kGemvMaxOutputs];
+  int tiles_before[kGemvMaxOutputs + 1];  // blocks of outputs [0, i)
+  int count;
+};
+
+template <int NR, int NT, int WARPS>
+__global__ __launch_bounds__(WARPS * 32) void linear_mma_kernel(const float* x, int m_count, int K, MmaOutputs outs) {
+  __shared__ float red[WARPS * NR * NT * 4 * 32];
   pdl_launch_dependents();
+  // Constant indices only: a dynamic index into the parameter struct copies it to local memory.
+  GemvOutput o = outs.out[0];
+  int first_tile = 0;
+#pragma unroll
+  for (int i = 1; i < kGemvMaxOutputs; ++i)
+    if (i < outs.count && int(blockIdx.x) >= outs.tiles_before[i]) {
+      o = outs.out[i];
+      first_tile = outs.tiles_before[i];
+    }
+  const int N = static_cast<int>(o.rows);
+  const int row0 = (int(blockIdx.x) - first_tile) * kMmaRows * NR;
   pdl_wait();
-  const int row0 = blockIdx.x * kMmaRows * NR;
   const float* x_row[NT];
   mma_token_rows<NT>(threadIdx.x & 31, m_count, [&](int i) { return x + int64_t(i) * K; }, x_row);
   // Tile r is weight rows [row0 + 16 r, row0 + 16 r + 16): with NR > 1, N % (16 NR) == 0, so no tile is short.
+  const bf16* w = reinterpret_cast<const bf16*>(o.w);
   const bf16* rows[NR];
 #pragma unroll
   for (int r = 0; r < NR; ++r) rows[r] = w + int64_t(r) * kMmaRows * K;
-  block_mma_tile<NR, NT>(rows, row0, NR > 1 ? row0 + kMmaRows : N, K, x_row, m_count, kWarps, red);
-  for_each_mma_output<NR, NT>(red, kWarps, row0, N, m_count, [&](int row, int token, auto sum) {
+  block_mma_tile<NR, NT>(rows, row0, NR > 1 ? row0 + kMmaRows : N, K, x_row, m_count, WARPS, red);
+  for_each_mma_output<NR, NT>(red, WARPS, row0, N, m_count, [&](int row, int token, auto sum) {
 #pragma unroll
     for (int r = 0; r < NR; ++r)
-      y[int64_t(token) * N + row + r * kMmaRows] = sum(r) + (bias ? bias[row + r * kMmaRows] : 0.f);
+      o.y[int64_t(token) * N + row + r * kMmaRows] = sum(r) + (o.bias ? o.bias[row + r * kMmaRows] : 0.f);
   });
 }
 
@@ -90,22 +107,51 @@ bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int6
   return m_count >= 2 && m_count <= kLinearMmaMaxRows && K % kMmaKBlock == 0 && aligned16(x) && aligned16(w);
 }
 
-void launch_linear_mma(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-                       float* y, cudaStream_t stream) {
-  const dim3 block(kWarps * 32);
-  const bf16* wb = reinterpret_cast<const bf16*>(w);
-  const int m = static_cast<int>(m_count), n = static_cast<int>(N), k = static_cast<int>(K);
-  auto launch = [&](auto kernel, int rows_per_block) {
-    launch_pdl(kernel, dim3(static_cast<unsigned>(ceil_div(N, rows_per_block))), block, 0, stream, x, m, wb, n, k,
-               bias, y);
+int device_sm_count() {
+  static const int count = [] {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return 132;
+    return sms;
+  }();
+  return count;
+}
+
+// Block shape by grid size. A block streams 16 NR rows; q/k/v/o of a decode layer are a few hundred such tiles,
+// so two tiles per block (fewer activation re-reads) left most SMs idle (Model A k_proj at 32 tokens: 32 blocks
+// for 132 SMs). NR = 2 only where the grid keeps at least 4 blocks per SM; 16 warps per block where even NR = 1
+// gives at most one block per SM, so that each SM keeps enough weight bytes in flight.
+void launch_linear_mma(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
+                       cudaStream_t stream) {
+  const int sms = device_sm_count();
+  bool pairs = true;
+  int64_t tiles = 0;
+  for (int i = 0; i < count; ++i) {
+    pairs = pairs && outputs[i].rows % (2 * kMmaRows) == 0;
+    tiles += ceil_div(outputs[i].rows, kMmaRows);
+  }
+  const int m = static_cast<int>(m_count), k = static_cast<int>(K);
+  auto launch = [&](auto kernel, int nr, int warps) {
+    MmaOutputs outs{};
+    outs.count = count;
+    outs.tiles_before[0] = 0;
+    for (int i = 0; i < count; ++i) {
+      outs.out[i] = outputs[i];
+      outs.tiles_before[i + 1] = outs.tiles_before[i] + static_cast<int>(ceil_div(outputs[i].rows, kMmaRows * nr));
+    }
+    launch_pdl(kernel, dim3(static_cast<unsigned>(outs.tiles_before[count])), dim3(warps * 32), 0, stream, x, m, k,
+               outs);
   };
-  const bool pairs = N % (2 * kMmaRows) == 0;
+  const bool wide = pairs && tiles >= 8 * int64_t(sms);  // NR = 2 still leaves >= 4 blocks per SM
+  const bool narrow = tiles <= int64_t(sms);  // one block per SM at most: 16 warps keep the bytes in flight
   if (m_count <= 8)
-    launch(linear_mma_kernel<1, 1>, kMmaRows);
+    narrow ? launch(linear_mma_kernel<1, 1, 16>, 1, 16) : launch(linear_mma_kernel<1, 1, 8>, 1, 8);
   else if (m_count <= 16)
-    pairs ? launch(linear_mma_kernel<2, 2>, 2 * kMmaRows) : launch(linear_mma_kernel<1, 2>, kMmaRows);
+    wide ? launch(linear_mma_kernel<2, 2, 8>, 2, 8)
+         : (narrow ? launch(linear_mma_kernel<1, 2, 16>, 1, 16) : launch(linear_mma_kernel<1, 2, 8>, 1, 8));
   else
-    pairs ? launch(linear_mma_kernel<2, 4>, 2 * kMmaRows) : launch(linear_mma_kernel<1, 4>, kMmaRows);
+    wide ? launch(linear_mma_kernel<2, 4, 8>, 2, 8)
+         : (narrow ? launch(linear_mma_kernel<1, 4, 16>, 1, 16) : launch(linear_mma_kernel<1, 4, 8>, 1, 8));
 }
 
 // The fp32 GEMV kernel over up to kGemvMaxOutputs weights; m_count <= kGemvMaxRows, K % 8 == 0, aligned.
@@ -131,7 +177,15 @@ bool gemv_fits(const float* x, const uint16_t* w, int64_t K) { return K % 8 == 0
 void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
                             cudaStream_t stream) {
   if (m_count == 0 || count == 0) return;
-  // One launch for all outputs at one row; several rows take the tensor cores, one launch per weight.
+  // One launch for all outputs: the fp32 GEMV at one row, the tensor-core kernel at 2-32 rows where every
+  // output's rows are whole 16-row tiles (else a tile would straddle two outputs); one launch per weight otherwise.
+  bool mma = count <= kGemvMaxOutputs;
+  for (int i = 0; i < count; ++i)
+    mma = mma && few_token_mma_fits(x, m_count, outputs[i].w, K) && outputs[i].rows % kMmaRows == 0;
+  if (mma) {
+    launch_linear_mma(x, m_count, K, outputs, count, stream);
+    return;
+  }
   bool one_launch = m_count == 1 && count <= kGemvMaxOutputs;
   int64_t total_rows = 0;
   for (int i = 0; i < count; ++i) {
@@ -154,7 +208,8 @@ void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_
                       float* y, cudaStream_t stream) {
   if (m_count == 0 || N == 0) return;
   if (few_token_mma_fits(x, m_count, w, K)) {
-    launch_linear_mma(x, m_count, w, N, K, bias, y, stream);
+    const GemvOutput output{w, bias, y, N};
+    launch_linear_mma(x, m_count, K, &output, 1, stream);
   } else if (gemv_fits(x, w, K)) {
     // Passes of kGemvMaxRows rows, activations kept in fp32 (rows stay 16-byte aligned: K % 8 == 0).
     for (int64_t row = 0; row < m_count; row += kGemvMaxRows) {
