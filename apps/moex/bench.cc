@@ -270,6 +270,8 @@ CommandAction setup_bench(CLI::App* sub) {
                             {"cpu_read_gbs", decode_stats.cpu_ms > 0
                                                  ? static_cast<double>(decode_stats.cpu_read_bytes) / decode_stats.cpu_ms / 1e6
                                                  : 0.0},
+                            {"model_host_read_gbs", stats.model_host_read_gbs},  // the rates at the end
+                            {"model_copy_gbs", stats.model_copy_gbs},
                             {"prefetch_issued", decode_stats.prefetch_issued},
                             {"prefetch_skipped", decode_stats.prefetch_skipped},
                             {"prefetch_precision", decode_stats.prefetch_issued

@@ -32,13 +32,16 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
       ->check(CLI::PositiveNumber);
   sub->add_flag("--cpu-experts", options->cpu_experts,
                 "with --gpu-memory: run missed experts on the host CPU where that beats copying them over PCIe");
-  sub->add_option("--host-read-gbs", options->host_read_gbs, "host DRAM read bandwidth for --cpu-experts' cost model")
+  sub->add_option("--host-read-gbs", options->host_read_gbs,
+                  "host DRAM read bandwidth for --cpu-experts' cost model (the starting estimate with --adapt-rates)")
       ->check(CLI::PositiveNumber);
-  sub->add_option("--copy-gbs", options->copy_gbs, "pinned host-to-GPU bandwidth for --cpu-experts' cost model")
+  sub->add_option("--copy-gbs", options->copy_gbs,
+                  "pinned host-to-GPU bandwidth for --cpu-experts' cost model (the starting estimate with --adapt-rates)")
       ->check(CLI::PositiveNumber);
   sub->add_option("--split-overhead-ms", options->split_overhead_ms,
                   "with --cpu-experts: what splitting a missed expert between the CPU and the link costs beyond its "
-                  "bytes (ms); a large value turns splitting off")
+                  "bytes (ms); a large value turns splitting off (default: 0.1 for experts of 64 MiB or more, 0.5 "
+                  "below)")
       ->check(CLI::NonNegativeNumber);
   auto* balance = sub->add_flag("--balance-prefetch", options->balance_prefetch,
                                 "with --cpu-experts and --predictor: skip prefetches while the link has more work "
@@ -46,6 +49,9 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
   sub->add_flag("--no-balance-prefetch", options->no_balance_prefetch,
                 "with --cpu-experts: prefetch every predicted expert, whatever the CPU's share")
       ->excludes(balance);
+  sub->add_flag("--adapt-rates", options->adapt_rates,
+                "with --cpu-experts: measure the CPU and link rates while running and let the cost model use "
+                "them, from --host-read-gbs and --copy-gbs on (experimental: docs/offloading.md)");
   sub->add_flag("--scan-steps", options->scan_steps,
                 "when offloading: treat prefill steps that touch nearly every expert as scans (keep part of the "
                 "cache across prompts, prefetch the next layer's experts); faster prefill, slower decode with "
@@ -92,9 +98,12 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
   engine.host_read_gbs = options.host_read_gbs;
   engine.split_overhead_ms = options.split_overhead_ms;
   engine.balance_prefetch = !options.no_balance_prefetch;
+  engine.adapt_rates = options.adapt_rates;
   engine.scan_steps = options.scan_steps;
   if (options.balance_prefetch && (!options.cpu_experts || options.predictor == "none"))
     throw UsageError("--balance-prefetch weighs prefetches against CPU work: it needs --cpu-experts and --predictor");
+  if (options.adapt_rates && !options.cpu_experts)
+    throw UsageError("--adapt-rates measures the rates of --cpu-experts' cost model: it needs --cpu-experts");
   engine.copy_gbs = options.copy_gbs;
   if (options.cpu_experts && options.gpu_memory.empty())
     throw UsageError("--cpu-experts needs --device cuda and --gpu-memory (it decides copy vs CPU per missed expert)");

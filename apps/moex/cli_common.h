@@ -29,9 +29,10 @@ struct ModelOptions {
   bool cpu_experts = false;
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
-  double split_overhead_ms = 0.5;
+  double split_overhead_ms = -1;  // < 0: by expert size (OffloadConfig::split_overhead_ms)
   bool balance_prefetch = false;     // asked for explicitly (it is the default with --cpu-experts)
   bool no_balance_prefetch = false;
+  bool adapt_rates = false;
   bool scan_steps = false;
 };
 

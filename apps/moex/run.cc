@@ -26,6 +26,8 @@ nlohmann::json provider_stats_json(const ExpertProviderStats& stats) {
           {"bytes_moved", stats.bytes_moved},
           {"stall_ms", stats.stall_ms},
           {"cpu_ms", stats.cpu_ms},
+          {"model_host_read_gbs", stats.model_host_read_gbs},
+          {"model_copy_gbs", stats.model_copy_gbs},
           {"prefetch_issued", stats.prefetch_issued},
           {"prefetch_skipped", stats.prefetch_skipped},
           {"prefetch_precision",
@@ -136,6 +138,9 @@ CommandAction setup_run(CLI::App* sub) {
                      stats.prefetch_used + stats.misses
                          ? static_cast<double>(stats.prefetch_used) / (stats.prefetch_used + stats.misses)
                          : 0.0);
+        if (stats.model_copy_gbs > 0)
+          std::fprintf(stderr, "moex: CPU experts: %.1f ms on the host; cost model rates: host reads %.1f GB/s, "
+                       "copies %.1f GB/s\n", stats.cpu_ms, stats.model_host_read_gbs, stats.model_copy_gbs);
       }
       return 0;
     }

@@ -34,7 +34,8 @@ import json, sys
 out = json.load(open(sys.argv[1])); ref = json.load(open(sys.argv[2]))
 for key in ("prompt_ids", "output_ids", "text", "stats"):
     assert key in out, key
-for key in ("expert_hits", "expert_misses", "bytes_moved", "prefetch_precision", "prefetch_recall", "stall_ms"):
+for key in ("expert_hits", "expert_misses", "bytes_moved", "prefetch_precision", "prefetch_recall", "stall_ms",
+            "model_host_read_gbs", "model_copy_gbs"):
     assert key in out["stats"], key
 assert out["prompt_ids"] == ref["prompt_ids"]
 assert out["output_ids"] == ref["greedy_ids"], (out["output_ids"], ref["greedy_ids"])
@@ -154,6 +155,7 @@ expect_error "balanced prefetch without CPU experts" "--balance-prefetch" "$moex
   --balance-prefetch
 expect_error "balanced prefetch both on and off" "balance-prefetch" "$moex" bench -m "$fixture" --balance-prefetch \
   --no-balance-prefetch
+expect_error "adapted rates without CPU experts" "--adapt-rates" "$moex" bench -m "$fixture" --adapt-rates
 
 echo "$passed passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -33,6 +33,10 @@ struct ExpertProviderStats {
   int64_t cpu_read_bytes = 0;  // expert weight bytes the host CPU read to compute misses (whole and split)
   double cpu_ms = 0;           // host time computing missed experts (whole and split rows): cpu_read_bytes
                                // over it is the rate the CPU path reached
+  // The rates the miss path cost model uses now (GB/s): measured online unless they are fixed
+  // (OffloadConfig::adapt_rates). Not counters: the latest value. 0 without CPU experts.
+  double model_host_read_gbs = 0;
+  double model_copy_gbs = 0;
 };
 
 // An expert of the last acquire() that runs split: the host CPU computes its intermediate rows

@@ -28,7 +28,7 @@ std::string human_bytes(int64_t bytes) {
 
 OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> store, int64_t top_k,
                                                    const OffloadConfig& config)
-    : store_(std::move(store)), top_k_(top_k), config_(config) {
+    : store_(std::move(store)), top_k_(top_k), config_(config), rates_(config.host_read_gbs, config.copy_gbs) {
   const int32_t num_layers = store_->num_layers();
   MOEX_ASSERT(num_layers > 0, "offloading a model without MoE layers");
   const int32_t num_experts = store_->num_experts(0);
@@ -128,7 +128,7 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& r
   // that expert in about half the time (host reads are ~2x the link's rate).
   if (config_.balance_prefetch && config_.cpu_experts) {
     const double expert_cpu_ms =
-        static_cast<double>(store_->expert_bytes((layer_idx + 1) % num_layers)) / (config_.host_read_gbs * 1e6);
+        static_cast<double>(store_->expert_bytes((layer_idx + 1) % num_layers)) / (rates_.host_read_gbs() * 1e6);
     if (link_booked_ms_ > cpu_booked_ms_ + expert_cpu_ms) {
       stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
       prefetch_plan_.clear();
@@ -181,16 +181,16 @@ PathLoad OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Ro
   shape.row_bytes = static_cast<int64_t>((any.gate.nbytes() + any.up.nbytes()) / static_cast<size_t>(shape.ffn));
   shape.bytes = store_->expert_bytes(layer_idx);
   MissCostModel model;
-  model.host_read_gbs = config_.host_read_gbs;
-  model.copy_gbs = config_.copy_gbs;
-  model.split_overhead_ms = config_.split_overhead_ms;
+  model.host_read_gbs = rates_.host_read_gbs();
+  model.copy_gbs = rates_.copy_gbs();
+  model.split_overhead_ms = split_overhead_ms_for(config_.split_overhead_ms, shape.bytes);
   // The link is busy with the rest of this layer's prefetches first (link_bytes, taken over) and with the
   // prefetches this step issues after its demand copies, while the CPU has only this layer's misses to run:
   // all of it is link work of this step.
   PathLoad load;
   const double link_bytes_total =
       static_cast<double>(link_bytes) + static_cast<double>(prefetch_plan_.size()) * static_cast<double>(shape.bytes);
-  load.link_ms = link_bytes_total / (config_.copy_gbs * 1e6);
+  load.link_ms = link_bytes_total / (model.copy_gbs * 1e6);
   // Misses the CPU may not take (routed to many tokens) are copied whatever the rest does: book them first.
   for (size_t idx = 0; idx < keys_.size(); ++idx)
     if (outcomes_[idx] == CacheOutcome::kMiss && tokens_per_expert_[keys_[idx].expert_idx] > config_.cpu_max_tokens)
@@ -257,8 +257,14 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   if (first_wave && scan) plan_scan_prefetch(layer_idx);
   // A layer that runs in waves needs every slot its first wave leaves (and the ones its CPU-run misses give
   // back): pinned prefetches there could leave a later wave no room at all.
-  if (std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) != outcomes_.end())
-    prefetch_plan_.clear();
+  const bool one_wave = std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) == outcomes_.end();
+  if (!one_wave) prefetch_plan_.clear();
+  // adapt_rates times decode-sized layers that run in one wave, the steps the rates mostly serve: there the
+  // host's wait is for the layer's copies, where a prefill's also covers the device's work on many tokens.
+  step_ = PathObservation{};
+  step_.link_bytes = taken_over_bytes;
+  observe_step_ = config_.cpu_experts && config_.adapt_rates && first_wave && one_wave &&
+                  routing.num_tokens <= config_.cpu_max_tokens;
   to_cpu_.clear();
   splits_.clear();
   if (config_.cpu_experts && !keys_.empty()) {
@@ -271,6 +277,7 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
       ++stats_.misses;
       ++stats_.cpu_computed;
       stats_.cpu_read_bytes += store_->expert_bytes(layer_idx);
+      step_.cpu_bytes += store_->expert_bytes(layer_idx);
       (*experts)[key.expert_idx] = store_->source(key);
     }
   }
@@ -293,10 +300,13 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
           const int64_t row_bytes =
               static_cast<int64_t>(split->host.gate.nbytes() + split->host.up.nbytes()) / split->host.gate.dim(0);
           stats_.cpu_read_bytes += split->host_rows * row_bytes;
+          step_.cpu_bytes += split->host_rows * row_bytes;
+          step_.link_bytes += store_->expert_bytes(layer_idx) - split->host_rows * row_bytes;
           (*experts)[key.expert_idx] = store_->load_split(key, split->host_rows);
           split_keys_.push_back(key);
         } else {
           (*experts)[key.expert_idx] = store_->load(key);
+          step_.link_bytes += store_->expert_bytes(layer_idx);
           loaded_any = true;
         }
         pinned_.push_back(key);
@@ -327,6 +337,9 @@ void OffloadingExpertProvider::observe_lookahead(int32_t target_layer_idx, std::
 }
 
 void OffloadingExpertProvider::release(int32_t /*layer_idx*/) {
+  // The caller has reported the layer's host times by now. Without a CPU share there is nothing to time.
+  if (observe_step_ && step_.cpu_bytes > 0) rates_.observe(step_);
+  observe_step_ = false;
   cache_->release(pinned_);
   pinned_.clear();
   // A split expert's slot lacks gate/up rows [0, host_rows): it is no cache hit for a later step. The
@@ -358,7 +371,17 @@ ExpertProviderStats OffloadingExpertProvider::stats() const {
   ExpertProviderStats out = stats_;
   out.bytes_moved = store_->stats().bytes_moved;
   out.prefetch_used = cache_->stats().prefetch_used;
+  if (config_.cpu_experts) {
+    out.model_host_read_gbs = rates_.host_read_gbs();
+    out.model_copy_gbs = rates_.copy_gbs();
+  }
   return out;
+}
+
+double split_overhead_ms_for(double configured_ms, int64_t expert_bytes) {
+  if (configured_ms >= 0) return configured_ms;
+  constexpr int64_t kLargeExpertBytes = int64_t{64} << 20;
+  return expert_bytes >= kLargeExpertBytes ? 0.1 : 0.5;
 }
 
 int64_t parse_byte_size(const std::string& text, const std::string& flag) {

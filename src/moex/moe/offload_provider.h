@@ -13,6 +13,7 @@
 #include "moex/moe/expert_provider.h"
 #include "moex/moe/expert_store.h"
 #include "moex/moe/miss_path.h"
+#include "moex/moe/path_rates.h"
 #include "moex/moe/predictor/expert_predictor.h"
 
 namespace moex {
@@ -37,9 +38,25 @@ struct OffloadConfig {
   bool cpu_experts = false;
   int64_t cpu_max_tokens = 4;
   bool split_experts = true;  // with cpu_experts
-  double split_overhead_ms = 0.5;  // MissCostModel::split_overhead_ms
+  // MissCostModel::split_overhead_ms, charged to the CPU path per split; < 0: by expert size
+  // (split_overhead_ms_for()). What a split costs beyond its bytes is the host's extra GEMV dispatches, the
+  // synchronous upload of its act rows, the device's extra launches, and the cache hits it loses (a split
+  // expert's slot is freed after its layer, a copied miss stays cached). Measured on H100 machines
+  // (bench/RESULTS.md): on Qwen3-30B-A3B at 8 GiB (9 MB experts, cache hit rate ~0.63) charging 0.05 or 0.1 ms
+  // made 140+ experts per token split and the step 1.6-1.8x slower than at 0.5; on the Mixtral-8x7B shape at
+  // 16 GiB (352 MB experts) 0.1 ms was ~7% faster than 0.5 (121.9 vs 130.7 ms/token, mean of 7 runs each over
+  // three machines, with fixed and measured rates; 117.4 vs 125.7 in one call with the final defaults).
+  double split_overhead_ms = -1;
+  // The rates of the two paths (GB/s). With adapt_rates these are the starting estimates: each decode-sized
+  // layer step with a CPU share updates them from the bytes each path got and the host times the caller
+  // reports (add_cpu_ms, add_stall_ms; moe/path_rates.h).
   double host_read_gbs = 100.0;  // host DRAM read bandwidth of the CPU expert kernels
   double copy_gbs = 50.0;        // pinned host-to-device copy bandwidth
+  // With cpu_experts: measure both rates while running (moe/path_rates.h). Off by default: on H100 machines it
+  // did not move the Mixtral-8x7B 16 GiB case beyond run-to-run noise (123.0 vs 124.9 ms/token at a 0.1 ms
+  // split overhead), and on Qwen3-30B-A3B's 9 MB experts the link estimate fell to ~25 GB/s (a small layer's
+  // wait is mostly fixed costs, not copy time), moving misses onto the CPU.
+  bool adapt_rates = false;
   // With cpu_experts and a predictor: skip a layer's prefetch while the link has more work booked than the
   // CPU (plus one expert's CPU time) over the last layers (decayed per layer), so that prefetches do not make
   // the link the long path while the CPU could take those experts' misses. Mixtral-8x7B shape at 16 GiB on an
@@ -70,11 +87,19 @@ class OffloadingExpertProvider : public ExpertProvider {
   int32_t lookahead_layers() const override;
   void observe_lookahead(int32_t target_layer_idx, std::span<const float> logits) override;
   std::span<const SplitExpert> split_experts() const override { return splits_; }
-  void add_stall_ms(double ms) override { stats_.stall_ms += ms; }
-  void add_cpu_ms(double ms) override { stats_.cpu_ms += ms; }
+  void add_stall_ms(double ms) override {
+    stats_.stall_ms += ms;
+    step_.stall_ms += ms;
+  }
+  void add_cpu_ms(double ms) override {
+    stats_.cpu_ms += ms;
+    step_.cpu_ms += ms;
+  }
   ExpertProviderStats stats() const override;
 
   const ExpertCache& cache() const { return *cache_; }
+  // The rates the cost model uses now (the configured ones unless adapt_rates has moved them).
+  const PathRateEstimator& path_rates() const { return rates_; }
   // Precision/recall of the predictor's guesses against the experts each layer then chose.
   const PredictionStats& prediction_stats() const { return prediction_; }
 
@@ -118,10 +143,19 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::vector<ExpertKey> split_keys_;
   double link_booked_ms_ = 0;  // balance_prefetch: decayed sums of each path's booked work
   double cpu_booked_ms_ = 0;
+  PathRateEstimator rates_;
+  // adapt_rates: what this acquire gave each path and the host times reported for it, fed to rates_ by
+  // release() when observe_step_.
+  PathObservation step_;
+  bool observe_step_ = false;
 };
 
 // Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError
 // naming the flag.
 int64_t parse_byte_size(const std::string& text, const std::string& flag);
+
+// OffloadConfig::split_overhead_ms when it is < 0: 0.1 ms for experts of at least 64 MiB, 0.5 ms below (see
+// there); else the configured value.
+double split_overhead_ms_for(double configured_ms, int64_t expert_bytes);
 
 }  // namespace moex

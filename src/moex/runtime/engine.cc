@@ -59,6 +59,7 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
     offload.copy_gbs = options.copy_gbs;
     offload.split_overhead_ms = options.split_overhead_ms;
     offload.balance_prefetch = options.balance_prefetch;
+    offload.adapt_rates = options.adapt_rates;
     offload.scan_steps = options.scan_steps;
     if (offload.cpu_experts) {
       // One core stays free for the thread that drives expert copies: a copy driver starved by a busy

@@ -34,8 +34,9 @@ struct EngineOptions {
   int64_t cpu_max_tokens = 4;  // a miss routed to more tokens is always copied
   double host_read_gbs = 100.0;
   double copy_gbs = 50.0;
-  double split_overhead_ms = 0.5;  // OffloadConfig::split_overhead_ms
+  double split_overhead_ms = -1;   // OffloadConfig::split_overhead_ms (< 0: by expert size)
   bool balance_prefetch = true;    // OffloadConfig::balance_prefetch (applies with cpu_experts)
+  bool adapt_rates = false;        // OffloadConfig::adapt_rates (applies with cpu_experts)
   bool scan_steps = false;         // OffloadConfig::scan_steps
 };
 

@@ -16,6 +16,7 @@
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/model/model.h"
 #include "moex/moe/expert_store.h"
+#include "moex/moe/offload_provider.h"
 #include "moex/runtime/engine.h"
 #include "moex/runtime/sampler.h"
 #include "unit/model/fixture_util.h"
@@ -264,6 +265,78 @@ TEST(CpuExperts, TakeOverFinishesAPrefetchFromWhereItStopped) {
   store.free(ExpertKey{0, 1});
 }
 
+// Rates measured online (OffloadConfig::adapt_rates): the decoder's reports of a layer's host time and wait
+// (played here by the test, for a link at 10 GB/s and a CPU at the assumed 50) teach the provider that its
+// link is slow, and the cost model then sends the misses it copied to the CPU. Both paths start at 50 GB/s:
+// of a step's two misses of 24 MiB experts one runs on the CPU, one is copied (2.5 ms on that link, 2 ms of
+// wait after the CPU's 0.5). With fixed rates that split stays; measured, the link falls toward 10 GB/s, and
+// below 25 GB/s the second CPU run ends first.
+TEST(CpuExperts, MeasuredRatesMoveMissesOffASlowLink) {
+  const int64_t hidden = 1024, ffn = 2048;  // f32: 8 MiB gate, up and down
+  std::vector<HostTensor> tensors;
+  std::vector<std::vector<ExpertWeights>> layers(1);
+  for (int expert = 0; expert < 4; ++expert) {
+    ExpertWeights weights;
+    for (TensorView* view : {&weights.gate, &weights.up, &weights.down}) {
+      tensors.emplace_back(DType::kF32, view == &weights.down ? Shape{hidden, ffn} : Shape{ffn, hidden});
+      *view = tensors.back().view();
+    }
+    layers[0].push_back(weights);
+  }
+  constexpr double kCpuGbs = 50, kLinkGbs = 10;
+  int64_t cpu_runs[2] = {0, 0};
+  int64_t last_step_cpu_runs[2] = {0, 0};
+  for (bool adapt : {false, true}) {
+    SCOPED_TRACE(adapt ? "adapting" : "fixed");
+    StandInDevice device;
+    auto store = std::make_unique<ExpertStore>(device, layers, [](ExpertKey) { return std::string("expert"); }, true);
+    const double expert_bytes = static_cast<double>(store->expert_bytes(0));
+    OffloadConfig config;
+    config.budget_bytes = 2 * store->expert_bytes(0);
+    config.cpu_experts = true;
+    config.split_experts = false;  // whole paths only: the counts below are the choice
+    config.host_read_gbs = kCpuGbs;
+    config.copy_gbs = 50;
+    config.adapt_rates = adapt;
+    OffloadingExpertProvider provider(std::move(store), /*top_k=*/2, config);
+    std::vector<ExpertWeights> experts;
+    for (int step = 0; step < 12; ++step) {
+      // Alternate expert pairs, so that both experts of every step miss.
+      Routing routing{1, 2, {step % 2 ? 2 : 0, step % 2 ? 3 : 1}, {0.5f, 0.5f}};
+      provider.acquire(0, routing, TensorView{}, &experts);
+      int64_t on_cpu = 0, copied = 0;
+      for (int32_t id : routing.expert_ids) {
+        ASSERT_TRUE(experts[id].valid());
+        (experts[id].gate.device == Device::kCpu ? on_cpu : copied) += 1;
+      }
+      const double cpu_ms = static_cast<double>(on_cpu) * expert_bytes / (kCpuGbs * 1e6);
+      const double link_ms = static_cast<double>(copied) * expert_bytes / (kLinkGbs * 1e6);
+      if (on_cpu > 0) {  // the decoder reports only layers with a host share
+        provider.add_cpu_ms(cpu_ms);
+        provider.add_stall_ms(std::max(0.0, link_ms - cpu_ms));
+      }
+      provider.release(0);
+      cpu_runs[adapt] += on_cpu;
+      last_step_cpu_runs[adapt] = on_cpu;
+    }
+    const PathRateEstimator& rates = provider.path_rates();
+    EXPECT_NEAR(rates.host_read_gbs(), kCpuGbs, 1e-6);  // the CPU ran at the assumed rate
+    EXPECT_EQ(provider.stats().model_copy_gbs, rates.copy_gbs());
+    EXPECT_EQ(provider.stats().model_host_read_gbs, rates.host_read_gbs());
+    if (adapt) {
+      EXPECT_LT(rates.copy_gbs(), 25);
+      EXPECT_GE(rates.copy_gbs(), kLinkGbs);
+      EXPECT_GT(rates.num_link_observations(), 0);
+    } else {
+      EXPECT_EQ(rates.copy_gbs(), 50);
+    }
+    provider.end_sequence();
+  }
+  EXPECT_EQ(last_step_cpu_runs[0], 1);
+  EXPECT_EQ(last_step_cpu_runs[1], 2);
+  EXPECT_GT(cpu_runs[1], cpu_runs[0]);
+}
+
 float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
   float diff = 0;
@@ -321,7 +394,6 @@ TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
   }
 }
 
-
 // Greedy batched decoding takes the device's picks (Backend::argmax_rows) when the backend has them: a
 // stand-in device that picks like the host gives generate()'s tokens; one that always picks token 3 is obeyed.
 class PickingDevice : public StandInDevice {
@@ -368,6 +440,19 @@ TEST(DeviceGreedy, BatchedGreedyDecodingUsesTheDevicePicks) {
         EXPECT_EQ(results[idx].output_ids[t], forced >= 0 ? forced : want[t]) << "sequence " << idx << " token " << t;
     }
   }
+}
+
+// The default split overhead follows the expert's size (measured: small experts lose more than a split gains,
+// large ones gain); a configured value holds for every size.
+TEST(CpuExperts, SplitOverheadDefaultsByExpertSize) {
+  const int64_t mib = int64_t{1} << 20;
+  EXPECT_DOUBLE_EQ(split_overhead_ms_for(-1, 9 * mib), 0.5);          // Qwen3-30B-A3B's experts
+  EXPECT_DOUBLE_EQ(split_overhead_ms_for(-1, 64 * mib - 1), 0.5);
+  EXPECT_DOUBLE_EQ(split_overhead_ms_for(-1, 64 * mib), 0.1);
+  EXPECT_DOUBLE_EQ(split_overhead_ms_for(-1, 352 * mib), 0.1);       // Mixtral-8x7B's
+  EXPECT_DOUBLE_EQ(split_overhead_ms_for(0, 352 * mib), 0.0);
+  EXPECT_DOUBLE_EQ(split_overhead_ms_for(0.5, 352 * mib), 0.5);
+  EXPECT_DOUBLE_EQ(split_overhead_ms_for(2.0, 9 * mib), 2.0);
 }
 
 }  // namespace
