@@ -58,6 +58,9 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                 "--cpu-experts (docs/offloading.md)");
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
+  for (const char* name : {"--cache-policy", "--per-layer-cache", "--predictor", "--lookahead-layers", "--scan-steps",
+                           "--host-read-gbs", "--copy-gbs", "--split-overhead-ms", "--no-balance-prefetch"})
+    options->offload_only.push_back(sub->get_option(name));
 }
 
 std::string default_model_dir() {
@@ -87,6 +90,12 @@ std::unique_ptr<Model> load_model(const ModelOptions& options) {
 }
 
 EngineOptions engine_options(const ModelOptions& options, const ModelConfig& config) {
+  if (options.host_memory.empty() && options.gpu_memory.empty())
+    for (const CLI::Option* flag : options.offload_only)
+      if (flag->count() > 0)
+        throw UsageError(fmt::format("{} applies when offloading experts: add --gpu-memory (with --device cuda) or "
+                                     "--host-memory (on the CPU)",
+                                     flag->get_name()));
   EngineOptions engine;
   engine.device = options.device;
   engine.num_threads = options.num_threads;

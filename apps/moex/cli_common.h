@@ -34,6 +34,9 @@ struct ModelOptions {
   bool no_balance_prefetch = false;
   bool adapt_rates = false;
   bool scan_steps = false;
+  // The flags that only shape offloading (cache, predictor, miss-path cost model): given without --gpu-memory
+  // or --host-memory they would do nothing, so engine_options() refuses them. Owned by the CLI app.
+  std::vector<const CLI::Option*> offload_only;
 };
 
 // Declares -m, --load-format, --device, --threads on sub.

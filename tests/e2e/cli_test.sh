@@ -156,6 +156,15 @@ expect_error "balanced prefetch without CPU experts" "--balance-prefetch" "$moex
 expect_error "balanced prefetch both on and off" "balance-prefetch" "$moex" bench -m "$fixture" --balance-prefetch \
   --no-balance-prefetch
 expect_error "adapted rates without CPU experts" "--adapt-rates" "$moex" bench -m "$fixture" --adapt-rates
+# Offloading's own flags do nothing without an expert budget: an error, not a silent no-op.
+expect_error "predictor without offloading" "--predictor applies when offloading" "$moex" run -m "$fixture" \
+  --prompt-ids 1,2 -n 1 --predictor pregate
+expect_error "scan steps without offloading" "--scan-steps applies when offloading" "$moex" bench -m "$fixture" \
+  --scan-steps
+expect_error "cache policy without offloading" "--cache-policy applies when offloading" "$moex" logits -m "$fixture" \
+  --prompt-ids 1,2 --cache-policy lfu
+if "$moex" run -m "$fixture" --prompt-ids 1,2 -n 2 --host-memory 64KiB --predictor pregate --cache-policy lfu \
+  --scan-steps >/dev/null 2>"$tmp/err"; then ok; else fail "offloading flags with --host-memory: $(cat "$tmp/err")"; fi
 
 echo "$passed passed, $failures failed"
 [ "$failures" -eq 0 ]
