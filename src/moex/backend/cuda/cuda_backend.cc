@@ -864,14 +864,22 @@ void CudaBackend::moe_routed(const TensorView& x, const TensorView& router, cons
   auto* h = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16);
   auto* y = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16 + h_bytes);
   // One token: every group has one row (a token's picks are distinct experts), the 1-row kernel instance.
-  // A token picks an expert at most once, so no group has more rows than there are tokens.
-  const int max_rows = static_cast<int>(std::min<int64_t>(n, kMoeGemvMaxRows));
+  // A token picks an expert at most once, so no group has more rows than there are tokens. The host does not
+  // see the plan, so the expert kernels' instance (registers, blocks per SM) is picked for the largest group the
+  // planner may form: groups are cut at about twice the average rows per expert (8, 16 or 32), not at the
+  // token count. At 32 sequences every expert had run the 32-token instance (1 block per SM) whatever its
+  // tokens: Model A's MoE at ~57% of HBM, Model B's 128 experts with ~2 tokens each. An expert routed more
+  // tokens than the cut runs as two groups (its weights read twice).
+  const int64_t average_rows = (total + num_experts - 1) / num_experts;
+  int64_t group_cap = 8;
+  while (group_cap < 2 * average_rows && group_cap < kMoeGemvMaxRows) group_cap *= 2;
+  const int max_rows = static_cast<int>(std::min<int64_t>(n, group_cap));
   // One token: the router GEMV rides in the planner's launch. More: linear()'s kernel, then the planner.
   if (n > 1) linear(x, router, nullptr, logits);
   launch_moe_router_plan(x.as<float>(), n == 1 ? router_data : nullptr, n, hidden, num_experts, top_k,
-                         scoring == RouterScoring::kSigmoid, normalize, table, kMoeGemvMaxRows, logits.as<float>(),
-                         ids, weights, row_token, slot, groups, num_groups, static_cast<unsigned*>(route_ticket_.get()),
-                         stream_);
+                         scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
+                         logits.as<float>(), ids, weights, row_token, slot, groups, num_groups,
+                         static_cast<unsigned*>(route_ticket_.get()), stream_);
   if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
     launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
                               out.as<float>(), stream_);
