@@ -203,6 +203,8 @@ int run(const char* json_path) {
   std::printf("device: %s\n", cuda_device_description(0).c_str());
   Bench b;
   cudaStream_t s = b.stream();
+  int sms = 0;
+  MOEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
 
   // ---- bandwidth ceiling: device-to-device copy, bytes read + written ----
   const size_t copy_bytes = size_t{2} << 30;
@@ -233,7 +235,7 @@ int run(const char* json_path) {
     float* x = b.random_f32(static_cast<size_t>(32 * sh.k));
     float* y = b.random_f32(static_cast<size_t>(32 * sh.n));
     for (int m : {1, 8, 16, 32}) {
-      Timing t = b.time([&](int i) { cuda::launch_gemv_bf16(x, m, ws[i % copies], sh.n, sh.k, nullptr, y, s); }, 50);
+      Timing t = b.time([&](int i) { cuda::launch_gemv_bf16(x, m, ws[i % copies], sh.n, sh.k, nullptr, y, sms, s); }, 50);
       report(fmt::format("gemv m={} {}", m, sh.label), t, static_cast<double>(bytes), "GB/s", hbm);
     }
     b.free_all();

@@ -15,11 +15,8 @@ constexpr int64_t kMB = 1000 * 1000;
 // / 95.7 ms = 93.9 GB/s on the CPU, 5.38 GB / (95.7 + 15.7) ms = 48.3 GB/s on the link.
 TEST(PathRates, TheMeasuredMixtralLayersMoveTheDefaultsToTheirRates) {
   PathRateEstimator rates(100, 50);
-  PathObservation layer;
-  layer.cpu_bytes = 8990 * kMB / 32;
-  layer.cpu_ms = 95.7 / 32;
-  layer.link_bytes = 5380 * kMB / 32;
-  layer.stall_ms = 15.7 / 32;
+  const PathObservation layer{
+      .cpu_bytes = 8990 * kMB / 32, .cpu_ms = 95.7 / 32, .link_bytes = 5380 * kMB / 32, .stall_ms = 15.7 / 32};
   for (int step = 0; step < 64; ++step) rates.observe(layer);
   EXPECT_NEAR(rates.host_read_gbs(), 8990 / 95.7, 0.01);
   EXPECT_NEAR(rates.copy_gbs(), 5380 / (95.7 + 15.7), 0.01);
@@ -30,9 +27,7 @@ TEST(PathRates, TheMeasuredMixtralLayersMoveTheDefaultsToTheirRates) {
 
 TEST(PathRates, CpuRateIsAMovingAverageOfBytesOverHostTime) {
   PathRateEstimator rates(100, 50);
-  PathObservation layer;
-  layer.cpu_bytes = 800 * kMB;
-  layer.cpu_ms = 10;  // 80 GB/s
+  const PathObservation layer{.cpu_bytes = 800 * kMB, .cpu_ms = 10};  // 80 GB/s
   rates.observe(layer);
   EXPECT_NEAR(rates.host_read_gbs(), 95, 1e-9);  // a quarter of the way
   for (int step = 0; step < 40; ++step) rates.observe(layer);
@@ -45,11 +40,7 @@ TEST(PathRates, CpuRateIsAMovingAverageOfBytesOverHostTime) {
 // The host waited 4 ms after its 4 ms share for 300 MB of copies: the link moved them in 8 ms, 37.5 GB/s.
 TEST(PathRates, AStalledLayerLowersTheLinkToBytesOverCpuAndStallTime) {
   PathRateEstimator rates(100, 50);
-  PathObservation layer;
-  layer.cpu_bytes = 400 * kMB;
-  layer.cpu_ms = 4;
-  layer.link_bytes = 300 * kMB;
-  layer.stall_ms = 4;
+  const PathObservation layer{.cpu_bytes = 400 * kMB, .cpu_ms = 4, .link_bytes = 300 * kMB, .stall_ms = 4};
   rates.observe(layer);
   EXPECT_NEAR(rates.copy_gbs(), 50 + 0.25 * (37.5 - 50), 1e-9);
   for (int step = 0; step < 40; ++step) rates.observe(layer);
@@ -61,10 +52,7 @@ TEST(PathRates, AStalledLayerLowersTheLinkToBytesOverCpuAndStallTime) {
 // lower bound on the link's rate. A bound under the estimate says nothing; one above it raises it.
 TEST(PathRates, ALayerWithoutStallRaisesTheLinkButNeverLowersIt) {
   PathRateEstimator rates(100, 50);
-  PathObservation layer;
-  layer.cpu_bytes = 400 * kMB;
-  layer.cpu_ms = 4;
-  layer.link_bytes = 100 * kMB;  // 25 GB/s over the CPU's time
+  PathObservation layer{.cpu_bytes = 400 * kMB, .cpu_ms = 4, .link_bytes = 100 * kMB};  // 25 GB/s over the CPU's time
   for (int step = 0; step < 10; ++step) rates.observe(layer);
   EXPECT_EQ(rates.copy_gbs(), 50);
   layer.stall_ms = 0.04;  // below the threshold: the host's own tail, no sign of a late link
@@ -82,18 +70,13 @@ TEST(PathRates, ALayerWithoutStallRaisesTheLinkButNeverLowersIt) {
 
 TEST(PathRates, EstimatesStayWithinAQuarterAndTwiceThePriors) {
   PathRateEstimator rates(100, 50);
-  PathObservation fast;
-  fast.cpu_bytes = 1000 * kMB;
-  fast.cpu_ms = 1;                // 1000 GB/s
-  fast.link_bytes = 1000 * kMB;  // a 1000 GB/s lower bound
+  // 1000 GB/s on the CPU, a 1000 GB/s lower bound on the link.
+  const PathObservation fast{.cpu_bytes = 1000 * kMB, .cpu_ms = 1, .link_bytes = 1000 * kMB};
   for (int step = 0; step < 40; ++step) rates.observe(fast);
   EXPECT_EQ(rates.host_read_gbs(), 200);
   EXPECT_EQ(rates.copy_gbs(), 100);
-  PathObservation slow;
-  slow.cpu_bytes = 100 * kMB;
-  slow.cpu_ms = 100;  // 1 GB/s
-  slow.link_bytes = 100 * kMB;
-  slow.stall_ms = 100;  // 0.5 GB/s
+  // 1 GB/s on the CPU, 0.5 GB/s on the link.
+  const PathObservation slow{.cpu_bytes = 100 * kMB, .cpu_ms = 100, .link_bytes = 100 * kMB, .stall_ms = 100};
   for (int step = 0; step < 40; ++step) rates.observe(slow);
   EXPECT_EQ(rates.host_read_gbs(), 25);
   EXPECT_EQ(rates.copy_gbs(), 12.5);
@@ -102,11 +85,7 @@ TEST(PathRates, EstimatesStayWithinAQuarterAndTwiceThePriors) {
 // A few MB are too few to time against the host's fixed costs per layer: no estimate moves.
 TEST(PathRates, TinyByteCountsAreNotTimed) {
   PathRateEstimator rates(100, 50);
-  PathObservation tiny;
-  tiny.cpu_bytes = 15 * kMB;
-  tiny.cpu_ms = 0.01;
-  tiny.link_bytes = 15 * kMB;
-  tiny.stall_ms = 10;
+  PathObservation tiny{.cpu_bytes = 15 * kMB, .cpu_ms = 0.01, .link_bytes = 15 * kMB, .stall_ms = 10};
   for (int step = 0; step < 10; ++step) rates.observe(tiny);
   EXPECT_EQ(rates.host_read_gbs(), 100);
   EXPECT_EQ(rates.copy_gbs(), 50);

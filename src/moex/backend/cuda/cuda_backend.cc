@@ -300,7 +300,7 @@ class CudaBackend final : public Backend {
     } else {
       // Up to kLinearGemmMinRows rows: the launcher picks the few-token tensor-core kernel, fp32 GEMV passes or
       // the scalar fallback (gemv.cuh).
-      launch_gemv_bf16(x.as<float>(), rows, wp, N, K, bp, out.as<float>(), stream_);
+      launch_gemv_bf16(x.as<float>(), rows, wp, N, K, bp, out.as<float>(), num_sms_, stream_);
     }
     MOEX_CUDA_CHECK_LAUNCH();
   }
@@ -349,7 +349,7 @@ class CudaBackend final : public Backend {
       }
       gemv[i] = GemvOutput{bf16_data(w, "linear_many", "w"), bias, out.as<float>(), w.dim(0)};
     }
-    launch_gemv_bf16_multi(x.as<float>(), rows, K, gemv, static_cast<int>(outputs.size()), stream_);
+    launch_gemv_bf16_multi(x.as<float>(), rows, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
@@ -910,10 +910,10 @@ void CudaBackend::moe_experts_generic(const TensorView& x, const Routing& routin
     for (int64_t j = 0; j < top_k; ++j) {
       if (routing.expert_ids[t * top_k + j] < 0) continue;
       const ExpertWeights& w = experts[routing.expert_ids[t * top_k + j]];
-      launch_gemv_bf16(xt, 1, static_cast<const uint16_t*>(w.gate.data), ffn, hidden, nullptr, gate, stream_);
-      launch_gemv_bf16(xt, 1, static_cast<const uint16_t*>(w.up.data), ffn, hidden, nullptr, up, stream_);
+      launch_gemv_bf16(xt, 1, static_cast<const uint16_t*>(w.gate.data), ffn, hidden, nullptr, gate, num_sms_, stream_);
+      launch_gemv_bf16(xt, 1, static_cast<const uint16_t*>(w.up.data), ffn, hidden, nullptr, up, num_sms_, stream_);
       launch_silu_mul(gate, up, act, ffn, stream_);
-      launch_gemv_bf16(act, 1, static_cast<const uint16_t*>(w.down.data), hidden, ffn, nullptr, y, stream_);
+      launch_gemv_bf16(act, 1, static_cast<const uint16_t*>(w.down.data), hidden, ffn, nullptr, y, num_sms_, stream_);
       launch_axpy(routing.weights[t * top_k + j], y, ot, hidden, stream_);
     }
   }

@@ -107,23 +107,12 @@ bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int6
   return m_count >= 2 && m_count <= kLinearMmaMaxRows && K % kMmaKBlock == 0 && aligned16(x) && aligned16(w);
 }
 
-int device_sm_count() {
-  static const int count = [] {
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      return 132;
-    return sms;
-  }();
-  return count;
-}
-
 // Block shape by grid size. A block streams 16 NR rows; q/k/v/o of a decode layer are a few hundred such tiles,
 // so two tiles per block (fewer activation re-reads) left most SMs idle (Model A k_proj at 32 tokens: 32 blocks
 // for 132 SMs). NR = 2 only where the grid keeps at least 4 blocks per SM; 16 warps per block where even NR = 1
 // gives at most one block per SM, so that each SM keeps enough weight bytes in flight.
-void launch_linear_mma(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
+void launch_linear_mma(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count, int sms,
                        cudaStream_t stream) {
-  const int sms = device_sm_count();
   bool pairs = true;
   int64_t tiles = 0;
   for (int i = 0; i < count; ++i) {
@@ -175,7 +164,7 @@ bool gemv_fits(const float* x, const uint16_t* w, int64_t K) { return K % 8 == 0
 }  // namespace
 
 void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
-                            cudaStream_t stream) {
+                            int num_sms, cudaStream_t stream) {
   if (m_count == 0 || count == 0) return;
   // One launch for all outputs: the fp32 GEMV at one row, the tensor-core kernel at 2-32 rows where every
   // output's rows are whole 16-row tiles (else a tile would straddle two outputs); one launch per weight otherwise.
@@ -183,7 +172,7 @@ void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const Ge
   for (int i = 0; i < count; ++i)
     mma = mma && few_token_mma_fits(x, m_count, outputs[i].w, K) && outputs[i].rows % kMmaRows == 0;
   if (mma) {
-    launch_linear_mma(x, m_count, K, outputs, count, stream);
+    launch_linear_mma(x, m_count, K, outputs, count, num_sms, stream);
     return;
   }
   bool one_launch = m_count == 1 && count <= kGemvMaxOutputs;
@@ -194,7 +183,7 @@ void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const Ge
   }
   if (!one_launch) {
     for (int i = 0; i < count; ++i)
-      launch_gemv_bf16(x, m_count, outputs[i].w, outputs[i].rows, K, outputs[i].bias, outputs[i].y, stream);
+      launch_gemv_bf16(x, m_count, outputs[i].w, outputs[i].rows, K, outputs[i].bias, outputs[i].y, num_sms, stream);
     return;
   }
   if (total_rows == 0) return;
@@ -205,11 +194,11 @@ void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const Ge
 }
 
 void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-                      float* y, cudaStream_t stream) {
+                      float* y, int num_sms, cudaStream_t stream) {
   if (m_count == 0 || N == 0) return;
   if (few_token_mma_fits(x, m_count, w, K)) {
     const GemvOutput output{w, bias, y, N};
-    launch_linear_mma(x, m_count, K, &output, 1, stream);
+    launch_linear_mma(x, m_count, K, &output, 1, num_sms, stream);
   } else if (gemv_fits(x, w, K)) {
     // Passes of kGemvMaxRows rows, activations kept in fp32 (rows stay 16-byte aligned: K % 8 == 0).
     for (int64_t row = 0; row < m_count; row += kGemvMaxRows) {

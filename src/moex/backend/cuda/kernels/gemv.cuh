@@ -24,14 +24,15 @@ struct GemvOutput {
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]). x fp32 [m_count, K] (row stride K), w bf16 [N, K],
 // bias fp32 [N] or null, y fp32 [m_count, N]. Fast paths: the tensor-core few-token kernel (above), else
 // the fp32 GEMV in passes of kGemvMaxRows rows where K % 8 == 0 and x, w are 16-byte aligned; otherwise a
-// scalar path that is correct for any shape (and slow).
+// scalar path that is correct for any shape (and slow). num_sms: the device's SM count (the tensor-core kernel's
+// block shape follows how many blocks each SM gets).
 void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-                      float* y, cudaStream_t stream);
+                      float* y, int num_sms, cudaStream_t stream);
 
 // The same x through up to kGemvMaxOutputs weights in one launch (decode's q/k/v; an MLP's gate/up): x is
 // read once per SM instead of once per launch, and two launch gaps go away. Same fast-path conditions, for
 // every weight; falls back to one launch_gemv_bf16 per output otherwise.
 void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
-                            cudaStream_t stream);
+                            int num_sms, cudaStream_t stream);
 
 }  // namespace moex::cuda
