@@ -100,7 +100,14 @@ class Backend {
   virtual void copy_from_host_enqueue(const void* src, const TensorView& dst) { copy_from_host(src, dst); }
   // Ops enqueued after this call run after every copy_from_host_enqueue() issued before it; the host does
   // not wait.
-  virtual void wait_enqueued_copies() {}
+  virtual void wait_enqueued_copies() { wait_copies_through(enqueued_copy_ticket()); }
+  // Names the copy_from_host_enqueue() copies issued so far (0: none), so that ops can wait for those alone
+  // while later copies still run: a layer streamed in waves enqueues wave k+1's copies before wave k's
+  // compute, which must not wait for them. Default (copies done on return): 0.
+  virtual uint64_t enqueued_copy_ticket() const { return 0; }
+  // Ops enqueued after this call run after the copies named by ticket (and any issued before them); the host
+  // does not wait.
+  virtual void wait_copies_through(uint64_t ticket) { (void)ticket; }
   // Makes host memory that copies read from faster to copy (CUDA: page-locks it). A no-op where it does
   // not matter; never fails (an unregistered range is merely slower).
   virtual void register_host_memory(const void* ptr, size_t bytes) { (void)ptr, (void)bytes; }

@@ -96,39 +96,61 @@ void Decoder::run_experts(int32_t moe_layer_idx, const TensorView& h, const Tens
   experts_.acquire(moe_layer_idx, routing_, h, &expert_table_);
   auto resident = [&](int32_t id) { return id >= 0 && expert_table_[id].valid(); };
   if (std::all_of(routing_.expert_ids.begin(), routing_.expert_ids.end(), resident)) {
-    moe_wave(routing_, h, out);
+    moe_wave(routing_, h, out, backend_.enqueued_copy_ticket());
     experts_.release(moe_layer_idx);
     return;
   }
   // The provider's budget could not hold every routed expert at once (a prefill touching most of a
-  // layer's experts): run the resident ones, release them, ask for the rest, accumulate.
+  // layer's experts): run the resident ones, release them, ask for the rest, accumulate. When the provider
+  // streams the layer, wave k+1 is acquired (its copies enqueued) before wave k runs, and wave k waits on the
+  // device for its own copies only: the link copies the next wave while the GPU computes this one.
   pending_ = routing_;
-  wave_ = routing_;
+  bool remaining = take_wave(expert_table_, &wave_);
   const TensorView partial = scratch(kPartial, out.shape);
   for (bool first = true;; first = false) {
-    bool remaining = false;
-    for (size_t idx = 0; idx < pending_.expert_ids.size(); ++idx) {
-      const int32_t id = pending_.expert_ids[idx];
-      const bool now = resident(id);
-      wave_.expert_ids[idx] = now ? id : -1;
-      if (now) pending_.expert_ids[idx] = -1;
-      remaining |= pending_.expert_ids[idx] >= 0;
+    const uint64_t copies = backend_.enqueued_copy_ticket();
+    bool next_acquired = false;
+    if (remaining && experts_.streams_waves()) {
+      experts_.acquire(moe_layer_idx, pending_, h, &next_table_);
+      next_acquired = std::any_of(pending_.expert_ids.begin(), pending_.expert_ids.end(),
+                                  [&](int32_t id) { return id >= 0 && next_table_[id].valid(); });
+      if (next_acquired) remaining = take_wave(next_table_, &next_wave_);
     }
-    moe_wave(wave_, h, first ? out : partial);
+    moe_wave(wave_, h, first ? out : partial, copies);
     if (!first) backend_.add(out, partial, out);
+    if (next_acquired) {
+      experts_.release_wave(moe_layer_idx);
+      std::swap(expert_table_, next_table_);
+      std::swap(wave_, next_wave_);
+      continue;
+    }
     experts_.release(moe_layer_idx);
     if (!remaining) return;
     experts_.acquire(moe_layer_idx, pending_, h, &expert_table_);
+    remaining = take_wave(expert_table_, &wave_);
   }
 }
 
-void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorView& out) {
+bool Decoder::take_wave(const std::vector<ExpertWeights>& table, Routing* wave) {
+  *wave = pending_;
+  bool remaining = false;
+  for (size_t idx = 0; idx < pending_.expert_ids.size(); ++idx) {
+    const int32_t id = pending_.expert_ids[idx];
+    const bool now = id >= 0 && table[id].valid();
+    wave->expert_ids[idx] = now ? id : -1;
+    if (now) pending_.expert_ids[idx] = -1;
+    remaining |= pending_.expert_ids[idx] >= 0;
+  }
+  return remaining;
+}
+
+void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorView& out, uint64_t copies) {
   const std::span<const SplitExpert> splits = experts_.split_experts();
   auto on_host = [&](int32_t id) {
     return id >= 0 && expert_table_[id].gate.device == Device::kCpu && backend_.device() != Device::kCpu;
   };
   if (splits.empty() && std::none_of(wave.expert_ids.begin(), wave.expert_ids.end(), on_host)) {
-    backend_.wait_enqueued_copies();
+    backend_.wait_copies_through(copies);
     backend_.moe_experts(h, wave, expert_table_, out);
     return;
   }
@@ -185,7 +207,7 @@ void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorVie
   auto part = [](const TensorView& view, int64_t offset, int64_t count) {
     return TensorView(view.as<float>() + offset, DType::kF32, Shape{1, count}, view.device);
   };
-  backend_.wait_enqueued_copies();
+  backend_.wait_copies_through(copies);
   backend_.moe_experts(h, device_wave_, expert_table_, out);
   // The backend's rows of the split experts, queued behind their copies while the CPU computes its rows.
   for (int64_t split_idx = 0; split_idx < num_splits; ++split_idx) {

@@ -95,9 +95,13 @@ class Decoder {
   void run_experts(int32_t moe_layer_idx, const TensorView& h, const TensorView& out);
   // Feeds the provider the next MoE layers' router logits on the last token of h.
   void pregate(int32_t moe_layer_idx, const TensorView& h);
-  // One wave of experts; those given as host views, and the host rows of split experts, run on
+  // One wave of experts from expert_table_, after the enqueued expert copies named by `copies`
+  // (Backend::enqueued_copy_ticket); those given as host views, and the host rows of split experts, run on
   // host_backend_ while the backend copies and runs the rest.
-  void moe_wave(const Routing& wave, const TensorView& h, const TensorView& out);
+  void moe_wave(const Routing& wave, const TensorView& h, const TensorView& out, uint64_t copies);
+  // Moves the entries of pending_ whose expert `table` holds into *wave (the others become -1 there, the moved
+  // ones -1 in pending_). Returns whether pending_ has entries left.
+  bool take_wave(const std::vector<ExpertWeights>& table, Routing* wave);
 
   const ModelConfig& cfg_;
   const ModelWeights& host_;
@@ -113,6 +117,9 @@ class Decoder {
   std::vector<std::unique_ptr<Buffer>> scratch_;
   std::vector<ExpertWeights> expert_table_;
   Routing routing_, pending_, wave_;
+  // A streamed layer's next wave, acquired (its copies enqueued) before the current one runs.
+  std::vector<ExpertWeights> next_table_;
+  Routing next_wave_;
   std::vector<float> router_host_, lookahead_host_;
   std::vector<int32_t> moe_layers_;  // layer index of each MoE layer
   Backend* host_backend_ = nullptr;

@@ -50,6 +50,11 @@ ExpertCache::ExpertCache(ExpertCacheConfig config, std::unique_ptr<EvictionPolic
   scan_keep_ = config_.scan_keep >= 0        ? std::min(config_.scan_keep, capacity_)
                : capacity_ > layer_units ? capacity_ - layer_units
                                          : capacity_ / 4;
+  kept_in_layer_.assign(static_cast<size_t>(config_.num_layers), 0);
+  if (config_.keep_by_layer && config_.scope == CacheScope::kGlobal) {
+    const int64_t experts = (scan_keep_ / largest + config_.num_layers - 1) / config_.num_layers;
+    layer_keep_quota_ = std::max<int64_t>(1, experts) * largest;
+  }
 }
 
 size_t ExpertCache::index(ExpertKey key) const {
@@ -88,14 +93,20 @@ void ExpertCache::add(ExpertKey key, bool streamed) {
   s.streamed = streamed;
   s.insert_tick = tick_;
   used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
-  if (!streamed) kept_used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
+  if (!streamed) {
+    kept_used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
+    kept_in_layer_[key.layer_idx] += cost(key.layer_idx);
+  }
   ++num_resident_;
 }
 
 void ExpertCache::remove(ExpertKey key) {
   Slot& s = slot(key);
   if (s.prefetched_unused) ++stats_.prefetch_unused;
-  if (!s.streamed) kept_used_[scope_of(key.layer_idx)] -= cost(key.layer_idx);
+  if (!s.streamed) {
+    kept_used_[scope_of(key.layer_idx)] -= cost(key.layer_idx);
+    kept_in_layer_[key.layer_idx] -= cost(key.layer_idx);
+  }
   s = Slot{};
   used_[scope_of(key.layer_idx)] -= cost(key.layer_idx);
   --num_resident_;
@@ -103,7 +114,9 @@ void ExpertCache::remove(ExpertKey key) {
 }
 
 bool ExpertCache::keep_has_room(ExpertKey key) const {
-  return kept_used_[scope_of(key.layer_idx)] + cost(key.layer_idx) <= scan_keep_;
+  const int64_t unit = cost(key.layer_idx);
+  return kept_used_[scope_of(key.layer_idx)] + unit <= scan_keep_ &&
+         (layer_keep_quota_ == 0 || kept_in_layer_[key.layer_idx] + unit <= layer_keep_quota_);
 }
 
 void ExpertCache::promote(ExpertKey key) {
@@ -111,6 +124,7 @@ void ExpertCache::promote(ExpertKey key) {
   if (!s.streamed) return;
   s.streamed = false;
   kept_used_[scope_of(key.layer_idx)] += cost(key.layer_idx);
+  kept_in_layer_[key.layer_idx] += cost(key.layer_idx);
 }
 
 bool ExpertCache::make_room(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind, bool prefetch) {

@@ -34,6 +34,11 @@ struct ExpertCacheConfig {
   // Units (slots or bytes, per scope) that scan steps keep for experts resident across scans (AccessKind::kScan);
   // < 0: what is left of the capacity after one layer's experts, or a quarter of it when a layer does not fit.
   int64_t scan_keep = -1;
+  // With kGlobal: the kept segment is shared evenly by the layers (each keeps at most scan_keep / num_layers,
+  // rounded up to whole experts), instead of going to the first layers a scan visits. A streamed scan then finds
+  // kept experts in every layer, whose compute overlaps the copies of that layer's misses, where a kept
+  // first layer left the link idle while the device computed it.
+  bool keep_by_layer = false;
 };
 
 // How a step uses the cache. kDemand: the policy alone ranks victims (decode, the trace simulator). kScan: the
@@ -138,6 +143,8 @@ class ExpertCache {
   std::vector<Slot> slots_;    // [layer][expert]
   std::vector<int64_t> used_;  // per scope: one per layer, or one
   std::vector<int64_t> kept_used_;  // per scope: units of resident experts that are not streamed
+  std::vector<int64_t> kept_in_layer_;  // per layer: units of kept experts (keep_by_layer's quota)
+  int64_t layer_keep_quota_ = 0;        // keep_by_layer: units each layer may keep (0: no quota)
   int64_t scan_keep_ = 0;
   int64_t num_resident_ = 0;
   int64_t tick_ = 0;

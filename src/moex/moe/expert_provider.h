@@ -72,6 +72,13 @@ class ExpertProvider {
   }
   // The layer's expert computation is done: its experts may be evicted again.
   virtual void release(int32_t layer_idx) = 0;
+  // Streamed waves: true when the last acquire() left the rest of the layer's routed experts for later waves
+  // and keeps room for the next wave while this one runs. The caller then acquires wave k+1 (its copies
+  // enqueued, Backend::copy_from_host_enqueue) before it runs wave k, runs wave k after
+  // Backend::wait_copies_through(the ticket taken before acquiring wave k+1), and calls release_wave(), which
+  // unpins wave k only; release() still unpins everything. The host never waits for a streamed wave's copies.
+  virtual bool streams_waves() const { return false; }
+  virtual void release_wave(int32_t layer_idx) { release(layer_idx); }
   // Marks the end of a request (sequence), for predictors that learn per-request activation.
   virtual void end_sequence() {}
 

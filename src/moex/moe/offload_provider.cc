@@ -50,6 +50,19 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
         human_bytes(config.budget_bytes), top_k, human_bytes(minimum), minimum,
         config.scope == CacheScope::kPerLayer ? " with per-layer budgets" : ""));
   cache_config.capacity_bytes = budget;
+  // Scan steps stream a layer through a few slots in waves of about stream_wave_bytes (whole experts): room for
+  // the wave running, the one acquired ahead of it and one more for the next layer's first experts; everything
+  // else is kept across prompts. Per-layer budgets keep the old rule (one layer's experts at a time).
+  if (config.scan_steps && config.stream_wave_bytes > 0 && config.scope == CacheScope::kGlobal) {
+    const int64_t wave =
+        std::max<int64_t>(1, (config.stream_wave_bytes + max_expert_bytes - 1) / max_expert_bytes);
+    const int64_t stream_bytes = 3 * wave * max_expert_bytes;
+    if (budget >= stream_bytes + top_k * max_expert_bytes) {
+      stream_wave_experts_ = wave;
+      cache_config.scan_keep = budget - stream_bytes;
+      cache_config.keep_by_layer = true;
+    }
+  }
   PolicyOptions policy_options;
   policy_options.num_layers = num_layers;
   policy_options.num_experts = num_experts;
@@ -150,6 +163,26 @@ void OffloadingExpertProvider::plan_scan_prefetch(int32_t layer_idx) {
   }
 }
 
+void OffloadingExpertProvider::stream_ahead(int32_t layer_idx) {
+  const int32_t target = layer_idx + 1;  // the next step's first layer is not known to be a scan
+  if (target >= store_->num_layers()) return;
+  int64_t issued = 0;
+  for (int32_t expert_idx = 0; expert_idx < store_->num_experts(target) && issued < stream_wave_experts_;
+       ++expert_idx) {
+    const ExpertKey key{target, expert_idx};
+    if (cache_->contains(key)) continue;
+    evicted_.clear();
+    // Only streamed experts of other layers make room (never kept or pinned ones).
+    if (cache_->insert(key, &evicted_, AccessKind::kScan) != InsertOutcome::kInserted) break;
+    for (const ExpertKey& gone : evicted_) store_->free(gone);
+    // Enqueued behind this layer's copies; the next layer's first wave waits for it on the device. Not pinned:
+    // a later copy into its slot would queue behind it on the same link.
+    store_->load(key);
+    ++issued;
+    ++stats_.prefetch_issued;
+  }
+}
+
 void OffloadingExpertProvider::book_paths(const PathLoad& load) {
   link_booked_ms_ = link_booked_ms_ * kBookingDecay + load.link_ms;
   cpu_booked_ms_ = cpu_booked_ms_ * kBookingDecay + load.cpu_ms;
@@ -245,6 +278,23 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   const AccessKind kind = scan ? AccessKind::kScan : AccessKind::kDemand;
   int64_t taken_over_bytes = 0;
   settle_prefetches(layer_idx, keys_, &taken_over_bytes);
+  // A streamed scan step takes its hits and the next stream_wave_experts_ misses; the caller asks again for
+  // the rest (streams_waves()).
+  streaming_ = scan && stream_wave_experts_ > 0;
+  size_t held_back = 0;
+  if (streaming_) {
+    size_t kept = 0;
+    int64_t misses = 0;
+    for (const ExpertKey& key : keys_) {
+      const bool resident = cache_->contains(key);
+      if (!resident && misses >= stream_wave_experts_) continue;
+      misses += resident ? 0 : 1;
+      keys_[kept++] = key;
+    }
+    held_back = keys_.size() - kept;
+    keys_.resize(kept);
+  }
+  wave_start_ = pinned_.size();
   outcomes_.assign(keys_.size(), CacheOutcome::kNoRoom);
   evicted_.clear();
   cache_->acquire(keys_, outcomes_, &evicted_, kind);
@@ -254,11 +304,13 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   if (first_wave) plan_prefetch(layer_idx, routing);
   // Only the first wave prefetches: its victims' last readers ran before this layer's routing was read back,
   // while a later wave's could be the earlier wave's experts, still being read.
-  if (first_wave && scan) plan_scan_prefetch(layer_idx);
+  if (first_wave && scan && !streaming_) plan_scan_prefetch(layer_idx);
   // A layer that runs in waves needs every slot its first wave leaves (and the ones its CPU-run misses give
-  // back): pinned prefetches there could leave a later wave no room at all.
-  const bool one_wave = std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) == outcomes_.end();
-  if (!one_wave) prefetch_plan_.clear();
+  // back): pinned prefetches there could leave a later wave no room at all. A streamed step prefetches the
+  // next layer itself, on the demand path (stream_ahead).
+  const bool one_wave =
+      held_back == 0 && std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) == outcomes_.end();
+  if (!one_wave || streaming_) prefetch_plan_.clear();
   // adapt_rates times decode-sized layers that run in one wave, the steps the rates mostly serve: there the
   // host's wait is for the layer's copies, where a prefill's also covers the device's work on many tokens.
   step_ = PathObservation{};
@@ -267,7 +319,9 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
                   routing.num_tokens <= config_.cpu_max_tokens;
   to_cpu_.clear();
   splits_.clear();
-  if (config_.cpu_experts && !keys_.empty()) {
+  // A streamed wave's misses are copied (a scan step routes many tokens to each); its next wave's acquire would
+  // overwrite this one's CPU and split lists before the caller runs it.
+  if (config_.cpu_experts && !keys_.empty() && !streaming_) {
     const PathLoad load = assign_miss_paths(layer_idx, routing, taken_over_bytes);
     if (first_wave && config_.balance_prefetch) book_paths(load);
     // The cache made room for these; give it back: a CPU-run expert is not cached.
@@ -319,13 +373,23 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   // Copies overlap the host CPU's share of the step, whose wait for them the caller reports
   // (add_stall_ms); with no host share the step waits for them here, its stall.
   loaded_any |= taken_over_bytes > 0;
-  if (loaded_any && to_cpu_.empty() && splits_.empty()) store_->wait_loads();
-  if (loaded_any)
+  // A streamed wave's copies are waited for by the device (the caller's Backend::wait_copies_through), not here.
+  if (loaded_any && to_cpu_.empty() && splits_.empty() && !streaming_) store_->wait_loads();
+  if (loaded_any && !streaming_)
     stats_.stall_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   if (pinned_.empty() && to_cpu_.empty() && !keys_.empty())
     throw BudgetError(fmt::format("MoE layer {}: no expert fits in the expert memory budget ({} bytes in use of {})",
                                   layer_idx, cache_->used(layer_idx), cache_->capacity()));
   if (first_wave) issue_prefetch(kind);
+  if (streaming_ && one_wave) stream_ahead(layer_idx);  // the layer's last wave: the link moves on to the next
+}
+
+void OffloadingExpertProvider::release_wave(int32_t /*layer_idx*/) {
+  // The oldest wave's pins: a streamed layer has at most two acquires outstanding, and the latest one's pins
+  // start at wave_start_.
+  cache_->release(std::span<const ExpertKey>(pinned_).first(wave_start_));
+  pinned_.erase(pinned_.begin(), pinned_.begin() + static_cast<std::ptrdiff_t>(wave_start_));
+  wave_start_ = 0;
 }
 
 int32_t OffloadingExpertProvider::lookahead_layers() const {
@@ -342,6 +406,7 @@ void OffloadingExpertProvider::release(int32_t /*layer_idx*/) {
   observe_step_ = false;
   cache_->release(pinned_);
   pinned_.clear();
+  wave_start_ = 0;
   // A split expert's slot lacks gate/up rows [0, host_rows): it is no cache hit for a later step. The
   // layer's ops that read it were enqueued before; a later copy into the slot starts after them
   // (Backend::copy_from_host_enqueue).

@@ -64,14 +64,23 @@ struct OffloadConfig {
   bool balance_prefetch = true;
   // Scan steps: a step whose routing has at least twice as many entries as the layer has experts (a prefill
   // of many tokens: with uniform routing 1 - e^-2 = 86% of the experts are routed) touches nearly every expert
-  // of every layer. Its misses are ranked for scan resistance (AccessKind::kScan, keeping ExpertCacheConfig's
-  // default scan_keep across prompts), and while a layer runs, the next layer's experts are
-  // prefetched, predictor or not, as many as fit without evicting pinned or kept experts, so the link copies
-  // them while the layer computes. Off by default: on H100 machines it made the 4-layer 8x7B prefill at 6 GiB
-  // 8-29% faster, but the Mixtral-8x7B 16 GiB decode case with CPU experts 20% slower (123.5 -> 148.3
-  // ms/token, fewer decode hits; bench/RESULTS.md). Likely why: with CPU experts hardly any decode miss enters
-  // the cache, so decode lives on what the prompt left, and a scan leaves whole early layers there.
-  bool scan_steps = false;
+  // of every layer, a cyclic scan longer than the cache where LRU hits nothing. Its misses are ranked for scan
+  // resistance (AccessKind::kScan): with a global budget each layer streams through a few slots in waves
+  // (stream_wave_bytes) and the rest of the cache is kept across prompts, spread over the layers
+  // (ExpertCacheConfig::keep_by_layer); with per-layer budgets (or no room for three waves) the cache keeps what
+  // one layer's experts leave and the next layer's experts are prefetched while a layer runs. On by default since
+  // the streamed waves (bench/RESULTS.md, "Streamed scan steps"); before them the 16 GiB Mixtral decode case with
+  // CPU experts had been 20% slower with scan steps (123.5 -> 148.3 ms/token), a scan leaving whole early layers
+  // resident where decode wanted others.
+  bool scan_steps = true;
+  // Scan steps with a global budget stream each layer in waves of whole experts adding up to about this many
+  // bytes (at least one expert): wave k+1's copies run while the device computes wave k, and the layer's last
+  // wave enqueues the next layer's first experts, so the link does not wait for the device or for the host's
+  // routing read-back. The cache keeps what is left of the budget after three waves across prompts. Each wave
+  // costs the device a few small kernels (gather, combine, accumulate) and the host a plan upload, tens of
+  // microseconds against ~1.7 ms of copying 96 MiB at ~55 GB/s. 0: scan steps run a layer in as few waves as
+  // fit, the host waiting for each wave's copies.
+  int64_t stream_wave_bytes = int64_t{96} << 20;
 };
 
 class OffloadingExpertProvider : public ExpertProvider {
@@ -83,6 +92,8 @@ class OffloadingExpertProvider : public ExpertProvider {
   void acquire(int32_t layer_idx, const Routing& routing, const TensorView& hidden_states,
                std::vector<ExpertWeights>* experts) override;
   void release(int32_t layer_idx) override;
+  bool streams_waves() const override { return streaming_; }
+  void release_wave(int32_t layer_idx) override;
   void end_sequence() override;
   int32_t lookahead_layers() const override;
   void observe_lookahead(int32_t target_layer_idx, std::span<const float> logits) override;
@@ -114,6 +125,10 @@ class OffloadingExpertProvider : public ExpertProvider {
   // A scan step's prefetch: every expert of the next layer not resident, the predictor's guesses first.
   void plan_scan_prefetch(int32_t layer_idx);
   void issue_prefetch(AccessKind kind);
+  // A streamed scan step's last wave of layer_idx: enqueues copies of the next layer's first non-resident
+  // experts (up to one wave) behind this layer's, into room only streamed experts of other layers held, so the
+  // link stays busy while the device finishes this layer and the host reads the next one's routing.
+  void stream_ahead(int32_t layer_idx);
   // Picks each CPU-eligible miss's path (moe/miss_path.h); marks the ones that run whole on the CPU or
   // split in to_cpu_ / splits_. Returns the work each path got this step (ms), prefetches included.
   PathLoad assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes);
@@ -125,7 +140,11 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::vector<ExpertKey> keys_;        // this acquire's distinct experts, ascending
   std::vector<CacheOutcome> outcomes_;
   std::vector<ExpertKey> evicted_;
-  std::vector<ExpertKey> pinned_;      // released by release()
+  std::vector<ExpertKey> pinned_;      // released by release(); [0, wave_start_) by release_wave()
+  size_t wave_start_ = 0;              // where the latest acquire's pins begin in pinned_
+  // Scan steps stream their layers in waves of this many missed experts (0: they do not; see the constructor).
+  int64_t stream_wave_experts_ = 0;
+  bool streaming_ = false;             // the latest acquire was a streamed scan step's wave
   std::vector<uint8_t> seen_;
   ExpertProviderStats stats_;
   bool request_open_ = false;

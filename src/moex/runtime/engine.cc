@@ -61,6 +61,7 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
     offload.balance_prefetch = options.balance_prefetch;
     offload.adapt_rates = options.adapt_rates;
     offload.scan_steps = options.scan_steps;
+    offload.stream_wave_bytes = options.stream_wave_bytes;
     if (offload.cpu_experts) {
       // One core stays free for the thread that drives expert copies: a copy driver starved by a busy
       // OpenMP-style pool cut host reads from 86 to 17 GB/s on the GPU machines (PEERS.md).

@@ -37,7 +37,8 @@ struct EngineOptions {
   double split_overhead_ms = -1;   // OffloadConfig::split_overhead_ms (< 0: by expert size)
   bool balance_prefetch = true;    // OffloadConfig::balance_prefetch (applies with cpu_experts)
   bool adapt_rates = false;        // OffloadConfig::adapt_rates (applies with cpu_experts)
-  bool scan_steps = false;         // OffloadConfig::scan_steps
+  bool scan_steps = true;          // OffloadConfig::scan_steps
+  int64_t stream_wave_bytes = int64_t{96} << 20;  // OffloadConfig::stream_wave_bytes
 };
 
 struct GenerationOptions {

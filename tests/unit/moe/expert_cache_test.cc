@@ -360,6 +360,35 @@ TEST(ExpertCacheScan, CyclicScanKeepsWhatExceedsOneLayer) {
   EXPECT_EQ(second_scan_hits("lru", AccessKind::kDemand), 0);  // LRU evicts what the next scan needs first
 }
 
+// keep_by_layer: the kept segment (4 of 12 slots here, what one layer's 8 leave) is shared by the 4 layers, one
+// expert each, instead of going whole to the first layer the scan visits: the second scan hits in every layer.
+TEST(ExpertCacheScan, KeepByLayerSpreadsTheKeptSegment) {
+  for (bool by_layer : {false, true}) {
+    SCOPED_TRACE(by_layer ? "by layer" : "first come");
+    ExpertCacheConfig config = global_slots(4, 8, 12);
+    config.keep_by_layer = by_layer;
+    ExpertCache cache(config, make_eviction_policy("lru", {4, 8, {}}));
+    std::vector<ExpertKey> keys;
+    std::vector<CacheOutcome> outcomes(8);
+    std::vector<int64_t> layer_hits(4, 0);
+    for (int prompt = 0; prompt < 2; ++prompt) {
+      for (int32_t layer_idx = 0; layer_idx < 4; ++layer_idx) {
+        keys.clear();
+        for (int32_t expert_idx = 0; expert_idx < 8; ++expert_idx) keys.push_back({layer_idx, expert_idx});
+        cache.acquire(keys, outcomes, nullptr, AccessKind::kScan);
+        if (prompt == 1)
+          layer_hits[layer_idx] = std::count(outcomes.begin(), outcomes.end(), CacheOutcome::kHit);
+        cache.release(keys);
+      }
+    }
+    if (by_layer) {  // (a streamed expert of layer 0 may survive the scan too)
+      for (int64_t hits : layer_hits) EXPECT_GE(hits, 1);
+    } else {
+      EXPECT_EQ(layer_hits, (std::vector<int64_t>{4, 0, 0, 0}));
+    }
+  }
+}
+
 // A scan prefetch evicts only streamed experts of other layers: never the kept segment, never its own layer.
 TEST(ExpertCacheScan, ScanPrefetchSparesKeptExpertsAndItsOwnLayer) {
   ExpertCacheConfig config = global_slots(2, 4, 6);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <thread>
 
@@ -453,6 +454,85 @@ TEST(CpuExperts, SplitOverheadDefaultsByExpertSize) {
   EXPECT_DOUBLE_EQ(split_overhead_ms_for(0, 352 * mib), 0.0);
   EXPECT_DOUBLE_EQ(split_overhead_ms_for(0.5, 352 * mib), 0.5);
   EXPECT_DOUBLE_EQ(split_overhead_ms_for(2.0, 9 * mib), 2.0);
+}
+
+// A stand-in device whose enqueued copies land only when ops are told to wait for them
+// (Backend::wait_copies_through), as on a GPU whose copy stream runs behind: a wave run before its own copies
+// were waited for reads what its slots held before, and the outputs differ from the resident run.
+class DeferredCopyDevice : public StandInDevice {
+ public:
+  void copy_from_host_enqueue(const void* src, const TensorView& dst) override { queued_.push_back({src, dst}); }
+  uint64_t enqueued_copy_ticket() const override { return landed_ + queued_.size(); }
+  void wait_copies_through(uint64_t ticket) override {
+    if (ticket < enqueued_copy_ticket()) ++waits_behind_later_copies;
+    while (landed_ < ticket) {
+      const auto [src, dst] = queued_.front();
+      queued_.pop_front();
+      StandInDevice::copy_from_host(src, dst);
+      ++landed_;
+    }
+  }
+  void synchronize() override { wait_copies_through(enqueued_copy_ticket()); }
+  // Waits that left later copies queued: a streamed layer's wave k running while wave k+1 copies.
+  int64_t waits_behind_later_copies = 0;
+
+ private:
+  std::deque<std::pair<const void*, TensorView>> queued_;
+  uint64_t landed_ = 0;
+};
+
+// 32 tokens (first, first + step, ... mod 400): a prefill that routes to every expert of the mixtral fixture.
+std::vector<int32_t> scan_prompt(int32_t first, int32_t step) {
+  std::vector<int32_t> prompt(32);
+  for (size_t idx = 0; idx < prompt.size(); ++idx) prompt[idx] = first + static_cast<int32_t>(idx) * step % 400;
+  return prompt;
+}
+
+// Scan steps streamed one expert per wave through half of the experts' room (OffloadConfig::stream_wave_bytes):
+// each wave's copies are waited for on the device only, the next wave's are enqueued before it runs, the
+// layer's last wave enqueues the next layer's first expert, and what the three waves' room leaves is kept
+// across prompts. Outputs stay the resident run's (up to the order of the expert sum).
+TEST(StreamedScan, WavesWaitForTheirOwnCopiesAndKeepTheRestAcrossPrompts) {
+  FixtureRun run("mixtral");
+  const ModelConfig& cfg = run.model->config();
+  const std::vector<int32_t> prompt = scan_prompt(3, 11);
+  const std::vector<float> want = run.resident.prompt_logits(prompt);
+  const int64_t all_experts = cfg.num_moe_layers() * cfg.num_experts;
+  ASSERT_EQ(all_experts, 16);
+  auto max_diff = [&](const std::vector<float>& got) {
+    EXPECT_EQ(got.size(), want.size());
+    float diff = 0;
+    for (size_t idx = 0; idx < std::min(got.size(), want.size()); ++idx)
+      diff = std::max(diff, std::fabs(got[idx] - want[idx]));
+    return diff;
+  };
+  int64_t repeat_misses[2] = {0, 0};
+  for (int64_t wave_bytes : {int64_t{1}, int64_t{0}}) {
+    SCOPED_TRACE(wave_bytes ? "streamed" : "waves as they fit");
+    EngineOptions options = one_thread();
+    options.expert_budget_bytes = (all_experts / 2) * static_cast<int64_t>(cfg.expert_bytes());
+    options.scan_steps = true;
+    options.stream_wave_bytes = wave_bytes;  // 1: one expert per wave
+    auto device = std::make_unique<DeferredCopyDevice>();
+    DeferredCopyDevice* device_ptr = device.get();
+    Engine engine(*run.model, options, std::move(device));
+    EXPECT_LT(max_diff(engine.prompt_logits(prompt)), 1e-5);
+    const ExpertProviderStats first = engine.experts().stats();
+    EXPECT_EQ(first.misses + first.prefetch_issued, all_experts);  // every expert once, missed or streamed ahead
+    EXPECT_LT(max_diff(engine.prompt_logits(prompt)), 1e-5);
+    const ExpertProviderStats second = engine.experts().stats();
+    repeat_misses[wave_bytes ? 0 : 1] = second.misses - first.misses;
+    if (wave_bytes) {
+      EXPECT_GT(device_ptr->waits_behind_later_copies, 0);
+      // 8 slots, 3 of them streaming: the 5 kept experts hit on the repeat, and layer 1's first expert was
+      // enqueued by layer 0's last wave.
+      EXPECT_GE(second.hits - first.hits, 5);
+      EXPECT_LE(second.misses - first.misses, all_experts - 5);
+      EXPECT_GT(second.prefetch_issued, 0);
+      EXPECT_GT(second.prefetch_used, 0);
+    }
+  }
+  EXPECT_LT(repeat_misses[0], repeat_misses[1]);
 }
 
 }  // namespace

@@ -27,10 +27,11 @@ struct RunOutput {
 };
 
 RunOutput run(const Model& model, const std::vector<int32_t>& prompt, int64_t budget, const std::string& policy,
-              bool per_layer = false, bool scan_steps = false) {
+              bool per_layer = false, bool scan_steps = false, int64_t stream_wave_bytes = 0) {
   EngineOptions options;
   options.num_threads = 2;
   options.scan_steps = scan_steps;
+  options.stream_wave_bytes = stream_wave_bytes;
   options.expert_budget_bytes = budget;
   options.cache_policy = policy;
   options.per_layer_cache = per_layer;
@@ -57,10 +58,12 @@ TEST_P(OffloadMatchesResident, EveryPolicyAndBudget) {
   const int64_t all_experts = cfg.num_moe_layers() * cfg.num_experts;
   for (const std::string policy : {"lru", "lfu", "activation"}) {
     for (int64_t slots : {cfg.top_k, cfg.top_k + 1, all_experts / 2, all_experts}) {
-      for (bool scan_steps : {false, true}) {
+      // Scan steps as they fit, and streamed in waves of one expert (where three such waves leave room).
+      for (int scan : {0, 1, 2}) {
         SCOPED_TRACE(policy + " with " + std::to_string(slots) + " expert slots" +
-                     (scan_steps ? ", scan steps" : ""));
-        RunOutput offloaded = run(*model, prompt, slots * expert_bytes, policy, false, scan_steps);
+                     (scan == 1 ? ", scan steps" : scan == 2 ? ", streamed scan steps" : ""));
+        RunOutput offloaded =
+            run(*model, prompt, slots * expert_bytes, policy, false, scan > 0, scan == 2 ? 1 : 0);
         ASSERT_EQ(offloaded.logits.size(), resident.logits.size());
         double max_diff = 0;
         for (size_t idx = 0; idx < resident.logits.size(); ++idx)

@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -113,7 +114,7 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
-    MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&demand_copied_, cudaEventDisableTiming));
+    for (cudaEvent_t& event : copy_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     const char* graphs = std::getenv("MOEX_CUDA_GRAPHS");  // "0": eager decode steps (A/B measurements)
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
   }
@@ -126,7 +127,8 @@ class CudaBackend final : public Backend {
     if (step_event_) cudaEventDestroy(step_event_);
     if (kv_event_) cudaEventDestroy(kv_event_);
     if (compute_mark_) cudaEventDestroy(compute_mark_);
-    if (demand_copied_) cudaEventDestroy(demand_copied_);
+    for (cudaEvent_t event : copy_events_)
+      if (event) cudaEventDestroy(event);
     staging_.reset();
     cudaStreamDestroy(copy_stream_);
     cudaStreamDestroy(stream_);
@@ -204,11 +206,18 @@ class CudaBackend final : public Backend {
     } else {
       MOEX_CUDA_CHECK(status);
     }
-    MOEX_CUDA_CHECK(cudaEventRecord(demand_copied_, copy_stream_));
+    MOEX_CUDA_CHECK(cudaEventRecord(copy_events_[copies_enqueued_ % kCopyEvents], copy_stream_));
+    ++copies_enqueued_;
   }
-  void wait_enqueued_copies() override {
-    refuse_while_capturing("wait_enqueued_copies");
-    MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream_, demand_copied_, 0));
+  uint64_t enqueued_copy_ticket() const override { return copies_enqueued_; }
+  void wait_copies_through(uint64_t ticket) override {
+    refuse_while_capturing("wait_copies_through");
+    MOEX_ASSERT(ticket <= copies_enqueued_, "cuda wait_copies_through: ticket {} of {} copies", ticket,
+                copies_enqueued_);
+    if (ticket == 0) return;
+    // A ring entry re-recorded since marks a later copy of the same FIFO stream: waiting for it is safe, only
+    // longer.
+    MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream_, copy_events_[(ticket - 1) % kCopyEvents], 0));
   }
 
   // Pageable host memory copies at 6-10 GB/s, page-locked at ~55 GB/s: offloaded experts' source tier
@@ -697,7 +706,10 @@ class CudaBackend final : public Backend {
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
   cudaEvent_t compute_mark_ = nullptr;   // copy_from_host_enqueue: the compute stream's work so far
-  cudaEvent_t demand_copied_ = nullptr;  // the last copy_from_host_enqueue
+  // copy_from_host_enqueue's copies, each recorded in copy_events_[its number % kCopyEvents]; a ticket is a count.
+  static constexpr uint64_t kCopyEvents = 64;
+  std::array<cudaEvent_t, kCopyEvents> copy_events_{};
+  uint64_t copies_enqueued_ = 0;
   bool graphs_enabled_ = true;
   bool step_mode_ = false;
   bool capturing_ = false;
