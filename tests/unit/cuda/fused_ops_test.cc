@@ -5,6 +5,8 @@
 #include <cmath>
 
 #include "cuda_test_util.h"
+#include "moex/backend/cuda/cuda_resources.h"
+#include "moex/backend/cuda/kernels/elementwise.cuh"
 
 namespace moex::cuda_test {
 namespace {
@@ -148,6 +150,29 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaQkNormRope,
                                            RopeCase{7, 4, 2, 16, 16, true}, RopeCase{3, 6, 3, 64, 32, false},
                                            RopeCase{5, 2, 1, 40, 20, true},     // head_dim not a multiple of 32
                                            RopeCase{2, 3, 1, 256, 256, true}));
+
+// Small uploads read page-locked host memory from a kernel (launch_copy_from_pinned) instead of queueing on the
+// copy engine: every byte arrives, at sizes with and without a tail past the 16-byte words, and nothing past the
+// end is written.
+TEST(CudaCopyFromPinned, CopiesEveryByteAndNothingMore) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (size_t bytes : {size_t{1}, size_t{15}, size_t{16}, size_t{17}, size_t{4101}, size_t{262144}, size_t{1} << 22}) {
+    SCOPED_TRACE(bytes);
+    cuda::PinnedMemory host(bytes);
+    cuda::DeviceMemory device(bytes + 64);
+    auto* src = static_cast<unsigned char*>(host.get());
+    for (size_t idx = 0; idx < bytes; ++idx) src[idx] = static_cast<unsigned char>(idx * 131 + 7);
+    ASSERT_EQ(cudaMemset(device.get(), 0xAB, bytes + 64), cudaSuccess);
+    cuda::launch_copy_from_pinned(host.get(), device.get(), bytes, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<unsigned char> back(bytes + 64);
+    ASSERT_EQ(cudaMemcpy(back.data(), device.get(), bytes + 64, cudaMemcpyDeviceToHost), cudaSuccess);
+    size_t wrong = 0;
+    for (size_t idx = 0; idx < bytes; ++idx) wrong += back[idx] != src[idx];
+    EXPECT_EQ(wrong, 0u);
+    for (size_t idx = bytes; idx < bytes + 64; ++idx) EXPECT_EQ(back[idx], 0xAB) << "written past the end at " << idx;
+  }
+}
 
 }  // namespace
 }  // namespace moex::cuda_test

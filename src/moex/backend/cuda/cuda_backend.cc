@@ -246,7 +246,8 @@ class CudaBackend final : public Backend {
     auto* host = static_cast<int32_t*>(step_host_.get());
     host[0] = token;
     host[1] = static_cast<int32_t>(position);
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(step_values_.get(), host, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    launch_copy_from_pinned(host, step_values_.get(), 2 * sizeof(int32_t), stream_);  // not behind expert copies
+    MOEX_CUDA_CHECK_LAUNCH();
     MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
     // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
     const int64_t bucket = step_bucket_keys(position + 1);
@@ -441,7 +442,8 @@ class CudaBackend final : public Backend {
     const int64_t used = std::min(stride, step.table_stride);
     for (int64_t seq = 0; seq < num_seqs; ++seq)
       std::copy_n(step.block_tables.begin() + seq * step.table_stride, used, tables + seq * stride);
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(kv_device_.get(), host, count * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    launch_copy_from_pinned(host, kv_device_.get(), count * sizeof(int32_t), stream_);  // not behind expert copies
+    MOEX_CUDA_CHECK_LAUNCH();
     MOEX_CUDA_CHECK(cudaEventRecord(kv_event_, stream_));
     const auto* device = static_cast<const int32_t*>(kv_device_.get());
     kv_device_rows_ = PagedKvRows{device, device + n, device + 2 * n, stride, step.page_size};

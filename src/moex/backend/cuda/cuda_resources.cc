@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "moex/backend/cuda/cuda_check.h"
+#include "moex/backend/cuda/kernels/elementwise.cuh"
 
 namespace moex::cuda {
 
@@ -92,7 +93,8 @@ void* StagingRing::upload(const void* src, size_t bytes, cudaStream_t stream) {
   char* host = static_cast<char*>(host_.get()) + slot * kSlotBytes;
   char* device = static_cast<char*>(device_.get()) + slot * kSlotBytes;
   std::memcpy(host, src, bytes);
-  MOEX_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream));
+  launch_copy_from_pinned(host, device, bytes, stream);
+  MOEX_CUDA_CHECK(cudaGetLastError());
   MOEX_CUDA_CHECK(cudaEventRecord(events_[slot], stream));
   return device;
 }

@@ -1,3 +1,4 @@
+#include <algorithm>
 // Elementwise kernels: grid-stride loops over float4 where the size allows, scalar tails otherwise.
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/elementwise.cuh"
@@ -101,6 +102,29 @@ void launch_axpy(float alpha, const float* x, float* y, int64_t n, cudaStream_t 
 void launch_f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
   f32_to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(src, reinterpret_cast<bf16*>(dst), n);
+}
+
+namespace {
+__global__ void copy_from_pinned_kernel(const uint4* __restrict__ host, uint4* __restrict__ dst, size_t words,
+                                        const unsigned char* __restrict__ host_tail, unsigned char* __restrict__ dst_tail,
+                                        int tail) {
+  for (size_t idx = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; idx < words;
+       idx += static_cast<size_t>(gridDim.x) * blockDim.x)
+    dst[idx] = host[idx];
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < tail) dst_tail[threadIdx.x] = host_tail[threadIdx.x];
+}
+}  // namespace
+
+void launch_copy_from_pinned(const void* host, void* dst, size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return;
+  // Both ends are allocation bases or 256-byte aligned offsets (staging slots): 16-byte words, then the tail.
+  const size_t words = bytes / 16;
+  const int tail = static_cast<int>(bytes % 16);
+  constexpr int kThreads = 256;
+  const int blocks = static_cast<int>(std::min<size_t>(std::max<size_t>((words + kThreads - 1) / kThreads, 1), 64));
+  copy_from_pinned_kernel<<<blocks, kThreads, 0, stream>>>(
+      static_cast<const uint4*>(host), static_cast<uint4*>(dst), words,
+      static_cast<const unsigned char*>(host) + words * 16, static_cast<unsigned char*>(dst) + words * 16, tail);
 }
 
 void launch_gather_rows_bf16(const float* src, const int32_t* rows, int64_t num_rows, int64_t cols,

@@ -24,6 +24,11 @@ void launch_add_sigmoid_gated(float* acc, const float* x, const float* gate_logi
 void launch_axpy(float alpha, const float* x, float* y, int64_t n, cudaStream_t stream);
 // dst = bf16(src) (round to nearest even) over n elements.
 void launch_f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream);
+// dst[0, bytes) = host[0, bytes): the device reads page-locked host memory (cudaMallocHost, mapped through unified
+// addressing) itself. A small upload that way does not queue on the copy engine behind expert copies of
+// hundreds of MB issued on another stream, as a cudaMemcpyAsync does (measured: each streamed prefill wave's
+// plan upload waited for the expert copy in flight, serializing copies and compute).
+void launch_copy_from_pinned(const void* host, void* dst, size_t bytes, cudaStream_t stream);
 // dst[r, :] = bf16(src[rows[r], :]) for r < num_rows; src/dst [*, cols]. Gathers tokens by expert.
 void launch_gather_rows_bf16(const float* src, const int32_t* rows, int64_t num_rows, int64_t cols,
                              uint16_t* dst, cudaStream_t stream);
