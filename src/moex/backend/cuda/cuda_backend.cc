@@ -21,6 +21,7 @@
 #include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/moe_plan.h"
 #include "moex/backend/cuda/step_graphs.h"
+#include "moex/backend/cuda/timeline.h"
 #include "moex/backend/cuda/kernels/attention.cuh"
 #include "moex/backend/cuda/kernels/elementwise.cuh"
 #include "moex/backend/cuda/kernels/gemv.cuh"
@@ -122,6 +123,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     cudaStreamSynchronize(copy_stream_);
+    timeline_.write();
     for (void* ptr : registered_) cudaHostUnregister(ptr);
     graphs_.reset();
     if (step_event_) cudaEventDestroy(step_event_);
@@ -171,7 +173,9 @@ class CudaBackend final : public Backend {
   void copy_to_host(const TensorView& src, void* dst) override {
     check_device(src, "copy_to_host", "src");
     refuse_while_capturing("copy_to_host");
+    timeline_.begin(stream_);
     MOEX_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+    timeline_.end(stream_, "readback", static_cast<int64_t>(src.nbytes()));
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
@@ -197,6 +201,7 @@ class CudaBackend final : public Backend {
     refuse_while_capturing("copy_from_host_enqueue");
     MOEX_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
     MOEX_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+    timeline_.begin(copy_stream_);
     cudaError_t status = cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_);
     if (status == cudaErrorInvalidValue && !registered_.empty()) {  // see copy_host_to_device
       cudaGetLastError();
@@ -206,6 +211,7 @@ class CudaBackend final : public Backend {
     } else {
       MOEX_CUDA_CHECK(status);
     }
+    timeline_.end(copy_stream_, "copy", static_cast<int64_t>(dst.nbytes()));
     MOEX_CUDA_CHECK(cudaEventRecord(copy_events_[copies_enqueued_ % kCopyEvents], copy_stream_));
     ++copies_enqueued_;
   }
@@ -708,6 +714,7 @@ class CudaBackend final : public Backend {
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
   cudaEvent_t compute_mark_ = nullptr;   // copy_from_host_enqueue: the compute stream's work so far
+  StreamTimeline timeline_;              // MOEX_CUDA_TIMELINE: spans of copies, expert work, read-backs
   // copy_from_host_enqueue's copies, each recorded in copy_events_[its number % kCopyEvents]; a ticket is a count.
   static constexpr uint64_t kCopyEvents = 64;
   std::array<cudaEvent_t, kCopyEvents> copy_events_{};
@@ -768,6 +775,7 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
     moe_experts_generic(x, routing, experts, out);
     return;
   }
+  timeline_.begin(stream_);
   MoePlan plan = plan_moe(routing, experts, /*allow_gemm=*/true);
   const int64_t rows = plan.num_rows();
   ArgBlob blob;
@@ -800,6 +808,7 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
     launch_moe_gemv(x.as<float>(), row_token, groups, num_groups, plan.max_rows, hidden, ffn, h, y, stream_);
     launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   }
+  timeline_.end(stream_, "experts", rows);
   MOEX_CUDA_CHECK_LAUNCH();
 }
 
