@@ -54,11 +54,11 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                 "them, from --host-read-gbs and --copy-gbs on (experimental: docs/offloading.md)");
   auto* scan = sub->add_flag("--scan-steps", options->scan_steps,
                              "when offloading: treat prefill steps that touch nearly every expert as scans, streamed "
-                             "through a few slots while the rest of the cache stays across prompts (the default; "
-                             "docs/offloading.md)");
+                             "through a few slots while the rest of the cache stays across prompts (the default for "
+                             "experts of 64 MiB or more; docs/offloading.md)");
   sub->add_flag("--no-scan-steps", options->no_scan_steps,
                 "when offloading: run prefill steps through the cache policy like decode steps, in as few waves as "
-                "fit")
+                "fit (the default for experts under 64 MiB)")
       ->excludes(scan);
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
@@ -113,7 +113,8 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
   engine.split_overhead_ms = options.split_overhead_ms;
   engine.balance_prefetch = !options.no_balance_prefetch;
   engine.adapt_rates = options.adapt_rates;
-  engine.scan_steps = !options.no_scan_steps;
+  if (options.scan_steps) engine.scan_steps = true;
+  if (options.no_scan_steps) engine.scan_steps = false;
   if (options.balance_prefetch && (!options.cpu_experts || options.predictor == "none"))
     throw UsageError("--balance-prefetch weighs prefetches against CPU work: it needs --cpu-experts and --predictor");
   if (options.adapt_rates && !options.cpu_experts)

@@ -33,7 +33,7 @@ struct ModelOptions {
   bool balance_prefetch = false;     // asked for explicitly (it is the default with --cpu-experts)
   bool no_balance_prefetch = false;
   bool adapt_rates = false;
-  bool scan_steps = false;     // accepted for scripts; scan steps are the default
+  bool scan_steps = false;     // neither flag: by expert size (OffloadConfig::scan_steps)
   bool no_scan_steps = false;
   // The flags that only shape offloading (cache, predictor, miss-path cost model): given without --gpu-memory
   // or --host-memory they would do nothing, so engine_options() refuses them. Owned by the CLI app.

@@ -5,7 +5,7 @@
 #   2. moex bench with random weights held in host RAM (--load-format random) at a GPU memory budget, for the
 #      Mixtral-8x7B shape (16 GiB, 40 GiB) and the Qwen3-30B-A3B shape (8 GiB), with and without pre-gating;
 #   2b. prefill 512 / 2048 tokens of a 4-layer Mixtral-8x7B shape at 6 GiB (llama.cpp's prefill setting in
-#      PEERS.md), plain and with --scan-steps, unless CASES=pregate;
+#      PEERS.md), with the defaults (streamed scan steps) and --no-scan-steps, unless CASES=pregate;
 #   3. a table with the floor per token: the missed experts' bytes split optimally between a PCIe copy and a
 #      CPU read, both at once (bytes / (pcie + dram)), next to moex's ms/token; and the work floor: every
 #      byte the step copied or read on the CPU (prefetched hits included) over both paths at once.
@@ -168,11 +168,12 @@ report
 # one layer's 8 experts but not the model's 32 (11.3 GB): every layer's experts cross the link per prompt.
 # Floor: 32 experts x 352 MB over the link per prompt.
 if [ "${CASES:-all}" != "pregate" ] && wanted prefill; then
-  # MOEX_BASE's run first when set (before/after in one call); this build plain and with --scan-steps.
-  for run in ${MOEX_BASE:+base} plain scan; do
+  # MOEX_BASE's run first when set (before/after in one call); this build with its defaults (streamed scan
+  # steps) and with --no-scan-steps.
+  for run in ${MOEX_BASE:+base} default noscan; do
     bin="$moex" flags=()
     [ "$run" = base ] && bin="$MOEX_BASE"
-    [ "$run" = scan ] && flags=(--scan-steps)
+    [ "$run" = noscan ] && flags=(--no-scan-steps)
     echo "== prefill: mixtral_8x7b_l4 at 6GiB ($bin ${flags[*]})" | tee -a "$out/runs.log"
     timeout 230 "$bin" bench -m bench/offload/models/mixtral_8x7b_l4 --load-format random --device cuda \
       --gpu-memory 6GiB --prompt-lens 512,2048 --decode-tokens 0 --reps 2 --warmup 1 "${flags[@]}" --json \

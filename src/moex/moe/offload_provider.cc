@@ -53,7 +53,8 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
   // Scan steps stream a layer through a few slots in waves of about stream_wave_bytes (whole experts): room for
   // the wave running, the one acquired ahead of it and one more for the next layer's first experts; everything
   // else is kept across prompts. Per-layer budgets keep the old rule (one layer's experts at a time).
-  if (config.scan_steps && config.stream_wave_bytes > 0 && config.scope == CacheScope::kGlobal) {
+  scan_steps_ = scan_steps_for(config.scan_steps, max_expert_bytes);
+  if (scan_steps_ && config.stream_wave_bytes > 0 && config.scope == CacheScope::kGlobal) {
     const int64_t wave =
         std::max<int64_t>(1, (config.stream_wave_bytes + max_expert_bytes - 1) / max_expert_bytes);
     const int64_t stream_bytes = 3 * wave * max_expert_bytes;
@@ -274,7 +275,7 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   }
   // Waves of one step carry the step's routing shape, so all of them agree on being a scan.
   const bool scan =
-      config_.scan_steps && routing.num_tokens * routing.top_k >= 2 * static_cast<int64_t>(num_experts);
+      scan_steps_ && routing.num_tokens * routing.top_k >= 2 * static_cast<int64_t>(num_experts);
   const AccessKind kind = scan ? AccessKind::kScan : AccessKind::kDemand;
   int64_t taken_over_bytes = 0;
   settle_prefetches(layer_idx, keys_, &taken_over_bytes);
@@ -441,6 +442,11 @@ ExpertProviderStats OffloadingExpertProvider::stats() const {
     out.model_copy_gbs = rates_.copy_gbs();
   }
   return out;
+}
+
+bool scan_steps_for(std::optional<bool> configured, int64_t expert_bytes) {
+  constexpr int64_t kLargeExpertBytes = int64_t{64} << 20;
+  return configured.value_or(expert_bytes >= kLargeExpertBytes);
 }
 
 double split_overhead_ms_for(double configured_ms, int64_t expert_bytes) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -68,11 +69,13 @@ struct OffloadConfig {
   // resistance (AccessKind::kScan): with a global budget each layer streams through a few slots in waves
   // (stream_wave_bytes) and the rest of the cache is kept across prompts, spread over the layers
   // (ExpertCacheConfig::keep_by_layer); with per-layer budgets (or no room for three waves) the cache keeps what
-  // one layer's experts leave and the next layer's experts are prefetched while a layer runs. On by default since
-  // the streamed waves (bench/RESULTS.md, "Streamed scan steps"); before them the 16 GiB Mixtral decode case with
-  // CPU experts had been 20% slower with scan steps (123.5 -> 148.3 ms/token), a scan leaving whole early layers
-  // resident where decode wanted others.
-  bool scan_steps = true;
+  // one layer's experts leave and the next layer's experts are prefetched while a layer runs.
+  // Unset: by expert size (scan_steps_for()): on for experts of 64 MiB or more, off below. Measured on H100
+  // machines (bench/RESULTS.md, "Streamed scan steps"): the 4-layer Mixtral-8x7B prefill at 6 GiB (352 MB
+  // experts) 1.3-1.4x at 512 tokens and 1.4-1.6x at 2048 against no scan steps, its 16 GiB decode case
+  // unchanged within run-to-run noise; Qwen3-30B-A3B at 8 GiB (9 MB experts, ~11 per wave) a 128-token prefill
+  // 0.6-0.7x (not understood yet).
+  std::optional<bool> scan_steps;
   // Scan steps with a global budget stream each layer in waves of whole experts adding up to about this many
   // bytes (at least one expert): wave k+1's copies run while the device computes wave k, and the layer's last
   // wave enqueues the next layer's first experts, so the link does not wait for the device or for the host's
@@ -145,6 +148,7 @@ class OffloadingExpertProvider : public ExpertProvider {
   // Scan steps stream their layers in waves of this many missed experts (0: they do not; see the constructor).
   int64_t stream_wave_experts_ = 0;
   bool streaming_ = false;             // the latest acquire was a streamed scan step's wave
+  bool scan_steps_ = false;            // OffloadConfig::scan_steps, resolved by expert size
   std::vector<uint8_t> seen_;
   ExpertProviderStats stats_;
   bool request_open_ = false;
@@ -172,6 +176,9 @@ class OffloadingExpertProvider : public ExpertProvider {
 // Parses a size such as "16GiB", "512MiB", "64KiB", "2GB" or a plain byte count; throws UsageError
 // naming the flag.
 int64_t parse_byte_size(const std::string& text, const std::string& flag);
+
+// OffloadConfig::scan_steps when it is unset: on for experts of at least 64 MiB, off below (see there).
+bool scan_steps_for(std::optional<bool> configured, int64_t expert_bytes);
 
 // OffloadConfig::split_overhead_ms when it is < 0: 0.1 ms for experts of at least 64 MiB, 0.5 ms below (see
 // there); else the configured value.

@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -37,7 +38,7 @@ struct EngineOptions {
   double split_overhead_ms = -1;   // OffloadConfig::split_overhead_ms (< 0: by expert size)
   bool balance_prefetch = true;    // OffloadConfig::balance_prefetch (applies with cpu_experts)
   bool adapt_rates = false;        // OffloadConfig::adapt_rates (applies with cpu_experts)
-  bool scan_steps = true;          // OffloadConfig::scan_steps
+  std::optional<bool> scan_steps;  // OffloadConfig::scan_steps (unset: by expert size)
   int64_t stream_wave_bytes = int64_t{96} << 20;  // OffloadConfig::stream_wave_bytes
 };
 

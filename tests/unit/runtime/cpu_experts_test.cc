@@ -456,6 +456,16 @@ TEST(CpuExperts, SplitOverheadDefaultsByExpertSize) {
   EXPECT_DOUBLE_EQ(split_overhead_ms_for(2.0, 9 * mib), 2.0);
 }
 
+TEST(CpuExperts, ScanStepsDefaultByExpertSize) {
+  const int64_t mib = int64_t{1} << 20;
+  EXPECT_FALSE(scan_steps_for(std::nullopt, 9 * mib));  // Qwen3-30B-A3B's experts
+  EXPECT_FALSE(scan_steps_for(std::nullopt, 64 * mib - 1));
+  EXPECT_TRUE(scan_steps_for(std::nullopt, 64 * mib));
+  EXPECT_TRUE(scan_steps_for(std::nullopt, 352 * mib));  // Mixtral-8x7B's
+  EXPECT_TRUE(scan_steps_for(true, 9 * mib));
+  EXPECT_FALSE(scan_steps_for(false, 352 * mib));
+}
+
 // A stand-in device whose enqueued copies land only when ops are told to wait for them
 // (Backend::wait_copies_through), as on a GPU whose copy stream runs behind: a wave run before its own copies
 // were waited for reads what its slots held before, and the outputs differ from the resident run.
