@@ -63,8 +63,8 @@ struct OffloadConfig {
   // the link the long path while the CPU could take those experts' misses. Mixtral-8x7B shape at 16 GiB on an
   // H100 host: 163.9 -> 138.4 ms/token (bench/RESULTS.md).
   bool balance_prefetch = true;
-  // Scan steps: a step whose routing has at least twice as many entries as the layer has experts (a prefill
-  // of many tokens: with uniform routing 1 - e^-2 = 86% of the experts are routed) touches nearly every expert
+  // Scan steps: a step whose routing has at least 8 times as many entries as the layer has experts (a prefill
+  // of many tokens: with uniform routing all but e^-8 of the experts are routed) touches nearly every expert
   // of every layer, a cyclic scan longer than the cache where LRU hits nothing. Its misses are ranked for scan
   // resistance (AccessKind::kScan): with a global budget each layer streams through a few slots in waves
   // (stream_wave_bytes) and the rest of the cache is kept across prompts, spread over the layers

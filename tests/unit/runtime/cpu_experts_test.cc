@@ -545,5 +545,27 @@ TEST(StreamedScan, WavesWaitForTheirOwnCopiesAndKeepTheRestAcrossPrompts) {
   EXPECT_LT(repeat_misses[0], repeat_misses[1]);
 }
 
+// A prompt of 16 tokens routes 4 per expert on average: not a scan (fewer than 8), so it is not streamed: no
+// wave waits behind a later wave's copies and nothing is streamed ahead.
+TEST(StreamedScan, ShortPromptsAreNotScans) {
+  FixtureRun run("mixtral");
+  const ModelConfig& cfg = run.model->config();
+  std::vector<int32_t> prompt = scan_prompt(3, 11);
+  prompt.resize(16);
+  EngineOptions options = one_thread();
+  options.expert_budget_bytes = cfg.num_moe_layers() * cfg.num_experts / 2 * static_cast<int64_t>(cfg.expert_bytes());
+  options.scan_steps = true;
+  options.stream_wave_bytes = 1;
+  auto device = std::make_unique<DeferredCopyDevice>();
+  DeferredCopyDevice* device_ptr = device.get();
+  Engine engine(*run.model, options, std::move(device));
+  const std::vector<float> want = run.resident.prompt_logits(prompt);
+  const std::vector<float> got = engine.prompt_logits(prompt);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t idx = 0; idx < got.size(); ++idx) EXPECT_NEAR(got[idx], want[idx], 1e-5);
+  EXPECT_EQ(device_ptr->waits_behind_later_copies, 0);
+  EXPECT_EQ(engine.experts().stats().prefetch_issued, 0);
+}
+
 }  // namespace
 }  // namespace moex
