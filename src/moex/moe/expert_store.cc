@@ -370,6 +370,18 @@ ExpertStoreStats ExpertStore::stats() const {
   return stats_;
 }
 
+void ExpertStore::reserve_slots(int32_t count, int32_t layer_idx) {
+  const ExpertWeights& src = source_[layer_idx].front();
+  for (int32_t made = 0; made < count; ++made) {
+    Slot slot;
+    slot.gate = backend_.alloc(src.gate.dtype, src.gate.shape);
+    slot.up = backend_.alloc(src.up.dtype, src.up.shape);
+    slot.down = backend_.alloc(src.down.dtype, src.down.shape);
+    free_slots_.push_back(static_cast<int32_t>(slots_.size()));
+    slots_.push_back(std::move(slot));
+  }
+}
+
 void ExpertStore::free(ExpertKey key) {
   const size_t key_idx = index(key);
   {

@@ -41,6 +41,7 @@ class ExpertStore {
   ~ExpertStore();
 
   int32_t num_layers() const { return static_cast<int32_t>(source_.size()); }
+  Device backend_device() const { return backend_.device(); }  // where the fast tier's slots live
   int32_t num_experts(int32_t layer_idx) const { return static_cast<int32_t>(source_[layer_idx].size()); }
   // The source-tier (host) views of an expert, for computing it on the CPU without loading it
   // (checked for corruption on first use, like a load).
@@ -81,6 +82,10 @@ class ExpertStore {
   ExpertWeights take_over(ExpertKey key, int64_t* enqueued_bytes);
   // Returns key's slot to the free list (its views become invalid).
   void free(ExpertKey key);
+  // Allocates `count` free slots sized for layer_idx's experts now rather than on first use. A device
+  // allocation is a barrier for the streams around it (CUDA: work on two streams does not overlap across a
+  // cudaMalloc), so slots allocated while expert copies and compute run would serialize them.
+  void reserve_slots(int32_t count, int32_t layer_idx);
   // The resident views of a loaded key.
   const ExpertWeights& resident(ExpertKey key) const;
   bool is_loaded(ExpertKey key) const;

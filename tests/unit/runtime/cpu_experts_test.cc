@@ -40,6 +40,7 @@ class StandInDevice : public Backend {
   Device device() const override { return Device::kCuda; }
   std::string name() const override { return "stand-in device"; }
   std::unique_ptr<Buffer> alloc(DType dtype, Shape shape) override {
+    matrix_allocs += shape.ndim == 2 ? 1 : 0;  // expert slots; the decoder's scratch is flat
     auto buffer = cpu_->alloc(dtype, shape);
     buffer->view = as_device(buffer->view);
     return buffer;
@@ -96,6 +97,7 @@ class StandInDevice : public Backend {
     cpu_->moe_experts(device(x, "moe_experts"), routing, table, device(out, "moe_experts"));
   }
   int64_t host_views_refused = 0;
+  int64_t matrix_allocs = 0;
 
  protected:
   // Unwraps a view that must be device memory; a host view reaching a device op is a routing bug.
@@ -445,6 +447,27 @@ TEST(DeviceGreedy, BatchedGreedyDecodingUsesTheDevicePicks) {
 
 // The default split overhead follows the expert's size (measured: small experts lose more than a split gains,
 // large ones gain); a configured value holds for every size.
+// A device's expert slots are allocated when the provider is made (all the budget holds), not while a step's
+// copies and compute run (an allocation there stops CUDA streams from overlapping).
+TEST(CpuExperts, DeviceSlotsAreAllocatedUpFront) {
+  FixtureRun run("mixtral");
+  const ModelConfig& cfg = run.model->config();
+  EngineOptions options = one_thread();
+  const int64_t slots = cfg.top_k + 3;
+  options.expert_budget_bytes = slots * static_cast<int64_t>(cfg.expert_bytes());
+  auto device = std::make_unique<StandInDevice>();
+  StandInDevice* device_ptr = device.get();
+  Engine engine(*run.model, options, std::move(device));
+  const int64_t after_start = device_ptr->matrix_allocs;
+  EXPECT_GE(after_start, 3 * slots);  // gate, up and down of each slot (and the resident 2-D weights' copies, if any)
+  GenerationOptions greedy;
+  greedy.max_new_tokens = 6;
+  greedy.stop_at_eos = false;
+  EXPECT_EQ(engine.generate(run.prompt, greedy).output_ids, run.resident.generate(run.prompt, greedy).output_ids);
+  EXPECT_GT(engine.experts().stats().misses, slots);  // slots were reused
+  EXPECT_EQ(device_ptr->matrix_allocs, after_start);
+}
+
 TEST(CpuExperts, SplitOverheadDefaultsByExpertSize) {
   const int64_t mib = int64_t{1} << 20;
   EXPECT_DOUBLE_EQ(split_overhead_ms_for(-1, 9 * mib), 0.5);          // Qwen3-30B-A3B's experts
