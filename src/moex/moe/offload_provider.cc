@@ -56,9 +56,6 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
         human_bytes(config.budget_bytes), top_k, human_bytes(minimum), minimum,
         config.scope == CacheScope::kPerLayer ? " with per-layer budgets" : ""));
   cache_config.capacity_bytes = budget;
-  // Scan steps stream a layer through a few slots in waves of about stream_wave_bytes (whole experts): room for
-  // the wave running, the one acquired ahead of it and one more for the next layer's first experts; everything
-  // else is kept across prompts. Per-layer budgets keep the old rule (one layer's experts at a time).
   // Device slots up front (what the budget holds of the largest experts): the first prompt would otherwise
   // allocate them while copies and compute run, and each allocation stops the streams from overlapping. Host
   // slots (the CPU backend's tier) stay lazy: a budget there is often much larger than what a run touches.
@@ -68,6 +65,9 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
       if (store_->expert_bytes(layer_idx) == max_expert_bytes) largest_layer = layer_idx;
     store_->reserve_slots(static_cast<int32_t>(config.budget_bytes / max_expert_bytes), largest_layer);
   }
+  // Scan steps stream a layer through a few slots in waves of about stream_wave_bytes (whole experts): room for
+  // the wave running, the one acquired ahead of it and one more for the next layer's first experts; everything
+  // else is kept across prompts. Per-layer budgets keep the old rule (one layer's experts at a time).
   scan_steps_ = scan_steps_for(config.scan_steps, max_expert_bytes);
   if (scan_steps_ && config.stream_wave_bytes > 0 && config.scope == CacheScope::kGlobal) {
     const int64_t wave =
