@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 # Reads the CSV that a moex CUDA run writes with MOEX_CUDA_TIMELINE=FILE (spans of expert copies, expert compute
-# and read-backs, src/moex/backend/cuda/timeline.h) and prints, per forward (split at the logits read-back, the
-# last of a forward): its time, how long the link copied, how long the device computed experts, both at once,
-# and the link's idle gaps (start within the forward, length; ms). Usage: tools/cuda_timeline.py FILE VOCAB
+# attention, routing and read-backs, src/moex/backend/cuda/timeline.h) and prints, per forward (split at the
+# logits read-back, the last of a forward): its time, how long the link copied, how long the device computed
+# experts, both at once, and the link's idle gaps (start within the forward, length; ms). With a third argument
+# N it also lists forward N's spans in start order.
+# Usage: tools/cuda_timeline.py FILE VOCAB [N]
 import csv, sys
-if len(sys.argv) != 3:
-    sys.exit("usage: tools/cuda_timeline.py TIMELINE.csv VOCAB_SIZE")
+if len(sys.argv) not in (3, 4):
+    sys.exit("usage: tools/cuda_timeline.py TIMELINE.csv VOCAB_SIZE [FORWARD]")
 path, vocab = sys.argv[1], int(sys.argv[2])
+listed = int(sys.argv[3]) if len(sys.argv) == 4 else -1
 rows = [(r['kind'], float(r['start_ms']), float(r['end_ms']), int(r['bytes'])) for r in csv.DictReader(open(path))]
 rows.sort(key=lambda r: r[1])
 ends = [r[2] for r in rows if r[0] == 'readback' and r[3] == vocab * 4]
@@ -39,4 +42,7 @@ for idx, end in enumerate(ends):
           f"{len([r for r in win if r[0] == 'experts'])} expert launches, read-backs at " +
           ' '.join(f"{r[1] - prev:.1f}" for r in reads))
     if gaps: print("   link idle > 0.5 ms (at, for): " + ' '.join(f"({a:.1f},{g:.1f})" for a, g in gaps[:24]))
+    if idx == listed:
+        for kind, a, b, size in win:
+            print(f"   {kind:9s} {a - prev:8.2f} {b - prev:8.2f}  ({b - a:6.2f} ms, {size})")
     prev = end

@@ -491,8 +491,10 @@ class CudaBackend final : public Backend {
     // Inside a decode step the grid covers the bucket, so that one recording serves all of its positions.
     shape.max_keys = step_mode_ ? step_bucket_keys_ : kv_max_keys_;
     void* ws = workspace(attention_workspace_bytes(shape, num_sms_));
+    if (!capturing_) timeline_.begin(stream_);
     launch_attention(q.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_, out.as<float>(), shape,
                      scale, ws, num_sms_, stream_);
+    if (!capturing_) timeline_.end(stream_, "attention", shape.num_queries);
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
@@ -534,11 +536,13 @@ class CudaBackend final : public Backend {
     auto* dev = static_cast<char*>(workspace(2 * align16(count * 4)));
     auto* ids = reinterpret_cast<int32_t*>(dev);
     auto* weights = reinterpret_cast<float*>(dev + align16(count * 4));
+    timeline_.begin(stream_);
     launch_router_topk(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
                        ids, weights, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
     if (readback_.bytes() < 2 * align16(count * 4)) readback_ = PinnedMemory(2 * align16(count * 4) * 2);
     MOEX_CUDA_CHECK(cudaMemcpyAsync(readback_.get(), dev, 2 * align16(count * 4), cudaMemcpyDeviceToHost, stream_));
+    timeline_.end(stream_, "route", static_cast<int64_t>(count));
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
     const char* host = static_cast<const char*>(readback_.get());
     std::memcpy(routing->expert_ids.data(), host, count * 4);
