@@ -76,7 +76,7 @@ StagingRing::~StagingRing() {
     if (event) cudaEventDestroy(event);
 }
 
-void* StagingRing::upload(const void* src, size_t bytes, cudaStream_t stream) {
+void* StagingRing::upload(const void* src, size_t bytes, cudaStream_t stream, bool by_kernel) {
   if (bytes > kSlotBytes) {
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
     if (big_host_.bytes() < bytes) {
@@ -93,8 +93,12 @@ void* StagingRing::upload(const void* src, size_t bytes, cudaStream_t stream) {
   char* host = static_cast<char*>(host_.get()) + slot * kSlotBytes;
   char* device = static_cast<char*>(device_.get()) + slot * kSlotBytes;
   std::memcpy(host, src, bytes);
-  launch_copy_from_pinned(host, device, bytes, stream);
-  MOEX_CUDA_CHECK(cudaGetLastError());
+  if (by_kernel) {
+    launch_copy_from_pinned(host, device, bytes, stream);
+    MOEX_CUDA_CHECK(cudaGetLastError());
+  } else {
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream));
+  }
   MOEX_CUDA_CHECK(cudaEventRecord(events_[slot], stream));
   return device;
 }

@@ -75,8 +75,9 @@ class StagingRing {
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
   // Enqueues the copy of `bytes` bytes from `src` on `stream`; the returned device pointer is valid for work
-  // enqueued on the same stream until kSlots further uploads.
-  void* upload(const void* src, size_t bytes, cudaStream_t stream);
+  // enqueued on the same stream until kSlots further uploads. by_kernel: a kernel reads the pinned slot
+  // (launch_copy_from_pinned) instead of a cudaMemcpyAsync, which would queue behind copies on other streams.
+  void* upload(const void* src, size_t bytes, cudaStream_t stream, bool by_kernel);
 
  private:
   PinnedMemory host_;
