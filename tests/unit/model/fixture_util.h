@@ -3,9 +3,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -37,6 +39,21 @@ inline nlohmann::json read_json(const std::filesystem::path& path) {
 // The prompt token ids of a fixture directory's reference.json.
 inline std::vector<int32_t> reference_prompt(const std::filesystem::path& fixture_dir) {
   return read_json(fixture_dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+}
+
+// The largest |a[i] - b[i]|; infinity when the sizes differ, so that a bound on it fails.
+inline float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return std::numeric_limits<float>::infinity();
+  float diff = 0;
+  for (size_t idx = 0; idx < a.size(); ++idx) diff = std::max(diff, std::fabs(a[idx] - b[idx]));
+  return diff;
+}
+
+// 32 tokens (first, first + step, ... mod 400): a prefill that routes to every expert of the mixtral fixture.
+inline std::vector<int32_t> every_expert_prompt(int32_t first, int32_t step) {
+  std::vector<int32_t> prompt(32);
+  for (size_t idx = 0; idx < prompt.size(); ++idx) prompt[idx] = first + static_cast<int32_t>(idx) * step % 400;
+  return prompt;
 }
 
 }  // namespace moex::test

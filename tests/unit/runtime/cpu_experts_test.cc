@@ -154,11 +154,7 @@ TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
     auto device = std::make_unique<StandInDevice>();
     StandInDevice* device_ptr = device.get();
     Engine engine(*run.model, options, std::move(device));
-    const std::vector<float> got = engine.prompt_logits(prompt);
-    ASSERT_EQ(got.size(), want.size());
-    float max_diff = 0;
-    for (size_t idx = 0; idx < got.size(); ++idx) max_diff = std::max(max_diff, std::fabs(got[idx] - want[idx]));
-    EXPECT_LT(max_diff, 1e-5);
+    EXPECT_LT(test::max_abs_diff(engine.prompt_logits(prompt), want), 1e-5);
     EXPECT_EQ(engine.generate(prompt, greedy).output_ids, want_ids);
     const ExpertProviderStats stats = engine.experts().stats();
     EXPECT_GT(stats.cpu_computed, 0);
@@ -340,13 +336,6 @@ TEST(CpuExperts, MeasuredRatesMoveMissesOffASlowLink) {
   EXPECT_GT(cpu_runs[1], cpu_runs[0]);
 }
 
-float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  float diff = 0;
-  for (size_t idx = 0; idx < std::min(a.size(), b.size()); ++idx) diff = std::max(diff, std::fabs(a[idx] - b[idx]));
-  return diff;
-}
-
 // Split experts: the CPU computes a missed expert's first intermediate rows while the rest is copied. At
 // decode every routed expert has one token, so the cost model splits misses; the bandwidth pairs put the
 // split point low, in the middle, and at ffn (only down copied). Logits of the prompt and of every decode
@@ -375,14 +364,14 @@ TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
       std::vector<float> want, got;
       resident.decoder().forward(prompt, 0, /*all_logits=*/true, &want);
       engine.decoder().forward(prompt, 0, /*all_logits=*/true, &got);
-      EXPECT_LT(max_abs_diff(got, want), 1e-5) << "prompt";
+      EXPECT_LT(test::max_abs_diff(got, want), 1e-5) << "prompt";
       int64_t position = static_cast<int64_t>(prompt.size());
       for (int step = 0; step < 8; ++step, ++position) {
         const auto last = want.end() - cfg.vocab_size;
         const int32_t token = static_cast<int32_t>(std::max_element(last, want.end()) - last);
         resident.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &want);
         engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &got);
-        EXPECT_LT(max_abs_diff(got, want), 1e-5) << "decode step " << step;
+        EXPECT_LT(test::max_abs_diff(got, want), 1e-5) << "decode step " << step;
       }
       engine.decoder().end_sequence();
       resident.decoder().end_sequence();
@@ -514,13 +503,6 @@ class DeferredCopyDevice : public StandInDevice {
   uint64_t landed_ = 0;
 };
 
-// 32 tokens (first, first + step, ... mod 400): a prefill that routes to every expert of the mixtral fixture.
-std::vector<int32_t> scan_prompt(int32_t first, int32_t step) {
-  std::vector<int32_t> prompt(32);
-  for (size_t idx = 0; idx < prompt.size(); ++idx) prompt[idx] = first + static_cast<int32_t>(idx) * step % 400;
-  return prompt;
-}
-
 // Scan steps streamed one expert per wave through half of the experts' room (OffloadConfig::stream_wave_bytes):
 // each wave's copies are waited for on the device only, the next wave's are enqueued before it runs, the
 // layer's last wave enqueues the next layer's first expert, and what the three waves' room leaves is kept
@@ -528,17 +510,10 @@ std::vector<int32_t> scan_prompt(int32_t first, int32_t step) {
 TEST(StreamedScan, WavesWaitForTheirOwnCopiesAndKeepTheRestAcrossPrompts) {
   FixtureRun run("mixtral");
   const ModelConfig& cfg = run.model->config();
-  const std::vector<int32_t> prompt = scan_prompt(3, 11);
+  const std::vector<int32_t> prompt = test::every_expert_prompt(3, 11);
   const std::vector<float> want = run.resident.prompt_logits(prompt);
   const int64_t all_experts = cfg.num_moe_layers() * cfg.num_experts;
   ASSERT_EQ(all_experts, 16);
-  auto max_diff = [&](const std::vector<float>& got) {
-    EXPECT_EQ(got.size(), want.size());
-    float diff = 0;
-    for (size_t idx = 0; idx < std::min(got.size(), want.size()); ++idx)
-      diff = std::max(diff, std::fabs(got[idx] - want[idx]));
-    return diff;
-  };
   int64_t repeat_misses[2] = {0, 0};
   for (int64_t wave_bytes : {int64_t{1}, int64_t{0}}) {
     SCOPED_TRACE(wave_bytes ? "streamed" : "waves as they fit");
@@ -549,10 +524,10 @@ TEST(StreamedScan, WavesWaitForTheirOwnCopiesAndKeepTheRestAcrossPrompts) {
     auto device = std::make_unique<DeferredCopyDevice>();
     DeferredCopyDevice* device_ptr = device.get();
     Engine engine(*run.model, options, std::move(device));
-    EXPECT_LT(max_diff(engine.prompt_logits(prompt)), 1e-5);
+    EXPECT_LT(test::max_abs_diff(engine.prompt_logits(prompt), want), 1e-5);
     const ExpertProviderStats first = engine.experts().stats();
     EXPECT_EQ(first.misses + first.prefetch_issued, all_experts);  // every expert once, missed or streamed ahead
-    EXPECT_LT(max_diff(engine.prompt_logits(prompt)), 1e-5);
+    EXPECT_LT(test::max_abs_diff(engine.prompt_logits(prompt), want), 1e-5);
     const ExpertProviderStats second = engine.experts().stats();
     repeat_misses[wave_bytes ? 0 : 1] = second.misses - first.misses;
     if (wave_bytes) {
@@ -573,7 +548,7 @@ TEST(StreamedScan, WavesWaitForTheirOwnCopiesAndKeepTheRestAcrossPrompts) {
 TEST(StreamedScan, ShortPromptsAreNotScans) {
   FixtureRun run("mixtral");
   const ModelConfig& cfg = run.model->config();
-  std::vector<int32_t> prompt = scan_prompt(3, 11);
+  std::vector<int32_t> prompt = test::every_expert_prompt(3, 11);
   prompt.resize(16);
   EngineOptions options = one_thread();
   options.expert_budget_bytes = cfg.num_moe_layers() * cfg.num_experts / 2 * static_cast<int64_t>(cfg.expert_bytes());
@@ -583,9 +558,7 @@ TEST(StreamedScan, ShortPromptsAreNotScans) {
   DeferredCopyDevice* device_ptr = device.get();
   Engine engine(*run.model, options, std::move(device));
   const std::vector<float> want = run.resident.prompt_logits(prompt);
-  const std::vector<float> got = engine.prompt_logits(prompt);
-  ASSERT_EQ(got.size(), want.size());
-  for (size_t idx = 0; idx < got.size(); ++idx) EXPECT_NEAR(got[idx], want[idx], 1e-5);
+  EXPECT_LT(test::max_abs_diff(engine.prompt_logits(prompt), want), 1e-5);
   EXPECT_EQ(device_ptr->waits_behind_later_copies, 0);
   EXPECT_EQ(engine.experts().stats().prefetch_issued, 0);
 }

@@ -65,11 +65,8 @@ TEST_P(OffloadMatchesResident, EveryPolicyAndBudget) {
         RunOutput offloaded =
             run(*model, prompt, slots * expert_bytes, policy, false, scan > 0, scan == 2 ? 1 : 0);
         ASSERT_EQ(offloaded.logits.size(), resident.logits.size());
-        double max_diff = 0;
-        for (size_t idx = 0; idx < resident.logits.size(); ++idx)
-          max_diff = std::max(max_diff, double{std::fabs(offloaded.logits[idx] - resident.logits[idx])});
         // Waves change only the order of the expert sum in prefill: float rounding, nothing more.
-        EXPECT_LT(max_diff, 1e-5);
+        EXPECT_LT(test::max_abs_diff(offloaded.logits, resident.logits), 1e-5);
         EXPECT_EQ(offloaded.greedy, resident.greedy);
         EXPECT_GT(offloaded.stats.misses, 0);
         // Scan steps prefetch the next layer without a predictor; a prefetch cancelled before its copy
@@ -118,19 +115,12 @@ TEST(Offload, PrefetchKeepsOutputsAndCountsPredictions) {
   }
 }
 
-// 32 tokens (first, first + step, ... mod 400): a prefill that routes to every expert of the mixtral fixture.
-std::vector<int32_t> prefill_prompt(int32_t first, int32_t step) {
-  std::vector<int32_t> prompt(32);
-  for (size_t idx = 0; idx < prompt.size(); ++idx) prompt[idx] = first + static_cast<int32_t>(idx) * step % 400;
-  return prompt;
-}
-
 // A prefill of many tokens routes to every expert of every layer: a cyclic scan longer than the cache. With a
 // third of the experts' room, LRU hit nothing on a repeated prompt; the scan rule keeps a part resident.
 TEST(Offload, RepeatedPrefillKeepsExpertsAcrossPrompts) {
   auto model = Model::load((test::fixtures_root() / "mixtral").string());
   const ModelConfig& cfg = model->config();
-  const std::vector<int32_t> prompt = prefill_prompt(3, 11);
+  const std::vector<int32_t> prompt = test::every_expert_prompt(3, 11);
   EngineOptions resident_options;
   resident_options.num_threads = 2;
   const std::vector<float> want = Engine(*model, resident_options).prompt_logits(prompt);
@@ -143,16 +133,9 @@ TEST(Offload, RepeatedPrefillKeepsExpertsAcrossPrompts) {
     options.cache_policy = policy;
     Engine engine(*model, options);
     // The layers run in waves here, which changes only the order of the expert sum: float rounding.
-    auto max_diff = [&](const std::vector<float>& got) {
-      EXPECT_EQ(got.size(), want.size());
-      float diff = 0;
-      for (size_t idx = 0; idx < std::min(got.size(), want.size()); ++idx)
-        diff = std::max(diff, std::fabs(got[idx] - want[idx]));
-      return diff;
-    };
-    EXPECT_LT(max_diff(engine.prompt_logits(prompt)), 1e-5);
+    EXPECT_LT(test::max_abs_diff(engine.prompt_logits(prompt), want), 1e-5);
     const int64_t first_hits = engine.experts().stats().hits;
-    EXPECT_LT(max_diff(engine.prompt_logits(prompt)), 1e-5);
+    EXPECT_LT(test::max_abs_diff(engine.prompt_logits(prompt), want), 1e-5);
     EXPECT_GT(engine.experts().stats().hits, first_hits);
   }
 }
@@ -162,7 +145,7 @@ TEST(Offload, RepeatedPrefillKeepsExpertsAcrossPrompts) {
 TEST(Offload, PrefillPrefetchesTheNextLayerWithoutAPredictor) {
   auto model = Model::load((test::fixtures_root() / "mixtral").string());
   const ModelConfig& cfg = model->config();
-  const std::vector<int32_t> prompt = prefill_prompt(5, 13);
+  const std::vector<int32_t> prompt = test::every_expert_prompt(5, 13);
   EngineOptions options;
   options.num_threads = 2;
   const std::vector<float> want = Engine(*model, options).prompt_logits(prompt);
