@@ -17,6 +17,9 @@ namespace {
 // its misses would have run on the CPU, and the decode after it hit less (H100, interleaved: 130-133 vs
 // 120-123 ms/token, hit rate 0.355 vs 0.389).
 constexpr int64_t kScanEntriesPerExpert = 8;
+// Experts at least this large are "large" for the defaults that depend on size (scan_steps_for,
+// split_overhead_ms_for): Mixtral-8x7B's 352 MB are, Qwen3-30B-A3B's 9 MB are not.
+constexpr int64_t kLargeExpertBytes = int64_t{64} << 20;
 // balance_prefetch's memory: each layer's bookings weigh this much less per later layer (~10 layers).
 constexpr double kBookingDecay = 0.9;
 
@@ -39,13 +42,17 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
   MOEX_ASSERT(num_layers > 0, "offloading a model without MoE layers");
   const int32_t num_experts = store_->num_experts(0);
   int64_t max_expert_bytes = 0;
+  int32_t largest_layer = 0;  // a layer with the largest experts, whose shapes reserved slots take
   ExpertCacheConfig cache_config;
   cache_config.num_layers = num_layers;
   cache_config.num_experts = num_experts;
   cache_config.scope = config.scope;
   for (int32_t layer_idx = 0; layer_idx < num_layers; ++layer_idx) {
     cache_config.expert_bytes.push_back(store_->expert_bytes(layer_idx));
-    max_expert_bytes = std::max(max_expert_bytes, store_->expert_bytes(layer_idx));
+    if (store_->expert_bytes(layer_idx) > max_expert_bytes) {
+      max_expert_bytes = store_->expert_bytes(layer_idx);
+      largest_layer = layer_idx;
+    }
   }
   int64_t budget = config.budget_bytes;
   if (config.scope == CacheScope::kPerLayer) budget /= num_layers;
@@ -59,12 +66,8 @@ OffloadingExpertProvider::OffloadingExpertProvider(std::unique_ptr<ExpertStore> 
   // Device slots up front (what the budget holds of the largest experts): the first prompt would otherwise
   // allocate them while copies and compute run, and each allocation stops the streams from overlapping. Host
   // slots (the CPU backend's tier) stay lazy: a budget there is often much larger than what a run touches.
-  if (store_->backend_device() != Device::kCpu) {
-    int32_t largest_layer = 0;
-    for (int32_t layer_idx = 0; layer_idx < num_layers; ++layer_idx)
-      if (store_->expert_bytes(layer_idx) == max_expert_bytes) largest_layer = layer_idx;
+  if (store_->backend_device() != Device::kCpu)
     store_->reserve_slots(static_cast<int32_t>(config.budget_bytes / max_expert_bytes), largest_layer);
-  }
   // Scan steps stream a layer through a few slots in waves of about stream_wave_bytes (whole experts): room for
   // the wave running, the one acquired ahead of it and one more for the next layer's first experts; everything
   // else is kept across prompts. Per-layer budgets keep the old rule (one layer's experts at a time).
@@ -460,13 +463,11 @@ ExpertProviderStats OffloadingExpertProvider::stats() const {
 }
 
 bool scan_steps_for(std::optional<bool> configured, int64_t expert_bytes) {
-  constexpr int64_t kLargeExpertBytes = int64_t{64} << 20;
   return configured.value_or(expert_bytes >= kLargeExpertBytes);
 }
 
 double split_overhead_ms_for(double configured_ms, int64_t expert_bytes) {
   if (configured_ms >= 0) return configured_ms;
-  constexpr int64_t kLargeExpertBytes = int64_t{64} << 20;
   return expert_bytes >= kLargeExpertBytes ? 0.1 : 0.5;
 }
 
