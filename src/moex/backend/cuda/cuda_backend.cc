@@ -634,12 +634,7 @@ class CudaBackend final : public Backend {
   // an expert copy of hundreds of MB. Before that (every resident run) the memcpy stays: it is ~8 us per decode
   // step faster than the kernel's PCIe reads (H100: Model A 0.968 vs 0.984 ms/token with the kernel always).
   void upload_pinned(const void* host, void* device, size_t bytes) {
-    if (expert_copies_seen_.load(std::memory_order_relaxed)) {
-      launch_copy_from_pinned(host, device, bytes, stream_);
-      MOEX_CUDA_CHECK_LAUNCH();
-    } else {
-      MOEX_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_));
-    }
+    copy_pinned_to_device(host, device, bytes, stream_, expert_copies_seen_.load(std::memory_order_relaxed));
   }
   // A copy whose source starts in pageable memory and ends in a range page-locked by register_host_memory
   // (the offloaded experts' pages hold neighbouring tensors too) fails with "invalid argument" (seen on an

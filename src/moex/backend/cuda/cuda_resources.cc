@@ -93,14 +93,18 @@ void* StagingRing::upload(const void* src, size_t bytes, cudaStream_t stream, bo
   char* host = static_cast<char*>(host_.get()) + slot * kSlotBytes;
   char* device = static_cast<char*>(device_.get()) + slot * kSlotBytes;
   std::memcpy(host, src, bytes);
+  copy_pinned_to_device(host, device, bytes, stream, by_kernel);
+  MOEX_CUDA_CHECK(cudaEventRecord(events_[slot], stream));
+  return device;
+}
+
+void copy_pinned_to_device(const void* host, void* device, size_t bytes, cudaStream_t stream, bool by_kernel) {
   if (by_kernel) {
     launch_copy_from_pinned(host, device, bytes, stream);
     MOEX_CUDA_CHECK(cudaGetLastError());
   } else {
     MOEX_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream));
   }
-  MOEX_CUDA_CHECK(cudaEventRecord(events_[slot], stream));
-  return device;
 }
 
 }  // namespace moex::cuda

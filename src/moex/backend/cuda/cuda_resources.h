@@ -61,6 +61,11 @@ class WeightArena {
   size_t used_total_ = 0;
 };
 
+// A small host -> device copy on `stream` from page-locked memory: by a kernel that reads it
+// (launch_copy_from_pinned) when by_kernel, else a cudaMemcpyAsync, which queues on the copy engine behind copies
+// of other streams but costs less when there are none.
+void copy_pinned_to_device(const void* host, void* device, size_t bytes, cudaStream_t stream, bool by_kernel);
+
 // Host -> device transfer of small per-op arrays. Slot s is reused kSlots uploads later: the device side is
 // safe by stream order, the pinned side waits on the event recorded after its last copy, so the host only
 // blocks when it runs kSlots uploads ahead of the GPU. Larger uploads take a growable pair of buffers and
@@ -75,8 +80,7 @@ class StagingRing {
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
   // Enqueues the copy of `bytes` bytes from `src` on `stream`; the returned device pointer is valid for work
-  // enqueued on the same stream until kSlots further uploads. by_kernel: a kernel reads the pinned slot
-  // (launch_copy_from_pinned) instead of a cudaMemcpyAsync, which would queue behind copies on other streams.
+  // enqueued on the same stream until kSlots further uploads. by_kernel: see copy_pinned_to_device.
   void* upload(const void* src, size_t bytes, cudaStream_t stream, bool by_kernel);
 
  private:
