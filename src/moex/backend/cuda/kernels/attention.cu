@@ -6,12 +6,14 @@
 //   group 2 and short contexts. The warps' online softmaxes merge in shared memory; with several splits a
 //   second kernel merges the splits. The first kernel (below) ran one warp of four per group-of-2 block and a
 //   serial 128-step dot per lane: 19 us per layer at 18 keys on an H100 (Model A), 14% of the batch-1 step.
-// - Prefill chunks and shapes the decode kernel does not cover: attention_kernel. A block owns one kv head and
+// - Prefill chunks of >= 16 queries go to the tensor-core kernel (attention_prefill.cu); shorter ones and the
+//   shapes neither covers (head_dim not a multiple of 4, several sequences' rows): attention_kernel. A block owns one kv head and
 //   up to 8 "rows" (query, head-of-group) pairs of one sequence, so the K/V tile it stages in shared memory
 //   (gathered through the block table) serves every query head of the group and several queries. Keys are
 //   visited in tiles of 32, lane j scoring key j, with an online softmax per row in registers.
 // fp32 CUDA-core arithmetic: at decode the step is bound by weight bytes, not attention FLOPs.
 #include "moex/backend/cuda/kernels/attention.cuh"
+#include "moex/backend/cuda/kernels/attention_params.cuh"
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 
@@ -27,20 +29,7 @@ constexpr int kKeyTile = 32;
 constexpr int kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-struct Params {
-  const float* q;
-  const float* k_pages;
-  const float* v_pages;
-  PagedKvRows kv;
-  float* out;
-  float* part_acc;  // [splits, kv_heads * rows_per_head, head_dim]
-  float* part_ml;   // [splits, kv_heads * rows_per_head, 2]
-  int n, heads, kv_heads, head_dim, group, rows_per_head;
-  int head_chunks;  // blocks per row in the one-row-per-block layout: ceil(group / kRowsPerBlock)
-  bool one_sequence;
-  int keys_per_split;
-  float scale_log2;
-};
+using Params = AttentionParams;
 
 size_t smem_bytes(int head_dim) {
   return sizeof(float) * (kRowsPerBlock * head_dim + kKeyTile * (head_dim + 1) + kKeyTile * head_dim);
@@ -360,10 +349,11 @@ void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
 
 // ---- shared by both -----------------------------------------------------------------------------------------
 
-// Blocks per kv head and split before any split: decode blocks per (query, head block), the tiled kernel's
-// per row tile.
+// Blocks per head block before any split: decode blocks per (query, head block), the tensor-core kernel's
+// query tiles (one head per block), the tiled kernel's per row tile.
 int64_t grid_x(const AttentionShape& shape) {
   const int64_t group = shape.heads / shape.kv_heads;
+  if (prefill_mma_fits(shape)) return ceil_div(shape.num_queries, int64_t(kPrefillMmaQueries));
   if (decode_kernel_fits(shape)) return shape.num_queries;
   return shape.one_sequence ? ceil_div(shape.num_queries * group, int64_t(kRowsPerBlock))
                             : shape.num_queries * ceil_div(group, int64_t(kRowsPerBlock));
@@ -373,18 +363,19 @@ int choose_splits(const AttentionShape& shape, int64_t head_blocks, int num_sms,
   int64_t base_blocks = grid_x(shape) * head_blocks;
   int64_t total_keys = std::max<int64_t>(shape.max_keys, 1);
   int64_t splits = ceil_div(2 * int64_t(num_sms), base_blocks);
-  // The decode kernel's split feeds its 4 warps a chunk each; the other kernel's, two tiles.
-  const int64_t min_keys = decode_kernel_fits(shape) ? kDecodeSplitKeys : 2 * kKeyTile;
+  // The decode kernel's split feeds its 4 warps a chunk each; the others', two key tiles.
+  const int64_t tile = prefill_mma_fits(shape) ? prefill_mma_key_tile(static_cast<int>(shape.head_dim)) : kKeyTile;
+  const int64_t min_keys = decode_kernel_fits(shape) ? kDecodeSplitKeys : 2 * tile;
   splits = std::min<int64_t>(splits, std::min<int64_t>(kMaxSplits, ceil_div(total_keys, min_keys)));
   if (splits < 1) splits = 1;
-  int64_t per = ceil_div(ceil_div(total_keys, splits), kKeyTile) * kKeyTile;
+  int64_t per = ceil_div(ceil_div(total_keys, splits), tile) * tile;
   splits = ceil_div(total_keys, per);
   *keys_per_split = static_cast<int>(per);
   return static_cast<int>(splits);
 }
 
 struct Layout {
-  int heads_per_block;  // the tiled kernel: the group (its blocks tile rows); decode: see choose_layout
+  int heads_per_block;  // tiled kernel: the group (its blocks tile rows); tensor cores: 1; decode: see choose_layout
   int splits;
   int keys_per_split;
 };
@@ -395,7 +386,7 @@ struct Layout {
 // 32 short blocks on Model B; the group's K/V rows are then read by several blocks, from L2.
 Layout choose_layout(const AttentionShape& shape, int num_sms) {
   const int group = static_cast<int>(shape.heads / shape.kv_heads);
-  Layout layout{group, 1, 0};
+  Layout layout{prefill_mma_fits(shape) ? 1 : group, 1, 0};
   auto head_blocks = [&] { return shape.kv_heads * (group / layout.heads_per_block); };
   layout.splits = choose_splits(shape, head_blocks(), num_sms, &layout.keys_per_split);
   if (!decode_kernel_fits(shape)) return layout;
@@ -443,6 +434,8 @@ size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms) {
   return sizeof(float) * static_cast<size_t>(splits) * rows * static_cast<size_t>(shape.head_dim + 2);
 }
 
+bool attention_rounds_to_bf16(const AttentionShape& shape) { return prefill_mma_fits(shape); }
+
 void launch_attention(const float* q, const float* k_pages, const float* v_pages, const PagedKvRows& rows, float* out,
                       const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream) {
   if (shape.num_queries == 0) return;
@@ -471,7 +464,9 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   }
   const int head_blocks = p.kv_heads * (p.group / layout.heads_per_block);
   dim3 grid(static_cast<unsigned>(grid_x(shape)), head_blocks, splits);
-  if (decode_kernel_fits(shape)) {
+  if (prefill_mma_fits(shape)) {
+    launch_prefill_mma(p, grid, stream);
+  } else if (decode_kernel_fits(shape)) {
     switch (layout.heads_per_block) {
       case 1: launch_decode_group<1>(p, grid, stream); break;
       case 2: launch_decode_group<2>(p, grid, stream); break;

@@ -43,6 +43,10 @@ size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
 void launch_attention(const float* q, const float* k_pages, const float* v_pages, const PagedKvRows& rows, float* out,
                       const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream);
 
+// Whether launch_attention runs this shape on the tensor cores (prefill chunks of >= 16 queries), which round
+// q, k, v and the softmax probabilities to bf16 (relative error ~3e-3, as FlashAttention) instead of fp32.
+bool attention_rounds_to_bf16(const AttentionShape& shape);
+
 // Row i of k/v [n, row_elems] goes to position row_pos[i] of sequence row_seq[i]; row_elems = kv_heads * head_dim.
 void launch_kv_write_paged(const float* k, const float* v, float* k_pages, float* v_pages, const PagedKvRows& rows,
                            int64_t n, int64_t row_elems, cudaStream_t stream);

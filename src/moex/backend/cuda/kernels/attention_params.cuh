@@ -1,0 +1,39 @@
+// What every attention kernel of attention.cu and attention_prefill.cu is launched with, and the layout of the
+// split-K partials that attention_merge_kernel combines. CUDA-only header.
+#pragma once
+
+#include "moex/backend/cuda/kernels/attention.cuh"
+
+#include <cuda_runtime.h>
+
+namespace moex::cuda {
+
+struct AttentionParams {
+  const float* q;
+  const float* k_pages;
+  const float* v_pages;
+  PagedKvRows kv;
+  float* out;
+  // Split-K partials, null with one split. Row (kv_head, r) with r = query * group + head_in_group:
+  // unnormalised acc [splits, kv_heads * rows_per_head, head_dim] and (max, sum) in log2 units [.., 2].
+  float* part_acc;
+  float* part_ml;
+  int n, heads, kv_heads, head_dim, group, rows_per_head;
+  int head_chunks;  // blocks per row in the fp32 kernel's one-row-per-block layout
+  bool one_sequence;
+  int keys_per_split;
+  float scale_log2;  // softmax scale times log2(e): the kernels exponentiate with exp2
+};
+
+// The tensor-core kernel for prefill chunks (attention_prefill.cu).
+constexpr int kPrefillMmaQueries = 64;  // queries per block: 4 warps of 16
+constexpr int kPrefillMmaMinQueries = 16;
+// Whether it takes the step: one sequence's chunk of >= kPrefillMmaMinQueries queries, head_dim a multiple of
+// 4 up to kAttentionMaxHeadDim (float4 loads of the fp32 cache; dims are padded with zeros to 64/128/256).
+bool prefill_mma_fits(const AttentionShape& shape);
+// The key tile of the kernel picked for head_dim: splits must be multiples of it.
+int prefill_mma_key_tile(int head_dim);
+// grid (query tiles, heads, splits).
+void launch_prefill_mma(const AttentionParams& p, dim3 grid, cudaStream_t stream);
+
+}  // namespace moex::cuda
