@@ -353,7 +353,8 @@ void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
 // query tiles (one head per block), the tiled kernel's per row tile.
 int64_t grid_x(const AttentionShape& shape) {
   const int64_t group = shape.heads / shape.kv_heads;
-  if (prefill_mma_fits(shape)) return ceil_div(shape.num_queries, int64_t(kPrefillMmaQueries));
+  if (prefill_mma_fits(shape))
+    return ceil_div(shape.num_queries, int64_t(prefill_mma_queries(static_cast<int>(shape.head_dim))));
   if (decode_kernel_fits(shape)) return shape.num_queries;
   return shape.one_sequence ? ceil_div(shape.num_queries * group, int64_t(kRowsPerBlock))
                             : shape.num_queries * ceil_div(group, int64_t(kRowsPerBlock));

@@ -26,13 +26,14 @@ struct AttentionParams {
 };
 
 // The tensor-core kernel for prefill chunks (attention_prefill.cu).
-constexpr int kPrefillMmaQueries = 64;  // queries per block: 4 warps of 16
 constexpr int kPrefillMmaMinQueries = 16;
 // Whether it takes the step: one sequence's chunk of >= kPrefillMmaMinQueries queries, head_dim a multiple of
 // 4 up to kAttentionMaxHeadDim (float4 loads of the fp32 cache; dims are padded with zeros to 64/128/256).
 bool prefill_mma_fits(const AttentionShape& shape);
 // The key tile of the kernel picked for head_dim: splits must be multiples of it.
 int prefill_mma_key_tile(int head_dim);
+// Queries per block (warps of 16) of the kernel picked for head_dim.
+int prefill_mma_queries(int head_dim);
 // grid (query tiles, heads, splits).
 void launch_prefill_mma(const AttentionParams& p, dim3 grid, cudaStream_t stream);
 

@@ -1,7 +1,7 @@
 // Causal GQA attention for prefill chunks on the tensor cores, FlashAttention-2 style.
 //
-// A block owns 64 queries of one query head (4 warps x 16 queries) and walks the keys in tiles of 64 (32 at
-// head_dim > 128): the tile's K and V rows are gathered from the paged fp32 cache, rounded to bf16 into shared
+// A block owns 128 queries of one query head (8 warps x 16 queries; 64 and 4 warps at head_dim > 128) and walks
+// the keys in tiles of 64 (32 at head_dim > 128): the tile's K and V rows are gathered from the paged fp32 cache, rounded to bf16 into shared
 // memory, and each warp computes S = Q K^T and O += P V with mma.sync m16n8k16 (bf16 in, fp32 accumulate),
 // keeping its rows' online softmax (max and sum, in log2 units) and the output tile in registers. P never
 // leaves registers: an m16n8 accumulator pair has the layout of an m16k16 A operand.
@@ -23,11 +23,14 @@
 namespace moex::cuda {
 namespace {
 
-constexpr int kWarps = kPrefillMmaQueries / 16;
-
+// At DP 256 the output tile alone is 128 registers a lane: fewer keys per tile and 4 warps a block.
 template <int DP>
 constexpr int key_tile() {
-  return DP > 128 ? 32 : 64;  // at DP 256 the output tile alone is 128 registers a lane
+  return DP > 128 ? 32 : 64;
+}
+template <int DP>
+constexpr int block_queries() {
+  return DP > 128 ? 64 : 128;
 }
 // Row stride in bf16 elements: 16 bytes of padding put the 8 rows an ldmatrix reads in distinct banks.
 template <int DP>
@@ -36,7 +39,7 @@ constexpr int row_stride() {
 }
 template <int DP>
 constexpr size_t smem_bytes() {
-  return sizeof(bf16) * row_stride<DP>() * (kPrefillMmaQueries + 2 * key_tile<DP>());
+  return sizeof(bf16) * row_stride<DP>() * (block_queries<DP>() + 2 * key_tile<DP>());
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
@@ -75,23 +78,25 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // Lane (g = lane / 4, t = lane % 4) of warp w holds two rows of the block: queries q0 + 16 w + g ("a") and
 // + 8 ("b"); accumulator elements 0-1 belong to a, 2-3 to b, at columns 2t, 2t + 1 of each 8-wide n-tile.
+// Two blocks per SM: the K/V bytes each block pulls from L2 per tile, not the mma work, set the pace, so the
+// more queries share a tile the better, as long as two blocks overlap each other's loads (<= 128 registers).
 template <int DP>
-__global__ __launch_bounds__(kWarps * 32) void prefill_mma_kernel(AttentionParams p) {
-  constexpr int BN = key_tile<DP>(), S = row_stride<DP>(), C4 = DP / 4;
+__global__ __launch_bounds__(block_queries<DP>() * 2, 2) void prefill_mma_kernel(AttentionParams p) {
+  constexpr int BM = block_queries<DP>(), BN = key_tile<DP>(), S = row_stride<DP>(), C4 = DP / 4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* q_s = reinterpret_cast<bf16*>(smem_raw);  // [64][S]
-  bf16* k_s = q_s + kPrefillMmaQueries * S;       // [BN][S]
+  bf16* q_s = reinterpret_cast<bf16*>(smem_raw);  // [BM][S]
+  bf16* k_s = q_s + BM * S;                       // [BN][S]
   bf16* v_s = k_s + BN * S;                       // [BN][S]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int D = p.head_dim;
   // The last query tiles see the most keys: they are scheduled first.
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * kPrefillMmaQueries;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
   const int head = blockIdx.y, split = blockIdx.z, kv_head = head / p.group;
-  const int q_end = min(q0 + kPrefillMmaQueries, p.n);
+  const int q_end = min(q0 + BM, p.n);
   const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[q0]) * p.kv.table_stride;
   const int page_size = static_cast<int>(p.kv.page_size);
 
-  for (int i = threadIdx.x; i < kPrefillMmaQueries * C4; i += blockDim.x) {
+  for (int i = threadIdx.x; i < BM * C4; i += blockDim.x) {
     const int r = i / C4, d = (i % C4) * 4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (q0 + r < p.n && d < D) {
@@ -246,7 +251,7 @@ void launch_dp(const AttentionParams& p, dim3 grid, cudaStream_t stream) {
     return true;
   }();
   (void)configured;
-  prefill_mma_kernel<DP><<<grid, kWarps * 32, smem, stream>>>(p);
+  prefill_mma_kernel<DP><<<grid, block_queries<DP>() * 2, smem, stream>>>(p);
 }
 
 }  // namespace
@@ -262,6 +267,8 @@ bool prefill_mma_fits(const AttentionShape& shape) {
 }
 
 int prefill_mma_key_tile(int head_dim) { return head_dim > 128 ? key_tile<256>() : key_tile<128>(); }
+
+int prefill_mma_queries(int head_dim) { return head_dim > 128 ? block_queries<256>() : block_queries<128>(); }
 
 void launch_prefill_mma(const AttentionParams& p, dim3 grid, cudaStream_t stream) {
   if (p.head_dim <= 64)
