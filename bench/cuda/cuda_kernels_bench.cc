@@ -170,7 +170,7 @@ struct DevicePlan {
   int32_t* row_token;
   int32_t* slot;
   float* weights;
-  int num_groups, max_rows;
+  int num_groups, max_rows, tile_rows;
   int64_t rows;
   bool gemm;
 };
@@ -184,6 +184,7 @@ DevicePlan upload_plan(Bench& b, const Routing& r, const ExpertSet& set) {
   d.weights = static_cast<float*>(b.upload(r.weights.data(), r.weights.size() * 4));
   d.num_groups = static_cast<int>(plan.groups.size());
   d.max_rows = plan.max_rows;
+  d.tile_rows = plan.tile_rows;
   d.rows = plan.num_rows();
   d.gemm = plan.use_gemm;
   return d;
@@ -270,8 +271,8 @@ int run(const char* json_path) {
           [&](int i) {
             const DevicePlan& p = plans[i % kPlans];
             if (p.gemm) {
-              cuda::launch_moe_gemm_gate_up(xb, p.groups, p.num_groups, m.hidden, m.ffn, hb, s);
-              cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, m.hidden, m.ffn, y, s);
+              cuda::launch_moe_gemm_gate_up(xb, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, hb, s);
+              cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, y, s);
             } else {
               cuda::launch_moe_gemv(x, p.row_token, p.groups, p.num_groups, p.max_rows, m.hidden, m.ffn, h, y, s);
             }
@@ -295,8 +296,8 @@ int run(const char* json_path) {
     float* y = b.random_f32(static_cast<size_t>(p.rows * m.hidden));
     Timing t = b.time(
         [&](int) {
-          cuda::launch_moe_gemm_gate_up(a, p.groups, p.num_groups, m.hidden, m.ffn, hb, s);
-          cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, m.hidden, m.ffn, y, s);
+          cuda::launch_moe_gemm_gate_up(a, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, hb, s);
+          cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, y, s);
         },
         10);
     report(fmt::format("grouped gemm {} prefill {} tok ({} rows, {} tiles)", m.label, tokens, p.rows, p.num_groups), t,
@@ -308,7 +309,7 @@ int run(const char* json_path) {
     auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(M * sh.k), 1.f));
     auto* w = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k), 0.02f));
     float* y = b.random_f32(static_cast<size_t>(M * sh.n));
-    Timing t = b.time([&](int) { cuda::launch_dense_gemm(a, M, sh.k, w, sh.n, nullptr, y, s); }, 10);
+    Timing t = b.time([&](int) { cuda::launch_dense_gemm(a, M, sh.k, w, sh.n, nullptr, y, b.num_sms(), s); }, 10);
     report(sh.label, t, 2.0 * M * sh.n * sh.k, "GFLOP/s", 0);
     b.free_all();
   }

@@ -50,7 +50,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            LinearCase{1, 2048, 8, false},
                                            // Model B (Qwen3-30B-A3B shape): q proj 32x128 heads; prefill tile
                                            LinearCase{4, 2048, 4096, false}, LinearCase{8, 4096, 2048, true},
-                                           LinearCase{129, 2048, 512, true}));
+                                           LinearCase{129, 2048, 512, true},
+                                           // enough row and column tiles for the GEMM's 128-row tiles; odd N
+                                           LinearCase{1100, 72, 4001, true}));
 
 TEST(CudaRmsNorm, MatchesReference) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);

@@ -122,7 +122,9 @@ INSTANTIATE_TEST_SUITE_P(
                       MoeCase{1, 2048, 768, 16, 8}, MoeCase{8, 2048, 768, 16, 8},
                       // batched decode, tensor-core groups of 2-32 tokens: A at 8 and 32 sequences, B at 32
                       MoeCase{8, 2048, 5632, 4, 2}, MoeCase{32, 2048, 5632, 8, 2}, MoeCase{32, 2048, 768, 16, 8},
-                      MoeCase{13, 96, 64, 3, 2}));  // groups of 8 < rows <= 16, ffn and hidden multiples of 32
+                      MoeCase{13, 96, 64, 3, 2},  // groups of 8 < rows <= 16, ffn and hidden multiples of 32
+                      // >= 128 rows per active expert: the GEMM's 128-row tiles, partial last tiles and columns
+                      MoeCase{300, 136, 72, 2, 1}, MoeCase{520, 256, 200, 4, 2}));
 
 TEST(CudaMoePlan, SortsByExpertAndCutsGroups) {
   Routing r;
@@ -149,19 +151,30 @@ TEST(CudaMoePlan, SortsByExpertAndCutsGroups) {
   EXPECT_EQ(plan.max_rows, 3);
 }
 
-TEST(CudaMoePlan, LargeBatchUsesTilesOf64) {
+TEST(CudaMoePlan, LargeBatchUsesGemmTiles) {
   Routing r;
-  r.num_tokens = 100;
+  r.num_tokens = cuda::kMoeGemmTileRows + 36;
   r.top_k = 1;
-  r.expert_ids.assign(100, 1);
-  r.weights.assign(100, 1.f);
+  r.expert_ids.assign(static_cast<size_t>(r.num_tokens), 1);
+  r.weights.assign(static_cast<size_t>(r.num_tokens), 1.f);
   std::vector<uint16_t> dummy(1);
   TensorView v(dummy.data(), DType::kBF16, {1, 1}, Device::kCuda);
   std::vector<ExpertWeights> experts(2, ExpertWeights{v, v, v});
   cuda::MoePlan plan = cuda::plan_moe(r, experts, true);
   EXPECT_TRUE(plan.use_gemm);
   ASSERT_EQ(plan.groups.size(), 2u);
-  EXPECT_EQ(plan.groups[0].num_rows, 64);
+  EXPECT_EQ(plan.tile_rows, cuda::kMoeGemmTileRows);
+  EXPECT_EQ(plan.groups[0].num_rows, cuda::kMoeGemmTileRows);
+  EXPECT_EQ(plan.groups[1].num_rows, 36);
+
+  // Fewer rows than a large tile per active expert: small tiles.
+  r.num_tokens = cuda::kMoeGemmSmallTileRows + 36;
+  r.expert_ids.assign(static_cast<size_t>(r.num_tokens), 1);
+  r.weights.assign(static_cast<size_t>(r.num_tokens), 1.f);
+  plan = cuda::plan_moe(r, experts, true);
+  EXPECT_EQ(plan.tile_rows, cuda::kMoeGemmSmallTileRows);
+  ASSERT_EQ(plan.groups.size(), 2u);
+  EXPECT_EQ(plan.groups[0].num_rows, cuda::kMoeGemmSmallTileRows);
   EXPECT_EQ(plan.groups[1].num_rows, 36);
 }
 

@@ -314,7 +314,7 @@ class CudaBackend final : public Backend {
     if (rows > kLinearGemmMinRows && K % 8 == 0) {
       auto* xb = static_cast<uint16_t*>(workspace(static_cast<size_t>(rows * K) * 2));
       launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
-      launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), stream_);
+      launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), num_sms_, stream_);
     } else {
       // Up to kLinearGemmMinRows rows: the launcher picks the few-token tensor-core kernel, fp32 GEMV passes or
       // the scalar fallback (gemv.cuh).
@@ -811,8 +811,8 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
     auto* h = reinterpret_cast<uint16_t*>(ws + a_bytes);
     auto* y = reinterpret_cast<float*>(ws + a_bytes + h_bytes);
     launch_gather_rows_bf16(x.as<float>(), row_token, rows, hidden, a, stream_);
-    launch_moe_gemm_gate_up(a, groups, num_groups, hidden, ffn, h, stream_);
-    launch_moe_gemm_down(h, groups, num_groups, hidden, ffn, y, stream_);
+    launch_moe_gemm_gate_up(a, groups, num_groups, plan.tile_rows, hidden, ffn, h, stream_);
+    launch_moe_gemm_down(h, groups, num_groups, plan.tile_rows, hidden, ffn, y, stream_);
     launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   } else {
     size_t h_bytes = align16(static_cast<size_t>(rows * ffn) * 4);

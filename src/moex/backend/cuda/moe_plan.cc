@@ -36,7 +36,8 @@ MoePlan plan_moe(const Routing& routing, std::span<const ExpertWeights> experts,
     plan.slot[a] = static_cast<int32_t>(row);
   }
   plan.use_gemm = allow_gemm && active > 0 && num_rows / active > kMoeGemmMinAvgRows;
-  const int64_t chunk = plan.use_gemm ? kMoeGemmTileRows : kMoeGemvMaxRows;
+  if (plan.use_gemm) plan.tile_rows = moe_gemm_tile_rows(num_rows, active);
+  const int64_t chunk = plan.use_gemm ? plan.tile_rows : kMoeGemvMaxRows;
   for (int64_t e = 0; e < num_experts; ++e) {
     for (int64_t begin = offsets[e]; begin < offsets[e + 1]; begin += chunk) {
       int64_t rows = std::min(chunk, offsets[e + 1] - begin);

@@ -15,7 +15,8 @@ namespace moex::cuda {
 struct MoePlan {
   bool use_gemm = false;             // tensor-core tiles (prefill) instead of GEMV groups (decode)
   int max_rows = 0;                  // largest num_rows over groups
-  std::vector<MoeGroup> groups;      // GEMV groups (<= kMoeGemvMaxRows rows) or GEMM tiles (<= kMoeGemmTileRows)
+  int tile_rows = 0;                 // GEMM path: the tile height (moe_gemm_tile_rows), which the kernels are told
+  std::vector<MoeGroup> groups;      // GEMV groups (<= kMoeGemvMaxRows rows) or GEMM tiles (<= tile_rows)
   std::vector<int32_t> row_token;    // [num_rows]: token of permuted row r
   std::vector<int32_t> slot;         // [num_tokens * top_k]: permuted row of assignment (t, j); -1 if skipped
   int64_t num_rows() const { return static_cast<int64_t>(row_token.size()); }

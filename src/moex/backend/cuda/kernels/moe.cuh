@@ -48,11 +48,12 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
 // Whether launch_moe_router_plan takes this x and router (hidden % 8 == 0, both 16-byte aligned; router may be null).
 bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden);
 // GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); a bf16 [rows, hidden] (tokens
-// gathered in permuted order). Stage 2: y fp32 [rows, hidden] = h down^T. hidden, ffn % 8 == 0.
-void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int64_t hidden, int64_t ffn,
-                             uint16_t* h, cudaStream_t stream);
-void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tiles, int64_t hidden, int64_t ffn,
-                          float* y, cudaStream_t stream);
+// gathered in permuted order). Stage 2: y fp32 [rows, hidden] = h down^T. hidden, ffn % 8 == 0. tile_rows:
+// the plan's (kMoeGemmTileRows or kMoeGemmSmallTileRows), no tile has more rows.
+void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
+                             int64_t ffn, uint16_t* h, cudaStream_t stream);
+void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
+                          int64_t ffn, float* y, cudaStream_t stream);
 
 // out[t, :] = sum_j weights[t, j] * y[slot[t, j], :] over slot >= 0; slot/weights [num_tokens, top_k]. Overwrites out, in a
 // fixed order (no atomics), so results are bit-reproducible.
@@ -60,7 +61,8 @@ void launch_moe_combine(const float* y, const int32_t* slot, const float* weight
                         int64_t top_k, int64_t hidden, float* out, cudaStream_t stream);
 
 // Dense tensor-core GEMM: out fp32 [M, N] = a bf16 [M, K] @ w bf16 [N, K]^T (+ bias fp32 [N]). K % 8 == 0.
+// Tiles of 128 rows when they still give every SM a block, else of 64.
 void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
-                       float* out, cudaStream_t stream);
+                       float* out, int num_sms, cudaStream_t stream);
 
 }  // namespace moex::cuda

@@ -1,24 +1,38 @@
 // Tensor-core GEMMs for prefill: out = A @ B^T with A [rows, K] and B [N, K] both K-contiguous (the
-// checkpoint's [out, in] layout), bf16 in, fp32 accumulate, via WMMA (mma.sync 16x16x16). One launch covers
-// every group of a layer: blockIdx.y indexes a tile list planned on the host (expert, up to 64 rows), so
-// experts with no tokens cost nothing and there is no per-expert launch. The gate/up instance keeps two
-// accumulator sets and applies SwiGLU on the fragments (both share one element layout), so the activation
-// is written once, as bf16, ready to be stage 2's A operand.
-// Block tile 64x64x32, 4 warps of 32x32, two cp.async stages.
-#include <mma.h>
-
+// checkpoint's [out, in] layout), bf16 in, fp32 accumulate, mma.sync m16n8k16 with fragments by ldmatrix. One
+// launch covers every group of a layer: blockIdx.y indexes a tile list planned on the host (expert, up to 128
+// or 64 rows: moe_gemm_tile_rows), so experts with no tokens cost nothing and there is no per-expert launch. The gate/up instance loads
+// 64 gate and 64 up rows of B per block, arranged so that each thread holds the gate and the up sum of the
+// same output elements, applies SwiGLU in registers and writes the activation once, as bf16, ready to be
+// stage 2's A operand.
+// Block tile BM (128 or 64) rows x 128 B rows x 32 k, BM / 16 warps (BM / 32 along rows x 2 along B) of
+// 32 x 64, three cp.async stages, two blocks per SM. Why this size: the 64 x 64 WMMA tile before it loaded a
+// byte of shared memory per 32 (plain) or 43 (SwiGLU) FLOPs and ran at 122-145 TFLOP/s on an H100; at 128
+// rows this one loads one per 64. 64-row tiles serve experts with few rows and dense GEMMs too small to give
+// every SM two blocks of 128 rows.
 #include "moex/backend/cuda/kernels/common.cuh"
+#include "moex/backend/cuda/kernels/mma_core.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 
 namespace moex::cuda {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int kBM = kMoeGemmTileRows, kBN = 64, kBK = 32;
-constexpr int kLds = kBK + 8;  // 80-byte smem rows: ldmatrix rows land on distinct banks
-constexpr int kLdc = kBN + 4;
-constexpr int kThreads = 128;
+constexpr int kBB = 128;               // B rows per block: plain, 128 output columns; SwiGLU, 64 gate + 64 up
+constexpr int kBK = 32;
+constexpr int kStages = 3;
+constexpr int kLds = kBK + 8;  // 80-byte smem rows: the 8 rows an ldmatrix reads land on distinct banks
+template <int BM>
+constexpr int threads() {
+  return BM / 32 * 2 * 32;
+}
+template <int BM>
+constexpr int stage_elems() {
+  return (BM + kBB) * kLds;
+}
+template <int BM>
+constexpr size_t smem_bytes() {
+  return size_t(kStages) * stage_elems<BM>() * sizeof(bf16);
+}
 
 struct GemmParams {
   const bf16* a;  // [rows, K]
@@ -41,14 +55,21 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-template <bool kSwiGLU>
-__global__ __launch_bounds__(kThreads) void gemm_kernel(GemmParams p) {
-  constexpr int kNumB = kSwiGLU ? 2 : 1;
-  constexpr int kStageRows = kBM + kNumB * kBN;
-  constexpr int kStageElems = kStageRows * kLds;
-  constexpr int kPipeBytes = 2 * kStageElems * 2;
-  constexpr int kEpiBytes = kBM * kLdc * 4;
-  __shared__ __align__(128) unsigned char smem_raw[kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes];
+__device__ __forceinline__ void ldmatrix_x4(const bf16* ptr, uint32_t (&r)[4]) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Warp (wm, wn) computes rows wm * 32 + [0, 32) of the block against B rows wn * 64 + [0, 64): acc[i][j] is
+// the m16n8 tile (rows i * 16, B rows j * 8); lane (g, t) holds rows g and g + 8, B rows 2t and 2t + 1.
+// SwiGLU's B rows: warp half wn holds gate columns n0 + wn * 32 + [0, 32) in its first 32 rows and the up
+// columns of the same outputs in the next 32, so acc[i][j] and acc[i][j + 4] pair element by element.
+template <bool kSwiGLU, int BM>
+__global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
+  constexpr int kThreads = threads<BM>(), kStageElems = stage_elems<BM>(), kWarpsM = BM / 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* smem = reinterpret_cast<bf16*>(smem_raw);
 
   int row_begin, row_end;
@@ -61,116 +82,130 @@ __global__ __launch_bounds__(kThreads) void gemm_kernel(GemmParams p) {
     b0 = reinterpret_cast<const bf16*>(p.use_down ? t.down : t.gate);
     if constexpr (kSwiGLU) b1 = reinterpret_cast<const bf16*>(t.up);
   } else {
-    row_begin = blockIdx.y * kBM;
-    row_end = static_cast<int>(row_begin + kBM < p.rows ? row_begin + kBM : p.rows);
+    row_begin = blockIdx.y * BM;
+    row_end = static_cast<int>(row_begin + BM < p.rows ? row_begin + BM : p.rows);
     b0 = p.dense_b;
   }
-  const int n0 = blockIdx.x * kBN;
+  constexpr int kCols = kSwiGLU ? kBB / 2 : kBB;  // output columns per block
+  const int n0 = blockIdx.x * kCols;
   const int K = p.K, N = p.N;
-  const int tid = threadIdx.x, warp = tid >> 5;
-  const int wm = warp >> 1, wn = warp & 1;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp % kWarpsM, wn = warp / kWarpsM;
 
   auto load_stage = [&](int stage, int k0) {
     bf16* s = smem + stage * kStageElems;
-    for (int c = tid; c < kStageRows * (kBK / 8); c += kThreads) {
-      int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-      bool k_ok = k0 + kc < K;
+#pragma unroll
+    for (int c = tid; c < (BM + kBB) * (kBK / 8); c += kThreads) {
+      const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+      const bool k_ok = k0 + kc < K;
       const bf16* src;
       bool valid;
-      if (r < kBM) {
-        int row = row_begin + r;
+      if (r < BM) {
+        const int row = row_begin + r;
         valid = k_ok && row < row_end;
         src = p.a + (valid ? int64_t(row) * K + k0 + kc : 0);
       } else {
-        int br = r - kBM;
-        const bf16* b = (kSwiGLU && br >= kBN) ? b1 : b0;
-        int n = n0 + br % kBN;
+        const int br = r - BM;
+        const bf16* b = b0;
+        int n = n0 + br;
+        if constexpr (kSwiGLU) {
+          b = (br & 63) < 32 ? b0 : b1;
+          n = n0 + (br >> 6) * 32 + (br & 31);
+        }
         valid = k_ok && n < N;
         src = b + (valid ? int64_t(n) * K + k0 + kc : 0);
       }
       cp_async_16(s + r * kLds + kc, src, valid);
     }
-    cp_async_commit();
   };
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0[2][2], acc1[2][2];
+  float acc[2][8][4];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::fill_fragment(acc0[i][j], 0.f);
-      if constexpr (kSwiGLU) wmma::fill_fragment(acc1[i][j], 0.f);
-    }
+    for (int j = 0; j < 8; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
   const int k_tiles = (K + kBK - 1) / kBK;
-  load_stage(0, 0);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s * kBK);
+    cp_async_commit();  // empty groups keep the wait count below uniform
+  }
   for (int kt = 0; kt < k_tiles; ++kt) {
-    if (kt + 1 < k_tiles) {
-      load_stage((kt + 1) & 1, (kt + 1) * kBK);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const bf16* s = smem + (kt & 1) * kStageElems;
-    const bf16* as = s;
-    const bf16* bs0 = s + kBM * kLds;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile kt is in; every warp is done with tile kt - 1, whose stage is refilled next
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next * kBK);
+    cp_async_commit();
+
+    const bf16* as = smem + (kt % kStages) * kStageElems;
+    const bf16* bs = as + BM * kLds;
+    uint32_t a[2][2][4];  // [m16 tile][k16 step]
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb[2];
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], as + (wm * 32 + i * 16) * kLds + kk, kLds);
+      for (int ks = 0; ks < 2; ++ks)
+        ldmatrix_x4(as + (wm * 32 + i * 16 + (lane & 15)) * kLds + ks * 16 + (lane >> 4) * 8, a[i][ks]);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], bs0 + (wn * 32 + j * 16) * kLds + kk, kLds);
+    for (int j = 0; j < 8; ++j) {
+      uint32_t b[4];  // B rows j * 8 + [0, 8), k 0/8/16/24: (b0, b1) of k step 0, then of step 1
+      ldmatrix_x4(bs + (wn * 64 + j * 8 + (lane & 7)) * kLds + (lane >> 3) * 8, b);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc0[i][j], fa[i], fb[j], acc0[i][j]);
-      if constexpr (kSwiGLU) {
-        const bf16* bs1 = bs0 + kBN * kLds;
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], bs1 + (wn * 32 + j * 16) * kLds + kk, kLds);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc1[i][j], fa[i], fb[j], acc1[i][j]);
+      for (int i = 0; i < 2; ++i) {
+        mma_bf16_16816(acc[i][j], a[i][0][0], a[i][0][1], a[i][0][2], a[i][0][3], b[0], b[1]);
+        mma_bf16_16816(acc[i][j], a[i][1][0], a[i][1][1], a[i][1][2], a[i][1][3], b[2], b[3]);
       }
     }
-    __syncthreads();
   }
+  cp_async_wait<0>();
 
-  float* cs = reinterpret_cast<float*>(smem_raw);
+  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int c = 0; c < 4; ++c) {
+      const int row = row_begin + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
+      if (row >= row_end) continue;
       if constexpr (kSwiGLU) {
 #pragma unroll
-        for (int e = 0; e < acc0[i][j].num_elements; ++e) acc0[i][j].x[e] = silu(acc0[i][j].x[e]) * acc1[i][j].x[e];
+        for (int j = 0; j < 4; ++j) {
+          const int col = n0 + wn * 32 + j * 8 + 2 * t + (c & 1);
+          if (col < N) p.out_bf16[int64_t(row) * N + col] = __float2bfloat16_rn(silu(acc[i][j][c]) * acc[i][j + 4][c]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int col = n0 + wn * 64 + j * 8 + 2 * t + (c & 1);
+          if (col < N) p.out_f32[int64_t(row) * N + col] = acc[i][j][c] + (p.bias ? p.bias[col] : 0.f);
+        }
       }
-      wmma::store_matrix_sync(cs + (wm * 32 + i * 16) * kLdc + wn * 32 + j * 16, acc0[i][j], kLdc,
-                              wmma::mem_row_major);
     }
-  __syncthreads();
-  for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
-    int r = idx / kBN, c = idx % kBN;
-    int row = row_begin + r, col = n0 + c;
-    if (row >= row_end || col >= N) continue;
-    float v = cs[r * kLdc + c];
-    if constexpr (kSwiGLU) {
-      p.out_bf16[int64_t(row) * N + col] = __float2bfloat16_rn(v);
-    } else {
-      if (p.bias) v += p.bias[col];
-      p.out_f32[int64_t(row) * N + col] = v;
-    }
-  }
+}
+
+template <bool kSwiGLU, int BM>
+void launch_bm(const GemmParams& p, unsigned grid_x, unsigned grid_y, cudaStream_t stream) {
+  static const bool configured = [] {  // above 48 KiB of shared memory a kernel must opt in, once
+    cudaFuncSetAttribute(gemm_kernel<kSwiGLU, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes<BM>()));
+    return true;
+  }();
+  (void)configured;
+  gemm_kernel<kSwiGLU, BM><<<dim3(grid_x, grid_y), threads<BM>(), smem_bytes<BM>(), stream>>>(p);
+}
+
+// grid_y: tiles (grouped) or row tiles of tile_rows (dense).
+template <bool kSwiGLU>
+void launch_gemm(const GemmParams& p, int tile_rows, unsigned grid_y, cudaStream_t stream) {
+  const unsigned grid_x = static_cast<unsigned>(ceil_div(p.N, kSwiGLU ? kBB / 2 : kBB));
+  if (tile_rows > kMoeGemmSmallTileRows)
+    launch_bm<kSwiGLU, kMoeGemmTileRows>(p, grid_x, grid_y, stream);
+  else
+    launch_bm<kSwiGLU, kMoeGemmSmallTileRows>(p, grid_x, grid_y, stream);
 }
 
 }  // namespace
 
-void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int64_t hidden, int64_t ffn,
-                             uint16_t* h, cudaStream_t stream) {
+void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
+                             int64_t ffn, uint16_t* h, cudaStream_t stream) {
   if (num_tiles == 0) return;
   GemmParams p{};
   p.a = reinterpret_cast<const bf16*>(a);
@@ -178,12 +213,11 @@ void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_t
   p.K = static_cast<int>(hidden);
   p.N = static_cast<int>(ffn);
   p.out_bf16 = reinterpret_cast<bf16*>(h);
-  dim3 grid(static_cast<unsigned>(ceil_div(ffn, kBN)), static_cast<unsigned>(num_tiles));
-  gemm_kernel<true><<<grid, kThreads, 0, stream>>>(p);
+  launch_gemm<true>(p, tile_rows, static_cast<unsigned>(num_tiles), stream);
 }
 
-void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tiles, int64_t hidden, int64_t ffn,
-                          float* y, cudaStream_t stream) {
+void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
+                          int64_t ffn, float* y, cudaStream_t stream) {
   if (num_tiles == 0) return;
   GemmParams p{};
   p.a = reinterpret_cast<const bf16*>(h);
@@ -192,12 +226,11 @@ void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tile
   p.N = static_cast<int>(hidden);
   p.use_down = true;
   p.out_f32 = y;
-  dim3 grid(static_cast<unsigned>(ceil_div(hidden, kBN)), static_cast<unsigned>(num_tiles));
-  gemm_kernel<false><<<grid, kThreads, 0, stream>>>(p);
+  launch_gemm<false>(p, tile_rows, static_cast<unsigned>(num_tiles), stream);
 }
 
 void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
-                       float* out, cudaStream_t stream) {
+                       float* out, int num_sms, cudaStream_t stream) {
   if (M == 0 || N == 0) return;
   GemmParams p{};
   p.a = reinterpret_cast<const bf16*>(a);
@@ -207,8 +240,10 @@ void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const uint16_t* 
   p.K = static_cast<int>(K);
   p.N = static_cast<int>(N);
   p.out_f32 = out;
-  dim3 grid(static_cast<unsigned>(ceil_div(N, kBN)), static_cast<unsigned>(ceil_div(M, kBM)));
-  gemm_kernel<false><<<grid, kThreads, 0, stream>>>(p);
+  const int64_t col_blocks = ceil_div(N, kBB);
+  const int tile_rows =
+      col_blocks * ceil_div(M, int64_t{kMoeGemmTileRows}) >= num_sms ? kMoeGemmTileRows : kMoeGemmSmallTileRows;
+  launch_gemm<false>(p, tile_rows, static_cast<unsigned>(ceil_div(M, tile_rows)), stream);
 }
 
 }  // namespace moex::cuda

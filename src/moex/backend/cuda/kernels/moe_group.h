@@ -26,7 +26,12 @@ struct MoeExpertPtrs {
 // Decode path (few tokens per expert): groups of at most kMoeGemvMaxRows rows.
 // 32: the tensor-core instance covers 4 tiles of 8 tokens with one read of the expert's weights.
 constexpr int kMoeGemvMaxRows = 32;
-// Prefill path (tensor cores): groups of at most kMoeGemmTileRows rows.
-constexpr int kMoeGemmTileRows = 64;
+// Prefill path (tensor cores): tiles of at most kMoeGemmTileRows rows, or kMoeGemmSmallTileRows where the
+// experts average fewer rows than a large tile (its rows past the expert's would be multiplied for nothing).
+constexpr int kMoeGemmTileRows = 128;
+constexpr int kMoeGemmSmallTileRows = 64;
+inline int moe_gemm_tile_rows(int64_t rows, int64_t active_experts) {
+  return rows >= int64_t{kMoeGemmTileRows} * active_experts ? kMoeGemmTileRows : kMoeGemmSmallTileRows;
+}
 
 }  // namespace moex::cuda
