@@ -5,10 +5,11 @@
 // 64 gate and 64 up rows of B per block, arranged so that each thread holds the gate and the up sum of the
 // same output elements, applies SwiGLU in registers and writes the activation once, as bf16, ready to be
 // stage 2's A operand.
-// Block tile BM (128 or 64) rows x 128 B rows x 32 k, BM / 16 warps (BM / 32 along rows x 2 along B) of
-// 32 x 64, three cp.async stages, two blocks per SM. Why this size: the 64 x 64 WMMA tile before it loaded a
-// byte of shared memory per 32 (plain) or 43 (SwiGLU) FLOPs and ran at 122-145 TFLOP/s on an H100; at 128
-// rows this one loads one per 64. 64-row tiles serve experts with few rows and dense GEMMs too small to give
+// Block tile BM (128 or 64) rows x 128 B rows x 64 k, BM / 16 warps (BM / 32 along rows x 2 along B) of
+// 32 x 64, three cp.async stages (110 KB at 128 rows), two blocks per SM. Why this size: the 64 x 64 WMMA tile
+// before it loaded a byte of shared memory per 32 (plain) or 43 (SwiGLU) FLOPs and ran at 122-145 TFLOP/s on
+// an H100; at 128 rows this one loads one per 64, and k tiles of 64 halve the barriers per FLOP (k tiles of 32:
+// 142-194 TFLOP/s, of 64: 157-235). 64-row tiles serve experts with few rows and dense GEMMs too small to give
 // every SM two blocks of 128 rows.
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
@@ -18,9 +19,9 @@ namespace moex::cuda {
 namespace {
 
 constexpr int kBB = 128;               // B rows per block: plain, 128 output columns; SwiGLU, 64 gate + 64 up
-constexpr int kBK = 32;
+constexpr int kBK = 64;
 constexpr int kStages = 3;
-constexpr int kLds = kBK + 8;  // 80-byte smem rows: the 8 rows an ldmatrix reads land on distinct banks
+constexpr int kLds = kBK + 8;  // 144-byte smem rows: the 8 rows an ldmatrix reads land on distinct banks
 template <int BM>
 constexpr int threads() {
   return BM / 32 * 2 * 32;
@@ -94,7 +95,7 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
 
   auto load_stage = [&](int stage, int k0) {
     bf16* s = smem + stage * kStageElems;
-#pragma unroll
+#pragma unroll 2
     for (int c = tid; c < (BM + kBB) * (kBK / 8); c += kThreads) {
       const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
       const bool k_ok = k0 + kc < K;
@@ -140,20 +141,23 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
 
     const bf16* as = smem + (kt % kStages) * kStageElems;
     const bf16* bs = as + BM * kLds;
-    uint32_t a[2][2][4];  // [m16 tile][k16 step]
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int k32 = 0; k32 < kBK; k32 += 32) {
+      uint32_t a[2][2][4];  // [m16 tile][k16 step]
 #pragma unroll
-      for (int ks = 0; ks < 2; ++ks)
-        ldmatrix_x4(as + (wm * 32 + i * 16 + (lane & 15)) * kLds + ks * 16 + (lane >> 4) * 8, a[i][ks]);
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      uint32_t b[4];  // B rows j * 8 + [0, 8), k 0/8/16/24: (b0, b1) of k step 0, then of step 1
-      ldmatrix_x4(bs + (wn * 64 + j * 8 + (lane & 7)) * kLds + (lane >> 3) * 8, b);
+        for (int ks = 0; ks < 2; ++ks)
+          ldmatrix_x4(as + (wm * 32 + i * 16 + (lane & 15)) * kLds + k32 + ks * 16 + (lane >> 4) * 8, a[i][ks]);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mma_bf16_16816(acc[i][j], a[i][0][0], a[i][0][1], a[i][0][2], a[i][0][3], b[0], b[1]);
-        mma_bf16_16816(acc[i][j], a[i][1][0], a[i][1][1], a[i][1][2], a[i][1][3], b[2], b[3]);
+      for (int j = 0; j < 8; ++j) {
+        uint32_t b[4];  // B rows j * 8 + [0, 8), k 0/8/16/24: (b0, b1) of k step 0, then of step 1
+        ldmatrix_x4(bs + (wn * 64 + j * 8 + (lane & 7)) * kLds + k32 + (lane >> 3) * 8, b);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mma_bf16_16816(acc[i][j], a[i][0][0], a[i][0][1], a[i][0][2], a[i][0][3], b[0], b[1]);
+          mma_bf16_16816(acc[i][j], a[i][1][0], a[i][1][1], a[i][1][2], a[i][1][3], b[2], b[3]);
+        }
       }
     }
   }
