@@ -2,7 +2,8 @@
 # Reads the CSV that a moex CUDA run writes with MOEX_CUDA_TIMELINE=FILE (spans of expert copies, expert compute
 # attention, routing and read-backs, src/moex/backend/cuda/timeline.h) and prints, per forward (split at the
 # logits read-back, the last of a forward): its time, how long the link copied, how long the device computed
-# experts, both at once, and the link's idle gaps (start within the forward, length; ms). With a third argument
+# experts, both at once, and the link's idle gaps (start within the forward, length; ms), then the compute stream's
+# time per kind of span and what no span covers (small kernels, idle). With a third argument
 # N it also lists forward N's spans in start order.
 # Usage: tools/cuda_timeline.py FILE VOCAB [N]
 import csv, sys
@@ -42,6 +43,11 @@ for idx, end in enumerate(ends):
           f"{len([r for r in win if r[0] == 'experts'])} expert launches, read-backs at " +
           ' '.join(f"{r[1] - prev:.1f}" for r in reads))
     if gaps: print("   link idle > 0.5 ms (at, for): " + ' '.join(f"({a:.1f},{g:.1f})" for a, g in gaps[:24]))
+    # The compute stream by kind; what no span covers is small kernels (norms, RoPE, casts) and idle time.
+    kinds = sorted({r[0] for r in win if r[0] != 'copy'})
+    covered = union([(r[1], r[2]) for r in win if r[0] != 'copy'])
+    print("   compute stream: " + ', '.join(f"{k} {total(union([(r[1], r[2]) for r in win if r[0] == k])):.1f} ms" for k in kinds) +
+          f"; outside every span {end - prev - total(covered):.1f} ms")
     if idx == listed:
         for kind, a, b, size in win:
             print(f"   {kind:9s} {a - prev:8.2f} {b - prev:8.2f}  ({b - a:6.2f} ms, {size})")

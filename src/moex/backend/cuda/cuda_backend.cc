@@ -313,8 +313,10 @@ class CudaBackend final : public Backend {
     }
     if (rows > kLinearGemmMinRows && K % 8 == 0) {
       auto* xb = static_cast<uint16_t*>(workspace(static_cast<size_t>(rows * K) * 2));
+      if (!capturing_) timeline_.begin(stream_);
       launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
       launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), num_sms_, stream_);
+      if (!capturing_) timeline_.end(stream_, "gemm", rows);
     } else {
       // Up to kLinearGemmMinRows rows: the launcher picks the few-token tensor-core kernel, fp32 GEMV passes or
       // the scalar fallback (gemv.cuh).

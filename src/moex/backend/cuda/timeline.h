@@ -1,6 +1,6 @@
 // A diagnostic timeline of the CUDA backend's streams: when MOEX_CUDA_TIMELINE names a file, spans of work
-// (expert copies on the copy stream; expert computation, attention, routing and read-backs on the compute
-// stream) are bracketed
+// (expert copies on the copy stream; expert computation, attention, dense GEMMs, routing and read-backs on the
+// compute stream) are bracketed
 // by timing events and written there as CSV (kind,start_ms,end_ms,bytes) when the backend is destroyed. It
 // answers where a step's time goes between the link and the device, e.g. whether expert copies overlap the
 // compute they feed. Off (no events, no cost) without the variable.
