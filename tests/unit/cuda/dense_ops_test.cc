@@ -52,7 +52,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            LinearCase{4, 2048, 4096, false}, LinearCase{8, 4096, 2048, true},
                                            LinearCase{129, 2048, 512, true},
                                            // enough row and column tiles for the GEMM's 128-row tiles; odd N
-                                           LinearCase{1100, 72, 4001, true}));
+                                           LinearCase{1100, 72, 4001, true},
+                                           // a grid large enough for 128 x 256 tiles, partial in rows and columns
+                                           LinearCase{2100, 64, 8200, true}));
 
 TEST(CudaRmsNorm, MatchesReference) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);

@@ -9,7 +9,8 @@
 // 32 x 64, three cp.async stages (110 KB at 128 rows), two blocks per SM. Why this size: the 64 x 64 WMMA tile
 // before it loaded a byte of shared memory per 32 (plain) or 43 (SwiGLU) FLOPs and ran at 122-145 TFLOP/s on
 // an H100; at 128 rows this one loads one per 64, and k tiles of 64 halve the barriers per FLOP (k tiles of 32:
-// 142-194 TFLOP/s, of 64: 157-235). 64-row tiles serve experts with few rows and dense GEMMs too small to give
+// 142-194 TFLOP/s, of 64: 157-235). Tried: 128 x 256 tiles with warps of 64 x 64 (one block of 166 KB per SM):
+// 8-11% slower (H200: grouped A 1.52 vs 1.37 ms, B 1.07 vs 0.99), too few warps to hide the loads. 64-row tiles serve experts with few rows and dense GEMMs too small to give
 // every SM two blocks of 128 rows.
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
