@@ -42,23 +42,6 @@ constexpr size_t smem_bytes() {
   return sizeof(bf16) * row_stride<DP>() * (block_queries<DP>() + 2 * key_tile<DP>());
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// Four 8x8 bf16 matrices; lane i gives the address of row i % 8 of matrix i / 8, and register j gets this
-// lane's fragment of matrix j: (row lane / 4, cols 2 (lane % 4) + {0, 1}), transposed with .trans.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 __device__ __forceinline__ uint32_t pack_f32x2(float lo, float hi) {
   return pack_bf16x2(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
 }
@@ -145,12 +128,12 @@ __global__ __launch_bounds__(block_queries<DP>() * 2, 2) void prefill_mma_kernel
 #pragma unroll
     for (int kk = 0; kk < DP / 16; kk += 2) {
       uint32_t a0[4], a1[4];
-      ldmatrix_x4(smem_addr(q_warp + (lane & 15) * S + kk * 16 + (lane >> 4) * 8), a0);
-      ldmatrix_x4(smem_addr(q_warp + (lane & 15) * S + (kk + 1) * 16 + (lane >> 4) * 8), a1);
+      ldmatrix_x4(q_warp + (lane & 15) * S + kk * 16 + (lane >> 4) * 8, a0);
+      ldmatrix_x4(q_warp + (lane & 15) * S + (kk + 1) * 16 + (lane >> 4) * 8, a1);
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         uint32_t b[4];  // keys j*8.., dims kk*16 + 0/8/16/24: (b0, b1) of step kk, then of kk + 1
-        ldmatrix_x4(smem_addr(k_s + (j * 8 + (lane & 7)) * S + kk * 16 + (lane >> 3) * 8), b);
+        ldmatrix_x4(k_s + (j * 8 + (lane & 7)) * S + kk * 16 + (lane >> 3) * 8, b);
         mma_bf16_16816(s[j], a0[0], a0[1], a0[2], a0[3], b[0], b[1]);
         mma_bf16_16816(s[j], a1[0], a1[1], a1[2], a1[3], b[2], b[3]);
       }
@@ -204,7 +187,7 @@ __global__ __launch_bounds__(block_queries<DP>() * 2, 2) void prefill_mma_kernel
 #pragma unroll
       for (int dp = 0; dp < DP / 16; ++dp) {
         uint32_t b[4];  // keys kk*16 + 0/8, dims dp*16 + 0/8: (b0, b1) of n-tile 2dp, then of 2dp + 1
-        ldmatrix_x4_trans(smem_addr(v_s + (kk * 16 + (lane & 15)) * S + dp * 16 + (lane >> 4) * 8), b);
+        ldmatrix_x4_trans(v_s + (kk * 16 + (lane & 15)) * S + dp * 16 + (lane >> 4) * 8, b);
         mma_bf16_16816(o[2 * dp], a0, a1, a2, a3, b[0], b[1]);
         mma_bf16_16816(o[2 * dp + 1], a0, a1, a2, a3, b[2], b[3]);
       }

@@ -30,6 +30,23 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint3
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Four 8x8 bf16 matrices from shared memory: lane i gives the address of row i % 8 of matrix i / 8 (16-byte
+// aligned), and register j gets this lane's fragment of matrix j: (row lane / 4, cols 2 (lane % 4) + {0, 1}),
+// or with .trans (rows 2 (lane % 4) + {0, 1}, col lane / 4). The prefill GEMMs and attention load their
+// mma operands this way.
+__device__ __forceinline__ void ldmatrix_x4(const void* smem_ptr, uint32_t (&r)[4]) {
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(const void* smem_ptr, uint32_t (&r)[4]) {
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 __device__ __forceinline__ uint32_t pack_bf16x2(bf16 lo, bf16 hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
 }

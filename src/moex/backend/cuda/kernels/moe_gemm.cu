@@ -57,13 +57,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-__device__ __forceinline__ void ldmatrix_x4(const bf16* ptr, uint32_t (&r)[4]) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 // Warp (wm, wn) computes rows wm * 32 + [0, 32) of the block against B rows wn * 64 + [0, 64): acc[i][j] is
 // the m16n8 tile (rows i * 16, B rows j * 8); lane (g, t) holds rows g and g + 8, B rows 2t and 2t + 1.
 // SwiGLU's B rows: warp half wn holds gate columns n0 + wn * 32 + [0, 32) in its first 32 rows and the up
