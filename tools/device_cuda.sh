@@ -14,7 +14,8 @@
 # Options for run: --skip-tests, --skip-kernels, --skip-bench, --skip-layer, --skip-batch,
 #                  --models "model_a model_b", --tokens N.
 #   tools/device_cuda.sh ab        there: the short A/B call: HBM copy bandwidth, cuda_tests, then batch-1 decode of
-#                                  Model A and B, batched decode of Model A (1/8/32/128) and the 8x7B layer,
+#                                  Model A and B, batched decode of Model A (1/8/32/128), the 8x7B layer and
+#                                  prefill at 512/2048 tokens (Model A, B, the 4-layer 8x7B offloaded at 6 GiB),
 #                                  this build and BASELINE's (a dir with bin/moex[.gz]) interleaved in the same
 #                                  call (machines differ between calls: compare within one). A table last.
 #   tools/device_cuda.sh profile   there: where one decode step's time goes, kernel by kernel (Nsight Compute's
@@ -73,26 +74,29 @@ torch.cuda.synchronize(); print('hbm_copy_gbs %.0f' % (20 * 2 * (1 << 31) / (tim
   local builds="new"
   [ -n "$base" ] && [ -x "$base/bin/moex" ] && builds="new base new base"
   : >"$out/ab.jsonl"
-  one() {  # build case model flags...: appends {"build", "case", result} to ab.jsonl
+  one() {  # build case model flags...: appends {"build", "case", result} to ab.jsonl; model: a path under bench/
     local build=$1 name=$2 model=$3 bin="$DEV/bin/moex"
     shift 3
     [ "$build" = base ] && bin="$base/bin/moex"
-    timeout 150 "$bin" bench -m "bench/cuda/models/$model" --load-format random --device cuda --prompt-lens 16 \
-      --decode-context 16 "$@" --json 2>>"$out/err.log" |
+    timeout 150 "$bin" bench -m "bench/$model" --load-format random --device cuda "$@" --json 2>>"$out/err.log" |
       python3 -c "import json, sys
 try: r = json.load(sys.stdin)
 except Exception: r = {}
 print(json.dumps({'build': sys.argv[1], 'case': sys.argv[2], 'r': r}))" "$build" "$name" >>"$out/ab.jsonl"
   }
   local build
+  local decode=(--prompt-lens 16 --decode-context 16) prefill=(--prompt-lens 512,2048 --decode-tokens 0 --reps 3)
   for build in $builds; do
-    one "$build" model_a model_a --decode-tokens 64 --reps 3
-    one "$build" model_b model_b --decode-tokens 64 --reps 3
-    one "$build" batched_a model_a --decode-tokens 32 --reps 2 --batch 1,8,32,128
+    one "$build" model_a cuda/models/model_a "${decode[@]}" --decode-tokens 64 --reps 3
+    one "$build" model_b cuda/models/model_b "${decode[@]}" --decode-tokens 64 --reps 3
+    one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch 1,8,32,128
   done
   for build in ${base:+base} new; do
-    one "$build" layer_1 mixtral_8x7b_l1 --decode-tokens 64 --reps 3
-    one "$build" layer_3 mixtral_8x7b_l3 --decode-tokens 64 --reps 3
+    one "$build" layer_1 cuda/models/mixtral_8x7b_l1 "${decode[@]}" --decode-tokens 64 --reps 3
+    one "$build" layer_3 cuda/models/mixtral_8x7b_l3 "${decode[@]}" --decode-tokens 64 --reps 3
+    one "$build" "prefill Model A" cuda/models/model_a "${prefill[@]}"
+    one "$build" "prefill Model B" cuda/models/model_b "${prefill[@]}"
+    one "$build" "prefill 4-layer 8x7B, 6 GiB" offload/models/mixtral_8x7b_l4 --gpu-memory 6GiB "${prefill[@]}"
   done
   python3 - "$out" <<'PY'
 import collections, json, sys
@@ -125,6 +129,11 @@ for build in ("new", "base"):
         floor = (l3[0]["decode_bytes_per_token"] - l1[0]["decode_bytes_per_token"]) / 2 / (hbm * 1e6)
         pct = f"{100 * floor / per:.0f}%" if per > 0 else "-"
         print(f"8x7B layer, {build}: {per:.4f} ms, floor {floor:.4f} ms, {pct} of roofline")
+for case in sorted({c for _, c in rows if c.startswith("prefill")}):
+    for build in ("new", "base"):
+        for r in rows[(build, case)]:
+            line = ", ".join(f"{p['prompt_tokens']}: {p['tokens_per_s']:.0f}" for p in r.get("prefill") or []) or "failed"
+            print(f"{case}, {build}: tokens/s {line}")
 PY
 }
 
