@@ -6,7 +6,9 @@
 # time per kind of span and what no span covers (small kernels, idle). With a third argument
 # N it also lists forward N's spans in start order.
 # Usage: tools/cuda_timeline.py FILE VOCAB [N]
-import csv, sys
+import csv, signal, sys
+
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # piped into head: stop quietly
 if len(sys.argv) not in (3, 4):
     sys.exit("usage: tools/cuda_timeline.py TIMELINE.csv VOCAB_SIZE [FORWARD]")
 path, vocab = sys.argv[1], int(sys.argv[2])
