@@ -16,13 +16,13 @@
 namespace moex::cuda_test {
 namespace {
 
-// The shared cases plus prefill chunks for the tensor-core kernel: several 64-query tiles and the diagonal,
+// The shared cases plus prefill chunks for the tensor-core kernel: several query tiles and the diagonal,
 // head dims padded to 64 / 128 / 256, a short chunk on a long context (split keys, merged), page sizes that
 // do not divide the tiles.
 std::vector<test::PagedCase> cuda_cases() {
   std::vector<test::PagedCase> cases = test::paged_cases();
   cases.push_back({8, 2, 64, 16, {0}, {300}});
-  cases.push_back({32, 8, 128, 16, {0}, {520}});      // Mixtral / Model A-like heads, 9 query tiles
+  cases.push_back({32, 8, 128, 16, {0}, {520}});      // Mixtral / Model A-like heads, 5 query tiles of 128
   cases.push_back({16, 8, 128, 16, {1500}, {40}});    // a chunk after 1500 cached keys: split across blocks
   cases.push_back({6, 2, 96, 7, {3}, {70}});          // head_dim 96, padded to 128
   cases.push_back({4, 4, 192, 32, {0}, {100}});       // head_dim 192 (MLA-like), padded to 256
@@ -32,12 +32,6 @@ std::vector<test::PagedCase> cuda_cases() {
   return cases;
 }
 
-// One sequence at consecutive positions: the backend's prefill chunk, which may run on the tensor cores.
-bool one_sequence(const test::PagedData& d) {
-  for (int64_t r = 1; r < d.n; ++r)
-    if (d.row_seq[r] != d.row_seq[0] || d.row_pos[r] != d.row_pos[r - 1] + 1) return false;
-  return true;
-}
 
 class CudaPagedAttention : public ::testing::TestWithParam<size_t> {};
 
@@ -74,7 +68,10 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   EXPECT_EQ(bad, 0) << "pool elements differ after kv_write";
 
   // bf16 inputs on the tensor cores (about 3e-3 measured), fp32 elsewhere.
-  const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_sequence(d)};
+  // The backend's own test for a prefill chunk (one sequence at consecutive positions), which may run on the
+  // tensor cores.
+  const bool one_chunk = cuda::rows_form_one_chunk(d.row_seq.data(), d.row_pos.data(), d.n);
+  const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_chunk};
   const double tol = cuda::attention_rounds_to_bf16(shape) ? 1e-2 : 1e-5;
   MOEX_EXPECT_CLOSE(got, d.ref, tol);
   if (tol > 1e-5) std::printf("[tensor cores] %s: relative error %.2g\n", c.str().c_str(), relative_error(got, d.ref));
@@ -135,6 +132,15 @@ TEST_P(CudaPagedAttention, FusedRopeKvWriteMatchesSeparateOps) {
     }
     for (size_t i = 0; i < qs[0].size(); ++i) ASSERT_TRUE(same(qs[1][i], qs[0][i])) << "q element " << i;
   }
+}
+
+// Host logic, no device needed: what the backend treats as a prefill chunk.
+TEST(CudaAttentionRows, OneChunkIsOneSequenceAtConsecutivePositions) {
+  const int32_t seq[] = {2, 2, 2}, pos[] = {5, 6, 7}, gap[] = {5, 7, 8}, mixed[] = {2, 3, 2};
+  EXPECT_TRUE(cuda::rows_form_one_chunk(seq, pos, 3));
+  EXPECT_TRUE(cuda::rows_form_one_chunk(seq, gap, 1));  // a single row
+  EXPECT_FALSE(cuda::rows_form_one_chunk(seq, gap, 3));
+  EXPECT_FALSE(cuda::rows_form_one_chunk(mixed, pos, 3));
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaPagedAttention, ::testing::Range(size_t{0}, cuda_cases().size()),

@@ -53,7 +53,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            LinearCase{129, 2048, 512, true},
                                            // enough row and column tiles for the GEMM's 128-row tiles; odd N
                                            LinearCase{1100, 72, 4001, true},
-                                           // a grid large enough for 128 x 256 tiles, partial in rows and columns
+                                           // 17 x 33 blocks of 128-row tiles, partial in rows and columns
                                            LinearCase{2100, 64, 8200, true}));
 
 TEST(CudaRmsNorm, MatchesReference) {

@@ -460,9 +460,7 @@ class CudaBackend final : public Backend {
     kv_max_keys_ = max_keys;
     kv_bucket_keys_ = bucket;
     // A prefill chunk (one sequence, consecutive positions) lets attention blocks share K/V tiles across queries.
-    kv_one_sequence_ = true;
-    for (int64_t row = 1; row < n; ++row)
-      kv_one_sequence_ &= step.row_seq[row] == step.row_seq[0] && step.row_pos[row] == step.row_pos[row - 1] + 1;
+    kv_one_sequence_ = rows_form_one_chunk(step.row_seq.data(), step.row_pos.data(), n);
     kv_host_seq_ = step.row_seq.data();
     kv_host_pos_ = step.row_pos.data();
   }

@@ -7,10 +7,10 @@
 //   second kernel merges the splits. The first kernel (below) ran one warp of four per group-of-2 block and a
 //   serial 128-step dot per lane: 19 us per layer at 18 keys on an H100 (Model A), 14% of the batch-1 step.
 // - Prefill chunks of >= 16 queries go to the tensor-core kernel (attention_prefill.cu); shorter ones and the
-//   shapes neither covers (head_dim not a multiple of 4, several sequences' rows): attention_kernel. A block owns one kv head and
-//   up to 8 "rows" (query, head-of-group) pairs of one sequence, so the K/V tile it stages in shared memory
-//   (gathered through the block table) serves every query head of the group and several queries. Keys are
-//   visited in tiles of 32, lane j scoring key j, with an online softmax per row in registers.
+//   shapes neither covers (head_dim not a multiple of 4, several sequences' rows): attention_kernel. A block
+//   owns one kv head and up to 8 "rows" (query, head-of-group) pairs of one sequence, so the K/V tile it stages
+//   in shared memory (gathered through the block table) serves every query head of the group and several
+//   queries. Keys are visited in tiles of 32, lane j scoring key j, with an online softmax per row in registers.
 // fp32 CUDA-core arithmetic: at decode the step is bound by weight bytes, not attention FLOPs.
 #include "moex/backend/cuda/kernels/attention.cuh"
 #include "moex/backend/cuda/kernels/attention_params.cuh"
@@ -436,6 +436,12 @@ size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms) {
 }
 
 bool attention_rounds_to_bf16(const AttentionShape& shape) { return prefill_mma_fits(shape); }
+
+bool rows_form_one_chunk(const int32_t* row_seq, const int32_t* row_pos, int64_t n) {
+  for (int64_t row = 1; row < n; ++row)
+    if (row_seq[row] != row_seq[0] || row_pos[row] != row_pos[row - 1] + 1) return false;
+  return true;
+}
 
 void launch_attention(const float* q, const float* k_pages, const float* v_pages, const PagedKvRows& rows, float* out,
                       const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream) {

@@ -22,6 +22,10 @@ struct PagedKvRows {
   int64_t page_size = 0;
 };
 
+// Whether a step's n rows are one sequence at consecutive positions (a prefill chunk): AttentionShape's
+// one_sequence.
+bool rows_form_one_chunk(const int32_t* row_seq, const int32_t* row_pos, int64_t n);
+
 struct AttentionShape {
   int64_t num_queries = 0;  // rows of the step
   int64_t heads = 0;

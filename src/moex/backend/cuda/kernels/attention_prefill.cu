@@ -209,7 +209,8 @@ __global__ __launch_bounds__(block_queries<DP>() * 2, 2) void prefill_mma_kernel
 #pragma unroll
       for (int nt = 0; nt < DP / 8; ++nt) {
         const int d = nt * 8 + 2 * t;  // D is even: d < D covers d + 1
-        if (d < D) *reinterpret_cast<float2*>(p.part_acc + prow * D + d) = make_float2(o[nt][2 * half], o[nt][2 * half + 1]);
+        if (d < D)
+          *reinterpret_cast<float2*>(p.part_acc + prow * D + d) = make_float2(o[nt][2 * half], o[nt][2 * half + 1]);
       }
       if (t == 0) {
         p.part_ml[prow * 2] = m;

@@ -1,7 +1,8 @@
-#include <algorithm>
 // Elementwise kernels: grid-stride loops over float4 where the size allows, scalar tails otherwise.
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/elementwise.cuh"
+
+#include <algorithm>
 
 namespace moex::cuda {
 namespace {

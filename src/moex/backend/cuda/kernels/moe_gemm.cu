@@ -1,17 +1,18 @@
 // Tensor-core GEMMs for prefill: out = A @ B^T with A [rows, K] and B [N, K] both K-contiguous (the
 // checkpoint's [out, in] layout), bf16 in, fp32 accumulate, mma.sync m16n8k16 with fragments by ldmatrix. One
 // launch covers every group of a layer: blockIdx.y indexes a tile list planned on the host (expert, up to 128
-// or 64 rows: moe_gemm_tile_rows), so experts with no tokens cost nothing and there is no per-expert launch. The gate/up instance loads
-// 64 gate and 64 up rows of B per block, arranged so that each thread holds the gate and the up sum of the
-// same output elements, applies SwiGLU in registers and writes the activation once, as bf16, ready to be
-// stage 2's A operand.
+// or 64 rows: moe_gemm_tile_rows), so experts with no tokens cost nothing and there is no per-expert launch.
+// The gate/up instance loads 64 gate and 64 up rows of B per block, arranged so that each thread holds the
+// gate and the up sum of the same output elements, applies SwiGLU in registers and writes the activation
+// once, as bf16, ready to be stage 2's A operand.
 // Block tile BM (128 or 64) rows x 128 B rows x 64 k, BM / 16 warps (BM / 32 along rows x 2 along B) of
-// 32 x 64, three cp.async stages (110 KB at 128 rows), two blocks per SM. Why this size: the 64 x 64 WMMA tile
-// before it loaded a byte of shared memory per 32 (plain) or 43 (SwiGLU) FLOPs and ran at 122-145 TFLOP/s on
-// an H100; at 128 rows this one loads one per 64, and k tiles of 64 halve the barriers per FLOP (k tiles of 32:
-// 142-194 TFLOP/s, of 64: 157-235). Tried: 128 x 256 tiles with warps of 64 x 64 (one block of 166 KB per SM):
-// 8-11% slower (H200: grouped A 1.52 vs 1.37 ms, B 1.07 vs 0.99), too few warps to hide the loads. 64-row tiles serve experts with few rows and dense GEMMs too small to give
-// every SM two blocks of 128 rows.
+// 32 x 64, three cp.async stages (110 KB at 128 rows), two blocks per SM. 64-row tiles serve experts with few
+// rows and dense GEMMs too small to give every SM a block of 128 rows.
+// Why this size: the 64 x 64 WMMA tile before it loaded a byte of shared memory per 32 (plain) or 43 (SwiGLU)
+// FLOPs and ran at 122-145 TFLOP/s on an H100; at 128 rows this one loads one per 64, and k tiles of 64 halve
+// the barriers per FLOP (k tiles of 32: 142-194 TFLOP/s, of 64: 157-235). Tried: 128 x 256 tiles with warps of
+// 64 x 64 (one block of 166 KB per SM): 8-11% slower (H200: grouped A 1.52 vs 1.37 ms, B 1.07 vs 0.99), too
+// few warps to hide the loads.
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
