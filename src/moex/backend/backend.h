@@ -213,6 +213,32 @@ class Backend {
     moe_experts(x, routing, experts, out);
   }
 
+  // ---- the residual step inside its consumers (decode at batch 1) -----------------------------------------
+  // A decoder block's norm is a launch of its own on a GPU, one short latency chain on the critical path, twice
+  // per layer. These two ops let the consumer of each norm do it: the decoder calls them only where
+  // fuses_residual_norms(rows) says they save something; the defaults compose the ops above.
+  virtual bool fuses_residual_norms(int64_t rows) const {
+    (void)rows;
+    return false;
+  }
+  // outputs[i].out = rms_norm(x + delta, weight) @ outputs[i].w^T (+ bias); delta may be null. x is left as it
+  // is (the sum is stored by norm_moe_routed later); scratch [rows, hidden] may be overwritten.
+  virtual void norm_linear_many(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
+                                const TensorView& scratch, std::span<const LinearOutput> outputs) {
+    if (delta) add(x, *delta, scratch);
+    rms_norm(delta ? scratch : x, weight, eps, scratch);
+    linear_many(scratch, outputs);
+  }
+  // x = (x + delta0) + delta1 (delta0 may be null), normed = rms_norm(x, weight), then moe_routed(normed, ...).
+  virtual void norm_moe_routed(const TensorView& x, const TensorView* delta0, const TensorView& delta1,
+                               const TensorView& weight, float eps, const TensorView& normed, const TensorView& router,
+                               const TensorView& logits, int64_t top_k, RouterScoring scoring, bool normalize,
+                               std::span<const ExpertWeights> experts, const TensorView& out) {
+    if (delta0) add(x, *delta0, x);
+    add_rms_norm(x, delta1, weight, eps, normed);
+    moe_routed(normed, router, logits, top_k, scoring, normalize, experts, out);
+  }
+
   // ---- greedy sampling on the device (optional) ---------------------------------------------------------
   // ids[r] = the first index of the largest value of logits row r ([rows, vocab] fp32), NaN never winning
   // (row[0] wins when it is NaN), as the sampler's argmax(). Returns false when the backend has no such

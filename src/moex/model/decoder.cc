@@ -59,7 +59,9 @@ Decoder::Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& b
     layer.dense_mlp = up_mlp(src.dense_mlp, prefix + "mlp");
     layers_.push_back(layer);
     if (src.is_moe) moe_layers_.push_back(static_cast<int32_t>(layer_idx));
+    norms_fusable_ = norms_fusable_ && src.is_moe && !layer.shared_expert.valid();
   }
+  norms_fusable_ = norms_fusable_ && cfg_.clip_qkv <= 0 && !layers_.empty();
 }
 
 Decoder::~Decoder() = default;
@@ -372,20 +374,28 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
   TensorView h = scratch(kNormed, Shape{n, hidden});
   TensorView ffn_out = scratch(kFfnOut, Shape{n, hidden});
   backend_.embedding(ids, embed_, x);
+  // Every layer an MoE layer routed on the device: each norm can ride in the kernel that consumes it (the
+  // q/k/v GEMV; the router), which adds the previous blocks' outputs into x itself: two launches fewer a layer.
+  const bool fused_norms = device_routing && norms_fusable_ && backend_.fuses_residual_norms(n);
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     const DeviceLayer& layer = layers_[layer_idx];
     const LayerWeights& host_layer = host_.layers[layer_idx];
-    // The previous block's residual add rides on this block's norm: one pass over x, one launch.
-    if (layer_idx == 0) backend_.rms_norm(x, layer.attn_norm, eps, h);
-    else backend_.add_rms_norm(x, ffn_out, layer.attn_norm, eps, h);
-
     TensorView q = scratch(kQ, Shape{n, heads * hd});
     TensorView k = scratch(kK, Shape{n, kv_heads * hd});
     TensorView v = scratch(kV, Shape{n, kv_heads * hd});
     const Backend::LinearOutput qkv[3] = {{&layer.q_proj, layer.q_bias.empty() ? nullptr : &layer.q_bias, &q},
                                           {&layer.k_proj, layer.k_bias.empty() ? nullptr : &layer.k_bias, &k},
                                           {&layer.v_proj, layer.v_bias.empty() ? nullptr : &layer.v_bias, &v}};
-    backend_.linear_many(h, qkv);
+    // The previous layer's MoE output, not yet in x when the norms are fused.
+    const TensorView* pending = layer_idx == 0 ? nullptr : &ffn_out;
+    if (fused_norms) {
+      backend_.norm_linear_many(x, pending, layer.attn_norm, eps, h, qkv);
+    } else {
+      // The previous block's residual add rides on this block's norm: one pass over x, one launch.
+      if (layer_idx == 0) backend_.rms_norm(x, layer.attn_norm, eps, h);
+      else backend_.add_rms_norm(x, ffn_out, layer.attn_norm, eps, h);
+      backend_.linear_many(h, qkv);
+    }
     // Per-head q/k norms go with RoPE into one op, unless a clamp must come between them (OLMoE's order:
     // norms, clamp, rope).
     const bool norm_with_rope = cfg_.qk_norm == QkNorm::kPerHead && cfg_.clip_qkv <= 0;
@@ -413,6 +423,13 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
                        attn);
     TensorView proj = scratch(kProj, Shape{n, hidden});
     backend_.linear(attn.reshape(Shape{n, heads * hd}), layer.o_proj, nullptr, proj);
+    if (fused_norms) {  // x += pending + proj, h = norm(x), and the MoE: in the router's launch
+      TensorView router_logits = scratch(kRouterLogits, Shape{n, cfg_.num_experts});
+      backend_.norm_moe_routed(x, pending, proj, layer.ffn_norm, eps, h, layer.router, router_logits, cfg_.top_k,
+                               cfg_.router_scoring, cfg_.norm_topk_prob,
+                               experts_.resident_layer(host_layer.moe_layer_idx), ffn_out);
+      continue;
+    }
     backend_.add_rms_norm(x, proj, layer.ffn_norm, eps, h);
 
     if (host_layer.is_moe) {

@@ -122,6 +122,9 @@ class Decoder {
   Routing next_wave_;
   std::vector<float> router_host_, lookahead_host_;
   std::vector<int32_t> moe_layers_;  // layer index of each MoE layer
+  // Every layer is an MoE layer without a shared expert and q/k/v are not clamped: at batch 1 the residual
+  // norms can ride in their consumers (Backend::fuses_residual_norms).
+  bool norms_fusable_ = true;
   Backend* host_backend_ = nullptr;
   Routing host_wave_, device_wave_;
   std::vector<float> h_host_, out_host_;

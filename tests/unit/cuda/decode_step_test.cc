@@ -109,6 +109,34 @@ std::vector<int32_t> greedy(Engine& engine, const std::vector<int32_t>& prompt, 
   return engine.generate(prompt, options).output_ids;
 }
 
+// Batch-1 decode with each residual norm inside its consumer (the q/k/v GEMV, the router's launch) against the
+// norms as launches of their own: the same greedy tokens on the fixtures that take the fused path (every layer
+// MoE, no shared expert; qwen3_moe adds per-head q/k norms). The norms' reduction order differs, so only tokens
+// are compared; the kernels themselves are checked in CudaResidualNorm.
+TEST(CudaDecodeStep, FusedNormsMatchSeparateNorms) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const char* name : {"mixtral", "qwen3_moe", "olmoe"}) {
+    SCOPED_TRACE(name);
+    const auto dir = fixtures_dir() / name;
+    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
+    auto model = Model::load(dir.string());
+    const auto prompt = test::reference_prompt(dir);
+    EngineOptions options;
+    options.device = "cuda";
+    setenv("MOEX_CUDA_FUSED_NORMS", "0", 1);
+    std::vector<int32_t> separate;
+    {
+      Engine engine(*model, options);
+      EXPECT_FALSE(engine.backend().fuses_residual_norms(1));
+      separate = greedy(engine, prompt, 64);
+    }
+    unsetenv("MOEX_CUDA_FUSED_NORMS");
+    Engine fused(*model, options);
+    EXPECT_TRUE(fused.backend().fuses_residual_norms(1));
+    EXPECT_EQ(greedy(fused, prompt, 64), separate);
+  }
+}
+
 // 300 tokens cross the 256-key bucket and the KV cache's growth (both drop the recordings); graphs must not
 // change a single greedy token against eager steps.
 TEST(CudaDecodeStep, GraphsMatchEagerAcrossBuckets) {

@@ -1,4 +1,4 @@
-// The fused decode ops (linear_many, add_rms_norm, qk_norm_rope) against double-precision references, and
+// The fused decode ops (linear_many, add_rms_norm, the residual norms in their consumers, qk_norm_rope) against double-precision references, and
 // against the Backend defaults they replace (the unfused ops on the same device), on fresh random data.
 #include <gtest/gtest.h>
 
@@ -103,6 +103,106 @@ TEST(CudaAddRmsNorm, MatchesReference) {
     }
   }
 }
+
+// The residual step inside its consumers (decode at batch 1): norm_linear_many and norm_moe_routed against the
+// Backend defaults (add, rms_norm / add_rms_norm, then the unfused op) on the same device. x must come out
+// bit-identical (same additions in the same order); the normalised row differs only in the norm's reduction order.
+struct ResidualCase {
+  int64_t hidden, ffn, experts, top_k;
+  bool first_layer;   // no pending delta (layer 0)
+  bool bf16_weight;   // the norm weight stored as bf16
+};
+
+class CudaResidualNorm : public ::testing::TestWithParam<ResidualCase> {};
+
+TEST_P(CudaResidualNorm, ConsumersMatchUnfusedOps) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  const ResidualCase c = GetParam();
+  ASSERT_TRUE(backend->fuses_residual_norms(1)) << "MOEX_CUDA_FUSED_NORMS=0 set?";
+  SCOPED_TRACE(testing::Message() << "hidden " << c.hidden << " experts " << c.experts << " first " << c.first_layer
+                                  << " bf16 " << c.bf16_weight);
+  std::mt19937 rng(static_cast<uint32_t>(c.hidden * 13 + c.experts + c.first_layer));
+  const int64_t h = c.hidden;
+  auto x = random_floats(rng, static_cast<size_t>(h), 2.f);
+  auto d0 = random_floats(rng, static_cast<size_t>(h), 2.f);
+  auto d1 = random_floats(rng, static_cast<size_t>(h), 2.f);
+  auto weight = random_floats(rng, static_cast<size_t>(h));
+  Bf16Weight weight_bf16 = random_bf16(rng, Shape{h}, 1.f);
+  const TensorView wn = c.bf16_weight ? backend->upload_weight(weight_bf16.host_view(), "norm")
+                                      : backend->upload_weight(TensorView(weight.data(), DType::kF32, {h}), "norm");
+  GuardedTensor xf(*backend, {1, h}), xu(*backend, {1, h}), d0d(*backend, {1, h}), d1d(*backend, {1, h});
+  GuardedTensor scratch(*backend, {1, h}), normed_f(*backend, {1, h}), normed_u(*backend, {1, h});
+  xf.fill(x);
+  xu.fill(x);
+  d0d.fill(d0);
+  d1d.fill(d1);
+  const TensorView d0v = d0d.view(), d1v = d1d.view();
+  const TensorView* pending = c.first_layer ? nullptr : &d0v;
+
+  // q/k/v through norm_linear_many: x left alone.
+  const std::vector<int64_t> outs = {h, h / 2, h / 2};
+  std::vector<Bf16Weight> w;
+  std::vector<TensorView> wd;
+  std::vector<std::unique_ptr<GuardedTensor>> fused_y, ref_y;
+  for (int64_t n : outs) {
+    w.push_back(random_bf16(rng, {n, h}, 1.f / std::sqrt(float(h))));
+    wd.push_back(backend->upload_weight(w.back().host_view(), "w"));
+    fused_y.push_back(std::make_unique<GuardedTensor>(*backend, Shape{1, n}));
+    ref_y.push_back(std::make_unique<GuardedTensor>(*backend, Shape{1, n}));
+  }
+  std::vector<TensorView> fv, rv;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    fv.push_back(fused_y[i]->view());
+    rv.push_back(ref_y[i]->view());
+  }
+  std::vector<Backend::LinearOutput> fused_out, ref_out;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    fused_out.push_back({&wd[i], nullptr, &fv[i]});
+    ref_out.push_back({&wd[i], nullptr, &rv[i]});
+  }
+  backend->norm_linear_many(xf.view(), pending, wn, 1e-5f, scratch.view(), fused_out);
+  backend->Backend::norm_linear_many(xu.view(), pending, wn, 1e-5f, scratch.view(), ref_out);
+  EXPECT_EQ(xf.read(), x) << "norm_linear_many wrote x";
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const auto want = ref_y[i]->read();
+    MOEX_EXPECT_CLOSE(fused_y[i]->read(), std::vector<double>(want.begin(), want.end()), 1e-5);
+  }
+
+  // The MoE step: x += pending + d1 and the normalised row written by the router's launch.
+  std::vector<Bf16Weight> host;
+  std::vector<ExpertWeights> experts;
+  for (int64_t e = 0; e < c.experts; ++e)
+    for (Shape shape : {Shape{c.ffn, h}, Shape{c.ffn, h}, Shape{h, c.ffn}})
+      host.push_back(random_bf16(rng, shape, 0.05f));
+  for (int64_t e = 0; e < c.experts; ++e)
+    experts.push_back(ExpertWeights{backend->upload_weight(host[3 * e].host_view(), "gate"),
+                                    backend->upload_weight(host[3 * e + 1].host_view(), "up"),
+                                    backend->upload_weight(host[3 * e + 2].host_view(), "down")});
+  Bf16Weight router_host = random_bf16(rng, {c.experts, h}, 0.5f);
+  const TensorView router = backend->upload_weight(router_host.host_view(), "router");
+  GuardedTensor logits(*backend, {1, c.experts}), out_f(*backend, {1, h}), out_u(*backend, {1, h});
+  for (int call = 0; call < 2; ++call) {  // twice: the planner's ticket must be back at 0
+    xf.fill(x);
+    xu.fill(x);
+    backend->norm_moe_routed(xf.view(), pending, d1v, wn, 1e-5f, normed_f.view(), router, logits.view(), c.top_k,
+                             RouterScoring::kSoftmax, true, experts, out_f.view());
+    backend->Backend::norm_moe_routed(xu.view(), pending, d1v, wn, 1e-5f, normed_u.view(), router, logits.view(),
+                                      c.top_k, RouterScoring::kSoftmax, true, experts, out_u.view());
+    EXPECT_EQ(xf.read(), xu.read()) << "residual sum, call " << call;
+    const auto want_normed = normed_u.read();
+    MOEX_EXPECT_CLOSE(normed_f.read(), std::vector<double>(want_normed.begin(), want_normed.end()), 1e-6);
+    const auto want = out_u.read();
+    MOEX_EXPECT_CLOSE(out_f.read(), std::vector<double>(want.begin(), want.end()), 1e-5);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaResidualNorm,
+                         ::testing::Values(ResidualCase{2048, 5632, 8, 2, false, false},   // Model A
+                                           ResidualCase{2048, 768, 128, 8, false, true},   // Model B, bf16 norm
+                                           ResidualCase{2048, 768, 128, 8, true, false},   // layer 0
+                                           ResidualCase{64, 40, 8, 2, false, false},       // a fixture's size
+                                           ResidualCase{4096, 256, 8, 2, true, true}),     // 8x7B's hidden
+                         [](const auto& info) { return "case" + std::to_string(info.index); });
 
 struct RopeCase {
   int64_t tokens, heads, kv_heads, head_dim, rotary_dim;

@@ -119,6 +119,8 @@ class CudaBackend final : public Backend {
     for (cudaEvent_t& event : copy_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     const char* graphs = std::getenv("MOEX_CUDA_GRAPHS");  // "0": eager decode steps (A/B measurements)
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
+    const char* fused = std::getenv("MOEX_CUDA_FUSED_NORMS");  // "0": norms as launches of their own (A/B)
+    fused_norms_ = !(fused && std::string(fused) == "0");
   }
 
   ~CudaBackend() override {
@@ -373,6 +375,50 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
+  bool fuses_residual_norms(int64_t rows) const override { return rows == 1 && fused_norms_; }
+
+  // One row: each block of the q/k/v GEMV normalises x + delta itself (residual_norm.cuh); scratch is unused.
+  void norm_linear_many(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
+                        const TensorView& scratch, std::span<const LinearOutput> outputs) override {
+    ResidualNormIn in;
+    const int64_t K = x.dim(-1);
+    if (x.numel() == K && outputs.size() <= static_cast<size_t>(kGemvMaxOutputs) &&
+        residual_norm_in(x, delta, nullptr, weight, eps, "norm_linear_many", &in)) {
+      GemvOutput gemv[kGemvMaxOutputs];
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        const TensorView& w = *outputs[i].w;
+        const TensorView& out = *outputs[i].out;
+        check_f32(out, "norm_linear_many", "out");
+        check_linear_shapes(x, w, outputs[i].bias, out, "cuda norm_linear_many");
+        const float* bias = nullptr;
+        if (outputs[i].bias && !outputs[i].bias->empty()) {
+          check_f32(*outputs[i].bias, "norm_linear_many", "bias");
+          bias = outputs[i].bias->as<float>();
+        }
+        gemv[i] = GemvOutput{bf16_data(w, "norm_linear_many", "w"), bias, out.as<float>(), w.dim(0)};
+      }
+      if (launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), stream_)) {
+        MOEX_CUDA_CHECK_LAUNCH();
+        return;
+      }
+    }
+    Backend::norm_linear_many(x, delta, weight, eps, scratch, outputs);
+  }
+
+  void norm_moe_routed(const TensorView& x, const TensorView* delta0, const TensorView& delta1,
+                       const TensorView& weight, float eps, const TensorView& normed, const TensorView& router,
+                       const TensorView& logits, int64_t top_k, RouterScoring scoring, bool normalize,
+                       std::span<const ExpertWeights> experts, const TensorView& out) override {
+    ResidualNormIn in;
+    check_f32(normed, "norm_moe_routed", "normed");
+    if (x.numel() == x.dim(-1) && normed.numel() == x.numel() &&
+        residual_norm_in(x, delta0, &delta1, weight, eps, "norm_moe_routed", &in) &&
+        moe_routed_on_device(normed, router, logits, top_k, scoring, normalize, experts, out, &in))
+      return;
+    Backend::norm_moe_routed(x, delta0, delta1, weight, eps, normed, router, logits, top_k, scoring, normalize,
+                             experts, out);
+  }
+
   void add_rms_norm(const TensorView& x, const TensorView& delta, const TensorView& weight, float eps,
                     const TensorView& out) override {
     check_f32(x, "add_rms_norm", "x");
@@ -576,6 +622,30 @@ class CudaBackend final : public Backend {
                   const TensorView& out) override;
 
  private:
+  // moe_routed's device-planned path; false, launching nothing, outside its envelope. With norm (one token), x
+  // is where the kernel stores the normalised row (residual step in the planner's launch, moe.cuh).
+  bool moe_routed_on_device(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
+                            RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
+                            const TensorView& out, const ResidualNormIn* norm);
+  // The residual step's operands for a consumer kernel; false where the kernels cannot take them (the caller
+  // then runs the unfused ops).
+  static bool residual_norm_in(const TensorView& x, const TensorView* d0, const TensorView* d1,
+                               const TensorView& weight, float eps, const char* op, ResidualNormIn* in) {
+    check_f32(x, op, "x");
+    const int64_t K = x.dim(-1);
+    for (const TensorView* d : {d0, d1}) {
+      if (!d) continue;
+      check_f32(*d, op, "delta");
+      MOEX_ASSERT(d->numel() == x.numel(), "cuda {}: x {} delta {}", op, x.shape.str(), d->shape.str());
+    }
+    MOEX_ASSERT(weight.numel() == K, "cuda {}: x {} weight {}", op, x.shape.str(), weight.shape.str());
+    bool w_bf16 = false;
+    const void* wp = vector_data(weight, &w_bf16, op);
+    *in = ResidualNormIn{x.as<float>(), d0 ? d0->as<float>() : nullptr, d1 ? d1->as<float>() : nullptr, wp, w_bf16,
+                         eps};
+    return residual_norm_fits(*in, K);
+  }
+
   // kv_write's checks (dtypes, shapes, the prepared step); the step's row count.
   int64_t checked_kv_write_rows(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
                                 const TensorView& v_pages) const {
@@ -734,6 +804,7 @@ class CudaBackend final : public Backend {
   std::array<cudaEvent_t, kCopyEvents> copy_events_{};
   uint64_t copies_enqueued_ = 0;
   bool graphs_enabled_ = true;
+  bool fused_norms_ = true;
   bool step_mode_ = false;
   bool capturing_ = false;
   int32_t step_token_ = 0;
@@ -862,6 +933,15 @@ const MoeExpertPtrs* CudaBackend::expert_table(std::span<const ExpertWeights> ex
 void CudaBackend::moe_routed(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
                              RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
                              const TensorView& out) {
+  if (moe_routed_on_device(x, router, logits, top_k, scoring, normalize, experts, out, nullptr)) return;
+  refuse_while_capturing("moe_routed outside the device-planned envelope");
+  Backend::moe_routed(x, router, logits, top_k, scoring, normalize, experts, out);
+}
+
+bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& router, const TensorView& logits,
+                                       int64_t top_k, RouterScoring scoring, bool normalize,
+                                       std::span<const ExpertWeights> experts, const TensorView& out,
+                                       const ResidualNormIn* norm) {
   check_f32(x, "moe_routed", "x");
   check_f32(logits, "moe_routed", "logits");
   check_f32(out, "moe_routed", "out");
@@ -876,17 +956,17 @@ void CudaBackend::moe_routed(const TensorView& x, const TensorView& router, cons
   MOEX_ASSERT(num_experts <= kRouterMaxExperts && top_k >= 1 && top_k <= std::min<int64_t>(kRouterMaxTopK, num_experts),
               "cuda moe_routed: {} experts (max {}), top_k {} (max {})", num_experts, kRouterMaxExperts, top_k,
               kRouterMaxTopK);
-  if (n == 0) return;
+  if (n == 0) return true;
+  // Device-side planning covers the GEMV path (few tokens per expert); prefill-sized batches take the
+  // host-planned tensor-core path, one round trip per layer against milliseconds of GEMM. The residual step
+  // rides along at one token with top_k <= kMoeOneTokenMaxTopK only.
+  if (n > 2 * kMoeGemvMaxRows || total > kMoeRoutePlanMaxAssignments || hidden % 8 != 0 ||
+      !moe_router_plan_fits(x.as<float>(), router_data, hidden) ||
+      (norm && (n != 1 || top_k > kMoeOneTokenMaxTopK)))
+    return false;
   int64_t ffn = 0;
   const MoeExpertPtrs* table = expert_table(experts, hidden, &ffn);
-  // Device-side planning covers the GEMV path (few tokens per expert); prefill-sized batches take the
-  // host-planned tensor-core path, one round trip per layer against milliseconds of GEMM.
-  if (n > 2 * kMoeGemvMaxRows || total > kMoeRoutePlanMaxAssignments || hidden % 8 != 0 || ffn % 8 != 0 ||
-      !moe_router_plan_fits(x.as<float>(), router_data, hidden)) {
-    refuse_while_capturing("moe_routed outside the device-planned envelope");
-    Backend::moe_routed(x, router, logits, top_k, scoring, normalize, experts, out);
-    return;
-  }
+  if (ffn % 8 != 0) return false;
   const size_t count = static_cast<size_t>(total);
   const size_t small = align16(count * 4);
   const size_t groups_bytes = align16(count * sizeof(MoeGroup));
@@ -916,17 +996,18 @@ void CudaBackend::moe_routed(const TensorView& x, const TensorView& router, cons
   launch_moe_router_plan(x.as<float>(), n == 1 ? router_data : nullptr, n, hidden, num_experts, top_k,
                          scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
                          logits.as<float>(), ids, weights, row_token, slot, groups, num_groups,
-                         static_cast<unsigned*>(route_ticket_.get()), stream_);
+                         static_cast<unsigned*>(route_ticket_.get()), stream_, norm, norm ? x.as<float>() : nullptr);
   if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
     launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
                               out.as<float>(), stream_);
     MOEX_CUDA_CHECK_LAUNCH();
-    return;
+    return true;
   }
   launch_moe_gemv(x.as<float>(), row_token, groups, static_cast<int>(total), max_rows, hidden, ffn, h, y, stream_,
                   num_groups);
   launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   MOEX_CUDA_CHECK_LAUNCH();
+  return true;
 }
 
 // Shapes outside the kernels' envelope (hidden or ffn not a multiple of 8, only in tiny test models): one

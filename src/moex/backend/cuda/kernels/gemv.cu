@@ -2,13 +2,16 @@
 // once per step whatever the batch (up to kGemvMaxRows). Several weights sharing the input (q/k/v) are one
 // grid: warp w of the grid takes row w of the concatenation of the outputs.
 // 2-32 rows take the tensor-core kernel (mma_core.cuh). Launched with programmatic dependent launch
-// (launch.cuh). An L2 prefetch of each warp's weight row before the PDL wait was tried and measured slower
-// on an H200 (Model A 1.154 vs 1.096 ms/token): the prefetches compete with the tail of the kernel before.
+// (launch.cuh). At one row each warp loads its first round of weights into registers before the PDL wait
+// (H200, same call: Model A 0.6783 vs 0.6872 ms/token, Model B 3.738 vs 3.758). An L2 prefetch of the row
+// before the wait had been measured slower (Model A 1.154 vs 1.096 ms/token): the data then took a second
+// trip, from L2, after the wait.
 #include "moex/backend/cuda/kernels/gemv.cuh"
 
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
+#include "moex/backend/cuda/kernels/residual_norm.cuh"
 
 namespace moex::cuda {
 namespace {
@@ -20,30 +23,96 @@ struct GemvOutputs {
   int count;
 };
 
+// The output holding grid row grid_row of the concatenation, and the row within it; false past the last row.
+// Constant indices only: a dynamic index into the parameter struct copies it to local memory (a 104-byte stack
+// frame written and read back by every warp before its first load; removing it made Model A's batch-1 step 9%
+// faster on an H200).
+__device__ __forceinline__ bool select_output(const GemvOutputs& outputs, int grid_row, GemvOutput* o, int* row) {
+  *o = outputs.out[0];
+  *row = grid_row;
+  bool found = false;
+  int start = 0;
+#pragma unroll
+  for (int i = 0; i < kGemvMaxOutputs; ++i) {
+    const int rows = i < outputs.count ? static_cast<int>(outputs.out[i].rows) : 0;
+    if (grid_row >= start && grid_row < start + rows) {
+      *o = outputs.out[i];
+      *row = grid_row - start;
+      found = true;
+    }
+    start += rows;
+  }
+  return found;
+}
+
+// preload (one activation row; on unless MOEX_CUDA_GEMV_PRELOAD=0, an A/B switch): the warp's first round of
+// weight loads goes out before the PDL wait (gemv_core.cuh, preload_row).
 template <int MT, int U>
-__global__ __launch_bounds__(kWarps * 32) void gemv_kernel(const float* x, int m_count, int K, GemvOutputs outputs) {
+__global__ __launch_bounds__(kWarps * 32) void gemv_kernel(const float* x, int m_count, int K, GemvOutputs outputs,
+                                                           bool preload) {
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
-  int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  int which = 0;
-  while (which < outputs.count && row >= outputs.out[which].rows) row -= static_cast<int>(outputs.out[which++].rows);
-  const bool active = which < outputs.count;
-  const GemvOutput o = outputs.out[active ? which : 0];
-  const bf16* w_row = reinterpret_cast<const bf16*>(o.w) + int64_t(row) * K;
+  const int grid_row = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  GemvOutput o;
+  int row;
+  const bool active = select_output(outputs, grid_row, &o, &row);
+  const bf16* w_row = reinterpret_cast<const bf16*>(o.w) + int64_t(active ? row : 0) * K;
+  const int k8_count = K / 8;
+  uint4 first[U] = {};
+  if (MT == 1 && preload && active) preload_row<U>(w_row, k8_count, lane, first);
   pdl_wait();
   if (!active) return;
-  const bf16* w_rows[1] = {w_row};
-  const float* x_rows[MT];
-#pragma unroll
-  for (int m = 0; m < MT; ++m) x_rows[m] = x + int64_t(m < m_count ? m : 0) * K;
   float acc[1][MT] = {};
-  warp_dot_bf16<1, MT, U>(w_rows, x_rows, m_count, K / 8, lane, acc);
+  if (MT == 1 && preload) {
+    acc[0][0] = dot_preloaded<U>(first, w_row, x, k8_count, lane);
+  } else {
+    const bf16* w_rows[1] = {w_row};
+    const float* x_rows[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) x_rows[m] = x + int64_t(m < m_count ? m : 0) * K;
+    warp_dot_bf16<1, MT, U>(w_rows, x_rows, m_count, k8_count, lane, acc);
+  }
   const float b = o.bias ? o.bias[row] : 0.f;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     float v = warp_sum(acc[0][m]);
     if (lane == 0 && m < m_count) o.y[int64_t(m) * o.rows + row] = v + b;
   }
+}
+
+// One row through up to kGemvMaxOutputs weights, the row normalised by each block first (residual_norm.cuh):
+// the RMSNorm before q/k/v without a launch of its own. The weights' first round is loaded before the PDL wait
+// and the norm, so the norm's L2 reads overlap the weight stream.
+template <int U>
+__global__ __launch_bounds__(kWarps * 32) void gemv_normed_kernel(ResidualNormIn in, int K, GemvOutputs outputs,
+                                                                  bool preload) {
+  extern __shared__ float4 s_h4[];
+  __shared__ float s_scratch[32];
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31;
+  GemvOutput o;
+  int row;
+  const bool active = select_output(outputs, blockIdx.x * kWarps + (threadIdx.x >> 5), &o, &row);
+  const bf16* w_row = reinterpret_cast<const bf16*>(o.w) + int64_t(active ? row : 0) * K;
+  const int k8_count = K / 8;
+  uint4 first[U] = {};
+  if (preload && active) preload_row<U>(w_row, k8_count, lane, first);
+  pdl_wait();
+  float* s_h = reinterpret_cast<float*>(s_h4);
+  residual_norm_to_shared(in, K, s_h, s_scratch);  // every warp: block reductions inside
+  if (!active) return;
+  float acc;
+  if (preload) {
+    acc = dot_preloaded<U, true>(first, w_row, s_h, k8_count, lane);
+  } else {
+    const bf16* w_rows[1] = {w_row};
+    const float* x_rows[1] = {s_h};
+    float part[1][1] = {};
+    warp_dot_bf16<1, 1, U, true>(w_rows, x_rows, 1, k8_count, lane, part);
+    acc = part[0][0];
+  }
+  const float v = warp_sum(acc);
+  if (lane == 0) o.y[row] = v + (o.bias ? o.bias[row] : 0.f);
 }
 
 __global__ void gemv_scalar_kernel(const float* x, int64_t m_count, const bf16* w, int64_t N, int64_t K,
@@ -148,14 +217,15 @@ void launch_gemv_kernel(const float* x, int64_t m_count, int64_t K, const GemvOu
                         cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(total_rows, kWarps))), block(kWarps * 32);
   const int m = static_cast<int>(m_count), k = static_cast<int>(K);
+  const bool preload = gemv_preload_enabled();
   if (m_count == 1)  // 8 loads in flight per lane: measured faster than 4 on Model A at batch 1 (H200)
-    launch_pdl(gemv_kernel<1, 8>, grid, block, 0, stream, x, m, k, packed);
+    launch_pdl(gemv_kernel<1, 8>, grid, block, 0, stream, x, m, k, packed, preload);
   else if (m_count == 2)
-    launch_pdl(gemv_kernel<2, 4>, grid, block, 0, stream, x, m, k, packed);
+    launch_pdl(gemv_kernel<2, 4>, grid, block, 0, stream, x, m, k, packed, false);
   else if (m_count <= 4)
-    launch_pdl(gemv_kernel<4, 4>, grid, block, 0, stream, x, m, k, packed);
+    launch_pdl(gemv_kernel<4, 4>, grid, block, 0, stream, x, m, k, packed, false);
   else
-    launch_pdl(gemv_kernel<8, 4>, grid, block, 0, stream, x, m, k, packed);
+    launch_pdl(gemv_kernel<8, 4>, grid, block, 0, stream, x, m, k, packed, false);
 }
 
 // The fp32 GEMV kernel's envelope (any row count: it runs in passes of kGemvMaxRows).
@@ -191,6 +261,30 @@ void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const Ge
   for (int i = 0; i < count; ++i) packed.out[i] = outputs[i];
   packed.count = count;
   launch_gemv_kernel(x, m_count, K, packed, total_rows, stream);
+}
+
+bool residual_norm_fits(const ResidualNormIn& in, int64_t K) {
+  const auto aligned8 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; };
+  return K % 4 == 0 && K > 0 && K <= kResidualNormMaxK && in.x && aligned16(in.x) && (!in.d0 || aligned16(in.d0)) &&
+         (!in.d1 || aligned16(in.d1)) && in.weight && (in.weight_bf16 ? aligned8(in.weight) : aligned16(in.weight));
+}
+
+bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
+                                   cudaStream_t stream) {
+  if (count < 1 || count > kGemvMaxOutputs || K % 8 != 0 || !residual_norm_fits(in, K)) return false;
+  GemvOutputs packed{};
+  int64_t total_rows = 0;
+  for (int i = 0; i < count; ++i) {
+    if (!aligned16(outputs[i].w)) return false;
+    packed.out[i] = outputs[i];
+    total_rows += outputs[i].rows;
+  }
+  packed.count = count;
+  if (total_rows == 0) return true;
+  const dim3 grid(static_cast<unsigned>(ceil_div(total_rows, kWarps))), block(kWarps * 32);
+  launch_pdl(gemv_normed_kernel<8>, grid, block, static_cast<size_t>(K) * sizeof(float), stream, in,
+             static_cast<int>(K), packed, gemv_preload_enabled());
+  return true;
 }
 
 void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_t N, int64_t K, const float* bias,

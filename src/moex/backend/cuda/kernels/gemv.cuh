@@ -35,4 +35,28 @@ void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_
 void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
                             int num_sms, cudaStream_t stream);
 
+// One row of a residual stream with up to two block outputs not yet added to it, and the RMSNorm to apply:
+// a consumer kernel computes rms_norm((x + d0) + d1) * weight itself (residual_norm.cuh). d0, d1 may be null;
+// weight is bf16 or fp32 [K]. x is written only by launch_moe_router_plan, which stores the residual sum back.
+struct ResidualNormIn {
+  float* x = nullptr;
+  const float* d0 = nullptr;
+  const float* d1 = nullptr;
+  const void* weight = nullptr;
+  bool weight_bf16 = false;
+  float eps = 0.f;
+};
+// The widest row the consumers normalise in shared memory (32 KB of fp32).
+constexpr int64_t kResidualNormMaxK = 8192;
+// Whether a consumer can normalise this row itself: K % 4 == 0, K <= kResidualNormMaxK, every pointer 16-byte
+// aligned (8-byte for a bf16 weight).
+bool residual_norm_fits(const ResidualNormIn& in, int64_t K);
+
+// outputs = rms_norm(in) @ w_i^T (+ bias) for one row, in one launch: each block normalises the row into shared
+// memory first (in.x is not written). Returns false, launching nothing, unless residual_norm_fits, K % 8 == 0,
+// count <= kGemvMaxOutputs and every weight is 16-byte aligned; the caller then normalises and calls
+// launch_gemv_bf16_multi.
+bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
+                                   cudaStream_t stream);
+
 }  // namespace moex::cuda

@@ -23,14 +23,22 @@ __device__ __forceinline__ uint4 load_stream_16b(const void* ptr) {
 }
 
 // acc[r][m] += the 8 weights of chunk `chunk` (already loaded, packed[r]) times x_m's 8 values there.
-template <int NR, int MT>
+// XS: the activations are in shared memory (plain loads; __ldg takes global addresses only).
+template <int NR, int MT, bool XS = false>
 __device__ __forceinline__ void accumulate_chunk(const uint4 (&packed)[NR], const float* const (&x_rows)[MT],
                                                  int m_count, int chunk, float (&acc)[NR][MT]) {
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (m < m_count) {
       const float4* xp = reinterpret_cast<const float4*>(x_rows[m] + chunk * 8);
-      float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+      float4 x0, x1;
+      if (XS) {
+        x0 = xp[0];
+        x1 = xp[1];
+      } else {
+        x0 = __ldg(xp);
+        x1 = __ldg(xp + 1);
+      }
 #pragma unroll
       for (int r = 0; r < NR; ++r) {
         float wf[8];
@@ -43,11 +51,13 @@ __device__ __forceinline__ void accumulate_chunk(const uint4 (&packed)[NR], cons
 }
 
 // acc[r][m] (lane-partial) += sum over this lane's chunks of w_r[k] * x_m[k]. k8_count = K / 8; all rows
-// 16-byte aligned. Only the first m_count activation rows are read. Caller reduces with warp_sum.
-template <int NR, int MT, int U = kGemvUnroll>
+// 16-byte aligned. Only the first m_count activation rows are read. Caller reduces with warp_sum. Chunks below
+// first_chunk (a multiple of 32) are left to the caller.
+template <int NR, int MT, int U = kGemvUnroll, bool XS = false>
 __device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], const float* const (&x_rows)[MT],
-                                              int m_count, int k8_count, int lane, float (&acc)[NR][MT]) {
-  int chunk = lane;
+                                              int m_count, int k8_count, int lane, float (&acc)[NR][MT],
+                                              int first_chunk = 0) {
+  int chunk = lane + first_chunk;
   for (; chunk + 32 * (U - 1) < k8_count; chunk += 32 * U) {
     uint4 packed[U][NR];
 #pragma unroll
@@ -56,7 +66,7 @@ __device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], c
       for (int r = 0; r < NR; ++r) packed[u][r] = load_stream_16b(w_rows[r] + (chunk + 32 * u) * 8);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      accumulate_chunk<NR, MT>(packed[u], x_rows, m_count, chunk + 32 * u, acc);
+      accumulate_chunk<NR, MT, XS>(packed[u], x_rows, m_count, chunk + 32 * u, acc);
     }
   }
   // The tail (fewer than U chunks per lane): loaded together too, so it costs one memory round trip, not
@@ -71,9 +81,37 @@ __device__ __forceinline__ void warp_dot_bf16(const bf16* const (&w_rows)[NR], c
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (chunk + 32 * u >= k8_count) break;
-      accumulate_chunk<NR, MT>(packed[u], x_rows, m_count, chunk + 32 * u, acc);
+      accumulate_chunk<NR, MT, XS>(packed[u], x_rows, m_count, chunk + 32 * u, acc);
     }
   }
+}
+
+// One weight row against one activation row, with the lane's first U chunks loaded before the PDL wait: the
+// weights do not depend on the kernel before, so a row of up to 32 U chunks (K = 2048 at U = 8) is in flight
+// while that kernel finishes, and the dot after the wait needs no further weight round trip. Usage:
+//   uint4 first[U]; preload_row(w_row, k8_count, lane, first); pdl_wait(); acc += dot_preloaded(first, ...).
+template <int U>
+__device__ __forceinline__ void preload_row(const bf16* w_row, int k8_count, int lane, uint4 (&first)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) first[u] = lane + 32 * u < k8_count ? load_stream_16b(w_row + (lane + 32 * u) * 8) : uint4{};
+}
+
+// The lane-partial dot of w_row and x: the preloaded chunks first, then the rest of the row as warp_dot_bf16
+// reads it (same chunk order per lane, so the result is the same as warp_dot_bf16<1, 1, U>).
+template <int U, bool XS = false>
+__device__ __forceinline__ float dot_preloaded(const uint4 (&first)[U], const bf16* w_row, const float* x,
+                                               int k8_count, int lane) {
+  const float* x_rows[1] = {x};
+  float acc[1][1] = {};
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (lane + 32 * u >= k8_count) break;
+    const uint4 packed[1] = {first[u]};
+    accumulate_chunk<1, 1, XS>(packed, x_rows, 1, lane + 32 * u, acc);
+  }
+  const bf16* w_rows[1] = {w_row};
+  warp_dot_bf16<1, 1, U, XS>(w_rows, x_rows, 1, k8_count, lane, acc, 32 * U);
+  return acc[0][0];
 }
 
 }  // namespace moex::cuda

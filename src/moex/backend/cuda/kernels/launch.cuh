@@ -41,6 +41,16 @@ inline bool pdl_enabled() {
   return enabled;
 }
 
+// MOEX_CUDA_GEMV_PRELOAD=0 keeps one-row GEMVs (and the router GEMV of the MoE planner) from loading their
+// first weights before the PDL wait (gemv_core.cuh, preload_row), for A/B measurements.
+inline bool gemv_preload_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MOEX_CUDA_GEMV_PRELOAD");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return enabled;
+}
+
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                 Args&&... args) {

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "moex/backend/cuda/kernels/gemv.cuh"
 #include "moex/backend/cuda/kernels/moe_group.h"
 
 namespace moex::cuda {
@@ -40,11 +41,15 @@ constexpr int kMoeRoutePlanMaxAssignments = 256;
 // [total], slot [total], groups (at most total, of <= max_group_rows rows, weights from table [num_experts])
 // and their count in *num_groups. total = num_tokens * top_k <= kMoeRoutePlanMaxAssignments; hidden % 8 == 0,
 // x and router 16-byte aligned. ticket: one device counter, 0 before the launch and 0 again after it.
+// norm (one token with a router; residual_norm_fits(*norm, hidden)): the residual step rides in the launch: x
+// is ignored, the router reads rms_norm((norm->x + d0) + d1), and the kernel writes that residual sum back
+// to norm->x and the normalised row to normed [hidden] (which the expert kernels then take as x).
 void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_tokens, int64_t hidden,
                             int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
                             const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
                             float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
-                            unsigned* ticket, cudaStream_t stream);
+                            unsigned* ticket, cudaStream_t stream, const ResidualNormIn* norm = nullptr,
+                            float* normed = nullptr);
 // Whether launch_moe_router_plan takes this x and router (hidden % 8 == 0, both 16-byte aligned; router may be null).
 bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden);
 // GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); a bf16 [rows, hidden] (tokens

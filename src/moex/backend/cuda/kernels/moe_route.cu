@@ -10,6 +10,7 @@
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
+#include "moex/backend/cuda/kernels/residual_norm.cuh"
 #include "moex/backend/cuda/kernels/router_warp.cuh"
 
 namespace moex::cuda {
@@ -34,6 +35,12 @@ struct RoutePlanParams {
   MoeGroup* groups;
   int32_t* num_groups;
   unsigned* ticket;
+  bool preload;  // the router rows' first loads before the PDL wait (gemv_preload_enabled)
+  // With norm.x set (one token): x is rms_norm((norm.x + d0) + d1) instead, computed by every block into shared
+  // memory; the last block writes the residual sum back to norm.x and the normalised row to normed (x of the
+  // expert kernels).
+  ResidualNormIn norm;
+  float* normed;
 };
 
 // The plan, by one block of kThreads threads, from logits other blocks wrote (router_warp reads them from
@@ -92,18 +99,34 @@ __device__ void route_and_plan(const RoutePlanParams& p) {
 // With p.router set (one token): the router GEMV, one expert row per warp with the decode GEMV's instance (8
 // loads in flight per lane: the same loop and summation order as linear() at one row), then the plan. Without:
 // one block plans from the logits already in p.logits.
+// The router row's dot with x (global) or the block's normalised row (shared, XS): the decode GEMV's loop.
+template <bool XS>
+__device__ __forceinline__ float router_dot(const RoutePlanParams& p, const uint4 (&first)[8], const bf16* w_row,
+                                            const float* x, int lane) {
+  if (p.preload) return warp_sum(dot_preloaded<8, XS>(first, w_row, x, p.hidden / 8, lane));
+  const bf16* w_rows[1] = {w_row};
+  const float* x_rows[1] = {x};
+  float acc[1][1] = {};
+  warp_dot_bf16<1, 1, 8, XS>(w_rows, x_rows, 1, p.hidden / 8, lane, acc);
+  return warp_sum(acc[0][0]);
+}
+
 __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanParams p) {
+  extern __shared__ float4 s_h4[];  // hidden floats with p.norm.x set
+  __shared__ float s_scratch[32];
   __shared__ bool s_last;
   pdl_launch_dependents();
-  pdl_wait();
   const int lane = threadIdx.x & 31;
   const int expert = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  if (p.router && expert < p.num_experts) {
-    const bf16* w_rows[1] = {p.router + int64_t(expert) * p.hidden};
-    const float* x_rows[1] = {p.x};
-    float acc[1][1] = {};
-    warp_dot_bf16<1, 1, 8>(w_rows, x_rows, 1, p.hidden / 8, lane, acc);
-    const float v = warp_sum(acc[0][0]);
+  const bool gemv = p.router && expert < p.num_experts;
+  const bf16* w_row = p.router + int64_t(gemv ? expert : 0) * p.hidden;
+  uint4 first[8] = {};
+  if (gemv && p.preload) preload_row<8>(w_row, p.hidden / 8, lane, first);
+  pdl_wait();
+  float* s_h = reinterpret_cast<float*>(s_h4);
+  if (p.norm.x) residual_norm_to_shared(p.norm, p.hidden, s_h, s_scratch);  // every thread of the block
+  if (gemv) {
+    const float v = p.norm.x ? router_dot<true>(p, first, w_row, s_h, lane) : router_dot<false>(p, first, w_row, p.x, lane);
     if (lane == 0) p.logits[expert] = v;
   }
   // The last block to finish plans (the threadfence reduction pattern): each writer's fence orders its
@@ -115,6 +138,13 @@ __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanPara
   if (!s_last) return;
   __threadfence();
   if (threadIdx.x == 0) *p.ticket = 0;
+  if (p.norm.x) {
+    // Every block has read norm.x (before its ticket): the residual sum can replace it now.
+    for (int c = threadIdx.x; c < p.hidden / 4; c += kThreads) {
+      reinterpret_cast<float4*>(p.norm.x)[c] = residual_sum4(p.norm, c);
+      reinterpret_cast<float4*>(p.normed)[c] = s_h4[c];
+    }
+  }
   route_and_plan(p);
 }
 
@@ -128,7 +158,7 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
                             int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
                             const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
                             float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
-                            unsigned* ticket, cudaStream_t stream) {
+                            unsigned* ticket, cudaStream_t stream, const ResidualNormIn* norm, float* normed) {
   const RoutePlanParams p{x,
                           reinterpret_cast<const bf16*>(router),
                           logits,
@@ -146,9 +176,12 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
                           slot,
                           groups,
                           num_groups,
-                          ticket};
+                          ticket,
+                          gemv_preload_enabled(),
+                          norm ? *norm : ResidualNormIn{},
+                          normed};
   const dim3 grid(router ? static_cast<unsigned>(ceil_div(num_experts, int64_t(kWarps))) : 1u), block(kThreads);
-  launch_pdl(moe_router_plan_kernel, grid, block, 0, stream, p);
+  launch_pdl(moe_router_plan_kernel, grid, block, norm ? static_cast<size_t>(hidden) * sizeof(float) : 0, stream, p);
 }
 
 }  // namespace moex::cuda

@@ -1,0 +1,60 @@
+// The residual step of a decode block, done by the kernel that consumes it (one row, batch 1): every block of
+// that kernel computes h = rms_norm(x + d0 + d1) * weight into its own shared memory. The row is a few KB that
+// L2 holds, and the block's weight loads are already in flight (preload_row): two launches fewer per layer
+// (the norm before q/k/v and the one before the router). Measured on an H200 against the norms as launches of
+// their own (MOEX_CUDA_FUSED_NORMS=0, same call): Model B 3.666-3.710 vs 3.748 ms/token (48 layers), Model A
+// 0.674-0.681 vs 0.681: under programmatic dependent launch a norm kernel had cost ~0.4 us, not its 3.6 us
+// Nsight Compute duration. CUDA-only header; host-visible types are in gemv.cuh.
+#pragma once
+
+#include "moex/backend/cuda/kernels/common.cuh"
+#include "moex/backend/cuda/kernels/gemv.cuh"
+
+namespace moex::cuda {
+
+__device__ __forceinline__ float4 load_norm_weight4(const void* weight, bool weight_bf16, int col4) {
+  if (weight_bf16) {
+    const uint2 w = static_cast<const uint2*>(weight)[col4];
+    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                       __uint_as_float(w.y & 0xffff0000u));
+  }
+  return static_cast<const float4*>(weight)[col4];
+}
+
+// (x + d0) + d1 at float4 c: the order in which the unfused decoder adds the two block outputs into x, so x
+// stays bit-identical when the last block writes it back.
+__device__ __forceinline__ float4 residual_sum4(const ResidualNormIn& in, int c) {
+  float4 v = reinterpret_cast<const float4*>(in.x)[c];
+  if (in.d0) {
+    const float4 d = reinterpret_cast<const float4*>(in.d0)[c];
+    v = make_float4(v.x + d.x, v.y + d.y, v.z + d.z, v.w + d.w);
+  }
+  if (in.d1) {
+    const float4 d = reinterpret_cast<const float4*>(in.d1)[c];
+    v = make_float4(v.x + d.x, v.y + d.y, v.z + d.z, v.w + d.w);
+  }
+  return v;
+}
+
+// s_h[0, K) = rms_norm(x + d0 + d1) * weight, as rms_norm_vec_kernel computes it (v * inv * w). Every thread of
+// the block calls it (block reductions inside); s_h is visible to the whole block on return. K % 4 == 0, all
+// pointers 16-byte aligned (residual_norm_fits).
+__device__ __forceinline__ void residual_norm_to_shared(const ResidualNormIn& in, int K, float* s_h,
+                                                        float* s_scratch) {
+  const int k4 = K / 4;
+  float sum_sq = 0.f;
+  for (int c = threadIdx.x; c < k4; c += blockDim.x) {
+    const float4 v = residual_sum4(in, c);
+    reinterpret_cast<float4*>(s_h)[c] = v;
+    sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  const float inv = rsqrtf(block_sum(sum_sq, s_scratch) / static_cast<float>(K) + in.eps);
+  for (int c = threadIdx.x; c < k4; c += blockDim.x) {
+    const float4 v = reinterpret_cast<const float4*>(s_h)[c];
+    const float4 w = load_norm_weight4(in.weight, in.weight_bf16, c);
+    reinterpret_cast<float4*>(s_h)[c] = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z, v.w * inv * w.w);
+  }
+  __syncthreads();
+}
+
+}  // namespace moex::cuda
