@@ -23,6 +23,10 @@
 #                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
 #                                  under $PROFILE_DIR (default /tmp/moex_ncu), tables on standard output.
 #                                  Options: --models "model_a model_b", --batch "1 32", --timeout S.
+#   tools/device_cuda.sh peers     there: llama.cpp and moex on the same cases in one call (bench/peers/llama_cpp_bench.sh:
+#                                  Model A batch 1, the 8x7B layers with experts on the CPU against moex's Mixtral-8x7B
+#                                  at 16 GiB, the offloaded 4-layer prefill), a table with the ratios. LLAMA_BIN: the
+#                                  directory with llama-bench (or llama-bench.gz), built for sm_90a (PEERS.md says how).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEV=${MOEX_DEVICE_DIR:-.device/cuda}  # own dirs per engineer: MOEX_DEVICE_DIR=.device/x MOEX_DEVICE_BUILD=build/x
@@ -373,8 +377,65 @@ PY
   done
 }
 
+# llama.cpp next to moex (see the header). The GGUFs take ~24 GB of the machine's disk (GGUF_DIR).
+peers() {
+  local out="${OUT:-/tmp/moex_device_out}" llama="${LLAMA_BIN:?LLAMA_BIN: the directory with llama-bench}"
+  mkdir -p "$out"
+  [ -f "$llama/llama-bench.gz" ] && gunzip -f "$llama/llama-bench.gz" && chmod +x "$llama/llama-bench"
+  # llama-bench links cuBLAS/cudart/NCCL dynamically: the machine's CUDA toolkit (or torch's copies) has them.
+  local libs="" lib
+  for lib in libcublasLt.so.13 libcudart.so.13 libnccl.so.2; do
+    libs="$libs:$(dirname "$(find /usr/local /usr/lib /opt $(python3 -c "import site; print(' '.join(site.getsitepackages()))") \
+      -name "$lib" 2>/dev/null | head -1)")"
+  done
+  LD_LIBRARY_PATH="${libs#:}:${LD_LIBRARY_PATH:-}" OUT="$out/llama" LLAMA_BIN="$llama" \
+    timeout 400 bench/peers/llama_cpp_bench.sh model_a cpu_experts prefill >"$out/llama.log" 2>&1
+  echo "llama_cpp_bench exit $?"
+  export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
+  local moex="$DEV/bin/moex"
+  timeout 60 "$moex" bench -m bench/cuda/models/model_a --load-format random --device cuda --prompt-lens 16 \
+    --decode-context 16 --decode-tokens 64 --reps 3 --json >"$out/moex_model_a.json" 2>>"$out/err.log"
+  timeout 200 "$moex" bench -m bench/offload/models/mixtral_8x7b --load-format random --device cuda --gpu-memory 16GiB \
+    --prompt-lens 128 --decode-context 16 --decode-tokens 16 --reps 1 --warmup 0 --predictor pregate --cpu-experts \
+    --json >"$out/moex_mixtral.json" 2>>"$out/err.log"
+  timeout 100 "$moex" bench -m bench/offload/models/mixtral_8x7b_l4 --load-format random --device cuda \
+    --gpu-memory 6GiB --prompt-lens 512,2048 --decode-tokens 0 --reps 2 --warmup 1 --json >"$out/moex_prefill.json" \
+    2>>"$out/err.log"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+def load(name):
+    try: return json.load(open(f"{out}/{name}"))
+    except Exception: return None
+peer = {}
+try:
+    for line in open(f"{out}/llama/llama_cpp.jsonl"):
+        r = json.loads(line); peer[(r["case"], r["metric"])] = r["value"]
+except OSError:
+    pass
+rows = []
+a = load("moex_model_a.json"); m = load("moex_mixtral.json"); p = load("moex_prefill.json")
+if a and ("model_a", "decode_batch1_ms_per_token") in peer:
+    l, x = peer[("model_a", "decode_batch1_ms_per_token")], a["decode"]["ms_per_token_mean"]
+    rows.append(("Model A decode batch 1 (ms/token)", l, x, l / x))
+if m and ("cpu_experts", "ms_per_token_32_layers") in peer:
+    l, x = peer[("cpu_experts", "ms_per_token_32_layers")], m["decode"]["ms_per_token_mean"]
+    rows.append(("Mixtral-8x7B decode, experts in host RAM (ms/token)", l, x, l / x))
+if p:
+    for pre in p["prefill"]:
+        key = ("prefill", f'prefill_{pre["prompt_tokens"]}_tokens_per_s')
+        if key in peer:
+            rows.append((f'4-layer 8x7B prefill {pre["prompt_tokens"]} (tokens/s)', peer[key], pre["tokens_per_s"],
+                          pre["tokens_per_s"] / peer[key]))
+print("| case | llama.cpp | moex | moex speed-up |\n|---|---|---|---|")
+for name, l, x, ratio in rows:
+    print(f"| {name} | {l:.4g} | {x:.4g} | {ratio:.2f}x |")
+PY
+}
+
 case "${1:-}" in
   prepare) prepare ;;
+  peers) shift; unpack; peers "$@" ;;
   run) shift; unpack; run "$@" ;;
   ab) shift; unpack; ab "$@" ;;
   profile) shift; unpack; profile "$@" ;;
