@@ -16,11 +16,6 @@
 namespace moex::cuda_test {
 namespace {
 
-std::filesystem::path fixtures_dir() {
-  const char* env = std::getenv("MOEX_FIXTURES_DIR");
-  return env ? std::filesystem::path(env) : test::fixtures_root();
-}
-
 TEST(CudaBatchedDecode, MatchesEachSequenceAlone) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (const char* name : {"mixtral", "qwen3_moe", "olmoe"}) {

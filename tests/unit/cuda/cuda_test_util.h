@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <random>
 #include <string>
@@ -15,8 +17,15 @@
 #include "moex/backend/backend.h"
 #include "moex/backend/cuda/cuda_backend.h"
 #include "moex/core/dtype.h"
+#include "unit/model/fixture_util.h"
 
 namespace moex::cuda_test {
+
+// The transformers fixtures: MOEX_FIXTURES_DIR (the GPU machine's copy) or the source tree's tests/fixtures.
+inline std::filesystem::path fixtures_dir() {
+  const char* env = std::getenv("MOEX_FIXTURES_DIR");
+  return env ? std::filesystem::path(env) : test::fixtures_root();
+}
 
 inline std::unique_ptr<Backend> make_backend_or_null() {
   if (cuda_device_count() == 0) return nullptr;

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 
 #include "cuda_test_util.h"
 #include "moex/model/model.h"
@@ -96,17 +97,29 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMoeRouted,
                                            RoutedCase{3, 64, 36, 8, 2, false, true, false}),        // ffn % 8 != 0
                          [](const auto& info) { return "case" + std::to_string(info.index); });
 
-std::filesystem::path fixtures_dir() {
-  const char* env = std::getenv("MOEX_FIXTURES_DIR");
-  return env ? std::filesystem::path(env) : test::fixtures_root();
-}
-
 std::vector<int32_t> greedy(Engine& engine, const std::vector<int32_t>& prompt, int64_t tokens) {
   GenerationOptions options;
   options.max_new_tokens = tokens;
   options.sampling.temperature = 0;
   options.stop_at_eos = false;
   return engine.generate(prompt, options).output_ids;
+}
+
+// Greedy tokens of an engine on `model` built while env_var is "0" (an A/B switch the CUDA backend reads when it
+// starts), with check run on that engine first; env_var is unset again before returning.
+std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vector<int32_t>& prompt, int64_t tokens,
+                                            const char* env_var, const std::function<void(Engine&)>& check) {
+  EngineOptions options;
+  options.device = "cuda";
+  setenv(env_var, "0", 1);
+  std::vector<int32_t> ids;
+  {
+    Engine engine(model, options);
+    ids = greedy(engine, prompt, tokens);
+    check(engine);
+  }
+  unsetenv(env_var);
+  return ids;
 }
 
 // Batch-1 decode with each residual norm inside its consumer (the q/k/v GEMV, the router's launch) against the
@@ -121,16 +134,11 @@ TEST(CudaDecodeStep, FusedNormsMatchSeparateNorms) {
     if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
     auto model = Model::load(dir.string());
     const auto prompt = test::reference_prompt(dir);
+    const auto separate = greedy_with_switch_off(*model, prompt, 64, "MOEX_CUDA_FUSED_NORMS", [](Engine& engine) {
+      EXPECT_FALSE(engine.backend().fuses_residual_norms(1));
+    });
     EngineOptions options;
     options.device = "cuda";
-    setenv("MOEX_CUDA_FUSED_NORMS", "0", 1);
-    std::vector<int32_t> separate;
-    {
-      Engine engine(*model, options);
-      EXPECT_FALSE(engine.backend().fuses_residual_norms(1));
-      separate = greedy(engine, prompt, 64);
-    }
-    unsetenv("MOEX_CUDA_FUSED_NORMS");
     Engine fused(*model, options);
     EXPECT_TRUE(fused.backend().fuses_residual_norms(1));
     EXPECT_EQ(greedy(fused, prompt, 64), separate);
@@ -147,16 +155,11 @@ TEST(CudaDecodeStep, GraphsMatchEagerAcrossBuckets) {
     if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
     auto model = Model::load(dir.string());
     const auto prompt = test::reference_prompt(dir);
+    const auto eager_ids = greedy_with_switch_off(*model, prompt, 300, "MOEX_CUDA_GRAPHS", [](Engine& eager) {
+      EXPECT_EQ(cuda_step_graph_stats(eager.backend()).replays, 0);
+    });
     EngineOptions options;
     options.device = "cuda";
-    setenv("MOEX_CUDA_GRAPHS", "0", 1);
-    std::vector<int32_t> eager_ids;
-    {
-      Engine eager(*model, options);
-      eager_ids = greedy(eager, prompt, 300);
-      EXPECT_EQ(cuda_step_graph_stats(eager.backend()).replays, 0);
-    }
-    unsetenv("MOEX_CUDA_GRAPHS");
     Engine graphs(*model, options);
     EXPECT_EQ(greedy(graphs, prompt, 300), eager_ids);
     const CudaStepGraphStats stats = cuda_step_graph_stats(graphs.backend());

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "cuda_test_util.h"
 #include "moex/backend/cuda/cuda_backend.h"
 #include "moex/model/model.h"
 #include "moex/runtime/engine.h"
@@ -18,10 +19,7 @@
 namespace moex {
 namespace {
 
-std::filesystem::path fixtures_dir() {
-  const char* env = std::getenv("MOEX_FIXTURES_DIR");
-  return env ? std::filesystem::path(env) : test::fixtures_root();
-}
+using cuda_test::fixtures_dir;
 
 std::vector<std::string> names() {
   std::vector<std::string> out;

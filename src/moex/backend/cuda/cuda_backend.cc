@@ -359,18 +359,7 @@ class CudaBackend final : public Backend {
       return;
     }
     GemvOutput gemv[kGemvMaxOutputs];
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      const TensorView& w = *outputs[i].w;
-      const TensorView& out = *outputs[i].out;
-      check_f32(out, "linear_many", "out");
-      check_linear_shapes(x, w, outputs[i].bias, out, "cuda linear_many");
-      const float* bias = nullptr;
-      if (outputs[i].bias && !outputs[i].bias->empty()) {
-        check_f32(*outputs[i].bias, "linear_many", "bias");
-        bias = outputs[i].bias->as<float>();
-      }
-      gemv[i] = GemvOutput{bf16_data(w, "linear_many", "w"), bias, out.as<float>(), w.dim(0)};
-    }
+    gemv_outputs(x, outputs, "linear_many", gemv);
     launch_gemv_bf16_multi(x.as<float>(), rows, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
   }
@@ -385,18 +374,7 @@ class CudaBackend final : public Backend {
     if (x.numel() == K && outputs.size() <= static_cast<size_t>(kGemvMaxOutputs) &&
         residual_norm_in(x, delta, nullptr, weight, eps, "norm_linear_many", &in)) {
       GemvOutput gemv[kGemvMaxOutputs];
-      for (size_t i = 0; i < outputs.size(); ++i) {
-        const TensorView& w = *outputs[i].w;
-        const TensorView& out = *outputs[i].out;
-        check_f32(out, "norm_linear_many", "out");
-        check_linear_shapes(x, w, outputs[i].bias, out, "cuda norm_linear_many");
-        const float* bias = nullptr;
-        if (outputs[i].bias && !outputs[i].bias->empty()) {
-          check_f32(*outputs[i].bias, "norm_linear_many", "bias");
-          bias = outputs[i].bias->as<float>();
-        }
-        gemv[i] = GemvOutput{bf16_data(w, "norm_linear_many", "w"), bias, out.as<float>(), w.dim(0)};
-      }
+      gemv_outputs(x, outputs, "norm_linear_many", gemv);
       if (launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), stream_)) {
         MOEX_CUDA_CHECK_LAUNCH();
         return;
@@ -627,6 +605,24 @@ class CudaBackend final : public Backend {
   bool moe_routed_on_device(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
                             RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
                             const TensorView& out, const ResidualNormIn* norm);
+  // The kernels' view of linear_many's outputs (checked against x): gemv[i] for outputs[i], at most
+  // kGemvMaxOutputs.
+  static void gemv_outputs(const TensorView& x, std::span<const LinearOutput> outputs, const char* op,
+                           GemvOutput* gemv) {
+    const std::string shapes_op = fmt::format("cuda {}", op);
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const TensorView& w = *outputs[i].w;
+      const TensorView& out = *outputs[i].out;
+      check_f32(out, op, "out");
+      check_linear_shapes(x, w, outputs[i].bias, out, shapes_op.c_str());
+      const float* bias = nullptr;
+      if (outputs[i].bias && !outputs[i].bias->empty()) {
+        check_f32(*outputs[i].bias, op, "bias");
+        bias = outputs[i].bias->as<float>();
+      }
+      gemv[i] = GemvOutput{bf16_data(w, op, "w"), bias, out.as<float>(), w.dim(0)};
+    }
+  }
   // The residual step's operands for a consumer kernel; false where the kernels cannot take them (the caller
   // then runs the unfused ops).
   static bool residual_norm_in(const TensorView& x, const TensorView* d0, const TensorView* d1,

@@ -6,6 +6,7 @@
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/norm.cuh"
+#include "moex/backend/cuda/kernels/residual_norm.cuh"
 
 namespace moex::cuda {
 namespace {
@@ -43,15 +44,6 @@ __global__ void rms_norm_kernel(const float* x, const void* weight, bool weight_
 }
 
 
-__device__ __forceinline__ float4 load_weight4(const void* weight, bool weight_bf16, int64_t col4) {
-  if (weight_bf16) {
-    const uint2 w = static_cast<const uint2*>(weight)[col4];
-    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
-                       __uint_as_float(w.y & 0xffff0000u));
-  }
-  return static_cast<const float4*>(weight)[col4];
-}
-
 // V float4s per thread: cols <= 4 * V * kThreads.
 template <int V>
 __global__ __launch_bounds__(kThreads) void rms_norm_vec_kernel(const float* x, const void* weight, bool weight_bf16,
@@ -85,7 +77,7 @@ __global__ __launch_bounds__(kThreads) void rms_norm_vec_kernel(const float* x, 
   for (int i = 0; i < V; ++i) {
     const int c = threadIdx.x + i * kThreads;
     if (c < cols4) {
-      const float4 w = load_weight4(weight, weight_bf16, c);
+      const float4 w = load_norm_weight4(weight, weight_bf16, c);
       reinterpret_cast<float4*>(out + row * cols)[c] =
           make_float4(v[i].x * inv * w.x, v[i].y * inv * w.y, v[i].z * inv * w.z, v[i].w * inv * w.w);
     }

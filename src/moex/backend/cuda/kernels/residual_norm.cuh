@@ -12,6 +12,7 @@
 
 namespace moex::cuda {
 
+// Four norm weights from column 4 col4 on, as fp32 (a bf16 weight widened by shifts). norm.cu's kernels too.
 __device__ __forceinline__ float4 load_norm_weight4(const void* weight, bool weight_bf16, int col4) {
   if (weight_bf16) {
     const uint2 w = static_cast<const uint2*>(weight)[col4];
