@@ -63,7 +63,12 @@ def main():
     ap.add_argument("--layers", type=int, help="layers to write (default: the config's num_hidden_layers)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    c = json.load(open(a.config))
+    try:
+        c = json.load(open(a.config))
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"make_gguf: cannot read {a.config}: {e}")
+    if a.layers is not None and a.layers < 1:
+        sys.exit(f"make_gguf: --layers {a.layers}: need at least one layer")
     if c.get("model_type") not in ("mixtral", "llama") or "num_local_experts" not in c:
         sys.exit(f"make_gguf: {a.config} is not a Mixtral-shaped config (model_type mixtral, num_local_experts)")
     layers = a.layers or c["num_hidden_layers"]
