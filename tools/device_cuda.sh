@@ -23,6 +23,10 @@
 #                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
 #                                  under $PROFILE_DIR (default /tmp/moex_ncu), tables on standard output.
 #                                  Options: --models "model_a model_b", --batch "1 32", --timeout S.
+#   tools/device_cuda.sh trace     there: the decode step's real timeline (CUPTI kernel records through
+#                                  tools/kernel_trace, overlap kept) and each kernel's share of its critical
+#                                  path (tools/kernel_trace.py). Options: --models, --batch "1 32", --tokens N,
+#                                  --env NAME=VALUE (repeatable: an A/B switch for both runs). Output under $OUT.
 #   tools/device_cuda.sh peers     there: llama.cpp and moex on the same cases in one call (bench/peers/llama_cpp_bench.sh:
 #                                  Model A batch 1, the 8x7B layers with experts on the CPU against moex's Mixtral-8x7B
 #                                  at 16 GiB, the offloaded 4-layer prefill), a table with the ratios. LLAMA_BIN: the
@@ -35,8 +39,11 @@ prepare() {
   local build=${MOEX_DEVICE_BUILD:-build/cuda-dev}
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEX_CUDA=ON \
     -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc >/dev/null || exit 1
-  cmake --build "$build" --target cuda_tests moex_cuda_kernels_bench moex -j2 || exit 1
+  cmake --build "$build" --target cuda_tests moex_cuda_kernels_bench moex moex_kernel_trace -j2 || exit 1
   rm -rf "$DEV" && mkdir -p "$DEV/bin" "$DEV/lib"
+  # The kernel timeline (trace subcommand) and the CUPTI it links: loaded through CUDA_INJECTION64_PATH there.
+  cp "$build/tools/kernel_trace/libmoex_kernel_trace.so" "$DEV/lib/" && strip "$DEV/lib/libmoex_kernel_trace.so"
+  ldd "$build/tools/kernel_trace/libmoex_kernel_trace.so" | awk '/libcupti/ {print $3}' | xargs -r -I{} cp -Ln {} "$DEV/lib/"
   for bin in "$build/tests/cuda_tests" "$build/bench/moex_cuda_kernels_bench" "$build/moex"; do
     cp "$bin" "$DEV/bin/" && strip "$DEV/bin/$(basename "$bin")"
     ldd "$bin" | awk '/=> \// {print $3}' | grep -vE '/(libc|libm|libpthread|libdl|librt)\.so' |
@@ -377,6 +384,54 @@ PY
   done
 }
 
+# The real decode timeline: CUPTI kernel records (tools/kernel_trace), kernels overlapping as PDL and graphs let
+# them. Per case: the run without the tracer (its ms/token, to show the tracer's cost), the traced run, and
+# tools/kernel_trace.py's table of each kernel's share of the step's critical path.
+trace() {
+  local models="model_a model_b" batches="1" tokens=64 extra=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --models) models="$2"; shift ;;
+      --batch) batches="$2"; shift ;;
+      --tokens) tokens="$2"; shift ;;
+      --env) extra+=("$2"); shift ;;  # NAME=VALUE for both runs (an A/B switch such as MOEX_CUDA_PDL=0)
+      *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  local out="${OUT:-/tmp/moex_device_out}" lib="$PWD/$DEV/lib"
+  [ -f "$lib/libmoex_kernel_trace.so" ] || { echo "device_cuda.sh trace: $lib/libmoex_kernel_trace.so missing (prepare)" >&2; exit 1; }
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
+  local model batch tag
+  for model in $models; do
+    for batch in $batches; do
+      local batch_flag=(--batch "$batch")
+      [ "$batch" = 1 ] && batch_flag=()
+      tag="${model}_b${batch}${extra:+_$(echo "${extra[*]}" | tr -c 'A-Za-z0-9\n' _)}"
+      local args=(bench -m "bench/cuda/models/$model" --load-format random --device cuda --prompt-lens 16
+        --decode-context 16 --decode-tokens "$tokens" --reps 2 "${batch_flag[@]}" --json)
+      env "${extra[@]}" timeout 150 "$DEV/bin/moex" "${args[@]}" >"$out/plain_$tag.json" 2>>"$out/err.log"
+      env "${extra[@]}" CUDA_INJECTION64_PATH="$lib/libmoex_kernel_trace.so" MOEX_KERNEL_TRACE="$out/trace_$tag.csv" \
+        timeout 150 "$DEV/bin/moex" "${args[@]}" >"$out/traced_$tag.json" 2>>"$out/err.log"
+      python3 - "$out/plain_$tag.json" "$out/traced_$tag.json" "$tag ${extra[*]}" <<'PY'
+import json, sys
+def ms(path):
+    try:
+        r = json.load(open(path))
+    except Exception:
+        return None
+    d = r.get("decode") or {}
+    b = r.get("batch_decode") or []
+    return d.get("ms_per_token_mean") or (b[0]["ms_per_step_mean"] if b else None)
+print(f"\n## {sys.argv[3]}: ms/token (or ms/step) without the tracer {ms(sys.argv[1])}, traced {ms(sys.argv[2])}")
+PY
+      python3 tools/kernel_trace.py "$out/trace_$tag.csv" --top 30
+      gzip -f "$out/trace_$tag.csv"
+    done
+  done
+}
+
 # llama.cpp next to moex (see the header). The GGUFs take ~24 GB of the machine's disk (GGUF_DIR).
 peers() {
   local out="${OUT:-/tmp/moex_device_out}" llama="${LLAMA_BIN:?LLAMA_BIN: the directory with llama-bench}"
@@ -439,5 +494,6 @@ case "${1:-}" in
   run) shift; unpack; run "$@" ;;
   ab) shift; unpack; ab "$@" ;;
   profile) shift; unpack; profile "$@" ;;
+  trace) shift; unpack; trace "$@" ;;
   *) sed -n "2,$(( $(grep -n '^set -uo' "$0" | cut -d: -f1) - 1 ))p" "$0"; exit 2 ;;
 esac
