@@ -155,11 +155,21 @@ CommandAction setup_bench(CLI::App* sub) {
       engine.backend().synchronize();
       const ExpertProviderStats before = engine.experts().stats();
       auto start = std::chrono::steady_clock::now();
-      for (int64_t step = 0; step < options->decode_tokens; ++step) {
-        const int64_t position = options->decode_context + step;
-        if (trace) trace->record_token_id(request, position, token);
-        engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &logits, observer);
-        token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      if (!trace && engine.decoder().can_chain_greedy() && options->decode_tokens > 0) {
+        // As Engine::generate decodes greedily: the device runs one step ahead of the host.
+        engine.decoder().enqueue_greedy_step(token, options->decode_context);
+        for (int64_t step = 1; step < options->decode_tokens; ++step) {
+          engine.decoder().enqueue_greedy_step(Backend::kTokenOnDevice, options->decode_context + step);
+          token = engine.decoder().next_greedy_token();
+        }
+        token = engine.decoder().next_greedy_token();
+      } else {
+        for (int64_t step = 0; step < options->decode_tokens; ++step) {
+          const int64_t position = options->decode_context + step;
+          if (trace) trace->record_token_id(request, position, token);
+          engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &logits, observer);
+          token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        }
       }
       engine.backend().synchronize();
       double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();

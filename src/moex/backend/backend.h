@@ -249,13 +249,27 @@ class Backend {
     return false;
   }
 
+  // ---- chained greedy steps (optional) ------------------------------------------------------------------------
+  // Greedy decoding of one sequence without a host round trip between steps. pick_greedy() enqueues the argmax of
+  // logits' last row (as argmax_rows) and returns at once: that id becomes the token of the next decode_step()
+  // called with kTokenOnDevice, and picked_token() returns it once it reached the host (the oldest pick not yet
+  // read; it waits). So the host enqueues step t+1 before it reads step t's token, and the device does not idle
+  // while the host reads the token, checks it, prints it and launches the next step. Up to kMaxPendingPicks
+  // picks may wait to be read. A backend that chains (chains_greedy_steps) supports this in decode_step().
+  static constexpr int32_t kTokenOnDevice = -1;
+  static constexpr int kMaxPendingPicks = 4;
+  virtual bool chains_greedy_steps() const { return false; }
+  virtual void pick_greedy(const TensorView& logits);   // default: an error (the backend does not chain)
+  virtual int32_t picked_token();                       // default: an error
+
   // ---- decode-step recording (optional) ---------------------------------------------------------
   // Runs the ops of one single-token step (token at position). A backend may record ops() once per
   // context-length bucket and replay the recording for later steps (CUDA graphs). ops() must then depend
   // on token and position only through the embedding and rope ops of one row and the kv ops of the prepared
   // KvStep (prepare_kv_step() comes before decode_step(), so its upload stays outside the recording), must
   // not read anything back to the host, and must touch the same buffers each time: call
-  // reset_step_recordings() when a buffer it uses is reallocated. Default: runs ops().
+  // reset_step_recordings() when a buffer it uses is reallocated. token may be kTokenOnDevice after a
+  // pick_greedy() (backends that chain greedy steps). Default: runs ops().
   virtual void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) {
     (void)token, (void)position;
     ops();

@@ -289,6 +289,11 @@ void Decoder::forward_sequence(int32_t seq, std::span<const int32_t> ids, int64_
   const int64_t n = static_cast<int64_t>(ids.size());
   if (n == 0) throw UsageError("forward: no tokens to run");
   for (int32_t id : ids) check_token(id);
+  const int64_t stride = prepare_rows(seq, start_pos, n);
+  run_step(ids, start_pos, stride, all_logits, logits, observer);
+}
+
+int64_t Decoder::prepare_rows(int32_t seq, int64_t start_pos, int64_t n) {
   const int64_t length = kv_->length(seq);
   if (start_pos < 0 || start_pos > length)
     throw UsageError(fmt::format("forward: sequence {} holds positions 0..{}; cannot continue at position {}", seq,
@@ -299,8 +304,28 @@ void Decoder::forward_sequence(int32_t seq, std::span<const int32_t> ids, int64_
   for (int64_t idx = 0; idx < n; ++idx) positions_[idx] = static_cast<int32_t>(start_pos + idx);
   const auto table = kv_->block_table(seq);
   tables_.assign(table.begin(), table.end());
-  run_step(ids, start_pos, static_cast<int64_t>(table.size()), all_logits, logits, observer);
+  return static_cast<int64_t>(table.size());
 }
+
+bool Decoder::routes_on_device(const RouterObserver* observer) const {
+  return backend_.prefers_device_routing() && experts_.all_resident() && observer == nullptr &&
+         experts_.lookahead_layers() == 0;
+}
+
+bool Decoder::can_chain_greedy() const { return backend_.chains_greedy_steps() && routes_on_device(nullptr); }
+
+void Decoder::enqueue_greedy_step(int32_t token, int64_t position) {
+  MOEX_ASSERT(can_chain_greedy(), "enqueue_greedy_step: the backend cannot chain greedy steps here");
+  if (token != Backend::kTokenOnDevice) check_token(token);
+  const int64_t stride = prepare_rows(default_seq_, position, 1);
+  kv_step_ = KvStep{row_seq_, positions_, tables_, stride, kv_->page_size()};
+  backend_.prepare_kv_step(kv_step_);
+  ids_.assign(1, token);
+  backend_.decode_step(token, position, [&] { run_layers(ids_, position, positions_, false, true, true, nullptr); });
+  backend_.pick_greedy(scratch(kLogits, Shape{1, cfg_.vocab_size}));
+}
+
+int32_t Decoder::next_greedy_token() { return backend_.picked_token(); }
 
 bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits,
                             std::vector<int32_t>* greedy_ids) {
@@ -345,8 +370,7 @@ bool Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t 
 
   // All-resident experts and nobody who needs the routing on the host: the backend routes on its device,
   // and a single-token step becomes one recordable sequence of ops (CUDA graphs).
-  const bool device_routing = backend_.prefers_device_routing() && experts_.all_resident() && observer == nullptr &&
-                              experts_.lookahead_layers() == 0;
+  const bool device_routing = routes_on_device(observer);
   auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, logits != nullptr || greedy_ids != nullptr, device_routing, observer); };
   if (n == 1 && device_routing)
     backend_.decode_step(ids[0], positions_[0], ops);

@@ -79,10 +79,25 @@ class Decoder {
   // Tells the expert provider that the current sequence ended (per-request predictors and policies).
   void end_sequence();
 
+  // Greedy decoding of the decoder's own sequence with its steps chained on the device (Backend::pick_greedy):
+  // the host enqueues step t+1 before it has read step t's token. Possible when the backend chains steps and a
+  // step needs nothing from the host (routing on the device: every expert resident, no lookahead).
+  bool can_chain_greedy() const;
+  // Enqueues the step of token at position (the sequence's length, or less) and its greedy pick, and returns
+  // without waiting. token = Backend::kTokenOnDevice takes the previous enqueued step's pick.
+  void enqueue_greedy_step(int32_t token, int64_t position);
+  // The oldest enqueued step's pick; waits for it.
+  int32_t next_greedy_token();
+
  private:
   struct DeviceLayer;
   TensorView scratch(int slot, Shape shape);
   void check_token(int32_t id) const;
+  // Grows sequence seq to start_pos + n positions (start_pos <= its length, else UsageError) and fills row_seq_,
+  // positions_ and tables_ for its n rows from start_pos; returns the table stride.
+  int64_t prepare_rows(int32_t seq, int64_t start_pos, int64_t n);
+  // Whether a step may route on the backend's device (no expert ids on the host): see run_step.
+  bool routes_on_device(const RouterObserver* observer) const;
   // Runs ids as rows of kv_step_ (built from row_seq_, positions_, tables_), then reads logits back.
   // With greedy_ids, as forward_batch. Returns whether greedy_ids were filled on the device.
   bool run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,

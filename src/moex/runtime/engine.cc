@@ -106,6 +106,12 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
   int64_t position = static_cast<int64_t>(prompt.size());
   start = std::chrono::steady_clock::now();
   result.stop_reason = "length";
+  if (options.sampling.temperature == 0.0f && observer == nullptr && decoder_->can_chain_greedy()) {
+    decode_chained(sampler.sample(logits), position, options, on_token, &result);
+    result.decode_ms = elapsed_ms(start);
+    decoder_->end_sequence();
+    return result;
+  }
   for (int64_t step = 0; step < options.max_new_tokens; ++step) {
     int32_t token = sampler.sample(logits);
     result.output_ids.push_back(token);
@@ -121,6 +127,53 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
   result.decode_ms = elapsed_ms(start);
   decoder_->end_sequence();
   return result;
+}
+
+void Engine::decode_chained(int32_t token, int64_t position, const GenerationOptions& options,
+                            const std::function<bool(int32_t)>& on_token, GenerationResult* result) {
+  const auto& eos = config().eos_token_ids;
+  // Tokens known (sampled from the prompt, or read back) and steps enqueued whose picks are not read yet. The
+  // device runs one step ahead of the host: step t+1 is enqueued before step t's token is read, so reading,
+  // checking and printing it overlap the device's work. A stop discards at most that one step.
+  int64_t known = 0, in_flight = 0;
+  auto take = [&](int32_t id) {
+    ++known;
+    result->output_ids.push_back(id);
+    const bool keep_going = !on_token || on_token(id);
+    if (options.stop_at_eos && std::find(eos.begin(), eos.end(), id) != eos.end()) {
+      result->stop_reason = "eos";
+      return false;
+    }
+    return keep_going && known < options.max_new_tokens;
+  };
+  // A step enqueued past a stop still runs; its pick is read so that the next generation starts clean.
+  auto drain = [&] {
+    for (; in_flight > 0; --in_flight) decoder_->next_greedy_token();
+  };
+  try {
+    bool running = options.max_new_tokens > 0 && take(token);
+    if (running) {
+      decoder_->enqueue_greedy_step(token, position++);
+      ++in_flight;
+    }
+    while (running) {
+      // known + in_flight tokens exist or are coming; another step is worth it only if its token may be kept.
+      if (known + in_flight < options.max_new_tokens) {
+        decoder_->enqueue_greedy_step(Backend::kTokenOnDevice, position++);
+        ++in_flight;
+      }
+      --in_flight;
+      ++result->decode_steps;
+      running = take(decoder_->next_greedy_token());
+    }
+  } catch (...) {
+    try {
+      drain();
+    } catch (...) {  // the device failed: the first error is the one to report
+    }
+    throw;
+  }
+  drain();
 }
 
 std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector<int32_t>> prompts,

@@ -93,6 +93,11 @@ class Engine {
   static int64_t resident_weight_bytes(const ModelConfig& cfg);
 
  private:
+  // Greedy decode steps chained on the device (Decoder::enqueue_greedy_step) from token, the first new token
+  // (already sampled from the prompt), at position: the same tokens, stops and counts as generate()'s loop.
+  void decode_chained(int32_t token, int64_t position, const GenerationOptions& options,
+                      const std::function<bool(int32_t)>& on_token, GenerationResult* result);
+
   const Model& model_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Backend> host_backend_;  // CPU execution of missed experts next to a GPU backend

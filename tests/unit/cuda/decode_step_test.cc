@@ -172,6 +172,43 @@ TEST(CudaDecodeStep, GraphsMatchEagerAcrossBuckets) {
   }
 }
 
+// Greedy steps chained on the device (the pick kernel writes the next step's token; the host reads each token one
+// step later) against steps that wait for the host: the same 300 tokens across the 256-key bucket and the KV
+// cache's growth, with graphs and with eager steps; and stops that leave a step in flight must not disturb the
+// next generation on the same engine.
+TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const char* name : {"mixtral", "qwen3_moe", "olmoe"}) {
+    SCOPED_TRACE(name);
+    const auto dir = fixtures_dir() / name;
+    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
+    auto model = Model::load(dir.string());
+    const auto prompt = test::reference_prompt(dir);
+    const auto step_by_step = greedy_with_switch_off(*model, prompt, 300, "MOEX_CUDA_CHAIN_STEPS", [](Engine& engine) {
+      EXPECT_FALSE(engine.backend().chains_greedy_steps());
+    });
+    const auto eager_chained = greedy_with_switch_off(*model, prompt, 300, "MOEX_CUDA_GRAPHS", [](Engine& engine) {
+      EXPECT_TRUE(engine.backend().chains_greedy_steps());
+      EXPECT_EQ(cuda_step_graph_stats(engine.backend()).replays, 0);
+    });
+    EXPECT_EQ(eager_chained, step_by_step);
+    EngineOptions options;
+    options.device = "cuda";
+    Engine chained(*model, options);
+    ASSERT_TRUE(chained.backend().chains_greedy_steps());
+    EXPECT_EQ(greedy(chained, prompt, 300), step_by_step);
+    // on_token stops at token 7: the step for token 8 is already enqueued; the next generation is unaffected.
+    GenerationOptions stop;
+    stop.max_new_tokens = 50;
+    stop.sampling.temperature = 0;
+    stop.stop_at_eos = false;
+    int seen = 0;
+    const auto early = chained.generate(prompt, stop, [&](int32_t) { return ++seen < 7; }).output_ids;
+    EXPECT_EQ(early, std::vector<int32_t>(step_by_step.begin(), step_by_step.begin() + 7));
+    EXPECT_EQ(greedy(chained, prompt, 40), std::vector<int32_t>(step_by_step.begin(), step_by_step.begin() + 40));
+  }
+}
+
 // The offloading provider keeps host-side routing (acquire/release, pre-gating); with a budget of top_k + 1
 // experts nearly every step copies experts through copy_from_host_async_path from registered host memory.
 TEST(CudaOffload, GreedyMatchesResident) {

@@ -37,5 +37,24 @@ TEST(CudaArgmaxRows, MatchesTheHostSampler) {
   }
 }
 
+// Chained greedy steps' picks (Backend::pick_greedy): the last row's argmax, read back in the order picked, with
+// the ring of pending picks full.
+TEST(CudaArgmaxRows, PicksAreReadInOrder) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  ASSERT_TRUE(backend->chains_greedy_steps());
+  std::mt19937 rng(5);
+  const int64_t rows = 2, cols = 151936;
+  std::vector<int32_t> want;
+  std::vector<std::unique_ptr<GuardedTensor>> tensors;
+  for (int pick = 0; pick < Backend::kMaxPendingPicks; ++pick) {
+    auto logits = random_floats(rng, static_cast<size_t>(rows * cols), 3.f);
+    want.push_back(argmax(std::span<const float>(logits).subspan(cols, cols)));
+    tensors.push_back(std::make_unique<GuardedTensor>(*backend, Shape{rows, cols}));
+    tensors.back()->fill(logits);
+    backend->pick_greedy(tensors.back()->view());
+  }
+  for (int pick = 0; pick < Backend::kMaxPendingPicks; ++pick) EXPECT_EQ(backend->picked_token(), want[pick]);
+}
+
 }  // namespace
 }  // namespace moex::cuda_test

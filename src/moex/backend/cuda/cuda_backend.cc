@@ -114,6 +114,8 @@ class CudaBackend final : public Backend {
     route_ticket_ = DeviceMemory(16);
     MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
+    picks_host_ = PinnedMemory(kMaxPendingPicks * sizeof(int32_t));
+    for (cudaEvent_t& event : pick_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
     for (cudaEvent_t& event : copy_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
@@ -121,6 +123,8 @@ class CudaBackend final : public Backend {
     graphs_enabled_ = !(graphs && std::string(graphs) == "0");
     const char* fused = std::getenv("MOEX_CUDA_FUSED_NORMS");  // "0": norms as launches of their own (A/B)
     fused_norms_ = !(fused && std::string(fused) == "0");
+    const char* chain = std::getenv("MOEX_CUDA_CHAIN_STEPS");  // "0": greedy steps wait for the host (A/B)
+    chain_steps_ = !(chain && std::string(chain) == "0");
   }
 
   ~CudaBackend() override {
@@ -130,6 +134,8 @@ class CudaBackend final : public Backend {
     for (void* ptr : registered_) cudaHostUnregister(ptr);
     graphs_.reset();
     if (step_event_) cudaEventDestroy(step_event_);
+    for (cudaEvent_t event : pick_events_)
+      if (event) cudaEventDestroy(event);
     if (kv_event_) cudaEventDestroy(kv_event_);
     if (compute_mark_) cudaEventDestroy(compute_mark_);
     for (cudaEvent_t event : copy_events_)
@@ -247,18 +253,24 @@ class CudaBackend final : public Backend {
   }
 
   void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) override {
-    if (!graphs_enabled_) {
+    const bool token_on_device = token == kTokenOnDevice;
+    if (!graphs_enabled_ && !token_on_device) {
       ops();
       return;
     }
-    // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on:
-    // the step before ended with a logits read-back).
+    MOEX_ASSERT(!token_on_device || next_token_picked_, "cuda decode_step at {}: the token is on the device only "
+                "after pick_greedy()", position);
+    // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on: it left
+    // at the start of the step before).
     MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
     auto* host = static_cast<int32_t*>(step_host_.get());
     host[0] = token;
     host[1] = static_cast<int32_t>(position);
-    upload_pinned(host, step_values_.get(), 2 * sizeof(int32_t));
+    // A chained step's token is already in step_values_[0] (the pick kernel wrote it): only the position goes up.
+    if (token_on_device) upload_pinned(host + 1, static_cast<int32_t*>(step_values_.get()) + 1, sizeof(int32_t));
+    else upload_pinned(host, step_values_.get(), 2 * sizeof(int32_t));
     MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
+    next_token_picked_ = false;
     // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
     const int64_t bucket = step_bucket_keys(position + 1);
     MOEX_ASSERT(kv_rows_ == 1 && kv_bucket_keys_ == bucket, "cuda decode_step at {}: prepare_kv_step({} rows) first",
@@ -268,7 +280,8 @@ class CudaBackend final : public Backend {
     step_position_ = position;
     step_bucket_keys_ = bucket;
     try {
-      graphs_.run(bucket, stream_, ops, &capturing_);
+      if (graphs_enabled_) graphs_.run(bucket, stream_, ops, &capturing_);
+      else ops();
     } catch (...) {
       step_mode_ = false;
       throw;
@@ -288,7 +301,10 @@ class CudaBackend final : public Backend {
                 dtype_name(table.dtype));
     int64_t n = static_cast<int64_t>(ids.size()), hidden = table.dim(-1), vocab = table.dim(0);
     MOEX_ASSERT(out.numel() == n * hidden, "cuda embedding: out {} for {} ids x {}", out.shape.str(), n, hidden);
-    for (int32_t id : ids) MOEX_ASSERT(id >= 0 && id < vocab, "cuda embedding: token id {} outside [0, {})", id, vocab);
+    // A chained step's token (kTokenOnDevice) is a pick of the argmax kernel: in range by construction.
+    const bool chained = step_mode_ && n == 1 && ids[0] == kTokenOnDevice;
+    if (!chained)
+      for (int32_t id : ids) MOEX_ASSERT(id >= 0 && id < vocab, "cuda embedding: token id {} outside [0, {})", id, vocab);
     if (n == 0) return;
     const int32_t* dev_ids = nullptr;
     if (step_mode_ && n == 1) {
@@ -581,8 +597,9 @@ class CudaBackend final : public Backend {
                 ids.size(), logits.shape.str());
     refuse_while_capturing("argmax_rows");
     if (rows == 0) return true;
-    auto* dev = static_cast<int32_t*>(workspace(static_cast<size_t>(rows) * sizeof(int32_t)));
-    launch_argmax_rows(logits.as<float>(), rows, cols, dev, stream_);
+    const size_t ids_bytes = align16(static_cast<size_t>(rows) * sizeof(int32_t));
+    auto* dev = static_cast<int32_t*>(workspace(ids_bytes + argmax_scratch_bytes(rows, cols)));
+    launch_argmax_rows(logits.as<float>(), rows, cols, dev, reinterpret_cast<char*>(dev) + ids_bytes, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
     const size_t bytes = static_cast<size_t>(rows) * sizeof(int32_t);
     if (readback_.bytes() < bytes) readback_ = PinnedMemory(bytes * 2);
@@ -590,6 +607,33 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::memcpy(ids.data(), readback_.get(), bytes);
     return true;
+  }
+
+  // The pick kernel writes the id twice: into step_values_[0] (the next chained step's token) and into a pinned
+  // slot the host reads once the slot's event completed (no copy launch on the way back).
+  bool chains_greedy_steps() const override { return chain_steps_; }
+  void pick_greedy(const TensorView& logits) override {
+    check_f32(logits, "pick_greedy", "logits");
+    refuse_while_capturing("pick_greedy");
+    const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
+    MOEX_ASSERT(rows >= 1 && cols > 0, "cuda pick_greedy: logits {}", logits.shape.str());
+    MOEX_ASSERT(picks_enqueued_ - picks_read_ < static_cast<uint64_t>(kMaxPendingPicks),
+                "cuda pick_greedy: {} picks not read yet (picked_token)", kMaxPendingPicks);
+    const uint64_t slot = picks_enqueued_ % kMaxPendingPicks;
+    auto* host = static_cast<int32_t*>(picks_host_.get()) + slot;
+    launch_argmax_rows(logits.as<float>() + (rows - 1) * cols, 1, cols, static_cast<int32_t*>(step_values_.get()),
+                       workspace(argmax_scratch_bytes(1, cols)), stream_, host);
+    MOEX_CUDA_CHECK_LAUNCH();
+    MOEX_CUDA_CHECK(cudaEventRecord(pick_events_[slot], stream_));
+    ++picks_enqueued_;
+    next_token_picked_ = true;
+  }
+  int32_t picked_token() override {
+    MOEX_ASSERT(picks_read_ < picks_enqueued_, "cuda picked_token: no pick_greedy() waiting to be read");
+    const uint64_t slot = picks_read_ % kMaxPendingPicks;
+    MOEX_CUDA_CHECK(cudaEventSynchronize(pick_events_[slot]));
+    ++picks_read_;
+    return static_cast<const volatile int32_t*>(picks_host_.get())[slot];
   }
 
   void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
@@ -791,6 +835,11 @@ class CudaBackend final : public Backend {
   DeviceMemory route_ticket_;  // launch_moe_router_plan's counter of finished blocks (0 between launches)
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
+  // Chained greedy steps (pick_greedy): a ring of pinned ids, each with the event of the kernel that wrote it.
+  PinnedMemory picks_host_;
+  std::array<cudaEvent_t, kMaxPendingPicks> pick_events_{};
+  uint64_t picks_enqueued_ = 0, picks_read_ = 0;
+  bool next_token_picked_ = false;  // step_values_[0] holds a pick no decode step has taken yet
   cudaEvent_t compute_mark_ = nullptr;   // copy_from_host_enqueue: the compute stream's work so far
   StreamTimeline timeline_;              // MOEX_CUDA_TIMELINE: spans of copies, expert work, read-backs
   // Expert copies have run on copy_stream_ (offloading): small uploads are then read by a kernel (upload_pinned).
@@ -801,6 +850,7 @@ class CudaBackend final : public Backend {
   uint64_t copies_enqueued_ = 0;
   bool graphs_enabled_ = true;
   bool fused_norms_ = true;
+  bool chain_steps_ = true;
   bool step_mode_ = false;
   bool capturing_ = false;
   int32_t step_token_ = 0;
