@@ -9,7 +9,8 @@ never finish early), so the step's critical path is the chain of end times: a ke
 the previous kernel's end. Kernels with a large share are the ones to fuse, overlap or speed up; a kernel whose
 duration is long but whose share is small was waiting for its predecessor. Only graph launches are counted
 (steps that ran eagerly, prompts and setup are left out); the time between one step's last kernel and the next
-step's first is the host's part (read-back, sampling, the next launch)."""
+step's first is the host's part (read-back, sampling, the next launch); its median is reported, since the gaps
+between repetitions of a benchmark hold a prompt's prefill."""
 import argparse
 import collections
 import csv
@@ -67,8 +68,9 @@ def analyse(rows):
               "duration_us_per_launch": duration[name] / launches[name] / 1e3} for name in share]
     table.sort(key=lambda e: -e["share_us_per_step"])
     step_us = sum(spans) / n / 1e3
-    return {"steps": n, "step_us": step_us, "between_steps_us": (sum(gaps) / len(gaps) / 1e3) if gaps else 0.0,
-            "kernels": table}
+    # The median: the gaps between repetitions hold a prompt's prefill and setup.
+    between = sorted(gaps)[len(gaps) // 2] / 1e3 if gaps else 0.0
+    return {"steps": n, "step_us": step_us, "between_steps_us": between, "kernels": table}
 
 
 def main():
@@ -82,7 +84,7 @@ def main():
         print(json.dumps(result))
         return
     print(f"{result['steps']} graph steps: {result['step_us']:.1f} us from the first kernel's start to the last's "
-          f"end, {result['between_steps_us']:.1f} us between steps")
+          f"end, {result['between_steps_us']:.1f} us between steps (median)")
     print("| kernel | launches / step | critical-path us / step | % | us per launch (start to end) |")
     print("|---|---|---|---|---|")
     for e in result["kernels"][:a.top]:
