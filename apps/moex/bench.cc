@@ -137,6 +137,9 @@ CommandAction setup_bench(CLI::App* sub) {
     }
     std::vector<double> per_token_ms;
     engine.decoder().reserve(options->decode_context + options->decode_tokens);
+    // Greedy steps chained on the device where the engine would chain them (Engine::generate); a trace needs
+    // every step's routing on the host.
+    const bool chained = !trace && engine.decoder().can_chain_greedy() && options->decode_tokens > 0;
     // Expert traffic of the timed decode steps alone (prefill traffic is reported apart).
     ExpertProviderStats decode_stats{};
     int64_t timed_steps = 0;
@@ -155,7 +158,7 @@ CommandAction setup_bench(CLI::App* sub) {
       engine.backend().synchronize();
       const ExpertProviderStats before = engine.experts().stats();
       auto start = std::chrono::steady_clock::now();
-      if (!trace && engine.decoder().can_chain_greedy() && options->decode_tokens > 0) {
+      if (chained) {
         // As Engine::generate decodes greedily: the device runs one step ahead of the host.
         engine.decoder().enqueue_greedy_step(token, options->decode_context);
         for (int64_t step = 1; step < options->decode_tokens; ++step) {
@@ -259,7 +262,8 @@ CommandAction setup_bench(CLI::App* sub) {
                     {"tokens", options->decode_tokens},
                     {"ms_per_token_mean", decode.mean},
                     {"ms_per_token_stddev", decode.stddev},
-                    {"tokens_per_s", decode.mean > 0 ? 1000.0 / decode.mean : 0.0}}},
+                    {"tokens_per_s", decode.mean > 0 ? 1000.0 / decode.mean : 0.0},
+                    {"steps", chained ? "chained" : "step_by_step"}}},
         {"batch_decode", batch_results},
         {"decode_bytes_per_token", bytes},
         {"expert_bytes", static_cast<int64_t>(cfg.expert_bytes())},
@@ -311,8 +315,9 @@ CommandAction setup_bench(CLI::App* sub) {
       std::printf("prefill %6lld tokens: %9.2f ms (+- %.2f)  %10.1f tokens/s\n",
                   static_cast<long long>(p["prompt_tokens"].get<int64_t>()), p["ms_mean"].get<double>(),
                   p["ms_stddev"].get<double>(), p["tokens_per_s"].get<double>());
-    std::printf("decode  (batch 1):    %9.3f ms/token (+- %.3f)  %10.1f tokens/s; reads %.1f MiB/token\n", decode.mean,
-                decode.stddev, decode.mean > 0 ? 1000.0 / decode.mean : 0.0, bytes / 1048576.0);
+    std::printf("decode  (batch 1):    %9.3f ms/token (+- %.3f)  %10.1f tokens/s; reads %.1f MiB/token%s\n", decode.mean,
+                decode.stddev, decode.mean > 0 ? 1000.0 / decode.mean : 0.0, bytes / 1048576.0,
+                chained ? "; steps chained on the device" : "");
     for (const auto& b : batch_results)
       std::printf("decode  (batch %3lld):  %9.3f ms/step  (+- %.3f)  %10.1f tokens/s; host argmax %.3f ms/step\n",
                   static_cast<long long>(b["batch"].get<int64_t>()), b["ms_per_step_mean"].get<double>(),
