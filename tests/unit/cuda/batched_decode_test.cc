@@ -17,13 +17,11 @@ namespace moex::cuda_test {
 namespace {
 
 TEST(CudaBatchedDecode, MatchesEachSequenceAlone) {
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const char* name : {"mixtral", "qwen3_moe", "olmoe"}) {
-    SCOPED_TRACE(name);
-    const auto dir = fixtures_dir() / name;
-    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
-    auto model = Model::load(dir.string());
-    const auto ref = test::reference_prompt(dir);
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const Model* model = fixture.model.get();
+    const auto& ref = fixture.prompt;
     std::vector<std::vector<int32_t>> prompts;
     for (size_t len : {ref.size(), size_t{1}, size_t{4}, size_t{2}, size_t{5}})
       prompts.emplace_back(ref.begin(), ref.begin() + static_cast<int64_t>(std::min(len, ref.size())));

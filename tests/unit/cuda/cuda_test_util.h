@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <initializer_list>
 #include <memory>
 #include <random>
 #include <string>
@@ -17,6 +18,7 @@
 #include "moex/backend/backend.h"
 #include "moex/backend/cuda/cuda_backend.h"
 #include "moex/core/dtype.h"
+#include "moex/model/model.h"
 #include "unit/model/fixture_util.h"
 
 namespace moex::cuda_test {
@@ -26,6 +28,28 @@ inline std::filesystem::path fixtures_dir() {
   const char* env = std::getenv("MOEX_FIXTURES_DIR");
   return env ? std::filesystem::path(env) : test::fixtures_root();
 }
+
+// A transformers fixture loaded for an end-to-end test: its model and the reference prompt.
+struct LoadedFixture {
+  std::string name;
+  std::unique_ptr<Model> model;
+  std::vector<int32_t> prompt;
+};
+// The named fixtures under fixtures_dir(); empty when one of them is missing (the caller then skips).
+inline std::vector<LoadedFixture> load_fixtures(std::initializer_list<const char*> names) {
+  std::vector<LoadedFixture> fixtures;
+  for (const char* name : names) {
+    const auto dir = fixtures_dir() / name;
+    if (!std::filesystem::exists(dir)) return {};
+    fixtures.push_back(LoadedFixture{name, Model::load(dir.string()), test::reference_prompt(dir)});
+  }
+  return fixtures;
+}
+// In a TEST body: skips the test without a CUDA device or a fixture, else loads the fixtures into `var`.
+#define MOEX_CUDA_FIXTURES_OR_SKIP(var, ...)                                                     \
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";                               \
+  auto var = load_fixtures({__VA_ARGS__});                                                       \
+  if (var.empty()) GTEST_SKIP() << "fixtures missing under " << fixtures_dir()
 
 inline std::unique_ptr<Backend> make_backend_or_null() {
   if (cuda_device_count() == 0) return nullptr;

@@ -127,13 +127,11 @@ std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vecto
 // MoE, no shared expert; qwen3_moe adds per-head q/k norms). The norms' reduction order differs, so only tokens
 // are compared; the kernels themselves are checked in CudaResidualNorm.
 TEST(CudaDecodeStep, FusedNormsMatchSeparateNorms) {
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const char* name : {"mixtral", "qwen3_moe", "olmoe"}) {
-    SCOPED_TRACE(name);
-    const auto dir = fixtures_dir() / name;
-    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
-    auto model = Model::load(dir.string());
-    const auto prompt = test::reference_prompt(dir);
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const Model* model = fixture.model.get();
+    const auto& prompt = fixture.prompt;
     const auto separate = greedy_with_switch_off(*model, prompt, 64, "MOEX_CUDA_FUSED_NORMS", [](Engine& engine) {
       EXPECT_FALSE(engine.backend().fuses_residual_norms(1));
     });
@@ -148,13 +146,11 @@ TEST(CudaDecodeStep, FusedNormsMatchSeparateNorms) {
 // 300 tokens cross the 256-key bucket and the KV cache's growth (both drop the recordings); graphs must not
 // change a single greedy token against eager steps.
 TEST(CudaDecodeStep, GraphsMatchEagerAcrossBuckets) {
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const char* name : {"mixtral", "qwen3_moe"}) {
-    SCOPED_TRACE(name);
-    const auto dir = fixtures_dir() / name;
-    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
-    auto model = Model::load(dir.string());
-    const auto prompt = test::reference_prompt(dir);
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const Model* model = fixture.model.get();
+    const auto& prompt = fixture.prompt;
     const auto eager_ids = greedy_with_switch_off(*model, prompt, 300, "MOEX_CUDA_GRAPHS", [](Engine& eager) {
       EXPECT_EQ(cuda_step_graph_stats(eager.backend()).replays, 0);
     });
@@ -166,7 +162,7 @@ TEST(CudaDecodeStep, GraphsMatchEagerAcrossBuckets) {
     EXPECT_EQ(stats.failures, 0);
     EXPECT_GE(stats.captures, 2);  // buckets 256 and 512
     EXPECT_GT(stats.replays, 250);
-    std::printf("[graphs %s] captures %lld replays %lld failures %lld\n", name,
+    std::printf("[graphs %s] captures %lld replays %lld failures %lld\n", fixture.name.c_str(),
                 static_cast<long long>(stats.captures), static_cast<long long>(stats.replays),
                 static_cast<long long>(stats.failures));
   }
@@ -177,13 +173,11 @@ TEST(CudaDecodeStep, GraphsMatchEagerAcrossBuckets) {
 // cache's growth, with graphs and with eager steps; and stops that leave a step in flight must not disturb the
 // next generation on the same engine.
 TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const char* name : {"mixtral", "qwen3_moe", "olmoe"}) {
-    SCOPED_TRACE(name);
-    const auto dir = fixtures_dir() / name;
-    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
-    auto model = Model::load(dir.string());
-    const auto prompt = test::reference_prompt(dir);
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const Model* model = fixture.model.get();
+    const auto& prompt = fixture.prompt;
     const auto step_by_step = greedy_with_switch_off(*model, prompt, 300, "MOEX_CUDA_CHAIN_STEPS", [](Engine& engine) {
       EXPECT_FALSE(engine.backend().chains_greedy_steps());
     });
