@@ -7,8 +7,9 @@
 #   2b. prefill 512 / 2048 tokens of a 4-layer Mixtral-8x7B shape at 6 GiB (llama.cpp's prefill setting in
 #      PEERS.md), with the defaults (streamed scan steps) and --no-scan-steps, unless CASES=pregate;
 #   3. a table with the floor per token: the missed experts' bytes split optimally between a PCIe copy and a
-#      CPU read, both at once (bytes / (pcie + dram)), next to moex's ms/token; and the work floor: every
-#      byte the step copied or read on the CPU (prefetched hits included) over both paths at once.
+#      CPU read, both at once (bytes / (pcie + dram)), next to moex's ms/token; the shared floor: the same bytes
+#      at the rate both paths reached together when measured at once (they share the host's DRAM); and the
+#      work floor: every byte the step copied or read on the CPU (prefetched hits included) over both paths.
 # Usage (device): MOEX=path/to/moex bench/offload/offload_bench.sh [--quick]
 #   MOEX_BASE=path/to/other/moex also runs each pre-gating + CPU-expert case with that binary first (named
 #   base_*), for before/after in one call. CASES=pregate skips the LRU cases; CASES="name name ..." runs only
@@ -45,6 +46,26 @@ h.sum()
 t = time.perf_counter()
 for _ in range(5): h.sum()
 res["host_read_gbs"] = 5 * 4 * (1 << 30) / (time.perf_counter() - t) / 1e9
+# Both at once: the copy engine and the CPU read the same host DRAM. On the GPU machines the two together moved
+# ~145 GB/s, not pinned + read (~165): the floor that assumes they add up is optimistic there.
+import threading
+copied, read, stop = [0], [0], threading.Event()
+def copy_loop():
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        while not stop.is_set():
+            y.copy_(x, non_blocking=True); s.synchronize(); copied[0] += 1 << 30
+thread = threading.Thread(target=copy_loop)
+thread.start()
+time.sleep(0.2)
+c0, t = copied[0], time.perf_counter()
+for _ in range(10):  # ~0.5 s: whole 1 GiB copies (~20 ms each) count, so the window must be long
+    h.sum(); read[0] += 4 * (1 << 30)
+elapsed = time.perf_counter() - t
+c1 = copied[0]
+stop.set(); thread.join()
+res["concurrent_h2d_gbs"] = (c1 - c0) / elapsed / 1e9
+res["concurrent_host_read_gbs"] = read[0] / elapsed / 1e9
 res["gpu"] = torch.cuda.get_device_name()
 json.dump(res, open(sys.argv[1], "w"))
 print(res)
@@ -88,9 +109,12 @@ import json, sys
 out, only = sys.argv[1], sys.argv[2]
 links = json.load(open(f"{out}/links.json"))
 pcie, dram = links["h2d_pinned_gbs"], links["host_read_gbs"]
+# Both paths at once share the host's DRAM (older links.json files lack the figure: then they add up).
+shared = links.get("concurrent_h2d_gbs", pcie) + links.get("concurrent_host_read_gbs", dram)
 if not only:
-    print(f"\nGPU {links['gpu']}: pinned H2D {pcie:.1f} GB/s, host DRAM read {dram:.1f} GB/s")
-print(f"{'case':31} {'ms/token':>9} {'tok/s':>6} {'hit rate':>8} {'miss GB/tok':>11} {'on CPU/tok':>10} {'split/tok':>9} {'copied GB/tok':>13} {'CPU GB/tok':>10} {'floor ms':>8} {'x floor':>7} {'work floor':>10} {'x work':>6} {'stall ms':>8} {'CPU ms':>6} {'CPU GB/s':>8} {'prefill tok/s':>13} {'pf prec':>7} {'pf rec':>6}")
+    print(f"\nGPU {links['gpu']}: pinned H2D {pcie:.1f} GB/s, host DRAM read {dram:.1f} GB/s; both at once "
+          f"{links.get('concurrent_h2d_gbs', 0):.1f} + {links.get('concurrent_host_read_gbs', 0):.1f} = {shared:.1f} GB/s")
+print(f"{'case':31} {'ms/token':>9} {'tok/s':>6} {'hit rate':>8} {'miss GB/tok':>11} {'on CPU/tok':>10} {'split/tok':>9} {'copied GB/tok':>13} {'CPU GB/tok':>10} {'floor ms':>8} {'x floor':>7} {'shared floor':>12} {'x shared':>8} {'work floor':>10} {'x work':>6} {'stall ms':>8} {'CPU ms':>6} {'CPU GB/s':>8} {'prefill tok/s':>13} {'pf prec':>7} {'pf rec':>6}")
 for line in open(f"{out}/results.jsonl"):
     r = json.loads(line)
     name = r["case"]
@@ -103,6 +127,8 @@ for line in open(f"{out}/results.jsonl"):
     # CPU read of host DRAM, both running at once.
     miss_gb = d["misses_per_token"] * r["expert_bytes"] / 1e9
     floor = miss_gb / (pcie + dram) * 1e3
+    # The same bytes at the rate both paths reached together (shared host DRAM).
+    shared_floor = miss_gb / shared * 1e3
     # Work floor: what the step really moved: copies (prefetched hits included) and CPU reads of host DRAM.
     copied_gb = d["bytes_moved_per_token"] / 1e9
     # Builds without the counter ran every CPU miss whole.
@@ -110,7 +136,7 @@ for line in open(f"{out}/results.jsonl"):
     work = (copied_gb + cpu_gb) / (pcie + dram) * 1e3
     print(f"{name:31} {ms:9.1f} {1000/ms:6.2f} {d['hit_rate']:8.3f} {miss_gb:11.2f} {d['cpu_computed_per_token']:10.1f} "
           f"{d.get('split_computed_per_token', 0):9.1f} {copied_gb:13.2f} {cpu_gb:10.2f} {floor:8.1f} "
-          f"{ms/floor if floor else 0:7.2f} {work:10.1f} {ms/work if work else 0:6.2f} {d['stall_ms_per_token']:8.1f} "
+          f"{ms/floor if floor else 0:7.2f} {shared_floor:12.1f} {ms/shared_floor if shared_floor else 0:8.2f} {work:10.1f} {ms/work if work else 0:6.2f} {d['stall_ms_per_token']:8.1f} "
           # Builds before the counter: no CPU time (the CPU path's reached rate is the question it answers).
           f"{d.get('cpu_ms_per_token', 0):6.1f} {d.get('cpu_read_gbs', 0):8.1f} "
           f"{r['prefill'][0]['tokens_per_s']:13.1f} {d['prefetch_precision']:7.2f} {d['prefetch_recall']:6.2f}")
