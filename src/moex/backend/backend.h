@@ -182,6 +182,16 @@ class Backend {
   // sequence (this step's kv_write included); out [n, heads, head_dim]. scale multiplies q.k (1/sqrt(head_dim)).
   virtual void attention(const KvStep& step, const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
                          float scale, const TensorView& out) = 0;
+  // qk_norm_rope_kv_write() then attention() of the rotated q: one op, so that a device backend can rotate q and
+  // the step's k inside its decode attention kernel. q and k may hold either rotation afterwards.
+  virtual void rope_kv_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const TensorView* q_norm, const TensorView* k_norm, float eps,
+                                 std::span<const int32_t> positions, int64_t rotary_dim, double theta,
+                                 const KvStep& step, const TensorView& k_pages, const TensorView& v_pages, float scale,
+                                 const TensorView& out) {
+    qk_norm_rope_kv_write(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages, v_pages);
+    attention(step, q, k_pages, v_pages, scale, out);
+  }
   // out = silu(gate) * up, elementwise on [n, ffn].
   virtual void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out) = 0;
   // acc[r, :] += sigmoid(gate_logit[r, 0]) * x[r, :]  (Qwen2-MoE shared-expert gate).

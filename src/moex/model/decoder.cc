@@ -439,12 +439,11 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
     TensorView k3 = k.reshape(Shape{n, kv_heads, hd});
     const TensorView& k_pages = kv_->k_pages(static_cast<int64_t>(layer_idx));
     const TensorView& v_pages = kv_->v_pages(static_cast<int64_t>(layer_idx));
-    backend_.qk_norm_rope_kv_write(q3, k3, v.reshape(Shape{n, kv_heads, hd}), norm_with_rope ? &layer.q_norm : nullptr,
-                                   norm_with_rope ? &layer.k_norm : nullptr, eps, positions, cfg_.rotary_dim,
-                                   cfg_.rope_theta, kv_step_, k_pages, v_pages);
     TensorView attn = scratch(kAttn, Shape{n, heads, hd});
-    backend_.attention(kv_step_, q3, k_pages, v_pages, static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))),
-                       attn);
+    backend_.rope_kv_attention(q3, k3, v.reshape(Shape{n, kv_heads, hd}), norm_with_rope ? &layer.q_norm : nullptr,
+                               norm_with_rope ? &layer.k_norm : nullptr, eps, positions, cfg_.rotary_dim,
+                               cfg_.rope_theta, kv_step_, k_pages, v_pages,
+                               static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))), attn);
     TensorView proj = scratch(kProj, Shape{n, hidden});
     backend_.linear(attn.reshape(Shape{n, heads * hd}), layer.o_proj, nullptr, proj);
     if (fused_norms) {  // x += pending + proj, h = norm(x), and the MoE: in the router's launch

@@ -105,13 +105,13 @@ std::vector<int32_t> greedy(Engine& engine, const std::vector<int32_t>& prompt, 
   return engine.generate(prompt, options).output_ids;
 }
 
-// Greedy tokens of an engine on `model` built while env_var is "0" (an A/B switch the CUDA backend reads when it
-// starts), with check run on that engine first; env_var is unset again before returning.
-std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vector<int32_t>& prompt, int64_t tokens,
-                                            const char* env_var, const std::function<void(Engine&)>& check) {
+// Greedy tokens of an engine on `model` built while env_var is `value` (an A/B switch the CUDA backend reads when
+// it starts), with check run on that engine first; env_var is unset again before returning.
+std::vector<int32_t> greedy_with_env(const Model& model, const std::vector<int32_t>& prompt, int64_t tokens,
+                                     const char* env_var, const char* value, const std::function<void(Engine&)>& check) {
   EngineOptions options;
   options.device = "cuda";
-  setenv(env_var, "0", 1);
+  setenv(env_var, value, 1);
   std::vector<int32_t> ids;
   {
     Engine engine(model, options);
@@ -120,6 +120,11 @@ std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vecto
   }
   unsetenv(env_var);
   return ids;
+}
+
+std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vector<int32_t>& prompt, int64_t tokens,
+                                            const char* env_var, const std::function<void(Engine&)>& check) {
+  return greedy_with_env(model, prompt, tokens, env_var, "0", check);
 }
 
 // Batch-1 decode with each residual norm inside its consumer (the q/k/v GEMV, the router's launch) against the
@@ -200,6 +205,22 @@ TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
     const auto early = chained.generate(prompt, stop, [&](int32_t) { return ++seen < 7; }).output_ids;
     EXPECT_EQ(early, std::vector<int32_t>(step_by_step.begin(), step_by_step.begin() + 7));
     EXPECT_EQ(greedy(chained, prompt, 40), std::vector<int32_t>(step_by_step.begin(), step_by_step.begin() + 40));
+  }
+}
+
+// RoPE and the KV write inside the decode attention kernel (MOEX_CUDA_FUSED_ROPE=1) against the separate ops:
+// the same 300 greedy tokens (the kernel rotates with the same arithmetic), across the 256-key bucket (split keys)
+// and the KV cache's growth; qwen3_moe has per-head q/k norms, olmoe clamps q/k/v (its norms stay separate ops).
+TEST(CudaDecodeStep, RopeInsideAttentionMatchesSeparateOps) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto in_kernel = greedy_with_env(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_FUSED_ROPE", "1",
+                                           [](Engine&) {});
+    EngineOptions options;
+    options.device = "cuda";
+    Engine separate(*fixture.model, options);
+    EXPECT_EQ(greedy(separate, fixture.prompt, 300), in_kernel);
   }
 }
 

@@ -125,6 +125,8 @@ class CudaBackend final : public Backend {
     fused_norms_ = !(fused && std::string(fused) == "0");
     const char* chain = std::getenv("MOEX_CUDA_CHAIN_STEPS");  // "0": greedy steps wait for the host (A/B)
     chain_steps_ = !(chain && std::string(chain) == "0");
+    const char* rope = std::getenv("MOEX_CUDA_FUSED_ROPE");  // "1": RoPE inside the decode attention kernel
+    fused_rope_ = rope && std::string(rope) == "1";
   }
 
   ~CudaBackend() override {
@@ -515,6 +517,41 @@ class CudaBackend final : public Backend {
 
   void attention(const KvStep& step, const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
                  float scale, const TensorView& out) override {
+    attention_launch(step, q, k_pages, v_pages, scale, out, nullptr, 0);
+  }
+
+  // Decode rows: the attention kernel rotates q and the step's k itself and stores the step's k and v (one launch
+  // fewer per layer; MOEX_CUDA_FUSED_ROPE=1 turns it on until it has been measured). Otherwise the two ops.
+  void rope_kv_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* q_norm,
+                         const TensorView* k_norm, float eps, std::span<const int32_t> positions, int64_t rotary_dim,
+                         double theta, const KvStep& step, const TensorView& k_pages, const TensorView& v_pages,
+                         float scale, const TensorView& out) override {
+    const bool fits = fused_rope_ && q.shape.ndim == 3 && q.dim(2) <= kQkNormRopeMaxHeadDim &&
+                      std::equal(positions.begin(), positions.end(), step.row_pos.begin(), step.row_pos.end());
+    if (!fits) {
+      Backend::rope_kv_attention(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages, v_pages,
+                                 scale, out);
+      return;
+    }
+    checked_kv_write_rows(step, k, v, k_pages, v_pages);
+    DecodeRope rope;
+    rope.k = k.as<float>();
+    rope.v = v.as<float>();
+    rope.k_pages = k_pages.as<float>();
+    rope.v_pages = v_pages.as<float>();
+    qk_norm_pointers(q_norm, k_norm, q.dim(2), &rope.q_norm, &rope.k_norm, &rope.norm_bf16);
+    rope.eps = eps;
+    rope.rotary_dim = static_cast<int>(rotary_dim);
+    rope.theta = static_cast<float>(theta);
+    if (!attention_launch(step, q, k_pages, v_pages, scale, out, &rope, rotary_dim))
+      Backend::rope_kv_attention(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages, v_pages,
+                                 scale, out);
+  }
+
+  // attention(), or with rope the decode kernel's RoPE prologue: false (nothing launched) when rope is given and
+  // the shape is not the decode kernel's (decode_rope_fits).
+  bool attention_launch(const KvStep& step, const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
+                        float scale, const TensorView& out, const DecodeRope* rope, int64_t rotary_dim) {
     check_f32(q, "attention", "q");
     check_f32(k_pages, "attention", "k_pages");
     check_f32(v_pages, "attention", "v_pages");
@@ -531,12 +568,14 @@ class CudaBackend final : public Backend {
     shape.one_sequence = kv_one_sequence_;
     // Inside a decode step the grid covers the bucket, so that one recording serves all of its positions.
     shape.max_keys = step_mode_ ? step_bucket_keys_ : kv_max_keys_;
+    if (rope && !decode_rope_fits(shape, rotary_dim)) return false;
     void* ws = workspace(attention_workspace_bytes(shape, num_sms_));
     if (!capturing_) timeline_.begin(stream_);
     launch_attention(q.as<float>(), k_pages.as<float>(), v_pages.as<float>(), kv_device_rows_, out.as<float>(), shape,
-                     scale, ws, num_sms_, stream_);
+                     scale, ws, num_sms_, stream_, rope);
     if (!capturing_) timeline_.end(stream_, "attention", shape.num_queries);
     MOEX_CUDA_CHECK_LAUNCH();
+    return true;
   }
 
   void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out) override {
@@ -699,6 +738,20 @@ class CudaBackend final : public Backend {
   }
   // The qk_norm_rope kernel (with the cache write when kv.k_pages is set); false, launching nothing, for head
   // dims past its envelope.
+  // The per-head q/k norm weights as the kernels take them (both null, or both fp32 / both bf16 [head_dim]).
+  void qk_norm_pointers(const TensorView* q_norm, const TensorView* k_norm, int64_t head_dim, const void** qn,
+                        const void** kn, bool* norm_bf16) const {
+    MOEX_ASSERT((q_norm == nullptr) == (k_norm == nullptr), "cuda qk_norm_rope: q_norm and k_norm go together");
+    *qn = *kn = nullptr;
+    *norm_bf16 = false;
+    if (!q_norm) return;
+    bool k_bf16 = false;
+    *qn = vector_data(*q_norm, norm_bf16, "qk_norm_rope");
+    *kn = vector_data(*k_norm, &k_bf16, "qk_norm_rope");
+    MOEX_ASSERT(q_norm->numel() == head_dim && k_norm->numel() == head_dim && k_bf16 == *norm_bf16,
+                "cuda qk_norm_rope: norms {} {} for head_dim {}", q_norm->shape.str(), k_norm->shape.str(), head_dim);
+  }
+
   bool qk_norm_rope_launch(const TensorView& q, const TensorView& k, const TensorView* q_norm,
                            const TensorView* k_norm, float eps, std::span<const int32_t> positions,
                            int64_t rotary_dim, double theta, const KvWrite& kv) {
@@ -707,7 +760,6 @@ class CudaBackend final : public Backend {
     MOEX_ASSERT(q.shape.ndim == 3 && k.shape.ndim == 3 && q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2),
                 "cuda qk_norm_rope: q {} k {} must be [n, heads, head_dim]", q.shape.str(), k.shape.str());
     const int64_t n = q.dim(0), head_dim = q.dim(2);
-    MOEX_ASSERT((q_norm == nullptr) == (k_norm == nullptr), "cuda qk_norm_rope: q_norm and k_norm go together");
     MOEX_ASSERT(static_cast<int64_t>(positions.size()) == n, "cuda qk_norm_rope: {} positions for {} tokens",
                 positions.size(), n);
     MOEX_ASSERT(rotary_dim % 2 == 0 && rotary_dim <= head_dim, "cuda qk_norm_rope: rotary_dim {} for head_dim {}",
@@ -716,14 +768,7 @@ class CudaBackend final : public Backend {
     const void* qn = nullptr;
     const void* kn = nullptr;
     bool norm_bf16 = false;
-    if (q_norm) {
-      bool k_bf16 = false;
-      qn = vector_data(*q_norm, &norm_bf16, "qk_norm_rope");
-      kn = vector_data(*k_norm, &k_bf16, "qk_norm_rope");
-      MOEX_ASSERT(q_norm->numel() == head_dim && k_norm->numel() == head_dim && k_bf16 == norm_bf16,
-                  "cuda qk_norm_rope: norms {} {} for head_dim {}", q_norm->shape.str(), k_norm->shape.str(),
-                  head_dim);
-    }
+    qk_norm_pointers(q_norm, k_norm, head_dim, &qn, &kn, &norm_bf16);
     if (n == 0) return true;
     launch_qk_norm_rope(q.as<float>(), k.as<float>(), n, q.dim(1), k.dim(1), head_dim, qn, kn, norm_bf16, eps,
                         device_positions(positions, "qk_norm_rope"), rotary_dim, theta, kv, stream_);
@@ -851,6 +896,7 @@ class CudaBackend final : public Backend {
   bool graphs_enabled_ = true;
   bool fused_norms_ = true;
   bool chain_steps_ = true;
+  bool fused_rope_ = false;
   bool step_mode_ = false;
   bool capturing_ = false;
   int32_t step_token_ = 0;

@@ -197,16 +197,20 @@ bool decode_kernel_fits(const AttentionShape& shape) {
          shape.head_dim % 32 == 0 && shape.head_dim <= kAttentionMaxHeadDim;
 }
 
-constexpr size_t decode_smem_bytes(int group, int head_dim) {
-  // q [G][D], then per warp: m [G], l [G], acc [G][D].
-  return sizeof(float) * (group * head_dim + kDecodeWarps * group * (head_dim + 2));
+constexpr size_t decode_smem_bytes(int group, int head_dim, bool rope) {
+  // q [G][D], then per warp: m [G], l [G], acc [G][D]; with the RoPE prologue the step's k and v rows [2][D] and
+  // a row of scratch per warp.
+  return sizeof(float) * (group * head_dim + kDecodeWarps * group * (head_dim + 2) +
+                          (rope ? (2 + kDecodeWarps) * head_dim : 0));
 }
 // So no launch needs the opt-in to more than the default dynamic shared memory.
-static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
+static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim, true) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
 // Block (query, head block, split); DPL = head_dim / 32 dims per lane, G = query heads per block: the whole
-// GQA group, or a part of it when the group's blocks alone would leave most SMs idle (choose_layout).
-template <int DPL, int G>
+// GQA group, or a part of it when the group's blocks alone would leave most SMs idle (choose_layout). ROPE: q and
+// the step's k are rotated here (Params' k_new / v_new); the step's own key is read from shared memory, since the
+// block that stores it in the cache runs alongside.
+template <int DPL, int G, bool ROPE>
 __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Params p) {
   extern __shared__ float smem[];
   constexpr int D = DPL * 32;
@@ -214,19 +218,54 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
   float* m_s = q_s + G * D;                        // [warps][G]
   float* l_s = m_s + kDecodeWarps * G;             // [warps][G]
   float* acc_s = l_s + kDecodeWarps * G;           // [warps][G][D]
+  float* new_s = acc_s + kDecodeWarps * G * D;     // ROPE: the step's rotated k [D] and v [D], scratch [warps][D]
   pdl_launch_dependents();
   pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
   const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x)
-    q_s[idx] = p.q[(int64_t(query) * p.heads + head0) * D + idx] * p.scale_log2;
   const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
   const int page_size = static_cast<int>(p.kv.page_size);
   const int key_end = p.kv.row_pos[query] + 1;
   const int split_begin = split * p.keys_per_split;
   const int split_end = min(split_begin + p.keys_per_split, key_end);
   const int64_t head_stride = int64_t(p.kv_heads) * D;  // floats between consecutive slots
+  if constexpr (ROPE) {
+    // Warps take the block's G query heads, then its kv head (h == G): warp_norm_rope_head as
+    // qk_norm_rope_kernel, so the rows are the ones the separate ops would have written.
+    const float pos = static_cast<float>(key_end - 1);
+    float* scratch = new_s + (2 + warp) * D;
+    for (int h = warp; h <= G; h += kDecodeWarps) {
+      if (h < G) {
+        warp_norm_rope_head(p.q + (int64_t(query) * p.heads + head0 + h) * D, scratch, D, p.q_rope, pos, lane,
+                            [&](int d, float v) { q_s[h * D + d] = v * p.scale_log2; });
+      } else {
+        const int64_t row = (int64_t(query) * p.kv_heads + kv_head) * D;
+        float* k_slot = nullptr;  // one block per (query, kv head) stores the step's k and v
+        float* v_slot = nullptr;
+        if (head_in_group == 0 && split == 0) {
+          const int pos_i = key_end - 1;
+          const int64_t offset =
+              (int64_t(table[pos_i / page_size]) * page_size + pos_i % page_size) * head_stride + int64_t(kv_head) * D;
+          k_slot = p.k_write + offset;
+          v_slot = p.v_write + offset;
+        }
+        warp_norm_rope_head(p.k_new + row, scratch, D, p.k_rope, pos, lane, [&](int d, float v) {
+          new_s[d] = v;
+          if (k_slot) k_slot[d] = v;
+        });
+        for (int d = lane; d < D; d += 32) {
+          const float v = p.v_new[row + d];
+          new_s[D + d] = v;
+          if (v_slot) v_slot[d] = v;
+        }
+      }
+      __syncwarp();  // the warp's scratch row serves its next head
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x)
+      q_s[idx] = p.q[(int64_t(query) * p.heads + head0) * D + idx] * p.scale_log2;
+  }
   __syncthreads();
 
   float m[G], l[G], acc[G][DPL];
@@ -244,9 +283,8 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
     float s[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) s[g] = 0.f;
-    if (valid) {
-      offset = (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + int64_t(kv_head) * D;
-      const float4* k4 = reinterpret_cast<const float4*>(p.k_pages + offset);
+    // Lane j's key: its dot with every head of the block, K read from k4 (the page, or the step's own row).
+    auto dot_key = [&](const float4* k4) {
 #pragma unroll 16
       for (int i = 0; i < D / 4; ++i) {
         const float4 kv = k4[i];
@@ -256,6 +294,11 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
           s[g] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
         }
       }
+    };
+    if (valid) {
+      offset = (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + int64_t(kv_head) * D;
+      if (ROPE && key == key_end - 1) dot_key(reinterpret_cast<const float4*>(new_s));
+      else dot_key(reinterpret_cast<const float4*>(p.k_pages + offset));
     }
     float prob[G];
 #pragma unroll
@@ -277,8 +320,13 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
 #pragma unroll
       for (int jj = 0; jj < kPvBatch; ++jj) {
         const int64_t row = __shfl_sync(0xffffffffu, offset, (j0 + jj) & 31);
+        if (ROPE && chunk + j0 + jj == key_end - 1) {  // the step's own key: the block's copy of its v row
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) v[jj][i] = j0 + jj < count ? p.v_pages[row + lane + 32 * i] : 0.f;
+          for (int i = 0; i < DPL; ++i) v[jj][i] = new_s[D + lane + 32 * i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) v[jj][i] = j0 + jj < count ? p.v_pages[row + lane + 32 * i] : 0.f;
+        }
       }
 #pragma unroll
       for (int jj = 0; jj < kPvBatch; ++jj) {
@@ -331,19 +379,29 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
   }
 }
 
-template <int G>
+template <int G, bool ROPE>
 void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
-  const size_t smem = decode_smem_bytes(G, p.head_dim);
+  const size_t smem = decode_smem_bytes(G, p.head_dim, ROPE);
   auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
   switch (p.head_dim / 32) {
-    case 1: launch(decode_attention_kernel<1, G>); break;
-    case 2: launch(decode_attention_kernel<2, G>); break;
-    case 3: launch(decode_attention_kernel<3, G>); break;
-    case 4: launch(decode_attention_kernel<4, G>); break;
-    case 5: launch(decode_attention_kernel<5, G>); break;
-    case 6: launch(decode_attention_kernel<6, G>); break;
-    case 7: launch(decode_attention_kernel<7, G>); break;
-    default: launch(decode_attention_kernel<8, G>); break;
+    case 1: launch(decode_attention_kernel<1, G, ROPE>); break;
+    case 2: launch(decode_attention_kernel<2, G, ROPE>); break;
+    case 3: launch(decode_attention_kernel<3, G, ROPE>); break;
+    case 4: launch(decode_attention_kernel<4, G, ROPE>); break;
+    case 5: launch(decode_attention_kernel<5, G, ROPE>); break;
+    case 6: launch(decode_attention_kernel<6, G, ROPE>); break;
+    case 7: launch(decode_attention_kernel<7, G, ROPE>); break;
+    default: launch(decode_attention_kernel<8, G, ROPE>); break;
+  }
+}
+
+template <bool ROPE>
+void launch_decode(const Params& p, int heads_per_block, dim3 grid, cudaStream_t stream) {
+  switch (heads_per_block) {
+    case 1: launch_decode_group<1, ROPE>(p, grid, stream); break;
+    case 2: launch_decode_group<2, ROPE>(p, grid, stream); break;
+    case 4: launch_decode_group<4, ROPE>(p, grid, stream); break;
+    default: launch_decode_group<8, ROPE>(p, grid, stream); break;
   }
 }
 
@@ -443,10 +501,24 @@ bool rows_form_one_chunk(const int32_t* row_seq, const int32_t* row_pos, int64_t
   return true;
 }
 
+bool decode_rope_fits(const AttentionShape& shape, int64_t rotary_dim) {
+  return decode_kernel_fits(shape) && !prefill_mma_fits(shape) && shape.head_dim <= kAttentionMaxHeadDim &&
+         rotary_dim % 2 == 0 && rotary_dim >= 0 && rotary_dim <= shape.head_dim;
+}
+
 void launch_attention(const float* q, const float* k_pages, const float* v_pages, const PagedKvRows& rows, float* out,
-                      const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream) {
+                      const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream,
+                      const DecodeRope* rope) {
   if (shape.num_queries == 0) return;
   Params p{};
+  if (rope) {
+    p.k_new = rope->k;
+    p.v_new = rope->v;
+    p.k_write = rope->k_pages;
+    p.v_write = rope->v_pages;
+    p.q_rope = HeadNormRope{rope->q_norm, rope->norm_bf16, rope->eps, rope->rotary_dim, rope->theta};
+    p.k_rope = HeadNormRope{rope->k_norm, rope->norm_bf16, rope->eps, rope->rotary_dim, rope->theta};
+  }
   p.q = q;
   p.k_pages = k_pages;
   p.v_pages = v_pages;
@@ -474,12 +546,8 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   if (prefill_mma_fits(shape)) {
     launch_prefill_mma(p, grid, stream);
   } else if (decode_kernel_fits(shape)) {
-    switch (layout.heads_per_block) {
-      case 1: launch_decode_group<1>(p, grid, stream); break;
-      case 2: launch_decode_group<2>(p, grid, stream); break;
-      case 4: launch_decode_group<4>(p, grid, stream); break;
-      default: launch_decode_group<8>(p, grid, stream); break;
-    }
+    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream);
+    else launch_decode<false>(p, layout.heads_per_block, grid, stream);
   } else {
     launch_tiled(p, grid, stream);
   }

@@ -42,10 +42,32 @@ struct AttentionShape {
 // Scratch needed for the split-K partials at this shape (0 when a single split suffices).
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
 
+// The step's RoPE and KV write done by the decode attention kernel itself (decode_rope_fits): q holds the
+// unrotated rows, k / v the step's rows [n, kv_heads, head_dim] (k unrotated); the kernel normalises (q_norm /
+// k_norm: fp32 or bf16 [head_dim], or null) and rotates them as launch_qk_norm_rope does, bit for bit, and stores
+// the rotated k and v at each row's position in k_pages / v_pages. At one query per sequence this is a few hundred
+// values per block, and a launch of its own was a dependent kernel of ~5 us per layer (H200).
+struct DecodeRope {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  float* k_pages = nullptr;
+  float* v_pages = nullptr;
+  const void* q_norm = nullptr;
+  const void* k_norm = nullptr;
+  bool norm_bf16 = false;
+  float eps = 0.f;
+  int rotary_dim = 0;
+  float theta = 0.f;
+};
+// Whether launch_attention can take a DecodeRope at this shape: decode rows (one query per sequence) on the
+// decode kernel, head_dim <= 256, rotary_dim even and <= head_dim.
+bool decode_rope_fits(const AttentionShape& shape, int64_t rotary_dim);
+
 // q/out [n, heads, head_dim] fp32; row i attends to positions 0..row_pos[i] of its sequence.
-// workspace: attention_workspace_bytes(shape, num_sms) bytes.
+// workspace: attention_workspace_bytes(shape, num_sms) bytes. rope (decode_rope_fits only): see DecodeRope.
 void launch_attention(const float* q, const float* k_pages, const float* v_pages, const PagedKvRows& rows, float* out,
-                      const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream);
+                      const AttentionShape& shape, float scale, void* workspace, int num_sms, cudaStream_t stream,
+                      const DecodeRope* rope = nullptr);
 
 // Whether launch_attention runs this shape on the tensor cores (prefill chunks of >= 16 queries), which round
 // q, k, v and the softmax probabilities to bf16 (relative error ~3e-3, as FlashAttention) instead of fp32.

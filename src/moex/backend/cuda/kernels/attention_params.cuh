@@ -3,6 +3,7 @@
 #pragma once
 
 #include "moex/backend/cuda/kernels/attention.cuh"
+#include "moex/backend/cuda/kernels/head_rope.cuh"
 
 #include <cuda_runtime.h>
 
@@ -23,6 +24,14 @@ struct AttentionParams {
   bool one_sequence;
   int keys_per_split;
   float scale_log2;  // softmax scale times log2(e): the kernels exponentiate with exp2
+  // Decode rows with the step's RoPE inside (launch_attention with a DecodeRope): q and k_new [n, kv_heads,
+  // head_dim] unrotated, v_new the step's v rows; the (query, kv head) block of head 0 of the group and split 0
+  // stores the rotated k and v in k_write / v_write (the same pools as k_pages / v_pages).
+  const float* k_new;
+  const float* v_new;
+  float* k_write;
+  float* v_write;
+  HeadNormRope q_rope, k_rope;
 };
 
 // The tensor-core kernel for prefill chunks (attention_prefill.cu).

@@ -2,6 +2,7 @@
 // in fp32) so that rounding matches the reference; sincosf (not the fast intrinsic) because angles reach
 // thousands of radians at long positions.
 #include "moex/backend/cuda/kernels/common.cuh"
+#include "moex/backend/cuda/kernels/head_rope.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/rope.cuh"
 
@@ -30,9 +31,10 @@ __global__ void rope_kernel(float* x, const int32_t* positions, int64_t heads, i
 
 constexpr int kHeadWarps = 4;
 
-// One warp per (token, head) of q and then k: the head row goes to shared memory (RoPE pairs dim d with
-// d + rotary_dim / 2, which another lane holds), optionally RMS-normalised over head_dim first, then rotated
-// and written back. Same arithmetic as rms_norm_kernel + rope_kernel, except the norm's sum is one warp's.
+// One warp per (token, head) of q and then k (warp_norm_rope_head): the head row goes to shared memory (RoPE
+// pairs dim d with d + rotary_dim / 2, which another lane holds), optionally RMS-normalised over head_dim first,
+// then rotated and written back. Same arithmetic as rms_norm_kernel + rope_kernel, except the norm's sum is one
+// warp's.
 // With kv.k_pages set, a k head's warp also stores the rotated row and the token's v row of that head in
 // the paged cache (kv_write_paged_kernel's layout): one launch fewer per layer.
 __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q, float* k, int heads, int kv_heads,
@@ -49,24 +51,7 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
   if (head >= heads + kv_heads) return;
   const bool is_q = head < heads;
   float* row = is_q ? q + (token * heads + head) * head_dim : k + (token * kv_heads + (head - heads)) * head_dim;
-  const void* norm = is_q ? q_norm : k_norm;
-  float* s = s_rows[warp];
-  float sum_sq = 0.f;
-  for (int d = lane; d < head_dim; d += 32) {
-    const float v = row[d];
-    s[d] = v;
-    sum_sq += v * v;
-  }
-  if (norm) {
-    const float inv = rsqrtf(warp_sum(sum_sq) / static_cast<float>(head_dim) + eps);
-    for (int d = lane; d < head_dim; d += 32) {
-      const float w = norm_bf16 ? __bfloat162float(static_cast<const bf16*>(norm)[d]) : static_cast<const float*>(norm)[d];
-      s[d] = s[d] * inv * w;
-    }
-  }
-  __syncwarp();
-  const float pos = static_cast<float>(positions[token]);
-  const int half = rotary_dim / 2;
+  const HeadNormRope r{is_q ? q_norm : k_norm, norm_bf16, eps, rotary_dim, theta};
   float* k_slot = nullptr;  // this k head's row in the cache, when the op writes it
   float* v_slot = nullptr;
   const float* v_row = nullptr;
@@ -80,21 +65,13 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
     v_slot = kv.v_pages + offset;
     v_row = kv.v + (token * kv_heads + (head - heads)) * head_dim;
   }
-  for (int d = lane; d < head_dim; d += 32) {
-    float v = s[d];
-    if (d < rotary_dim) {
-      const int pair = d < half ? d : d - half;
-      const float inv_freq = 1.f / powf(theta, static_cast<float>(2 * pair) / static_cast<float>(rotary_dim));
-      float sin_v, cos_v;
-      sincosf(pos * inv_freq, &sin_v, &cos_v);
-      v = d < half ? s[d] * cos_v - s[d + half] * sin_v : s[d] * cos_v + s[d - half] * sin_v;
-    }
+  warp_norm_rope_head(row, s_rows[warp], head_dim, r, static_cast<float>(positions[token]), lane, [&](int d, float v) {
     row[d] = v;
     if (k_slot) {
       k_slot[d] = v;
       v_slot[d] = v_row[d];
     }
-  }
+  });
 }
 
 }  // namespace
