@@ -27,6 +27,8 @@
 #                                  tools/kernel_trace, overlap kept) and each kernel's share of its critical
 #                                  path (tools/kernel_trace.py). Options: --models, --batch "1 32", --tokens N,
 #                                  --env NAME=VALUE (repeatable: an A/B switch for both runs). Output under $OUT.
+#   tools/device_cuda.sh optin     there: the opt-in switches not yet measured (MOEX_CUDA_FUSED_ROPE, MOEX_CUDA_DOWN_PRELOAD):
+#                                  their tests, then Model A / B batch-1 decode with each against the default.
 #   tools/device_cuda.sh peers     there: llama.cpp and moex on the same cases in one call (bench/peers/llama_cpp_bench.sh:
 #                                  Model A batch 1, the 8x7B layers with experts on the CPU against moex's Mixtral-8x7B
 #                                  at 16 GiB, the offloaded 4-layer prefill), a table with the ratios. LLAMA_BIN: the
@@ -432,6 +434,45 @@ PY
   done
 }
 
+# The opt-in switches written but not yet measured: their tests, then batch-1 decode of Model A and B with each
+# switch (and both) against the default, interleaved twice in the one call. Make a switch the default only where
+# its tests pass and it is faster here.
+optin() {
+  local out="${OUT:-/tmp/moex_device_out}" switches=("" "MOEX_CUDA_FUSED_ROPE=1" "MOEX_CUDA_DOWN_PRELOAD=1"
+    "MOEX_CUDA_FUSED_ROPE=1 MOEX_CUDA_DOWN_PRELOAD=1")
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
+  MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 300 "$DEV/bin/cuda_tests" --gtest_brief=1 \
+    --gtest_filter='*RopeInside*:*DownPreload*:*CudaMoeRouted*:*CudaFixture*:*Chained*' >"$out/optin_tests.log" 2>&1
+  echo "opt-in tests exit $?"
+  grep -E "FAILED|PASSED|Failure" "$out/optin_tests.log" | head -20
+  : >"$out/optin.jsonl"
+  local round sw m
+  for round in 1 2; do
+    for sw in "${switches[@]}"; do
+      for m in model_a model_b; do
+        env $sw timeout 150 "$DEV/bin/moex" bench -m "bench/cuda/models/$m" --load-format random --device cuda \
+          --prompt-lens 16 --decode-context 16 --decode-tokens 64 --reps 3 --json 2>>"$out/err.log" |
+          python3 -c "import json, sys
+try: r = json.load(sys.stdin)['decode']['ms_per_token_mean']
+except Exception: r = None
+print(json.dumps({'switch': sys.argv[1] or 'default', 'model': sys.argv[2], 'ms': r}))" "$sw" "$m" >>"$out/optin.jsonl"
+      done
+    done
+  done
+  python3 - "$out/optin.jsonl" <<'PY'
+import collections, json, sys
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e["ms"]: rows[(e["switch"], e["model"])].append(e["ms"])
+print("| switch | Model A ms/token | Model B ms/token |\n|---|---|---|")
+for sw in dict.fromkeys(k[0] for k in rows):
+    print(f"| {sw} | {' / '.join(f'{v:.4f}' for v in rows[(sw, 'model_a')])} | "
+          f"{' / '.join(f'{v:.4f}' for v in rows[(sw, 'model_b')])} |")
+PY
+}
+
 # llama.cpp next to moex (see the header). The GGUFs take ~24 GB of the machine's disk (GGUF_DIR).
 peers() {
   local out="${OUT:-/tmp/moex_device_out}" llama="${LLAMA_BIN:?LLAMA_BIN: the directory with llama-bench}"
@@ -495,5 +536,6 @@ case "${1:-}" in
   ab) shift; unpack; ab "$@" ;;
   profile) shift; unpack; profile "$@" ;;
   trace) shift; unpack; trace "$@" ;;
+  optin) shift; unpack; optin "$@" ;;
   *) sed -n "2,$(( $(grep -n '^set -uo' "$0" | cut -d: -f1) - 1 ))p" "$0"; exit 2 ;;
 esac

@@ -31,57 +31,63 @@ class CudaMoeRouted : public ::testing::TestWithParam<RoutedCase> {};
 
 // moe_routed() (router GEMV, routing and plan fused on the device) against linear() + route() + moe_experts().
 TEST_P(CudaMoeRouted, MatchesHostRoutedPath) {
-  MOEX_CUDA_BACKEND_OR_SKIP(backend);
-  const RoutedCase c = GetParam();
-  SCOPED_TRACE(describe(c));
-  std::mt19937 rng(static_cast<uint32_t>(c.tokens * 131 + c.experts * 7 + c.top_k));
-  std::vector<Bf16Weight> host;
-  std::vector<ExpertWeights> experts;
-  for (int64_t e = 0; e < c.experts; ++e) {
-    host.push_back(random_bf16(rng, Shape{c.ffn, c.hidden}, 0.05f));
-    host.push_back(random_bf16(rng, Shape{c.ffn, c.hidden}, 0.05f));
-    host.push_back(random_bf16(rng, Shape{c.hidden, c.ffn}, 0.05f));
+  MOEX_CUDA_BACKEND_OR_SKIP(default_backend);
+  // The same checks with the down projection reading the plan and its first weights before its PDL wait.
+  setenv("MOEX_CUDA_DOWN_PRELOAD", "1", 1);
+  auto preload_backend = make_cuda_backend(0);
+  unsetenv("MOEX_CUDA_DOWN_PRELOAD");
+  for (Backend* backend : {default_backend.get(), preload_backend.get()}) {
+    SCOPED_TRACE(backend == preload_backend.get() ? "down weights before the PDL wait" : "default");
+    const RoutedCase c = GetParam();
+    SCOPED_TRACE(describe(c));
+    std::mt19937 rng(static_cast<uint32_t>(c.tokens * 131 + c.experts * 7 + c.top_k));
+    std::vector<Bf16Weight> host;
+    std::vector<ExpertWeights> experts;
+    for (int64_t e = 0; e < c.experts; ++e) {
+      host.push_back(random_bf16(rng, Shape{c.ffn, c.hidden}, 0.05f));
+      host.push_back(random_bf16(rng, Shape{c.ffn, c.hidden}, 0.05f));
+      host.push_back(random_bf16(rng, Shape{c.hidden, c.ffn}, 0.05f));
+    }
+    for (int64_t e = 0; e < c.experts; ++e)
+      experts.push_back(ExpertWeights{backend->upload_weight(host[3 * e].host_view(), "gate"),
+                                      backend->upload_weight(host[3 * e + 1].host_view(), "up"),
+                                      backend->upload_weight(host[3 * e + 2].host_view(), "down")});
+    Bf16Weight router_host = random_bf16(rng, Shape{c.experts, c.hidden}, 0.5f);
+    if (c.ties)  // odd experts copy the even one before them: equal logits, the lower id must win on both paths
+      for (int64_t e = 1; e < c.experts; e += 2)
+        std::copy_n(router_host.bits.begin() + (e - 1) * c.hidden, c.hidden, router_host.bits.begin() + e * c.hidden);
+    const TensorView router = backend->upload_weight(router_host.host_view(), "router");
+    auto x = random_floats(rng, static_cast<size_t>(c.tokens * c.hidden));
+    GuardedTensor xd(*backend, Shape{c.tokens, c.hidden}), logits(*backend, Shape{c.tokens, c.experts});
+    GuardedTensor ref_logits(*backend, Shape{c.tokens, c.experts});
+    GuardedTensor fused(*backend, Shape{c.tokens, c.hidden}), reference(*backend, Shape{c.tokens, c.hidden});
+    xd.fill(x);
+    const RouterScoring scoring = c.sigmoid ? RouterScoring::kSigmoid : RouterScoring::kSoftmax;
+    backend->moe_routed(xd.view(), router, logits.view(), c.top_k, scoring, c.normalize, experts, fused.view());
+    backend->linear(xd.view(), router, nullptr, ref_logits.view());
+    const auto got_logits = logits.read();
+    const auto want_logits = ref_logits.read();
+    Routing routing;
+    backend->route(logits.view(), c.top_k, scoring, c.normalize, &routing);
+    backend->moe_experts(xd.view(), routing, experts, reference.view());
+    const auto want = reference.read();
+    const auto got = fused.read();
+    // The router's logits come from linear()'s own kernel at any token count (the planner's GEMV at one token is
+    // its loop): bit-identical.
+    for (size_t i = 0; i < want_logits.size(); ++i) ASSERT_EQ(got_logits[i], want_logits[i]) << "logit " << i;
+    if (c.tokens == 1) {
+      // Same plan, same expert kernels: bit-identical.
+      for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << "element " << i;
+    } else {
+      // Past 32 rows moe_experts() takes the tensor-core GEMM with bf16 activations; the device plan keeps fp32.
+      MOEX_EXPECT_CLOSE(got, std::vector<double>(want.begin(), want.end()), c.tokens > 32 ? 1e-2 : 1e-5);
+    }
+    // The cached expert table must serve a second call (and the workspace reuse must not corrupt it); the
+    // planner's block counter must be back at 0.
+    backend->moe_routed(xd.view(), router, logits.view(), c.top_k, scoring, c.normalize, experts, fused.view());
+    const auto again = fused.read();
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(again[i], got[i]) << "element " << i << " on the second call";
   }
-  for (int64_t e = 0; e < c.experts; ++e)
-    experts.push_back(ExpertWeights{backend->upload_weight(host[3 * e].host_view(), "gate"),
-                                    backend->upload_weight(host[3 * e + 1].host_view(), "up"),
-                                    backend->upload_weight(host[3 * e + 2].host_view(), "down")});
-  Bf16Weight router_host = random_bf16(rng, Shape{c.experts, c.hidden}, 0.5f);
-  if (c.ties)  // odd experts copy the even one before them: equal logits, the lower id must win on both paths
-    for (int64_t e = 1; e < c.experts; e += 2)
-      std::copy_n(router_host.bits.begin() + (e - 1) * c.hidden, c.hidden, router_host.bits.begin() + e * c.hidden);
-  const TensorView router = backend->upload_weight(router_host.host_view(), "router");
-  auto x = random_floats(rng, static_cast<size_t>(c.tokens * c.hidden));
-  GuardedTensor xd(*backend, Shape{c.tokens, c.hidden}), logits(*backend, Shape{c.tokens, c.experts});
-  GuardedTensor ref_logits(*backend, Shape{c.tokens, c.experts});
-  GuardedTensor fused(*backend, Shape{c.tokens, c.hidden}), reference(*backend, Shape{c.tokens, c.hidden});
-  xd.fill(x);
-  const RouterScoring scoring = c.sigmoid ? RouterScoring::kSigmoid : RouterScoring::kSoftmax;
-  backend->moe_routed(xd.view(), router, logits.view(), c.top_k, scoring, c.normalize, experts, fused.view());
-  backend->linear(xd.view(), router, nullptr, ref_logits.view());
-  const auto got_logits = logits.read();
-  const auto want_logits = ref_logits.read();
-  Routing routing;
-  backend->route(logits.view(), c.top_k, scoring, c.normalize, &routing);
-  backend->moe_experts(xd.view(), routing, experts, reference.view());
-  const auto want = reference.read();
-  const auto got = fused.read();
-  // The router's logits come from linear()'s own kernel at any token count (the planner's GEMV at one token is
-  // its loop): bit-identical.
-  for (size_t i = 0; i < want_logits.size(); ++i) ASSERT_EQ(got_logits[i], want_logits[i]) << "logit " << i;
-  if (c.tokens == 1) {
-    // Same plan, same expert kernels: bit-identical.
-    for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << "element " << i;
-  } else {
-    // Past 32 rows moe_experts() takes the tensor-core GEMM with bf16 activations; the device plan keeps fp32.
-    MOEX_EXPECT_CLOSE(got, std::vector<double>(want.begin(), want.end()), c.tokens > 32 ? 1e-2 : 1e-5);
-  }
-  // The cached expert table must serve a second call (and the workspace reuse must not corrupt it); the
-  // planner's block counter must be back at 0.
-  backend->moe_routed(xd.view(), router, logits.view(), c.top_k, scoring, c.normalize, experts, fused.view());
-  const auto again = fused.read();
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(again[i], got[i]) << "element " << i << " on the second call";
-
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaMoeRouted,
@@ -221,6 +227,22 @@ TEST(CudaDecodeStep, RopeInsideAttentionMatchesSeparateOps) {
     options.device = "cuda";
     Engine separate(*fixture.model, options);
     EXPECT_EQ(greedy(separate, fixture.prompt, 300), in_kernel);
+  }
+}
+
+// The batch-1 down projection reading the plan and its first weights before its PDL wait
+// (MOEX_CUDA_DOWN_PRELOAD=1): the same greedy tokens as the default, over graph replays of 300 steps (a plan read
+// from a stale cache line would pick another layer's experts).
+TEST(CudaDecodeStep, DownPreloadMatchesDefault) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto preload = greedy_with_env(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_DOWN_PRELOAD", "1",
+                                         [](Engine&) {});
+    EngineOptions options;
+    options.device = "cuda";
+    Engine plain(*fixture.model, options);
+    EXPECT_EQ(greedy(plain, fixture.prompt, 300), preload);
   }
 }
 

@@ -127,6 +127,8 @@ class CudaBackend final : public Backend {
     chain_steps_ = !(chain && std::string(chain) == "0");
     const char* rope = std::getenv("MOEX_CUDA_FUSED_ROPE");  // "1": RoPE inside the decode attention kernel
     fused_rope_ = rope && std::string(rope) == "1";
+    const char* down = std::getenv("MOEX_CUDA_DOWN_PRELOAD");  // "1": batch-1 down weights before the PDL wait
+    preload_down_ = down && std::string(down) == "1";
   }
 
   ~CudaBackend() override {
@@ -897,6 +899,7 @@ class CudaBackend final : public Backend {
   bool fused_norms_ = true;
   bool chain_steps_ = true;
   bool fused_rope_ = false;
+  bool preload_down_ = false;
   bool step_mode_ = false;
   bool capturing_ = false;
   int32_t step_token_ = 0;
@@ -1091,7 +1094,7 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
                          static_cast<unsigned*>(route_ticket_.get()), stream_, norm, norm ? x.as<float>() : nullptr);
   if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
     launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
-                              out.as<float>(), stream_);
+                              out.as<float>(), stream_, preload_down_);
     MOEX_CUDA_CHECK_LAUNCH();
     return true;
   }

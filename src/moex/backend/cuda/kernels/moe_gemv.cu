@@ -15,9 +15,13 @@ constexpr int kWarps = 8;
 
 // The group of this block (blockIdx.y), read once the plan is visible: the plan (groups, num_groups) comes
 // from the kernel before, so this waits for it (PDL). False for blocks past the device-side group count.
-__device__ __forceinline__ bool block_group(const MoeGroup* groups, const int32_t* num_groups, MoeGroup* g) {
-  pdl_launch_dependents();
+// signal_after_wait: the next kernel is launched only once every block of this one has waited, so that it may
+// read the plan (through L2) before its own wait (moe_down_combine_one_token_kernel's preload).
+__device__ __forceinline__ bool block_group(const MoeGroup* groups, const int32_t* num_groups, MoeGroup* g,
+                                            bool signal_after_wait = false) {
+  if (!signal_after_wait) pdl_launch_dependents();
   pdl_wait();
+  if (signal_after_wait) pdl_launch_dependents();
   if (num_groups && int(blockIdx.y) >= *num_groups) return false;
   *g = groups[blockIdx.y];
   return true;
@@ -26,9 +30,10 @@ __device__ __forceinline__ bool block_group(const MoeGroup* groups, const int32_
 template <int MT>
 __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x, const int32_t* row_token,
                                                                   const MoeGroup* groups, int hidden, int ffn,
-                                                                  float* h, const int32_t* num_groups) {
+                                                                  float* h, const int32_t* num_groups,
+                                                                  bool signal_after_wait) {
   MoeGroup g;
-  if (!block_group(groups, num_groups, &g)) return;
+  if (!block_group(groups, num_groups, &g, signal_after_wait)) return;
   int lane = threadIdx.x & 31;
   int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (j >= ffn) return;
@@ -128,26 +133,45 @@ void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* gr
 // parallel as in moe_down_kernel -- and the block then combines each feature's picks in pick order: the same
 // per-expert reduction and the same summation order as moe_down + moe_combine (bit-identical), one launch and
 // one pass over y fewer. top_k <= kWarps.
+// PRELOAD (MOEX_CUDA_DOWN_PRELOAD=1, not yet measured): the gate/up kernel before signalled its dependents only
+// after its own wait, so the plan (slot, groups) is complete when this kernel starts: it is read through L2 (this
+// SM's L1 may still hold the previous layer's plan) and the warp's first weights are loaded before the wait, which
+// only h needs. dot_preloaded keeps warp_dot_bf16's summation order: bit-identical either way.
+template <bool PRELOAD>
 __global__ __launch_bounds__(kWarps * 32) void moe_down_combine_one_token_kernel(const float* h, const MoeGroup* groups,
                                                                                   const int32_t* slot,
                                                                                   const float* weights, int top_k,
                                                                                   int hidden, int ffn, float* out) {
   __shared__ float s_dot[kWarps];
   pdl_launch_dependents();
-  pdl_wait();
+  if (!PRELOAD) pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int features_per_block = kWarps / top_k;
   const int local = warp / top_k, j = warp % top_k;
   const int i = blockIdx.x * features_per_block + local;
-  const int row = local < features_per_block && i < hidden ? slot[j] : -1;
+  const int row = local < features_per_block && i < hidden ? (PRELOAD ? __ldcg(slot + j) : slot[j]) : -1;
+  const bf16* w_row = nullptr;
+  uint4 first[kGemvUnroll] = {};
+  if (row >= 0) {
+    const uint16_t* down = PRELOAD ? reinterpret_cast<const uint16_t*>(__ldcg(
+                                         reinterpret_cast<const unsigned long long*>(&groups[row].down)))
+                                   : groups[row].down;
+    w_row = reinterpret_cast<const bf16*>(down) + int64_t(i) * ffn;
+    if (PRELOAD) preload_row<kGemvUnroll>(w_row, ffn / 8, lane, first);
+  }
+  if (PRELOAD) pdl_wait();
   float dot = 0.f;
   if (row >= 0) {
-    const MoeGroup g = groups[row];
-    const bf16* w_rows[1] = {reinterpret_cast<const bf16*>(g.down) + int64_t(i) * ffn};
-    const float* x_rows[1] = {h + int64_t(row) * ffn};
-    float part[1][1] = {};
-    warp_dot_bf16<1, 1>(w_rows, x_rows, 1, ffn / 8, lane, part);
-    dot = warp_sum(part[0][0]);
+    const float* x_row = h + int64_t(row) * ffn;
+    if (PRELOAD) {
+      dot = warp_sum(dot_preloaded<kGemvUnroll>(first, w_row, x_row, ffn / 8, lane));
+    } else {
+      const bf16* w_rows[1] = {w_row};
+      const float* x_rows[1] = {x_row};
+      float part[1][1] = {};
+      warp_dot_bf16<1, 1>(w_rows, x_rows, 1, ffn / 8, lane, part);
+      dot = warp_sum(part[0][0]);
+    }
   }
   if (lane == 0) s_dot[warp] = dot;
   __syncthreads();
@@ -198,10 +222,12 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
     return;
   }
   if (max_rows <= 1) {
-    launch_pdl(moe_gate_up_kernel<1>, grid_up, block, 0, stream, x, row_token, groups, hid, f, h, device_num_groups);
+    launch_pdl(moe_gate_up_kernel<1>, grid_up, block, 0, stream, x, row_token, groups, hid, f, h, device_num_groups,
+               false);
     launch_pdl(moe_down_kernel<1>, grid_down, block, 0, stream, h, groups, hid, f, y, device_num_groups);
   } else {
-    launch_pdl(moe_gate_up_kernel<8>, grid_up, block, 0, stream, x, row_token, groups, hid, f, h, device_num_groups);
+    launch_pdl(moe_gate_up_kernel<8>, grid_up, block, 0, stream, x, row_token, groups, hid, f, h, device_num_groups,
+               false);
     launch_pdl(moe_down_kernel<8>, grid_down, block, 0, stream, h, groups, hid, f, y, device_num_groups);
   }
 }
@@ -215,14 +241,19 @@ void launch_moe_combine(const float* y, const int32_t* slot, const float* weight
 
 void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const MoeGroup* groups, int top_k,
                                int64_t hidden, int64_t ffn, const int32_t* slot, const float* weights, float* h,
-                               float* out, cudaStream_t stream) {
+                               float* out, cudaStream_t stream, bool preload_down) {
   const int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
   const dim3 block(kWarps * 32);
   launch_pdl(moe_gate_up_kernel<1>, dim3(static_cast<unsigned>(ceil_div(ffn, kWarps)), top_k), block, 0, stream, x,
-             row_token, groups, hid, f, h, static_cast<const int32_t*>(nullptr));
+             row_token, groups, hid, f, h, static_cast<const int32_t*>(nullptr), preload_down);
   const int features_per_block = kWarps / top_k;
-  launch_pdl(moe_down_combine_one_token_kernel, dim3(static_cast<unsigned>(ceil_div(hidden, features_per_block))),
-             block, 0, stream, h, groups, slot, weights, top_k, hid, f, out);
+  const dim3 grid(static_cast<unsigned>(ceil_div(hidden, features_per_block)));
+  if (preload_down)
+    launch_pdl(moe_down_combine_one_token_kernel<true>, grid, block, 0, stream, h, groups, slot, weights, top_k, hid,
+               f, out);
+  else
+    launch_pdl(moe_down_combine_one_token_kernel<false>, grid, block, 0, stream, h, groups, slot, weights, top_k, hid,
+               f, out);
 }
 
 }  // namespace moex::cuda
