@@ -119,16 +119,11 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
     for (cudaEvent_t& event : copy_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    const char* graphs = std::getenv("MOEX_CUDA_GRAPHS");  // "0": eager decode steps (A/B measurements)
-    graphs_enabled_ = !(graphs && std::string(graphs) == "0");
-    const char* fused = std::getenv("MOEX_CUDA_FUSED_NORMS");  // "0": norms as launches of their own (A/B)
-    fused_norms_ = !(fused && std::string(fused) == "0");
-    const char* chain = std::getenv("MOEX_CUDA_CHAIN_STEPS");  // "0": greedy steps wait for the host (A/B)
-    chain_steps_ = !(chain && std::string(chain) == "0");
-    const char* rope = std::getenv("MOEX_CUDA_FUSED_ROPE");  // "1": RoPE inside the decode attention kernel
-    fused_rope_ = rope && std::string(rope) == "1";
-    const char* down = std::getenv("MOEX_CUDA_DOWN_PRELOAD");  // "1": batch-1 down weights before the PDL wait
-    preload_down_ = down && std::string(down) == "1";
+    graphs_enabled_ = !env_equals("MOEX_CUDA_GRAPHS", "0");         // eager decode steps (A/B measurements)
+    fused_norms_ = !env_equals("MOEX_CUDA_FUSED_NORMS", "0");       // norms as launches of their own (A/B)
+    chain_steps_ = !env_equals("MOEX_CUDA_CHAIN_STEPS", "0");       // greedy steps wait for the host (A/B)
+    fused_rope_ = env_equals("MOEX_CUDA_FUSED_ROPE", "1");          // RoPE inside the decode attention kernel
+    preload_down_ = env_equals("MOEX_CUDA_DOWN_PRELOAD", "1");      // batch-1 down weights before the PDL wait
   }
 
   ~CudaBackend() override {
@@ -528,26 +523,22 @@ class CudaBackend final : public Backend {
                          const TensorView* k_norm, float eps, std::span<const int32_t> positions, int64_t rotary_dim,
                          double theta, const KvStep& step, const TensorView& k_pages, const TensorView& v_pages,
                          float scale, const TensorView& out) override {
-    const bool fits = fused_rope_ && q.shape.ndim == 3 && q.dim(2) <= kQkNormRopeMaxHeadDim &&
-                      std::equal(positions.begin(), positions.end(), step.row_pos.begin(), step.row_pos.end());
-    if (!fits) {
-      Backend::rope_kv_attention(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages, v_pages,
-                                 scale, out);
-      return;
+    // The kernel reads each row's position from the prepared step (decode_rope_fits checks the shape).
+    if (fused_rope_ && std::equal(positions.begin(), positions.end(), step.row_pos.begin(), step.row_pos.end())) {
+      checked_kv_write_rows(step, k, v, k_pages, v_pages);
+      DecodeRope rope;
+      rope.k = k.as<float>();
+      rope.v = v.as<float>();
+      rope.k_pages = k_pages.as<float>();
+      rope.v_pages = v_pages.as<float>();
+      qk_norm_pointers(q_norm, k_norm, k.dim(-1), &rope.q_norm, &rope.k_norm, &rope.norm_bf16);
+      rope.eps = eps;
+      rope.rotary_dim = static_cast<int>(rotary_dim);
+      rope.theta = static_cast<float>(theta);
+      if (attention_launch(step, q, k_pages, v_pages, scale, out, &rope, rotary_dim)) return;
     }
-    checked_kv_write_rows(step, k, v, k_pages, v_pages);
-    DecodeRope rope;
-    rope.k = k.as<float>();
-    rope.v = v.as<float>();
-    rope.k_pages = k_pages.as<float>();
-    rope.v_pages = v_pages.as<float>();
-    qk_norm_pointers(q_norm, k_norm, q.dim(2), &rope.q_norm, &rope.k_norm, &rope.norm_bf16);
-    rope.eps = eps;
-    rope.rotary_dim = static_cast<int>(rotary_dim);
-    rope.theta = static_cast<float>(theta);
-    if (!attention_launch(step, q, k_pages, v_pages, scale, out, &rope, rotary_dim))
-      Backend::rope_kv_attention(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages, v_pages,
-                                 scale, out);
+    Backend::rope_kv_attention(q, k, v, q_norm, k_norm, eps, positions, rotary_dim, theta, step, k_pages, v_pages,
+                               scale, out);
   }
 
   // attention(), or with rope the decode kernel's RoPE prologue: false (nothing launched) when rope is given and
@@ -738,8 +729,6 @@ class CudaBackend final : public Backend {
     check_prepared(step, n, k_pages.dim(0), "kv_write");
     return n;
   }
-  // The qk_norm_rope kernel (with the cache write when kv.k_pages is set); false, launching nothing, for head
-  // dims past its envelope.
   // The per-head q/k norm weights as the kernels take them (both null, or both fp32 / both bf16 [head_dim]).
   void qk_norm_pointers(const TensorView* q_norm, const TensorView* k_norm, int64_t head_dim, const void** qn,
                         const void** kn, bool* norm_bf16) const {
@@ -754,6 +743,8 @@ class CudaBackend final : public Backend {
                 "cuda qk_norm_rope: norms {} {} for head_dim {}", q_norm->shape.str(), k_norm->shape.str(), head_dim);
   }
 
+  // The qk_norm_rope kernel (with the cache write when kv.k_pages is set); false, launching nothing, for head
+  // dims past its envelope.
   bool qk_norm_rope_launch(const TensorView& q, const TensorView& k, const TensorView* q_norm,
                            const TensorView* k_norm, float eps, std::span<const int32_t> positions,
                            int64_t rotary_dim, double theta, const KvWrite& kv) {

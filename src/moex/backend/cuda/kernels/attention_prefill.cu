@@ -15,12 +15,10 @@
 // softmax are fp32. Relative error 2e-3..3e-3 against a double-precision reference.
 // Head dims are padded with zeros to 64, 128 or 256 (the template's DP); padded dims add nothing to Q K^T and
 // their output columns are not written.
+#include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/kernels/attention_params.cuh"
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
-
-#include <cstdlib>
-#include <cstring>
 
 namespace moex::cuda {
 namespace {
@@ -244,10 +242,7 @@ void launch_dp(const AttentionParams& p, dim3 grid, cudaStream_t stream) {
 
 bool prefill_mma_fits(const AttentionShape& shape) {
   // MOEX_CUDA_FP32_ATTENTION=1 keeps every step on the fp32 kernels (A/B measurements, precision checks).
-  static const bool fp32_only = [] {
-    const char* env = std::getenv("MOEX_CUDA_FP32_ATTENTION");
-    return env && std::strcmp(env, "1") == 0;
-  }();
+  static const bool fp32_only = env_equals("MOEX_CUDA_FP32_ATTENTION", "1");
   return !fp32_only && shape.one_sequence && shape.num_queries >= kPrefillMmaMinQueries && shape.head_dim % 4 == 0 &&
          shape.head_dim <= kAttentionMaxHeadDim;
 }

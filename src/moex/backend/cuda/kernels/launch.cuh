@@ -15,8 +15,7 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
+#include "moex/backend/cuda/cuda_resources.h"
 
 namespace moex::cuda {
 
@@ -34,20 +33,14 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 
 // MOEX_CUDA_PDL=0 launches every kernel plainly (for A/B measurements and as an escape hatch).
 inline bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MOEX_CUDA_PDL");
-    return !(env && std::strcmp(env, "0") == 0);
-  }();
+  static const bool enabled = !env_equals("MOEX_CUDA_PDL", "0");
   return enabled;
 }
 
 // MOEX_CUDA_GEMV_PRELOAD=0 keeps one-row GEMVs (and the router GEMV of the MoE planner) from loading their
 // first weights before the PDL wait (gemv_core.cuh, preload_row), for A/B measurements.
 inline bool gemv_preload_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MOEX_CUDA_GEMV_PRELOAD");
-    return !(env && std::strcmp(env, "0") == 0);
-  }();
+  static const bool enabled = !env_equals("MOEX_CUDA_GEMV_PRELOAD", "0");
   return enabled;
 }
 

@@ -27,12 +27,18 @@ __device__ __forceinline__ Best better(Best a, Best b) {
 // on an H200, one dependent 4-byte load per thread at a time), and writes its best to partial[row, split].
 constexpr int kPerThread = kArgmaxSplitCols / kThreads;
 
-__device__ __forceinline__ Best block_best(Best best, Best* s_best) {
+// The best of the warp's 32, in every lane.
+__device__ __forceinline__ Best warp_best(Best best) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     Best other{__shfl_xor_sync(0xffffffffu, best.value, offset), __shfl_xor_sync(0xffffffffu, best.index, offset)};
     best = better(best, other);
   }
+  return best;
+}
+
+__device__ __forceinline__ Best block_best(Best best, Best* s_best) {
+  best = warp_best(best);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) s_best[warp] = best;
   __syncthreads();
@@ -71,11 +77,7 @@ __global__ void argmax_merge_kernel(const float* logits, int64_t cols, const Bes
   const int lane = threadIdx.x;
   Best best{0.f, -1};
   for (int s = lane; s < splits; s += 32) best = better(best, partial[int64_t(blockIdx.x) * splits + s]);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    Best other{__shfl_xor_sync(0xffffffffu, best.value, offset), __shfl_xor_sync(0xffffffffu, best.index, offset)};
-    best = better(best, other);
-  }
+  best = warp_best(best);
   if (lane == 0) {
     const float first = logits[int64_t(blockIdx.x) * cols];
     const int32_t id = !(first == first) || best.index < 0 ? 0 : best.index;
