@@ -318,10 +318,8 @@ void Decoder::enqueue_greedy_step(int32_t token, int64_t position) {
   MOEX_ASSERT(can_chain_greedy(), "enqueue_greedy_step: the backend cannot chain greedy steps here");
   if (token != Backend::kTokenOnDevice) check_token(token);
   const int64_t stride = prepare_rows(default_seq_, position, 1);
-  kv_step_ = KvStep{row_seq_, positions_, tables_, stride, kv_->page_size()};
-  backend_.prepare_kv_step(kv_step_);
   ids_.assign(1, token);
-  backend_.decode_step(token, position, [&] { run_layers(ids_, position, positions_, false, true, true, nullptr); });
+  launch_step(ids_, position, stride, /*all_logits=*/false, /*want_logits=*/true, nullptr);  // a recordable step
   backend_.pick_greedy(scratch(kLogits, Shape{1, cfg_.vocab_size}));
 }
 
@@ -362,8 +360,8 @@ bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float
   return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, greedy_ids);
 }
 
-bool Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                       std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* greedy_ids) {
+void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
+                          bool want_logits, RouterObserver* observer) {
   const int64_t n = static_cast<int64_t>(ids.size());
   kv_step_ = KvStep{row_seq_, positions_, tables_, table_stride, kv_->page_size()};
   backend_.prepare_kv_step(kv_step_);
@@ -371,12 +369,18 @@ bool Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t 
   // All-resident experts and nobody who needs the routing on the host: the backend routes on its device,
   // and a single-token step becomes one recordable sequence of ops (CUDA graphs).
   const bool device_routing = routes_on_device(observer);
-  auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, logits != nullptr || greedy_ids != nullptr, device_routing, observer); };
+  auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, want_logits, device_routing, observer); };
   if (n == 1 && device_routing)
     backend_.decode_step(ids[0], positions_[0], ops);
   else
     ops();
+}
+
+bool Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
+                       std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* greedy_ids) {
+  launch_step(ids, start_pos, table_stride, all_logits, logits != nullptr || greedy_ids != nullptr, observer);
   if (!logits && !greedy_ids) return false;
+  const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t rows = all_logits ? n : 1;
   const TensorView device_logits = scratch(kLogits, Shape{rows, cfg_.vocab_size});
   if (greedy_ids) {

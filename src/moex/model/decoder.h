@@ -98,7 +98,11 @@ class Decoder {
   int64_t prepare_rows(int32_t seq, int64_t start_pos, int64_t n);
   // Whether a step may route on the backend's device (no expert ids on the host): see run_step.
   bool routes_on_device(const RouterObserver* observer) const;
-  // Runs ids as rows of kv_step_ (built from row_seq_, positions_, tables_), then reads logits back.
+  // Enqueues ids as rows of kv_step_ (built from row_seq_, positions_, tables_): one decode step of a single row
+  // routed on the device goes through Backend::decode_step (recordable); the lm head runs when want_logits.
+  void launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
+                   bool want_logits, RouterObserver* observer);
+  // launch_step(), then reads logits back.
   // With greedy_ids, as forward_batch. Returns whether greedy_ids were filled on the device.
   bool run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
                 std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* greedy_ids = nullptr);

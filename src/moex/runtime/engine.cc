@@ -102,63 +102,59 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
   auto start = std::chrono::steady_clock::now();
   decoder_->forward(prompt, 0, /*all_logits=*/false, &logits, observer);
   result.prefill_ms = elapsed_ms(start);
-  const auto& eos = config().eos_token_ids;
   int64_t position = static_cast<int64_t>(prompt.size());
   start = std::chrono::steady_clock::now();
   result.stop_reason = "length";
-  if (options.sampling.temperature == 0.0f && observer == nullptr && decoder_->can_chain_greedy()) {
-    decode_chained(sampler.sample(logits), position, options, on_token, &result);
-    result.decode_ms = elapsed_ms(start);
-    decoder_->end_sequence();
-    return result;
-  }
-  for (int64_t step = 0; step < options.max_new_tokens; ++step) {
+  if (options.max_new_tokens > 0) {
     int32_t token = sampler.sample(logits);
-    result.output_ids.push_back(token);
-    bool keep_going = !on_token || on_token(token);
-    if (options.stop_at_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
-      result.stop_reason = "eos";
-      break;
+    if (options.sampling.temperature == 0.0f && observer == nullptr && decoder_->can_chain_greedy()) {
+      decode_chained(token, position, options, on_token, &result);
+    } else {
+      while (take_token(token, options, on_token, &result)) {
+        decoder_->forward(std::span<const int32_t>(&token, 1), position++, false, &logits, observer);
+        ++result.decode_steps;
+        token = sampler.sample(logits);
+      }
     }
-    if (!keep_going || step + 1 == options.max_new_tokens) break;
-    decoder_->forward(std::span<const int32_t>(&token, 1), position++, false, &logits, observer);
-    ++result.decode_steps;
   }
   result.decode_ms = elapsed_ms(start);
   decoder_->end_sequence();
   return result;
 }
 
+bool Engine::take_token(int32_t id, const GenerationOptions& options, const std::function<bool(int32_t)>& on_token,
+                        GenerationResult* result) const {
+  const auto& eos = config().eos_token_ids;
+  result->output_ids.push_back(id);
+  const bool keep_going = !on_token || on_token(id);
+  if (options.stop_at_eos && std::find(eos.begin(), eos.end(), id) != eos.end()) {
+    result->stop_reason = "eos";
+    return false;
+  }
+  return keep_going && static_cast<int64_t>(result->output_ids.size()) < options.max_new_tokens;
+}
+
 void Engine::decode_chained(int32_t token, int64_t position, const GenerationOptions& options,
                             const std::function<bool(int32_t)>& on_token, GenerationResult* result) {
-  const auto& eos = config().eos_token_ids;
-  // Tokens known (sampled from the prompt, or read back) and steps enqueued whose picks are not read yet. The
-  // device runs one step ahead of the host: step t+1 is enqueued before step t's token is read, so reading,
-  // checking and printing it overlap the device's work. A stop discards at most that one step.
-  int64_t known = 0, in_flight = 0;
-  auto take = [&](int32_t id) {
-    ++known;
-    result->output_ids.push_back(id);
-    const bool keep_going = !on_token || on_token(id);
-    if (options.stop_at_eos && std::find(eos.begin(), eos.end(), id) != eos.end()) {
-      result->stop_reason = "eos";
-      return false;
-    }
-    return keep_going && known < options.max_new_tokens;
-  };
+  // Steps enqueued whose picks are not read yet. The device runs one step ahead of the host: step t+1 is enqueued
+  // before step t's token is read, so reading, checking and printing it overlap the device's work. A stop
+  // discards at most that one step.
+  int64_t in_flight = 0;
+  auto take = [&](int32_t id) { return take_token(id, options, on_token, result); };
+  auto known = [&] { return static_cast<int64_t>(result->output_ids.size()); };
   // A step enqueued past a stop still runs; its pick is read so that the next generation starts clean.
   auto drain = [&] {
     for (; in_flight > 0; --in_flight) decoder_->next_greedy_token();
   };
   try {
-    bool running = options.max_new_tokens > 0 && take(token);
+    bool running = take(token);
     if (running) {
       decoder_->enqueue_greedy_step(token, position++);
       ++in_flight;
     }
     while (running) {
       // known + in_flight tokens exist or are coming; another step is worth it only if its token may be kept.
-      if (known + in_flight < options.max_new_tokens) {
+      if (known() + in_flight < options.max_new_tokens) {
         decoder_->enqueue_greedy_step(Backend::kTokenOnDevice, position++);
         ++in_flight;
       }

@@ -93,8 +93,13 @@ class Engine {
   static int64_t resident_weight_bytes(const ModelConfig& cfg);
 
  private:
+  // Appends id to result->output_ids and shows it to on_token; whether generation goes on (not EOS, not stopped by
+  // on_token, below max_new_tokens). EOS sets the stop reason.
+  bool take_token(int32_t id, const GenerationOptions& options, const std::function<bool(int32_t)>& on_token,
+                  GenerationResult* result) const;
   // Greedy decode steps chained on the device (Decoder::enqueue_greedy_step) from token, the first new token
   // (already sampled from the prompt), at position: the same tokens, stops and counts as generate()'s loop.
+  // max_new_tokens > 0.
   void decode_chained(int32_t token, int64_t position, const GenerationOptions& options,
                       const std::function<bool(int32_t)>& on_token, GenerationResult* result);
 

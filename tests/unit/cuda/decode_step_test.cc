@@ -133,6 +133,18 @@ std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vecto
   return greedy_with_env(model, prompt, tokens, env_var, "0", check);
 }
 
+// An opt-in switch (env_var=1) must not change a greedy token against the default, on each fixture.
+void expect_switch_on_matches_default(const std::vector<LoadedFixture>& fixtures, const char* env_var, int64_t tokens) {
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto switched = greedy_with_env(*fixture.model, fixture.prompt, tokens, env_var, "1", [](Engine&) {});
+    EngineOptions options;
+    options.device = "cuda";
+    Engine plain(*fixture.model, options);
+    EXPECT_EQ(greedy(plain, fixture.prompt, tokens), switched);
+  }
+}
+
 // Batch-1 decode with each residual norm inside its consumer (the q/k/v GEMV, the router's launch) against the
 // norms as launches of their own: the same greedy tokens on the fixtures that take the fused path (every layer
 // MoE, no shared expert; qwen3_moe adds per-head q/k norms). The norms' reduction order differs, so only tokens
@@ -219,15 +231,7 @@ TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
 // and the KV cache's growth; qwen3_moe has per-head q/k norms, olmoe clamps q/k/v (its norms stay separate ops).
 TEST(CudaDecodeStep, RopeInsideAttentionMatchesSeparateOps) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  for (const LoadedFixture& fixture : fixtures) {
-    SCOPED_TRACE(fixture.name);
-    const auto in_kernel = greedy_with_env(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_FUSED_ROPE", "1",
-                                           [](Engine&) {});
-    EngineOptions options;
-    options.device = "cuda";
-    Engine separate(*fixture.model, options);
-    EXPECT_EQ(greedy(separate, fixture.prompt, 300), in_kernel);
-  }
+  expect_switch_on_matches_default(fixtures, "MOEX_CUDA_FUSED_ROPE", 300);
 }
 
 // The batch-1 down projection reading the plan and its first weights before its PDL wait
@@ -235,15 +239,7 @@ TEST(CudaDecodeStep, RopeInsideAttentionMatchesSeparateOps) {
 // from a stale cache line would pick another layer's experts).
 TEST(CudaDecodeStep, DownPreloadMatchesDefault) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  for (const LoadedFixture& fixture : fixtures) {
-    SCOPED_TRACE(fixture.name);
-    const auto preload = greedy_with_env(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_DOWN_PRELOAD", "1",
-                                         [](Engine&) {});
-    EngineOptions options;
-    options.device = "cuda";
-    Engine plain(*fixture.model, options);
-    EXPECT_EQ(greedy(plain, fixture.prompt, 300), preload);
-  }
+  expect_switch_on_matches_default(fixtures, "MOEX_CUDA_DOWN_PRELOAD", 300);
 }
 
 // The offloading provider keeps host-side routing (acquire/release, pre-gating); with a budget of top_k + 1
