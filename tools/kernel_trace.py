@@ -38,11 +38,14 @@ def load(path):
 
 def analyse(rows):
     steps = collections.defaultdict(list)
-    for r in rows:
-        if int(r["graph_id"]) == 0:
-            continue
-        steps[int(r["correlation"])].append(
-            (int(r["start_ns"]), int(r["end_ns"]), short(r["name"]), int(r.get("grid", 0) or 0)))
+    for line, r in enumerate(rows, start=2):
+        try:
+            if int(r["graph_id"]) == 0:
+                continue
+            steps[int(r["correlation"])].append(
+                (int(r["start_ns"]), int(r["end_ns"]), short(r["name"] or "?"), int(r.get("grid", 0) or 0)))
+        except (TypeError, ValueError):
+            sys.exit(f"kernel_trace: line {line} is not a kernel record (a number expected): {dict(r)}")
     if not steps:
         sys.exit("kernel_trace: no kernels from CUDA graph launches in the trace (decode steps run eagerly?)")
     share = collections.defaultdict(float)
