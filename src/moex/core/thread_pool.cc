@@ -42,14 +42,16 @@ void ThreadPool::run_chunks(uint32_t generation) {
   for (;;) {
     uint64_t cursor = cursor_.load(std::memory_order_acquire);
     if (static_cast<uint32_t>(cursor >> 32) != generation) return;
-    const auto* fn = job_.load(std::memory_order_relaxed);
-    int64_t items = job_items_.load(std::memory_order_relaxed);
-    int64_t chunk = job_chunk_.load(std::memory_order_relaxed);
-    int64_t num_chunks = job_num_chunks_.load(std::memory_order_relaxed);
+    // Acquire loads: a field of the next loop is written after parallel_for closes this cursor, so
+    // reading one makes the CAS below see the closed cursor and fail.
+    const auto* fn = job_.load(std::memory_order_acquire);
+    int64_t items = job_items_.load(std::memory_order_acquire);
+    int64_t chunk = job_chunk_.load(std::memory_order_acquire);
+    int64_t num_chunks = job_num_chunks_.load(std::memory_order_acquire);
     int64_t chunk_idx = static_cast<int64_t>(cursor & 0xffffffffu);
     if (chunk_idx >= num_chunks) return;
-    // Succeeds only while this loop still has this chunk unclaimed, which proves the fields read
-    // above belong to it (they are rewritten only after all its chunks are done).
+    // Succeeds only while this loop's cursor is still open at this chunk, which proves the fields
+    // read above belong to this loop.
     if (!cursor_.compare_exchange_weak(cursor, cursor + 1, std::memory_order_acq_rel)) continue;
     int64_t begin = chunk_idx * chunk;
     int64_t end = std::min(items, begin + chunk);
@@ -101,13 +103,19 @@ void ThreadPool::parallel_for(int64_t num_items, int64_t min_chunk,
     fn(0, num_items);
     return;
   }
-  job_.store(&fn, std::memory_order_relaxed);
-  job_items_.store(num_items, std::memory_order_relaxed);
-  job_chunk_.store(chunk, std::memory_order_relaxed);
-  job_num_chunks_.store(num_chunks, std::memory_order_relaxed);
+  uint32_t generation = generation_.load(std::memory_order_relaxed) + 1;
+  // Close the previous loop's cursor before its fields change. Its chunks are all claimed, but a
+  // worker may still hold its cursor at "chunk num_chunks"; had it read this loop's larger chunk
+  // count, its CAS on the open cursor would claim a chunk that belongs to neither loop and run it
+  // with a mix of both loops' fields (a segfault seen in CI). The closed cursor carries the new
+  // generation, so a stale CAS fails, and an index no loop reaches.
+  cursor_.store(static_cast<uint64_t>(generation) << 32 | 0xffffffffu, std::memory_order_seq_cst);
+  job_.store(&fn, std::memory_order_release);
+  job_items_.store(num_items, std::memory_order_release);
+  job_chunk_.store(chunk, std::memory_order_release);
+  job_num_chunks_.store(num_chunks, std::memory_order_release);
   error_ = nullptr;
   done_chunks_.store(0, std::memory_order_relaxed);
-  uint32_t generation = generation_.load(std::memory_order_relaxed) + 1;
   cursor_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_release);
   generation_.store(generation);
   if (sleepers_.load() > 0) {

@@ -46,7 +46,8 @@ class ThreadPool {
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
   // The current loop; read by workers only between loading a cursor of its generation and the CAS
-  // that validates it, so a stale read is always discarded.
+  // that validates it. parallel_for closes the old cursor before rewriting them, so a stale read
+  // always fails that CAS.
   std::atomic<const std::function<void(int64_t, int64_t)>*> job_{nullptr};
   std::atomic<int64_t> job_items_{0};
   std::atomic<int64_t> job_chunk_{0};

@@ -46,6 +46,34 @@ TEST(ThreadPool, ManyShortLoopsBackToBack) {
   for (int64_t i = 0; i < 64; ++i) EXPECT_EQ(values[i], 20000 * i) << i;
 }
 
+// Loops whose chunk count grows from one loop to the next (a 2-chunk loop, then a 16-chunk one, as
+// linear() does across shapes). A worker that read the old loop's exhausted cursor and then the new
+// loop's larger chunk count could claim "chunk 2" of the old loop with the new loop's function and
+// sizes, or the old, destroyed function (a segfault seen once in CI, CpuLinear.BiasAndBlockBoundaries):
+// every call must belong to the loop that is running and every item must run once.
+TEST(ThreadPool, GrowingChunkCountsNeverRunAStaleClaim) {
+  ThreadPool pool(4);  // oversubscribed on a 2-core machine: workers are preempted mid-claim
+  std::atomic<int64_t> current{-1};
+  std::atomic<int64_t> stray_calls{0};
+  std::vector<std::atomic<int>> hits(64);
+  for (int64_t loop = 0; loop < 200000; ++loop) {
+    int64_t items = loop % 2 == 0 ? 2 : 64;
+    for (int64_t i = 0; i < items; ++i) hits[i].store(0, std::memory_order_relaxed);
+    current.store(loop);
+    pool.parallel_for(items, 1, [&, loop, items](int64_t begin, int64_t end) {
+      if (current.load() != loop || begin < 0 || end > items || begin >= end) {
+        stray_calls.fetch_add(1);
+        return;
+      }
+      for (int64_t i = begin; i < end; ++i) hits[i].fetch_add(1, std::memory_order_relaxed);
+    });
+    current.store(-1);
+    for (int64_t i = 0; i < items; ++i)
+      ASSERT_EQ(hits[i].load(), 1) << "loop " << loop << " item " << i << " (stray calls so far: " << stray_calls.load() << ")";
+  }
+  EXPECT_EQ(stray_calls.load(), 0);
+}
+
 // A pool destroyed right after its last loop, thousands of times, oversubscribed: a worker still between that
 // loop and its next look at the stop flag must see the destructor's stop, not sleep forever (a hang at pool
 // destruction, seen once in CI in ManyShortLoopsBackToBack; the window is a preemption at one point of the
