@@ -17,6 +17,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "gpu_telemetry.h"
 #include "moex/core/error.h"
 #include "moex/core/progress.h"
 #include "moex/trace/trace_writer.h"
@@ -67,6 +68,7 @@ CommandAction setup_bench(CLI::App* sub) {
     std::vector<int64_t> batches;
     bool json = false;
     std::string trace_out;
+    std::string gpu_telemetry = "auto";
   };
   auto options = std::make_shared<Options>();
   add_model_options(sub, &options->model, /*model_required=*/true);
@@ -91,6 +93,7 @@ CommandAction setup_bench(CLI::App* sub) {
                   "write the routing of the batch-1 decode repetitions (warm-up included, one request each: "
                   "the --decode-context prompt and the decoded tokens) to this file as a moex binary trace; "
                   "the decode timings then include the recording");
+  add_gpu_telemetry_option(sub, &options->gpu_telemetry);
   return [options]() -> int {
     auto model = load_model(options->model);
     const ModelConfig& cfg = model->config();
@@ -101,6 +104,15 @@ CommandAction setup_bench(CLI::App* sub) {
       trace = std::make_unique<TraceWriter>(options->trace_out, trace_info_for(cfg, false, "moex bench"));
     }
     Engine engine(*model, engine_options(options->model, cfg));
+    // Power and energy over the timed repetitions of each phase (warm-ups excluded).
+    nlohmann::json gpu_about;
+    auto meter = open_gpu_meter(options->gpu_telemetry, options->model.device, engine.backend(), &gpu_about);
+    auto begin_window = [&](int rep) {
+      if (meter && rep >= options->warmup) meter->begin();
+    };
+    auto end_window = [&](int rep) {
+      if (meter && rep >= options->warmup) meter->end();
+    };
     const int64_t vocab = cfg.vocab_size;
     uint64_t state = 12345;
     auto random_ids = [&](int64_t count) {
@@ -121,10 +133,12 @@ CommandAction setup_bench(CLI::App* sub) {
       std::vector<double> ms;
       for (int rep = 0; rep < total_reps; ++rep) {
         auto ids = random_ids(prompt_len);
+        begin_window(rep);
         auto start = std::chrono::steady_clock::now();
         engine.decoder().forward(ids, 0, false, &logits);
         engine.backend().synchronize();
         double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        end_window(rep);
         engine.decoder().end_sequence();
         if (rep >= options->warmup) ms.push_back(elapsed);
         progress.advance();
@@ -134,6 +148,7 @@ CommandAction setup_bench(CLI::App* sub) {
                                  {"ms_mean", s.mean},
                                  {"ms_stddev", s.stddev},
                                  {"tokens_per_s", prompt_len * 1000.0 / s.mean}});
+      if (meter) prefill_results.back()["gpu"] = gpu_energy_json(meter->take(), prompt_len * options->reps);
     }
     std::vector<double> per_token_ms;
     engine.decoder().reserve(options->decode_context + options->decode_tokens);
@@ -157,6 +172,7 @@ CommandAction setup_bench(CLI::App* sub) {
       int32_t token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
       engine.backend().synchronize();
       const ExpertProviderStats before = engine.experts().stats();
+      begin_window(rep);
       auto start = std::chrono::steady_clock::now();
       if (chained) {
         // As Engine::generate decodes greedily: the device runs one step ahead of the host.
@@ -176,6 +192,7 @@ CommandAction setup_bench(CLI::App* sub) {
       }
       engine.backend().synchronize();
       double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      end_window(rep);
       engine.decoder().end_sequence();
       if (trace) trace->end_request(request);
       if (rep >= options->warmup && options->decode_tokens > 0) {
@@ -196,6 +213,7 @@ CommandAction setup_bench(CLI::App* sub) {
       }
       progress.advance();
     }
+    const std::optional<GpuEnergy> decode_energy = meter ? std::optional(meter->take()) : std::nullopt;
     nlohmann::json batch_results = nlohmann::json::array();
     for (int64_t batch : options->batches) {
       const int64_t context = options->decode_context, steps_per_rep = options->decode_tokens;
@@ -212,6 +230,7 @@ CommandAction setup_bench(CLI::App* sub) {
         }
         engine.backend().synchronize();
         double picking = 0;
+        begin_window(rep);
         auto start = std::chrono::steady_clock::now();
         for (int64_t step = 0; step < steps_per_rep; ++step) {
           // Greedy picks are part of a real step: on the device where the backend can (one id per row comes
@@ -227,6 +246,7 @@ CommandAction setup_bench(CLI::App* sub) {
         }
         engine.backend().synchronize();
         double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        end_window(rep);
         for (const auto& step : steps) engine.decoder().free_sequence(step.seq);
         engine.decoder().end_sequence();
         if (rep >= options->warmup && steps_per_rep > 0) {
@@ -244,6 +264,7 @@ CommandAction setup_bench(CLI::App* sub) {
                                {"host_pick_ms_per_step", summarize(pick_ms).mean},
                                {"greedy_pick_on_device", picked_on_device},
                                {"tokens_per_s", s.mean > 0 ? batch * 1000.0 / s.mean : 0.0}});
+      if (meter) batch_results.back()["gpu"] = gpu_energy_json(meter->take(), batch * steps_per_rep * options->reps);
     }
     progress.finish();
     if (trace) trace->close();
@@ -300,6 +321,8 @@ CommandAction setup_bench(CLI::App* sub) {
         {"bytes_moved", stats.bytes_moved},
         {"stall_ms", stats.stall_ms}};
     if (trace) out["trace_out"] = options->trace_out;
+    if (!gpu_about.is_null()) out["gpu"] = gpu_about;
+    if (decode_energy) out["decode"]["gpu"] = gpu_energy_json(*decode_energy, options->decode_tokens * options->reps);
     if (options->bandwidth_gbs > 0) {
       const double floor_ms = bytes / (options->bandwidth_gbs * 1e6);
       out["bandwidth_gbs"] = options->bandwidth_gbs;
@@ -311,18 +334,30 @@ CommandAction setup_bench(CLI::App* sub) {
       return 0;
     }
     std::printf("%s on %s\n", cfg.summary().c_str(), options->model.device.c_str());
-    for (const auto& p : prefill_results)
+    // The GPU's figures under each phase, from the JSON the phase wrote.
+    auto print_gpu = [&](const nlohmann::json& phase) {
+      if (phase.contains("gpu")) std::printf("                      %s\n", gpu_energy_line(phase["gpu"]).c_str());
+    };
+    if (out.contains("gpu") && out["gpu"].contains("name"))
+      std::printf("GPU telemetry: %s (%s)\n", out["gpu"]["name"].get<std::string>().c_str(),
+                  out["gpu"]["pci_bus_id"].get<std::string>().c_str());
+    for (const auto& p : prefill_results) {
       std::printf("prefill %6lld tokens: %9.2f ms (+- %.2f)  %10.1f tokens/s\n",
                   static_cast<long long>(p["prompt_tokens"].get<int64_t>()), p["ms_mean"].get<double>(),
                   p["ms_stddev"].get<double>(), p["tokens_per_s"].get<double>());
+      print_gpu(p);
+    }
     std::printf("decode  (batch 1):    %9.3f ms/token (+- %.3f)  %10.1f tokens/s; reads %.1f MiB/token%s\n", decode.mean,
                 decode.stddev, decode.mean > 0 ? 1000.0 / decode.mean : 0.0, bytes / 1048576.0,
                 chained ? "; steps chained on the device" : "");
-    for (const auto& b : batch_results)
+    print_gpu(out["decode"]);
+    for (const auto& b : batch_results) {
       std::printf("decode  (batch %3lld):  %9.3f ms/step  (+- %.3f)  %10.1f tokens/s; host argmax %.3f ms/step\n",
                   static_cast<long long>(b["batch"].get<int64_t>()), b["ms_per_step_mean"].get<double>(),
                   b["ms_per_step_stddev"].get<double>(), b["tokens_per_s"].get<double>(),
                   b["host_pick_ms_per_step"].get<double>());
+      print_gpu(b);
+    }
     if (decode_stats.misses > 0)
       std::printf("experts while decoding: hit rate %.3f, %.1f MiB moved/token, stall %.2f ms/token, prefetch "
                   "precision %.2f recall %.2f\n",

@@ -8,6 +8,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "gpu_telemetry.h"
 #include "moex/core/error.h"
 #include "moex/tokenizer/chat_template.h"
 
@@ -51,6 +52,7 @@ CommandAction setup_run(CLI::App* sub) {
     bool ignore_eos = false;
     bool chat = false;
     std::string system;
+    std::string gpu_telemetry = "auto";
   };
   auto options = std::make_shared<Options>();
   add_model_options(sub, &options->model, /*model_required=*/false);
@@ -69,6 +71,7 @@ CommandAction setup_run(CLI::App* sub) {
   sub->add_option("--system", options->system, "with --chat: a system message before the user message");
   sub->add_flag("--json", options->json,
                 "print one JSON object {prompt_ids, output_ids, text, stats} instead of streaming text");
+  add_gpu_telemetry_option(sub, &options->gpu_telemetry);
   return [options, seed, prompt]() -> int {
     if (prompt->count() > 0 && options->prompt.empty()) throw UsageError("-p: the prompt is empty");
     if (seed->count() == 0) options->sampling.seed = std::random_device{}();
@@ -117,7 +120,16 @@ CommandAction setup_run(CLI::App* sub) {
       std::fflush(stdout);
       return true;
     };
+    // The GPU's energy over the whole generation (prefill and decode), per generated token.
+    nlohmann::json gpu_about;
+    auto meter = open_gpu_meter(options->gpu_telemetry, options->model.device, engine.backend(), &gpu_about);
+    if (meter) meter->begin();
     GenerationResult result = engine.generate(prompt_ids, generation, on_token);
+    if (meter) {
+      engine.backend().synchronize();
+      meter->end();
+      gpu_about["generation"] = gpu_energy_json(meter->take(), static_cast<int64_t>(result.output_ids.size()));
+    }
     if (!options->json) {
       if (stream) std::fputs(stream->finish().c_str(), stdout);
       std::printf("\n");
@@ -142,6 +154,9 @@ CommandAction setup_run(CLI::App* sub) {
           std::fprintf(stderr, "moex: CPU experts: %.1f ms on the host; cost model rates: host reads %.1f GB/s, "
                        "copies %.1f GB/s\n", stats.cpu_ms, stats.model_host_read_gbs, stats.model_copy_gbs);
       }
+      if (meter)
+        std::fprintf(stderr, "moex: %s: %s per generated token, prefill included\n",
+                     gpu_about["name"].get<std::string>().c_str(), gpu_energy_line(gpu_about["generation"]).c_str());
       return 0;
     }
     nlohmann::json stats = provider_stats_json(engine.experts().stats());
@@ -154,6 +169,7 @@ CommandAction setup_run(CLI::App* sub) {
     stats["stop_reason"] = result.stop_reason;
     stats["seed"] = options->sampling.seed;
     stats["device"] = options->model.device;
+    if (!gpu_about.is_null()) stats["gpu"] = gpu_about;
     nlohmann::json out = {{"prompt_ids", prompt_ids}, {"output_ids", result.output_ids}, {"text", tokenizer ? tokenizer->decode(result.output_ids, /*skip_special_tokens=*/true) : ""}, {"stats", stats}};
     std::cout << out.dump() << "\n";
     return 0;

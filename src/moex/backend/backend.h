@@ -80,6 +80,8 @@ class Backend {
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
+  // The PCI bus id of the GPU this backend runs on ("0000:3B:00.0"), for NVML telemetry; empty on the CPU.
+  virtual std::string pci_bus_id() const { return {}; }
 
   // ---- memory -------------------------------------------------------------------------------
   // An fp32/int activation buffer of the given shape on this device (contents undefined).

@@ -146,6 +146,10 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::kCuda; }
   std::string name() const override { return fmt::format("cuda:{}", device_idx_); }
+  std::string pci_bus_id() const override {
+    char id[32] = {};
+    return cudaDeviceGetPCIBusId(id, sizeof(id), device_idx_) == cudaSuccess ? id : "";
+  }
 
   std::unique_ptr<Buffer> alloc(DType dtype, Shape shape) override {
     refuse_while_capturing("alloc");
