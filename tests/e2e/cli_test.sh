@@ -2,29 +2,8 @@
 # End-to-end checks of the moex CLI as a user drives it: the JSON contract, and one clear error line with
 # a non-zero exit (never a crash) for each kind of bad input.
 # Usage: cli_test.sh MOEX_BINARY SOURCE_DIR
-set -u
-moex="$1"
-src="$2"
+source "$(dirname "$0")/e2e_lib.sh"
 fixture="$src/tests/fixtures/mixtral"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-passed=0
-
-ok() { passed=$((passed + 1)); }
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-
-# expect_error NAME EXPECTED_STDERR_SUBSTRING CMD...: non-zero exit below 128 (no signal) and the message.
-expect_error() {
-  local name="$1" expected="$2"
-  shift 2
-  "$@" >"$tmp/out" 2>"$tmp/err"
-  local rc=$?
-  if [ $rc -eq 0 ]; then fail "$name: exit 0, expected an error"; return; fi
-  if [ $rc -ge 128 ]; then fail "$name: crashed with exit $rc: $(cat "$tmp/err")"; return; fi
-  if ! grep -qF -- "$expected" "$tmp/err"; then fail "$name: stderr lacks \"$expected\": $(cat "$tmp/err")"; return; fi
-  ok
-}
 
 # JSON contract of run and logits.
 prompt=$(python3 -c "import json;print(','.join(map(str,json.load(open('$fixture/reference.json'))['prompt_ids'])))")
@@ -166,5 +145,4 @@ expect_error "cache policy without offloading" "--cache-policy applies when offl
 if "$moex" run -m "$fixture" --prompt-ids 1,2 -n 2 --host-memory 64KiB --predictor pregate --cache-policy lfu \
   --scan-steps >/dev/null 2>"$tmp/err"; then ok; else fail "offloading flags with --host-memory: $(cat "$tmp/err")"; fi
 
-echo "$passed passed, $failures failed"
-[ "$failures" -eq 0 ]
+finish

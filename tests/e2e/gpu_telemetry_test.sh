@@ -3,17 +3,9 @@
 # $MOEX_TEST_FAKE_NVML): the figures land in `moex bench --json` per phase and in `moex run --json` stats; a
 # missing NVML is an error with `on` and a note with `auto`; `off` and the CPU under `auto` report nothing.
 # Usage: gpu_telemetry_test.sh MOEX_BINARY SOURCE_DIR
-set -u
-moex="$1"
-src="$2"
+source "$(dirname "$0")/e2e_lib.sh"
 fixture="$src/tests/fixtures/mixtral"
 fake="${MOEX_TEST_FAKE_NVML:?MOEX_TEST_FAKE_NVML: the stand-in NVML library (set by ctest)}"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-passed=0
-ok() { passed=$((passed + 1)); }
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
 bench=("$moex" bench -m "$fixture" --prompt-lens 8 --decode-tokens 4 --decode-context 4 --reps 2 --batch 2 --json)
 if MOEX_NVML_LIBRARY="$fake" "${bench[@]}" --gpu-telemetry on >"$tmp/bench.json" 2>"$tmp/err"; then
@@ -78,5 +70,4 @@ done
 rc=$?
 [ $rc -ne 0 ] && [ $rc -lt 128 ] && grep -q "gpu-telemetry" "$tmp/err" && ok || fail "bad --gpu-telemetry value: exit $rc"
 
-echo "gpu_telemetry_test: $passed passed, $failures failed"
-[ $failures -eq 0 ]
+finish

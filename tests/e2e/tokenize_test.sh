@@ -2,24 +2,7 @@
 # End-to-end checks of `moex tokenize` / `moex detokenize` against the reference fixtures, and their errors.
 # Skips (exit 0, "skipped") when the npm tokenizer files are absent (tools/fetch_tokenizers.sh).
 # Usage: tokenize_test.sh MOEX_BINARY SOURCE_DIR
-set -u
-moex="$1"
-src="$2"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-passed=0
-ok() { passed=$((passed + 1)); }
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-expect_error() {  # NAME EXPECTED_STDERR_SUBSTRING CMD...
-  local name="$1" expected="$2"
-  shift 2
-  "$@" >"$tmp/out" 2>"$tmp/err"
-  local rc=$?
-  if [ $rc -eq 0 ]; then fail "$name: exit 0, expected an error"; return; fi
-  if [ $rc -ge 128 ]; then fail "$name: crashed with exit $rc"; return; fi
-  grep -qF -- "$expected" "$tmp/err" && ok || fail "$name: stderr lacks \"$expected\": $(cat "$tmp/err")"
-}
+source "$(dirname "$0")/e2e_lib.sh"
 
 for family in qwen3 llama2; do
   dir="$src/third_party/downloads/tokenizers/$family"
@@ -61,5 +44,4 @@ expect_error "missing tokenizer dir" "not a directory" "$moex" tokenize -m "$tmp
 mkdir -p "$tmp/empty"
 expect_error "dir without tokenizer" "no tokenizer.json or tokenizer.model" "$moex" tokenize -m "$tmp/empty" -p hi --json
 
-echo "$passed passed, $failures failed"
-[ "$failures" -eq 0 ]
+finish

@@ -2,23 +2,16 @@
 # `moex bench --trace-out`: the routing of the benchmark's decode repetitions as a moex trace that `moex trace`
 # reads back, one request per repetition, its decoded tokens the model's greedy continuation of its prompt.
 # Usage: trace_out_test.sh MOEX_BINARY SOURCE_DIR
-set -u
-moex="$1"
-src="$2"
+source "$(dirname "$0")/e2e_lib.sh"
 fixture="$src/tests/fixtures/mixtral"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
 if ! "$moex" bench -m "$fixture" --prompt-lens 4 --decode-context 6 --decode-tokens 5 --reps 1 --warmup 1 \
   --trace-out "$tmp/t.bin" --json >"$tmp/bench.json" 2>"$tmp/err"; then
   fail "bench --trace-out exited non-zero: $(cat "$tmp/err")"
 fi
-"$moex" trace stats --trace "$tmp/t.bin" >"$tmp/stats" 2>&1 || fail "trace stats cannot read it: $(cat "$tmp/stats")"
-grep -q "2 requests, 22 tokens" "$tmp/stats" || fail "expected 2 requests of 6 + 5 tokens: $(head -1 "$tmp/stats")"
-"$moex" trace convert --in "$tmp/t.bin" --out "$tmp/t.jsonl" --format jsonl >/dev/null 2>&1 || fail "trace convert"
+"$moex" trace stats --trace "$tmp/t.bin" >"$tmp/stats" 2>&1 && ok || fail "trace stats cannot read it: $(cat "$tmp/stats")"
+grep -q "2 requests, 22 tokens" "$tmp/stats" && ok || fail "expected 2 requests of 6 + 5 tokens: $(head -1 "$tmp/stats")"
+"$moex" trace convert --in "$tmp/t.bin" --out "$tmp/t.jsonl" --format jsonl >/dev/null 2>&1 && ok || fail "trace convert"
 
 # The timed repetition's prompt through `moex run`: its greedy tokens are the trace's decoded ones.
 prompt=$(python3 -c "
@@ -32,7 +25,7 @@ import json; r = [json.loads(l) for l in open('$tmp/t.jsonl')][1]
 print(','.join(map(str, r['token_ids'])))")
 "$moex" logits -m "$fixture" --prompt-ids "$all_ids" --router >"$tmp/logits.json" 2>"$tmp/err" ||
   fail "logits --router on the traced tokens: $(cat "$tmp/err")"
-python3 - "$tmp/t.jsonl" "$tmp/bench.json" "$tmp/run.json" "$tmp/t.bin" "$tmp/logits.json" <<'PY' || fail "trace contents"
+python3 - "$tmp/t.jsonl" "$tmp/bench.json" "$tmp/run.json" "$tmp/t.bin" "$tmp/logits.json" <<'PY' && ok || fail "trace contents"
 import json, sys
 reqs = [json.loads(l) for l in open(sys.argv[1])]
 bench, run = json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
@@ -59,7 +52,6 @@ PY
   >/dev/null 2>"$tmp/err"
 rc=$?
 if [ $rc -eq 0 ] || [ $rc -ge 128 ]; then fail "unwritable --trace-out: exit $rc"; fi
-grep -qF "$tmp/missing/t.bin" "$tmp/err" || fail "unwritable --trace-out: the error does not name the path: $(cat "$tmp/err")"
+grep -qF "$tmp/missing/t.bin" "$tmp/err" && ok || fail "unwritable --trace-out: the error does not name the path: $(cat "$tmp/err")"
 
-[ $failures -eq 0 ] && echo "trace_out_test: ok" || echo "trace_out_test: $failures failure(s)"
-exit $((failures > 0))
+finish
