@@ -28,7 +28,8 @@
 #                                  path (tools/kernel_trace.py). Options: --models, --batch "1 32", --tokens N,
 #                                  --env NAME=VALUE (repeatable: an A/B switch for both runs). Output under $OUT.
 #   tools/device_cuda.sh optin     there: the opt-in switches not yet measured (MOEX_CUDA_FUSED_ROPE, MOEX_CUDA_DOWN_PRELOAD):
-#                                  their tests, then Model A / B batch-1 decode with each against the default.
+#                                  their tests, then Model A / B batch-1 decode with each against the default, each
+#                                  run with --gpu-telemetry on (NVML through moex: J/token and W next to ms/token).
 #   tools/device_cuda.sh peers     there: llama.cpp and moex on the same cases in one call (bench/peers/llama_cpp_bench.sh:
 #                                  Model A batch 1, the 8x7B layers with experts on the CPU against moex's Mixtral-8x7B
 #                                  at 16 GiB, the offloaded 4-layer prefill), a table with the ratios. LLAMA_BIN: the
@@ -452,11 +453,13 @@ optin() {
     for sw in "${switches[@]}"; do
       for m in model_a model_b; do
         env $sw timeout 150 "$DEV/bin/moex" bench -m "bench/cuda/models/$m" --load-format random --device cuda \
-          --prompt-lens 16 --decode-context 16 --decode-tokens 64 --reps 3 --json 2>>"$out/err.log" |
+          --prompt-lens 16 --decode-context 16 --decode-tokens 64 --reps 3 --gpu-telemetry on --json 2>>"$out/err.log" |
           python3 -c "import json, sys
-try: r = json.load(sys.stdin)['decode']['ms_per_token_mean']
-except Exception: r = None
-print(json.dumps({'switch': sys.argv[1] or 'default', 'model': sys.argv[2], 'ms': r}))" "$sw" "$m" >>"$out/optin.jsonl"
+try: d = json.load(sys.stdin)['decode']
+except Exception: d = {}
+g = d.get('gpu', {})
+print(json.dumps({'switch': sys.argv[1] or 'default', 'model': sys.argv[2], 'ms': d.get('ms_per_token_mean'),
+                  'j': g.get('joules_per_token'), 'w': g.get('power_w')}))" "$sw" "$m" >>"$out/optin.jsonl"
       done
     done
   done
@@ -465,11 +468,13 @@ import collections, json, sys
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     e = json.loads(line)
-    if e["ms"]: rows[(e["switch"], e["model"])].append(e["ms"])
-print("| switch | Model A ms/token | Model B ms/token |\n|---|---|---|")
+    if e["ms"]: rows[(e["switch"], e["model"])].append(e)
+def cell(runs):
+    return " / ".join(f"{e['ms']:.4f}" + (f" ({e['j']:.3f} J, {e['w']:.0f} W)" if e.get("j") is not None else "")
+                      for e in runs)
+print("| switch | Model A ms/token (J/token, W) | Model B ms/token (J/token, W) |\n|---|---|---|")
 for sw in dict.fromkeys(k[0] for k in rows):
-    print(f"| {sw} | {' / '.join(f'{v:.4f}' for v in rows[(sw, 'model_a')])} | "
-          f"{' / '.join(f'{v:.4f}' for v in rows[(sw, 'model_b')])} |")
+    print(f"| {sw} | {cell(rows[(sw, 'model_a')])} | {cell(rows[(sw, 'model_b')])} |")
 PY
 }
 
