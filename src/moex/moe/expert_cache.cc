@@ -178,9 +178,11 @@ bool ExpertCache::make_room(ExpertKey key, std::vector<ExpertKey>* evicted, Acce
 }
 
 void ExpertCache::acquire(std::span<const ExpertKey> keys, std::span<CacheOutcome> outcomes,
-                          std::vector<ExpertKey>* evicted, AccessKind kind) {
+                          std::vector<ExpertKey>* evicted, AccessKind kind, std::span<const uint8_t> bypass_misses) {
   MOEX_ASSERT(outcomes.size() == keys.size(), "acquire: {} outcomes for {} keys", outcomes.size(),
               keys.size());
+  MOEX_ASSERT(bypass_misses.empty() || bypass_misses.size() == keys.size(), "acquire: {} bypass flags for {} keys",
+              bypass_misses.size(), keys.size());
   // Order of visit: ascending keys. A few keys per step, so an index sort is cheap.
   order_.resize(keys.size());
   for (size_t idx = 0; idx < keys.size(); ++idx) order_[idx] = idx;
@@ -208,6 +210,10 @@ void ExpertCache::acquire(std::span<const ExpertKey> keys, std::span<CacheOutcom
       } else if (s.streamed && (kind == AccessKind::kDemand || keep_has_room(key))) {
         promote(key);
       }
+    } else if (!bypass_misses.empty() && bypass_misses[idx]) {
+      outcomes[idx] = CacheOutcome::kBypassed;
+      ++stats_.misses;
+      ++stats_.bypassed;
     } else if (make_room(key, evicted, kind, false)) {
       add(key, kind == AccessKind::kScan && !keep_has_room(key));
       ++s.pins;

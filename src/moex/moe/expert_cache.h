@@ -57,6 +57,7 @@ enum class CacheOutcome : uint8_t {
   kHit,     // resident already
   kMiss,    // made resident now (the caller loads its weights), evicting if needed
   kNoRoom,  // not resident and nothing evictable: everything in its scope is pinned
+  kBypassed,  // not resident, and the caller serves it outside the cache (acquire's bypass_misses)
 };
 
 enum class InsertOutcome : uint8_t { kInserted, kAlreadyResident, kNoRoom };
@@ -65,6 +66,7 @@ struct ExpertCacheStats {
   int64_t hits = 0;
   int64_t misses = 0;
   int64_t no_room = 0;
+  int64_t bypassed = 0;  // misses served outside the cache (counted in misses too)
   int64_t evictions = 0;
   int64_t prefetch_inserts = 0;
   int64_t prefetch_used = 0;    // prefetched experts whose first demand access came before eviction
@@ -81,8 +83,12 @@ class ExpertCache {
   // visited in ascending (layer, expert) order, one policy tick each, which defines tie-breaking.
   // outcomes[i] answers keys[i]; keys with kNoRoom are not pinned. Evicted keys are appended to
   // *evicted (the caller frees their memory). Duplicate keys are a bug.
+  // bypass_misses (empty, or one flag per key): a flagged key that is not resident is served outside the cache
+  // (a missed expert computed on the host over its host copy): kBypassed, not pinned, nothing is evicted for it
+  // and it does not become resident, but the policy sees the use as a demand access, in the same order.
   void acquire(std::span<const ExpertKey> keys, std::span<CacheOutcome> outcomes,
-               std::vector<ExpertKey>* evicted, AccessKind kind = AccessKind::kDemand);
+               std::vector<ExpertKey>* evicted, AccessKind kind = AccessKind::kDemand,
+               std::span<const uint8_t> bypass_misses = {});
   // Unpins keys that acquire() or pin() pinned.
   void release(std::span<const ExpertKey> keys);
 

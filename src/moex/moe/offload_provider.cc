@@ -387,6 +387,8 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
       }
       case CacheOutcome::kNoRoom:
         break;  // runs in a later wave, after release() frees this wave's slots
+      case CacheOutcome::kBypassed:
+        break;  // not asked for: the CPU-run misses are chosen after acquire (to_cpu_)
     }
   }
   // Copies overlap the host CPU's share of the step, whose wait for them the caller reports

@@ -113,7 +113,8 @@ class Replay {
       planner_->advance_to(now_us_, &done_);
       commit_done();
     }
-    cache_->acquire(keys_, outcomes_, nullptr);
+    bypass_.assign(keys_.size(), config_.cpu_misses ? 1 : 0);
+    cache_->acquire(keys_, outcomes_, nullptr, AccessKind::kDemand, bypass_);
     acquired_.clear();
     for (size_t idx = 0; idx < keys_.size(); ++idx) {
       ++result_.accesses;
@@ -125,6 +126,12 @@ class Replay {
         continue;
       }
       ++result_.misses;
+      if (outcomes_[idx] == CacheOutcome::kBypassed) {
+        // Computed on the host; a copy of it still under way lands later (it was late for this use).
+        ++result_.cpu_reads;
+        if (planner_ && planner_->pending(keys_[idx])) ++result_.late_prefetches;
+        continue;
+      }
       // kNoRoom cannot happen while the budget holds top_k (checked up front) and the simulator pins
       // nothing else across steps; it would still be served, as a miss computed elsewhere.
       if (outcomes_[idx] == CacheOutcome::kMiss) acquired_.push_back(keys_[idx]);
@@ -154,7 +161,8 @@ class Replay {
   void wait_for_demands() {
     double ready = now_us_;
     for (size_t idx = 0; idx < keys_.size(); ++idx)
-      if (outcomes_[idx] != CacheOutcome::kHit && planner_->pending(keys_[idx])) {
+      if (outcomes_[idx] != CacheOutcome::kHit && outcomes_[idx] != CacheOutcome::kBypassed &&
+          planner_->pending(keys_[idx])) {
         ready = std::max(ready, planner_->run_until_done(keys_[idx], &done_));
         commit_done();
       }
@@ -270,6 +278,7 @@ class Replay {
   // Scratch.
   std::vector<ExpertKey> keys_, acquired_, pinned_;
   std::vector<CacheOutcome> outcomes_;
+  std::vector<uint8_t> bypass_;
   std::vector<TransferDone> done_;
   std::vector<ScoredExpert> scored_;
   std::vector<float> logits_;

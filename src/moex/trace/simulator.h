@@ -36,6 +36,10 @@ struct SimConfig {
   PredictorTraining training = PredictorTraining::kOnline;
   int32_t prefetch_width = 0;    // experts prefetched per predicted layer (0: top_k)
   int32_t lookahead_layers = 1;  // how many layers ahead predictions reach
+  // Misses run on the host CPU over the expert's host copy (the engine's --cpu-experts, every miss taking that
+  // path): they bypass the cache (no slot, no eviction; the policy still sees the use) and cross no link, so only
+  // prefetches fill the cache. Both paths read host memory: cpu_reads + copies is what the host serves per token.
+  bool cpu_misses = false;
   // Synthetic pre-gating (predictor "pregate" only): the trace has no lookahead router logits, so the
   // simulator makes them from the true routing: each true expert keeps its rank with this probability
   // and is otherwise replaced by a random expert the layer did not choose. An upper-bound study.
@@ -55,6 +59,7 @@ struct SimResult {
   int64_t accesses = 0;     // tokens * layers * top_k
   int64_t hits = 0;         // expert resident when its layer ran (prefetched ones included)
   int64_t misses = 0;
+  int64_t cpu_reads = 0;  // cpu_misses: misses computed on the host (not copied)
   int64_t late_prefetches = 0;  // kLink: the copy was under way but not done when needed (a miss)
   bool pregate_recorded = false;  // predictor "pregate" fed the trace's recorded logits (not synthetic ones)
   std::vector<int64_t> layer_hits;

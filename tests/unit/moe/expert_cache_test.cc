@@ -176,6 +176,50 @@ TEST(ExpertCache, AllPinnedReturnsNoRoom) {
   EXPECT_EQ(evicted, (std::vector<ExpertKey>{{0, 0}}));
 }
 
+// A bypassed miss (an expert computed on the host) takes no slot and evicts nothing, a flagged key that is
+// resident is an ordinary hit, and the policy counts the bypassed uses: LFU then keeps an expert used three
+// times on the host, once a prefetch brings it in, over one used twice.
+TEST(ExpertCache, BypassedMissesEvictNothingAndStillCount) {
+  ExpertCache cache(one_layer(8, 2), make_eviction_policy("lfu", {1, 8, {}}));
+  std::vector<ExpertKey> evicted;
+  std::vector<ExpertKey> first = {{0, 0}, {0, 1}};
+  std::vector<CacheOutcome> outcomes(2);
+  cache.acquire(first, outcomes, &evicted);
+  cache.release(first);
+  const ExpertKey host_run{0, 2};
+  // 0 resident (flagged, but a hit) next to 2, not resident: bypassed.
+  std::vector<ExpertKey> step = {{0, 0}, host_run};
+  const std::vector<uint8_t> both = {1, 1};
+  cache.acquire(step, outcomes, &evicted, AccessKind::kDemand, both);
+  EXPECT_EQ(outcomes[0], CacheOutcome::kHit);
+  EXPECT_EQ(outcomes[1], CacheOutcome::kBypassed);
+  EXPECT_EQ(cache.pin_count(host_run), 0);
+  cache.release({&step[0], 1});  // only the hit was pinned
+  const uint8_t flag = 1;
+  for (int use = 0; use < 2; ++use) {
+    CacheOutcome outcome;
+    cache.acquire({&host_run, 1}, {&outcome, 1}, &evicted, AccessKind::kDemand, {&flag, 1});
+    EXPECT_EQ(outcome, CacheOutcome::kBypassed);
+  }
+  EXPECT_TRUE(evicted.empty());
+  EXPECT_FALSE(cache.contains(host_run));
+  EXPECT_EQ(cache.num_resident(), 2);
+  EXPECT_EQ(cache.stats().bypassed, 3);
+  EXPECT_EQ(cache.stats().misses, 2 + 3);
+  EXPECT_EQ(cache.pin_count({0, 0}), 0);
+  // Uses: 0 twice, 1 once, 2 three times (on the host). A prefetch of 2 evicts 1; a miss on 3 then evicts 0
+  // (2 uses) and keeps 2 (3): with its host uses lost, 2 (0 uses) would go.
+  EXPECT_EQ(cache.insert(host_run, &evicted), InsertOutcome::kInserted);
+  EXPECT_EQ(evicted, (std::vector<ExpertKey>{{0, 1}}));
+  evicted.clear();
+  const ExpertKey next{0, 3};
+  CacheOutcome outcome;
+  cache.acquire({&next, 1}, {&outcome, 1}, &evicted);
+  EXPECT_EQ(outcome, CacheOutcome::kMiss);
+  EXPECT_EQ(evicted, (std::vector<ExpertKey>{{0, 0}}));
+  EXPECT_TRUE(cache.contains(host_run));
+}
+
 TEST(ExpertCache, ByteBudgetWithUnequalExperts) {
   // Global 100-byte budget; layer 0 experts are 30 bytes, layer 1 experts 60 bytes.
   ExpertCacheConfig config;

@@ -166,6 +166,34 @@ TEST(Simulator, LinkModelWithNoComputeTimeMakesEveryPrefetchLate) {
   EXPECT_EQ(r.prefetch_used, 0);
 }
 
+// Misses on the CPU: without prefetch nothing is ever admitted, so every access is a host read and the cache
+// stays empty; with perfect pre-gating the prefetches fill it and the host reads are the copies plus the few
+// misses, which are then counted as CPU reads and not as copies.
+TEST(Simulator, CpuMissesBypassTheCache) {
+  Trace trace = random_trace(2, 30, 4, 8, 2, 17);
+  SimConfig config;
+  config.cpu_misses = true;
+  config.cache_fraction = 0.5;
+  SimResult alone = simulate(trace, config);
+  EXPECT_EQ(alone.hits, 0);
+  EXPECT_EQ(alone.misses, alone.accesses);
+  EXPECT_EQ(alone.cpu_reads, alone.accesses);
+  EXPECT_EQ(alone.bytes_moved, 0);
+
+  config.predictor = "pregate";
+  config.pregate_accuracy = 1.0;
+  config.expert_bytes = 10;
+  SimResult pregated = simulate(trace, config);
+  EXPECT_LE(pregated.misses, 4);  // each request's first layer of its first token
+  EXPECT_EQ(pregated.cpu_reads, pregated.misses);
+  EXPECT_EQ(pregated.bytes_moved, pregated.prefetch_inserted * 10);  // the misses crossed no link
+  // The same replay with misses copied moves those misses too.
+  config.cpu_misses = false;
+  SimResult copied = simulate(trace, config);
+  EXPECT_EQ(copied.cpu_reads, 0);
+  EXPECT_EQ(copied.bytes_moved, (copied.misses + copied.prefetch_inserted) * 10);
+}
+
 TEST(Simulator, GlobalScopeAndTrainingModesAreDeterministic) {
   Trace trace = random_trace(4, 20, 4, 8, 2, 21);
   for (const char* predictor : {"frequency", "stride", "affinity", "eam"}) {
