@@ -128,8 +128,7 @@ void OffloadingExpertProvider::settle_prefetches(int32_t layer_idx, std::span<co
   outstanding_.resize(kept);
 }
 
-void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& routing) {
-  prefetch_plan_.clear();
+void OffloadingExpertProvider::predict_ahead(int32_t layer_idx, const Routing& routing) {
   if (!predictor_ || routing.num_tokens == 0) return;
   // The predictor follows one token through the layers; in a prefill the last token is the one the
   // next decode step continues from.
@@ -151,8 +150,21 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& r
     for (const ScoredExpert& guess : scored_) {
       if (static_cast<int32_t>(predicted.size()) >= per_layer) break;
       predicted.push_back(guess.expert_idx);
-      const ExpertKey key{target, guess.expert_idx};
-      if (!cache_->contains(key)) prefetch_plan_.push_back(key);
+    }
+  }
+}
+
+void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, bool count_skipped) {
+  prefetch_plan_.clear();
+  if (!predictor_) return;
+  const int32_t num_layers = store_->num_layers();
+  for (int32_t ahead = 1; ahead <= config_.lookahead_layers; ++ahead) {
+    const int32_t target = (layer_idx + ahead) % num_layers;
+    for (int32_t expert_idx : last_prediction_[target]) {
+      const ExpertKey key{target, expert_idx};
+      if (!cache_->contains(key) &&
+          std::find(prefetch_plan_.begin(), prefetch_plan_.end(), key) == prefetch_plan_.end())
+        prefetch_plan_.push_back(key);
     }
   }
   // The link already carries more than the CPU would with this prefetch's expert added (what a skipped,
@@ -162,7 +174,7 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, const Routing& r
     const double expert_cpu_ms =
         static_cast<double>(store_->expert_bytes((layer_idx + 1) % num_layers)) / (rates_.host_read_gbs() * 1e6);
     if (link_booked_ms_ > cpu_booked_ms_ + expert_cpu_ms) {
-      stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
+      if (count_skipped) stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
       prefetch_plan_.clear();
     }
   }
@@ -255,7 +267,7 @@ PathLoad OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Ro
     switch (choice.path) {
       case MissPath::kCopy: break;
       case MissPath::kCpu:
-        outcomes_[idx] = CacheOutcome::kNoRoom;  // handled by the caller, not loaded
+        bypass_[idx] = 1;  // run from its host copy: no slot, no eviction
         to_cpu_.push_back(key);
         break;
       case MissPath::kSplit:
@@ -314,39 +326,48 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
     keys_.resize(kept);
   }
   wave_start_ = pinned_.size();
-  outcomes_.assign(keys_.size(), CacheOutcome::kNoRoom);
+  step_ = PathObservation{};
+  step_.link_bytes = taken_over_bytes;
+  to_cpu_.clear();
+  splits_.clear();
+  bypass_.assign(keys_.size(), 0);
+  outcomes_.assign(keys_.size(), CacheOutcome::kNoRoom);  // acquire answers every key
+  if (first_wave) predict_ahead(layer_idx, routing);
+  // A streamed wave's misses are copied (a scan step routes many tokens to each); its next wave's acquire would
+  // overwrite this one's CPU and split lists before the caller runs it.
+  const bool cpu_paths = config_.cpu_experts && !keys_.empty() && !streaming_;
+  PathLoad load;
+  if (cpu_paths) {
+    // Paths before the cache is asked, so that a miss the CPU runs makes no room in it: making room evicts a
+    // resident expert, for one that would not stay. The link's share counts the prefetches the cache as it is
+    // now would need; the plan is made again below, after the step's copies have taken their slots.
+    for (size_t idx = 0; idx < keys_.size(); ++idx)
+      outcomes_[idx] = cache_->contains(keys_[idx]) ? CacheOutcome::kHit : CacheOutcome::kMiss;
+    if (first_wave) plan_prefetch(layer_idx, /*count_skipped=*/false);
+    load = assign_miss_paths(layer_idx, routing, taken_over_bytes);
+  }
   evicted_.clear();
-  cache_->acquire(keys_, outcomes_, &evicted_, kind);
+  cache_->acquire(keys_, outcomes_, &evicted_, kind, bypass_);
   for (const ExpertKey& key : evicted_) store_->free(key);
 
   experts->assign(static_cast<size_t>(num_experts), ExpertWeights{});
-  if (first_wave) plan_prefetch(layer_idx, routing);
+  if (first_wave) plan_prefetch(layer_idx, /*count_skipped=*/true);
   // Only the first wave prefetches: its victims' last readers ran before this layer's routing was read back,
   // while a later wave's could be the earlier wave's experts, still being read.
   if (first_wave && scan && !streaming_) plan_scan_prefetch(layer_idx);
-  // A layer that runs in waves needs every slot its first wave leaves (and the ones its CPU-run misses give
-  // back): pinned prefetches there could leave a later wave no room at all. A streamed step prefetches the
-  // next layer itself, on the demand path (stream_ahead).
+  // A layer that runs in waves needs every slot its first wave leaves: pinned prefetches there could leave a
+  // later wave no room at all. A streamed step prefetches the next layer itself, on the demand path
+  // (stream_ahead).
   const bool one_wave =
       held_back == 0 && std::find(outcomes_.begin(), outcomes_.end(), CacheOutcome::kNoRoom) == outcomes_.end();
   if (!one_wave || streaming_) prefetch_plan_.clear();
   // adapt_rates times decode-sized layers that run in one wave, the steps the rates mostly serve: there the
   // host's wait is for the layer's copies, where a prefill's also covers the device's work on many tokens.
-  step_ = PathObservation{};
-  step_.link_bytes = taken_over_bytes;
   observe_step_ = config_.cpu_experts && config_.adapt_rates && first_wave && one_wave &&
                   routing.num_tokens <= config_.cpu_max_tokens;
-  to_cpu_.clear();
-  splits_.clear();
-  // A streamed wave's misses are copied (a scan step routes many tokens to each); its next wave's acquire would
-  // overwrite this one's CPU and split lists before the caller runs it.
-  if (config_.cpu_experts && !keys_.empty() && !streaming_) {
-    const PathLoad load = assign_miss_paths(layer_idx, routing, taken_over_bytes);
+  if (cpu_paths) {
     if (first_wave && config_.balance_prefetch) book_paths(load);
-    // The cache made room for these; give it back: a CPU-run expert is not cached.
-    cache_->release(to_cpu_);
     for (const ExpertKey& key : to_cpu_) {
-      cache_->erase(key);
       ++stats_.misses;
       ++stats_.cpu_computed;
       stats_.cpu_read_bytes += store_->expert_bytes(layer_idx);
@@ -388,7 +409,7 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
       case CacheOutcome::kNoRoom:
         break;  // runs in a later wave, after release() frees this wave's slots
       case CacheOutcome::kBypassed:
-        break;  // not asked for: the CPU-run misses are chosen after acquire (to_cpu_)
+        break;  // run on the CPU (to_cpu_, above)
     }
   }
   // Copies overlap the host CPU's share of the step, whose wait for them the caller reports

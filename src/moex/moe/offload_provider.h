@@ -122,9 +122,11 @@ class OffloadingExpertProvider : public ExpertProvider {
   // (unpinned), unfinished ones not in `wanted` are cancelled as stale. With CPU experts an unfinished
   // wanted one is taken over (ExpertStore::take_over): *taken_over_bytes are then still to copy.
   void settle_prefetches(int32_t layer_idx, std::span<const ExpertKey> wanted, int64_t* taken_over_bytes);
-  // Feeds the predictor the layer's routing and picks the next layers' experts to prefetch into
-  // prefetch_plan_ (not yet issued: demand copies go first on the link).
-  void plan_prefetch(int32_t layer_idx, const Routing& routing);
+  // Feeds the predictor the layer's routing and has it guess the next layers' experts (last_prediction_).
+  void predict_ahead(int32_t layer_idx, const Routing& routing);
+  // The guesses not resident now, into prefetch_plan_ (not yet issued: demand copies go first on the link), or
+  // none where balancing keeps the link free; count_skipped: this is the step's final plan (stats).
+  void plan_prefetch(int32_t layer_idx, bool count_skipped);
   // A scan step's prefetch: every expert of the next layer not resident, the predictor's guesses first.
   void plan_scan_prefetch(int32_t layer_idx);
   void issue_prefetch(AccessKind kind);
@@ -132,8 +134,9 @@ class OffloadingExpertProvider : public ExpertProvider {
   // experts (up to one wave) behind this layer's, into room only streamed experts of other layers held, so the
   // link stays busy while the device finishes this layer and the host reads the next one's routing.
   void stream_ahead(int32_t layer_idx);
-  // Picks each CPU-eligible miss's path (moe/miss_path.h); marks the ones that run whole on the CPU or
-  // split in to_cpu_ / splits_. Returns the work each path got this step (ms), prefetches included.
+  // Picks each CPU-eligible miss's path (moe/miss_path.h) from outcomes_ as the cache stands before the step's
+  // acquire; lists the ones that run whole on the CPU (to_cpu_, flagged in bypass_: the cache makes no room for
+  // them) or split (splits_). Returns the work each path got this step (ms), prefetches included.
   PathLoad assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes);
   // balance_prefetch: adds a layer's booked work to the running totals of both paths.
   void book_paths(const PathLoad& load);
@@ -142,6 +145,7 @@ class OffloadingExpertProvider : public ExpertProvider {
   std::unique_ptr<ExpertCache> cache_;
   std::vector<ExpertKey> keys_;        // this acquire's distinct experts, ascending
   std::vector<CacheOutcome> outcomes_;
+  std::vector<uint8_t> bypass_;  // per key of the step: a miss the CPU runs (ExpertCache::acquire's bypass_misses)
   std::vector<ExpertKey> evicted_;
   std::vector<ExpertKey> pinned_;      // released by release(); [0, wave_start_) by release_wave()
   size_t wave_start_ = 0;              // where the latest acquire's pins begin in pinned_
