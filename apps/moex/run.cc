@@ -133,6 +133,7 @@ CommandAction setup_run(CLI::App* sub) {
     if (!options->json) {
       if (stream) std::fputs(stream->finish().c_str(), stdout);
       std::printf("\n");
+      std::fflush(stdout);  // the text before the summary on stderr, also when both go to one pipe
       std::fprintf(stderr, "moex: %zu prompt tokens in %.1f ms, %zu tokens generated at %.1f tokens/s (%s)\n",
                    prompt_ids.size(), result.prefill_ms, result.output_ids.size(),
                    result.decode_steps ? result.decode_steps * 1000.0 / result.decode_ms : 0.0,
