@@ -300,6 +300,10 @@ CommandAction setup_bench(CLI::App* sub) {
                             {"split_computed_per_token",
                              timed_steps ? static_cast<double>(decode_stats.split_computed) / timed_steps : 0.0},
                             {"cpu_read_bytes_per_token", timed_steps ? decode_stats.cpu_read_bytes / timed_steps : 0},
+                            // Copies and CPU reads alike: what the host's memory serves per token (both paths
+                            // share its bandwidth; `moex trace simulate` reports the same as host reads).
+                            {"host_read_bytes_per_token",
+                             timed_steps ? (decode_stats.bytes_moved + decode_stats.cpu_read_bytes) / timed_steps : 0},
                             {"stall_ms_per_token", timed_steps ? decode_stats.stall_ms / timed_steps : 0.0},
                             {"cpu_ms_per_token", timed_steps ? decode_stats.cpu_ms / timed_steps : 0.0},
                             {"cpu_read_gbs", decode_stats.cpu_ms > 0
@@ -359,10 +363,15 @@ CommandAction setup_bench(CLI::App* sub) {
       print_gpu(b);
     }
     if (decode_stats.misses > 0)
-      std::printf("experts while decoding: hit rate %.3f, %.1f MiB moved/token, stall %.2f ms/token, prefetch "
+      std::printf("experts while decoding: hit rate %.3f, %.1f MiB moved/token%s, stall %.2f ms/token, prefetch "
                   "precision %.2f recall %.2f\n",
                   out["decode_experts"]["hit_rate"].get<double>(),
                   out["decode_experts"]["bytes_moved_per_token"].get<int64_t>() / 1048576.0,
+                  decode_stats.cpu_read_bytes > 0
+                      ? fmt::format(" (with the CPU's reads, the host serves {:.1f} MiB)",
+                                    out["decode_experts"]["host_read_bytes_per_token"].get<int64_t>() / 1048576.0)
+                            .c_str()
+                      : "",
                   out["decode_experts"]["stall_ms_per_token"].get<double>(),
                   out["decode_experts"]["prefetch_precision"].get<double>(),
                   out["decode_experts"]["prefetch_recall"].get<double>());

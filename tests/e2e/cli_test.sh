@@ -145,4 +145,20 @@ expect_error "cache policy without offloading" "--cache-policy applies when offl
 if "$moex" run -m "$fixture" --prompt-ids 1,2 -n 2 --host-memory 64KiB --predictor pregate --cache-policy lfu \
   --scan-steps >/dev/null 2>"$tmp/err"; then ok; else fail "offloading flags with --host-memory: $(cat "$tmp/err")"; fi
 
+# moex bench's offloading figures (--json decode_experts): a host budget below the experts makes misses.
+if "$moex" bench -m "$fixture" --host-memory 40KiB --prompt-lens 8 --decode-tokens 8 --reps 1 --json \
+    >"$tmp/bench.json" 2>"$tmp/err"; then
+  python3 - "$tmp/bench.json" <<'PY' && ok || fail "bench --json decode_experts"
+import json, sys
+d = json.load(open(sys.argv[1]))["decode_experts"]
+for key in ("hits", "misses", "hit_rate", "bytes_moved_per_token", "cpu_read_bytes_per_token",
+            "host_read_bytes_per_token", "stall_ms_per_token", "prefetch_precision", "prefetch_recall"):
+    assert key in d, key
+assert d["misses"] > 0 and d["bytes_moved_per_token"] > 0, d
+assert d["host_read_bytes_per_token"] == d["bytes_moved_per_token"] + d["cpu_read_bytes_per_token"], d
+PY
+else
+  fail "bench --host-memory exited non-zero: $(cat "$tmp/err")"
+fi
+
 finish
