@@ -349,6 +349,12 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
   evicted_.clear();
   cache_->acquire(keys_, outcomes_, &evicted_, kind, bypass_);
   for (const ExpertKey& key : evicted_) store_->free(key);
+  // A split's copied rows need a slot: one that found none (kNoRoom) runs whole in a later wave instead.
+  std::erase_if(splits_, [&](const SplitExpert& split) {
+    for (size_t idx = 0; idx < keys_.size(); ++idx)
+      if (keys_[idx].expert_idx == split.expert_idx) return outcomes_[idx] != CacheOutcome::kMiss;
+    return true;
+  });
 
   experts->assign(static_cast<size_t>(num_experts), ExpertWeights{});
   if (first_wave) plan_prefetch(layer_idx, /*count_skipped=*/true);
