@@ -18,6 +18,7 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "gpu_telemetry.h"
+#include "routing_replay.h"
 #include "moex/core/error.h"
 #include "moex/core/progress.h"
 #include "moex/trace/trace_writer.h"
@@ -69,6 +70,7 @@ CommandAction setup_bench(CLI::App* sub) {
     bool json = false;
     std::string trace_out;
     std::string gpu_telemetry = "auto";
+    std::string routing_trace;
   };
   auto options = std::make_shared<Options>();
   add_model_options(sub, &options->model, /*model_required=*/true);
@@ -94,6 +96,11 @@ CommandAction setup_bench(CLI::App* sub) {
                   "the --decode-context prompt and the decoded tokens) to this file as a moex binary trace; "
                   "the decode timings then include the recording");
   add_gpu_telemetry_option(sub, &options->gpu_telemetry);
+  sub->add_option("--routing-trace", options->routing_trace,
+                  "replay this routing trace (shared JSONL or moex binary, the model's MoE layers x experts x top-k) "
+                  "in the batch-1 decode repetitions instead of the router's choice: repetition r replays request "
+                  "r mod requests, position p its token p mod length. Real routing for the expert cache and "
+                  "predictors on random weights; prefill timings keep the router's choice; not with --batch");
   return [options]() -> int {
     auto model = load_model(options->model);
     const ModelConfig& cfg = model->config();
@@ -102,6 +109,11 @@ CommandAction setup_bench(CLI::App* sub) {
       if (cfg.num_moe_layers() == 0)
         throw UsageError(fmt::format("--trace-out: {} has no MoE layers to trace", cfg.summary()));
       trace = std::make_unique<TraceWriter>(options->trace_out, trace_info_for(cfg, false, "moex bench"));
+    }
+    std::unique_ptr<RoutingReplay> replay;
+    if (!options->routing_trace.empty()) {
+      if (!options->batches.empty()) throw UsageError("--routing-trace replays one sequence: not with --batch");
+      replay = std::make_unique<RoutingReplay>(options->routing_trace, cfg);
     }
     Engine engine(*model, engine_options(options->model, cfg));
     // Power and energy over the timed repetitions of each phase (warm-ups excluded).
@@ -152,6 +164,7 @@ CommandAction setup_bench(CLI::App* sub) {
     }
     std::vector<double> per_token_ms;
     engine.decoder().reserve(options->decode_context + options->decode_tokens);
+    if (replay) engine.decoder().set_routing_override(replay.get());  // host routing from here: no chained steps
     // Greedy steps chained on the device where the engine would chain them (Engine::generate); a trace needs
     // every step's routing on the host.
     const bool chained = !trace && engine.decoder().can_chain_greedy() && options->decode_tokens > 0;
@@ -159,6 +172,7 @@ CommandAction setup_bench(CLI::App* sub) {
     ExpertProviderStats decode_stats{};
     int64_t timed_steps = 0;
     for (int rep = 0; rep < total_reps; ++rep) {
+      if (replay) replay->select(rep);
       auto ids = random_ids(options->decode_context);
       std::optional<TraceRecorder> recorder;
       TraceWriter::RequestHandle request = 0;
@@ -213,6 +227,7 @@ CommandAction setup_bench(CLI::App* sub) {
       }
       progress.advance();
     }
+    engine.decoder().set_routing_override(nullptr);
     const std::optional<GpuEnergy> decode_energy = meter ? std::optional(meter->take()) : std::nullopt;
     nlohmann::json batch_results = nlohmann::json::array();
     for (int64_t batch : options->batches) {
@@ -325,6 +340,11 @@ CommandAction setup_bench(CLI::App* sub) {
         {"bytes_moved", stats.bytes_moved},
         {"stall_ms", stats.stall_ms}};
     if (trace) out["trace_out"] = options->trace_out;
+    if (replay)
+      out["routing_trace"] = {{"path", options->routing_trace},
+                              {"model", replay->trace().model},
+                              {"requests", replay->trace().requests.size()},
+                              {"replayed_rows", replay->replayed_rows()}};
     if (!gpu_about.is_null()) out["gpu"] = gpu_about;
     if (decode_energy) out["decode"]["gpu"] = gpu_energy_json(*decode_energy, options->decode_tokens * options->reps);
     if (options->bandwidth_gbs > 0) {

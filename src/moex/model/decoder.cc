@@ -309,7 +309,7 @@ int64_t Decoder::prepare_rows(int32_t seq, int64_t start_pos, int64_t n) {
 
 bool Decoder::routes_on_device(const RouterObserver* observer) const {
   return backend_.prefers_device_routing() && experts_.all_resident() && observer == nullptr &&
-         experts_.lookahead_layers() == 0;
+         experts_.lookahead_layers() == 0 && routing_override_ == nullptr;
 }
 
 bool Decoder::can_chain_greedy() const { return backend_.chains_greedy_steps() && routes_on_device(nullptr); }
@@ -329,6 +329,7 @@ bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float
                             std::vector<int32_t>* greedy_ids) {
   const int64_t n = static_cast<int64_t>(steps.size());
   if (n == 0) throw UsageError("forward_batch: no sequences to run");
+  if (routing_override_) throw UsageError("forward_batch: a routing override replays one sequence; not a batch");
   ids_.resize(static_cast<size_t>(n));
   for (int64_t row = 0; row < n; ++row) {
     const DecodeStep& step = steps[row];
@@ -467,6 +468,7 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
       } else {
         backend_.linear(h, layer.router, nullptr, router_logits);
         backend_.route(router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob, &routing_);
+        if (routing_override_) routing_override_->override_routing(host_layer.moe_layer_idx, start_pos, &routing_);
         if (observer) {
           router_host_.resize(static_cast<size_t>(n * cfg_.num_experts));
           backend_.copy_to_host(router_logits, router_host_.data());

@@ -32,6 +32,17 @@ class RouterObserver {
   }
 };
 
+// Replaces the router's choice on the host before the experts are fetched and run: a benchmark replays
+// recorded routing (a published trace) through the real engine, so that the expert cache, the predictors and
+// the copies see real routing on random weights. The decoder routes on the host while one is set.
+class RoutingOverride {
+ public:
+  virtual ~RoutingOverride() = default;
+  // routing: the router's choice for the step's rows at positions start_pos, start_pos + 1, ... of one
+  // sequence; rewrite its ids and weights in place (same num_tokens and top_k).
+  virtual void override_routing(int32_t moe_layer_idx, int64_t start_pos, Routing* routing) = 0;
+};
+
 struct KvCacheOptions {
   int64_t page_size = 32;  // positions per page; 32 = one key tile of the CUDA attention kernel
   int64_t max_pages = 0;   // 0: the pools grow without limit
@@ -45,6 +56,8 @@ class Decoder {
   // A CPU backend for experts the provider hands over as host views (CPU execution of missed experts
   // while the main backend is a GPU). Not owned; must outlive the decoder.
   void set_host_backend(Backend* host_backend) { host_backend_ = host_backend; }
+  // nullptr: the router's own choice (the default). Not owned; must outlive its use.
+  void set_routing_override(RoutingOverride* routing_override) { routing_override_ = routing_override; }
   ~Decoder();
 
   // Grows the KV cache to hold num_tokens tokens over all sequences without growing during later steps.
@@ -145,6 +158,7 @@ class Decoder {
   // norms can ride in their consumers (Backend::fuses_residual_norms).
   bool norms_fusable_ = true;
   Backend* host_backend_ = nullptr;
+  RoutingOverride* routing_override_ = nullptr;
   Routing host_wave_, device_wave_;
   std::vector<float> h_host_, out_host_;
   // Split experts (ExpertProvider::split_experts): their entries in the wave, the weight-scaled input of
