@@ -165,6 +165,23 @@ TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
   }
 }
 
+// One MoE layer of `count` f32 experts held in *tensors, for tests that drive an OffloadingExpertProvider
+// directly.
+std::vector<std::vector<ExpertWeights>> one_layer_of_experts(int count, int64_t hidden, int64_t ffn,
+                                                             std::vector<HostTensor>* tensors) {
+  std::vector<std::vector<ExpertWeights>> layers(1);
+  tensors->reserve(tensors->size() + 3 * static_cast<size_t>(count));
+  for (int expert = 0; expert < count; ++expert) {
+    ExpertWeights weights;
+    for (TensorView* view : {&weights.gate, &weights.up, &weights.down}) {
+      tensors->emplace_back(DType::kF32, view == &weights.down ? Shape{hidden, ffn} : Shape{ffn, hidden});
+      *view = tensors->back().view();
+    }
+    layers[0].push_back(weights);
+  }
+  return layers;
+}
+
 // --balance-prefetch: with a link far slower than the CPU every prefetch would make the link the long path,
 // so after the first layer's booking the provider skips them; the CPU takes those misses, and the outputs are
 // the resident run's either way.
@@ -204,15 +221,7 @@ TEST(CpuExperts, BalancedPrefetchSkipsPrefetchesWhileTheLinkIsTheLongPath) {
 TEST(CpuExperts, CpuRunMissesEvictNothing) {
   const int64_t hidden = 64, ffn = 128;
   std::vector<HostTensor> tensors;
-  std::vector<std::vector<ExpertWeights>> layers(1);
-  for (int expert = 0; expert < 4; ++expert) {
-    ExpertWeights weights;
-    for (TensorView* view : {&weights.gate, &weights.up, &weights.down}) {
-      tensors.emplace_back(DType::kF32, view == &weights.down ? Shape{hidden, ffn} : Shape{ffn, hidden});
-      *view = tensors.back().view();
-    }
-    layers[0].push_back(weights);
-  }
+  const auto layers = one_layer_of_experts(4, hidden, ffn, &tensors);
   StandInDevice device;
   auto store = std::make_unique<ExpertStore>(device, layers, [](ExpertKey) { return std::string("expert"); }, true);
   const int64_t expert_bytes = store->expert_bytes(0);
@@ -325,15 +334,7 @@ TEST(CpuExperts, TakeOverFinishesAPrefetchFromWhereItStopped) {
 TEST(CpuExperts, MeasuredRatesMoveMissesOffASlowLink) {
   const int64_t hidden = 1024, ffn = 2048;  // f32: 8 MiB gate, up and down
   std::vector<HostTensor> tensors;
-  std::vector<std::vector<ExpertWeights>> layers(1);
-  for (int expert = 0; expert < 6; ++expert) {
-    ExpertWeights weights;
-    for (TensorView* view : {&weights.gate, &weights.up, &weights.down}) {
-      tensors.emplace_back(DType::kF32, view == &weights.down ? Shape{hidden, ffn} : Shape{ffn, hidden});
-      *view = tensors.back().view();
-    }
-    layers[0].push_back(weights);
-  }
+  const auto layers = one_layer_of_experts(6, hidden, ffn, &tensors);
   constexpr double kCpuGbs = 50, kLinkGbs = 10;
   int64_t cpu_runs[2] = {0, 0};
   int64_t last_step_copies[2] = {0, 0};
