@@ -7,7 +7,9 @@
 namespace moex::cli {
 
 RoutingReplay::RoutingReplay(const std::string& path, const ModelConfig& config) : trace_(read_trace(path)) {
-  if (trace_.requests.empty() || trace_.num_tokens() == 0)
+  // A request without tokens has nothing to replay (and positions wrap modulo its length).
+  std::erase_if(trace_.requests, [](const TraceRequest& request) { return request.num_tokens == 0; });
+  if (trace_.requests.empty())
     throw UsageError(fmt::format("--routing-trace {}: the trace has no tokens", path));
   if (trace_.num_layers != config.num_moe_layers() || trace_.num_experts != config.num_experts ||
       trace_.top_k != config.top_k)

@@ -19,8 +19,8 @@ class RoutingReplay final : public RoutingOverride {
   // for an unreadable trace.
   RoutingReplay(const std::string& path, const ModelConfig& config);
 
-  // The request replayed from now on: rep % requests. Position p of the sequence takes the request's token
-  // p % its length.
+  // The request replayed from now on: rep % requests (those with tokens). Position p of the sequence takes the
+  // request's token p % its length.
   void select(int64_t rep);
   void override_routing(int32_t moe_layer_idx, int64_t start_pos, Routing* routing) override;
 

@@ -53,6 +53,21 @@ expect_error "trace of another shape" "the trace routes 3 MoE layers x 8 experts
   "$moex" bench -m "$fixture" --prompt-lens 4 --decode-tokens 2 --reps 1 --routing-trace "$tmp/wrong.jsonl"
 expect_error "with --batch" "--routing-trace replays one sequence: not with --batch" \
   "$moex" bench -m "$fixture" --prompt-lens 4 --decode-tokens 2 --reps 1 --batch 2 --routing-trace "$tmp/const.jsonl"
+# Requests without tokens are skipped; a trace of nothing else is an error, not a division by zero.
+python3 - "$tmp/empty.jsonl" "$tmp/one.jsonl" <<'PY'
+import json, sys
+empty = {"num_layers": 2, "num_experts": 8, "top_k": 2, "tokens": []}
+with open(sys.argv[1], "w") as f:
+    f.write(json.dumps(empty) + "\n")
+with open(sys.argv[2], "w") as f:
+    f.write(json.dumps(empty) + "\n" + json.dumps(dict(empty, tokens=[[[0, 1], [2, 3]]])) + "\n")
+PY
+expect_error "trace without tokens" "the trace has no tokens" \
+  "$moex" bench -m "$fixture" --prompt-lens 4 --decode-tokens 2 --reps 1 --routing-trace "$tmp/empty.jsonl"
+"$moex" bench -m "$fixture" --prompt-lens 4 --decode-tokens 2 --reps 2 --routing-trace "$tmp/one.jsonl" --json \
+  >"$tmp/one.json" 2>"$tmp/err" && python3 -c "
+import json; r = json.load(open('$tmp/one.json'))['routing_trace']; assert r['requests'] == 1, r" && ok ||
+  fail "a trace with an empty request: $(cat "$tmp/err")"
 expect_error "missing trace" "$tmp/none.jsonl" \
   "$moex" bench -m "$fixture" --prompt-lens 4 --decode-tokens 2 --reps 1 --routing-trace "$tmp/none.jsonl"
 
