@@ -382,19 +382,20 @@ CommandAction setup_bench(CLI::App* sub) {
                   b["host_pick_ms_per_step"].get<double>());
       print_gpu(b);
     }
-    if (decode_stats.misses > 0)
+    if (decode_stats.misses > 0) {
+      const std::string host_share =
+          decode_stats.cpu_read_bytes > 0
+              ? fmt::format(" (with the CPU's reads, the host serves {:.1f} MiB)",
+                            out["decode_experts"]["host_read_bytes_per_token"].get<int64_t>() / 1048576.0)
+              : "";
       std::printf("experts while decoding: hit rate %.3f, %.1f MiB moved/token%s, stall %.2f ms/token, prefetch "
                   "precision %.2f recall %.2f\n",
                   out["decode_experts"]["hit_rate"].get<double>(),
-                  out["decode_experts"]["bytes_moved_per_token"].get<int64_t>() / 1048576.0,
-                  decode_stats.cpu_read_bytes > 0
-                      ? fmt::format(" (with the CPU's reads, the host serves {:.1f} MiB)",
-                                    out["decode_experts"]["host_read_bytes_per_token"].get<int64_t>() / 1048576.0)
-                            .c_str()
-                      : "",
+                  out["decode_experts"]["bytes_moved_per_token"].get<int64_t>() / 1048576.0, host_share.c_str(),
                   out["decode_experts"]["stall_ms_per_token"].get<double>(),
                   out["decode_experts"]["prefetch_precision"].get<double>(),
                   out["decode_experts"]["prefetch_recall"].get<double>());
+    }
     if (options->bandwidth_gbs > 0)
       std::printf("roofline at %.1f GB/s: %.3f ms/token -> %.0f%% of the roofline\n", options->bandwidth_gbs,
                   out["decode_roofline_ms"].get<double>(), 100 * out["decode_fraction_of_roofline"].get<double>());

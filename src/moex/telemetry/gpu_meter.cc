@@ -9,7 +9,6 @@ namespace moex {
 GpuMeter::GpuMeter(std::unique_ptr<NvmlDevice> device, std::chrono::microseconds period)
     : device_(std::move(device)), period_(period) {
   MOEX_ASSERT(device_ != nullptr, "GpuMeter needs an opened NVML device");
-  totals_.energy_from_counter = true;
   sampler_ = std::thread([this] { sampler_loop(); });
 }
 
@@ -75,10 +74,10 @@ void GpuMeter::end() {
   double energy_j = 0;
   if (energy_start_ && energy && *energy >= *energy_start_) {
     energy_j = *energy - *energy_start_;
+    ++counter_windows_;
   } else {
     // No counter (or it went back: a driver reload): the trapezoid over the power samples, which always include
     // the window's two ends.
-    totals_.energy_from_counter = false;
     for (size_t idx = 1; idx < window_samples_.size(); ++idx) {
       const Sample& a = window_samples_[idx - 1];
       const Sample& b = window_samples_[idx];
@@ -108,14 +107,14 @@ void GpuMeter::end() {
 GpuEnergy GpuMeter::take() {
   std::lock_guard<std::mutex> lock(mutex_);
   GpuEnergy result = totals_;
-  if (result.windows == 0) result.energy_from_counter = false;
+  result.energy_from_counter = result.windows > 0 && counter_windows_ == result.windows;
   result.power_w_mean = power_count_ ? power_sum_ / power_count_ : 0.0;
   if (util_count_) {
     result.gpu_util_mean = gpu_util_sum_ / util_count_;
     result.memory_util_mean = memory_util_sum_ / util_count_;
   }
   totals_ = GpuEnergy{};
-  totals_.energy_from_counter = true;
+  counter_windows_ = 0;
   power_sum_ = gpu_util_sum_ = memory_util_sum_ = 0;
   power_count_ = util_count_ = 0;
   return result;

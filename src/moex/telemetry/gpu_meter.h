@@ -75,6 +75,7 @@ class GpuMeter {
   GpuEnergy totals_;
   double power_sum_ = 0, gpu_util_sum_ = 0, memory_util_sum_ = 0;
   int64_t power_count_ = 0, util_count_ = 0;
+  int64_t counter_windows_ = 0;  // closed windows whose energy came from the counter
 };
 
 }  // namespace moex

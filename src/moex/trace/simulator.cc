@@ -126,20 +126,16 @@ class Replay {
         continue;
       }
       ++result_.misses;
+      if (planner_ && planner_->pending(keys_[idx])) ++result_.late_prefetches;
       if (outcomes_[idx] == CacheOutcome::kBypassed) {
-        // Computed on the host; a copy of it still under way lands later (it was late for this use).
-        ++result_.cpu_reads;
-        if (planner_ && planner_->pending(keys_[idx])) ++result_.late_prefetches;
+        ++result_.cpu_reads;  // computed on the host; a copy of it still under way lands later
         continue;
       }
       // kNoRoom cannot happen while the budget holds top_k (checked up front) and the simulator pins
       // nothing else across steps; it would still be served, as a miss computed elsewhere.
       if (outcomes_[idx] == CacheOutcome::kMiss) acquired_.push_back(keys_[idx]);
       ++experts_moved_;
-      if (planner_) {
-        if (planner_->pending(keys_[idx])) ++result_.late_prefetches;
-        planner_->demand(keys_[idx], config_.expert_bytes);
-      }
+      if (planner_) planner_->demand(keys_[idx], config_.expert_bytes);
     }
     if (planner_) wait_for_demands();
     if (predictor_) {
