@@ -64,10 +64,11 @@ struct SimulateOptions {
   double layer_compute_us = 250;
   double chunk_mib = 16;
   bool cpu_misses = false;
+  bool policy_admission = false;
   bool json = false;
 };
 
-nlohmann::json result_json(const SimResult& r, double belady_hit_rate) {
+nlohmann::json result_json(const SimResult& r, double belady_hit_rate, double min_host_reads) {
   const SimConfig& c = r.config;
   nlohmann::json out = {
       {"scope", c.scope == CacheScope::kPerLayer ? "layer" : "global"},
@@ -84,9 +85,12 @@ nlohmann::json result_json(const SimResult& r, double belady_hit_rate) {
       {"experts_moved_per_token",
        r.num_tokens ? static_cast<double>(r.misses - r.cpu_reads + r.prefetch_inserted) / r.num_tokens : 0.0},
       {"cpu_misses", c.cpu_misses},
+      {"policy_admission", c.policy_admission},
       {"cpu_reads_per_token", r.num_tokens ? static_cast<double>(r.cpu_reads) / r.num_tokens : 0.0},
       // What the host's memory serves per token, copies and CPU reads alike (ideal prefetch: whole experts).
-      {"host_reads_per_token", r.num_tokens ? static_cast<double>(r.misses + r.prefetch_inserted) / r.num_tokens : 0.0},
+      {"host_reads_per_token", r.host_reads_per_token()},
+      // The fewest any policy can do at this size (Belady's MIN with bypass): what the floor of a run is built on.
+      {"min_host_reads_per_token", min_host_reads},
       {"bytes_moved", r.bytes_moved},
   };
   std::vector<double> layer_rates;
@@ -166,6 +170,7 @@ int run_simulate(const SimulateOptions& o) {
   base.layer_compute_us = o.layer_compute_us;
   base.chunk_bytes = static_cast<int64_t>(o.chunk_mib * (1 << 20));
   base.cpu_misses = o.cpu_misses;
+  base.policy_admission = o.policy_admission;
 
   nlohmann::json results = nlohmann::json::array();
   if (!o.json) {
@@ -180,8 +185,14 @@ int run_simulate(const SimulateOptions& o) {
       SimConfig belady = base;
       // The reference is demand loading's optimum, whatever the rows do with their misses.
       belady.scope = scope, belady.cache_fraction = fraction, belady.policy = "belady", belady.predictor.clear();
-      belady.cpu_misses = false;
+      belady.cpu_misses = false, belady.policy_admission = false;
       double belady_rate = simulate(trace, belady).hit_rate();
+      // And the bound on host reads: MIN with bypass (a miss needed later than everything resident runs on the host).
+      belady.policy_admission = true;
+      double min_reads = simulate(trace, belady).host_reads_per_token();
+      if (!o.json)
+        std::printf("%-6s %5.2f: fewest host reads per token at this size (Belady's MIN with bypass): %.1f\n",
+                    scope == CacheScope::kPerLayer ? "layer" : "global", fraction, min_reads);
       for (const std::string& predictor : predictors)
         for (const std::string& policy : policies) {
           SimConfig config = base;
@@ -190,12 +201,12 @@ int run_simulate(const SimulateOptions& o) {
           config.policy = policy;
           config.predictor = predictor == "none" ? "" : predictor;
           SimResult r = simulate(trace, config);
-          nlohmann::json row = result_json(r, belady_rate);
+          nlohmann::json row = result_json(r, belady_rate, min_reads);
           results.push_back(row);
           if (o.json) continue;
           bool pf = !config.predictor.empty();
           std::string stall;
-          if (config.cpu_misses)
+          if (config.cpu_misses || config.policy_admission)
             stall = fmt::format("  of which on the CPU {:.1f}", static_cast<double>(r.cpu_reads) / r.num_tokens);
           if (config.prefetch_mode == PrefetchMode::kLink)
             stall += fmt::format("  stall {:.1f} ms/tok (compute {:.1f})", r.stall_ms / r.num_tokens,
@@ -208,7 +219,7 @@ int run_simulate(const SimulateOptions& o) {
                       pf ? fmt::format("{:.3f}", r.prefetch_recall()).c_str() : "-",
                       pf ? fmt::format("{:.3f}", r.prediction.precision()).c_str() : "-",
                       pf ? fmt::format("{:.3f}", r.prediction.recall()).c_str() : "-",
-                      static_cast<double>(r.misses + r.prefetch_inserted) / r.num_tokens, stall.c_str());
+                      r.host_reads_per_token(), stall.c_str());
         }
     }
   if (o.json) {
@@ -326,9 +337,15 @@ CommandAction setup_trace(CLI::App* sub) {
   simulate_cmd->add_option("--link-gbps", sim->link_gbps, "link model: host-to-device GB/s");
   simulate_cmd->add_option("--layer-compute-us", sim->layer_compute_us, "link model: compute time of one layer (us)");
   simulate_cmd->add_option("--chunk-mib", sim->chunk_mib, "link model: copy chunk size (MiB), the preemption grain");
-  simulate_cmd->add_flag("--cpu-misses", sim->cpu_misses,
+  auto cpu_misses_flag = simulate_cmd->add_flag("--cpu-misses", sim->cpu_misses,
                          "misses run on the host CPU and bypass the cache (no slot, no eviction): only prefetches fill "
                          "it; moved/tok then counts copies and CPU reads, what the host's memory serves");
+  auto admission_flag = simulate_cmd->add_flag(
+      "--policy-admission", sim->policy_admission,
+      "a miss that must evict asks the policy whether it is worth its victim; a declined one runs on the host CPU "
+      "(belady: Belady's MIN with bypass, the fewest host reads possible; lfu: TinyLFU's rule, admitted when used "
+      "more often than the victim; lru and activation admit every miss)");
+  cpu_misses_flag->excludes(admission_flag);
   simulate_cmd->add_flag("--json", sim->json, "print one JSON object");
 
   auto stats_path = std::make_shared<std::string>();

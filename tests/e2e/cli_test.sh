@@ -77,6 +77,22 @@ PY
 else
   fail "trace record --pregate-logits/simulate: $(cat "$tmp/err")"
 fi
+# The bound next to every row: no policy reads host memory less often than MIN with bypass; with
+# --policy-admission belady is that bound and runs some misses on the host.
+if "$moex" trace simulate --trace "$tmp/trace.bin" --policy lru,belady --cache-fraction 0.25 --scope global \
+    --policy-admission --json >"$tmp/sim.json" 2>"$tmp/err"; then
+  python3 - "$tmp/sim.json" <<'PY' && ok || fail "trace simulate --policy-admission"
+import json, sys
+runs = {r["policy"]: r for r in json.load(open(sys.argv[1]))["results"]}
+bound = runs["belady"]["min_host_reads_per_token"]
+assert runs["belady"]["host_reads_per_token"] == bound and runs["belady"]["policy_admission"], runs
+assert runs["lru"]["host_reads_per_token"] >= bound and runs["lru"]["cpu_reads_per_token"] == 0, runs
+PY
+else
+  fail "trace simulate --policy-admission: $(cat "$tmp/err")"
+fi
+expect_error "--cpu-misses with --policy-admission" "excludes" \
+  "$moex" trace simulate --trace "$tmp/trace.bin" --cpu-misses --policy-admission
 expect_error "trace record without prompts file" "cannot open the prompts file" \
   "$moex" trace record --prompts "$tmp/none.txt" --out "$tmp/t.bin"
 

@@ -127,10 +127,11 @@ void ExpertCache::promote(ExpertKey key) {
   kept_in_layer_[key.layer_idx] += cost(key.layer_idx);
 }
 
-bool ExpertCache::make_room(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind, bool prefetch) {
+ExpertCache::Room ExpertCache::make_room(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind,
+                                         bool prefetch) {
   int32_t scope = scope_of(key.layer_idx);
   int64_t need = used_[scope] + cost(key.layer_idx) - capacity_;
-  if (need <= 0) return true;
+  if (need <= 0) return Room::kMade;
   // Victims are chosen first and evicted only if together they free enough (policies rank without side effects).
   candidates_.clear();
   victims_.clear();
@@ -168,13 +169,17 @@ bool ExpertCache::make_room(ExpertKey key, std::vector<ExpertKey>* evicted, Acce
     need -= cost(victim.layer_idx);
     if (!slot(victim).streamed) kept -= cost(victim.layer_idx);
   }
-  if (need > 0) return false;
+  if (need > 0) return Room::kNone;
+  // Admission weighs the key against the policy's first victim (the only one where experts are equal in size).
+  if (config_.policy_admission && kind == AccessKind::kDemand && !prefetch && !victims_.empty() &&
+      !policy_->admit(key, victims_.front(), tick_))
+    return Room::kDeclined;
   for (ExpertKey victim : victims_) {
     remove(victim);
     ++stats_.evictions;
     if (evicted) evicted->push_back(victim);
   }
-  return true;
+  return Room::kMade;
 }
 
 void ExpertCache::acquire(std::span<const ExpertKey> keys, std::span<CacheOutcome> outcomes,
@@ -214,12 +219,17 @@ void ExpertCache::acquire(std::span<const ExpertKey> keys, std::span<CacheOutcom
       outcomes[idx] = CacheOutcome::kBypassed;
       ++stats_.misses;
       ++stats_.bypassed;
-    } else if (make_room(key, evicted, kind, false)) {
+    } else if (Room room = make_room(key, evicted, kind, false); room == Room::kMade) {
       add(key, kind == AccessKind::kScan && !keep_has_room(key));
       ++s.pins;
       policy_->on_insert(key, tick_++);
       outcomes[idx] = CacheOutcome::kMiss;
       ++stats_.misses;
+    } else if (room == Room::kDeclined) {
+      outcomes[idx] = CacheOutcome::kBypassed;
+      ++stats_.misses;
+      ++stats_.bypassed;
+      ++stats_.declined;
     } else {
       outcomes[idx] = CacheOutcome::kNoRoom;
       ++stats_.no_room;
@@ -236,7 +246,7 @@ void ExpertCache::release(std::span<const ExpertKey> keys) {
 InsertOutcome ExpertCache::insert(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind) {
   Slot& s = slot(key);
   if (s.resident) return InsertOutcome::kAlreadyResident;
-  if (!make_room(key, evicted, kind, true)) return InsertOutcome::kNoRoom;
+  if (make_room(key, evicted, kind, true) != Room::kMade) return InsertOutcome::kNoRoom;
   add(key, kind == AccessKind::kScan);
   s.prefetched_unused = true;
   ++stats_.prefetch_inserts;

@@ -39,6 +39,11 @@ struct ExpertCacheConfig {
   // kept experts in every layer, whose compute overlaps the copies of that layer's misses, where a kept
   // first layer left the link idle while the device computed it.
   bool keep_by_layer = false;
+  // A demand miss that must evict asks the policy whether the key is worth its victim (EvictionPolicy::admit);
+  // a declined miss is kBypassed: served outside the cache, nothing evicted. For callers that can serve a miss
+  // without a slot (misses computed on the host); with belady it gives the fewest reads of host memory any
+  // cache of this size can do (Belady's MIN with bypass), the trace simulator's lower bound.
+  bool policy_admission = false;
 };
 
 // How a step uses the cache. kDemand: the policy alone ranks victims (decode, the trace simulator). kScan: the
@@ -57,7 +62,8 @@ enum class CacheOutcome : uint8_t {
   kHit,     // resident already
   kMiss,    // made resident now (the caller loads its weights), evicting if needed
   kNoRoom,  // not resident and nothing evictable: everything in its scope is pinned
-  kBypassed,  // not resident, and the caller serves it outside the cache (acquire's bypass_misses)
+  kBypassed,  // not resident, and the caller serves it outside the cache (acquire's bypass_misses, or the policy
+              // declined it: ExpertCacheConfig::policy_admission)
 };
 
 enum class InsertOutcome : uint8_t { kInserted, kAlreadyResident, kNoRoom };
@@ -67,6 +73,7 @@ struct ExpertCacheStats {
   int64_t misses = 0;
   int64_t no_room = 0;
   int64_t bypassed = 0;  // misses served outside the cache (counted in misses too)
+  int64_t declined = 0;  // of those, the ones the policy declined to admit (policy_admission)
   int64_t evictions = 0;
   int64_t prefetch_inserts = 0;
   int64_t prefetch_used = 0;    // prefetched experts whose first demand access came before eviction
@@ -133,9 +140,11 @@ class ExpertCache {
   const Slot& slot(ExpertKey key) const { return slots_[index(key)]; }
   int64_t cost(int32_t layer_idx) const;
   int32_t scope_of(int32_t layer_idx) const;
-  // Evicts until `key` fits; false (and nothing evicted) if the unpinned keys of its scope cannot
-  // free enough. kind and prefetch: how the key enters (see AccessKind and insert()).
-  bool make_room(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind, bool prefetch);
+  enum class Room : uint8_t { kMade, kNone, kDeclined };
+  // Evicts until `key` fits. kNone (nothing evicted) if the unpinned keys of its scope cannot free enough;
+  // kDeclined (nothing evicted) if policy admission turned a demand miss away. kind and prefetch: how the key
+  // enters (see AccessKind and insert()).
+  Room make_room(ExpertKey key, std::vector<ExpertKey>* evicted, AccessKind kind, bool prefetch);
   // Whether a key that is (or becomes) kept fits in the kept segment of its scope.
   bool keep_has_room(ExpertKey key) const;
   // A streamed expert joins the kept segment.

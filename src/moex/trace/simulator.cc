@@ -41,6 +41,7 @@ class Replay {
     cache_config.num_experts = trace.num_experts;
     cache_config.scope = config.scope;
     cache_config.capacity_slots = result_.cache_slots;
+    cache_config.policy_admission = config.policy_admission;
     cache_ = std::make_unique<ExpertCache>(cache_config, make_eviction_policy(config.policy, policy_options));
     if (!config.predictor.empty()) {
       predictor_options_ = {num_layers, trace.num_experts, trace.top_k, 512};
@@ -309,6 +310,8 @@ SimResult simulate(const Trace& trace, const SimConfig& config) {
   }
   if (!(config.pregate_accuracy >= 0 && config.pregate_accuracy <= 1))
     throw UsageError(fmt::format("pregate accuracy must be in [0, 1], got {}", config.pregate_accuracy));
+  if (config.cpu_misses && config.policy_admission)
+    throw UsageError("cpu misses and policy admission exclude each other: every miss already bypasses the cache");
   SimResult result;
   result.config = config;
   result.cache_slots = cache_slots_for(trace, config.scope, config.cache_fraction);

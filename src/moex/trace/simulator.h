@@ -40,6 +40,10 @@ struct SimConfig {
   // path): they bypass the cache (no slot, no eviction; the policy still sees the use) and cross no link, so only
   // prefetches fill the cache. Both paths read host memory: cpu_reads + copies is what the host serves per token.
   bool cpu_misses = false;
+  // A miss that must evict asks the policy whether it is worth its victim (ExpertCacheConfig::policy_admission); a
+  // declined miss runs on the host like a cpu_misses one. With belady: the fewest host reads a cache of this size
+  // can do (MIN with bypass), a bound for every policy, predictor and miss path. Not with cpu_misses.
+  bool policy_admission = false;
   // Synthetic pre-gating (predictor "pregate" only): the trace has no lookahead router logits, so the
   // simulator makes them from the true routing: each true expert keeps its rank with this probability
   // and is otherwise replaced by a random expert the layer did not choose. An upper-bound study.
@@ -59,7 +63,7 @@ struct SimResult {
   int64_t accesses = 0;     // tokens * layers * top_k
   int64_t hits = 0;         // expert resident when its layer ran (prefetched ones included)
   int64_t misses = 0;
-  int64_t cpu_reads = 0;  // cpu_misses: misses computed on the host (not copied)
+  int64_t cpu_reads = 0;  // cpu_misses or policy_admission: misses computed on the host (not copied)
   int64_t late_prefetches = 0;  // kLink: the copy was under way but not done when needed (a miss)
   bool pregate_recorded = false;  // predictor "pregate" fed the trace's recorded logits (not synthetic ones)
   std::vector<int64_t> layer_hits;
@@ -76,6 +80,10 @@ struct SimResult {
   double compute_ms = 0;    // kLink: num_tokens * num_layers * layer_compute_us
 
   double hit_rate() const { return accesses ? static_cast<double>(hits) / accesses : 0.0; }
+  // Experts the host's memory serves per token: every miss (copied or run on the host) and every prefetch.
+  double host_reads_per_token() const {
+    return num_tokens ? static_cast<double>(misses + prefetch_inserted) / num_tokens : 0.0;
+  }
   // Share of prefetched experts used before eviction.
   double prefetch_precision() const {
     return prefetch_inserted ? static_cast<double>(prefetch_used) / prefetch_inserted : 0.0;

@@ -220,6 +220,39 @@ TEST(ExpertCache, BypassedMissesEvictNothingAndStillCount) {
   EXPECT_TRUE(cache.contains(host_run));
 }
 
+// Policy admission: LFU admits a miss only when it was used more often than its victim (TinyLFU's rule); a declined
+// miss is served outside the cache (kBypassed, counted as declined) and the victim stays. Free slots need no
+// admission, and prefetches are never asked.
+TEST(ExpertCache, LfuAdmissionKeepsTheMoreUsedResident) {
+  ExpertCacheConfig config = one_layer(8, 2);
+  config.policy_admission = true;
+  ExpertCache cache(config, make_eviction_policy("lfu", {1, 8, {}}));
+  std::vector<ExpertKey> evicted;
+  auto use = [&](int32_t expert_idx) {
+    ExpertKey key{0, expert_idx};
+    CacheOutcome outcome;
+    cache.acquire({&key, 1}, {&outcome, 1}, &evicted);
+    if (outcome != CacheOutcome::kBypassed) cache.release({&key, 1});
+    return outcome;
+  };
+  EXPECT_EQ(use(0), CacheOutcome::kMiss);  // free slots: admitted without asking
+  EXPECT_EQ(use(0), CacheOutcome::kHit);
+  EXPECT_EQ(use(1), CacheOutcome::kMiss);
+  EXPECT_EQ(use(1), CacheOutcome::kHit);
+  // 2 (first use) against the victim 0 (2 uses): declined, twice; the third use (3 > 2 uses) displaces 0.
+  EXPECT_EQ(use(2), CacheOutcome::kBypassed);
+  EXPECT_EQ(use(2), CacheOutcome::kBypassed);
+  EXPECT_TRUE(evicted.empty());
+  EXPECT_EQ(use(2), CacheOutcome::kMiss);
+  EXPECT_EQ(evicted, (std::vector<ExpertKey>{{0, 0}}));
+  EXPECT_EQ(cache.stats().declined, 2);
+  EXPECT_EQ(cache.stats().bypassed, 2);
+  // A prefetch is not asked: it evicts by rank alone.
+  evicted.clear();
+  EXPECT_EQ(cache.insert({0, 5}, &evicted), InsertOutcome::kInserted);
+  EXPECT_EQ(evicted.size(), 1u);
+}
+
 TEST(ExpertCache, ByteBudgetWithUnequalExperts) {
   // Global 100-byte budget; layer 0 experts are 30 bytes, layer 1 experts 60 bytes.
   ExpertCacheConfig config;

@@ -194,6 +194,62 @@ TEST(Simulator, CpuMissesBypassTheCache) {
   EXPECT_EQ(copied.bytes_moved, (copied.misses + copied.prefetch_inserted) * 10);
 }
 
+// MIN with bypass on 0 1 2 0 1 2 0 (one layer, top-1, 2 slots): 0 and 1 fill the free slots; 2 is next needed at 5,
+// after both residents (0 at 3, 1 at 4), so it runs on the host; 0 and 1 hit; 2 again runs on the host (next use
+// never); 0 hits. 3 hits, 4 host reads, against demand Belady's 2 hits and 5 copies.
+TEST(Simulator, BeladyWithPolicyAdmissionIsMinWithBypass) {
+  Trace trace = make_trace(1, 4, 1, {{{{0}}, {{1}}, {{2}}, {{0}}, {{1}}, {{2}}, {{0}}}});
+  SimConfig config;
+  config.cache_fraction = 0.5;
+  config.policy = "belady";
+  config.policy_admission = true;
+  SimResult r = simulate(trace, config);
+  EXPECT_EQ(r.hits, 3);
+  EXPECT_EQ(r.misses, 4);
+  EXPECT_EQ(r.cpu_reads, 2);  // the two declined misses; the two that found a free slot were copied
+  config.policy_admission = false;
+  EXPECT_EQ(simulate(trace, config).hits, 2);
+  // lru and activation admit every miss: policy admission changes nothing for them.
+  for (const char* policy : {"lru", "activation"}) {
+    config.policy = policy;
+    SimResult plain = simulate(trace, config);
+    config.policy_admission = true;
+    SimResult admitted = simulate(trace, config);
+    config.policy_admission = false;
+    EXPECT_EQ(admitted.hits, plain.hits) << policy;
+    EXPECT_EQ(admitted.cpu_reads, 0) << policy;
+  }
+}
+
+// The bound the CLI prints next to every row: no policy, predictor or miss path reads host memory less often
+// per token than MIN with bypass at the same size (each miss is one read, copied or run on the host; a
+// prefetch is one read too). Fails if the bypass rule is wrong in either direction (admitting a key needed
+// later than its victim, or turning away one needed sooner).
+TEST(Simulator, MinWithBypassBoundsEveryPolicyAndPredictor) {
+  for (uint32_t seed : {3u, 5u, 8u}) {
+    Trace trace = random_trace(3, 40, 4, 8, 2, seed);
+    for (CacheScope scope : {CacheScope::kPerLayer, CacheScope::kGlobal})
+      for (double fraction : {0.25, 0.5, 0.75}) {
+        SimConfig bound;
+        bound.scope = scope, bound.cache_fraction = fraction, bound.policy = "belady", bound.policy_admission = true;
+        double min_reads = simulate(trace, bound).host_reads_per_token();
+        bound.policy_admission = false;
+        EXPECT_LE(min_reads, simulate(trace, bound).host_reads_per_token());
+        for (const char* policy : {"lru", "lfu", "activation", "belady"})
+          for (const char* predictor : {"", "stride", "affinity", "pregate"})
+            for (int mode = 0; mode < 3; ++mode) {
+              SimConfig config;
+              config.scope = scope, config.cache_fraction = fraction, config.policy = policy;
+              config.predictor = predictor;
+              config.cpu_misses = mode == 1, config.policy_admission = mode == 2;
+              EXPECT_GE(simulate(trace, config).host_reads_per_token(), min_reads - 1e-9)
+                  << "seed " << seed << " fraction " << fraction << " " << policy << " " << predictor << " mode "
+                  << mode;
+            }
+      }
+  }
+}
+
 TEST(Simulator, GlobalScopeAndTrainingModesAreDeterministic) {
   Trace trace = random_trace(4, 20, 4, 8, 2, 21);
   for (const char* predictor : {"frequency", "stride", "affinity", "eam"}) {
@@ -234,6 +290,9 @@ TEST(Simulator, ErrorsAreClear) {
   } catch (const UsageError& e) {
     EXPECT_NE(std::string(e.what()).find("--expert-bytes"), std::string::npos) << e.what();
   }
+  config.prefetch_mode = PrefetchMode::kIdeal;
+  config.cpu_misses = config.policy_admission = true;
+  EXPECT_THROW(simulate(trace, config), UsageError);
 }
 
 }  // namespace

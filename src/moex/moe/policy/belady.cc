@@ -1,5 +1,5 @@
 // Belady's offline optimum for demand loading: evict the key whose next demand use lies farthest in
-// the future (never = infinitely far). It needs the whole future access sequence, so it exists for
+// the future (never = infinitely far); with policy admission, also MIN's bypass rule (admit()). It needs the whole future access sequence, so it exists for
 // the trace simulator only, as the bound the online policies are measured against.
 #include <limits>
 
@@ -41,6 +41,15 @@ class BeladyPolicy final : public EvictionPolicy {
   }
   void on_insert(ExpertKey, int64_t) override {}
   void on_evict(ExpertKey) override {}
+
+  // MIN with bypass: keep the key only if it is needed again before the victim (the one needed farthest ahead).
+  // Every miss costs one read of host memory, copied or run on the host; this choice makes the fewest of them.
+  bool admit(ExpertKey key, ExpertKey victim, int64_t) override {
+    const std::vector<int64_t>& pos = positions_[index(key)];
+    size_t after_this = next_[index(key)] + 1;  // the key's own access is not counted yet
+    int64_t key_next = after_this < pos.size() ? pos[after_this] : std::numeric_limits<int64_t>::max();
+    return key_next < next_use_of(victim);
+  }
 
   size_t choose_victim(std::span<const ExpertKey> candidates, int64_t) override {
     size_t best = 0;

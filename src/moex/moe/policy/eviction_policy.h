@@ -28,6 +28,13 @@ class EvictionPolicy {
   // Returns the index in `candidates` (resident, unpinned, in the scope that must make room; never
   // empty) of the key to evict.
   virtual size_t choose_victim(std::span<const ExpertKey> candidates, int64_t tick) = 0;
+  // Asked only by a cache with policy admission (ExpertCacheConfig::policy_admission), before a demand miss on
+  // `key` evicts `victim` (this policy's pick): is the key worth the victim's slot? When not, the miss is served
+  // outside the cache (run on the host) and the victim stays. Called before the key's on_access.
+  virtual bool admit(ExpertKey key, ExpertKey victim, int64_t tick) {
+    (void)key, (void)victim, (void)tick;
+    return true;
+  }
 
   // Request (sequence) boundaries, for policies that keep per-request state.
   virtual void on_request_begin() {}

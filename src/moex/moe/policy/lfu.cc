@@ -21,6 +21,10 @@ class LfuPolicy final : public EvictionPolicy {
   void on_insert(ExpertKey key, int64_t tick) override { last_tick_[index(key)] = tick; }
   void on_evict(ExpertKey) override {}
 
+  // TinyLFU's admission rule: a missed key displaces the least frequently used resident only when it has been
+  // used more often (this use included); otherwise it is run outside the cache.
+  bool admit(ExpertKey key, ExpertKey victim, int64_t) override { return count_[index(key)] + 1 > count_[index(victim)]; }
+
   size_t choose_victim(std::span<const ExpertKey> candidates, int64_t) override {
     size_t best = 0;
     for (size_t idx = 1; idx < candidates.size(); ++idx) {
