@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <functional>
 #include <iostream>
 #include <numeric>
 #include <optional>
@@ -70,6 +71,7 @@ CommandAction setup_bench(CLI::App* sub) {
     bool json = false;
     std::string trace_out;
     std::string gpu_telemetry = "auto";
+    double gpu_energy_seconds = 2;
     std::string routing_trace;
   };
   auto options = std::make_shared<Options>();
@@ -96,6 +98,12 @@ CommandAction setup_bench(CLI::App* sub) {
                   "the --decode-context prompt and the decoded tokens) to this file as a moex binary trace; "
                   "the decode timings then include the recording");
   add_gpu_telemetry_option(sub, &options->gpu_telemetry);
+  sub->add_option("--gpu-energy-seconds", options->gpu_energy_seconds,
+                  "with GPU telemetry: after each phase's timed repetitions (which run unmetered), repeat the phase "
+                  "metered until its timed parts sum to this many seconds, for the energy, power and utilisation "
+                  "figures (NVML's energy counter moves in steps; its power is an average over up to a second)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   sub->add_option("--routing-trace", options->routing_trace,
                   "replay this routing trace (shared JSONL or moex binary, the model's MoE layers x experts x top-k) "
                   "in the batch-1 decode repetitions instead of the router's choice: repetition r replays request "
@@ -116,15 +124,8 @@ CommandAction setup_bench(CLI::App* sub) {
       replay = std::make_unique<RoutingReplay>(options->routing_trace, cfg);
     }
     Engine engine(*model, engine_options(options->model, cfg));
-    // Power and energy over the timed repetitions of each phase (warm-ups excluded).
     nlohmann::json gpu_about;
     auto meter = open_gpu_meter(options->gpu_telemetry, options->model.device, engine.backend(), &gpu_about);
-    auto begin_window = [&](int rep) {
-      if (meter && rep >= options->warmup) meter->begin();
-    };
-    auto end_window = [&](int rep) {
-      if (meter && rep >= options->warmup) meter->end();
-    };
     const int64_t vocab = cfg.vocab_size;
     uint64_t state = 12345;
     auto random_ids = [&](int64_t count) {
@@ -135,6 +136,28 @@ CommandAction setup_bench(CLI::App* sub) {
       }
       return ids;
     };
+    // Energy, power and utilisation of a phase: the timed repetitions run unmetered (tens of milliseconds each,
+    // shorter than NVML can resolve: its energy counter moves in steps and its power readings average over up
+    // to a second); after them the phase's repetition runs metered, its timed part a window each, until the
+    // windows sum to --gpu-energy-seconds. Their inputs come from a saved generator state, so the phases after
+    // see the same inputs with or without telemetry. rep(n, true) runs metered repetition n.
+    auto energy_pass = [&](int64_t tokens_per_rep, const std::function<void(int, bool)>& rep) {
+      const uint64_t saved = state;
+      const auto start = std::chrono::steady_clock::now();
+      int reps = 0;
+      // The wall-clock guard ends a pass whose windows are tiny next to its untimed part.
+      while (reps == 0 || (meter->pending_seconds() < options->gpu_energy_seconds &&
+                           std::chrono::steady_clock::now() - start <
+                               std::chrono::duration<double>(4 * options->gpu_energy_seconds)))
+        rep(reps++, true);
+      state = saved;
+      return gpu_energy_json(meter->take(), tokens_per_rep * reps);
+    };
+    auto window = [&](bool metered, bool open) {
+      if (!metered) return;
+      if (open) meter->begin();
+      else meter->end();
+    };
     const int total_reps = options->warmup + options->reps;
     ProgressBar progress("benchmarking", total_reps * static_cast<int64_t>(options->prompt_lens.size() + 1 +
                                                                            options->batches.size()));
@@ -143,15 +166,19 @@ CommandAction setup_bench(CLI::App* sub) {
     for (int64_t prompt_len : options->prompt_lens) {
       engine.decoder().reserve(prompt_len);
       std::vector<double> ms;
-      for (int rep = 0; rep < total_reps; ++rep) {
+      auto prefill_rep = [&](int, bool metered) {
         auto ids = random_ids(prompt_len);
-        begin_window(rep);
+        window(metered, true);
         auto start = std::chrono::steady_clock::now();
         engine.decoder().forward(ids, 0, false, &logits);
         engine.backend().synchronize();
         double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-        end_window(rep);
+        window(metered, false);
         engine.decoder().end_sequence();
+        return elapsed;
+      };
+      for (int rep = 0; rep < total_reps; ++rep) {
+        double elapsed = prefill_rep(rep, false);
         if (rep >= options->warmup) ms.push_back(elapsed);
         progress.advance();
       }
@@ -160,7 +187,7 @@ CommandAction setup_bench(CLI::App* sub) {
                                  {"ms_mean", s.mean},
                                  {"ms_stddev", s.stddev},
                                  {"tokens_per_s", prompt_len * 1000.0 / s.mean}});
-      if (meter) prefill_results.back()["gpu"] = gpu_energy_json(meter->take(), prompt_len * options->reps);
+      if (meter) prefill_results.back()["gpu"] = energy_pass(prompt_len, prefill_rep);
     }
     std::vector<double> per_token_ms;
     engine.decoder().reserve(options->decode_context + options->decode_tokens);
@@ -170,13 +197,17 @@ CommandAction setup_bench(CLI::App* sub) {
     const bool chained = !trace && engine.decoder().can_chain_greedy() && options->decode_tokens > 0;
     // Expert traffic of the timed decode steps alone (prefill traffic is reported apart).
     ExpertProviderStats decode_stats{};
+    ExpertProviderStats before_steps{};  // the provider's counters as a repetition's timed steps start
     int64_t timed_steps = 0;
-    for (int rep = 0; rep < total_reps; ++rep) {
+    // One repetition: a --decode-context prompt (untimed), then --decode-tokens greedy steps (timed). Metered
+    // repetitions (the energy pass) record no trace.
+    auto decode_rep = [&](int rep, bool metered) {
       if (replay) replay->select(rep);
       auto ids = random_ids(options->decode_context);
       std::optional<TraceRecorder> recorder;
       TraceWriter::RequestHandle request = 0;
-      if (trace) {
+      const bool record = trace && !metered;
+      if (record) {
         request = trace->begin_request(fmt::format("decode-rep{}", rep));
         recorder.emplace(*trace, request, false, static_cast<int32_t>(cfg.num_experts));
         for (size_t idx = 0; idx < ids.size(); ++idx) trace->record_token_id(request, static_cast<int64_t>(idx), ids[idx]);
@@ -185,8 +216,8 @@ CommandAction setup_bench(CLI::App* sub) {
       engine.decoder().forward(ids, 0, false, &logits, observer);
       int32_t token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
       engine.backend().synchronize();
-      const ExpertProviderStats before = engine.experts().stats();
-      begin_window(rep);
+      before_steps = engine.experts().stats();
+      window(metered, true);
       auto start = std::chrono::steady_clock::now();
       if (chained) {
         // As Engine::generate decodes greedily: the device runs one step ahead of the host.
@@ -199,16 +230,21 @@ CommandAction setup_bench(CLI::App* sub) {
       } else {
         for (int64_t step = 0; step < options->decode_tokens; ++step) {
           const int64_t position = options->decode_context + step;
-          if (trace) trace->record_token_id(request, position, token);
+          if (record) trace->record_token_id(request, position, token);
           engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &logits, observer);
           token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
         }
       }
       engine.backend().synchronize();
       double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-      end_window(rep);
+      window(metered, false);
       engine.decoder().end_sequence();
-      if (trace) trace->end_request(request);
+      if (record) trace->end_request(request);
+      return elapsed;
+    };
+    for (int rep = 0; rep < total_reps; ++rep) {
+      double elapsed = decode_rep(rep, false);
+      const ExpertProviderStats& before = before_steps;
       if (rep >= options->warmup && options->decode_tokens > 0) {
         per_token_ms.push_back(elapsed / options->decode_tokens);
         const ExpertProviderStats after = engine.experts().stats();
@@ -227,8 +263,9 @@ CommandAction setup_bench(CLI::App* sub) {
       }
       progress.advance();
     }
+    std::optional<nlohmann::json> decode_energy;
+    if (meter && options->decode_tokens > 0) decode_energy = energy_pass(options->decode_tokens, decode_rep);
     engine.decoder().set_routing_override(nullptr);
-    const std::optional<GpuEnergy> decode_energy = meter ? std::optional(meter->take()) : std::nullopt;
     nlohmann::json batch_results = nlohmann::json::array();
     for (int64_t batch : options->batches) {
       const int64_t context = options->decode_context, steps_per_rep = options->decode_tokens;
@@ -236,7 +273,8 @@ CommandAction setup_bench(CLI::App* sub) {
       std::vector<double> step_ms, pick_ms;
       std::vector<int32_t> picked;
       bool picked_on_device = false;
-      for (int rep = 0; rep < total_reps; ++rep) {
+      double picking = 0;  // the last repetition's host-side picking (ms)
+      auto batch_rep = [&](int, bool metered) {
         std::vector<Decoder::DecodeStep> steps;
         for (int64_t idx = 0; idx < batch; ++idx) {
           const int32_t seq = engine.decoder().add_sequence();
@@ -244,8 +282,8 @@ CommandAction setup_bench(CLI::App* sub) {
           steps.push_back({seq, argmax(logits), context});
         }
         engine.backend().synchronize();
-        double picking = 0;
-        begin_window(rep);
+        picking = 0;
+        window(metered, true);
         auto start = std::chrono::steady_clock::now();
         for (int64_t step = 0; step < steps_per_rep; ++step) {
           // Greedy picks are part of a real step: on the device where the backend can (one id per row comes
@@ -261,9 +299,13 @@ CommandAction setup_bench(CLI::App* sub) {
         }
         engine.backend().synchronize();
         double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-        end_window(rep);
+        window(metered, false);
         for (const auto& step : steps) engine.decoder().free_sequence(step.seq);
         engine.decoder().end_sequence();
+        return elapsed;
+      };
+      for (int rep = 0; rep < total_reps; ++rep) {
+        double elapsed = batch_rep(rep, false);
         if (rep >= options->warmup && steps_per_rep > 0) {
           step_ms.push_back(elapsed / steps_per_rep);
           pick_ms.push_back(picking / steps_per_rep);
@@ -279,7 +321,7 @@ CommandAction setup_bench(CLI::App* sub) {
                                {"host_pick_ms_per_step", summarize(pick_ms).mean},
                                {"greedy_pick_on_device", picked_on_device},
                                {"tokens_per_s", s.mean > 0 ? batch * 1000.0 / s.mean : 0.0}});
-      if (meter) batch_results.back()["gpu"] = gpu_energy_json(meter->take(), batch * steps_per_rep * options->reps);
+      if (meter && steps_per_rep > 0) batch_results.back()["gpu"] = energy_pass(batch * steps_per_rep, batch_rep);
     }
     progress.finish();
     if (trace) trace->close();
@@ -346,7 +388,7 @@ CommandAction setup_bench(CLI::App* sub) {
                               {"requests", replay->trace().requests.size()},
                               {"replayed_rows", replay->replayed_rows()}};
     if (!gpu_about.is_null()) out["gpu"] = gpu_about;
-    if (decode_energy) out["decode"]["gpu"] = gpu_energy_json(*decode_energy, options->decode_tokens * options->reps);
+    if (decode_energy) out["decode"]["gpu"] = *decode_energy;
     if (options->bandwidth_gbs > 0) {
       const double floor_ms = bytes / (options->bandwidth_gbs * 1e6);
       out["bandwidth_gbs"] = options->bandwidth_gbs;

@@ -36,7 +36,8 @@ std::unique_ptr<GpuMeter> open_gpu_meter(const std::string& mode, const std::str
 
 nlohmann::json gpu_energy_json(const GpuEnergy& energy, int64_t tokens) {
   auto or_null = [](double value) { return value >= 0 ? nlohmann::json(value) : nlohmann::json(nullptr); };
-  return {{"seconds", energy.seconds},
+  return {{"windows", energy.windows},
+          {"seconds", energy.seconds},
           {"energy_j", energy.energy_j},
           {"energy_source", energy.energy_from_counter ? "counter" : "power samples"},
           {"joules_per_token", tokens > 0 ? energy.energy_j / tokens : 0.0},
@@ -57,7 +58,7 @@ std::string gpu_energy_line(const nlohmann::json& gpu) {
   if (gpu["energy_source"] != "counter") line += " [energy from power samples]";
   // NVML's power and utilisation are averages over up to a second, and the energy counter moves in steps.
   if (gpu["seconds"].get<double>() < 1.0)
-    line += fmt::format(" [measured over {:.2f} s: coarse below ~1 s, raise --reps]", gpu["seconds"].get<double>());
+    line += fmt::format(" [measured over {:.2f} s: coarse below ~1 s]", gpu["seconds"].get<double>());
   return line;
 }
 

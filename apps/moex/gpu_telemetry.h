@@ -23,7 +23,7 @@ void add_gpu_telemetry_option(CLI::App* sub, std::string* mode);
 std::unique_ptr<GpuMeter> open_gpu_meter(const std::string& mode, const std::string& device, const Backend& backend,
                                          nlohmann::json* about);
 
-// One phase's figures; tokens: what the phase produced or consumed, for joules per token.
+// One phase's figures; tokens: what the phase's windows produced or consumed, for joules per token.
 nlohmann::json gpu_energy_json(const GpuEnergy& energy, int64_t tokens);
 // "GPU 312 W (max 330), 0.215 J/token, busy 97% (memory 80%)": gpu_energy_json's object as a line of text.
 std::string gpu_energy_line(const nlohmann::json& gpu);

@@ -104,6 +104,11 @@ void GpuMeter::end() {
   window_samples_.clear();
 }
 
+double GpuMeter::pending_seconds() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return totals_.seconds;
+}
+
 GpuEnergy GpuMeter::take() {
   std::lock_guard<std::mutex> lock(mutex_);
   GpuEnergy result = totals_;

@@ -47,6 +47,8 @@ class GpuMeter {
   void end();
   // The windows closed since the last take(); starts over.
   GpuEnergy take();
+  // Summed length of the windows closed since the last take() (to meter until a phase has run long enough).
+  double pending_seconds();
 
  private:
   struct Sample {
