@@ -14,6 +14,7 @@
 #   MOEX_BASE=path/to/other/moex also runs each pre-gating + CPU-expert case with that binary first (named
 #   base_*), for before/after in one call. CASES=pregate skips the LRU cases; CASES="name name ..." runs only
 #   the cases named (the names in the table; "prefill" for the prefill case). TOKENS=N decode tokens (default 8).
+#   ACCELERATE=1 also runs transformers + accelerate offload (bench/peers/accelerate_offload.py) and the ratio.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 moex="${MOEX:-.device/offload/bin/moex}"
@@ -223,4 +224,35 @@ for p in r["prefill"]:
           f"{pcie:.1f} GB/s; llama.cpp {peers.get(n, 0)} in PEERS.md, H200 machine)")
 PY
   done
+fi
+
+# ACCELERATE=1: transformers + accelerate offload in the same call (bench/peers/accelerate_offload.py: 2 layers of the
+# 8x7B shape, every decoder layer offloaded), scaled to the full model at 16 GiB, against moex's 16 GiB case.
+if [ "${ACCELERATE:-0}" = 1 ]; then
+  echo "== accelerate offload: mixtral_8x7b, 2 layers" | tee -a "$out/runs.log"
+  timeout 200 python3 bench/peers/accelerate_offload.py bench/offload/models/mixtral_8x7b --layers 2 --tokens 3 \
+    --json "$out/accelerate.jsonl" >/dev/null 2>>"$out/runs.log"
+  echo "exit $?"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+try:
+    a = json.loads(open(f"{out}/accelerate.jsonl").read().splitlines()[-1])
+except Exception:
+    sys.exit("accelerate failed (runs.log)")
+# At 16 GiB accelerate keeps whole layers on the GPU: what is left after the embeddings and lm head, over a layer.
+cfg = json.load(open("bench/offload/models/mixtral_8x7b/config.json"))
+h, f, e = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
+hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+layer = 2 * (e * 3 * h * f + h * hd * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]))
+resident = max(0, int((16 * 2**30 - 2 * 2 * cfg["vocab_size"] * h) // layer))
+full_ms = (cfg["num_hidden_layers"] - resident) * a["ms_per_offloaded_layer"]
+print(f"accelerate: {a['ms_per_offloaded_layer']:.1f} ms per offloaded layer; at 16 GiB {resident} of "
+      f"{cfg['num_hidden_layers']} layers resident -> {full_ms / 1e3:.2f} s/token")
+for line in open(f"{out}/results.jsonl"):
+    r = json.loads(line)
+    if r["case"] == "mixtral_16g_pregate_cpu" and "decode" in r:
+        ms = r["decode"]["ms_per_token_mean"]
+        print(f"moex {r['case']}: {ms:.1f} ms/token -> {full_ms / ms:.1f}x accelerate")
+PY
 fi
