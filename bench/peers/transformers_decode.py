@@ -15,6 +15,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hf_decode_timing import decode_ms_per_token
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -40,19 +42,7 @@ def main():
     build_s = time.perf_counter() - start
 
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), device="cuda")
-    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **gen)  # warm-up
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **gen)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=args.tokens + 1, min_new_tokens=args.tokens + 1, **gen)
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-    steps = out.shape[1] - prompt.shape[1] - 1
-    ms = ((t2 - t1) - (t1 - t0)) * 1e3 / steps  # subtract prefill + first token
+    ms, steps = decode_ms_per_token(model, prompt, args.tokens)
     result = {
         "peer": "transformers",
         "version": transformers.__version__,
