@@ -24,8 +24,8 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
 // One token's top_k experts planned on the device (launch_moe_router_plan with one token: top_k groups of one
 // row each, group r = row r): gate/up + SwiGLU into h [top_k, ffn], then down and the weighted combine in one
 // kernel into out [hidden]. Bit-identical to launch_moe_gemv + launch_moe_combine, two launches instead of three.
-// top_k <= kMoeOneTokenMaxTopK. preload_down (MOEX_CUDA_DOWN_PRELOAD=1, not yet measured): the down kernel reads
-// the plan and loads its first weights before waiting for gate/up (same results).
+// top_k <= kMoeOneTokenMaxTopK. preload_down (MOEX_CUDA_DOWN_PRELOAD=1, opt-in: no gain on an H200, 2026-11-27): the
+// down kernel reads the plan and loads its first weights before waiting for gate/up (same results).
 constexpr int kMoeOneTokenMaxTopK = 8;
 void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const MoeGroup* groups, int top_k,
                                int64_t hidden, int64_t ffn, const int32_t* slot, const float* weights, float* h,

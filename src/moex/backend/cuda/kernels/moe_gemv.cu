@@ -133,7 +133,7 @@ void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* gr
 // parallel as in moe_down_kernel -- and the block then combines each feature's picks in pick order: the same
 // per-expert reduction and the same summation order as moe_down + moe_combine (bit-identical), one launch and
 // one pass over y fewer. top_k <= kWarps.
-// PRELOAD (MOEX_CUDA_DOWN_PRELOAD=1, not yet measured): the gate/up kernel before signalled its dependents only
+// PRELOAD (MOEX_CUDA_DOWN_PRELOAD=1, opt-in: no gain measured on an H200): the gate/up kernel before signalled its dependents only
 // after its own wait, so the plan (slot, groups) is complete when this kernel starts: it is read through L2 (this
 // SM's L1 may still hold the previous layer's plan) and the warp's first weights are loaded before the wait, which
 // only h needs. dot_preloaded keeps warp_dot_bf16's summation order: bit-identical either way.
