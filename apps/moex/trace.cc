@@ -65,10 +65,16 @@ struct SimulateOptions {
   double chunk_mib = 16;
   bool cpu_misses = false;
   bool policy_admission = false;
+  double host_gbs = 0;  // > 0: floors in ms per token at this host-memory rate (copies and CPU reads together)
   bool json = false;
 };
 
-nlohmann::json result_json(const SimResult& r, double belady_hit_rate, double min_host_reads) {
+// Host reads per token as time: every read at the host's memory rate, copies and CPU reads sharing it.
+double host_ms_per_token(double reads_per_token, int64_t expert_bytes, double host_gbs) {
+  return reads_per_token * static_cast<double>(expert_bytes) / (host_gbs * 1e6);
+}
+
+nlohmann::json result_json(const SimResult& r, double belady_hit_rate, double min_host_reads, double host_gbs) {
   const SimConfig& c = r.config;
   nlohmann::json out = {
       {"scope", c.scope == CacheScope::kPerLayer ? "layer" : "global"},
@@ -93,6 +99,11 @@ nlohmann::json result_json(const SimResult& r, double belady_hit_rate, double mi
       {"min_host_reads_per_token", min_host_reads},
       {"bytes_moved", r.bytes_moved},
   };
+  if (host_gbs > 0) {
+    out["host_gbs"] = host_gbs;
+    out["host_ms_per_token"] = host_ms_per_token(r.host_reads_per_token(), c.expert_bytes, host_gbs);
+    out["min_host_floor_ms_per_token"] = host_ms_per_token(min_host_reads, c.expert_bytes, host_gbs);
+  }
   std::vector<double> layer_rates;
   for (size_t idx = 0; idx < r.layer_hits.size(); ++idx)
     layer_rates.push_back(r.layer_accesses[idx] ? static_cast<double>(r.layer_hits[idx]) / r.layer_accesses[idx] : 0.0);
@@ -171,6 +182,11 @@ int run_simulate(const SimulateOptions& o) {
   base.chunk_bytes = static_cast<int64_t>(o.chunk_mib * (1 << 20));
   base.cpu_misses = o.cpu_misses;
   base.policy_admission = o.policy_admission;
+  if (o.host_gbs < 0) throw UsageError(fmt::format("--host-gbs: {} is negative", o.host_gbs));
+  if (o.host_gbs > 0 && base.expert_bytes <= 0)
+    throw UsageError(fmt::format("--host-gbs turns host reads into time and needs the bytes of one expert: the trace's "
+                                 "model (\"{}\") is not one moex knows, give --expert-bytes",
+                                 trace.model));
 
   nlohmann::json results = nlohmann::json::array();
   if (!o.json) {
@@ -190,9 +206,15 @@ int run_simulate(const SimulateOptions& o) {
       // And the bound on host reads: MIN with bypass (a miss needed later than everything resident runs on the host).
       belady.policy_admission = true;
       double min_reads = simulate(trace, belady).host_reads_per_token();
-      if (!o.json)
-        std::printf("%-6s %5.2f: fewest host reads per token at this size (Belady's MIN with bypass): %.1f\n",
-                    scope == CacheScope::kPerLayer ? "layer" : "global", fraction, min_reads);
+      if (!o.json) {
+        std::string floor;
+        if (o.host_gbs > 0) {
+          const double ms = host_ms_per_token(min_reads, base.expert_bytes, o.host_gbs);
+          floor = fmt::format(", at {:g} GB/s {:.1f} ms/token ({:.2f} tokens/s)", o.host_gbs, ms, 1e3 / ms);
+        }
+        std::printf("%-6s %5.2f: fewest host reads per token at this size (Belady's MIN with bypass): %.1f%s\n",
+                    scope == CacheScope::kPerLayer ? "layer" : "global", fraction, min_reads, floor.c_str());
+      }
       for (const std::string& predictor : predictors)
         for (const std::string& policy : policies) {
           SimConfig config = base;
@@ -201,13 +223,16 @@ int run_simulate(const SimulateOptions& o) {
           config.policy = policy;
           config.predictor = predictor == "none" ? "" : predictor;
           SimResult r = simulate(trace, config);
-          nlohmann::json row = result_json(r, belady_rate, min_reads);
+          nlohmann::json row = result_json(r, belady_rate, min_reads, o.host_gbs);
           results.push_back(row);
           if (o.json) continue;
           bool pf = !config.predictor.empty();
           std::string stall;
           if (config.cpu_misses || config.policy_admission)
             stall = fmt::format("  of which on the CPU {:.1f}", static_cast<double>(r.cpu_reads) / r.num_tokens);
+          if (o.host_gbs > 0)
+            stall += fmt::format("  host {:.1f} ms/tok", host_ms_per_token(r.host_reads_per_token(), config.expert_bytes,
+                                                                         o.host_gbs));
           if (config.prefetch_mode == PrefetchMode::kLink)
             stall += fmt::format("  stall {:.1f} ms/tok (compute {:.1f})", r.stall_ms / r.num_tokens,
                                 r.compute_ms / r.num_tokens);
@@ -346,6 +371,10 @@ CommandAction setup_trace(CLI::App* sub) {
       "(belady: Belady's MIN with bypass, the fewest host reads possible; lfu: TinyLFU's rule, admitted when used "
       "more often than the victim; lru and activation admit every miss)");
   cpu_misses_flag->excludes(admission_flag);
+  simulate_cmd->add_option("--host-gbs", sim->host_gbs,
+                           "host memory rate (GB/s) that copies and CPU reads of experts share: host reads per token "
+                           "then also as ms per token, and the MIN line as the floor of a decode step (needs the "
+                           "expert's bytes: known models or --expert-bytes)");
   simulate_cmd->add_flag("--json", sim->json, "print one JSON object");
 
   auto stats_path = std::make_shared<std::string>();

@@ -91,6 +91,20 @@ PY
 else
   fail "trace simulate --policy-admission: $(cat "$tmp/err")"
 fi
+# --host-gbs turns host reads into time: an expert of 1 MB at 100 GB/s is 0.01 ms.
+if "$moex" trace simulate --trace "$tmp/trace.bin" --policy lru --cache-fraction 0.25 --scope global --host-gbs 100 \
+    --expert-bytes 1000000 --json >"$tmp/sim.json" 2>"$tmp/err"; then
+  python3 - "$tmp/sim.json" <<'PY' && ok || fail "trace simulate --host-gbs"
+import json, sys
+r = json.load(open(sys.argv[1]))["results"][0]
+assert abs(r["min_host_floor_ms_per_token"] - 0.01 * r["min_host_reads_per_token"]) < 1e-9, r
+assert abs(r["host_ms_per_token"] - 0.01 * r["host_reads_per_token"]) < 1e-9 and r["host_gbs"] == 100, r
+PY
+else
+  fail "trace simulate --host-gbs: $(cat "$tmp/err")"
+fi
+expect_error "--host-gbs without the expert's bytes" "give --expert-bytes" \
+  "$moex" trace simulate --trace "$tmp/trace.bin" --host-gbs 100
 expect_error "--cpu-misses with --policy-admission" "excludes" \
   "$moex" trace simulate --trace "$tmp/trace.bin" --cpu-misses --policy-admission
 expect_error "trace record without prompts file" "cannot open the prompts file" \
