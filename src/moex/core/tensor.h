@@ -69,7 +69,11 @@ struct TensorView {
 class HostTensor {
  public:
   HostTensor() = default;
+  // Zero-filled.
   HostTensor(DType dtype, Shape shape);
+  // Not zero-filled, for callers that write every element at once (in parallel: the first touch of a page is what
+  // costs, so it is spread over the writers), and backed by transparent huge pages where the kernel allows them.
+  static HostTensor uninitialized(DType dtype, Shape shape);
   const TensorView& view() const { return view_; }
   TensorView& view() { return view_; }
   template <typename T>
@@ -79,6 +83,8 @@ class HostTensor {
   int64_t numel() const { return view_.numel(); }
 
  private:
+  HostTensor(DType dtype, Shape shape, bool zero);
+
   std::shared_ptr<void> storage_;
   TensorView view_;
 };

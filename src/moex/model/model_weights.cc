@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "moex/core/error.h"
+#include "moex/core/thread_pool.h"
 #include "moex/io/hf_config.h"
 #include "moex/model/registry.h"
 
@@ -210,20 +211,25 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// Values depend on the seed, the tensor's order and the host's hardware thread count (each of that many chunks of
+// a tensor is its own xorshift stream), not on which thread runs a chunk: one pool fills every tensor, the chunks
+// spread over it, and each page is first touched by the thread that writes it.
 class RandomFiller {
  public:
-  RandomFiller(const ModelConfig& cfg, uint64_t seed, ModelWeights* out) : cfg_(cfg), seed_(seed), out_(out) {}
+  RandomFiller(const ModelConfig& cfg, uint64_t seed, ModelWeights* out)
+      : cfg_(cfg), seed_(seed), out_(out), num_chunks_(std::max(1u, std::thread::hardware_concurrency())),
+        pool_(static_cast<int>(num_chunks_)) {}
 
   // Uniform in [-a, a] with a = sqrt(3) * std: same variance as a normal, cheap to draw.
   TensorView matrix(Shape shape, float std_dev) {
-    HostTensor owned(cfg_.weight_dtype, shape);
+    HostTensor owned = HostTensor::uninitialized(cfg_.weight_dtype, shape);
     fill(owned.view(), std_dev, 0.0f);
     out_->owned.push_back(owned);
     return owned.view();
   }
 
   TensorView norm(int64_t size) {
-    HostTensor owned(DType::kF32, Shape{size});
+    HostTensor owned = HostTensor::uninitialized(DType::kF32, Shape{size});
     fill(owned.view(), 0.1f, 1.0f);
     out_->owned.push_back(owned);
     return owned.view();
@@ -234,35 +240,42 @@ class RandomFiller {
     const uint64_t stream = splitmix64(seed_ ^ splitmix64(++counter_));
     const int64_t numel = view.numel();
     const float scale = std_dev * 1.7320508f / 2147483648.0f;
-    unsigned num_threads = std::max(1u, std::thread::hardware_concurrency());
-    const int64_t chunk = (numel + num_threads - 1) / num_threads;
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < num_threads; ++t) {
-      threads.emplace_back([&, t] {
+    const int64_t chunk = (numel + num_chunks_ - 1) / num_chunks_;
+    switch (view.dtype) {
+      case DType::kF32: return fill_as<float>(view, stream, numel, chunk, mean, scale, [](float v) { return v; });
+      case DType::kBF16:
+        return fill_as<uint16_t>(view, stream, numel, chunk, mean, scale, [](float v) { return f32_to_bf16(v); });
+      case DType::kF16:
+        return fill_as<uint16_t>(view, stream, numel, chunk, mean, scale, [](float v) { return f32_to_f16(v); });
+      case DType::kI32:
+      case DType::kI64: return;
+    }
+  }
+
+  template <typename T, typename Convert>
+  void fill_as(const TensorView& view, uint64_t stream, int64_t numel, int64_t chunk, float mean, float scale,
+               Convert convert) {
+    T* data = view.as<T>();
+    pool_.parallel_for(num_chunks_, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
         const int64_t begin = t * chunk, end = std::min(numel, begin + chunk);
-        uint64_t state = splitmix64(stream + t);
+        uint64_t state = splitmix64(stream + static_cast<uint64_t>(t));
         for (int64_t idx = begin; idx < end; ++idx) {
           state ^= state << 13;
           state ^= state >> 7;
           state ^= state << 17;
-          float value = mean + static_cast<float>(static_cast<int32_t>(state >> 32)) * scale;
-          switch (view.dtype) {
-            case DType::kF32: view.as<float>()[idx] = value; break;
-            case DType::kBF16: view.as<uint16_t>()[idx] = f32_to_bf16(value); break;
-            case DType::kF16: view.as<uint16_t>()[idx] = f32_to_f16(value); break;
-            case DType::kI32:
-            case DType::kI64: break;
-          }
+          data[idx] = convert(mean + static_cast<float>(static_cast<int32_t>(state >> 32)) * scale);
         }
-      });
-    }
-    for (auto& thread : threads) thread.join();
+      }
+    });
   }
 
   const ModelConfig& cfg_;
   uint64_t seed_;
   uint64_t counter_ = 0;
   ModelWeights* out_;
+  unsigned num_chunks_;
+  ThreadPool pool_;
 };
 
 }  // namespace

@@ -1,5 +1,7 @@
 // Model loading: the registry covers every family with a fixture, and bad checkpoints give one clear
 // error naming the file and the field or tensor.
+#include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -127,6 +129,32 @@ TEST(ModelLoad, RandomWeightsAtConfigShapes) {
     EXPECT_EQ(layer.experts.size(), static_cast<size_t>(cfg.num_experts));
     EXPECT_EQ(layer.experts[0].down.shape, (Shape{cfg.hidden_size, cfg.expert_ffn_size}));
   }
+}
+
+// The filler writes every element itself (its tensors are not zeroed first), the same values for the same seed,
+// uniform in [-sqrt(3) std, sqrt(3) std] around the mean.
+TEST(ModelLoad, RandomWeightsAreSeededAndInRange) {
+  const std::string dir = (test::fixtures_root() / first_fixture_of("Qwen2MoeForCausalLM")).string();
+  auto a = Model::load(dir, LoadOptions{LoadFormat::kRandom, 7});
+  auto b = Model::load(dir, LoadOptions{LoadFormat::kRandom, 7});
+  auto c = Model::load(dir, LoadOptions{LoadFormat::kRandom, 8});
+  const auto& cfg = a->config();
+  const TensorView& down = a->weights().layers[0].experts[0].down;
+  const size_t bytes = static_cast<size_t>(down.numel()) * dtype_size(down.dtype);
+  EXPECT_EQ(std::memcmp(down.data, b->weights().layers[0].experts[0].down.data, bytes), 0);
+  EXPECT_NE(std::memcmp(down.data, c->weights().layers[0].experts[0].down.data, bytes), 0);
+  const float bound = 1.7320508f / std::sqrt(static_cast<float>(cfg.expert_ffn_size)) * 1.01f;
+  int64_t zeros = 0;
+  for (int64_t idx = 0; idx < down.numel(); ++idx) {
+    const float value = down.dtype == DType::kBF16 ? bf16_to_f32(down.as<uint16_t>()[idx])
+                        : down.dtype == DType::kF16  ? f16_to_f32(down.as<uint16_t>()[idx])
+                                                     : down.as<float>()[idx];
+    ASSERT_LE(std::fabs(value), bound) << idx;
+    zeros += value == 0.0f;
+  }
+  EXPECT_LT(zeros, down.numel() / 100);  // a chunk left unwritten would be garbage or zeros
+  const TensorView& norm = a->weights().final_norm;
+  for (int64_t idx = 0; idx < norm.numel(); ++idx) EXPECT_NEAR(norm.as<float>()[idx], 1.0f, 0.18f) << idx;
 }
 
 }  // namespace
