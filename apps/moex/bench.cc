@@ -366,6 +366,13 @@ CommandAction setup_bench(CLI::App* sub) {
                             {"cpu_read_gbs", decode_stats.cpu_ms > 0
                                                  ? static_cast<double>(decode_stats.cpu_read_bytes) / decode_stats.cpu_ms / 1e6
                                                  : 0.0},
+                            // The cache's size, in bytes and in whole experts of the model's size: the capacity to
+                            // give `moex trace simulate` (--cache-fraction experts / (MoE layers x experts)) when
+                            // it replays this run's --trace-out.
+                            {"cache_bytes", stats.cache_bytes},
+                            {"cache_experts", cfg.expert_bytes() > 0 ? stats.cache_bytes /
+                                                                           static_cast<int64_t>(cfg.expert_bytes())
+                                                                     : 0},
                             {"model_host_read_gbs", stats.model_host_read_gbs},  // the rates at the end
                             {"model_copy_gbs", stats.model_copy_gbs},
                             {"prefetch_issued", decode_stats.prefetch_issued},

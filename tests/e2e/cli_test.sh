@@ -186,6 +186,8 @@ for key in ("hits", "misses", "hit_rate", "bytes_moved_per_token", "cpu_read_byt
     assert key in d, key
 assert d["misses"] > 0 and d["bytes_moved_per_token"] > 0, d
 assert d["host_read_bytes_per_token"] == d["bytes_moved_per_token"] + d["cpu_read_bytes_per_token"], d
+assert d["cache_bytes"] == 40 * 1024, d  # --host-memory 40KiB, all of it for experts on the CPU backend
+assert d["cache_experts"] == d["cache_bytes"] // json.load(open(sys.argv[1]))["expert_bytes"], d
 PY
 else
   fail "bench --host-memory exited non-zero: $(cat "$tmp/err")"

@@ -37,6 +37,8 @@ struct ExpertProviderStats {
   // (OffloadConfig::adapt_rates). Not counters: the latest value. 0 without CPU experts.
   double model_host_read_gbs = 0;
   double model_copy_gbs = 0;
+  // The fast tier's expert budget in bytes, all layers together (0: every expert resident). Not a counter.
+  int64_t cache_bytes = 0;
 };
 
 // An expert of the last acquire() that runs split: the host CPU computes its intermediate rows

@@ -484,6 +484,7 @@ ExpertProviderStats OffloadingExpertProvider::stats() const {
   ExpertProviderStats out = stats_;
   out.bytes_moved = store_->stats().bytes_moved;
   out.prefetch_used = cache_->stats().prefetch_used;
+  out.cache_bytes = config_.budget_bytes;
   if (config_.cpu_experts) {
     out.model_host_read_gbs = rates_.host_read_gbs();
     out.model_copy_gbs = rates_.copy_gbs();
