@@ -215,25 +215,27 @@ void ExpertCache::acquire(std::span<const ExpertKey> keys, std::span<CacheOutcom
       } else if (s.streamed && (kind == AccessKind::kDemand || keep_has_room(key))) {
         promote(key);
       }
-    } else if (!bypass_misses.empty() && bypass_misses[idx]) {
-      outcomes[idx] = CacheOutcome::kBypassed;
-      ++stats_.misses;
-      ++stats_.bypassed;
-    } else if (Room room = make_room(key, evicted, kind, false); room == Room::kMade) {
-      add(key, kind == AccessKind::kScan && !keep_has_room(key));
-      ++s.pins;
-      policy_->on_insert(key, tick_++);
-      outcomes[idx] = CacheOutcome::kMiss;
-      ++stats_.misses;
-    } else if (room == Room::kDeclined) {
-      outcomes[idx] = CacheOutcome::kBypassed;
-      ++stats_.misses;
-      ++stats_.bypassed;
-      ++stats_.declined;
     } else {
-      outcomes[idx] = CacheOutcome::kNoRoom;
-      ++stats_.no_room;
-      continue;
+      // A miss the caller flagged is declined by it before any room is made; one the policy turns away
+      // (policy_admission) after. Either is served outside the cache.
+      const bool flagged = !bypass_misses.empty() && bypass_misses[idx];
+      const Room room = flagged ? Room::kDeclined : make_room(key, evicted, kind, false);
+      if (room == Room::kNone) {
+        outcomes[idx] = CacheOutcome::kNoRoom;
+        ++stats_.no_room;
+        continue;
+      }
+      ++stats_.misses;
+      if (room == Room::kMade) {
+        add(key, kind == AccessKind::kScan && !keep_has_room(key));
+        ++s.pins;
+        policy_->on_insert(key, tick_++);
+        outcomes[idx] = CacheOutcome::kMiss;
+      } else {
+        outcomes[idx] = CacheOutcome::kBypassed;
+        ++stats_.bypassed;
+        if (!flagged) ++stats_.declined;
+      }
     }
     policy_->on_access(key, tick_++);
   }
