@@ -228,11 +228,10 @@ int run_simulate(const SimulateOptions& o) {
           if (o.json) continue;
           bool pf = !config.predictor.empty();
           std::string stall;
+          // The row's figures, as its JSON has them.
           if (config.cpu_misses || config.policy_admission)
-            stall = fmt::format("  of which on the CPU {:.1f}", static_cast<double>(r.cpu_reads) / r.num_tokens);
-          if (o.host_gbs > 0)
-            stall += fmt::format("  host {:.1f} ms/tok", host_ms_per_token(r.host_reads_per_token(), config.expert_bytes,
-                                                                         o.host_gbs));
+            stall = fmt::format("  of which on the CPU {:.1f}", row["cpu_reads_per_token"].get<double>());
+          if (o.host_gbs > 0) stall += fmt::format("  host {:.1f} ms/tok", row["host_ms_per_token"].get<double>());
           if (config.prefetch_mode == PrefetchMode::kLink)
             stall += fmt::format("  stall {:.1f} ms/tok (compute {:.1f})", r.stall_ms / r.num_tokens,
                                 r.compute_ms / r.num_tokens);
@@ -244,7 +243,7 @@ int run_simulate(const SimulateOptions& o) {
                       pf ? fmt::format("{:.3f}", r.prefetch_recall()).c_str() : "-",
                       pf ? fmt::format("{:.3f}", r.prediction.precision()).c_str() : "-",
                       pf ? fmt::format("{:.3f}", r.prediction.recall()).c_str() : "-",
-                      r.host_reads_per_token(), stall.c_str());
+                      row["host_reads_per_token"].get<double>(), stall.c_str());
         }
     }
   if (o.json) {
