@@ -13,6 +13,7 @@
 #include <iostream>
 #include <numeric>
 #include <optional>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -197,10 +198,13 @@ CommandAction setup_bench(CLI::App* sub) {
     const bool chained = !trace && engine.decoder().can_chain_greedy() && options->decode_tokens > 0;
     // Expert traffic of the timed decode steps alone (prefill traffic is reported apart).
     ExpertProviderStats decode_stats{};
-    ExpertProviderStats before_steps{};  // the provider's counters as a repetition's timed steps start
     int64_t timed_steps = 0;
     // One repetition: a --decode-context prompt (untimed), then --decode-tokens greedy steps (timed). Metered
-    // repetitions (the energy pass) record no trace.
+    // repetitions (the energy pass) record no trace. Returns the steps' ms and the provider's counters before them.
+    struct DecodeRep {
+      double ms;
+      ExpertProviderStats before;
+    };
     auto decode_rep = [&](int rep, bool metered) {
       if (replay) replay->select(rep);
       auto ids = random_ids(options->decode_context);
@@ -216,7 +220,7 @@ CommandAction setup_bench(CLI::App* sub) {
       engine.decoder().forward(ids, 0, false, &logits, observer);
       int32_t token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
       engine.backend().synchronize();
-      before_steps = engine.experts().stats();
+      const ExpertProviderStats before = engine.experts().stats();
       window(metered, true);
       auto start = std::chrono::steady_clock::now();
       if (chained) {
@@ -240,11 +244,10 @@ CommandAction setup_bench(CLI::App* sub) {
       window(metered, false);
       engine.decoder().end_sequence();
       if (record) trace->end_request(request);
-      return elapsed;
+      return DecodeRep{elapsed, before};
     };
     for (int rep = 0; rep < total_reps; ++rep) {
-      double elapsed = decode_rep(rep, false);
-      const ExpertProviderStats& before = before_steps;
+      const auto [elapsed, before] = decode_rep(rep, false);
       if (rep >= options->warmup && options->decode_tokens > 0) {
         per_token_ms.push_back(elapsed / options->decode_tokens);
         const ExpertProviderStats after = engine.experts().stats();
@@ -273,7 +276,6 @@ CommandAction setup_bench(CLI::App* sub) {
       std::vector<double> step_ms, pick_ms;
       std::vector<int32_t> picked;
       bool picked_on_device = false;
-      double picking = 0;  // the last repetition's host-side picking (ms)
       auto batch_rep = [&](int, bool metered) {
         std::vector<Decoder::DecodeStep> steps;
         for (int64_t idx = 0; idx < batch; ++idx) {
@@ -282,7 +284,7 @@ CommandAction setup_bench(CLI::App* sub) {
           steps.push_back({seq, argmax(logits), context});
         }
         engine.backend().synchronize();
-        picking = 0;
+        double picking = 0;  // host-side picking (ms)
         window(metered, true);
         auto start = std::chrono::steady_clock::now();
         for (int64_t step = 0; step < steps_per_rep; ++step) {
@@ -302,10 +304,10 @@ CommandAction setup_bench(CLI::App* sub) {
         window(metered, false);
         for (const auto& step : steps) engine.decoder().free_sequence(step.seq);
         engine.decoder().end_sequence();
-        return elapsed;
+        return std::pair{elapsed, picking};  // ms of the steps, of which host-side picking
       };
       for (int rep = 0; rep < total_reps; ++rep) {
-        double elapsed = batch_rep(rep, false);
+        const auto [elapsed, picking] = batch_rep(rep, false);
         if (rep >= options->warmup && steps_per_rep > 0) {
           step_ms.push_back(elapsed / steps_per_rep);
           pick_ms.push_back(picking / steps_per_rep);
