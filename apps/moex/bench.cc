@@ -79,20 +79,20 @@ CommandAction setup_bench(CLI::App* sub) {
   add_model_options(sub, &options->model, /*model_required=*/true);
   sub->add_option("--prompt-lens", options->prompt_lens, "prefill lengths to time (tokens), e.g. 512,2048")
       ->delimiter(',')
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   sub->add_option("--decode-tokens", options->decode_tokens, "decode steps timed per repetition")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   sub->add_option("--decode-context", options->decode_context, "prompt length before the timed decode steps")
-      ->check(CLI::PositiveNumber);
-  sub->add_option("--reps", options->reps, "timed repetitions (mean +- stddev reported)")->check(CLI::PositiveNumber);
-  sub->add_option("--warmup", options->warmup, "untimed warm-up repetitions")->check(CLI::NonNegativeNumber);
+      ->check(positive_number());
+  sub->add_option("--reps", options->reps, "timed repetitions (mean +- stddev reported)")->check(positive_number());
+  sub->add_option("--warmup", options->warmup, "untimed warm-up repetitions")->check(non_negative_number());
   sub->add_option("--bandwidth-gbs", options->bandwidth_gbs,
                   "memory bandwidth of the device (GB/s, measured elsewhere) for the roofline column");
   sub->add_option("--batch", options->batches,
                   "batched decode at these batch sizes, e.g. 1,8,32,128: that many sequences with a "
                   "--decode-context prompt each, --decode-tokens greedy steps decoded together")
       ->delimiter(',')
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   sub->add_flag("--json", options->json, "print one JSON object with every parameter and result");
   sub->add_option("--trace-out", options->trace_out,
                   "write the routing of the batch-1 decode repetitions (warm-up included, one request each: "
@@ -103,7 +103,7 @@ CommandAction setup_bench(CLI::App* sub) {
                   "with GPU telemetry: after each phase's timed repetitions (which run unmetered), repeat the phase "
                   "metered until its timed parts sum to this many seconds, for the energy, power and utilisation "
                   "figures (NVML's energy counter moves in steps; its power is an average over up to a second)")
-      ->check(CLI::PositiveNumber)
+      ->check(positive_number())
       ->capture_default_str();
   sub->add_option("--routing-trace", options->routing_trace,
                   "replay this routing trace (shared JSONL or moex binary, the model's MoE layers x experts x top-k) "

@@ -1,5 +1,6 @@
 #include "cli_common.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 
@@ -7,6 +8,31 @@
 #include "moex/moe/offload_provider.h"
 
 namespace moex::cli {
+namespace {
+
+CLI::Validator number_check(bool zero_allowed) {
+  return CLI::Validator(
+      [zero_allowed](std::string& input) -> std::string {
+        char* end = nullptr;
+        const double value = std::strtod(input.c_str(), &end);
+        const bool number = !input.empty() && end && *end == '\0' && std::isfinite(value);
+        if (number && (zero_allowed ? value >= 0 : value > 0)) return {};
+        return fmt::format("\"{}\" is not a number {}", input, zero_allowed ? ">= 0" : "> 0");
+      },
+      zero_allowed ? "NONNEGATIVE" : "POSITIVE");
+}
+
+}  // namespace
+
+const CLI::Validator& positive_number() {
+  static const CLI::Validator validator = number_check(false);
+  return validator;
+}
+
+const CLI::Validator& non_negative_number() {
+  static const CLI::Validator validator = number_check(true);
+  return validator;
+}
 
 void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required) {
   auto* model = sub->add_option("-m,--model", options->model_dir,
@@ -17,7 +43,7 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                   "safetensors: read the checkpoint; random: random weights at config.json's shapes (benchmarks)")
       ->check(CLI::IsMember({"safetensors", "random"}));
   sub->add_option("--device", options->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  sub->add_option("--threads", options->num_threads, "CPU threads (0: all)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--threads", options->num_threads, "CPU threads (0: all)")->check(non_negative_number());
   sub->add_option("--host-memory", options->host_memory,
                   "offload experts on the CPU backend: RAM for experts read from disk, e.g. 8GiB (default: all resident)");
   sub->add_option("--gpu-memory", options->gpu_memory,
@@ -29,20 +55,20 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                   "current hidden state), affinity, eam, frequency, stride")
       ->check(CLI::IsMember({"none", "pregate", "frequency", "stride", "recency", "affinity", "eam"}));
   sub->add_option("--lookahead-layers", options->lookahead_layers, "MoE layers ahead that prefetch covers")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   sub->add_flag("--cpu-experts", options->cpu_experts,
                 "with --gpu-memory: run missed experts on the host CPU where that beats copying them over PCIe");
   sub->add_option("--host-read-gbs", options->host_read_gbs,
                   "host DRAM read bandwidth for --cpu-experts' cost model (the starting estimate with --adapt-rates)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   sub->add_option("--copy-gbs", options->copy_gbs,
                   "pinned host-to-GPU bandwidth for --cpu-experts' cost model (the starting estimate with --adapt-rates)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   sub->add_option("--split-overhead-ms", options->split_overhead_ms,
                   "with --cpu-experts: what splitting a missed expert between the CPU and the link costs beyond its "
                   "bytes (ms); a large value turns splitting off (default: 0.1 for experts of 64 MiB or more, 0.5 "
                   "below)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   auto* balance = sub->add_flag("--balance-prefetch", options->balance_prefetch,
                                 "with --cpu-experts and --predictor: skip prefetches while the link has more work "
                                 "booked than the CPU (the default with --cpu-experts)");

@@ -14,6 +14,11 @@
 
 namespace moex::cli {
 
+// CLI11's PositiveNumber and NonNegativeNumber with an error that says what is expected: theirs print the whole
+// range of a double ("not in range 0.000000 to 1797693...") for a floating-point option.
+const CLI::Validator& positive_number();
+const CLI::Validator& non_negative_number();
+
 struct ModelOptions {
   std::string model_dir;          // empty: the embedded default model
   std::string load_format = "safetensors";

@@ -58,12 +58,12 @@ CommandAction setup_run(CLI::App* sub) {
   add_model_options(sub, &options->model, /*model_required=*/false);
   auto* prompt = sub->add_option("-p,--prompt", options->prompt, "prompt text");
   sub->add_option("--prompt-ids", options->prompt_ids, "prompt token ids, comma-separated")->excludes(prompt);
-  sub->add_option("-n,--max-new-tokens", options->max_new_tokens, "tokens to generate")->check(CLI::NonNegativeNumber);
+  sub->add_option("-n,--max-new-tokens", options->max_new_tokens, "tokens to generate")->check(non_negative_number());
   sub->add_option("--temperature", options->sampling.temperature, "sampling temperature; 0 = greedy")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   sub->add_option("--top-p", options->sampling.top_p, "nucleus sampling mass in (0, 1]")->check(CLI::Range(0.0, 1.0));
   sub->add_option("--top-k", options->sampling.top_k, "keep the k most likely tokens (0: all)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   auto* seed = sub->add_option("--seed", options->sampling.seed, "random seed (default: random; printed in --json stats)");
   sub->add_flag("--ignore-eos", options->ignore_eos, "keep generating past end-of-sequence tokens");
   sub->add_flag("--chat", options->chat,

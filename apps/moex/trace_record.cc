@@ -106,7 +106,7 @@ CLI::App* add_trace_record_command(CLI::App* trace, std::function<int()>* action
   record->add_option("--prompts", options->prompts_path, "text file, one prompt per line")->required();
   record->add_option("--out", options->out_path, "trace file to write (moex binary format)")->required();
   record->add_option("-n,--decode-tokens", options->decode_tokens, "greedy tokens generated (and traced) per prompt")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   record->add_flag("--pregate-logits", options->pregate_logits,
                    "also record each MoE layer's router applied to the previous MoE layer's hidden state (pre-gating), "
                    "so that `moex trace simulate --predictor pregate` replays real pre-gating (num_experts f16 per "

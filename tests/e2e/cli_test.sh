@@ -121,7 +121,12 @@ expect_error "empty --prompt-ids" "--prompt-ids: empty list" "$moex" logits -m "
 expect_error "token id out of range" "token id 70000 is out of range" "$moex" run -m "$fixture" --prompt-ids 1,70000
 expect_error "missing model dir" "model directory does not exist" "$moex" run -m "$tmp/nope" --prompt-ids 1
 expect_error "unknown flag" "--bogus" "$moex" run --bogus
-expect_error "bad temperature" "--temperature" "$moex" run -m "$fixture" --prompt-ids 1 --temperature -1
+expect_error "bad temperature" '--temperature: "-1" is not a number >= 0' "$moex" run -m "$fixture" --prompt-ids 1 \
+  --temperature -1
+expect_error "bad energy window" '--gpu-energy-seconds: "0" is not a number > 0' "$moex" bench -m "$fixture" \
+  --gpu-energy-seconds 0
+expect_error "non-numeric rate" '--host-read-gbs: "fast" is not a number > 0' "$moex" bench -m "$fixture" \
+  --host-read-gbs fast
 expect_error "bad device" "--device" "$moex" run -m "$fixture" --prompt-ids 1 --device tpu
 
 cp -r "$fixture" "$tmp/truncated"
