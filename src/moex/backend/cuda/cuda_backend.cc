@@ -394,7 +394,7 @@ class CudaBackend final : public Backend {
         residual_norm_in(x, delta, nullptr, weight, eps, "norm_linear_many", &in)) {
       GemvOutput gemv[kGemvMaxOutputs];
       gemv_outputs(x, outputs, "norm_linear_many", gemv);
-      if (launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), stream_)) {
+      if (launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_)) {
         MOEX_CUDA_CHECK_LAUNCH();
         return;
       }
@@ -1089,7 +1089,7 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
                          static_cast<unsigned*>(route_ticket_.get()), stream_, norm, norm ? x.as<float>() : nullptr);
   if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
     launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
-                              out.as<float>(), stream_, preload_down_);
+                              out.as<float>(), num_sms_, stream_, preload_down_);
     MOEX_CUDA_CHECK_LAUNCH();
     return true;
   }

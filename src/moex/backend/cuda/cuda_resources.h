@@ -21,6 +21,15 @@ inline bool env_equals(const char* name, const char* value) {
   return env && std::strcmp(env, value) == 0;
 }
 
+// Environment variable name as a non-negative integer (an A/B knob), or fallback when unset or not one.
+inline int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  if (!env || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long value = std::strtol(env, &end, 10);
+  return *end == '\0' && value >= 0 && value <= 1 << 20 ? static_cast<int>(value) : fallback;
+}
+
 class DeviceMemory {
  public:
   DeviceMemory() = default;

@@ -57,6 +57,6 @@ bool residual_norm_fits(const ResidualNormIn& in, int64_t K);
 // count <= kGemvMaxOutputs and every weight is 16-byte aligned; the caller then normalises and calls
 // launch_gemv_bf16_multi.
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
-                                   cudaStream_t stream);
+                                   int num_sms, cudaStream_t stream);
 
 }  // namespace moex::cuda

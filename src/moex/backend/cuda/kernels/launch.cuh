@@ -44,6 +44,17 @@ inline bool gemv_preload_enabled() {
   return enabled;
 }
 
+// Blocks for a grid whose blocks loop over `groups` units of work (unit b, b + blocks, ...): at most
+// blocks_per_sm * num_sms, and as few as give every block the same number of rounds (a block with one round more
+// than the others sets the kernel's end). blocks_per_sm <= 0 or num_sms <= 0: one block per unit.
+inline int64_t looping_grid_blocks(int64_t groups, int blocks_per_sm, int num_sms) {
+  if (groups <= 0) return 1;
+  if (blocks_per_sm <= 0 || num_sms <= 0) return groups;
+  const int64_t cap = int64_t(blocks_per_sm) * num_sms;
+  const int64_t rounds = (groups + cap - 1) / cap;
+  return (groups + rounds - 1) / rounds;
+}
+
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                 Args&&... args) {

@@ -29,7 +29,7 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
 constexpr int kMoeOneTokenMaxTopK = 8;
 void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const MoeGroup* groups, int top_k,
                                int64_t hidden, int64_t ffn, const int32_t* slot, const float* weights, float* h,
-                               float* out, cudaStream_t stream, bool preload_down = false);
+                               float* out, int num_sms, cudaStream_t stream, bool preload_down = false);
 
 // Largest num_tokens * top_k the device-side planner takes (one block).
 constexpr int kMoeRoutePlanMaxAssignments = 256;

@@ -133,56 +133,73 @@ void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* gr
 // parallel as in moe_down_kernel -- and the block then combines each feature's picks in pick order: the same
 // per-expert reduction and the same summation order as moe_down + moe_combine (bit-identical), one launch and
 // one pass over y fewer. top_k <= kWarps.
+// The grid is sized to the SMs and a block loops over feature groups b, b + gridDim.x, ...: the warp finds its
+// pick's row and expert once, and the next feature's row is loading while the current one's dot runs. A block
+// per feature group (Model B: 2048 blocks of one feature, each through slot, the group and its down pointer
+// before its first weight load) had run at 2.1 TB/s on an H200.
 // PRELOAD (MOEX_CUDA_DOWN_PRELOAD=1, opt-in: no gain measured on an H200): the gate/up kernel before signalled its dependents only
 // after its own wait, so the plan (slot, groups) is complete when this kernel starts: it is read through L2 (this
 // SM's L1 may still hold the previous layer's plan) and the warp's first weights are loaded before the wait, which
 // only h needs. dot_preloaded keeps warp_dot_bf16's summation order: bit-identical either way.
-template <bool PRELOAD>
+// LOOP false (a block per feature group, one round): no next row in registers, 38 registers a thread instead of
+// 66. The launch picks the instance (launch_moe_gemv_one_token).
+template <bool PRELOAD, bool LOOP>
 __global__ __launch_bounds__(kWarps * 32) void moe_down_combine_one_token_kernel(const float* h, const MoeGroup* groups,
                                                                                   const int32_t* slot,
                                                                                   const float* weights, int top_k,
                                                                                   int hidden, int ffn, float* out) {
-  __shared__ float s_dot[kWarps];
+  __shared__ float s_dot[2][kWarps];
   pdl_launch_dependents();
   if (!PRELOAD) pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int features_per_block = kWarps / top_k;
   const int local = warp / top_k, j = warp % top_k;
-  const int i = blockIdx.x * features_per_block + local;
-  const int row = local < features_per_block && i < hidden ? (PRELOAD ? __ldcg(slot + j) : slot[j]) : -1;
-  const bf16* w_row = nullptr;
+  const int k8_count = ffn / 8;
+  const int row = local < features_per_block ? (PRELOAD ? __ldcg(slot + j) : slot[j]) : -1;
+  const bf16* down = nullptr;
+  if (row >= 0)
+    down = reinterpret_cast<const bf16*>(
+        PRELOAD ? reinterpret_cast<const uint16_t*>(
+                      __ldcg(reinterpret_cast<const unsigned long long*>(&groups[row].down)))
+                : groups[row].down);
+  int i = blockIdx.x * features_per_block + local;
+  const int feature_stride = gridDim.x * features_per_block;
   uint4 first[kGemvUnroll] = {};
-  if (row >= 0) {
-    const uint16_t* down = PRELOAD ? reinterpret_cast<const uint16_t*>(__ldcg(
-                                         reinterpret_cast<const unsigned long long*>(&groups[row].down)))
-                                   : groups[row].down;
-    w_row = reinterpret_cast<const bf16*>(down) + int64_t(i) * ffn;
-    if (PRELOAD) preload_row<kGemvUnroll>(w_row, ffn / 8, lane, first);
-  }
+  if ((LOOP || PRELOAD) && row >= 0 && i < hidden) preload_row<kGemvUnroll>(down + int64_t(i) * ffn, k8_count, lane, first);
   if (PRELOAD) pdl_wait();
-  float dot = 0.f;
-  if (row >= 0) {
-    const float* x_row = h + int64_t(row) * ffn;
-    if (PRELOAD) {
-      dot = warp_sum(dot_preloaded<kGemvUnroll>(first, w_row, x_row, ffn / 8, lane));
-    } else {
-      const bf16* w_rows[1] = {w_row};
-      const float* x_rows[1] = {x_row};
-      float part[1][1] = {};
-      warp_dot_bf16<1, 1>(w_rows, x_rows, 1, ffn / 8, lane, part);
-      dot = warp_sum(part[0][0]);
+  const float* x_row = row >= 0 ? h + int64_t(row) * ffn : h;
+  for (int it = 0; blockIdx.x * features_per_block + it * feature_stride < hidden; ++it) {  // block-uniform
+    const int next_i = i + feature_stride;
+    uint4 next_first[kGemvUnroll] = {};
+    if (LOOP && row >= 0 && next_i < hidden)
+      preload_row<kGemvUnroll>(down + int64_t(next_i) * ffn, k8_count, lane, next_first);
+    float dot = 0.f;
+    if (row >= 0 && i < hidden) {
+      if (LOOP || PRELOAD) {
+        dot = warp_sum(dot_preloaded<kGemvUnroll>(first, down + int64_t(i) * ffn, x_row, k8_count, lane));
+      } else {
+        const bf16* w_rows[1] = {down + int64_t(i) * ffn};
+        const float* x_rows[1] = {x_row};
+        float part[1][1] = {};
+        warp_dot_bf16<1, 1>(w_rows, x_rows, 1, k8_count, lane, part);
+        dot = warp_sum(part[0][0]);
+      }
     }
-  }
-  if (lane == 0) s_dot[warp] = dot;
-  __syncthreads();
-  if (threadIdx.x < features_per_block) {
-    const int feature = blockIdx.x * features_per_block + threadIdx.x;
-    if (feature < hidden) {
-      float acc = 0.f;
-      for (int pick = 0; pick < top_k; ++pick)
-        if (slot[pick] >= 0) acc += weights[pick] * s_dot[threadIdx.x * top_k + pick];
-      out[feature] = acc;
+    float* s = s_dot[it & 1];  // double-buffered: one barrier per feature group
+    if (lane == 0) s[warp] = dot;
+    __syncthreads();
+    if (threadIdx.x < features_per_block) {
+      const int feature = blockIdx.x * features_per_block + it * feature_stride + threadIdx.x;
+      if (feature < hidden) {
+        float acc = 0.f;
+        for (int pick = 0; pick < top_k; ++pick)
+          if (slot[pick] >= 0) acc += weights[pick] * s[threadIdx.x * top_k + pick];
+        out[feature] = acc;
+      }
     }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) first[u] = next_first[u];
+    i = next_i;
   }
 }
 
@@ -241,19 +258,45 @@ void launch_moe_combine(const float* y, const int32_t* slot, const float* weight
 
 void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const MoeGroup* groups, int top_k,
                                int64_t hidden, int64_t ffn, const int32_t* slot, const float* weights, float* h,
-                               float* out, cudaStream_t stream, bool preload_down) {
+                               float* out, int num_sms, cudaStream_t stream, bool preload_down) {
   const int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
   const dim3 block(kWarps * 32);
   launch_pdl(moe_gate_up_kernel<1>, dim3(static_cast<unsigned>(ceil_div(ffn, kWarps)), top_k), block, 0, stream, x,
              row_token, groups, hid, f, h, static_cast<const int32_t*>(nullptr), preload_down);
   const int features_per_block = kWarps / top_k;
-  const dim3 grid(static_cast<unsigned>(ceil_div(hidden, features_per_block)));
-  if (preload_down)
-    launch_pdl(moe_down_combine_one_token_kernel<true>, grid, block, 0, stream, h, groups, slot, weights, top_k, hid,
-               f, out);
-  else
-    launch_pdl(moe_down_combine_one_token_kernel<false>, grid, block, 0, stream, h, groups, slot, weights, top_k, hid,
-               f, out);
+  // The grid, measured on H200s against the build before (bench/RESULTS.md, "Batch-1 decode: the router plans in
+  // one block"; each figure against its own call's baseline):
+  //  - rows up to 8192 wide whose block-per-feature-group grid fits the SMs at once (Model A: 512 blocks): that
+  //    grid, the 38-register instance (0.590 ms/token; looping 0.599; baseline 0.595);
+  //  - more blocks than fit at once (Model B: 2048 blocks of one feature): the looping grid, 2 blocks per SM with
+  //    equal rounds (3.297; baseline 3.300; a block per feature with the 66-register instance 3.320);
+  //  - longer rows (Mixtral-8x7B's 14336: 28 KB a row): a block per feature group with the 66-register instance,
+  //    3 blocks per SM (the 8x7B layer 0.2195 ms, baseline 0.2229; the 38-register instance, 6 per SM, 0.2286
+  //    against 0.2232; looping 0.2294 against 0.2237).
+  // MOEX_CUDA_DOWN_BLOCKS_PER_SM forces it: 0 a block per feature group (38 registers), N > 0 the looping grid.
+  static const int forced = env_int("MOEX_CUDA_DOWN_BLOCKS_PER_SM", -1);
+  static const int light_blocks_per_sm = [] {  // blocks of the 38-register instance an SM holds at once
+    int n = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_down_combine_one_token_kernel<false, false>,
+                                                         kWarps * 32, 0) == cudaSuccess && n > 0 ? n : 1;
+  }();
+  const int64_t feature_groups = ceil_div(hidden, int64_t(features_per_block));
+  int64_t blocks = feature_groups;
+  bool heavy = false;
+  if (forced > 0) {
+    blocks = looping_grid_blocks(feature_groups, forced, num_sms);
+  } else if (forced < 0 && ffn > 8192) {
+    heavy = true;
+  } else if (forced < 0 && feature_groups > int64_t(num_sms) * light_blocks_per_sm) {
+    blocks = looping_grid_blocks(feature_groups, 2, num_sms);
+  }
+  const dim3 grid(static_cast<unsigned>(blocks));
+  const bool loop = heavy || blocks < feature_groups;
+  auto kernel = preload_down ? (loop ? moe_down_combine_one_token_kernel<true, true>
+                                     : moe_down_combine_one_token_kernel<true, false>)
+                             : (loop ? moe_down_combine_one_token_kernel<false, true>
+                                     : moe_down_combine_one_token_kernel<false, false>);
+  launch_pdl(kernel, grid, block, 0, stream, h, groups, slot, weights, top_k, hid, f, out);
 }
 
 }  // namespace moex::cuda

@@ -36,6 +36,7 @@ struct RoutePlanParams {
   int32_t* num_groups;
   unsigned* ticket;
   bool preload;  // the router rows' first loads before the PDL wait (gemv_preload_enabled)
+  bool one_block_plan;  // a one-block grid plans without the ticket (MOEX_CUDA_ROUTER_TICKET=1 turns it off: A/B)
   // With norm.x set (one token): x is rms_norm((norm.x + d0) + d1) instead, computed by every block into shared
   // memory; the last block writes the residual sum back to norm.x and the normalised row to normed (x of the
   // expert kernels).
@@ -44,18 +45,21 @@ struct RoutePlanParams {
 };
 
 // The plan, by one block of kThreads threads, from logits other blocks wrote (router_warp reads them from
-// L2). total = num_tokens * top_k <= kThreads.
-__device__ void route_and_plan(const RoutePlanParams& p) {
+// L2) or, with s_logits set (a one-block grid at one token), from the block's shared memory. The layer's expert
+// table is in s_table (loaded before the PDL wait). total = num_tokens * top_k <= kThreads.
+__device__ void route_and_plan(const RoutePlanParams& p, const float* s_logits, const MoeExpertPtrs* s_table) {
   __shared__ int32_t s_id[kMoeRoutePlanMaxAssignments];
   __shared__ int32_t s_sorted[kMoeRoutePlanMaxAssignments];  // expert of permuted row r
   __shared__ int32_t s_warp_starts[kWarps];
   const int total = p.num_tokens * p.top_k;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int token = warp; token < p.num_tokens; token += kWarps) {
-    router_warp(p.logits + int64_t(token) * p.num_experts, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
-                p.ids + int64_t(token) * p.top_k, p.weights + int64_t(token) * p.top_k);
-    __syncwarp();
-    if (lane < p.top_k) s_id[token * p.top_k + lane] = p.ids[int64_t(token) * p.top_k + lane];
+    const int id = s_logits ? router_warp<true>(s_logits, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
+                                                p.ids, p.weights)
+                            : router_warp(p.logits + int64_t(token) * p.num_experts, p.num_experts, p.top_k,
+                                          p.sigmoid_scoring, p.normalize, p.ids + int64_t(token) * p.top_k,
+                                          p.weights + int64_t(token) * p.top_k);
+    if (lane < p.top_k) s_id[token * p.top_k + lane] = id;
   }
   __syncthreads();
   // Row of assignment a: its rank in (expert, a) order; total <= 256, so a linear scan per thread is cheap.
@@ -90,7 +94,7 @@ __device__ void route_and_plan(const RoutePlanParams& p) {
   if (opens) {
     int end = r + 1;
     while (end < total && end - r < p.max_group_rows && s_sorted[end] == e) ++end;
-    const MoeExpertPtrs w = p.table[e];
+    const MoeExpertPtrs w = s_table[e];
     p.groups[index] = MoeGroup{w.gate, w.up, w.down, r, end - r};
   }
   if (threadIdx.x == 0) *p.num_groups = count;
@@ -111,9 +115,18 @@ __device__ __forceinline__ float router_dot(const RoutePlanParams& p, const uint
   return warp_sum(acc[0][0]);
 }
 
+// NW: the norm weight's float4s per thread (with_norm_weight_regs). Everything that does not depend on the
+// kernel before -- the router rows' first loads, the norm weight, the layer's expert table -- is loaded before
+// the PDL wait. A one-block grid (up to kWarps experts: Model A, Mixtral) keeps its logits in shared memory and
+// plans without the ticket: the fence, the atomic and the logits' trip through L2 had been three dependent
+// memory round trips of every MoE layer's critical path (H200, same call, against MOEX_CUDA_ROUTER_TICKET=1:
+// 1.5 us per layer on Model A, 2.3 us on the 8x7B layer).
+template <int NW>
 __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanParams p) {
   extern __shared__ float4 s_h4[];  // hidden floats with p.norm.x set
   __shared__ float s_scratch[32];
+  __shared__ float s_logits[kWarps];
+  __shared__ MoeExpertPtrs s_table[kRouterMaxExperts];
   __shared__ bool s_last;
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
@@ -122,22 +135,33 @@ __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanPara
   const bf16* w_row = p.router + int64_t(gemv ? expert : 0) * p.hidden;
   uint4 first[8] = {};
   if (gemv && p.preload) preload_row<8>(w_row, p.hidden / 8, lane, first);
+  float4 norm_w[NW];
+  if (p.norm.x) preload_norm_weight(p.norm, p.hidden, norm_w);
+  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) s_table[e] = p.table[e];  // uploaded once per layer
   pdl_wait();
   float* s_h = reinterpret_cast<float*>(s_h4);
-  if (p.norm.x) residual_norm_to_shared(p.norm, p.hidden, s_h, s_scratch);  // every thread of the block
+  if (p.norm.x) residual_norm_to_shared(p.norm, p.hidden, norm_w, s_h, s_scratch);  // every thread of the block
+  const bool one_block = p.one_block_plan && gridDim.x == 1 && p.num_tokens == 1 && p.router;
   if (gemv) {
     const float v = p.norm.x ? router_dot<true>(p, first, w_row, s_h, lane) : router_dot<false>(p, first, w_row, p.x, lane);
-    if (lane == 0) p.logits[expert] = v;
+    if (lane == 0) {
+      p.logits[expert] = v;
+      if (one_block) s_logits[expert] = v;
+    }
   }
-  // The last block to finish plans (the threadfence reduction pattern): each writer's fence orders its
-  // logits before the block's ticket; the ticket goes back to 0 for the next launch (graph replays).
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(p.ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  if (threadIdx.x == 0) *p.ticket = 0;
+  if (one_block) {
+    __syncthreads();  // s_logits complete; every thread has read norm.x
+  } else {
+    // The last block to finish plans (the threadfence reduction pattern): each writer's fence orders its
+    // logits before the block's ticket; the ticket goes back to 0 for the next launch (graph replays).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(p.ticket, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    if (threadIdx.x == 0) *p.ticket = 0;
+  }
   if (p.norm.x) {
     // Every block has read norm.x (before its ticket): the residual sum can replace it now.
     for (int c = threadIdx.x; c < p.hidden / 4; c += kThreads) {
@@ -145,7 +169,7 @@ __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanPara
       reinterpret_cast<float4*>(p.normed)[c] = s_h4[c];
     }
   }
-  route_and_plan(p);
+  route_and_plan(p, one_block ? s_logits : nullptr, s_table);
 }
 
 }  // namespace
@@ -178,10 +202,14 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
                           num_groups,
                           ticket,
                           gemv_preload_enabled(),
+                          !env_equals("MOEX_CUDA_ROUTER_TICKET", "1"),
                           norm ? *norm : ResidualNormIn{},
                           normed};
   const dim3 grid(router ? static_cast<unsigned>(ceil_div(num_experts, int64_t(kWarps))) : 1u), block(kThreads);
-  launch_pdl(moe_router_plan_kernel, grid, block, norm ? static_cast<size_t>(hidden) * sizeof(float) : 0, stream, p);
+  with_norm_weight_regs(hidden, kThreads, [&](auto nw) {
+    launch_pdl(moe_router_plan_kernel<decltype(nw)::value>, grid, block,
+               norm ? static_cast<size_t>(hidden) * sizeof(float) : 0, stream, p);
+  });
 }
 
 }  // namespace moex::cuda

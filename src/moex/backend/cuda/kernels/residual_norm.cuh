@@ -7,6 +7,8 @@
 // Nsight Compute duration. CUDA-only header; host-visible types are in gemv.cuh.
 #pragma once
 
+#include <type_traits>
+
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/gemv.cuh"
 
@@ -37,25 +39,58 @@ __device__ __forceinline__ float4 residual_sum4(const ResidualNormIn& in, int c)
   return v;
 }
 
-// s_h[0, K) = rms_norm(x + d0 + d1) * weight, as rms_norm_vec_kernel computes it (v * inv * w). Every thread of
-// the block calls it (block reductions inside); s_h is visible to the whole block on return. K % 4 == 0, all
-// pointers 16-byte aligned (residual_norm_fits).
-__device__ __forceinline__ void residual_norm_to_shared(const ResidualNormIn& in, int K, float* s_h,
-                                                        float* s_scratch) {
+// The norm weight a thread of a blockDim-thread block applies: float4 c = threadIdx.x + i * blockDim.x into w[i].
+// A weight does not depend on the kernel before, so consumers load it before their PDL wait: it had been read
+// after the row's sum of squares, one more memory round trip (from HBM: the step's weight stream evicts it from
+// L2) on the critical path of every fused norm. NW * 4 * blockDim >= K (norm_weight_regs picks NW).
+template <int NW>
+__device__ __forceinline__ void preload_norm_weight(const ResidualNormIn& in, int K, float4 (&w)[NW]) {
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    w[i] = c < K / 4 ? load_norm_weight4(in.weight, in.weight_bf16, c) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
+// s_h[0, K) = rms_norm(x + d0 + d1) * weight, as rms_norm_vec_kernel computes it (v * inv * w), w preloaded by
+// preload_norm_weight. Every thread of the block calls it (block reductions inside); s_h is visible to the
+// whole block on return. K % 4 == 0, all pointers 16-byte aligned (residual_norm_fits).
+template <int NW>
+__device__ __forceinline__ void residual_norm_to_shared(const ResidualNormIn& in, int K, const float4 (&w)[NW],
+                                                        float* s_h, float* s_scratch) {
   const int k4 = K / 4;
   float sum_sq = 0.f;
-  for (int c = threadIdx.x; c < k4; c += blockDim.x) {
-    const float4 v = residual_sum4(in, c);
-    reinterpret_cast<float4*>(s_h)[c] = v;
-    sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < k4) {
+      const float4 v = residual_sum4(in, c);
+      reinterpret_cast<float4*>(s_h)[c] = v;
+      sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
   }
   const float inv = rsqrtf(block_sum(sum_sq, s_scratch) / static_cast<float>(K) + in.eps);
-  for (int c = threadIdx.x; c < k4; c += blockDim.x) {
-    const float4 v = reinterpret_cast<const float4*>(s_h)[c];
-    const float4 w = load_norm_weight4(in.weight, in.weight_bf16, c);
-    reinterpret_cast<float4*>(s_h)[c] = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z, v.w * inv * w.w);
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < k4) {
+      const float4 v = reinterpret_cast<const float4*>(s_h)[c];
+      reinterpret_cast<float4*>(s_h)[c] =
+          make_float4(v.x * inv * w[i].x, v.y * inv * w[i].y, v.z * inv * w[i].z, v.w * inv * w[i].w);
+    }
   }
   __syncthreads();
+}
+
+// Calls f(std::integral_constant<int, NW>) with the fewest preloaded float4s per thread that cover K at
+// `threads` threads per block (2, 4 or 8: K <= kResidualNormMaxK at 256 threads), so a 2048-wide row keeps 8
+// registers for its weight, not 32.
+template <typename F>
+void with_norm_weight_regs(int64_t K, int threads, F&& f) {
+  const int64_t per_thread = (K / 4 + threads - 1) / threads;
+  if (per_thread <= 2) f(std::integral_constant<int, 2>{});
+  else if (per_thread <= 4) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
 }
 
 }  // namespace moex::cuda

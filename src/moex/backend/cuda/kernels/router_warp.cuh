@@ -15,8 +15,10 @@ __device__ __forceinline__ bool router_better(float va, int ia, float vb, int ib
   return va > vb || (va == vb && ia < ib);
 }
 
-// Routes one token (row: its num_experts logits); lanes < top_k write pick `lane` to ids[lane], weights[lane].
-__device__ __forceinline__ void router_warp(const float* row, int num_experts, int top_k, bool sigmoid_scoring,
+// Routes one token (row: its num_experts logits); lanes < top_k write pick `lane` to ids[lane], weights[lane]
+// and return its id (the other lanes return -1). SHARED: the row is in the block's shared memory (plain loads); otherwise it is read from L2.
+template <bool SHARED = false>
+__device__ __forceinline__ int router_warp(const float* row, int num_experts, int top_k, bool sigmoid_scoring,
                                             bool normalize, int32_t* ids, float* weights) {
   const int lane = threadIdx.x & 31;
   float value[kRouterPerLane];
@@ -24,7 +26,8 @@ __device__ __forceinline__ void router_warp(const float* row, int num_experts, i
 #pragma unroll
   for (int i = 0; i < kRouterPerLane; ++i) {
     int e = lane + 32 * i;
-    value[i] = e < num_experts ? __ldcg(row + e) : -INFINITY;  // L2: other blocks may have just written the row
+    // L2 unless shared: other blocks may have just written the row.
+    value[i] = e < num_experts ? (SHARED ? row[e] : __ldcg(row + e)) : -INFINITY;
     row_max = fmaxf(row_max, value[i]);
   }
   row_max = warp_max(row_max);
@@ -70,7 +73,9 @@ __device__ __forceinline__ void router_warp(const float* row, int num_experts, i
   if (lane < top_k) {
     ids[lane] = my_id;
     weights[lane] = normalize ? my_weight / picked_sum : my_weight;
+    return my_id;
   }
+  return -1;
 }
 
 }  // namespace moex::cuda
