@@ -275,10 +275,16 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
   //    against 0.2232; looping 0.2294 against 0.2237).
   // MOEX_CUDA_DOWN_BLOCKS_PER_SM forces it: 0 a block per feature group (38 registers), N > 0 the looping grid.
   static const int forced = env_int("MOEX_CUDA_DOWN_BLOCKS_PER_SM", -1);
-  static const int light_blocks_per_sm = [] {  // blocks of the 38-register instance an SM holds at once
+  // Blocks of the 38-register instance an SM holds at once. First asked at a step that runs eagerly (a recorded
+  // step's bucket runs once before its capture); a failed query is cleared so the launch check does not see it.
+  static const int light_blocks_per_sm = [] {
     int n = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_down_combine_one_token_kernel<false, false>,
-                                                         kWarps * 32, 0) == cudaSuccess && n > 0 ? n : 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_down_combine_one_token_kernel<false, false>,
+                                                      kWarps * 32, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 1;
+    }
+    return std::max(n, 1);
   }();
   const int64_t feature_groups = ceil_div(hidden, int64_t(features_per_block));
   int64_t blocks = feature_groups;
