@@ -18,6 +18,9 @@
 #                                  prefill at 512/2048 tokens (Model A, B, the 4-layer 8x7B offloaded at 6 GiB),
 #                                  this build and BASELINE's (a dir with bin/moex[.gz]) interleaved in the same
 #                                  call (machines differ between calls: compare within one). A table last.
+#                                  Options: --variant NAME=VALUE[,NAME=VALUE] (repeatable: this build with an A/B
+#                                  switch, e.g. MOEX_CUDA_DOWN_BLOCKS_PER_SM=0, run alongside), --quick (batch-1
+#                                  and the 8x7B layer only), --skip-tests.
 #   tools/device_cuda.sh profile   there: where one decode step's time goes, kernel by kernel (Nsight Compute's
 #                                  gpu__time_duration, eager launches). Each case runs with 1 and 3 decode
 #                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
@@ -70,7 +73,16 @@ unpack() {
 }
 
 ab() {
-  local out="${OUT:-/tmp/moex_device_out}" base="${BASELINE:-}"
+  local out="${OUT:-/tmp/moex_device_out}" base="${BASELINE:-}" quick=0 skip_tests=0 variants=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --variant) variants+=("$2"); shift ;;  # NAME=VALUE[,NAME=VALUE]: this build with an A/B switch, as its own column
+      --quick) quick=1 ;;                    # batch-1 decode and the 8x7B layer only (no batched decode, no prefill)
+      --skip-tests) skip_tests=1 ;;
+      *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
   mkdir -p "$out"
   export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
   nvidia-smi -L
@@ -82,17 +94,24 @@ torch.cuda.synchronize(); t = time.perf_counter()
 for _ in range(20): y.copy_(x)
 torch.cuda.synchronize(); print('hbm_copy_gbs %.0f' % (20 * 2 * (1 << 31) / (time.perf_counter() - t) / 1e9))" |
     tee "$out/hbm.txt"
-  MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 200 "$DEV/bin/cuda_tests" --gtest_brief=1 >"$out/tests.log" 2>&1
-  echo "cuda_tests exit $?"
-  grep -E "FAILED|PASSED|Failure" "$out/tests.log" | head -20
+  if [ "$skip_tests" -eq 0 ]; then
+    MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 200 "$DEV/bin/cuda_tests" --gtest_brief=1 >"$out/tests.log" 2>&1
+    echo "cuda_tests exit $?"
+    grep -E "FAILED|PASSED|Failure" "$out/tests.log" | head -20
+  fi
   local builds="new"
   [ -n "$base" ] && [ -x "$base/bin/moex" ] && builds="new base new base"
   : >"$out/ab.jsonl"
+  # Variant v<i> runs this build with variants[i]'s environment.
+  local i vbuilds=""
+  for i in "${!variants[@]}"; do vbuilds="$vbuilds v$i"; done
+  builds="$builds$vbuilds"
   one() {  # build case model flags...: appends {"build", "case", result} to ab.jsonl; model: a path under bench/
-    local build=$1 name=$2 model=$3 bin="$DEV/bin/moex"
+    local build=$1 name=$2 model=$3 bin="$DEV/bin/moex" env=()
     shift 3
     [ "$build" = base ] && bin="$base/bin/moex"
-    timeout 150 "$bin" bench -m "bench/$model" --load-format random --device cuda "$@" --json 2>>"$out/err.log" |
+    [[ "$build" == v* ]] && IFS=, read -r -a env <<<"${variants[${build#v}]}"
+    env "${env[@]}" timeout 150 "$bin" bench -m "bench/$model" --load-format random --device cuda "$@" --json 2>>"$out/err.log" |
       python3 -c "import json, sys
 try: r = json.load(sys.stdin)
 except Exception: r = {}
@@ -103,18 +122,19 @@ print(json.dumps({'build': sys.argv[1], 'case': sys.argv[2], 'r': r}))" "$build"
   for build in $builds; do
     one "$build" model_a cuda/models/model_a "${decode[@]}" --decode-tokens 64 --reps 3
     one "$build" model_b cuda/models/model_b "${decode[@]}" --decode-tokens 64 --reps 3
-    one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch 1,8,32,128
+    [ "$quick" -eq 1 ] || one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch 1,8,32,128
   done
-  for build in ${base:+base} new; do
+  for build in ${base:+base} new $vbuilds; do
     one "$build" layer_1 cuda/models/mixtral_8x7b_l1 "${decode[@]}" --decode-tokens 64 --reps 3
     one "$build" layer_3 cuda/models/mixtral_8x7b_l3 "${decode[@]}" --decode-tokens 64 --reps 3
+    [ "$quick" -eq 1 ] && continue
     one "$build" "prefill Model A" cuda/models/model_a "${prefill[@]}"
     one "$build" "prefill Model B" cuda/models/model_b "${prefill[@]}"
     one "$build" "prefill 4-layer 8x7B, 6 GiB" offload/models/mixtral_8x7b_l4 --gpu-memory 6GiB "${prefill[@]}"
   done
-  python3 - "$out" <<'PY'
+  python3 - "$out" "${variants[@]}" <<'PY'
 import collections, json, sys
-out = sys.argv[1]
+out, variants = sys.argv[1], sys.argv[2:]
 hbm = float(open(f"{out}/hbm.txt").read().split()[-1])
 rows = collections.defaultdict(list)
 for line in open(f"{out}/ab.jsonl"):
@@ -132,17 +152,20 @@ for case in ("model_a", "model_b"):
     fmt = lambda v: " / ".join(f"{x:.4f}" for x in v) or "-"
     pct = f"{100 * floor / min(new):.0f}%" if floor and new else "-"
     print(f"| {case} | {fmt(new)} | {fmt(base)} | {floor or 0:.3f} | {pct} |")
+    for i, v in enumerate(variants):
+        print(f"| {case}, {v} | {fmt(ms(f'v{i}', case))} | | | |")
 for build in ("new", "base"):
     for r in rows[(build, "batched_a")]:
         line = " | ".join(f"b{b['batch']} {b['tokens_per_s']:.0f} tok/s" for b in r.get("batch_decode") or [])
         print(f"batched Model A, {build}: {line}")
-for build in ("new", "base"):
+for build in ["new", "base"] + [f"v{i}" for i in range(len(variants))]:
     l1, l3 = rows[(build, "layer_1")], rows[(build, "layer_3")]
     if l1 and l3 and "decode" in l1[0] and "decode" in l3[0]:
         per = (l3[0]["decode"]["ms_per_token_mean"] - l1[0]["decode"]["ms_per_token_mean"]) / 2
         floor = (l3[0]["decode_bytes_per_token"] - l1[0]["decode_bytes_per_token"]) / 2 / (hbm * 1e6)
         pct = f"{100 * floor / per:.0f}%" if per > 0 else "-"
-        print(f"8x7B layer, {build}: {per:.4f} ms, floor {floor:.4f} ms, {pct} of roofline")
+        name = variants[int(build[1:])] if build.startswith("v") else build
+        print(f"8x7B layer, {name}: {per:.4f} ms, floor {floor:.4f} ms, {pct} of roofline")
 for case in sorted({c for _, c in rows if c.startswith("prefill")}):
     for build in ("new", "base"):
         for r in rows[(build, case)]:
