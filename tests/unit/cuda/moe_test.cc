@@ -8,6 +8,7 @@
 #include <set>
 
 #include "cuda_test_util.h"
+#include "moex/backend/cuda/kernels/grid_shape.h"
 #include "moex/backend/cuda/moe_plan.h"
 
 namespace moex::cuda_test {
@@ -176,6 +177,27 @@ TEST(CudaMoePlan, LargeBatchUsesGemmTiles) {
   ASSERT_EQ(plan.groups.size(), 2u);
   EXPECT_EQ(plan.groups[0].num_rows, cuda::kMoeGemmSmallTileRows);
   EXPECT_EQ(plan.groups[1].num_rows, 36);
+}
+
+TEST(CudaGridShape, LoopingGridTakesTheCapsRoundsWithTheFewestBlocks) {
+  auto rounds = [](int64_t groups, int64_t blocks) { return (groups + blocks - 1) / blocks; };
+  for (int64_t groups : {1, 7, 132, 263, 264, 265, 512, 640, 2048, 100000})
+    for (int blocks_per_sm : {1, 2, 3})
+      for (int num_sms : {1, 78, 132}) {
+        SCOPED_TRACE(std::to_string(groups) + " groups, " + std::to_string(blocks_per_sm) + " x " + std::to_string(num_sms));
+        const int64_t cap = int64_t(blocks_per_sm) * num_sms;
+        const int64_t blocks = cuda::looping_grid_blocks(groups, blocks_per_sm, num_sms);
+        EXPECT_GE(blocks, 1);
+        EXPECT_LE(blocks, std::min(groups, cap));
+        EXPECT_EQ(rounds(groups, blocks), rounds(groups, std::min(groups, cap)));
+        if (blocks > 1) {
+          EXPECT_GT(rounds(groups, blocks - 1), rounds(groups, blocks)) << "one block fewer would do";
+        }
+      }
+  EXPECT_EQ(cuda::looping_grid_blocks(640, 2, 132), 214);  // Model B's q/k/v row groups on an H100/H200
+  EXPECT_EQ(cuda::looping_grid_blocks(2048, 0, 132), 2048);  // no cap: a block per group
+  EXPECT_EQ(cuda::looping_grid_blocks(2048, 2, 0), 2048);
+  EXPECT_EQ(cuda::looping_grid_blocks(0, 2, 132), 1);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include "moex/backend/cuda/cuda_resources.h"
+#include "moex/backend/cuda/kernels/grid_shape.h"
 
 namespace moex::cuda {
 
@@ -42,17 +43,6 @@ inline bool pdl_enabled() {
 inline bool gemv_preload_enabled() {
   static const bool enabled = !env_equals("MOEX_CUDA_GEMV_PRELOAD", "0");
   return enabled;
-}
-
-// Blocks for a grid whose blocks loop over `groups` units of work (unit b, b + blocks, ...): at most
-// blocks_per_sm * num_sms, and as few as give every block the same number of rounds (a block with one round more
-// than the others sets the kernel's end). blocks_per_sm <= 0 or num_sms <= 0: one block per unit.
-inline int64_t looping_grid_blocks(int64_t groups, int blocks_per_sm, int num_sms) {
-  if (groups <= 0) return 1;
-  if (blocks_per_sm <= 0 || num_sms <= 0) return groups;
-  const int64_t cap = int64_t(blocks_per_sm) * num_sms;
-  const int64_t rounds = (groups + cap - 1) / cap;
-  return (groups + rounds - 1) / rounds;
 }
 
 template <typename... Params, typename... Args>
