@@ -89,6 +89,7 @@ __global__ __launch_bounds__(kWarps * 32) void gemv_kernel(const float* x, int m
 // normalise it, so a block per 8 rows had read about as many bytes from L2 as the weights from HBM (8x7B q/k/v,
 // 768 blocks: 43 MB against 50 MB) and ran at 2.5 TB/s on an H200. While a row's dot runs, the warp's next row
 // is already loading (its first round, as before the wait), so its rows follow each other without a gap.
+constexpr int kNormedUnroll = 8;  // U of gemv_normed_kernel: a 2048-wide row in one round of loads per lane
 template <int U, int NW>
 __global__ __launch_bounds__(kWarps * 32) void gemv_normed_kernel(ResidualNormIn in, int K, GemvOutputs outputs,
                                                                   int total_rows, bool preload) {
@@ -308,15 +309,16 @@ bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const Ge
   if (total_rows == 0) return true;
   // Blocks per SM (MOEX_CUDA_NORMED_BLOCKS_PER_SM, default 2; 0: a block per 8 rows): enough warps to keep HBM
   // busy, few enough that the row's norm is computed a few hundred times, not once per 8 rows. Only where one
-  // round of loads covers a row (K <= 2048 at U = 8), so that the warp's next row loads while its current one
+  // round of loads covers a row (K <= 2048 at U = kNormedUnroll = 8), so that the warp's next row loads while its current one
   // is summed; a longer row waits for its second round in the loop. H200, same call (MOEX_CUDA_NORMED_BLOCKS_PER_SM
   // =0 against 2): Model B 3.427 -> 3.301 ms/token, Model A 0.605 -> 0.599; the 8x7B layer (K = 4096) 2.1 us slower.
   static const int forced = env_int("MOEX_CUDA_NORMED_BLOCKS_PER_SM", -1);
-  const int blocks_per_sm = forced >= 0 ? forced : (K <= 8 * 32 * 8 ? 2 : 0);
+  const bool one_round = K / 8 <= 32 * kNormedUnroll;  // the lanes' first round of 16-byte loads covers a row
+  const int blocks_per_sm = forced >= 0 ? forced : (one_round ? 2 : 0);
   const dim3 grid(static_cast<unsigned>(looping_grid_blocks(ceil_div(total_rows, int64_t(kWarps)), blocks_per_sm, num_sms))),
       block(kWarps * 32);
   with_norm_weight_regs(K, kWarps * 32, [&](auto nw) {
-    launch_pdl(gemv_normed_kernel<8, decltype(nw)::value>, grid, block, static_cast<size_t>(K) * sizeof(float), stream,
+    launch_pdl(gemv_normed_kernel<kNormedUnroll, decltype(nw)::value>, grid, block, static_cast<size_t>(K) * sizeof(float), stream,
                in, static_cast<int>(K), packed, static_cast<int>(total_rows), gemv_preload_enabled());
   });
   return true;

@@ -287,17 +287,14 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
     return std::max(n, 1);
   }();
   const int64_t feature_groups = ceil_div(hidden, int64_t(features_per_block));
+  const bool long_rows = forced < 0 && ffn > 8192;
   int64_t blocks = feature_groups;
-  bool heavy = false;
-  if (forced > 0) {
+  if (forced > 0)
     blocks = looping_grid_blocks(feature_groups, forced, num_sms);
-  } else if (forced < 0 && ffn > 8192) {
-    heavy = true;
-  } else if (forced < 0 && feature_groups > int64_t(num_sms) * light_blocks_per_sm) {
+  else if (forced < 0 && !long_rows && feature_groups > int64_t(num_sms) * light_blocks_per_sm)
     blocks = looping_grid_blocks(feature_groups, 2, num_sms);
-  }
   const dim3 grid(static_cast<unsigned>(blocks));
-  const bool loop = heavy || blocks < feature_groups;
+  const bool loop = long_rows || blocks < feature_groups;  // the 66-register instance
   auto kernel = preload_down ? (loop ? moe_down_combine_one_token_kernel<true, true>
                                      : moe_down_combine_one_token_kernel<true, false>)
                              : (loop ? moe_down_combine_one_token_kernel<false, true>

@@ -42,7 +42,7 @@ __device__ __forceinline__ float4 residual_sum4(const ResidualNormIn& in, int c)
 // The norm weight a thread of a blockDim-thread block applies: float4 c = threadIdx.x + i * blockDim.x into w[i].
 // A weight does not depend on the kernel before, so consumers load it before their PDL wait: it had been read
 // after the row's sum of squares, one more memory round trip (from HBM: the step's weight stream evicts it from
-// L2) on the critical path of every fused norm. NW * 4 * blockDim >= K (norm_weight_regs picks NW).
+// L2) on the critical path of every fused norm. NW * 4 * blockDim >= K (with_norm_weight_regs picks NW).
 template <int NW>
 __device__ __forceinline__ void preload_norm_weight(const ResidualNormIn& in, int K, float4 (&w)[NW]) {
 #pragma unroll

@@ -16,7 +16,8 @@ __device__ __forceinline__ bool router_better(float va, int ia, float vb, int ib
 }
 
 // Routes one token (row: its num_experts logits); lanes < top_k write pick `lane` to ids[lane], weights[lane]
-// and return its id (the other lanes return -1). SHARED: the row is in the block's shared memory (plain loads); otherwise it is read from L2.
+// and return its id (the other lanes return -1). SHARED: the row is in the block's shared memory (plain loads);
+// otherwise it is read from L2.
 template <bool SHARED = false>
 __device__ __forceinline__ int router_warp(const float* row, int num_experts, int top_k, bool sigmoid_scoring,
                                             bool normalize, int32_t* ids, float* weights) {
