@@ -274,5 +274,22 @@ TEST(CudaCopyFromPinned, CopiesEveryByteAndNothingMore) {
   }
 }
 
+// The A/B switches' integer reader: a value, the fallback when unset, and a mistyped value reported and ignored.
+TEST(CudaEnvSwitch, IntegerSwitchesReportWhatTheyIgnore) {
+  const char* name = "MOEX_CUDA_TEST_SWITCH";
+  unsetenv(name);
+  EXPECT_EQ(cuda::env_int(name, -1), -1);
+  setenv(name, "3", 1);
+  EXPECT_EQ(cuda::env_int(name, -1), 3);
+  for (const char* bad : {"two", "2x", "-1", "99999999"}) {
+    setenv(name, bad, 1);
+    ::testing::internal::CaptureStderr();
+    EXPECT_EQ(cuda::env_int(name, -1), -1) << bad;
+    const std::string err = ::testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find(std::string("ignoring MOEX_CUDA_TEST_SWITCH=\"") + bad + "\""), std::string::npos) << err;
+  }
+  unsetenv(name);
+}
+
 }  // namespace
 }  // namespace moex::cuda_test

@@ -8,6 +8,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -21,13 +22,16 @@ inline bool env_equals(const char* name, const char* value) {
   return env && std::strcmp(env, value) == 0;
 }
 
-// Environment variable name as a non-negative integer (an A/B knob), or fallback when unset or not one.
+// Environment variable name as a non-negative integer (an A/B knob), or fallback when unset. A value that is not
+// one is reported on stderr and ignored, so that a mistyped switch does not pass for a measured variant.
 inline int env_int(const char* name, int fallback) {
   const char* env = std::getenv(name);
   if (!env || *env == '\0') return fallback;
   char* end = nullptr;
   const long value = std::strtol(env, &end, 10);
-  return *end == '\0' && value >= 0 && value <= 1 << 20 ? static_cast<int>(value) : fallback;
+  if (*end == '\0' && value >= 0 && value <= 1 << 20) return static_cast<int>(value);
+  std::fprintf(stderr, "moex: ignoring %s=\"%s\": expected a whole number from 0 to %d\n", name, env, 1 << 20);
+  return fallback;
 }
 
 class DeviceMemory {
