@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "cli_common.h"
 #include "commands.h"
 #include "trace_record.h"
 #include "moex/core/error.h"
@@ -182,7 +183,6 @@ int run_simulate(const SimulateOptions& o) {
   base.chunk_bytes = static_cast<int64_t>(o.chunk_mib * (1 << 20));
   base.cpu_misses = o.cpu_misses;
   base.policy_admission = o.policy_admission;
-  if (o.host_gbs < 0) throw UsageError(fmt::format("--host-gbs: {} is negative", o.host_gbs));
   if (o.host_gbs > 0 && base.expert_bytes <= 0)
     throw UsageError(fmt::format("--host-gbs turns host reads into time and needs the bytes of one expert: the trace's "
                                  "model (\"{}\") is not one moex knows, give --expert-bytes",
@@ -351,13 +351,16 @@ CommandAction setup_trace(CLI::App* sub) {
                            "ideal (a prediction is resident at once) or link (copies cross a link of --link-gbps)");
   simulate_cmd->add_option("--training", sim->training,
                            "online (predictor learns during replay) or loo (first trained on all other requests)");
-  simulate_cmd->add_option("--prefetch-width", sim->prefetch_width, "experts prefetched per predicted layer (0: top_k)");
-  simulate_cmd->add_option("--lookahead", sim->lookahead, "layers ahead to predict and prefetch");
+  simulate_cmd->add_option("--prefetch-width", sim->prefetch_width, "experts prefetched per predicted layer (0: top_k)")
+      ->check(non_negative_number());
+  simulate_cmd->add_option("--lookahead", sim->lookahead, "layers ahead to predict and prefetch")
+      ->check(positive_number());
   simulate_cmd->add_option("--pregate-accuracy", sim->pregate_accuracy,
                            "pregate on a trace without recorded pre-gating logits: synthetic lookahead logits keep each true "
                            "expert with this probability");
   simulate_cmd->add_option("--seed", sim->seed, "seed of the synthetic pre-gating noise");
-  simulate_cmd->add_option("--expert-bytes", sim->expert_bytes, "bytes of one expert (default: known model sizes)");
+  simulate_cmd->add_option("--expert-bytes", sim->expert_bytes, "bytes of one expert (default: known model sizes)")
+      ->check(non_negative_number());
   simulate_cmd->add_option("--link-gbps", sim->link_gbps, "link model: host-to-device GB/s");
   simulate_cmd->add_option("--layer-compute-us", sim->layer_compute_us, "link model: compute time of one layer (us)");
   simulate_cmd->add_option("--chunk-mib", sim->chunk_mib, "link model: copy chunk size (MiB), the preemption grain");
@@ -373,7 +376,8 @@ CommandAction setup_trace(CLI::App* sub) {
   simulate_cmd->add_option("--host-gbs", sim->host_gbs,
                            "host memory rate (GB/s) that copies and CPU reads of experts share: host reads per token "
                            "then also as ms per token, and the MIN line as the floor of a decode step (needs the "
-                           "expert's bytes: known models or --expert-bytes)");
+                           "expert's bytes: known models or --expert-bytes)")
+      ->check(non_negative_number());
   simulate_cmd->add_flag("--json", sim->json, "print one JSON object");
 
   auto stats_path = std::make_shared<std::string>();

@@ -105,6 +105,12 @@ else
 fi
 expect_error "--host-gbs without the expert's bytes" "give --expert-bytes" \
   "$moex" trace simulate --trace "$tmp/trace.bin" --host-gbs 100
+expect_error "--host-gbs nan" '--host-gbs: "nan" is not a number >= 0' \
+  "$moex" trace simulate --trace "$tmp/trace.bin" --host-gbs nan
+expect_error "negative --lookahead" '--lookahead: "-1" is not a number > 0' \
+  "$moex" trace simulate --trace "$tmp/trace.bin" --lookahead -1
+expect_error "negative --expert-bytes" '--expert-bytes: "-5" is not a number >= 0' \
+  "$moex" trace simulate --trace "$tmp/trace.bin" --expert-bytes -5
 expect_error "--cpu-misses with --policy-admission" "excludes" \
   "$moex" trace simulate --trace "$tmp/trace.bin" --cpu-misses --policy-admission
 expect_error "trace record without prompts file" "cannot open the prompts file" \
