@@ -44,14 +44,17 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
                                                                        float theta, KvWrite kv) {
   __shared__ float s_rows[kHeadWarps][kQkNormRopeMaxHeadDim];
   pdl_launch_dependents();
-  pdl_wait();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t token = blockIdx.y;
   const int head = blockIdx.x * kHeadWarps + warp;
+  // Returns before the wait touch nothing an earlier kernel writes; block 0's first warp always reaches it.
   if (head >= heads + kv_heads) return;
   const bool is_q = head < heads;
   float* row = is_q ? q + (token * heads + head) * head_dim : k + (token * kv_heads + (head - heads)) * head_dim;
   const HeadNormRope r{is_q ? q_norm : k_norm, norm_bf16, eps, rotary_dim, theta};
+  // Before the wait, everything but the rows: the positions and block tables (uploaded before the step), the
+  // cache slot, the norm weight and the rotation's angles. After it, one load of the row, one warp sum.
+  const int32_t position = positions[token];
   float* k_slot = nullptr;  // this k head's row in the cache, when the op writes it
   float* v_slot = nullptr;
   const float* v_row = nullptr;
@@ -65,7 +68,10 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
     v_slot = kv.v_pages + offset;
     v_row = kv.v + (token * kv_heads + (head - heads)) * head_dim;
   }
-  warp_norm_rope_head(row, s_rows[warp], head_dim, r, static_cast<float>(positions[token]), lane, [&](int d, float v) {
+  LaneRope lr;
+  prepare_lane_rope(head_dim, r, static_cast<float>(position), lane, &lr);
+  pdl_wait();
+  warp_norm_rope_head_prepared(row, s_rows[warp], head_dim, r, lr, lane, [&](int d, float v) {
     row[d] = v;
     if (k_slot) {
       k_slot[d] = v;
@@ -73,6 +79,7 @@ __global__ __launch_bounds__(kHeadWarps * 32) void qk_norm_rope_kernel(float* q,
     }
   });
 }
+static_assert(kQkNormRopeMaxHeadDim <= 32 * kHeadRopeLaneDims, "a lane's dims of a head outgrew LaneRope");
 
 }  // namespace
 
