@@ -55,8 +55,14 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
   backend->prepare_kv_step(step);
   backend->kv_write(step, kn.view(), vn.view(), kp->view, vp->view);
+  // Decode rows of distinct sequences run the dims-per-lane kernel by default; MOEX_CUDA_ATTENTION_KEY_LANES=1
+  // (read at every launch) runs the key-per-lane kernel on them: both are checked below.
   backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
   const std::vector<float> got = od.read();
+  setenv("MOEX_CUDA_ATTENTION_KEY_LANES", "1", 1);
+  backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
+  unsetenv("MOEX_CUDA_ATTENTION_KEY_LANES");
+  const std::vector<float> got_key_lanes = od.read();
 
   // kv_write: exactly the step's rows changed, bit for bit.
   std::vector<float> k_after(d.k_pool.size()), v_after(d.v_pool.size());
@@ -76,6 +82,7 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_chunk};
   const double tol = cuda::attention_rounds_to_bf16(shape) ? 1e-2 : 1e-5;
   MOEX_EXPECT_CLOSE(got, d.ref, tol);
+  MOEX_EXPECT_CLOSE(got_key_lanes, d.ref, tol);
   if (tol > 1e-5) std::printf("[tensor cores] %s: relative error %.2g\n", c.str().c_str(), relative_error(got, d.ref));
   // The CPU backend on the same step: the same answer up to fp32 summation order (or bf16 rounding).
   auto cpu = make_cpu_backend(2);
@@ -139,9 +146,14 @@ TEST_P(CudaPagedAttention, FusedRopeKvWriteMatchesSeparateOps) {
 // rope_kv_attention with the RoPE inside the decode attention kernel (MOEX_CUDA_FUSED_ROPE=1) against the separate
 // ops (qk_norm_rope_kv_write, then attention): the kernel rotates with the same arithmetic, so the attention output
 // and both pools must match bit for bit; with and without per-head norms (fp32 and bf16), full and partial
-// rotation. Shapes the decode kernel does not take fall back to the separate ops.
+// rotation. Shapes the decode kernel does not take fall back to the separate ops. The RoPE prologue lives in the
+// key-per-lane kernel, so the separate ops run that kernel too (MOEX_CUDA_ATTENTION_KEY_LANES=1).
 TEST_P(CudaPagedAttention, RopeInsideAttentionMatchesSeparateOps) {
   MOEX_CUDA_BACKEND_OR_SKIP(separate);
+  setenv("MOEX_CUDA_ATTENTION_KEY_LANES", "1", 1);
+  struct Unset {
+    ~Unset() { unsetenv("MOEX_CUDA_ATTENTION_KEY_LANES"); }
+  } unset;
   setenv("MOEX_CUDA_FUSED_ROPE", "1", 1);
   auto fused = make_cuda_backend(0);
   unsetenv("MOEX_CUDA_FUSED_ROPE");
@@ -156,7 +168,8 @@ TEST_P(CudaPagedAttention, RopeInsideAttentionMatchesSeparateOps) {
   const std::vector<int32_t> positions(step.row_pos.begin(), step.row_pos.end());
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
   const bool one_chunk = cuda::rows_form_one_chunk(d.row_seq.data(), d.row_pos.data(), d.n);
-  const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_chunk};
+  const bool distinct = cuda::rows_are_distinct_sequences(d.row_seq.data(), d.n);
+  const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_chunk, distinct};
   auto same = [](float a, float b) { return std::isnan(b) ? std::isnan(a) : std::memcmp(&a, &b, 4) == 0; };
   for (int norms : {0, 1, 2}) {  // none, fp32, bf16
     for (int64_t rotary : {c.head_dim / 2 * 2, c.head_dim / 4 * 2}) {
@@ -192,6 +205,15 @@ TEST_P(CudaPagedAttention, RopeInsideAttentionMatchesSeparateOps) {
       }
     }
   }
+}
+
+// Host logic, no device needed: which steps may read earlier keys before the PDL wait.
+TEST(CudaAttentionRows, DistinctSequencesHaveNoSequenceTwice) {
+  const int32_t distinct[] = {3, 0, 2, 1}, repeated[] = {3, 0, 3};
+  EXPECT_TRUE(cuda::rows_are_distinct_sequences(distinct, 4));
+  EXPECT_TRUE(cuda::rows_are_distinct_sequences(repeated, 2));
+  EXPECT_FALSE(cuda::rows_are_distinct_sequences(repeated, 3));
+  EXPECT_TRUE(cuda::rows_are_distinct_sequences(repeated, 0));
 }
 
 // Host logic, no device needed: what the backend treats as a prefill chunk.

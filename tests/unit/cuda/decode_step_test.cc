@@ -230,9 +230,20 @@ TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
 // RoPE and the KV write inside the decode attention kernel (MOEX_CUDA_FUSED_ROPE=1) against the separate ops:
 // the same 300 greedy tokens (the kernel rotates with the same arithmetic), across the 256-key bucket (split keys)
 // and the KV cache's growth; qwen3_moe has per-head q/k norms, olmoe clamps q/k/v (its norms stay separate ops).
+// Both on the key-per-lane attention kernel, which holds the RoPE prologue (MOEX_CUDA_ATTENTION_KEY_LANES=1).
 TEST(CudaDecodeStep, RopeInsideAttentionMatchesSeparateOps) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  setenv("MOEX_CUDA_ATTENTION_KEY_LANES", "1", 1);
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_FUSED_ROPE", 300);
+  unsetenv("MOEX_CUDA_ATTENTION_KEY_LANES");
+}
+
+// The dims-per-lane decode attention kernel (default for rows of distinct sequences; it loads earlier keys before
+// its PDL wait) against the key-per-lane kernel: the same 300 greedy tokens over graph replays, across the
+// 256-key bucket and the KV cache's growth.
+TEST(CudaDecodeStep, DimsPerLaneAttentionMatchesKeyPerLane) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  expect_switch_on_matches_default(fixtures, "MOEX_CUDA_ATTENTION_KEY_LANES", 300);
 }
 
 // The batch-1 down projection reading the plan and its first weights before its PDL wait

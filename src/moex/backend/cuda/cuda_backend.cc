@@ -504,6 +504,7 @@ class CudaBackend final : public Backend {
     kv_bucket_keys_ = bucket;
     // A prefill chunk (one sequence, consecutive positions) lets attention blocks share K/V tiles across queries.
     kv_one_sequence_ = rows_form_one_chunk(step.row_seq.data(), step.row_pos.data(), n);
+    kv_distinct_sequences_ = rows_are_distinct_sequences(step.row_seq.data(), n);
     kv_host_seq_ = step.row_seq.data();
     kv_host_pos_ = step.row_pos.data();
   }
@@ -563,6 +564,7 @@ class CudaBackend final : public Backend {
                 kAttentionMaxHeadDim);
     check_prepared(step, shape.num_queries, k_pages.dim(0), "attention");
     shape.one_sequence = kv_one_sequence_;
+    shape.distinct_sequences = kv_distinct_sequences_;
     // Inside a decode step the grid covers the bucket, so that one recording serves all of its positions.
     shape.max_keys = step_mode_ ? step_bucket_keys_ : kv_max_keys_;
     if (rope && !decode_rope_fits(shape, rotary_dim)) return false;
@@ -908,6 +910,7 @@ class CudaBackend final : public Backend {
   PagedKvRows kv_device_rows_;
   int64_t kv_rows_ = -1, kv_max_keys_ = 0, kv_bucket_keys_ = 0;
   bool kv_one_sequence_ = false;
+  bool kv_distinct_sequences_ = false;  // no two rows of one sequence (AttentionShape::distinct_sequences)
   const int32_t* kv_host_seq_ = nullptr;
   const int32_t* kv_host_pos_ = nullptr;
   struct ExpertTable {

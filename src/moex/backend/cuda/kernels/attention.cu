@@ -6,6 +6,8 @@
 //   group 2 and short contexts. The warps' online softmaxes merge in shared memory; with several splits a
 //   second kernel merges the splits. The first kernel (below) ran one warp of four per group-of-2 block and a
 //   serial 128-step dot per lane: 19 us per layer at 18 keys on an H100 (Model A), 14% of the batch-1 step.
+//   Rows of distinct sequences (every decode step) take decode_attention_dims_kernel instead: lanes own head
+//   dims and warps take keys, so a row is one coalesced load and earlier steps' keys load before the PDL wait.
 // - Prefill chunks of >= 16 queries go to the tensor-core kernel (attention_prefill.cu); shorter ones and the
 //   shapes neither covers (head_dim not a multiple of 4, several sequences' rows): attention_kernel. A block
 //   owns one kv head and up to 8 "rows" (query, head-of-group) pairs of one sequence, so the K/V tile it stages
@@ -18,6 +20,7 @@
 #include "moex/backend/cuda/kernels/launch.cuh"
 
 #include <algorithm>
+#include <vector>
 
 namespace moex::cuda {
 namespace {
@@ -220,16 +223,19 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
   float* acc_s = l_s + kDecodeWarps * G;           // [warps][G][D]
   float* new_s = acc_s + kDecodeWarps * G * D;     // ROPE: the step's rotated k [D] and v [D], scratch [warps][D]
   pdl_launch_dependents();
-  pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
   const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
+  // Before the wait: the rows and block tables, uploaded before the step (the kernels before do not write them).
+  // An L2 prefetch of the first keys' K/V rows here as well was measured no faster (H200: Model A 0.5675 ms/token
+  // either way).
   const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
   const int page_size = static_cast<int>(p.kv.page_size);
   const int key_end = p.kv.row_pos[query] + 1;
   const int split_begin = split * p.keys_per_split;
   const int split_end = min(split_begin + p.keys_per_split, key_end);
   const int64_t head_stride = int64_t(p.kv_heads) * D;  // floats between consecutive slots
+  pdl_wait();
   if constexpr (ROPE) {
     // Warps take the block's G query heads, then its kv head (h == G): warp_norm_rope_head as
     // qk_norm_rope_kernel, so the rows are the ones the separate ops would have written.
@@ -313,7 +319,9 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
       m[g] = m_new;
     }
     // P.V, 8 keys' V rows loaded before their multiply-adds: one key at a time, each iteration waited for its
-    // loads (a memory latency per key, ~10 us per layer at 18 keys on an H100).
+    // loads (a memory latency per key, ~10 us per layer at 18 keys on an H100). Loading the chunk's first 8 V
+    // rows before the K dot instead was slower (H200, same call: Model A 0.5767 vs 0.5672 ms/token, Model B 3.203
+    // vs 3.119).
     const int count = min(kKeyTile, split_end - chunk);
     for (int j0 = 0; j0 < count; j0 += kPvBatch) {
       float v[kPvBatch][DPL];
@@ -379,6 +387,162 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
   }
 }
 
+// Decode rows whose sequences are all distinct (AttentionShape::distinct_sequences), without the RoPE prologue:
+// lanes own head dims (d = lane + 32 i) and warp w takes keys w, w + 4, ... of each round of 4 KEYS keys, so a K
+// or V row is one coalesced load per 32 dims and a round's rows are in registers at once. The keys of earlier
+// steps do not depend on the kernels before, so the first round's rows are loaded before the PDL wait; after it
+// only q and the step's own key are read. The key-per-lane kernel above chained q, the page table, two rounds
+// of K and two of V after its wait (decode_attention_kernel: 7.4 us of each Model A layer's critical path on an
+// H200). Scores are warp sums; the online softmax and the merge of the warps are as above.
+template <int DPL, int G, int KEYS>
+__global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kernel(Params p) {
+  extern __shared__ float smem[];
+  constexpr int D = DPL * 32;
+  constexpr int kRound = kDecodeWarps * KEYS;
+  float* m_s = smem;                        // [warps][G]
+  float* l_s = m_s + kDecodeWarps * G;      // [warps][G]
+  float* acc_s = l_s + kDecodeWarps * G;    // [warps][G][D]
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
+  const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
+  const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
+  const int page_size = static_cast<int>(p.kv.page_size);
+  const int key_end = p.kv.row_pos[query] + 1;
+  const int split_begin = split * p.keys_per_split;
+  const int split_end = min(split_begin + p.keys_per_split, key_end);
+  const int64_t head_stride = int64_t(p.kv_heads) * D;  // floats between consecutive slots
+  float kr[KEYS][DPL], vr[KEYS][DPL];
+  // Row j of the warp's round: key round + warp + kDecodeWarps j. mine(key): whether it is read now.
+  auto load_round = [&](int round, auto mine) {
+#pragma unroll
+    for (int j = 0; j < KEYS; ++j) {
+      const int key = round + warp + kDecodeWarps * j;
+      if (key < split_end && mine(key)) {
+        const int64_t offset =
+            (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + int64_t(kv_head) * D;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+          kr[j][i] = p.k_pages[offset + lane + 32 * i];
+          vr[j][i] = p.v_pages[offset + lane + 32 * i];
+        }
+      }
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < KEYS; ++j)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) kr[j][i] = vr[j][i] = 0.f;
+  const int own = key_end - 1;  // the step's key: the kernel before writes it
+  load_round(split_begin, [&](int key) { return key != own; });
+  pdl_wait();
+  load_round(split_begin, [&](int key) { return key == own; });
+  float q[G][DPL];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) q[g][i] = p.q[(int64_t(query) * p.heads + head0 + g) * D + lane + 32 * i] * p.scale_log2;
+
+  float m[G], l[G], acc[G][DPL];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
+  }
+  for (int round = split_begin; round < split_end; round += kRound) {
+    if (round != split_begin) load_round(round, [](int) { return true; });
+    float s[KEYS][G];
+#pragma unroll
+    for (int j = 0; j < KEYS; ++j)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float part = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) part += q[g][i] * kr[j][i];
+        s[j][g] = warp_sum(part);
+      }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float m_new = m[g];
+#pragma unroll
+      for (int j = 0; j < KEYS; ++j)
+        if (round + warp + kDecodeWarps * j < split_end) m_new = fmaxf(m_new, s[j][g]);
+      if (m_new == -INFINITY) continue;  // no key of this warp in the round (warp-uniform)
+      const float corr = exp2f(m[g] - m_new);
+      l[g] *= corr;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc[g][i] *= corr;
+#pragma unroll
+      for (int j = 0; j < KEYS; ++j) {
+        if (round + warp + kDecodeWarps * j >= split_end) continue;
+        const float prob = exp2f(s[j][g] - m_new);
+        l[g] += prob;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[g][i] += prob * vr[j][i];
+      }
+      m[g] = m_new;
+    }
+  }
+
+  // Merge the warps' softmaxes as decode_attention_kernel does.
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      m_s[warp * G + g] = m[g];
+      l_s[warp * G + g] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc_s[(warp * G + g) * D + lane + 32 * i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int g = idx / D, d = idx % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) m_max = fmaxf(m_max, m_s[w * G + g]);
+    float l_sum = 0.f, a_sum = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float f = exp2f(m_s[w * G + g] - m_max);
+        l_sum += l_s[w * G + g] * f;
+        a_sum += acc_s[(w * G + g) * D + d] * f;
+      }
+    }
+    const int r = query * p.group + head_in_group + g;
+    if (p.part_acc) {
+      const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
+      p.part_acc[prow * D + d] = a_sum;
+      if (d == 0) {
+        p.part_ml[prow * 2] = m_max;
+        p.part_ml[prow * 2 + 1] = l_sum;
+      }
+    } else {
+      p.out[(int64_t(query) * p.heads + head0 + g) * D + d] = a_sum / l_sum;
+    }
+  }
+}
+
+// KEYS rows of K and V per warp and round: 8 where the block's heads leave the registers (G <= 2), else 4.
+template <int G>
+void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
+  constexpr int KEYS = G <= 2 ? 8 : 4;
+  const size_t smem = sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2));
+  auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
+  switch (p.head_dim / 32) {
+    case 1: launch(decode_attention_dims_kernel<1, G, KEYS>); break;
+    case 2: launch(decode_attention_dims_kernel<2, G, KEYS>); break;
+    case 3: launch(decode_attention_dims_kernel<3, G, KEYS>); break;
+    case 4: launch(decode_attention_dims_kernel<4, G, KEYS>); break;
+    case 5: launch(decode_attention_dims_kernel<5, G, KEYS>); break;
+    case 6: launch(decode_attention_dims_kernel<6, G, KEYS>); break;
+    case 7: launch(decode_attention_dims_kernel<7, G, KEYS>); break;
+    default: launch(decode_attention_dims_kernel<8, G, KEYS>); break;
+  }
+}
+
 template <int G, bool ROPE>
 void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
   const size_t smem = decode_smem_bytes(G, p.head_dim, ROPE);
@@ -396,7 +560,16 @@ void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
 }
 
 template <bool ROPE>
-void launch_decode(const Params& p, int heads_per_block, dim3 grid, cudaStream_t stream) {
+void launch_decode(const Params& p, int heads_per_block, dim3 grid, cudaStream_t stream, bool dims_per_lane) {
+  if (!ROPE && dims_per_lane) {
+    switch (heads_per_block) {
+      case 1: launch_decode_dims<1>(p, grid, stream); break;
+      case 2: launch_decode_dims<2>(p, grid, stream); break;
+      case 4: launch_decode_dims<4>(p, grid, stream); break;
+      default: launch_decode_dims<8>(p, grid, stream); break;
+    }
+    return;
+  }
   switch (heads_per_block) {
     case 1: launch_decode_group<1, ROPE>(p, grid, stream); break;
     case 2: launch_decode_group<2, ROPE>(p, grid, stream); break;
@@ -501,8 +674,16 @@ bool rows_form_one_chunk(const int32_t* row_seq, const int32_t* row_pos, int64_t
   return true;
 }
 
+bool rows_are_distinct_sequences(const int32_t* row_seq, int64_t n) {
+  std::vector<int32_t> seqs(row_seq, row_seq + n);
+  std::sort(seqs.begin(), seqs.end());
+  return std::adjacent_find(seqs.begin(), seqs.end()) == seqs.end();
+}
+
+// Only rows of distinct sequences: the kernel's blocks store the step's keys while other blocks read the cache, so
+// a row must not read a key another row of the step writes (decode rows around a prefill chunk raced here).
 bool decode_rope_fits(const AttentionShape& shape, int64_t rotary_dim) {
-  return decode_kernel_fits(shape) && !prefill_mma_fits(shape) && shape.head_dim <= kAttentionMaxHeadDim &&
+  return shape.distinct_sequences && decode_kernel_fits(shape) && !prefill_mma_fits(shape) && shape.head_dim <= kAttentionMaxHeadDim &&
          rotary_dim % 2 == 0 && rotary_dim >= 0 && rotary_dim <= shape.head_dim;
 }
 
@@ -546,8 +727,12 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   if (prefill_mma_fits(shape)) {
     launch_prefill_mma(p, grid, stream);
   } else if (decode_kernel_fits(shape)) {
-    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream);
-    else launch_decode<false>(p, layout.heads_per_block, grid, stream);
+    // The dims-per-lane kernel reads earlier steps' keys before its PDL wait: only where no row of the step
+    // writes a key another row reads (every row its own sequence). MOEX_CUDA_ATTENTION_KEY_LANES=1 keeps the
+    // key-per-lane kernel (A/B; read at every launch, so tests can compare both).
+    const bool dims_per_lane = shape.distinct_sequences && !env_equals("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
+    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, false);
+    else launch_decode<false>(p, layout.heads_per_block, grid, stream, dims_per_lane);
   } else {
     launch_tiled(p, grid, stream);
   }

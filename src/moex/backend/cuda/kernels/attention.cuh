@@ -37,7 +37,13 @@ struct AttentionShape {
   // The rows are one sequence at consecutive positions (prefill): a block then tiles queries, sharing K/V
   // tiles across them. Otherwise a block serves one row's heads of a GQA group.
   bool one_sequence = false;
+  // Every row is a different sequence: the keys a row reads besides its own were written by earlier steps, so
+  // a decode kernel may load them before its PDL wait (decode_attention_dims_kernel).
+  bool distinct_sequences = false;
 };
+
+// Whether no two of a step's n rows belong to the same sequence (AttentionShape::distinct_sequences).
+bool rows_are_distinct_sequences(const int32_t* row_seq, int64_t n);
 
 // Scratch needed for the split-K partials at this shape (0 when a single split suffices).
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
@@ -59,8 +65,8 @@ struct DecodeRope {
   int rotary_dim = 0;
   float theta = 0.f;
 };
-// Whether launch_attention can take a DecodeRope at this shape: decode rows (one query per sequence) on the
-// decode kernel, head_dim <= 256, rotary_dim even and <= head_dim.
+// Whether launch_attention can take a DecodeRope at this shape: decode rows of distinct sequences on the decode
+// kernel, head_dim <= 256, rotary_dim even and <= head_dim.
 bool decode_rope_fits(const AttentionShape& shape, int64_t rotary_dim);
 
 // q/out [n, heads, head_dim] fp32; row i attends to positions 0..row_pos[i] of its sequence.
