@@ -5,7 +5,10 @@
 // (launch.cuh). At one row each warp loads its first round of weights into registers before the PDL wait
 // (H200, same call: Model A 0.6783 vs 0.6872 ms/token, Model B 3.738 vs 3.758). An L2 prefetch of the row
 // before the wait had been measured slower (Model A 1.154 vs 1.096 ms/token): the data then took a second
-// trip, from L2, after the wait.
+// trip, from L2, after the wait. Prefetching to L2 before the wait what the preload leaves (the second half of a
+// 4096-wide o_proj row), or the normed q/k/v kernel's later rows, was slower too (H200, same call: the 8x7B layer
+// 0.2230 vs 0.2215 ms, Model B 3.135 / 3.200 vs 3.123 ms/token): those bytes then compete with the weight stream
+// of the kernel still running ahead.
 #include "moex/backend/cuda/kernels/gemv.cuh"
 
 #include "moex/backend/cuda/kernels/gemv_core.cuh"

@@ -142,7 +142,9 @@ void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* gr
 // SM's L1 may still hold the previous layer's plan) and the warp's first weights are loaded before the wait, which
 // only h needs. dot_preloaded keeps warp_dot_bf16's summation order: bit-identical either way.
 // LOOP false (a block per feature group, one round): no next row in registers, 38 registers a thread instead of
-// 66. The launch picks the instance (launch_moe_gemv_one_token).
+// 66. The launch picks the instance (launch_moe_gemv_one_token). Two features a warp per round on the looping
+// grid (Model B: half the rounds, twice the rows in flight; 102 registers) was slower (H100, same call: 3.513 vs
+// 3.483 ms/token).
 template <bool PRELOAD, bool LOOP>
 __global__ __launch_bounds__(kWarps * 32) void moe_down_combine_one_token_kernel(const float* h, const MoeGroup* groups,
                                                                                   const int32_t* slot,
