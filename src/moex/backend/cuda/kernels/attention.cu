@@ -209,6 +209,55 @@ constexpr size_t decode_smem_bytes(int group, int head_dim, bool rope) {
 // So no launch needs the opt-in to more than the default dynamic shared memory.
 static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim, true) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
+// The end of both decode kernels: each warp's online softmax (m, l, acc over the lane's dims d = lane + 32 i)
+// merged across the block's warps in shared memory (m_s, l_s [warps][G], acc_s [warps][G][D]; a warp that saw
+// no key holds m = -inf, l = 0, acc = 0), then the block's rows written: normalised to p.out, or with several
+// splits as the split's partials.
+template <int DPL, int G>
+__device__ __forceinline__ void merge_warps_and_store(const Params& p, const float (&m)[G], const float (&l)[G],
+                                                      const float (&acc)[G][DPL], float* m_s, float* l_s,
+                                                      float* acc_s, int query, int head0, int split) {
+  constexpr int D = DPL * 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      m_s[warp * G + g] = m[g];
+      l_s[warp * G + g] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc_s[(warp * G + g) * D + lane + 32 * i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int g = idx / D, d = idx % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) m_max = fmaxf(m_max, m_s[w * G + g]);
+    float l_sum = 0.f, a_sum = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float f = exp2f(m_s[w * G + g] - m_max);
+        l_sum += l_s[w * G + g] * f;
+        a_sum += acc_s[(w * G + g) * D + d] * f;
+      }
+    }
+    const int r = query * p.group + head_in_group + g;  // the (query, head of group) row, as in attention_kernel
+    if (p.part_acc) {
+      const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
+      p.part_acc[prow * D + d] = a_sum;
+      if (d == 0) {
+        p.part_ml[prow * 2] = m_max;
+        p.part_ml[prow * 2 + 1] = l_sum;
+      }
+    } else {
+      p.out[(int64_t(query) * p.heads + head0 + g) * D + d] = a_sum / l_sum;
+    }
+  }
+}
+
 // Block (query, head block, split); DPL = head_dim / 32 dims per lane, G = query heads per block: the whole
 // GQA group, or a part of it when the group's blocks alone would leave most SMs idle (choose_layout). ROPE: q and
 // the step's k are rotated here (Params' k_new / v_new); the step's own key is read from shared memory, since the
@@ -348,43 +397,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
     }
   }
 
-  // Merge the warps' softmaxes (a warp that saw no key holds m = -inf, l = 0, acc = 0).
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if (lane == 0) {
-      m_s[warp * G + g] = m[g];
-      l_s[warp * G + g] = l[g];
-    }
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) acc_s[(warp * G + g) * D + lane + 32 * i] = acc[g][i];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-    const int g = idx / D, d = idx % D;
-    float m_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) m_max = fmaxf(m_max, m_s[w * G + g]);
-    float l_sum = 0.f, a_sum = 0.f;
-    if (m_max != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float f = exp2f(m_s[w * G + g] - m_max);
-        l_sum += l_s[w * G + g] * f;
-        a_sum += acc_s[(w * G + g) * D + d] * f;
-      }
-    }
-    const int r = query * p.group + head_in_group + g;  // the (query, head of group) row, as in attention_kernel
-    if (p.part_acc) {
-      const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
-      p.part_acc[prow * D + d] = a_sum;
-      if (d == 0) {
-        p.part_ml[prow * 2] = m_max;
-        p.part_ml[prow * 2 + 1] = l_sum;
-      }
-    } else {
-      p.out[(int64_t(query) * p.heads + head0 + g) * D + d] = a_sum / l_sum;
-    }
-  }
+  merge_warps_and_store<DPL, G>(p, m, l, acc, m_s, l_s, acc_s, query, head0, split);
 }
 
 // Decode rows whose sequences are all distinct (AttentionShape::distinct_sequences), without the RoPE prologue:
@@ -405,7 +418,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
-  const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
+  const int kv_head = head0 / p.group;
   const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
   const int page_size = static_cast<int>(p.kv.page_size);
   const int key_end = p.kv.row_pos[query] + 1;
@@ -486,43 +499,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
     }
   }
 
-  // Merge the warps' softmaxes as decode_attention_kernel does.
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if (lane == 0) {
-      m_s[warp * G + g] = m[g];
-      l_s[warp * G + g] = l[g];
-    }
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) acc_s[(warp * G + g) * D + lane + 32 * i] = acc[g][i];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-    const int g = idx / D, d = idx % D;
-    float m_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) m_max = fmaxf(m_max, m_s[w * G + g]);
-    float l_sum = 0.f, a_sum = 0.f;
-    if (m_max != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float f = exp2f(m_s[w * G + g] - m_max);
-        l_sum += l_s[w * G + g] * f;
-        a_sum += acc_s[(w * G + g) * D + d] * f;
-      }
-    }
-    const int r = query * p.group + head_in_group + g;
-    if (p.part_acc) {
-      const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
-      p.part_acc[prow * D + d] = a_sum;
-      if (d == 0) {
-        p.part_ml[prow * 2] = m_max;
-        p.part_ml[prow * 2 + 1] = l_sum;
-      }
-    } else {
-      p.out[(int64_t(query) * p.heads + head0 + g) * D + d] = a_sum / l_sum;
-    }
-  }
+  merge_warps_and_store<DPL, G>(p, m, l, acc, m_s, l_s, acc_s, query, head0, split);
 }
 
 // KEYS rows of K and V per warp and round: 8 where the block's heads leave the registers (G <= 2), else 4.

@@ -15,6 +15,8 @@
 
 #include <cuda_runtime.h>
 
+#include <utility>
+
 #include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/kernels/grid_shape.h"
 
@@ -45,21 +47,50 @@ inline bool gemv_preload_enabled() {
   return enabled;
 }
 
+// A launch configuration with the PDL attribute (unless MOEX_CUDA_PDL=0) and, with cluster_x > 0, the grid as
+// thread block clusters of cluster_x blocks (sm_90). The cluster attribute comes first, so that with_pdl(false)
+// leaves only it (what cudaOccupancyMaxActiveClusters is asked with).
+struct PdlLaunchConfig {
+  cudaLaunchAttribute attribute[2];
+  cudaLaunchConfig_t config{};
+  PdlLaunchConfig(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, unsigned cluster_x = 0) {
+    int n = 0;
+    if (cluster_x > 0) {
+      attribute[n].id = cudaLaunchAttributeClusterDimension;
+      attribute[n].val.clusterDim.x = cluster_x;
+      attribute[n].val.clusterDim.y = 1;
+      attribute[n].val.clusterDim.z = 1;
+      ++n;
+    }
+    attribute[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[n].val.programmaticStreamSerializationAllowed = 1;
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = shared_bytes;
+    config.stream = stream;
+    config.attrs = attribute;
+    clusters_ = cluster_x > 0 ? 1 : 0;
+    with_pdl(pdl_enabled());
+  }
+  PdlLaunchConfig(const PdlLaunchConfig&) = delete;  // config.attrs points into this object
+  PdlLaunchConfig& operator=(const PdlLaunchConfig&) = delete;
+  void with_pdl(bool on) { config.numAttrs = static_cast<unsigned>(clusters_ + (on ? 1 : 0)); }
+
+ private:
+  int clusters_ = 0;
+};
+
+template <typename... Params, typename... Args>
+void launch_config(const PdlLaunchConfig& launch, void (*kernel)(Params...), Args&&... args) {
+  // A failed launch is left in the runtime's last error, which every op checks (MOEX_CUDA_CHECK_LAUNCH).
+  (void)cudaLaunchKernelEx(&launch.config, kernel, static_cast<Params>(args)...);
+}
+
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                 Args&&... args) {
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = shared_bytes;
-  config.stream = stream;
-  config.attrs = attribute;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
-  // A failed launch is left in the runtime's last error, which every op checks (MOEX_CUDA_CHECK_LAUNCH).
-  (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  const PdlLaunchConfig launch(grid, block, shared_bytes, stream);
+  launch_config(launch, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace moex::cuda

@@ -205,28 +205,16 @@ bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config) {
   return known[key] = fits;
 }
 
-// The router as one cluster of grid.x blocks (with the PDL attribute as launch_pdl). False, with nothing
-// launched, where the device cannot run a cluster that size with this kernel's resources.
+// The router as one cluster of grid.x blocks (PDL as launch_pdl). False, with nothing launched, where the
+// device cannot run a cluster that size with this kernel's resources.
 template <typename Kernel>
 bool launch_as_cluster(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, RoutePlanParams p) {
   p.cluster_plan = true;
-  cudaLaunchAttribute attribute[2];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = grid.x;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  if (!cluster_fits(kernel, config)) return false;
-  config.numAttrs = pdl_enabled() ? 2 : 1;
-  (void)cudaLaunchKernelEx(&config, kernel, p);
+  PdlLaunchConfig launch(grid, block, smem, stream, grid.x);
+  launch.with_pdl(false);
+  if (!cluster_fits(kernel, launch.config)) return false;
+  launch.with_pdl(pdl_enabled());
+  launch_config(launch, kernel, p);
   return true;
 }
 
