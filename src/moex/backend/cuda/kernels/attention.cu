@@ -20,6 +20,7 @@
 #include "moex/backend/cuda/kernels/launch.cuh"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace moex::cuda {
@@ -213,11 +214,51 @@ static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim, true) <= 48 * 1024, "de
 // merged across the block's warps in shared memory (m_s, l_s [warps][G], acc_s [warps][G][D]; a warp that saw
 // no key holds m = -inf, l = 0, acc = 0), then the block's rows written: normalised to p.out, or with several
 // splits as the split's partials.
+// A decode row's keys in the paged cache for one split: the range it reads and where each key's row of this kv
+// head starts. Built before the PDL wait (the rows and tables are uploaded before the step).
+struct DecodeKeys {
+  const int32_t* table;
+  int page_size;
+  int end;          // the row's keys are [0, end): end - 1 is the step's own
+  int split_begin;  // this block's split: [split_begin, split_end)
+  int split_end;
+  int64_t head_stride;  // floats between consecutive slots
+  int64_t head_offset;  // the kv head's row within a slot
+  __device__ __forceinline__ DecodeKeys(const Params& p, int query, int split, int kv_head, int head_dim)
+      : table(p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride),
+        page_size(static_cast<int>(p.kv.page_size)),
+        end(p.kv.row_pos[query] + 1),
+        split_begin(split * p.keys_per_split),
+        split_end(min(split_begin + p.keys_per_split, end)),
+        head_stride(int64_t(p.kv_heads) * head_dim),
+        head_offset(int64_t(kv_head) * head_dim) {}
+  // Where key's row of the kv head starts in k_pages / v_pages.
+  __device__ __forceinline__ int64_t offset(int key) const {
+    return (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + head_offset;
+  }
+};
+
+template <int G, int DPL>
+struct WarpSoftmax {  // a warp's online softmax per head of the block, acc over the lane's dims
+  float m[G], l[G], acc[G][DPL];
+  __device__ __forceinline__ WarpSoftmax() {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      m[g] = -INFINITY;
+      l[g] = 0.f;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
+    }
+  }
+};
+
 template <int DPL, int G>
-__device__ __forceinline__ void merge_warps_and_store(const Params& p, const float (&m)[G], const float (&l)[G],
-                                                      const float (&acc)[G][DPL], float* m_s, float* l_s,
-                                                      float* acc_s, int query, int head0, int split) {
+__device__ __forceinline__ void merge_warps_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax, float* m_s,
+                                                      float* l_s, float* acc_s, int query, int head0, int split) {
   constexpr int D = DPL * 32;
+  const auto& m = softmax.m;
+  const auto& l = softmax.l;
+  const auto& acc = softmax.acc;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
 #pragma unroll
@@ -278,12 +319,8 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
   // Before the wait: the rows and block tables, uploaded before the step (the kernels before do not write them).
   // An L2 prefetch of the first keys' K/V rows here as well was measured no faster (H200: Model A 0.5675 ms/token
   // either way).
-  const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
-  const int page_size = static_cast<int>(p.kv.page_size);
-  const int key_end = p.kv.row_pos[query] + 1;
-  const int split_begin = split * p.keys_per_split;
-  const int split_end = min(split_begin + p.keys_per_split, key_end);
-  const int64_t head_stride = int64_t(p.kv_heads) * D;  // floats between consecutive slots
+  const DecodeKeys keys(p, query, split, kv_head, D);
+  const int key_end = keys.end, split_begin = keys.split_begin, split_end = keys.split_end;
   pdl_wait();
   if constexpr (ROPE) {
     // Warps take the block's G query heads, then its kv head (h == G): warp_norm_rope_head as
@@ -299,9 +336,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
         float* k_slot = nullptr;  // one block per (query, kv head) stores the step's k and v
         float* v_slot = nullptr;
         if (head_in_group == 0 && split == 0) {
-          const int pos_i = key_end - 1;
-          const int64_t offset =
-              (int64_t(table[pos_i / page_size]) * page_size + pos_i % page_size) * head_stride + int64_t(kv_head) * D;
+          const int64_t offset = keys.offset(key_end - 1);
           k_slot = p.k_write + offset;
           v_slot = p.v_write + offset;
         }
@@ -323,14 +358,10 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
   }
   __syncthreads();
 
-  float m[G], l[G], acc[G][DPL];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
-  }
+  WarpSoftmax<G, DPL> softmax;
+  auto& m = softmax.m;
+  auto& l = softmax.l;
+  auto& acc = softmax.acc;
   for (int chunk = split_begin + warp * kKeyTile; chunk < split_end; chunk += kDecodeWarps * kKeyTile) {
     const int key = chunk + lane;
     const bool valid = key < split_end;
@@ -351,7 +382,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
       }
     };
     if (valid) {
-      offset = (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + int64_t(kv_head) * D;
+      offset = keys.offset(key);
       if (ROPE && key == key_end - 1) dot_key(reinterpret_cast<const float4*>(new_s));
       else dot_key(reinterpret_cast<const float4*>(p.k_pages + offset));
     }
@@ -397,7 +428,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
     }
   }
 
-  merge_warps_and_store<DPL, G>(p, m, l, acc, m_s, l_s, acc_s, query, head0, split);
+  merge_warps_and_store<DPL, G>(p, softmax, m_s, l_s, acc_s, query, head0, split);
 }
 
 // Decode rows whose sequences are all distinct (AttentionShape::distinct_sequences), without the RoPE prologue:
@@ -419,12 +450,8 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
   const int kv_head = head0 / p.group;
-  const int32_t* table = p.kv.tables + int64_t(p.kv.row_seq[query]) * p.kv.table_stride;
-  const int page_size = static_cast<int>(p.kv.page_size);
-  const int key_end = p.kv.row_pos[query] + 1;
-  const int split_begin = split * p.keys_per_split;
-  const int split_end = min(split_begin + p.keys_per_split, key_end);
-  const int64_t head_stride = int64_t(p.kv_heads) * D;  // floats between consecutive slots
+  const DecodeKeys keys(p, query, split, kv_head, D);
+  const int key_end = keys.end, split_begin = keys.split_begin, split_end = keys.split_end;
   float kr[KEYS][DPL], vr[KEYS][DPL];
   // Row j of the warp's round: key round + warp + kDecodeWarps j. mine(key): whether it is read now.
   auto load_round = [&](int round, auto mine) {
@@ -432,8 +459,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
     for (int j = 0; j < KEYS; ++j) {
       const int key = round + warp + kDecodeWarps * j;
       if (key < split_end && mine(key)) {
-        const int64_t offset =
-            (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + int64_t(kv_head) * D;
+        const int64_t offset = keys.offset(key);
 #pragma unroll
         for (int i = 0; i < DPL; ++i) {
           kr[j][i] = p.k_pages[offset + lane + 32 * i];
@@ -456,14 +482,10 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
 #pragma unroll
     for (int i = 0; i < DPL; ++i) q[g][i] = p.q[(int64_t(query) * p.heads + head0 + g) * D + lane + 32 * i] * p.scale_log2;
 
-  float m[G], l[G], acc[G][DPL];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
-  }
+  WarpSoftmax<G, DPL> softmax;
+  auto& m = softmax.m;
+  auto& l = softmax.l;
+  auto& acc = softmax.acc;
   for (int round = split_begin; round < split_end; round += kRound) {
     if (round != split_begin) load_round(round, [](int) { return true; });
     float s[KEYS][G];
@@ -499,7 +521,22 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
     }
   }
 
-  merge_warps_and_store<DPL, G>(p, m, l, acc, m_s, l_s, acc_s, query, head0, split);
+  merge_warps_and_store<DPL, G>(p, softmax, m_s, l_s, acc_s, query, head0, split);
+}
+
+// f(std::integral_constant<int, DPL>) for DPL = head_dim / 32 (1..8): the decode kernels' dims per lane.
+template <typename F>
+void with_dims_per_lane(int64_t head_dim, F f) {
+  switch (head_dim / 32) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // KEYS rows of K and V per warp and round: 8 where the block's heads leave the registers (G <= 2), else 4.
@@ -508,32 +545,14 @@ void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
   const size_t smem = sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2));
   auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
-  switch (p.head_dim / 32) {
-    case 1: launch(decode_attention_dims_kernel<1, G, KEYS>); break;
-    case 2: launch(decode_attention_dims_kernel<2, G, KEYS>); break;
-    case 3: launch(decode_attention_dims_kernel<3, G, KEYS>); break;
-    case 4: launch(decode_attention_dims_kernel<4, G, KEYS>); break;
-    case 5: launch(decode_attention_dims_kernel<5, G, KEYS>); break;
-    case 6: launch(decode_attention_dims_kernel<6, G, KEYS>); break;
-    case 7: launch(decode_attention_dims_kernel<7, G, KEYS>); break;
-    default: launch(decode_attention_dims_kernel<8, G, KEYS>); break;
-  }
+  with_dims_per_lane(p.head_dim, [&](auto dpl) { launch(decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS>); });
 }
 
 template <int G, bool ROPE>
 void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
   const size_t smem = decode_smem_bytes(G, p.head_dim, ROPE);
   auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
-  switch (p.head_dim / 32) {
-    case 1: launch(decode_attention_kernel<1, G, ROPE>); break;
-    case 2: launch(decode_attention_kernel<2, G, ROPE>); break;
-    case 3: launch(decode_attention_kernel<3, G, ROPE>); break;
-    case 4: launch(decode_attention_kernel<4, G, ROPE>); break;
-    case 5: launch(decode_attention_kernel<5, G, ROPE>); break;
-    case 6: launch(decode_attention_kernel<6, G, ROPE>); break;
-    case 7: launch(decode_attention_kernel<7, G, ROPE>); break;
-    default: launch(decode_attention_kernel<8, G, ROPE>); break;
-  }
+  with_dims_per_lane(p.head_dim, [&](auto dpl) { launch(decode_attention_kernel<decltype(dpl)::value, G, ROPE>); });
 }
 
 template <bool ROPE>
