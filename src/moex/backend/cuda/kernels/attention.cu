@@ -210,10 +210,6 @@ constexpr size_t decode_smem_bytes(int group, int head_dim, bool rope) {
 // So no launch needs the opt-in to more than the default dynamic shared memory.
 static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim, true) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
-// The end of both decode kernels: each warp's online softmax (m, l, acc over the lane's dims d = lane + 32 i)
-// merged across the block's warps in shared memory (m_s, l_s [warps][G], acc_s [warps][G][D]; a warp that saw
-// no key holds m = -inf, l = 0, acc = 0), then the block's rows written: normalised to p.out, or with several
-// splits as the split's partials.
 // A decode row's keys in the paged cache for one split: the range it reads and where each key's row of this kv
 // head starts. Built before the PDL wait (the rows and tables are uploaded before the step).
 struct DecodeKeys {
@@ -252,6 +248,10 @@ struct WarpSoftmax {  // a warp's online softmax per head of the block, acc over
   }
 };
 
+// The end of both decode kernels: each warp's online softmax (m, l, acc over the lane's dims d = lane + 32 i)
+// merged across the block's warps in shared memory (m_s, l_s [warps][G], acc_s [warps][G][D]; a warp that saw
+// no key holds m = -inf, l = 0, acc = 0), then the block's rows written: normalised to p.out, or with several
+// splits as the split's partials.
 template <int DPL, int G>
 __device__ __forceinline__ void merge_warps_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax, float* m_s,
                                                       float* l_s, float* acc_s, int query, int head0, int split) {
@@ -671,6 +671,7 @@ bool rows_form_one_chunk(const int32_t* row_seq, const int32_t* row_pos, int64_t
 }
 
 bool rows_are_distinct_sequences(const int32_t* row_seq, int64_t n) {
+  if (n <= 1) return true;  // batch-1 decode: no copy and sort on every step
   std::vector<int32_t> seqs(row_seq, row_seq + n);
   std::sort(seqs.begin(), seqs.end());
   return std::adjacent_find(seqs.begin(), seqs.end()) == seqs.end();
