@@ -270,31 +270,34 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
   // one block"; each figure against its own call's baseline):
   //  - rows up to 8192 wide whose block-per-feature-group grid fits the SMs at once (Model A: 512 blocks): that
   //    grid, the 38-register instance (0.590 ms/token; looping 0.599; baseline 0.595);
-  //  - more blocks than fit at once (Model B: 2048 blocks of one feature): the looping grid, 2 blocks per SM with
-  //    equal rounds (3.297; baseline 3.300; a block per feature with the 66-register instance 3.320);
+  //  - more blocks than fit at once (Model B: 2048 blocks of one feature): the looping grid with equal rounds, as
+  //    many blocks per SM as fit at once (3 of the 66-register instance: 2.925 ms/token against 3.013 at 2, H200,
+  //    same call, 2026-11-27; at first 2 had measured 3.297 against a baseline of 3.300, and a block per feature
+  //    with the 66-register instance 3.320);
   //  - longer rows (Mixtral-8x7B's 14336: 28 KB a row): a block per feature group with the 66-register instance,
   //    3 blocks per SM (the 8x7B layer 0.2195 ms, baseline 0.2229; the 38-register instance, 6 per SM, 0.2286
   //    against 0.2232; looping 0.2294 against 0.2237).
   // MOEX_CUDA_DOWN_BLOCKS_PER_SM forces it: 0 a block per feature group (38 registers), N > 0 the looping grid.
   static const int forced = env_int("MOEX_CUDA_DOWN_BLOCKS_PER_SM", -1);
-  // Blocks of the 38-register instance an SM holds at once. First asked at a step that runs eagerly (a recorded
-  // step's bucket runs once before its capture); a failed query is cleared so the launch check does not see it.
-  static const int light_blocks_per_sm = [] {
+  // Blocks of each instance an SM holds at once. First asked at a step that runs eagerly (a recorded step's bucket
+  // runs once before its capture); a failed query is cleared so the launch check does not see it.
+  const auto blocks_per_sm = [](auto kernel) {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_down_combine_one_token_kernel<false, false>,
-                                                      kWarps * 32, 0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) != cudaSuccess) {
       (void)cudaGetLastError();
       return 1;
     }
     return std::max(n, 1);
-  }();
+  };
+  static const int light_blocks_per_sm = blocks_per_sm(moe_down_combine_one_token_kernel<false, false>);
+  static const int looping_blocks_per_sm = blocks_per_sm(moe_down_combine_one_token_kernel<false, true>);
   const int64_t feature_groups = ceil_div(hidden, int64_t(features_per_block));
   const bool long_rows = forced < 0 && ffn > 8192;
   int64_t blocks = feature_groups;
   if (forced > 0)
     blocks = looping_grid_blocks(feature_groups, forced, num_sms);
   else if (forced < 0 && !long_rows && feature_groups > int64_t(num_sms) * light_blocks_per_sm)
-    blocks = looping_grid_blocks(feature_groups, 2, num_sms);
+    blocks = looping_grid_blocks(feature_groups, looping_blocks_per_sm, num_sms);
   const dim3 grid(static_cast<unsigned>(blocks));
   const bool loop = long_rows || blocks < feature_groups;  // the 66-register instance
   auto kernel = preload_down ? (loop ? moe_down_combine_one_token_kernel<true, true>
