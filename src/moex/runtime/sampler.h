@@ -25,9 +25,19 @@ class Sampler {
  private:
   SamplingParams params_;
   std::mt19937_64 rng_;
-  std::vector<std::pair<float, int32_t>> candidates_;
+  size_t cut_to_nucleus(size_t first, double mass);
+  int32_t draw_from(size_t count, double u);
+
+  std::vector<float> weights_;                        // sample_weight(logit / T - max) per token
+  std::vector<double> bucket_mass_;                   // top-p: the weights' mass per bucket of their float bits
+  std::vector<std::pair<float, int32_t>> candidates_;  // (weight, id), ordered as far as a cut needs
+  double total_ = 0;                                  // the mass the top-p cut is a share of
 };
 
 int32_t argmax(std::span<const float> logits);
+
+// e^x for x <= 0 as the sampler computes its weights (a vectorisable polynomial, ~1 ulp from std::exp; x below -87
+// gives e^-87): tests rebuild the sampler's distribution with it.
+float sample_weight(float x);
 
 }  // namespace moex
