@@ -39,8 +39,9 @@ Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.se
 
 float sample_weight(float x) {
   // Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), a degree-6 polynomial for
-  // e^r, then 2^n through the exponent bits. Rounds to nearest by the 1.5 * 2^23 trick and clamps at -87 (2^-126,
-  // the smallest normal float), so that the loop over a vocabulary vectorises; ~1 ulp from std::exp.
+  // e^r, then 2^n through the exponent bits. Rounds to nearest by the 1.5 * 2^23 trick and clamps at -87 (e^-87 is
+  // about 2^-126, the smallest normal float) instead of branching, so that the loop over a vocabulary vectorises;
+  // ~1 ulp from std::exp.
   x = x < -87.0f ? -87.0f : x;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   const float n = (x * 1.44269504088896341f + kRound) - kRound;
