@@ -64,7 +64,7 @@ float sample_weight(float x) {
 // full sort; the order a draw walks them in is not, so a seed picks other tokens than the full sort did (it still
 // reproduces a run). The full sort this replaced cost milliseconds per token and sequence over Qwen3's 151,936-token
 // vocabulary (bench/cpu/sampler_bench.cc; bench/RESULTS.md, "Host sampling"), next to GPU decode steps of 0.5-3 ms.
-// NaN logits are never drawn.
+// NaN and -inf logits are never drawn.
 int32_t Sampler::sample(std::span<const float> logits) {
   if (params_.temperature == 0.0f || logits.empty()) return argmax(logits);
   const float inv_t = 1.0f / params_.temperature;
@@ -72,17 +72,32 @@ int32_t Sampler::sample(std::span<const float> logits) {
   auto before = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
   if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < n) {  // the k best by score, then their weights
+    // A heap of the k best seen so far, its worst on top: most tokens lose one comparison against it, so the
+    // vocabulary is read once and nothing is written for it (a partial sort of (score, id) pairs wrote them all).
     const size_t k = static_cast<size_t>(params_.top_k);
-    candidates_.resize(n);
-    for (size_t idx = 0; idx < n; ++idx) {
+    candidates_.clear();
+    size_t idx = 0;
+    for (; idx < n && candidates_.size() < k; ++idx) {
       const float score = logits[idx] * inv_t;
-      candidates_[idx] = {score == score ? score : -std::numeric_limits<float>::infinity(), static_cast<int32_t>(idx)};
+      if (!(score > -std::numeric_limits<float>::infinity())) continue;  // NaN or -inf (masked): never drawn
+      candidates_.emplace_back(score, static_cast<int32_t>(idx));
+      std::push_heap(candidates_.begin(), candidates_.end(), before);
     }
-    std::partial_sort(candidates_.begin(), candidates_.begin() + k, candidates_.end(), before);  // a heap of k
-    candidates_.resize(k);
-    const float max_score = candidates_[0].first;  // the best score
+    // A later token replaces the worst only with a higher score (on a tie the lower id, already in, wins); NaN fails
+    // the comparison.
+    float worst = candidates_.empty() ? 0.0f : candidates_.front().first;
+    for (; idx < n; ++idx) {
+      const float score = logits[idx] * inv_t;
+      if (!(score > worst)) continue;
+      std::pop_heap(candidates_.begin(), candidates_.end(), before);
+      candidates_.back() = {score, static_cast<int32_t>(idx)};
+      std::push_heap(candidates_.begin(), candidates_.end(), before);
+      worst = candidates_.front().first;
+    }
+    std::sort_heap(candidates_.begin(), candidates_.end(), before);
+    const float max_score = candidates_.empty() ? NAN : candidates_[0].first;  // the best score
     if (!std::isfinite(max_score)) return argmax(logits);  // all NaN or -inf, or an infinite logit: no weights
-    for (auto& [score, id] : candidates_) score = score == -std::numeric_limits<float>::infinity() ? 0.0f : sample_weight(score - max_score);
+    for (auto& [score, id] : candidates_) score = sample_weight(score - max_score);
     return draw_from(cut_to_nucleus(0, 0.0), uniform(rng_));
   }
 
@@ -102,7 +117,8 @@ int32_t Sampler::sample(std::span<const float> logits) {
   double total = 0;
   for (size_t idx = 0; idx < n; ++idx) {
     const float score = logits[idx] * inv_t;
-    weights_[idx] = score == score ? sample_weight(score - max_score) : 0.0f;
+    // NaN and -inf (a masked token) weigh 0: sample_weight alone would give -inf e^-87.
+    weights_[idx] = score > -std::numeric_limits<float>::infinity() ? sample_weight(score - max_score) : 0.0f;
   }
   double sums[8] = {};
   for (i = 0; i + 8 <= n; i += 8)

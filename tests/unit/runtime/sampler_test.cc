@@ -151,7 +151,7 @@ TEST(Sampler, SeedReproducesARun) {
   }
 }
 
-TEST(Sampler, NaNNeverDrawnAndInfiniteLogitsDecide) {
+TEST(Sampler, NaNAndMaskedNeverDrawnAndInfiniteLogitsDecide) {
   const float nan = std::nanf("");
   const float inf = std::numeric_limits<float>::infinity();
   for (const SamplingParams& p : {SamplingParams{1.0f, 1.0f, 0, 1}, SamplingParams{1.0f, 0.95f, 0, 1},
@@ -160,6 +160,10 @@ TEST(Sampler, NaNNeverDrawnAndInfiniteLogitsDecide) {
     const std::vector<float> some_nan = {nan, 0.0f, nan, 0.5f, nan};
     std::set<int32_t> seen;
     for (int i = 0; i < 2000; ++i) seen.insert(sampler.sample(some_nan));
+    EXPECT_EQ(seen, (std::set<int32_t>{1, 3}));
+    const std::vector<float> masked = {-inf, 0.0f, -inf, 0.5f, -inf};  // -inf: a token masked out
+    seen.clear();
+    for (int i = 0; i < 2000; ++i) seen.insert(sampler.sample(masked));
     EXPECT_EQ(seen, (std::set<int32_t>{1, 3}));
     EXPECT_EQ(sampler.sample(std::vector<float>{0.0f, inf, 1.0f}), 1);
     EXPECT_EQ(sampler.sample(std::vector<float>{nan, nan}), 0);  // nothing to draw: argmax's answer
