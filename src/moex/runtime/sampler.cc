@@ -37,12 +37,14 @@ Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.se
   if (params.top_k < 0) throw UsageError(fmt::format("--top-k must be >= 0, got {}", params.top_k));
 }
 
-float sample_weight(float x) {
+namespace {
+
+inline float exp_weight(float x) {
   // Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), a degree-6 polynomial for
   // e^r, then 2^n through the exponent bits. Rounds to nearest by the 1.5 * 2^23 trick and clamps at -87 (e^-87 is
   // about 2^-126, the smallest normal float) instead of branching, so that the loop over a vocabulary vectorises;
   // ~1 ulp from std::exp.
-  x = x < -87.0f ? -87.0f : x;
+  x = x > -87.0f ? x : -87.0f;  // NaN too: its token is masked by the caller
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   const float n = (x * 1.44269504088896341f + kRound) - kRound;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -55,6 +57,10 @@ float sample_weight(float x) {
   p = p * r * r + r + 1.0f;
   return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
+
+}  // namespace
+
+float sample_weight(float x) { return exp_weight(x); }
 
 // Temperature sampling without sorting the vocabulary. Every token's weight sample_weight(logit / T - max) is
 // computed in one vectorised pass; candidates are put in order (weight descending, lower id first on ties) only
@@ -97,7 +103,7 @@ int32_t Sampler::sample(std::span<const float> logits) {
     std::sort_heap(candidates_.begin(), candidates_.end(), before);
     const float max_score = candidates_.empty() ? NAN : candidates_[0].first;  // the best score
     if (!std::isfinite(max_score)) return argmax(logits);  // all NaN or -inf, or an infinite logit: no weights
-    for (auto& [score, id] : candidates_) score = sample_weight(score - max_score);
+    for (auto& [score, id] : candidates_) score = exp_weight(score - max_score);
     return draw_from(cut_to_nucleus(0, 0.0), uniform(rng_));
   }
 
@@ -115,10 +121,13 @@ int32_t Sampler::sample(std::span<const float> logits) {
 
   weights_.resize(n);
   double total = 0;
+  const float* in = logits.data();
+  float* out = weights_.data();
   for (size_t idx = 0; idx < n; ++idx) {
-    const float score = logits[idx] * inv_t;
-    // NaN and -inf (a masked token) weigh 0: sample_weight alone would give -inf e^-87.
-    weights_[idx] = score > -std::numeric_limits<float>::infinity() ? sample_weight(score - max_score) : 0.0f;
+    const float score = in[idx] * inv_t;
+    const float weight = exp_weight(score - max_score);  // computed for every token: a select, not a branch
+    // NaN and -inf (a masked token) weigh 0: the polynomial alone would give -inf e^-87.
+    out[idx] = score > -std::numeric_limits<float>::infinity() ? weight : 0.0f;
   }
   double sums[8] = {};
   for (i = 0; i + 8 <= n; i += 8)
