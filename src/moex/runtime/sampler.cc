@@ -62,11 +62,11 @@ inline float exp_weight(float x) {
 
 float sample_weight(float x) { return exp_weight(x); }
 
-// Temperature sampling without sorting the vocabulary. Every token's weight sample_weight(logit / T - max) is
-// computed in one vectorised pass; candidates are put in order (weight descending, lower id first on ties) only
-// as far as a cut needs: top-k selects its k by score, then sorts them; top-p finds its nucleus from a histogram of
-// the weights' float bits (monotone in the weight) and sorts only the bucket where the mass crosses top_p; with
-// neither the draw walks the ids in index order. Which tokens can be drawn, and with what probability, is as with a
+// Temperature sampling without sorting the vocabulary. Candidates are put in order (weight descending, lower id
+// first on ties) only as far as a cut needs: top-k keeps a heap of the k best scores, reading each token once,
+// and weighs only those (sample_weight(logit / T - max)); otherwise every token is weighed in one vectorised pass,
+// top-p finds its nucleus from a histogram of the weights' float bits (monotone in the weight) and sorts only the
+// bucket where the mass crosses top_p, and with neither cut the draw walks the ids in index order. Which tokens can be drawn, and with what probability, is as with a
 // full sort; the order a draw walks them in is not, so a seed picks other tokens than the full sort did (it still
 // reproduces a run). The full sort this replaced cost milliseconds per token and sequence over Qwen3's 151,936-token
 // vocabulary (bench/cpu/sampler_bench.cc; bench/RESULTS.md, "Host sampling"), next to GPU decode steps of 0.5-3 ms.
