@@ -23,11 +23,11 @@ class Sampler {
   int32_t sample(std::span<const float> logits);
 
  private:
-  SamplingParams params_;
-  std::mt19937_64 rng_;
   size_t cut_to_nucleus(size_t first, double mass);
   int32_t draw_from(size_t count, double u);
 
+  SamplingParams params_;
+  std::mt19937_64 rng_;
   std::vector<float> weights_;                        // sample_weight(logit / T - max) per token
   std::vector<double> bucket_mass_;                   // top-p: the weights' mass per bucket of their float bits
   std::vector<std::pair<float, int32_t>> candidates_;  // (weight, id), ordered as far as a cut needs

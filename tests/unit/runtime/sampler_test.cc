@@ -1,12 +1,11 @@
 // Temperature / top-k / top-p sampling against the distribution it must draw from: the softmax of logits / T,
 // cut to the k best or to the smallest nucleus of mass >= top_p and renormalised. Frequencies over many draws
-// (fixed seeds: deterministic) within 5 standard deviations; the cut sets exact, also where selection finds the
-// nucleus among thousands of near-equal logits; seeds, NaN and infinite logits, bad parameters.
+// (fixed seeds: deterministic) within 5 standard deviations; the cut sets exact, also where the nucleus ends inside
+// a histogram bucket of thousands of near-equal weights; seeds, NaN, masked and infinite logits, bad parameters.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <numeric>
 #include <random>
 #include <set>
@@ -90,8 +89,8 @@ TEST(Sampler, TopKAndTopPCutTheTail) {
   expect_follows(logits, SamplingParams{1.0f, 1e-6f, 0, 14}, 1000);        // the nucleus is the best token
 }
 
-// A nucleus of thousands of tokens is found by selection on mass (ranges halved down to 64): the drawn set must be
-// exactly the nucleus, and the draws' mass over its best tokens as expected.
+// A nucleus of thousands of near-equal weights (the histogram's crossing bucket holds many of them and is sorted):
+// the drawn set must be exactly the nucleus, and the draws' mass over its best tokens as expected.
 TEST(Sampler, LargeNucleusIsExact) {
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 0.3f);
@@ -107,7 +106,7 @@ TEST(Sampler, LargeNucleusIsExact) {
       ASSERT_EQ(counts[id], 0) << "token " << id << " is outside the nucleus";
     }
   }
-  EXPECT_GT(nucleus, 4096u);  // selection narrows it over several rounds
+  EXPECT_GT(nucleus, 4096u);  // past the short-vocabulary sort: the histogram path
   // The 500 most likely tokens' share.
   std::vector<int32_t> order(logits.size());
   std::iota(order.begin(), order.end(), 0);
