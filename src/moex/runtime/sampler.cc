@@ -9,22 +9,34 @@
 
 namespace moex {
 
-int32_t argmax(std::span<const float> logits) {
-  // The first index of the largest value (NaNs never win; logits[0] wins when it is NaN), in two passes: a
-  // max over kLanes independent running maxima, which the compiler turns into vector max instructions, then a
-  // scan for the first element equal to it. The one-pass loop's compare-and-reload chain ran at ~4 ns per
-  // element: 0.5 ms per step for 128 sequences over a 32000-token vocabulary.
-  if (logits.empty()) return 0;
+namespace {
+
+// The largest value (-inf when there is none but NaN: NaN never wins) as the max of kLanes independent running
+// maxima, which the compiler turns into vector max instructions; a one-pass compare-and-reload chain ran at ~4 ns
+// per element.
+float max_ignoring_nan(std::span<const float> values) {
   constexpr size_t kLanes = 16;
   float lanes[kLanes];
-  for (float& lane : lanes) lane = logits[0];
+  for (float& lane : lanes) lane = -std::numeric_limits<float>::infinity();
   size_t idx = 0;
-  for (; idx + kLanes <= logits.size(); idx += kLanes)
-    for (size_t lane = 0; lane < kLanes; ++lane) lanes[lane] = logits[idx + lane] > lanes[lane] ? logits[idx + lane] : lanes[lane];
-  float best = logits[0];
+  for (; idx + kLanes <= values.size(); idx += kLanes)
+    for (size_t lane = 0; lane < kLanes; ++lane)
+      lanes[lane] = values[idx + lane] > lanes[lane] ? values[idx + lane] : lanes[lane];
+  float best = lanes[0];
   for (float lane : lanes) best = lane > best ? lane : best;
-  for (; idx < logits.size(); ++idx) best = logits[idx] > best ? logits[idx] : best;
-  for (idx = 0; idx < logits.size(); ++idx)
+  for (; idx < values.size(); ++idx) best = values[idx] > best ? values[idx] : best;
+  return best;
+}
+
+}  // namespace
+
+int32_t argmax(std::span<const float> logits) {
+  // The first index of the largest value (NaNs never win; logits[0] wins when it is NaN), in two passes: the
+  // vectorised max, then a scan for the first element equal to it (0.5 ms per step for 128 sequences over a
+  // 32000-token vocabulary had gone to a one-pass loop).
+  if (logits.empty() || logits[0] != logits[0]) return 0;
+  const float best = max_ignoring_nan(logits);
+  for (size_t idx = 0; idx < logits.size(); ++idx)
     if (logits[idx] == best) return static_cast<int32_t>(idx);
   return 0;
 }
@@ -66,16 +78,18 @@ float sample_weight(float x) { return exp_weight(x); }
 // first on ties) only as far as a cut needs: top-k keeps a heap of the k best scores, reading each token once,
 // and weighs only those (sample_weight(logit / T - max)); otherwise every token is weighed in one vectorised pass,
 // top-p finds its nucleus from a histogram of the weights' float bits (monotone in the weight) and sorts only the
-// bucket where the mass crosses top_p, and with neither cut the draw walks the ids in index order. Which tokens can be drawn, and with what probability, is as with a
-// full sort; the order a draw walks them in is not, so a seed picks other tokens than the full sort did (it still
-// reproduces a run). The full sort this replaced cost milliseconds per token and sequence over Qwen3's 151,936-token
-// vocabulary (bench/cpu/sampler_bench.cc; bench/RESULTS.md, "Host sampling"), next to GPU decode steps of 0.5-3 ms.
-// NaN and -inf logits are never drawn.
+// bucket where the mass crosses top_p, and with neither cut the draw walks the ids in index order. Which tokens
+// can be drawn, and with what probability, is as with a full sort; the order a draw walks them in is not, so a
+// seed picks other tokens than the full sort did (it still reproduces a run). The full sort this replaced cost
+// milliseconds per token and sequence over Qwen3's 151,936-token vocabulary (bench/cpu/sampler_bench.cc;
+// bench/RESULTS.md, "Host sampling"), next to GPU decode steps of 0.5-3 ms. NaN and -inf logits are never drawn.
 int32_t Sampler::sample(std::span<const float> logits) {
   if (params_.temperature == 0.0f || logits.empty()) return argmax(logits);
   const float inv_t = 1.0f / params_.temperature;
   const size_t n = logits.size();
-  auto before = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  auto before = [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
   if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < n) {  // the k best by score, then their weights
     // A heap of the k best seen so far, its worst on top: most tokens lose one comparison against it, so the
@@ -104,19 +118,11 @@ int32_t Sampler::sample(std::span<const float> logits) {
     const float max_score = candidates_.empty() ? NAN : candidates_[0].first;  // the best score
     if (!std::isfinite(max_score)) return argmax(logits);  // all NaN or -inf, or an infinite logit: no weights
     for (auto& [score, id] : candidates_) score = exp_weight(score - max_score);
-    return draw_from(cut_to_nucleus(0, 0.0), uniform(rng_));
+    return draw_from(cut_to_nucleus(0, 0.0, candidates_mass(candidates_.size())), uniform(rng_));
   }
 
-  // Sixteen running maxima (and below, eight running sums): independent chains the compiler vectorises.
-  constexpr size_t kLanes = 16;
-  float lanes[kLanes];
-  for (float& lane : lanes) lane = -std::numeric_limits<float>::infinity();
-  size_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (size_t l = 0; l < kLanes; ++l) lanes[l] = logits[i + l] * inv_t > lanes[l] ? logits[i + l] * inv_t : lanes[l];
-  for (; i < n; ++i) lanes[0] = logits[i] * inv_t > lanes[0] ? logits[i] * inv_t : lanes[0];  // NaN never wins
-  float max_score = lanes[0];
-  for (float lane : lanes) max_score = lane > max_score ? lane : max_score;
+  // The max of logit / T is the max logit times 1 / T: rounding a product by a positive factor keeps the order.
+  const float max_score = max_ignoring_nan(logits) * inv_t;
   if (!std::isfinite(max_score)) return argmax(logits);  // all NaN or -inf, or an infinite logit: no weights
 
   weights_.resize(n);
@@ -129,8 +135,9 @@ int32_t Sampler::sample(std::span<const float> logits) {
     // NaN and -inf (a masked token) weigh 0: the polynomial alone would give -inf e^-87.
     out[idx] = score > -std::numeric_limits<float>::infinity() ? weight : 0.0f;
   }
-  double sums[8] = {};
-  for (i = 0; i + 8 <= n; i += 8)
+  double sums[8] = {};  // eight running sums: independent chains the compiler vectorises
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
     for (size_t l = 0; l < 8; ++l) sums[l] += weights_[i + l];
   for (; i < n; ++i) sums[0] += weights_[i];
   for (double sum : sums) total += sum;
@@ -149,7 +156,7 @@ int32_t Sampler::sample(std::span<const float> logits) {
     candidates_.resize(n);
     for (size_t idx = 0; idx < n; ++idx) candidates_[idx] = {weights_[idx], static_cast<int32_t>(idx)};
     std::sort(candidates_.begin(), candidates_.end(), before);
-    return draw_from(cut_to_nucleus(0, 0.0), uniform(rng_));
+    return draw_from(cut_to_nucleus(0, 0.0, candidates_mass(n)), uniform(rng_));
   }
   // Buckets by the weight's top 16 bits (sign 0, 8 exponent, 7 mantissa bits: a weight in (0, 1] is at most
   // 0x3F80), each with its mass; from the heaviest down, the bucket where the mass reaches top_p is the crossing
@@ -165,38 +172,39 @@ int32_t Sampler::sample(std::span<const float> logits) {
   }
   candidates_.clear();
   for (size_t idx = 0; idx < n; ++idx)
-    if ((std::bit_cast<uint32_t>(weights_[idx]) >> 16) > crossing) candidates_.emplace_back(weights_[idx], static_cast<int32_t>(idx));
+    if ((std::bit_cast<uint32_t>(weights_[idx]) >> 16) > crossing)
+      candidates_.emplace_back(weights_[idx], static_cast<int32_t>(idx));
   const size_t heavier = candidates_.size();
   for (size_t idx = 0; idx < n; ++idx)
     if ((std::bit_cast<uint32_t>(weights_[idx]) >> 16) == crossing && weights_[idx] > 0.0f)
       candidates_.emplace_back(weights_[idx], static_cast<int32_t>(idx));
   std::sort(candidates_.begin() + heavier, candidates_.end(), before);
-  total_ = total;
-  return draw_from(cut_to_nucleus(heavier, mass), uniform(rng_));
+  return draw_from(cut_to_nucleus(heavier, mass, total), uniform(rng_));
 }
 
-// The nucleus among candidates_: [0, first) are in it with mass `mass` (of total_ after a top-p histogram, or of
-// the candidates' own total where first is 0), and from `first` on the candidates are in order; the shortest
-// prefix whose mass reaches top_p. Returns its length (candidates_.size() when top_p is 1).
-size_t Sampler::cut_to_nucleus(size_t first, double mass) {
-  if (first == 0) {
-    total_ = 0;
-    for (const auto& [w, id] : candidates_) total_ += w;
-  }
+// The weight of candidates_[0, count), summed in their order.
+double Sampler::candidates_mass(size_t count) const {
+  double total = 0;
+  for (size_t i = 0; i < count; ++i) total += candidates_[i].first;
+  return total;
+}
+
+// The nucleus among candidates_: [0, first) are in it with `mass` (a share of `total`), and from `first` on the
+// candidates are in order; the shortest prefix whose mass reaches top_p. Returns its length (candidates_.size()
+// when top_p is 1).
+size_t Sampler::cut_to_nucleus(size_t first, double mass, double total) const {
   if (params_.top_p >= 1.0f) return candidates_.size();
   size_t cut = first;
   while (cut < candidates_.size()) {
-    mass += candidates_[cut++].first / total_;
+    mass += candidates_[cut++].first / total;
     if (mass >= params_.top_p) break;
   }
   return cut;
 }
 
 // A draw from candidates_[0, count) by weight, u uniform in [0, 1).
-int32_t Sampler::draw_from(size_t count, double u) {
-  double total = 0;
-  for (size_t i = 0; i < count; ++i) total += candidates_[i].first;
-  double draw = u * total;
+int32_t Sampler::draw_from(size_t count, double u) const {
+  double draw = u * candidates_mass(count);
   int32_t last = -1;
   for (size_t i = 0; i < count; ++i) {
     if (candidates_[i].first <= 0.0f) continue;

@@ -23,15 +23,15 @@ class Sampler {
   int32_t sample(std::span<const float> logits);
 
  private:
-  size_t cut_to_nucleus(size_t first, double mass);
-  int32_t draw_from(size_t count, double u);
+  double candidates_mass(size_t count) const;
+  size_t cut_to_nucleus(size_t first, double mass, double total) const;
+  int32_t draw_from(size_t count, double u) const;
 
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<float> weights_;                        // sample_weight(logit / T - max) per token
   std::vector<double> bucket_mass_;                   // top-p: the weights' mass per bucket of their float bits
   std::vector<std::pair<float, int32_t>> candidates_;  // (weight, id), ordered as far as a cut needs
-  double total_ = 0;                                  // the mass the top-p cut is a share of
 };
 
 int32_t argmax(std::span<const float> logits);
