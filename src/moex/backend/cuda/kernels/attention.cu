@@ -680,8 +680,9 @@ bool rows_are_distinct_sequences(const int32_t* row_seq, int64_t n) {
 // Only rows of distinct sequences: the kernel's blocks store the step's keys while other blocks read the cache, so
 // a row must not read a key another row of the step writes (decode rows around a prefill chunk raced here).
 bool decode_rope_fits(const AttentionShape& shape, int64_t rotary_dim) {
-  return shape.distinct_sequences && decode_kernel_fits(shape) && !prefill_mma_fits(shape) && shape.head_dim <= kAttentionMaxHeadDim &&
-         rotary_dim % 2 == 0 && rotary_dim >= 0 && rotary_dim <= shape.head_dim;
+  return shape.distinct_sequences && decode_kernel_fits(shape) && !prefill_mma_fits(shape) &&
+         shape.head_dim <= kAttentionMaxHeadDim && rotary_dim % 2 == 0 && rotary_dim >= 0 &&
+         rotary_dim <= shape.head_dim;
 }
 
 void launch_attention(const float* q, const float* k_pages, const float* v_pages, const PagedKvRows& rows, float* out,

@@ -312,9 +312,10 @@ bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const Ge
   if (total_rows == 0) return true;
   // Blocks per SM (MOEX_CUDA_NORMED_BLOCKS_PER_SM, default 2; 0: a block per 8 rows): enough warps to keep HBM
   // busy, few enough that the row's norm is computed a few hundred times, not once per 8 rows. Only where one
-  // round of loads covers a row (K <= 2048 at U = kNormedUnroll = 8), so that the warp's next row loads while its current one
-  // is summed; a longer row waits for its second round in the loop. H200, same call (MOEX_CUDA_NORMED_BLOCKS_PER_SM
-  // =0 against 2): Model B 3.427 -> 3.301 ms/token, Model A 0.605 -> 0.599; the 8x7B layer (K = 4096) 2.1 us slower.
+  // round of loads covers a row (K <= 2048 at U = kNormedUnroll = 8), so that the warp's next row loads while its
+  // current one is summed; a longer row waits for its second round in the loop. H200, same call
+  // (MOEX_CUDA_NORMED_BLOCKS_PER_SM=0 against 2): Model B 3.427 -> 3.301 ms/token, Model A 0.605 -> 0.599; the 8x7B
+  // layer (K = 4096) 2.1 us slower.
   static const int forced = env_int("MOEX_CUDA_NORMED_BLOCKS_PER_SM", -1);
   const bool one_round = K / 8 <= 32 * kNormedUnroll;  // the lanes' first round of 16-byte loads covers a row
   const int blocks_per_sm = forced >= 0 ? forced : (one_round ? 2 : 0);
