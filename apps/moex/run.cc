@@ -61,7 +61,8 @@ CommandAction setup_run(CLI::App* sub) {
   sub->add_option("-n,--max-new-tokens", options->max_new_tokens, "tokens to generate")->check(non_negative_number());
   sub->add_option("--temperature", options->sampling.temperature, "sampling temperature; 0 = greedy")
       ->check(non_negative_number());
-  sub->add_option("--top-p", options->sampling.top_p, "nucleus sampling mass in (0, 1]")->check(CLI::Range(0.0, 1.0));
+  sub->add_option("--top-p", options->sampling.top_p, "nucleus sampling mass in (0, 1]")
+      ->check(positive_number() & CLI::Range(0.0, 1.0));  // refused before the prompt is printed, not after
   sub->add_option("--top-k", options->sampling.top_k, "keep the k most likely tokens (0: all)")
       ->check(non_negative_number());
   auto* seed = sub->add_option("--seed", options->sampling.seed, "random seed (default: random; printed in --json stats)");

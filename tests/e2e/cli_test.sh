@@ -129,6 +129,7 @@ expect_error "missing model dir" "model directory does not exist" "$moex" run -m
 expect_error "unknown flag" "--bogus" "$moex" run --bogus
 expect_error "bad temperature" '--temperature: "-1" is not a number >= 0' "$moex" run -m "$fixture" --prompt-ids 1 \
   --temperature -1
+expect_error "zero top-p" '--top-p: "0" is not a number > 0' "$moex" run -m "$fixture" --prompt-ids 1 --top-p 0
 expect_error "bad energy window" '--gpu-energy-seconds: "0" is not a number > 0' "$moex" bench -m "$fixture" \
   --gpu-energy-seconds 0
 expect_error "non-numeric rate" '--host-read-gbs: "fast" is not a number > 0' "$moex" bench -m "$fixture" \
