@@ -29,7 +29,11 @@ std::vector<double> expected_distribution(const std::vector<float>& logits, cons
   for (size_t i = 0; i < logits.size(); ++i) total += w[i] = sample_weight(logits[i] * inv_t - max);
   std::vector<int32_t> order(logits.size());
   std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return w[a] > w[b] || (w[a] == w[b] && a < b); });
+  // Score order (descending, the lower id first on ties).
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    const float sa = logits[a] * inv_t, sb = logits[b] * inv_t;
+    return sa > sb || (sa == sb && a < b);
+  });
   size_t keep = logits.size();
   if (p.top_k > 0 && static_cast<size_t>(p.top_k) < keep) {
     keep = static_cast<size_t>(p.top_k);
@@ -172,6 +176,43 @@ TEST(Sampler, NaNAndMaskedNeverDrawnAndInfiniteLogitsDecide) {
   // Ties under top-k keep the lower id.
   Sampler one(SamplingParams{1.0f, 1.0f, 1, 2});
   for (int i = 0; i < 20; ++i) EXPECT_EQ(one.sample(std::vector<float>{0.0f, 2.0f, 2.0f, 1.0f}), 1);
+}
+
+// The pick walks the kept tokens in index order, not in score order: a uniform below the first kept token's share
+// picks it even when it is the least likely one.
+TEST(Sampler, PickWalksTheKeptTokensInIndexOrder) {
+  Sampler sampler(SamplingParams{1.0f, 1.0f, 0, 0});
+  const std::vector<float> two = {0.0f, 2.0f};  // weights e^-2 = 0.135 and 1
+  EXPECT_EQ(sampler.sample(two, TokenDraw{1.0f, 1.0f, 0, 0.05}), 0);
+  EXPECT_EQ(sampler.sample(two, TokenDraw{1.0f, 1.0f, 0, 0.2}), 1);
+  EXPECT_EQ(sampler.sample(two, TokenDraw{1.0f, 1.0f, 0, 0.0}), 0);  // u = 0: the first kept token
+  // Top-k 2 of four keeps ids 1 and 3 (score ties: the lower id first, so id 3 beats id 2 only by its score).
+  const std::vector<float> four = {1.0f, 3.0f, 2.0f, 3.0f};
+  EXPECT_EQ(sampler.sample(four, TokenDraw{1.0f, 1.0f, 2, 0.49}), 1);
+  EXPECT_EQ(sampler.sample(four, TokenDraw{1.0f, 1.0f, 2, 0.51}), 3);
+  // Top-p: the nucleus of {0.0, 2.0, 1.9} at 0.5 is ids 1 and 2 (id 1 alone holds 0.49); id 2 comes after id 1.
+  const std::vector<float> three = {0.0f, 2.0f, 1.9f};
+  EXPECT_EQ(sampler.sample(three, TokenDraw{1.0f, 0.5f, 0, 0.5}), 1);
+  EXPECT_EQ(sampler.sample(three, TokenDraw{1.0f, 0.5f, 0, 0.55}), 2);
+  EXPECT_EQ(sampler.sample(three, TokenDraw{1.0f, 0.4f, 0, 0.99}), 1);  // 0.4: id 1 alone
+}
+
+// sample(logits) is sample(logits, next_draw()): one uniform per token, so a device that picks from the host's
+// draws (Backend::sample_rows) follows the same generator.
+TEST(Sampler, SampleIsTheNextDrawsPick) {
+  std::mt19937 rng(12);
+  std::vector<float> logits(5000);
+  for (auto& v : logits) v = std::normal_distribution<float>(0.0f, 2.0f)(rng);
+  for (const SamplingParams& p : {SamplingParams{0.8f, 1.0f, 0, 3}, SamplingParams{0.8f, 0.9f, 0, 3},
+                                  SamplingParams{1.3f, 0.95f, 40, 3}, SamplingParams{0.0f, 1.0f, 0, 3}}) {
+    Sampler a(p), b(p);
+    for (int i = 0; i < 50; ++i) {
+      const TokenDraw draw = b.next_draw();
+      EXPECT_EQ(draw.temperature, p.temperature);
+      EXPECT_EQ(draw.top_k, p.top_k);
+      EXPECT_EQ(a.sample(logits), b.sample(logits, draw)) << "token " << i;
+    }
+  }
 }
 
 // The sampler's exp: within 2 ulp of std::exp over the range that matters (weights down to e^-87).
