@@ -74,6 +74,7 @@ CommandAction setup_bench(CLI::App* sub) {
     std::string gpu_telemetry = "auto";
     double gpu_energy_seconds = 2;
     std::string routing_trace;
+    SamplingParams sampling;  // temperature 0: greedy decode steps
   };
   auto options = std::make_shared<Options>();
   add_model_options(sub, &options->model, /*model_required=*/true);
@@ -90,9 +91,17 @@ CommandAction setup_bench(CLI::App* sub) {
                   "memory bandwidth of the device (GB/s, measured elsewhere) for the roofline column");
   sub->add_option("--batch", options->batches,
                   "batched decode at these batch sizes, e.g. 1,8,32,128: that many sequences with a "
-                  "--decode-context prompt each, --decode-tokens greedy steps decoded together")
+                  "--decode-context prompt each, --decode-tokens steps decoded together")
       ->delimiter(',')
       ->check(positive_number());
+  sub->add_option("--temperature", options->sampling.temperature,
+                  "decode by sampling at this temperature (with --top-k, --top-p, fixed seeds) instead of greedily: "
+                  "times the pick on the device where the backend samples, else on the host")
+      ->check(non_negative_number());
+  sub->add_option("--top-p", options->sampling.top_p, "with --temperature: nucleus mass in (0, 1]")
+      ->check(positive_number() & CLI::Range(0.0, 1.0));
+  sub->add_option("--top-k", options->sampling.top_k, "with --temperature: keep the k most likely tokens (0: all)")
+      ->check(non_negative_number());
   sub->add_flag("--json", options->json, "print one JSON object with every parameter and result");
   sub->add_option("--trace-out", options->trace_out,
                   "write the routing of the batch-1 decode repetitions (warm-up included, one request each: "
@@ -193,9 +202,11 @@ CommandAction setup_bench(CLI::App* sub) {
     std::vector<double> per_token_ms;
     engine.decoder().reserve(options->decode_context + options->decode_tokens);
     if (replay) engine.decoder().set_routing_override(replay.get());  // host routing from here: no chained steps
-    // Greedy steps chained on the device where the engine would chain them (Engine::generate); a trace needs
-    // every step's routing on the host.
-    const bool chained = !trace && engine.decoder().can_chain_greedy() && options->decode_tokens > 0;
+    // Steps chained on the device where the engine would chain them (Engine::generate); a trace needs every step's
+    // routing on the host.
+    const bool sampled = options->sampling.temperature > 0.0f;
+    const bool chained = !trace && engine.decoder().can_chain_steps(sampled) && options->decode_tokens > 0;
+    Sampler sampler(options->sampling);  // the decode steps' draws (fixed seed): greedy without --temperature
     // Expert traffic of the timed decode steps alone (prefill traffic is reported apart).
     ExpertProviderStats decode_stats{};
     int64_t timed_steps = 0;
@@ -224,19 +235,19 @@ CommandAction setup_bench(CLI::App* sub) {
       window(metered, true);
       auto start = std::chrono::steady_clock::now();
       if (chained) {
-        // As Engine::generate decodes greedily: the device runs one step ahead of the host.
-        engine.decoder().enqueue_greedy_step(token, options->decode_context);
+        // As Engine::generate decodes: the device runs one step ahead of the host.
+        engine.decoder().enqueue_step(token, options->decode_context, sampler.next_draw());
         for (int64_t step = 1; step < options->decode_tokens; ++step) {
-          engine.decoder().enqueue_greedy_step(Backend::kTokenOnDevice, options->decode_context + step);
-          token = engine.decoder().next_greedy_token();
+          engine.decoder().enqueue_step(Backend::kTokenOnDevice, options->decode_context + step, sampler.next_draw());
+          token = engine.decoder().next_token();
         }
-        token = engine.decoder().next_greedy_token();
+        token = engine.decoder().next_token();
       } else {
         for (int64_t step = 0; step < options->decode_tokens; ++step) {
           const int64_t position = options->decode_context + step;
           if (record) trace->record_token_id(request, position, token);
           engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &logits, observer);
-          token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+          token = sampler.sample(logits);
         }
       }
       engine.backend().synchronize();
@@ -275,6 +286,7 @@ CommandAction setup_bench(CLI::App* sub) {
       engine.decoder().reserve(batch * (context + steps_per_rep + 1));
       std::vector<double> step_ms, pick_ms;
       std::vector<int32_t> picked;
+      std::vector<TokenDraw> draws;
       bool picked_on_device = false;
       auto batch_rep = [&](int, bool metered) {
         std::vector<Decoder::DecodeStep> steps;
@@ -288,13 +300,17 @@ CommandAction setup_bench(CLI::App* sub) {
         window(metered, true);
         auto start = std::chrono::steady_clock::now();
         for (int64_t step = 0; step < steps_per_rep; ++step) {
-          // Greedy picks are part of a real step: on the device where the backend can (one id per row comes
-          // back), else on the host, timed apart to tell them from the device's part.
-          const bool on_device = engine.decoder().forward_batch(steps, &logits, &picked);
+          // Picks are part of a real step: on the device where the backend can (one id per row comes back), else
+          // on the host, timed apart to tell them from the device's part. One generator serves every row here.
+          draws.clear();
+          if (sampled)
+            for (int64_t row = 0; row < batch; ++row) draws.push_back(sampler.next_draw());
+          const bool on_device = engine.decoder().forward_batch(steps, &logits, &picked, draws);
           picked_on_device = on_device;
           auto pick_start = std::chrono::steady_clock::now();
           for (int64_t row = 0; row < batch; ++row) {
-            steps[row].token = on_device ? picked[row] : argmax(std::span<const float>(logits).subspan(row * vocab, vocab));
+            const auto row_logits = std::span<const float>(logits).subspan(row * vocab, vocab);
+            steps[row].token = on_device ? picked[row] : sampled ? sampler.sample(row_logits, draws[row]) : argmax(row_logits);
             ++steps[row].position;
           }
           picking += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - pick_start).count();
@@ -321,7 +337,7 @@ CommandAction setup_bench(CLI::App* sub) {
                                {"ms_per_step_mean", s.mean},
                                {"ms_per_step_stddev", s.stddev},
                                {"host_pick_ms_per_step", summarize(pick_ms).mean},
-                               {"greedy_pick_on_device", picked_on_device},
+                               {"pick_on_device", picked_on_device},
                                {"tokens_per_s", s.mean > 0 ? batch * 1000.0 / s.mean : 0.0}});
       if (meter && steps_per_rep > 0) batch_results.back()["gpu"] = energy_pass(batch * steps_per_rep, batch_rep);
     }
@@ -337,6 +353,9 @@ CommandAction setup_bench(CLI::App* sub) {
         {"load_format", options->model.load_format},
         {"threads", options->model.num_threads},
         {"reps", options->reps},
+        {"sampling", {{"temperature", options->sampling.temperature},
+                      {"top_k", options->sampling.top_k},
+                      {"top_p", options->sampling.top_p}}},
         {"prefill", prefill_results},
         {"decode", {{"context", options->decode_context},
                     {"tokens", options->decode_tokens},
@@ -427,7 +446,7 @@ CommandAction setup_bench(CLI::App* sub) {
                 chained ? "; steps chained on the device" : "");
     print_gpu(out["decode"]);
     for (const auto& b : batch_results) {
-      std::printf("decode  (batch %3lld):  %9.3f ms/step  (+- %.3f)  %10.1f tokens/s; host argmax %.3f ms/step\n",
+      std::printf("decode  (batch %3lld):  %9.3f ms/step  (+- %.3f)  %10.1f tokens/s; host picks %.3f ms/step\n",
                   static_cast<long long>(b["batch"].get<int64_t>()), b["ms_per_step_mean"].get<double>(),
                   b["ms_per_step_stddev"].get<double>(), b["tokens_per_s"].get<double>(),
                   b["host_pick_ms_per_step"].get<double>());

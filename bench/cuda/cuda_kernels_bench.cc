@@ -3,7 +3,9 @@
 // and dense tensor-core GEMM TFLOP/s, attention. Inputs rotate over more bytes than L2 holds, so the
 // bandwidth figures are HBM figures. Each row: mean +- stddev over 5 repetitions of `reps` back-to-back
 // launches between two events (launch gaps included, as eager decode sees them).
-// Usage: moex_cuda_kernels_bench [--json FILE]
+// Last, token picks over Model A's and Model B's vocabularies: the greedy argmax against the sampling kernel with
+// moex run's default cuts and with top-p alone.
+// Usage: moex_cuda_kernels_bench [--json FILE] [--sampling-only]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -22,6 +24,7 @@
 #include "moex/backend/cuda/kernels/gemv.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 #include "moex/backend/cuda/kernels/router.cuh"
+#include "moex/backend/cuda/kernels/sampling.cuh"
 #include "moex/backend/cuda/moe_plan.h"
 
 namespace moex {
@@ -195,7 +198,41 @@ struct Shape3 {
   int64_t n, k;
 };
 
-int run(const char* json_path) {
+// Picks over a vocabulary of logits ~ N(0, 2^2) with a few planted favourites: one launch per row batch, argmax
+// (two kernels) against the sampling kernel.
+void bench_sampling(Bench& b) {
+  cudaStream_t s = b.stream();
+  for (int64_t vocab : {int64_t{32000}, int64_t{151936}}) {
+    for (int64_t rows : {int64_t{1}, int64_t{32}, int64_t{128}}) {
+      float* logits = b.random_f32(static_cast<size_t>(rows * vocab));
+      void* ids = b.upload(std::vector<int32_t>(static_cast<size_t>(rows)).data(), static_cast<size_t>(rows) * 4);
+      void* scratch = b.upload(std::vector<char>(cuda::argmax_scratch_bytes(rows, vocab)).data(),
+                               cuda::argmax_scratch_bytes(rows, vocab));
+      const std::string shape = fmt::format("vocab {} rows {}", vocab, rows);
+      Timing t = b.time(
+          [&](int) { cuda::launch_argmax_rows(logits, rows, vocab, static_cast<int32_t*>(ids), scratch, s); }, 100);
+      report(fmt::format("pick argmax {}", shape), t, 0.0, "-", 0);
+      struct Case {
+        const char* label;
+        cuda::DeviceDraw draw;
+      };
+      const Case cases[] = {{"T=1", {1.0f, 1.0f, 0, 0.5}},
+                            {"T=0.8 top-k 40 top-p 0.95", {1.25f, 0.95f, 40, 0.5}},
+                            {"T=1 top-p 0.9", {1.0f, 0.9f, 0, 0.5}}};
+      std::vector<cuda::DeviceDraw> draws(static_cast<size_t>(rows));
+      for (const Case& c : cases) {
+        std::fill(draws.begin(), draws.end(), c.draw);
+        auto* dev = static_cast<const cuda::DeviceDraw*>(b.upload(draws.data(), draws.size() * sizeof(draws[0])));
+        t = b.time([&](int) { cuda::launch_sample_rows(logits, rows, vocab, dev, c.draw, static_cast<int32_t*>(ids), s); },
+                   100);
+        report(fmt::format("pick sample {} {}", c.label, shape), t, 0.0, "-", 0);
+      }
+      b.free_all();
+    }
+  }
+}
+
+int run(const char* json_path, bool sampling_only) {
   if (cuda_device_count() == 0) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: no CUDA device\n");
     return 1;
@@ -203,6 +240,11 @@ int run(const char* json_path) {
   if (json_path) g_json = std::fopen(json_path, "w");
   std::printf("device: %s\n", cuda_device_description(0).c_str());
   Bench b;
+  if (sampling_only) {
+    bench_sampling(b);
+    if (g_json) std::fclose(g_json);
+    return 0;
+  }
   cudaStream_t s = b.stream();
   int sms = 0;
   MOEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -356,6 +398,7 @@ int run(const char* json_path) {
     report(fmt::format("router 128 experts top-8 tokens={}", tokens), t, 0.0, "-", 0);
     b.free_all();
   }
+  bench_sampling(b);
   if (g_json) std::fclose(g_json);
   return 0;
 }
@@ -365,10 +408,13 @@ int run(const char* json_path) {
 
 int main(int argc, char** argv) {
   const char* json = nullptr;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::string(argv[i]) == "--json") json = argv[i + 1];
+  bool sampling_only = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--json" && i + 1 < argc) json = argv[i + 1];
+    if (std::string(argv[i]) == "--sampling-only") sampling_only = true;
+  }
   try {
-    return moex::run(json);
+    return moex::run(json, sampling_only);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: %s\n", e.what());
     return 1;

@@ -65,13 +65,13 @@ void check_attention_shapes(const KvStep& step, const TensorView& q, const Tenso
               v_pages.shape.str(), out.shape.str(), step.page_size);
 }
 
-void Backend::pick_greedy(const TensorView& logits) {
-  (void)logits;
-  MOEX_ASSERT(false, "{}: pick_greedy on a backend that does not chain greedy steps", name());
+void Backend::pick_token(const TensorView& logits, const TokenDraw& draw) {
+  (void)logits, (void)draw;
+  MOEX_ASSERT(false, "{}: pick_token on a backend that does not chain decode steps", name());
 }
 
 int32_t Backend::picked_token() {
-  MOEX_ASSERT(false, "{}: picked_token on a backend that does not chain greedy steps", name());
+  MOEX_ASSERT(false, "{}: picked_token on a backend that does not chain decode steps", name());
   return kTokenOnDevice;
 }
 

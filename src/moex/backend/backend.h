@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "moex/backend/token_draw.h"
 #include "moex/core/tensor.h"
 
 namespace moex {
@@ -251,7 +252,7 @@ class Backend {
     moe_routed(normed, router, logits, top_k, scoring, normalize, experts, out);
   }
 
-  // ---- greedy sampling on the device (optional) ---------------------------------------------------------
+  // ---- picking tokens on the device (optional) ----------------------------------------------------------
   // ids[r] = the first index of the largest value of logits row r ([rows, vocab] fp32), NaN never winning
   // (row[0] wins when it is NaN), as the sampler's argmax(). Returns false when the backend has no such
   // kernel (the caller then reads the logits back and picks on the host). A device backend saves reading
@@ -260,19 +261,32 @@ class Backend {
     (void)logits, (void)ids;
     return false;
   }
+  // ids[r] = the token draws[r] picks from logits row r, as Sampler::sample(row, draws[r]) picks it (greedy rows
+  // included). Returns false, with nothing done, when the backend cannot (no kernel, or a vocabulary too large for
+  // it: samples_on_device): the caller then reads the logits back and picks on the host with the same draws.
+  virtual bool sample_rows(const TensorView& logits, std::span<const TokenDraw> draws, std::span<int32_t> ids) {
+    (void)logits, (void)draws, (void)ids;
+    return false;
+  }
+  // Whether sample_rows() and pick_token() take sampled (temperature > 0) draws over a vocabulary this size.
+  virtual bool samples_on_device(int64_t vocab) const {
+    (void)vocab;
+    return false;
+  }
 
-  // ---- chained greedy steps (optional) ------------------------------------------------------------------------
-  // Greedy decoding of one sequence without a host round trip between steps. pick_greedy() enqueues the argmax of
-  // logits' last row (as argmax_rows) and returns at once: that id becomes the token of the next decode_step()
-  // called with kTokenOnDevice, and picked_token() returns it once it reached the host (the oldest pick not yet
-  // read; it waits). So the host enqueues step t+1 before it reads step t's token, and the device does not idle
-  // while the host reads the token, checks it, prints it and launches the next step. Up to kMaxPendingPicks
-  // picks may wait to be read. A backend that chains (chains_greedy_steps) supports this in decode_step().
+  // ---- chained decode steps (optional) -------------------------------------------------------------------------
+  // Decoding of one sequence without a host round trip between steps. pick_token() enqueues the pick of draw from
+  // logits' last row (as sample_rows; greedy when draw.temperature is 0) and returns at once: that id becomes the
+  // token of the next decode_step() called with kTokenOnDevice, and picked_token() returns it once it reached the
+  // host (the oldest pick not yet read; it waits). So the host enqueues step t+1 before it reads step t's token,
+  // and the device does not idle while the host reads the token, checks it, prints it and launches the next step.
+  // Up to kMaxPendingPicks picks may wait to be read. A backend that chains (chains_steps) supports this in
+  // decode_step(), with greedy draws, and with sampled ones where samples_on_device(vocab).
   static constexpr int32_t kTokenOnDevice = -1;
   static constexpr int kMaxPendingPicks = 4;
-  virtual bool chains_greedy_steps() const { return false; }
-  virtual void pick_greedy(const TensorView& logits);   // default: an error (the backend does not chain)
-  virtual int32_t picked_token();                       // default: an error
+  virtual bool chains_steps() const { return false; }
+  virtual void pick_token(const TensorView& logits, const TokenDraw& draw);  // default: an error (no chaining)
+  virtual int32_t picked_token();                                            // default: an error
 
   // ---- decode-step recording (optional) ---------------------------------------------------------
   // Runs the ops of one single-token step (token at position). A backend may record ops() once per
@@ -281,7 +295,7 @@ class Backend {
   // KvStep (prepare_kv_step() comes before decode_step(), so its upload stays outside the recording), must
   // not read anything back to the host, and must touch the same buffers each time: call
   // reset_step_recordings() when a buffer it uses is reallocated. token may be kTokenOnDevice after a
-  // pick_greedy() (backends that chain greedy steps). Default: runs ops().
+  // pick_token() (backends that chain steps). Default: runs ops().
   virtual void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) {
     (void)token, (void)position;
     ops();

@@ -312,21 +312,24 @@ bool Decoder::routes_on_device(const RouterObserver* observer) const {
          experts_.lookahead_layers() == 0 && routing_override_ == nullptr;
 }
 
-bool Decoder::can_chain_greedy() const { return backend_.chains_greedy_steps() && routes_on_device(nullptr); }
+bool Decoder::can_chain_steps(bool sampled) const {
+  return backend_.chains_steps() && routes_on_device(nullptr) &&
+         (!sampled || backend_.samples_on_device(cfg_.vocab_size));
+}
 
-void Decoder::enqueue_greedy_step(int32_t token, int64_t position) {
-  MOEX_ASSERT(can_chain_greedy(), "enqueue_greedy_step: the backend cannot chain greedy steps here");
+void Decoder::enqueue_step(int32_t token, int64_t position, const TokenDraw& draw) {
+  MOEX_ASSERT(can_chain_steps(draw.temperature > 0.0f), "enqueue_step: the backend cannot chain these steps here");
   if (token != Backend::kTokenOnDevice) check_token(token);
   const int64_t stride = prepare_rows(default_seq_, position, 1);
   ids_.assign(1, token);
   launch_step(ids_, position, stride, /*all_logits=*/false, /*want_logits=*/true, nullptr);  // a recordable step
-  backend_.pick_greedy(scratch(kLogits, Shape{1, cfg_.vocab_size}));
+  backend_.pick_token(scratch(kLogits, Shape{1, cfg_.vocab_size}), draw);
 }
 
-int32_t Decoder::next_greedy_token() { return backend_.picked_token(); }
+int32_t Decoder::next_token() { return backend_.picked_token(); }
 
 bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits,
-                            std::vector<int32_t>* greedy_ids) {
+                            std::vector<int32_t>* picked_ids, std::span<const TokenDraw> draws) {
   const int64_t n = static_cast<int64_t>(steps.size());
   if (n == 0) throw UsageError("forward_batch: no sequences to run");
   if (routing_override_) throw UsageError("forward_batch: a routing override replays one sequence; not a batch");
@@ -358,7 +361,9 @@ bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float
     const auto table = kv_->block_table(steps[row].seq);
     std::copy(table.begin(), table.end(), tables_.begin() + row * stride);
   }
-  return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, greedy_ids);
+  MOEX_ASSERT(draws.empty() || draws.size() == steps.size(), "forward_batch: {} draws for {} steps", draws.size(),
+              steps.size());
+  return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, picked_ids, draws);
 }
 
 void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
@@ -378,17 +383,20 @@ void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64
 }
 
 bool Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                       std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* greedy_ids) {
-  launch_step(ids, start_pos, table_stride, all_logits, logits != nullptr || greedy_ids != nullptr, observer);
-  if (!logits && !greedy_ids) return false;
+                       std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* picked_ids,
+                       std::span<const TokenDraw> draws) {
+  launch_step(ids, start_pos, table_stride, all_logits, logits != nullptr || picked_ids != nullptr, observer);
+  if (!logits && !picked_ids) return false;
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t rows = all_logits ? n : 1;
   const TensorView device_logits = scratch(kLogits, Shape{rows, cfg_.vocab_size});
-  if (greedy_ids) {
-    greedy_ids->resize(static_cast<size_t>(rows));
-    if (backend_.argmax_rows(device_logits, *greedy_ids)) return true;
+  if (picked_ids) {
+    picked_ids->resize(static_cast<size_t>(rows));
+    if (draws.empty() ? backend_.argmax_rows(device_logits, *picked_ids)
+                      : backend_.sample_rows(device_logits, draws, *picked_ids))
+      return true;
   }
-  if (!logits) throw UsageError("forward: the backend cannot pick greedy tokens itself; pass logits too");
+  if (!logits) throw UsageError("forward: the backend cannot pick tokens itself; pass logits too");
   logits->resize(static_cast<size_t>(rows * cfg_.vocab_size));
   backend_.copy_to_host(device_logits, logits->data());
   return false;

@@ -84,23 +84,25 @@ class Decoder {
     int32_t token = 0;
     int64_t position = 0;
   };
-  // With greedy_ids (greedy decoding): when the backend picks on its device (Backend::argmax_rows), *greedy_ids
-  // receives each row's argmax, the logits are not read back, and the call returns true; otherwise the logits
-  // are read back as without it and the call returns false (the caller picks on the host).
+  // With picked_ids: when the backend picks on its device (Backend::argmax_rows without draws, greedy;
+  // Backend::sample_rows with draws[i] for row i), *picked_ids receives each row's pick, the logits are not read
+  // back, and the call returns true; otherwise the logits are read back as without it and the call returns false
+  // (the caller picks on the host, with the same draws).
   bool forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits,
-                     std::vector<int32_t>* greedy_ids = nullptr);
+                     std::vector<int32_t>* picked_ids = nullptr, std::span<const TokenDraw> draws = {});
   // Tells the expert provider that the current sequence ended (per-request predictors and policies).
   void end_sequence();
 
-  // Greedy decoding of the decoder's own sequence with its steps chained on the device (Backend::pick_greedy):
-  // the host enqueues step t+1 before it has read step t's token. Possible when the backend chains steps and a
-  // step needs nothing from the host (routing on the device: every expert resident, no lookahead).
-  bool can_chain_greedy() const;
-  // Enqueues the step of token at position (the sequence's length, or less) and its greedy pick, and returns
-  // without waiting. token = Backend::kTokenOnDevice takes the previous enqueued step's pick.
-  void enqueue_greedy_step(int32_t token, int64_t position);
+  // Decoding of the decoder's own sequence with its steps chained on the device (Backend::pick_token): the host
+  // enqueues step t+1 before it has read step t's token. Possible when the backend chains steps, picks such draws
+  // (greedy, or sampled where Backend::samples_on_device) and a step needs nothing from the host (routing on the
+  // device: every expert resident, no lookahead).
+  bool can_chain_steps(bool sampled) const;
+  // Enqueues the step of token at position (the sequence's length, or less) and the pick of draw from its logits,
+  // and returns without waiting. token = Backend::kTokenOnDevice takes the previous enqueued step's pick.
+  void enqueue_step(int32_t token, int64_t position, const TokenDraw& draw);
   // The oldest enqueued step's pick; waits for it.
-  int32_t next_greedy_token();
+  int32_t next_token();
 
  private:
   struct DeviceLayer;
@@ -116,9 +118,10 @@ class Decoder {
   void launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
                    bool want_logits, RouterObserver* observer);
   // launch_step(), then reads logits back.
-  // With greedy_ids, as forward_batch. Returns whether greedy_ids were filled on the device.
+  // With picked_ids (and draws), as forward_batch. Returns whether picked_ids were filled on the device.
   bool run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* greedy_ids = nullptr);
+                std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* picked_ids = nullptr,
+                std::span<const TokenDraw> draws = {});
   // The step's ops from embedding to the lm head (left in the kLogits scratch when want_logits).
   void run_layers(std::span<const int32_t> ids, int64_t start_pos, std::span<const int32_t> positions,
                   bool all_logits, bool want_logits, bool device_routing, RouterObserver* observer);

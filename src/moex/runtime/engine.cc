@@ -107,8 +107,8 @@ GenerationResult Engine::generate(std::span<const int32_t> prompt, const Generat
   result.stop_reason = "length";
   if (options.max_new_tokens > 0) {
     int32_t token = sampler.sample(logits);
-    if (options.sampling.temperature == 0.0f && observer == nullptr && decoder_->can_chain_greedy()) {
-      decode_chained(token, position, options, on_token, &result);
+    if (observer == nullptr && decoder_->can_chain_steps(options.sampling.temperature > 0.0f)) {
+      decode_chained(token, position, options, sampler, on_token, &result);
     } else {
       while (take_token(token, options, on_token, &result)) {
         decoder_->forward(std::span<const int32_t>(&token, 1), position++, false, &logits, observer);
@@ -134,7 +134,7 @@ bool Engine::take_token(int32_t id, const GenerationOptions& options, const std:
   return keep_going && static_cast<int64_t>(result->output_ids.size()) < options.max_new_tokens;
 }
 
-void Engine::decode_chained(int32_t token, int64_t position, const GenerationOptions& options,
+void Engine::decode_chained(int32_t token, int64_t position, const GenerationOptions& options, Sampler& sampler,
                             const std::function<bool(int32_t)>& on_token, GenerationResult* result) {
   // Steps enqueued whose picks are not read yet. The device runs one step ahead of the host: step t+1 is enqueued
   // before step t's token is read, so reading, checking and printing it overlap the device's work. A stop
@@ -144,23 +144,23 @@ void Engine::decode_chained(int32_t token, int64_t position, const GenerationOpt
   auto known = [&] { return static_cast<int64_t>(result->output_ids.size()); };
   // A step enqueued past a stop still runs; its pick is read so that the next generation starts clean.
   auto drain = [&] {
-    for (; in_flight > 0; --in_flight) decoder_->next_greedy_token();
+    for (; in_flight > 0; --in_flight) decoder_->next_token();
   };
   try {
     bool running = take(token);
     if (running) {
-      decoder_->enqueue_greedy_step(token, position++);
+      decoder_->enqueue_step(token, position++, sampler.next_draw());
       ++in_flight;
     }
     while (running) {
       // known + in_flight tokens exist or are coming; another step is worth it only if its token may be kept.
       if (known() + in_flight < options.max_new_tokens) {
-        decoder_->enqueue_greedy_step(Backend::kTokenOnDevice, position++);
+        decoder_->enqueue_step(Backend::kTokenOnDevice, position++, sampler.next_draw());
         ++in_flight;
       }
       --in_flight;
       ++result->decode_steps;
-      running = take(decoder_->next_greedy_token());
+      running = take(decoder_->next_token());
     }
   } catch (...) {
     try {
@@ -206,10 +206,11 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
     step_owner.push_back(idx);
     return true;
   };
-  auto advance = [&](size_t idx, std::span<const float> row) { return take(idx, running[idx].sampler.sample(row)); };
-  // Greedy decoding picks on the device when the backend can: one id per sequence comes back, not its logits.
+  // Tokens are picked on the device when the backend can: one id per sequence comes back, not its logits. Each
+  // row's draw comes from its sequence's sampler either way, so a fallback to the host picks the same tokens.
   const bool greedy = options.sampling.temperature == 0.0f;
   std::vector<int32_t> picked;
+  std::vector<TokenDraw> draws;
   try {
     for (size_t idx = 0; idx < prompts.size(); ++idx) {
       SamplingParams sampling = options.sampling;
@@ -219,10 +220,11 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
       auto start = std::chrono::steady_clock::now();
       decoder_->forward_sequence(running[idx].seq, prompts[idx], 0, /*all_logits=*/false, &logits);
       results[idx].prefill_ms = elapsed_ms(start);
-      if (options.max_new_tokens > 0) advance(idx, logits);
+      if (options.max_new_tokens > 0) take(idx, running[idx].sampler.sample(logits));
     }
     auto start = std::chrono::steady_clock::now();
-    const int64_t vocab = config().vocab_size;
+    const size_t vocab = static_cast<size_t>(config().vocab_size);
+    auto logits_row = [&](size_t row) { return std::span<const float>(logits).subspan(row * vocab, vocab); };
     std::vector<Decoder::DecodeStep> batch;
     std::vector<size_t> owners;
     while (!steps.empty()) {
@@ -230,11 +232,14 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
       owners.swap(step_owner);
       steps.clear();
       step_owner.clear();
-      const bool on_device = decoder_->forward_batch(batch, &logits, greedy ? &picked : nullptr);
+      draws.clear();
+      for (size_t row = 0; row < batch.size(); ++row) draws.push_back(running[owners[row]].sampler.next_draw());
+      const bool on_device =
+          decoder_->forward_batch(batch, &logits, &picked, greedy ? std::span<const TokenDraw>() : draws);
       for (size_t row = 0; row < batch.size(); ++row) {
         ++results[owners[row]].decode_steps;
         if (on_device) take(owners[row], picked[row]);
-        else advance(owners[row], std::span<const float>(logits).subspan(row * vocab, vocab));
+        else take(owners[row], running[owners[row]].sampler.sample(logits_row(row), draws[row]));
       }
     }
     const double decode_ms = elapsed_ms(start);

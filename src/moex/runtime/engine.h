@@ -97,10 +97,10 @@ class Engine {
   // on_token, below max_new_tokens). EOS sets the stop reason.
   bool take_token(int32_t id, const GenerationOptions& options, const std::function<bool(int32_t)>& on_token,
                   GenerationResult* result) const;
-  // Greedy decode steps chained on the device (Decoder::enqueue_greedy_step) from token, the first new token
-  // (already sampled from the prompt), at position: the same tokens, stops and counts as generate()'s loop.
-  // max_new_tokens > 0.
-  void decode_chained(int32_t token, int64_t position, const GenerationOptions& options,
+  // Decode steps chained on the device (Decoder::enqueue_step) from token, the first new token (already sampled
+  // from the prompt), at position, each picking with sampler's next draw: the same tokens, stops and counts as
+  // generate()'s loop. max_new_tokens > 0.
+  void decode_chained(int32_t token, int64_t position, const GenerationOptions& options, Sampler& sampler,
                       const std::function<bool(int32_t)>& on_token, GenerationResult* result);
 
   const Model& model_;

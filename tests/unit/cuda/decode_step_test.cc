@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <set>
 
 #include "cuda_test_util.h"
 #include "moex/model/model.h"
@@ -203,17 +204,17 @@ TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
     const Model* model = fixture.model.get();
     const auto& prompt = fixture.prompt;
     const auto step_by_step = greedy_with_switch_off(*model, prompt, 300, "MOEX_CUDA_CHAIN_STEPS", [](Engine& engine) {
-      EXPECT_FALSE(engine.backend().chains_greedy_steps());
+      EXPECT_FALSE(engine.backend().chains_steps());
     });
     const auto eager_chained = greedy_with_switch_off(*model, prompt, 300, "MOEX_CUDA_GRAPHS", [](Engine& engine) {
-      EXPECT_TRUE(engine.backend().chains_greedy_steps());
+      EXPECT_TRUE(engine.backend().chains_steps());
       EXPECT_EQ(cuda_step_graph_stats(engine.backend()).replays, 0);
     });
     EXPECT_EQ(eager_chained, step_by_step);
     EngineOptions options;
     options.device = "cuda";
     Engine chained(*model, options);
-    ASSERT_TRUE(chained.backend().chains_greedy_steps());
+    ASSERT_TRUE(chained.backend().chains_steps());
     EXPECT_EQ(greedy(chained, prompt, 300), step_by_step);
     // on_token stops at token 7: the step for token 8 is already enqueued; the next generation is unaffected.
     GenerationOptions stop;
@@ -224,6 +225,38 @@ TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
     const auto early = chained.generate(prompt, stop, [&](int32_t) { return ++seen < 7; }).output_ids;
     EXPECT_EQ(early, std::vector<int32_t>(step_by_step.begin(), step_by_step.begin() + 7));
     EXPECT_EQ(greedy(chained, prompt, 40), std::vector<int32_t>(step_by_step.begin(), step_by_step.begin() + 40));
+  }
+}
+
+// Sampled decoding chained on the device (the sampling kernel picks from the host generator's draws) against steps
+// that read the logits back and sample on the host: with the same seed, the same tokens, for plain temperature,
+// top-p, and top-k with top-p.
+TEST(CudaDecodeStep, ChainedSamplingMatchesHostSampling) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe");
+  for (const LoadedFixture& fixture : fixtures) {
+    for (const SamplingParams& sampling : {SamplingParams{0.8f, 1.0f, 0, 5}, SamplingParams{1.0f, 0.9f, 0, 6},
+                                           SamplingParams{0.7f, 0.95f, 20, 7}}) {
+      SCOPED_TRACE(testing::Message() << fixture.name << " T " << sampling.temperature << " top-p " << sampling.top_p
+                                      << " top-k " << sampling.top_k);
+      GenerationOptions options;
+      options.max_new_tokens = 120;
+      options.sampling = sampling;
+      options.stop_at_eos = false;
+      EngineOptions engine_options;
+      engine_options.device = "cuda";
+      std::vector<int32_t> on_host;
+      setenv("MOEX_CUDA_CHAIN_STEPS", "0", 1);
+      {
+        Engine engine(*fixture.model, engine_options);
+        EXPECT_FALSE(engine.backend().chains_steps());
+        on_host = engine.generate(fixture.prompt, options).output_ids;
+      }
+      unsetenv("MOEX_CUDA_CHAIN_STEPS");
+      Engine chained(*fixture.model, engine_options);
+      ASSERT_TRUE(chained.decoder().can_chain_steps(true));
+      EXPECT_EQ(chained.generate(fixture.prompt, options).output_ids, on_host);
+      EXPECT_EQ(std::set<int32_t>(on_host.begin(), on_host.end()).size() > 1, true) << "a sampled run repeats one token";
+    }
   }
 }
 

@@ -73,6 +73,16 @@ const void* vector_data(const TensorView& t, bool* is_bf16, const char* op) {
 
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
+// A draw as the sampling kernel takes it: 1 / temperature rounded as the host sampler rounds it.
+DeviceDraw device_draw(const TokenDraw& draw) {
+  DeviceDraw d;
+  d.inv_t = draw.temperature > 0.0f ? 1.0f / draw.temperature : 0.0f;
+  d.top_p = draw.top_p;
+  d.top_k = draw.top_k;
+  d.uniform = draw.uniform;
+  return d;
+}
+
 // Above this many rows linear() rounds x to bf16 and uses the tiled tensor-core GEMM; at or below it, one row
 // takes the fp32 GEMV and 2..32 rows the few-token tensor-core kernel (weights read once, activations split
 // into two bf16 parts; gemv.cuh).
@@ -121,7 +131,8 @@ class CudaBackend final : public Backend {
     for (cudaEvent_t& event : copy_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     graphs_enabled_ = !env_equals("MOEX_CUDA_GRAPHS", "0");         // eager decode steps (A/B measurements)
     fused_norms_ = !env_equals("MOEX_CUDA_FUSED_NORMS", "0");       // norms as launches of their own (A/B)
-    chain_steps_ = !env_equals("MOEX_CUDA_CHAIN_STEPS", "0");       // greedy steps wait for the host (A/B)
+    chain_steps_ = !env_equals("MOEX_CUDA_CHAIN_STEPS", "0");       // decode steps wait for the host (A/B)
+    sample_on_device_ = !env_equals("MOEX_CUDA_SAMPLE", "0");       // sampled picks on the host (A/B)
     fused_rope_ = env_equals("MOEX_CUDA_FUSED_ROPE", "1");          // RoPE inside the decode attention kernel
     preload_down_ = env_equals("MOEX_CUDA_DOWN_PRELOAD", "1");      // batch-1 down weights before the PDL wait
   }
@@ -262,7 +273,7 @@ class CudaBackend final : public Backend {
       return;
     }
     MOEX_ASSERT(!token_on_device || next_token_picked_, "cuda decode_step at {}: the token is on the device only "
-                "after pick_greedy()", position);
+                "after pick_token()", position);
     // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on: it left
     // at the start of the step before).
     MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
@@ -647,27 +658,66 @@ class CudaBackend final : public Backend {
     return true;
   }
 
-  // The pick kernel writes the id twice: into step_values_[0] (the next chained step's token) and into a pinned
-  // slot the host reads once the slot's event completed (no copy launch on the way back).
-  bool chains_greedy_steps() const override { return chain_steps_; }
-  void pick_greedy(const TensorView& logits) override {
-    check_f32(logits, "pick_greedy", "logits");
-    refuse_while_capturing("pick_greedy");
+  bool samples_on_device(int64_t vocab) const override {
+    return sample_on_device_ && vocab <= kSampleMaxCols && sample_rows_supported();
+  }
+  bool sample_rows(const TensorView& logits, std::span<const TokenDraw> draws, std::span<int32_t> ids) override {
+    check_f32(logits, "sample_rows", "logits");
     const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
-    MOEX_ASSERT(rows >= 1 && cols > 0, "cuda pick_greedy: logits {}", logits.shape.str());
+    MOEX_ASSERT(static_cast<int64_t>(ids.size()) == rows && static_cast<int64_t>(draws.size()) == rows && cols > 0,
+                "cuda sample_rows: {} draws and {} ids for logits {}", draws.size(), ids.size(), logits.shape.str());
+    refuse_while_capturing("sample_rows");
+    const bool sampled = std::any_of(draws.begin(), draws.end(), [](const TokenDraw& d) { return d.temperature > 0; });
+    if (!sampled) return argmax_rows(logits, ids);
+    if (!samples_on_device(cols)) return false;
+    if (rows == 0) return true;
+    const size_t draw_bytes = align16(static_cast<size_t>(rows) * sizeof(DeviceDraw));
+    const size_t ids_bytes = static_cast<size_t>(rows) * sizeof(int32_t);
+    if (draws_host_.bytes() < draw_bytes) draws_host_ = PinnedMemory(draw_bytes * 2);  // the last call synchronized
+    auto* host = static_cast<DeviceDraw*>(draws_host_.get());
+    for (int64_t r = 0; r < rows; ++r) host[r] = device_draw(draws[r]);
+    auto* dev = static_cast<char*>(workspace(draw_bytes + ids_bytes));
+    upload_pinned(host, dev, static_cast<size_t>(rows) * sizeof(DeviceDraw));
+    auto* dev_ids = reinterpret_cast<int32_t*>(dev + draw_bytes);
+    launch_sample_rows(logits.as<float>(), rows, cols, reinterpret_cast<const DeviceDraw*>(dev), DeviceDraw{}, dev_ids,
+                       stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+    if (readback_.bytes() < ids_bytes) readback_ = PinnedMemory(ids_bytes * 2);
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(readback_.get(), dev_ids, ids_bytes, cudaMemcpyDeviceToHost, stream_));
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::memcpy(ids.data(), readback_.get(), ids_bytes);
+    return true;
+  }
+
+  // The pick kernel writes the id twice: into step_values_[0] (the next chained step's token) and into a pinned
+  // slot the host reads once the slot's event completed (no copy launch on the way back). A sampled draw travels
+  // as a kernel argument.
+  bool chains_steps() const override { return chain_steps_; }
+  void pick_token(const TensorView& logits, const TokenDraw& draw) override {
+    check_f32(logits, "pick_token", "logits");
+    refuse_while_capturing("pick_token");
+    const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
+    MOEX_ASSERT(rows >= 1 && cols > 0, "cuda pick_token: logits {}", logits.shape.str());
     MOEX_ASSERT(picks_enqueued_ - picks_read_ < static_cast<uint64_t>(kMaxPendingPicks),
-                "cuda pick_greedy: {} picks not read yet (picked_token)", kMaxPendingPicks);
+                "cuda pick_token: {} picks not read yet (picked_token)", kMaxPendingPicks);
     const uint64_t slot = picks_enqueued_ % kMaxPendingPicks;
     auto* host = static_cast<int32_t*>(picks_host_.get()) + slot;
-    launch_argmax_rows(logits.as<float>() + (rows - 1) * cols, 1, cols, static_cast<int32_t*>(step_values_.get()),
-                       workspace(argmax_scratch_bytes(1, cols)), stream_, host);
+    const float* last_row = logits.as<float>() + (rows - 1) * cols;
+    if (draw.temperature > 0.0f) {
+      MOEX_ASSERT(samples_on_device(cols), "cuda pick_token: no device sampling over {} tokens", cols);
+      launch_sample_rows(last_row, 1, cols, nullptr, device_draw(draw), static_cast<int32_t*>(step_values_.get()),
+                         stream_, host);
+    } else {
+      launch_argmax_rows(last_row, 1, cols, static_cast<int32_t*>(step_values_.get()),
+                         workspace(argmax_scratch_bytes(1, cols)), stream_, host);
+    }
     MOEX_CUDA_CHECK_LAUNCH();
     MOEX_CUDA_CHECK(cudaEventRecord(pick_events_[slot], stream_));
     ++picks_enqueued_;
     next_token_picked_ = true;
   }
   int32_t picked_token() override {
-    MOEX_ASSERT(picks_read_ < picks_enqueued_, "cuda picked_token: no pick_greedy() waiting to be read");
+    MOEX_ASSERT(picks_read_ < picks_enqueued_, "cuda picked_token: no pick_token() waiting to be read");
     const uint64_t slot = picks_read_ % kMaxPendingPicks;
     MOEX_CUDA_CHECK(cudaEventSynchronize(pick_events_[slot]));
     ++picks_read_;
@@ -874,12 +924,13 @@ class CudaBackend final : public Backend {
   std::unique_ptr<StagingRing> staging_;
   DeviceMemory workspace_;
   PinnedMemory readback_;
+  PinnedMemory draws_host_;  // sample_rows' draws on their way to the device
   // Decode-step mode (decode_step): token and position on the device, graphs per context bucket.
   DeviceMemory step_values_;  // int32 [token, position]
   DeviceMemory route_ticket_;  // launch_moe_router_plan's counter of finished blocks (0 between launches)
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
-  // Chained greedy steps (pick_greedy): a ring of pinned ids, each with the event of the kernel that wrote it.
+  // Chained decode steps (pick_token): a ring of pinned ids, each with the event of the kernel that wrote it.
   PinnedMemory picks_host_;
   std::array<cudaEvent_t, kMaxPendingPicks> pick_events_{};
   uint64_t picks_enqueued_ = 0, picks_read_ = 0;
@@ -895,6 +946,7 @@ class CudaBackend final : public Backend {
   bool graphs_enabled_ = true;
   bool fused_norms_ = true;
   bool chain_steps_ = true;
+  bool sample_on_device_ = true;
   bool fused_rope_ = false;
   bool preload_down_ = false;
   bool step_mode_ = false;

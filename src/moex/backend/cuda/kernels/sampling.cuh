@@ -1,5 +1,6 @@
-// Greedy sampling on the device: per-row argmax of the logits, so a batched decode step reads back one int
-// per sequence instead of a row of vocab floats.
+// Picking tokens on the device: per-row argmax of the logits (greedy), and the host sampler's pick from a draw
+// (temperature, top-k, top-p, and the host generator's uniform), so a decode step reads back one int per
+// sequence instead of a row of vocab floats, and chained steps need no host round trip for sampling either.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -19,5 +20,25 @@ size_t argmax_scratch_bytes(int64_t rows, int64_t cols);
 // (chained greedy steps read them there without a copy).
 void launch_argmax_rows(const float* logits, int64_t rows, int64_t cols, int32_t* ids, void* scratch,
                         cudaStream_t stream, int32_t* host_ids = nullptr);
+
+// One row's draw as the kernel takes it: inv_t = 1 / temperature as the host sampler rounds it (0: greedy).
+struct DeviceDraw {
+  float inv_t = 0.0f;
+  float top_p = 1.0f;
+  int32_t top_k = 0;
+  double uniform = 0.0;
+};
+
+// The largest row launch_sample_rows takes (its row lives in the shared memory of one thread block cluster).
+constexpr int64_t kSampleMaxCols = 8 * 44 * 1024;
+// Whether this device runs the sampler's clusters (asked once).
+bool sample_rows_supported();
+
+// ids[r] = the token draws[r] (or `single` when draws is null; one row) picks from logits[r, :] (fp32 [rows,
+// cols], cols <= kSampleMaxCols): what moex::Sampler::sample(row, draw) picks (runtime/sampler.h), computed by one
+// cluster of blocks per row from the same fp32 scores and weights. host_ids (pinned, or null) as
+// launch_argmax_rows.
+void launch_sample_rows(const float* logits, int64_t rows, int64_t cols, const DeviceDraw* draws,
+                        const DeviceDraw& single, int32_t* ids, cudaStream_t stream, int32_t* host_ids = nullptr);
 
 }  // namespace moex::cuda

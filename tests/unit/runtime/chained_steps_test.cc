@@ -1,7 +1,7 @@
-// Greedy decoding with steps chained on the device (Engine::generate through Decoder::enqueue_greedy_step):
-// the device runs one step ahead of the host, so a stop (EOS, the length limit, on_token) finds one step
-// already enqueued. On the CPU a backend that forwards to the CPU backend plays the device: pick_greedy() takes
-// the argmax into the next step's token and a FIFO the host reads. The tokens, stop reasons and step counts
+// Decoding with steps chained on the device (Engine::generate through Decoder::enqueue_step): the device runs one
+// step ahead of the host, so a stop (EOS, the length limit, on_token) finds one step already enqueued. On the CPU a
+// backend that forwards to the CPU backend plays the device: pick_token() takes the draw's pick (the host sampler's,
+// from the host's draw) into the next step's token and a FIFO the host reads. The tokens, stop reasons and step counts
 // must be those of the step-by-step loop, every pick must be read, and at most two may wait. The CUDA pick
 // kernel is tested in tests/unit/cuda (CudaDecodeStep).
 #include <gtest/gtest.h>
@@ -24,14 +24,16 @@ struct ChainLog {
 
 class ChainingBackend : public test::ForwardingBackend {
  public:
-  ChainingBackend(std::unique_ptr<Backend> inner, bool chain, ChainLog* log)
-      : ForwardingBackend(std::move(inner)), chain_(chain), log_(log) {}
-  bool chains_greedy_steps() const override { return chain_; }
-  void pick_greedy(const TensorView& logits) override {
+  ChainingBackend(std::unique_ptr<Backend> inner, bool chain, ChainLog* log, bool samples = false)
+      : ForwardingBackend(std::move(inner)), chain_(chain), samples_(samples), log_(log) {}
+  bool chains_steps() const override { return chain_; }
+  bool samples_on_device(int64_t) const override { return samples_; }
+  void pick_token(const TensorView& logits, const TokenDraw& draw) override {
+    EXPECT_TRUE(draw.temperature == 0.0f || samples_) << "a sampled pick on a backend that does not sample";
     std::vector<float> host(static_cast<size_t>(logits.numel()));
     inner_->copy_to_host(logits, host.data());
     const size_t cols = static_cast<size_t>(logits.dim(-1));
-    next_ = argmax(std::span<const float>(host).last(cols));
+    next_ = picker_.sample(std::span<const float>(host).last(cols), draw);
     picked_ = true;
     pending_.push_back(next_);
     ++log_->picks;
@@ -70,8 +72,9 @@ class ChainingBackend : public test::ForwardingBackend {
   size_t pending() const { return pending_.size(); }
 
  private:
-  bool chain_;
+  bool chain_, samples_;
   ChainLog* log_;
+  Sampler picker_{SamplingParams{}};  // its generator is unused: the draws come from the engine
   std::deque<int32_t> pending_;
   int32_t next_ = 0, step_token_ = 0;
   bool picked_ = false, in_step_ = false;
@@ -83,9 +86,9 @@ struct Outcome {
 };
 
 Outcome generate(const Model& model, bool chain, std::span<const int32_t> prompt, const GenerationOptions& options,
-             int64_t stop_after = -1) {
+                 int64_t stop_after = -1, bool samples = false) {
   Outcome run;
-  auto backend = std::make_unique<ChainingBackend>(make_cpu_backend(1), chain, &run.log);
+  auto backend = std::make_unique<ChainingBackend>(make_cpu_backend(1), chain, &run.log, samples);
   ChainingBackend* raw = backend.get();
   EngineOptions engine_options;
   Engine engine(model, engine_options, std::move(backend));
@@ -102,9 +105,12 @@ Outcome generate(const Model& model, bool chain, std::span<const int32_t> prompt
   return run;
 }
 
-TEST(ChainedGreedy, SameTokensStopsAndStepsAsTheStepByStepLoop) {
+// Greedy, and sampled with a backend that samples on its device: the sampled run must pick the tokens of the
+// step-by-step loop with the same seed (the host's generator gives every step's draw either way).
+TEST(ChainedSteps, SameTokensStopsAndStepsAsTheStepByStepLoop) {
   for (const char* fixture : {"mixtral", "qwen3_moe"}) {
-    SCOPED_TRACE(fixture);
+    for (const float temperature : {0.0f, 1.5f}) {
+    SCOPED_TRACE(testing::Message() << fixture << ", temperature " << temperature);
     auto model = Model::load((test::fixtures_root() / fixture).string());
     const auto prompt = test::reference_prompt(test::fixtures_root() / fixture);
     for (int64_t max_new : {0, 1, 2, 9}) {
@@ -112,8 +118,9 @@ TEST(ChainedGreedy, SameTokensStopsAndStepsAsTheStepByStepLoop) {
         SCOPED_TRACE(testing::Message() << "max_new_tokens " << max_new << ", on_token stops after " << stop_after);
         GenerationOptions options;
         options.max_new_tokens = max_new;
+        options.sampling = SamplingParams{temperature, 0.9f, 0, 17};
         const Outcome plain = generate(*model, false, prompt, options, stop_after);
-        const Outcome chained = generate(*model, true, prompt, options, stop_after);
+        const Outcome chained = generate(*model, true, prompt, options, stop_after, /*samples=*/true);
         EXPECT_EQ(plain.log.picks, 0);
         EXPECT_EQ(chained.result.output_ids, plain.result.output_ids);
         EXPECT_EQ(chained.result.stop_reason, plain.result.stop_reason);
@@ -131,10 +138,13 @@ TEST(ChainedGreedy, SameTokensStopsAndStepsAsTheStepByStepLoop) {
         }
       }
     }
+    }
   }
 }
 
-TEST(ChainedGreedy, SamplingAndObserversKeepTheStepByStepLoop) {
+// A backend that chains only greedy steps keeps sampled decoding step by step (the host picks); an observer keeps
+// every decode step on the host.
+TEST(ChainedSteps, SamplingWithoutDeviceSamplingAndObserversKeepTheStepByStepLoop) {
   auto model = Model::load((test::fixtures_root() / "mixtral").string());
   const auto prompt = test::reference_prompt(test::fixtures_root() / "mixtral");
   GenerationOptions options;
