@@ -1,11 +1,12 @@
 // The host sampler's pick (runtime/sampler.h) on the device: one thread block cluster per row, each block holding
 // its slice of the row in shared memory, so the row is read from global memory once and every later pass runs on
-// chip. Cuts are found by radix selection, 8 bits per level: first by the distance below the best score, then by
-// the bytes of the scores' order-preserving 32-bit keys; each block counts (and, for top-p, weighs) its slice's
-// tokens per digit, the cluster's blocks merge the 256 buckets through distributed shared memory, and every block
-// scans them to the same digit. The pick then walks the kept
-// tokens in index order as the host does: per-thread runs of contiguous tokens, scanned over the block and the
-// cluster. Sorting a 151,936-token row is what the host avoided too; here nothing is sorted at all.
+// chip. Each block counts (and, for top-p, weighs) its slice's tokens in 256 buckets of the distance below the best
+// score; the cluster's blocks merge the buckets through distributed shared memory and every block scans them to the
+// bucket of the cut. The few tokens around the cut (at most 2048; a too-full bucket is split 256 ways once more)
+// are gathered from every block and sorted, which gives the exact top-k and top-p cuts (select_by_gather). Rows too
+// flat for that (thousands of tokens within 1/2048 of one another) select by radix levels over the bytes of the
+// scores' order-preserving keys instead (radix_select). The pick then walks the kept tokens in index order as the
+// host does: per-thread runs of contiguous tokens, scanned over the block and the cluster.
 //
 // Same bits as the host: scores are logit * inv_t and weights sample_weight(score - max) from the same fused
 // multiply-adds (no contraction: __fmul_rn and friends). Masses that decide a cut are summed as integers (weights
@@ -145,6 +146,8 @@ struct Cut {
   unsigned long long total_mass;
 };
 
+// A block's histograms (two pairs: a level clears one while another block may still merge the other), the
+// cluster's merged buckets, and the scan's results.
 struct SelectShared {
   uint32_t count[2][256];
   unsigned long long mass[2][256];
@@ -157,7 +160,7 @@ struct SelectShared {
   unsigned long long total_mass;
 };
 
-// need(level totals) -> the amount the cut must reach, fixed at level 0 once the totals are known.
+// What a selection must reach, fixed once level 0's totals are known: the k-th token, or a prefix weight.
 struct Need {
   bool by_mass;
   uint32_t count;  // by count: the k-th token in order
