@@ -110,34 +110,34 @@ Outcome generate(const Model& model, bool chain, std::span<const int32_t> prompt
 TEST(ChainedSteps, SameTokensStopsAndStepsAsTheStepByStepLoop) {
   for (const char* fixture : {"mixtral", "qwen3_moe"}) {
     for (const float temperature : {0.0f, 1.5f}) {
-    SCOPED_TRACE(testing::Message() << fixture << ", temperature " << temperature);
-    auto model = Model::load((test::fixtures_root() / fixture).string());
-    const auto prompt = test::reference_prompt(test::fixtures_root() / fixture);
-    for (int64_t max_new : {0, 1, 2, 9}) {
-      for (int64_t stop_after : {-1, 1, 2, 5}) {
-        SCOPED_TRACE(testing::Message() << "max_new_tokens " << max_new << ", on_token stops after " << stop_after);
-        GenerationOptions options;
-        options.max_new_tokens = max_new;
-        options.sampling = SamplingParams{temperature, 0.9f, 0, 17};
-        const Outcome plain = generate(*model, false, prompt, options, stop_after);
-        const Outcome chained = generate(*model, true, prompt, options, stop_after, /*samples=*/true);
-        EXPECT_EQ(plain.log.picks, 0);
-        EXPECT_EQ(chained.result.output_ids, plain.result.output_ids);
-        EXPECT_EQ(chained.result.stop_reason, plain.result.stop_reason);
-        EXPECT_EQ(chained.result.decode_steps, plain.result.decode_steps);
-        // Per generation, one pick per step that ran, plus the step enqueued past an early stop (on_token ended it
-        // at token k, 2 <= k < max_new_tokens: the step for token k + 1 was already running); none past the
-        // length limit. Two generations per run.
-        const int64_t k = static_cast<int64_t>(plain.result.output_ids.size());
-        const bool past_stop = stop_after > 0 && k == stop_after && k >= 2 && k < max_new;
-        EXPECT_EQ(chained.log.picks, 2 * (plain.result.decode_steps + (past_stop ? 1 : 0)));
-        EXPECT_EQ(chained.log.read, chained.log.picks);
-        EXPECT_LE(chained.log.max_pending, 2);
-        if (plain.result.decode_steps >= 2) {
-          EXPECT_GT(chained.log.device_token_steps, 0);
+      SCOPED_TRACE(testing::Message() << fixture << ", temperature " << temperature);
+      auto model = Model::load((test::fixtures_root() / fixture).string());
+      const auto prompt = test::reference_prompt(test::fixtures_root() / fixture);
+      for (int64_t max_new : {0, 1, 2, 9}) {
+        for (int64_t stop_after : {-1, 1, 2, 5}) {
+          SCOPED_TRACE(testing::Message() << "max_new_tokens " << max_new << ", on_token stops after " << stop_after);
+          GenerationOptions options;
+          options.max_new_tokens = max_new;
+          options.sampling = SamplingParams{temperature, 0.9f, 0, 17};
+          const Outcome plain = generate(*model, false, prompt, options, stop_after);
+          const Outcome chained = generate(*model, true, prompt, options, stop_after, /*samples=*/true);
+          EXPECT_EQ(plain.log.picks, 0);
+          EXPECT_EQ(chained.result.output_ids, plain.result.output_ids);
+          EXPECT_EQ(chained.result.stop_reason, plain.result.stop_reason);
+          EXPECT_EQ(chained.result.decode_steps, plain.result.decode_steps);
+          // Per generation, one pick per step that ran, plus the step enqueued past an early stop (on_token ended it
+          // at token k, 2 <= k < max_new_tokens: the step for token k + 1 was already running); none past the
+          // length limit. Two generations per run.
+          const int64_t k = static_cast<int64_t>(plain.result.output_ids.size());
+          const bool past_stop = stop_after > 0 && k == stop_after && k >= 2 && k < max_new;
+          EXPECT_EQ(chained.log.picks, 2 * (plain.result.decode_steps + (past_stop ? 1 : 0)));
+          EXPECT_EQ(chained.log.read, chained.log.picks);
+          EXPECT_LE(chained.log.max_pending, 2);
+          if (plain.result.decode_steps >= 2) {
+            EXPECT_GT(chained.log.device_token_steps, 0);
+          }
         }
       }
-    }
     }
   }
 }
