@@ -302,15 +302,17 @@ CommandAction setup_bench(CLI::App* sub) {
         for (int64_t step = 0; step < steps_per_rep; ++step) {
           // Picks are part of a real step: on the device where the backend can (one id per row comes back), else
           // on the host, timed apart to tell them from the device's part. One generator serves every row here.
+          // Greedy steps pass no draws: the backend's argmax then, as Engine::generate_batch.
           draws.clear();
-          if (sampled)
-            for (int64_t row = 0; row < batch; ++row) draws.push_back(sampler.next_draw());
-          const bool on_device = engine.decoder().forward_batch(steps, &logits, &picked, draws);
+          for (int64_t row = 0; row < batch; ++row) draws.push_back(sampler.next_draw());
+          const bool on_device = engine.decoder().forward_batch(steps, &logits, &picked,
+                                                                sampled ? std::span<const TokenDraw>(draws)
+                                                                        : std::span<const TokenDraw>());
           picked_on_device = on_device;
           auto pick_start = std::chrono::steady_clock::now();
           for (int64_t row = 0; row < batch; ++row) {
             const auto row_logits = std::span<const float>(logits).subspan(row * vocab, vocab);
-            steps[row].token = on_device ? picked[row] : sampled ? sampler.sample(row_logits, draws[row]) : argmax(row_logits);
+            steps[row].token = on_device ? picked[row] : sampler.sample(row_logits, draws[row]);
             ++steps[row].position;
           }
           picking += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - pick_start).count();

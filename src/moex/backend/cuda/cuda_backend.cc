@@ -650,12 +650,16 @@ class CudaBackend final : public Backend {
     auto* dev = static_cast<int32_t*>(workspace(ids_bytes + argmax_scratch_bytes(rows, cols)));
     launch_argmax_rows(logits.as<float>(), rows, cols, dev, reinterpret_cast<char*>(dev) + ids_bytes, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
-    const size_t bytes = static_cast<size_t>(rows) * sizeof(int32_t);
+    read_ids(dev, ids);
+    return true;
+  }
+  // ids from device memory, through the pinned readback buffer; waits for them.
+  void read_ids(const int32_t* dev, std::span<int32_t> ids) {
+    const size_t bytes = ids.size() * sizeof(int32_t);
     if (readback_.bytes() < bytes) readback_ = PinnedMemory(bytes * 2);
     MOEX_CUDA_CHECK(cudaMemcpyAsync(readback_.get(), dev, bytes, cudaMemcpyDeviceToHost, stream_));
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::memcpy(ids.data(), readback_.get(), bytes);
-    return true;
   }
 
   bool samples_on_device(int64_t vocab) const override {
@@ -682,10 +686,7 @@ class CudaBackend final : public Backend {
     launch_sample_rows(logits.as<float>(), rows, cols, reinterpret_cast<const DeviceDraw*>(dev), DeviceDraw{}, dev_ids,
                        stream_);
     MOEX_CUDA_CHECK_LAUNCH();
-    if (readback_.bytes() < ids_bytes) readback_ = PinnedMemory(ids_bytes * 2);
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(readback_.get(), dev_ids, ids_bytes, cudaMemcpyDeviceToHost, stream_));
-    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    std::memcpy(ids.data(), readback_.get(), ids_bytes);
+    read_ids(dev_ids, ids);
     return true;
   }
 

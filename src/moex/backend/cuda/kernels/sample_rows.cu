@@ -256,8 +256,8 @@ __device__ void histogram_level(const float* s_score, int n, float max_score, ui
 
 // Warp 0 finds the merged histogram's digit where the running count (or weight), from the top digit down and on
 // top of cut's `above`, first reaches the need; lane l holds digits 255 - 8l down to 248 - 8l. Every thread then
-// gets the digit, and cut's above sums take the digits over it; also sets sh.total / sh.total_mass. Ends with a
-// barrier (the merged buckets may be rewritten after it).
+// gets the digit, and cut's above sums take the digits over it. Ends with a barrier (the merged buckets may be
+// rewritten after it).
 __device__ uint32_t scan_digit(SelectShared& sh, const Need& need, Cut* cut) {
   const int lane = threadIdx.x & 31;
   if (threadIdx.x < 32) {
@@ -300,10 +300,6 @@ __device__ uint32_t scan_digit(SelectShared& sh, const Need& need, Cut* cut) {
       sh.digit = static_cast<uint32_t>(digit);
       sh.add_count = run_c;
       sh.add_mass = run_m;
-    }
-    if (lane == 31) {
-      sh.total = c_incl;
-      sh.total_mass = m_incl;
     }
   }
   __syncthreads();
@@ -512,7 +508,6 @@ __device__ int select_by_gather(const float* s_score, int n, int64_t begin, floa
   *ties = static_cast<uint32_t>(gs.last_tie - gs.first_tie + 1);
   return 1;
 }
-
 
 __global__ __launch_bounds__(kThreads) void sample_rows_kernel(Params p) {
   extern __shared__ float s_score[];  // this block's slice: logits, then scores
