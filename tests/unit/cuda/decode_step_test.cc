@@ -95,6 +95,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMoeRouted,
                          ::testing::Values(RoutedCase{1, 2048, 5632, 8, 2, false, true, false},     // Model A decode
                                            RoutedCase{1, 2048, 768, 128, 8, false, true, false},    // Model B decode
                                            RoutedCase{1, 256, 8704, 4, 2, false, true, false},      // rows > 8192 wide
+                                           // looping down grid (132 SMs: 426 blocks x 5 rounds), the last round
+                                           // partly past the rows
+                                           RoutedCase{1, 2128, 96, 16, 8, false, true, false},
                                            RoutedCase{1, 64, 40, 8, 2, false, false, true},         // ties
                                            RoutedCase{1, 256, 96, 60, 4, true, true, false},        // sigmoid
                                            RoutedCase{5, 256, 128, 8, 2, false, true, true},        // rows share experts

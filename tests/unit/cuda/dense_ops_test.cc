@@ -51,6 +51,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            // Model B (Qwen3-30B-A3B shape): q proj 32x128 heads; prefill tile
                                            LinearCase{4, 2048, 4096, false}, LinearCase{8, 4096, 2048, true},
                                            LinearCase{129, 2048, 512, true},
+                                           // one row wider than 2048: whole rows before the wait (Model B's
+                                           // o_proj; a small grid) and 8 loads a lane (the 8x7B o_proj's 512 blocks)
+                                           LinearCase{1, 4096, 2048, false}, LinearCase{1, 3000, 100, true},
+                                           LinearCase{1, 4096, 4096, false},
                                            // enough row and column tiles for the GEMM's 128-row tiles; odd N
                                            LinearCase{1100, 72, 4001, true},
                                            // 17 x 33 blocks of 128-row tiles, partial in rows and columns

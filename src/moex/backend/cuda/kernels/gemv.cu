@@ -243,11 +243,28 @@ void launch_linear_mma(const float* x, int64_t m_count, int64_t K, const GemvOut
 
 // The fp32 GEMV kernel over up to kGemvMaxOutputs weights; m_count <= kGemvMaxRows, K % 8 == 0, aligned.
 void launch_gemv_kernel(const float* x, int64_t m_count, int64_t K, const GemvOutputs& packed, int64_t total_rows,
-                        cudaStream_t stream) {
+                        int num_sms, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(total_rows, kWarps))), block(kWarps * 32);
   const int m = static_cast<int>(m_count), k = static_cast<int>(K);
   const bool preload = gemv_preload_enabled();
-  if (m_count == 1)  // 8 loads in flight per lane: measured faster than 4 on Model A at batch 1 (H200)
+  // One row wider than 2048 whose grid fits the SMs at once (Model B's o_proj, K = 4096: 256 blocks) loads each
+  // warp's whole row before the PDL wait (16 loads a lane, 101 registers, 2 blocks per SM), so after the wait
+  // only the activations' reads are left. H200, same call: Model B 12 layers 0.7963 vs 0.8057 ms/token. A grid
+  // of more blocks (the 8x7B layer's o_proj: 512) keeps 8 loads a lane: at 2 blocks per SM it would run in two
+  // waves. MOEX_CUDA_GEMV_UNROLL=8 keeps 8 everywhere (A/B).
+  static const bool whole_rows = env_int("MOEX_CUDA_GEMV_UNROLL", 16) == 16;
+  static const int whole_row_blocks_per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_kernel<1, 16>, kWarps * 32, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // a failed query must not reach the launch check
+      return 0;
+    }
+    return n;
+  }();
+  if (m_count == 1 && whole_rows && K > 2048 && K <= 32 * 8 * 16 &&
+      int64_t(grid.x) <= int64_t(whole_row_blocks_per_sm) * num_sms)
+    launch_pdl(gemv_kernel<1, 16>, grid, block, 0, stream, x, m, k, packed, preload);
+  else if (m_count == 1)  // 8 loads in flight per lane: measured faster than 4 on Model A at batch 1 (H200)
     launch_pdl(gemv_kernel<1, 8>, grid, block, 0, stream, x, m, k, packed, preload);
   else if (m_count == 2)
     launch_pdl(gemv_kernel<2, 4>, grid, block, 0, stream, x, m, k, packed, false);
@@ -289,7 +306,7 @@ void launch_gemv_bf16_multi(const float* x, int64_t m_count, int64_t K, const Ge
   GemvOutputs packed{};
   for (int i = 0; i < count; ++i) packed.out[i] = outputs[i];
   packed.count = count;
-  launch_gemv_kernel(x, m_count, K, packed, total_rows, stream);
+  launch_gemv_kernel(x, m_count, K, packed, total_rows, num_sms, stream);
 }
 
 bool residual_norm_fits(const ResidualNormIn& in, int64_t K) {
@@ -340,7 +357,7 @@ void launch_gemv_bf16(const float* x, int64_t m_count, const uint16_t* w, int64_
       GemvOutputs packed{};
       packed.out[0] = GemvOutput{w, bias, y + row * N, N};
       packed.count = 1;
-      launch_gemv_kernel(x + row * K, std::min<int64_t>(kGemvMaxRows, m_count - row), K, packed, N, stream);
+      launch_gemv_kernel(x + row * K, std::min<int64_t>(kGemvMaxRows, m_count - row), K, packed, N, num_sms, stream);
     }
   } else {
     const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarps))), block(kWarps * 32);

@@ -27,7 +27,7 @@ __device__ __forceinline__ bool block_group(const MoeGroup* groups, const int32_
   return true;
 }
 
-template <int MT>
+template <int MT, int U = kGemvUnroll>
 __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x, const int32_t* row_token,
                                                                   const MoeGroup* groups, int hidden, int ffn,
                                                                   float* h, const int32_t* num_groups,
@@ -46,7 +46,7 @@ __global__ __launch_bounds__(kWarps * 32) void moe_gate_up_kernel(const float* x
     for (int m = 0; m < MT; ++m)
       x_rows[m] = x + int64_t(row_token[g.row_begin + base + (m < count ? m : 0)]) * hidden;
     float acc[2][MT] = {};
-    warp_dot_bf16<2, MT>(w_rows, x_rows, count, hidden / 8, lane, acc);
+    warp_dot_bf16<2, MT, U>(w_rows, x_rows, count, hidden / 8, lane, acc);
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       float gate = warp_sum(acc[0][m]);
@@ -142,15 +142,19 @@ void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* gr
 // SM's L1 may still hold the previous layer's plan) and the warp's first weights are loaded before the wait, which
 // only h needs. dot_preloaded keeps warp_dot_bf16's summation order: bit-identical either way.
 // LOOP false (a block per feature group, one round): no next row in registers, 38 registers a thread instead of
-// 66. The launch picks the instance (launch_moe_gemv_one_token). Two features a warp per round on the looping
-// grid (Model B: half the rounds, twice the rows in flight; 102 registers) was slower (H100, same call: 3.513 vs
-// 3.483 ms/token).
-template <bool PRELOAD, bool LOOP>
-__global__ __launch_bounds__(kWarps * 32) void moe_down_combine_one_token_kernel(const float* h, const MoeGroup* groups,
-                                                                                  const int32_t* slot,
-                                                                                  const float* weights, int top_k,
-                                                                                  int hidden, int ffn, float* out) {
+// 66 (at U = 4). AT_END (looping grids): each round's dots stay in dynamic shared memory ([rounds][kWarps]) and
+// the block combines every round's features once after the loop, instead of a barrier and a combine per round;
+// same dots, same pick order: bit-identical. U: 16-byte loads in flight per lane; MIN_BLOCKS: the launch bounds'
+// blocks per SM (0: none given -- an explicit 1 makes ptxas spend registers freely). The launch picks the
+// instance (launch_moe_gemv_one_token). Two features a warp per round on the looping grid (Model B: half the
+// rounds, twice the rows in flight; 102 registers) was slower (H100, same call: 3.513 vs 3.483 ms/token).
+template <bool PRELOAD, bool LOOP, bool AT_END = false, int U = kGemvUnroll, int MIN_BLOCKS = 0>
+__global__ __launch_bounds__(kWarps * 32, MIN_BLOCKS) void moe_down_combine_one_token_kernel(
+    const float* h, const MoeGroup* groups, const int32_t* slot, const float* weights, int top_k, int hidden, int ffn,
+    float* out) {
+  static_assert(LOOP || !AT_END, "a block per feature group has one round");
   __shared__ float s_dot[2][kWarps];
+  extern __shared__ float s_rounds[];  // AT_END: [rounds][kWarps]
   pdl_launch_dependents();
   if (!PRELOAD) pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -166,42 +170,53 @@ __global__ __launch_bounds__(kWarps * 32) void moe_down_combine_one_token_kernel
                 : groups[row].down);
   int i = blockIdx.x * features_per_block + local;
   const int feature_stride = gridDim.x * features_per_block;
-  uint4 first[kGemvUnroll] = {};
-  if ((LOOP || PRELOAD) && row >= 0 && i < hidden) preload_row<kGemvUnroll>(down + int64_t(i) * ffn, k8_count, lane, first);
+  uint4 first[U] = {};
+  if ((LOOP || PRELOAD) && row >= 0 && i < hidden) preload_row<U>(down + int64_t(i) * ffn, k8_count, lane, first);
   if (PRELOAD) pdl_wait();
   const float* x_row = row >= 0 ? h + int64_t(row) * ffn : h;
-  for (int it = 0; blockIdx.x * features_per_block + it * feature_stride < hidden; ++it) {  // block-uniform
+  // Feature `local_feature` of round `it` from its picks' dots s[local_feature * top_k + pick], in pick order.
+  const auto combine = [&](int it, const float* s, int local_feature) {
+    const int feature = blockIdx.x * features_per_block + it * feature_stride + local_feature;
+    if (feature < hidden) {
+      float acc = 0.f;
+      for (int pick = 0; pick < top_k; ++pick)
+        if (slot[pick] >= 0) acc += weights[pick] * s[local_feature * top_k + pick];
+      out[feature] = acc;
+    }
+  };
+  int it = 0;
+  for (; blockIdx.x * features_per_block + it * feature_stride < hidden; ++it) {  // block-uniform
     const int next_i = i + feature_stride;
-    uint4 next_first[kGemvUnroll] = {};
-    if (LOOP && row >= 0 && next_i < hidden)
-      preload_row<kGemvUnroll>(down + int64_t(next_i) * ffn, k8_count, lane, next_first);
+    uint4 next_first[U] = {};
+    if (LOOP && row >= 0 && next_i < hidden) preload_row<U>(down + int64_t(next_i) * ffn, k8_count, lane, next_first);
     float dot = 0.f;
     if (row >= 0 && i < hidden) {
       if (LOOP || PRELOAD) {
-        dot = warp_sum(dot_preloaded<kGemvUnroll>(first, down + int64_t(i) * ffn, x_row, k8_count, lane));
+        dot = warp_sum(dot_preloaded<U>(first, down + int64_t(i) * ffn, x_row, k8_count, lane));
       } else {
         const bf16* w_rows[1] = {down + int64_t(i) * ffn};
         const float* x_rows[1] = {x_row};
         float part[1][1] = {};
-        warp_dot_bf16<1, 1>(w_rows, x_rows, 1, k8_count, lane, part);
+        warp_dot_bf16<1, 1, U>(w_rows, x_rows, 1, k8_count, lane, part);
         dot = warp_sum(part[0][0]);
       }
     }
-    float* s = s_dot[it & 1];  // double-buffered: one barrier per feature group
-    if (lane == 0) s[warp] = dot;
-    __syncthreads();
-    if (threadIdx.x < features_per_block) {
-      const int feature = blockIdx.x * features_per_block + it * feature_stride + threadIdx.x;
-      if (feature < hidden) {
-        float acc = 0.f;
-        for (int pick = 0; pick < top_k; ++pick)
-          if (slot[pick] >= 0) acc += weights[pick] * s[threadIdx.x * top_k + pick];
-        out[feature] = acc;
-      }
+    if constexpr (AT_END) {
+      if (lane == 0) s_rounds[it * kWarps + warp] = dot;
+    } else {
+      float* s = s_dot[it & 1];  // double-buffered: one barrier per feature group
+      if (lane == 0) s[warp] = dot;
+      __syncthreads();
+      if (threadIdx.x < features_per_block) combine(it, s, threadIdx.x);
     }
 #pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) first[u] = next_first[u];
+    for (int u = 0; u < U; ++u) first[u] = next_first[u];
     i = next_i;
+  }
+  if constexpr (AT_END) {
+    __syncthreads();
+    for (int t = threadIdx.x; t < it * features_per_block; t += blockDim.x)
+      combine(t / features_per_block, s_rounds + (t / features_per_block) * kWarps, t % features_per_block);
   }
 }
 
@@ -263,22 +278,37 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
                                float* out, int num_sms, cudaStream_t stream, bool preload_down) {
   const int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
   const dim3 block(kWarps * 32);
-  launch_pdl(moe_gate_up_kernel<1>, dim3(static_cast<unsigned>(ceil_div(ffn, kWarps)), top_k), block, 0, stream, x,
-             row_token, groups, hid, f, h, static_cast<const int32_t*>(nullptr), preload_down);
+  // Gate/up rows of up to 2048 (Model A and B) with 2 loads in flight per lane and row instead of 4: 40 registers
+  // instead of 64, 6 blocks per SM instead of 4, so Model B's 768 blocks run in one wave instead of 1.45 (H200,
+  // same call: Model B 12 layers 0.8279 vs 0.8451 ms/token, Model A 0.5534 vs 0.5609). Wider rows (the 8x7B
+  // layer's 4096) keep 4: at 2 a lane would wait out 8 round trips a row. MOEX_CUDA_GATE_UP_UNROLL=2|4 forces one.
+  static const int gate_up_unroll = env_int("MOEX_CUDA_GATE_UP_UNROLL", 0);
+  const bool gate_up_u2 = gate_up_unroll == 2 || (gate_up_unroll != 4 && hidden <= 2048);
+  launch_pdl(gate_up_u2 ? moe_gate_up_kernel<1, 2> : moe_gate_up_kernel<1>,
+             dim3(static_cast<unsigned>(ceil_div(ffn, kWarps)), top_k), block, 0, stream, x, row_token, groups, hid, f,
+             h, static_cast<const int32_t*>(nullptr), preload_down);
   const int features_per_block = kWarps / top_k;
-  // The grid, measured on H200s against the build before (bench/RESULTS.md, "Batch-1 decode: the router plans in
-  // one block"; each figure against its own call's baseline):
-  //  - rows up to 8192 wide whose block-per-feature-group grid fits the SMs at once (Model A: 512 blocks): that
-  //    grid, the 38-register instance (0.590 ms/token; looping 0.599; baseline 0.595);
+  // The grid and instance, measured on H200s against the build before (bench/RESULTS.md; each figure against its
+  // own call's baseline):
+  //  - rows up to 8192 wide whose block-per-feature-group grid fits the SMs at once with 8 loads in flight per
+  //    lane (Model A: 512 blocks, 56 registers, 4 blocks per SM): that grid and instance (2026-11-27: Model A
+  //    0.5461 vs 0.5609 ms/token with 4 loads, 38 registers; earlier the block-per-feature-group grid had measured
+  //    0.590 against looping 0.599);
   //  - more blocks than fit at once (Model B: 2048 blocks of one feature): the looping grid with equal rounds, as
-  //    many blocks per SM as fit at once (3 of the 66-register instance: 2.925 ms/token against 3.013 at 2, H200,
-  //    same call, 2026-11-27; at first 2 had measured 3.297 against a baseline of 3.300, and a block per feature
-  //    with the 66-register instance 3.320);
+  //    many blocks per SM as fit at once, every round's dots kept in shared memory and combined after the loop, so
+  //    the warps (each streaming another expert's rows) never wait for one another between rounds; 4 blocks per
+  //    SM at 64 registers (launch bounds). 2026-11-27, H200, Model B 12 layers: 0.8229 vs 0.8451 ms/token with a
+  //    barrier per round (66 registers, 3 blocks per SM; at end with 3 blocks per SM 0.8433: both are needed; two
+  //    rounds' rows in flight 0.8466 at end, 0.8655 with barriers). Before: 3 per SM 2.925 vs 2 per SM 3.013;
   //  - longer rows (Mixtral-8x7B's 14336: 28 KB a row): a block per feature group with the 66-register instance,
   //    3 blocks per SM (the 8x7B layer 0.2195 ms, baseline 0.2229; the 38-register instance, 6 per SM, 0.2286
   //    against 0.2232; looping 0.2294 against 0.2237).
-  // MOEX_CUDA_DOWN_BLOCKS_PER_SM forces it: 0 a block per feature group (38 registers), N > 0 the looping grid.
+  // MOEX_CUDA_DOWN_BLOCKS_PER_SM forces the grid: 0 a block per feature group (38 registers), N > 0 the looping
+  // grid. MOEX_CUDA_DOWN_AT_END=0 puts the barrier back in every round, MOEX_CUDA_DOWN_UNROLL=4 the 38-register
+  // instance on the one-wave grid (A/B).
   static const int forced = env_int("MOEX_CUDA_DOWN_BLOCKS_PER_SM", -1);
+  static const bool at_end = !env_equals("MOEX_CUDA_DOWN_AT_END", "0");
+  static const bool light_u8 = !env_equals("MOEX_CUDA_DOWN_UNROLL", "4");
   // Blocks of each instance an SM holds at once. First asked at a step that runs eagerly (a recorded step's bucket
   // runs once before its capture); a failed query is cleared so the launch check does not see it.
   const auto blocks_per_sm = [](auto kernel) {
@@ -289,22 +319,43 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
     }
     return std::max(n, 1);
   };
-  static const int light_blocks_per_sm = blocks_per_sm(moe_down_combine_one_token_kernel<false, false>);
-  static const int looping_blocks_per_sm = blocks_per_sm(moe_down_combine_one_token_kernel<false, true>);
+  using Kernel = decltype(&moe_down_combine_one_token_kernel<false, false>);
+  const auto light = [](bool preload, int u) -> Kernel {
+    if (u == 8) return preload ? moe_down_combine_one_token_kernel<true, false, false, 8>
+                               : moe_down_combine_one_token_kernel<false, false, false, 8>;
+    return preload ? moe_down_combine_one_token_kernel<true, false> : moe_down_combine_one_token_kernel<false, false>;
+  };
+  const auto looping = [](bool preload, bool combine_at_end) -> Kernel {
+    if (combine_at_end) return preload ? moe_down_combine_one_token_kernel<true, true, true, kGemvUnroll, 4>
+                                       : moe_down_combine_one_token_kernel<false, true, true, kGemvUnroll, 4>;
+    return preload ? moe_down_combine_one_token_kernel<true, true> : moe_down_combine_one_token_kernel<false, true>;
+  };
+  static const int light_blocks_per_sm = blocks_per_sm(light(false, 4));
+  static const int light_u8_blocks_per_sm = blocks_per_sm(light(false, 8));
+  static const int looping_blocks_per_sm = blocks_per_sm(looping(false, at_end));
   const int64_t feature_groups = ceil_div(hidden, int64_t(features_per_block));
-  const bool long_rows = forced < 0 && ffn > 8192;
   int64_t blocks = feature_groups;
-  if (forced > 0)
+  bool looping_grid = false;
+  Kernel kernel = light(preload_down, 4);
+  if (forced > 0) {
     blocks = looping_grid_blocks(feature_groups, forced, num_sms);
-  else if (forced < 0 && !long_rows && feature_groups > int64_t(num_sms) * light_blocks_per_sm)
+    looping_grid = true;
+  } else if (forced < 0 && ffn > 8192) {
+    kernel = looping(preload_down, false);  // one round: the 66-register instance
+  } else if (forced < 0 && light_u8 && feature_groups <= int64_t(num_sms) * light_u8_blocks_per_sm) {
+    kernel = light(preload_down, 8);
+  } else if (forced < 0 && feature_groups > int64_t(num_sms) * light_blocks_per_sm) {
     blocks = looping_grid_blocks(feature_groups, looping_blocks_per_sm, num_sms);
-  const dim3 grid(static_cast<unsigned>(blocks));
-  const bool loop = long_rows || blocks < feature_groups;  // the 66-register instance
-  auto kernel = preload_down ? (loop ? moe_down_combine_one_token_kernel<true, true>
-                                     : moe_down_combine_one_token_kernel<true, false>)
-                             : (loop ? moe_down_combine_one_token_kernel<false, true>
-                                     : moe_down_combine_one_token_kernel<false, false>);
-  launch_pdl(kernel, grid, block, 0, stream, h, groups, slot, weights, top_k, hid, f, out);
+    looping_grid = true;
+  }
+  // A looping grid's dots of every round: rounds * kWarps floats of dynamic shared memory (well under the 48 KB
+  // default for any real shape; past it, the barrier per round).
+  const int64_t rounds = ceil_div(feature_groups, blocks);
+  const bool combine_at_end = looping_grid && at_end && rounds * kWarps * int64_t(sizeof(float)) <= 48 * 1024;
+  if (looping_grid) kernel = looping(preload_down, combine_at_end);
+  const size_t smem = combine_at_end ? static_cast<size_t>(rounds) * kWarps * sizeof(float) : 0;
+  launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), block, smem, stream, h, groups, slot, weights, top_k, hid, f,
+             out);
 }
 
 }  // namespace moex::cuda
