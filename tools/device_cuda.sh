@@ -20,7 +20,9 @@
 #                                  call (machines differ between calls: compare within one). A table last.
 #                                  Options: --variant NAME=VALUE[,NAME=VALUE] (repeatable: this build with an A/B
 #                                  switch, e.g. MOEX_CUDA_DOWN_BLOCKS_PER_SM=0, run alongside), --quick (batch-1
-#                                  and the 8x7B layer only), --skip-tests.
+#                                  and the 8x7B layer only), --screen (batch-1 decode of Model A and the 12-layer
+#                                  Model B, bench/cuda/models/model_b_l12, each build and variant twice,
+#                                  interleaved: for screening switches), --skip-tests.
 #   tools/device_cuda.sh profile   there: where one decode step's time goes, kernel by kernel (Nsight Compute's
 #                                  gpu__time_duration, eager launches). Each case runs with 1 and 3 decode
 #                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
@@ -78,6 +80,7 @@ ab() {
     case "$1" in
       --variant) variants+=("$2"); shift ;;  # NAME=VALUE[,NAME=VALUE]: this build with an A/B switch, as its own column
       --quick) quick=1 ;;                    # batch-1 decode and the 8x7B layer only (no batched decode, no prefill)
+      --screen) quick=2 ;;                   # batch-1 decode of Model A and the 12-layer Model B, every build twice
       --skip-tests) skip_tests=1 ;;
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -119,12 +122,22 @@ print(json.dumps({'build': sys.argv[1], 'case': sys.argv[2], 'r': r}))" "$build"
   }
   local build
   local decode=(--prompt-lens 16 --decode-context 16) prefill=(--prompt-lens 512,2048 --decode-tokens 0 --reps 3)
+  if [ "$quick" -eq 2 ]; then
+    # Screening switches: Model B's per-layer work in a quarter of its load time (bench/cuda/models/model_b_l12),
+    # builds interleaved twice so that drift shows.
+    for build in $builds $builds; do
+      one "$build" model_a cuda/models/model_a "${decode[@]}" --decode-tokens 64 --reps 3
+      one "$build" model_b_l12 cuda/models/model_b_l12 "${decode[@]}" --decode-tokens 64 --reps 3
+    done
+  fi
   for build in $builds; do
+    [ "$quick" -eq 2 ] && break
     one "$build" model_a cuda/models/model_a "${decode[@]}" --decode-tokens 64 --reps 3
     one "$build" model_b cuda/models/model_b "${decode[@]}" --decode-tokens 64 --reps 3
     [ "$quick" -eq 1 ] || one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch 1,8,32,128
   done
   for build in ${base:+base} new $vbuilds; do
+    [ "$quick" -eq 2 ] && break
     one "$build" layer_1 cuda/models/mixtral_8x7b_l1 "${decode[@]}" --decode-tokens 64 --reps 3
     one "$build" layer_3 cuda/models/mixtral_8x7b_l3 "${decode[@]}" --decode-tokens 64 --reps 3
     [ "$quick" -eq 1 ] && continue
@@ -145,7 +158,8 @@ def ms(build, case):
 print(f"\nHBM (device copy, read + written): {hbm:.0f} GB/s")
 print("| case | this build ms/token | baseline ms/token | floor ms | % of roofline (this build) |")
 print("|---|---|---|---|---|")
-for case in ("model_a", "model_b"):
+for case in ("model_a", "model_b", "model_b_l12"):
+    if not any(c == case for _, c in rows): continue
     new, base = ms("new", case), ms("base", case)
     r = next((r for r in rows[("new", case)] if "decode" in r), None)
     floor = r["decode_bytes_per_token"] / (hbm * 1e6) if r else None
