@@ -253,15 +253,8 @@ void launch_gemv_kernel(const float* x, int64_t m_count, int64_t K, const GemvOu
   // of more blocks (the 8x7B layer's o_proj: 512) keeps 8 loads a lane: at 2 blocks per SM it would run in two
   // waves. MOEX_CUDA_GEMV_UNROLL=8 keeps 8 everywhere (A/B).
   static const bool whole_rows = env_int("MOEX_CUDA_GEMV_UNROLL", 16) == 16;
-  static const int whole_row_blocks_per_sm = [] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_kernel<1, 16>, kWarps * 32, 0) != cudaSuccess) {
-      (void)cudaGetLastError();  // a failed query must not reach the launch check
-      return 0;
-    }
-    return n;
-  }();
-  if (m_count == 1 && whole_rows && K > 2048 && K <= 32 * 8 * 16 &&
+  static const int whole_row_blocks_per_sm = blocks_per_sm(gemv_kernel<1, 16>, kWarps * 32);
+  if (m_count == 1 && whole_rows && K > 2048 && K / 8 <= 32 * 16 &&  // 16 loads a lane cover the row
       int64_t(grid.x) <= int64_t(whole_row_blocks_per_sm) * num_sms)
     launch_pdl(gemv_kernel<1, 16>, grid, block, 0, stream, x, m, k, packed, preload);
   else if (m_count == 1)  // 8 loads in flight per lane: measured faster than 4 on Model A at batch 1 (H200)

@@ -86,6 +86,18 @@ void launch_config(const PdlLaunchConfig& launch, void (*kernel)(Params...), Arg
   (void)cudaLaunchKernelEx(&launch.config, kernel, static_cast<Params>(args)...);
 }
 
+// Blocks of `threads` threads (no dynamic shared memory) of kernel that one SM holds at once; 0 when the query
+// fails, which is cleared so that the launch check after it does not see it. Callers ask once (a static).
+template <typename... Params>
+int blocks_per_sm(void (*kernel)(Params...), int threads) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                 Args&&... args) {

@@ -309,16 +309,9 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
   static const int forced = env_int("MOEX_CUDA_DOWN_BLOCKS_PER_SM", -1);
   static const bool at_end = !env_equals("MOEX_CUDA_DOWN_AT_END", "0");
   static const bool light_u8 = !env_equals("MOEX_CUDA_DOWN_UNROLL", "4");
-  // Blocks of each instance an SM holds at once. First asked at a step that runs eagerly (a recorded step's bucket
-  // runs once before its capture); a failed query is cleared so the launch check does not see it.
-  const auto blocks_per_sm = [](auto kernel) {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 1;
-    }
-    return std::max(n, 1);
-  };
+  // Blocks of each instance an SM holds at once (at least 1: a failed query sizes grids as one block per SM).
+  // First asked at a step that runs eagerly (a recorded step's bucket runs once before its capture).
+  const auto at_once = [](auto kernel) { return std::max(blocks_per_sm(kernel, kWarps * 32), 1); };
   using Kernel = decltype(&moe_down_combine_one_token_kernel<false, false>);
   const auto light = [](bool preload, int u) -> Kernel {
     if (u == 8) return preload ? moe_down_combine_one_token_kernel<true, false, false, 8>
@@ -330,9 +323,9 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
                                        : moe_down_combine_one_token_kernel<false, true, true, kGemvUnroll, 4>;
     return preload ? moe_down_combine_one_token_kernel<true, true> : moe_down_combine_one_token_kernel<false, true>;
   };
-  static const int light_blocks_per_sm = blocks_per_sm(light(false, 4));
-  static const int light_u8_blocks_per_sm = blocks_per_sm(light(false, 8));
-  static const int looping_blocks_per_sm = blocks_per_sm(looping(false, at_end));
+  static const int light_blocks_per_sm = at_once(light(false, 4));
+  static const int light_u8_blocks_per_sm = at_once(light(false, 8));
+  static const int looping_blocks_per_sm = at_once(looping(false, at_end));
   const int64_t feature_groups = ceil_div(hidden, int64_t(features_per_block));
   int64_t blocks = feature_groups;
   bool looping_grid = false;
