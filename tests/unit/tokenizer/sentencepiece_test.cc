@@ -7,6 +7,7 @@
 #include "moex/core/error.h"
 #include "moex/tokenizer/tokenizer.h"
 #include "tokenizer_files.h"
+#include "unit/safetensors_writer.h"
 
 namespace moex {
 namespace {
@@ -67,8 +68,9 @@ std::string tiny_model() {
 class SentencePieceFallback : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() / "moex_tokenizer_test_spm";
-    std::filesystem::create_directories(dir_);
+    // A directory of this process's own: ctest runs the fixture's tests as parallel processes, and a shared one
+    // let one test read the config while another was rewriting it (an empty tokenizer_config.json).
+    dir_ = test::temp_dir("tokenizer_spm");
     std::ofstream(dir_ / "tokenizer.model", std::ios::binary) << tiny_model();
     std::ofstream(dir_ / "tokenizer_config.json") << R"({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true})";
     try {
@@ -79,6 +81,7 @@ class SentencePieceFallback : public ::testing::Test {
       throw;
     }
   }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
   std::filesystem::path dir_;
   std::unique_ptr<Tokenizer> tok_;
 };
@@ -103,8 +106,7 @@ TEST_F(SentencePieceFallback, ControlTokenTextAndMetadata) {
 }
 
 TEST(SentencePieceFallbackErrors, CorruptModelIsNamed) {
-  const auto dir = std::filesystem::temp_directory_path() / "moex_tokenizer_test_spm_bad";
-  std::filesystem::create_directories(dir);
+  const auto dir = test::temp_dir("tokenizer_spm_bad");
   std::ofstream(dir / "tokenizer.model", std::ios::binary) << "not a protobuf";
   try {
     Tokenizer::from_dir(dir);
