@@ -290,6 +290,21 @@ TEST(CudaDecodeStep, DownPreloadMatchesDefault) {
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_DOWN_PRELOAD", 300);
 }
 
+// The top-k and the plan inside the gate/up launch (the default at one token) against the router's own planning
+// launch (MOEX_CUDA_TOPK_IN_GATE_UP=0): the same greedy tokens over graph replays of 300 steps.
+TEST(CudaDecodeStep, TopkInGateUpMatchesPlanningRouter) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto planning_router =
+        greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_TOPK_IN_GATE_UP", [](Engine&) {});
+    EngineOptions options;
+    options.device = "cuda";
+    Engine plain(*fixture.model, options);
+    EXPECT_EQ(greedy(plain, fixture.prompt, 300), planning_router);
+  }
+}
+
 // The offloading provider keeps host-side routing (acquire/release, pre-gating); with a budget of top_k + 1
 // experts nearly every step copies experts through copy_from_host_async_path from registered host memory.
 TEST(CudaOffload, GreedyMatchesResident) {

@@ -115,6 +115,28 @@ struct ResidualCase {
 
 class CudaResidualNorm : public ::testing::TestWithParam<ResidualCase> {};
 
+// A case's MoE layer on the device: experts (gate, up, down) and the router, random bf16.
+struct MoeLayer {
+  std::vector<Bf16Weight> host;
+  std::vector<ExpertWeights> experts;
+  Bf16Weight router_host;
+  TensorView router;
+};
+
+MoeLayer upload_moe_layer(Backend& backend, const ResidualCase& c, std::mt19937& rng) {
+  MoeLayer layer;
+  for (int64_t e = 0; e < c.experts; ++e)
+    for (Shape shape : {Shape{c.ffn, c.hidden}, Shape{c.ffn, c.hidden}, Shape{c.hidden, c.ffn}})
+      layer.host.push_back(random_bf16(rng, shape, 0.05f));
+  for (int64_t e = 0; e < c.experts; ++e)
+    layer.experts.push_back(ExpertWeights{backend.upload_weight(layer.host[3 * e].host_view(), "gate"),
+                                          backend.upload_weight(layer.host[3 * e + 1].host_view(), "up"),
+                                          backend.upload_weight(layer.host[3 * e + 2].host_view(), "down")});
+  layer.router_host = random_bf16(rng, {c.experts, c.hidden}, 0.5f);
+  layer.router = backend.upload_weight(layer.router_host.host_view(), "router");
+  return layer;
+}
+
 TEST_P(CudaResidualNorm, ConsumersMatchUnfusedOps) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);
   const ResidualCase c = GetParam();
@@ -169,17 +191,9 @@ TEST_P(CudaResidualNorm, ConsumersMatchUnfusedOps) {
   }
 
   // The MoE step: x += pending + d1 and the normalised row written by the router's launch.
-  std::vector<Bf16Weight> host;
-  std::vector<ExpertWeights> experts;
-  for (int64_t e = 0; e < c.experts; ++e)
-    for (Shape shape : {Shape{c.ffn, h}, Shape{c.ffn, h}, Shape{h, c.ffn}})
-      host.push_back(random_bf16(rng, shape, 0.05f));
-  for (int64_t e = 0; e < c.experts; ++e)
-    experts.push_back(ExpertWeights{backend->upload_weight(host[3 * e].host_view(), "gate"),
-                                    backend->upload_weight(host[3 * e + 1].host_view(), "up"),
-                                    backend->upload_weight(host[3 * e + 2].host_view(), "down")});
-  Bf16Weight router_host = random_bf16(rng, {c.experts, h}, 0.5f);
-  const TensorView router = backend->upload_weight(router_host.host_view(), "router");
+  const MoeLayer layer = upload_moe_layer(*backend, c, rng);
+  const std::vector<ExpertWeights>& experts = layer.experts;
+  const TensorView& router = layer.router;
   GuardedTensor logits(*backend, {1, c.experts}), out_f(*backend, {1, h}), out_u(*backend, {1, h});
   for (int call = 0; call < 2; ++call) {  // twice: the planner's ticket must be back at 0
     xf.fill(x);
@@ -193,6 +207,60 @@ TEST_P(CudaResidualNorm, ConsumersMatchUnfusedOps) {
     MOEX_EXPECT_CLOSE(normed_f.read(), std::vector<double>(want_normed.begin(), want_normed.end()), 1e-6);
     const auto want = out_u.read();
     MOEX_EXPECT_CLOSE(out_f.read(), std::vector<double>(want.begin(), want.end()), 1e-5);
+  }
+}
+
+// The top-k and the plan inside the gate/up launch (the default at one token: the router launch writes only the
+// logits, the gate/up blocks of row 0 the residual sum) against the router's own planning launch
+// (MOEX_CUDA_TOPK_IN_GATE_UP=0) on the same device: the same loops in the same orders, so x, the normalised row,
+// the logits and the output must be bit-identical. The second call writes the output over the pending delta, as
+// the decoder does (the residual sum must take d0 before the down kernel writes out).
+TEST_P(CudaResidualNorm, TopkInGateUpMatchesTheRouterLaunch) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  const ResidualCase c = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(c.hidden * 29 + c.experts + c.first_layer));
+  const int64_t h = c.hidden;
+  const auto x = random_floats(rng, static_cast<size_t>(h), 2.f);
+  const auto d0 = random_floats(rng, static_cast<size_t>(h), 2.f);
+  const auto d1 = random_floats(rng, static_cast<size_t>(h), 2.f);
+  auto weight = random_floats(rng, static_cast<size_t>(h));
+  Bf16Weight weight_bf16 = random_bf16(rng, Shape{h}, 1.f);
+  const TensorView wn = c.bf16_weight ? backend->upload_weight(weight_bf16.host_view(), "norm")
+                                      : backend->upload_weight(TensorView(weight.data(), DType::kF32, {h}), "norm");
+  const MoeLayer layer = upload_moe_layer(*backend, c, rng);
+  GuardedTensor d1d(*backend, {1, h});
+  d1d.fill(d1);
+  struct Run {  // one path's buffers
+    GuardedTensor x, d0, normed, logits, out;
+  };
+  const auto make_run = [&] {
+    return std::make_unique<Run>(Run{GuardedTensor(*backend, {1, h}), GuardedTensor(*backend, {1, h}),
+                                     GuardedTensor(*backend, {1, h}), GuardedTensor(*backend, {1, c.experts}),
+                                     GuardedTensor(*backend, {1, h})});
+  };
+  auto fused = make_run(), router_launch = make_run();
+  struct Unset {
+    ~Unset() { unsetenv("MOEX_CUDA_TOPK_IN_GATE_UP"); }
+  } unset;
+  for (int call = 0; call < 2; ++call) {
+    const bool out_over_pending = call == 1 && !c.first_layer;
+    for (Run* run : {fused.get(), router_launch.get()}) {
+      run->x.fill(x);
+      run->d0.fill(d0);
+      const TensorView d0v = run->d0.view(), d1v = d1d.view();
+      const TensorView* pending = c.first_layer ? nullptr : &d0v;
+      const TensorView out = out_over_pending ? d0v : run->out.view();
+      if (run == fused.get()) unsetenv("MOEX_CUDA_TOPK_IN_GATE_UP");
+      else setenv("MOEX_CUDA_TOPK_IN_GATE_UP", "0", 1);
+      backend->norm_moe_routed(run->x.view(), pending, d1v, wn, 1e-5f, run->normed.view(), layer.router,
+                               run->logits.view(), c.top_k, RouterScoring::kSoftmax, true, layer.experts, out);
+    }
+    SCOPED_TRACE(testing::Message() << "call " << call << (out_over_pending ? ", out written over the pending delta" : ""));
+    EXPECT_EQ(fused->x.read(), router_launch->x.read()) << "residual sum";
+    EXPECT_EQ(fused->normed.read(), router_launch->normed.read()) << "normalised row";
+    EXPECT_EQ(fused->logits.read(), router_launch->logits.read()) << "router logits";
+    if (out_over_pending) EXPECT_EQ(fused->d0.read(), router_launch->d0.read()) << "output over the pending delta";
+    else EXPECT_EQ(fused->out.read(), router_launch->out.read()) << "output";
   }
 }
 

@@ -1137,6 +1137,22 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   int64_t group_cap = 8;
   while (group_cap < 2 * average_rows && group_cap < kMoeGemvMaxRows) group_cap *= 2;
   const int max_rows = static_cast<int>(std::min<int64_t>(n, group_cap));
+  // One token with the residual step: the router launch writes only the logits, the gate/up launch routes and
+  // plans (kernels/moe_topk_gate_up.cu; H200, same call: Model A 0.5242 vs 0.5330 ms/token, 12-layer Model B
+  // 0.7704 vs 0.7896). MOEX_CUDA_TOPK_IN_GATE_UP=0 plans in the router's launch (A/B; read at every launch so
+  // that tests can switch it).
+  if (norm && n == 1 && !env_equals("MOEX_CUDA_TOPK_IN_GATE_UP", "0")) {
+    launch_moe_router_plan(x.as<float>(), router_data, 1, hidden, num_experts, top_k,
+                           scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
+                           logits.as<float>(), ids, weights, row_token, slot, groups, num_groups,
+                           static_cast<unsigned*>(route_ticket_.get()), stream_, norm, x.as<float>(),
+                           /*logits_only=*/true);
+    launch_moe_topk_gate_up_one_token(x.as<float>(), logits.as<float>(), hidden, ffn, num_experts, top_k,
+                                      scoring == RouterScoring::kSigmoid, normalize, table, ids, weights, row_token,
+                                      slot, groups, num_groups, h, *norm, out.as<float>(), num_sms_, stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+    return true;
+  }
   // One token: the router GEMV rides in the planner's launch. More: linear()'s kernel, then the planner.
   if (n > 1) linear(x, router, nullptr, logits);
   launch_moe_router_plan(x.as<float>(), n == 1 ? router_data : nullptr, n, hidden, num_experts, top_k,

@@ -31,6 +31,26 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
                                int64_t hidden, int64_t ffn, const int32_t* slot, const float* weights, float* h,
                                float* out, int num_sms, cudaStream_t stream, bool preload_down = false);
 
+// The down + combine half of launch_moe_gemv_one_token: h [top_k, ffn] from gate/up, out [hidden].
+void launch_moe_down_one_token(const float* h, const MoeGroup* groups, int top_k, int64_t hidden, int64_t ffn,
+                               const int32_t* slot, const float* weights, float* out, int num_sms, cudaStream_t stream,
+                               bool preload_down);
+// 16-byte loads in flight per lane and row of the one-token gate/up kernels (2 or 4; moe_gemv.cu says why).
+int moe_one_token_gate_up_unroll(int64_t hidden);
+
+// One token's top-k and plan inside the gate/up launch, then down + combine + the residual sum
+// (MOEX_CUDA_TOPK_IN_GATE_UP; kernels/moe_topk_gate_up.cu says why). logits [num_experts]: the router launch's
+// (launch_moe_router_plan with logits_only); x: the normalised row it wrote. Every gate/up block routes the
+// logits as launch_moe_router_plan does (ids, weights and the plan bit-identical to it) and takes the pick of
+// its blockIdx.y in expert order; block (0, 0) writes ids, weights and the plan (row_token, slot, groups,
+// num_groups). The down kernel writes residual.x = (x + d0) + d1 (only x, d0, d1 are read; d0 before out, which
+// may be d0). top_k <= kMoeOneTokenMaxTopK, num_experts <= kRouterMaxExperts, hidden and ffn % 8 == 0.
+void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int64_t hidden, int64_t ffn,
+                                       int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
+                                       const MoeExpertPtrs* table, int32_t* ids, float* weights, int32_t* row_token,
+                                       int32_t* slot, MoeGroup* groups, int32_t* num_groups, float* h,
+                                       const ResidualNormIn& residual, float* out, int num_sms, cudaStream_t stream);
+
 // Largest num_tokens * top_k the device-side planner takes (one block).
 constexpr int kMoeRoutePlanMaxAssignments = 256;
 
@@ -45,12 +65,14 @@ constexpr int kMoeRoutePlanMaxAssignments = 256;
 // norm (one token with a router; residual_norm_fits(*norm, hidden)): the residual step rides in the launch: x
 // is ignored, the router reads rms_norm((norm->x + d0) + d1), and the kernel writes that residual sum back
 // to norm->x and the normalised row to normed [hidden] (which the expert kernels then take as x).
+// logits_only (one token with a router and norm): the logits and normed only -- no routing, no plan, norm->x
+// left as it is (launch_moe_topk_gate_up_one_token routes and plans, its down kernel writes the residual sum).
 void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_tokens, int64_t hidden,
                             int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
                             const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
                             float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
                             unsigned* ticket, cudaStream_t stream, const ResidualNormIn* norm = nullptr,
-                            float* normed = nullptr);
+                            float* normed = nullptr, bool logits_only = false);
 // Whether launch_moe_router_plan takes this x and router (hidden % 8 == 0, both 16-byte aligned; router may be null).
 bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden);
 // GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); a bf16 [rows, hidden] (tokens

@@ -278,15 +278,26 @@ void launch_moe_gemv_one_token(const float* x, const int32_t* row_token, const M
                                float* out, int num_sms, cudaStream_t stream, bool preload_down) {
   const int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
   const dim3 block(kWarps * 32);
-  // Gate/up rows of up to 2048 (Model A and B) with 2 loads in flight per lane and row instead of 4: 40 registers
-  // instead of 64, 6 blocks per SM instead of 4, so Model B's 768 blocks run in one wave instead of 1.45 (H200,
-  // same call: Model B 12 layers 0.8279 vs 0.8451 ms/token, Model A 0.5534 vs 0.5609). Wider rows (the 8x7B
-  // layer's 4096) keep 4: at 2 a lane would wait out 8 round trips a row. MOEX_CUDA_GATE_UP_UNROLL=2|4 forces one.
-  static const int gate_up_unroll = env_int("MOEX_CUDA_GATE_UP_UNROLL", 0);
-  const bool gate_up_u2 = gate_up_unroll == 2 || (gate_up_unroll != 4 && hidden <= 2048);
-  launch_pdl(gate_up_u2 ? moe_gate_up_kernel<1, 2> : moe_gate_up_kernel<1>,
+  launch_pdl(moe_one_token_gate_up_unroll(hidden) == 2 ? moe_gate_up_kernel<1, 2> : moe_gate_up_kernel<1>,
              dim3(static_cast<unsigned>(ceil_div(ffn, kWarps)), top_k), block, 0, stream, x, row_token, groups, hid, f,
              h, static_cast<const int32_t*>(nullptr), preload_down);
+  launch_moe_down_one_token(h, groups, top_k, hidden, ffn, slot, weights, out, num_sms, stream, preload_down);
+}
+
+// Gate/up rows of up to 2048 (Model A and B) with 2 loads in flight per lane and row instead of 4: 40 registers
+// instead of 64, 6 blocks per SM instead of 4, so Model B's 768 blocks run in one wave instead of 1.45 (H200, same
+// call: Model B 12 layers 0.8279 vs 0.8451 ms/token, Model A 0.5534 vs 0.5609). Wider rows (the 8x7B layer's 4096)
+// keep 4: at 2 a lane would wait out 8 round trips a row. MOEX_CUDA_GATE_UP_UNROLL=2|4 forces one.
+int moe_one_token_gate_up_unroll(int64_t hidden) {
+  static const int forced = env_int("MOEX_CUDA_GATE_UP_UNROLL", 0);
+  return forced == 2 || (forced != 4 && hidden <= 2048) ? 2 : 4;
+}
+
+void launch_moe_down_one_token(const float* h, const MoeGroup* groups, int top_k, int64_t hidden, int64_t ffn,
+                               const int32_t* slot, const float* weights, float* out, int num_sms, cudaStream_t stream,
+                               bool preload_down) {
+  const int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
+  const dim3 block(kWarps * 32);
   const int features_per_block = kWarps / top_k;
   // The grid and instance, measured on H200s against the build before (bench/RESULTS.md; each figure against its
   // own call's baseline):

@@ -44,6 +44,7 @@ struct RoutePlanParams {
   bool preload;  // the router rows' first loads before the PDL wait (gemv_preload_enabled)
   bool one_block_plan;  // a one-block grid plans without the ticket (MOEX_CUDA_ROUTER_TICKET=1 turns it off: A/B)
   bool cluster_plan;    // the grid is one thread block cluster: logits go to block 0's shared memory (see below)
+  bool logits_only;     // one token, norm.x set: logits and normed only (launch_moe_topk_gate_up_one_token plans)
   // With norm.x set (one token): x is rms_norm((norm.x + d0) + d1) instead, computed by every block into shared
   // memory; the last block writes the residual sum back to norm.x and the normalised row to normed (x of the
   // expert kernels).
@@ -146,7 +147,8 @@ __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanPara
   if (gemv && p.preload) preload_row<8>(w_row, p.hidden / 8, lane, first);
   float4 norm_w[NW];
   if (p.norm.x) preload_norm_weight(p.norm, p.hidden, norm_w);
-  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) s_table[e] = p.table[e];  // uploaded once per layer
+  if (!p.logits_only)
+    for (int e = threadIdx.x; e < p.num_experts; e += kThreads) s_table[e] = p.table[e];  // uploaded once per layer
   pdl_wait();
   float* s_h = reinterpret_cast<float*>(s_h4);
   if (p.norm.x) residual_norm_to_shared(p.norm, p.hidden, norm_w, s_h, s_scratch);  // every thread of the block
@@ -158,6 +160,12 @@ __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanPara
       if (one_block) s_logits[expert] = v;
       else if (p.cluster_plan) *cooperative_groups::this_cluster().map_shared_rank(&s_logits[expert], 0) = v;
     }
+  }
+  if (p.logits_only) {
+    // No hand-off: the gate/up launch routes. Every block holds the same normalised row; block 0 writes it.
+    if (blockIdx.x == 0)
+      for (int c = threadIdx.x; c < p.hidden / 4; c += kThreads) reinterpret_cast<float4*>(p.normed)[c] = s_h4[c];
+    return;
   }
   if (one_block) {
     __syncthreads();  // s_logits complete; every thread has read norm.x
@@ -228,7 +236,8 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
                             int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
                             const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
                             float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
-                            unsigned* ticket, cudaStream_t stream, const ResidualNormIn* norm, float* normed) {
+                            unsigned* ticket, cudaStream_t stream, const ResidualNormIn* norm, float* normed,
+                            bool logits_only) {
   const RoutePlanParams p{x,
                           reinterpret_cast<const bf16*>(router),
                           logits,
@@ -250,6 +259,7 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
                           gemv_preload_enabled(),
                           !env_equals("MOEX_CUDA_ROUTER_TICKET", "1"),
                           false,
+                          logits_only,
                           norm ? *norm : ResidualNormIn{},
                           normed};
   const dim3 grid(router ? static_cast<unsigned>(ceil_div(num_experts, int64_t(kWarps))) : 1u), block(kThreads);
@@ -257,7 +267,7 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
   // A one-token grid of 2..16 blocks (Model B: 16) runs as one cluster where the device can place it (H200, same
   // call: Model B 3.030 vs 3.082 ms/token with the ticket). MOEX_CUDA_ROUTER_CLUSTER=0 keeps the ticket (A/B;
   // read at every launch).
-  const bool cluster = router && num_tokens == 1 && grid.x > 1 && grid.x <= 16 &&
+  const bool cluster = !logits_only && router && num_tokens == 1 && grid.x > 1 && grid.x <= 16 &&
                        !env_equals("MOEX_CUDA_ROUTER_CLUSTER", "0");
   with_norm_weight_regs(hidden, kThreads, [&](auto nw) {
     auto kernel = moe_router_plan_kernel<decltype(nw)::value>;

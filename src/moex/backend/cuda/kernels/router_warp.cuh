@@ -18,14 +18,15 @@ __device__ __forceinline__ bool router_better(float va, int ia, float vb, int ib
 // Routes one token (row: its num_experts logits); lanes < top_k write pick `lane` to ids[lane], weights[lane]
 // and return its id (the other lanes return -1). SHARED: the row is in the block's shared memory (plain loads);
 // otherwise it is read from L2.
-template <bool SHARED = false>
+// PER_LANE: logits each lane holds (num_experts <= 32 * PER_LANE); fewer registers for small expert counts.
+template <bool SHARED = false, int PER_LANE = kRouterPerLane>
 __device__ __forceinline__ int router_warp(const float* row, int num_experts, int top_k, bool sigmoid_scoring,
                                             bool normalize, int32_t* ids, float* weights) {
   const int lane = threadIdx.x & 31;
-  float value[kRouterPerLane];
+  float value[PER_LANE];
   float row_max = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < kRouterPerLane; ++i) {
+  for (int i = 0; i < PER_LANE; ++i) {
     int e = lane + 32 * i;
     // L2 unless shared: other blocks may have just written the row.
     value[i] = e < num_experts ? (SHARED ? row[e] : __ldcg(row + e)) : -INFINITY;
@@ -35,7 +36,7 @@ __device__ __forceinline__ int router_warp(const float* row, int num_experts, in
   float denom = 0.f;
   if (!sigmoid_scoring) {
 #pragma unroll
-    for (int i = 0; i < kRouterPerLane; ++i)
+    for (int i = 0; i < PER_LANE; ++i)
       if (lane + 32 * i < num_experts) denom += expf(value[i] - row_max);
     denom = warp_sum(denom);
   }
@@ -47,7 +48,7 @@ __device__ __forceinline__ int router_warp(const float* row, int num_experts, in
     float best_v = -INFINITY;
     int best_e = 0x7fffffff;
 #pragma unroll
-    for (int i = 0; i < kRouterPerLane; ++i) {
+    for (int i = 0; i < PER_LANE; ++i) {
       int e = lane + 32 * i;
       if (e < num_experts && !(taken >> i & 1u) && router_better(value[i], e, best_v, best_e)) {
         best_v = value[i];

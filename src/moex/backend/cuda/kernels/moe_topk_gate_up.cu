@@ -1,0 +1,173 @@
+// Decode at batch 1: the top-k and the plan inside the gate/up launch (MOEX_CUDA_TOPK_IN_GATE_UP; moe.cuh has
+// the contract). The router launch then only computes the logits, in a grid of one expert row per warp that
+// needs no hand-off between its blocks.
+// Why: with 128 experts (Model B) the router is 16 blocks whose logits must meet in one block for the top-k and
+// the plan. As one thread block cluster that hand-off is one hardware barrier, but the router's blocks started
+// 0.9 us before o_proj ended and ended 8.4 us after it (H200), for 0.5 MB of weights; with logits only they end
+// 3.7 us after it. Every gate/up block then reads the num_experts logits (L2) and finds its pick itself (the
+// pick of its blockIdx.y in expert order); block (0, 0) writes ids, weights and the plan that the down kernel
+// reads, and the blocks of row 0 write the residual sum, which the router's blocks, all reading x, could not
+// write without the hand-off.
+#include "moex/backend/cuda/kernels/gemv_core.cuh"
+#include "moex/backend/cuda/kernels/launch.cuh"
+#include "moex/backend/cuda/kernels/moe.cuh"
+#include "moex/backend/cuda/kernels/residual_norm.cuh"
+#include "moex/backend/cuda/kernels/router_warp.cuh"
+
+namespace moex::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+
+struct TopkGateUpParams {
+  const float* x;  // the normalised row [hidden]
+  const float* logits;
+  int hidden, ffn, num_experts, top_k;
+  bool sigmoid_scoring, normalize;
+  const MoeExpertPtrs* table;
+  int32_t* ids;
+  float* weights;
+  int32_t* row_token;
+  int32_t* slot;
+  MoeGroup* groups;
+  int32_t* num_groups;
+  float* h;  // [top_k, ffn]: row r = the r-th pick in expert order (the plan's row r)
+  ResidualNormIn residual;  // x = (x + d0) + d1, written by the blocks of row 0
+};
+
+// Rank of pick a among the token's picks in expert order (a token's picks are distinct experts).
+__device__ __forceinline__ int pick_rank(const int32_t* ids, int top_k, int a) {
+  int rank = 0;
+  for (int b = 0; b < top_k; ++b) rank += ids[b] < ids[a];
+  return rank;
+}
+
+// MAX_EXPERTS: the instance's bound on num_experts (shared memory); U: gate/up loads in flight per lane and row
+// (moe_one_token_gate_up_unroll). The gate/up rows as moe_gate_up_kernel<1, U> computes them.
+// The block's expert: the top-k set is the experts that fewer than top_k others beat in router_warp's order
+// (router_better: higher logit, then lower id: a total order, so the set is router_warp's), each thread ranking
+// its experts against the logits in shared memory -- ~num_experts shared reads, where router_warp's k rounds of
+// warp shuffles had cost every block ~3.8 us of Model B's critical path (H200). Its pick is the set's r-th in
+// expert order (a ballot per warp). Block (0, 0) also runs router_warp for the weights and writes what the
+// planning router launch writes.
+// The launch bounds keep the blocks per SM of moe_gate_up_kernel<1, U> (6 at U = 2: 40 registers, Model B's 768
+// blocks in one wave; 4 at U = 4).
+template <int MAX_EXPERTS, int U>
+__global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_kernel(TopkGateUpParams p) {
+  constexpr int kChunks = (MAX_EXPERTS + 31) / 32;
+  __shared__ float s_logits[MAX_EXPERTS];
+  __shared__ const uint16_t* s_gate[MAX_EXPERTS];
+  __shared__ const uint16_t* s_up[MAX_EXPERTS];
+  __shared__ unsigned s_top_mask[kChunks];  // bit l of chunk c: expert 32 c + l is among the top k
+  __shared__ int32_t s_ids[kMoeOneTokenMaxTopK];
+  __shared__ float s_weights[kMoeOneTokenMaxTopK];
+  __shared__ int s_expert;
+  pdl_launch_dependents();
+  // Before the wait: the layer's expert table (uploaded once per layer), so the pick's rows are one shared memory
+  // read away once it is known.
+  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) {
+    s_gate[e] = p.table[e].gate;
+    s_up[e] = p.table[e].up;
+  }
+  pdl_wait();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool planner = blockIdx.x == 0 && blockIdx.y == 0;
+  // From L2: the router launch just wrote the logits (this SM's L1 may hold the last layer's).
+  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) s_logits[e] = __ldcg(p.logits + e);
+  // The residual sum: the router launch's blocks all read x, and they are done (the wait); down and the next
+  // layer's launches wait for this one. Written by the blocks of row 0, its loads in flight with the logits'.
+  if (blockIdx.y == 0)
+    for (int c = blockIdx.x * kThreads + threadIdx.x; c < p.hidden / 4; c += kThreads * gridDim.x)
+      reinterpret_cast<float4*>(p.residual.x)[c] = residual_sum4(p.residual, c);
+  __syncthreads();
+  if (planner && warp == 0)
+    router_warp<true, (MAX_EXPERTS + 31) / 32>(s_logits, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
+                                                 s_ids, s_weights);
+  for (int chunk = warp; chunk < kChunks; chunk += kWarps) {
+    const int e = chunk * 32 + lane;
+    bool top = false;
+    if (e < p.num_experts) {
+      const float v = s_logits[e];
+      int beaten_by = 0;
+      for (int f = 0; f < p.num_experts; ++f) beaten_by += router_better(s_logits[f], f, v, e);
+      top = beaten_by < p.top_k;
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, top);
+    if (lane == 0) s_top_mask[chunk] = mask;
+  }
+  __syncthreads();
+  const int r = blockIdx.y;
+  for (int chunk = warp; chunk < kChunks; chunk += kWarps) {
+    const unsigned mask = s_top_mask[chunk];
+    if (!(mask >> lane & 1u)) continue;
+    int below = __popc(mask & ((1u << lane) - 1u));
+    for (int c = 0; c < chunk; ++c) below += __popc(s_top_mask[c]);
+    if (below == r) s_expert = chunk * 32 + lane;
+  }
+  if (planner && threadIdx.x < p.top_k) {
+    // What launch_moe_router_plan writes for one token: the routing and the plan (group r = row r, one row each).
+    const int a = threadIdx.x, e = s_ids[a], rank = pick_rank(s_ids, p.top_k, a);
+    p.ids[a] = e;
+    p.weights[a] = s_weights[a];
+    p.slot[a] = rank;
+    p.row_token[rank] = 0;
+    const MoeExpertPtrs we = p.table[e];
+    p.groups[rank] = MoeGroup{we.gate, we.up, we.down, rank, 1};
+    if (a == 0) *p.num_groups = p.top_k;
+  }
+  __syncthreads();
+  const int expert = s_expert;
+  const int j = blockIdx.x * kWarps + warp;
+  if (j >= p.ffn) return;
+  const bf16* w_rows[2] = {reinterpret_cast<const bf16*>(s_gate[expert]) + int64_t(j) * p.hidden,
+                           reinterpret_cast<const bf16*>(s_up[expert]) + int64_t(j) * p.hidden};
+  const float* x_rows[1] = {p.x};
+  float acc[2][1] = {};
+  warp_dot_bf16<2, 1, U>(w_rows, x_rows, 1, p.hidden / 8, lane, acc);
+  const float gate = warp_sum(acc[0][0]);
+  const float up = warp_sum(acc[1][0]);
+  if (lane == 0) p.h[int64_t(r) * p.ffn + j] = silu(gate) * up;
+}
+
+template <int U>
+auto topk_gate_up_instance(int64_t num_experts) {
+  if (num_experts <= 32) return moe_topk_gate_up_kernel<32, U>;
+  if (num_experts <= 128) return moe_topk_gate_up_kernel<128, U>;
+  return moe_topk_gate_up_kernel<kRouterMaxExperts, U>;
+}
+
+}  // namespace
+
+void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int64_t hidden, int64_t ffn,
+                                       int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
+                                       const MoeExpertPtrs* table, int32_t* ids, float* weights, int32_t* row_token,
+                                       int32_t* slot, MoeGroup* groups, int32_t* num_groups, float* h,
+                                       const ResidualNormIn& residual, float* out, int num_sms, cudaStream_t stream) {
+  const TopkGateUpParams p{x,
+                           logits,
+                           static_cast<int>(hidden),
+                           static_cast<int>(ffn),
+                           static_cast<int>(num_experts),
+                           static_cast<int>(top_k),
+                           sigmoid_scoring,
+                           normalize,
+                           table,
+                           ids,
+                           weights,
+                           row_token,
+                           slot,
+                           groups,
+                           num_groups,
+                           h,
+                           residual};
+  const dim3 grid(static_cast<unsigned>(ceil_div(ffn, int64_t(kWarps))), static_cast<unsigned>(top_k)), block(kThreads);
+  launch_pdl(moe_one_token_gate_up_unroll(hidden) == 2 ? topk_gate_up_instance<2>(num_experts)
+                                                       : topk_gate_up_instance<4>(num_experts),
+             grid, block, 0, stream, p);
+  // The plan is written during the gate/up launch: the down kernel must not read it before its wait.
+  launch_moe_down_one_token(h, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, out, num_sms, stream,
+                            /*preload_down=*/false);
+}
+
+}  // namespace moex::cuda
