@@ -283,10 +283,15 @@ TEST(CudaDecodeStep, DimsPerLaneAttentionMatchesKeyPerLane) {
 }
 
 // The batch-1 down projection reading the plan and its first weights before its PDL wait
-// (MOEX_CUDA_DOWN_PRELOAD=1): the same greedy tokens as the default, over graph replays of 300 steps (a plan read
-// from a stale cache line would pick another layer's experts).
+// (MOEX_CUDA_DOWN_PRELOAD=1): the same greedy tokens as without, over graph replays of 300 steps (a plan read
+// from a stale cache line would pick another layer's experts). Both with the router's launch planning
+// (MOEX_CUDA_TOPK_IN_GATE_UP=0): with the top-k in the gate/up launch the plan is not there to preload.
 TEST(CudaDecodeStep, DownPreloadMatchesDefault) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  setenv("MOEX_CUDA_TOPK_IN_GATE_UP", "0", 1);
+  struct Unset {
+    ~Unset() { unsetenv("MOEX_CUDA_TOPK_IN_GATE_UP"); }
+  } unset;
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_DOWN_PRELOAD", 300);
 }
 
