@@ -1138,9 +1138,9 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   while (group_cap < 2 * average_rows && group_cap < kMoeGemvMaxRows) group_cap *= 2;
   const int max_rows = static_cast<int>(std::min<int64_t>(n, group_cap));
   // One token with the residual step: the router launch writes only the logits, the gate/up launch routes and
-  // plans (kernels/moe_topk_gate_up.cu; H200, same call: Model A 0.5242 vs 0.5330 ms/token, 12-layer Model B
-  // 0.7704 vs 0.7896). MOEX_CUDA_TOPK_IN_GATE_UP=0 plans in the router's launch (A/B; read at every launch so
-  // that tests can switch it).
+  // plans (kernels/moe_topk_gate_up.cu; H200, same call: Model A 0.5280 vs 0.5370 ms/token, Model B 2.5797 vs
+  // 2.7381). MOEX_CUDA_TOPK_IN_GATE_UP=0 plans in the router's launch (A/B; read at every launch so that tests
+  // can switch it).
   if (norm && n == 1 && !env_equals("MOEX_CUDA_TOPK_IN_GATE_UP", "0")) {
     launch_moe_router_plan(x.as<float>(), router_data, 1, hidden, num_experts, top_k,
                            scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),

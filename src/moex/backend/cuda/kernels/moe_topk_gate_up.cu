@@ -43,23 +43,19 @@ __device__ __forceinline__ int pick_rank(const int32_t* ids, int top_k, int a) {
   return rank;
 }
 
-// MAX_EXPERTS: the instance's bound on num_experts (shared memory); U: gate/up loads in flight per lane and row
+// PER_LANE: logits a lane holds (num_experts <= 32 * PER_LANE); U: gate/up loads in flight per lane and row
 // (moe_one_token_gate_up_unroll). The gate/up rows as moe_gate_up_kernel<1, U> computes them.
-// The block's expert: the top-k set is the experts that fewer than top_k others beat in router_warp's order
-// (router_better: higher logit, then lower id: a total order, so the set is router_warp's), each thread ranking
-// its experts against the logits in shared memory -- ~num_experts shared reads, where router_warp's k rounds of
-// warp shuffles had cost every block ~3.8 us of Model B's critical path (H200). Its pick is the set's r-th in
-// expert order (a ballot per warp). Block (0, 0) also runs router_warp for the weights and writes what the
-// planning router launch writes.
+// The block's expert: warp 0 selects the top k with router_warp's selection (warp_select_top_k: the same set)
+// and takes the r-th of them in expert order; block (0, 0)'s warp 1 runs router_warp itself for the weights and
+// writes what the planning router launch writes. One warp a block: an earlier version ranked every expert
+// against all others in shared memory (num_experts^2 comparisons over 4 warps, 6 blocks an SM: ~3 us of issue
+// slots before Model B's first weight load, H200 trace).
 // The launch bounds keep the blocks per SM of moe_gate_up_kernel<1, U> (6 at U = 2: 40 registers, Model B's 768
 // blocks in one wave; 4 at U = 4).
-template <int MAX_EXPERTS, int U>
+template <int PER_LANE, int U>
 __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_kernel(TopkGateUpParams p) {
-  constexpr int kChunks = (MAX_EXPERTS + 31) / 32;
-  __shared__ float s_logits[MAX_EXPERTS];
-  __shared__ const uint16_t* s_gate[MAX_EXPERTS];
-  __shared__ const uint16_t* s_up[MAX_EXPERTS];
-  __shared__ unsigned s_top_mask[kChunks];  // bit l of chunk c: expert 32 c + l is among the top k
+  __shared__ const uint16_t* s_gate[32 * PER_LANE];
+  __shared__ const uint16_t* s_up[32 * PER_LANE];
   __shared__ int32_t s_ids[kMoeOneTokenMaxTopK];
   __shared__ float s_weights[kMoeOneTokenMaxTopK];
   __shared__ int s_expert;
@@ -73,38 +69,35 @@ __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_ker
   pdl_wait();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const bool planner = blockIdx.x == 0 && blockIdx.y == 0;
-  // From L2: the router launch just wrote the logits (this SM's L1 may hold the last layer's).
-  for (int e = threadIdx.x; e < p.num_experts; e += kThreads) s_logits[e] = __ldcg(p.logits + e);
+  const int r = blockIdx.y;
   // The residual sum: the router launch's blocks all read x, and they are done (the wait); down and the next
-  // layer's launches wait for this one. Written by the blocks of row 0, its loads in flight with the logits'.
+  // layer's launches wait for this one. Written by the blocks of row 0.
   if (blockIdx.y == 0)
     for (int c = blockIdx.x * kThreads + threadIdx.x; c < p.hidden / 4; c += kThreads * gridDim.x)
       reinterpret_cast<float4*>(p.residual.x)[c] = residual_sum4(p.residual, c);
-  __syncthreads();
-  if (planner && warp == 0)
-    router_warp<true, (MAX_EXPERTS + 31) / 32>(s_logits, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
-                                                 s_ids, s_weights);
-  for (int chunk = warp; chunk < kChunks; chunk += kWarps) {
-    const int e = chunk * 32 + lane;
-    bool top = false;
-    if (e < p.num_experts) {
-      const float v = s_logits[e];
-      int beaten_by = 0;
-      for (int f = 0; f < p.num_experts; ++f) beaten_by += router_better(s_logits[f], f, v, e);
-      top = beaten_by < p.top_k;
+  if (warp == 0) {
+    float value[PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {  // from L2: the router launch just wrote them
+      const int e = lane + 32 * i;
+      value[i] = e < p.num_experts ? __ldcg(p.logits + e) : -INFINITY;
     }
-    const unsigned mask = __ballot_sync(0xffffffffu, top);
-    if (lane == 0) s_top_mask[chunk] = mask;
+    int my_id = -1;  // lane k: the k-th pick
+    warp_select_top_k(value, p.num_experts, p.top_k, [&](int k, float, int e) {
+      if (lane == k) my_id = e;
+    });
+    int rank = 0;  // of this lane's pick in expert order
+    for (int b = 0; b < p.top_k; ++b) rank += __shfl_sync(0xffffffffu, my_id, b) < my_id;
+    // NaN logits leave the selection without valid ids: the block then computes expert 0's rows (garbage out, as
+    // on every path, but no read past the table).
+    const bool valid = my_id >= 0 && my_id < p.num_experts;
+    const unsigned mine = __ballot_sync(0xffffffffu, lane < p.top_k && rank == r && valid);
+    const int expert = __shfl_sync(0xffffffffu, my_id, mine ? __ffs(mine) - 1 : 0);
+    if (lane == 0) s_expert = mine ? expert : 0;
+  } else if (planner && warp == 1) {
+    router_warp<false, PER_LANE>(p.logits, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize, s_ids, s_weights);
   }
   __syncthreads();
-  const int r = blockIdx.y;
-  for (int chunk = warp; chunk < kChunks; chunk += kWarps) {
-    const unsigned mask = s_top_mask[chunk];
-    if (!(mask >> lane & 1u)) continue;
-    int below = __popc(mask & ((1u << lane) - 1u));
-    for (int c = 0; c < chunk; ++c) below += __popc(s_top_mask[c]);
-    if (below == r) s_expert = chunk * 32 + lane;
-  }
   if (planner && threadIdx.x < p.top_k) {
     // What launch_moe_router_plan writes for one token: the routing and the plan (group r = row r, one row each).
     const int a = threadIdx.x, e = s_ids[a], rank = pick_rank(s_ids, p.top_k, a);
@@ -112,11 +105,10 @@ __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_ker
     p.weights[a] = s_weights[a];
     p.slot[a] = rank;
     p.row_token[rank] = 0;
-    const MoeExpertPtrs we = p.table[e];
+    const MoeExpertPtrs we = p.table[e >= 0 && e < p.num_experts ? e : 0];  // NaN logits: no id (see above)
     p.groups[rank] = MoeGroup{we.gate, we.up, we.down, rank, 1};
     if (a == 0) *p.num_groups = p.top_k;
   }
-  __syncthreads();
   const int expert = s_expert;
   const int j = blockIdx.x * kWarps + warp;
   if (j >= p.ffn) return;
@@ -132,9 +124,9 @@ __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_ker
 
 template <int U>
 auto topk_gate_up_instance(int64_t num_experts) {
-  if (num_experts <= 32) return moe_topk_gate_up_kernel<32, U>;
-  if (num_experts <= 128) return moe_topk_gate_up_kernel<128, U>;
-  return moe_topk_gate_up_kernel<kRouterMaxExperts, U>;
+  if (num_experts <= 32) return moe_topk_gate_up_kernel<1, U>;
+  if (num_experts <= 128) return moe_topk_gate_up_kernel<4, U>;
+  return moe_topk_gate_up_kernel<kRouterPerLane, U>;
 }
 
 }  // namespace

@@ -15,6 +15,38 @@ __device__ __forceinline__ bool router_better(float va, int ia, float vb, int ib
   return va > vb || (va == vb && ia < ib);
 }
 
+// router_warp's top-k selection: k rounds of a warp arg-max over the lanes' logits (value[i]: expert lane + 32 i;
+// -INFINITY past num_experts) in router_better's order. Every lane calls pick(k, value, id) with round k's winner.
+template <int PER_LANE, typename Pick>
+__device__ __forceinline__ void warp_select_top_k(const float (&value)[PER_LANE], int num_experts, int top_k,
+                                                  Pick&& pick) {
+  const int lane = threadIdx.x & 31;
+  uint32_t taken = 0;  // bit i: expert lane + 32 i already selected
+  for (int k = 0; k < top_k; ++k) {
+    float best_v = -INFINITY;
+    int best_e = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+      int e = lane + 32 * i;
+      if (e < num_experts && !(taken >> i & 1u) && router_better(value[i], e, best_v, best_e)) {
+        best_v = value[i];
+        best_e = e;
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, best_v, offset);
+      int oe = __shfl_xor_sync(0xffffffffu, best_e, offset);
+      if (router_better(ov, oe, best_v, best_e)) {
+        best_v = ov;
+        best_e = oe;
+      }
+    }
+    if ((best_e & 31) == lane) taken |= 1u << (best_e >> 5);
+    pick(k, best_v, best_e);
+  }
+}
+
 // Routes one token (row: its num_experts logits); lanes < top_k write pick `lane` to ids[lane], weights[lane]
 // and return its id (the other lanes return -1). SHARED: the row is in the block's shared memory (plain loads);
 // otherwise it is read from L2.
@@ -40,38 +72,17 @@ __device__ __forceinline__ int router_warp(const float* row, int num_experts, in
       if (lane + 32 * i < num_experts) denom += expf(value[i] - row_max);
     denom = warp_sum(denom);
   }
-  uint32_t taken = 0;  // bit i: expert lane + 32 i already selected
   float picked_sum = 0.f;
   float my_weight = 0.f;  // lane j keeps the weight of pick j (top_k <= 32)
   int my_id = 0;
-  for (int k = 0; k < top_k; ++k) {
-    float best_v = -INFINITY;
-    int best_e = 0x7fffffff;
-#pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) {
-      int e = lane + 32 * i;
-      if (e < num_experts && !(taken >> i & 1u) && router_better(value[i], e, best_v, best_e)) {
-        best_v = value[i];
-        best_e = e;
-      }
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      float ov = __shfl_xor_sync(0xffffffffu, best_v, offset);
-      int oe = __shfl_xor_sync(0xffffffffu, best_e, offset);
-      if (router_better(ov, oe, best_v, best_e)) {
-        best_v = ov;
-        best_e = oe;
-      }
-    }
-    if ((best_e & 31) == lane) taken |= 1u << (best_e >> 5);
+  warp_select_top_k(value, num_experts, top_k, [&](int k, float best_v, int best_e) {
     float score = sigmoid_scoring ? 1.f / (1.f + expf(-best_v)) : expf(best_v - row_max) / denom;
     picked_sum += score;
     if (lane == k) {
       my_weight = score;
       my_id = best_e;
     }
-  }
+  });
   if (lane < top_k) {
     ids[lane] = my_id;
     weights[lane] = normalize ? my_weight / picked_sum : my_weight;
