@@ -1126,6 +1126,7 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   auto* num_groups = reinterpret_cast<int32_t*>(ws + 4 * small + groups_bytes);
   auto* h = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16);
   auto* y = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16 + h_bytes);
+  const MoePlanBuffers plan{ids, weights, row_token, slot, groups, num_groups};
   // One token: every group has one row (a token's picks are distinct experts), the 1-row kernel instance.
   // A token picks an expert at most once, so no group has more rows than there are tokens. The host does not
   // see the plan, so the expert kernels' instance (registers, blocks per SM) is picked for the largest group the
@@ -1144,12 +1145,11 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   if (norm && n == 1 && !env_equals("MOEX_CUDA_TOPK_IN_GATE_UP", "0")) {
     launch_moe_router_plan(x.as<float>(), router_data, 1, hidden, num_experts, top_k,
                            scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
-                           logits.as<float>(), ids, weights, row_token, slot, groups, num_groups,
-                           static_cast<unsigned*>(route_ticket_.get()), stream_, norm, x.as<float>(),
-                           /*logits_only=*/true);
+                           logits.as<float>(), plan, static_cast<unsigned*>(route_ticket_.get()), stream_, norm,
+                           x.as<float>(), /*logits_only=*/true);
     launch_moe_topk_gate_up_one_token(x.as<float>(), logits.as<float>(), hidden, ffn, num_experts, top_k,
-                                      scoring == RouterScoring::kSigmoid, normalize, table, ids, weights, row_token,
-                                      slot, groups, num_groups, h, *norm, out.as<float>(), num_sms_, stream_);
+                                      scoring == RouterScoring::kSigmoid, normalize, table, plan, h, *norm,
+                                      out.as<float>(), num_sms_, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
     return true;
   }
@@ -1157,8 +1157,8 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   if (n > 1) linear(x, router, nullptr, logits);
   launch_moe_router_plan(x.as<float>(), n == 1 ? router_data : nullptr, n, hidden, num_experts, top_k,
                          scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
-                         logits.as<float>(), ids, weights, row_token, slot, groups, num_groups,
-                         static_cast<unsigned*>(route_ticket_.get()), stream_, norm, norm ? x.as<float>() : nullptr);
+                         logits.as<float>(), plan, static_cast<unsigned*>(route_ticket_.get()), stream_, norm,
+                         norm ? x.as<float>() : nullptr);
   if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
     launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
                               out.as<float>(), num_sms_, stream_, preload_down_);

@@ -38,17 +38,27 @@ void launch_moe_down_one_token(const float* h, const MoeGroup* groups, int top_k
 // 16-byte loads in flight per lane and row of the one-token gate/up kernels (2 or 4; moe_gemv.cu says why).
 int moe_one_token_gate_up_unroll(int64_t hidden);
 
+// Where a layer's routing and plan go on the device (launch_moe_router_plan's outputs): ids and weights [tokens,
+// top_k], row_token and slot [tokens * top_k], groups (at most tokens * top_k) and their count.
+struct MoePlanBuffers {
+  int32_t* ids;
+  float* weights;
+  int32_t* row_token;
+  int32_t* slot;
+  MoeGroup* groups;
+  int32_t* num_groups;
+};
+
 // One token's top-k and plan inside the gate/up launch, then down + combine + the residual sum
 // (MOEX_CUDA_TOPK_IN_GATE_UP; kernels/moe_topk_gate_up.cu says why). logits [num_experts]: the router launch's
 // (launch_moe_router_plan with logits_only); x: the normalised row it wrote. Every gate/up block routes the
 // logits as launch_moe_router_plan does (ids, weights and the plan bit-identical to it) and takes the pick of
-// its blockIdx.y in expert order; block (0, 0) writes ids, weights and the plan (row_token, slot, groups,
+// its blockIdx.y in expert order; block (0, 0) writes ids, weights and the plan (plan's row_token, slot, groups,
 // num_groups). The down kernel writes residual.x = (x + d0) + d1 (only x, d0, d1 are read; d0 before out, which
 // may be d0). top_k <= kMoeOneTokenMaxTopK, num_experts <= kRouterMaxExperts, hidden and ffn % 8 == 0.
 void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int64_t hidden, int64_t ffn,
                                        int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
-                                       const MoeExpertPtrs* table, int32_t* ids, float* weights, int32_t* row_token,
-                                       int32_t* slot, MoeGroup* groups, int32_t* num_groups, float* h,
+                                       const MoeExpertPtrs* table, const MoePlanBuffers& plan, float* h,
                                        const ResidualNormIn& residual, float* out, int num_sms, cudaStream_t stream);
 
 // Largest num_tokens * top_k the device-side planner takes (one block).
@@ -69,9 +79,9 @@ constexpr int kMoeRoutePlanMaxAssignments = 256;
 // left as it is (launch_moe_topk_gate_up_one_token routes and plans, its down kernel writes the residual sum).
 void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_tokens, int64_t hidden,
                             int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
-                            const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
-                            float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
-                            unsigned* ticket, cudaStream_t stream, const ResidualNormIn* norm = nullptr,
+                            const MoeExpertPtrs* table, int max_group_rows, float* logits,
+                            const MoePlanBuffers& plan, unsigned* ticket, cudaStream_t stream,
+                            const ResidualNormIn* norm = nullptr,
                             float* normed = nullptr, bool logits_only = false);
 // Whether launch_moe_router_plan takes this x and router (hidden % 8 == 0, both 16-byte aligned; router may be null).
 bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden);

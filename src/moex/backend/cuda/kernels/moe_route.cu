@@ -34,12 +34,7 @@ struct RoutePlanParams {
   bool sigmoid_scoring, normalize;
   const MoeExpertPtrs* table;
   int max_group_rows;
-  int32_t* ids;
-  float* weights;
-  int32_t* row_token;
-  int32_t* slot;
-  MoeGroup* groups;
-  int32_t* num_groups;
+  MoePlanBuffers plan;
   unsigned* ticket;
   bool preload;  // the router rows' first loads before the PDL wait (gemv_preload_enabled)
   bool one_block_plan;  // a one-block grid plans without the ticket (MOEX_CUDA_ROUTER_TICKET=1 turns it off: A/B)
@@ -63,10 +58,10 @@ __device__ void route_and_plan(const RoutePlanParams& p, const float* s_logits, 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int token = warp; token < p.num_tokens; token += kWarps) {
     const int id = s_logits ? router_warp<true>(s_logits, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
-                                                p.ids, p.weights)
+                                                p.plan.ids, p.plan.weights)
                             : router_warp(p.logits + int64_t(token) * p.num_experts, p.num_experts, p.top_k,
-                                          p.sigmoid_scoring, p.normalize, p.ids + int64_t(token) * p.top_k,
-                                          p.weights + int64_t(token) * p.top_k);
+                                          p.sigmoid_scoring, p.normalize, p.plan.ids + int64_t(token) * p.top_k,
+                                          p.plan.weights + int64_t(token) * p.top_k);
     if (lane < p.top_k) s_id[token * p.top_k + lane] = id;
   }
   __syncthreads();
@@ -79,8 +74,8 @@ __device__ void route_and_plan(const RoutePlanParams& p, const float* s_logits, 
       const int eb = s_id[b];
       rank += eb < e || (eb == e && b < a);
     }
-    p.slot[a] = rank;
-    p.row_token[rank] = a / p.top_k;
+    p.plan.slot[a] = rank;
+    p.plan.row_token[rank] = a / p.top_k;
     s_sorted[rank] = e;
   }
   __syncthreads();
@@ -103,9 +98,9 @@ __device__ void route_and_plan(const RoutePlanParams& p, const float* s_logits, 
     int end = r + 1;
     while (end < total && end - r < p.max_group_rows && s_sorted[end] == e) ++end;
     const MoeExpertPtrs w = s_table[e];
-    p.groups[index] = MoeGroup{w.gate, w.up, w.down, r, end - r};
+    p.plan.groups[index] = MoeGroup{w.gate, w.up, w.down, r, end - r};
   }
-  if (threadIdx.x == 0) *p.num_groups = count;
+  if (threadIdx.x == 0) *p.plan.num_groups = count;
 }
 
 // With p.router set (one token): the router GEMV, one expert row per warp with the decode GEMV's instance (8
@@ -234,9 +229,9 @@ bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden
 
 void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_tokens, int64_t hidden,
                             int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
-                            const MoeExpertPtrs* table, int max_group_rows, float* logits, int32_t* ids,
-                            float* weights, int32_t* row_token, int32_t* slot, MoeGroup* groups, int32_t* num_groups,
-                            unsigned* ticket, cudaStream_t stream, const ResidualNormIn* norm, float* normed,
+                            const MoeExpertPtrs* table, int max_group_rows, float* logits,
+                            const MoePlanBuffers& plan, unsigned* ticket, cudaStream_t stream,
+                            const ResidualNormIn* norm, float* normed,
                             bool logits_only) {
   const RoutePlanParams p{x,
                           reinterpret_cast<const bf16*>(router),
@@ -249,12 +244,7 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
                           normalize,
                           table,
                           max_group_rows,
-                          ids,
-                          weights,
-                          row_token,
-                          slot,
-                          groups,
-                          num_groups,
+                          plan,
                           ticket,
                           gemv_preload_enabled(),
                           !env_equals("MOEX_CUDA_ROUTER_TICKET", "1"),

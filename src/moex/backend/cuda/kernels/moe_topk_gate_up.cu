@@ -26,12 +26,7 @@ struct TopkGateUpParams {
   int hidden, ffn, num_experts, top_k;
   bool sigmoid_scoring, normalize;
   const MoeExpertPtrs* table;
-  int32_t* ids;
-  float* weights;
-  int32_t* row_token;
-  int32_t* slot;
-  MoeGroup* groups;
-  int32_t* num_groups;
+  MoePlanBuffers plan;
   float* h;  // [top_k, ffn]: row r = the r-th pick in expert order (the plan's row r)
   ResidualNormIn residual;  // x = (x + d0) + d1, written by the blocks of row 0
 };
@@ -101,13 +96,13 @@ __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_ker
   if (planner && threadIdx.x < p.top_k) {
     // What launch_moe_router_plan writes for one token: the routing and the plan (group r = row r, one row each).
     const int a = threadIdx.x, e = s_ids[a], rank = pick_rank(s_ids, p.top_k, a);
-    p.ids[a] = e;
-    p.weights[a] = s_weights[a];
-    p.slot[a] = rank;
-    p.row_token[rank] = 0;
+    p.plan.ids[a] = e;
+    p.plan.weights[a] = s_weights[a];
+    p.plan.slot[a] = rank;
+    p.plan.row_token[rank] = 0;
     const MoeExpertPtrs we = p.table[e >= 0 && e < p.num_experts ? e : 0];  // NaN logits: no id (see above)
-    p.groups[rank] = MoeGroup{we.gate, we.up, we.down, rank, 1};
-    if (a == 0) *p.num_groups = p.top_k;
+    p.plan.groups[rank] = MoeGroup{we.gate, we.up, we.down, rank, 1};
+    if (a == 0) *p.plan.num_groups = p.top_k;
   }
   const int expert = s_expert;
   const int j = blockIdx.x * kWarps + warp;
@@ -133,8 +128,7 @@ auto topk_gate_up_instance(int64_t num_experts) {
 
 void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int64_t hidden, int64_t ffn,
                                        int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
-                                       const MoeExpertPtrs* table, int32_t* ids, float* weights, int32_t* row_token,
-                                       int32_t* slot, MoeGroup* groups, int32_t* num_groups, float* h,
+                                       const MoeExpertPtrs* table, const MoePlanBuffers& plan, float* h,
                                        const ResidualNormIn& residual, float* out, int num_sms, cudaStream_t stream) {
   const TopkGateUpParams p{x,
                            logits,
@@ -145,12 +139,7 @@ void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int6
                            sigmoid_scoring,
                            normalize,
                            table,
-                           ids,
-                           weights,
-                           row_token,
-                           slot,
-                           groups,
-                           num_groups,
+                           plan,
                            h,
                            residual};
   const dim3 grid(static_cast<unsigned>(ceil_div(ffn, int64_t(kWarps))), static_cast<unsigned>(top_k)), block(kThreads);
@@ -158,8 +147,8 @@ void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int6
                                                        : topk_gate_up_instance<4>(num_experts),
              grid, block, 0, stream, p);
   // The plan is written during the gate/up launch: the down kernel must not read it before its wait.
-  launch_moe_down_one_token(h, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, out, num_sms, stream,
-                            /*preload_down=*/false);
+  launch_moe_down_one_token(h, plan.groups, static_cast<int>(top_k), hidden, ffn, plan.slot, plan.weights, out,
+                            num_sms, stream, /*preload_down=*/false);
 }
 
 }  // namespace moex::cuda
