@@ -13,6 +13,7 @@
 #include "moex/model/model.h"
 #include "moex/runtime/engine.h"
 #include "unit/model/fixture_util.h"
+#include "unit/scoped_env.h"
 
 namespace moex::cuda_test {
 namespace {
@@ -288,10 +289,7 @@ TEST(CudaDecodeStep, DimsPerLaneAttentionMatchesKeyPerLane) {
 // (MOEX_CUDA_TOPK_IN_GATE_UP=0): with the top-k in the gate/up launch the plan is not there to preload.
 TEST(CudaDecodeStep, DownPreloadMatchesDefault) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  setenv("MOEX_CUDA_TOPK_IN_GATE_UP", "0", 1);
-  struct Unset {
-    ~Unset() { unsetenv("MOEX_CUDA_TOPK_IN_GATE_UP"); }
-  } unset;
+  const test::ScopedEnv planning_router("MOEX_CUDA_TOPK_IN_GATE_UP", "0");
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_DOWN_PRELOAD", 300);
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "cuda_test_util.h"
+#include "unit/scoped_env.h"
 #include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/kernels/elementwise.cuh"
 
@@ -239,9 +240,6 @@ TEST_P(CudaResidualNorm, TopkInGateUpMatchesTheRouterLaunch) {
                                      GuardedTensor(*backend, {1, h})});
   };
   auto fused = make_run(), router_launch = make_run();
-  struct Unset {
-    ~Unset() { unsetenv("MOEX_CUDA_TOPK_IN_GATE_UP"); }
-  } unset;
   for (int call = 0; call < 2; ++call) {
     const bool out_over_pending = call == 1 && !c.first_layer;
     for (Run* run : {fused.get(), router_launch.get()}) {
@@ -250,8 +248,7 @@ TEST_P(CudaResidualNorm, TopkInGateUpMatchesTheRouterLaunch) {
       const TensorView d0v = run->d0.view(), d1v = d1d.view();
       const TensorView* pending = c.first_layer ? nullptr : &d0v;
       const TensorView out = out_over_pending ? d0v : run->out.view();
-      if (run == fused.get()) unsetenv("MOEX_CUDA_TOPK_IN_GATE_UP");
-      else setenv("MOEX_CUDA_TOPK_IN_GATE_UP", "0", 1);
+      const test::ScopedEnv path("MOEX_CUDA_TOPK_IN_GATE_UP", run == fused.get() ? nullptr : "0");
       backend->norm_moe_routed(run->x.view(), pending, d1v, wn, 1e-5f, run->normed.view(), layer.router,
                                run->logits.view(), c.top_k, RouterScoring::kSoftmax, true, layer.experts, out);
     }
