@@ -1142,23 +1142,20 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   // plans (kernels/moe_topk_gate_up.cu; H200, same call: Model A 0.5280 vs 0.5370 ms/token, Model B 2.5797 vs
   // 2.7381). MOEX_CUDA_TOPK_IN_GATE_UP=0 plans in the router's launch (A/B; read at every launch so that tests
   // can switch it).
-  if (norm && n == 1 && !env_equals("MOEX_CUDA_TOPK_IN_GATE_UP", "0")) {
-    launch_moe_router_plan(x.as<float>(), router_data, 1, hidden, num_experts, top_k,
-                           scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
-                           logits.as<float>(), plan, static_cast<unsigned*>(route_ticket_.get()), stream_, norm,
-                           x.as<float>(), /*logits_only=*/true);
+  const bool topk_in_gate_up = norm && n == 1 && !env_equals("MOEX_CUDA_TOPK_IN_GATE_UP", "0");
+  // One token: the router GEMV rides in the planner's launch. More: linear()'s kernel, then the planner.
+  if (n > 1) linear(x, router, nullptr, logits);
+  launch_moe_router_plan(x.as<float>(), n == 1 ? router_data : nullptr, n, hidden, num_experts, top_k,
+                         scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
+                         logits.as<float>(), plan, static_cast<unsigned*>(route_ticket_.get()), stream_, norm,
+                         norm ? x.as<float>() : nullptr, topk_in_gate_up);
+  if (topk_in_gate_up) {
     launch_moe_topk_gate_up_one_token(x.as<float>(), logits.as<float>(), hidden, ffn, num_experts, top_k,
                                       scoring == RouterScoring::kSigmoid, normalize, table, plan, h, *norm,
                                       out.as<float>(), num_sms_, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
     return true;
   }
-  // One token: the router GEMV rides in the planner's launch. More: linear()'s kernel, then the planner.
-  if (n > 1) linear(x, router, nullptr, logits);
-  launch_moe_router_plan(x.as<float>(), n == 1 ? router_data : nullptr, n, hidden, num_experts, top_k,
-                         scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
-                         logits.as<float>(), plan, static_cast<unsigned*>(route_ticket_.get()), stream_, norm,
-                         norm ? x.as<float>() : nullptr);
   if (n == 1 && top_k <= kMoeOneTokenMaxTopK) {  // decode at batch 1: down and the combine in one kernel
     launch_moe_gemv_one_token(x.as<float>(), row_token, groups, static_cast<int>(top_k), hidden, ffn, slot, weights, h,
                               out.as<float>(), num_sms_, stream_, preload_down_);

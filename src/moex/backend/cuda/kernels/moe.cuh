@@ -49,13 +49,14 @@ struct MoePlanBuffers {
   int32_t* num_groups;
 };
 
-// One token's top-k and plan inside the gate/up launch, then down + combine + the residual sum
+// One token's top-k, plan and residual sum inside the gate/up launch, then down + combine
 // (MOEX_CUDA_TOPK_IN_GATE_UP; kernels/moe_topk_gate_up.cu says why). logits [num_experts]: the router launch's
 // (launch_moe_router_plan with logits_only); x: the normalised row it wrote. Every gate/up block routes the
 // logits as launch_moe_router_plan does (ids, weights and the plan bit-identical to it) and takes the pick of
 // its blockIdx.y in expert order; block (0, 0) writes ids, weights and the plan (plan's row_token, slot, groups,
-// num_groups). The down kernel writes residual.x = (x + d0) + d1 (only x, d0, d1 are read; d0 before out, which
-// may be d0). top_k <= kMoeOneTokenMaxTopK, num_experts <= kRouterMaxExperts, hidden and ffn % 8 == 0.
+// num_groups); the blocks of row 0 write residual.x = (x + d0) + d1 (only x, d0, d1 are read, before the down
+// kernel writes out, which may be d0). top_k <= kMoeOneTokenMaxTopK, num_experts <= kRouterMaxExperts, hidden and
+// ffn % 8 == 0.
 void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int64_t hidden, int64_t ffn,
                                        int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
                                        const MoeExpertPtrs* table, const MoePlanBuffers& plan, float* h,
@@ -76,7 +77,7 @@ constexpr int kMoeRoutePlanMaxAssignments = 256;
 // is ignored, the router reads rms_norm((norm->x + d0) + d1), and the kernel writes that residual sum back
 // to norm->x and the normalised row to normed [hidden] (which the expert kernels then take as x).
 // logits_only (one token with a router and norm): the logits and normed only -- no routing, no plan, norm->x
-// left as it is (launch_moe_topk_gate_up_one_token routes and plans, its down kernel writes the residual sum).
+// left as it is (launch_moe_topk_gate_up_one_token routes, plans and writes the residual sum).
 void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_tokens, int64_t hidden,
                             int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
                             const MoeExpertPtrs* table, int max_group_rows, float* logits,

@@ -42,7 +42,7 @@ struct RoutePlanParams {
   bool logits_only;     // one token, norm.x set: logits and normed only (launch_moe_topk_gate_up_one_token plans)
   // With norm.x set (one token): x is rms_norm((norm.x + d0) + d1) instead, computed by every block into shared
   // memory; the last block writes the residual sum back to norm.x and the normalised row to normed (x of the
-  // expert kernels).
+  // expert kernels). With logits_only, block 0 writes normed and nobody the sum.
   ResidualNormIn norm;
   float* normed;
 };
