@@ -32,7 +32,7 @@
 #                                  tools/kernel_trace, overlap kept) and each kernel's share of its critical
 #                                  path (tools/kernel_trace.py). Options: --models, --batch "1 32", --tokens N,
 #                                  --env NAME=VALUE (repeatable: an A/B switch for both runs). Output under $OUT.
-#   tools/device_cuda.sh optin     there: the opt-in switches (MOEX_CUDA_FUSED_ROPE, MOEX_CUDA_DOWN_PRELOAD with
+#   tools/device_cuda.sh optin     there: the opt-in switches (MOEX_CUDA_DOWN_PRELOAD with
 #                                  MOEX_CUDA_TOPK_IN_GATE_UP=0; within 0.4% on an H200):
 #                                  their tests, then Model A / B batch-1 decode with each against the default, each
 #                                  run with --gpu-telemetry on (NVML through moex: J/token and W next to ms/token).
@@ -478,7 +478,7 @@ PY
 # its tests pass and it is faster here.
 optin() {
   # The down preload needs the router's launch to plan (MOEX_CUDA_TOPK_IN_GATE_UP=0): compare it with that too.
-  local out="${OUT:-/tmp/moex_device_out}" switches=("" "MOEX_CUDA_FUSED_ROPE=1" "MOEX_CUDA_TOPK_IN_GATE_UP=0"
+  local out="${OUT:-/tmp/moex_device_out}" switches=("" "MOEX_CUDA_TOPK_IN_GATE_UP=0"
     "MOEX_CUDA_TOPK_IN_GATE_UP=0 MOEX_CUDA_DOWN_PRELOAD=1")
   mkdir -p "$out"
   export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"

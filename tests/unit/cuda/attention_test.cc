@@ -14,6 +14,7 @@
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/backend/cuda/kernels/attention.cuh"
 #include "unit/backend/paged_kv_case.h"
+#include "unit/scoped_env.h"
 
 namespace moex::cuda_test {
 namespace {
@@ -143,65 +144,73 @@ TEST_P(CudaPagedAttention, FusedRopeKvWriteMatchesSeparateOps) {
   }
 }
 
-// rope_kv_attention with the RoPE inside the decode attention kernel (MOEX_CUDA_FUSED_ROPE=1) against the separate
-// ops (qk_norm_rope_kv_write, then attention): the kernel rotates with the same arithmetic, so the attention output
-// and both pools must match bit for bit; with and without per-head norms (fp32 and bf16), full and partial
-// rotation. Shapes the decode kernel does not take fall back to the separate ops. The RoPE prologue lives in the
-// key-per-lane kernel, so the separate ops run that kernel too (MOEX_CUDA_ATTENTION_KEY_LANES=1).
+// rope_kv_attention with the RoPE inside the decode attention kernel (the default) against the separate ops
+// (MOEX_CUDA_FUSED_ROPE=0: qk_norm_rope_kv_write, then attention): the kernel rotates with the same arithmetic, so
+// the attention output and both pools must match bit for bit; with and without per-head norms (fp32 and bf16,
+// different weights for q and k), full and partial rotation. Shapes the decode kernel does not take fall back to
+// the separate ops. Both decode kernels hold the prologue: the dims-per-lane kernel (rows of distinct sequences)
+// and the key-per-lane one (MOEX_CUDA_ATTENTION_KEY_LANES=1, read at every launch); each is compared with the
+// separate ops on the same kernel.
 TEST_P(CudaPagedAttention, RopeInsideAttentionMatchesSeparateOps) {
-  MOEX_CUDA_BACKEND_OR_SKIP(separate);
-  setenv("MOEX_CUDA_ATTENTION_KEY_LANES", "1", 1);
-  struct Unset {
-    ~Unset() { unsetenv("MOEX_CUDA_ATTENTION_KEY_LANES"); }
-  } unset;
-  setenv("MOEX_CUDA_FUSED_ROPE", "1", 1);
-  auto fused = make_cuda_backend(0);
-  unsetenv("MOEX_CUDA_FUSED_ROPE");
-  const test::PagedCase c = cuda_cases()[GetParam()];
-  SCOPED_TRACE(c.str());
-  test::PagedData d = test::make_paged(c, 3000 + GetParam());
-  const Shape pool = d.pool_shape(c), rows_shape{d.n, c.kv_heads, c.head_dim}, q_shape{d.n, c.heads, c.head_dim};
-  std::mt19937 rng(static_cast<uint32_t>(7 + GetParam()));
-  auto norm = random_floats(rng, static_cast<size_t>(c.head_dim));
-  Bf16Weight norm_bf16 = random_bf16(rng, Shape{c.head_dim}, 1.f);
-  const KvStep step = d.step();
-  const std::vector<int32_t> positions(step.row_pos.begin(), step.row_pos.end());
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
-  const bool one_chunk = cuda::rows_form_one_chunk(d.row_seq.data(), d.row_pos.data(), d.n);
-  const bool distinct = cuda::rows_are_distinct_sequences(d.row_seq.data(), d.n);
-  const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_chunk, distinct};
-  auto same = [](float a, float b) { return std::isnan(b) ? std::isnan(a) : std::memcmp(&a, &b, 4) == 0; };
-  for (int norms : {0, 1, 2}) {  // none, fp32, bf16
-    for (int64_t rotary : {c.head_dim / 2 * 2, c.head_dim / 4 * 2}) {
-      SCOPED_TRACE(testing::Message() << "norms " << norms << " rotary_dim " << rotary << " (kernel takes it: "
-                                      << cuda::decode_rope_fits(shape, rotary) << ")");
-      std::vector<float> outs[2], pools[2][2];
-      for (bool in_kernel : {false, true}) {
-        Backend& b = in_kernel ? *fused : *separate;
-        const TensorView norm_d = norms == 2 ? b.upload_weight(norm_bf16.host_view(), "n")
-                                             : b.upload_weight(TensorView(norm.data(), DType::kF32, {c.head_dim}), "n");
-        auto kp = b.alloc(DType::kF32, pool), vp = b.alloc(DType::kF32, pool);
-        b.copy_from_host(d.k_pool.data(), kp->view);
-        b.copy_from_host(d.v_pool.data(), vp->view);
-        GuardedTensor kn(b, rows_shape), vn(b, rows_shape), qd(b, q_shape), od(b, q_shape);
-        kn.fill(d.k_new);
-        vn.fill(d.v_new);
-        qd.fill(d.q);
-        b.prepare_kv_step(step);
-        const TensorView* qn = norms ? &norm_d : nullptr;
-        b.rope_kv_attention(qd.view(), kn.view(), vn.view(), qn, qn, 1e-6f, positions, rotary, 1e4, step, kp->view,
-                            vp->view, scale, od.view());
-        outs[in_kernel] = od.read();
-        pools[in_kernel][0].resize(d.k_pool.size());
-        pools[in_kernel][1].resize(d.v_pool.size());
-        b.copy_to_host(kp->view, pools[in_kernel][0].data());
-        b.copy_to_host(vp->view, pools[in_kernel][1].data());
-      }
-      for (size_t i = 0; i < outs[0].size(); ++i) ASSERT_TRUE(same(outs[1][i], outs[0][i])) << "out element " << i;
-      for (int which = 0; which < 2; ++which) {
-        int64_t bad = 0;
-        for (size_t i = 0; i < pools[0][which].size(); ++i) bad += !same(pools[1][which][i], pools[0][which][i]);
-        EXPECT_EQ(bad, 0) << (which ? "v" : "k") << " pool elements differ";
+  MOEX_CUDA_BACKEND_OR_SKIP(fused);
+  std::unique_ptr<Backend> separate;
+  {
+    const test::ScopedEnv off("MOEX_CUDA_FUSED_ROPE", "0");
+    separate = make_cuda_backend(0);
+  }
+  for (const char* key_lanes : {"1", "0"}) {
+    SCOPED_TRACE(testing::Message() << "MOEX_CUDA_ATTENTION_KEY_LANES=" << key_lanes);
+    const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", key_lanes);
+    const test::PagedCase c = cuda_cases()[GetParam()];
+    SCOPED_TRACE(c.str());
+    test::PagedData d = test::make_paged(c, 3000 + GetParam());
+    const Shape pool = d.pool_shape(c), rows_shape{d.n, c.kv_heads, c.head_dim}, q_shape{d.n, c.heads, c.head_dim};
+    std::mt19937 rng(static_cast<uint32_t>(7 + GetParam()));
+    auto q_norm = random_floats(rng, static_cast<size_t>(c.head_dim));
+    auto k_norm = random_floats(rng, static_cast<size_t>(c.head_dim));
+    Bf16Weight q_norm_bf16 = random_bf16(rng, Shape{c.head_dim}, 1.f);
+    Bf16Weight k_norm_bf16 = random_bf16(rng, Shape{c.head_dim}, 1.f);
+    const KvStep step = d.step();
+    const std::vector<int32_t> positions(step.row_pos.begin(), step.row_pos.end());
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+    const bool one_chunk = cuda::rows_form_one_chunk(d.row_seq.data(), d.row_pos.data(), d.n);
+    const bool distinct = cuda::rows_are_distinct_sequences(d.row_seq.data(), d.n);
+    const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_chunk, distinct};
+    auto same = [](float a, float b) { return std::isnan(b) ? std::isnan(a) : std::memcmp(&a, &b, 4) == 0; };
+    for (int norms : {0, 1, 2}) {  // none, fp32, bf16
+      for (int64_t rotary : {c.head_dim / 2 * 2, c.head_dim / 4 * 2}) {
+        SCOPED_TRACE(testing::Message() << "norms " << norms << " rotary_dim " << rotary << " (kernel takes it: "
+                                        << cuda::decode_rope_fits(shape, rotary) << ")");
+        std::vector<float> outs[2], pools[2][2];
+        for (bool in_kernel : {false, true}) {
+          Backend& b = in_kernel ? *fused : *separate;
+          auto upload = [&](std::vector<float>& fp32, Bf16Weight& bf16) {
+            return norms == 2 ? b.upload_weight(bf16.host_view(), "n")
+                              : b.upload_weight(TensorView(fp32.data(), DType::kF32, {c.head_dim}), "n");
+          };
+          const TensorView q_norm_d = upload(q_norm, q_norm_bf16), k_norm_d = upload(k_norm, k_norm_bf16);
+          auto kp = b.alloc(DType::kF32, pool), vp = b.alloc(DType::kF32, pool);
+          b.copy_from_host(d.k_pool.data(), kp->view);
+          b.copy_from_host(d.v_pool.data(), vp->view);
+          GuardedTensor kn(b, rows_shape), vn(b, rows_shape), qd(b, q_shape), od(b, q_shape);
+          kn.fill(d.k_new);
+          vn.fill(d.v_new);
+          qd.fill(d.q);
+          b.prepare_kv_step(step);
+          b.rope_kv_attention(qd.view(), kn.view(), vn.view(), norms ? &q_norm_d : nullptr, norms ? &k_norm_d : nullptr,
+                              1e-6f, positions, rotary, 1e4, step, kp->view, vp->view, scale, od.view());
+          outs[in_kernel] = od.read();
+          pools[in_kernel][0].resize(d.k_pool.size());
+          pools[in_kernel][1].resize(d.v_pool.size());
+          b.copy_to_host(kp->view, pools[in_kernel][0].data());
+          b.copy_to_host(vp->view, pools[in_kernel][1].data());
+        }
+        for (size_t i = 0; i < outs[0].size(); ++i) ASSERT_TRUE(same(outs[1][i], outs[0][i])) << "out element " << i;
+        for (int which = 0; which < 2; ++which) {
+          int64_t bad = 0;
+          for (size_t i = 0; i < pools[0][which].size(); ++i) bad += !same(pools[1][which][i], pools[0][which][i]);
+          EXPECT_EQ(bad, 0) << (which ? "v" : "k") << " pool elements differ";
+        }
       }
     }
   }

@@ -264,15 +264,26 @@ TEST(CudaDecodeStep, ChainedSamplingMatchesHostSampling) {
   }
 }
 
-// RoPE and the KV write inside the decode attention kernel (MOEX_CUDA_FUSED_ROPE=1) against the separate ops:
-// the same 300 greedy tokens (the kernel rotates with the same arithmetic), across the 256-key bucket (split keys)
-// and the KV cache's growth; qwen3_moe has per-head q/k norms, olmoe clamps q/k/v (its norms stay separate ops).
-// Both on the key-per-lane attention kernel, which holds the RoPE prologue (MOEX_CUDA_ATTENTION_KEY_LANES=1).
+// RoPE and the KV write inside the decode attention kernel (the default) against the separate ops
+// (MOEX_CUDA_FUSED_ROPE=0): the same 300 greedy tokens (the kernel rotates with the same arithmetic), across the
+// 256-key bucket (split keys) and the KV cache's growth; qwen3_moe has per-head q/k norms (different weights for q
+// and k), olmoe clamps q/k/v (its norms stay separate ops). On both decode attention kernels: dims per lane (the
+// default) and key per lane (MOEX_CUDA_ATTENTION_KEY_LANES=1).
 TEST(CudaDecodeStep, RopeInsideAttentionMatchesSeparateOps) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  setenv("MOEX_CUDA_ATTENTION_KEY_LANES", "1", 1);
-  expect_switch_on_matches_default(fixtures, "MOEX_CUDA_FUSED_ROPE", 300);
-  unsetenv("MOEX_CUDA_ATTENTION_KEY_LANES");
+  for (const char* key_lanes : {"0", "1"}) {
+    SCOPED_TRACE(testing::Message() << "MOEX_CUDA_ATTENTION_KEY_LANES=" << key_lanes);
+    const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", key_lanes);
+    for (const LoadedFixture& fixture : fixtures) {
+      SCOPED_TRACE(fixture.name);
+      const auto separate =
+          greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_FUSED_ROPE", [](Engine&) {});
+      EngineOptions options;
+      options.device = "cuda";
+      Engine fused(*fixture.model, options);
+      EXPECT_EQ(greedy(fused, fixture.prompt, 300), separate);
+    }
+  }
 }
 
 // The dims-per-lane decode attention kernel (default for rows of distinct sequences; it loads earlier keys before

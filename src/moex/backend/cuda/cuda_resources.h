@@ -16,7 +16,7 @@
 namespace moex::cuda {
 
 // Whether environment variable name is set to value: the A/B switches of the backend and its kernels
-// (MOEX_CUDA_GRAPHS=0, MOEX_CUDA_FUSED_ROPE=1, ...).
+// (MOEX_CUDA_GRAPHS=0, MOEX_CUDA_FUSED_ROPE=0, ...).
 inline bool env_equals(const char* name, const char* value) {
   const char* env = std::getenv(name);
   return env && std::strcmp(env, value) == 0;

@@ -438,20 +438,29 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
 // only q and the step's own key are read. The key-per-lane kernel above chained q, the page table, two rounds
 // of K and two of V after its wait (decode_attention_kernel: 7.4 us of each Model A layer's critical path on an
 // H200). Scores are warp sums; the online softmax and the merge of the warps are as above.
-template <int DPL, int G, int KEYS>
+// ROPE: the step's q/k norm + RoPE and its KV write inside (rope_kv_attention; what qk_norm_rope_kernel does, with
+// head_rope.cuh's arithmetic, so the rows are bit-identical): the angles and norm weights are computed before the
+// wait; after it warps take the block's query heads and then its kv head, the step's own key is read from shared
+// memory, and the block of head 0 of the group and split 0 stores the rotated k and the v row in the cache. One
+// launch fewer per layer than qk_norm_rope_kv_write + this kernel (H200, same call: Model A 0.5076 vs 0.5282
+// ms/token, 12-layer Model B 0.7248 vs 0.7550).
+template <int DPL, int G, int KEYS, bool ROPE>
 __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kernel(Params p) {
   extern __shared__ float smem[];
   constexpr int D = DPL * 32;
   constexpr int kRound = kDecodeWarps * KEYS;
-  float* m_s = smem;                        // [warps][G]
-  float* l_s = m_s + kDecodeWarps * G;      // [warps][G]
-  float* acc_s = l_s + kDecodeWarps * G;    // [warps][G][D]
+  float* m_s = smem;                          // [warps][G]
+  float* l_s = m_s + kDecodeWarps * G;        // [warps][G]
+  float* acc_s = l_s + kDecodeWarps * G;      // [warps][G][D]
+  float* q_s = acc_s + kDecodeWarps * G * D;  // ROPE: the rotated q [G][D] (pre-scaled), then the step's k and v
+  float* new_s = q_s + G * D;                 // [2][D], then a row of scratch per warp [warps][D]
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
   const int kv_head = head0 / p.group;
   const DecodeKeys keys(p, query, split, kv_head, D);
   const int key_end = keys.end, split_begin = keys.split_begin, split_end = keys.split_end;
+  const int own = key_end - 1;  // the step's key: the kernel before writes it (ROPE: this launch does)
   float kr[KEYS][DPL], vr[KEYS][DPL];
   // Row j of the warp's round: key round + warp + kDecodeWarps j. mine(key): whether it is read now.
   auto load_round = [&](int round, auto mine) {
@@ -459,6 +468,14 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
     for (int j = 0; j < KEYS; ++j) {
       const int key = round + warp + kDecodeWarps * j;
       if (key < split_end && mine(key)) {
+        if (ROPE && key == own) {  // the block's copy: its cache row is stored by one block of this launch
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) {
+            kr[j][i] = new_s[lane + 32 * i];
+            vr[j][i] = new_s[D + lane + 32 * i];
+          }
+          continue;
+        }
         const int64_t offset = keys.offset(key);
 #pragma unroll
         for (int i = 0; i < DPL; ++i) {
@@ -472,15 +489,70 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   for (int j = 0; j < KEYS; ++j)
 #pragma unroll
     for (int i = 0; i < DPL; ++i) kr[j][i] = vr[j][i] = 0.f;
-  const int own = key_end - 1;  // the step's key: the kernel before writes it
   load_round(split_begin, [&](int key) { return key != own; });
+  // ROPE, before the wait: the angles at the step's position and the lane's norm weights (q's; k's too for the
+  // warp of the kv head, q and k sharing the angles), and the cache rows this block stores.
+  [[maybe_unused]] LaneRope lr;
+  [[maybe_unused]] float k_w[DPL];
+  [[maybe_unused]] float* k_slot = nullptr;
+  [[maybe_unused]] float* v_slot = nullptr;
+  if constexpr (ROPE) {
+    const bool kv_warp = warp == G % kDecodeWarps;
+    prepare_lane_rope(D, p.q_rope, static_cast<float>(own), lane, &lr);
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int d = lane + 32 * i;
+      const HeadNormRope& r = p.k_rope;
+      k_w[i] = !kv_warp || !r.norm ? 1.f
+               : r.norm_bf16      ? __bfloat162float(static_cast<const bf16*>(r.norm)[d])
+                                  : static_cast<const float*>(r.norm)[d];
+    }
+    if (kv_warp && head0 % p.group == 0 && split == 0) {
+      const int64_t offset = keys.offset(own);
+      k_slot = p.k_write + offset;
+      v_slot = p.v_write + offset;
+    }
+  }
   pdl_wait();
-  load_round(split_begin, [&](int key) { return key == own; });
   float q[G][DPL];
+  if constexpr (ROPE) {
+    float* scratch = new_s + (2 + warp) * D;
+    for (int h = warp; h <= G; h += kDecodeWarps) {  // warp G % kDecodeWarps takes the kv head last
+      if (h < G) {
+        warp_norm_rope_head_prepared(p.q + (int64_t(query) * p.heads + head0 + h) * D, scratch, D, p.q_rope, lr,
+                                     lane, [&](int d, float v) { q_s[h * D + d] = v * p.scale_log2; });
+      } else {
+        const int64_t row = (int64_t(query) * p.kv_heads + kv_head) * D;
+        LaneRope lk = lr;
 #pragma unroll
-  for (int g = 0; g < G; ++g)
+        for (int i = 0; i < DPL; ++i) lk.w[i] = k_w[i];
+        warp_norm_rope_head_prepared(p.k_new + row, scratch, D, p.k_rope, lk, lane, [&](int d, float v) {
+          new_s[d] = v;
+          if (k_slot) k_slot[d] = v;
+        });
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) q[g][i] = p.q[(int64_t(query) * p.heads + head0 + g) * D + lane + 32 * i] * p.scale_log2;
+        for (int i = 0; i < DPL; ++i) {
+          const float v = p.v_new[row + lane + 32 * i];
+          new_s[D + lane + 32 * i] = v;
+          if (v_slot) v_slot[lane + 32 * i] = v;
+        }
+      }
+      __syncwarp();  // the warp's scratch row serves its next head
+    }
+    __syncthreads();
+    load_round(split_begin, [&](int key) { return key == own; });
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) q[g][i] = q_s[g * D + lane + 32 * i];
+  } else {
+    load_round(split_begin, [&](int key) { return key == own; });
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int i = 0; i < DPL; ++i)
+        q[g][i] = p.q[(int64_t(query) * p.heads + head0 + g) * D + lane + 32 * i] * p.scale_log2;
+  }
 
   WarpSoftmax<G, DPL> softmax;
   auto& m = softmax.m;
@@ -540,12 +612,16 @@ void with_dims_per_lane(int64_t head_dim, F f) {
 }
 
 // KEYS rows of K and V per warp and round: 8 where the block's heads leave the registers (G <= 2), else 4.
-template <int G>
+template <int G, bool ROPE>
 void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
-  const size_t smem = sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2));
+  // m, l, acc per warp; with ROPE also q [G][D], the step's k and v [2][D] and a scratch row per warp (the same
+  // total as decode_smem_bytes).
+  const size_t smem = sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2) +
+                                       (ROPE ? (G + 2 + kDecodeWarps) * p.head_dim : 0));
   auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
-  with_dims_per_lane(p.head_dim, [&](auto dpl) { launch(decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS>); });
+  with_dims_per_lane(p.head_dim,
+                     [&](auto dpl) { launch(decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS, ROPE>); });
 }
 
 template <int G, bool ROPE>
@@ -557,12 +633,12 @@ void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
 
 template <bool ROPE>
 void launch_decode(const Params& p, int heads_per_block, dim3 grid, cudaStream_t stream, bool dims_per_lane) {
-  if (!ROPE && dims_per_lane) {
+  if (dims_per_lane) {
     switch (heads_per_block) {
-      case 1: launch_decode_dims<1>(p, grid, stream); break;
-      case 2: launch_decode_dims<2>(p, grid, stream); break;
-      case 4: launch_decode_dims<4>(p, grid, stream); break;
-      default: launch_decode_dims<8>(p, grid, stream); break;
+      case 1: launch_decode_dims<1, ROPE>(p, grid, stream); break;
+      case 2: launch_decode_dims<2, ROPE>(p, grid, stream); break;
+      case 4: launch_decode_dims<4, ROPE>(p, grid, stream); break;
+      default: launch_decode_dims<8, ROPE>(p, grid, stream); break;
     }
     return;
   }
@@ -729,7 +805,7 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
     // writes a key another row reads (every row its own sequence). MOEX_CUDA_ATTENTION_KEY_LANES=1 keeps the
     // key-per-lane kernel (A/B; read at every launch, so tests can compare both).
     const bool dims_per_lane = shape.distinct_sequences && !env_equals("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
-    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, false);
+    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, dims_per_lane);
     else launch_decode<false>(p, layout.heads_per_block, grid, stream, dims_per_lane);
   } else {
     launch_tiled(p, grid, stream);
