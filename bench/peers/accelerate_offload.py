@@ -60,7 +60,7 @@ def main():
     build_s = time.perf_counter() - start
 
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), device="cuda")
-    ms, steps = decode_ms_per_token(model, prompt, args.tokens, warmup_tokens=2)
+    ms, steps = decode_ms_per_token(model, prompt, args.tokens, warmup_tokens=2, reps=1)  # seconds a token: one timing
     per_layer = ms / max(offloaded, 1)
     result = {
         "peer": "accelerate",
