@@ -139,6 +139,19 @@ std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vecto
   return greedy_with_env(model, prompt, tokens, env_var, "0", check);
 }
 
+// The default must not change a greedy token against the path env_var=0 keeps, on each fixture.
+void expect_default_matches_switch_off(const std::vector<LoadedFixture>& fixtures, const char* env_var,
+                                       int64_t tokens) {
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto switched_off = greedy_with_switch_off(*fixture.model, fixture.prompt, tokens, env_var, [](Engine&) {});
+    EngineOptions options;
+    options.device = "cuda";
+    Engine plain(*fixture.model, options);
+    EXPECT_EQ(greedy(plain, fixture.prompt, tokens), switched_off);
+  }
+}
+
 // An opt-in switch (env_var=1) must not change a greedy token against the default, on each fixture.
 void expect_switch_on_matches_default(const std::vector<LoadedFixture>& fixtures, const char* env_var, int64_t tokens) {
   for (const LoadedFixture& fixture : fixtures) {
@@ -274,15 +287,7 @@ TEST(CudaDecodeStep, RopeInsideAttentionMatchesSeparateOps) {
   for (const char* key_lanes : {"0", "1"}) {
     SCOPED_TRACE(testing::Message() << "MOEX_CUDA_ATTENTION_KEY_LANES=" << key_lanes);
     const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", key_lanes);
-    for (const LoadedFixture& fixture : fixtures) {
-      SCOPED_TRACE(fixture.name);
-      const auto separate =
-          greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_FUSED_ROPE", [](Engine&) {});
-      EngineOptions options;
-      options.device = "cuda";
-      Engine fused(*fixture.model, options);
-      EXPECT_EQ(greedy(fused, fixture.prompt, 300), separate);
-    }
+    expect_default_matches_switch_off(fixtures, "MOEX_CUDA_FUSED_ROPE", 300);
   }
 }
 
@@ -308,15 +313,7 @@ TEST(CudaDecodeStep, DownPreloadMatchesDefault) {
 // launch (MOEX_CUDA_TOPK_IN_GATE_UP=0): the same greedy tokens over graph replays of 300 steps.
 TEST(CudaDecodeStep, TopkInGateUpMatchesPlanningRouter) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  for (const LoadedFixture& fixture : fixtures) {
-    SCOPED_TRACE(fixture.name);
-    const auto planning_router =
-        greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_TOPK_IN_GATE_UP", [](Engine&) {});
-    EngineOptions options;
-    options.device = "cuda";
-    Engine plain(*fixture.model, options);
-    EXPECT_EQ(greedy(plain, fixture.prompt, 300), planning_router);
-  }
+  expect_default_matches_switch_off(fixtures, "MOEX_CUDA_TOPK_IN_GATE_UP", 300);
 }
 
 // The offloading provider keeps host-side routing (acquire/release, pre-gating); with a budget of top_k + 1
