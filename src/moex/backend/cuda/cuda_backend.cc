@@ -534,8 +534,8 @@ class CudaBackend final : public Backend {
   }
 
   // Decode rows: the attention kernel rotates q and the step's k itself and stores the step's k and v: one launch
-  // fewer per layer (H200, same call, against MOEX_CUDA_FUSED_ROPE=0: Model A 0.5076 vs 0.5282 ms/token, 12-layer
-  // Model B 0.7248 vs 0.7550). Other rows (several of one sequence), or MOEX_CUDA_FUSED_ROPE=0: the two ops.
+  // fewer per layer (H200, same call, against MOEX_CUDA_FUSED_ROPE=0: Model A 0.5077 vs 0.5275 ms/token, Model B
+  // 2.4256 vs 2.5796). Other rows (several of one sequence), or MOEX_CUDA_FUSED_ROPE=0: the two ops.
   void rope_kv_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* q_norm,
                          const TensorView* k_norm, float eps, std::span<const int32_t> positions, int64_t rotary_dim,
                          double theta, const KvStep& step, const TensorView& k_pages, const TensorView& v_pages,

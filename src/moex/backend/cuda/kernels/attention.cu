@@ -8,6 +8,7 @@
 //   serial 128-step dot per lane: 19 us per layer at 18 keys on an H100 (Model A), 14% of the batch-1 step.
 //   Rows of distinct sequences (every decode step) take decode_attention_dims_kernel instead: lanes own head
 //   dims and warps take keys, so a row is one coalesced load and earlier steps' keys load before the PDL wait.
+//   Both hold the step's q/k norm + RoPE and KV write as a prologue (rope_kv_attention).
 // - Prefill chunks of >= 16 queries go to the tensor-core kernel (attention_prefill.cu); shorter ones and the
 //   shapes neither covers (head_dim not a multiple of 4, several sequences' rows): attention_kernel. A block
 //   owns one kv head and up to 8 "rows" (query, head-of-group) pairs of one sequence, so the K/V tile it stages
@@ -442,8 +443,8 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
 // head_rope.cuh's arithmetic, so the rows are bit-identical): the angles and norm weights are computed before the
 // wait; after it warps take the block's query heads and then its kv head, the step's own key is read from shared
 // memory, and the block of head 0 of the group and split 0 stores the rotated k and the v row in the cache. One
-// launch fewer per layer than qk_norm_rope_kv_write + this kernel (H200, same call: Model A 0.5076 vs 0.5282
-// ms/token, 12-layer Model B 0.7248 vs 0.7550).
+// launch fewer per layer than qk_norm_rope_kv_write + this kernel (H200, same call: Model A 0.5077 vs 0.5275
+// ms/token, Model B 2.4256 vs 2.5796).
 template <int DPL, int G, int KEYS, bool ROPE>
 __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kernel(Params p) {
   extern __shared__ float smem[];
@@ -615,10 +616,10 @@ void with_dims_per_lane(int64_t head_dim, F f) {
 template <int G, bool ROPE>
 void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
-  // m, l, acc per warp; with ROPE also q [G][D], the step's k and v [2][D] and a scratch row per warp (the same
-  // total as decode_smem_bytes).
-  const size_t smem = sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2) +
-                                       (ROPE ? (G + 2 + kDecodeWarps) * p.head_dim : 0));
+  // m, l, acc per warp; with ROPE also q [G][D], the step's k and v [2][D] and a scratch row per warp: the key-per-
+  // lane kernel's layout (decode_smem_bytes, checked against the 48 KB default).
+  const size_t smem = ROPE ? decode_smem_bytes(G, p.head_dim, true)
+                           : sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2));
   auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
   with_dims_per_lane(p.head_dim,
                      [&](auto dpl) { launch(decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS, ROPE>); });
