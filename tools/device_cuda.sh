@@ -233,9 +233,14 @@ run() {
     echo "moex exit $? $(head -c 300 "$out/moex_$model.err")"
     kill "$smi" 2>/dev/null
     wait "$smi" 2>/dev/null
-    timeout 300 python3 bench/peers/transformers_decode.py "bench/cuda/models/$model" --tokens 32 \
-      --json "$out/peers.jsonl" >"$out/peer_$model.log" 2>&1
-    echo "transformers exit $? $(tail -c 300 "$out/peer_$model.log")"
+    # Two processes: the first on a fresh machine measured 1.6-2.3x slower than the next (H200); the table takes
+    # the faster.
+    local attempt
+    for attempt in 1 2; do
+      timeout 300 python3 bench/peers/transformers_decode.py "bench/cuda/models/$model" --tokens 32 \
+        --json "$out/peers.jsonl" >"$out/peer_$model.log" 2>&1
+      echo "transformers exit $? $(tail -c 300 "$out/peer_$model.log")"
+    done
   done
   if [ "$skip_bench" -eq 0 ]; then
     local hbm
@@ -294,7 +299,11 @@ def jl(path):
 kern = jl(f"{out}/kernels.jsonl")
 hbm = next((k["gbs"] for k in kern if k.get("name") == "hbm_copy"), None)
 device = next((k.get("device") for k in kern if k.get("name") == "hbm_copy"), "?")
-peers = {os.path.basename(p["model_dir"].rstrip("/")): p for p in jl(f"{out}/peers.jsonl")}
+peers = {}  # model -> its fastest transformers run
+for p in jl(f"{out}/peers.jsonl"):
+    name = os.path.basename(p["model_dir"].rstrip("/"))
+    if p.get("ms_per_token") and (name not in peers or p["ms_per_token"] < peers[name]["ms_per_token"]):
+        peers[name] = p
 def active_bytes(c):
     h, d = c["hidden_size"], c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
     attn = h * d * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
