@@ -1,0 +1,253 @@
+// Can the host CPU compute experts from a lossless 12-bit packing of their bf16 weights at the speed its DRAM
+// delivers them? docs/offloading.md ("Next: fewer host bytes per miss") plans such a packing: each weight as its
+// sign+mantissa byte plus a 4-bit index into its tensor's 15 most frequent exponents (code 15: an exception, the
+// weight kept raw in a per-row list), 0.75 of the bf16 bytes. Offloaded decode is bound by host DRAM bytes, so the
+// packing pays only if decoding it inside the GEMV keeps up with memory.
+//
+// This times, on Mixtral-8x7B's down-projection rows (4096 x 14336 bf16, 117 MB: well past the caches) and on a
+// cache-resident slice of them (the decode's compute ceiling), one thread and all of them:
+//   bf16    the CPU backend's loop shape (8-wide bf16 -> fp32, 4 accumulators),
+//   packed  the same accumulators and order over the packed rows (pshufb for the exponent table), so each row's
+//           dot is bit-identical to the bf16 loop's -- checked, along with the packing's round trip.
+// Weights are normal with the std of a 14336-wide row (~1.4e-4 of them outside the 15 commonest exponents, as on
+// the default model's trained experts: bench/offload/exponent_stats.py). Prints a table and, with --json, one line.
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "host_info.h"
+#include "moex/backend/cpu/simd.h"
+#include "moex/core/dtype.h"
+
+#ifndef MOEX_CPU_AVX2
+#error "packed_gemv_bench measures x86 SIMD loops: build with AVX2, FMA and F16C (x86-64-v3)"
+#endif
+
+namespace moex {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int64_t kCols = 14336;  // Mixtral-8x7B's expert intermediate size: a down-projection row
+constexpr int64_t kRows = 4096;
+constexpr int kEscape = 15;
+static_assert(kCols % 32 == 0, "the loops take 32 weights an iteration, no tail");
+
+// One matrix in the 12-bit packing. Row r's weights: lo[r * cols + i] (sign << 7 | 7 mantissa bits), exponent
+// codes two a byte in nib[r * cols / 2 + i / 2] (low nibble first); code 15 marks an exception, whose raw bf16
+// lies in exc_value at an index in [exc_begin[r], exc_begin[r + 1]) in column order.
+struct PackedMatrix {
+  int64_t rows = 0, cols = 0;
+  std::array<uint8_t, 16> exponent{};  // code -> exponent byte (entry 15 unused)
+  std::vector<uint8_t> lo, nib;
+  std::vector<uint32_t> exc_col, exc_begin;
+  std::vector<uint16_t> exc_value;
+  size_t bytes() const {
+    return lo.size() + nib.size() + exc_col.size() * 4 + exc_value.size() * 2 + exc_begin.size() * 4;
+  }
+};
+
+PackedMatrix pack(const std::vector<uint16_t>& w, int64_t rows, int64_t cols) {
+  PackedMatrix p;
+  p.rows = rows;
+  p.cols = cols;
+  std::array<int64_t, 256> count{};
+  for (uint16_t v : w) ++count[(v >> 7) & 0xff];
+  std::array<int, 256> order{};
+  for (int e = 0; e < 256; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return count[a] > count[b]; });
+  std::array<int, 256> code;
+  code.fill(kEscape);
+  for (int c = 0; c < kEscape; ++c) {
+    p.exponent[c] = static_cast<uint8_t>(order[c]);
+    code[order[c]] = c;
+  }
+  p.lo.resize(w.size());
+  p.nib.assign(w.size() / 2, 0);
+  p.exc_begin.push_back(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < cols; ++i) {
+      const uint16_t v = w[r * cols + i];
+      const int c = code[(v >> 7) & 0xff];
+      p.lo[r * cols + i] = static_cast<uint8_t>(((v >> 8) & 0x80) | (v & 0x7f));
+      p.nib[(r * cols + i) / 2] |= static_cast<uint8_t>(c << (4 * (i & 1)));
+      if (c == kEscape) {
+        p.exc_col.push_back(static_cast<uint32_t>(i));
+        p.exc_value.push_back(v);
+      }
+    }
+    p.exc_begin.push_back(static_cast<uint32_t>(p.exc_col.size()));
+  }
+  return p;
+}
+
+// 16 consecutive weights of a row (column i0, a multiple of 16) as bf16 bits in two 8-lane halves. Exceptions
+// (code 15) are patched from the row's list, which *exc_col / *exc_val walk in column order: a group with k escape
+// codes takes the next k entries.
+inline void decode16(const PackedMatrix& p, int64_t row, int64_t i0, __m128i table, const uint32_t** exc_col,
+                     const uint16_t** exc_val, __m128i* out_lo8, __m128i* out_hi8) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lo.data() + row * p.cols + i0));
+  uint64_t packed_codes;
+  std::memcpy(&packed_codes, p.nib.data() + (row * p.cols + i0) / 2, 8);
+  const __m128i nib = _mm_cvtsi64_si128(static_cast<long long>(packed_codes));
+  const __m128i mask4 = _mm_set1_epi8(0x0f);
+  // Byte j of codes = code of weight j: low nibbles are the even weights, high nibbles the odd ones.
+  const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(nib, mask4), _mm_and_si128(_mm_srli_epi16(nib, 4), mask4));
+  const __m128i exponent = _mm_shuffle_epi8(table, codes);
+  // bf16 = sign | exponent << 7 | mantissa: high byte sign | exponent >> 1, low byte (exponent & 1) << 7 | mantissa.
+  const __m128i top_bit = _mm_set1_epi8(static_cast<char>(0x80)), low_bits = _mm_set1_epi8(0x7f);
+  const __m128i hi_byte =
+      _mm_or_si128(_mm_and_si128(lo, top_bit), _mm_and_si128(_mm_srli_epi16(exponent, 1), low_bits));
+  const __m128i lo_byte =
+      _mm_or_si128(_mm_and_si128(_mm_slli_epi16(exponent, 7), top_bit), _mm_and_si128(lo, low_bits));
+  __m128i a = _mm_unpacklo_epi8(lo_byte, hi_byte), b = _mm_unpackhi_epi8(lo_byte, hi_byte);
+  const int escapes = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, _mm_set1_epi8(kEscape)));
+  if (__builtin_expect(escapes != 0, 0)) {
+    alignas(16) uint16_t bits[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(bits), a);
+    _mm_store_si128(reinterpret_cast<__m128i*>(bits + 8), b);
+    for (int k = __builtin_popcount(static_cast<unsigned>(escapes)); k > 0; --k) {
+      bits[**exc_col - static_cast<uint32_t>(i0)] = **exc_val;
+      ++*exc_col;
+      ++*exc_val;
+    }
+    a = _mm_load_si128(reinterpret_cast<const __m128i*>(bits));
+    b = _mm_load_si128(reinterpret_cast<const __m128i*>(bits + 8));
+  }
+  *out_lo8 = a;
+  *out_hi8 = b;
+}
+
+inline __m256 bf16x8_to_f32(__m128i bits) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// The CPU backend's accumulator layout: 4 accumulators over 32 weights an iteration.
+float dot_bf16(const float* x, const uint16_t* w, int64_t k) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < k; i += 32) {
+    for (int u = 0; u < 4; ++u) {
+      const __m256 wv = bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8 * u)));
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * u), wv, acc[u]);
+    }
+  }
+  return cpu::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+float dot_packed(const float* x, const PackedMatrix& p, int64_t row) {
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
+  const uint32_t* exc_col = p.exc_col.data() + p.exc_begin[row];
+  const uint16_t* exc_val = p.exc_value.data() + p.exc_begin[row];
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < p.cols; i += 32) {
+    __m128i w8[4];
+    decode16(p, row, i, table, &exc_col, &exc_val, &w8[0], &w8[1]);
+    decode16(p, row, i + 16, table, &exc_col, &exc_val, &w8[2], &w8[3]);
+    for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * u), bf16x8_to_f32(w8[u]), acc[u]);
+  }
+  return cpu::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+// Rows [0, rows) over `threads` threads, `reps` times; seconds per pass (the fastest).
+template <typename RowFn>
+double time_rows(int64_t rows, int threads, int reps, RowFn row_fn) {
+  double best = 1e30;
+  for (int rep = 0; rep < reps; ++rep) {
+    const auto start = Clock::now();
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; ++r) row_fn(r);
+      });
+    for (auto& th : pool) th.join();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  return best;
+}
+
+}  // namespace
+}  // namespace moex
+
+int main(int argc, char** argv) {
+  using namespace moex;
+  CLI::App app{"packed_gemv_bench: host GEMV over bf16 rows against the same rows in a lossless 12-bit packing"};
+  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int reps = 5;
+  int64_t rows = kRows;
+  bool json = false;
+  app.add_option("--threads", threads, "threads for the all-cores rows (default: the machine's)")
+      ->check(CLI::Range(1, 1024));
+  app.add_option("--reps", reps, "timed passes per case, the fastest kept")->check(CLI::Range(1, 1000));
+  app.add_option("--rows", rows, "rows of 14336 bf16 weights (default 4096: 117 MB)")->check(CLI::Range(64, 1 << 20));
+  app.add_flag("--json", json, "one JSON line after the table");
+  CLI11_PARSE(app, argc, argv);
+
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.f, 1.f / std::sqrt(static_cast<float>(kCols)));
+  std::vector<uint16_t> w(static_cast<size_t>(rows * kCols));
+  for (auto& v : w) v = f32_to_bf16(normal(rng));
+  std::vector<float> x(kCols);
+  for (auto& v : x) v = normal(rng) * 64.f;
+  const PackedMatrix p = pack(w, rows, kCols);
+
+  // The packing's round trip and the dots, bit for bit.
+  int64_t bad_rows = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float a = dot_bf16(x.data(), w.data() + r * kCols, kCols), b = dot_packed(x.data(), p, r);
+    if (std::memcmp(&a, &b, 4) != 0) ++bad_rows;
+  }
+  if (bad_rows) {
+    fmt::print(stderr, "packed_gemv_bench: {} of {} rows differ from the bf16 loop\n", bad_rows, rows);
+    return 1;
+  }
+
+  const double bf16_bytes = static_cast<double>(w.size()) * 2, packed_bytes = static_cast<double>(p.bytes());
+  std::vector<float> out(static_cast<size_t>(rows));
+  const int64_t hot_rows = std::min<int64_t>(rows, 16);  // 458 KB of bf16: in L2
+  const double exceptions = static_cast<double>(p.exc_col.size()) / static_cast<double>(w.size());
+  nlohmann::json result = {{"cpu", bench::cpu_model()},           {"load_average", bench::load_average()},
+                           {"rows", rows},                        {"cols", kCols},
+                           {"exceptions_per_weight", exceptions}, {"packed_over_bf16", packed_bytes / bf16_bytes}};
+  fmt::print("{}; load {}\n{} x {} bf16 weights ({:.0f} MB), packed {:.4f} of the bytes, {:.2e} exceptions a weight\n",
+             bench::cpu_model(), bench::load_average(), rows, kCols, bf16_bytes / 1e6, packed_bytes / bf16_bytes,
+             exceptions);
+  fmt::print("| case | threads | bf16: weight GB/s | packed: packed GB/s | packed: bf16-equivalent GB/s | "
+             "packed / bf16 time |\n");
+  fmt::print("|---|---|---|---|---|---|\n");
+  struct Case {
+    bool hot;
+    int threads;
+  };
+  for (const Case c : {Case{true, 1}, Case{false, 1}, Case{false, threads}}) {
+    const int64_t n = c.hot ? hot_rows : rows;
+    const int passes = c.hot ? 200 : 1;  // a hot pass over 16 rows is too short to time alone
+    const double tb = time_rows(n, c.threads, reps, [&](int64_t r) {
+      for (int k = 0; k < passes; ++k) out[r] = dot_bf16(x.data(), w.data() + r * kCols, kCols);
+    });
+    const double tp = time_rows(n, c.threads, reps, [&](int64_t r) {
+      for (int k = 0; k < passes; ++k) out[r] = dot_packed(x.data(), p, r);
+    });
+    // Bytes each loop read per pass: the rows' share of the matrix (exceptions included for the packed one).
+    const double share = double(n) / rows;
+    const double bf16_gbs = bf16_bytes * share * passes / tb / 1e9;
+    const double packed_gbs = packed_bytes * share * passes / tp / 1e9;
+    fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.2f} |\n", c.hot ? "cache-resident (16 rows)" : "from DRAM",
+               c.threads, bf16_gbs, packed_gbs, packed_gbs * bf16_bytes / packed_bytes, tp / tb);
+    result[c.hot ? std::string("hot_1t") : fmt::format("dram_{}t", c.threads)] = {
+        {"bf16_gbs", bf16_gbs}, {"packed_gbs", packed_gbs}, {"time_ratio", tp / tb}};
+  }
+  if (json) fmt::print("{}\n", result.dump());
+  return 0;
+}
