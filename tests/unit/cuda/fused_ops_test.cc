@@ -116,6 +116,27 @@ struct ResidualCase {
 
 class CudaResidualNorm : public ::testing::TestWithParam<ResidualCase> {};
 
+// A case's residual step: x, the pending delta d0, the block output d1 (host) and the norm weight on the device
+// (fp32 or bf16 as the case says; both are drawn so that the random stream does not depend on it).
+struct ResidualInputs {
+  std::vector<float> x, d0, d1, weight;
+  Bf16Weight weight_bf16;
+  TensorView norm;
+};
+
+ResidualInputs make_residual_inputs(Backend& backend, const ResidualCase& c, std::mt19937& rng) {
+  const int64_t h = c.hidden;
+  ResidualInputs in;
+  in.x = random_floats(rng, static_cast<size_t>(h), 2.f);
+  in.d0 = random_floats(rng, static_cast<size_t>(h), 2.f);
+  in.d1 = random_floats(rng, static_cast<size_t>(h), 2.f);
+  in.weight = random_floats(rng, static_cast<size_t>(h));
+  in.weight_bf16 = random_bf16(rng, Shape{h}, 1.f);
+  in.norm = c.bf16_weight ? backend.upload_weight(in.weight_bf16.host_view(), "norm")
+                          : backend.upload_weight(TensorView(in.weight.data(), DType::kF32, {h}), "norm");
+  return in;
+}
+
 // A case's MoE layer on the device: experts (gate, up, down) and the router, random bf16.
 struct MoeLayer {
   std::vector<Bf16Weight> host;
@@ -146,13 +167,11 @@ TEST_P(CudaResidualNorm, ConsumersMatchUnfusedOps) {
                                   << " bf16 " << c.bf16_weight);
   std::mt19937 rng(static_cast<uint32_t>(c.hidden * 13 + c.experts + c.first_layer));
   const int64_t h = c.hidden;
-  auto x = random_floats(rng, static_cast<size_t>(h), 2.f);
-  auto d0 = random_floats(rng, static_cast<size_t>(h), 2.f);
-  auto d1 = random_floats(rng, static_cast<size_t>(h), 2.f);
-  auto weight = random_floats(rng, static_cast<size_t>(h));
-  Bf16Weight weight_bf16 = random_bf16(rng, Shape{h}, 1.f);
-  const TensorView wn = c.bf16_weight ? backend->upload_weight(weight_bf16.host_view(), "norm")
-                                      : backend->upload_weight(TensorView(weight.data(), DType::kF32, {h}), "norm");
+  const ResidualInputs in = make_residual_inputs(*backend, c, rng);
+  const auto& x = in.x;
+  const auto& d0 = in.d0;
+  const auto& d1 = in.d1;
+  const TensorView wn = in.norm;
   GuardedTensor xf(*backend, {1, h}), xu(*backend, {1, h}), d0d(*backend, {1, h}), d1d(*backend, {1, h});
   GuardedTensor scratch(*backend, {1, h}), normed_f(*backend, {1, h}), normed_u(*backend, {1, h});
   xf.fill(x);
@@ -221,13 +240,11 @@ TEST_P(CudaResidualNorm, TopkInGateUpMatchesTheRouterLaunch) {
   const ResidualCase c = GetParam();
   std::mt19937 rng(static_cast<uint32_t>(c.hidden * 29 + c.experts + c.first_layer));
   const int64_t h = c.hidden;
-  const auto x = random_floats(rng, static_cast<size_t>(h), 2.f);
-  const auto d0 = random_floats(rng, static_cast<size_t>(h), 2.f);
-  const auto d1 = random_floats(rng, static_cast<size_t>(h), 2.f);
-  auto weight = random_floats(rng, static_cast<size_t>(h));
-  Bf16Weight weight_bf16 = random_bf16(rng, Shape{h}, 1.f);
-  const TensorView wn = c.bf16_weight ? backend->upload_weight(weight_bf16.host_view(), "norm")
-                                      : backend->upload_weight(TensorView(weight.data(), DType::kF32, {h}), "norm");
+  const ResidualInputs in = make_residual_inputs(*backend, c, rng);
+  const auto& x = in.x;
+  const auto& d0 = in.d0;
+  const auto& d1 = in.d1;
+  const TensorView wn = in.norm;
   const MoeLayer layer = upload_moe_layer(*backend, c, rng);
   GuardedTensor d1d(*backend, {1, h});
   d1d.fill(d1);
@@ -252,7 +269,8 @@ TEST_P(CudaResidualNorm, TopkInGateUpMatchesTheRouterLaunch) {
       backend->norm_moe_routed(run->x.view(), pending, d1v, wn, 1e-5f, run->normed.view(), layer.router,
                                run->logits.view(), c.top_k, RouterScoring::kSoftmax, true, layer.experts, out);
     }
-    SCOPED_TRACE(testing::Message() << "call " << call << (out_over_pending ? ", out written over the pending delta" : ""));
+    SCOPED_TRACE(testing::Message() << "call " << call
+                                    << (out_over_pending ? ", out written over the pending delta" : ""));
     EXPECT_EQ(fused->x.read(), router_launch->x.read()) << "residual sum";
     EXPECT_EQ(fused->normed.read(), router_launch->normed.read()) << "normalised row";
     EXPECT_EQ(fused->logits.read(), router_launch->logits.read()) << "router logits";
