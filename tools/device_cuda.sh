@@ -482,9 +482,10 @@ PY
   done
 }
 
-# The opt-in switches (measured once on an H200, 2026-11-27: within 0.4% of the default): their tests, then batch-1 decode of Model A and B with each
-# switch (the down preload beside the planning router it needs) against the default, interleaved twice in the one call. Make a switch the default only where
-# its tests pass and it is faster here.
+# The opt-in switches (measured once on an H200, 2026-11-27: within 0.4% of the default): their tests, then
+# batch-1 decode of Model A and B with each switch (the down preload beside the planning router it needs) against
+# the default, interleaved twice in the one call. Make a switch the default only where its tests pass and it is
+# faster here.
 optin() {
   # The down preload needs the router's launch to plan (MOEX_CUDA_TOPK_IN_GATE_UP=0): compare it with that too.
   local out="${OUT:-/tmp/moex_device_out}" switches=("" "MOEX_CUDA_TOPK_IN_GATE_UP=0"
