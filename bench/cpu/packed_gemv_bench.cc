@@ -6,9 +6,9 @@
 //
 // This times, on Mixtral-8x7B's down-projection rows (4096 x 14336 bf16, 117 MB: well past the caches) and on a
 // cache-resident slice of them (the decode's compute ceiling), one thread and all of them:
-//   bf16    the CPU backend's loop shape (8-wide bf16 -> fp32, 4 accumulators),
-//   packed  the same accumulators and order over the packed rows (pshufb for the exponent table), so each row's
-//           dot is bit-identical to the bf16 loop's -- checked, along with the packing's round trip.
+//   bf16    the CPU backend's own one-token GEMV (cpu::linear_block, the loop offloaded experts run on the CPU),
+//   packed  its accumulators, summation order and 4 KiB prefetch over the packed rows (pshufb for the exponent
+//           table), so each row's dot is bit-identical to the backend's -- checked, which covers the round trip.
 // Weights are normal with the std of a 14336-wide row (~1.4e-4 of them outside the 15 commonest exponents, as on
 // the default model's trained experts: bench/offload/exponent_stats.py). Prints a table and, with --json, one line.
 #include <algorithm>
@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host_info.h"
+#include "moex/backend/cpu/linear_kernels.h"
 #include "moex/backend/cpu/simd.h"
 #include "moex/core/dtype.h"
 
@@ -130,47 +131,43 @@ inline void decode16(const PackedMatrix& p, int64_t row, int64_t i0, __m128i tab
   *out_hi8 = b;
 }
 
+// 8 bf16 (bits) as fp32: cpu::load8's widening, from a register.
 inline __m256 bf16x8_to_f32(__m128i bits) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 
-// The CPU backend's accumulator layout: 4 accumulators over 32 weights an iteration.
-float dot_bf16(const float* x, const uint16_t* w, int64_t k) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t i = 0; i < k; i += 32) {
-    for (int u = 0; u < 4; ++u) {
-      const __m256 wv = bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8 * u)));
-      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * u), wv, acc[u]);
-    }
-  }
-  return cpu::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
+// The backend's GEMV prefetch distance (linear_kernels.cc's kGemvPrefetchBytes), over the packed bytes.
+constexpr int64_t kPrefetchBytes = 4096;
 
+// The backend's one-token gemv_row over a packed row: 4 accumulators, 32 weights an iteration, summed as
+// ((a0 + a1) + a2) + a3, then cpu::hsum.
 float dot_packed(const float* x, const PackedMatrix& p, int64_t row) {
   const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
   const uint32_t* exc_col = p.exc_col.data() + p.exc_begin[row];
   const uint16_t* exc_val = p.exc_value.data() + p.exc_begin[row];
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t i = 0; i < p.cols; i += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(p.lo.data() + row * p.cols + i) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p.nib.data() + (row * p.cols + i) / 2) + kPrefetchBytes / 2,
+                 _MM_HINT_T0);
     __m128i w8[4];
     decode16(p, row, i, table, &exc_col, &exc_val, &w8[0], &w8[1]);
     decode16(p, row, i + 16, table, &exc_col, &exc_val, &w8[2], &w8[3]);
     for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * u), bf16x8_to_f32(w8[u]), acc[u]);
   }
-  return cpu::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  return cpu::hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
 }
 
-// Rows [0, rows) over `threads` threads, `reps` times; seconds per pass (the fastest).
-template <typename RowFn>
-double time_rows(int64_t rows, int threads, int reps, RowFn row_fn) {
+// Rows [0, rows) in `threads` equal ranges, one thread each (rows_fn(begin, end)), `reps` times; seconds per pass
+// (the fastest).
+template <typename RowsFn>
+double time_rows(int64_t rows, int threads, int reps, RowsFn rows_fn) {
   double best = 1e30;
   for (int rep = 0; rep < reps; ++rep) {
     const auto start = Clock::now();
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; ++r) row_fn(r);
-      });
+      pool.emplace_back([&, t] { rows_fn(rows * t / threads, rows * (t + 1) / threads); });
     for (auto& th : pool) th.join();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
   }
@@ -201,20 +198,31 @@ int main(int argc, char** argv) {
   std::vector<float> x(kCols);
   for (auto& v : x) v = normal(rng) * 64.f;
   const PackedMatrix p = pack(w, rows, kCols);
+  std::vector<float> out(static_cast<size_t>(rows));
+  // The CPU backend's one-token GEMV over the bf16 rows: out[row] for rows [begin, end).
+  cpu::LinearProblem bf16_gemv;
+  bf16_gemv.x = x.data();
+  bf16_gemv.ldx = kCols;
+  bf16_gemv.m = 1;
+  bf16_gemv.k = kCols;
+  bf16_gemv.w = w.data();
+  bf16_gemv.w_dtype = DType::kBF16;
+  bf16_gemv.out = out.data();
+  bf16_gemv.ldo = rows;
 
-  // The packing's round trip and the dots, bit for bit.
+  // The packing's round trip and the dots: every row bit for bit against the backend's.
+  cpu::linear_block(bf16_gemv, 0, rows, 0, 1);
   int64_t bad_rows = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const float a = dot_bf16(x.data(), w.data() + r * kCols, kCols), b = dot_packed(x.data(), p, r);
-    if (std::memcmp(&a, &b, 4) != 0) ++bad_rows;
+    const float b = dot_packed(x.data(), p, r);
+    if (std::memcmp(&out[r], &b, 4) != 0) ++bad_rows;
   }
   if (bad_rows) {
-    fmt::print(stderr, "packed_gemv_bench: {} of {} rows differ from the bf16 loop\n", bad_rows, rows);
+    fmt::print(stderr, "packed_gemv_bench: {} of {} rows differ from the CPU backend's GEMV\n", bad_rows, rows);
     return 1;
   }
 
   const double bf16_bytes = static_cast<double>(w.size()) * 2, packed_bytes = static_cast<double>(p.bytes());
-  std::vector<float> out(static_cast<size_t>(rows));
   const int64_t hot_rows = std::min<int64_t>(rows, 16);  // 458 KB of bf16: in L2
   const double exceptions = static_cast<double>(p.exc_col.size()) / static_cast<double>(w.size());
   nlohmann::json result = {{"cpu", bench::cpu_model()},           {"load_average", bench::load_average()},
@@ -233,11 +241,12 @@ int main(int argc, char** argv) {
   for (const Case c : {Case{true, 1}, Case{false, 1}, Case{false, threads}}) {
     const int64_t n = c.hot ? hot_rows : rows;
     const int passes = c.hot ? 200 : 1;  // a hot pass over 16 rows is too short to time alone
-    const double tb = time_rows(n, c.threads, reps, [&](int64_t r) {
-      for (int k = 0; k < passes; ++k) out[r] = dot_bf16(x.data(), w.data() + r * kCols, kCols);
+    const double tb = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
+      for (int k = 0; k < passes; ++k) cpu::linear_block(bf16_gemv, begin, end, 0, 1);
     });
-    const double tp = time_rows(n, c.threads, reps, [&](int64_t r) {
-      for (int k = 0; k < passes; ++k) out[r] = dot_packed(x.data(), p, r);
+    const double tp = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
+      for (int k = 0; k < passes; ++k)
+        for (int64_t r = begin; r < end; ++r) out[r] = dot_packed(x.data(), p, r);
     });
     // Bytes each loop read per pass: the rows' share of the matrix (exceptions included for the packed one).
     const double share = double(n) / rows;
