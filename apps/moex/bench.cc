@@ -21,6 +21,7 @@
 #include "commands.h"
 #include "gpu_telemetry.h"
 #include "routing_replay.h"
+#include "moex/core/dtype.h"
 #include "moex/core/error.h"
 #include "moex/core/progress.h"
 #include "moex/trace/trace_writer.h"
@@ -44,9 +45,14 @@ Summary summarize(const std::vector<double>& values) {
   return s;
 }
 
-// Bytes one batch-1 decode step must read: every resident weight once, top_k experts per MoE layer.
+// Bytes one batch-1 decode step must read: every resident weight once, except the token embedding, of which it
+// reads the token's row (a tied embedding is the lm_head as well and is read whole); top_k experts per MoE layer.
+// Until 2026-11-27 the whole embedding table was counted: 8% of Model A's bytes, 9% of Model B's, so the
+// roofline fractions in bench/RESULTS.md before then are that much too high (the correction is there).
 int64_t decode_bytes_per_token(const ModelConfig& cfg) {
-  return Engine::resident_weight_bytes(cfg) +
+  const int64_t row = cfg.hidden_size * static_cast<int64_t>(dtype_size(cfg.weight_dtype));
+  const int64_t unread = cfg.tie_word_embeddings ? 0 : (cfg.vocab_size - 1) * row;
+  return Engine::resident_weight_bytes(cfg) - unread +
          cfg.num_moe_layers() * cfg.top_k * static_cast<int64_t>(cfg.expert_bytes());
 }
 

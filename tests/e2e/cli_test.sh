@@ -171,6 +171,28 @@ else
   fail "bench --batch exited non-zero: $(cat "$tmp/err")"
 fi
 expect_error "bench --batch 0" "--batch" "$moex" bench -m "$fixture" --batch 0
+# The roofline's bytes (decode_bytes_per_token): a decode step reads the token's row of the embedding, not the
+# table (which an untied model does not read again as the lm_head), every other resident weight and top_k experts
+# per MoE layer. Both fixtures are bf16 and all-MoE.
+for model in mixtral qwen3_moe_tied; do
+  if "$moex" bench -m "$src/tests/fixtures/$model" --prompt-lens 4 --decode-context 3 --decode-tokens 2 --reps 1 \
+    --warmup 0 --json >"$tmp/bytes.json" 2>"$tmp/err"; then
+    python3 - "$tmp/bytes.json" "$src/tests/fixtures/$model/config.json" <<'PY' && ok || fail "bench bytes per token ($model)"
+import json, sys
+out = json.load(open(sys.argv[1])); c = json.load(open(sys.argv[2]))
+h, v, layers = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+d = c.get("head_dim") or h // c["num_attention_heads"]
+q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+experts = c.get("num_local_experts") or c["num_experts"]
+top_k, ffn = c["num_experts_per_tok"], c.get("moe_intermediate_size") or c["intermediate_size"]
+tied = c.get("tie_word_embeddings", False)
+elems = v * h + (0 if tied else h) + layers * (h * (q + 2 * kv) + q * h + experts * h + top_k * 3 * ffn * h)
+assert out["decode_bytes_per_token"] == 2 * elems, (out["decode_bytes_per_token"], 2 * elems)
+PY
+  else
+    fail "bench ($model) exited non-zero: $(cat "$tmp/err")"
+  fi
+done
 expect_error "negative split overhead" "--split-overhead-ms" "$moex" bench -m "$fixture" --split-overhead-ms -1
 expect_error "balanced prefetch without CPU experts" "--balance-prefetch" "$moex" bench -m "$fixture" \
   --balance-prefetch
