@@ -47,7 +47,8 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
   sub->add_option("--host-memory", options->host_memory,
                   "offload experts on the CPU backend: RAM for experts read from disk, e.g. 8GiB (default: all resident)");
   sub->add_option("--gpu-memory", options->gpu_memory,
-                  "offload experts with --device cuda: bound on everything moex puts on the GPU, e.g. 16GiB");
+                  "offload experts with --device cuda: bound on everything moex puts on the GPU, e.g. 16GiB (the token "
+                  "embedding then stays in host memory, read a row at a time)");
   sub->add_option("--cache-policy", options->cache_policy, "expert cache eviction policy when offloading")
       ->check(CLI::IsMember({"lru", "lfu", "activation"}));
   sub->add_option("--predictor", options->predictor,
@@ -158,7 +159,7 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
     const int64_t total = parse_byte_size(options.gpu_memory, "--gpu-memory");
     // Leave room for the resident weights and a working reserve (KV cache, activations, cuBLAS workspace).
     constexpr int64_t kReserveBytes = int64_t{1} << 30;
-    const int64_t resident = Engine::resident_weight_bytes(config);
+    const int64_t resident = Engine::resident_weight_bytes(config, /*offloading=*/true);
     engine.expert_budget_bytes = total - resident - kReserveBytes;
     if (engine.expert_budget_bytes <= 0)
       throw UsageError(fmt::format("--gpu-memory {}: the model's resident weights need {:.2f} GiB plus a 1 GiB reserve, "

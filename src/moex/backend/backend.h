@@ -90,6 +90,12 @@ class Backend {
   // A weight usable by this backend's ops. CPU: the host view itself (zero copy from the mmap);
   // CUDA: uploaded once. The returned view stays valid as long as the backend lives.
   virtual TensorView upload_weight(const TensorView& host, const std::string& name) = 0;
+  // A weight matrix of which ops read a few rows per step (the token embedding), kept where it costs the
+  // backend's memory nothing: CUDA copies it into page-locked host memory that kernels read over the bus (a
+  // decode step reads one row), so an offloading budget leaves its bytes to experts. Default: upload_weight.
+  virtual TensorView map_host_weight(const TensorView& host, const std::string& name) {
+    return upload_weight(host, name);
+  }
   virtual void copy_to_host(const TensorView& src, void* dst) = 0;
   virtual void copy_from_host(const void* src, const TensorView& dst) = 0;
   // The expert prefetcher's copy: like copy_from_host, but on a copy path separate from compute so it

@@ -23,7 +23,7 @@ enum Slot : int {
 }  // namespace
 
 Decoder::Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& backend, ExpertProvider& experts,
-                 const KvCacheOptions& kv)
+                 const KvCacheOptions& kv, bool embedding_on_host)
     : cfg_(cfg), host_(weights), backend_(backend), experts_(experts), scratch_(kNumSlots) {
   kv_ = std::make_unique<KvCache>(backend_, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv.page_size,
                                   kv.max_pages);
@@ -35,9 +35,10 @@ Decoder::Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& b
     if (!mlp.valid()) return ExpertWeights{};
     return ExpertWeights{up(mlp.gate, name + ".gate"), up(mlp.up, name + ".up"), up(mlp.down, name + ".down")};
   };
-  embed_ = up(weights.embed, "embed");
+  const bool tied = weights.lm_head.data == weights.embed.data;
+  embed_ = embedding_on_host && !tied ? backend_.map_host_weight(weights.embed, "embed") : up(weights.embed, "embed");
   final_norm_ = up(weights.final_norm, "final_norm");
-  lm_head_ = weights.lm_head.data == weights.embed.data ? embed_ : up(weights.lm_head, "lm_head");
+  lm_head_ = tied ? embed_ : up(weights.lm_head, "lm_head");
   for (size_t layer_idx = 0; layer_idx < weights.layers.size(); ++layer_idx) {
     const LayerWeights& src = weights.layers[layer_idx];
     const std::string prefix = fmt::format("layers.{}.", layer_idx);

@@ -51,8 +51,11 @@ struct KvCacheOptions {
 class Decoder {
  public:
   // Uploads the non-expert weights to the backend. cfg, weights, backend and experts must outlive it.
+  // embedding_on_host: the token embedding goes to Backend::map_host_weight instead (a step reads one row of it),
+  // unless the lm_head is the same matrix (read whole every step). Offloading sets it: the device memory the
+  // table would take holds experts instead.
   Decoder(const ModelConfig& cfg, const ModelWeights& weights, Backend& backend, ExpertProvider& experts,
-          const KvCacheOptions& kv = {});
+          const KvCacheOptions& kv = {}, bool embedding_on_host = false);
   // A CPU backend for experts the provider hands over as host views (CPU execution of missed experts
   // while the main backend is a GPU). Not owned; must outlive the decoder.
   void set_host_backend(Backend* host_backend) { host_backend_ = host_backend; }

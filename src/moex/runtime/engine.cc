@@ -77,7 +77,8 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
   kv.page_size = options.kv_page_size;
   if (kv.page_size <= 0) throw UsageError(fmt::format("KV cache page size must be positive, got {}", kv.page_size));
   kv.max_pages = (options.kv_max_tokens + kv.page_size - 1) / kv.page_size;
-  decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_, kv);
+  const bool offloading = options.expert_budget_bytes > 0 && !host_experts.empty();
+  decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_, kv, offloading);
   if (host_backend_) decoder_->set_host_backend(host_backend_.get());
   if (options.max_seq_len > 0) decoder_->reserve(options.max_seq_len);
 }
@@ -254,11 +255,13 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
   return results;
 }
 
-int64_t Engine::resident_weight_bytes(const ModelConfig& cfg) {
+int64_t Engine::resident_weight_bytes(const ModelConfig& cfg, bool offloading) {
   const int64_t elem = static_cast<int64_t>(dtype_size(cfg.weight_dtype));
   const int64_t hidden = cfg.hidden_size, q_dim = cfg.num_heads * cfg.head_dim;
   const int64_t kv_dim = cfg.num_kv_heads * cfg.head_dim;
-  int64_t elems = cfg.vocab_size * hidden * (cfg.tie_word_embeddings ? 1 : 2);
+  // The lm_head, and the embedding when it is a separate matrix and experts are not offloaded (the decoder then
+  // keeps it in host memory: Decoder's embedding_on_host).
+  int64_t elems = cfg.vocab_size * hidden * (cfg.tie_word_embeddings || offloading ? 1 : 2);
   for (int64_t layer_idx = 0; layer_idx < cfg.num_layers; ++layer_idx) {
     elems += hidden * (q_dim + 2 * kv_dim) + q_dim * hidden;
     if (cfg.layer_is_moe[layer_idx]) {

@@ -89,8 +89,9 @@ class Engine {
                                                const GenerationOptions& options);
 
   // Bytes of the weights that always stay on the backend (attention, norms, embeddings, dense MLPs,
-  // shared experts, routers): what an offloading budget must leave room for.
-  static int64_t resident_weight_bytes(const ModelConfig& cfg);
+  // shared experts, routers): what an offloading budget must leave room for. offloading: as the engine places
+  // them when experts are offloaded (an untied token embedding then stays in host memory).
+  static int64_t resident_weight_bytes(const ModelConfig& cfg, bool offloading = false);
 
  private:
   // Appends id to result->output_ids and shows it to on_token; whether generation goes on (not EOS, not stopped by

@@ -1,5 +1,6 @@
 // CUDA dense ops (linear, rms_norm, rope, embedding, elementwise) against double-precision references on
 // fresh random data: tiny, odd and real shapes; poisoned outputs with guard margins.
+#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -124,22 +125,33 @@ TEST(CudaElementwise, AddClampSiluMulSigmoidGate) {
   }
 }
 
+// Both placements of the table: uploaded, and in mapped host memory (map_host_weight: offloading keeps an untied
+// embedding there), whose view points at host memory that the kernel reads over the bus.
 TEST(CudaEmbedding, GathersRows) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);
   std::mt19937 rng(7);
   const int64_t vocab = 1000, hidden = 72;
   auto table = random_bf16(rng, {vocab, hidden}, 1.f);
-  TensorView td = backend->upload_weight(table.host_view(), "embed");
-  for (int64_t n : {1, 3, 7, 31, 129}) {
-    std::vector<int32_t> ids(static_cast<size_t>(n));
-    for (auto& id : ids) id = static_cast<int32_t>(rng() % vocab);
-    ids[0] = static_cast<int32_t>(vocab - 1);
-    GuardedTensor od(*backend, {n, hidden});
-    backend->embedding(ids, td, od.view());
-    std::vector<double> ref(static_cast<size_t>(n * hidden));
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < hidden; ++c) ref[i * hidden + c] = table.values[ids[i] * hidden + c];
-    MOEX_EXPECT_CLOSE(od.read(), ref, 1e-12);
+  for (const bool mapped : {false, true}) {
+    SCOPED_TRACE(mapped ? "mapped host memory" : "uploaded");
+    TensorView td = mapped ? backend->map_host_weight(table.host_view(), "embed")
+                           : backend->upload_weight(table.host_view(), "embed");
+    if (mapped) {
+      cudaPointerAttributes attributes{};
+      ASSERT_EQ(cudaPointerGetAttributes(&attributes, td.data), cudaSuccess);
+      EXPECT_EQ(attributes.type, cudaMemoryTypeHost);
+    }
+    for (int64_t n : {1, 3, 7, 31, 129}) {
+      std::vector<int32_t> ids(static_cast<size_t>(n));
+      for (auto& id : ids) id = static_cast<int32_t>(rng() % vocab);
+      ids[0] = static_cast<int32_t>(vocab - 1);
+      GuardedTensor od(*backend, {n, hidden});
+      backend->embedding(ids, td, od.view());
+      std::vector<double> ref(static_cast<size_t>(n * hidden));
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < hidden; ++c) ref[i * hidden + c] = table.values[ids[i] * hidden + c];
+      MOEX_EXPECT_CLOSE(od.read(), ref, 1e-12);
+    }
   }
 }
 

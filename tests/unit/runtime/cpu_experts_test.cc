@@ -51,6 +51,10 @@ class StandInDevice : public Backend {
     std::memcpy(uploads_.back().view().data, host.data, host.nbytes());
     return as_device(uploads_.back().view());
   }
+  TensorView map_host_weight(const TensorView& host, const std::string& name) override {
+    mapped.push_back(name);
+    return upload_weight(host, name);
+  }
   void copy_to_host(const TensorView& src, void* dst) override { std::memcpy(dst, device(src, "copy_to_host").data, src.nbytes()); }
   void copy_from_host(const void* src, const TensorView& dst) override { std::memcpy(device(dst, "copy_from_host").data, src, dst.nbytes()); }
   void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) override {
@@ -99,6 +103,7 @@ class StandInDevice : public Backend {
   }
   int64_t host_views_refused = 0;
   int64_t matrix_allocs = 0;
+  std::vector<std::string> mapped;  // weights placed through map_host_weight
 
  protected:
   // Unwraps a view that must be device memory; a host view reaching a device op is a routing bug.
@@ -162,6 +167,32 @@ TEST(CpuExperts, MissedExpertsRunOnTheHostAndSumToTheResidentRun) {
     EXPECT_GT(stats.cpu_ms, 0);  // the host's expert time is counted
     EXPECT_LT(stats.cpu_computed, stats.misses);  // the cost model also sends some misses over the copy path
     EXPECT_EQ(device_ptr->host_views_refused, 0);
+  }
+}
+
+// Offloading keeps an untied token embedding in host memory (map_host_weight), and the budget the CLI derives
+// from --gpu-memory (resident_weight_bytes with offloading) leaves its bytes to experts; a tied one is the lm_head
+// and stays on the device, as does every embedding when experts are resident.
+TEST(CpuExperts, OffloadingMapsAnUntiedEmbeddingToHostMemory) {
+  for (const auto& [fixture, tied] : {std::pair{"mixtral", false}, std::pair{"qwen3_moe_tied", true}}) {
+    SCOPED_TRACE(fixture);
+    FixtureRun run(fixture);
+    const ModelConfig& cfg = run.model->config();
+    ASSERT_EQ(cfg.tie_word_embeddings, tied);
+    {
+      auto device = std::make_unique<StandInDevice>();
+      StandInDevice* device_ptr = device.get();
+      Engine engine(*run.model, one_thread(), std::move(device));
+      EXPECT_TRUE(device_ptr->mapped.empty());
+    }
+    auto device = std::make_unique<StandInDevice>();
+    StandInDevice* device_ptr = device.get();
+    Engine engine(*run.model, cpu_expert_options(cfg, 1), std::move(device));
+    EXPECT_EQ(device_ptr->mapped, tied ? std::vector<std::string>{} : std::vector<std::string>{"embed"});
+    EXPECT_LT(test::max_abs_diff(engine.prompt_logits(run.prompt), run.resident.prompt_logits(run.prompt)), 1e-5);
+    const int64_t table = cfg.vocab_size * cfg.hidden_size * static_cast<int64_t>(dtype_size(cfg.weight_dtype));
+    EXPECT_EQ(Engine::resident_weight_bytes(cfg, /*offloading=*/true),
+              Engine::resident_weight_bytes(cfg) - (tied ? 0 : table));
   }
 }
 

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <unordered_map>
@@ -191,6 +192,27 @@ class CudaBackend final : public Backend {
       MOEX_CUDA_CHECK(cudaMemcpy(dst, converted.data(), bytes, cudaMemcpyHostToDevice));
     }
     return TensorView(dst, target, host.shape, Device::kCuda);
+  }
+
+  // The rows travel over PCIe when a kernel reads them: a decode step's embedding row (4-8 KB) costs a bus round
+  // trip, prefill's rows a few MB. Page-locked memory is mapped into the device's address space (unified
+  // addressing), so the embedding kernel and a recorded decode graph take the view like any other.
+  TensorView map_host_weight(const TensorView& host, const std::string& name) override {
+    refuse_while_capturing("map_host_weight");
+    if (host.shape.ndim < 2) return upload_weight(host, name);
+    if (host.dtype != DType::kBF16 && host.dtype != DType::kF16 && host.dtype != DType::kF32)
+      throw FormatError(fmt::format("weight \"{}\": dtype {} is not supported by the CUDA backend (expected BF16, "
+                                    "F16 or F32)",
+                                    name, dtype_name(host.dtype)));
+    MOEX_ASSERT(host.device == Device::kCpu, "map_host_weight {}: source on an unexpected device", name);
+    MOEX_CUDA_CHECK(cudaSetDevice(device_idx_));
+    const size_t bytes = static_cast<size_t>(host.numel()) * dtype_size(DType::kBF16);
+    PinnedMemory& mapped = host_weights_.emplace_back(bytes);
+    if (host.dtype == DType::kBF16) std::memcpy(mapped.get(), host.data, bytes);
+    else convert(host, DType::kBF16, mapped.get());
+    void* device_ptr = nullptr;
+    MOEX_CUDA_CHECK(cudaHostGetDevicePointer(&device_ptr, mapped.get(), 0));
+    return TensorView(device_ptr, DType::kBF16, host.shape, Device::kCuda);
   }
 
   void copy_to_host(const TensorView& src, void* dst) override {
@@ -923,6 +945,7 @@ class CudaBackend final : public Backend {
   cudaStream_t copy_stream_ = nullptr;  // expert prefetches (another thread)
   std::vector<void*> registered_;       // page-locked host ranges, unregistered at destruction
   WeightArena arena_;
+  std::deque<PinnedMemory> host_weights_;  // map_host_weight's tables (a deque: views keep their addresses)
   std::unique_ptr<StagingRing> staging_;
   DeviceMemory workspace_;
   PinnedMemory readback_;
