@@ -177,7 +177,7 @@ expect_error "bench --batch 0" "--batch" "$moex" bench -m "$fixture" --batch 0
 for model in mixtral qwen3_moe_tied; do
   if "$moex" bench -m "$src/tests/fixtures/$model" --prompt-lens 4 --decode-context 3 --decode-tokens 2 --reps 1 \
     --warmup 0 --json >"$tmp/bytes.json" 2>"$tmp/err"; then
-    python3 - "$tmp/bytes.json" "$src/tests/fixtures/$model/config.json" <<'PY' && ok || fail "bench bytes per token ($model)"
+    python3 - "$tmp/bytes.json" "$src/tests/fixtures/$model/config.json" <<'PY' && ok || fail "bytes per token: $model"
 import json, sys
 out = json.load(open(sys.argv[1])); c = json.load(open(sys.argv[2]))
 h, v, layers = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
