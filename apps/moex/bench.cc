@@ -24,6 +24,7 @@
 #include "moex/core/dtype.h"
 #include "moex/core/error.h"
 #include "moex/core/progress.h"
+#include "moex/moe/offload_provider.h"
 #include "moex/trace/trace_writer.h"
 #include "trace_record.h"
 
@@ -424,6 +425,16 @@ CommandAction setup_bench(CLI::App* sub) {
                               {"requests", replay->trace().requests.size()},
                               {"replayed_rows", replay->replayed_rows()}};
     if (!gpu_about.is_null()) out["gpu"] = gpu_about;
+    // What the run held on the device at the end (buffers grow and stay: about its peak), against --gpu-memory.
+    const Backend::DeviceMemoryUse memory = engine.backend().device_memory_use();
+    if (memory.used > 0) {
+      const int64_t budget =
+          options->model.gpu_memory.empty() ? 0 : parse_byte_size(options->model.gpu_memory, "--gpu-memory");
+      out["gpu_memory"] = {{"used_bytes", memory.used},
+                           {"at_start_bytes", memory.at_start},
+                           {"moex_bytes", memory.used - memory.at_start},
+                           {"budget_bytes", budget}};
+    }
     if (decode_energy) out["decode"]["gpu"] = *decode_energy;
     if (options->bandwidth_gbs > 0) {
       const double floor_ms = bytes / (options->bandwidth_gbs * 1e6);
@@ -453,6 +464,14 @@ CommandAction setup_bench(CLI::App* sub) {
                 decode.stddev, decode.mean > 0 ? 1000.0 / decode.mean : 0.0, bytes / 1048576.0,
                 chained ? "; steps chained on the device" : "");
     print_gpu(out["decode"]);
+    if (out.contains("gpu_memory")) {
+      const nlohmann::json& m = out["gpu_memory"];
+      const int64_t budget = m["budget_bytes"].get<int64_t>();
+      std::printf("GPU memory:           %.2f GiB held by moex%s, %.2f GiB by the CUDA context\n",
+                  m["moex_bytes"].get<int64_t>() / 1073741824.0,
+                  budget > 0 ? fmt::format(" of --gpu-memory {:.2f} GiB", budget / 1073741824.0).c_str() : "",
+                  m["at_start_bytes"].get<int64_t>() / 1073741824.0);
+    }
     for (const auto& b : batch_results) {
       std::printf("decode  (batch %3lld):  %9.3f ms/step  (+- %.3f)  %10.1f tokens/s; host picks %.3f ms/step\n",
                   static_cast<long long>(b["batch"].get<int64_t>()), b["ms_per_step_mean"].get<double>(),

@@ -49,6 +49,9 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
   sub->add_option("--gpu-memory", options->gpu_memory,
                   "offload experts with --device cuda: bound on everything moex puts on the GPU, e.g. 16GiB (the token "
                   "embedding then stays in host memory, read a row at a time)");
+  sub->add_option("--gpu-reserve", options->gpu_reserve,
+                  "with --gpu-memory: the part kept from experts for the KV cache, activations and scratch (default "
+                  "1GiB; a short context needs less: moex bench --json reports what the run held, gpu_memory)");
   sub->add_option("--cache-policy", options->cache_policy, "expert cache eviction policy when offloading")
       ->check(CLI::IsMember({"lru", "lfu", "activation"}));
   sub->add_option("--predictor", options->predictor,
@@ -154,17 +157,20 @@ EngineOptions engine_options(const ModelOptions& options, const ModelConfig& con
       throw UsageError("--host-memory bounds the CPU backend's expert RAM; with --device cuda use --gpu-memory");
     engine.expert_budget_bytes = parse_byte_size(options.host_memory, "--host-memory");
   }
+  if (!options.gpu_reserve.empty() && options.gpu_memory.empty())
+    throw UsageError("--gpu-reserve is part of the --gpu-memory budget: add --gpu-memory");
   if (!options.gpu_memory.empty()) {
     if (options.device != "cuda") throw UsageError("--gpu-memory needs --device cuda");
     const int64_t total = parse_byte_size(options.gpu_memory, "--gpu-memory");
     // Leave room for the resident weights and a working reserve (KV cache, activations, cuBLAS workspace).
-    constexpr int64_t kReserveBytes = int64_t{1} << 30;
+    const int64_t reserve =
+        options.gpu_reserve.empty() ? int64_t{1} << 30 : parse_byte_size(options.gpu_reserve, "--gpu-reserve");
     const int64_t resident = Engine::resident_weight_bytes(config, /*offloading=*/true);
-    engine.expert_budget_bytes = total - resident - kReserveBytes;
+    engine.expert_budget_bytes = total - resident - reserve;
     if (engine.expert_budget_bytes <= 0)
-      throw UsageError(fmt::format("--gpu-memory {}: the model's resident weights need {:.2f} GiB plus a 1 GiB reserve, "
-                                   "which leaves nothing for experts",
-                                   options.gpu_memory, resident / 1073741824.0));
+      throw UsageError(fmt::format("--gpu-memory {}: the model's resident weights need {:.2f} GiB plus a {:.2f} GiB "
+                                   "reserve (--gpu-reserve), which leaves nothing for experts",
+                                   options.gpu_memory, resident / 1073741824.0, reserve / 1073741824.0));
   }
   return engine;
 }

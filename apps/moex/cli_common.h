@@ -27,6 +27,7 @@ struct ModelOptions {
   int num_threads = 0;
   std::string host_memory;   // expert budget on the CPU backend (disk -> host RAM tier)
   std::string gpu_memory;    // everything moex puts on the GPU (CUDA)
+  std::string gpu_reserve;   // of gpu_memory, what is kept from experts for the KV cache and scratch (empty: 1 GiB)
   std::string cache_policy = "lru";
   bool per_layer_cache = false;
   std::string predictor = "none";

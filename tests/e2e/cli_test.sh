@@ -194,6 +194,13 @@ PY
   fi
 done
 expect_error "negative split overhead" "--split-overhead-ms" "$moex" bench -m "$fixture" --split-overhead-ms -1
+# --gpu-reserve is part of --gpu-memory's budget; a bad size, or one that leaves no room for experts, is named.
+expect_error "reserve without a GPU budget" "--gpu-reserve is part of the --gpu-memory budget" "$moex" run \
+  -m "$fixture" --prompt-ids 1 --gpu-reserve 256MiB
+expect_error "reserve not a size" "--gpu-reserve" "$moex" run -m "$fixture" --prompt-ids 1 --device cuda \
+  --gpu-memory 16GiB --gpu-reserve lots
+expect_error "reserve over the budget" "reserve (--gpu-reserve), which leaves nothing for experts" "$moex" run \
+  -m "$fixture" --prompt-ids 1 --device cuda --gpu-memory 1GiB --gpu-reserve 2GiB
 expect_error "balanced prefetch without CPU experts" "--balance-prefetch" "$moex" bench -m "$fixture" \
   --balance-prefetch
 expect_error "balanced prefetch both on and off" "balance-prefetch" "$moex" bench -m "$fixture" --balance-prefetch \

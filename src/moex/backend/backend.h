@@ -83,6 +83,13 @@ class Backend {
   virtual std::string name() const = 0;
   // The PCI bus id of the GPU this backend runs on ("0000:3B:00.0"), for NVML telemetry; empty on the CPU.
   virtual std::string pci_bus_id() const { return {}; }
+  // Device memory in use now, all of it (used) and what the backend's own start took (the CUDA context, streams and
+  // small buffers: at_start): used - at_start is what weights, expert slots, the KV cache and scratch hold, the part
+  // that --gpu-memory bounds. {0, 0} on the CPU.
+  struct DeviceMemoryUse {
+    int64_t used = 0, at_start = 0;
+  };
+  virtual DeviceMemoryUse device_memory_use() const { return {}; }
 
   // ---- memory -------------------------------------------------------------------------------
   // An fp32/int activation buffer of the given shape on this device (contents undefined).

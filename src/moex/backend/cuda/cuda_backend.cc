@@ -136,6 +136,7 @@ class CudaBackend final : public Backend {
     sample_on_device_ = !env_equals("MOEX_CUDA_SAMPLE", "0");       // sampled picks on the host (A/B)
     fused_rope_ = !env_equals("MOEX_CUDA_FUSED_ROPE", "0");         // RoPE + KV write as launches of their own (A/B)
     preload_down_ = env_equals("MOEX_CUDA_DOWN_PRELOAD", "1");      // batch-1 down weights before the PDL wait
+    memory_at_start_ = device_memory_use().used;
   }
 
   ~CudaBackend() override {
@@ -158,6 +159,16 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::kCuda; }
   std::string name() const override { return fmt::format("cuda:{}", device_idx_); }
+  // cudaMemGetInfo counts the whole device (other processes too): on a GPU of its own, what moex holds.
+  DeviceMemoryUse device_memory_use() const override {
+    size_t free = 0, total = 0;
+    if (cudaSetDevice(device_idx_) != cudaSuccess || cudaMemGetInfo(&free, &total) != cudaSuccess) {
+      cudaGetLastError();
+      return {};
+    }
+    return {static_cast<int64_t>(total - free), memory_at_start_};
+  }
+
   std::string pci_bus_id() const override {
     char id[32] = {};
     return cudaDeviceGetPCIBusId(id, sizeof(id), device_idx_) == cudaSuccess ? id : "";
@@ -941,6 +952,7 @@ class CudaBackend final : public Backend {
 
   int device_idx_;
   int num_sms_ = 0;
+  int64_t memory_at_start_ = 0;  // device memory in use once the constructor's context and buffers exist
   cudaStream_t stream_ = nullptr;
   cudaStream_t copy_stream_ = nullptr;  // expert prefetches (another thread)
   std::vector<void*> registered_;       // page-locked host ranges, unregistered at destruction
