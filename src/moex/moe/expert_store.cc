@@ -114,6 +114,19 @@ void ExpertStore::verify_source(ExpertKey key, const ExpertWeights& weights) {
                                 describe_(key)));
 }
 
+namespace {
+// Byte offsets of up and down in a slot and its size: each tensor starts 256-byte aligned (the kernels' vector
+// loads, and what a separate allocation gave them).
+struct SlotLayout {
+  size_t up, down, total;
+};
+SlotLayout slot_layout(const ExpertWeights& w) {
+  auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t up = aligned(w.gate.nbytes()), down = up + aligned(w.up.nbytes());
+  return {up, down, down + aligned(w.down.nbytes())};
+}
+}  // namespace
+
 int32_t ExpertStore::assign_slot(ExpertKey key) {
   const size_t key_idx = index(key);
   const ExpertWeights& src = source_[key.layer_idx][key.expert_idx];
@@ -127,15 +140,20 @@ int32_t ExpertStore::assign_slot(ExpertKey key) {
   }
   Slot& slot = slots_[slot_idx];
   // Slots are sized for the largest expert they held; layers of one model share expert shapes.
-  auto fit = [&](std::unique_ptr<Buffer>& buffer, const TensorView& from) {
-    if (!buffer || buffer->view.nbytes() < from.nbytes() || buffer->view.dtype != from.dtype)
-      buffer = backend_.alloc(from.dtype, from.shape);
-    return TensorView(buffer->view.data, from.dtype, from.shape, buffer->view.device);
+  const SlotLayout layout = slot_layout(src);
+  if (slot.capacity < layout.total) {
+    slot.own = backend_.alloc(DType::kF32, Shape{1, static_cast<int64_t>(layout.total / sizeof(float))});
+    slot.base = static_cast<char*>(slot.own->view.data);
+    slot.capacity = layout.total;
+    slot.device = slot.own->view.device;
+  }
+  auto at = [&](size_t offset, const TensorView& from) {
+    return TensorView(slot.base + offset, from.dtype, from.shape, slot.device);
   };
   ExpertWeights& view = views_[key_idx];
-  view.gate = fit(slot.gate, src.gate);
-  view.up = fit(slot.up, src.up);
-  view.down = fit(slot.down, src.down);
+  view.gate = at(0, src.gate);
+  view.up = at(layout.up, src.up);
+  view.down = at(layout.down, src.down);
   slot_of_[key_idx] = slot_idx;
   return slot_idx;
 }
@@ -371,15 +389,19 @@ ExpertStoreStats ExpertStore::stats() const {
 }
 
 void ExpertStore::reserve_slots(int32_t count, int32_t layer_idx) {
-  const ExpertWeights& src = source_[layer_idx].front();
+  if (count <= 0) return;
+  const SlotLayout layout = slot_layout(source_[layer_idx].front());
+  // One allocation for all of them (a row a slot): no rounding per slot.
+  auto block = backend_.alloc(DType::kF32, Shape{count, static_cast<int64_t>(layout.total / sizeof(float))});
   for (int32_t made = 0; made < count; ++made) {
     Slot slot;
-    slot.gate = backend_.alloc(src.gate.dtype, src.gate.shape);
-    slot.up = backend_.alloc(src.up.dtype, src.up.shape);
-    slot.down = backend_.alloc(src.down.dtype, src.down.shape);
+    slot.base = static_cast<char*>(block->view.data) + static_cast<size_t>(made) * layout.total;
+    slot.capacity = layout.total;
+    slot.device = block->view.device;
     free_slots_.push_back(static_cast<int32_t>(slots_.size()));
     slots_.push_back(std::move(slot));
   }
+  slot_blocks_.push_back(std::move(block));
 }
 
 void ExpertStore::free(ExpertKey key) {

@@ -1,7 +1,9 @@
 // ExpertStore on the CPU backend: split loads copy only the rows the host does not compute (take_over, which
 // needs a copy path the test can hold, is in cpu_experts_test.cc).
+#include <algorithm>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -59,6 +61,34 @@ TEST(ExpertStore, SplitLoadCopiesOnlyTheRowsTheHostDoesNotCompute) {
   EXPECT_EQ(stats.split_loads, 1);
   store.free(key);
   EXPECT_EQ(store.host_rows(key), 0);
+}
+
+// Slots hold gate, up and down side by side (one allocation per reserve_slots call, or per slot made on demand):
+// every loaded expert reads back exactly, each tensor starts 256-byte aligned within its slot, and no two loaded
+// tensors overlap. An odd ffn (40 x 63 f32 = 10080 bytes) makes the alignment padding matter.
+TEST(ExpertStore, SlotsHoldEveryLoadedExpertInDisjointAlignedRanges) {
+  const HostExperts experts = make_experts(5, 63, 40);
+  auto backend = make_cpu_backend(1);
+  ExpertStore store(*backend, experts.layers, [](ExpertKey) { return std::string("expert"); }, false);
+  store.reserve_slots(3, 0);  // the other two are made on demand
+  std::vector<ExpertWeights> loaded;
+  for (int32_t expert = 0; expert < 5; ++expert) loaded.push_back(store.load({0, expert}));
+  store.wait_loads();
+  std::vector<std::pair<const char*, const char*>> ranges;
+  for (int32_t expert = 0; expert < 5; ++expert) {
+    const ExpertWeights& want = experts.layers[0][expert];
+    EXPECT_TRUE(same(loaded[expert].gate, want.gate)) << expert;
+    EXPECT_TRUE(same(loaded[expert].up, want.up)) << expert;
+    EXPECT_TRUE(same(loaded[expert].down, want.down)) << expert;
+    const char* base = static_cast<const char*>(loaded[expert].gate.data);
+    for (const TensorView* view : {&loaded[expert].gate, &loaded[expert].up, &loaded[expert].down}) {
+      const char* begin = static_cast<const char*>(view->data);
+      EXPECT_EQ((begin - base) % 256, 0) << expert;
+      ranges.emplace_back(begin, begin + view->nbytes());
+    }
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) EXPECT_LE(ranges[i - 1].second, ranges[i].first) << i;
 }
 
 }  // namespace
