@@ -47,6 +47,13 @@ class CudaBuffer final : public Buffer {
   DeviceMemory memory_;
 };
 
+void check_weight_dtype(const TensorView& host, const std::string& name) {
+  if (host.dtype != DType::kBF16 && host.dtype != DType::kF16 && host.dtype != DType::kF32)
+    throw FormatError(fmt::format("weight \"{}\": dtype {} is not supported by the CUDA backend (expected BF16, F16 or "
+                                  "F32)",
+                                  name, dtype_name(host.dtype)));
+}
+
 void check_device(const TensorView& t, const char* op, const char* what) {
   MOEX_ASSERT(t.device == Device::kCuda && t.data != nullptr, "cuda {}: {} must be a CUDA tensor", op, what);
 }
@@ -185,10 +192,7 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaSetDevice(device_idx_));
     // Matrices become bf16 (the kernels' one weight format); vectors (norms, biases) fp32 for precision.
     DType target = host.shape.ndim >= 2 ? DType::kBF16 : DType::kF32;
-    if (host.dtype != DType::kBF16 && host.dtype != DType::kF16 && host.dtype != DType::kF32)
-      throw FormatError(fmt::format("weight \"{}\": dtype {} is not supported by the CUDA backend (expected BF16, "
-                                    "F16 or F32)",
-                                    name, dtype_name(host.dtype)));
+    check_weight_dtype(host, name);
     if (host.device == Device::kCuda && host.dtype == target) return host;
     MOEX_ASSERT(host.device == Device::kCpu, "upload_weight {}: source on an unexpected device", name);
     int64_t count = host.numel();
@@ -211,10 +215,7 @@ class CudaBackend final : public Backend {
   TensorView map_host_weight(const TensorView& host, const std::string& name) override {
     refuse_while_capturing("map_host_weight");
     if (host.shape.ndim < 2) return upload_weight(host, name);
-    if (host.dtype != DType::kBF16 && host.dtype != DType::kF16 && host.dtype != DType::kF32)
-      throw FormatError(fmt::format("weight \"{}\": dtype {} is not supported by the CUDA backend (expected BF16, "
-                                    "F16 or F32)",
-                                    name, dtype_name(host.dtype)));
+    check_weight_dtype(host, name);
     MOEX_ASSERT(host.device == Device::kCpu, "map_host_weight {}: source on an unexpected device", name);
     MOEX_CUDA_CHECK(cudaSetDevice(device_idx_));
     const size_t bytes = static_cast<size_t>(host.numel()) * dtype_size(DType::kBF16);
