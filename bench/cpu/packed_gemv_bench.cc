@@ -8,7 +8,10 @@
 // cache-resident slice of them (the decode's compute ceiling), one thread and all of them:
 //   bf16    the CPU backend's own one-token GEMV (cpu::linear_block, the loop offloaded experts run on the CPU),
 //   packed  its accumulators, summation order and 4 KiB prefetch over the packed rows (pshufb for the exponent
-//           table), so each row's dot is bit-identical to the backend's -- checked, which covers the round trip.
+//           table), so each row's dot is bit-identical to the backend's -- checked, which covers the round trip;
+//   unpack + GEMV  the library's path (cpu::packed_linear_block: 16 rows unpacked into scratch, then the
+//           backend's GEMV over them; bit-identical by construction, checked too).
+// The packing is the library's (core/packed_bf16.h).
 // Weights are normal with the std of a 14336-wide row (~1.4e-4 of them outside the 15 commonest exponents, as on
 // the default model's trained experts: bench/offload/exponent_stats.py). Prints a table and, with --json, one line.
 #include <algorithm>
@@ -29,8 +32,10 @@
 
 #include "host_info.h"
 #include "moex/backend/cpu/linear_kernels.h"
+#include "moex/backend/cpu/packed_linear.h"
 #include "moex/backend/cpu/simd.h"
 #include "moex/core/dtype.h"
+#include "moex/core/packed_bf16.h"
 
 #ifndef MOEX_CPU_AVX2
 #error "packed_gemv_bench measures x86 SIMD loops: build with AVX2, FMA and F16C (x86-64-v3)"
@@ -43,65 +48,16 @@ using Clock = std::chrono::steady_clock;
 
 constexpr int64_t kCols = 14336;  // Mixtral-8x7B's expert intermediate size: a down-projection row
 constexpr int64_t kRows = 4096;
-constexpr int kEscape = 15;
 static_assert(kCols % 32 == 0, "the loops take 32 weights an iteration, no tail");
-
-// One matrix in the 12-bit packing. Row r's weights: lo[r * cols + i] (sign << 7 | 7 mantissa bits), exponent
-// codes two a byte in nib[r * cols / 2 + i / 2] (low nibble first); code 15 marks an exception, whose raw bf16
-// lies in exc_value at an index in [exc_begin[r], exc_begin[r + 1]) in column order.
-struct PackedMatrix {
-  int64_t rows = 0, cols = 0;
-  std::array<uint8_t, 16> exponent{};  // code -> exponent byte (entry 15 unused)
-  std::vector<uint8_t> lo, nib;
-  std::vector<uint32_t> exc_col, exc_begin;
-  std::vector<uint16_t> exc_value;
-  size_t bytes() const {
-    return lo.size() + nib.size() + exc_col.size() * 4 + exc_value.size() * 2 + exc_begin.size() * 4;
-  }
-};
-
-PackedMatrix pack(const std::vector<uint16_t>& w, int64_t rows, int64_t cols) {
-  PackedMatrix p;
-  p.rows = rows;
-  p.cols = cols;
-  std::array<int64_t, 256> count{};
-  for (uint16_t v : w) ++count[(v >> 7) & 0xff];
-  std::array<int, 256> order{};
-  for (int e = 0; e < 256; ++e) order[e] = e;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return count[a] > count[b]; });
-  std::array<int, 256> code;
-  code.fill(kEscape);
-  for (int c = 0; c < kEscape; ++c) {
-    p.exponent[c] = static_cast<uint8_t>(order[c]);
-    code[order[c]] = c;
-  }
-  p.lo.resize(w.size());
-  p.nib.assign(w.size() / 2, 0);
-  p.exc_begin.push_back(0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < cols; ++i) {
-      const uint16_t v = w[r * cols + i];
-      const int c = code[(v >> 7) & 0xff];
-      p.lo[r * cols + i] = static_cast<uint8_t>(((v >> 8) & 0x80) | (v & 0x7f));
-      p.nib[(r * cols + i) / 2] |= static_cast<uint8_t>(c << (4 * (i & 1)));
-      if (c == kEscape) {
-        p.exc_col.push_back(static_cast<uint32_t>(i));
-        p.exc_value.push_back(v);
-      }
-    }
-    p.exc_begin.push_back(static_cast<uint32_t>(p.exc_col.size()));
-  }
-  return p;
-}
 
 // 16 consecutive weights of a row (column i0, a multiple of 16) as bf16 bits in two 8-lane halves. Exceptions
 // (code 15) are patched from the row's list, which *exc_col / *exc_val walk in column order: a group with k escape
 // codes takes the next k entries.
-inline void decode16(const PackedMatrix& p, int64_t row, int64_t i0, __m128i table, const uint32_t** exc_col,
+inline void decode16(const PackedBf16& p, int64_t row, int64_t i0, __m128i table, const uint32_t** exc_col,
                      const uint16_t** exc_val, __m128i* out_lo8, __m128i* out_hi8) {
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lo.data() + row * p.cols + i0));
   uint64_t packed_codes;
-  std::memcpy(&packed_codes, p.nib.data() + (row * p.cols + i0) / 2, 8);
+  std::memcpy(&packed_codes, p.codes.data() + (row * p.cols + i0) / 2, 8);
   const __m128i nib = _mm_cvtsi64_si128(static_cast<long long>(packed_codes));
   const __m128i mask4 = _mm_set1_epi8(0x0f);
   // Byte j of codes = code of weight j: low nibbles are the even weights, high nibbles the odd ones.
@@ -114,7 +70,7 @@ inline void decode16(const PackedMatrix& p, int64_t row, int64_t i0, __m128i tab
   const __m128i lo_byte =
       _mm_or_si128(_mm_and_si128(_mm_slli_epi16(exponent, 7), top_bit), _mm_and_si128(lo, low_bits));
   __m128i a = _mm_unpacklo_epi8(lo_byte, hi_byte), b = _mm_unpackhi_epi8(lo_byte, hi_byte);
-  const int escapes = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, _mm_set1_epi8(kEscape)));
+  const int escapes = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, _mm_set1_epi8(kPackedEscape)));
   if (__builtin_expect(escapes != 0, 0)) {
     alignas(16) uint16_t bits[16];
     _mm_store_si128(reinterpret_cast<__m128i*>(bits), a);
@@ -141,14 +97,14 @@ constexpr int64_t kPrefetchBytes = 4096;
 
 // The backend's one-token gemv_row over a packed row: 4 accumulators, 32 weights an iteration, summed as
 // ((a0 + a1) + a2) + a3, then cpu::hsum.
-float dot_packed(const float* x, const PackedMatrix& p, int64_t row) {
+float dot_packed(const float* x, const PackedBf16& p, int64_t row) {
   const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
   const uint32_t* exc_col = p.exc_col.data() + p.exc_begin[row];
   const uint16_t* exc_val = p.exc_value.data() + p.exc_begin[row];
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t i = 0; i < p.cols; i += 32) {
     _mm_prefetch(reinterpret_cast<const char*>(p.lo.data() + row * p.cols + i) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(p.nib.data() + (row * p.cols + i) / 2) + kPrefetchBytes / 2,
+    _mm_prefetch(reinterpret_cast<const char*>(p.codes.data() + (row * p.cols + i) / 2) + kPrefetchBytes / 2,
                  _MM_HINT_T0);
     __m128i w8[4];
     decode16(p, row, i, table, &exc_col, &exc_val, &w8[0], &w8[1]);
@@ -197,7 +153,7 @@ int main(int argc, char** argv) {
   for (auto& v : w) v = f32_to_bf16(normal(rng));
   std::vector<float> x(kCols);
   for (auto& v : x) v = normal(rng) * 64.f;
-  const PackedMatrix p = pack(w, rows, kCols);
+  const PackedBf16 p = pack_bf16(w.data(), rows, kCols);
   std::vector<float> out(static_cast<size_t>(rows));
   // The CPU backend's one-token GEMV over the bf16 rows: out[row] for rows [begin, end).
   cpu::LinearProblem bf16_gemv;
@@ -217,6 +173,12 @@ int main(int argc, char** argv) {
     const float b = dot_packed(x.data(), p, r);
     if (std::memcmp(&out[r], &b, 4) != 0) ++bad_rows;
   }
+  // The library's path (cpu::packed_linear_block: a row block unpacked into scratch, then the backend's GEMV).
+  std::vector<float> lib_out(static_cast<size_t>(rows));
+  cpu::LinearProblem lib_gemv = bf16_gemv;
+  lib_gemv.out = lib_out.data();
+  cpu::packed_linear_block(lib_gemv, p, 0, rows, 0, 1);
+  bad_rows += std::memcmp(lib_out.data(), out.data(), lib_out.size() * sizeof(float)) != 0;
   if (bad_rows) {
     fmt::print(stderr, "packed_gemv_bench: {} of {} rows differ from the CPU backend's GEMV\n", bad_rows, rows);
     return 1;
@@ -232,8 +194,8 @@ int main(int argc, char** argv) {
              bench::cpu_model(), bench::load_average(), rows, kCols, bf16_bytes / 1e6, packed_bytes / bf16_bytes,
              exceptions);
   fmt::print("| case | threads | bf16: weight GB/s | packed: packed GB/s | packed: bf16-equivalent GB/s | "
-             "packed / bf16 time |\n");
-  fmt::print("|---|---|---|---|---|---|\n");
+             "packed / bf16 time | unpack + GEMV (packed_linear_block): packed GB/s | its time / bf16 |\n");
+  fmt::print("|---|---|---|---|---|---|---|---|\n");
   struct Case {
     bool hot;
     int threads;
@@ -248,14 +210,20 @@ int main(int argc, char** argv) {
       for (int k = 0; k < passes; ++k)
         for (int64_t r = begin; r < end; ++r) out[r] = dot_packed(x.data(), p, r);
     });
+    const double tl = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
+      for (int k = 0; k < passes; ++k) cpu::packed_linear_block(lib_gemv, p, begin, end, 0, 1);
+    });
     // Bytes each loop read per pass: the rows' share of the matrix (exceptions included for the packed one).
     const double share = double(n) / rows;
     const double bf16_gbs = bf16_bytes * share * passes / tb / 1e9;
     const double packed_gbs = packed_bytes * share * passes / tp / 1e9;
-    fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.2f} |\n", c.hot ? "cache-resident (16 rows)" : "from DRAM",
-               c.threads, bf16_gbs, packed_gbs, packed_gbs * bf16_bytes / packed_bytes, tp / tb);
+    const double lib_gbs = packed_bytes * share * passes / tl / 1e9;
+    fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {:.2f} |\n",
+               c.hot ? "cache-resident (16 rows)" : "from DRAM", c.threads, bf16_gbs, packed_gbs,
+               packed_gbs * bf16_bytes / packed_bytes, tp / tb, lib_gbs, tl / tb);
     result[c.hot ? std::string("hot_1t") : fmt::format("dram_{}t", c.threads)] = {
-        {"bf16_gbs", bf16_gbs}, {"packed_gbs", packed_gbs}, {"time_ratio", tp / tb}};
+        {"bf16_gbs", bf16_gbs}, {"packed_gbs", packed_gbs}, {"time_ratio", tp / tb},
+        {"unpack_gemv_packed_gbs", lib_gbs}, {"unpack_gemv_time_ratio", tl / tb}};
   }
   if (json) fmt::print("{}\n", result.dump());
   return 0;

@@ -1,0 +1,22 @@
+// Linear layers over weights in the 12-bit packing (core/packed_bf16.h), the CPU half of the plan to hold
+// offloaded experts packed in host memory: rows are unpacked a block at a time into a cache-resident bf16 scratch
+// and handed to linear_block, so the result is bit-identical to the unpacked matrix's for any shape, token count
+// and summation path (GEMV or GEMM). Not in the engine's expert path yet (docs/offloading.md).
+#pragma once
+
+#include <cstdint>
+
+#include "moex/backend/cpu/linear_kernels.h"
+#include "moex/core/packed_bf16.h"
+
+namespace moex::cpu {
+
+// Rows [row_begin, row_end) of p as bf16 bits into out [row_end - row_begin][p.cols]: the exponent codes through
+// a 16-entry table lookup (pshufb) 16 weights at a time, then the row's exceptions patched in.
+void unpack_rows(const PackedBf16& p, int64_t row_begin, int64_t row_end, uint16_t* out);
+
+// linear_block with problem.w replaced by w (problem.w and w_dtype are ignored; k must equal w.cols).
+void packed_linear_block(const LinearProblem& problem, const PackedBf16& w, int64_t row_begin, int64_t row_end,
+                         int64_t token_begin, int64_t token_end);
+
+}  // namespace moex::cpu

@@ -1,0 +1,45 @@
+// A lossless 12-bit packing of bf16 weight matrices, for the host tier of offloaded experts (docs/offloading.md,
+// "Next: fewer host bytes per miss"): offloaded decode is bound by the host DRAM bytes each missed expert costs,
+// copied or run on the CPU, and a trained bf16 tensor uses few of its 256 exponents (2.5-2.6 bits of entropy,
+// bench/offload/exponent_stats.py). Each weight keeps its sign and 7 mantissa bits in a byte and a 4-bit code
+// naming one of its matrix's 15 most frequent exponents; code 15 marks an exception, whose raw bf16 sits in its
+// row's exception list. 0.75 of the bf16 bytes plus ~4 bytes per exception (1e-4 of the weights on real experts).
+// Rows are independent (fixed strides, per-row exception ranges), so row ranges can be unpacked or copied alone,
+// as split and chunked expert copies need.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moex {
+
+inline constexpr int kPackedEscape = 15;
+
+struct PackedBf16 {
+  int64_t rows = 0, cols = 0;
+  std::array<uint8_t, 16> exponent{};  // code -> exponent byte (entry kPackedEscape unused, 0)
+  std::vector<uint8_t> lo;             // [rows][cols]: sign << 7 | the 7 mantissa bits
+  std::vector<uint8_t> codes;          // [rows][code_stride()]: weight 2j's code in the low nibble of byte j
+  std::vector<uint32_t> exc_begin;     // [rows + 1]: row r's exceptions are [exc_begin[r], exc_begin[r + 1])
+  std::vector<uint32_t> exc_col;       // column of each exception, ascending within its row
+  std::vector<uint16_t> exc_value;     // the exception's bf16 bits
+
+  int64_t code_stride() const { return (cols + 1) / 2; }
+  // Bytes held, all arrays together.
+  int64_t bytes() const;
+};
+
+// Packs w [rows][cols] (bf16 bits). Exact for every bit pattern (NaN payloads, infinities, subnormals).
+PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols);
+
+// Rows [row_begin, row_end) as bf16 bits into out [row_end - row_begin][cols] (portable loop; the CPU backend
+// has a vector one, cpu::unpack_rows). Expects a matrix packed_bf16_error() accepts.
+void unpack_bf16_rows(const PackedBf16& p, int64_t row_begin, int64_t row_end, uint16_t* out);
+
+// What is wrong with p, or "" when it holds together: array sizes, exception ranges and columns, and every
+// escape code matched by an exception of its row (what a corrupt or truncated source breaks). Reads all of p.
+std::string packed_bf16_error(const PackedBf16& p);
+
+}  // namespace moex

@@ -1,0 +1,87 @@
+// Linear layers over 12-bit packed weights (backend/cpu/packed_linear.h): the vector unpack equals the portable
+// one, and every output is bit-identical to linear_block over the unpacked bf16 matrix, for GEMV and GEMM token
+// counts, widths with and without a 16-weight tail, exceptions in the rows, and a bias.
+#include "moex/backend/cpu/packed_linear.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace moex::cpu {
+namespace {
+
+// Normal weights and, every 13th, an outlier of one of 23 exponents: some of them exceptions.
+std::vector<uint16_t> weights(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 0.05f);
+  std::vector<uint16_t> w(static_cast<size_t>(rows * cols));
+  for (auto& v : w) v = f32_to_bf16(normal(rng));
+  for (size_t i = 0; i < w.size(); i += 13) w[i] = f32_to_bf16(std::ldexp(1.5f, static_cast<int>(i % 23) - 11));
+  return w;
+}
+
+TEST(CpuPackedLinear, VectorUnpackMatchesThePortableOne) {
+  for (int64_t cols : {16, 33, 4096, 4136}) {
+    SCOPED_TRACE(cols);
+    const auto w = weights(11, cols, static_cast<uint32_t>(cols));
+    const PackedBf16 p = pack_bf16(w.data(), 11, cols);
+    ASSERT_GT(p.exc_col.size(), 0u);
+    std::vector<uint16_t> got(w.size(), 0xdead), want(w.size(), 0xbeef);
+    unpack_rows(p, 0, 11, got.data());
+    moex::unpack_bf16_rows(p, 0, 11, want.data());
+    EXPECT_EQ(got, want);
+    EXPECT_EQ(got, w);
+  }
+}
+
+TEST(CpuPackedLinear, BitIdenticalToTheUnpackedMatrix) {
+  const int64_t rows = 37;
+  for (int64_t k : {33, 4096, 4136}) {
+    const auto w = weights(rows, k, static_cast<uint32_t>(k) + 1);
+    const PackedBf16 packed = pack_bf16(w.data(), rows, k);
+    std::vector<float> bias(static_cast<size_t>(rows));
+    for (size_t i = 0; i < bias.size(); ++i) bias[i] = 0.01f * static_cast<float>(i);
+    for (int64_t m : {1, 3, 8, 40}) {
+      SCOPED_TRACE(testing::Message() << "k " << k << " m " << m);
+      std::mt19937 rng(static_cast<uint32_t>(m));
+      std::normal_distribution<float> normal(0.f, 1.f);
+      std::vector<float> x(static_cast<size_t>(m * k));
+      for (auto& v : x) v = normal(rng);
+      LinearProblem p;
+      p.x = x.data();
+      p.ldx = k;
+      p.m = m;
+      p.k = k;
+      p.w = w.data();
+      p.w_dtype = DType::kBF16;
+      p.bias = bias.data();
+      p.ldo = rows;
+      std::vector<float> want(static_cast<size_t>(m * rows), NAN), got(want.size(), NAN);
+      p.out = want.data();
+      linear_block(p, 0, rows, 0, m);
+      p.out = got.data();
+      p.w = nullptr;  // ignored: the packed matrix is the weight
+      packed_linear_block(p, packed, 0, rows, 0, m);
+      EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0);
+      // A row range on its own (a thread's share) writes those rows only, as linear_block over that range does.
+      std::vector<float> part(want.size(), NAN), part_want(want.size(), NAN);
+      p.out = part.data();
+      packed_linear_block(p, packed, 5, 30, 0, m);
+      p.w = w.data();
+      p.out = part_want.data();
+      linear_block(p, 5, 30, 0, m);
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t r = 0; r < rows; ++r) {
+          const float v = part[t * rows + r];
+          if (r >= 5 && r < 30) EXPECT_EQ(std::memcmp(&v, &part_want[t * rows + r], 4), 0) << t << " " << r;
+          else EXPECT_TRUE(std::isnan(v)) << t << " " << r;
+        }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moex::cpu
