@@ -501,13 +501,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
     const bool kv_warp = warp == G % kDecodeWarps;
     prepare_lane_rope(D, p.q_rope, static_cast<float>(own), lane, &lr);
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      const int d = lane + 32 * i;
-      const HeadNormRope& r = p.k_rope;
-      k_w[i] = !kv_warp || !r.norm ? 1.f
-               : r.norm_bf16      ? __bfloat162float(static_cast<const bf16*>(r.norm)[d])
-                                  : static_cast<const float*>(r.norm)[d];
-    }
+    for (int i = 0; i < DPL; ++i) k_w[i] = kv_warp ? head_norm_weight(p.k_rope, lane + 32 * i) : 1.f;
     if (kv_warp && head0 % p.group == 0 && split == 0) {
       const int64_t offset = keys.offset(own);
       k_slot = p.k_write + offset;

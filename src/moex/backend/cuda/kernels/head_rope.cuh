@@ -26,6 +26,12 @@ struct LaneRope {
   float sin_v[kHeadRopeLaneDims];
 };
 
+// The norm weight of dim d (1 without a norm).
+__device__ __forceinline__ float head_norm_weight(const HeadNormRope& r, int d) {
+  if (!r.norm) return 1.f;
+  return r.norm_bf16 ? __bfloat162float(static_cast<const bf16*>(r.norm)[d]) : static_cast<const float*>(r.norm)[d];
+}
+
 __device__ __forceinline__ void prepare_lane_rope(int head_dim, const HeadNormRope& r, float pos, int lane,
                                                   LaneRope* lr) {
   const int half = r.rotary_dim / 2;
@@ -36,8 +42,7 @@ __device__ __forceinline__ void prepare_lane_rope(int head_dim, const HeadNormRo
     lr->cos_v[i] = 1.f;
     lr->sin_v[i] = 0.f;
     if (d >= head_dim) continue;
-    if (r.norm)
-      lr->w[i] = r.norm_bf16 ? __bfloat162float(static_cast<const bf16*>(r.norm)[d]) : static_cast<const float*>(r.norm)[d];
+    lr->w[i] = head_norm_weight(r, d);
     if (d < r.rotary_dim) {
       const int pair = d < half ? d : d - half;
       const float inv_freq = 1.f / powf(r.theta, static_cast<float>(2 * pair) / static_cast<float>(r.rotary_dim));
