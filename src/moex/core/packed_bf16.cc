@@ -12,9 +12,6 @@ namespace {
 
 int exponent_of(uint16_t bits) { return (bits >> 7) & 0xff; }
 uint8_t lo_of(uint16_t bits) { return static_cast<uint8_t>(((bits >> 8) & 0x80) | (bits & 0x7f)); }
-int code_at(const PackedBf16& p, int64_t row, int64_t col) {
-  return (p.codes[row * p.code_stride() + col / 2] >> (4 * (col & 1))) & 0x0f;
-}
 
 }  // namespace
 
@@ -66,11 +63,8 @@ void unpack_bf16_rows(const PackedBf16& p, int64_t row_begin, int64_t row_end, u
   for (int64_t r = row_begin; r < row_end; ++r) {
     uint16_t* dst = out + (r - row_begin) * p.cols;
     const uint8_t* lo = p.lo.data() + r * p.cols;
-    for (int64_t i = 0; i < p.cols; ++i) {
-      const int e = p.exponent[code_at(p, r, i)];
-      dst[i] = static_cast<uint16_t>(((lo[i] & 0x80) << 8) | (e << 7) | (lo[i] & 0x7f));
-    }
-    for (uint32_t x = p.exc_begin[r]; x < p.exc_begin[r + 1]; ++x) dst[p.exc_col[x]] = p.exc_value[x];
+    for (int64_t i = 0; i < p.cols; ++i) dst[i] = packed_bf16_bits(lo[i], p.exponent[p.code(r, i)]);
+    patch_packed_exceptions(p, r, dst);
   }
 }
 
@@ -92,12 +86,12 @@ std::string packed_bf16_error(const PackedBf16& p) {
     if (p.cols % 2 == 1 && (p.codes[r * p.code_stride() + p.code_stride() - 1] >> 4) != 0)
       return fmt::format("row {}: padding code set", r);
     int64_t escapes = 0;
-    for (int64_t i = 0; i < p.cols; ++i) escapes += code_at(p, r, i) == kPackedEscape;
+    for (int64_t i = 0; i < p.cols; ++i) escapes += p.code(r, i) == kPackedEscape;
     if (escapes != end - begin)
       return fmt::format("row {}: {} escape codes, {} exceptions", r, escapes, end - begin);
     for (uint32_t x = begin; x < end; ++x) {
       const uint32_t col = p.exc_col[x];
-      if (col >= p.cols || (x > begin && col <= p.exc_col[x - 1]) || code_at(p, r, col) != kPackedEscape)
+      if (col >= p.cols || (x > begin && col <= p.exc_col[x - 1]) || p.code(r, col) != kPackedEscape)
         return fmt::format("row {}: exception at column {} is not at an escape code in column order", r, col);
     }
   }

@@ -27,9 +27,21 @@ struct PackedBf16 {
   std::vector<uint16_t> exc_value;     // the exception's bf16 bits
 
   int64_t code_stride() const { return (cols + 1) / 2; }
+  // The exponent code of weight (row, col).
+  int code(int64_t row, int64_t col) const { return (codes[row * code_stride() + col / 2] >> (4 * (col & 1))) & 0x0f; }
   // Bytes held, all arrays together.
   int64_t bytes() const;
 };
+
+// A weight's bf16 bits from its sign+mantissa byte and its exponent.
+inline uint16_t packed_bf16_bits(uint8_t lo, int exponent) {
+  return static_cast<uint16_t>(((lo & 0x80) << 8) | (exponent << 7) | (lo & 0x7f));
+}
+
+// Writes row's exceptions over its unpacked weights dst [cols] (the escape code's weights, decoded as exponent 0).
+inline void patch_packed_exceptions(const PackedBf16& p, int64_t row, uint16_t* dst) {
+  for (uint32_t x = p.exc_begin[row]; x < p.exc_begin[row + 1]; ++x) dst[p.exc_col[x]] = p.exc_value[x];
+}
 
 // Packs w [rows][cols] (bf16 bits). Exact for every bit pattern (NaN payloads, infinities, subnormals).
 PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols);

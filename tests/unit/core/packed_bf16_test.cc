@@ -79,11 +79,8 @@ TEST(PackedBf16, CorruptionsAreNamed) {
   ASSERT_EQ(unpack_all(good), w);
   const uint32_t first = good.exc_begin[1];  // row 1's first exception
   ASSERT_GT(good.exc_begin[2], first + 1);
-  auto code_at = [&](int64_t row, int64_t col) {
-    return (good.codes[row * good.code_stride() + col / 2] >> (4 * (col & 1))) & 0x0f;
-  };
   int64_t plain = 0;  // a column of row 1 that is no exception
-  while (code_at(1, plain) == kPackedEscape) ++plain;
+  while (good.code(1, plain) == kPackedEscape) ++plain;
   auto broken = [&](auto&& edit) {
     PackedBf16 p = good;
     edit(p);

@@ -33,11 +33,8 @@ void unpack_rows(const PackedBf16& p, int64_t row_begin, int64_t row_end, uint16
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_unpacklo_epi8(lb, hi));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 8), _mm_unpackhi_epi8(lb, hi));
     }
-    for (; i < p.cols; ++i) {  // the last cols % 16 weights
-      const int e = p.exponent[(code_row[i / 2] >> (4 * (i & 1))) & 0x0f];
-      dst[i] = static_cast<uint16_t>(((lo_row[i] & 0x80) << 8) | (e << 7) | (lo_row[i] & 0x7f));
-    }
-    for (uint32_t x = p.exc_begin[r]; x < p.exc_begin[r + 1]; ++x) dst[p.exc_col[x]] = p.exc_value[x];
+    for (; i < p.cols; ++i) dst[i] = packed_bf16_bits(lo_row[i], p.exponent[p.code(r, i)]);  // the last cols % 16
+    patch_packed_exceptions(p, r, dst);
   }
 #else
   moex::unpack_bf16_rows(p, row_begin, row_end, out);
