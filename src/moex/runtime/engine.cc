@@ -39,7 +39,8 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
   std::vector<std::vector<ExpertWeights>> host_experts;
   for (const LayerWeights& layer : model.weights().layers)
     if (layer.is_moe) host_experts.push_back(layer.experts);
-  if (options.expert_budget_bytes > 0 && !host_experts.empty()) {
+  const bool offloading = options.expert_budget_bytes > 0 && !host_experts.empty();
+  if (offloading) {
     const std::string dir = model.dir();
     auto describe = [dir](ExpertKey key) {
       return fmt::format("{}: MoE layer {} expert {}", dir.empty() ? "model" : dir, key.layer_idx, key.expert_idx);
@@ -77,7 +78,6 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
   kv.page_size = options.kv_page_size;
   if (kv.page_size <= 0) throw UsageError(fmt::format("KV cache page size must be positive, got {}", kv.page_size));
   kv.max_pages = (options.kv_max_tokens + kv.page_size - 1) / kv.page_size;
-  const bool offloading = options.expert_budget_bytes > 0 && !host_experts.empty();
   decoder_ = std::make_unique<Decoder>(model.config(), model.weights(), *backend_, *experts_, kv, offloading);
   if (host_backend_) decoder_->set_host_backend(host_backend_.get());
   if (options.max_seq_len > 0) decoder_->reserve(options.max_seq_len);
