@@ -46,6 +46,15 @@ Summary summarize(const std::vector<double>& values) {
   return s;
 }
 
+// The host bytes of one expert: bf16, or the mean packed size with --pack-experts.
+int64_t expert_host_bytes(const Model& model) {
+  const auto& packed = model.weights().packed;
+  if (packed.empty()) return static_cast<int64_t>(model.config().expert_bytes());
+  int64_t total = 0;
+  for (const auto& expert : packed) total += expert->bytes();
+  return total / static_cast<int64_t>(packed.size());
+}
+
 // Bytes one batch-1 decode step must read: every resident weight once, except the token embedding, of which it
 // reads the token's row (a tied embedding is the lm_head as well and is read whole); top_k experts per MoE layer.
 // Until 2026-11-27 the whole embedding table was counted: 8% of Model A's bytes, 9% of Model B's, so the
@@ -127,7 +136,9 @@ CommandAction setup_bench(CLI::App* sub) {
                   "r mod requests, position p its token p mod length. Real routing for the expert cache and "
                   "predictors on random weights; prefill timings keep the router's choice; not with --batch");
   return [options]() -> int {
+    const auto load_start = std::chrono::steady_clock::now();
     auto model = load_model(options->model);
+    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
     const ModelConfig& cfg = model->config();
     std::unique_ptr<TraceWriter> trace;
     if (!options->trace_out.empty()) {
@@ -140,7 +151,9 @@ CommandAction setup_bench(CLI::App* sub) {
       if (!options->batches.empty()) throw UsageError("--routing-trace replays one sequence: not with --batch");
       replay = std::make_unique<RoutingReplay>(options->routing_trace, cfg);
     }
+    const auto engine_start = std::chrono::steady_clock::now();
     Engine engine(*model, engine_options(options->model, cfg));
+    const double engine_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - engine_start).count();
     nlohmann::json gpu_about;
     auto meter = open_gpu_meter(options->gpu_telemetry, options->model.device, engine.backend(), &gpu_about);
     const int64_t vocab = cfg.vocab_size;
@@ -360,6 +373,10 @@ CommandAction setup_bench(CLI::App* sub) {
         {"model", cfg.summary()},
         {"device", options->model.device},
         {"load_format", options->model.load_format},
+        // Start-up: the weights read, generated (random) or packed, then the engine (uploads, the expert store's
+        // page-locking of its source tier).
+        {"load_s", load_s},
+        {"engine_s", engine_s},
         {"threads", options->model.num_threads},
         {"reps", options->reps},
         {"sampling", {{"temperature", options->sampling.temperature},
@@ -375,6 +392,10 @@ CommandAction setup_bench(CLI::App* sub) {
         {"batch_decode", batch_results},
         {"decode_bytes_per_token", bytes},
         {"expert_bytes", static_cast<int64_t>(cfg.expert_bytes())},
+        // What one expert costs the host to read, copied or computed on the CPU: expert_bytes, or with
+        // --pack-experts the mean packed size (the floor of a packed run is made of these).
+        {"packed_experts", model->packed_experts()},
+        {"expert_host_bytes", expert_host_bytes(*model)},
         {"decode_experts", {{"hits", decode_stats.hits},
                             {"misses", decode_stats.misses},
                             {"hit_rate", decode_stats.hits + decode_stats.misses

@@ -90,11 +90,15 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
                 "when offloading: run prefill steps through the cache policy like decode steps, in as few waves as "
                 "fit (the default for experts under 64 MiB)")
       ->excludes(scan);
+  sub->add_flag("--pack-experts", options->pack_experts,
+                "when offloading: hold the experts in host memory in a lossless 12-bit packing (bf16 experts), so a "
+                "missed expert reads ~3/4 of its bytes, copied (the GPU unpacks it) or run on the CPU; packing "
+                "takes a pass over the experts at load (docs/offloading.md)");
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
   for (const char* name : {"--cache-policy", "--per-layer-cache", "--predictor", "--lookahead-layers", "--scan-steps",
                            "--no-scan-steps", "--host-read-gbs", "--copy-gbs", "--split-overhead-ms",
-                           "--no-balance-prefetch"})
+                           "--no-balance-prefetch", "--pack-experts"})
     options->offload_only.push_back(sub->get_option(name));
 }
 
@@ -121,6 +125,11 @@ std::unique_ptr<Model> load_model(const ModelOptions& options) {
   LoadOptions load;
   load.format = options.load_format == "random" ? LoadFormat::kRandom : LoadFormat::kSafetensors;
   load.seed = options.random_seed;
+  // Refused before the load's packing pass, which would be wasted (engine_options() refuses it again).
+  if (options.pack_experts && options.host_memory.empty() && options.gpu_memory.empty())
+    throw UsageError("--pack-experts applies when offloading experts: add --gpu-memory (with --device cuda) or "
+                     "--host-memory (on the CPU)");
+  load.pack_experts = options.pack_experts;
   return Model::load(resolved_model_dir(options), load);
 }
 

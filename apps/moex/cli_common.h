@@ -41,6 +41,7 @@ struct ModelOptions {
   bool adapt_rates = false;
   bool scan_steps = false;     // neither flag: by expert size (OffloadConfig::scan_steps)
   bool no_scan_steps = false;
+  bool pack_experts = false;   // hold offloaded experts in the 12-bit packing in host memory
   // The flags that only shape offloading (cache, predictor, miss-path cost model): given without --gpu-memory
   // or --host-memory they would do nothing, so engine_options() refuses them. Owned by the CLI app.
   std::vector<const CLI::Option*> offload_only;

@@ -125,15 +125,16 @@ for line in open(f"{out}/results.jsonl"):
     d = r["decode_experts"]
     ms = r["decode"]["ms_per_token_mean"]
     # Floor at the measured miss rate: the missed experts' bytes split optimally between a PCIe copy and a
-    # CPU read of host DRAM, both running at once.
-    miss_gb = d["misses_per_token"] * r["expert_bytes"] / 1e9
+    # CPU read of host DRAM, both running at once. The bytes a miss costs the host: bf16, or packed with
+    # --pack-experts (older results lack expert_host_bytes).
+    miss_gb = d["misses_per_token"] * r.get("expert_host_bytes", r["expert_bytes"]) / 1e9
     floor = miss_gb / (pcie + dram) * 1e3
     # The same bytes at the rate both paths reached together (shared host DRAM).
     shared_floor = miss_gb / shared * 1e3
     # Work floor: what the step really moved: copies (prefetched hits included) and CPU reads of host DRAM.
     copied_gb = d["bytes_moved_per_token"] / 1e9
     # Builds without the counter ran every CPU miss whole.
-    cpu_gb = d.get("cpu_read_bytes_per_token", d["cpu_computed_per_token"] * r["expert_bytes"]) / 1e9
+    cpu_gb = d.get("cpu_read_bytes_per_token", d["cpu_computed_per_token"] * r.get("expert_host_bytes", r["expert_bytes"])) / 1e9
     work = (copied_gb + cpu_gb) / (pcie + dram) * 1e3
     print(f"{name:31} {ms:9.1f} {1000/ms:6.2f} {d['hit_rate']:8.3f} {miss_gb:11.2f} {d['cpu_computed_per_token']:10.1f} "
           f"{d.get('split_computed_per_token', 0):9.1f} {copied_gb:13.2f} {cpu_gb:10.2f} {floor:8.1f} "
@@ -182,6 +183,9 @@ run_pair mixtral_16g_pregate_cpu mixtral_8x7b 16GiB --predictor pregate --cpu-ex
 # Prefetches weighed against the CPU's work (--balance-prefetch): the link was the long path at 16 GiB.
 run_case mixtral_16g_pregate_cpu_balanced mixtral_8x7b 16GiB --predictor pregate --cpu-experts --balance-prefetch
 run_pair qwen3_8g_pregate_cpu qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts
+# Experts held packed in host memory (--pack-experts): every miss reads ~3/4 of the bf16 bytes, copied or on the CPU.
+run_case mixtral_16g_pregate_cpu_packed mixtral_8x7b 16GiB --predictor pregate --cpu-experts --pack-experts
+run_case qwen3_8g_pregate_cpu_packed qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts --pack-experts
 run_pair mixtral_40g_pregate_cpu mixtral_8x7b 40GiB --predictor pregate --cpu-experts
 if [ "${CASES:-all}" != "pregate" ]; then
   run_case mixtral_16g_lru mixtral_8x7b 16GiB

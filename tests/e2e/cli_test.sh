@@ -234,4 +234,25 @@ else
   fail "bench --host-memory exited non-zero: $(cat "$tmp/err")"
 fi
 
+# --pack-experts: refused without an expert budget (before the load packs anything) and for experts that are not
+# bf16; with one, bench reports the packed host bytes per expert, ~3/4 of the bf16 ones, and moves fewer bytes.
+expect_error "packing without offloading" "--pack-experts applies when offloading" "$moex" run -m "$fixture" \
+  --prompt-ids 1,2 -n 1 --pack-experts
+expect_error "packing f32 experts" "--pack-experts packs bf16 experts" "$moex" run \
+  -m "$src/tests/fixtures/qwen3_moe_f32" --prompt-ids 1,2 -n 1 --host-memory 64KiB --pack-experts
+for pack in "" --pack-experts; do
+  if ! "$moex" bench -m "$fixture" --host-memory 40KiB --prompt-lens 8 --decode-tokens 8 --reps 1 --json $pack \
+      >"$tmp/bench$pack.json" 2>"$tmp/err"; then
+    fail "bench --host-memory $pack exited non-zero: $(cat "$tmp/err")"
+  fi
+done
+python3 - "$tmp/bench.json" "$tmp/bench--pack-experts.json" <<'PY' && ok || fail "bench --pack-experts"
+import json, sys
+plain, packed = (json.load(open(path)) for path in sys.argv[1:])
+assert not plain["packed_experts"] and plain["expert_host_bytes"] == plain["expert_bytes"], plain
+assert packed["packed_experts"] and 0.74 < packed["expert_host_bytes"] / packed["expert_bytes"] < 0.80, packed
+assert packed["decode_experts"]["misses"] == plain["decode_experts"]["misses"]
+assert packed["bytes_moved"] < 0.8 * plain["bytes_moved"], (packed["bytes_moved"], plain["bytes_moved"])
+PY
+
 finish

@@ -2,10 +2,47 @@
 #include "moex/backend/backend.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "moex/core/error.h"
 
 namespace moex {
+namespace {
+
+// Rows [row_begin, row_end) of src unpacked into host memory, shaped like dst: the default packed copies' source.
+const std::vector<uint16_t>& unpacked_rows(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                           const TensorView& dst, const char* op) {
+  MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows && dst.dtype == DType::kBF16 &&
+                  dst.numel() == (row_end - row_begin) * src.cols,
+              "{}: rows [{}, {}) of a {} x {} packed matrix into {} {}", op, row_begin, row_end, src.rows, src.cols,
+              dtype_name(dst.dtype), dst.shape.str());
+  thread_local std::vector<uint16_t> rows;
+  rows.resize(static_cast<size_t>((row_end - row_begin) * src.cols));
+  unpack_bf16_rows(src, row_begin, row_end, rows.data());
+  return rows;
+}
+
+}  // namespace
+
+void Backend::copy_packed_from_host_async_path(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                               const TensorView& dst) {
+  copy_from_host_async_path(unpacked_rows(src, row_begin, row_end, dst, "copy_packed_from_host_async_path").data(),
+                            dst);
+}
+
+void Backend::copy_packed_from_host_enqueue(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                            const TensorView& dst) {
+  // copy_from_host, not copy_from_host_enqueue: the unpacked rows do not outlive this call.
+  copy_from_host(unpacked_rows(src, row_begin, row_end, dst, "copy_packed_from_host_enqueue").data(), dst);
+}
+
+void Backend::expert_gate_up_rows(const TensorView& x_gate, const TensorView& x_up, const ExpertWeights& w,
+                                  int64_t rows, const TensorView& gate_out, const TensorView& up_out) {
+  MOEX_ASSERT(w.packed == nullptr, "{}: expert_gate_up_rows of a packed expert", name());
+  linear(x_gate, w.gate.rows(0, rows), nullptr, gate_out);
+  linear(x_up, w.up.rows(0, rows), nullptr, up_out);
+  silu_mul(gate_out, up_out, gate_out);
+}
 
 void check_kv_step(const KvStep& step, int64_t num_rows, int64_t num_pages, const char* op, int64_t* max_keys) {
   MOEX_ASSERT(step.page_size > 0 && step.table_stride > 0 &&

@@ -13,16 +13,29 @@
 #include <vector>
 
 #include "moex/backend/token_draw.h"
+#include "moex/core/packed_bf16.h"
 #include "moex/core/tensor.h"
 
 namespace moex {
 
 // One expert's SwiGLU weights: down(silu(gate x) * up x). gate/up [ffn, hidden], down [hidden, ffn].
+struct ExpertWeights;
+
+// An expert's gate, up and down in the 12-bit packing (core/packed_bf16.h): how offloaded experts can sit in
+// host memory (--pack-experts), so that a miss reads 3/4 of the bf16 bytes, copied or run on the CPU.
+struct PackedExpert {
+  PackedBf16 gate, up, down;
+  int64_t bytes() const { return gate.bytes() + up.bytes() + down.bytes(); }
+};
+
 struct ExpertWeights {
   TensorView gate;
   TensorView up;
   TensorView down;
-  bool valid() const { return !gate.empty(); }
+  // Host experts held packed: the views give shapes and dtype (bf16), and their data may be null (random weights
+  // are generated straight into the packing). Only the expert store and the CPU backend's expert ops read it.
+  const PackedExpert* packed = nullptr;
+  bool valid() const { return !gate.empty() || packed != nullptr; }
 };
 
 // Top-k routing of a batch of tokens: row t holds token t's experts, best first.
@@ -114,6 +127,14 @@ class Backend {
   // done (page-locked expert weights). Ops see dst only after wait_enqueued_copies(). Default:
   // copy_from_host (done on return).
   virtual void copy_from_host_enqueue(const void* src, const TensorView& dst) { copy_from_host(src, dst); }
+  // The two expert copies above from a packed host matrix: rows [row_begin, row_end) of src into dst, a bf16
+  // [row_end - row_begin, src.cols] view. The link carries the packed bytes and the device unpacks them (CUDA);
+  // src must stay valid until the copy is done, like the plain copies'. Default: unpacked on the host, then
+  // copy_from_host.
+  virtual void copy_packed_from_host_async_path(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                                const TensorView& dst);
+  virtual void copy_packed_from_host_enqueue(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                             const TensorView& dst);
   // Ops enqueued after this call run after every copy_from_host_enqueue() issued before it; the host does
   // not wait.
   virtual void wait_enqueued_copies() { wait_copies_through(enqueued_copy_ticket()); }
@@ -210,6 +231,11 @@ class Backend {
   }
   // out = silu(gate) * up, elementwise on [n, ffn].
   virtual void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out) = 0;
+  // One token's first `rows` intermediate rows of an expert, the host's share of a split miss:
+  // gate_out [1, rows] = silu(x_gate gate[0:rows]^T) * (x_up up[0:rows]^T); up_out [1, rows] is scratch. w may be
+  // packed on backends that compute from host memory (CPU). Default: linear, linear, silu_mul.
+  virtual void expert_gate_up_rows(const TensorView& x_gate, const TensorView& x_up, const ExpertWeights& w,
+                                   int64_t rows, const TensorView& gate_out, const TensorView& up_out);
   // acc[r, :] += sigmoid(gate_logit[r, 0]) * x[r, :]  (Qwen2-MoE shared-expert gate).
   virtual void add_sigmoid_gated(const TensorView& acc, const TensorView& x, const TensorView& gate_logit) = 0;
   // Router: logits[n, num_experts] -> top-k ids/weights on the host. Ties pick the lower expert id.

@@ -1,11 +1,13 @@
 #include "moex/core/packed_bf16.h"
 
 #include <algorithm>
+#include <functional>
 #include <numeric>
 
 #include <fmt/format.h>
 
 #include "moex/core/error.h"
+#include "moex/core/thread_pool.h"
 
 namespace moex {
 namespace {
@@ -20,14 +22,34 @@ int64_t PackedBf16::bytes() const {
                               2 * exc_value.size() + exponent.size());
 }
 
-PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols) {
+PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols, ThreadPool* pool) {
   MOEX_ASSERT(rows >= 0 && cols >= 0, "pack_bf16: {} x {}", rows, cols);
   PackedBf16 p;
   p.rows = rows;
   p.cols = cols;
-  const int64_t n = rows * cols;
+  // Row ranges packed independently (on the pool when there is one), then the exceptions concatenated in row
+  // order: the result does not depend on how many ranges there are.
+  const int64_t num_parts = pool ? std::min<int64_t>(std::max<int64_t>(rows, 1), 64) : 1;
+  auto part_rows = [&](int64_t part) { return std::pair{rows * part / num_parts, rows * (part + 1) / num_parts}; };
+  auto for_parts = [&](const std::function<void(int64_t)>& fn) {
+    if (!pool) {
+      for (int64_t part = 0; part < num_parts; ++part) fn(part);
+      return;
+    }
+    pool->parallel_for(num_parts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t part = first; part < last; ++part) fn(part);
+    });
+  };
+  std::vector<std::array<int64_t, 256>> part_count(static_cast<size_t>(num_parts));
+  for_parts([&](int64_t part) {
+    auto& count = part_count[part];
+    count.fill(0);
+    const auto [begin, end] = part_rows(part);
+    for (int64_t i = begin * cols; i < end * cols; ++i) ++count[exponent_of(w[i])];
+  });
   std::array<int64_t, 256> count{};
-  for (int64_t i = 0; i < n; ++i) ++count[exponent_of(w[i])];
+  for (const auto& part : part_count)
+    for (int e = 0; e < 256; ++e) count[e] += part[e];
   // The 15 most frequent exponents get codes 0..14 (ties by exponent value: deterministic).
   std::array<int, 256> order;
   std::iota(order.begin(), order.end(), 0);
@@ -38,23 +60,35 @@ PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols) {
     p.exponent[c] = static_cast<uint8_t>(order[c]);
     code[order[c]] = c;
   }
-  p.lo.resize(static_cast<size_t>(n));
+  p.lo.resize(static_cast<size_t>(rows * cols));
   p.codes.assign(static_cast<size_t>(rows * p.code_stride()), 0);
-  p.exc_begin.reserve(static_cast<size_t>(rows + 1));
-  p.exc_begin.push_back(0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < cols; ++i) {
-      const uint16_t v = w[r * cols + i];
-      const int c = code[exponent_of(v)];
-      p.lo[r * cols + i] = lo_of(v);
-      p.codes[r * p.code_stride() + i / 2] |= static_cast<uint8_t>(c << (4 * (i & 1)));
-      if (c == kPackedEscape) {
-        p.exc_col.push_back(static_cast<uint32_t>(i));
-        p.exc_value.push_back(v);
+  p.exc_begin.assign(static_cast<size_t>(rows + 1), 0);
+  std::vector<std::vector<uint32_t>> part_col(static_cast<size_t>(num_parts));
+  std::vector<std::vector<uint16_t>> part_value(static_cast<size_t>(num_parts));
+  for_parts([&](int64_t part) {
+    const auto [begin, end] = part_rows(part);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t i = 0; i < cols; ++i) {
+        const uint16_t v = w[r * cols + i];
+        const int c = code[exponent_of(v)];
+        p.lo[r * cols + i] = lo_of(v);
+        p.codes[r * p.code_stride() + i / 2] |= static_cast<uint8_t>(c << (4 * (i & 1)));
+        if (c == kPackedEscape) {
+          part_col[part].push_back(static_cast<uint32_t>(i));
+          part_value[part].push_back(v);
+        }
       }
+      p.exc_begin[r + 1] = static_cast<uint32_t>(part_col[part].size());  // within the part, made global below
     }
-    MOEX_ASSERT(p.exc_col.size() <= UINT32_MAX, "pack_bf16: more than 2^32 exceptions");
-    p.exc_begin.push_back(static_cast<uint32_t>(p.exc_col.size()));
+  });
+  uint64_t total = 0;
+  for (int64_t part = 0; part < num_parts; ++part) {
+    const auto [begin, end] = part_rows(part);
+    for (int64_t r = begin; r < end; ++r) p.exc_begin[r + 1] += static_cast<uint32_t>(total);
+    total += part_col[part].size();
+    MOEX_ASSERT(total <= UINT32_MAX, "pack_bf16: more than 2^32 exceptions");
+    p.exc_col.insert(p.exc_col.end(), part_col[part].begin(), part_col[part].end());
+    p.exc_value.insert(p.exc_value.end(), part_value[part].begin(), part_value[part].end());
   }
   return p;
 }
@@ -66,6 +100,14 @@ void unpack_bf16_rows(const PackedBf16& p, int64_t row_begin, int64_t row_end, u
     for (int64_t i = 0; i < p.cols; ++i) dst[i] = packed_bf16_bits(lo[i], p.exponent[p.code(r, i)]);
     patch_packed_exceptions(p, r, dst);
   }
+}
+
+bool packed_bf16_has_non_finite(const PackedBf16& p) {
+  for (int c = 0; c < kPackedEscape; ++c)
+    if (p.exponent[c] == 0xff) return true;
+  for (uint16_t v : p.exc_value)
+    if (exponent_of(v) == 0xff) return true;
+  return false;
 }
 
 std::string packed_bf16_error(const PackedBf16& p) {

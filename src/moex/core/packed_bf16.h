@@ -1,5 +1,5 @@
-// A lossless 12-bit packing of bf16 weight matrices, for the host tier of offloaded experts (docs/offloading.md,
-// "Next: fewer host bytes per miss"): offloaded decode is bound by the host DRAM bytes each missed expert costs,
+// A lossless 12-bit packing of bf16 weight matrices, for the host tier of offloaded experts (--pack-experts,
+// docs/offloading.md, "Packed experts in host memory"): offloaded decode is bound by the host DRAM bytes each missed expert costs,
 // copied or run on the CPU, and a trained bf16 tensor uses few of its 256 exponents (2.5-2.6 bits of entropy,
 // bench/offload/exponent_stats.py). Each weight keeps its sign and 7 mantissa bits in a byte and a 4-bit code
 // naming one of its matrix's 15 most frequent exponents; code 15 marks an exception, whose raw bf16 sits in its
@@ -14,6 +14,8 @@
 #include <vector>
 
 namespace moex {
+
+class ThreadPool;
 
 inline constexpr int kPackedEscape = 15;
 
@@ -43,8 +45,20 @@ inline void patch_packed_exceptions(const PackedBf16& p, int64_t row, uint16_t* 
   for (uint32_t x = p.exc_begin[row]; x < p.exc_begin[row + 1]; ++x) dst[p.exc_col[x]] = p.exc_value[x];
 }
 
-// Packs w [rows][cols] (bf16 bits). Exact for every bit pattern (NaN payloads, infinities, subnormals).
-PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols);
+// Bytes of rows [row_begin, row_end) in the packing: what a copy of those rows moves (mantissas, codes, the rows'
+// exception index entries and exceptions).
+inline int64_t packed_bf16_rows_bytes(const PackedBf16& p, int64_t row_begin, int64_t row_end) {
+  const int64_t rows = row_end - row_begin;
+  const int64_t exceptions = static_cast<int64_t>(p.exc_begin[row_end]) - p.exc_begin[row_begin];
+  return rows * (p.cols + p.code_stride()) + 4 * (rows + 1) + 6 * exceptions;
+}
+
+// True when a weight of p is NaN or +-Inf (exponent 255: in the exponent table, or an exception's).
+bool packed_bf16_has_non_finite(const PackedBf16& p);
+
+// Packs w [rows][cols] (bf16 bits). Exact for every bit pattern (NaN payloads, infinities, subnormals). With a
+// pool, row ranges are packed in parallel (the same result).
+PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols, ThreadPool* pool = nullptr);
 
 // Rows [row_begin, row_end) as bf16 bits into out [row_end - row_begin][cols] (portable loop; the CPU backend
 // has a vector one, cpu::unpack_rows). Expects a matrix packed_bf16_error() accepts.

@@ -233,10 +233,8 @@ void Decoder::moe_wave(const Routing& wave, const TensorView& h, const TensorVie
     const int64_t token = split_entries_[split_idx] / wave.top_k, rows = split.host_rows;
     float* act = split_act_host_.data() + 2 * split_idx * ffn;
     const TensorView gate(act, DType::kF32, Shape{1, rows}), up(act + ffn, DType::kF32, Shape{1, rows});
-    host_backend_->linear(h_view.rows(token, 1), split.host.gate.rows(0, rows), nullptr, gate);
-    host_backend_->linear(TensorView(split_x_host_.data() + split_idx * hidden, DType::kF32, Shape{1, hidden}),
-                          split.host.up.rows(0, rows), nullptr, up);
-    host_backend_->silu_mul(gate, up, gate);
+    const TensorView x_up(split_x_host_.data() + split_idx * hidden, DType::kF32, Shape{1, hidden});
+    host_backend_->expert_gate_up_rows(h_view.rows(token, 1), x_up, split.host, rows, gate, up);
   }
   // The host's part is done; what remains of the copies (and the backend's short expert work) is a wait.
   const auto wait_start = std::chrono::steady_clock::now();

@@ -19,10 +19,10 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   switch (options.format) {
     case LoadFormat::kSafetensors:
       model->checkpoint_ = Checkpoint::open(dir);
-      model->weights_ = load_checkpoint_weights(*model->checkpoint_, model->config_);
+      model->weights_ = load_checkpoint_weights(*model->checkpoint_, model->config_, options.pack_experts);
       break;
     case LoadFormat::kRandom:
-      model->weights_ = make_random_weights(model->config_, options.seed);
+      model->weights_ = make_random_weights(model->config_, options.seed, options.pack_experts);
       break;
   }
   return model;

@@ -13,6 +13,9 @@ namespace moex {
 struct LoadOptions {
   LoadFormat format = LoadFormat::kSafetensors;
   uint64_t seed = 0;  // for kRandom
+  // Hold the MoE experts in the 12-bit packing (core/packed_bf16.h) for an offloading source tier
+  // (--pack-experts); bf16 experts only.
+  bool pack_experts = false;
 };
 
 class Model {
@@ -26,6 +29,8 @@ class Model {
   const std::string& dir() const { return dir_; }
   // True for --load-format random (no checkpoint behind the weights).
   bool random_weights() const { return checkpoint_ == nullptr; }
+  // True when the MoE experts are held packed (LoadOptions::pack_experts): only an offloading engine runs them.
+  bool packed_experts() const { return !weights_.packed.empty(); }
 
  private:
   std::string dir_;

@@ -138,7 +138,29 @@ class Loader {
 
 }  // namespace
 
-ModelWeights load_checkpoint_weights(const Checkpoint& ckpt, const ModelConfig& cfg) {
+namespace {
+
+// Packs every MoE expert of *weights (their views stay valid: they point into the checkpoint's mmap).
+void pack_moe_experts(ModelWeights* weights) {
+  ThreadPool pool;
+  for (LayerWeights& layer : weights->layers)
+    for (ExpertWeights& expert : layer.experts) {
+      auto packed = std::make_shared<PackedExpert>();
+      for (auto [view, out] : {std::pair{&expert.gate, &packed->gate}, std::pair{&expert.up, &packed->up},
+                               std::pair{&expert.down, &packed->down}}) {
+        if (view->dtype != DType::kBF16)
+          throw UsageError(fmt::format("--pack-experts packs bf16 experts; layer {}'s experts are {}",
+                                       layer.moe_layer_idx, dtype_name(view->dtype)));
+        *out = pack_bf16(view->as<uint16_t>(), view->dim(0), view->dim(1), &pool);
+      }
+      expert.packed = packed.get();
+      weights->packed.push_back(std::move(packed));
+    }
+}
+
+}  // namespace
+
+ModelWeights load_checkpoint_weights(const Checkpoint& ckpt, const ModelConfig& cfg, bool pack_experts) {
   HfConfig hf = HfConfig::load(ckpt.config_path());
   WeightNames names = find_arch(hf).weight_names();
   ModelWeights weights;
@@ -198,6 +220,7 @@ ModelWeights load_checkpoint_weights(const Checkpoint& ckpt, const ModelConfig& 
     }
     weights.layers.push_back(std::move(layer));
   }
+  if (pack_experts) pack_moe_experts(&weights);
   return weights;
 }
 
@@ -226,6 +249,29 @@ class RandomFiller {
     fill(owned.view(), std_dev, 0.0f);
     out_->owned.push_back(owned);
     return owned.view();
+  }
+
+  // One MoE expert generated into a scratch matrix and packed: the values matrix() would have drawn.
+  ExpertWeights packed_expert(int64_t ffn, int64_t hidden, float std_in, float std_down) {
+    if (cfg_.weight_dtype != DType::kBF16)
+      throw UsageError(fmt::format("--pack-experts packs bf16 experts; this model's weights are {}",
+                                   dtype_name(cfg_.weight_dtype)));
+    auto expert = std::make_shared<PackedExpert>();
+    ExpertWeights views;
+    auto one = [&](Shape shape, float std_dev, PackedBf16* packed, TensorView* view) {
+      if (scratch_.view().empty() || scratch_.numel() < shape.numel())
+        scratch_ = HostTensor::uninitialized(DType::kBF16, Shape{shape.numel()});
+      const TensorView values(scratch_.view().data, DType::kBF16, shape);
+      fill(values, std_dev, 0.0f);
+      *packed = pack_bf16(values.as<uint16_t>(), shape[0], shape[1], &pool_);
+      *view = TensorView(nullptr, DType::kBF16, shape);
+    };
+    one(Shape{ffn, hidden}, std_in, &expert->gate, &views.gate);
+    one(Shape{ffn, hidden}, std_in, &expert->up, &views.up);
+    one(Shape{hidden, ffn}, std_down, &expert->down, &views.down);
+    views.packed = expert.get();
+    out_->packed.push_back(std::move(expert));
+    return views;
   }
 
   TensorView norm(int64_t size) {
@@ -276,11 +322,12 @@ class RandomFiller {
   ModelWeights* out_;
   unsigned num_chunks_;
   ThreadPool pool_;
+  HostTensor scratch_;  // packed_expert's unpacked matrix
 };
 
 }  // namespace
 
-ModelWeights make_random_weights(const ModelConfig& cfg, uint64_t seed) {
+ModelWeights make_random_weights(const ModelConfig& cfg, uint64_t seed, bool pack_experts) {
   ModelWeights weights;
   RandomFiller rng(cfg, seed, &weights);
   const int64_t hidden = cfg.hidden_size, q_dim = cfg.num_heads * cfg.head_dim, kv_dim = cfg.num_kv_heads * cfg.head_dim;
@@ -312,8 +359,11 @@ ModelWeights make_random_weights(const ModelConfig& cfg, uint64_t seed) {
     if (layer.is_moe) {
       layer.moe_layer_idx = moe_layer_idx++;
       layer.router = rng.matrix(Shape{cfg.num_experts, hidden}, std_hidden);
+      const int64_t ffn = cfg.expert_ffn_size;
       for (int64_t expert_idx = 0; expert_idx < cfg.num_experts; ++expert_idx)
-        layer.experts.push_back(mlp(cfg.expert_ffn_size));
+        layer.experts.push_back(pack_experts ? rng.packed_expert(ffn, hidden, std_hidden,
+                                                                 1.0f / std::sqrt(static_cast<float>(ffn)))
+                                             : mlp(ffn));
       if (cfg.shared_expert_ffn_size > 0) {
         layer.shared_expert = mlp(cfg.shared_expert_ffn_size);
         if (cfg.shared_expert_gate) layer.shared_expert_gate = rng.matrix(Shape{1, hidden}, std_hidden);

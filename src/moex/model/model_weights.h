@@ -34,14 +34,20 @@ struct ModelWeights {
   TensorView lm_head;   // [vocab, hidden]; the embedding when tied
   std::vector<LayerWeights> layers;
   std::vector<HostTensor> owned;  // storage for converted / random tensors
+  // MoE experts held in the 12-bit packing (LoadOptions::pack_experts), pointed to by their ExpertWeights::packed.
+  std::vector<std::shared_ptr<const PackedExpert>> packed;
 };
 
 enum class LoadFormat : uint8_t { kSafetensors, kRandom };
 
 // Loads every weight the config calls for, checking each tensor's shape and dtype; throws
 // FormatError naming the tensor, its file, the expected and the found shape.
-ModelWeights load_checkpoint_weights(const Checkpoint& ckpt, const ModelConfig& cfg);
+// pack_experts: the MoE experts (not shared experts or dense MLPs) are also packed (core/packed_bf16.h) for an
+// offloading source tier; they must be bf16 (UsageError otherwise).
+ModelWeights load_checkpoint_weights(const Checkpoint& ckpt, const ModelConfig& cfg, bool pack_experts = false);
 // Random weights at the config's shapes (normal, std 0.02-ish scaled per fan-in), seeded; threaded fill.
-ModelWeights make_random_weights(const ModelConfig& cfg, uint64_t seed);
+// pack_experts: MoE experts are generated straight into the packing (their views keep shapes, data null), the
+// same values as unpacked: the 8x7B shape's 90 GB of bf16 experts need not exist at once with their packing.
+ModelWeights make_random_weights(const ModelConfig& cfg, uint64_t seed, bool pack_experts = false);
 
 }  // namespace moex

@@ -47,12 +47,18 @@ ExpertStore::ExpertStore(Backend& backend, std::vector<std::vector<ExpertWeights
     layer_offset_.push_back(total);
     total += static_cast<int32_t>(layer.size());
   }
+  for (const auto& layer : source_) {
+    int64_t bytes = 0;
+    for (const ExpertWeights& expert : layer) bytes += host_bytes_of(expert);
+    host_bytes_.push_back(layer.empty() ? 0 : bytes / static_cast<int64_t>(layer.size()));
+  }
   slot_of_.assign(total, -1);
   verified_.assign(total, 0);
   views_.resize(total);
   host_rows_.assign(total, 0);
   state_.assign(total, CopyState::kIdle);
   cancel_requested_.assign(total, 0);
+  copied_rows_.assign(total, 0);
   copied_bytes_.assign(total, 0);
   copy_error_.resize(total);
   if (backend_.device() != Device::kCpu) register_source();
@@ -63,12 +69,25 @@ void ExpertStore::register_source() {
   // share pages, and a page can be page-locked only once.
   constexpr uintptr_t kPage = 4096;
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  auto add = [&](const void* data, size_t bytes) {
+    if (bytes == 0) return;
+    const auto begin = reinterpret_cast<uintptr_t>(data);
+    ranges.emplace_back(begin & ~(kPage - 1), (begin + bytes + kPage - 1) & ~(kPage - 1));
+  };
   for (const auto& layer : source_)
-    for (const ExpertWeights& expert : layer)
-      for (const TensorView* view : {&expert.gate, &expert.up, &expert.down}) {
-        const auto begin = reinterpret_cast<uintptr_t>(view->data);
-        ranges.emplace_back(begin & ~(kPage - 1), (begin + view->nbytes() + kPage - 1) & ~(kPage - 1));
+    for (const ExpertWeights& expert : layer) {
+      if (!expert.packed) {
+        for (const TensorView* view : {&expert.gate, &expert.up, &expert.down}) add(view->data, view->nbytes());
+        continue;
       }
+      for (const PackedBf16* m : {&expert.packed->gate, &expert.packed->up, &expert.packed->down}) {
+        add(m->lo.data(), m->lo.size());
+        add(m->codes.data(), m->codes.size());
+        add(m->exc_begin.data(), 4 * m->exc_begin.size());
+        add(m->exc_col.data(), 4 * m->exc_col.size());
+        add(m->exc_value.data(), 2 * m->exc_value.size());
+      }
+    }
   std::sort(ranges.begin(), ranges.end());
   std::vector<std::pair<uintptr_t, uintptr_t>> merged;
   for (const auto& range : ranges) {
@@ -99,6 +118,11 @@ int64_t ExpertStore::expert_bytes(int32_t layer_idx) const {
   return static_cast<int64_t>(w.gate.nbytes() + w.up.nbytes() + w.down.nbytes());
 }
 
+int64_t ExpertStore::host_bytes_of(const ExpertWeights& w) {
+  if (w.packed) return w.packed->bytes();
+  return static_cast<int64_t>(w.gate.nbytes() + w.up.nbytes() + w.down.nbytes());
+}
+
 bool ExpertStore::is_loaded(ExpertKey key) const { return slot_of_[index(key)] >= 0; }
 
 const ExpertWeights& ExpertStore::resident(ExpertKey key) const {
@@ -107,6 +131,19 @@ const ExpertWeights& ExpertStore::resident(ExpertKey key) const {
 }
 
 void ExpertStore::verify_source(ExpertKey key, const ExpertWeights& weights) {
+  if (weights.packed) {
+    for (const PackedBf16* m : {&weights.packed->gate, &weights.packed->up, &weights.packed->down}) {
+      const std::string error = packed_bf16_error(*m);
+      if (!error.empty())
+        throw IoError(fmt::format("{}: packed expert weights are corrupt ({}), so the expert is not served",
+                                  describe_(key), error));
+      if (packed_bf16_has_non_finite(*m))
+        throw IoError(fmt::format("{}: expert weights contain NaN or Inf values; the file is corrupt, so the "
+                                  "expert is not served",
+                                  describe_(key)));
+    }
+    return;
+  }
   for (const TensorView* view : {&weights.gate, &weights.up, &weights.down})
     if (has_non_finite(*view))
       throw IoError(fmt::format("{}: expert weights contain NaN or Inf values; the file is corrupt, so the expert "
@@ -185,23 +222,51 @@ ExpertWeights ExpertStore::load_split(ExpertKey key, int64_t host_rows) {
   assign_slot(key);
   host_rows_[key_idx] = host_rows;
   const ExpertWeights& view = views_[key_idx];
-  size_t bytes = src.down.nbytes();
+  int64_t bytes = 0;
   if (host_rows < ffn) {
-    const size_t row_bytes = src.gate.nbytes() / static_cast<size_t>(ffn);
-    const size_t skip = static_cast<size_t>(host_rows) * row_bytes;
-    const int64_t rows = ffn - host_rows;
-    backend_.copy_from_host_enqueue(static_cast<const char*>(src.gate.data) + skip, view.gate.rows(host_rows, rows));
-    backend_.copy_from_host_enqueue(static_cast<const char*>(src.up.data) + skip, view.up.rows(host_rows, rows));
-    bytes += 2 * (src.gate.nbytes() - skip);
+    bytes += copy_rows(src, 0, host_rows, ffn - host_rows, view.gate, CopyPath::kEnqueue);
+    bytes += copy_rows(src, 1, host_rows, ffn - host_rows, view.up, CopyPath::kEnqueue);
   }
-  backend_.copy_from_host_enqueue(src.down.data, view.down);
+  bytes += copy_rows(src, 2, 0, src.down.dim(0), view.down, CopyPath::kEnqueue);
   std::lock_guard<std::mutex> lock(mutex_);  // the prefetch thread updates stats_ too
   stats_.loads += 1;
   stats_.split_loads += host_rows > 0 ? 1 : 0;
-  stats_.bytes_moved += static_cast<int64_t>(bytes);
+  stats_.bytes_moved += bytes;
   // Enqueueing time only: the wait for the copy is the decoder's, accounted as stall by the provider.
   stats_.load_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   return view;
+}
+
+namespace {
+const TensorView& part_view(const ExpertWeights& w, int part) { return part == 0 ? w.gate : part == 1 ? w.up : w.down; }
+const PackedBf16& part_packed(const PackedExpert& w, int part) {
+  return part == 0 ? w.gate : part == 1 ? w.up : w.down;
+}
+}  // namespace
+
+int64_t ExpertStore::host_row_bytes(const ExpertWeights& src, int part) {
+  if (src.packed) {
+    const PackedBf16& m = part_packed(*src.packed, part);
+    return m.cols + m.code_stride();
+  }
+  const TensorView& view = part_view(src, part);
+  return static_cast<int64_t>(view.nbytes()) / view.dim(0);
+}
+
+int64_t ExpertStore::copy_rows(const ExpertWeights& src, int part, int64_t row, int64_t rows, const TensorView& dst,
+                               CopyPath path) {
+  const TensorView to = dst.rows(row, rows);
+  if (src.packed) {
+    const PackedBf16& m = part_packed(*src.packed, part);
+    if (path == CopyPath::kAsync) backend_.copy_packed_from_host_async_path(m, row, row + rows, to);
+    else backend_.copy_packed_from_host_enqueue(m, row, row + rows, to);
+    return packed_bf16_rows_bytes(m, row, row + rows);
+  }
+  const int64_t row_bytes = host_row_bytes(src, part);
+  const char* from = static_cast<const char*>(part_view(src, part).data) + row * row_bytes;
+  if (path == CopyPath::kAsync) backend_.copy_from_host_async_path(from, to);
+  else backend_.copy_from_host_enqueue(from, to);
+  return rows * row_bytes;
 }
 
 void ExpertStore::wait_loads() {
@@ -223,6 +288,7 @@ void ExpertStore::load_async(ExpertKey key) {
     std::lock_guard<std::mutex> lock(mutex_);
     state_[key_idx] = CopyState::kQueued;
     cancel_requested_[key_idx] = 0;
+    copied_rows_[key_idx] = 0;
     copied_bytes_[key_idx] = 0;
     copy_error_[key_idx].clear();
     queue_.push_back(key_idx);
@@ -290,7 +356,7 @@ ExpertWeights ExpertStore::take_over(ExpertKey key, int64_t* enqueued_bytes) {
     lock.unlock();
     return wait(key);
   }
-  const int64_t done = copied_bytes_[key_idx];
+  const int64_t done_rows = copied_rows_[key_idx], done_bytes = copied_bytes_[key_idx];
   const bool needs_verify = verify_ && !verified_[key_idx];  // the thread had not started it
   lock.unlock();
   const ExpertWeights& src = source_[key.layer_idx][key.expert_idx];
@@ -304,24 +370,20 @@ ExpertWeights ExpertStore::take_over(ExpertKey key, int64_t* enqueued_bytes) {
     }
     verified_[key_idx] = 1;
   }
-  int64_t skip = done;  // the thread copies whole rows of gate, then up, then down
-  for (const auto& [from, to] :
-       {std::pair{src.gate, dst.gate}, std::pair{src.up, dst.up}, std::pair{src.down, dst.down}}) {
-    const int64_t bytes = static_cast<int64_t>(from.nbytes());
-    if (skip >= bytes) {
-      skip -= bytes;
+  int64_t skip = done_rows;  // the thread copies whole rows of gate, then up, then down
+  for (int part = 0; part < 3; ++part) {
+    const int64_t rows = part_view(src, part).dim(0);
+    if (skip >= rows) {
+      skip -= rows;
       continue;
     }
-    const int64_t row_bytes = bytes / from.dim(0), row = skip / row_bytes;
-    backend_.copy_from_host_enqueue(static_cast<const char*>(from.data) + row * row_bytes,
-                                    to.rows(row, from.dim(0) - row));
-    *enqueued_bytes += bytes - row * row_bytes;
+    *enqueued_bytes += copy_rows(src, part, skip, rows - skip, part_view(dst, part), CopyPath::kEnqueue);
     skip = 0;
   }
   lock.lock();
   stats_.prefetch_loads += 1;
   stats_.prefetch_taken_over += 1;
-  stats_.bytes_moved += done + *enqueued_bytes;
+  stats_.bytes_moved += done_bytes + *enqueued_bytes;
   return dst;
 }
 
@@ -350,15 +412,16 @@ void ExpertStore::prefetch_loop() {
         std::lock_guard<std::mutex> verified(mutex_);
         verified_[key_idx] = 1;
       }
-      for (const auto& [from, to] : {std::pair{src.gate, dst.gate}, std::pair{src.up, dst.up}, std::pair{src.down, dst.down}}) {
-        const size_t bytes = from.nbytes();
-        const size_t row_bytes = bytes / static_cast<size_t>(from.dim(0));
-        const int64_t rows_per_chunk = std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / row_bytes));
-        for (int64_t row = 0; row < from.dim(0) && !cancelled; row += rows_per_chunk) {
-          const int64_t rows = std::min(rows_per_chunk, from.dim(0) - row);
-          backend_.copy_from_host_async_path(static_cast<const char*>(from.data) + row * row_bytes, to.rows(row, rows));
+      for (int part = 0; part < 3 && !cancelled; ++part) {
+        const int64_t total_rows = part_view(src, part).dim(0);
+        const int64_t rows_per_chunk =
+            std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes) / host_row_bytes(src, part));
+        for (int64_t row = 0; row < total_rows && !cancelled; row += rows_per_chunk) {
+          const int64_t rows = std::min(rows_per_chunk, total_rows - row);
+          const int64_t bytes = copy_rows(src, part, row, rows, part_view(dst, part), CopyPath::kAsync);
           std::lock_guard<std::mutex> check(mutex_);
-          copied_bytes_[key_idx] += rows * static_cast<int64_t>(row_bytes);
+          copied_rows_[key_idx] += rows;
+          copied_bytes_[key_idx] += bytes;
           cancelled = cancel_requested_[key_idx] != 0;
         }
       }
@@ -376,7 +439,7 @@ void ExpertStore::prefetch_loop() {
       state_[key_idx] = CopyState::kDone;
       if (needs_verify) verified_[key_idx] = 1;
       stats_.prefetch_loads += 1;
-      stats_.bytes_moved += static_cast<int64_t>(src.gate.nbytes() + src.up.nbytes() + src.down.nbytes());
+      stats_.bytes_moved += copied_bytes_[key_idx];
       stats_.load_ms += elapsed;
     }
     copy_done_.notify_all();

@@ -1,5 +1,6 @@
 // ExpertStore: the tiers an expert's weights move through. The source tier is where the loader left
-// them (the checkpoint's mmap = disk, or host RAM for random weights); the fast tier is a pool of slots
+// them (the checkpoint's mmap = disk, or host RAM for random weights; with --pack-experts the 12-bit packing
+// in host RAM, which copies unpack on their way into a slot); the fast tier is a pool of slots
 // in the backend's memory (host RAM on the CPU build, GPU memory with CUDA), bounded by a byte budget.
 // Every move goes through here and is accounted: bytes, time, loads. The store decides nothing: the
 // ExpertCache picks what is resident; the store just fills and frees slots.
@@ -48,8 +49,14 @@ class ExpertStore {
   const ExpertWeights& source(ExpertKey key);
   // The layer's first expert's source views, for shapes and dtypes only (unverified: not to be read).
   const ExpertWeights& layout(int32_t layer_idx) const { return source_[layer_idx].front(); }
-  // Bytes of one expert (gate + up + down) of a layer in the source dtype.
+  // Bytes of one expert (gate + up + down) of a layer in the fast tier (a slot: the source dtype, bf16 for a
+  // packed source).
   int64_t expert_bytes(int32_t layer_idx) const;
+  // Host bytes that reading one of the layer's experts costs, copied or computed on the CPU: expert_bytes, or
+  // for a packed source tier its packed size (the layer's mean).
+  int64_t host_bytes(int32_t layer_idx) const { return host_bytes_[layer_idx]; }
+  // Whether the source tier holds experts in the 12-bit packing (--pack-experts).
+  bool packed() const { return !source_.empty() && !source_.front().empty() && source_.front().front().packed; }
 
   // Copies key's weights into a fast-tier slot (allocating or reusing a freed one) and returns the
   // backend views. The copy is enqueued (Backend::copy_from_host_enqueue): ops that read the views must
@@ -104,6 +111,14 @@ class ExpertStore {
     Device device = Device::kCpu;
   };
   enum class CopyState : uint8_t { kIdle, kQueued, kCopying, kDone, kFailed };
+  enum class CopyPath : uint8_t { kEnqueue, kAsync };  // Backend::copy_from_host_enqueue / _async_path
+  static int64_t host_bytes_of(const ExpertWeights& w);
+  // Host bytes of one row of part (0 gate, 1 up, 2 down) of src: a bf16 row, or a packed row without exceptions.
+  static int64_t host_row_bytes(const ExpertWeights& src, int part);
+  // Copies rows [row, row + rows) of src's part into the same rows of dst (that part's slot view) on path;
+  // returns the host bytes it moved.
+  int64_t copy_rows(const ExpertWeights& src, int part, int64_t row, int64_t rows, const TensorView& dst,
+                    CopyPath path);
   size_t index(ExpertKey key) const;
   void verify_source(ExpertKey key, const ExpertWeights& weights);
   // Allocates or reuses a slot and sets views_[key] to its (not yet filled) views.
@@ -120,6 +135,7 @@ class ExpertStore {
   std::function<std::string(ExpertKey)> describe_;
   bool verify_;
   std::vector<int32_t> layer_offset_;
+  std::vector<int64_t> host_bytes_;     // [layer] host_bytes()
   std::vector<int32_t> slot_of_;        // [key] -> slot index or -1
   std::vector<uint8_t> verified_;       // [key]
   std::vector<ExpertWeights> views_;    // [key] resident views
@@ -135,7 +151,8 @@ class ExpertStore {
   std::deque<size_t> queue_;              // key indices
   std::vector<CopyState> state_;          // [key]
   std::vector<uint8_t> cancel_requested_; // [key]
-  std::vector<int64_t> copied_bytes_;     // [key] bytes an async copy finished, in gate, up, down order
+  std::vector<int64_t> copied_rows_;      // [key] rows an async copy finished, in gate, up, down order
+  std::vector<int64_t> copied_bytes_;     // [key] the host bytes of those rows
   std::vector<std::string> copy_error_;   // [key]
   bool stop_ = false;
   std::thread worker_;

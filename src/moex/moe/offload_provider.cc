@@ -172,7 +172,7 @@ void OffloadingExpertProvider::plan_prefetch(int32_t layer_idx, bool count_skipp
   // that expert in about half the time (host reads are ~2x the link's rate).
   if (config_.balance_prefetch && config_.cpu_experts) {
     const double expert_cpu_ms =
-        static_cast<double>(store_->expert_bytes((layer_idx + 1) % num_layers)) / (rates_.host_read_gbs() * 1e6);
+        static_cast<double>(store_->host_bytes((layer_idx + 1) % num_layers)) / (rates_.host_read_gbs() * 1e6);
     if (link_booked_ms_ > cpu_booked_ms_ + expert_cpu_ms) {
       if (count_skipped) stats_.prefetch_skipped += static_cast<int64_t>(prefetch_plan_.size());
       prefetch_plan_.clear();
@@ -234,6 +234,12 @@ void OffloadingExpertProvider::issue_prefetch(AccessKind kind) {
   prefetch_plan_.clear();
 }
 
+int64_t OffloadingExpertProvider::host_row_bytes(int32_t layer_idx, const ExpertWeights& w) const {
+  const auto bf16_row = static_cast<double>(w.gate.nbytes() + w.up.nbytes()) / static_cast<double>(w.gate.dim(0));
+  return static_cast<int64_t>(bf16_row * static_cast<double>(store_->host_bytes(layer_idx)) /
+                              static_cast<double>(store_->expert_bytes(layer_idx)));
+}
+
 PathLoad OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes) {
   const int32_t num_experts = store_->num_experts(layer_idx);
   tokens_per_expert_.assign(static_cast<size_t>(num_experts), 0);
@@ -242,12 +248,13 @@ PathLoad OffloadingExpertProvider::assign_miss_paths(int32_t layer_idx, const Ro
   const ExpertWeights& any = store_->layout(layer_idx);
   ExpertShape shape;
   shape.ffn = any.gate.dim(0);
-  shape.row_bytes = static_cast<int64_t>((any.gate.nbytes() + any.up.nbytes()) / static_cast<size_t>(shape.ffn));
-  shape.bytes = store_->expert_bytes(layer_idx);
+  // Host bytes (packed or not), which both paths read: a packed gate/up row costs its share of the packed size.
+  shape.bytes = store_->host_bytes(layer_idx);
+  shape.row_bytes = host_row_bytes(layer_idx, any);
   MissCostModel model;
   model.host_read_gbs = rates_.host_read_gbs();
   model.copy_gbs = rates_.copy_gbs();
-  model.split_overhead_ms = split_overhead_ms_for(config_.split_overhead_ms, shape.bytes);
+  model.split_overhead_ms = split_overhead_ms_for(config_.split_overhead_ms, store_->expert_bytes(layer_idx));
   // The link is busy with the rest of this layer's prefetches first (link_bytes, taken over) and with the
   // prefetches this step issues after its demand copies, while the CPU has only this layer's misses to run:
   // all of it is link work of this step.
@@ -376,8 +383,8 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
     for (const ExpertKey& key : to_cpu_) {
       ++stats_.misses;
       ++stats_.cpu_computed;
-      stats_.cpu_read_bytes += store_->expert_bytes(layer_idx);
-      step_.cpu_bytes += store_->expert_bytes(layer_idx);
+      stats_.cpu_read_bytes += store_->host_bytes(layer_idx);
+      step_.cpu_bytes += store_->host_bytes(layer_idx);
       (*experts)[key.expert_idx] = store_->source(key);
     }
   }
@@ -397,16 +404,15 @@ void OffloadingExpertProvider::acquire(int32_t layer_idx, const Routing& routing
                                   [&](const SplitExpert& s) { return s.expert_idx == key.expert_idx; });
         if (split != splits_.end()) {
           ++stats_.split_computed;
-          const int64_t row_bytes =
-              static_cast<int64_t>(split->host.gate.nbytes() + split->host.up.nbytes()) / split->host.gate.dim(0);
+          const int64_t row_bytes = host_row_bytes(layer_idx, split->host);
           stats_.cpu_read_bytes += split->host_rows * row_bytes;
           step_.cpu_bytes += split->host_rows * row_bytes;
-          step_.link_bytes += store_->expert_bytes(layer_idx) - split->host_rows * row_bytes;
+          step_.link_bytes += store_->host_bytes(layer_idx) - split->host_rows * row_bytes;
           (*experts)[key.expert_idx] = store_->load_split(key, split->host_rows);
           split_keys_.push_back(key);
         } else {
           (*experts)[key.expert_idx] = store_->load(key);
-          step_.link_bytes += store_->expert_bytes(layer_idx);
+          step_.link_bytes += store_->host_bytes(layer_idx);
           loaded_any = true;
         }
         pinned_.push_back(key);

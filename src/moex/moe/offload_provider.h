@@ -138,6 +138,8 @@ class OffloadingExpertProvider : public ExpertProvider {
   // acquire; lists the ones that run whole on the CPU (to_cpu_, flagged in bypass_: the cache makes no room for
   // them) or split (splits_). Returns the work each path got this step (ms), prefetches included.
   PathLoad assign_miss_paths(int32_t layer_idx, const Routing& routing, int64_t link_bytes);
+  // Host bytes of one gate row plus one up row of w, a layer_idx expert (bf16, or their share of a packed expert).
+  int64_t host_row_bytes(int32_t layer_idx, const ExpertWeights& w) const;
   // balance_prefetch: adds a layer's booked work to the running totals of both paths.
   void book_paths(const PathLoad& load);
 

@@ -40,6 +40,8 @@ Engine::Engine(const Model& model, const EngineOptions& options, std::unique_ptr
   for (const LayerWeights& layer : model.weights().layers)
     if (layer.is_moe) host_experts.push_back(layer.experts);
   const bool offloading = options.expert_budget_bytes > 0 && !host_experts.empty();
+  if (model.packed_experts() && !offloading)
+    throw UsageError("--pack-experts holds the experts for offloading: give --gpu-memory or --host-memory as well");
   if (offloading) {
     const std::string dir = model.dir();
     auto describe = [dir](ExpertKey key) {

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "moex/core/dtype.h"
+#include "moex/core/thread_pool.h"
 
 namespace moex {
 namespace {
@@ -65,6 +66,31 @@ TEST(PackedBf16, OddWidthsAndRowRanges) {
   }
   const PackedBf16 empty = pack_bf16(nullptr, 0, 5);
   EXPECT_EQ(packed_bf16_error(empty), "");
+}
+
+// Packing row ranges on a pool gives the serial packing, byte for byte (exceptions concatenated in row order), and
+// row-range byte counts add up to the whole.
+TEST(PackedBf16, PackingOnAPoolEqualsTheSerialPacking) {
+  const int64_t rows = 203, cols = 129;
+  auto w = normal_bf16(rows * cols, 1.f / 8, 7);
+  for (size_t i = 5; i < w.size(); i += 977) w[i] = static_cast<uint16_t>((1 + i / 977) << 7);  // 27 rare exponents
+  ThreadPool pool(3);
+  const PackedBf16 serial = pack_bf16(w.data(), rows, cols), parallel = pack_bf16(w.data(), rows, cols, &pool);
+  ASSERT_GT(serial.exc_col.size(), 10u);
+  EXPECT_EQ(parallel.exponent, serial.exponent);
+  EXPECT_EQ(parallel.lo, serial.lo);
+  EXPECT_EQ(parallel.codes, serial.codes);
+  EXPECT_EQ(parallel.exc_begin, serial.exc_begin);
+  EXPECT_EQ(parallel.exc_col, serial.exc_col);
+  EXPECT_EQ(parallel.exc_value, serial.exc_value);
+  EXPECT_EQ(packed_bf16_rows_bytes(serial, 0, 100) + packed_bf16_rows_bytes(serial, 100, rows) - 4,
+            packed_bf16_rows_bytes(serial, 0, rows));
+  EXPECT_EQ(packed_bf16_rows_bytes(serial, 0, rows), serial.bytes() - 16);  // all but the exponent table
+  EXPECT_FALSE(packed_bf16_has_non_finite(serial));
+  w[77] = 0x7f80;  // +Inf: an exception
+  EXPECT_TRUE(packed_bf16_has_non_finite(pack_bf16(w.data(), rows, cols)));
+  std::vector<uint16_t> nans(64, 0x7fc0);  // NaN everywhere: exponent 255 gets a code
+  EXPECT_TRUE(packed_bf16_has_non_finite(pack_bf16(nans.data(), 8, 8)));
 }
 
 // What a corrupt or truncated source looks like: each breaks one invariant, and each is named. 40 exponents, so

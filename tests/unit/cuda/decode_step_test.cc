@@ -350,5 +350,46 @@ TEST(CudaOffload, GreedyMatchesResident) {
   }
 }
 
+// --pack-experts on the GPU: packed rows copied and unpacked on the copy stream (demand copies and pre-gated
+// prefetches), with and without missed experts run on the host CPU from the packed source, give the resident
+// run's greedy tokens, and move fewer bytes than the bf16 source.
+TEST(CudaOffload, PackedExpertsMatchResident) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const char* name : {"mixtral", "qwen3_moe"}) {
+    SCOPED_TRACE(name);
+    const auto dir = fixtures_dir() / name;
+    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
+    auto model = Model::load(dir.string());
+    LoadOptions load;
+    load.pack_experts = true;
+    auto packed = Model::load(dir.string(), load);
+    const auto prompt = test::read_json(dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+    EngineOptions options;
+    options.device = "cuda";
+    Engine resident(*model, options);
+    const auto want = greedy(resident, prompt, 24);
+    for (bool cpu_experts : {false, true}) {
+      SCOPED_TRACE(cpu_experts ? "cpu experts" : "copies only");
+      EngineOptions offload = options;
+      offload.expert_budget_bytes = (model->config().top_k + 1) * static_cast<int64_t>(model->config().expert_bytes());
+      offload.predictor = "pregate";
+      offload.cpu_experts = cpu_experts;
+      offload.split_overhead_ms = 0;  // the fixtures' experts are KBs: split some anyway
+      Engine bf16(*model, offload);
+      EXPECT_EQ(greedy(bf16, prompt, 24), want);
+      Engine engine(*packed, offload);
+      EXPECT_EQ(greedy(engine, prompt, 24), want);
+      const ExpertProviderStats stats = engine.experts().stats();
+      EXPECT_GT(stats.misses, 0);
+      EXPECT_GT(stats.bytes_moved, 0);
+      if (cpu_experts) {
+        EXPECT_GT(stats.cpu_computed + stats.split_computed, 0);
+      } else {
+        EXPECT_LT(stats.bytes_moved, bf16.experts().stats().bytes_moved);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moex::cuda_test

@@ -157,5 +157,47 @@ TEST(ModelLoad, RandomWeightsAreSeededAndInRange) {
   for (int64_t idx = 0; idx < norm.numel(); ++idx) EXPECT_NEAR(norm.as<float>()[idx], 1.0f, 0.18f) << idx;
 }
 
+// --pack-experts: random experts generated straight into the packing hold the values the unpacked load draws (the
+// same seed), with null data in their views; a checkpoint's experts are packed beside their mmap views; experts
+// that are not bf16 are refused.
+TEST(ModelLoad, PackedExpertsHoldTheUnpackedValues) {
+  for (LoadFormat format : {LoadFormat::kRandom, LoadFormat::kSafetensors}) {
+    SCOPED_TRACE(format == LoadFormat::kRandom ? "random" : "checkpoint");
+    const std::string dir = (test::fixtures_root() / "qwen2_moe").string();
+    LoadOptions options{format, 7};
+    auto plain = Model::load(dir, options);
+    options.pack_experts = true;
+    auto packed = Model::load(dir, options);
+    EXPECT_FALSE(plain->packed_experts());
+    EXPECT_TRUE(packed->packed_experts());
+    int64_t experts = 0;
+    for (size_t layer_idx = 0; layer_idx < plain->weights().layers.size(); ++layer_idx) {
+      const LayerWeights& want_layer = plain->weights().layers[layer_idx];
+      const LayerWeights& got_layer = packed->weights().layers[layer_idx];
+      EXPECT_EQ(got_layer.shared_expert.packed, nullptr);  // only the routed experts are offloaded
+      for (size_t e = 0; e < want_layer.experts.size(); ++e) {
+        const ExpertWeights& want = want_layer.experts[e];
+        const ExpertWeights& got = got_layer.experts[e];
+        ASSERT_NE(got.packed, nullptr);
+        EXPECT_TRUE(got.valid());
+        EXPECT_EQ(got.gate.data == nullptr, format == LoadFormat::kRandom);
+        for (auto [view, matrix] : {std::pair{&want.gate, &got.packed->gate}, std::pair{&want.up, &got.packed->up},
+                                    std::pair{&want.down, &got.packed->down}}) {
+          ASSERT_EQ(packed_bf16_error(*matrix), "");
+          std::vector<uint16_t> values(static_cast<size_t>(view->numel()));
+          unpack_bf16_rows(*matrix, 0, matrix->rows, values.data());
+          ASSERT_EQ(std::memcmp(values.data(), view->data, view->nbytes()), 0)
+              << "layer " << layer_idx << " expert " << e;
+        }
+        ++experts;
+      }
+    }
+    EXPECT_EQ(experts, plain->config().num_moe_layers() * plain->config().num_experts);
+  }
+  LoadOptions f32{LoadFormat::kSafetensors, 0};
+  f32.pack_experts = true;
+  EXPECT_THROW(Model::load((test::fixtures_root() / "qwen3_moe_f32").string(), f32), UsageError);
+}
+
 }  // namespace
 }  // namespace moex

@@ -480,6 +480,45 @@ TEST(CpuExperts, SplitExpertsMatchTheResidentRunStepByStep) {
   }
 }
 
+// --pack-experts next to a device: misses run on the host CPU from the packed source (cpu::packed_linear_block),
+// split (the host's rows through expert_gate_up_rows) or copied (unpacked into the slot), and every step's logits
+// are the unpacked resident run's.
+TEST(CpuExperts, PackedExpertsRunOnTheHostSplitOrCopiedAsTheResidentRun) {
+  for (const char* fixture : {"mixtral", "qwen2_moe", "olmoe"}) {
+    SCOPED_TRACE(fixture);
+    FixtureRun run(fixture);
+    LoadOptions load;
+    load.pack_experts = true;
+    auto packed = Model::load((test::fixtures_root() / fixture).string(), load);
+    const ModelConfig& cfg = run.model->config();
+    EngineOptions options = cpu_expert_options(cfg, 1);
+    options.cpu_max_tokens = 64;
+    options.split_overhead_ms = 0;
+    auto device = std::make_unique<StandInDevice>();
+    StandInDevice* device_ptr = device.get();
+    Engine engine(*packed, options, std::move(device));
+    std::vector<float> want, got;
+    run.resident.decoder().forward(run.prompt, 0, /*all_logits=*/true, &want);
+    engine.decoder().forward(run.prompt, 0, /*all_logits=*/true, &got);
+    EXPECT_LT(test::max_abs_diff(got, want), 1e-5) << "prompt";
+    int64_t position = static_cast<int64_t>(run.prompt.size());
+    for (int step = 0; step < 8; ++step, ++position) {
+      const auto last = want.end() - cfg.vocab_size;
+      const int32_t token = static_cast<int32_t>(std::max_element(last, want.end()) - last);
+      run.resident.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &want);
+      engine.decoder().forward(std::span<const int32_t>(&token, 1), position, false, &got);
+      EXPECT_LT(test::max_abs_diff(got, want), 1e-5) << "decode step " << step;
+    }
+    engine.decoder().end_sequence();
+    run.resident.decoder().end_sequence();
+    const ExpertProviderStats stats = engine.experts().stats();
+    EXPECT_GT(stats.cpu_computed, 0);
+    EXPECT_GT(stats.split_computed, 0);
+    EXPECT_GT(stats.misses, stats.cpu_computed + stats.split_computed);  // some copied whole
+    EXPECT_EQ(device_ptr->host_views_refused, 0);
+  }
+}
+
 // Greedy batched decoding takes the device's picks (Backend::argmax_rows) when the backend has them: a
 // stand-in device that picks like the host gives generate()'s tokens; one that always picks token 3 is obeyed.
 class PickingDevice : public StandInDevice {

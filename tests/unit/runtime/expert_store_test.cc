@@ -9,6 +9,8 @@
 #include <gtest/gtest.h>
 
 #include "moex/backend/cpu/cpu_backend.h"
+#include "moex/core/dtype.h"
+#include "moex/core/error.h"
 #include "moex/moe/expert_store.h"
 
 namespace moex {
@@ -61,6 +63,90 @@ TEST(ExpertStore, SplitLoadCopiesOnlyTheRowsTheHostDoesNotCompute) {
   EXPECT_EQ(stats.split_loads, 1);
   store.free(key);
   EXPECT_EQ(store.host_rows(key), 0);
+}
+
+// One layer of bf16 experts (weight-like values) packed, for the store's packed source tier; *values keeps the bf16.
+struct PackedExperts {
+  std::vector<std::vector<uint16_t>> values;  // [expert * 3 + part]
+  std::vector<std::unique_ptr<PackedExpert>> packed;
+  std::vector<std::vector<ExpertWeights>> layers{1};
+};
+PackedExperts make_packed_experts(int num_experts, int64_t hidden, int64_t ffn) {
+  PackedExperts out;
+  uint32_t state = 12345;
+  for (int expert = 0; expert < num_experts; ++expert) {
+    auto packed = std::make_unique<PackedExpert>();
+    ExpertWeights weights;
+    for (int part = 0; part < 3; ++part) {
+      const Shape shape = part == 2 ? Shape{hidden, ffn} : Shape{ffn, hidden};
+      std::vector<uint16_t> values(static_cast<size_t>(shape.numel()));
+      for (uint16_t& v : values) {
+        state = state * 1664525u + 1013904223u;
+        v = f32_to_bf16(static_cast<float>(static_cast<int32_t>(state)) * 1e-11f);  // |v| < 0.0215
+      }
+      PackedBf16& matrix = part == 0 ? packed->gate : part == 1 ? packed->up : packed->down;
+      matrix = pack_bf16(values.data(), shape[0], shape[1]);
+      (part == 0 ? weights.gate : part == 1 ? weights.up : weights.down) = TensorView(nullptr, DType::kBF16, shape);
+      out.values.push_back(std::move(values));
+    }
+    weights.packed = packed.get();
+    out.packed.push_back(std::move(packed));
+    out.layers[0].push_back(weights);
+  }
+  return out;
+}
+
+bool holds(const TensorView& got, const std::vector<uint16_t>& want, int64_t first_row = 0) {
+  const int64_t cols = got.dim(1);
+  return std::memcmp(got.as<uint16_t>() + first_row * cols, want.data() + first_row * cols,
+                     (got.numel() - first_row * cols) * sizeof(uint16_t)) == 0;
+}
+
+// A packed source tier: loads (whole, split, and through the prefetch thread) give the bf16 rows in the slots,
+// the store counts the packed bytes it moved, and a corrupt packing or a NaN is reported on first use.
+TEST(ExpertStore, PackedSourceFillsSlotsWithTheBf16RowsAndCountsPackedBytes) {
+  const int64_t hidden = 96, ffn = 40;
+  PackedExperts experts = make_packed_experts(4, hidden, ffn);
+  auto backend = make_cpu_backend(1);
+  ExpertStore store(*backend, experts.layers, [](ExpertKey key) { return fmt::format("expert {}", key.expert_idx); },
+                    /*verify=*/true);
+  EXPECT_TRUE(store.packed());
+  EXPECT_EQ(store.expert_bytes(0), 3 * hidden * ffn * 2);
+  int64_t mean = 0;
+  for (const auto& packed : experts.packed) mean += packed->bytes();
+  EXPECT_EQ(store.host_bytes(0), mean / 4);
+  EXPECT_LT(store.host_bytes(0), store.expert_bytes(0) * 4 / 5);
+
+  const ExpertWeights whole = store.load(ExpertKey{0, 0});
+  const ExpertWeights split = store.load_split(ExpertKey{0, 1}, 16);
+  store.load_async(ExpertKey{0, 2});
+  const ExpertWeights async = store.wait(ExpertKey{0, 2});
+  store.wait_loads();
+  EXPECT_TRUE(holds(whole.gate, experts.values[0]) && holds(whole.up, experts.values[1]) &&
+              holds(whole.down, experts.values[2]));
+  EXPECT_TRUE(holds(split.gate, experts.values[3], 16) && holds(split.up, experts.values[4], 16) &&
+              holds(split.down, experts.values[5]));
+  EXPECT_TRUE(holds(async.gate, experts.values[6]) && holds(async.up, experts.values[7]) &&
+              holds(async.down, experts.values[8]));
+  const PackedExpert& second = *experts.packed[1];
+  const int64_t want = experts.packed[0]->bytes() - 3 * 16 + packed_bf16_rows_bytes(second.gate, 16, ffn) +
+                       packed_bf16_rows_bytes(second.up, 16, ffn) + packed_bf16_rows_bytes(second.down, 0, hidden) +
+                       experts.packed[2]->bytes() - 3 * 16;  // each copy moves all but the exponent tables
+  EXPECT_EQ(store.stats().bytes_moved, want);
+
+  auto load_error = [&] {
+    try {
+      store.load(ExpertKey{0, 3});
+    } catch (const IoError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  experts.packed[3]->down.exc_begin.back() += 1;  // an exception index past its list
+  EXPECT_NE(load_error().find("expert 3: packed expert weights are corrupt"), std::string::npos) << load_error();
+  experts.packed[3]->down.exc_begin.back() -= 1;
+  experts.packed[3]->up.exponent[0] = 0xff;  // the most frequent exponent decodes as NaN/Inf
+  EXPECT_NE(load_error().find("NaN or Inf"), std::string::npos) << load_error();
 }
 
 // Slots hold gate, up and down side by side (one allocation per reserve_slots call, or per slot made on demand):

@@ -8,6 +8,7 @@
 
 #include "moex/backend/cpu/linear_kernels.h"
 #include "moex/backend/cpu/moe.h"
+#include "moex/backend/cpu/packed_linear.h"
 #include "moex/backend/cpu/ops.h"
 #include "moex/core/thread_pool.h"
 
@@ -46,6 +47,15 @@ class CpuBackend final : public Backend {
   }
   void copy_to_host(const TensorView& src, void* dst) override { std::memcpy(dst, src.data, src.nbytes()); }
   void copy_from_host(const void* src, const TensorView& dst) override { std::memcpy(dst.data, src, dst.nbytes()); }
+  // The fast tier is host memory too: packed expert rows are unpacked straight into it.
+  void copy_packed_from_host_async_path(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                        const TensorView& dst) override {
+    copy_packed(src, row_begin, row_end, dst);
+  }
+  void copy_packed_from_host_enqueue(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                     const TensorView& dst) override {
+    copy_packed(src, row_begin, row_end, dst);
+  }
 
   void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) override {
     check_f32(out, "embedding", "out");
@@ -162,6 +172,19 @@ class CpuBackend final : public Backend {
     cpu::route(logits.as<float>(), logits.dim(0), logits.dim(1), top_k, scoring, normalize, routing);
   }
 
+  void expert_gate_up_rows(const TensorView& x_gate, const TensorView& x_up, const ExpertWeights& w, int64_t rows,
+                           const TensorView& gate_out, const TensorView& up_out) override {
+    const int64_t hidden = w.gate.dim(1);
+    MOEX_ASSERT(rows >= 0 && rows <= w.gate.dim(0) && x_gate.numel() == hidden && x_up.numel() == hidden &&
+                    gate_out.numel() == rows && up_out.numel() == rows,
+                "expert_gate_up_rows: {} rows of gate {}, x {} / {}, out {} / {}", rows, w.gate.shape.str(),
+                x_gate.shape.str(), x_up.shape.str(), gate_out.shape.str(), up_out.shape.str());
+    check_f32(gate_out, "expert_gate_up_rows", "gate_out");
+    check_f32(up_out, "expert_gate_up_rows", "up_out");
+    cpu::expert_gate_up_rows(pool_, x_gate.as<float>(), x_up.as<float>(), w, rows, gate_out.as<float>(),
+                             up_out.as<float>());
+  }
+
   void moe_experts(const TensorView& x, const Routing& routing, std::span<const ExpertWeights> experts,
                    const TensorView& out) override {
     check_f32(x, "moe_experts", "x");
@@ -174,6 +197,14 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  void copy_packed(const PackedBf16& src, int64_t row_begin, int64_t row_end, const TensorView& dst) {
+    MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows && dst.dtype == DType::kBF16 &&
+                    dst.numel() == (row_end - row_begin) * src.cols,
+                "copy_packed: rows [{}, {}) of a {} x {} packed matrix into {} {}", row_begin, row_end, src.rows,
+                src.cols, dtype_name(dst.dtype), dst.shape.str());
+    cpu::unpack_rows(src, row_begin, row_end, dst.as<uint16_t>());
+  }
+
   ThreadPool pool_;
   cpu::MoeScratch moe_scratch_;
 };

@@ -7,6 +7,7 @@
 
 #include "moex/backend/cpu/linear_kernels.h"
 #include "moex/backend/cpu/ops.h"
+#include "moex/backend/cpu/packed_linear.h"
 #include "moex/core/error.h"
 
 namespace moex::cpu {
@@ -28,6 +29,14 @@ LinearProblem make_problem(const float* x, int64_t ldx, int64_t m, const TensorV
   p.out = out;
   p.ldo = ldo;
   return p;
+}
+
+// linear_block over rows [row_begin, row_end) of an expert matrix for its first `tokens` tokens; a matrix held in
+// the 12-bit packing (packed non-null) is unpacked a row block at a time, with the same sums.
+void expert_block(const LinearProblem& p, const PackedBf16* packed, int64_t row_begin, int64_t row_end,
+                  int64_t tokens) {
+  if (packed) packed_linear_block(p, *packed, row_begin, row_end, 0, tokens);
+  else linear_block(p, row_begin, row_end, 0, tokens);
 }
 
 // Calls fn(expert, row_begin, row_end) once per maximal run of adjacent units [unit_begin, unit_end)
@@ -125,8 +134,10 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
       const float* xs = s.x_sorted.data() + first * hidden;
       float* gate = s.gate.data() + first * max_ffn;
       float* up = s.up.data() + first * max_ffn;
-      linear_block(make_problem(xs, hidden, count, w.gate, gate, max_ffn), row_begin, row_end, 0, count);
-      linear_block(make_problem(xs, hidden, count, w.up, up, max_ffn), row_begin, row_end, 0, count);
+      expert_block(make_problem(xs, hidden, count, w.gate, gate, max_ffn), w.packed ? &w.packed->gate : nullptr,
+                   row_begin, row_end, count);
+      expert_block(make_problem(xs, hidden, count, w.up, up, max_ffn), w.packed ? &w.packed->up : nullptr, row_begin,
+                   row_end, count);
       for (int64_t row = 0; row < count; ++row) {
         int64_t offset = row * max_ffn + row_begin;
         silu_mul_span(gate + offset, up + offset, gate + offset, row_end - row_begin);
@@ -140,9 +151,10 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
     for_each_run(s.units, unit_begin, unit_end, [&](int32_t expert, int64_t row_begin, int64_t row_end) {
       int64_t first = s.expert_offset[expert];
       int64_t count = s.expert_offset[expert + 1] - first;
-      linear_block(make_problem(s.gate.data() + first * max_ffn, max_ffn, count, experts[expert].down,
-                                s.down.data() + first * hidden, hidden),
-                   row_begin, row_end, 0, count);
+      const ExpertWeights& w = experts[expert];
+      expert_block(make_problem(s.gate.data() + first * max_ffn, max_ffn, count, w.down, s.down.data() + first * hidden,
+                                hidden),
+                   w.packed ? &w.packed->down : nullptr, row_begin, row_end, count);
     });
   });
 
@@ -165,6 +177,23 @@ void moe_experts(ThreadPool& pool, MoeScratch& s, const float* x, int64_t hidden
         for (int64_t d = 0; d < hidden; ++d) dst[d] += src[d] * weight;
       }
     }
+  });
+}
+
+}  // namespace moex::cpu
+
+namespace moex::cpu {
+
+void expert_gate_up_rows(ThreadPool& pool, const float* x_gate, const float* x_up, const ExpertWeights& w,
+                         int64_t rows, float* gate_out, float* up_out) {
+  const int64_t hidden = w.gate.dim(1), block = linear_row_block(1);
+  pool.parallel_for((rows + block - 1) / block, 1, [&](int64_t first, int64_t last) {
+    const int64_t row_begin = first * block, row_end = std::min(rows, last * block);
+    expert_block(make_problem(x_gate, hidden, 1, w.gate, gate_out, rows), w.packed ? &w.packed->gate : nullptr,
+                 row_begin, row_end, 1);
+    expert_block(make_problem(x_up, hidden, 1, w.up, up_out, rows), w.packed ? &w.packed->up : nullptr, row_begin,
+                 row_end, 1);
+    silu_mul_span(gate_out + row_begin, up_out + row_begin, gate_out + row_begin, row_end - row_begin);
   });
 }
 

@@ -36,4 +36,9 @@ struct MoeScratch {
 void moe_experts(ThreadPool& pool, MoeScratch& scratch, const float* x, int64_t hidden, const Routing& routing,
                  std::span<const ExpertWeights> experts, float* out);
 
+// A split miss's host share for one token: gate_out[0:rows] = silu(x_gate gate[0:rows]^T) * (x_up up[0:rows]^T),
+// up_out[0:rows] scratch; w bf16/f16/f32 or packed. Row blocks over the pool, each block's three steps together.
+void expert_gate_up_rows(ThreadPool& pool, const float* x_gate, const float* x_up, const ExpertWeights& w,
+                         int64_t rows, float* gate_out, float* up_out);
+
 }  // namespace moex::cpu

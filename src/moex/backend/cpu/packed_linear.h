@@ -1,7 +1,7 @@
-// Linear layers over weights in the 12-bit packing (core/packed_bf16.h), the CPU half of the plan to hold
-// offloaded experts packed in host memory: rows are unpacked a block at a time into a cache-resident bf16 scratch
-// and handed to linear_block, so the result is bit-identical to the unpacked matrix's for any shape, token count
-// and summation path (GEMV or GEMM). Not in the engine's expert path yet (docs/offloading.md).
+// Linear layers over weights in the 12-bit packing (core/packed_bf16.h): how the CPU runs offloaded experts held
+// packed in host memory (--pack-experts, docs/offloading.md). At 1-4 tokens (decode) each row is decoded in
+// registers inside the GEMV; with more tokens (or a bias) rows are unpacked a block at a time into a cache-resident
+// bf16 scratch and handed to linear_block. Either way the result is bit-identical to the unpacked matrix's.
 #pragma once
 
 #include <cstdint>

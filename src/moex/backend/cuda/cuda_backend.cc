@@ -22,6 +22,7 @@
 #include "moex/backend/cuda/cuda_check.h"
 #include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/moe_plan.h"
+#include "moex/backend/cuda/packed_copy.h"
 #include "moex/backend/cuda/step_graphs.h"
 #include "moex/backend/cuda/timeline.h"
 #include "moex/backend/cuda/kernels/attention.cuh"
@@ -125,7 +126,11 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaSetDevice(device_idx));
     MOEX_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_idx));
     MOEX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    MOEX_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+    // The copy stream's kernels (unpacking packed expert rows) get the highest priority: a block of theirs is
+    // scheduled before the compute stream's next ones, so the link's next chunk does not wait behind a step.
+    int least_priority = 0, greatest_priority = 0;
+    MOEX_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority));
+    MOEX_CUDA_CHECK(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, greatest_priority));
     staging_ = std::make_unique<StagingRing>();
     step_values_ = DeviceMemory(16);
     step_host_ = PinnedMemory(16);
@@ -231,7 +236,18 @@ class CudaBackend final : public Backend {
     check_device(src, "copy_to_host", "src");
     refuse_while_capturing("copy_to_host");
     timeline_.begin(stream_);
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+    cudaError_t status = cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_);
+    if (status == cudaErrorInvalidValue && !registered_.empty()) {
+      // dst straddles a page-locked range (copy_host_to_device's case, the other way): packed experts' small
+      // arrays are registered on heap pages that other vectors share. A pageable bounce buffer takes it.
+      cudaGetLastError();
+      std::vector<char> bounce(src.nbytes());
+      MOEX_CUDA_CHECK(cudaMemcpyAsync(bounce.data(), src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+      MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      std::memcpy(dst, bounce.data(), bounce.size());
+    } else {
+      MOEX_CUDA_CHECK(status);
+    }
     timeline_.end(stream_, "readback", static_cast<int64_t>(src.nbytes()));
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -271,6 +287,28 @@ class CudaBackend final : public Backend {
       MOEX_CUDA_CHECK(status);
     }
     timeline_.end(copy_stream_, "copy", static_cast<int64_t>(dst.nbytes()));
+    MOEX_CUDA_CHECK(cudaEventRecord(copy_events_[copies_enqueued_ % kCopyEvents], copy_stream_));
+    ++copies_enqueued_;
+  }
+  // Packed expert rows: the packed bytes cross the link, the copy stream unpacks them (PackedCopier).
+  void copy_packed_from_host_async_path(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                        const TensorView& dst) override {
+    check_packed_copy(src, row_begin, row_end, dst, "copy_packed_from_host_async_path");
+    expert_copies_seen_.store(true, std::memory_order_relaxed);
+    MOEX_CUDA_CHECK(cudaSetDevice(device_idx_));
+    packed_copier_.enqueue(src, row_begin, row_end, static_cast<uint16_t*>(dst.data), copy_stream_);
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
+  }
+  void copy_packed_from_host_enqueue(const PackedBf16& src, int64_t row_begin, int64_t row_end,
+                                     const TensorView& dst) override {
+    check_packed_copy(src, row_begin, row_end, dst, "copy_packed_from_host_enqueue");
+    refuse_while_capturing("copy_packed_from_host_enqueue");
+    expert_copies_seen_.store(true, std::memory_order_relaxed);
+    MOEX_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
+    MOEX_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+    timeline_.begin(copy_stream_);
+    packed_copier_.enqueue(src, row_begin, row_end, static_cast<uint16_t*>(dst.data), copy_stream_);
+    timeline_.end(copy_stream_, "copy", packed_bf16_rows_bytes(src, row_begin, row_end));
     MOEX_CUDA_CHECK(cudaEventRecord(copy_events_[copies_enqueued_ % kCopyEvents], copy_stream_));
     ++copies_enqueued_;
   }
@@ -861,6 +899,14 @@ class CudaBackend final : public Backend {
     return true;
   }
 
+  void check_packed_copy(const PackedBf16& src, int64_t row_begin, int64_t row_end, const TensorView& dst,
+                         const char* op) const {
+    check_device(dst, op, "dst");
+    MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows && dst.dtype == DType::kBF16 &&
+                    dst.numel() == (row_end - row_begin) * src.cols,
+                "cuda {}: rows [{}, {}) of a {} x {} packed matrix into {} {}", op, row_begin, row_end, src.rows,
+                src.cols, dtype_name(dst.dtype), dst.shape.str());
+  }
   // Host-dependent work cannot be recorded: throwing makes StepGraphs abandon the capture and run eagerly.
   void refuse_while_capturing(const char* op) const {
     if (capturing_) throw UsageError(fmt::format("cuda {}: not recordable inside a CUDA graph capture", op));
@@ -956,6 +1002,7 @@ class CudaBackend final : public Backend {
   int64_t memory_at_start_ = 0;  // device memory in use once the constructor's context and buffers exist
   cudaStream_t stream_ = nullptr;
   cudaStream_t copy_stream_ = nullptr;  // expert prefetches (another thread)
+  PackedCopier packed_copier_;          // packed expert rows: staging + unpack on copy_stream_
   std::vector<void*> registered_;       // page-locked host ranges, unregistered at destruction
   WeightArena arena_;
   std::deque<PinnedMemory> host_weights_;  // map_host_weight's tables (a deque: views keep their addresses)
