@@ -54,33 +54,56 @@ PackedBf16 pack_bf16(const uint16_t* w, int64_t rows, int64_t cols, ThreadPool* 
   std::array<int, 256> order;
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return count[a] > count[b]; });
-  std::array<int, 256> code;
+  std::array<uint8_t, 256> code;
   code.fill(kPackedEscape);
   for (int c = 0; c < kPackedEscape; ++c) {
     p.exponent[c] = static_cast<uint8_t>(order[c]);
-    code[order[c]] = c;
+    code[order[c]] = static_cast<uint8_t>(c);
   }
-  p.lo.resize(static_cast<size_t>(rows * cols));
-  p.codes.assign(static_cast<size_t>(rows * p.code_stride()), 0);
-  p.exc_begin.assign(static_cast<size_t>(rows + 1), 0);
+  p.lo.resize(static_cast<size_t>(rows * cols));  // uninitialised: each part writes its rows
+  p.codes.resize(static_cast<size_t>(rows * p.code_stride()));
+  p.exc_begin.resize(static_cast<size_t>(rows + 1));
+  p.exc_begin[0] = 0;
   std::vector<std::vector<uint32_t>> part_col(static_cast<size_t>(num_parts));
   std::vector<std::vector<uint16_t>> part_value(static_cast<size_t>(num_parts));
   for_parts([&](int64_t part) {
     const auto [begin, end] = part_rows(part);
+    std::vector<uint32_t>& exc_col = part_col[part];
+    std::vector<uint16_t>& exc_value = part_value[part];
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t i = 0; i < cols; ++i) {
-        const uint16_t v = w[r * cols + i];
-        const int c = code[exponent_of(v)];
-        p.lo[r * cols + i] = lo_of(v);
-        p.codes[r * p.code_stride() + i / 2] |= static_cast<uint8_t>(c << (4 * (i & 1)));
-        if (c == kPackedEscape) {
-          part_col[part].push_back(static_cast<uint32_t>(i));
-          part_value[part].push_back(v);
+      const uint16_t* src = w + r * cols;
+      uint8_t* lo = p.lo.data() + r * cols;
+      uint8_t* codes = p.codes.data() + r * p.code_stride();
+      auto escape = [&](int64_t i) {
+        exc_col.push_back(static_cast<uint32_t>(i));
+        exc_value.push_back(src[i]);
+      };
+      // Two weights a code byte; every byte is written (an odd row's last high nibble 0), so no zero fill.
+      int64_t i = 0;
+      for (; i + 1 < cols; i += 2) {
+        const uint16_t a = src[i], b = src[i + 1];
+        const uint8_t code_a = code[exponent_of(a)], code_b = code[exponent_of(b)];
+        lo[i] = lo_of(a);
+        lo[i + 1] = lo_of(b);
+        codes[i / 2] = static_cast<uint8_t>(code_a | code_b << 4);
+        if ((code_a == kPackedEscape) | (code_b == kPackedEscape)) [[unlikely]] {
+          if (code_a == kPackedEscape) escape(i);
+          if (code_b == kPackedEscape) escape(i + 1);
         }
       }
-      p.exc_begin[r + 1] = static_cast<uint32_t>(part_col[part].size());  // within the part, made global below
+      if (i < cols) {
+        const uint8_t code_a = code[exponent_of(src[i])];
+        lo[i] = lo_of(src[i]);
+        codes[i / 2] = code_a;
+        if (code_a == kPackedEscape) escape(i);
+      }
+      p.exc_begin[r + 1] = static_cast<uint32_t>(exc_col.size());  // within the part, made global below
     }
   });
+  size_t exceptions = 0;
+  for (const auto& part : part_col) exceptions += part.size();
+  p.exc_col.reserve(exceptions);
+  p.exc_value.reserve(exceptions);
   uint64_t total = 0;
   for (int64_t part = 0; part < num_parts; ++part) {
     const auto [begin, end] = part_rows(part);

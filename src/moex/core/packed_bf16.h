@@ -10,7 +10,11 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moex {
@@ -19,14 +23,49 @@ class ThreadPool;
 
 inline constexpr int kPackedEscape = 15;
 
+// The packing's arrays own whole pages, left uninitialised. Whole pages: an offloading backend page-locks them
+// (CUDA: cudaHostRegister) for asynchronous copies, and a locked page shared with other heap data made the CUDA
+// driver refuse copies of that data ("invalid argument" on a read-back into a vector beside an exception list).
+// Uninitialised: pack_bf16 writes every byte from the threads that pack the rows, which also spreads the pages'
+// first touch; zero-filling the 68 GB of the Mixtral-8x7B shape's packing on one thread had made --pack-experts'
+// load take 84 s instead of 23.
+template <typename T>
+struct PageAllocator {
+  using value_type = T;
+  static constexpr size_t kPage = 4096;
+  PageAllocator() = default;
+  template <typename U>
+  PageAllocator(const PageAllocator<U>&) noexcept {}
+  T* allocate(size_t n) {
+    void* ptr = std::aligned_alloc(kPage, (n * sizeof(T) + kPage - 1) / kPage * kPage);
+    if (ptr == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(ptr);
+  }
+  void deallocate(T* ptr, size_t) noexcept { std::free(ptr); }
+  template <typename U>
+  void construct(U* ptr) noexcept {
+    ::new (static_cast<void*>(ptr)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* ptr, Args&&... args) {
+    ::new (static_cast<void*>(ptr)) U(std::forward<Args>(args)...);
+  }
+  template <typename U>
+  bool operator==(const PageAllocator<U>&) const noexcept {
+    return true;
+  }
+};
+template <typename T>
+using PackedArray = std::vector<T, PageAllocator<T>>;
+
 struct PackedBf16 {
   int64_t rows = 0, cols = 0;
   std::array<uint8_t, 16> exponent{};  // code -> exponent byte (entry kPackedEscape unused, 0)
-  std::vector<uint8_t> lo;             // [rows][cols]: sign << 7 | the 7 mantissa bits
-  std::vector<uint8_t> codes;          // [rows][code_stride()]: weight 2j's code in the low nibble of byte j
-  std::vector<uint32_t> exc_begin;     // [rows + 1]: row r's exceptions are [exc_begin[r], exc_begin[r + 1])
-  std::vector<uint32_t> exc_col;       // column of each exception, ascending within its row
-  std::vector<uint16_t> exc_value;     // the exception's bf16 bits
+  PackedArray<uint8_t> lo;             // [rows][cols]: sign << 7 | the 7 mantissa bits
+  PackedArray<uint8_t> codes;          // [rows][code_stride()]: weight 2j's code in the low nibble of byte j
+  PackedArray<uint32_t> exc_begin;     // [rows + 1]: row r's exceptions are [exc_begin[r], exc_begin[r + 1])
+  PackedArray<uint32_t> exc_col;       // column of each exception, ascending within its row
+  PackedArray<uint16_t> exc_value;     // the exception's bf16 bits
 
   int64_t code_stride() const { return (cols + 1) / 2; }
   // The exponent code of weight (row, col).

@@ -87,6 +87,12 @@ TEST(PackedBf16, PackingOnAPoolEqualsTheSerialPacking) {
             packed_bf16_rows_bytes(serial, 0, rows));
   EXPECT_EQ(packed_bf16_rows_bytes(serial, 0, rows), serial.bytes() - 16);  // all but the exponent table
   EXPECT_FALSE(packed_bf16_has_non_finite(serial));
+  // Every array starts a page of its own: a backend page-locks them, which must not reach other heap data.
+  const PackedBf16& q = parallel;
+  for (const void* data : {static_cast<const void*>(q.lo.data()), static_cast<const void*>(q.codes.data()),
+                           static_cast<const void*>(q.exc_begin.data()), static_cast<const void*>(q.exc_col.data()),
+                           static_cast<const void*>(q.exc_value.data())})
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(data) % 4096, 0u);
   w[77] = 0x7f80;  // +Inf: an exception
   EXPECT_TRUE(packed_bf16_has_non_finite(pack_bf16(w.data(), rows, cols)));
   std::vector<uint16_t> nans(64, 0x7fc0);  // NaN everywhere: exponent 255 gets a code

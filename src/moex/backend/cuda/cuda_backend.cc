@@ -238,10 +238,10 @@ class CudaBackend final : public Backend {
     timeline_.begin(stream_);
     cudaError_t status = cudaMemcpyAsync(dst, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_);
     if (status == cudaErrorInvalidValue && !registered_.empty()) {
-      // dst straddles a page-locked range (copy_host_to_device's case, the other way): packed experts' small
-      // arrays are registered on heap pages that other vectors share. A pageable bounce buffer takes it.
+      // dst straddles a page-locked range (copy_host_to_device's case, the other way). A bounce buffer of whole
+      // pages of its own takes it.
       cudaGetLastError();
-      std::vector<char> bounce(src.nbytes());
+      PackedArray<char> bounce(src.nbytes());
       MOEX_CUDA_CHECK(cudaMemcpyAsync(bounce.data(), src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
       MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
       std::memcpy(dst, bounce.data(), bounce.size());
@@ -280,7 +280,7 @@ class CudaBackend final : public Backend {
     cudaError_t status = cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_);
     if (status == cudaErrorInvalidValue && !registered_.empty()) {  // see copy_host_to_device
       cudaGetLastError();
-      std::vector<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + dst.nbytes());
+      PackedArray<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + dst.nbytes());
       MOEX_CUDA_CHECK(cudaMemcpyAsync(dst.data, bounce.data(), dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_));
       MOEX_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));  // bounce dies here
     } else {
@@ -924,12 +924,13 @@ class CudaBackend final : public Backend {
   }
   // A copy whose source starts in pageable memory and ends in a range page-locked by register_host_memory
   // (the offloaded experts' pages hold neighbouring tensors too) fails with "invalid argument" (seen on an
-  // H200 with the offloading fixture test): such a copy goes through a pageable bounce buffer.
+  // H200 with the offloading fixture test): such a copy goes through a pageable bounce buffer of whole pages of
+  // its own (PackedArray), which no locked range can share.
   void copy_host_to_device(void* dst, const void* src, size_t bytes) {
     cudaError_t status = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_);
     if (status == cudaErrorInvalidValue && !registered_.empty()) {
       cudaGetLastError();
-      std::vector<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
+      PackedArray<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
       MOEX_CUDA_CHECK(cudaMemcpyAsync(dst, bounce.data(), bytes, cudaMemcpyHostToDevice, stream_));
       MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));  // bounce dies here
       return;
