@@ -3,7 +3,9 @@
 #   1. the link and memory figures the floor is made of: pinned host->device copy GB/s and host DRAM read
 #      GB/s (torch, 16 threads), measured here and now;
 #   2. moex bench with random weights held in host RAM (--load-format random) at a GPU memory budget, for the
-#      Mixtral-8x7B shape (16 GiB, 40 GiB) and the Qwen3-30B-A3B shape (8 GiB), with and without pre-gating;
+#      Mixtral-8x7B shape (16 GiB, 40 GiB) and the Qwen3-30B-A3B shape (8 GiB), with and without pre-gating,
+#      and with the experts packed in host memory (--pack-experts, the *_packed cases; their floors count the
+#      packed bytes a miss costs, expert_host_bytes);
 #   2b. prefill 512 / 2048 tokens of a 4-layer Mixtral-8x7B shape at 6 GiB (llama.cpp's prefill setting in
 #      PEERS.md), with the defaults (streamed scan steps) and --no-scan-steps, unless CASES=pregate;
 #   3. a table with the floor per token: the missed experts' bytes split optimally between a PCIe copy and a
