@@ -62,6 +62,31 @@ inline void decode16(const uint8_t* lo_row, const uint8_t* code_row, int64_t col
   *first = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_unpacklo_epi8(lb, hi)), 16));
   *second = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_unpackhi_epi8(lb, hi)), 16));
 }
+
+// Weights [col, col + 32) (col even) as four fp32 vectors of 8: the same values as decode16, with the byte work
+// done 32 weights at a time in 256-bit registers and each bf16 widened by interleaving it with zero (the lanes then
+// hold weights 0-3 | 16-19 and so on, which four lane permutes put back in order).
+inline void decode32(const uint8_t* lo_row, const uint8_t* code_row, int64_t col, __m256i table, __m256* w) {
+  const __m128i mask4 = _mm_set1_epi8(0x0f);
+  const __m256i top_bit = _mm256_set1_epi8(static_cast<char>(0x80)), low_bits = _mm256_set1_epi8(0x7f);
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo_row + col));
+  const __m128i nib = _mm_loadu_si128(reinterpret_cast<const __m128i*>(code_row + col / 2));
+  const __m128i even = _mm_and_si128(nib, mask4), odd = _mm_and_si128(_mm_srli_epi16(nib, 4), mask4);
+  const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(even, odd), _mm_unpacklo_epi8(even, odd));
+  const __m256i e = _mm256_shuffle_epi8(table, codes);
+  const __m256i hi =
+      _mm256_or_si256(_mm256_and_si256(lo, top_bit), _mm256_and_si256(_mm256_srli_epi16(e, 1), low_bits));
+  const __m256i lb =
+      _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(e, 7), top_bit), _mm256_and_si256(lo, low_bits));
+  const __m256i words_a = _mm256_unpacklo_epi8(lb, hi), words_b = _mm256_unpackhi_epi8(lb, hi);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i d0 = _mm256_unpacklo_epi16(zero, words_a), d1 = _mm256_unpackhi_epi16(zero, words_a);
+  const __m256i d2 = _mm256_unpacklo_epi16(zero, words_b), d3 = _mm256_unpackhi_epi16(zero, words_b);
+  w[0] = _mm256_castsi256_ps(_mm256_permute2x128_si256(d0, d1, 0x20));
+  w[1] = _mm256_castsi256_ps(_mm256_permute2x128_si256(d2, d3, 0x20));
+  w[2] = _mm256_castsi256_ps(_mm256_permute2x128_si256(d0, d1, 0x31));
+  w[3] = _mm256_castsi256_ps(_mm256_permute2x128_si256(d2, d3, 0x31));
+}
 #endif
 
 // One output row of a packed matrix for kT tokens, decoding the weights in registers as the bf16 GEMV loads them:
@@ -81,6 +106,7 @@ void packed_gemv_row(const float* x, int64_t ldx, const PackedBf16& p, int64_t r
   int64_t kk = 0;
 #ifdef MOEX_CPU_AVX2
   const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
+  const __m256i table32 = _mm256_broadcastsi128_si256(table);  // pshufb looks up within each 128-bit lane
   __m256 acc[kT][kU];
   for (int t = 0; t < kT; ++t)
     for (int u = 0; u < kU; ++u) acc[t][u] = _mm256_setzero_ps();
@@ -88,7 +114,8 @@ void packed_gemv_row(const float* x, int64_t ldx, const PackedBf16& p, int64_t r
     _mm_prefetch(reinterpret_cast<const char*>(lo_row + kk) + 3072, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(code_row + kk / 2) + 1536, _MM_HINT_T0);
     __m256 wv[kU];
-    for (int u = 0; u < kU; u += 2) decode16(lo_row, code_row, kk + 8 * u, table, &wv[u], &wv[u + 1]);
+    if constexpr (kU == 4) decode32(lo_row, code_row, kk, table32, wv);
+    else decode16(lo_row, code_row, kk, table, &wv[0], &wv[1]);
     if (exc < exc_end && p.exc_col[exc] < kk + 8 * kU) {  // rare: patch the escaped weights in
       alignas(32) float patched[8 * kU];
       for (int u = 0; u < kU; ++u) _mm256_store_ps(patched + 8 * u, wv[u]);
