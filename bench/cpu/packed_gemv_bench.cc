@@ -1,23 +1,23 @@
 // Can the host CPU compute experts from a lossless 12-bit packing of their bf16 weights at the speed its DRAM
-// delivers them? docs/offloading.md ("Next: fewer host bytes per miss") plans such a packing: each weight as its
-// sign+mantissa byte plus a 4-bit index into its tensor's 15 most frequent exponents (code 15: an exception, the
-// weight kept raw in a per-row list), 0.75 of the bf16 bytes. Offloaded decode is bound by host DRAM bytes, so the
-// packing pays only if decoding it inside the GEMV keeps up with memory.
+// delivers them? --pack-experts holds offloaded experts so (docs/offloading.md, "Packed experts in host memory"):
+// each weight as its sign+mantissa byte plus a 4-bit index into its tensor's 15 most frequent exponents (code 15:
+// an exception, the weight kept raw in a per-row list), 0.75 of the bf16 bytes. Offloaded decode is bound by host
+// DRAM bytes, so the packing pays only if decoding it inside the GEMV keeps up with memory.
 //
 // This times, on Mixtral-8x7B's down-projection rows (4096 x 14336 bf16, 117 MB: well past the caches) and on a
 // cache-resident slice of them (the decode's compute ceiling), one thread and all of them:
 //   bf16    the CPU backend's own one-token GEMV (cpu::linear_block, the loop offloaded experts run on the CPU),
-//   packed  its accumulators, summation order and 4 KiB prefetch over the packed rows (pshufb for the exponent
-//           table), so each row's dot is bit-identical to the backend's -- checked, which covers the round trip;
-//   library  the engine's path (cpu::packed_linear_block; at 1-4 tokens since 2026-11-27 it decodes each row in
-//           registers with the backend GEMV's accumulators, before that it unpacked 16 rows into scratch and ran
-//           the GEMV over them; bit-identical either way, checked too). On a 16-core H200 host (2026-11-27) it
-//           read 18.9 GB/s of packed bytes with 15 threads from this bench's 117 MB, 5.0 with one.
+//   packed  cpu::packed_linear_block over the packed rows, what the engine's CPU experts run with --pack-experts:
+//           each row decoded in registers (a pshufb lookup of the exponent table) inside a GEMV with the bf16
+//           GEMV's accumulators, so each row's dot is bit-identical to the backend's -- checked, which covers the
+//           round trip. (Until 2026-11-28 this bench also timed a prototype of that loop of its own, and the
+//           library's earlier path, 16 rows unpacked into scratch before the GEMV: bench/RESULTS.md.) On a 16-core
+//           H200 host (2026-11-27, 128-bit decode) the library read 18.9 GB/s of packed bytes with 15 threads from
+//           this bench's 117 MB, 5.0 with one.
 // The packing is the library's (core/packed_bf16.h).
 // Weights are normal with the std of a 14336-wide row (~1.4e-4 of them outside the 15 commonest exponents, as on
 // the default model's trained experts: bench/offload/exponent_stats.py). Prints a table and, with --json, one line.
 #include <algorithm>
-#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -50,71 +50,6 @@ using Clock = std::chrono::steady_clock;
 
 constexpr int64_t kCols = 14336;  // Mixtral-8x7B's expert intermediate size: a down-projection row
 constexpr int64_t kRows = 4096;
-static_assert(kCols % 32 == 0, "the loops take 32 weights an iteration, no tail");
-
-// 16 consecutive weights of a row (column i0, a multiple of 16) as bf16 bits in two 8-lane halves. Exceptions
-// (code 15) are patched from the row's list, which *exc_col / *exc_val walk in column order: a group with k escape
-// codes takes the next k entries.
-inline void decode16(const PackedBf16& p, int64_t row, int64_t i0, __m128i table, const uint32_t** exc_col,
-                     const uint16_t** exc_val, __m128i* out_lo8, __m128i* out_hi8) {
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lo.data() + row * p.cols + i0));
-  uint64_t packed_codes;
-  std::memcpy(&packed_codes, p.codes.data() + (row * p.cols + i0) / 2, 8);
-  const __m128i nib = _mm_cvtsi64_si128(static_cast<long long>(packed_codes));
-  const __m128i mask4 = _mm_set1_epi8(0x0f);
-  // Byte j of codes = code of weight j: low nibbles are the even weights, high nibbles the odd ones.
-  const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(nib, mask4), _mm_and_si128(_mm_srli_epi16(nib, 4), mask4));
-  const __m128i exponent = _mm_shuffle_epi8(table, codes);
-  // bf16 = sign | exponent << 7 | mantissa: high byte sign | exponent >> 1, low byte (exponent & 1) << 7 | mantissa.
-  const __m128i top_bit = _mm_set1_epi8(static_cast<char>(0x80)), low_bits = _mm_set1_epi8(0x7f);
-  const __m128i hi_byte =
-      _mm_or_si128(_mm_and_si128(lo, top_bit), _mm_and_si128(_mm_srli_epi16(exponent, 1), low_bits));
-  const __m128i lo_byte =
-      _mm_or_si128(_mm_and_si128(_mm_slli_epi16(exponent, 7), top_bit), _mm_and_si128(lo, low_bits));
-  __m128i a = _mm_unpacklo_epi8(lo_byte, hi_byte), b = _mm_unpackhi_epi8(lo_byte, hi_byte);
-  const int escapes = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, _mm_set1_epi8(kPackedEscape)));
-  if (__builtin_expect(escapes != 0, 0)) {
-    alignas(16) uint16_t bits[16];
-    _mm_store_si128(reinterpret_cast<__m128i*>(bits), a);
-    _mm_store_si128(reinterpret_cast<__m128i*>(bits + 8), b);
-    for (int k = __builtin_popcount(static_cast<unsigned>(escapes)); k > 0; --k) {
-      bits[**exc_col - static_cast<uint32_t>(i0)] = **exc_val;
-      ++*exc_col;
-      ++*exc_val;
-    }
-    a = _mm_load_si128(reinterpret_cast<const __m128i*>(bits));
-    b = _mm_load_si128(reinterpret_cast<const __m128i*>(bits + 8));
-  }
-  *out_lo8 = a;
-  *out_hi8 = b;
-}
-
-// 8 bf16 (bits) as fp32: cpu::load8's widening, from a register.
-inline __m256 bf16x8_to_f32(__m128i bits) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-
-// The backend's GEMV prefetch distance (linear_kernels.cc's kGemvPrefetchBytes), over the packed bytes.
-constexpr int64_t kPrefetchBytes = 4096;
-
-// The backend's one-token gemv_row over a packed row: 4 accumulators, 32 weights an iteration, summed as
-// ((a0 + a1) + a2) + a3, then cpu::hsum.
-float dot_packed(const float* x, const PackedBf16& p, int64_t row) {
-  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
-  const uint32_t* exc_col = p.exc_col.data() + p.exc_begin[row];
-  const uint16_t* exc_val = p.exc_value.data() + p.exc_begin[row];
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t i = 0; i < p.cols; i += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(p.lo.data() + row * p.cols + i) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(p.codes.data() + (row * p.cols + i) / 2) + kPrefetchBytes / 2,
-                 _MM_HINT_T0);
-    __m128i w8[4];
-    decode16(p, row, i, table, &exc_col, &exc_val, &w8[0], &w8[1]);
-    decode16(p, row, i + 16, table, &exc_col, &exc_val, &w8[2], &w8[3]);
-    for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * u), bf16x8_to_f32(w8[u]), acc[u]);
-  }
-  return cpu::hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
-}
 
 // Rows [0, rows) in `threads` equal ranges, one thread each (rows_fn(begin, end)), `reps` times; seconds per pass
 // (the fastest).
@@ -170,17 +105,12 @@ int main(int argc, char** argv) {
 
   // The packing's round trip and the dots: every row bit for bit against the backend's.
   cpu::linear_block(bf16_gemv, 0, rows, 0, 1);
+  std::vector<float> packed_out(static_cast<size_t>(rows));
+  cpu::LinearProblem packed_gemv = bf16_gemv;
+  packed_gemv.out = packed_out.data();
+  cpu::packed_linear_block(packed_gemv, p, 0, rows, 0, 1);
   int64_t bad_rows = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float b = dot_packed(x.data(), p, r);
-    if (std::memcmp(&out[r], &b, 4) != 0) ++bad_rows;
-  }
-  // The library's path (cpu::packed_linear_block), what the engine's CPU experts run.
-  std::vector<float> lib_out(static_cast<size_t>(rows));
-  cpu::LinearProblem lib_gemv = bf16_gemv;
-  lib_gemv.out = lib_out.data();
-  cpu::packed_linear_block(lib_gemv, p, 0, rows, 0, 1);
-  bad_rows += std::memcmp(lib_out.data(), out.data(), lib_out.size() * sizeof(float)) != 0;
+  for (int64_t r = 0; r < rows; ++r) bad_rows += std::memcmp(&out[r], &packed_out[r], 4) != 0;
   if (bad_rows) {
     fmt::print(stderr, "packed_gemv_bench: {} of {} rows differ from the CPU backend's GEMV\n", bad_rows, rows);
     return 1;
@@ -196,8 +126,8 @@ int main(int argc, char** argv) {
              bench::cpu_model(), bench::load_average(), rows, kCols, bf16_bytes / 1e6, packed_bytes / bf16_bytes,
              exceptions);
   fmt::print("| case | threads | bf16: weight GB/s | packed: packed GB/s | packed: bf16-equivalent GB/s | "
-             "packed / bf16 time | library (packed_linear_block): packed GB/s | its time / bf16 |\n");
-  fmt::print("|---|---|---|---|---|---|---|---|\n");
+             "packed / bf16 time |\n");
+  fmt::print("|---|---|---|---|---|---|\n");
   struct Case {
     bool hot;
     int threads;
@@ -209,23 +139,16 @@ int main(int argc, char** argv) {
       for (int k = 0; k < passes; ++k) cpu::linear_block(bf16_gemv, begin, end, 0, 1);
     });
     const double tp = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
-      for (int k = 0; k < passes; ++k)
-        for (int64_t r = begin; r < end; ++r) out[r] = dot_packed(x.data(), p, r);
-    });
-    const double tl = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
-      for (int k = 0; k < passes; ++k) cpu::packed_linear_block(lib_gemv, p, begin, end, 0, 1);
+      for (int k = 0; k < passes; ++k) cpu::packed_linear_block(packed_gemv, p, begin, end, 0, 1);
     });
     // Bytes each loop read per pass: the rows' share of the matrix (exceptions included for the packed one).
     const double share = double(n) / rows;
     const double bf16_gbs = bf16_bytes * share * passes / tb / 1e9;
     const double packed_gbs = packed_bytes * share * passes / tp / 1e9;
-    const double lib_gbs = packed_bytes * share * passes / tl / 1e9;
-    fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {:.2f} |\n",
-               c.hot ? "cache-resident (16 rows)" : "from DRAM", c.threads, bf16_gbs, packed_gbs,
-               packed_gbs * bf16_bytes / packed_bytes, tp / tb, lib_gbs, tl / tb);
+    fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.2f} |\n", c.hot ? "cache-resident (16 rows)" : "from DRAM",
+               c.threads, bf16_gbs, packed_gbs, packed_gbs * bf16_bytes / packed_bytes, tp / tb);
     result[c.hot ? std::string("hot_1t") : fmt::format("dram_{}t", c.threads)] = {
-        {"bf16_gbs", bf16_gbs}, {"packed_gbs", packed_gbs}, {"time_ratio", tp / tb},
-        {"unpack_gemv_packed_gbs", lib_gbs}, {"unpack_gemv_time_ratio", tl / tb}};
+        {"bf16_gbs", bf16_gbs}, {"packed_gbs", packed_gbs}, {"time_ratio", tp / tb}};
   }
   if (json) fmt::print("{}\n", result.dump());
   return 0;

@@ -9,58 +9,38 @@
 
 namespace moex::cpu {
 
-void unpack_rows(const PackedBf16& p, int64_t row_begin, int64_t row_end, uint16_t* out) {
-#ifdef MOEX_CPU_AVX2
-  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
-  const __m128i mask4 = _mm_set1_epi8(0x0f), top_bit = _mm_set1_epi8(static_cast<char>(0x80));
-  const __m128i low_bits = _mm_set1_epi8(0x7f);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    uint16_t* dst = out + (r - row_begin) * p.cols;
-    const uint8_t* lo_row = p.lo.data() + r * p.cols;
-    const uint8_t* code_row = p.codes.data() + r * p.code_stride();
-    int64_t i = 0;
-    for (; i + 16 <= p.cols; i += 16) {
-      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo_row + i));
-      uint64_t packed_codes;
-      std::memcpy(&packed_codes, code_row + i / 2, 8);
-      const __m128i nib = _mm_cvtsi64_si128(static_cast<long long>(packed_codes));
-      // Byte j = code of weight i + j: low nibbles are the even weights, high nibbles the odd ones.
-      const __m128i codes =
-          _mm_unpacklo_epi8(_mm_and_si128(nib, mask4), _mm_and_si128(_mm_srli_epi16(nib, 4), mask4));
-      const __m128i e = _mm_shuffle_epi8(table, codes);
-      // bf16 = sign | exponent << 7 | mantissa: high byte sign | exponent >> 1, low (exponent & 1) << 7 | mantissa.
-      const __m128i hi = _mm_or_si128(_mm_and_si128(lo, top_bit), _mm_and_si128(_mm_srli_epi16(e, 1), low_bits));
-      const __m128i lb = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(e, 7), top_bit), _mm_and_si128(lo, low_bits));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_unpacklo_epi8(lb, hi));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 8), _mm_unpackhi_epi8(lb, hi));
-    }
-    for (; i < p.cols; ++i) dst[i] = packed_bf16_bits(lo_row[i], p.exponent[p.code(r, i)]);  // the last cols % 16
-    patch_packed_exceptions(p, r, dst);
-  }
-#else
-  moex::unpack_bf16_rows(p, row_begin, row_end, out);
-#endif
-}
-
 namespace {
 
 #ifdef MOEX_CPU_AVX2
-// Weights [col, col + 16) of a row (col even) as two fp32 vectors, exactly the bf16 values (load8 of the unpacked
-// row): the same table lookup as unpack_rows, then each bf16 widened to the top half of an fp32.
-inline void decode16(const uint8_t* lo_row, const uint8_t* code_row, int64_t col, __m128i table, __m256* first,
-                     __m256* second) {
+// Weights [col, col + 16) of a row (col even) as bf16 bits, 8 in each of *first and *second: the exponent codes
+// through a 16-entry table lookup (pshufb), then sign, exponent and mantissa interleaved. Escaped weights come out
+// with exponent 0 (their exceptions are patched by the caller).
+inline void bf16_words16(const uint8_t* lo_row, const uint8_t* code_row, int64_t col, __m128i table, __m128i* first,
+                         __m128i* second) {
   const __m128i mask4 = _mm_set1_epi8(0x0f), top_bit = _mm_set1_epi8(static_cast<char>(0x80));
   const __m128i low_bits = _mm_set1_epi8(0x7f);
   const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo_row + col));
   uint64_t packed_codes;
   std::memcpy(&packed_codes, code_row + col / 2, 8);
   const __m128i nib = _mm_cvtsi64_si128(static_cast<long long>(packed_codes));
+  // Byte j = code of weight col + j: low nibbles are the even weights, high nibbles the odd ones.
   const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(nib, mask4), _mm_and_si128(_mm_srli_epi16(nib, 4), mask4));
   const __m128i e = _mm_shuffle_epi8(table, codes);
+  // bf16 = sign | exponent << 7 | mantissa: high byte sign | exponent >> 1, low (exponent & 1) << 7 | mantissa.
   const __m128i hi = _mm_or_si128(_mm_and_si128(lo, top_bit), _mm_and_si128(_mm_srli_epi16(e, 1), low_bits));
   const __m128i lb = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(e, 7), top_bit), _mm_and_si128(lo, low_bits));
-  *first = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_unpacklo_epi8(lb, hi)), 16));
-  *second = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_unpackhi_epi8(lb, hi)), 16));
+  *first = _mm_unpacklo_epi8(lb, hi);
+  *second = _mm_unpackhi_epi8(lb, hi);
+}
+
+// The same 16 weights as two fp32 vectors, exactly the bf16 values (load8 of the unpacked row): each bf16 widened to
+// the top half of an fp32.
+inline void decode16(const uint8_t* lo_row, const uint8_t* code_row, int64_t col, __m128i table, __m256* first,
+                     __m256* second) {
+  __m128i a, b;
+  bf16_words16(lo_row, code_row, col, table, &a, &b);
+  *first = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+  *second = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
 }
 
 // Weights [col, col + 32) (col even) as four fp32 vectors of 8: the same values as decode16, with the byte work
@@ -157,6 +137,28 @@ void packed_gemv_row(const float* x, int64_t ldx, const PackedBf16& p, int64_t r
 }
 
 }  // namespace
+
+void unpack_rows(const PackedBf16& p, int64_t row_begin, int64_t row_end, uint16_t* out) {
+#ifdef MOEX_CPU_AVX2
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    uint16_t* dst = out + (r - row_begin) * p.cols;
+    const uint8_t* lo_row = p.lo.data() + r * p.cols;
+    const uint8_t* code_row = p.codes.data() + r * p.code_stride();
+    int64_t i = 0;
+    for (; i + 16 <= p.cols; i += 16) {
+      __m128i a, b;
+      bf16_words16(lo_row, code_row, i, table, &a, &b);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 8), b);
+    }
+    for (; i < p.cols; ++i) dst[i] = packed_bf16_bits(lo_row[i], p.exponent[p.code(r, i)]);  // the last cols % 16
+    patch_packed_exceptions(p, r, dst);
+  }
+#else
+  moex::unpack_bf16_rows(p, row_begin, row_end, out);
+#endif
+}
 
 void packed_linear_block(const LinearProblem& problem, const PackedBf16& w, int64_t row_begin, int64_t row_end,
                          int64_t token_begin, int64_t token_end) {
