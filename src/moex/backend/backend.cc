@@ -12,10 +12,7 @@ namespace {
 // Rows [row_begin, row_end) of src unpacked into host memory, shaped like dst: the default packed copies' source.
 const std::vector<uint16_t>& unpacked_rows(const PackedBf16& src, int64_t row_begin, int64_t row_end,
                                            const TensorView& dst, const char* op) {
-  MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows && dst.dtype == DType::kBF16 &&
-                  dst.numel() == (row_end - row_begin) * src.cols,
-              "{}: rows [{}, {}) of a {} x {} packed matrix into {} {}", op, row_begin, row_end, src.rows, src.cols,
-              dtype_name(dst.dtype), dst.shape.str());
+  check_packed_copy_shapes(src, row_begin, row_end, dst, op);
   thread_local std::vector<uint16_t> rows;
   rows.resize(static_cast<size_t>((row_end - row_begin) * src.cols));
   unpack_bf16_rows(src, row_begin, row_end, rows.data());
@@ -64,6 +61,14 @@ void check_kv_step(const KvStep& step, int64_t num_rows, int64_t num_pages, cons
   for (int32_t page : step.block_tables)
     MOEX_ASSERT(page >= 0 && page < num_pages, "{}: block table names page {} of a pool of {}", op, page, num_pages);
   if (max_keys) *max_keys = longest;
+}
+
+void check_packed_copy_shapes(const PackedBf16& src, int64_t row_begin, int64_t row_end, const TensorView& dst,
+                              const char* op) {
+  MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows && dst.dtype == DType::kBF16 &&
+                  dst.numel() == (row_end - row_begin) * src.cols,
+              "{}: rows [{}, {}) of a {} x {} packed matrix into {} {}", op, row_begin, row_end, src.rows, src.cols,
+              dtype_name(dst.dtype), dst.shape.str());
 }
 
 LinearDims check_linear_shapes(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out,

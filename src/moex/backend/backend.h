@@ -74,6 +74,9 @@ struct LinearDims {
 // empty, [out].
 LinearDims check_linear_shapes(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out,
                                const char* op);
+// copy_packed_from_host_*: rows [row_begin, row_end) of src, into dst, bf16 holding exactly those rows.
+void check_packed_copy_shapes(const PackedBf16& src, int64_t row_begin, int64_t row_end, const TensorView& dst,
+                              const char* op);
 // kv_write: pages [num_pages, page_size, kv_heads, head_dim] alike for k and v, matching step's page size; k and v
 // hold n rows of kv_heads * head_dim. Returns n.
 int64_t check_kv_write_shapes(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,

@@ -354,16 +354,14 @@ TEST(CudaOffload, GreedyMatchesResident) {
 // prefetches), with and without missed experts run on the host CPU from the packed source, give the resident
 // run's greedy tokens, and move fewer bytes than the bf16 source.
 TEST(CudaOffload, PackedExpertsMatchResident) {
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const char* name : {"mixtral", "qwen3_moe"}) {
-    SCOPED_TRACE(name);
-    const auto dir = fixtures_dir() / name;
-    if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
-    auto model = Model::load(dir.string());
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const Model* model = fixture.model.get();
+    const auto& prompt = fixture.prompt;
     LoadOptions load;
     load.pack_experts = true;
-    auto packed = Model::load(dir.string(), load);
-    const auto prompt = test::read_json(dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+    auto packed = Model::load((fixtures_dir() / fixture.name).string(), load);
     EngineOptions options;
     options.device = "cuda";
     Engine resident(*model, options);

@@ -198,10 +198,7 @@ class CpuBackend final : public Backend {
 
  private:
   void copy_packed(const PackedBf16& src, int64_t row_begin, int64_t row_end, const TensorView& dst) {
-    MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows && dst.dtype == DType::kBF16 &&
-                    dst.numel() == (row_end - row_begin) * src.cols,
-                "copy_packed: rows [{}, {}) of a {} x {} packed matrix into {} {}", row_begin, row_end, src.rows,
-                src.cols, dtype_name(dst.dtype), dst.shape.str());
+    check_packed_copy_shapes(src, row_begin, row_end, dst, "copy_packed_from_host");
     cpu::unpack_rows(src, row_begin, row_end, dst.as<uint16_t>());
   }
 

@@ -272,28 +272,23 @@ class CudaBackend final : public Backend {
   // instead of sharing the link, and after the compute stream's work so far (dst may be a slot it read).
   void copy_from_host_enqueue(const void* src, const TensorView& dst) override {
     check_device(dst, "copy_from_host_enqueue", "dst");
-    refuse_while_capturing("copy_from_host_enqueue");
-    expert_copies_seen_.store(true, std::memory_order_relaxed);
-    MOEX_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
-    MOEX_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
-    timeline_.begin(copy_stream_);
-    cudaError_t status = cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_);
-    if (status == cudaErrorInvalidValue && !registered_.empty()) {  // see copy_host_to_device
-      cudaGetLastError();
-      PackedArray<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + dst.nbytes());
-      MOEX_CUDA_CHECK(cudaMemcpyAsync(dst.data, bounce.data(), dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_));
-      MOEX_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));  // bounce dies here
-    } else {
-      MOEX_CUDA_CHECK(status);
-    }
-    timeline_.end(copy_stream_, "copy", static_cast<int64_t>(dst.nbytes()));
-    MOEX_CUDA_CHECK(cudaEventRecord(copy_events_[copies_enqueued_ % kCopyEvents], copy_stream_));
-    ++copies_enqueued_;
+    enqueue_expert_copy("copy_from_host_enqueue", static_cast<int64_t>(dst.nbytes()), [&] {
+      cudaError_t status = cudaMemcpyAsync(dst.data, src, dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_);
+      if (status == cudaErrorInvalidValue && !registered_.empty()) {  // see copy_host_to_device
+        cudaGetLastError();
+        PackedArray<char> bounce(static_cast<const char*>(src), static_cast<const char*>(src) + dst.nbytes());
+        MOEX_CUDA_CHECK(cudaMemcpyAsync(dst.data, bounce.data(), dst.nbytes(), cudaMemcpyHostToDevice, copy_stream_));
+        MOEX_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));  // bounce dies here
+      } else {
+        MOEX_CUDA_CHECK(status);
+      }
+    });
   }
   // Packed expert rows: the packed bytes cross the link, the copy stream unpacks them (PackedCopier).
   void copy_packed_from_host_async_path(const PackedBf16& src, int64_t row_begin, int64_t row_end,
                                         const TensorView& dst) override {
-    check_packed_copy(src, row_begin, row_end, dst, "copy_packed_from_host_async_path");
+    check_device(dst, "copy_packed_from_host_async_path", "dst");
+    check_packed_copy_shapes(src, row_begin, row_end, dst, "cuda copy_packed_from_host_async_path");
     expert_copies_seen_.store(true, std::memory_order_relaxed);
     MOEX_CUDA_CHECK(cudaSetDevice(device_idx_));
     packed_copier_.enqueue(src, row_begin, row_end, static_cast<uint16_t*>(dst.data), copy_stream_);
@@ -301,16 +296,11 @@ class CudaBackend final : public Backend {
   }
   void copy_packed_from_host_enqueue(const PackedBf16& src, int64_t row_begin, int64_t row_end,
                                      const TensorView& dst) override {
-    check_packed_copy(src, row_begin, row_end, dst, "copy_packed_from_host_enqueue");
-    refuse_while_capturing("copy_packed_from_host_enqueue");
-    expert_copies_seen_.store(true, std::memory_order_relaxed);
-    MOEX_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
-    MOEX_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
-    timeline_.begin(copy_stream_);
-    packed_copier_.enqueue(src, row_begin, row_end, static_cast<uint16_t*>(dst.data), copy_stream_);
-    timeline_.end(copy_stream_, "copy", packed_bf16_rows_bytes(src, row_begin, row_end));
-    MOEX_CUDA_CHECK(cudaEventRecord(copy_events_[copies_enqueued_ % kCopyEvents], copy_stream_));
-    ++copies_enqueued_;
+    check_device(dst, "copy_packed_from_host_enqueue", "dst");
+    check_packed_copy_shapes(src, row_begin, row_end, dst, "cuda copy_packed_from_host_enqueue");
+    enqueue_expert_copy("copy_packed_from_host_enqueue", packed_bf16_rows_bytes(src, row_begin, row_end), [&] {
+      packed_copier_.enqueue(src, row_begin, row_end, static_cast<uint16_t*>(dst.data), copy_stream_);
+    });
   }
   uint64_t enqueued_copy_ticket() const override { return copies_enqueued_; }
   void wait_copies_through(uint64_t ticket) override {
@@ -899,13 +889,20 @@ class CudaBackend final : public Backend {
     return true;
   }
 
-  void check_packed_copy(const PackedBf16& src, int64_t row_begin, int64_t row_end, const TensorView& dst,
-                         const char* op) const {
-    check_device(dst, op, "dst");
-    MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows && dst.dtype == DType::kBF16 &&
-                    dst.numel() == (row_end - row_begin) * src.cols,
-                "cuda {}: rows [{}, {}) of a {} x {} packed matrix into {} {}", op, row_begin, row_end, src.rows,
-                src.cols, dtype_name(dst.dtype), dst.shape.str());
+
+  // A demand copy (copy()'s work on copy_stream_) after the compute stream's work so far, recorded in the
+  // timeline and in the ring of copy events, so that wait_copies_through() can name it by its ticket.
+  template <typename Copy>
+  void enqueue_expert_copy(const char* op, int64_t bytes, Copy&& copy) {
+    refuse_while_capturing(op);
+    expert_copies_seen_.store(true, std::memory_order_relaxed);
+    MOEX_CUDA_CHECK(cudaEventRecord(compute_mark_, stream_));
+    MOEX_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+    timeline_.begin(copy_stream_);
+    copy();
+    timeline_.end(copy_stream_, "copy", bytes);
+    MOEX_CUDA_CHECK(cudaEventRecord(copy_events_[copies_enqueued_ % kCopyEvents], copy_stream_));
+    ++copies_enqueued_;
   }
   // Host-dependent work cannot be recorded: throwing makes StepGraphs abandon the capture and run eagerly.
   void refuse_while_capturing(const char* op) const {

@@ -36,8 +36,6 @@ void copy_in(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
 
 void PackedCopier::enqueue(const PackedBf16& src, int64_t row_begin, int64_t row_end, uint16_t* dst,
                            cudaStream_t stream) {
-  MOEX_ASSERT(row_begin >= 0 && row_begin <= row_end && row_end <= src.rows, "packed copy: rows [{}, {}) of {}",
-              row_begin, row_end, src.rows);
   std::lock_guard<std::mutex> lock(mutex_);
   if (staging_.get() == nullptr) staging_ = DeviceMemory(kStagingBytes);
   char* staging = static_cast<char*>(staging_.get());

@@ -17,7 +17,8 @@ namespace moex::cuda {
 
 class PackedCopier {
  public:
-  // Enqueues rows [row_begin, row_end) of src into dst [row_end - row_begin][src.cols] (bf16, device) on stream, in
+  // Enqueues rows [row_begin, row_end) of src into dst [row_end - row_begin][src.cols] (bf16, device; the caller
+  // checks the shapes: check_packed_copy_shapes) on stream, in
   // chunks of at most the staging buffer (allocated on first use). src must stay valid until the stream has run
   // them (page-locked source memory: the copies are asynchronous).
   void enqueue(const PackedBf16& src, int64_t row_begin, int64_t row_end, uint16_t* dst, cudaStream_t stream);
