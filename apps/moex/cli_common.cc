@@ -123,24 +123,21 @@ std::unique_ptr<Tokenizer> load_tokenizer_if_present(const std::string& model_di
 }
 
 std::unique_ptr<Model> load_model(const ModelOptions& options) {
-  LoadOptions load;
-  load.format = options.load_format == "random" ? LoadFormat::kRandom : LoadFormat::kSafetensors;
-  load.seed = options.random_seed;
-  // Refused before the load's packing pass, which would be wasted (engine_options() refuses it again).
-  if (options.pack_experts && options.host_memory.empty() && options.gpu_memory.empty())
-    throw UsageError("--pack-experts applies when offloading experts: add --gpu-memory (with --device cuda) or "
-                     "--host-memory (on the CPU)");
-  load.pack_experts = options.pack_experts;
-  return Model::load(resolved_model_dir(options), load);
-}
-
-EngineOptions engine_options(const ModelOptions& options, const ModelConfig& config) {
+  // Before the load, which can take minutes (a checkpoint's read, --pack-experts' packing pass) for nothing.
   if (options.host_memory.empty() && options.gpu_memory.empty())
     for (const CLI::Option* flag : options.offload_only)
       if (flag->count() > 0)
         throw UsageError(fmt::format("{} applies when offloading experts: add --gpu-memory (with --device cuda) or "
                                      "--host-memory (on the CPU)",
                                      flag->get_name()));
+  LoadOptions load;
+  load.format = options.load_format == "random" ? LoadFormat::kRandom : LoadFormat::kSafetensors;
+  load.seed = options.random_seed;
+  load.pack_experts = options.pack_experts;
+  return Model::load(resolved_model_dir(options), load);
+}
+
+EngineOptions engine_options(const ModelOptions& options, const ModelConfig& config) {
   EngineOptions engine;
   engine.device = options.device;
   engine.num_threads = options.num_threads;

@@ -43,7 +43,7 @@ struct ModelOptions {
   bool no_scan_steps = false;
   bool pack_experts = false;   // hold offloaded experts in the 12-bit packing in host memory
   // The flags that only shape offloading (cache, predictor, miss-path cost model): given without --gpu-memory
-  // or --host-memory they would do nothing, so engine_options() refuses them. Owned by the CLI app.
+  // or --host-memory they would do nothing, so load_model() refuses them (before loading). Owned by the CLI app.
   std::vector<const CLI::Option*> offload_only;
 };
 
@@ -51,6 +51,7 @@ struct ModelOptions {
 void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required);
 // The embedded default model's directory (models/default, else the Mixtral test fixture).
 std::string default_model_dir();
+// The model the flags name; first refuses offloading-only flags given without an expert budget (UsageError).
 std::unique_ptr<Model> load_model(const ModelOptions& options);
 // Engine options from the flags; the model's config sizes the GPU expert budget. Throws UsageError for
 // bad sizes or a budget that leaves no room for experts.
