@@ -93,8 +93,9 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
   sub->add_flag("--pack-experts", options->pack_experts,
                 "when offloading: hold the experts in host memory in a lossless 12-bit packing (bf16 experts), so a "
                 "missed expert reads ~3/4 of its bytes, copied (the GPU unpacks it) or run on the CPU; packing "
-                "takes a pass over the experts at load. For large experts (Mixtral-8x7B's: 1.0-1.35x measured); "
-                "small ones (Qwen3-30B-A3B's 9 MB) ran slower (docs/offloading.md)");
+                "takes a pass over the experts at load. For large experts (Mixtral-8x7B's: 1.18-1.28x measured "
+                "with --cpu-experts on AVX-512 hosts); small ones (Qwen3-30B-A3B's 9 MB) gain nothing "
+                "(docs/offloading.md)");
   sub->add_flag("--per-layer-cache", options->per_layer_cache,
                 "split the expert budget evenly over MoE layers instead of one global cache");
   for (const char* name : {"--cache-policy", "--per-layer-cache", "--predictor", "--lookahead-layers", "--scan-steps",

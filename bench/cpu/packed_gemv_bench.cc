@@ -10,7 +10,7 @@
 //   packed  cpu::packed_linear_block over the packed rows, what the engine's CPU experts run with --pack-experts:
 //           each row decoded in registers (a pshufb lookup of the exponent table) inside a GEMV with the bf16
 //           GEMV's accumulators, so each row's dot is bit-identical to the backend's -- checked, which covers the
-//           round trip. (Until 2026-11-28 this bench also timed a prototype of that loop of its own, and the
+//           round trip. Timed with the AVX2 decode and, where the CPU has AVX-512 VBMI, the 512-bit one. (Until 2026-11-28 this bench also timed a prototype of that loop of its own, and the
 //           library's earlier path, 16 rows unpacked into scratch before the GEMV: bench/RESULTS.md.) On a 16-core
 //           H200 host (2026-11-27, 128-bit decode) the library read 18.9 GB/s of packed bytes with 15 threads from
 //           this bench's 117 MB, 5.0 with one.
@@ -34,6 +34,7 @@
 
 #include "host_info.h"
 #include "moex/backend/cpu/linear_kernels.h"
+#include "moex/backend/cpu/packed_gemv_avx512.h"
 #include "moex/backend/cpu/packed_linear.h"
 #include "moex/backend/cpu/simd.h"
 #include "moex/core/dtype.h"
@@ -103,17 +104,27 @@ int main(int argc, char** argv) {
   bf16_gemv.out = out.data();
   bf16_gemv.ldo = rows;
 
-  // The packing's round trip and the dots: every row bit for bit against the backend's.
+  // The packed GEMV's decodes on this CPU: AVX2, and AVX-512 VBMI where the CPU has it (the library's default there).
+  std::vector<bool> decodes = {false};
+  if (cpu::packed_avx512_supported()) decodes.push_back(true);
+  auto decode_name = [](bool avx512) { return avx512 ? "avx512" : "avx2"; };
+
+  // The packing's round trip and the dots: every row, with each decode, bit for bit against the backend's.
   cpu::linear_block(bf16_gemv, 0, rows, 0, 1);
   std::vector<float> packed_out(static_cast<size_t>(rows));
   cpu::LinearProblem packed_gemv = bf16_gemv;
   packed_gemv.out = packed_out.data();
-  cpu::packed_linear_block(packed_gemv, p, 0, rows, 0, 1);
-  int64_t bad_rows = 0;
-  for (int64_t r = 0; r < rows; ++r) bad_rows += std::memcmp(&out[r], &packed_out[r], 4) != 0;
-  if (bad_rows) {
-    fmt::print(stderr, "packed_gemv_bench: {} of {} rows differ from the CPU backend's GEMV\n", bad_rows, rows);
-    return 1;
+  for (const bool avx512 : decodes) {
+    cpu::set_packed_avx512(avx512);
+    std::fill(packed_out.begin(), packed_out.end(), NAN);
+    cpu::packed_linear_block(packed_gemv, p, 0, rows, 0, 1);
+    int64_t bad_rows = 0;
+    for (int64_t r = 0; r < rows; ++r) bad_rows += std::memcmp(&out[r], &packed_out[r], 4) != 0;
+    if (bad_rows) {
+      fmt::print(stderr, "packed_gemv_bench: with the {} decode {} of {} rows differ from the CPU backend's GEMV\n",
+                 decode_name(avx512), bad_rows, rows);
+      return 1;
+    }
   }
 
   const double bf16_bytes = static_cast<double>(w.size()) * 2, packed_bytes = static_cast<double>(p.bytes());
@@ -125,9 +136,9 @@ int main(int argc, char** argv) {
   fmt::print("{}; load {}\n{} x {} bf16 weights ({:.0f} MB), packed {:.4f} of the bytes, {:.2e} exceptions a weight\n",
              bench::cpu_model(), bench::load_average(), rows, kCols, bf16_bytes / 1e6, packed_bytes / bf16_bytes,
              exceptions);
-  fmt::print("| case | threads | bf16: weight GB/s | packed: packed GB/s | packed: bf16-equivalent GB/s | "
-             "packed / bf16 time |\n");
-  fmt::print("|---|---|---|---|---|---|\n");
+  fmt::print("| case | threads | bf16: weight GB/s | packed decode | packed: packed GB/s | packed: bf16-equivalent "
+             "GB/s | packed / bf16 time |\n");
+  fmt::print("|---|---|---|---|---|---|---|\n");
   struct Case {
     bool hot;
     int threads;
@@ -138,18 +149,24 @@ int main(int argc, char** argv) {
     const double tb = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
       for (int k = 0; k < passes; ++k) cpu::linear_block(bf16_gemv, begin, end, 0, 1);
     });
-    const double tp = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
-      for (int k = 0; k < passes; ++k) cpu::packed_linear_block(packed_gemv, p, begin, end, 0, 1);
-    });
     // Bytes each loop read per pass: the rows' share of the matrix (exceptions included for the packed one).
     const double share = double(n) / rows;
     const double bf16_gbs = bf16_bytes * share * passes / tb / 1e9;
-    const double packed_gbs = packed_bytes * share * passes / tp / 1e9;
-    fmt::print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.2f} |\n", c.hot ? "cache-resident (16 rows)" : "from DRAM",
-               c.threads, bf16_gbs, packed_gbs, packed_gbs * bf16_bytes / packed_bytes, tp / tb);
-    result[c.hot ? std::string("hot_1t") : fmt::format("dram_{}t", c.threads)] = {
-        {"bf16_gbs", bf16_gbs}, {"packed_gbs", packed_gbs}, {"time_ratio", tp / tb}};
+    const std::string key = c.hot ? std::string("hot_1t") : fmt::format("dram_{}t", c.threads);
+    result[key] = {{"bf16_gbs", bf16_gbs}};
+    for (const bool avx512 : decodes) {
+      cpu::set_packed_avx512(avx512);
+      const double tp = time_rows(n, c.threads, reps, [&](int64_t begin, int64_t end) {
+        for (int k = 0; k < passes; ++k) cpu::packed_linear_block(packed_gemv, p, begin, end, 0, 1);
+      });
+      const double packed_gbs = packed_bytes * share * passes / tp / 1e9;
+      fmt::print("| {} | {} | {:.1f} | {} | {:.1f} | {:.1f} | {:.2f} |\n",
+                 c.hot ? "cache-resident (16 rows)" : "from DRAM", c.threads, bf16_gbs, decode_name(avx512),
+                 packed_gbs, packed_gbs * bf16_bytes / packed_bytes, tp / tb);
+      result[key][decode_name(avx512)] = {{"packed_gbs", packed_gbs}, {"time_ratio", tp / tb}};
+    }
   }
+  cpu::set_packed_avx512(cpu::packed_avx512_supported());
   if (json) fmt::print("{}\n", result.dump());
   return 0;
 }

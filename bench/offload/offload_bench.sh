@@ -98,7 +98,8 @@ PY
 # The fixture's experts are a few KB: --split-overhead-ms 0 lets them split all the same.
 for flags in "" "--gpu-memory $budget --predictor pregate" "--gpu-memory $budget --predictor pregate --cpu-experts" \
   "--gpu-memory $budget --cpu-experts --split-overhead-ms 0" \
-  "--gpu-memory $budget --cpu-experts --split-overhead-ms 0 --host-read-gbs 20"; do
+  "--gpu-memory $budget --cpu-experts --split-overhead-ms 0 --host-read-gbs 20" \
+  "--gpu-memory $budget --predictor pregate --cpu-experts --split-overhead-ms 0 --pack-experts"; do
   "$moex" run -m $fx --device cuda $flags --prompt-ids "$ids" -n 16 --temperature 0 --ignore-eos --json \
     >"$out/check.json" 2>"$out/check.err"
   got=$(python3 -c "import json;print(json.load(open('$out/check.json'))['output_ids'])" 2>/dev/null || cat "$out/check.err")
@@ -187,8 +188,12 @@ run_case mixtral_16g_pregate_cpu_balanced mixtral_8x7b 16GiB --predictor pregate
 run_pair qwen3_8g_pregate_cpu qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts
 # Experts held packed in host memory (--pack-experts): every miss reads ~3/4 of the bf16 bytes, copied or on the CPU.
 run_case mixtral_16g_pregate_cpu_packed mixtral_8x7b 16GiB --predictor pregate --cpu-experts --pack-experts
+# The same with the CPU's packed decode kept at AVX2 on an AVX-512 host (the A/B of its 512-bit decode).
+MOEX_CPU_AVX512=0 run_case mixtral_16g_pregate_cpu_packed_avx2 mixtral_8x7b 16GiB --predictor pregate --cpu-experts \
+  --pack-experts
 run_case qwen3_8g_pregate_cpu_packed qwen3_30b_a3b 8GiB --predictor pregate --cpu-experts --pack-experts
 run_pair mixtral_40g_pregate_cpu mixtral_8x7b 40GiB --predictor pregate --cpu-experts
+run_case mixtral_40g_pregate_cpu_packed mixtral_8x7b 40GiB --predictor pregate --cpu-experts --pack-experts
 if [ "${CASES:-all}" != "pregate" ]; then
   run_case mixtral_16g_lru mixtral_8x7b 16GiB
   run_case qwen3_8g_lru qwen3_30b_a3b 8GiB

@@ -11,6 +11,8 @@
 
 #include <gtest/gtest.h>
 
+#include "moex/backend/cpu/packed_gemv_avx512.h"
+
 namespace moex::cpu {
 namespace {
 
@@ -38,9 +40,24 @@ TEST(CpuPackedLinear, VectorUnpackMatchesThePortableOne) {
   }
 }
 
-TEST(CpuPackedLinear, BitIdenticalToTheUnpackedMatrix) {
+// Every test of the GEMV runs with the AVX2 decode and with the AVX-512 one (skipped on CPUs without AVX-512 VBMI,
+// such as the CI machine's; the GPU hosts have it), and restores the default.
+class CpuPackedGemv : public testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (GetParam() && !packed_avx512_supported()) GTEST_SKIP() << "this CPU has no AVX-512 VBMI";
+    ASSERT_TRUE(set_packed_avx512(GetParam()));
+  }
+  void TearDown() override { set_packed_avx512(packed_avx512_supported()); }
+};
+INSTANTIATE_TEST_SUITE_P(Decode, CpuPackedGemv, testing::Bool(),
+                         [](const testing::TestParamInfo<bool>& info) { return info.param ? "Avx512" : "Avx2"; });
+
+TEST_P(CpuPackedGemv, BitIdenticalToTheUnpackedMatrix) {
   const int64_t rows = 37;
-  for (int64_t k : {33, 4096, 4136}) {
+  // 4096: whole 64-weight (AVX-512) and 32-weight (AVX2) steps; 1000 and 4136: 40 weights past the last 64-step,
+  // a 32- or 16-step and an 8-weight tail; 33: no 64-step at all.
+  for (int64_t k : {33, 1000, 4096, 4136}) {
     const auto w = weights(rows, k, static_cast<uint32_t>(k) + 1);
     const PackedBf16 packed = pack_bf16(w.data(), rows, k);
     std::vector<float> bias(static_cast<size_t>(rows));

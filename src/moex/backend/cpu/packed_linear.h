@@ -1,6 +1,6 @@
 // Linear layers over weights in the 12-bit packing (core/packed_bf16.h): how the CPU runs offloaded experts held
 // packed in host memory (--pack-experts, docs/offloading.md). At 1-4 tokens (decode) each row is decoded in
-// registers inside the GEMV; with more tokens (or a bias) rows are unpacked a block at a time into a cache-resident
+// registers inside the GEMV (512 bits wide where the CPU has AVX-512 VBMI: packed_gemv_avx512.h); with more tokens (or a bias) rows are unpacked a block at a time into a cache-resident
 // bf16 scratch and handed to linear_block. Either way the result is bit-identical to the unpacked matrix's.
 #pragma once
 

@@ -1,0 +1,27 @@
+// The packed GEMV's 512-bit decode (AVX-512 VBMI: vpermb / vpermt2b), for hosts that have it (Intel Ice Lake and
+// Sapphire Rapids on, AMD Zen 4 on): on a 16-core GPU host the CPU share of offloaded decode with --pack-experts
+// was bound by the AVX2 decode's shuffles, not by DRAM (bench/RESULTS.md). Picked at run time; the rest of the
+// build stays x86-64-v3. Internal to backend/cpu: packed_linear.cc runs it.
+#pragma once
+
+#include <cstdint>
+
+#include "moex/core/packed_bf16.h"
+
+namespace moex::cpu {
+
+// Whether this CPU (and OS) runs AVX-512 F/BW/VL/VBMI.
+bool packed_avx512_supported();
+// Whether the packed GEMV uses the 512-bit decode: where supported, unless MOEX_CPU_AVX512=0 (A/B).
+bool packed_avx512_enabled();
+// Tests and benchmarks pick the loop: false when asked for AVX-512 where the CPU lacks it.
+bool set_packed_avx512(bool on);
+
+// Columns [0, kk) of packed row `row` for `tokens` (1-4) tokens, kk the largest multiple of 64 <= p.cols: the sums
+// the AVX2 GEMV's loop would hold at kk, bit for bit, written to acc as its accumulators acc[t][u] (8 floats each;
+// u < 4 at 1-2 tokens, < 2 at 3-4). *exc (from p.exc_begin[row]) is advanced past the exceptions patched. Returns
+// kk. Only where packed_avx512_supported().
+int64_t packed_gemv_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
+                           float* acc);
+
+}  // namespace moex::cpu
