@@ -10,10 +10,11 @@
 //   packed  cpu::packed_linear_block over the packed rows, what the engine's CPU experts run with --pack-experts:
 //           each row decoded in registers (a pshufb lookup of the exponent table) inside a GEMV with the bf16
 //           GEMV's accumulators, so each row's dot is bit-identical to the backend's -- checked, which covers the
-//           round trip. Timed with the AVX2 decode and, where the CPU has AVX-512 VBMI, the 512-bit one. (Until 2026-11-28 this bench also timed a prototype of that loop of its own, and the
-//           library's earlier path, 16 rows unpacked into scratch before the GEMV: bench/RESULTS.md.) On a 16-core
-//           H200 host (2026-11-27, 128-bit decode) the library read 18.9 GB/s of packed bytes with 15 threads from
-//           this bench's 117 MB, 5.0 with one.
+//           round trip. Timed with the AVX2 decode and, where the CPU has AVX-512 VBMI, the 512-bit one. (Until
+//           2026-11-28 this bench also timed a prototype of that loop of its own, and the library's earlier path,
+//           16 rows unpacked into scratch before the GEMV: bench/RESULTS.md.) On a 16-core H200 host (2026-11-27,
+//           128-bit decode) the library read 18.9 GB/s of packed bytes with 15 threads from this bench's 117 MB,
+//           5.0 with one; on 16-core H100 machines' hosts (2026-11-28) 55.1-63.7 with AVX2, 77.5-86.4 with AVX-512.
 // The packing is the library's (core/packed_bf16.h).
 // Weights are normal with the std of a 14336-wide row (~1.4e-4 of them outside the 15 commonest exponents, as on
 // the default model's trained experts: bench/offload/exponent_stats.py). Prints a table and, with --json, one line.

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "moex/backend/cpu/simd.h"
+#include "moex/core/error.h"
 
 namespace moex::cpu {
 
@@ -48,7 +49,8 @@ MOEX_AVX512_VBMI inline void decode64(const uint8_t* lo_row, const uint8_t* code
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i mask4 = _mm512_set1_epi8(0x0f), top_bit = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i lo = _mm512_loadu_si512(lo_row + col);
-  const __m512i codes_twice = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(code_row + col / 2)));
+  const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(code_row + col / 2));
+  const __m512i codes_twice = _mm512_broadcast_i64x4(codes);
   const __m512i split = _mm512_and_si512(_mm512_srlv_epi16(codes_twice, shifts), mask4);
   const __m512i e = _mm512_permutexvar_epi8(interleave, _mm512_shuffle_epi8(table, split));
   // hi = sign | exponent >> 1, lb = (exponent & 1) << 7 | mantissa: 0xca selects the first operand's bits where
@@ -59,24 +61,36 @@ MOEX_AVX512_VBMI inline void decode64(const uint8_t* lo_row, const uint8_t* code
   for (int j = 0; j < 4; ++j) w[j] = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi8(kTopHalves, lb, dwords[j], hi));
 }
 
+// The decode's constant vectors, loaded once per call rather than per row (rows of 768 weights are 12 steps).
+struct Decoder {
+  __m512i table, interleave, dwords[4];
+};
+MOEX_AVX512_VBMI inline Decoder make_decoder(const PackedBf16& p) {
+  Decoder d;
+  d.table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data())));
+  d.interleave = _mm512_load_si512(kPermutes.interleave64);
+  for (int j = 0; j < 4; ++j) d.dwords[j] = _mm512_load_si512(kPermutes.dwords[j]);
+  return d;
+}
+
+// The AVX2 GEMV's accumulators, two of its 8-wide ones to a 16-wide register: at 1-2 tokens acc[t][0..3] cover
+// columns 0-7 .. 24-31 of every 32, so zmm 0 holds [acc0 | acc1] and zmm 1 [acc2 | acc3]; at 3-4 tokens
+// acc[t][0..1] cover 0-7 and 8-15 of every 16, one zmm. Every lane sees the same products in the same order.
 template <int kT>
-MOEX_AVX512_VBMI int64_t gemv_head(const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
-                                   float* acc) {
-  // The AVX2 GEMV's accumulators, two of its 8-wide ones to a 16-wide register: at 1-2 tokens acc[t][0..3] cover
-  // columns 0-7 .. 24-31 of every 32, so zmm 0 holds [acc0 | acc1] and zmm 1 [acc2 | acc3]; at 3-4 tokens
-  // acc[t][0..1] cover 0-7 and 8-15 of every 16, one zmm. Every lane sees the same products in the same order.
-  constexpr int kZ = kT <= 2 ? 2 : 1;
+constexpr int kZmmPerToken = kT <= 2 ? 2 : 1;
+
+// Row `row`'s whole 64-weight steps into a (zeroed here); *exc advanced past the exceptions patched. Returns the
+// columns done.
+template <int kT>
+MOEX_AVX512_VBMI inline int64_t row_steps(const float* x, int64_t ldx, const PackedBf16& p, int64_t row,
+                                          const Decoder& d, uint32_t* exc, __m512 (&a)[kT][kZmmPerToken<kT>]) {
+  constexpr int kZ = kZmmPerToken<kT>;
   const int64_t k = p.cols;
   const uint8_t* lo_row = p.lo.data() + row * k;
   const uint8_t* code_row = p.codes.data() + row * p.code_stride();
   const uint32_t* exc_col = p.exc_col.data();
   const uint32_t exc_end = p.exc_begin[row + 1];
   uint32_t next_exc = *exc;
-  const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data())));
-  const __m512i interleave = _mm512_load_si512(kPermutes.interleave64);
-  __m512i dwords[4];
-  for (int j = 0; j < 4; ++j) dwords[j] = _mm512_load_si512(kPermutes.dwords[j]);
-  __m512 a[kT][kZ];
   for (int t = 0; t < kT; ++t)
     for (int z = 0; z < kZ; ++z) a[t][z] = _mm512_setzero_ps();
   int64_t kk = 0;
@@ -84,7 +98,7 @@ MOEX_AVX512_VBMI int64_t gemv_head(const float* x, int64_t ldx, const PackedBf16
     _mm_prefetch(reinterpret_cast<const char*>(lo_row + kk) + 3072, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(code_row + kk / 2) + 1536, _MM_HINT_T0);
     __m512 w[4];
-    decode64(lo_row, code_row, kk, table, interleave, dwords, w);
+    decode64(lo_row, code_row, kk, d.table, d.interleave, d.dwords, w);
     if (next_exc < exc_end && exc_col[next_exc] < kk + 64) {  // rare: patch the escaped weights in
       alignas(64) float patched[64];
       for (int j = 0; j < 4; ++j) _mm512_store_ps(patched + 16 * j, w[j]);
@@ -96,15 +110,49 @@ MOEX_AVX512_VBMI int64_t gemv_head(const float* x, int64_t ldx, const PackedBf16
       for (int t = 0; t < kT; ++t)
         a[t][j % kZ] = _mm512_fmadd_ps(_mm512_loadu_ps(x + t * ldx + kk + 16 * j), w[j], a[t][j % kZ]);
   }
-  for (int t = 0; t < kT; ++t)
-    for (int z = 0; z < kZ; ++z) _mm512_storeu_ps(acc + (t * kZ + z) * 16, a[t][z]);
   *exc = next_exc;
   return kk;
 }
 
+template <int kT>
+MOEX_AVX512_VBMI int64_t gemv_head(const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
+                                   float* acc) {
+  constexpr int kZ = kZmmPerToken<kT>;
+  __m512 a[kT][kZ];
+  const int64_t kk = row_steps<kT>(x, ldx, p, row, make_decoder(p), exc, a);
+  for (int t = 0; t < kT; ++t)
+    for (int z = 0; z < kZ; ++z) _mm512_storeu_ps(acc + (t * kZ + z) * 16, a[t][z]);
+  return kk;
+}
+
+// Lanes 8-15 (AVX-512F has no 32-bit-lane extract of a half: that is AVX-512DQ).
+MOEX_AVX512_VBMI inline __m256 upper_half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+// Whole rows (p.cols a multiple of 64), each output summed as the AVX2 GEMV sums its accumulators: ((acc0 + acc1) +
+// acc2) + acc3 (acc0 + acc1 at 3-4 tokens), then hsum.
+template <int kT>
+MOEX_AVX512_VBMI void gemv_rows(const float* x, int64_t ldx, const PackedBf16& p, int64_t row_begin, int64_t row_end,
+                                float* out, int64_t ldo) {
+  constexpr int kZ = kZmmPerToken<kT>;
+  const Decoder d = make_decoder(p);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    __m512 a[kT][kZ];
+    uint32_t exc = p.exc_begin[row];
+    row_steps<kT>(x, ldx, p, row, d, &exc, a);
+    for (int t = 0; t < kT; ++t) {
+      __m256 total = _mm256_add_ps(_mm512_castps512_ps256(a[t][0]), upper_half(a[t][0]));
+      if constexpr (kZ == 2)
+        total = _mm256_add_ps(_mm256_add_ps(total, _mm512_castps512_ps256(a[t][1])), upper_half(a[t][1]));
+      out[t * ldo + row] = hsum(total);
+    }
+  }
+}
+
 }  // namespace
 
-// Not itself built for AVX-512: a declaration and a definition with different target attributes would be two
+// Not themselves built for AVX-512: a declaration and a definition with different target attributes would be two
 // versions of one function to GCC (function multiversioning).
 int64_t packed_gemv_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
                            float* acc) {
@@ -113,6 +161,17 @@ int64_t packed_gemv_avx512(int tokens, const float* x, int64_t ldx, const Packed
     case 2: return gemv_head<2>(x, ldx, p, row, exc, acc);
     case 3: return gemv_head<3>(x, ldx, p, row, exc, acc);
     default: return gemv_head<4>(x, ldx, p, row, exc, acc);
+  }
+}
+
+void packed_gemv_rows_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row_begin,
+                             int64_t row_end, float* out, int64_t ldo) {
+  MOEX_ASSERT(p.cols % 64 == 0, "packed_gemv_rows_avx512: {} columns", p.cols);
+  switch (tokens) {
+    case 1: gemv_rows<1>(x, ldx, p, row_begin, row_end, out, ldo); break;
+    case 2: gemv_rows<2>(x, ldx, p, row_begin, row_end, out, ldo); break;
+    case 3: gemv_rows<3>(x, ldx, p, row_begin, row_end, out, ldo); break;
+    default: gemv_rows<4>(x, ldx, p, row_begin, row_end, out, ldo); break;
   }
 }
 

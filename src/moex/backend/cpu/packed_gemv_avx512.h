@@ -24,4 +24,10 @@ bool set_packed_avx512(bool on);
 int64_t packed_gemv_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
                            float* acc);
 
+// Rows [row_begin, row_end) whole, for `tokens` (1-4) tokens, where p.cols is a multiple of 64 (every real expert
+// width): out[t * ldo + row] bit-identical to the AVX2 GEMV's, with the decode's constants loaded once for the
+// range. Only where packed_avx512_supported().
+void packed_gemv_rows_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row_begin,
+                             int64_t row_end, float* out, int64_t ldo);
+
 }  // namespace moex::cpu

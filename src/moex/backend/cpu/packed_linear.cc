@@ -179,6 +179,11 @@ void packed_linear_block(const LinearProblem& problem, const PackedBf16& w, int6
     const float* x = problem.x + token_begin * problem.ldx;
     float* out = problem.out + token_begin * problem.ldo;
     const bool avx512 = packed_avx512_enabled();
+    if (avx512 && w.cols % 64 == 0) {
+      packed_gemv_rows_avx512(static_cast<int>(token_end - token_begin), x, problem.ldx, w, row_begin, row_end, out,
+                              problem.ldo);
+      return;
+    }
     for (int64_t row = row_begin; row < row_end; ++row) {
       switch (token_end - token_begin) {
         case 1: packed_gemv_row<1>(x, problem.ldx, w, row, out + row, problem.ldo, avx512); break;
