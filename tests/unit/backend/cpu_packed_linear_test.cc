@@ -55,8 +55,8 @@ INSTANTIATE_TEST_SUITE_P(Decode, CpuPackedGemv, testing::Bool(),
 
 TEST_P(CpuPackedGemv, BitIdenticalToTheUnpackedMatrix) {
   const int64_t rows = 37;
-  // 4096: whole 64-weight (AVX-512) and 32-weight (AVX2) steps; 1000 and 4136: 40 weights past the last 64-step,
-  // a 32- or 16-step and an 8-weight tail; 33: no 64-step at all.
+  // 4096: a multiple of 64, the AVX-512 decode's widths, and of the AVX2 decode's 32- and 16-weight steps; 33, 1000
+  // and 4136: widths the AVX-512 decode leaves to AVX2, with a 16-weight step (1000, 4136) and an 8-weight tail.
   for (int64_t k : {33, 1000, 4096, 4136}) {
     const auto w = weights(rows, k, static_cast<uint32_t>(k) + 1);
     const PackedBf16 packed = pack_bf16(w.data(), rows, k);

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "moex/backend/cpu/packed_linear.h"
 #include "moex/backend/cpu/simd.h"
 #include "moex/core/error.h"
 
@@ -95,8 +96,8 @@ MOEX_AVX512_VBMI inline int64_t row_steps(const float* x, int64_t ldx, const Pac
     for (int z = 0; z < kZ; ++z) a[t][z] = _mm512_setzero_ps();
   int64_t kk = 0;
   for (; kk + 64 <= k; kk += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(lo_row + kk) + 3072, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(code_row + kk / 2) + 1536, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(lo_row + kk) + kPackedPrefetchLoBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(code_row + kk / 2) + kPackedPrefetchCodeBytes, _MM_HINT_T0);
     __m512 w[4];
     decode64(lo_row, code_row, kk, d.table, d.interleave, d.dwords, w);
     if (next_exc < exc_end && exc_col[next_exc] < kk + 64) {  // rare: patch the escaped weights in
@@ -111,17 +112,6 @@ MOEX_AVX512_VBMI inline int64_t row_steps(const float* x, int64_t ldx, const Pac
         a[t][j % kZ] = _mm512_fmadd_ps(_mm512_loadu_ps(x + t * ldx + kk + 16 * j), w[j], a[t][j % kZ]);
   }
   *exc = next_exc;
-  return kk;
-}
-
-template <int kT>
-MOEX_AVX512_VBMI int64_t gemv_head(const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
-                                   float* acc) {
-  constexpr int kZ = kZmmPerToken<kT>;
-  __m512 a[kT][kZ];
-  const int64_t kk = row_steps<kT>(x, ldx, p, row, make_decoder(p), exc, a);
-  for (int t = 0; t < kT; ++t)
-    for (int z = 0; z < kZ; ++z) _mm512_storeu_ps(acc + (t * kZ + z) * 16, a[t][z]);
   return kk;
 }
 
@@ -152,18 +142,8 @@ MOEX_AVX512_VBMI void gemv_rows(const float* x, int64_t ldx, const PackedBf16& p
 
 }  // namespace
 
-// Not themselves built for AVX-512: a declaration and a definition with different target attributes would be two
+// Not itself built for AVX-512: a declaration and a definition with different target attributes would be two
 // versions of one function to GCC (function multiversioning).
-int64_t packed_gemv_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
-                           float* acc) {
-  switch (tokens) {
-    case 1: return gemv_head<1>(x, ldx, p, row, exc, acc);
-    case 2: return gemv_head<2>(x, ldx, p, row, exc, acc);
-    case 3: return gemv_head<3>(x, ldx, p, row, exc, acc);
-    default: return gemv_head<4>(x, ldx, p, row, exc, acc);
-  }
-}
-
 void packed_gemv_rows_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row_begin,
                              int64_t row_end, float* out, int64_t ldo) {
   MOEX_ASSERT(p.cols % 64 == 0, "packed_gemv_rows_avx512: {} columns", p.cols);

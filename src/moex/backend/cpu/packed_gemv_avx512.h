@@ -17,16 +17,9 @@ bool packed_avx512_enabled();
 // Tests and benchmarks pick the loop: false when asked for AVX-512 where the CPU lacks it.
 bool set_packed_avx512(bool on);
 
-// Columns [0, kk) of packed row `row` for `tokens` (1-4) tokens, kk the largest multiple of 64 <= p.cols: the sums
-// the AVX2 GEMV's loop would hold at kk, bit for bit, written to acc as its accumulators acc[t][u] (8 floats each;
-// u < 4 at 1-2 tokens, < 2 at 3-4). *exc (from p.exc_begin[row]) is advanced past the exceptions patched. Returns
-// kk. Only where packed_avx512_supported().
-int64_t packed_gemv_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row, uint32_t* exc,
-                           float* acc);
-
-// Rows [row_begin, row_end) whole, for `tokens` (1-4) tokens, where p.cols is a multiple of 64 (every real expert
-// width): out[t * ldo + row] bit-identical to the AVX2 GEMV's, with the decode's constants loaded once for the
-// range. Only where packed_avx512_supported().
+// Rows [row_begin, row_end) for `tokens` (1-4) tokens, where p.cols is a multiple of 64 (every real expert width;
+// packed_linear_block leaves other widths to the AVX2 loop): out[t * ldo + row] bit-identical to the AVX2 GEMV's,
+// with the decode's constants loaded once for the range. Only where packed_avx512_supported().
 void packed_gemv_rows_avx512(int tokens, const float* x, int64_t ldx, const PackedBf16& p, int64_t row_begin,
                              int64_t row_end, float* out, int64_t ldo);
 

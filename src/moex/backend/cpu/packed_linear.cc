@@ -75,10 +75,8 @@ inline void decode32(const uint8_t* lo_row, const uint8_t* code_row, int64_t col
 // packed bytes against 73 GB/s of bf16). The same accumulators, in the same order, as the bf16 GEMV's gemv_row
 // (linear_kernels.cc), so the result is bit-identical to it; the row's exceptions are patched into the few
 // vectors they fall in.
-// With avx512 (packed_avx512_enabled()) the row's 64-weight steps run in packed_gemv_avx512, same sums.
 template <int kT>
-void packed_gemv_row(const float* x, int64_t ldx, const PackedBf16& p, int64_t row, float* out, int64_t ldo,
-                     [[maybe_unused]] bool avx512) {
+void packed_gemv_row(const float* x, int64_t ldx, const PackedBf16& p, int64_t row, float* out, int64_t ldo) {
   constexpr int kU = kT <= 2 ? 4 : 2;  // gemv_row's unroll
   const int64_t k = p.cols;
   const uint8_t* lo_row = p.lo.data() + row * k;
@@ -91,18 +89,11 @@ void packed_gemv_row(const float* x, int64_t ldx, const PackedBf16& p, int64_t r
   const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.exponent.data()));
   const __m256i table32 = _mm256_broadcastsi128_si256(table);  // pshufb looks up within each 128-bit lane
   __m256 acc[kT][kU];
-  if (avx512 && k >= 64) {  // the row's whole 64-weight steps 512 bits wide, the accumulators handed back
-    alignas(64) float head[kT][kU][8];
-    kk = packed_gemv_avx512(kT, x, ldx, p, row, &exc, &head[0][0][0]);
-    for (int t = 0; t < kT; ++t)
-      for (int u = 0; u < kU; ++u) acc[t][u] = _mm256_load_ps(head[t][u]);
-  } else {
-    for (int t = 0; t < kT; ++t)
-      for (int u = 0; u < kU; ++u) acc[t][u] = _mm256_setzero_ps();
-  }
+  for (int t = 0; t < kT; ++t)
+    for (int u = 0; u < kU; ++u) acc[t][u] = _mm256_setzero_ps();
   for (; kk + 8 * kU <= k; kk += 8 * kU) {
-    _mm_prefetch(reinterpret_cast<const char*>(lo_row + kk) + 3072, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(code_row + kk / 2) + 1536, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(lo_row + kk) + kPackedPrefetchLoBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(code_row + kk / 2) + kPackedPrefetchCodeBytes, _MM_HINT_T0);
     __m256 wv[kU];
     if constexpr (kU == 4) decode32(lo_row, code_row, kk, table32, wv);
     else decode16(lo_row, code_row, kk, table, &wv[0], &wv[1]);
@@ -178,18 +169,17 @@ void packed_linear_block(const LinearProblem& problem, const PackedBf16& w, int6
   if (token_end - token_begin <= kGemvMaxTokens && problem.bias == nullptr) {
     const float* x = problem.x + token_begin * problem.ldx;
     float* out = problem.out + token_begin * problem.ldo;
-    const bool avx512 = packed_avx512_enabled();
-    if (avx512 && w.cols % 64 == 0) {
+    if (packed_avx512_enabled() && w.cols % 64 == 0) {  // 512 bits wide (every real expert width)
       packed_gemv_rows_avx512(static_cast<int>(token_end - token_begin), x, problem.ldx, w, row_begin, row_end, out,
                               problem.ldo);
       return;
     }
     for (int64_t row = row_begin; row < row_end; ++row) {
       switch (token_end - token_begin) {
-        case 1: packed_gemv_row<1>(x, problem.ldx, w, row, out + row, problem.ldo, avx512); break;
-        case 2: packed_gemv_row<2>(x, problem.ldx, w, row, out + row, problem.ldo, avx512); break;
-        case 3: packed_gemv_row<3>(x, problem.ldx, w, row, out + row, problem.ldo, avx512); break;
-        default: packed_gemv_row<4>(x, problem.ldx, w, row, out + row, problem.ldo, avx512); break;
+        case 1: packed_gemv_row<1>(x, problem.ldx, w, row, out + row, problem.ldo); break;
+        case 2: packed_gemv_row<2>(x, problem.ldx, w, row, out + row, problem.ldo); break;
+        case 3: packed_gemv_row<3>(x, problem.ldx, w, row, out + row, problem.ldo); break;
+        default: packed_gemv_row<4>(x, problem.ldx, w, row, out + row, problem.ldo); break;
       }
     }
     return;

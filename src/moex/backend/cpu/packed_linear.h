@@ -1,7 +1,8 @@
 // Linear layers over weights in the 12-bit packing (core/packed_bf16.h): how the CPU runs offloaded experts held
 // packed in host memory (--pack-experts, docs/offloading.md). At 1-4 tokens (decode) each row is decoded in
-// registers inside the GEMV (512 bits wide where the CPU has AVX-512 VBMI: packed_gemv_avx512.h); with more tokens (or a bias) rows are unpacked a block at a time into a cache-resident
-// bf16 scratch and handed to linear_block. Either way the result is bit-identical to the unpacked matrix's.
+// registers inside the GEMV (512 bits wide where the CPU has AVX-512 VBMI: packed_gemv_avx512.h); with more tokens
+// (or a bias) rows are unpacked a block at a time into a cache-resident bf16 scratch and handed to linear_block.
+// Either way the result is bit-identical to the unpacked matrix's.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,10 @@
 #include "moex/core/packed_bf16.h"
 
 namespace moex::cpu {
+
+// How far ahead the packed GEMVs (AVX2 and AVX-512) prefetch a row: 3072 weights, i.e. their mantissa bytes and,
+// at half a byte each, their codes.
+inline constexpr int64_t kPackedPrefetchLoBytes = 3072, kPackedPrefetchCodeBytes = 1536;
 
 // Rows [row_begin, row_end) of p as bf16 bits into out [row_end - row_begin][p.cols]: the exponent codes through
 // a 16-entry table lookup (pshufb) 16 weights at a time, then the row's exceptions patched in.
