@@ -294,6 +294,16 @@ class Backend {
     moe_routed(normed, router, logits, top_k, scoring, normalize, experts, out);
   }
 
+  // The end of a forward: x += delta (delta may be null), logits = rms_norm(x, weight) @ lm_head^T. normed
+  // [rows, hidden] is scratch. A backend may compute the norm inside the lm_head's kernel and leave x without
+  // delta: the caller must not read x afterwards.
+  virtual void norm_logits(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
+                           const TensorView& normed, const TensorView& lm_head, const TensorView& logits) {
+    if (delta) add_rms_norm(x, *delta, weight, eps, normed);
+    else rms_norm(x, weight, eps, normed);
+    linear(normed, lm_head, nullptr, logits);
+  }
+
   // ---- picking tokens on the device (optional) ----------------------------------------------------------
   // ids[r] = the first index of the largest value of logits row r ([rows, vocab] fp32), NaN never winning
   // (row[0] wins when it is NaN), as the sampler's argmax(). Returns false when the backend has no such

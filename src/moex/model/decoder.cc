@@ -511,13 +511,14 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
   if (!want_logits) return;
   const int64_t rows = all_logits ? n : 1;
   TensorView normed = scratch(kNormed, Shape{rows, hidden});
-  if (rows == n) {
-    backend_.add_rms_norm(x, ffn_out, final_norm_, eps, normed);
-  } else {
-    backend_.add(x, ffn_out, x);
-    backend_.rms_norm(x.rows(n - rows, rows), final_norm_, eps, normed);
+  const TensorView logits = scratch(kLogits, Shape{rows, cfg_.vocab_size});
+  if (rows == n) {  // the last layer's output is still pending (each layer leaves it to the next norm)
+    backend_.norm_logits(x, &ffn_out, final_norm_, eps, normed, lm_head_, logits);
+    return;
   }
-  backend_.linear(normed, lm_head_, nullptr, scratch(kLogits, Shape{rows, cfg_.vocab_size}));
+  backend_.add(x, ffn_out, x);
+  backend_.rms_norm(x.rows(n - rows, rows), final_norm_, eps, normed);
+  backend_.linear(normed, lm_head_, nullptr, logits);
 }
 
 }  // namespace moex

@@ -230,6 +230,32 @@ TEST_P(CudaResidualNorm, ConsumersMatchUnfusedOps) {
   }
 }
 
+// The end of a forward at one row (norm_logits): the final norm inside the lm_head GEMV where the fused norm
+// loops (hidden 2048: a vocabulary's rows in many rounds of the looping grid; Model B's vocabulary, and a row
+// count that leaves the last round partly empty) and add_rms_norm + linear at hidden 4096, against the Backend
+// default on the same device.
+TEST(CudaResidualNorm, NormLogitsMatchesUnfusedOps) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  for (const auto& [hidden, vocab] : {std::pair<int64_t, int64_t>{2048, 151936}, {2048, 32003}, {4096, 32000}}) {
+    SCOPED_TRACE(testing::Message() << "hidden " << hidden << " vocab " << vocab);
+    const ResidualCase c{hidden, 0, 0, 0, false, true};
+    std::mt19937 rng(static_cast<uint32_t>(vocab + hidden));
+    const ResidualInputs in = make_residual_inputs(*backend, c, rng);
+    Bf16Weight head = random_bf16(rng, {vocab, hidden}, 1.f / std::sqrt(float(hidden)));
+    const TensorView head_d = backend->upload_weight(head.host_view(), "lm_head");
+    GuardedTensor xf(*backend, {1, hidden}), xu(*backend, {1, hidden}), d0(*backend, {1, hidden});
+    GuardedTensor scratch(*backend, {1, hidden}), fused(*backend, {1, vocab}), unfused(*backend, {1, vocab});
+    xf.fill(in.x);
+    xu.fill(in.x);
+    d0.fill(in.d0);
+    const TensorView d0v = d0.view();
+    backend->norm_logits(xf.view(), &d0v, in.norm, 1e-6f, scratch.view(), head_d, fused.view());
+    backend->Backend::norm_logits(xu.view(), &d0v, in.norm, 1e-6f, scratch.view(), head_d, unfused.view());
+    const auto want = unfused.read();
+    MOEX_EXPECT_CLOSE(fused.read(), std::vector<double>(want.begin(), want.end()), 1e-5);
+  }
+}
+
 // The top-k and the plan inside the gate/up launch (the default at one token: the router launch writes only the
 // logits, the gate/up blocks of row 0 the residual sum) against the router's own planning launch
 // (MOEX_CUDA_TOPK_IN_GATE_UP=0) on the same device: the same loops in the same orders, so x, the normalised row,

@@ -336,21 +336,25 @@ class CudaBackend final : public Backend {
     }
     MOEX_ASSERT(!token_on_device || next_token_picked_, "cuda decode_step at {}: the token is on the device only "
                 "after pick_token()", position);
-    // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on: it left
-    // at the start of the step before).
-    MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
-    auto* host = static_cast<int32_t*>(step_host_.get());
-    host[0] = token;
-    host[1] = static_cast<int32_t>(position);
-    // A chained step's token is already in step_values_[0] (the pick kernel wrote it): only the position goes up.
-    if (token_on_device) upload_pinned(host + 1, static_cast<int32_t*>(step_values_.get()) + 1, sizeof(int32_t));
-    else upload_pinned(host, step_values_.get(), 2 * sizeof(int32_t));
-    MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
-    next_token_picked_ = false;
     // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
     const int64_t bucket = step_bucket_keys(position + 1);
-    MOEX_ASSERT(kv_rows_ == 1 && kv_bucket_keys_ == bucket, "cuda decode_step at {}: prepare_kv_step({} rows) first",
-                position, kv_rows_);
+    MOEX_ASSERT(kv_rows_ == 1 && kv_bucket_keys_ == bucket && kv_host_pos_[0] == position,
+                "cuda decode_step at {}: prepare_kv_step({} rows) first", position, kv_rows_);
+    // The step's position is its prepared KV row's (step_position_device), so a chained step, whose token the
+    // pick kernel already wrote into step_values_[0], uploads nothing here: a copy of its own had sat between
+    // every two recorded steps. MOEX_CUDA_STEP_POSITION_UPLOAD=1 uploads the position as before (A/B).
+    if (!token_on_device || !position_from_kv_) {
+      // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on: it left
+      // at the start of the step before).
+      MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
+      auto* host = static_cast<int32_t*>(step_host_.get());
+      host[0] = token;
+      host[1] = static_cast<int32_t>(position);
+      if (token_on_device) upload_pinned(host + 1, static_cast<int32_t*>(step_values_.get()) + 1, sizeof(int32_t));
+      else upload_pinned(host, step_values_.get(), 2 * sizeof(int32_t));
+      MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
+    }
+    next_token_picked_ = false;
     step_mode_ = true;
     step_token_ = token;
     step_position_ = position;
@@ -473,6 +477,27 @@ class CudaBackend final : public Backend {
       }
     }
     Backend::norm_linear_many(x, delta, weight, eps, scratch, outputs);
+  }
+
+  // One row whose fused norm loops over a grid sized to the SMs (hidden <= 2048: Model A, Model B): the final norm
+  // inside the lm_head GEMV's blocks, one launch fewer per decode step (H200, same call: Model A 0.4986 vs 0.5074
+  // ms/token with the step's position below). Wider rows would take a block per 8 of the vocabulary's rows, each
+  // normalising the row (the 8x7B shape: 5.8 us slower per step), and keep add_rms_norm + linear.
+  void norm_logits(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
+                   const TensorView& normed, const TensorView& lm_head, const TensorView& logits) override {
+    ResidualNormIn in;
+    const int64_t K = x.dim(-1);
+    if (fused_norms_ && x.numel() == K && gemv_normed_loops(K) &&
+        residual_norm_in(x, delta, nullptr, weight, eps, "norm_logits", &in)) {
+      const LinearOutput head[1] = {{&lm_head, nullptr, &logits}};
+      GemvOutput gemv[1];
+      gemv_outputs(x, head, "norm_logits", gemv);
+      if (launch_gemv_bf16_multi_normed(in, K, gemv, 1, num_sms_, stream_)) {
+        MOEX_CUDA_CHECK_LAUNCH();
+        return;
+      }
+    }
+    Backend::norm_logits(x, delta, weight, eps, normed, lm_head, logits);
   }
 
   void norm_moe_routed(const TensorView& x, const TensorView* delta0, const TensorView& delta1,
@@ -957,7 +982,10 @@ class CudaBackend final : public Backend {
     if (!capturing_) check_kv_step(step, n, num_pages, op);
   }
   const int32_t* step_token_device() const { return static_cast<const int32_t*>(step_values_.get()); }
-  const int32_t* step_position_device() const { return static_cast<const int32_t*>(step_values_.get()) + 1; }
+  // Inside a decode step (one row): the prepared KV row's position, unless MOEX_CUDA_STEP_POSITION_UPLOAD=1.
+  const int32_t* step_position_device() const {
+    return position_from_kv_ ? kv_device_rows_.row_pos : static_cast<const int32_t*>(step_values_.get()) + 1;
+  }
   // The layer's expert table as device pointers, uploaded on first use (keyed by the span's data pointer,
   // which the Backend contract of moe_routed keeps stable). ffn of the layer in *ffn.
   const MoeExpertPtrs* expert_table(std::span<const ExpertWeights> experts, int64_t hidden, int64_t* ffn);
@@ -1011,6 +1039,7 @@ class CudaBackend final : public Backend {
   // Decode-step mode (decode_step): token and position on the device, graphs per context bucket.
   DeviceMemory step_values_;  // int32 [token, position]
   DeviceMemory route_ticket_;  // launch_moe_router_plan's counter of finished blocks (0 between launches)
+  const bool position_from_kv_ = !env_equals("MOEX_CUDA_STEP_POSITION_UPLOAD", "1");  // decode_step says why
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
   // Chained decode steps (pick_token): a ring of pinned ids, each with the event of the kernel that wrote it.

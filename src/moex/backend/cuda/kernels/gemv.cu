@@ -308,6 +308,9 @@ bool residual_norm_fits(const ResidualNormIn& in, int64_t K) {
          (!in.d1 || aligned16(in.d1)) && in.weight && (in.weight_bf16 ? aligned8(in.weight) : aligned16(in.weight));
 }
 
+// The lanes' first round of 16-byte loads covers a row.
+bool gemv_normed_loops(int64_t K) { return K / 8 <= 32 * kNormedUnroll; }
+
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
                                    int num_sms, cudaStream_t stream) {
   if (count < 1 || count > kGemvMaxOutputs || K % 8 != 0 || !residual_norm_fits(in, K)) return false;
@@ -327,8 +330,7 @@ bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const Ge
   // (MOEX_CUDA_NORMED_BLOCKS_PER_SM=0 against 2): Model B 3.427 -> 3.301 ms/token, Model A 0.605 -> 0.599; the 8x7B
   // layer (K = 4096) 2.1 us slower.
   static const int forced = env_int("MOEX_CUDA_NORMED_BLOCKS_PER_SM", -1);
-  const bool one_round = K / 8 <= 32 * kNormedUnroll;  // the lanes' first round of 16-byte loads covers a row
-  const int blocks_per_sm = forced >= 0 ? forced : (one_round ? 2 : 0);
+  const int blocks_per_sm = forced >= 0 ? forced : (gemv_normed_loops(K) ? 2 : 0);
   const dim3 grid(static_cast<unsigned>(looping_grid_blocks(ceil_div(total_rows, int64_t(kWarps)), blocks_per_sm, num_sms))),
       block(kWarps * 32);
   with_norm_weight_regs(K, kWarps * 32, [&](auto nw) {

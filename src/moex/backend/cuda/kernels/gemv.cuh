@@ -58,5 +58,8 @@ bool residual_norm_fits(const ResidualNormIn& in, int64_t K);
 // launch_gemv_bf16_multi.
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
                                    int num_sms, cudaStream_t stream);
+// Whether that launch loops its rows over a grid sized to the SMs (K <= 2048: one round of loads covers a row), so
+// the row is normalised a few hundred times; wider rows take a block per 8 rows, each normalising the row.
+bool gemv_normed_loops(int64_t K);
 
 }  // namespace moex::cuda
