@@ -80,10 +80,10 @@ MOEX_AVX512_VBMI inline Decoder make_decoder(const PackedBf16& p) {
 template <int kT>
 constexpr int kZmmPerToken = kT <= 2 ? 2 : 1;
 
-// Row `row`'s whole 64-weight steps into a (zeroed here); *exc advanced past the exceptions patched. Returns the
-// columns done.
+// Row `row`'s whole 64-weight steps (p.cols % 64 == 0: all of it) into a (zeroed here); *exc advanced past the
+// exceptions patched.
 template <int kT>
-MOEX_AVX512_VBMI inline int64_t row_steps(const float* x, int64_t ldx, const PackedBf16& p, int64_t row,
+MOEX_AVX512_VBMI inline void row_steps(const float* x, int64_t ldx, const PackedBf16& p, int64_t row,
                                           const Decoder& d, uint32_t* exc, __m512 (&a)[kT][kZmmPerToken<kT>]) {
   constexpr int kZ = kZmmPerToken<kT>;
   const int64_t k = p.cols;
@@ -112,7 +112,6 @@ MOEX_AVX512_VBMI inline int64_t row_steps(const float* x, int64_t ldx, const Pac
         a[t][j % kZ] = _mm512_fmadd_ps(_mm512_loadu_ps(x + t * ldx + kk + 16 * j), w[j], a[t][j % kZ]);
   }
   *exc = next_exc;
-  return kk;
 }
 
 // Lanes 8-15 (AVX-512F has no 32-bit-lane extract of a half: that is AVX-512DQ).

@@ -480,22 +480,16 @@ class CudaBackend final : public Backend {
   }
 
   // One row whose fused norm loops over a grid sized to the SMs (hidden <= 2048: Model A, Model B): the final norm
-  // inside the lm_head GEMV's blocks, one launch fewer per decode step (H200, same call: Model A 0.4986 vs 0.5074
+  // inside the lm_head GEMV's blocks (norm_linear_many with the lm_head as its one output), one launch fewer per decode step (H200, same call: Model A 0.4986 vs 0.5074
   // ms/token with the step's position below). Wider rows would take a block per 8 of the vocabulary's rows, each
   // normalising the row (the 8x7B shape: 5.8 us slower per step), and keep add_rms_norm + linear.
   void norm_logits(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
                    const TensorView& normed, const TensorView& lm_head, const TensorView& logits) override {
-    ResidualNormIn in;
     const int64_t K = x.dim(-1);
-    if (fused_norms_ && x.numel() == K && gemv_normed_loops(K) &&
-        residual_norm_in(x, delta, nullptr, weight, eps, "norm_logits", &in)) {
+    if (fuses_residual_norms(x.numel() / std::max<int64_t>(K, 1)) && gemv_normed_loops(K)) {
       const LinearOutput head[1] = {{&lm_head, nullptr, &logits}};
-      GemvOutput gemv[1];
-      gemv_outputs(x, head, "norm_logits", gemv);
-      if (launch_gemv_bf16_multi_normed(in, K, gemv, 1, num_sms_, stream_)) {
-        MOEX_CUDA_CHECK_LAUNCH();
-        return;
-      }
+      norm_linear_many(x, delta, weight, eps, normed, head);
+      return;
     }
     Backend::norm_logits(x, delta, weight, eps, normed, lm_head, logits);
   }
