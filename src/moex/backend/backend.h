@@ -284,6 +284,14 @@ class Backend {
     rms_norm(delta ? scratch : x, weight, eps, scratch);
     linear_many(scratch, outputs);
   }
+  // The first layer's form: x = the embedding of ids (as embedding()), then norm_linear_many(x, nullptr, ...). A
+  // backend may read the token's row inside the GEMV's blocks and store x from there: one launch fewer per step.
+  virtual void embed_norm_linear_many(std::span<const int32_t> ids, const TensorView& table, const TensorView& x,
+                                      const TensorView& weight, float eps, const TensorView& scratch,
+                                      std::span<const LinearOutput> outputs) {
+    embedding(ids, table, x);
+    norm_linear_many(x, nullptr, weight, eps, scratch, outputs);
+  }
   // x = (x + delta0) + delta1 (delta0 may be null), normed = rms_norm(x, weight), then moe_routed(normed, ...).
   virtual void norm_moe_routed(const TensorView& x, const TensorView* delta0, const TensorView& delta1,
                                const TensorView& weight, float eps, const TensorView& normed, const TensorView& router,
@@ -351,6 +359,13 @@ class Backend {
   virtual void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) {
     (void)token, (void)position;
     ops();
+  }
+  // One chained step: decode_step(token, position, ops), then pick_token(logits, draw) of the logits ops() wrote.
+  // A backend may record the pick with the step (the CUDA backend's greedy pick, inside the step's graph).
+  virtual void decode_step_with_pick(int32_t token, int64_t position, const std::function<void()>& ops,
+                                     const TensorView& logits, const TokenDraw& draw) {
+    decode_step(token, position, ops);
+    pick_token(logits, draw);
   }
   virtual void reset_step_recordings() {}
 };

@@ -321,8 +321,7 @@ void Decoder::enqueue_step(int32_t token, int64_t position, const TokenDraw& dra
   if (token != Backend::kTokenOnDevice) check_token(token);
   const int64_t stride = prepare_rows(default_seq_, position, 1);
   ids_.assign(1, token);
-  launch_step(ids_, position, stride, /*all_logits=*/false, /*want_logits=*/true, nullptr);  // a recordable step
-  backend_.pick_token(scratch(kLogits, Shape{1, cfg_.vocab_size}), draw);
+  launch_step(ids_, position, stride, /*all_logits=*/false, /*want_logits=*/true, nullptr, &draw);  // recordable
 }
 
 int32_t Decoder::next_token() { return backend_.picked_token(); }
@@ -366,7 +365,7 @@ bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float
 }
 
 void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                          bool want_logits, RouterObserver* observer) {
+                          bool want_logits, RouterObserver* observer, const TokenDraw* pick) {
   const int64_t n = static_cast<int64_t>(ids.size());
   kv_step_ = KvStep{row_seq_, positions_, tables_, table_stride, kv_->page_size()};
   backend_.prepare_kv_step(kv_step_);
@@ -375,7 +374,10 @@ void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64
   // and a single-token step becomes one recordable sequence of ops (CUDA graphs).
   const bool device_routing = routes_on_device(observer);
   auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, want_logits, device_routing, observer); };
-  if (n == 1 && device_routing)
+  MOEX_ASSERT(!pick || (n == 1 && device_routing && want_logits), "launch_step: a pick needs a recordable step");
+  if (pick)
+    backend_.decode_step_with_pick(ids[0], positions_[0], ops, scratch(kLogits, Shape{1, cfg_.vocab_size}), *pick);
+  else if (n == 1 && device_routing)
     backend_.decode_step(ids[0], positions_[0], ops);
   else
     ops();
@@ -409,10 +411,11 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
   TensorView x = scratch(kResidual, Shape{n, hidden});
   TensorView h = scratch(kNormed, Shape{n, hidden});
   TensorView ffn_out = scratch(kFfnOut, Shape{n, hidden});
-  backend_.embedding(ids, embed_, x);
   // Every layer an MoE layer routed on the device: each norm can ride in the kernel that consumes it (the
   // q/k/v GEMV; the router), which adds the previous blocks' outputs into x itself: two launches fewer a layer.
+  // The first q/k/v GEMV then reads the token's embedding itself too (embed_norm_linear_many).
   const bool fused_norms = device_routing && norms_fusable_ && backend_.fuses_residual_norms(n);
+  if (!fused_norms || layers_.empty()) backend_.embedding(ids, embed_, x);
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     const DeviceLayer& layer = layers_[layer_idx];
     const LayerWeights& host_layer = host_.layers[layer_idx];
@@ -424,7 +427,9 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
                                           {&layer.v_proj, layer.v_bias.empty() ? nullptr : &layer.v_bias, &v}};
     // The previous layer's MoE output, not yet in x when the norms are fused.
     const TensorView* pending = layer_idx == 0 ? nullptr : &ffn_out;
-    if (fused_norms) {
+    if (fused_norms && layer_idx == 0) {
+      backend_.embed_norm_linear_many(ids, embed_, x, layer.attn_norm, eps, h, qkv);
+    } else if (fused_norms) {
       backend_.norm_linear_many(x, pending, layer.attn_norm, eps, h, qkv);
     } else {
       // The previous block's residual add rides on this block's norm: one pass over x, one launch.

@@ -117,9 +117,10 @@ class Decoder {
   // Whether a step may route on the backend's device (no expert ids on the host): see run_step.
   bool routes_on_device(const RouterObserver* observer) const;
   // Enqueues ids as rows of kv_step_ (built from row_seq_, positions_, tables_): one decode step of a single row
-  // routed on the device goes through Backend::decode_step (recordable); the lm head runs when want_logits.
+  // routed on the device goes through Backend::decode_step (recordable); the lm head runs when want_logits. With
+  // pick (such a step only), Backend::decode_step_with_pick: the step and the pick of *pick from its logits.
   void launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                   bool want_logits, RouterObserver* observer);
+                   bool want_logits, RouterObserver* observer, const TokenDraw* pick = nullptr);
   // launch_step(), then reads logits back.
   // With picked_ids (and draws), as forward_batch. Returns whether picked_ids were filled on the device.
   bool run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,

@@ -245,6 +245,39 @@ TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
   }
 }
 
+// The greedy pick recorded with the step (the default: the argmax follows the lm_head inside the graph and moves
+// the prepared KV row's position on, so the next step uploads no KV row) against the pick after the step
+// (MOEX_CUDA_PICK_IN_STEP=0, which uploads every step's row): the same 300 greedy tokens across the 256-key bucket
+// and the KV cache's growth (both need an upload), and the rows must really be reused.
+TEST(CudaDecodeStep, PickInStepMatchesPickAfterStep) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto after = greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_PICK_IN_STEP",
+                                              [](Engine& engine) {
+                                                EXPECT_EQ(cuda_step_graph_stats(engine.backend()).kv_rows_reused, 0);
+                                              });
+    EngineOptions options;
+    options.device = "cuda";
+    Engine in_step(*fixture.model, options);
+    EXPECT_EQ(greedy(in_step, fixture.prompt, 300), after);
+    const CudaStepGraphStats stats = cuda_step_graph_stats(in_step.backend());
+    EXPECT_EQ(stats.failures, 0);
+    EXPECT_GT(stats.kv_rows_reused, 250);
+    EXPECT_LT(stats.kv_uploads, 40);  // the prompt, the first step, a page every 16 positions, a bucket change
+    std::printf("[pick in step %s] kv uploads %lld, rows reused %lld\n", fixture.name.c_str(),
+                static_cast<long long>(stats.kv_uploads), static_cast<long long>(stats.kv_rows_reused));
+  }
+}
+
+// The first layer's q/k/v GEMV reading the token's embedding itself (the default at one token) against the
+// embedding's own launch (MOEX_CUDA_FUSED_EMBEDDING=0): the same greedy tokens over graph replays of 300 steps
+// (the chained token is read on the device by the recorded kernel).
+TEST(CudaDecodeStep, FusedEmbeddingMatchesEmbeddingLaunch) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  expect_default_matches_switch_off(fixtures, "MOEX_CUDA_FUSED_EMBEDDING", 300);
+}
+
 // Sampled decoding chained on the device (the sampling kernel picks from the host generator's draws) against steps
 // that read the logits back and sample on the host: with the same seed, the same tokens, for plain temperature,
 // top-p, and top-k with top-p.

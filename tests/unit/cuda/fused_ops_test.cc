@@ -256,6 +256,58 @@ TEST(CudaResidualNorm, NormLogitsMatchesUnfusedOps) {
   }
 }
 
+// The first layer's q/k/v with the token's embedding read inside the GEMV (embed_norm_linear_many: block 0 stores
+// x) against the Backend default (the embedding's own launch, then norm_linear_many) on the same device: the same
+// row through the same normed kernel, so x and every output must be bit-identical. bf16 and fp32 tables; hidden
+// 2048 (the looping grid) and 4096 (a block per 8 rows); the first and the last token of the vocabulary.
+TEST(CudaResidualNorm, EmbedNormLinearMatchesEmbeddingThenNorm) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  ASSERT_TRUE(backend->fuses_residual_norms(1)) << "MOEX_CUDA_FUSED_NORMS=0 set?";
+  const int64_t vocab = 1001;
+  for (const int64_t hidden : {int64_t{2048}, int64_t{4096}}) {
+    for (const bool f32_table : {false, true}) {
+      for (const int32_t token : {int32_t{0}, int32_t{vocab - 1}, int32_t{517}}) {
+        SCOPED_TRACE(testing::Message() << "hidden " << hidden << " f32 table " << f32_table << " token " << token);
+        std::mt19937 rng(static_cast<uint32_t>(hidden + token * 7 + f32_table));
+        const ResidualInputs in = make_residual_inputs(*backend, ResidualCase{hidden, 0, 0, 0, true, true}, rng);
+        Bf16Weight table_bf16 = random_bf16(rng, {vocab, hidden}, 1.f);
+        GuardedTensor table_f32(*backend, {vocab, hidden});
+        table_f32.fill(random_floats(rng, static_cast<size_t>(vocab * hidden), 1.f));
+        const TensorView table = f32_table ? table_f32.view() : backend->upload_weight(table_bf16.host_view(), "emb");
+        const std::vector<int64_t> outs = {hidden, hidden / 2, hidden / 2};
+        std::vector<TensorView> wd;
+        std::vector<std::unique_ptr<GuardedTensor>> fused_y, ref_y;
+        std::vector<TensorView> fv, rv;
+        for (int64_t n : outs) {
+          Bf16Weight w = random_bf16(rng, {n, hidden}, 1.f / std::sqrt(float(hidden)));
+          wd.push_back(backend->upload_weight(w.host_view(), "w"));
+          fused_y.push_back(std::make_unique<GuardedTensor>(*backend, Shape{1, n}));
+          ref_y.push_back(std::make_unique<GuardedTensor>(*backend, Shape{1, n}));
+        }
+        std::vector<Backend::LinearOutput> fused_out, ref_out;
+        for (size_t i = 0; i < outs.size(); ++i) {
+          fv.push_back(fused_y[i]->view());
+          rv.push_back(ref_y[i]->view());
+        }
+        for (size_t i = 0; i < outs.size(); ++i) {
+          fused_out.push_back({&wd[i], nullptr, &fv[i]});
+          ref_out.push_back({&wd[i], nullptr, &rv[i]});
+        }
+        GuardedTensor xf(*backend, {1, hidden}), xu(*backend, {1, hidden}), scratch(*backend, {1, hidden});
+        xf.fill(in.x);  // overwritten by both paths
+        xu.fill(in.x);
+        const int32_t ids[1] = {token};
+        backend->embed_norm_linear_many(ids, table, xf.view(), in.norm, 1e-5f, scratch.view(), fused_out);
+        backend->Backend::embed_norm_linear_many(ids, table, xu.view(), in.norm, 1e-5f, scratch.view(), ref_out);
+        const auto x_ref = xu.read();
+        EXPECT_EQ(xf.read(), x_ref) << "x is not the embedding row";
+        EXPECT_NE(x_ref, in.x) << "the reference did not embed";
+        for (size_t i = 0; i < outs.size(); ++i) EXPECT_EQ(fused_y[i]->read(), ref_y[i]->read()) << "output " << i;
+      }
+    }
+  }
+}
+
 // The top-k and the plan inside the gate/up launch (the default at one token: the router launch writes only the
 // logits, the gate/up blocks of row 0 the residual sum) against the router's own planning launch
 // (MOEX_CUDA_TOPK_IN_GATE_UP=0) on the same device: the same loops in the same orders, so x, the normalised row,

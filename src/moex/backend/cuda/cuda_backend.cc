@@ -17,6 +17,7 @@
 #include <functional>
 #include <limits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "moex/backend/cuda/cuda_check.h"
@@ -133,6 +134,7 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, greatest_priority));
     staging_ = std::make_unique<StagingRing>();
     step_values_ = DeviceMemory(16);
+    MOEX_CUDA_CHECK(cudaMemset(step_values_.get(), 0, 16));  // [2]: the pick ring's cursor starts at slot 0
     step_host_ = PinnedMemory(16);
     route_ticket_ = DeviceMemory(16);
     MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16));
@@ -148,6 +150,8 @@ class CudaBackend final : public Backend {
     sample_on_device_ = !env_equals("MOEX_CUDA_SAMPLE", "0");       // sampled picks on the host (A/B)
     fused_rope_ = !env_equals("MOEX_CUDA_FUSED_ROPE", "0");         // RoPE + KV write as launches of their own (A/B)
     preload_down_ = env_equals("MOEX_CUDA_DOWN_PRELOAD", "1");      // batch-1 down weights before the PDL wait
+    pick_in_step_ = !env_equals("MOEX_CUDA_PICK_IN_STEP", "0");     // greedy picks after the step's graph (A/B)
+    fused_embedding_ = !env_equals("MOEX_CUDA_FUSED_EMBEDDING", "0");  // the embedding as a launch of its own
     memory_at_start_ = device_memory_use().used;
   }
 
@@ -229,6 +233,7 @@ class CudaBackend final : public Backend {
     else convert(host, DType::kBF16, mapped.get());
     void* device_ptr = nullptr;
     MOEX_CUDA_CHECK(cudaHostGetDevicePointer(&device_ptr, mapped.get(), 0));
+    host_weight_views_.emplace_back(static_cast<const char*>(device_ptr), bytes);
     return TensorView(device_ptr, DType::kBF16, host.shape, Device::kCuda);
   }
 
@@ -329,8 +334,14 @@ class CudaBackend final : public Backend {
   }
 
   void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) override {
+    run_step(token, position, ops, /*with_pick=*/false);
+  }
+  // A decode step's ops, recorded per context bucket and per with_pick (a step whose recording ends with the pick,
+  // decode_step_with_pick, and one without are different graphs).
+  void run_step(int32_t token, int64_t position, const std::function<void()>& ops, bool with_pick) {
     const bool token_on_device = token == kTokenOnDevice;
     if (!graphs_enabled_ && !token_on_device) {
+      resync_kv_row();
       ops();
       return;
     }
@@ -360,8 +371,12 @@ class CudaBackend final : public Backend {
     step_position_ = position;
     step_bucket_keys_ = bucket;
     try {
-      if (graphs_enabled_) graphs_.run(bucket, stream_, ops, &capturing_);
-      else ops();
+      if (graphs_enabled_) {
+        graphs_.run(2 * bucket + (with_pick ? 1 : 0), stream_, ops, &capturing_, [this] { resync_kv_row(); });
+      } else {
+        resync_kv_row();
+        ops();
+      }
     } catch (...) {
       step_mode_ = false;
       throw;
@@ -371,7 +386,8 @@ class CudaBackend final : public Backend {
 
   void reset_step_recordings() override { graphs_.reset(); }
   CudaStepGraphStats step_graph_stats() const {
-    return CudaStepGraphStats{graphs_.replays(), graphs_.captures(), graphs_.failures()};
+    return CudaStepGraphStats{graphs_.replays(), graphs_.captures(), graphs_.failures(), kv_uploads_,
+                              kv_rows_reused_};
   }
 
   void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) override {
@@ -381,21 +397,28 @@ class CudaBackend final : public Backend {
                 dtype_name(table.dtype));
     int64_t n = static_cast<int64_t>(ids.size()), hidden = table.dim(-1), vocab = table.dim(0);
     MOEX_ASSERT(out.numel() == n * hidden, "cuda embedding: out {} for {} ids x {}", out.shape.str(), n, hidden);
-    // A chained step's token (kTokenOnDevice) is a pick of the argmax kernel: in range by construction.
-    const bool chained = step_mode_ && n == 1 && ids[0] == kTokenOnDevice;
-    if (!chained)
-      for (int32_t id : ids) MOEX_ASSERT(id >= 0 && id < vocab, "cuda embedding: token id {} outside [0, {})", id, vocab);
     if (n == 0) return;
-    const int32_t* dev_ids = nullptr;
-    if (step_mode_ && n == 1) {
-      MOEX_ASSERT(ids[0] == step_token_, "cuda embedding: token {} inside the decode step of token {}", ids[0],
-                  step_token_);
-      dev_ids = step_token_device();
-    } else {
-      dev_ids = static_cast<const int32_t*>(upload(ids.data(), ids.size_bytes()));
-    }
-    launch_embedding(dev_ids, n, table.data, table.dtype == DType::kF32, hidden, out.as<float>(), stream_);
+    launch_embedding(device_token_ids(ids, vocab, "embedding"), n, table.data, table.dtype == DType::kF32, hidden,
+                     out.as<float>(), stream_);
     MOEX_CUDA_CHECK_LAUNCH();
+  }
+
+  // One row: the first q/k/v GEMV reads the token's embedding row itself and block 0 stores it in x (EmbedRowIn),
+  // one launch fewer per decode step. Only for a table in device memory: every block reads the row, which from a
+  // host-mapped table (offloading) would cross the bus hundreds of times. MOEX_CUDA_FUSED_EMBEDDING=0: the
+  // embedding's own launch, as the default.
+  void embed_norm_linear_many(std::span<const int32_t> ids, const TensorView& table, const TensorView& x,
+                              const TensorView& weight, float eps, const TensorView& scratch,
+                              std::span<const LinearOutput> outputs) override {
+    const int64_t K = x.dim(-1);
+    if (fused_embedding_ && ids.size() == 1 && x.numel() == K && table.shape.ndim == 2 && table.dim(1) == K &&
+        (table.dtype == DType::kBF16 || table.dtype == DType::kF32) && !host_mapped(table.data)) {
+      check_device(table, "embed_norm_linear_many", "table");
+      const EmbedRowIn embed{table.data, device_token_ids(ids, table.dim(0), "embed_norm_linear_many"),
+                             table.dtype == DType::kF32};
+      if (launch_normed(x, nullptr, weight, eps, outputs, "embed_norm_linear_many", embed)) return;
+    }
+    Backend::embed_norm_linear_many(ids, table, x, weight, eps, scratch, outputs);
   }
 
   void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out) override {
@@ -465,18 +488,24 @@ class CudaBackend final : public Backend {
   // One row: each block of the q/k/v GEMV normalises x + delta itself (residual_norm.cuh); scratch is unused.
   void norm_linear_many(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
                         const TensorView& scratch, std::span<const LinearOutput> outputs) override {
+    if (!launch_normed(x, delta, weight, eps, outputs, "norm_linear_many"))
+      Backend::norm_linear_many(x, delta, weight, eps, scratch, outputs);
+  }
+  // The normed GEMV of one row (gemv_normed_kernel) for the ops above and below, with the first layer's embedding
+  // where embed is set; false, launching nothing, where it does not apply (the caller takes the Backend default).
+  bool launch_normed(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
+                     std::span<const LinearOutput> outputs, const char* op, const EmbedRowIn& embed = {}) {
     ResidualNormIn in;
     const int64_t K = x.dim(-1);
-    if (x.numel() == K && outputs.size() <= static_cast<size_t>(kGemvMaxOutputs) &&
-        residual_norm_in(x, delta, nullptr, weight, eps, "norm_linear_many", &in)) {
-      GemvOutput gemv[kGemvMaxOutputs];
-      gemv_outputs(x, outputs, "norm_linear_many", gemv);
-      if (launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_)) {
-        MOEX_CUDA_CHECK_LAUNCH();
-        return;
-      }
-    }
-    Backend::norm_linear_many(x, delta, weight, eps, scratch, outputs);
+    if (x.numel() != K || outputs.size() > static_cast<size_t>(kGemvMaxOutputs) ||
+        !residual_norm_in(x, delta, nullptr, weight, eps, op, &in))
+      return false;
+    GemvOutput gemv[kGemvMaxOutputs];
+    gemv_outputs(x, outputs, op, gemv);
+    if (!launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_, embed))
+      return false;
+    MOEX_CUDA_CHECK_LAUNCH();
+    return true;
   }
 
   // One row whose fused norm loops over a grid sized to the SMs (hidden <= 2048: Model A, Model B): the final norm
@@ -571,24 +600,31 @@ class CudaBackend final : public Backend {
     const int64_t bucket = step_bucket_keys(max_keys);
     const int64_t stride = (bucket + step.page_size - 1) / step.page_size, num_seqs = step.num_seqs();
     const size_t count = static_cast<size_t>(2 * n + num_seqs * stride);
-    if (kv_device_.bytes() < count * sizeof(int32_t)) {
-      MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      kv_device_ = DeviceMemory(2 * count * sizeof(int32_t));
-      kv_host_ = PinnedMemory(2 * count * sizeof(int32_t));
-      graphs_.reset();  // recorded steps name the old buffer
-    } else {
-      MOEX_CUDA_CHECK(cudaEventSynchronize(kv_event_));  // the previous step's copy has left kv_host_
-    }
-    auto* host = static_cast<int32_t*>(kv_host_.get());
-    std::copy(step.row_seq.begin(), step.row_seq.end(), host);
-    std::copy(step.row_pos.begin(), step.row_pos.end(), host + n);
-    int32_t* tables = host + 2 * n;
-    std::fill(tables, tables + num_seqs * stride, 0);
     const int64_t used = std::min(stride, step.table_stride);
-    for (int64_t seq = 0; seq < num_seqs; ++seq)
-      std::copy_n(step.block_tables.begin() + seq * step.table_stride, used, tables + seq * stride);
-    upload_pinned(host, kv_device_.get(), count * sizeof(int32_t));
-    MOEX_CUDA_CHECK(cudaEventRecord(kv_event_, stream_));
+    kv_row_reused_ = graphs_enabled_ && kv_row_on_device(step, bucket, stride, used);
+    if (kv_row_reused_) {
+      ++kv_rows_reused_;
+    } else {
+      if (kv_device_.bytes() < count * sizeof(int32_t)) {
+        MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        kv_device_ = DeviceMemory(2 * count * sizeof(int32_t));
+        kv_host_ = PinnedMemory(2 * count * sizeof(int32_t));
+        graphs_.reset();  // recorded steps name the old buffer
+      } else {
+        MOEX_CUDA_CHECK(cudaEventSynchronize(kv_event_));  // the previous step's copy has left kv_host_
+      }
+      auto* host = static_cast<int32_t*>(kv_host_.get());
+      std::copy(step.row_seq.begin(), step.row_seq.end(), host);
+      std::copy(step.row_pos.begin(), step.row_pos.end(), host + n);
+      int32_t* tables = host + 2 * n;
+      std::fill(tables, tables + num_seqs * stride, 0);
+      for (int64_t seq = 0; seq < num_seqs; ++seq)
+        std::copy_n(step.block_tables.begin() + seq * step.table_stride, used, tables + seq * stride);
+      upload_pinned(host, kv_device_.get(), count * sizeof(int32_t));
+      MOEX_CUDA_CHECK(cudaEventRecord(kv_event_, stream_));
+      kv_device_pos_ = n == 1 ? step.row_pos[0] : -1;
+      ++kv_uploads_;
+    }
     const auto* device = static_cast<const int32_t*>(kv_device_.get());
     kv_device_rows_ = PagedKvRows{device, device + n, device + 2 * n, stride, step.page_size};
     kv_rows_ = n;
@@ -599,6 +635,37 @@ class CudaBackend final : public Backend {
     kv_distinct_sequences_ = rows_are_distinct_sequences(step.row_seq.data(), n);
     kv_host_seq_ = step.row_seq.data();
     kv_host_pos_ = step.row_pos.data();
+  }
+
+  // Whether kv_device_ already holds this one-row step (in the layout of its bucket): the same sequence row and
+  // table as the last upload, at the position the device's row has reached. A chained greedy step's recorded pick
+  // moves that position on by one (decode_step_with_pick), so consecutive steps of a sequence upload only when a
+  // page is added or the bucket changes: the copy had sat between every two recorded steps.
+  bool kv_row_on_device(const KvStep& step, int64_t bucket, int64_t stride, int64_t used) const {
+    if (step.row_seq.size() != 1 || kv_device_pos_ < 0 || step.row_pos[0] != kv_device_pos_ || kv_rows_ != 1 ||
+        step.num_seqs() != 1 || bucket != kv_bucket_keys_ || stride != kv_device_rows_.table_stride ||
+        step.page_size != kv_device_rows_.page_size)
+      return false;
+    const auto* host = static_cast<const int32_t*>(kv_host_.get());
+    const int32_t* tables = host + 2;
+    return host[0] == step.row_seq[0] && std::equal(tables, tables + used, step.block_tables.begin()) &&
+           std::all_of(tables + used, tables + stride, [](int32_t page) { return page == 0; });
+  }
+
+  // A reused row (kv_row_on_device) may be read only by a recorded step: a graph launch starts after the stream's
+  // earlier work has ended. Kernels launched one by one after the pick's launch would not: under programmatic
+  // dependent launch the decode attention reads the row's position before its wait, while the pick may still be
+  // moving it on. Before such eager ops the row is uploaded after all (the copy orders them fully).
+  void resync_kv_row() {
+    if (!kv_row_reused_) return;
+    kv_row_reused_ = false;
+    MOEX_CUDA_CHECK(cudaEventSynchronize(kv_event_));  // the last copy has left kv_host_
+    auto* host = static_cast<int32_t*>(kv_host_.get());
+    host[1] = static_cast<int32_t>(kv_device_pos_);  // one row: [seq, pos, table...]
+    upload_pinned(host, kv_device_.get(), static_cast<size_t>(2 + kv_device_rows_.table_stride) * sizeof(int32_t));
+    MOEX_CUDA_CHECK(cudaEventRecord(kv_event_, stream_));
+    --kv_rows_reused_;
+    ++kv_uploads_;
   }
 
   void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
@@ -772,30 +839,73 @@ class CudaBackend final : public Backend {
     return true;
   }
 
-  // The pick kernel writes the id twice: into step_values_[0] (the next chained step's token) and into a pinned
-  // slot the host reads once the slot's event completed (no copy launch on the way back). A sampled draw travels
-  // as a kernel argument.
+  // The pick kernel writes the id twice: into step_values_[0] (the next chained step's token) and into the pinned
+  // slot that the device-side cursor names (PickSink), which the host reads once the slot's event completed (no
+  // copy launch on the way back). A sampled draw travels as a kernel argument.
   bool chains_steps() const override { return chain_steps_; }
   void pick_token(const TensorView& logits, const TokenDraw& draw) override {
-    check_f32(logits, "pick_token", "logits");
     refuse_while_capturing("pick_token");
+    check_pick(logits, draw);
+    enqueue_pick(logits, draw, /*advance_kv_row=*/false);
+    note_pick();
+  }
+
+  // A greedy pick rides in the step's recording: the argmax's two launches follow the lm_head inside the graph
+  // instead of after its end, and the pick moves the prepared KV row's position on by one, so the next step of the
+  // sequence finds its row on the device (prepare_kv_step uploads nothing). MOEX_CUDA_PICK_IN_STEP=0: the pick
+  // after the step, as the default decode_step_with_pick. A sampled draw changes every step: it stays outside.
+  void decode_step_with_pick(int32_t token, int64_t position, const std::function<void()>& ops,
+                             const TensorView& logits, const TokenDraw& draw) override {
+    if (!pick_in_step_ || draw.temperature > 0.0f) {
+      Backend::decode_step_with_pick(token, position, ops, logits, draw);
+      return;
+    }
+    check_pick(logits, draw);
+    run_step(token, position, [&] {
+      ops();
+      enqueue_pick(logits, draw, /*advance_kv_row=*/true);
+    }, /*with_pick=*/true);
+    note_pick();
+    if (kv_device_pos_ >= 0) ++kv_device_pos_;
+  }
+  void check_pick(const TensorView& logits, const TokenDraw& draw) const {
+    check_f32(logits, "pick_token", "logits");
     const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
     MOEX_ASSERT(rows >= 1 && cols > 0, "cuda pick_token: logits {}", logits.shape.str());
     MOEX_ASSERT(picks_enqueued_ - picks_read_ < static_cast<uint64_t>(kMaxPendingPicks),
                 "cuda pick_token: {} picks not read yet (picked_token)", kMaxPendingPicks);
-    const uint64_t slot = picks_enqueued_ % kMaxPendingPicks;
-    auto* host = static_cast<int32_t*>(picks_host_.get()) + slot;
+    MOEX_ASSERT(draw.temperature <= 0.0f || samples_on_device(cols), "cuda pick_token: no device sampling over {} "
+                "tokens", cols);
+  }
+  // The pick's launches (recordable): the id into step_values_[0] and the next ring slot; advance_kv_row moves the
+  // prepared one-row KV step's position on by one.
+  void enqueue_pick(const TensorView& logits, const TokenDraw& draw, bool advance_kv_row) {
+    const int64_t cols = logits.dim(-1), rows = logits.numel() / cols;
     const float* last_row = logits.as<float>() + (rows - 1) * cols;
-    if (draw.temperature > 0.0f) {
-      MOEX_ASSERT(samples_on_device(cols), "cuda pick_token: no device sampling over {} tokens", cols);
-      launch_sample_rows(last_row, 1, cols, nullptr, device_draw(draw), static_cast<int32_t*>(step_values_.get()),
-                         stream_, host);
-    } else {
-      launch_argmax_rows(last_row, 1, cols, static_cast<int32_t*>(step_values_.get()),
-                         workspace(argmax_scratch_bytes(1, cols)), stream_, host);
-    }
+    auto* values = static_cast<int32_t*>(step_values_.get());
+    const PickSink sink = pick_sink(advance_kv_row);
+    if (draw.temperature > 0.0f)
+      launch_sample_rows(last_row, 1, cols, nullptr, device_draw(draw), values, stream_, sink);
+    else
+      launch_argmax_rows(last_row, 1, cols, values, workspace(argmax_scratch_bytes(1, cols)), stream_, sink);
     MOEX_CUDA_CHECK_LAUNCH();
-    MOEX_CUDA_CHECK(cudaEventRecord(pick_events_[slot], stream_));
+  }
+  // Where a chained step's pick goes besides step_values_[0]: the next ring slot (the cursor is step_values_[2]);
+  // advance_kv_row moves the prepared one-row KV step's position on by one.
+  PickSink pick_sink(bool advance_kv_row) const {
+    auto* values = static_cast<int32_t*>(step_values_.get());
+    PickSink sink{static_cast<int32_t*>(picks_host_.get()), reinterpret_cast<uint32_t*>(values + 2),
+                  kMaxPendingPicks, nullptr};
+    if (advance_kv_row) {
+      MOEX_ASSERT(kv_rows_ == 1, "cuda decode_step_with_pick: {} prepared KV rows", kv_rows_);
+      sink.advance = const_cast<int32_t*>(kv_device_rows_.row_pos);  // kv_device_'s own memory
+    }
+    return sink;
+  }
+  // The host's side of a pick just enqueued: the event of its ring slot (the slot the device cursor gave it: picks
+  // are counted alike on both sides).
+  void note_pick() {
+    MOEX_CUDA_CHECK(cudaEventRecord(pick_events_[picks_enqueued_ % kMaxPendingPicks], stream_));
     ++picks_enqueued_;
     next_token_picked_ = true;
   }
@@ -859,7 +969,7 @@ class CudaBackend final : public Backend {
 
   // kv_write's checks (dtypes, shapes, the prepared step); the step's row count.
   int64_t checked_kv_write_rows(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
-                                const TensorView& v_pages) const {
+                                const TensorView& v_pages) {
     check_f32(k, "kv_write", "k");
     check_f32(v, "kv_write", "v");
     check_f32(k_pages, "kv_write", "k_pages");
@@ -970,12 +1080,34 @@ class CudaBackend final : public Backend {
     return bucket;
   }
   // The kv ops run on the rows prepare_kv_step() uploaded: step must be that KvStep.
-  void check_prepared(const KvStep& step, int64_t n, int64_t num_pages, const char* op) const {
+  // Every kv op passes here first: outside a decode step (ops run one by one) a reused row is uploaded before the
+  // op's kernel (resync_kv_row).
+  void check_prepared(const KvStep& step, int64_t n, int64_t num_pages, const char* op) {
     MOEX_ASSERT(n == kv_rows_ && step.row_seq.data() == kv_host_seq_ && step.row_pos.data() == kv_host_pos_,
                 "cuda {}: {} rows of a KvStep that prepare_kv_step() did not see ({} rows prepared)", op, n, kv_rows_);
     if (!capturing_) check_kv_step(step, n, num_pages, op);
+    if (!step_mode_) resync_kv_row();
   }
   const int32_t* step_token_device() const { return static_cast<const int32_t*>(step_values_.get()); }
+  // ids on the device, checked against the vocabulary: a decode step's one token is step_values_[0] (a chained
+  // step's, kTokenOnDevice, is a pick of the argmax kernel: in range by construction); others are uploaded.
+  const int32_t* device_token_ids(std::span<const int32_t> ids, int64_t vocab, const char* op) {
+    const bool chained = step_mode_ && ids.size() == 1 && ids[0] == kTokenOnDevice;
+    if (!chained)
+      for (int32_t id : ids) MOEX_ASSERT(id >= 0 && id < vocab, "cuda {}: token id {} outside [0, {})", op, id, vocab);
+    if (step_mode_ && ids.size() == 1) {
+      MOEX_ASSERT(ids[0] == step_token_, "cuda {}: token {} inside the decode step of token {}", op, ids[0],
+                  step_token_);
+      return step_token_device();
+    }
+    return static_cast<const int32_t*>(upload(ids.data(), ids.size_bytes()));
+  }
+  // Whether ptr lies in a table map_host_weight mapped (host memory the device reads over the bus).
+  bool host_mapped(const void* ptr) const {
+    const auto* p = static_cast<const char*>(ptr);
+    return std::any_of(host_weight_views_.begin(), host_weight_views_.end(),
+                       [&](const std::pair<const char*, size_t>& m) { return p >= m.first && p < m.first + m.second; });
+  }
   // Inside a decode step (one row): the prepared KV row's position, unless MOEX_CUDA_STEP_POSITION_UPLOAD=1.
   const int32_t* step_position_device() const {
     return position_from_kv_ ? kv_device_rows_.row_pos : static_cast<const int32_t*>(step_values_.get()) + 1;
@@ -1026,12 +1158,13 @@ class CudaBackend final : public Backend {
   std::vector<void*> registered_;       // page-locked host ranges, unregistered at destruction
   WeightArena arena_;
   std::deque<PinnedMemory> host_weights_;  // map_host_weight's tables (a deque: views keep their addresses)
+  std::vector<std::pair<const char*, size_t>> host_weight_views_;  // their device addresses and sizes
   std::unique_ptr<StagingRing> staging_;
   DeviceMemory workspace_;
   PinnedMemory readback_;
   PinnedMemory draws_host_;  // sample_rows' draws on their way to the device
   // Decode-step mode (decode_step): token and position on the device, graphs per context bucket.
-  DeviceMemory step_values_;  // int32 [token, position]
+  DeviceMemory step_values_;  // int32 [token, position, the pick ring's cursor (PickSink), unused]
   DeviceMemory route_ticket_;  // launch_moe_router_plan's counter of finished blocks (0 between launches)
   const bool position_from_kv_ = !env_equals("MOEX_CUDA_STEP_POSITION_UPLOAD", "1");  // decode_step says why
   PinnedMemory step_host_;
@@ -1055,6 +1188,8 @@ class CudaBackend final : public Backend {
   bool sample_on_device_ = true;
   bool fused_rope_ = false;
   bool preload_down_ = false;
+  bool pick_in_step_ = true;
+  bool fused_embedding_ = true;
   bool step_mode_ = false;
   bool capturing_ = false;
   int32_t step_token_ = 0;
@@ -1071,6 +1206,11 @@ class CudaBackend final : public Backend {
   bool kv_distinct_sequences_ = false;  // no two rows of one sequence (AttentionShape::distinct_sequences)
   const int32_t* kv_host_seq_ = nullptr;
   const int32_t* kv_host_pos_ = nullptr;
+  // The one row's position kv_device_ holds now (a recorded pick advances it: PickSink), -1 when it holds several
+  // rows; the rest of kv_device_ is kv_host_'s. prepare_kv_step uploads nothing when the step is that.
+  int64_t kv_device_pos_ = -1;
+  bool kv_row_reused_ = false;  // the prepared step is such a row (no upload yet: resync_kv_row)
+  int64_t kv_uploads_ = 0, kv_rows_reused_ = 0;
   struct ExpertTable {
     DeviceMemory pointers;
     size_t count = 0;

@@ -21,6 +21,10 @@ struct CudaStepGraphStats {
   int64_t replays = 0;
   int64_t captures = 0;
   int64_t failures = 0;
+  // prepare_kv_step: KV rows uploaded, and steps that found their row already on the device (advanced there by
+  // the previous step's recorded pick).
+  int64_t kv_uploads = 0;
+  int64_t kv_rows_reused = 0;
 };
 CudaStepGraphStats cuda_step_graph_stats(const Backend& backend);
 

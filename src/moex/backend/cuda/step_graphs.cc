@@ -12,7 +12,8 @@ void StepGraphs::reset() {
   entries_.clear();
 }
 
-void StepGraphs::run(int64_t bucket, cudaStream_t stream, const std::function<void()>& ops, bool* capturing) {
+void StepGraphs::run(int64_t bucket, cudaStream_t stream, const std::function<void()>& ops, bool* capturing,
+                     const std::function<void()>& before_eager) {
   auto it = entries_.find(bucket);
   if (it != entries_.end() && it->second.exec) {
     MOEX_CUDA_CHECK(cudaGraphLaunch(it->second.exec, stream));
@@ -20,6 +21,7 @@ void StepGraphs::run(int64_t bucket, cudaStream_t stream, const std::function<vo
     return;
   }
   if (it == entries_.end() || !it->second.warm || it->second.failed) {
+    if (before_eager) before_eager();
     ops();  // may reset() (a workspace grew): look the entry up again
     entries_[bucket].warm = true;
     return;
@@ -33,6 +35,7 @@ void StepGraphs::run(int64_t bucket, cudaStream_t stream, const std::function<vo
   }
   entry.failed = true;
   ++failures_;
+  if (before_eager) before_eager();
   ops();
 }
 

@@ -19,8 +19,10 @@ class StepGraphs {
   StepGraphs(const StepGraphs&) = delete;
   StepGraphs& operator=(const StepGraphs&) = delete;
 
-  // Runs (or replays) ops on stream for bucket. *capturing is true while ops() is being recorded.
-  void run(int64_t bucket, cudaStream_t stream, const std::function<void()>& ops, bool* capturing);
+  // Runs (or replays) ops on stream for bucket. *capturing is true while ops() is being recorded. before_eager
+  // (may be empty) runs before ops() runs eagerly, never before a recording is launched.
+  void run(int64_t bucket, cudaStream_t stream, const std::function<void()>& ops, bool* capturing,
+           const std::function<void()>& before_eager = {});
   // Drops every recording (a buffer the steps use moved).
   void reset();
 

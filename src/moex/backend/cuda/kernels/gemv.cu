@@ -95,7 +95,7 @@ __global__ __launch_bounds__(kWarps * 32) void gemv_kernel(const float* x, int m
 constexpr int kNormedUnroll = 8;  // U of gemv_normed_kernel: a 2048-wide row in one round of loads per lane
 template <int U, int NW>
 __global__ __launch_bounds__(kWarps * 32) void gemv_normed_kernel(ResidualNormIn in, int K, GemvOutputs outputs,
-                                                                  int total_rows, bool preload) {
+                                                                  int total_rows, bool preload, EmbedRowIn embed) {
   extern __shared__ float4 s_h4[];
   __shared__ float s_scratch[32];
   pdl_launch_dependents();
@@ -113,7 +113,17 @@ __global__ __launch_bounds__(kWarps * 32) void gemv_normed_kernel(ResidualNormIn
   preload_norm_weight(in, K, norm_w);
   pdl_wait();
   float* s_h = reinterpret_cast<float*>(s_h4);
-  residual_norm_to_shared(in, K, norm_w, s_h, s_scratch);  // every warp: block reductions inside
+  if (embed.table) {  // the first layer: the token's embedding row is x (EmbedRowIn); block 0 stores it
+    const size_t row_bytes = size_t(K) * (embed.table_f32 ? sizeof(float) : sizeof(bf16));
+    const void* emb = static_cast<const char*>(embed.table) + size_t(*embed.token) * row_bytes;
+    row_norm_to_shared(in, K, norm_w, s_h, s_scratch, [&](int c) {
+      const float4 v = load_norm_weight4(emb, !embed.table_f32, c);
+      if (blockIdx.x == 0) reinterpret_cast<float4*>(in.x)[c] = v;
+      return v;
+    });
+  } else {
+    residual_norm_to_shared(in, K, norm_w, s_h, s_scratch);  // every warp: block reductions inside
+  }
   while (active) {
     const int next_grid_row = grid_row + stride;
     GemvOutput next_o;
@@ -312,8 +322,9 @@ bool residual_norm_fits(const ResidualNormIn& in, int64_t K) {
 bool gemv_normed_loops(int64_t K) { return K / 8 <= 32 * kNormedUnroll; }
 
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
-                                   int num_sms, cudaStream_t stream) {
+                                   int num_sms, cudaStream_t stream, const EmbedRowIn& embed) {
   if (count < 1 || count > kGemvMaxOutputs || K % 8 != 0 || !residual_norm_fits(in, K)) return false;
+  if (embed.table && (!embed.token || !aligned16(embed.table) || in.d0 || in.d1)) return false;
   GemvOutputs packed{};
   int64_t total_rows = 0;
   for (int i = 0; i < count; ++i) {
@@ -322,7 +333,7 @@ bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const Ge
     total_rows += outputs[i].rows;
   }
   packed.count = count;
-  if (total_rows == 0) return true;
+  if (total_rows == 0) return !embed.table;  // nothing would store x
   // Blocks per SM (MOEX_CUDA_NORMED_BLOCKS_PER_SM, default 2; 0: a block per 8 rows): enough warps to keep HBM
   // busy, few enough that the row's norm is computed a few hundred times, not once per 8 rows. Only where one
   // round of loads covers a row (K <= 2048 at U = kNormedUnroll = 8), so that the warp's next row loads while its
@@ -331,11 +342,13 @@ bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const Ge
   // layer (K = 4096) 2.1 us slower.
   static const int forced = env_int("MOEX_CUDA_NORMED_BLOCKS_PER_SM", -1);
   const int blocks_per_sm = forced >= 0 ? forced : (gemv_normed_loops(K) ? 2 : 0);
-  const dim3 grid(static_cast<unsigned>(looping_grid_blocks(ceil_div(total_rows, int64_t(kWarps)), blocks_per_sm, num_sms))),
+  const dim3 grid(static_cast<unsigned>(looping_grid_blocks(ceil_div(total_rows, int64_t(kWarps)), blocks_per_sm,
+                                                            num_sms))),
       block(kWarps * 32);
+  const size_t shared = static_cast<size_t>(K) * sizeof(float);
   with_norm_weight_regs(K, kWarps * 32, [&](auto nw) {
-    launch_pdl(gemv_normed_kernel<kNormedUnroll, decltype(nw)::value>, grid, block, static_cast<size_t>(K) * sizeof(float), stream,
-               in, static_cast<int>(K), packed, static_cast<int>(total_rows), gemv_preload_enabled());
+    launch_pdl(gemv_normed_kernel<kNormedUnroll, decltype(nw)::value>, grid, block, shared, stream, in,
+               static_cast<int>(K), packed, static_cast<int>(total_rows), gemv_preload_enabled(), embed);
   });
   return true;
 }

@@ -52,12 +52,21 @@ constexpr int64_t kResidualNormMaxK = 8192;
 // aligned (8-byte for a bf16 weight).
 bool residual_norm_fits(const ResidualNormIn& in, int64_t K);
 
+// The first layer's row taken from the token embedding instead of x: row = table[*token] (bf16, or fp32 when
+// table_f32; the id is read on the device, so a recorded step takes the chained token). The kernel then writes x
+// = row (the embedding op's output) and normalises row + d0 + d1.
+struct EmbedRowIn {
+  const void* table = nullptr;
+  const int32_t* token = nullptr;
+  bool table_f32 = false;
+};
+
 // outputs = rms_norm(in) @ w_i^T (+ bias) for one row, in one launch: each block normalises the row into shared
-// memory first (in.x is not written). Returns false, launching nothing, unless residual_norm_fits, K % 8 == 0,
-// count <= kGemvMaxOutputs and every weight is 16-byte aligned; the caller then normalises and calls
-// launch_gemv_bf16_multi.
+// memory first (in.x is not written, unless embed). Returns false, launching nothing, unless residual_norm_fits,
+// K % 8 == 0, count <= kGemvMaxOutputs and every weight (and the embedding table) is 16-byte aligned; the caller
+// then normalises and calls launch_gemv_bf16_multi.
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
-                                   int num_sms, cudaStream_t stream);
+                                   int num_sms, cudaStream_t stream, const EmbedRowIn& embed = {});
 // Whether that launch loops its rows over a grid sized to the SMs (K <= 2048: one round of loads covers a row), so
 // the row is normalised a few hundred times; wider rows take a block per 8 rows, each normalising the row.
 bool gemv_normed_loops(int64_t K);

@@ -52,19 +52,19 @@ __device__ __forceinline__ void preload_norm_weight(const ResidualNormIn& in, in
   }
 }
 
-// s_h[0, K) = rms_norm(x + d0 + d1) * weight, as rms_norm_vec_kernel computes it (v * inv * w), w preloaded by
-// preload_norm_weight. Every thread of the block calls it (block reductions inside); s_h is visible to the
-// whole block on return. K % 4 == 0, all pointers 16-byte aligned (residual_norm_fits).
-template <int NW>
-__device__ __forceinline__ void residual_norm_to_shared(const ResidualNormIn& in, int K, const float4 (&w)[NW],
-                                                        float* s_h, float* s_scratch) {
+// s_h[0, K) = rms_norm(row) * weight, as rms_norm_vec_kernel computes it (v * inv * w), with float4 c of the row
+// = row4(c), w preloaded by preload_norm_weight. Every thread of the block calls it (block reductions inside); s_h
+// is visible to the whole block on return. K % 4 == 0, all pointers 16-byte aligned (residual_norm_fits).
+template <int NW, typename Row4>
+__device__ __forceinline__ void row_norm_to_shared(const ResidualNormIn& in, int K, const float4 (&w)[NW],
+                                                   float* s_h, float* s_scratch, Row4 row4) {
   const int k4 = K / 4;
   float sum_sq = 0.f;
 #pragma unroll
   for (int i = 0; i < NW; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
     if (c < k4) {
-      const float4 v = residual_sum4(in, c);
+      const float4 v = row4(c);
       reinterpret_cast<float4*>(s_h)[c] = v;
       sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
@@ -80,6 +80,13 @@ __device__ __forceinline__ void residual_norm_to_shared(const ResidualNormIn& in
     }
   }
   __syncthreads();
+}
+
+// s_h[0, K) = rms_norm(x + d0 + d1) * weight (row_norm_to_shared).
+template <int NW>
+__device__ __forceinline__ void residual_norm_to_shared(const ResidualNormIn& in, int K, const float4 (&w)[NW],
+                                                        float* s_h, float* s_scratch) {
+  row_norm_to_shared(in, K, w, s_h, s_scratch, [&](int c) { return residual_sum4(in, c); });
 }
 
 // Calls f(std::integral_constant<int, NW>) with the fewest preloaded float4s per thread that cover K at

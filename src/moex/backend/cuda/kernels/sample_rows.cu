@@ -19,7 +19,7 @@
 
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
-#include "moex/backend/cuda/kernels/sampling.cuh"
+#include "moex/backend/cuda/kernels/pick_sink.cuh"
 
 namespace moex::cuda {
 namespace {
@@ -40,7 +40,7 @@ struct Params {
   const DeviceDraw* draws;
   DeviceDraw single;
   int32_t* ids;
-  int32_t* host_ids;
+  PickSink sink;
   int slice;  // columns per block
 };
 
@@ -545,10 +545,7 @@ __global__ __launch_bounds__(kThreads) void sample_rows_kernel(Params p) {
 
   auto write_id = [&](int32_t id) {
     p.ids[row] = id;
-    if (p.host_ids) {
-      p.host_ids[row] = id;  // pinned host memory, written over the bus
-      __threadfence_system();
-    }
+    deliver_pick(p.sink, id);
   };
 
   if (draw.inv_t == 0.0f || !isfinite(max_score)) {
@@ -746,11 +743,11 @@ bool sample_rows_supported() {
 }
 
 void launch_sample_rows(const float* logits, int64_t rows, int64_t cols, const DeviceDraw* draws,
-                        const DeviceDraw& single, int32_t* ids, cudaStream_t stream, int32_t* host_ids) {
+                        const DeviceDraw& single, int32_t* ids, cudaStream_t stream, const PickSink& sink) {
   if (rows == 0) return;
   allow_large_slices();
   const int blocks = cluster_size(cols);
-  const Params p{logits, cols, draws, single, ids, host_ids, static_cast<int>(ceil_div(cols, blocks))};
+  const Params p{logits, cols, draws, single, ids, sink, static_cast<int>(ceil_div(cols, blocks))};
   PdlLaunchConfig launch(dim3(static_cast<unsigned>(rows * blocks)), dim3(kThreads), slice_bytes(cols), stream,
                          static_cast<unsigned>(blocks));
   launch_config(launch, sample_rows_kernel, p);

@@ -3,7 +3,7 @@
 // split. NaN never wins; row[0] wins when it is NaN (the host sampler's argmax).
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
-#include "moex/backend/cuda/kernels/sampling.cuh"
+#include "moex/backend/cuda/kernels/pick_sink.cuh"
 
 namespace moex::cuda {
 namespace {
@@ -71,7 +71,7 @@ __global__ __launch_bounds__(kThreads) void argmax_split_kernel(const float* log
 // Phase 2: one warp per row reduces the row's splits. "Better" breaks ties by index, so the result does not
 // depend on the order of the reduction.
 __global__ void argmax_merge_kernel(const float* logits, int64_t cols, const Best* partial, int splits, int32_t* ids,
-                                    int32_t* host_ids) {
+                                    PickSink sink) {
   pdl_launch_dependents();
   pdl_wait();
   const int lane = threadIdx.x;
@@ -82,10 +82,7 @@ __global__ void argmax_merge_kernel(const float* logits, int64_t cols, const Bes
     const float first = logits[int64_t(blockIdx.x) * cols];
     const int32_t id = !(first == first) || best.index < 0 ? 0 : best.index;
     ids[blockIdx.x] = id;
-    if (host_ids) {
-      host_ids[blockIdx.x] = id;  // pinned host memory, written over the bus
-      __threadfence_system();
-    }
+    deliver_pick(sink, id);
   }
 }
 
@@ -96,14 +93,14 @@ size_t argmax_scratch_bytes(int64_t rows, int64_t cols) {
 }
 
 void launch_argmax_rows(const float* logits, int64_t rows, int64_t cols, int32_t* ids, void* scratch,
-                        cudaStream_t stream, int32_t* host_ids) {
+                        cudaStream_t stream, const PickSink& sink) {
   if (rows == 0) return;
   const int splits = static_cast<int>(ceil_div(cols, int64_t(kArgmaxSplitCols)));
   Best* partial = static_cast<Best*>(scratch);
   launch_pdl(argmax_split_kernel, dim3(static_cast<unsigned>(splits), static_cast<unsigned>(rows)), dim3(kThreads), 0,
              stream, logits, cols, partial);
   launch_pdl(argmax_merge_kernel, dim3(static_cast<unsigned>(rows)), dim3(32), 0, stream, logits, cols,
-             static_cast<const Best*>(partial), splits, ids, host_ids);
+             static_cast<const Best*>(partial), splits, ids, sink);
 }
 
 }  // namespace moex::cuda

@@ -14,12 +14,24 @@ constexpr int kArgmaxSplitCols = 2048;
 // Device scratch launch_argmax_rows needs for rows x cols logits.
 size_t argmax_scratch_bytes(int64_t rows, int64_t cols);
 
+// Where a chained step's pick goes besides ids (one row only): a ring of pinned host slots the host reads once the
+// launch completed (no copy launch on the way back), the slot chosen on the device: ring[*cursor % ring_size], then
+// ++*cursor. The cursor lives on the device so that a recorded decode step (a CUDA graph, replayed with the same
+// arguments) fills the next slot each time; every pick into the ring goes through it, so the host's count of picks
+// names the slot. advance (or null) is incremented too: the prepared KV row's position, so the next step of the
+// sequence needs no upload (CudaBackend::prepare_kv_step).
+struct PickSink {
+  int32_t* ring = nullptr;  // pinned host memory, mapped
+  uint32_t* cursor = nullptr;
+  int ring_size = 0;
+  int32_t* advance = nullptr;
+};
+
 // ids[r] = first index of the largest value of logits[r, :] (fp32 [rows, cols]); NaN never wins, and row[0]
 // wins when it is NaN (the host sampler's argmax). scratch: argmax_scratch_bytes(rows, cols) of device memory.
-// host_ids (pinned host memory, or null) receives the ids too, visible to the host once the launch completed
-// (chained greedy steps read them there without a copy).
+// sink (rows == 1 only) also receives the id, as PickSink says.
 void launch_argmax_rows(const float* logits, int64_t rows, int64_t cols, int32_t* ids, void* scratch,
-                        cudaStream_t stream, int32_t* host_ids = nullptr);
+                        cudaStream_t stream, const PickSink& sink = {});
 
 // One row's draw as the kernel takes it: inv_t = 1 / temperature as the host sampler rounds it (0: greedy).
 struct DeviceDraw {
@@ -36,9 +48,8 @@ bool sample_rows_supported();
 
 // ids[r] = the token draws[r] (or `single` when draws is null; one row) picks from logits[r, :] (fp32 [rows,
 // cols], cols <= kSampleMaxCols): what moex::Sampler::sample(row, draw) picks (runtime/sampler.h), computed by one
-// cluster of blocks per row from the same fp32 scores and weights. host_ids (pinned, or null) as
-// launch_argmax_rows.
+// cluster of blocks per row from the same fp32 scores and weights. sink as launch_argmax_rows.
 void launch_sample_rows(const float* logits, int64_t rows, int64_t cols, const DeviceDraw* draws,
-                        const DeviceDraw& single, int32_t* ids, cudaStream_t stream, int32_t* host_ids = nullptr);
+                        const DeviceDraw& single, int32_t* ids, cudaStream_t stream, const PickSink& sink = {});
 
 }  // namespace moex::cuda
