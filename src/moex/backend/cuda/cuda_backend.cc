@@ -336,53 +336,6 @@ class CudaBackend final : public Backend {
   void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) override {
     run_step(token, position, ops, /*with_pick=*/false);
   }
-  // A decode step's ops, recorded per context bucket and per with_pick (a step whose recording ends with the pick,
-  // decode_step_with_pick, and one without are different graphs).
-  void run_step(int32_t token, int64_t position, const std::function<void()>& ops, bool with_pick) {
-    const bool token_on_device = token == kTokenOnDevice;
-    if (!graphs_enabled_ && !token_on_device) {
-      resync_kv_row();
-      ops();
-      return;
-    }
-    MOEX_ASSERT(!token_on_device || next_token_picked_, "cuda decode_step at {}: the token is on the device only "
-                "after pick_token()", position);
-    // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
-    const int64_t bucket = step_bucket_keys(position + 1);
-    MOEX_ASSERT(kv_rows_ == 1 && kv_bucket_keys_ == bucket && kv_host_pos_[0] == position,
-                "cuda decode_step at {}: prepare_kv_step({} rows) first", position, kv_rows_);
-    // The step's position is its prepared KV row's (step_position_device), so a chained step, whose token the
-    // pick kernel already wrote into step_values_[0], uploads nothing here: a copy of its own had sat between
-    // every two recorded steps. MOEX_CUDA_STEP_POSITION_UPLOAD=1 uploads the position as before (A/B).
-    if (!token_on_device || !position_from_kv_) {
-      // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on: it left
-      // at the start of the step before).
-      MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
-      auto* host = static_cast<int32_t*>(step_host_.get());
-      host[0] = token;
-      host[1] = static_cast<int32_t>(position);
-      if (token_on_device) upload_pinned(host + 1, static_cast<int32_t*>(step_values_.get()) + 1, sizeof(int32_t));
-      else upload_pinned(host, step_values_.get(), 2 * sizeof(int32_t));
-      MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
-    }
-    next_token_picked_ = false;
-    step_mode_ = true;
-    step_token_ = token;
-    step_position_ = position;
-    step_bucket_keys_ = bucket;
-    try {
-      if (graphs_enabled_) {
-        graphs_.run(2 * bucket + (with_pick ? 1 : 0), stream_, ops, &capturing_, [this] { resync_kv_row(); });
-      } else {
-        resync_kv_row();
-        ops();
-      }
-    } catch (...) {
-      step_mode_ = false;
-      throw;
-    }
-    step_mode_ = false;
-  }
 
   void reset_step_recordings() override { graphs_.reset(); }
   CudaStepGraphStats step_graph_stats() const {
@@ -490,22 +443,6 @@ class CudaBackend final : public Backend {
                         const TensorView& scratch, std::span<const LinearOutput> outputs) override {
     if (!launch_normed(x, delta, weight, eps, outputs, "norm_linear_many"))
       Backend::norm_linear_many(x, delta, weight, eps, scratch, outputs);
-  }
-  // The normed GEMV of one row (gemv_normed_kernel) for the ops above and below, with the first layer's embedding
-  // where embed is set; false, launching nothing, where it does not apply (the caller takes the Backend default).
-  bool launch_normed(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
-                     std::span<const LinearOutput> outputs, const char* op, const EmbedRowIn& embed = {}) {
-    ResidualNormIn in;
-    const int64_t K = x.dim(-1);
-    if (x.numel() != K || outputs.size() > static_cast<size_t>(kGemvMaxOutputs) ||
-        !residual_norm_in(x, delta, nullptr, weight, eps, op, &in))
-      return false;
-    GemvOutput gemv[kGemvMaxOutputs];
-    gemv_outputs(x, outputs, op, gemv);
-    if (!launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_, embed))
-      return false;
-    MOEX_CUDA_CHECK_LAUNCH();
-    return true;
   }
 
   // One row whose fused norm loops over a grid sized to the SMs (hidden <= 2048: Model A, Model B): the final norm
@@ -635,37 +572,6 @@ class CudaBackend final : public Backend {
     kv_distinct_sequences_ = rows_are_distinct_sequences(step.row_seq.data(), n);
     kv_host_seq_ = step.row_seq.data();
     kv_host_pos_ = step.row_pos.data();
-  }
-
-  // Whether kv_device_ already holds this one-row step (in the layout of its bucket): the same sequence row and
-  // table as the last upload, at the position the device's row has reached. A chained greedy step's recorded pick
-  // moves that position on by one (decode_step_with_pick), so consecutive steps of a sequence upload only when a
-  // page is added or the bucket changes: the copy had sat between every two recorded steps.
-  bool kv_row_on_device(const KvStep& step, int64_t bucket, int64_t stride, int64_t used) const {
-    if (step.row_seq.size() != 1 || kv_device_pos_ < 0 || step.row_pos[0] != kv_device_pos_ || kv_rows_ != 1 ||
-        step.num_seqs() != 1 || bucket != kv_bucket_keys_ || stride != kv_device_rows_.table_stride ||
-        step.page_size != kv_device_rows_.page_size)
-      return false;
-    const auto* host = static_cast<const int32_t*>(kv_host_.get());
-    const int32_t* tables = host + 2;
-    return host[0] == step.row_seq[0] && std::equal(tables, tables + used, step.block_tables.begin()) &&
-           std::all_of(tables + used, tables + stride, [](int32_t page) { return page == 0; });
-  }
-
-  // A reused row (kv_row_on_device) may be read only by a recorded step: a graph launch starts after the stream's
-  // earlier work has ended. Kernels launched one by one after the pick's launch would not: under programmatic
-  // dependent launch the decode attention reads the row's position before its wait, while the pick may still be
-  // moving it on. Before such eager ops the row is uploaded after all (the copy orders them fully).
-  void resync_kv_row() {
-    if (!kv_row_reused_) return;
-    kv_row_reused_ = false;
-    MOEX_CUDA_CHECK(cudaEventSynchronize(kv_event_));  // the last copy has left kv_host_
-    auto* host = static_cast<int32_t*>(kv_host_.get());
-    host[1] = static_cast<int32_t>(kv_device_pos_);  // one row: [seq, pos, table...]
-    upload_pinned(host, kv_device_.get(), static_cast<size_t>(2 + kv_device_rows_.table_stride) * sizeof(int32_t));
-    MOEX_CUDA_CHECK(cudaEventRecord(kv_event_, stream_));
-    --kv_rows_reused_;
-    ++kv_uploads_;
   }
 
   void kv_write(const KvStep& step, const TensorView& k, const TensorView& v, const TensorView& k_pages,
@@ -868,47 +774,6 @@ class CudaBackend final : public Backend {
     note_pick();
     if (kv_device_pos_ >= 0) ++kv_device_pos_;
   }
-  void check_pick(const TensorView& logits, const TokenDraw& draw) const {
-    check_f32(logits, "pick_token", "logits");
-    const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
-    MOEX_ASSERT(rows >= 1 && cols > 0, "cuda pick_token: logits {}", logits.shape.str());
-    MOEX_ASSERT(picks_enqueued_ - picks_read_ < static_cast<uint64_t>(kMaxPendingPicks),
-                "cuda pick_token: {} picks not read yet (picked_token)", kMaxPendingPicks);
-    MOEX_ASSERT(draw.temperature <= 0.0f || samples_on_device(cols), "cuda pick_token: no device sampling over {} "
-                "tokens", cols);
-  }
-  // The pick's launches (recordable): the id into step_values_[0] and the next ring slot; advance_kv_row moves the
-  // prepared one-row KV step's position on by one.
-  void enqueue_pick(const TensorView& logits, const TokenDraw& draw, bool advance_kv_row) {
-    const int64_t cols = logits.dim(-1), rows = logits.numel() / cols;
-    const float* last_row = logits.as<float>() + (rows - 1) * cols;
-    auto* values = static_cast<int32_t*>(step_values_.get());
-    const PickSink sink = pick_sink(advance_kv_row);
-    if (draw.temperature > 0.0f)
-      launch_sample_rows(last_row, 1, cols, nullptr, device_draw(draw), values, stream_, sink);
-    else
-      launch_argmax_rows(last_row, 1, cols, values, workspace(argmax_scratch_bytes(1, cols)), stream_, sink);
-    MOEX_CUDA_CHECK_LAUNCH();
-  }
-  // Where a chained step's pick goes besides step_values_[0]: the next ring slot (the cursor is step_values_[2]);
-  // advance_kv_row moves the prepared one-row KV step's position on by one.
-  PickSink pick_sink(bool advance_kv_row) const {
-    auto* values = static_cast<int32_t*>(step_values_.get());
-    PickSink sink{static_cast<int32_t*>(picks_host_.get()), reinterpret_cast<uint32_t*>(values + 2),
-                  kMaxPendingPicks, nullptr};
-    if (advance_kv_row) {
-      MOEX_ASSERT(kv_rows_ == 1, "cuda decode_step_with_pick: {} prepared KV rows", kv_rows_);
-      sink.advance = const_cast<int32_t*>(kv_device_rows_.row_pos);  // kv_device_'s own memory
-    }
-    return sink;
-  }
-  // The host's side of a pick just enqueued: the event of its ring slot (the slot the device cursor gave it: picks
-  // are counted alike on both sides).
-  void note_pick() {
-    MOEX_CUDA_CHECK(cudaEventRecord(pick_events_[picks_enqueued_ % kMaxPendingPicks], stream_));
-    ++picks_enqueued_;
-    next_token_picked_ = true;
-  }
   int32_t picked_token() override {
     MOEX_ASSERT(picks_read_ < picks_enqueued_, "cuda picked_token: no pick_token() waiting to be read");
     const uint64_t slot = picks_read_ % kMaxPendingPicks;
@@ -925,6 +790,147 @@ class CudaBackend final : public Backend {
                   const TensorView& out) override;
 
  private:
+  // A decode step's ops, recorded per context bucket and per with_pick (a step whose recording ends with the pick,
+  // decode_step_with_pick, and one without are different graphs).
+  void run_step(int32_t token, int64_t position, const std::function<void()>& ops, bool with_pick) {
+    const bool token_on_device = token == kTokenOnDevice;
+    if (!graphs_enabled_ && !token_on_device) {
+      resync_kv_row();
+      ops();
+      return;
+    }
+    MOEX_ASSERT(!token_on_device || next_token_picked_, "cuda decode_step at {}: the token is on the device only "
+                "after pick_token()", position);
+    // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
+    const int64_t bucket = step_bucket_keys(position + 1);
+    MOEX_ASSERT(kv_rows_ == 1 && kv_bucket_keys_ == bucket && kv_host_pos_[0] == position,
+                "cuda decode_step at {}: prepare_kv_step({} rows) first", position, kv_rows_);
+    // The step's position is its prepared KV row's (step_position_device), so a chained step, whose token the
+    // pick kernel already wrote into step_values_[0], uploads nothing here: a copy of its own had sat between
+    // every two recorded steps. MOEX_CUDA_STEP_POSITION_UPLOAD=1 uploads the position as before (A/B).
+    if (!token_on_device || !position_from_kv_) {
+      // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on: it left
+      // at the start of the step before).
+      MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
+      auto* host = static_cast<int32_t*>(step_host_.get());
+      host[0] = token;
+      host[1] = static_cast<int32_t>(position);
+      if (token_on_device) upload_pinned(host + 1, static_cast<int32_t*>(step_values_.get()) + 1, sizeof(int32_t));
+      else upload_pinned(host, step_values_.get(), 2 * sizeof(int32_t));
+      MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
+    }
+    next_token_picked_ = false;
+    step_mode_ = true;
+    step_token_ = token;
+    step_position_ = position;
+    step_bucket_keys_ = bucket;
+    try {
+      if (graphs_enabled_) {
+        graphs_.run(2 * bucket + (with_pick ? 1 : 0), stream_, ops, &capturing_, [this] { resync_kv_row(); });
+      } else {
+        resync_kv_row();
+        ops();
+      }
+    } catch (...) {
+      step_mode_ = false;
+      throw;
+    }
+    step_mode_ = false;
+  }
+
+  // The normed GEMV of one row (gemv_normed_kernel) for the ops above and below, with the first layer's embedding
+  // where embed is set; false, launching nothing, where it does not apply (the caller takes the Backend default).
+  bool launch_normed(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
+                     std::span<const LinearOutput> outputs, const char* op, const EmbedRowIn& embed = {}) {
+    ResidualNormIn in;
+    const int64_t K = x.dim(-1);
+    if (x.numel() != K || outputs.size() > static_cast<size_t>(kGemvMaxOutputs) ||
+        !residual_norm_in(x, delta, nullptr, weight, eps, op, &in))
+      return false;
+    GemvOutput gemv[kGemvMaxOutputs];
+    gemv_outputs(x, outputs, op, gemv);
+    if (!launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_, embed))
+      return false;
+    MOEX_CUDA_CHECK_LAUNCH();
+    return true;
+  }
+
+  // Whether kv_device_ already holds this one-row step (in the layout of its bucket): the same sequence row and
+  // table as the last upload, at the position the device's row has reached. A chained greedy step's recorded pick
+  // moves that position on by one (decode_step_with_pick), so consecutive steps of a sequence upload only when a
+  // page is added or the bucket changes: the copy had sat between every two recorded steps.
+  bool kv_row_on_device(const KvStep& step, int64_t bucket, int64_t stride, int64_t used) const {
+    if (step.row_seq.size() != 1 || kv_device_pos_ < 0 || step.row_pos[0] != kv_device_pos_ || kv_rows_ != 1 ||
+        step.num_seqs() != 1 || bucket != kv_bucket_keys_ || stride != kv_device_rows_.table_stride ||
+        step.page_size != kv_device_rows_.page_size)
+      return false;
+    const auto* host = static_cast<const int32_t*>(kv_host_.get());
+    const int32_t* tables = host + 2;
+    return host[0] == step.row_seq[0] && std::equal(tables, tables + used, step.block_tables.begin()) &&
+           std::all_of(tables + used, tables + stride, [](int32_t page) { return page == 0; });
+  }
+
+  // A reused row (kv_row_on_device) may be read only by a recorded step: a graph launch starts after the stream's
+  // earlier work has ended. Kernels launched one by one after the pick's launch would not: under programmatic
+  // dependent launch the decode attention reads the row's position before its wait, while the pick may still be
+  // moving it on. Before such eager ops the row is uploaded after all (the copy orders them fully).
+  void resync_kv_row() {
+    if (!kv_row_reused_) return;
+    kv_row_reused_ = false;
+    MOEX_CUDA_CHECK(cudaEventSynchronize(kv_event_));  // the last copy has left kv_host_
+    auto* host = static_cast<int32_t*>(kv_host_.get());
+    host[1] = static_cast<int32_t>(kv_device_pos_);  // one row: [seq, pos, table...]
+    upload_pinned(host, kv_device_.get(), static_cast<size_t>(2 + kv_device_rows_.table_stride) * sizeof(int32_t));
+    MOEX_CUDA_CHECK(cudaEventRecord(kv_event_, stream_));
+    --kv_rows_reused_;
+    ++kv_uploads_;
+  }
+
+  void check_pick(const TensorView& logits, const TokenDraw& draw) const {
+    check_f32(logits, "pick_token", "logits");
+    const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
+    MOEX_ASSERT(rows >= 1 && cols > 0, "cuda pick_token: logits {}", logits.shape.str());
+    MOEX_ASSERT(picks_enqueued_ - picks_read_ < static_cast<uint64_t>(kMaxPendingPicks),
+                "cuda pick_token: {} picks not read yet (picked_token)", kMaxPendingPicks);
+    MOEX_ASSERT(draw.temperature <= 0.0f || samples_on_device(cols), "cuda pick_token: no device sampling over {} "
+                "tokens", cols);
+  }
+
+  // The pick's launches (recordable): the id into step_values_[0] and the next ring slot; advance_kv_row moves the
+  // prepared one-row KV step's position on by one.
+  void enqueue_pick(const TensorView& logits, const TokenDraw& draw, bool advance_kv_row) {
+    const int64_t cols = logits.dim(-1), rows = logits.numel() / cols;
+    const float* last_row = logits.as<float>() + (rows - 1) * cols;
+    auto* values = static_cast<int32_t*>(step_values_.get());
+    const PickSink sink = pick_sink(advance_kv_row);
+    if (draw.temperature > 0.0f)
+      launch_sample_rows(last_row, 1, cols, nullptr, device_draw(draw), values, stream_, sink);
+    else
+      launch_argmax_rows(last_row, 1, cols, values, workspace(argmax_scratch_bytes(1, cols)), stream_, sink);
+    MOEX_CUDA_CHECK_LAUNCH();
+  }
+
+  // Where a chained step's pick goes besides step_values_[0]: the next ring slot (the cursor is step_values_[2]);
+  // advance_kv_row moves the prepared one-row KV step's position on by one.
+  PickSink pick_sink(bool advance_kv_row) const {
+    auto* values = static_cast<int32_t*>(step_values_.get());
+    PickSink sink{static_cast<int32_t*>(picks_host_.get()), reinterpret_cast<uint32_t*>(values + 2),
+                  kMaxPendingPicks, nullptr};
+    if (advance_kv_row) {
+      MOEX_ASSERT(kv_rows_ == 1, "cuda decode_step_with_pick: {} prepared KV rows", kv_rows_);
+      sink.advance = const_cast<int32_t*>(kv_device_rows_.row_pos);  // kv_device_'s own memory
+    }
+    return sink;
+  }
+
+  // The host's side of a pick just enqueued: the event of its ring slot (the slot the device cursor gave it: picks
+  // are counted alike on both sides).
+  void note_pick() {
+    MOEX_CUDA_CHECK(cudaEventRecord(pick_events_[picks_enqueued_ % kMaxPendingPicks], stream_));
+    ++picks_enqueued_;
+    next_token_picked_ = true;
+  }
+
   // moe_routed's device-planned path; false, launching nothing, outside its envelope. With norm (one token), x
   // is where the kernel stores the normalised row (residual step in the planner's launch, moe.cuh).
   bool moe_routed_on_device(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
