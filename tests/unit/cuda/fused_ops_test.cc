@@ -284,12 +284,12 @@ TEST(CudaResidualNorm, EmbedNormLinearMatchesEmbeddingThenNorm) {
           fused_y.push_back(std::make_unique<GuardedTensor>(*backend, Shape{1, n}));
           ref_y.push_back(std::make_unique<GuardedTensor>(*backend, Shape{1, n}));
         }
-        std::vector<Backend::LinearOutput> fused_out, ref_out;
         for (size_t i = 0; i < outs.size(); ++i) {
           fv.push_back(fused_y[i]->view());
           rv.push_back(ref_y[i]->view());
         }
-        for (size_t i = 0; i < outs.size(); ++i) {
+        std::vector<Backend::LinearOutput> fused_out, ref_out;
+        for (size_t i = 0; i < outs.size(); ++i) {  // after the views: the outputs point into fv and rv
           fused_out.push_back({&wd[i], nullptr, &fv[i]});
           ref_out.push_back({&wd[i], nullptr, &rv[i]});
         }

@@ -84,7 +84,7 @@ constexpr int kZmmPerToken = kT <= 2 ? 2 : 1;
 // exceptions patched.
 template <int kT>
 MOEX_AVX512_VBMI inline void row_steps(const float* x, int64_t ldx, const PackedBf16& p, int64_t row,
-                                          const Decoder& d, uint32_t* exc, __m512 (&a)[kT][kZmmPerToken<kT>]) {
+                                       const Decoder& d, uint32_t* exc, __m512 (&a)[kT][kZmmPerToken<kT>]) {
   constexpr int kZ = kZmmPerToken<kT>;
   const int64_t k = p.cols;
   const uint8_t* lo_row = p.lo.data() + row * k;

@@ -446,9 +446,10 @@ class CudaBackend final : public Backend {
   }
 
   // One row whose fused norm loops over a grid sized to the SMs (hidden <= 2048: Model A, Model B): the final norm
-  // inside the lm_head GEMV's blocks (norm_linear_many with the lm_head as its one output), one launch fewer per decode step (H200, same call: Model A 0.4986 vs 0.5074
-  // ms/token with the step's position below). Wider rows would take a block per 8 of the vocabulary's rows, each
-  // normalising the row (the 8x7B shape: 5.8 us slower per step), and keep add_rms_norm + linear.
+  // inside the lm_head GEMV's blocks (norm_linear_many with the lm_head as its one output), one launch fewer per
+  // decode step (H200, same call: Model A 0.4986 vs 0.5074 ms/token with the step's position below). Wider rows
+  // would take a block per 8 of the vocabulary's rows, each normalising the row (the 8x7B shape: 5.8 us slower per
+  // step), and keep add_rms_norm + linear.
   void norm_logits(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
                    const TensorView& normed, const TensorView& lm_head, const TensorView& logits) override {
     const int64_t K = x.dim(-1);
@@ -795,7 +796,6 @@ class CudaBackend final : public Backend {
   void run_step(int32_t token, int64_t position, const std::function<void()>& ops, bool with_pick) {
     const bool token_on_device = token == kTokenOnDevice;
     if (!graphs_enabled_ && !token_on_device) {
-      resync_kv_row();
       ops();
       return;
     }
@@ -825,12 +825,11 @@ class CudaBackend final : public Backend {
     step_position_ = position;
     step_bucket_keys_ = bucket;
     try {
-      if (graphs_enabled_) {
+      // Rows are reused only with graphs on (prepare_kv_step): only a step that runs eagerly there resyncs.
+      if (graphs_enabled_)
         graphs_.run(2 * bucket + (with_pick ? 1 : 0), stream_, ops, &capturing_, [this] { resync_kv_row(); });
-      } else {
-        resync_kv_row();
+      else
         ops();
-      }
     } catch (...) {
       step_mode_ = false;
       throw;

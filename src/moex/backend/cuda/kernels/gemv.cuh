@@ -54,7 +54,7 @@ bool residual_norm_fits(const ResidualNormIn& in, int64_t K);
 
 // The first layer's row taken from the token embedding instead of x: row = table[*token] (bf16, or fp32 when
 // table_f32; the id is read on the device, so a recorded step takes the chained token). The kernel then writes x
-// = row (the embedding op's output) and normalises row + d0 + d1.
+// = row (the embedding op's output) and normalises it; no deltas (the first layer has none).
 struct EmbedRowIn {
   const void* table = nullptr;
   const int32_t* token = nullptr;
