@@ -32,6 +32,11 @@ std::vector<test::PagedCase> cuda_cases() {
   cases.push_back({2, 1, 256, 32, {10}, {40}});
   cases.push_back({4, 2, 20, 5, {2}, {33}});          // head_dim 20, padded to 64
   cases.push_back({32, 4, 128, 16, {0}, {16}});       // the smallest chunk the tensor cores take
+  // Batch-1 decode past the dims kernel's first round of keys (the later rounds read after its PDL wait).
+  cases.push_back({16, 8, 128, 16, {79}, {1}});       // Model A at 80 keys: 3 rounds of 32
+  cases.push_back({32, 4, 128, 32, {200}, {1}});      // Model B at 201 keys: 7 rounds
+  cases.push_back({8, 2, 32, 8, {150}, {1}});         // head_dim 32
+  cases.push_back({8, 1, 64, 16, {90}, {1}});         // group 8 (4 keys a warp and round), head_dim 64
   return cases;
 }
 

@@ -607,6 +607,13 @@ void with_dims_per_lane(int64_t head_dim, F f) {
 }
 
 // KEYS rows of K and V per warp and round: 8 where the block's heads leave the registers (G <= 2), else 4.
+// A round past the first costs the batch-1 step about 1.6 us a layer (H200 trace, Model A: the attention's share
+// of a layer 3.6 us at 17-32 keys, 5.2-6.2 at 33-64, 7.3-8.0 at 65-80). Measured and dropped (bench/RESULTS.md):
+// 16 warps a block (128 keys a round before the wait; a 512-thread block waits for a whole SM to empty, where
+// 4-warp blocks start beside the q/k/v GEMV's: Model A 0.513 vs 0.493 ms/token), the later rounds prefetched
+// into L2 before the wait (no change: 0.4953 vs 0.4930; the cost is not HBM's), and the later rounds staged in
+// shared memory with cp.async (64 KB a block: 0.563 vs 0.496, the SMs' carveout changing between kernels; one
+// carveout for every kernel cost more than it saved).
 template <int G, bool ROPE>
 void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
