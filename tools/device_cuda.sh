@@ -30,8 +30,9 @@
 #                                  Options: --models "model_a model_b", --batch "1 32", --timeout S.
 #   tools/device_cuda.sh trace     there: the decode step's real timeline (CUPTI kernel records through
 #                                  tools/kernel_trace, overlap kept) and each kernel's share of its critical
-#                                  path (tools/kernel_trace.py). Options: --models, --batch "1 32", --tokens N,
-#                                  --env NAME=VALUE (repeatable: an A/B switch for both runs). Output under $OUT.
+#                                  path, overall and per position in the decode (tools/kernel_trace.py).
+#                                  Options: --models, --batch "1 32", --tokens N, --env NAME=VALUE (repeatable:
+#                                  an A/B switch for both runs). Output under $OUT.
 #   tools/device_cuda.sh optin     there: the opt-in switches (MOEX_CUDA_DOWN_PRELOAD with
 #                                  MOEX_CUDA_TOPK_IN_GATE_UP=0; within 0.4% on an H200):
 #                                  their tests, then Model A / B batch-1 decode with each against the default, each
@@ -477,6 +478,7 @@ def ms(path):
 print(f"\n## {sys.argv[3]}: ms/token (or ms/step) without the tracer {ms(sys.argv[1])}, traced {ms(sys.argv[2])}")
 PY
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --top 30
+      python3 tools/kernel_trace.py "$out/trace_$tag.csv" --by-position --top 6
       gzip -f "$out/trace_$tag.csv"
     done
   done

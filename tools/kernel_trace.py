@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a decode step's time goes, from a kernel timeline (tools/kernel_trace/kernel_trace.cc).
 
-    python3 tools/kernel_trace.py trace.csv [--json]
+    python3 tools/kernel_trace.py trace.csv [--json] [--by-position [--bucket N] [--run-gap-us US]]
 
 Kernels of one CUDA graph launch (one recorded decode step) share a correlation id. Within a step the kernels
 run in stream order, each ending after the one before (programmatic dependent launch lets a kernel start early,
@@ -10,12 +10,19 @@ the previous kernel's end. Kernels with a large share are the ones to fuse, over
 duration is long but whose share is small was waiting for its predecessor. Only graph launches are counted
 (steps that ran eagerly, prompts and setup are left out); the time between one step's last kernel and the next
 step's first is the host's part (read-back, sampling, the next launch); its median is reported, since the gaps
-between repetitions of a benchmark hold a prompt's prefill."""
+between repetitions of a benchmark hold a prompt's prefill.
+
+--by-position splits the steps into runs (graph launches back to back: a gap of more than --run-gap-us, a
+prompt's prefill, starts a new run) and reports, per bucket of --bucket positions in the run, the median step and
+each kernel's median share per step. At decode the position is the context's growth, so costs that grow with the
+number of keys show there (the attention's rounds of keys) and nowhere in the averaged table."""
 import argparse
 import collections
 import csv
+import gzip
 import json
 import re
+import statistics
 import sys
 
 
@@ -25,18 +32,23 @@ def short(name):
 
 
 def load(path):
+    """The trace's rows; a .gz file (what device_cuda.sh trace leaves) is read through gzip."""
     try:
-        with open(path, newline="") as f:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
-        sys.exit(f"kernel_trace: cannot read {path}: {e.strerror}")
+        sys.exit(f"kernel_trace: cannot read {path}: {e.strerror or e}")
+    except (UnicodeDecodeError, csv.Error) as e:
+        sys.exit(f"kernel_trace: {path} is not a CSV kernel trace ({e})")
     need = {"start_ns", "end_ns", "correlation", "graph_id", "name"}
     if rows and not need <= rows[0].keys():
         sys.exit(f"kernel_trace: {path} is not a kernel trace (columns {sorted(need)} expected)")
     return rows
 
 
-def analyse(rows):
+def graph_steps(rows):
+    """The graph launches' kernels, one list per step (ordered by end), steps in time order."""
     steps = collections.defaultdict(list)
     for line, r in enumerate(rows, start=2):
         try:
@@ -48,13 +60,16 @@ def analyse(rows):
             sys.exit(f"kernel_trace: line {line} is not a kernel record (a number expected): {dict(r)}")
     if not steps:
         sys.exit("kernel_trace: no kernels from CUDA graph launches in the trace (decode steps run eagerly?)")
+    return [sorted(steps[c], key=lambda k: k[1]) for c in sorted(steps, key=lambda c: min(k[0] for k in steps[c]))]
+
+
+def analyse(rows):
     share = collections.defaultdict(float)
     duration = collections.defaultdict(float)
     launches = collections.Counter()
     spans, gaps = [], []
     previous_end = None
-    for corr in sorted(steps, key=lambda c: min(k[0] for k in steps[c])):
-        kernels = sorted(steps[corr], key=lambda k: k[1])
+    for kernels in graph_steps(rows):
         first_start = min(k[0] for k in kernels)
         if previous_end is not None:
             gaps.append(first_start - previous_end)
@@ -76,12 +91,65 @@ def analyse(rows):
     return {"steps": n, "step_us": step_us, "between_steps_us": between, "kernels": table}
 
 
+def by_position(rows, bucket, run_gap_us):
+    """Median step and median per-step share of each kernel, per bucket of positions within runs of steps."""
+    if bucket < 1 or run_gap_us < 0:
+        sys.exit("kernel_trace: --bucket must be at least 1 and --run-gap-us not negative")
+    buckets = collections.defaultdict(lambda: {"spans": [], "shares": collections.defaultdict(list)})
+    names = collections.Counter()
+    position, previous_end, runs = 0, None, 0
+    for kernels in graph_steps(rows):
+        first_start = min(k[0] for k in kernels)
+        if previous_end is None or first_start - previous_end > run_gap_us * 1e3:
+            position, runs = 0, runs + 1
+        b = buckets[position // bucket]
+        b["spans"].append(kernels[-1][1] - first_start)
+        per_step = collections.defaultdict(float)
+        prev = first_start
+        for _, end, name, _ in kernels:
+            per_step[name] += end - prev
+            prev = end
+        for name, value in per_step.items():
+            b["shares"][name].append(value)
+            names[name] += value
+        position += 1
+        previous_end = kernels[-1][1]
+    kernels = [name for name, _ in names.most_common()]
+    table = []
+    for index in sorted(buckets):
+        b = buckets[index]
+        table.append({"positions": [index * bucket, index * bucket + bucket - 1], "steps": len(b["spans"]),
+                      "step_us": statistics.median(b["spans"]) / 1e3,
+                      "share_us": {k: statistics.median(b["shares"][k]) / 1e3 for k in kernels if b["shares"][k]}})
+    return {"runs": runs, "bucket": bucket, "kernels": kernels, "buckets": table}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--top", type=int, default=25, help="kernels to list (default 25)")
+    ap.add_argument("--by-position", action="store_true",
+                    help="per position of a step in its run of back-to-back steps (the context's growth at decode)")
+    ap.add_argument("--bucket", type=int, default=8, help="positions per row with --by-position (default 8)")
+    ap.add_argument("--run-gap-us", type=float, default=20.0,
+                    help="a longer gap between two steps starts a new run (default 20 us)")
     a = ap.parse_args()
+    if a.by_position:
+        result = by_position(load(a.trace), a.bucket, a.run_gap_us)
+        if a.json:
+            print(json.dumps(result))
+            return
+        shown = result["kernels"][:a.top]
+        print(f"{result['runs']} runs of back-to-back graph steps; median us per step, then each kernel's median "
+              f"critical-path share per step")
+        print("| positions | steps | step us | " + " | ".join(k[:40] for k in shown) + " |")
+        print("|---" * (3 + len(shown)) + "|")
+        for b in result["buckets"]:
+            cells = [f"{b['share_us'][k]:.1f}" if k in b["share_us"] else "-" for k in shown]
+            print(f"| {b['positions'][0]}-{b['positions'][1]} | {b['steps']} | {b['step_us']:.1f} | "
+                  + " | ".join(cells) + " |")
+        return
     result = analyse(load(a.trace))
     if a.json:
         print(json.dumps(result))

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# tools/kernel_trace.py (the decode step's critical path from a CUPTI kernel timeline) on a synthetic trace whose
+# shares are known: the averaged table, --by-position (runs split at the prompt's gap, per-position medians, a
+# .gz trace read as such), and clear errors for input that is not a kernel trace.
+# Usage: kernel_trace_tool_test.sh MOEX_BINARY SOURCE_DIR
+source "$(dirname "$0")/e2e_lib.sh"
+tool="$src/tools/kernel_trace.py"
+
+# Two runs of three graph steps (correlation ids 1-6), 1 ms apart (a prefill); inside a run steps follow 1 us
+# apart. Each step: gemv 0-10 us, then attention, which starts early (at 8 us: PDL) and ends 4 + 2 * position us
+# after the gemv (its cost grows with the position, as attention's does with the context). One eager kernel
+# (graph_id 0) must be ignored.
+python3 - "$tmp/trace.csv" <<'PY'
+import sys
+rows = ["start_ns,end_ns,correlation,graph_id,stream,grid,block,shared,registers,name"]
+t, corr = 0, 0
+rows.append("0,500000,99,0,13,1,32,0,16,eager_kernel")
+t = 1_000_000
+for run in range(2):
+    for position in range(3):
+        corr += 1
+        gemv_end = t + 10_000
+        attn_end = gemv_end + 4_000 + 2_000 * position
+        rows.append(f"{t},{gemv_end},{corr},7,13,256,256,0,64,moex::cuda::(anonymous namespace)::gemv_kernel<1; 8>")
+        rows.append(f"{t + 8_000},{attn_end},{corr},7,13,16,128,0,114,decode_attention_kernel")
+        t = attn_end + 1_000
+    t += 1_000_000
+open(sys.argv[1], "w").write("\n".join(rows) + "\n")
+PY
+gzip -k "$tmp/trace.csv"
+
+if python3 "$tool" "$tmp/trace.csv" --json >"$tmp/all.json" 2>"$tmp/err"; then
+  python3 - "$tmp/all.json" <<'PY' && ok || fail "the averaged table is wrong: $(cat "$tmp/all.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["steps"] == 6, r
+share = {k["kernel"]: k["share_us_per_step"] for k in r["kernels"]}
+assert abs(share["gemv_kernel<1; 8>"] - 10.0) < 1e-9, share  # the anonymous namespace dropped from the name
+assert abs(share["decode_attention_kernel"] - 6.0) < 1e-9, share  # (4 + 6 + 8) / 3
+assert abs(r["between_steps_us"] - 1.0) < 1e-9, r  # the median gap: the prefill gap is one of five
+assert abs(r["step_us"] - 16.0) < 1e-9, r
+PY
+else
+  fail "kernel_trace.py --json exited non-zero: $(cat "$tmp/err")"
+fi
+
+if python3 "$tool" "$tmp/trace.csv.gz" --by-position --bucket 1 --json >"$tmp/pos.json" 2>"$tmp/err"; then
+  python3 - "$tmp/pos.json" <<'PY' && ok || fail "--by-position is wrong: $(cat "$tmp/pos.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["runs"] == 2, r
+assert [b["positions"] for b in r["buckets"]] == [[0, 0], [1, 1], [2, 2]], r
+assert [b["steps"] for b in r["buckets"]] == [2, 2, 2], r
+assert [round(b["share_us"]["decode_attention_kernel"], 9) for b in r["buckets"]] == [4.0, 6.0, 8.0], r
+assert [round(b["step_us"], 9) for b in r["buckets"]] == [14.0, 16.0, 18.0], r
+assert r["kernels"][0] == "gemv_kernel<1; 8>", r
+PY
+else
+  fail "kernel_trace.py --by-position exited non-zero: $(cat "$tmp/err")"
+fi
+
+# The gap that splits runs: at 2000 us the six steps are one run, positions 0-5 in buckets of 4.
+one_run='import json, sys; r = json.load(open(sys.argv[1])); assert r["runs"] == 1, r
+assert [b["steps"] for b in r["buckets"]] == [4, 2], r'
+if python3 "$tool" "$tmp/trace.csv" --by-position --run-gap-us 2000 --bucket 4 --json >"$tmp/one.json" 2>"$tmp/err" &&
+   python3 -c "$one_run" "$tmp/one.json"; then
+  ok
+else
+  fail "--run-gap-us 2000: $(cat "$tmp/one.json" "$tmp/err")"
+fi
+
+# The table form prints a row per bucket.
+python3 "$tool" "$tmp/trace.csv" --by-position --bucket 2 >"$tmp/table" 2>"$tmp/err" &&
+  grep -q "^| 0-1 | 4 | 15.0 | 10.0 | 5.0 |$" "$tmp/table" && ok ||
+  fail "--by-position table: $(cat "$tmp/table" "$tmp/err")"
+
+printf 'not,a,trace\n1,2,3\n' >"$tmp/other.csv"
+expect_error "a CSV of other columns" "is not a kernel trace" python3 "$tool" "$tmp/other.csv"
+head -c 100 /dev/urandom >"$tmp/binary.csv"
+printf '\x8b\xff\xfe' >>"$tmp/binary.csv"
+expect_error "binary input" "kernel_trace:" python3 "$tool" "$tmp/binary.csv"
+expect_error "a missing file" "cannot read" python3 "$tool" "$tmp/none.csv"
+expect_error "a zero bucket" "--bucket must be at least 1" python3 "$tool" "$tmp/trace.csv" --by-position --bucket 0
+printf 'start_ns,end_ns,correlation,graph_id,name\n0,10,1,0,eager\n' >"$tmp/eager.csv"
+expect_error "no graph launches" "no kernels from CUDA graph launches" python3 "$tool" "$tmp/eager.csv" --by-position
+
+finish
