@@ -56,8 +56,9 @@ void add_model_options(CLI::App* sub, ModelOptions* options, bool model_required
       ->check(CLI::IsMember({"lru", "lfu", "activation"}));
   sub->add_option("--predictor", options->predictor,
                   "expert predictor that drives prefetch when offloading: none, pregate (next layers' routers on the "
-                  "current hidden state), affinity, eam, frequency, stride")
-      ->check(CLI::IsMember({"none", "pregate", "frequency", "stride", "recency", "affinity", "eam"}));
+                  "current hidden state), affinity, eam, bayes (earlier layers and the previous token), frequency, "
+                  "stride")
+      ->check(CLI::IsMember({"none", "pregate", "frequency", "stride", "recency", "affinity", "eam", "bayes"}));
   sub->add_option("--lookahead-layers", options->lookahead_layers, "MoE layers ahead that prefetch covers")
       ->check(positive_number());
   sub->add_flag("--cpu-experts", options->cpu_experts,

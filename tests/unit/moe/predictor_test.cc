@@ -65,6 +65,59 @@ TEST(Predictors, AffinityLearnsLayerToLayerTransitions) {
   EXPECT_EQ(top(*predictor, 0, 1), (std::vector<int32_t>{3}));
 }
 
+// Layer 2 repeats layer 0's expert; layers 0 and 1 are noise, independent from token to token. Affinity, which
+// chains layer-to-layer transitions, cannot see past layer 1, and the previous token says nothing; naive Bayes
+// over earlier layers takes layer 0 as a feature of layer 2.
+TEST(Predictors, BayesLearnsFromLayersFurtherBack) {
+  auto bayes = make_expert_predictor("bayes", options(3, 8, 1));
+  auto affinity = make_expert_predictor("affinity", options(3, 8, 1));
+  uint32_t noise = 12345;
+  auto route = [&](bool score, int* bayes_right, int* affinity_right) {
+    noise = noise * 1664525u + 1013904223u;
+    const int32_t first = static_cast<int32_t>(noise >> 29);
+    noise = noise * 1664525u + 1013904223u;
+    for (ExpertPredictor* p : {bayes.get(), affinity.get()}) {
+      observe(*p, 0, {first});
+      observe(*p, 1, {static_cast<int32_t>(noise >> 29)});
+    }
+    if (score) {
+      *bayes_right += top(*bayes, 2, 1) == std::vector<int32_t>{first};
+      *affinity_right += top(*affinity, 2, 1) == std::vector<int32_t>{first};
+    }
+    for (ExpertPredictor* p : {bayes.get(), affinity.get()}) observe(*p, 2, {first});
+  };
+  int bayes_right = 0, affinity_right = 0;
+  for (int token = 0; token < 400; ++token) route(false, nullptr, nullptr);
+  for (int token = 0; token < 100; ++token) route(true, &bayes_right, &affinity_right);
+  EXPECT_GE(bayes_right, 95);
+  EXPECT_LE(affinity_right, 50);
+}
+
+// Every layer picks (token + layer) % 8. Predicting the next token's layer 0 after a whole token has run, no
+// earlier layer of that token is known: the current token's layer 0 (the previous token's, for the next one)
+// is the feature. Before anything is observed, and after begin_request, there is no opinion.
+TEST(Predictors, BayesPredictsTheNextTokenFromThisOne) {
+  auto predictor = make_expert_predictor("bayes", options(4, 8, 1));
+  EXPECT_TRUE(top(*predictor, 0, 1).empty());
+  for (int token = 0; token < 64; ++token)
+    for (int32_t layer = 0; layer < 4; ++layer) observe(*predictor, layer, {(token + layer) % 8});
+  // The last token was 63: its layer 0 chose 7, so the next token's layer 0 chooses 0; its layer 3 chose 2, so
+  // the next token's layer 3 chooses 3 (this token's layers 0-2 are not the next token's earlier layers).
+  EXPECT_EQ(top(*predictor, 0, 1), (std::vector<int32_t>{0}));
+  EXPECT_EQ(top(*predictor, 3, 1), (std::vector<int32_t>{3}));
+  // This token's later layers, mid-token: layer 0 of token 64 chose 0, so layer 3 chooses 3.
+  observe(*predictor, 0, {0});
+  EXPECT_EQ(top(*predictor, 3, 1), (std::vector<int32_t>{3}));
+  predictor->begin_request();
+  EXPECT_TRUE(top(*predictor, 0, 1).empty());
+  // DeepSeek-V3's shape: fewer earlier layers as features, so the tables stay bounded; it still predicts.
+  auto wide = make_expert_predictor("bayes", options(58, 256, 8));
+  observe(*wide, 0, {1, 2, 3, 4, 5, 6, 7, 8});
+  observe(*wide, 1, {9, 10, 11, 12, 13, 14, 15, 16});
+  observe(*wide, 0, {1, 2, 3, 4, 5, 6, 7, 8});
+  EXPECT_EQ(top(*wide, 1, 8), (std::vector<int32_t>{9, 10, 11, 12, 13, 14, 15, 16}));
+}
+
 TEST(Predictors, EamMatchesTheMostSimilarPastRequest) {
   // Two past request types: A uses experts {0} everywhere, B uses {1} at layer 0 and {3} at layer 1.
   auto predictor = make_expert_predictor("eam", options(2, 4, 1));
@@ -106,8 +159,8 @@ TEST(Predictors, RegistryRejectsUnknownNamesAndBadShapes) {
     make_expert_predictor("oracle", options(2, 4, 1));
     FAIL() << "expected UsageError";
   } catch (const UsageError& e) {
-    EXPECT_STREQ(e.what(),
-                 "unknown expert predictor \"oracle\"; expected one of: frequency, stride, recency, affinity, eam, pregate");
+    EXPECT_STREQ(e.what(), "unknown expert predictor \"oracle\"; expected one of: frequency, stride, recency, affinity, "
+                           "eam, bayes, pregate");
   }
   EXPECT_THROW(make_expert_predictor("frequency", options(2, 4, 5)), UsageError);
 }

@@ -129,7 +129,7 @@ TEST(Offload, PrefetchKeepsOutputsAndCountsPredictions) {
   const ModelConfig& cfg = model->config();
   std::vector<int32_t> prompt = {7, 11, 13};
   const RunOutput resident = run(*model, prompt, 0, "lru");
-  for (const std::string predictor : {"frequency", "stride", "affinity", "eam", "pregate"}) {
+  for (const std::string predictor : {"frequency", "stride", "affinity", "eam", "bayes", "pregate"}) {
     SCOPED_TRACE(predictor);
     EngineOptions options;
     options.num_threads = 2;

@@ -252,7 +252,7 @@ TEST(Simulator, MinWithBypassBoundsEveryPolicyAndPredictor) {
 
 TEST(Simulator, GlobalScopeAndTrainingModesAreDeterministic) {
   Trace trace = random_trace(4, 20, 4, 8, 2, 21);
-  for (const char* predictor : {"frequency", "stride", "affinity", "eam"}) {
+  for (const char* predictor : {"frequency", "stride", "affinity", "eam", "bayes"}) {
     SimConfig config;
     config.scope = CacheScope::kGlobal;
     config.cache_fraction = 0.4;

@@ -47,7 +47,7 @@ class ExpertPredictor {
   virtual void predict(int32_t target_layer, std::vector<ScoredExpert>* out) = 0;
 };
 
-// Names: "frequency", "stride" (alias "recency"), "affinity", "eam", "pregate". Throws UsageError on an
+// Names: "frequency", "stride" (alias "recency"), "affinity", "eam", "bayes", "pregate". Throws UsageError on an
 // unknown name, listing the known ones.
 std::unique_ptr<ExpertPredictor> make_expert_predictor(std::string_view name, const PredictorOptions& options);
 std::vector<std::string> expert_predictor_names();

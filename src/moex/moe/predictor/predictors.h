@@ -9,6 +9,7 @@ std::unique_ptr<ExpertPredictor> make_frequency_predictor(const PredictorOptions
 std::unique_ptr<ExpertPredictor> make_stride_predictor(const PredictorOptions& options);
 std::unique_ptr<ExpertPredictor> make_affinity_predictor(const PredictorOptions& options);
 std::unique_ptr<ExpertPredictor> make_eam_predictor(const PredictorOptions& options);
+std::unique_ptr<ExpertPredictor> make_bayes_predictor(const PredictorOptions& options);
 std::unique_ptr<ExpertPredictor> make_pregate_predictor(const PredictorOptions& options);
 
 // Validates options shared by every predictor (throws UsageError).

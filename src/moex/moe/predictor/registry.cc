@@ -22,6 +22,7 @@ const PredictorEntry kPredictors[] = {
     {"recency", make_stride_predictor},
     {"affinity", make_affinity_predictor},
     {"eam", make_eam_predictor},
+    {"bayes", make_bayes_predictor},
     {"pregate", make_pregate_predictor},
 };
 
