@@ -110,7 +110,7 @@ TEST(Predictors, BayesPredictsTheNextTokenFromThisOne) {
   EXPECT_EQ(top(*predictor, 3, 1), (std::vector<int32_t>{3}));
   predictor->begin_request();
   EXPECT_TRUE(top(*predictor, 0, 1).empty());
-  // DeepSeek-V3's shape: fewer earlier layers as features, so the tables stay bounded; it still predicts.
+  // DeepSeek-V3's shape: no earlier layer as a feature, so the tables stay bounded; it still predicts.
   auto wide = make_expert_predictor("bayes", options(58, 256, 8));
   observe(*wide, 0, {1, 2, 3, 4, 5, 6, 7, 8});
   observe(*wide, 1, {9, 10, 11, 12, 13, 14, 15, 16});
@@ -159,8 +159,9 @@ TEST(Predictors, RegistryRejectsUnknownNamesAndBadShapes) {
     make_expert_predictor("oracle", options(2, 4, 1));
     FAIL() << "expected UsageError";
   } catch (const UsageError& e) {
-    EXPECT_STREQ(e.what(), "unknown expert predictor \"oracle\"; expected one of: frequency, stride, recency, affinity, "
-                           "eam, bayes, pregate");
+    EXPECT_STREQ(e.what(),
+                 "unknown expert predictor \"oracle\"; expected one of: frequency, stride, recency, affinity, eam, "
+                 "bayes, pregate");
   }
   EXPECT_THROW(make_expert_predictor("frequency", options(2, 4, 5)), UsageError);
 }

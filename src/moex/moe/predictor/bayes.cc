@@ -8,6 +8,7 @@
 // token say more (0.51 with 8 earlier layers, measured offline on the same replay order).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "moex/moe/predictor/latest_routing.h"
 #include "moex/moe/predictor/predictors.h"
@@ -15,10 +16,11 @@
 namespace moex {
 namespace {
 
-// Earlier layers of the same token used as features, fewer where the tables would grow past kMaxCells counts
-// (num_layers x num_experts^2 per feature group: DeepSeek-V3's 58 x 256^2 is 3.8 M each).
+// Earlier layers of the same token used as features, fewer where the tables would grow past kMaxCells cells of
+// 8 bytes (num_layers x num_experts^2 per feature group: Qwen3-30B-A3B's 48 x 128^2 is 0.8 M, DeepSeek-V3's
+// 58 x 256^2 3.8 M: only the two previous-token groups fit there).
 constexpr int32_t kMaxLags = 8;
-constexpr int64_t kMaxCells = int64_t(1) << 24;
+constexpr int64_t kMaxCells = int64_t(1) << 23;
 
 class BayesPredictor final : public ExpertPredictor {
  public:
@@ -28,8 +30,9 @@ class BayesPredictor final : public ExpertPredictor {
         lags_(lags_for(options)),
         groups_(lags_ + 2),
         latest_(options.num_layers),
-        chosen_(static_cast<size_t>(num_layers_) * num_experts_, 0.f),
-        counts_(static_cast<size_t>(num_layers_) * num_experts_ * groups_ * num_experts_, 0.f),
+        chosen_(static_cast<size_t>(num_layers_) * num_experts_, 0.0),
+        counts_(static_cast<size_t>(num_layers_) * num_experts_ * groups_ * num_experts_, 0),
+        log_counts_(counts_.size(), 0.f),
         log_scores_(num_experts_),
         scores_(num_experts_) {}
 
@@ -42,8 +45,11 @@ class BayesPredictor final : public ExpertPredictor {
     // layer_idx and the next one still the previous token's.
     features(layer_idx, layer_idx - 1, /*next_known=*/true);
     for (int32_t to : expert_ids) {
-      chosen_[row(layer_idx, to)] += 1.f;
-      for (const Feature& f : features_) counts_[cell(layer_idx, to, f.group, f.expert)] += 1.f;
+      chosen_[row(layer_idx, to)] += 1.0;
+      for (const Feature& f : features_) {
+        const size_t c = cell(layer_idx, f.group, f.expert, to);
+        log_counts_[c] = std::log(static_cast<float>(++counts_[c]) + 1.f);
+      }
     }
     latest_.observe(layer_idx, expert_ids, weights);
   }
@@ -61,15 +67,21 @@ class BayesPredictor final : public ExpertPredictor {
     double total = 0;
     for (int32_t e = 0; e < num_experts_; ++e) total += chosen_[row(target_layer, e)];
     if (total <= 0) return;  // nothing learned for this layer yet
+    // Add-one smoothing: an expert never chosen, or a feature never seen with it, is unlikely, not impossible:
+    // log((count + 1) / (n + num_experts)) per feature. observe() keeps the logs of the counts, a feature's row
+    // over the chosen experts contiguous, so a prediction is additions along rows (Qwen3's shape: ~80 features
+    // of 128 experts a layer).
+    std::fill(log_scores_.begin(), log_scores_.end(), 0.0);
+    for (const Feature& f : features_) {
+      const float* counts = &log_counts_[cell(target_layer, f.group, f.expert, 0)];
+      for (int32_t e = 0; e < num_experts_; ++e) log_scores_[e] += counts[e];
+    }
     double best = -INFINITY;
     for (int32_t e = 0; e < num_experts_; ++e) {
-      // Add-one smoothing: an expert never chosen, or a feature never seen with it, is unlikely, not impossible.
       const double n = chosen_[row(target_layer, e)];
-      double v = std::log((n + 1.0) / (total + num_experts_));
-      for (const Feature& f : features_)
-        v += std::log((counts_[cell(target_layer, e, f.group, f.expert)] + 1.0) / (n + num_experts_));
-      log_scores_[e] = v;
-      best = std::max(best, v);
+      log_scores_[e] += std::log((n + 1.0) / (total + num_experts_)) -
+                        static_cast<double>(features_.size()) * std::log(n + num_experts_);
+      best = std::max(best, log_scores_[e]);
     }
     for (int32_t e = 0; e < num_experts_; ++e) scores_[e] = std::exp(log_scores_[e] - best);  // > 0, best 1
     ranked_experts(scores_, out);
@@ -104,9 +116,9 @@ class BayesPredictor final : public ExpertPredictor {
   }
 
   size_t row(int32_t layer, int32_t expert) const { return static_cast<size_t>(layer) * num_experts_ + expert; }
-  // counts_[layer][chosen expert][group][feature expert]
-  size_t cell(int32_t layer, int32_t chosen, int32_t group, int32_t expert) const {
-    return (row(layer, chosen) * groups_ + group) * num_experts_ + expert;
+  // counts_[layer][group][feature expert][chosen expert]
+  size_t cell(int32_t layer, int32_t group, int32_t expert, int32_t chosen) const {
+    return ((static_cast<size_t>(layer) * groups_ + group) * num_experts_ + expert) * num_experts_ + chosen;
   }
 
   int32_t num_layers_;
@@ -114,8 +126,9 @@ class BayesPredictor final : public ExpertPredictor {
   int32_t lags_;
   int32_t groups_;
   LatestRouting latest_;
-  std::vector<float> chosen_;  // [layer][expert]: times chosen
-  std::vector<float> counts_;
+  std::vector<double> chosen_;       // [layer][expert]: times chosen
+  std::vector<uint32_t> counts_;     // times each feature came with the chosen expert
+  std::vector<float> log_counts_;    // log(counts_ + 1)
   std::vector<Feature> features_;
   std::vector<double> log_scores_;
   std::vector<double> scores_;
