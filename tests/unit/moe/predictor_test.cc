@@ -164,6 +164,8 @@ TEST(Predictors, RegistryRejectsUnknownNamesAndBadShapes) {
                  "bayes, pregate");
   }
   EXPECT_THROW(make_expert_predictor("frequency", options(2, 4, 5)), UsageError);
+  // bayes' count tables are layers x experts^2 per feature group: 64 layers of 512 experts would need 33.6 M cells.
+  EXPECT_THROW(make_expert_predictor("bayes", options(64, 512, 8)), UsageError);
 }
 
 TEST(PredictionStats, PrecisionAndRecall) {

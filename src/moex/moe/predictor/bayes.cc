@@ -10,6 +10,9 @@
 #include <cmath>
 #include <cstdint>
 
+#include <fmt/format.h>
+
+#include "moex/core/error.h"
 #include "moex/moe/predictor/latest_routing.h"
 #include "moex/moe/predictor/predictors.h"
 
@@ -137,6 +140,12 @@ class BayesPredictor final : public ExpertPredictor {
 }  // namespace
 
 std::unique_ptr<ExpertPredictor> make_bayes_predictor(const PredictorOptions& options) {
+  // The two previous-token groups at least: past kMaxCells the tables would take hundreds of MB of host memory.
+  const int64_t cells = 2 * int64_t(options.num_layers) * options.num_experts * options.num_experts;
+  if (cells > kMaxCells)
+    throw UsageError(fmt::format("predictor \"bayes\": {} layers of {} experts need {:.1f} M count cells, more than "
+                                 "its {:.1f} M; use affinity, stride or pregate",
+                                 options.num_layers, options.num_experts, cells / 1e6, kMaxCells / 1e6));
   return std::make_unique<BayesPredictor>(options);
 }
 
