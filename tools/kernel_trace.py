@@ -47,8 +47,12 @@ def load(path):
     return rows
 
 
+Step = collections.namedtuple("Step", "start end kernels")  # kernels: (name, share_ns, duration_ns) by end
+
+
 def graph_steps(rows):
-    """The graph launches' kernels, one list per step (ordered by end), steps in time order."""
+    """The graph launches in time order, each a Step: its first start, its last end, and every kernel's share of
+    its critical path (end minus the previous kernel's end, the first kernel's from the step's start)."""
     steps = collections.defaultdict(list)
     for line, r in enumerate(rows, start=2):
         try:
@@ -60,7 +64,16 @@ def graph_steps(rows):
             sys.exit(f"kernel_trace: line {line} is not a kernel record (a number expected): {dict(r)}")
     if not steps:
         sys.exit("kernel_trace: no kernels from CUDA graph launches in the trace (decode steps run eagerly?)")
-    return [sorted(steps[c], key=lambda k: k[1]) for c in sorted(steps, key=lambda c: min(k[0] for k in steps[c]))]
+    result = []
+    for kernels in steps.values():
+        kernels.sort(key=lambda k: k[1])
+        start = prev = min(k[0] for k in kernels)
+        shares = []
+        for k_start, k_end, name, _ in kernels:
+            shares.append((name, k_end - prev, k_end - k_start))
+            prev = k_end
+        result.append(Step(start, kernels[-1][1], shares))
+    return sorted(result, key=lambda step: step.start)
 
 
 def analyse(rows):
@@ -69,18 +82,15 @@ def analyse(rows):
     launches = collections.Counter()
     spans, gaps = [], []
     previous_end = None
-    for kernels in graph_steps(rows):
-        first_start = min(k[0] for k in kernels)
+    for step in graph_steps(rows):
         if previous_end is not None:
-            gaps.append(first_start - previous_end)
-        prev = first_start
-        for start, end, name, _ in kernels:
-            share[name] += end - prev
-            duration[name] += end - start
+            gaps.append(step.start - previous_end)
+        for name, kernel_share, kernel_duration in step.kernels:
+            share[name] += kernel_share
+            duration[name] += kernel_duration
             launches[name] += 1
-            prev = end
-        spans.append(kernels[-1][1] - first_start)
-        previous_end = kernels[-1][1]
+        spans.append(step.end - step.start)
+        previous_end = step.end
     n = len(spans)
     table = [{"kernel": name, "launches_per_step": launches[name] / n, "share_us_per_step": share[name] / n / 1e3,
               "duration_us_per_launch": duration[name] / launches[name] / 1e3} for name in share]
@@ -98,22 +108,19 @@ def by_position(rows, bucket, run_gap_us):
     buckets = collections.defaultdict(lambda: {"spans": [], "shares": collections.defaultdict(list)})
     names = collections.Counter()
     position, previous_end, runs = 0, None, 0
-    for kernels in graph_steps(rows):
-        first_start = min(k[0] for k in kernels)
-        if previous_end is None or first_start - previous_end > run_gap_us * 1e3:
+    for step in graph_steps(rows):
+        if previous_end is None or step.start - previous_end > run_gap_us * 1e3:
             position, runs = 0, runs + 1
         b = buckets[position // bucket]
-        b["spans"].append(kernels[-1][1] - first_start)
-        per_step = collections.defaultdict(float)
-        prev = first_start
-        for _, end, name, _ in kernels:
-            per_step[name] += end - prev
-            prev = end
+        b["spans"].append(step.end - step.start)
+        per_step = collections.defaultdict(float)  # a kernel launched several times a step: its shares summed
+        for name, kernel_share, _ in step.kernels:
+            per_step[name] += kernel_share
         for name, value in per_step.items():
             b["shares"][name].append(value)
             names[name] += value
         position += 1
-        previous_end = kernels[-1][1]
+        previous_end = step.end
     kernels = [name for name, _ in names.most_common()]
     table = []
     for index in sorted(buckets):
