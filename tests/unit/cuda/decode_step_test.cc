@@ -332,6 +332,15 @@ TEST(CudaDecodeStep, DimsPerLaneAttentionMatchesKeyPerLane) {
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_ATTENTION_KEY_LANES", 300);
 }
 
+// Batch-1 decode attention split over a thread block cluster that merges in distributed shared memory (the
+// default past 256 keys) against one block per head block and a merge launch (MOEX_CUDA_ATTENTION_CLUSTER=0): the
+// same 400 greedy tokens over graph replays, into the 512-key bucket (8 splits of 64 keys, the last ones empty at
+// first).
+TEST(CudaDecodeStep, ClusterSplitAttentionMatchesOneBlock) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  expect_default_matches_switch_off(fixtures, "MOEX_CUDA_ATTENTION_CLUSTER", 400);
+}
+
 // The batch-1 down projection reading the plan and its first weights before its PDL wait
 // (MOEX_CUDA_DOWN_PRELOAD=1): the same greedy tokens as without, over graph replays of 300 steps (a plan read
 // from a stale cache line would pick another layer's experts). Both with the router's launch planning

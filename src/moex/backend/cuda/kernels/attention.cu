@@ -20,6 +20,8 @@
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -251,17 +253,16 @@ struct WarpSoftmax {  // a warp's online softmax per head of the block, acc over
 
 // The end of both decode kernels: each warp's online softmax (m, l, acc over the lane's dims d = lane + 32 i)
 // merged across the block's warps in shared memory (m_s, l_s [warps][G], acc_s [warps][G][D]; a warp that saw
-// no key holds m = -inf, l = 0, acc = 0), then the block's rows written: normalised to p.out, or with several
-// splits as the split's partials.
-template <int DPL, int G>
-__device__ __forceinline__ void merge_warps_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax, float* m_s,
-                                                      float* l_s, float* acc_s, int query, int head0, int split) {
+// no key holds m = -inf, l = 0, acc = 0), then store(g, d, m, l, acc) for each of the block's G * D outputs (m and
+// l repeat along d).
+template <int DPL, int G, typename Store>
+__device__ __forceinline__ void merge_warps(const WarpSoftmax<G, DPL>& softmax, float* m_s, float* l_s, float* acc_s,
+                                            Store store) {
   constexpr int D = DPL * 32;
   const auto& m = softmax.m;
   const auto& l = softmax.l;
   const auto& acc = softmax.acc;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (lane == 0) {
@@ -286,6 +287,17 @@ __device__ __forceinline__ void merge_warps_and_store(const Params& p, const War
         a_sum += acc_s[(w * G + g) * D + d] * f;
       }
     }
+    store(g, d, m_max, l_sum, a_sum);
+  }
+}
+
+// The block's rows written: normalised to p.out, or with several splits as the split's partials.
+template <int DPL, int G>
+__device__ __forceinline__ void merge_warps_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax, float* m_s,
+                                                      float* l_s, float* acc_s, int query, int head0, int split) {
+  constexpr int D = DPL * 32;
+  const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
+  merge_warps(softmax, m_s, l_s, acc_s, [&](int g, int d, float m_max, float l_sum, float a_sum) {
     const int r = query * p.group + head_in_group + g;  // the (query, head of group) row, as in attention_kernel
     if (p.part_acc) {
       const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
@@ -297,7 +309,47 @@ __device__ __forceinline__ void merge_warps_and_store(const Params& p, const War
     } else {
       p.out[(int64_t(query) * p.heads + head0 + g) * D + d] = a_sum / l_sum;
     }
+  });
+}
+
+// Cluster mode (Params::cluster_merge): the blocks of one (query, head block) are the splits of its keys and one
+// thread block cluster along z. Each block's merged softmax goes to its own shared memory (blk_s [G][2 + D]: m,
+// l, acc), and after the cluster barrier block r of the cluster merges slice r of the G * D outputs from every
+// block's blk_s (distributed shared memory) and stores it normalised. No partials in global memory and no merge
+// launch, and each block's first round of keys loads before the PDL wait: a 512-key row waits for 2 rounds after
+// it where one block waited for 16 (bench/RESULTS.md). A split past the row's keys holds m = -inf,
+// l = 0 and adds nothing (split 0 always has the step's own key). The second barrier keeps each block's shared
+// memory alive until the others have read it.
+template <int DPL, int G>
+__device__ __forceinline__ void merge_cluster_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax,
+                                                        float* m_s, float* l_s, float* acc_s, float* blk_s, int query,
+                                                        int head0) {
+  constexpr int D = DPL * 32, kRow = D + 2;
+  merge_warps(softmax, m_s, l_s, acc_s, [&](int g, int d, float m_max, float l_sum, float a_sum) {
+    blk_s[g * kRow + 2 + d] = a_sum;
+    if (d == 0) {
+      blk_s[g * kRow] = m_max;
+      blk_s[g * kRow + 1] = l_sum;
+    }
+  });
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  cluster.sync();
+  const int splits = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int per = (G * D + splits - 1) / splits, last = min(G * D, (rank + 1) * per);
+  for (int idx = rank * per + threadIdx.x; idx < last; idx += blockDim.x) {
+    const int g = idx / D, d = idx % D;
+    float m_max = -INFINITY;
+    for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, cluster.map_shared_rank(blk_s, s)[g * kRow]);
+    float l_sum = 0.f, a_sum = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float* other = cluster.map_shared_rank(blk_s, s) + g * kRow;
+      const float f = exp2f(other[0] - m_max);  // 0 for a split without keys
+      l_sum += other[1] * f;
+      a_sum += other[2 + d] * f;
+    }
+    p.out[(int64_t(query) * p.heads + head0 + g) * D + d] = a_sum / l_sum;
   }
+  cluster.sync();
 }
 
 // Block (query, head block, split); DPL = head_dim / 32 dims per lane, G = query heads per block: the whole
@@ -455,6 +507,8 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   float* acc_s = l_s + kDecodeWarps * G;      // [warps][G][D]
   float* q_s = acc_s + kDecodeWarps * G * D;  // ROPE: the rotated q [G][D] (pre-scaled), then the step's k and v
   float* new_s = q_s + G * D;                 // [2][D], then a row of scratch per warp [warps][D]
+  // Cluster mode: the block's merged rows [G][2 + D] after the ROPE rows (or the warps' rows), read by the cluster.
+  float* blk_s = ROPE ? new_s + (2 + kDecodeWarps) * D : q_s;
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
@@ -462,6 +516,9 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   const DecodeKeys keys(p, query, split, kv_head, D);
   const int key_end = keys.end, split_begin = keys.split_begin, split_end = keys.split_end;
   const int own = key_end - 1;  // the step's key: the kernel before writes it (ROPE: this launch does)
+  // A split past the row's keys (cluster mode sizes the splits for the bucket): nothing to read or rotate; it
+  // joins the cluster's merge with m = -inf.
+  const bool idle = split_begin >= split_end;
   float kr[KEYS][DPL], vr[KEYS][DPL];
   // Row j of the warp's round: key round + warp + kDecodeWarps j. mine(key): whether it is read now.
   auto load_round = [&](int round, auto mine) {
@@ -510,7 +567,12 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   }
   pdl_wait();
   float q[G][DPL];
-  if constexpr (ROPE) {
+  if (idle) {
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) q[g][i] = 0.f;
+  } else if constexpr (ROPE) {
     float* scratch = new_s + (2 + warp) * D;
     for (int h = warp; h <= G; h += kDecodeWarps) {  // warp G % kDecodeWarps takes the kv head last
       if (h < G) {
@@ -553,7 +615,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   auto& m = softmax.m;
   auto& l = softmax.l;
   auto& acc = softmax.acc;
-  for (int round = split_begin; round < split_end; round += kRound) {
+  for (int round = split_begin; round < split_end; round += kRound) {  // none when idle
     if (round != split_begin) load_round(round, [](int) { return true; });
     float s[KEYS][G];
 #pragma unroll
@@ -588,7 +650,8 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
     }
   }
 
-  merge_warps_and_store<DPL, G>(p, softmax, m_s, l_s, acc_s, query, head0, split);
+  if (p.cluster_merge) merge_cluster_and_store<DPL, G>(p, softmax, m_s, l_s, acc_s, blk_s, query, head0);
+  else merge_warps_and_store<DPL, G>(p, softmax, m_s, l_s, acc_s, query, head0, split);
 }
 
 // f(std::integral_constant<int, DPL>) for DPL = head_dim / 32 (1..8): the decode kernels' dims per lane.
@@ -619,9 +682,15 @@ void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
   // m, l, acc per warp; with ROPE also q [G][D], the step's k and v [2][D] and a scratch row per warp: the key-per-
   // lane kernel's layout (decode_smem_bytes, checked against the 48 KB default).
-  const size_t smem = ROPE ? decode_smem_bytes(G, p.head_dim, true)
-                           : sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2));
-  auto launch = [&](auto kernel) { launch_pdl(kernel, grid, dim3(kDecodeWarps * 32), smem, stream, p); };
+  // Cluster mode: the block's merged rows [G][2 + D] after them.
+  const size_t smem = (ROPE ? decode_smem_bytes(G, p.head_dim, true)
+                            : sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2))) +
+                      (p.cluster_merge ? sizeof(float) * G * (p.head_dim + 2) : 0);
+  const dim3 cluster = p.cluster_merge ? dim3(1, 1, grid.z) : dim3(0, 0, 0);
+  auto launch = [&](auto kernel) {
+    const PdlLaunchConfig config(grid, dim3(kDecodeWarps * 32), smem, stream, cluster);
+    launch_config(config, kernel, p);
+  };
   with_dims_per_lane(p.head_dim,
                      [&](auto dpl) { launch(decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS, ROPE>); });
 }
@@ -684,16 +753,68 @@ struct Layout {
   int heads_per_block;  // tiled kernel: the group (its blocks tile rows); tensor cores: 1; decode: see choose_layout
   int splits;
   int keys_per_split;
+  bool cluster;  // the splits are one thread block cluster that merges itself (merge_cluster_and_store)
 };
+
+// The decode kernel a step's rows take: dims-per-lane for rows of distinct sequences (it reads earlier keys before
+// its PDL wait, so no row may write a key another reads). MOEX_CUDA_ATTENTION_KEY_LANES=1 keeps the key-per-lane
+// kernel (A/B; read at every launch, so tests can compare both).
+bool dims_per_lane_takes(const AttentionShape& shape) {
+  return shape.distinct_sequences && !env_equals("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
+}
+
+// Cluster mode (merge_cluster_and_store): batch-1 decode on the dims-per-lane kernel past 256 keys splits the keys
+// over a cluster of kClusterSplits blocks per head block, 64 keys a split at a 512-key bucket up to 256 at a
+// 2048-key one; longer rows take the splits and merge launch of choose_splits. The split length follows the
+// bucket of the row's keys (the power of two >= 256 that a recorded step is sized for), not the keys, so an eager
+// step and a replayed one split alike and give the same bits. Not at a 256-key bucket: there the cluster's
+// attention took 9.2 us of each Model A layer's critical path at every context, where one block per head block
+// takes 4.6 at 17-32 keys and 8.8 at 65-80 (H200 trace, bench/RESULTS.md); at 417-480 keys the cluster made the
+// step 1.24x faster (0.549 against 0.679 ms/token). MOEX_CUDA_ATTENTION_CLUSTER=0 keeps one block per head block
+// and the merge launch (A/B; read at every launch).
+constexpr int kClusterSplits = 8;
+constexpr int64_t kClusterMinBucket = 512, kClusterMaxBucket = 2048;
+
+bool device_launches_clusters() {
+  static const bool supported = [] {
+    int device = 0, value = 0;
+    const bool ok = cudaGetDevice(&device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&value, cudaDevAttrClusterLaunch, device) == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();
+    return ok && value != 0;
+  }();
+  return supported;
+}
+
+int64_t key_bucket(int64_t keys) {
+  int64_t bucket = 256;
+  while (bucket < keys) bucket *= 2;
+  return bucket;
+}
+
+bool cluster_layout_takes(const AttentionShape& shape) {
+  return shape.num_queries == 1 && decode_kernel_fits(shape) && dims_per_lane_takes(shape) &&
+         key_bucket(shape.max_keys) >= kClusterMinBucket && key_bucket(shape.max_keys) <= kClusterMaxBucket &&
+         !env_equals("MOEX_CUDA_ATTENTION_CLUSTER", "0") &&
+         device_launches_clusters();
+}
 
 // Decode blocks take the whole GQA group (K/V read once per group) unless that leaves most SMs idle: batch 1
 // at a short context is 4-8 blocks (one per kv head), each with a long serial per-lane chain (a key's dot
 // for every head of the group). Halving the heads per block until the grid covers the SMs turns that into
 // 32 short blocks on Model B; the group's K/V rows are then read by several blocks, from L2.
+// Cluster mode: at most 2 heads a block (8 keys a warp and round, so a round is 32 keys), halved while the grid
+// of splits covers less than half the SMs: Model A 128 blocks of one head, Model B 128 of two.
 Layout choose_layout(const AttentionShape& shape, int num_sms) {
   const int group = static_cast<int>(shape.heads / shape.kv_heads);
-  Layout layout{prefill_mma_fits(shape) ? 1 : group, 1, 0};
+  Layout layout{prefill_mma_fits(shape) ? 1 : group, 1, 0, false};
   auto head_blocks = [&] { return shape.kv_heads * (group / layout.heads_per_block); };
+  if (cluster_layout_takes(shape)) {
+    layout = Layout{std::min(group, 2), kClusterSplits,
+                    static_cast<int>(key_bucket(shape.max_keys) / kClusterSplits), true};
+    while (layout.heads_per_block > 1 && head_blocks() * kClusterSplits < num_sms / 2) layout.heads_per_block /= 2;
+    return layout;
+  }
   layout.splits = choose_splits(shape, head_blocks(), num_sms, &layout.keys_per_split);
   if (!decode_kernel_fits(shape)) return layout;
   while (layout.heads_per_block > 1 && grid_x(shape) * head_blocks() * layout.splits < num_sms) {
@@ -734,10 +855,17 @@ void launch_tiled(const Params& p, dim3 grid, cudaStream_t stream) {
 
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms) {
   if (shape.num_queries == 0) return 0;
-  const int splits = choose_layout(shape, num_sms).splits;
-  if (splits <= 1) return 0;
+  const Layout layout = choose_layout(shape, num_sms);
+  const int splits = layout.splits;
+  if (splits <= 1 || layout.cluster) return 0;
   size_t rows = static_cast<size_t>(shape.num_queries * shape.heads);
   return sizeof(float) * static_cast<size_t>(splits) * rows * static_cast<size_t>(shape.head_dim + 2);
+}
+
+int attention_cluster_splits(const AttentionShape& shape, int num_sms) {
+  if (shape.num_queries == 0) return 0;
+  const Layout layout = choose_layout(shape, num_sms);
+  return layout.cluster ? layout.splits : 0;
 }
 
 bool attention_rounds_to_bf16(const AttentionShape& shape) { return prefill_mma_fits(shape); }
@@ -793,7 +921,8 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   const Layout layout = choose_layout(shape, num_sms);
   const int splits = layout.splits;
   p.keys_per_split = layout.keys_per_split;
-  if (splits > 1) {
+  p.cluster_merge = layout.cluster;
+  if (splits > 1 && !layout.cluster) {
     size_t num_rows = static_cast<size_t>(p.kv_heads) * p.rows_per_head;
     p.part_acc = static_cast<float*>(workspace);
     p.part_ml = p.part_acc + static_cast<size_t>(splits) * num_rows * p.head_dim;
@@ -803,16 +932,13 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   if (prefill_mma_fits(shape)) {
     launch_prefill_mma(p, grid, stream);
   } else if (decode_kernel_fits(shape)) {
-    // The dims-per-lane kernel reads earlier steps' keys before its PDL wait: only where no row of the step
-    // writes a key another row reads (every row its own sequence). MOEX_CUDA_ATTENTION_KEY_LANES=1 keeps the
-    // key-per-lane kernel (A/B; read at every launch, so tests can compare both).
-    const bool dims_per_lane = shape.distinct_sequences && !env_equals("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
+    const bool dims_per_lane = layout.cluster || dims_per_lane_takes(shape);
     if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, dims_per_lane);
     else launch_decode<false>(p, layout.heads_per_block, grid, stream, dims_per_lane);
   } else {
     launch_tiled(p, grid, stream);
   }
-  if (splits > 1) {
+  if (splits > 1 && !layout.cluster) {
     int64_t total = int64_t(p.kv_heads) * p.rows_per_head;
     launch_pdl(attention_merge_kernel, dim3(static_cast<unsigned>(ceil_div(total, 4))), dim3(128), 0, stream, p,
                splits);

@@ -45,8 +45,14 @@ struct AttentionShape {
 // Whether no two of a step's n rows belong to the same sequence (AttentionShape::distinct_sequences).
 bool rows_are_distinct_sequences(const int32_t* row_seq, int64_t n);
 
-// Scratch needed for the split-K partials at this shape (0 when a single split suffices).
+// Scratch needed for the split-K partials at this shape (0 when a single split suffices, or the splits merge in a
+// thread block cluster).
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
+
+// Blocks of the thread block cluster that splits a batch-1 decode row's keys at this shape (they merge through
+// distributed shared memory, without a merge launch), or 0 where the splits are not a cluster. Reads the same A/B
+// switches as launch_attention (MOEX_CUDA_ATTENTION_CLUSTER, MOEX_CUDA_ATTENTION_KEY_LANES).
+int attention_cluster_splits(const AttentionShape& shape, int num_sms);
 
 // The step's RoPE and KV write done by the decode attention kernel itself (decode_rope_fits): q holds the
 // unrotated rows, k / v the step's rows [n, kv_heads, head_dim] (k unrotated); the kernel normalises (q_norm /

@@ -23,6 +23,9 @@ struct AttentionParams {
   int head_chunks;  // blocks per row in the fp32 kernel's one-row-per-block layout
   bool one_sequence;
   int keys_per_split;
+  // Decode splits as one thread block cluster along z (the dims-per-lane kernel at batch 1): the blocks merge their
+  // splits through distributed shared memory and store out; part_acc / part_ml are not used.
+  bool cluster_merge;
   float scale_log2;  // softmax scale times log2(e): the kernels exponentiate with exp2
   // Decode rows with the step's RoPE inside (launch_attention with a DecodeRope): q and k_new [n, kv_heads,
   // head_dim] unrotated, v_new the step's v rows; the (query, kv head) block of head 0 of the group and split 0

@@ -47,19 +47,20 @@ inline bool gemv_preload_enabled() {
   return enabled;
 }
 
-// A launch configuration with the PDL attribute (unless MOEX_CUDA_PDL=0) and, with cluster_x > 0, the grid as
-// thread block clusters of cluster_x blocks (sm_90). The cluster attribute comes first, so that with_pdl(false)
-// leaves only it (what cudaOccupancyMaxActiveClusters is asked with).
+// A launch configuration with the PDL attribute (unless MOEX_CUDA_PDL=0) and, with cluster.x > 0, the grid as
+// thread block clusters of cluster.x * cluster.y * cluster.z blocks (sm_90; a plain count is a cluster along x).
+// The cluster attribute comes first, so that with_pdl(false) leaves only it (what cudaOccupancyMaxActiveClusters
+// is asked with).
 struct PdlLaunchConfig {
   cudaLaunchAttribute attribute[2];
   cudaLaunchConfig_t config{};
-  PdlLaunchConfig(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, unsigned cluster_x = 0) {
+  PdlLaunchConfig(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, dim3 cluster = dim3(0, 0, 0)) {
     int n = 0;
-    if (cluster_x > 0) {
+    if (cluster.x > 0) {
       attribute[n].id = cudaLaunchAttributeClusterDimension;
-      attribute[n].val.clusterDim.x = cluster_x;
-      attribute[n].val.clusterDim.y = 1;
-      attribute[n].val.clusterDim.z = 1;
+      attribute[n].val.clusterDim.x = cluster.x;
+      attribute[n].val.clusterDim.y = cluster.y;
+      attribute[n].val.clusterDim.z = cluster.z;
       ++n;
     }
     attribute[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -69,7 +70,7 @@ struct PdlLaunchConfig {
     config.dynamicSmemBytes = shared_bytes;
     config.stream = stream;
     config.attrs = attribute;
-    clusters_ = cluster_x > 0 ? 1 : 0;
+    clusters_ = cluster.x > 0 ? 1 : 0;
     with_pdl(pdl_enabled());
   }
   PdlLaunchConfig(const PdlLaunchConfig&) = delete;  // config.attrs points into this object
