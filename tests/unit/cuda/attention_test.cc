@@ -38,9 +38,9 @@ std::vector<test::PagedCase> cuda_cases() {
   cases.push_back({32, 4, 128, 32, {200}, {1}});      // Model B at 201 keys: 7 rounds
   cases.push_back({8, 2, 32, 8, {150}, {1}});         // head_dim 32
   cases.push_back({8, 1, 64, 16, {90}, {1}});         // group 8 (4 keys a warp and round), head_dim 64
-  // Batch-1 decode split over a thread block cluster of 8: splits of 64 keys (a 512-key bucket: the last ones
-  // empty), of 256 (a 2048-key bucket); and past the largest cluster bucket (splits merged by a launch).
-  cases.push_back({16, 8, 128, 16, {300}, {1}});     // Model A at 301 keys: 5 of 8 splits hold keys
+  // Batch-1 decode split over a thread block cluster of 16: splits of 32 keys (a 512-key bucket: the last ones
+  // empty), of 128 (a 2048-key bucket); and past the largest cluster bucket (splits merged by a launch).
+  cases.push_back({16, 8, 128, 16, {300}, {1}});     // Model A at 301 keys: 10 of 16 splits hold keys
   cases.push_back({32, 4, 128, 32, {450}, {1}});     // Model B, two heads a block
   cases.push_back({8, 8, 64, 16, {700}, {1}});       // group 1, a 1024-key bucket
   cases.push_back({16, 8, 128, 16, {1800}, {1}});
@@ -71,10 +71,11 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   backend->kv_write(step, kn.view(), vn.view(), kp->view, vp->view);
   // Decode rows of distinct sequences run the dims-per-lane kernel by default (at batch 1 its splits as a thread
   // block cluster); MOEX_CUDA_ATTENTION_KEY_LANES=1 (read at every launch) runs the key-per-lane kernel on them,
-  // MOEX_CUDA_ATTENTION_CLUSTER=0 the dims-per-lane kernel without the cluster: all are checked below.
+  // MOEX_CUDA_ATTENTION_CLUSTER=0 the dims-per-lane kernel without the cluster, =8 clusters of 8: all are checked
+  // below.
   backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
   const std::vector<float> got = od.read();
-  std::vector<float> got_key_lanes, got_no_cluster;
+  std::vector<float> got_key_lanes, got_no_cluster, got_cluster_8;
   {
     const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
     backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
@@ -84,6 +85,11 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
     const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "0");
     backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
     got_no_cluster = od.read();
+  }
+  {
+    const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "8");
+    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
+    got_cluster_8 = od.read();
   }
 
   // kv_write: exactly the step's rows changed, bit for bit.
@@ -103,18 +109,23 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   const bool one_chunk = cuda::rows_form_one_chunk(d.row_seq.data(), d.row_pos.data(), d.n);
   const cuda::AttentionShape shape{d.n, c.heads, c.kv_heads, c.head_dim, 0, one_chunk};
   const double tol = cuda::attention_rounds_to_bf16(shape) ? 1e-2 : 1e-5;
-  // Batch-1 rows at a 512- to 2048-key bucket split their keys over a cluster of 8 blocks (on a device that
-  // launches clusters: every one these tests target).
+  // Batch-1 rows at a 512- to 2048-key bucket split their keys over a cluster of 16 blocks (on a device that
+  // places them: every one these tests target), =8 over one of 8.
   cuda::AttentionShape decode = shape;
   decode.max_keys = d.row_pos.empty() ? 0 : *std::max_element(d.row_pos.begin(), d.row_pos.end()) + 1;
   decode.distinct_sequences = cuda::rows_are_distinct_sequences(d.row_seq.data(), d.n);
   const int64_t group = c.heads / c.kv_heads;
   const bool cluster_expected = d.n == 1 && c.head_dim % 32 == 0 && decode.max_keys > 256 && decode.max_keys <= 2048 &&
                                 (group == 1 || group == 2 || group == 4 || group == 8);
-  EXPECT_EQ(cuda::attention_cluster_splits(decode, 132), cluster_expected ? 8 : 0);
+  EXPECT_EQ(cuda::attention_cluster_splits(decode, 132), cluster_expected ? 16 : 0);
+  {
+    const test::ScopedEnv eight("MOEX_CUDA_ATTENTION_CLUSTER", "8");
+    EXPECT_EQ(cuda::attention_cluster_splits(decode, 132), cluster_expected ? 8 : 0);
+  }
   MOEX_EXPECT_CLOSE(got, d.ref, tol);
   MOEX_EXPECT_CLOSE(got_key_lanes, d.ref, tol);
   MOEX_EXPECT_CLOSE(got_no_cluster, d.ref, tol);
+  MOEX_EXPECT_CLOSE(got_cluster_8, d.ref, tol);
   if (tol > 1e-5) std::printf("[tensor cores] %s: relative error %.2g\n", c.str().c_str(), relative_error(got, d.ref));
   // The CPU backend on the same step: the same answer up to fp32 summation order (or bf16 rounding).
   auto cpu = make_cpu_backend(2);

@@ -334,11 +334,23 @@ TEST(CudaDecodeStep, DimsPerLaneAttentionMatchesKeyPerLane) {
 
 // Batch-1 decode attention split over a thread block cluster that merges in distributed shared memory (the
 // default past 256 keys) against one block per head block and a merge launch (MOEX_CUDA_ATTENTION_CLUSTER=0): the
-// same 400 greedy tokens over graph replays, into the 512-key bucket (8 splits of 64 keys, the last ones empty at
-// first).
+// same 400 greedy tokens over graph replays, into the 512-key bucket (16 splits of 32 keys, the last ones empty at
+// first); and clusters of 8 (=8, 64 keys a split).
 TEST(CudaDecodeStep, ClusterSplitAttentionMatchesOneBlock) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  expect_default_matches_switch_off(fixtures, "MOEX_CUDA_ATTENTION_CLUSTER", 400);
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto one_block =
+        greedy_with_switch_off(*fixture.model, fixture.prompt, 400, "MOEX_CUDA_ATTENTION_CLUSTER", [](Engine&) {});
+    for (const char* cluster : {static_cast<const char*>(nullptr), "8"}) {  // the default (16 blocks), then 8
+      const test::ScopedEnv env("MOEX_CUDA_ATTENTION_CLUSTER", cluster);
+      EngineOptions options;
+      options.device = "cuda";
+      Engine engine(*fixture.model, options);
+      EXPECT_EQ(greedy(engine, fixture.prompt, 400), one_block)
+          << "MOEX_CUDA_ATTENTION_CLUSTER=" << (cluster ? cluster : "");
+    }
+  }
 }
 
 // The batch-1 down projection reading the plan and its first weights before its PDL wait

@@ -213,6 +213,14 @@ constexpr size_t decode_smem_bytes(int group, int head_dim, bool rope) {
 // So no launch needs the opt-in to more than the default dynamic shared memory.
 static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim, true) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
+// Dynamic shared memory of the dims-per-lane kernel: m, l, acc per warp; with ROPE also q [G][D], the step's k and
+// v [2][D] and a scratch row per warp (the key-per-lane kernel's layout, decode_smem_bytes, checked against the
+// 48 KB default); in cluster mode the block's merged rows [G][2 + D] after them.
+size_t decode_dims_smem_bytes(int group, int head_dim, bool rope, bool cluster) {
+  return (rope ? decode_smem_bytes(group, head_dim, true) : sizeof(float) * (kDecodeWarps * group * (head_dim + 2))) +
+         (cluster ? sizeof(float) * group * (head_dim + 2) : 0);
+}
+
 // A decode row's keys in the paged cache for one split: the range it reads and where each key's row of this kv
 // head starts. Built before the PDL wait (the rows and tables are uploaded before the step).
 struct DecodeKeys {
@@ -316,9 +324,10 @@ __device__ __forceinline__ void merge_warps_and_store(const Params& p, const War
 // thread block cluster along z. Each block's merged softmax goes to its own shared memory (blk_s [G][2 + D]: m,
 // l, acc), and after the cluster barrier block r of the cluster merges slice r of the G * D outputs from every
 // block's blk_s (distributed shared memory) and stores it normalised. No partials in global memory and no merge
-// launch, and each block's first round of keys loads before the PDL wait: a 512-key row waits for 2 rounds after
-// it where one block waited for 16 (bench/RESULTS.md). A split past the row's keys holds m = -inf,
-// l = 0 and adds nothing (split 0 always has the step's own key). The second barrier keeps each block's shared
+// launch, and each block's first round of keys loads before the PDL wait: at a 512-key bucket a split is one round
+// of 32 keys, where the path before ran two splits of 8 rounds and a merge launch (bench/RESULTS.md). A split past
+// the row's keys holds m = -inf, l = 0 and adds nothing (split 0 always has the step's own key). The second
+// barrier keeps each block's shared
 // memory alive until the others have read it.
 template <int DPL, int G>
 __device__ __forceinline__ void merge_cluster_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax,
@@ -680,14 +689,10 @@ void with_dims_per_lane(int64_t head_dim, F f) {
 template <int G, bool ROPE>
 void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
-  // m, l, acc per warp; with ROPE also q [G][D], the step's k and v [2][D] and a scratch row per warp: the key-per-
-  // lane kernel's layout (decode_smem_bytes, checked against the 48 KB default).
-  // Cluster mode: the block's merged rows [G][2 + D] after them.
-  const size_t smem = (ROPE ? decode_smem_bytes(G, p.head_dim, true)
-                            : sizeof(float) * (kDecodeWarps * G * (p.head_dim + 2))) +
-                      (p.cluster_merge ? sizeof(float) * G * (p.head_dim + 2) : 0);
+  const size_t smem = decode_dims_smem_bytes(G, p.head_dim, ROPE, p.cluster_merge);
   const dim3 cluster = p.cluster_merge ? dim3(1, 1, grid.z) : dim3(0, 0, 0);
   auto launch = [&](auto kernel) {
+    if (cluster.z > 8) (void)cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     const PdlLaunchConfig config(grid, dim3(kDecodeWarps * 32), smem, stream, cluster);
     launch_config(config, kernel, p);
   };
@@ -764,15 +769,17 @@ bool dims_per_lane_takes(const AttentionShape& shape) {
 }
 
 // Cluster mode (merge_cluster_and_store): batch-1 decode on the dims-per-lane kernel past 256 keys splits the keys
-// over a cluster of kClusterSplits blocks per head block, 64 keys a split at a 512-key bucket up to 256 at a
-// 2048-key one; longer rows take the splits and merge launch of choose_splits. The split length follows the
-// bucket of the row's keys (the power of two >= 256 that a recorded step is sized for), not the keys, so an eager
-// step and a replayed one split alike and give the same bits. Not at a 256-key bucket: there the cluster's
-// attention took 9.2 us of each Model A layer's critical path at every context, where one block per head block
-// takes 4.6 at 17-32 keys and 8.8 at 65-80 (H200 trace, bench/RESULTS.md); at 417-480 keys the cluster made the
-// step 1.24x faster (0.549 against 0.679 ms/token). MOEX_CUDA_ATTENTION_CLUSTER=0 keeps one block per head block
-// and the merge launch (A/B; read at every launch).
-constexpr int kClusterSplits = 8;
+// over a cluster of 16 blocks per head block (8 where the device does not place non-portable clusters of 16), 32
+// keys a split at a 512-key bucket (one round, loaded before the PDL wait) up to 128 at a 2048-key one; longer
+// rows take the splits and merge launch of choose_splits. The split length follows the bucket of the row's keys
+// (the power of two >= 256 that a recorded step is sized for), not the keys, so an eager step and a replayed one
+// split alike and give the same bits. H200, same call (bench/RESULTS.md): clusters of 8 made the step 1.19-1.25x
+// faster than one block and a merge launch at 417-480 and 961-1024 keys (Model A 0.552 against 0.679 ms/token at
+// 417-480), clusters of 16 another 1.03-1.07x. Not at a 256-key bucket: there the cluster's attention took 9.2 us
+// of each Model A layer's critical path at every context, where one block per head block takes 4.6 at 17-32 keys
+// and 8.8 at 65-80 (H200 trace). MOEX_CUDA_ATTENTION_CLUSTER=0 keeps one block per head block and the merge
+// launch, =8 clusters of 8 (A/B; read at every launch).
+constexpr int kClusterSplits = 16, kPortableClusterSplits = 8;
 constexpr int64_t kClusterMinBucket = 512, kClusterMaxBucket = 2048;
 
 bool device_launches_clusters() {
@@ -784,6 +791,25 @@ bool device_launches_clusters() {
     return ok && value != 0;
   }();
   return supported;
+}
+
+// Clusters of 16 blocks are beyond the portable 8: asked once whether the device places one of the largest blocks
+// cluster mode launches (two heads of 256 dims, with the RoPE prologue).
+bool device_places_clusters_of_16() {
+  static const bool fits = [] {
+    if (!device_launches_clusters()) return false;
+    auto kernel = decode_attention_dims_kernel<8, 2, 8, true>;
+    PdlLaunchConfig launch(dim3(1, 1, kClusterSplits), dim3(kDecodeWarps * 32),
+                           decode_dims_smem_bytes(2, kAttentionMaxHeadDim, true, true), nullptr,
+                           dim3(1, 1, kClusterSplits));
+    launch.with_pdl(false);
+    int clusters = 0;
+    const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+                    cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) == cudaSuccess && clusters >= 1;
+    if (!ok) (void)cudaGetLastError();  // a refused query must not reach the launch check
+    return ok;
+  }();
+  return fits;
 }
 
 int64_t key_bucket(int64_t keys) {
@@ -810,9 +836,11 @@ Layout choose_layout(const AttentionShape& shape, int num_sms) {
   Layout layout{prefill_mma_fits(shape) ? 1 : group, 1, 0, false};
   auto head_blocks = [&] { return shape.kv_heads * (group / layout.heads_per_block); };
   if (cluster_layout_takes(shape)) {
-    layout = Layout{std::min(group, 2), kClusterSplits,
-                    static_cast<int>(key_bucket(shape.max_keys) / kClusterSplits), true};
-    while (layout.heads_per_block > 1 && head_blocks() * kClusterSplits < num_sms / 2) layout.heads_per_block /= 2;
+    const int splits = env_equals("MOEX_CUDA_ATTENTION_CLUSTER", "8") || !device_places_clusters_of_16()
+                           ? kPortableClusterSplits
+                           : kClusterSplits;
+    layout = Layout{std::min(group, 2), splits, static_cast<int>(key_bucket(shape.max_keys) / splits), true};
+    while (layout.heads_per_block > 1 && head_blocks() * splits < num_sms / 2) layout.heads_per_block /= 2;
     return layout;
   }
   layout.splits = choose_splits(shape, head_blocks(), num_sms, &layout.keys_per_split);
