@@ -327,8 +327,7 @@ __device__ __forceinline__ void merge_warps_and_store(const Params& p, const War
 // launch, and each block's first round of keys loads before the PDL wait: at a 512-key bucket a split is one round
 // of 32 keys, where the path before ran two splits of 8 rounds and a merge launch (bench/RESULTS.md). A split past
 // the row's keys holds m = -inf, l = 0 and adds nothing (split 0 always has the step's own key). The second
-// barrier keeps each block's shared
-// memory alive until the others have read it.
+// barrier keeps each block's shared memory alive until the others have read it.
 template <int DPL, int G>
 __device__ __forceinline__ void merge_cluster_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax,
                                                         float* m_s, float* l_s, float* acc_s, float* blk_s, int query,
