@@ -35,13 +35,14 @@ def load(path):
     return reqs
 
 
-def features(tokens, t, layer, num_layers):
+def features(tokens, weights, t, layer, num_layers):
+    """weights: the trace's gate_weights (the same token's earlier layers take them as values), or None (1.0)."""
     f = {}
     for back in range(1, 9):
         if layer - back < 0:
             break
-        for e in tokens[t][layer - back]:
-            f[(back, e)] = 1.0
+        for i, e in enumerate(tokens[t][layer - back]):
+            f[(back, e)] = weights[t][layer - back][i] if weights else 1.0
     if t > 0:
         for ahead in (0, 1):
             if layer + ahead < num_layers:
@@ -72,6 +73,8 @@ def main():
     ap.add_argument("--mode", choices=["loo", "in-sample"], default="loo")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--guesses", type=int, default=0, help="guesses per layer (0: the trace's top_k)")
+    ap.add_argument("--gate-weights", action="store_true",
+                    help="the same token's earlier experts weighted by their gate weights (the trace must have them)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     reqs = load(args.trace)
@@ -79,11 +82,15 @@ def main():
     k = args.guesses or reqs[0]["top_k"]
     if args.mode == "loo" and len(reqs) < 2:
         sys.exit("trace_linear_recall: --mode loo needs at least two requests")
+    if args.gate_weights and any("gate_weights" not in req for req in reqs):
+        sys.exit("trace_linear_recall: --gate-weights: the trace has no gate_weights")
     data = {layer: [] for layer in range(1, num_layers)}
     for r, req in enumerate(reqs):
+        weights = req["gate_weights"] if args.gate_weights else None
         for t in range(len(req["tokens"])):
             for layer in range(1, num_layers):
-                data[layer].append((r, features(req["tokens"], t, layer, num_layers), set(req["tokens"][t][layer])))
+                f = features(req["tokens"], weights, t, layer, num_layers)
+                data[layer].append((r, f, set(req["tokens"][t][layer])))
     held_out = range(len(reqs)) if args.mode == "loo" else [None]
     hits = total = 0
     for held in held_out:
@@ -98,9 +105,11 @@ def main():
                 total += len(chosen)
     recall = hits / total if total else 0.0
     if args.json:
-        print(json.dumps({"mode": args.mode, "guesses": k, "recall": recall, "chosen": total}))
+        print(json.dumps({"mode": args.mode, "guesses": k, "gate_weights": args.gate_weights, "recall": recall,
+                          "chosen": total}))
     else:
-        print(f"{args.mode}: next-layer top-{k} recall {recall:.3f} ({hits} of {total} chosen experts)")
+        what = " (gate-weighted)" if args.gate_weights else ""
+        print(f"{args.mode}{what}: next-layer top-{k} recall {recall:.3f} ({hits} of {total} chosen experts)")
 
 
 if __name__ == "__main__":

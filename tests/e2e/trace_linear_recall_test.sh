@@ -20,7 +20,10 @@ for name, rule in (("chain", True), ("noise", False)):
                     e = (e + 1) % 4 if rule else rng.randrange(4)
                     layers.append([e])
                 tokens.append(layers)
-            f.write(json.dumps({"model": name, "num_layers": 4, "num_experts": 4, "top_k": 1, "tokens": tokens}) + "\n")
+            line = {"model": name, "num_layers": 4, "num_experts": 4, "top_k": 1, "tokens": tokens}
+            if rule:
+                line["gate_weights"] = [[[1.0] for _ in layers] for layers in tokens]
+            f.write(json.dumps(line) + "\n")
 PY
 
 recall() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['recall'])" "$1"; }
@@ -33,6 +36,8 @@ for mode in loo in-sample; do
     fail "chain trace, $mode: $(cat "$tmp/err")"
   fi
 done
+python3 "$tool" "$tmp/chain.jsonl" --gate-weights >"$tmp/weighted" 2>&1 && grep -q "(gate-weighted): next-layer top-1 recall 1.000" "$tmp/weighted" && ok ||
+  fail "gate-weighted chain trace: $(cat "$tmp/weighted")"
 if python3 "$tool" "$tmp/noise.jsonl" --json >"$tmp/noise.json" 2>"$tmp/err"; then
   r=$(recall "$tmp/noise.json")
   python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 0.45 else 1)" "$r" && ok ||
@@ -43,6 +48,7 @@ fi
 python3 "$tool" "$tmp/chain.jsonl" --guesses 4 >"$tmp/all4" 2>&1 && grep -q "top-4 recall 1.000" "$tmp/all4" && ok ||
   fail "four guesses of four experts must find every one: $(cat "$tmp/all4")"
 
+expect_error "no gate weights" "the trace has no gate_weights" python3 "$tool" "$tmp/noise.jsonl" --gate-weights
 expect_error "missing file" "cannot read" python3 "$tool" "$tmp/none.jsonl"
 echo '{"tokens": 1}' >"$tmp/bad.jsonl"
 expect_error "not a trace" "is not a JSONL routing trace" python3 "$tool" "$tmp/bad.jsonl"
