@@ -535,7 +535,7 @@ class CudaBackend final : public Backend {
     const int64_t n = static_cast<int64_t>(step.row_seq.size());
     int64_t max_keys = 0;
     check_kv_step(step, n, std::numeric_limits<int32_t>::max(), "cuda prepare_kv_step", &max_keys);
-    const int64_t bucket = step_bucket_keys(max_keys);
+    const int64_t bucket = attention_key_bucket(max_keys);
     const int64_t stride = (bucket + step.page_size - 1) / step.page_size, num_seqs = step.num_seqs();
     const size_t count = static_cast<size_t>(2 * n + num_seqs * stride);
     const int64_t used = std::min(stride, step.table_stride);
@@ -802,7 +802,7 @@ class CudaBackend final : public Backend {
     MOEX_ASSERT(!token_on_device || next_token_picked_, "cuda decode_step at {}: the token is on the device only "
                 "after pick_token()", position);
     // Attention's grid is sized for the bucket's longest context; blocks past the real one exit at once.
-    const int64_t bucket = step_bucket_keys(position + 1);
+    const int64_t bucket = attention_key_bucket(position + 1);
     MOEX_ASSERT(kv_rows_ == 1 && kv_bucket_keys_ == bucket && kv_host_pos_[0] == position,
                 "cuda decode_step at {}: prepare_kv_step({} rows) first", position, kv_rows_);
     // The step's position is its prepared KV row's (step_position_device), so a chained step, whose token the
@@ -1077,12 +1077,6 @@ class CudaBackend final : public Backend {
       return step_position_device();
     }
     return static_cast<const int32_t*>(upload(positions.data(), positions.size_bytes()));
-  }
-  // Decode steps of up to this many keys share one recording (and one attention grid).
-  static int64_t step_bucket_keys(int64_t keys) {
-    int64_t bucket = 256;
-    while (bucket < keys) bucket *= 2;
-    return bucket;
   }
   // The kv ops run on the rows prepare_kv_step() uploaded: step must be that KvStep.
   // Every kv op passes here first: outside a decode step (ops run one by one) a reused row is uploaded before the

@@ -813,17 +813,11 @@ bool device_places_clusters_of_16() {
   return fits;
 }
 
-int64_t key_bucket(int64_t keys) {
-  int64_t bucket = 256;
-  while (bucket < keys) bucket *= 2;
-  return bucket;
-}
-
 bool cluster_layout_takes(const AttentionShape& shape) {
+  const int64_t bucket = attention_key_bucket(shape.max_keys);
   return shape.num_queries == 1 && decode_kernel_fits(shape) && dims_per_lane_takes(shape) &&
-         key_bucket(shape.max_keys) >= kClusterMinBucket && key_bucket(shape.max_keys) <= kClusterMaxBucket &&
-         !env_equals("MOEX_CUDA_ATTENTION_CLUSTER", "0") &&
-         device_launches_clusters();
+         bucket >= kClusterMinBucket && bucket <= kClusterMaxBucket &&
+         !env_equals("MOEX_CUDA_ATTENTION_CLUSTER", "0") && device_launches_clusters();
 }
 
 // Decode blocks take the whole GQA group (K/V read once per group) unless that leaves most SMs idle: batch 1
@@ -840,7 +834,7 @@ Layout choose_layout(const AttentionShape& shape, int num_sms) {
     const int splits = env_equals("MOEX_CUDA_ATTENTION_CLUSTER", "8") || !device_places_clusters_of_16()
                            ? kPortableClusterSplits
                            : kClusterSplits;
-    layout = Layout{std::min(group, 2), splits, static_cast<int>(key_bucket(shape.max_keys) / splits), true};
+    layout = Layout{std::min(group, 2), splits, static_cast<int>(attention_key_bucket(shape.max_keys) / splits), true};
     while (layout.heads_per_block > 1 && head_blocks() * splits < num_sms / 2) layout.heads_per_block /= 2;
     return layout;
   }
@@ -889,6 +883,12 @@ size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms) {
   if (splits <= 1 || layout.cluster) return 0;
   size_t rows = static_cast<size_t>(shape.num_queries * shape.heads);
   return sizeof(float) * static_cast<size_t>(splits) * rows * static_cast<size_t>(shape.head_dim + 2);
+}
+
+int64_t attention_key_bucket(int64_t keys) {
+  int64_t bucket = 256;
+  while (bucket < keys) bucket *= 2;
+  return bucket;
 }
 
 int attention_cluster_splits(const AttentionShape& shape, int num_sms) {

@@ -45,6 +45,11 @@ struct AttentionShape {
 // Whether no two of a step's n rows belong to the same sequence (AttentionShape::distinct_sequences).
 bool rows_are_distinct_sequences(const int32_t* row_seq, int64_t n);
 
+// The keys a decode step's attention grid is sized for: the power of two >= 256 that holds `keys`. Steps of one
+// bucket share one recording (the backend keys its CUDA graphs by it) and one split of the keys (launch_attention
+// at a bucket's max_keys; eager steps split by the same bucket).
+int64_t attention_key_bucket(int64_t keys);
+
 // Scratch needed for the split-K partials at this shape (0 when a single split suffices, or the splits merge in a
 // thread block cluster).
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
