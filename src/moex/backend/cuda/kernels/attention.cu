@@ -803,12 +803,7 @@ bool device_places_clusters_of_16() {
     PdlLaunchConfig launch(dim3(1, 1, kClusterSplits), dim3(kDecodeWarps * 32),
                            decode_dims_smem_bytes(2, kAttentionMaxHeadDim, true, true), nullptr,
                            dim3(1, 1, kClusterSplits));
-    launch.with_pdl(false);
-    int clusters = 0;
-    const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
-                    cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) == cudaSuccess && clusters >= 1;
-    if (!ok) (void)cudaGetLastError();  // a refused query must not reach the launch check
-    return ok;
+    return device_places_cluster(kernel, launch);
   }();
   return fits;
 }

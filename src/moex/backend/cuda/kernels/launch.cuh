@@ -76,6 +76,12 @@ struct PdlLaunchConfig {
   PdlLaunchConfig(const PdlLaunchConfig&) = delete;  // config.attrs points into this object
   PdlLaunchConfig& operator=(const PdlLaunchConfig&) = delete;
   void with_pdl(bool on) { config.numAttrs = static_cast<unsigned>(clusters_ + (on ? 1 : 0)); }
+  // Blocks per cluster; 0 without the cluster attribute.
+  unsigned cluster_blocks() const {
+    if (clusters_ == 0) return 0;
+    const auto& dim = attribute[0].val.clusterDim;
+    return dim.x * dim.y * dim.z;
+  }
 
  private:
   int clusters_ = 0;
@@ -97,6 +103,25 @@ int blocks_per_sm(void (*kernel)(Params...), int threads) {
     return 0;
   }
   return n;
+}
+
+// Whether the device places at least one cluster of kernel launched as `launch` (its grid, block, shared memory
+// and cluster shape), by cudaOccupancyMaxActiveClusters, which is asked with the cluster attribute alone. Clusters
+// of more than the portable 8 blocks are allowed on the kernel first. A refused query is cleared, so that the
+// launch check after it does not see it. A driver call each time: callers ask once per shape and keep the answer.
+template <typename... Params>
+bool device_places_cluster(void (*kernel)(Params...), PdlLaunchConfig& launch) {
+  const unsigned blocks = launch.cluster_blocks();
+  if (blocks == 0) return false;
+  const unsigned attrs = launch.config.numAttrs;
+  launch.with_pdl(false);
+  int clusters = 0;
+  bool ok = blocks <= 8 ||
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) == cudaSuccess && clusters >= 1;
+  launch.config.numAttrs = attrs;
+  if (!ok) (void)cudaGetLastError();
+  return ok;
 }
 
 template <typename... Params, typename... Args>

@@ -193,19 +193,15 @@ __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanPara
 
 // Whether the device places a cluster of this kernel, grid and shared memory: asked once per combination.
 template <typename Kernel>
-bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config) {
+bool cluster_fits(Kernel kernel, PdlLaunchConfig& launch) {
   static std::mutex mutex;
   static std::map<std::tuple<const void*, unsigned, size_t>, bool> known;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), config.gridDim.x, config.dynamicSmemBytes);
+  const auto key =
+      std::make_tuple(reinterpret_cast<const void*>(kernel), launch.config.gridDim.x, launch.config.dynamicSmemBytes);
   auto it = known.find(key);
   if (it != known.end()) return it->second;
-  int clusters = 0;
-  bool fits = config.gridDim.x <= 8 ||
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
-  fits = fits && cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= 1;
-  if (!fits) (void)cudaGetLastError();  // a refused query must not reach the launch check
-  return known[key] = fits;
+  return known[key] = device_places_cluster(kernel, launch);
 }
 
 // The router as one cluster of grid.x blocks (PDL as launch_pdl). False, with nothing launched, where the
@@ -214,9 +210,7 @@ template <typename Kernel>
 bool launch_as_cluster(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, RoutePlanParams p) {
   p.cluster_plan = true;
   PdlLaunchConfig launch(grid, block, smem, stream, grid.x);
-  launch.with_pdl(false);
-  if (!cluster_fits(kernel, launch.config)) return false;
-  launch.with_pdl(pdl_enabled());
+  if (!cluster_fits(kernel, launch)) return false;
   launch_config(launch, kernel, p);
   return true;
 }

@@ -732,12 +732,7 @@ bool sample_rows_supported() {
   static const bool supported = [] {
     allow_large_slices();
     PdlLaunchConfig launch(dim3(kMaxCluster), dim3(kThreads), kMaxSlice * sizeof(float), nullptr, kMaxCluster);
-    launch.with_pdl(false);
-    int clusters = 0;
-    const bool fits = cudaOccupancyMaxActiveClusters(&clusters, sample_rows_kernel, &launch.config) == cudaSuccess &&
-                      clusters >= 1;
-    if (!fits) (void)cudaGetLastError();  // a refused query must not reach the launch check
-    return fits;
+    return device_places_cluster(sample_rows_kernel, launch);
   }();
   return supported;
 }
