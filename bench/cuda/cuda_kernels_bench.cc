@@ -5,7 +5,7 @@
 // launches between two events (launch gaps included, as eager decode sees them).
 // Last, token picks over Model A's and Model B's vocabularies: the greedy argmax against the sampling kernel with
 // moex run's default cuts and with top-p alone.
-// Usage: moex_cuda_kernels_bench [--json FILE] [--sampling-only]
+// Usage: moex_cuda_kernels_bench [--json FILE] [--sampling-only] [--gemm-only]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -21,6 +21,7 @@
 #include "moex/backend/cuda/cuda_backend.h"
 #include "moex/backend/cuda/cuda_check.h"
 #include "moex/backend/cuda/kernels/attention.cuh"
+#include "moex/backend/cuda/kernels/gemm_path.h"
 #include "moex/backend/cuda/kernels/gemv.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 #include "moex/backend/cuda/kernels/router.cuh"
@@ -193,6 +194,11 @@ DevicePlan upload_plan(Bench& b, const Routing& r, const ExpertSet& set) {
   return d;
 }
 
+struct MoeShape {
+  const char* label;
+  int64_t experts, top_k, hidden, ffn;
+};
+
 struct Shape3 {
   const char* label;
   int64_t n, k;
@@ -232,7 +238,44 @@ void bench_sampling(Bench& b) {
   }
 }
 
-int run(const char* json_path, bool sampling_only) {
+// Prefill: grouped expert GEMM (gate/up + down) and dense GEMM, TFLOP/s. On an H100/H200 their tiles run on the
+// wgmma kernel; MOEX_CUDA_WGMMA=0 gives the mma.sync kernel's figures, =128 its 64-row tiles only (A/B).
+void bench_gemms(Bench& b, std::mt19937& rng) {
+  cudaStream_t s = b.stream();
+  std::printf("prefill GEMMs: %s kernel for 128-row tiles, %s for 64-row tiles\n",
+              cuda::gemm_wgmma_available(128) ? "wgmma" : "mma.sync", cuda::gemm_wgmma_available(64) ? "wgmma" : "mma.sync");
+  // 2048 tokens: 128-row tiles; 512: Model B's experts average 32 rows, so 64-row tiles.
+  for (int64_t tokens : {int64_t{2048}, int64_t{512}})
+  for (MoeShape m : {MoeShape{"A", 8, 2, 2048, 5632}, MoeShape{"B", 128, 8, 2048, 768}}) {
+    ExpertSet set = make_experts(b, m.experts, m.hidden, m.ffn);
+    Routing r = random_routing(rng, tokens, m.experts, m.top_k);
+    DevicePlan p = upload_plan(b, r, set);
+    auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(p.rows * m.hidden), 1.f));
+    auto* hb = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(p.rows * m.ffn), 1.f));
+    float* y = b.random_f32(static_cast<size_t>(p.rows * m.hidden));
+    Timing t = b.time(
+        [&](int) {
+          cuda::launch_moe_gemm_gate_up(a, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, hb, s);
+          cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, y, s);
+        },
+        10);
+    report(fmt::format("grouped gemm {} prefill {} tok ({} rows, {} tiles)", m.label, tokens, p.rows, p.num_groups), t,
+           2.0 * 3 * p.rows * m.hidden * m.ffn, "GFLOP/s", 0);
+    b.free_all();
+  }
+  for (Shape3 sh : {Shape3{"dense gemm 2048x2048x2048", 2048, 2048}, Shape3{"dense gemm 2048x32000x2048", 32000, 2048}}) {
+    const int64_t M = 2048;
+    auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(M * sh.k), 1.f));
+    auto* w = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k), 0.02f));
+    float* y = b.random_f32(static_cast<size_t>(M * sh.n));
+    Timing t = b.time([&](int) { cuda::launch_dense_gemm(a, M, sh.k, w, sh.n, nullptr, y, b.num_sms(), s); }, 10);
+    report(sh.label, t, 2.0 * M * sh.n * sh.k, "GFLOP/s", 0);
+    b.free_all();
+  }
+
+}
+
+int run(const char* json_path, bool sampling_only, bool gemm_only) {
   if (cuda_device_count() == 0) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: no CUDA device\n");
     return 1;
@@ -240,8 +283,12 @@ int run(const char* json_path, bool sampling_only) {
   if (json_path) g_json = std::fopen(json_path, "w");
   std::printf("device: %s\n", cuda_device_description(0).c_str());
   Bench b;
-  if (sampling_only) {
-    bench_sampling(b);
+  if (sampling_only || gemm_only) {
+    if (sampling_only) bench_sampling(b);
+    if (gemm_only) {
+      std::mt19937 rng(1234);
+      bench_gemms(b, rng);
+    }
     if (g_json) std::fclose(g_json);
     return 0;
   }
@@ -285,10 +332,6 @@ int run(const char* json_path, bool sampling_only) {
   }
 
   // ---- MoE decode layer: gate/up (fused SwiGLU) + down + combine, batch 1 and 8 ----
-  struct MoeShape {
-    const char* label;
-    int64_t experts, top_k, hidden, ffn;
-  };
   std::mt19937 rng(1234);
   for (MoeShape m : {MoeShape{"A", 8, 2, 2048, 5632}, MoeShape{"B", 128, 8, 2048, 768}}) {
     ExpertSet set = make_experts(b, m.experts, m.hidden, m.ffn);
@@ -327,34 +370,7 @@ int run(const char* json_path, bool sampling_only) {
     b.free_all();
   }
 
-  // ---- prefill: grouped expert GEMM (gate/up + down) and dense GEMM, TFLOP/s ----
-  for (MoeShape m : {MoeShape{"A", 8, 2, 2048, 5632}, MoeShape{"B", 128, 8, 2048, 768}}) {
-    ExpertSet set = make_experts(b, m.experts, m.hidden, m.ffn);
-    const int64_t tokens = 2048;
-    Routing r = random_routing(rng, tokens, m.experts, m.top_k);
-    DevicePlan p = upload_plan(b, r, set);
-    auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(p.rows * m.hidden), 1.f));
-    auto* hb = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(p.rows * m.ffn), 1.f));
-    float* y = b.random_f32(static_cast<size_t>(p.rows * m.hidden));
-    Timing t = b.time(
-        [&](int) {
-          cuda::launch_moe_gemm_gate_up(a, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, hb, s);
-          cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, y, s);
-        },
-        10);
-    report(fmt::format("grouped gemm {} prefill {} tok ({} rows, {} tiles)", m.label, tokens, p.rows, p.num_groups), t,
-           2.0 * 3 * p.rows * m.hidden * m.ffn, "GFLOP/s", 0);
-    b.free_all();
-  }
-  for (Shape3 sh : {Shape3{"dense gemm 2048x2048x2048", 2048, 2048}, Shape3{"dense gemm 2048x32000x2048", 32000, 2048}}) {
-    const int64_t M = 2048;
-    auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(M * sh.k), 1.f));
-    auto* w = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k), 0.02f));
-    float* y = b.random_f32(static_cast<size_t>(M * sh.n));
-    Timing t = b.time([&](int) { cuda::launch_dense_gemm(a, M, sh.k, w, sh.n, nullptr, y, b.num_sms(), s); }, 10);
-    report(sh.label, t, 2.0 * M * sh.n * sh.k, "GFLOP/s", 0);
-    b.free_all();
-  }
+  bench_gemms(b, rng);
 
   // ---- attention over the paged cache (pages of 32): decode (bytes of fp32 K+V) and prefill (FLOPs) ----
   struct AttnShape {
@@ -408,13 +424,14 @@ int run(const char* json_path, bool sampling_only) {
 
 int main(int argc, char** argv) {
   const char* json = nullptr;
-  bool sampling_only = false;
+  bool sampling_only = false, gemm_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--json" && i + 1 < argc) json = argv[i + 1];
     if (std::string(argv[i]) == "--sampling-only") sampling_only = true;
+    if (std::string(argv[i]) == "--gemm-only") gemm_only = true;
   }
   try {
-    return moex::run(json, sampling_only);
+    return moex::run(json, sampling_only, gemm_only);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: %s\n", e.what());
     return 1;

@@ -6,6 +6,8 @@
 #include <cmath>
 
 #include "cuda_test_util.h"
+#include "moex/backend/cuda/kernels/gemm_path.h"
+#include "unit/scoped_env.h"
 
 namespace moex::cuda_test {
 namespace {
@@ -29,7 +31,6 @@ TEST_P(CudaLinear, MatchesReference) {
   TensorView bd = backend->upload_weight(TensorView(bias.data(), DType::kF32, {c.out}), "b");
   GuardedTensor xd(*backend, {c.rows, c.in}), yd(*backend, {c.rows, c.out});
   xd.fill(x);
-  backend->linear(xd.view(), wd, c.bias ? &bd : nullptr, yd.view());
   std::vector<double> ref(static_cast<size_t>(c.rows * c.out));
   for (int64_t r = 0; r < c.rows; ++r)
     for (int64_t o = 0; o < c.out; ++o) {
@@ -37,8 +38,16 @@ TEST_P(CudaLinear, MatchesReference) {
       for (int64_t k = 0; k < c.in; ++k) acc += double(x[r * c.in + k]) * w.values[o * c.in + k];
       ref[r * c.out + o] = acc;
     }
-  // rows > 32 take the tensor-core path, which rounds x to bf16 (about 2^-9 per element).
-  MOEX_EXPECT_CLOSE(yd.read(), ref, c.rows > 32 ? 1e-2 : 1e-5);
+  // The GEMM's tiles (128 or 64 rows) run on the wgmma kernel on an H100/H200, on the mma.sync kernel with
+  // MOEX_CUDA_WGMMA=0 (and elsewhere): both are checked.
+  for (const char* wgmma : {"1", "0"}) {
+    SCOPED_TRACE(testing::Message() << "MOEX_CUDA_WGMMA=" << wgmma);
+    const test::ScopedEnv kernel("MOEX_CUDA_WGMMA", wgmma);
+    yd.fill(std::vector<float>(static_cast<size_t>(c.rows * c.out), std::nanf("")));
+    backend->linear(xd.view(), wd, c.bias ? &bd : nullptr, yd.view());
+    // rows > 32 take the tensor-core path, which rounds x to bf16 (about 2^-9 per element).
+    MOEX_EXPECT_CLOSE(yd.read(), ref, c.rows > 32 ? 1e-2 : 1e-5);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
@@ -59,7 +68,35 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            // enough row and column tiles for the GEMM's 128-row tiles; odd N
                                            LinearCase{1100, 72, 4001, true},
                                            // 17 x 33 blocks of 128-row tiles, partial in rows and columns
-                                           LinearCase{2100, 64, 8200, true}));
+                                           LinearCase{2100, 64, 8200, true},
+                                           // 32 k tiles (the stages wrap many times); K not a multiple of 64
+                                           LinearCase{384, 2048, 520, false}, LinearCase{260, 200, 300, true}));
+
+// On an H100/H200 the GEMM's tiles must take the wgmma kernel (a build for sm_90a alone), or the cases above
+// would check the mma.sync kernel twice.
+TEST(CudaGemm, WgmmaTakesTheTilesOnHopper) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  int device = 0, major = 0, minor = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), cudaSuccess);
+#if defined(MOEX_CUDA_SM90A)
+  const bool expected = major == 9 && minor == 0;
+#else
+  const bool expected = false;
+#endif
+  EXPECT_EQ(cuda::gemm_wgmma_available(128), expected);
+  EXPECT_EQ(cuda::gemm_wgmma_available(64), expected);
+  EXPECT_FALSE(cuda::gemm_wgmma_available(32));
+  {
+    const test::ScopedEnv large_only("MOEX_CUDA_WGMMA", "128");
+    EXPECT_EQ(cuda::gemm_wgmma_available(128), expected);
+    EXPECT_FALSE(cuda::gemm_wgmma_available(64));
+  }
+  const test::ScopedEnv off("MOEX_CUDA_WGMMA", "0");
+  EXPECT_FALSE(cuda::gemm_wgmma_available(128));
+  EXPECT_FALSE(cuda::gemm_wgmma_available(64));
+}
 
 TEST(CudaRmsNorm, MatchesReference) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);

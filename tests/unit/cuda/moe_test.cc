@@ -8,6 +8,7 @@
 #include <set>
 
 #include "cuda_test_util.h"
+#include "unit/scoped_env.h"
 #include "moex/backend/cuda/kernels/grid_shape.h"
 #include "moex/backend/cuda/moe_plan.h"
 
@@ -68,6 +69,13 @@ TEST_P(CudaMoe, MatchesReference) {
   auto x = random_floats(rng, static_cast<size_t>(c.tokens * c.hidden));
   GuardedTensor xd(*backend, {c.tokens, c.hidden}), od(*backend, {c.tokens, c.hidden});
   xd.fill(x);
+  // GEMM tiles: the wgmma kernel on an H100/H200; everything below on it, this once on the mma.sync kernel.
+  {
+    const test::ScopedEnv mma_sync("MOEX_CUDA_WGMMA", "0");
+    backend->moe_experts(xd.view(), routing, experts, od.view());
+  }
+  const auto out_mma_sync = od.read();
+  od.fill(std::vector<float>(static_cast<size_t>(c.tokens * c.hidden), std::nanf("")));
   backend->moe_experts(xd.view(), routing, experts, od.view());
   auto out = od.read();
 
@@ -95,6 +103,7 @@ TEST_P(CudaMoe, MatchesReference) {
   };
   std::vector<double> ref = reference(routing);
   MOEX_EXPECT_CLOSE(out, ref, 1e-2);
+  MOEX_EXPECT_CLOSE(out_mma_sync, ref, 1e-2);
 
   // Bit-reproducible: same inputs, same bytes.
   for (int rep = 0; rep < 3; ++rep) {
@@ -125,7 +134,9 @@ INSTANTIATE_TEST_SUITE_P(
                       MoeCase{8, 2048, 5632, 4, 2}, MoeCase{32, 2048, 5632, 8, 2}, MoeCase{32, 2048, 768, 16, 8},
                       MoeCase{13, 96, 64, 3, 2},  // groups of 8 < rows <= 16, ffn and hidden multiples of 32
                       // >= 128 rows per active expert: the GEMM's 128-row tiles, partial last tiles and columns
-                      MoeCase{300, 136, 72, 2, 1}, MoeCase{520, 256, 200, 4, 2}));
+                      MoeCase{300, 136, 72, 2, 1}, MoeCase{520, 256, 200, 4, 2},
+                      // 2-3 tiles an expert, 8 k tiles in each stage, ffn not a multiple of 128
+                      MoeCase{640, 512, 328, 3, 2}));
 
 TEST(CudaMoePlan, SortsByExpertAndCutsGroups) {
   Routing r;

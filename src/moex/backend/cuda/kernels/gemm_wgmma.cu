@@ -1,0 +1,258 @@
+// Prefill GEMMs on Hopper's warpgroup MMA (wgmma, sm_90a): the same work and operands as moe_gemm.cu's mma.sync
+// kernel (out = A @ B^T, A [rows, K] and B [N, K] K-contiguous, bf16 in, fp32 accumulate; grouped tiles of one
+// expert, or dense), for its 128- and 64-row tiles.
+// Block: 128 rows x 256 B rows x 64 k per stage, two warpgroups of 64 rows, each one m64n256k16 wgmma per 16 k
+// (128 fp32 accumulators a thread), both operands read by the tensor cores from shared memory; the 64-row tiles
+// (experts with few rows) one warpgroup. Every thread
+// also copies (cp.async, 16 bytes, zero-filled past the rows, columns and K) into the 128-byte swizzle that the
+// wgmma descriptors name, four stages deep: tile kt + 2 loads while tile kt multiplies and tile kt - 1 drains.
+// The SwiGLU instance's B rows are 128 gate rows then the 128 up rows of the same outputs, so accumulator j and
+// j + 64 of a thread are the gate and up sums of one element: SwiGLU in registers, one bf16 write.
+// Blocks walk the row tiles first (blockIdx.x), so the blocks running at once share B's column block: each
+// weight byte comes from HBM about once, the activations from L2.
+// Why: the mma.sync kernel reaches 157-235 TFLOP/s on an H100 (under a third of the card's): every operand goes
+// through registers by ldmatrix, and a warp's 32 x 64 tile loads a shared-memory byte per 64 FLOPs. H200, same
+// call (moex_cuda_kernels_bench --gemm-only, MOEX_CUDA_WGMMA=0 as the baseline): grouped gate/up + down at 2048
+// tokens, Model A 0.915 vs 1.382 ms (310 TFLOP/s), Model B 0.694 vs 1.008; Model B at 512 tokens (64-row tiles)
+// 0.469 vs 0.523; dense 2048^3 0.058 vs 0.081, 2048 x 32000 x 2048 0.802 vs 1.144-1.169.
+// What bounds it now (not profiled): each block pulls 48 KB through L2 per 64 k, ~3.5 TB/s over the SMs at
+// these rates, with every thread issuing the copies; TMA from a producer warp and a weight tile multicast to a
+// cluster of two blocks are the next steps (docs/cuda.md).
+#include "moex/backend/cuda/kernels/gemm_wgmma.cuh"
+
+#include "moex/backend/cuda/kernels/common.cuh"
+
+namespace moex::cuda {
+namespace {
+
+constexpr int kBRows = 256;  // B rows per block: plain 256 output columns; SwiGLU 128 gate + 128 up
+constexpr int kK = 64;       // k per stage: one 128-byte swizzle row
+constexpr int kStages = 4;
+constexpr int kARowBytes = kK * 2;
+// Per instance: kRows A rows per block (128: two warpgroups; 64: one), a warpgroup of 128 threads per 64 rows.
+template <int kRows>
+constexpr int kThreads = kRows * 2;
+template <int kRows>
+constexpr int kStageBytes = (kRows + kBRows) * kARowBytes;  // 48 KB at 128 rows, 40 KB at 64
+template <int kRows>
+constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes<kRows> + 1024;  // + aligning the first stage to 1 KB
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOEX_WGMMA_BUILT 1
+#endif
+
+#ifdef MOEX_WGMMA_BUILT
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
+// A K-major operand in shared memory with the 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart
+// (the stride field), the 16-byte chunk c of row r stored at chunk c ^ (r % 8). The start address moves by 32
+// bytes per 16 k within the row.
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr) {
+  uint64_t desc = (addr & 0x3FFFF) >> 4;
+  desc |= uint64_t(16 >> 4) << 16;    // leading byte offset: unused with this swizzle, 1 by convention
+  desc |= uint64_t(1024 >> 4) << 32;  // stride byte offset: the next 8 rows
+  desc |= uint64_t(1) << 62;          // 128-byte swizzle
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// The copies this thread waited for, ordered before the tensor cores' (async proxy) reads of shared memory.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// d += A (64 x 16, desc_a) * B (256 x 16, desc_b)^T; thread (warp w of the warpgroup, lane 4g + t) holds rows
+// 16w + g and 16w + g + 8, columns 8j + 2t and 8j + 2t + 1 in d[4j .. 4j + 3] (row g: 0, 1; row g + 8: 2, 3).
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(1));  // scale-d 1: d accumulates
+}
+#endif
+
+template <bool kSwiGLU, int kRows>
+__global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmParams p) {
+  constexpr int kThreadCount = kThreads<kRows>, kStage = kStageBytes<kRows>;
+#ifdef MOEX_WGMMA_BUILT
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t smem_base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+
+  int row_begin, row_end;
+  const bf16* b0;
+  const bf16* b1 = nullptr;
+  if (p.tiles) {
+    const MoeGroup t = p.tiles[blockIdx.x];
+    row_begin = t.row_begin;
+    row_end = t.row_begin + t.num_rows;
+    b0 = reinterpret_cast<const bf16*>(p.use_down ? t.down : t.gate);
+    if constexpr (kSwiGLU) b1 = reinterpret_cast<const bf16*>(t.up);
+  } else {
+    row_begin = blockIdx.x * kRows;
+    row_end = static_cast<int>(row_begin + kRows < p.rows ? row_begin + kRows : p.rows);
+    b0 = p.dense_b;
+  }
+  constexpr int kCols = kSwiGLU ? kBRows / 2 : kBRows;  // output columns per block
+  const int n0 = blockIdx.y * kCols;
+  const int K = p.K, N = p.N;
+  const int tid = threadIdx.x;
+
+  // Stage s: A rows at smem_base + s * kStageBytes, B rows after them. Chunk c of the stage's (rows + B rows) x 8
+  // chunks: row c / 8, 16-byte chunk c % 8 of it.
+  auto load_stage = [&](int stage, int k0) {
+    const uint32_t base = smem_base + stage * kStage;
+#pragma unroll
+    for (int i = 0; i < (kRows + kBRows) * 8 / kThreadCount; ++i) {
+      const int c = tid + i * kThreadCount, r = c >> 3, kc = c & 7;
+      const bool k_ok = k0 + kc * 8 < K;
+      const bf16* src;
+      bool valid;
+      if (r < kRows) {
+        const int row = row_begin + r;
+        valid = k_ok && row < row_end;
+        src = p.a + (valid ? int64_t(row) * K + k0 + kc * 8 : 0);
+      } else {
+        const int br = r - kRows;
+        const bf16* b = b0;
+        int n = n0 + br;
+        if constexpr (kSwiGLU) {
+          b = br < kCols ? b0 : b1;
+          n = n0 + (br < kCols ? br : br - kCols);
+        }
+        valid = k_ok && n < N;
+        src = b + (valid ? int64_t(n) * K + k0 + kc * 8 : 0);
+      }
+      cp_async_16(base + r * kARowBytes + ((kc ^ (r & 7)) << 4), src, valid);
+    }
+  };
+
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.f;
+
+  const int k_tiles = (K + kK - 1) / kK;
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < k_tiles) load_stage(s, s * kK);
+    asm volatile("cp.async.commit_group;");  // empty groups keep the wait count uniform
+  }
+  const int wg = tid >> 7;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 3));  // this thread's copies of tile kt are in
+    fence_async_shared();
+    // Every thread's copies of tile kt are in, and every warpgroup has finished tile kt - 2 (its wgmma_wait<1>
+    // below, last iteration), whose stage the next copies overwrite.
+    __syncthreads();
+    const int next = kt + kStages - 2;
+    if (next < k_tiles) load_stage(next % kStages, next * kK);
+    asm volatile("cp.async.commit_group;");
+
+    const uint32_t a_addr = smem_base + (kt % kStages) * kStage + wg * 64 * kARowBytes;
+    const uint32_t b_addr = smem_base + (kt % kStages) * kStage + kRows * kARowBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kK / 16; ++ks)
+      wgmma_m64n256k16(d, smem_descriptor(a_addr + ks * 32), smem_descriptor(b_addr + ks * 32));
+    wgmma_commit();
+    wgmma_wait<1>();  // tile kt - 1's products are done; tile kt's run on
+  }
+  wgmma_wait<0>();
+  asm volatile("cp.async.wait_group 0;");
+
+  const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row_begin + wg * 64 + warp * 16 + g + half * 8;
+    if (row >= row_end) continue;
+    if constexpr (kSwiGLU) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = n0 + j * 8 + 2 * t + c;
+          const float gate = d[j * 4 + half * 2 + c], up = d[(j + 16) * 4 + half * 2 + c];
+          if (col < N) p.out_bf16[int64_t(row) * N + col] = __float2bfloat16_rn(silu(gate) * up);
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = n0 + j * 8 + 2 * t + c;
+          if (col < N) p.out_f32[int64_t(row) * N + col] = d[j * 4 + half * 2 + c] + (p.bias ? p.bias[col] : 0.f);
+        }
+    }
+  }
+#endif
+}
+
+template <bool kSwiGLU, int kRows>
+void launch_kernel(const GemmParams& p, unsigned row_tiles, cudaStream_t stream) {
+  constexpr size_t smem = kSmemBytes<kRows>;
+  static const bool configured = [] {  // above 48 KiB of shared memory a kernel must opt in, once
+    cudaFuncSetAttribute(gemm_wgmma_kernel<kSwiGLU, kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    return true;
+  }();
+  (void)configured;
+  const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.N, kSwiGLU ? kBRows / 2 : kBRows));
+  gemm_wgmma_kernel<kSwiGLU, kRows><<<dim3(row_tiles, col_blocks), kThreads<kRows>, smem, stream>>>(p);
+}
+
+}  // namespace
+
+bool gemm_wgmma_available(int tile_rows) {
+#if defined(MOEX_CUDA_SM90A)
+  static const bool hopper = [] {
+    int device = 0, major = 0, minor = 0;
+    const bool ok = cudaGetDevice(&device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();
+    return ok && major == 9 && minor == 0;
+  }();
+  if (!hopper || (tile_rows != 128 && tile_rows != 64) || env_equals("MOEX_CUDA_WGMMA", "0")) return false;
+  return tile_rows == 128 || !env_equals("MOEX_CUDA_WGMMA", "128");
+#else
+  (void)tile_rows;
+  return false;
+#endif
+}
+
+void launch_gemm_wgmma(const GemmParams& p, int tile_rows, unsigned row_tiles, cudaStream_t stream) {
+  if (tile_rows == 128)
+    p.out_bf16 ? launch_kernel<true, 128>(p, row_tiles, stream) : launch_kernel<false, 128>(p, row_tiles, stream);
+  else
+    p.out_bf16 ? launch_kernel<true, 64>(p, row_tiles, stream) : launch_kernel<false, 64>(p, row_tiles, stream);
+}
+
+}  // namespace moex::cuda
