@@ -138,6 +138,61 @@ INSTANTIATE_TEST_SUITE_P(
                       // 2-3 tiles an expert, 8 k tiles in each stage, ffn not a multiple of 128
                       MoeCase{640, 512, 328, 3, 2}));
 
+// Prefill-sized moe_routed: the plan made on the device (moe_prefill_plan.cu) against route() + plan_moe on the
+// host (MOEX_CUDA_PREFILL_PLAN=0): the same logits and output bits, and the path each took.
+struct RoutedCase {
+  int64_t tokens, hidden, ffn, experts, top_k;
+  bool sigmoid, normalize, device_plan;  // device_plan: inside the device planner's envelope
+};
+
+class CudaMoeRoutedPrefill : public ::testing::TestWithParam<RoutedCase> {};
+
+TEST_P(CudaMoeRoutedPrefill, DevicePlanMatchesHostPlan) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  const RoutedCase c = GetParam();
+  SCOPED_TRACE(describe(MoeCase{c.tokens, c.hidden, c.ffn, c.experts, c.top_k}));
+  std::mt19937 rng(static_cast<uint32_t>(c.tokens * 7 + c.experts));
+  std::vector<Bf16Weight> host_weights;
+  std::vector<ExpertWeights> experts(static_cast<size_t>(c.experts));
+  for (int64_t e = 0; e < c.experts; ++e) {
+    host_weights.push_back(random_bf16(rng, {c.ffn, c.hidden}, 1.f / std::sqrt(float(c.hidden))));
+    experts[e].gate = backend->upload_weight(host_weights.back().host_view(), "gate");
+    host_weights.push_back(random_bf16(rng, {c.ffn, c.hidden}, 1.f / std::sqrt(float(c.hidden))));
+    experts[e].up = backend->upload_weight(host_weights.back().host_view(), "up");
+    host_weights.push_back(random_bf16(rng, {c.hidden, c.ffn}, 1.f / std::sqrt(float(c.ffn))));
+    experts[e].down = backend->upload_weight(host_weights.back().host_view(), "down");
+  }
+  auto router_w = random_bf16(rng, {c.experts, c.hidden}, 1.f / std::sqrt(float(c.hidden)));
+  TensorView router = backend->upload_weight(router_w.host_view(), "router");
+  GuardedTensor xd(*backend, {c.tokens, c.hidden}), logits(*backend, {c.tokens, c.experts}),
+      od(*backend, {c.tokens, c.hidden});
+  xd.fill(random_floats(rng, static_cast<size_t>(c.tokens * c.hidden)));
+  const RouterScoring scoring = c.sigmoid ? RouterScoring::kSigmoid : RouterScoring::kSoftmax;
+  const auto run = [&](const char* device_plan) {
+    const test::ScopedEnv plan("MOEX_CUDA_PREFILL_PLAN", device_plan);
+    od.fill(std::vector<float>(static_cast<size_t>(c.tokens * c.hidden), std::nanf("")));
+    const int64_t before = cuda_prefill_plans_on_device(*backend);
+    backend->moe_routed(xd.view(), router, logits.view(), c.top_k, scoring, c.normalize, experts, od.view());
+    return cuda_prefill_plans_on_device(*backend) - before;
+  };
+  EXPECT_EQ(run("0"), 0);
+  const auto host_logits = logits.read(), host_out = od.read();
+  EXPECT_EQ(run("1"), c.device_plan ? 1 : 0);
+  const auto device_logits = logits.read(), device_out = od.read();
+  ASSERT_EQ(0, std::memcmp(host_logits.data(), device_logits.data(), host_logits.size() * sizeof(float)));
+  for (size_t i = 0; i < host_out.size(); ++i)
+    ASSERT_EQ(0, std::memcmp(&host_out[i], &device_out[i], sizeof(float)))
+        << "element " << i << ": host plan " << host_out[i] << ", device plan " << device_out[i];
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaMoeRoutedPrefill,
+    ::testing::Values(RoutedCase{600, 256, 128, 16, 4, false, true, true},   // 128-row tiles
+                      RoutedCase{300, 128, 96, 60, 4, false, true, true},    // 64-row tiles, 60 experts
+                      RoutedCase{2100, 64, 64, 8, 2, false, false, true},    // 5 chunks of 1024 picks
+                      RoutedCase{400, 128, 64, 32, 8, true, true, true},     // sigmoid scores
+                      RoutedCase{100, 64, 64, 16, 2, false, true, false}));  // 12 rows an expert: host plan, GEMV
+
 TEST(CudaMoePlan, SortsByExpertAndCutsGroups) {
   Routing r;
   r.num_tokens = 3;

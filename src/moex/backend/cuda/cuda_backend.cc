@@ -342,6 +342,7 @@ class CudaBackend final : public Backend {
     return CudaStepGraphStats{graphs_.replays(), graphs_.captures(), graphs_.failures(), kv_uploads_,
                               kv_rows_reused_};
   }
+  int64_t prefill_plans_on_device() const { return prefill_plans_on_device_; }
 
   void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) override {
     check_f32(out, "embedding", "out");
@@ -935,6 +936,11 @@ class CudaBackend final : public Backend {
   bool moe_routed_on_device(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
                             RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
                             const TensorView& out, const ResidualNormIn* norm);
+  // moe_routed's prefill-sized batches planned on the device (the tensor-core path); false, launching nothing,
+  // outside that envelope.
+  bool moe_routed_prefill(const TensorView& x, const TensorView& router, const TensorView& logits, int64_t top_k,
+                          RouterScoring scoring, bool normalize, std::span<const ExpertWeights> experts,
+                          const TensorView& out);
   // The kernels' view of linear_many's outputs (checked against x): gemv[i] for outputs[i], at most
   // kGemvMaxOutputs.
   static void gemv_outputs(const TensorView& x, std::span<const LinearOutput> outputs, const char* op,
@@ -1210,6 +1216,7 @@ class CudaBackend final : public Backend {
   int64_t kv_device_pos_ = -1;
   bool kv_row_reused_ = false;  // the prepared step is such a row (no upload yet: resync_kv_row)
   int64_t kv_uploads_ = 0, kv_rows_reused_ = 0;
+  int64_t prefill_plans_on_device_ = 0;  // moe_routed_prefill's batches (tests ask which path ran)
   struct ExpertTable {
     DeviceMemory pointers;
     size_t count = 0;
@@ -1347,9 +1354,10 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
               "cuda moe_routed: {} experts (max {}), top_k {} (max {})", num_experts, kRouterMaxExperts, top_k,
               kRouterMaxTopK);
   if (n == 0) return true;
-  // Device-side planning covers the GEMV path (few tokens per expert); prefill-sized batches take the
-  // host-planned tensor-core path, one round trip per layer against milliseconds of GEMM. The residual step
-  // rides along at one token with top_k <= kMoeOneTokenMaxTopK only.
+  if (n > 2 * kMoeGemvMaxRows && !norm)
+    return moe_routed_prefill(x, router, logits, top_k, scoring, normalize, experts, out);
+  // Device-side planning here covers the GEMV path (few tokens per expert); prefill-sized batches take
+  // moe_routed_prefill's. The residual step rides along at one token with top_k <= kMoeOneTokenMaxTopK only.
   if (n > 2 * kMoeGemvMaxRows || total > kMoeRoutePlanMaxAssignments || hidden % 8 != 0 ||
       !moe_router_plan_fits(x.as<float>(), router_data, hidden) ||
       (norm && (n != 1 || top_k > kMoeOneTokenMaxTopK)))
@@ -1413,6 +1421,61 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   return true;
 }
 
+// Prefill-sized batches: the router's logits (linear), the top-k, the plan and the tensor-core experts all on the
+// device. Before, route() brought the ids to the host for plan_moe: a synchronising copy in every MoE layer, with
+// the GPU idle until the plan's upload. The plan is plan_moe's (moe_prefill_plan.cu), so the output is the same
+// bits. Not (false, nothing launched): MOEX_CUDA_PREFILL_PLAN=0 (A/B; read at every call); more experts than the
+// planner's block holds; too few rows per expert for plan_moe to take the GEMM path even with every expert
+// active; shapes off the kernels' envelope.
+bool CudaBackend::moe_routed_prefill(const TensorView& x, const TensorView& router, const TensorView& logits,
+                                     int64_t top_k, RouterScoring scoring, bool normalize,
+                                     std::span<const ExpertWeights> experts, const TensorView& out) {
+  const int64_t hidden = x.dim(-1), num_experts = logits.dim(-1);
+  const int64_t n = logits.numel() / num_experts, total = n * top_k;
+  if (env_equals("MOEX_CUDA_PREFILL_PLAN", "0") || num_experts > kMoePrefillPlanMaxExperts || hidden % 8 != 0 ||
+      total / num_experts <= kMoeGemmMinAvgRows)
+    return false;
+  int64_t ffn = 0;
+  const MoeExpertPtrs* table = expert_table(experts, hidden, &ffn);
+  if (ffn % 8 != 0) return false;
+  // plan_moe's tile size follows the rows per active expert; the host does not see which experts are active, so
+  // this takes every expert as active: the same choice unless some expert gets no token and the rest average
+  // 128 rows or more (then 64-row tiles where plan_moe cuts 128: the same products, other blocks).
+  const int tile_rows = moe_gemm_tile_rows(total, num_experts);
+  const int64_t max_tiles = moe_prefill_max_tiles(total, num_experts, tile_rows);
+  linear(x, router, nullptr, logits);  // before workspace(): linear takes the workspace for its bf16 copy of x
+  if (!capturing_) timeline_.begin(stream_);
+  const size_t small = align16(static_cast<size_t>(total) * 4);
+  const size_t tiles_bytes = align16(static_cast<size_t>(max_tiles) * sizeof(MoeGroup));
+  const size_t a_bytes = align16(static_cast<size_t>(total * hidden) * 2);
+  const size_t h_bytes = align16(static_cast<size_t>(total * ffn) * 2);
+  auto* ws = static_cast<char*>(
+      workspace(4 * small + tiles_bytes + 16 + a_bytes + h_bytes + static_cast<size_t>(total * hidden) * 4));
+  auto* ids = reinterpret_cast<int32_t*>(ws);
+  auto* weights = reinterpret_cast<float*>(ws + small);
+  auto* row_token = reinterpret_cast<int32_t*>(ws + 2 * small);
+  auto* slot = reinterpret_cast<int32_t*>(ws + 3 * small);
+  auto* tiles = reinterpret_cast<MoeGroup*>(ws + 4 * small);
+  auto* num_tiles = reinterpret_cast<int32_t*>(ws + 4 * small + tiles_bytes);
+  char* data = ws + 4 * small + tiles_bytes + 16;
+  auto* a = reinterpret_cast<uint16_t*>(data);
+  auto* h = reinterpret_cast<uint16_t*>(data + a_bytes);
+  auto* y = reinterpret_cast<float*>(data + a_bytes + h_bytes);
+  launch_router_topk(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize, ids,
+                     weights, stream_);
+  launch_moe_prefill_plan(ids, total, top_k, num_experts, table, tile_rows, row_token, slot, tiles, num_tiles,
+                          stream_);
+  launch_gather_rows_bf16(x.as<float>(), row_token, total, hidden, a, stream_);
+  const int grid_tiles = static_cast<int>(max_tiles);
+  launch_moe_gemm_gate_up(a, tiles, grid_tiles, tile_rows, hidden, ffn, h, stream_, num_tiles);
+  launch_moe_gemm_down(h, tiles, grid_tiles, tile_rows, hidden, ffn, y, stream_, num_tiles);
+  launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
+  if (!capturing_) timeline_.end(stream_, "experts", total);
+  MOEX_CUDA_CHECK_LAUNCH();
+  ++prefill_plans_on_device_;
+  return true;
+}
+
 // Shapes outside the kernels' envelope (hidden or ffn not a multiple of 8, only in tiny test models): one
 // expert application at a time through the scalar GEMV. Slow, exact.
 void CudaBackend::moe_experts_generic(const TensorView& x, const Routing& routing,
@@ -1466,6 +1529,11 @@ std::string cuda_device_description(int device_idx) {
 CudaStepGraphStats cuda_step_graph_stats(const Backend& backend) {
   const auto* cuda = dynamic_cast<const cuda::CudaBackend*>(&backend);
   return cuda ? cuda->step_graph_stats() : CudaStepGraphStats{};
+}
+
+int64_t cuda_prefill_plans_on_device(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const cuda::CudaBackend*>(&backend);
+  return cuda ? cuda->prefill_plans_on_device() : 0;
 }
 
 std::unique_ptr<Backend> make_cuda_backend(int device_idx) { return std::make_unique<cuda::CudaBackend>(device_idx); }

@@ -28,6 +28,10 @@ struct CudaStepGraphStats {
 };
 CudaStepGraphStats cuda_step_graph_stats(const Backend& backend);
 
+// MoE batches of a backend made by make_cuda_backend whose tensor-core (prefill) plan was made on the device (0
+// for any other backend).
+int64_t cuda_prefill_plans_on_device(const Backend& backend);
+
 // Number of usable CUDA devices; 0 (never an error) when there is no driver or no GPU.
 int cuda_device_count();
 

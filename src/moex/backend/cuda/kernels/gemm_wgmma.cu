@@ -112,6 +112,7 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
   const bf16* b0;
   const bf16* b1 = nullptr;
   if (p.tiles) {
+    if (p.device_tiles && int(blockIdx.x) >= *p.device_tiles) return;
     const MoeGroup t = p.tiles[blockIdx.x];
     row_begin = t.row_begin;
     row_end = t.row_begin + t.num_rows;

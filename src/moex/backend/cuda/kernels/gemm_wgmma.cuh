@@ -23,6 +23,7 @@ struct GemmParams {
   bool use_down;  // grouped: B = tile.down (stage 2) instead of tile.gate/up
   float* out_f32;
   bf16* out_bf16;  // set: the SwiGLU instance (gate/up), out = silu(gate) * up as bf16
+  const int32_t* device_tiles;  // grouped, planned on the device: tiles at or past *device_tiles exit at once
 };
 
 // The GEMM over row_tiles tiles of tile_rows rows (128 or 64, where gemm_wgmma_available(tile_rows); grouped:

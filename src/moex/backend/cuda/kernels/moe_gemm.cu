@@ -62,6 +62,7 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
   const bf16* b0;
   const bf16* b1 = nullptr;
   if (p.tiles) {
+    if (p.device_tiles && int(blockIdx.y) >= *p.device_tiles) return;
     MoeGroup t = p.tiles[blockIdx.y];
     row_begin = t.row_begin;
     row_end = t.row_begin + t.num_rows;
@@ -201,11 +202,12 @@ void launch_gemm(const GemmParams& p, int tile_rows, unsigned grid_y, cudaStream
 }  // namespace
 
 void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
-                             int64_t ffn, uint16_t* h, cudaStream_t stream) {
+                             int64_t ffn, uint16_t* h, cudaStream_t stream, const int32_t* device_num_tiles) {
   if (num_tiles == 0) return;
   GemmParams p{};
   p.a = reinterpret_cast<const bf16*>(a);
   p.tiles = tiles;
+  p.device_tiles = device_num_tiles;
   p.K = static_cast<int>(hidden);
   p.N = static_cast<int>(ffn);
   p.out_bf16 = reinterpret_cast<bf16*>(h);
@@ -213,11 +215,12 @@ void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_t
 }
 
 void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
-                          int64_t ffn, float* y, cudaStream_t stream) {
+                          int64_t ffn, float* y, cudaStream_t stream, const int32_t* device_num_tiles) {
   if (num_tiles == 0) return;
   GemmParams p{};
   p.a = reinterpret_cast<const bf16*>(h);
   p.tiles = tiles;
+  p.device_tiles = device_num_tiles;
   p.K = static_cast<int>(ffn);
   p.N = static_cast<int>(hidden);
   p.use_down = true;
