@@ -37,6 +37,13 @@
 #                                  MOEX_CUDA_TOPK_IN_GATE_UP=0; within 0.4% on an H200):
 #                                  their tests, then Model A / B batch-1 decode with each against the default, each
 #                                  run with --gpu-telemetry on (NVML through moex: J/token and W next to ms/token).
+#   tools/device_cuda.sh prefill   there: prefill of Model A and Model B at 512/2048 tokens, this build as is and with
+#                                  each --variant NAME=VALUE[,NAME=VALUE] (e.g. MOEX_CUDA_WGMMA=0,
+#                                  MOEX_CUDA_PREFILL_PLAN=0), every run twice, interleaved; then the prefill GEMM
+#                                  kernels per variant (moex_cuda_kernels_bench --gemm-only) and, with --timeline, Model
+#                                  B's 2048-token timeline per variant (MOEX_CUDA_TIMELINE, tools/cuda_timeline.py).
+#                                  Options: --models "model_a model_b", --skip-tests (else the GEMM, MoE and routed
+#                                  tests first).
 #   tools/device_cuda.sh peers     there: llama.cpp and moex on the same cases in one call (bench/peers/llama_cpp_bench.sh:
 #                                  Model A batch 1, the 8x7B layers with experts on the CPU against moex's Mixtral-8x7B
 #                                  at 16 GiB, the offloaded 4-layer prefill), a table with the ratios. LLAMA_BIN: the
@@ -585,8 +592,75 @@ for name, l, x, ratio in rows:
 PY
 }
 
+# Prefill A/B: this build and its --variant environments interleaved, a tokens/s table last.
+prefill() {
+  local out="${OUT:-/tmp/moex_device_out}" models="model_a model_b" timeline=0 skip_tests=0 variants=("")
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --variant) variants+=("$2"); shift ;;
+      --models) models=$2; shift ;;
+      --timeline) timeline=1 ;;
+      --skip-tests) skip_tests=1 ;;
+      *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
+  nvidia-smi -L
+  if [ "$skip_tests" -eq 0 ]; then
+    MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 200 "$DEV/bin/cuda_tests" --gtest_brief=1 \
+      --gtest_filter='CudaGemm.*:*CudaLinear*:*CudaMoe*:*Routed*' >"$out/prefill_tests.log" 2>&1
+    echo "GEMM/MoE tests exit $?"
+    grep -E "FAILED|PASSED|Failure" "$out/prefill_tests.log" | head -20
+  fi
+  : >"$out/prefill.jsonl"
+  local rep v m env
+  for rep in 1 2; do
+    for v in "${!variants[@]}"; do
+      IFS=, read -r -a env <<<"${variants[$v]}"
+      for m in $models; do
+        env "${env[@]}" timeout 150 "$DEV/bin/moex" bench -m "bench/cuda/models/$m" --load-format random --device cuda \
+          --prompt-lens 512,2048 --decode-tokens 0 --reps 3 --json 2>>"$out/prefill_err.log" |
+          python3 -c "import json, sys
+try: r = json.load(sys.stdin)
+except Exception: r = {}
+print(json.dumps({'variant': sys.argv[1], 'model': sys.argv[2], 'prefill': r.get('prefill') or []}))" \
+            "${variants[$v]:-this build}" "$m" >>"$out/prefill.jsonl"
+      done
+    done
+  done
+  for v in "${!variants[@]}"; do
+    IFS=, read -r -a env <<<"${variants[$v]}"
+    echo "== GEMM kernels: ${variants[$v]:-this build}"
+    env "${env[@]}" timeout 90 "$DEV/bin/moex_cuda_kernels_bench" --gemm-only 2>&1 | tail -7
+    [ "$timeline" -eq 1 ] || continue
+    env "${env[@]}" MOEX_CUDA_TIMELINE="$out/timeline_v$v.csv" timeout 150 "$DEV/bin/moex" bench \
+      -m bench/cuda/models/model_b --load-format random --device cuda --prompt-lens 2048 --decode-tokens 0 --reps 2 \
+      --json >/dev/null 2>>"$out/prefill_err.log"
+    echo "== Model B 2048-token prefill timeline: ${variants[$v]:-this build}"
+    python3 tools/cuda_timeline.py "$out/timeline_v$v.csv" 151936 | tail -8
+    gzip -f "$out/timeline_v$v.csv"
+  done
+  python3 - "$out/prefill.jsonl" <<'PY'
+import collections, json, sys
+runs = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    for p in r["prefill"]:
+        runs[(r["model"], p["prompt_tokens"], r["variant"])].append(p["tokens_per_s"])
+variants = list(dict.fromkeys(v for _, _, v in runs))
+print("| model, prompt | " + " | ".join(variants) + " |")
+print("|---" * (len(variants) + 1) + "|")
+for model, tokens in dict.fromkeys((m, t) for m, t, _ in runs):
+    cells = [" / ".join(f"{x:,.0f}" for x in runs[(model, tokens, v)]) or "-" for v in variants]
+    print(f"| {model}, {tokens} | " + " | ".join(cells) + " |")
+PY
+}
+
 case "${1:-}" in
   prepare) prepare ;;
+  prefill) shift; unpack; prefill "$@" ;;
   peers) shift; unpack; peers "$@" ;;
   run) shift; unpack; run "$@" ;;
   ab) shift; unpack; ab "$@" ;;
