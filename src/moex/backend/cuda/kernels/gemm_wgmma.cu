@@ -3,9 +3,9 @@
 // expert, or dense), for its 128- and 64-row tiles.
 // Block: 128 rows x 256 B rows x 64 k per stage, two warpgroups of 64 rows, each one m64n256k16 wgmma per 16 k
 // (128 fp32 accumulators a thread), both operands read by the tensor cores from shared memory; the 64-row tiles
-// (experts with few rows) one warpgroup. Every thread
-// also copies (cp.async, 16 bytes, zero-filled past the rows, columns and K) into the 128-byte swizzle that the
-// wgmma descriptors name, four stages deep: tile kt + 2 loads while tile kt multiplies and tile kt - 1 drains.
+// (experts with few rows) one warpgroup. Every thread also copies (cp.async, 16 bytes, zero-filled past the rows,
+// columns and K) into the 128-byte swizzle that the wgmma descriptors name, four stages deep: tile kt + 2 loads
+// while tile kt multiplies and tile kt - 1 drains.
 // The SwiGLU instance's B rows are 128 gate rows then the 128 up rows of the same outputs, so accumulator j and
 // j + 64 of a thread are the gate and up sums of one element: SwiGLU in registers, one bf16 write.
 // Blocks walk the row tiles first (blockIdx.x), so the blocks running at once share B's column block: each
@@ -18,7 +18,7 @@
 // What bounds it now (not profiled): each block pulls 48 KB through L2 per 64 k, ~3.5 TB/s over the SMs at
 // these rates, with every thread issuing the copies; TMA from a producer warp and a weight tile multicast to a
 // cluster of two blocks are the next steps (docs/cuda.md).
-#include "moex/backend/cuda/kernels/gemm_wgmma.cuh"
+#include "moex/backend/cuda/kernels/prefill_gemm.cuh"
 
 #include "moex/backend/cuda/kernels/common.cuh"
 
@@ -42,10 +42,6 @@ constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes<kRows> + 1024;  // +
 #endif
 
 #ifdef MOEX_WGMMA_BUILT
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-
 // A K-major operand in shared memory with the 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart
 // (the stride field), the 16-byte chunk c of row r stored at chunk c ^ (r % 8). The start address moves by 32
 // bytes per 16 k within the row.
@@ -108,21 +104,10 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem_base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
 
-  int row_begin, row_end;
-  const bf16* b0;
-  const bf16* b1 = nullptr;
-  if (p.tiles) {
-    if (p.device_tiles && int(blockIdx.x) >= *p.device_tiles) return;
-    const MoeGroup t = p.tiles[blockIdx.x];
-    row_begin = t.row_begin;
-    row_end = t.row_begin + t.num_rows;
-    b0 = reinterpret_cast<const bf16*>(p.use_down ? t.down : t.gate);
-    if constexpr (kSwiGLU) b1 = reinterpret_cast<const bf16*>(t.up);
-  } else {
-    row_begin = blockIdx.x * kRows;
-    row_end = static_cast<int>(row_begin + kRows < p.rows ? row_begin + kRows : p.rows);
-    b0 = p.dense_b;
-  }
+  GemmTile tile;
+  if (!gemm_tile<kSwiGLU>(p, blockIdx.x, kRows, &tile)) return;
+  const int row_begin = tile.row_begin, row_end = tile.row_end;
+  const bf16 *b0 = tile.b0, *b1 = tile.b1;
   constexpr int kCols = kSwiGLU ? kBRows / 2 : kBRows;  // output columns per block
   const int n0 = blockIdx.y * kCols;
   const int K = p.K, N = p.N;
@@ -165,18 +150,18 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) {
     if (s < k_tiles) load_stage(s, s * kK);
-    asm volatile("cp.async.commit_group;");  // empty groups keep the wait count uniform
+    cp_async_commit();  // empty groups keep the wait count uniform
   }
   const int wg = tid >> 7;
   for (int kt = 0; kt < k_tiles; ++kt) {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 3));  // this thread's copies of tile kt are in
+    cp_async_wait<kStages - 3>();  // this thread's copies of tile kt are in
     fence_async_shared();
     // Every thread's copies of tile kt are in, and every warpgroup has finished tile kt - 2 (its wgmma_wait<1>
     // below, last iteration), whose stage the next copies overwrite.
     __syncthreads();
     const int next = kt + kStages - 2;
     if (next < k_tiles) load_stage(next % kStages, next * kK);
-    asm volatile("cp.async.commit_group;");
+    cp_async_commit();
 
     const uint32_t a_addr = smem_base + (kt % kStages) * kStage + wg * 64 * kARowBytes;
     const uint32_t b_addr = smem_base + (kt % kStages) * kStage + kRows * kARowBytes;
@@ -188,7 +173,7 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
     wgmma_wait<1>();  // tile kt - 1's products are done; tile kt's run on
   }
   wgmma_wait<0>();
-  asm volatile("cp.async.wait_group 0;");
+  cp_async_wait<0>();
 
   const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll

@@ -15,7 +15,7 @@
 // few warps to hide the loads.
 // On an H100/H200 the wgmma kernel (gemm_wgmma.cu) takes these GEMMs' tiles (launch_gemm below says which).
 #include "moex/backend/cuda/kernels/common.cuh"
-#include "moex/backend/cuda/kernels/gemm_wgmma.cuh"
+#include "moex/backend/cuda/kernels/prefill_gemm.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 
@@ -39,15 +39,6 @@ constexpr size_t smem_bytes() {
   return size_t(kStages) * stage_elems<BM>() * sizeof(bf16);
 }
 
-__device__ __forceinline__ void cp_async_16(void* smem_ptr, const void* gmem_ptr, bool valid) {
-  unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  int src_size = valid ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem_ptr), "r"(src_size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
 // Warp (wm, wn) computes rows wm * 32 + [0, 32) of the block against B rows wn * 64 + [0, 64): acc[i][j] is
 // the m16n8 tile (rows i * 16, B rows j * 8); lane (g, t) holds rows g and g + 8, B rows 2t and 2t + 1.
 // SwiGLU's B rows: warp half wn holds gate columns n0 + wn * 32 + [0, 32) in its first 32 rows and the up
@@ -58,21 +49,10 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* smem = reinterpret_cast<bf16*>(smem_raw);
 
-  int row_begin, row_end;
-  const bf16* b0;
-  const bf16* b1 = nullptr;
-  if (p.tiles) {
-    if (p.device_tiles && int(blockIdx.y) >= *p.device_tiles) return;
-    MoeGroup t = p.tiles[blockIdx.y];
-    row_begin = t.row_begin;
-    row_end = t.row_begin + t.num_rows;
-    b0 = reinterpret_cast<const bf16*>(p.use_down ? t.down : t.gate);
-    if constexpr (kSwiGLU) b1 = reinterpret_cast<const bf16*>(t.up);
-  } else {
-    row_begin = blockIdx.y * BM;
-    row_end = static_cast<int>(row_begin + BM < p.rows ? row_begin + BM : p.rows);
-    b0 = p.dense_b;
-  }
+  GemmTile tile;
+  if (!gemm_tile<kSwiGLU>(p, blockIdx.y, BM, &tile)) return;
+  const int row_begin = tile.row_begin, row_end = tile.row_end;
+  const bf16 *b0 = tile.b0, *b1 = tile.b1;
   constexpr int kCols = kSwiGLU ? kBB / 2 : kBB;  // output columns per block
   const int n0 = blockIdx.x * kCols;
   const int K = p.K, N = p.N;
