@@ -1122,6 +1122,22 @@ class CudaBackend final : public Backend {
   const MoeExpertPtrs* expert_table(std::span<const ExpertWeights> experts, int64_t hidden, int64_t* ffn);
 
   // Scratch for the op being enqueued. Growing synchronises (the old buffer may still be in use).
+  // A device-planned MoE batch's buffers (count picks, room for `groups` groups) at the start of the workspace,
+  // then `tail` bytes for the kernels' activations: one allocation, carved alike for the GEMV and GEMM paths.
+  struct PlanWorkspace {
+    MoePlanBuffers plan;
+    char* tail;
+  };
+  PlanWorkspace plan_workspace(size_t count, size_t groups, size_t tail) {
+    const size_t small = align16(count * 4), groups_bytes = align16(groups * sizeof(MoeGroup));
+    auto* ws = static_cast<char*>(workspace(4 * small + groups_bytes + 16 + tail));
+    const MoePlanBuffers plan{reinterpret_cast<int32_t*>(ws), reinterpret_cast<float*>(ws + small),
+                              reinterpret_cast<int32_t*>(ws + 2 * small), reinterpret_cast<int32_t*>(ws + 3 * small),
+                              reinterpret_cast<MoeGroup*>(ws + 4 * small),
+                              reinterpret_cast<int32_t*>(ws + 4 * small + groups_bytes)};
+    return PlanWorkspace{plan, ws + 4 * small + groups_bytes + 16};
+  }
+
   void* workspace(size_t bytes) {
     if (bytes == 0) return nullptr;
     if (workspace_.bytes() < bytes) {
@@ -1366,19 +1382,14 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   const MoeExpertPtrs* table = expert_table(experts, hidden, &ffn);
   if (ffn % 8 != 0) return false;
   const size_t count = static_cast<size_t>(total);
-  const size_t small = align16(count * 4);
-  const size_t groups_bytes = align16(count * sizeof(MoeGroup));
   const size_t h_bytes = align16(count * static_cast<size_t>(ffn) * 4);
-  auto* ws = static_cast<char*>(workspace(4 * small + groups_bytes + 16 + h_bytes + count * hidden * 4));
-  auto* ids = reinterpret_cast<int32_t*>(ws);
-  auto* weights = reinterpret_cast<float*>(ws + small);
-  auto* row_token = reinterpret_cast<int32_t*>(ws + 2 * small);
-  auto* slot = reinterpret_cast<int32_t*>(ws + 3 * small);
-  auto* groups = reinterpret_cast<MoeGroup*>(ws + 4 * small);
-  auto* num_groups = reinterpret_cast<int32_t*>(ws + 4 * small + groups_bytes);
-  auto* h = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16);
-  auto* y = reinterpret_cast<float*>(ws + 4 * small + groups_bytes + 16 + h_bytes);
-  const MoePlanBuffers plan{ids, weights, row_token, slot, groups, num_groups};
+  const PlanWorkspace ws = plan_workspace(count, count, h_bytes + count * hidden * 4);
+  const MoePlanBuffers& plan = ws.plan;
+  const int32_t *row_token = plan.row_token, *slot = plan.slot, *num_groups = plan.num_groups;
+  const float* weights = plan.weights;
+  const MoeGroup* groups = plan.groups;
+  auto* h = reinterpret_cast<float*>(ws.tail);
+  auto* y = reinterpret_cast<float*>(ws.tail + h_bytes);
   // One token: every group has one row (a token's picks are distinct experts), the 1-row kernel instance.
   // A token picks an expert at most once, so no group has more rows than there are tokens. The host does not
   // see the plan, so the expert kernels' instance (registers, blocks per SM) is picked for the largest group the
@@ -1440,36 +1451,30 @@ bool CudaBackend::moe_routed_prefill(const TensorView& x, const TensorView& rout
   if (ffn % 8 != 0) return false;
   // plan_moe's tile size follows the rows per active expert; the host does not see which experts are active, so
   // this takes every expert as active: the same choice unless some expert gets no token and the rest average
-  // 128 rows or more (then 64-row tiles where plan_moe cuts 128: the same products, other blocks).
+  // 128 rows or more (then 64-row tiles where plan_moe cuts 128: the same sums on another kernel instance, not
+  // checked to be the same bits).
   const int tile_rows = moe_gemm_tile_rows(total, num_experts);
   const int64_t max_tiles = moe_prefill_max_tiles(total, num_experts, tile_rows);
   linear(x, router, nullptr, logits);  // before workspace(): linear takes the workspace for its bf16 copy of x
   if (!capturing_) timeline_.begin(stream_);
-  const size_t small = align16(static_cast<size_t>(total) * 4);
-  const size_t tiles_bytes = align16(static_cast<size_t>(max_tiles) * sizeof(MoeGroup));
-  const size_t a_bytes = align16(static_cast<size_t>(total * hidden) * 2);
-  const size_t h_bytes = align16(static_cast<size_t>(total * ffn) * 2);
-  auto* ws = static_cast<char*>(
-      workspace(4 * small + tiles_bytes + 16 + a_bytes + h_bytes + static_cast<size_t>(total * hidden) * 4));
-  auto* ids = reinterpret_cast<int32_t*>(ws);
-  auto* weights = reinterpret_cast<float*>(ws + small);
-  auto* row_token = reinterpret_cast<int32_t*>(ws + 2 * small);
-  auto* slot = reinterpret_cast<int32_t*>(ws + 3 * small);
-  auto* tiles = reinterpret_cast<MoeGroup*>(ws + 4 * small);
-  auto* num_tiles = reinterpret_cast<int32_t*>(ws + 4 * small + tiles_bytes);
-  char* data = ws + 4 * small + tiles_bytes + 16;
-  auto* a = reinterpret_cast<uint16_t*>(data);
-  auto* h = reinterpret_cast<uint16_t*>(data + a_bytes);
-  auto* y = reinterpret_cast<float*>(data + a_bytes + h_bytes);
-  launch_router_topk(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize, ids,
-                     weights, stream_);
-  launch_moe_prefill_plan(ids, total, top_k, num_experts, table, tile_rows, row_token, slot, tiles, num_tiles,
-                          stream_);
-  launch_gather_rows_bf16(x.as<float>(), row_token, total, hidden, a, stream_);
+  const size_t count = static_cast<size_t>(total);
+  const size_t a_bytes = align16(count * static_cast<size_t>(hidden) * 2);
+  const size_t h_bytes = align16(count * static_cast<size_t>(ffn) * 2);
+  const PlanWorkspace ws =
+      plan_workspace(count, static_cast<size_t>(max_tiles), a_bytes + h_bytes + count * hidden * 4);
+  const MoePlanBuffers& plan = ws.plan;  // plan.groups: the tiles, plan.num_groups: their count
+  auto* a = reinterpret_cast<uint16_t*>(ws.tail);
+  auto* h = reinterpret_cast<uint16_t*>(ws.tail + a_bytes);
+  auto* y = reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes);
+  launch_router_topk(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
+                     plan.ids, plan.weights, stream_);
+  launch_moe_prefill_plan(plan.ids, total, top_k, num_experts, table, tile_rows, plan.row_token, plan.slot,
+                          plan.groups, plan.num_groups, stream_);
+  launch_gather_rows_bf16(x.as<float>(), plan.row_token, total, hidden, a, stream_);
   const int grid_tiles = static_cast<int>(max_tiles);
-  launch_moe_gemm_gate_up(a, tiles, grid_tiles, tile_rows, hidden, ffn, h, stream_, num_tiles);
-  launch_moe_gemm_down(h, tiles, grid_tiles, tile_rows, hidden, ffn, y, stream_, num_tiles);
-  launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
+  launch_moe_gemm_gate_up(a, plan.groups, grid_tiles, tile_rows, hidden, ffn, h, stream_, plan.num_groups);
+  launch_moe_gemm_down(h, plan.groups, grid_tiles, tile_rows, hidden, ffn, y, stream_, plan.num_groups);
+  launch_moe_combine(y, plan.slot, plan.weights, n, top_k, hidden, out.as<float>(), stream_);
   if (!capturing_) timeline_.end(stream_, "experts", total);
   MOEX_CUDA_CHECK_LAUNCH();
   ++prefill_plans_on_device_;
