@@ -83,6 +83,16 @@ unpack() {
   return 0
 }
 
+# cuda_tests (the fixtures from tests/fixtures) with its output in LOG; its exit status and failures printed.
+#   cuda_tests_to LOG TIMEOUT_S [gtest flags...]
+cuda_tests_to() {
+  local log=$1 limit=$2
+  shift 2
+  MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout "$limit" "$DEV/bin/cuda_tests" --gtest_brief=1 "$@" >"$log" 2>&1
+  echo "cuda_tests exit $? ($log)"
+  grep -E "FAILED|PASSED|Failure" "$log" | head -20
+}
+
 ab() {
   local out="${OUT:-/tmp/moex_device_out}" base="${BASELINE:-}" quick=0 skip_tests=0 variants=()
   while [ $# -gt 0 ]; do
@@ -106,11 +116,7 @@ torch.cuda.synchronize(); t = time.perf_counter()
 for _ in range(20): y.copy_(x)
 torch.cuda.synchronize(); print('hbm_copy_gbs %.0f' % (20 * 2 * (1 << 31) / (time.perf_counter() - t) / 1e9))" |
     tee "$out/hbm.txt"
-  if [ "$skip_tests" -eq 0 ]; then
-    MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 200 "$DEV/bin/cuda_tests" --gtest_brief=1 >"$out/tests.log" 2>&1
-    echo "cuda_tests exit $?"
-    grep -E "FAILED|PASSED|Failure" "$out/tests.log" | head -20
-  fi
+  [ "$skip_tests" -eq 0 ] && cuda_tests_to "$out/tests.log" 200
   local builds="new"
   [ -n "$base" ] && [ -x "$base/bin/moex" ] && builds="new base new base"
   : >"$out/ab.jsonl"
@@ -501,10 +507,8 @@ optin() {
     "MOEX_CUDA_TOPK_IN_GATE_UP=0 MOEX_CUDA_DOWN_PRELOAD=1")
   mkdir -p "$out"
   export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
-  MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 300 "$DEV/bin/cuda_tests" --gtest_brief=1 \
-    --gtest_filter='*RopeInside*:*DownPreload*:*CudaMoeRouted*:*CudaFixture*:*Chained*' >"$out/optin_tests.log" 2>&1
-  echo "opt-in tests exit $?"
-  grep -E "FAILED|PASSED|Failure" "$out/optin_tests.log" | head -20
+  cuda_tests_to "$out/optin_tests.log" 300 \
+    --gtest_filter='*RopeInside*:*DownPreload*:*CudaMoeRouted*:*CudaFixture*:*Chained*'
   : >"$out/optin.jsonl"
   local round sw m
   for round in 1 2; do
@@ -608,12 +612,8 @@ prefill() {
   mkdir -p "$out"
   export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
   nvidia-smi -L
-  if [ "$skip_tests" -eq 0 ]; then
-    MOEX_FIXTURES_DIR="$PWD/tests/fixtures" timeout 200 "$DEV/bin/cuda_tests" --gtest_brief=1 \
-      --gtest_filter='CudaGemm.*:*CudaLinear*:*CudaMoe*:*Routed*' >"$out/prefill_tests.log" 2>&1
-    echo "GEMM/MoE tests exit $?"
-    grep -E "FAILED|PASSED|Failure" "$out/prefill_tests.log" | head -20
-  fi
+  [ "$skip_tests" -eq 0 ] && cuda_tests_to "$out/prefill_tests.log" 200 \
+    --gtest_filter='CudaGemm.*:*CudaLinear*:*CudaMoe*:*Routed*'
   : >"$out/prefill.jsonl"
   local rep v m env
   for rep in 1 2; do
