@@ -243,7 +243,8 @@ void bench_sampling(Bench& b) {
 void bench_gemms(Bench& b, std::mt19937& rng) {
   cudaStream_t s = b.stream();
   std::printf("prefill GEMMs: %s kernel for 128-row tiles, %s for 64-row tiles\n",
-              cuda::gemm_wgmma_available(128) ? "wgmma" : "mma.sync", cuda::gemm_wgmma_available(64) ? "wgmma" : "mma.sync");
+              cuda::gemm_wgmma_available(128) ? "wgmma" : "mma.sync",
+              cuda::gemm_wgmma_available(64) ? "wgmma" : "mma.sync");
   // 2048 tokens: 128-row tiles; 512: Model B's experts average 32 rows, so 64-row tiles.
   for (int64_t tokens : {int64_t{2048}, int64_t{512}})
   for (MoeShape m : {MoeShape{"A", 8, 2, 2048, 5632}, MoeShape{"B", 128, 8, 2048, 768}}) {
@@ -263,7 +264,8 @@ void bench_gemms(Bench& b, std::mt19937& rng) {
            2.0 * 3 * p.rows * m.hidden * m.ffn, "GFLOP/s", 0);
     b.free_all();
   }
-  for (Shape3 sh : {Shape3{"dense gemm 2048x2048x2048", 2048, 2048}, Shape3{"dense gemm 2048x32000x2048", 32000, 2048}}) {
+  for (Shape3 sh :
+       {Shape3{"dense gemm 2048x2048x2048", 2048, 2048}, Shape3{"dense gemm 2048x32000x2048", 32000, 2048}}) {
     const int64_t M = 2048;
     auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(M * sh.k), 1.f));
     auto* w = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k), 0.02f));
@@ -426,9 +428,19 @@ int main(int argc, char** argv) {
   const char* json = nullptr;
   bool sampling_only = false, gemm_only = false;
   for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]) == "--json" && i + 1 < argc) json = argv[i + 1];
-    if (std::string(argv[i]) == "--sampling-only") sampling_only = true;
-    if (std::string(argv[i]) == "--gemm-only") gemm_only = true;
+    const std::string arg = argv[i];
+    if (arg == "--json" && i + 1 < argc) {
+      json = argv[++i];
+    } else if (arg == "--sampling-only") {
+      sampling_only = true;
+    } else if (arg == "--gemm-only") {
+      gemm_only = true;
+    } else {
+      const char* what = arg == "--json" ? "a file name must follow" : "unknown argument";
+      std::fprintf(stderr, "moex_cuda_kernels_bench: %s '%s' (usage: moex_cuda_kernels_bench [--json FILE] "
+                   "[--sampling-only] [--gemm-only])\n", what, arg.c_str());
+      return 2;
+    }
   }
   try {
     return moex::run(json, sampling_only, gemm_only);
