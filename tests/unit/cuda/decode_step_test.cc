@@ -109,6 +109,92 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMoeRouted,
                                            RoutedCase{3, 64, 36, 8, 2, false, true, false}),        // ffn % 8 != 0
                          [](const auto& info) { return "case" + std::to_string(info.index); });
 
+// NaN router logits (a NaN in the residual stream, or in a router row) on every device planner: the one-token
+// planner, the several-token one, the prefill plan (128 tokens), and the top k inside the gate/up launch
+// (norm_moe_routed with a pending delta). A NaN never wins against a number and NaNs go by lower id, as in the
+// host route(): an all-NaN token takes experts 0..k-1 and yields a NaN row; the other tokens never take the
+// NaN-row expert and match route() + moe_experts(). The selection had kept the sentinel id 0x7fffffff for a
+// round of NaNs, and the planners read the expert table far past its end. The cases share one backend, so a
+// case's expert vector may sit where an earlier case's was (on an H200 the 128-token case's took the first's
+// address): the backend's cached expert table must then be the new one (it had run the first case's experts).
+TEST(CudaMoeRouted, NanLogitsPickExpertsInsideTheTable) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  struct Case {
+    int64_t tokens, experts, top_k;
+  };
+  const int64_t hidden = 256, ffn = 128, nan_expert = 3;
+  for (Case c : {Case{1, 8, 2}, Case{1, 128, 8}, Case{5, 16, 4}, Case{128, 8, 2}}) {
+    SCOPED_TRACE(testing::Message() << "tokens " << c.tokens << " experts " << c.experts << " k " << c.top_k);
+    std::mt19937 rng(static_cast<uint32_t>(c.tokens * 7 + c.experts));
+    std::vector<Bf16Weight> host;
+    std::vector<ExpertWeights> experts;
+    for (int64_t e = 0; e < c.experts; ++e)
+      for (Shape shape : {Shape{ffn, hidden}, Shape{ffn, hidden}, Shape{hidden, ffn}})
+        host.push_back(random_bf16(rng, shape, 0.05f));
+    for (int64_t e = 0; e < c.experts; ++e)
+      experts.push_back(ExpertWeights{backend->upload_weight(host[3 * e].host_view(), "gate"),
+                                      backend->upload_weight(host[3 * e + 1].host_view(), "up"),
+                                      backend->upload_weight(host[3 * e + 2].host_view(), "down")});
+    Bf16Weight router_host = random_bf16(rng, Shape{c.experts, hidden}, 0.5f);
+    std::fill_n(router_host.bits.begin() + nan_expert * hidden, hidden, uint16_t{0x7fc0});  // a NaN row
+    const TensorView router = backend->upload_weight(router_host.host_view(), "router");
+    // One token alone is run twice: finite (the NaN row only), then all NaN; several tokens hold one NaN token.
+    for (int pass = 0; pass < (c.tokens == 1 ? 2 : 1); ++pass) {
+      const int64_t nan_token = c.tokens == 1 ? (pass == 1 ? 0 : -1) : c.tokens / 2;
+      SCOPED_TRACE(testing::Message() << "NaN token " << nan_token);
+      auto x = random_floats(rng, static_cast<size_t>(c.tokens * hidden));
+      if (nan_token >= 0) std::fill_n(x.begin() + nan_token * hidden, hidden, std::nanf(""));
+      GuardedTensor xd(*backend, Shape{c.tokens, hidden}), logits(*backend, Shape{c.tokens, c.experts});
+      GuardedTensor fused(*backend, Shape{c.tokens, hidden}), reference(*backend, Shape{c.tokens, hidden});
+      xd.fill(x);
+      // Sigmoid scores: a NaN logit leaves the other picks' scores finite (softmax would make the row's all NaN).
+      backend->moe_routed(xd.view(), router, logits.view(), c.top_k, RouterScoring::kSigmoid, true, experts,
+                          fused.view());
+      Routing routing;
+      backend->route(logits.view(), c.top_k, RouterScoring::kSigmoid, true, &routing);
+      for (int64_t t = 0; t < c.tokens; ++t)
+        for (int64_t j = 0; j < c.top_k; ++j) {
+          const int32_t id = routing.expert_ids[static_cast<size_t>(t * c.top_k + j)];
+          if (t == nan_token) {
+            ASSERT_EQ(id, j) << "token " << t << " pick " << j;  // all NaN: by lower id
+          } else {
+            ASSERT_TRUE(id >= 0 && id < c.experts && id != nan_expert) << "token " << t << " pick " << j << ": " << id;
+          }
+        }
+      backend->moe_experts(xd.view(), routing, experts, reference.view());
+      const auto got = fused.read();
+      const auto want = reference.read();
+      for (int64_t t = 0; t < c.tokens; ++t) {
+        const auto row = [&](const std::vector<float>& v) {
+          return std::vector<float>(v.begin() + t * hidden, v.begin() + (t + 1) * hidden);
+        };
+        const auto got_row = row(got), want_row = row(want);
+        if (t == nan_token) {
+          for (int64_t i = 0; i < hidden; ++i) ASSERT_TRUE(std::isnan(got_row[i])) << "token " << t << " element " << i;
+        } else {
+          MOEX_EXPECT_CLOSE(got_row, std::vector<double>(want_row.begin(), want_row.end()), c.tokens > 32 ? 1e-2 : 1e-5)
+              << "token " << t;
+        }
+      }
+      if (c.tokens != 1) continue;
+      // The decode path at batch 1: the residual step, the top k inside the gate/up launch.
+      GuardedTensor xr(*backend, Shape{1, hidden}), d0(*backend, Shape{1, hidden}), d1(*backend, Shape{1, hidden});
+      GuardedTensor normed(*backend, Shape{1, hidden}), out(*backend, Shape{1, hidden});
+      std::vector<float> zero(static_cast<size_t>(hidden), 0.f), ones(static_cast<size_t>(hidden), 1.f);
+      xr.fill(x);
+      d0.fill(zero);
+      d1.fill(zero);
+      const TensorView norm = backend->upload_weight(TensorView(ones.data(), DType::kF32, {hidden}), "norm");
+      const TensorView d0v = d0.view();
+      backend->norm_moe_routed(xr.view(), &d0v, d1.view(), norm, 1e-5f, normed.view(), router, logits.view(),
+                               c.top_k, RouterScoring::kSigmoid, true, experts, out.view());
+      const auto got_out = out.read();
+      for (int64_t i = 0; i < hidden; ++i)
+        ASSERT_EQ(std::isnan(got_out[i]), nan_token == 0) << "norm_moe_routed element " << i;
+    }
+  }
+}
+
 std::vector<int32_t> greedy(Engine& engine, const std::vector<int32_t>& prompt, int64_t tokens) {
   GenerationOptions options;
   options.max_new_tokens = tokens;

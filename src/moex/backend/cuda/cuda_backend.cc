@@ -1235,7 +1235,7 @@ class CudaBackend final : public Backend {
   int64_t prefill_plans_on_device_ = 0;  // moe_routed_prefill's batches (tests ask which path ran)
   struct ExpertTable {
     DeviceMemory pointers;
-    size_t count = 0;
+    std::vector<MoeExpertPtrs> host;  // what pointers holds: a hit must match it whole
     int64_t ffn = 0;
   };
   std::unordered_map<const ExpertWeights*, ExpertTable> expert_tables_;
@@ -1312,8 +1312,15 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
 
 const MoeExpertPtrs* CudaBackend::expert_table(std::span<const ExpertWeights> experts, int64_t hidden,
                                                int64_t* ffn) {
+  // Keyed by the span's address, but a hit must name the same weights: a table freed and another allocated at
+  // its address (a second model on this backend, a test's next case) would otherwise run the old experts, whose
+  // memory may be gone. Comparing the pointers is a few hundred loads; a miss uploads (and synchronises).
   auto it = expert_tables_.find(experts.data());
-  if (it != expert_tables_.end() && it->second.count == experts.size()) {
+  if (it != expert_tables_.end() && it->second.host.size() == experts.size() &&
+      std::equal(experts.begin(), experts.end(), it->second.host.begin(),
+                 [](const ExpertWeights& w, const MoeExpertPtrs& p) {
+                   return w.gate.data == p.gate && w.up.data == p.up && w.down.data == p.down;
+                 })) {
     *ffn = it->second.ffn;
     return static_cast<const MoeExpertPtrs*>(it->second.pointers.get());
   }
@@ -1333,12 +1340,14 @@ const MoeExpertPtrs* CudaBackend::expert_table(std::span<const ExpertWeights> ex
   }
   ExpertTable table;
   table.pointers = DeviceMemory(std::max<size_t>(host.size() * sizeof(MoeExpertPtrs), 1));
-  table.count = experts.size();
   table.ffn = layer_ffn;
   MOEX_CUDA_CHECK(cudaMemcpyAsync(table.pointers.get(), host.data(), host.size() * sizeof(MoeExpertPtrs),
                                   cudaMemcpyHostToDevice, stream_));
-  MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));  // host is freed on return
+  // Also what a replaced table's launches still read (the sync makes them done): recorded steps naming it go.
+  MOEX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  table.host = std::move(host);
   *ffn = layer_ffn;
+  if (it != expert_tables_.end()) graphs_.reset();
   auto& slot = expert_tables_[experts.data()] = std::move(table);
   return static_cast<const MoeExpertPtrs*>(slot.pointers.get());
 }
