@@ -692,13 +692,11 @@ void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
   const size_t smem = decode_dims_smem_bytes(G, p.head_dim, ROPE, p.cluster_merge);
   const dim3 cluster = p.cluster_merge ? dim3(1, 1, grid.z) : dim3(0, 0, 0);
-  auto launch = [&](auto kernel) {
-    if (cluster.z > 8) (void)cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    const PdlLaunchConfig config(grid, dim3(kDecodeWarps * 32), smem, stream, cluster);
-    launch_config(config, kernel, p);
-  };
-  with_dims_per_lane(p.head_dim,
-                     [&](auto dpl) { launch(decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS, ROPE>); });
+  with_dims_per_lane(p.head_dim, [&](auto dpl) {
+    constexpr auto kernel = decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS, ROPE>;
+    if (cluster.z > 8) allow_nonportable_clusters<kernel>();
+    launch_config(PdlLaunchConfig(grid, dim3(kDecodeWarps * 32), smem, stream, cluster), kernel, p);
+  });
 }
 
 template <int G, bool ROPE>

@@ -105,6 +105,19 @@ int blocks_per_sm(void (*kernel)(Params...), int threads) {
   return n;
 }
 
+// Allows kKernel clusters of more than the portable 8 blocks, once per kernel: a driver call, which had run at
+// every eager launch of the decode attention's clusters of 16. What the device then places is
+// device_places_cluster's answer.
+template <auto kKernel>
+void allow_nonportable_clusters() {
+  static const bool allowed = [] {
+    const bool ok = cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();
+    return ok;
+  }();
+  (void)allowed;
+}
+
 // Whether the device places at least one cluster of kernel launched as `launch` (its grid, block, shared memory
 // and cluster shape), by cudaOccupancyMaxActiveClusters, which is asked with the cluster attribute alone. Clusters
 // of more than the portable 8 blocks are allowed on the kernel first. A refused query is cleared, so that the
