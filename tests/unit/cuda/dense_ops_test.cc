@@ -7,6 +7,7 @@
 
 #include "cuda_test_util.h"
 #include "moex/backend/cuda/kernels/gemm_path.h"
+#include "moex/backend/cuda/kernels/moe.cuh"
 #include "unit/scoped_env.h"
 
 namespace moex::cuda_test {
@@ -70,7 +71,26 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            // 17 x 33 blocks of 128-row tiles, partial in rows and columns
                                            LinearCase{2100, 64, 8200, true},
                                            // 32 k tiles (the stages wrap many times); K not a multiple of 64
-                                           LinearCase{384, 2048, 520, false}, LinearCase{260, 200, 300, true}));
+                                           LinearCase{384, 2048, 520, false}, LinearCase{260, 200, 300, true},
+                                           // narrow GEMMs whose K is split over blocks: Model B's and Model A's
+                                           // routers at prefill (5 and 8 chunks on 132 SMs); K = 1000 in chunks of
+                                           // 384, 384 and 232
+                                           LinearCase{2048, 2048, 128, false}, LinearCase{512, 2048, 8, true},
+                                           LinearCase{100, 1000, 40, true}));
+
+// The narrow GEMMs above take the split path (its scratch is sized), the q/k/v-sized ones do not.
+TEST(CudaGemm, NarrowGemmsSplitK) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  int device = 0, sms = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), cudaSuccess);
+  if (sms < 8) GTEST_SKIP() << "too few SMs for the cases' block counts";
+  EXPECT_GT(cuda::dense_gemm_split_floats(2048, 2048, 128, sms), 0u);
+  EXPECT_GT(cuda::dense_gemm_split_floats(512, 2048, 8, sms), 0u);
+  EXPECT_GT(cuda::dense_gemm_split_floats(100, 1000, 40, sms), 0u);
+  EXPECT_EQ(cuda::dense_gemm_split_floats(2048, 2048, 4096, sms), 0u);
+  EXPECT_EQ(cuda::dense_gemm_split_floats(2048, 256, 128, sms), 0u);  // K too short to split
+}
 
 // On an H100/H200 the GEMM's tiles must take the wgmma kernel (a build for sm_90a alone), or the cases above
 // would check the mma.sync kernel twice.

@@ -46,18 +46,37 @@ TEST_P(CudaLinearMany, MatchesReference) {
   for (size_t i = 0; i < c.outs.size(); ++i) outputs.push_back({&wd[i], c.bias ? &bd[i] : nullptr, &outs[i]});
   GuardedTensor xd(*backend, {c.rows, c.in});
   xd.fill(x);
-  backend->linear_many(xd.view(), outputs);
+  // Past 32 rows the tensor-core GEMM takes x rounded to bf16: against that the products are exact and only the
+  // fp32 sums differ, so a block that wrote another output's columns (the outputs share one grid) cannot hide in
+  // the tolerance. Both GEMM kernels where the wgmma one runs (MOEX_CUDA_WGMMA=0: mma.sync only).
+  const bool gemm = c.rows > 32;
+  std::vector<float> xr = x;
+  if (gemm)
+    for (float& v : xr) v = bf16_to_f32(f32_to_bf16(v));
+  std::vector<std::vector<double>> refs;
   for (size_t i = 0; i < c.outs.size(); ++i) {
-    SCOPED_TRACE(testing::Message() << "output " << i);
     const int64_t n = c.outs[i];
     std::vector<double> ref(static_cast<size_t>(c.rows * n));
     for (int64_t r = 0; r < c.rows; ++r)
       for (int64_t o = 0; o < n; ++o) {
         double acc = c.bias ? bias[i][o] : 0.0;
-        for (int64_t k = 0; k < c.in; ++k) acc += double(x[r * c.in + k]) * w[i].values[o * c.in + k];
+        const float* xrow = xr.data() + r * c.in;
+        const float* wrow = w[i].values.data() + o * c.in;
+        for (int64_t k = 0; k < c.in; ++k) acc += double(xrow[k]) * wrow[k];
         ref[r * n + o] = acc;
       }
-    MOEX_EXPECT_CLOSE(yd[i]->read(), ref, c.rows > 32 ? 1e-2 : 1e-5);
+    refs.push_back(std::move(ref));
+  }
+  for (const char* wgmma : {static_cast<const char*>(nullptr), "0"}) {
+    if (wgmma && !gemm) continue;
+    const test::ScopedEnv path("MOEX_CUDA_WGMMA", wgmma);
+    SCOPED_TRACE(wgmma ? "MOEX_CUDA_WGMMA=0" : "default kernels");
+    for (auto& y : yd) y->fill(std::vector<float>(static_cast<size_t>(y->view().numel()), std::nanf("")));
+    backend->linear_many(xd.view(), outputs);
+    for (size_t i = 0; i < c.outs.size(); ++i) {
+      SCOPED_TRACE(testing::Message() << "output " << i);
+      MOEX_EXPECT_CLOSE(yd[i]->read(), refs[i], 1e-5);
+    }
   }
 }
 
@@ -73,7 +92,16 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinearMany,
                                            // batched decode rows: the few-token tensor-core kernel
                                            ManyCase{2, 2048, {2048, 1024, 1024}, false},
                                            ManyCase{9, 5632, {40, 17}, true}, ManyCase{32, 768, {2048}, true},
-                                           ManyCase{17, 96, {33, 16}, false}));
+                                           ManyCase{17, 96, {33, 16}, false},
+                                           // prefill, the outputs side by side in one grid: Model A's and Model
+                                           // B's q/k/v (129 and 192 rows: a partly filled last row tile), a ragged
+                                           // last output with bias, a middle output that is no multiple of 256
+                                           // columns (two grids), four outputs (two grids)
+                                           ManyCase{129, 2048, {2048, 1024, 1024}, true},
+                                           ManyCase{192, 2048, {4096, 512, 512}, false},
+                                           ManyCase{128, 256, {512, 256, 100}, true},
+                                           ManyCase{256, 512, {256, 300, 256}, false},
+                                           ManyCase{64, 128, {256, 256, 256, 256}, true}));
 
 TEST(CudaAddRmsNorm, MatchesReference) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);
@@ -410,7 +438,11 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaQkNormRope,
                                            RopeCase{1, 16, 8, 128, 128, false},  // Model A decode
                                            RopeCase{7, 4, 2, 16, 16, true}, RopeCase{3, 6, 3, 64, 32, false},
                                            RopeCase{5, 2, 1, 40, 20, true},     // head_dim not a multiple of 32
-                                           RopeCase{2, 3, 1, 256, 256, true}));
+                                           RopeCase{2, 3, 1, 256, 256, true},
+                                           // prefill-sized: a block per token, each warp several heads
+                                           RopeCase{300, 32, 4, 128, 128, true},   // Model B
+                                           RopeCase{257, 16, 8, 128, 128, false},  // Model A
+                                           RopeCase{256, 6, 3, 64, 32, false}));   // the last warps idle
 
 // Small uploads read page-locked host memory from a kernel (launch_copy_from_pinned) instead of queueing on the
 // copy engine: every byte arrives, at sizes with and without a tail past the 16-byte words, and nothing past the

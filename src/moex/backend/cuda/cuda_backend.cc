@@ -387,10 +387,15 @@ class CudaBackend final : public Backend {
       bp = bias->as<float>();
     }
     if (rows > kLinearGemmMinRows && K % 8 == 0) {
-      auto* xb = static_cast<uint16_t*>(workspace(static_cast<size_t>(rows * K) * 2));
+      // A narrow GEMM (the MoE router at prefill) splits K over blocks: room for the chunks' sums after x's copy.
+      const size_t xb_bytes = align16(static_cast<size_t>(rows * K) * 2);
+      const size_t split_floats = dense_gemm_split_floats(rows, K, N, num_sms_);
+      auto* ws = static_cast<char*>(workspace(xb_bytes + split_floats * sizeof(float)));
+      auto* xb = reinterpret_cast<uint16_t*>(ws);
       if (!capturing_) timeline_.begin(stream_);
       launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
-      launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), num_sms_, stream_);
+      launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), num_sms_, stream_,
+                        reinterpret_cast<float*>(ws + xb_bytes), split_floats);
       if (!capturing_) timeline_.end(stream_, "gemm", rows);
     } else {
       // Up to kLinearGemmMinRows rows: the launcher picks the few-token tensor-core kernel, fp32 GEMV passes or
@@ -425,9 +430,22 @@ class CudaBackend final : public Backend {
   void linear_many(const TensorView& x, std::span<const LinearOutput> outputs) override {
     check_f32(x, "linear_many", "x");
     const int64_t K = x.dim(-1), rows = x.numel() / std::max<int64_t>(K, 1);
-    // One launch only where every output takes the GEMV path; prefill-sized inputs go to the tensor cores.
-    if (rows > kLinearGemmMinRows || K % 8 != 0 ||
-        outputs.size() > static_cast<size_t>(kGemvMaxOutputs)) {
+    if (rows > kLinearGemmMinRows && K % 8 == 0) {
+      // Prefill: x rounded to bf16 once for every output, and q/k/v in one tensor-core grid (launch_dense_gemm).
+      // They had been three GEMMs, each rounding x again, and k and v too narrow for a grid of 128-row tiles (H200
+      // trace, Model B at 2048 tokens: q 112 us on wgmma, k and v 51 us each on mma.sync, 10 us per rounding).
+      std::vector<GemvOutput> gemm(outputs.size());
+      gemv_outputs(x, outputs, "linear_many", gemm.data());
+      auto* xb = static_cast<uint16_t*>(workspace(static_cast<size_t>(rows * K) * 2));
+      if (!capturing_) timeline_.begin(stream_);
+      launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
+      launch_dense_gemm(xb, rows, K, gemm.data(), static_cast<int>(gemm.size()), num_sms_, stream_);
+      if (!capturing_) timeline_.end(stream_, "gemm", rows);
+      MOEX_CUDA_CHECK_LAUNCH();
+      return;
+    }
+    // One launch only where every output takes the GEMV path.
+    if (K % 8 != 0 || outputs.size() > static_cast<size_t>(kGemvMaxOutputs)) {
       Backend::linear_many(x, outputs);
       return;
     }

@@ -104,13 +104,14 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem_base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
 
+  constexpr int kCols = kSwiGLU ? kBRows / 2 : kBRows;  // output columns per block
+  const GemmCols cols = gemm_cols<kCols>(p, blockIdx.y);
   GemmTile tile;
-  if (!gemm_tile<kSwiGLU>(p, blockIdx.x, kRows, &tile)) return;
+  if (!gemm_tile<kSwiGLU>(p, blockIdx.x, kRows, cols, &tile)) return;
   const int row_begin = tile.row_begin, row_end = tile.row_end;
   const bf16 *b0 = tile.b0, *b1 = tile.b1;
-  constexpr int kCols = kSwiGLU ? kBRows / 2 : kBRows;  // output columns per block
-  const int n0 = blockIdx.y * kCols;
-  const int K = p.K, N = p.N;
+  const int n0 = cols.n0;
+  const int K = p.K, N = cols.N;
   const int tid = threadIdx.x;
 
   // Stage s: A rows at smem_base + s * kStageBytes, B rows after them. Chunk c of the stage's (rows + B rows) x 8
@@ -195,7 +196,7 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int col = n0 + j * 8 + 2 * t + c;
-          if (col < N) p.out_f32[int64_t(row) * N + col] = d[j * 4 + half * 2 + c] + (p.bias ? p.bias[col] : 0.f);
+          if (col < N) cols.out[int64_t(row) * N + col] = d[j * 4 + half * 2 + c] + (cols.bias ? cols.bias[col] : 0.f);
         }
     }
   }
@@ -203,14 +204,14 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
 }
 
 template <bool kSwiGLU, int kRows>
-void launch_kernel(const GemmParams& p, unsigned row_tiles, cudaStream_t stream) {
+void launch_kernel(GemmParams p, unsigned row_tiles, cudaStream_t stream) {
   constexpr size_t smem = kSmemBytes<kRows>;
   static const bool configured = [] {  // above 48 KiB of shared memory a kernel must opt in, once
     cudaFuncSetAttribute(gemm_wgmma_kernel<kSwiGLU, kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     return true;
   }();
   (void)configured;
-  const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.N, kSwiGLU ? kBRows / 2 : kBRows));
+  const unsigned col_blocks = gemm_col_blocks(p, kSwiGLU ? kBRows / 2 : kBRows);
   gemm_wgmma_kernel<kSwiGLU, kRows><<<dim3(row_tiles, col_blocks), kThreads<kRows>, smem, stream>>>(p);
 }
 

@@ -114,8 +114,18 @@ void launch_moe_combine(const float* y, const int32_t* slot, const float* weight
                         int64_t top_k, int64_t hidden, float* out, cudaStream_t stream);
 
 // Dense tensor-core GEMM: out fp32 [M, N] = a bf16 [M, K] @ w bf16 [N, K]^T (+ bias fp32 [N]). K % 8 == 0.
-// Tiles of 128 rows when they still give every SM a block, else of 64.
+// Tiles of 128 rows when they still give every SM a block, else of 64. A GEMM too narrow for its 64-row tiles to
+// cover the SMs (a router) splits K over blocks and adds the chunks' sums up in a second launch, where
+// split_scratch holds dense_gemm_split_floats(M, K, N, num_sms) floats (0: it is not split; without the scratch
+// it runs unsplit).
 void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
-                       float* out, int num_sms, cudaStream_t stream);
+                       float* out, int num_sms, cudaStream_t stream, float* split_scratch = nullptr,
+                       size_t split_scratch_floats = 0);
+size_t dense_gemm_split_floats(int64_t M, int64_t K, int64_t N, int num_sms);
+// Several outputs of the same a (q/k/v; GemvOutput: w [rows, K], y [M, rows]): one grid for up to three of them
+// side by side where every one but the last is a multiple of 256 columns wide (else more grids). One output alone
+// is split as above.
+void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const GemvOutput* outputs, int count, int num_sms,
+                       cudaStream_t stream, float* split_scratch = nullptr, size_t split_scratch_floats = 0);
 
 }  // namespace moex::cuda

@@ -14,6 +14,8 @@
 // 64 x 64 (one block of 166 KB per SM): 8-11% slower (H200: grouped A 1.52 vs 1.37 ms, B 1.07 vs 0.99), too
 // few warps to hide the loads.
 // On an H100/H200 the wgmma kernel (gemm_wgmma.cu) takes these GEMMs' tiles (launch_gemm below says which).
+#include <algorithm>
+
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/prefill_gemm.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
@@ -49,22 +51,26 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* smem = reinterpret_cast<bf16*>(smem_raw);
 
+  constexpr int kCols = kSwiGLU ? kBB / 2 : kBB;  // output columns per block
+  const GemmCols cols = gemm_cols<kCols>(p, blockIdx.x);
   GemmTile tile;
-  if (!gemm_tile<kSwiGLU>(p, blockIdx.y, BM, &tile)) return;
+  if (!gemm_tile<kSwiGLU>(p, blockIdx.y, BM, cols, &tile)) return;
   const int row_begin = tile.row_begin, row_end = tile.row_end;
   const bf16 *b0 = tile.b0, *b1 = tile.b1;
-  constexpr int kCols = kSwiGLU ? kBB / 2 : kBB;  // output columns per block
-  const int n0 = blockIdx.x * kCols;
-  const int K = p.K, N = p.N;
+  const int n0 = cols.n0;
+  const int K = p.K, N = cols.N;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wm = warp % kWarpsM, wn = warp / kWarpsM;
 
+  // The block's k range: all of K, or chunk blockIdx.z of a split GEMM.
+  const int k_begin = p.k_chunk ? int(blockIdx.z) * p.k_chunk : 0;
+  const int k_end = p.k_chunk && k_begin + p.k_chunk < K ? k_begin + p.k_chunk : K;
   auto load_stage = [&](int stage, int k0) {
     bf16* s = smem + stage * kStageElems;
 #pragma unroll 2
     for (int c = tid; c < (BM + kBB) * (kBK / 8); c += kThreads) {
       const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-      const bool k_ok = k0 + kc < K;
+      const bool k_ok = k0 + kc < k_end;
       const bf16* src;
       bool valid;
       if (r < BM) {
@@ -92,17 +98,17 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
-  const int k_tiles = (K + kBK - 1) / kBK;
+  const int k_tiles = (k_end - k_begin + kBK - 1) / kBK;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s * kBK);
+    if (s < k_tiles) load_stage(s, k_begin + s * kBK);
     cp_async_commit();  // empty groups keep the wait count below uniform
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile kt is in; every warp is done with tile kt - 1, whose stage is refilled next
     const int next = kt + kStages - 1;
-    if (next < k_tiles) load_stage(next % kStages, next * kBK);
+    if (next < k_tiles) load_stage(next % kStages, k_begin + next * kBK);
     cp_async_commit();
 
     const bf16* as = smem + (kt % kStages) * kStageElems;
@@ -130,6 +136,8 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
   cp_async_wait<0>();
 
   const int g = lane >> 2, t = lane & 3;
+  float* const out = p.k_chunk ? p.split_out + int64_t(blockIdx.z) * p.rows * N : cols.out;
+  const float* const bias = p.k_chunk ? nullptr : cols.bias;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -146,25 +154,35 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int col = n0 + wn * 64 + j * 8 + 2 * t + (c & 1);
-          if (col < N) p.out_f32[int64_t(row) * N + col] = acc[i][j][c] + (p.bias ? p.bias[col] : 0.f);
+          if (col < N) out[int64_t(row) * N + col] = acc[i][j][c] + (bias ? bias[col] : 0.f);
         }
       }
     }
 }
 
+// out[i] = (bias[i % N] or 0) + the splits' sums at i, added in split order.
+__global__ void split_sum_kernel(const float* parts, int splits, int64_t count, int N, const float* bias,
+                                 float* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = parts[i];
+    for (int z = 1; z < splits; ++z) v += parts[z * count + i];
+    out[i] = v + (bias ? bias[i % N] : 0.f);
+  }
+}
+
 template <bool kSwiGLU, int BM>
-void launch_bm(const GemmParams& p, unsigned grid_x, unsigned grid_y, cudaStream_t stream) {
+void launch_bm(const GemmParams& p, unsigned grid_x, unsigned grid_y, cudaStream_t stream, unsigned grid_z = 1) {
   static const bool configured = [] {  // above 48 KiB of shared memory a kernel must opt in, once
     cudaFuncSetAttribute(gemm_kernel<kSwiGLU, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes<BM>()));
     return true;
   }();
   (void)configured;
-  gemm_kernel<kSwiGLU, BM><<<dim3(grid_x, grid_y), threads<BM>(), smem_bytes<BM>(), stream>>>(p);
+  gemm_kernel<kSwiGLU, BM><<<dim3(grid_x, grid_y, grid_z), threads<BM>(), smem_bytes<BM>(), stream>>>(p);
 }
 
 // grid_y: tiles (grouped) or row tiles of tile_rows (dense).
 template <bool kSwiGLU>
-void launch_gemm(const GemmParams& p, int tile_rows, unsigned grid_y, cudaStream_t stream) {
+void launch_gemm(GemmParams p, int tile_rows, unsigned grid_y, cudaStream_t stream) {
   // Hopper: the wgmma kernel (gemm_wgmma.cu), except a dense GEMM's 64-row tiles: those are GEMMs too small to
   // give every SM a 128-row block, and the wgmma kernel's 256 columns a block would halve their grid again (H200,
   // Model A prefill at 512 tokens: 80.3-83.5k tokens/s with them on it, 84.1-86.5k on mma.sync).
@@ -172,7 +190,7 @@ void launch_gemm(const GemmParams& p, int tile_rows, unsigned grid_y, cudaStream
     launch_gemm_wgmma(p, tile_rows, grid_y, stream);
     return;
   }
-  const unsigned grid_x = static_cast<unsigned>(ceil_div(p.N, kSwiGLU ? kBB / 2 : kBB));
+  const unsigned grid_x = gemm_col_blocks(p, kSwiGLU ? kBB / 2 : kBB);
   if (tile_rows > kMoeGemmSmallTileRows)
     launch_bm<kSwiGLU, kMoeGemmTileRows>(p, grid_x, grid_y, stream);
   else
@@ -208,21 +226,79 @@ void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tile
   launch_gemm<false>(p, tile_rows, static_cast<unsigned>(num_tiles), stream);
 }
 
+namespace {
+
+// K chunks for a dense GEMM of one output whose 64-row tiles give fewer than half the SMs a block (a router: 2048
+// tokens x 128 experts is 32 blocks, each walking all of K alone: 49 us on an H200 for 1 GFLOP), so that
+// blocks x chunks covers the SMs; chunks of at least 256 of K. 1: no split.
+int dense_gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms, int64_t* k_chunk) {
+  const int64_t blocks = ceil_div(N, int64_t{kBB}) * ceil_div(M, int64_t{kMoeGemmSmallTileRows});
+  *k_chunk = K;
+  if (blocks * 2 > num_sms || K < 512) return 1;
+  const int64_t splits = std::min(ceil_div(int64_t{num_sms}, blocks), K / 256);
+  *k_chunk = ceil_div(ceil_div(K, splits), int64_t{kBK}) * kBK;
+  return static_cast<int>(ceil_div(K, *k_chunk));
+}
+
+}  // namespace
+
+size_t dense_gemm_split_floats(int64_t M, int64_t K, int64_t N, int num_sms) {
+  int64_t chunk = 0;
+  const int splits = dense_gemm_splits(M, K, N, num_sms, &chunk);
+  return splits > 1 ? static_cast<size_t>(splits * M * N) : 0;
+}
+
+void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const GemvOutput* outputs, int count, int num_sms,
+                       cudaStream_t stream, float* split_scratch, size_t split_scratch_floats) {
+  if (M == 0 || count == 0) return;
+  // One grid for as many consecutive outputs as fit: all but the grid's last a multiple of 256 columns wide (the
+  // wgmma kernel's column block; mma.sync's 128 divides it), so that no block straddles two outputs.
+  size_t first = 0;
+  while (first < size_t(count)) {
+    size_t end = first + 1;
+    while (end < size_t(count) && end - first < size_t{kDenseGemmMaxOutputs} && outputs[end - 1].rows % 256 == 0)
+      ++end;
+    GemmParams p{};
+    p.a = reinterpret_cast<const bf16*>(a);
+    p.rows = M;
+    p.K = static_cast<int>(K);
+    for (size_t i = first; i < end; ++i) {
+      if (outputs[i].rows == 0) continue;
+      p.dense[p.dense_count++] = DenseGemmOut{reinterpret_cast<const bf16*>(outputs[i].w), outputs[i].bias,
+                                              outputs[i].y, static_cast<int>(outputs[i].rows), 0};
+    }
+    first = end;
+    if (p.dense_count == 0) continue;
+    if (p.dense_count == 1) {
+      const DenseGemmOut& o = p.dense[0];
+      int64_t chunk = 0;
+      const int splits = dense_gemm_splits(M, K, o.N, num_sms, &chunk);
+      if (splits > 1 && split_scratch && split_scratch_floats >= static_cast<size_t>(splits * M * o.N)) {
+        p.k_chunk = static_cast<int>(chunk);
+        p.split_out = split_scratch;
+        const unsigned grid_x = gemm_col_blocks(p, kBB);
+        const auto row_tiles = static_cast<unsigned>(ceil_div(M, int64_t{kMoeGemmSmallTileRows}));
+        launch_bm<false, kMoeGemmSmallTileRows>(p, grid_x, row_tiles, stream, static_cast<unsigned>(splits));
+        const int64_t count = M * o.N;
+        split_sum_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(count, 256), 4096)), 256, 0, stream>>>(
+            split_scratch, splits, count, o.N, o.bias, o.out);
+        continue;
+      }
+    }
+    GemmParams counted = p;
+    const int64_t col_blocks = gemm_col_blocks(counted, kBB);
+    const int tile_rows =
+        col_blocks * ceil_div(M, int64_t{kMoeGemmTileRows}) >= num_sms ? kMoeGemmTileRows : kMoeGemmSmallTileRows;
+    launch_gemm<false>(p, tile_rows, static_cast<unsigned>(ceil_div(M, tile_rows)), stream);
+  }
+}
+
 void launch_dense_gemm(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
-                       float* out, int num_sms, cudaStream_t stream) {
-  if (M == 0 || N == 0) return;
-  GemmParams p{};
-  p.a = reinterpret_cast<const bf16*>(a);
-  p.dense_b = reinterpret_cast<const bf16*>(w);
-  p.bias = bias;
-  p.rows = M;
-  p.K = static_cast<int>(K);
-  p.N = static_cast<int>(N);
-  p.out_f32 = out;
-  const int64_t col_blocks = ceil_div(N, kBB);
-  const int tile_rows =
-      col_blocks * ceil_div(M, int64_t{kMoeGemmTileRows}) >= num_sms ? kMoeGemmTileRows : kMoeGemmSmallTileRows;
-  launch_gemm<false>(p, tile_rows, static_cast<unsigned>(ceil_div(M, tile_rows)), stream);
+                       float* out, int num_sms, cudaStream_t stream, float* split_scratch,
+                       size_t split_scratch_floats) {
+  if (N == 0) return;
+  const GemvOutput output{w, bias, out, N};
+  launch_dense_gemm(a, M, K, &output, 1, num_sms, stream, split_scratch, split_scratch_floats);
 }
 
 }  // namespace moex::cuda

@@ -14,29 +14,77 @@
 
 namespace moex::cuda {
 
+// One output of a dense GEMM: out fp32 [rows, N] = A @ b^T (+ bias). Several outputs of the same A (q/k/v) share
+// one grid side by side along its column blocks, output i from column block first_block on.
+struct DenseGemmOut {
+  const bf16* b;
+  const float* bias;
+  float* out;
+  int N;
+  int first_block;  // set by gemm_col_blocks for the kernel's column width
+};
+constexpr int kDenseGemmMaxOutputs = 3;
+
 struct GemmParams {
   const bf16* a;          // [rows, K]
-  const MoeGroup* tiles;  // null: dense, one B for all rows
-  const bf16* dense_b;
-  const float* bias;
+  const MoeGroup* tiles;  // null: dense, the outputs below for all rows
+  DenseGemmOut dense[kDenseGemmMaxOutputs];
+  int dense_count;
   int64_t rows;  // dense only
-  int K, N;
+  int K, N;      // N: grouped only (dense: each output's)
   bool use_down;  // grouped: B = tile.down (stage 2) instead of tile.gate/up
-  float* out_f32;
+  float* out_f32;  // grouped
   bf16* out_bf16;  // set: the SwiGLU instance (gate/up), out = silu(gate) * up as bf16
   const int32_t* device_tiles;  // grouped, planned on the device: tiles at or past *device_tiles exit at once
+  // Dense, one output, mma.sync only: K split into chunks of k_chunk (a multiple of 64) over blockIdx.z, each
+  // chunk's sums to split_out [z][rows][N] without bias (launch_dense_gemm adds them up). 0: K whole.
+  int k_chunk;
+  float* split_out;
 };
 
+// The grid's column blocks of `cols` output columns: grouped, p.N's; dense, every output's, output i's from
+// p.dense[i].first_block on (set here). Every output but the last is a multiple of cols wide (launch_dense_gemm
+// keeps to that), so no block straddles two.
+inline unsigned gemm_col_blocks(GemmParams& p, int cols) {
+  if (p.tiles) return static_cast<unsigned>(ceil_div(p.N, cols));
+  int64_t blocks = 0;
+  for (int i = 0; i < p.dense_count; ++i) {
+    p.dense[i].first_block = static_cast<int>(blocks);
+    blocks += ceil_div(p.dense[i].N, cols);
+  }
+  return static_cast<unsigned>(blocks);
+}
+
+// A block's output columns: [n0, n0 + kCols) of an output N wide (row stride N) with its bias (or null), and,
+// dense, the weights b of that output; column block col_block of the grid.
+struct GemmCols {
+  const bf16* b;
+  const float* bias;
+  float* out;
+  int N, n0;
+};
+template <int kCols>
+__device__ __forceinline__ GemmCols gemm_cols(const GemmParams& p, int col_block) {
+  if (p.tiles) return GemmCols{nullptr, nullptr, p.out_f32, p.N, col_block * kCols};
+  // Constant indices only: a dynamic index into the parameter struct copies it to local memory.
+  DenseGemmOut o = p.dense[0];
+#pragma unroll
+  for (int i = 1; i < kDenseGemmMaxOutputs; ++i)
+    if (i < p.dense_count && col_block >= p.dense[i].first_block) o = p.dense[i];
+  return GemmCols{o.b, o.bias, o.out, o.N, (col_block - o.first_block) * kCols};
+}
+
 // A block's rows [row_begin, row_end) of A and its weights (b1: the SwiGLU instance's up rows, else null): tile
-// `tile` of p.tiles (grouped) or row tile `tile` of tile_rows rows (dense). False where the plan was made on the
-// device and has fewer tiles than the grid: the block exits.
+// `tile` of p.tiles (grouped) or row tile `tile` of tile_rows rows (dense, the weights of the block's output:
+// cols.b). False where the plan was made on the device and has fewer tiles than the grid: the block exits.
 struct GemmTile {
   int row_begin, row_end;
   const bf16* b0;
   const bf16* b1;
 };
 template <bool kSwiGLU>
-__device__ __forceinline__ bool gemm_tile(const GemmParams& p, int tile, int tile_rows, GemmTile* out) {
+__device__ __forceinline__ bool gemm_tile(const GemmParams& p, int tile, int tile_rows, const GemmCols& cols,
+                                          GemmTile* out) {
   if (p.tiles) {
     if (p.device_tiles && tile >= *p.device_tiles) return false;
     const MoeGroup t = p.tiles[tile];
@@ -47,7 +95,7 @@ __device__ __forceinline__ bool gemm_tile(const GemmParams& p, int tile, int til
   } else {
     out->row_begin = tile * tile_rows;
     out->row_end = static_cast<int>(out->row_begin + tile_rows < p.rows ? out->row_begin + tile_rows : p.rows);
-    out->b0 = p.dense_b;
+    out->b0 = cols.b;
     out->b1 = nullptr;
   }
   return true;
