@@ -32,7 +32,8 @@
 #                                  tools/kernel_trace, overlap kept) and each kernel's share of its critical
 #                                  path, overall and per position in the decode (tools/kernel_trace.py).
 #                                  Options: --models, --batch "1 32", --tokens N, --env NAME=VALUE (repeatable:
-#                                  an A/B switch for both runs). Output under $OUT.
+#                                  an A/B switch for both runs), --prefill N (instead: prompts of N tokens, the
+#                                  prefill's kernels per prompt, kernel_trace.py --prompts). Output under $OUT.
 #   tools/device_cuda.sh optin     there: the opt-in switches (MOEX_CUDA_DOWN_PRELOAD with
 #                                  MOEX_CUDA_TOPK_IN_GATE_UP=0; within 0.4% on an H200):
 #                                  their tests, then Model A / B batch-1 decode with each against the default, each
@@ -452,12 +453,13 @@ PY
 # them. Per case: the run without the tracer (its ms/token, to show the tracer's cost), the traced run, and
 # tools/kernel_trace.py's table of each kernel's share of the step's critical path.
 trace() {
-  local models="model_a model_b" batches="1" tokens=64 extra=()
+  local models="model_a model_b" batches="1" tokens=64 extra=() prefill=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --models) models="$2"; shift ;;
       --batch) batches="$2"; shift ;;
       --tokens) tokens="$2"; shift ;;
+      --prefill) prefill="$2"; shift ;;
       --env) extra+=("$2"); shift ;;  # NAME=VALUE for both runs (an A/B switch such as MOEX_CUDA_PDL=0)
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -475,6 +477,17 @@ trace() {
       tag="${model}_b${batch}${extra:+_$(echo "${extra[*]}" | tr -c 'A-Za-z0-9\n' _)}"
       local args=(bench -m "bench/cuda/models/$model" --load-format random --device cuda --prompt-lens 16
         --decode-context 16 --decode-tokens "$tokens" --reps 2 "${batch_flag[@]}" --json)
+      if [ "$prefill" -gt 0 ]; then  # prompts of $prefill tokens, no decode: the kernels of one prefill
+        tag="${model}_prefill${prefill}${extra:+_$(echo "${extra[*]}" | tr -c 'A-Za-z0-9\n' _)}"
+        args=(bench -m "bench/cuda/models/$model" --load-format random --device cuda --prompt-lens "$prefill"
+          --decode-tokens 0 --reps 2 --json)
+        env "${extra[@]}" CUDA_INJECTION64_PATH="$lib/libmoex_kernel_trace.so" MOEX_KERNEL_TRACE="$out/trace_$tag.csv" \
+          timeout 150 "$DEV/bin/moex" "${args[@]}" >"$out/traced_$tag.json" 2>>"$out/err.log"
+        echo; echo "## $tag ${extra[*]}"
+        python3 tools/kernel_trace.py "$out/trace_$tag.csv" --prompts --top 30
+        gzip -f "$out/trace_$tag.csv"
+        break  # one prefill per model: --batch does not apply
+      fi
       env "${extra[@]}" timeout 150 "$DEV/bin/moex" "${args[@]}" >"$out/plain_$tag.json" 2>>"$out/err.log"
       env "${extra[@]}" CUDA_INJECTION64_PATH="$lib/libmoex_kernel_trace.so" MOEX_KERNEL_TRACE="$out/trace_$tag.csv" \
         timeout 150 "$DEV/bin/moex" "${args[@]}" >"$out/traced_$tag.json" 2>>"$out/err.log"

@@ -2,6 +2,7 @@
 """Where a decode step's time goes, from a kernel timeline (tools/kernel_trace/kernel_trace.cc).
 
     python3 tools/kernel_trace.py trace.csv [--json] [--by-position [--bucket N] [--run-gap-us US]]
+                                            [--prompts [--prompt-gap-us US]]
 
 Kernels of one CUDA graph launch (one recorded decode step) share a correlation id. Within a step the kernels
 run in stream order, each ending after the one before (programmatic dependent launch lets a kernel start early,
@@ -11,6 +12,12 @@ duration is long but whose share is small was waiting for its predecessor. Only 
 (steps that ran eagerly, prompts and setup are left out); the time between one step's last kernel and the next
 step's first is the host's part (read-back, sampling, the next launch); its median is reported, since the gaps
 between repetitions of a benchmark hold a prompt's prefill.
+
+--prompts reads the kernels launched one by one instead (prefill: graph launches are left out): they are cut into
+prompts where no kernel runs for --prompt-gap-us, and for the prompts with the most kernels (a benchmark's
+repetitions of its longest prompt) it reports the median prompt, the time no kernel ran, and per kernel and grid
+size the launches, the summed duration and the critical-path share per prompt: which kernels a prefill is made
+of, and what lies outside the tensor-core ones.
 
 --by-position splits the steps into runs (graph launches back to back: a gap of more than --run-gap-us, a
 prompt's prefill, starts a new run) and reports, per bucket of --bucket positions in the run, the median step and
@@ -131,6 +138,66 @@ def by_position(rows, bucket, run_gap_us):
     return {"runs": runs, "bucket": bucket, "kernels": kernels, "buckets": table}
 
 
+def eager_prompts(rows, gap_us):
+    """Kernels launched one by one (graph_id 0), cut into prompts at gaps of more than gap_us with no kernel
+    running; each prompt a list of (start, end, name, grid) by start."""
+    kernels = []
+    for line, r in enumerate(rows, start=2):
+        try:
+            if int(r["graph_id"]) != 0:
+                continue
+            kernels.append((int(r["start_ns"]), int(r["end_ns"]), short(r["name"] or "?"), r.get("grid") or "?"))
+        except (TypeError, ValueError):
+            sys.exit(f"kernel_trace: line {line} is not a kernel record (a number expected): {dict(r)}")
+    if not kernels:
+        sys.exit("kernel_trace: no kernels launched one by one in the trace (every kernel from a graph launch?)")
+    kernels.sort()
+    prompts, current, end = [], [], None
+    for k in kernels:
+        if end is not None and k[0] - end > gap_us * 1e3:
+            prompts.append(current)
+            current = []
+        current.append(k)
+        end = k[1] if end is None else max(end, k[1])
+    prompts.append(current)
+    return prompts
+
+
+def prompt_kernels(rows, gap_us):
+    """The prompts with the most kernels: the median prompt's span and idle time, and per (kernel, grid) the
+    median launches, summed duration and critical-path share per prompt."""
+    if gap_us <= 0:
+        sys.exit("kernel_trace: --prompt-gap-us must be positive")
+    prompts = eager_prompts(rows, gap_us)
+    most = max(len(p) for p in prompts)
+    chosen = [p for p in prompts if len(p) == most]
+    spans, idles = [], []
+    per = collections.defaultdict(lambda: {"launches": [], "duration": [], "share": []})
+    for p in chosen:
+        start = prev = p[0][0]
+        stats = collections.defaultdict(lambda: [0, 0, 0])
+        idle = 0
+        for k_start, k_end, name, grid in p:
+            idle += max(0, k_start - prev)
+            s = stats[(name, grid)]
+            s[0] += 1
+            s[1] += k_end - k_start
+            s[2] += max(0, k_end - max(prev, k_start))  # the part of the prompt's span this kernel alone extends
+            prev = max(prev, k_end)
+        spans.append(prev - start)
+        idles.append(idle)
+        for key, (n, duration, share) in stats.items():
+            per[key]["launches"].append(n)
+            per[key]["duration"].append(duration)
+            per[key]["share"].append(share)
+    table = [{"kernel": name, "grid": grid, "launches": statistics.median(v["launches"]),
+              "duration_us": statistics.median(v["duration"]) / 1e3, "share_us": statistics.median(v["share"]) / 1e3}
+             for (name, grid), v in per.items()]
+    table.sort(key=lambda e: -e["share_us"])
+    return {"prompts": len(chosen), "kernels_per_prompt": most, "prompt_us": statistics.median(spans) / 1e3,
+            "idle_us": statistics.median(idles) / 1e3, "kernels": table}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("trace")
@@ -141,7 +208,25 @@ def main():
     ap.add_argument("--bucket", type=int, default=8, help="positions per row with --by-position (default 8)")
     ap.add_argument("--run-gap-us", type=float, default=20.0,
                     help="a longer gap between two steps starts a new run (default 20 us)")
+    ap.add_argument("--prompts", action="store_true",
+                    help="the kernels launched one by one, per prompt (prefill), instead of the graph steps")
+    ap.add_argument("--prompt-gap-us", type=float, default=100.0,
+                    help="with --prompts: a longer time with no kernel running starts a new prompt (default 100 us)")
     a = ap.parse_args()
+    if a.prompts:
+        result = prompt_kernels(load(a.trace), a.prompt_gap_us)
+        if a.json:
+            print(json.dumps(result))
+            return
+        print(f"{result['prompts']} prompts of {result['kernels_per_prompt']} kernels: {result['prompt_us']:.1f} us "
+              f"from the first kernel's start to the last's end, {result['idle_us']:.1f} us with no kernel running "
+              f"(medians)")
+        print("| kernel | grid | launches | us (start to end, summed) | critical-path us | % |")
+        print("|---|---|---|---|---|---|")
+        for e in result["kernels"][:a.top]:
+            print(f"| {e['kernel'][:80]} | {e['grid']} | {e['launches']:.0f} | {e['duration_us']:.1f} | "
+                  f"{e['share_us']:.1f} | {100 * e['share_us'] / result['prompt_us']:.1f} |")
+        return
     if a.by_position:
         result = by_position(load(a.trace), a.bucket, a.run_gap_us)
         if a.json:

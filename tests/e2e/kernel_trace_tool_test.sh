@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tools/kernel_trace.py (the decode step's critical path from a CUPTI kernel timeline) on a synthetic trace whose
 # shares are known: the averaged table, --by-position (runs split at the prompt's gap, per-position medians, a
-# .gz trace read as such), and clear errors for input that is not a kernel trace.
+# .gz trace read as such), --prompts (eager kernels per prompt, the longest prompts only), and clear errors for
+# input that is not a kernel trace.
 # Usage: kernel_trace_tool_test.sh MOEX_BINARY SOURCE_DIR
 source "$(dirname "$0")/e2e_lib.sh"
 tool="$src/tools/kernel_trace.py"
@@ -73,6 +74,44 @@ fi
 python3 "$tool" "$tmp/trace.csv" --by-position --bucket 2 >"$tmp/table" 2>"$tmp/err" &&
   grep -q "^| 0-1 | 4 | 15.0 | 10.0 | 5.0 |$" "$tmp/table" && ok ||
   fail "--by-position table: $(cat "$tmp/table" "$tmp/err")"
+
+# --prompts: two prompts of four eager kernels 1 ms apart, a two-kernel one (fewer kernels: left out) and a graph
+# launch (ignored). Each long prompt: norm 0-10 us, gemm 10-50, combine 45-60 (overlapping the gemm: 10 us of the
+# span its own), 5 us with nothing running, add 65-70.
+python3 - "$tmp/prompts.csv" <<'PY'
+import sys
+rows = ["start_ns,end_ns,correlation,graph_id,stream,grid,block,shared,registers,name"]
+t, corr = 0, 0
+for kernels in (4, 2, 4):
+    spans = [(0, 10, "norm", 2048), (10, 50, "gemm", 320), (45, 60, "combine", 2048), (65, 70, "add", 4096)]
+    for start, end, name, grid in spans[:kernels]:
+        corr += 1
+        rows.append(f"{t + start * 1000},{t + end * 1000},{corr},0,13,{grid},256,0,32,{name}")
+    t += 1_000_000
+rows.append(f"{t},{t + 5000},{corr + 1},7,13,1,32,0,16,graph_kernel")
+open(sys.argv[1], "w").write("\n".join(rows) + "\n")
+PY
+if python3 "$tool" "$tmp/prompts.csv" --prompts --json >"$tmp/prompts.json" 2>"$tmp/err"; then
+  python3 - "$tmp/prompts.json" <<'PY' && ok || fail "--prompts is wrong: $(cat "$tmp/prompts.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["prompts"] == 2 and r["kernels_per_prompt"] == 4, r
+assert abs(r["prompt_us"] - 70.0) < 1e-9 and abs(r["idle_us"] - 5.0) < 1e-9, r
+k = {e["kernel"]: e for e in r["kernels"]}
+assert [e["kernel"] for e in r["kernels"]] == ["gemm", "norm", "combine", "add"], r
+assert abs(k["combine"]["share_us"] - 10.0) < 1e-9 and abs(k["combine"]["duration_us"] - 15.0) < 1e-9, k
+assert k["gemm"]["grid"] == "320" and k["gemm"]["launches"] == 1, k
+PY
+else
+  fail "kernel_trace.py --prompts exited non-zero: $(cat "$tmp/err")"
+fi
+python3 "$tool" "$tmp/prompts.csv" --prompts >"$tmp/ptable" 2>"$tmp/err" &&
+  grep -q "^| gemm | 320 | 1 | 40.0 | 40.0 | 57.1 |$" "$tmp/ptable" && ok ||
+  fail "--prompts table: $(cat "$tmp/ptable" "$tmp/err")"
+expect_error "a zero prompt gap" "--prompt-gap-us must be positive" python3 "$tool" "$tmp/prompts.csv" --prompts \
+  --prompt-gap-us 0
+printf 'start_ns,end_ns,correlation,graph_id,name\n0,10,1,7,in_a_graph\n' >"$tmp/graphs.csv"
+expect_error "no eager kernels" "no kernels launched one by one" python3 "$tool" "$tmp/graphs.csv" --prompts
 
 printf 'not,a,trace\n1,2,3\n' >"$tmp/other.csv"
 expect_error "a CSV of other columns" "is not a kernel trace" python3 "$tool" "$tmp/other.csv"
