@@ -44,7 +44,8 @@
 #                                  kernels per variant (moex_cuda_kernels_bench --gemm-only) and, with --timeline, Model
 #                                  B's 2048-token timeline per variant (MOEX_CUDA_TIMELINE, tools/cuda_timeline.py).
 #                                  Options: --models "model_a model_b", --skip-tests (else the GEMM, MoE and routed
-#                                  tests first).
+#                                  tests first). BASELINE=DIR (a dir with bin/moex[.gz]): that build's prefill too,
+#                                  interleaved, for changes that have no switch.
 #   tools/device_cuda.sh peers     there: llama.cpp and moex on the same cases in one call (bench/peers/llama_cpp_bench.sh:
 #                                  Model A batch 1, the 8x7B layers with experts on the CPU against moex's Mixtral-8x7B
 #                                  at 16 GiB, the offloaded 4-layer prefill), a table with the ratios. LLAMA_BIN: the
@@ -628,18 +629,26 @@ prefill() {
   [ "$skip_tests" -eq 0 ] && cuda_tests_to "$out/prefill_tests.log" 200 \
     --gtest_filter='CudaGemm.*:*CudaLinear*:*CudaMoe*:*Routed*'
   : >"$out/prefill.jsonl"
-  local rep v m env
+  local rep v m env bin label base="${BASELINE:-}"
+  local runs=("${!variants[@]}")
+  [ -n "$base" ] && [ -x "$base/bin/moex" ] && runs+=(base)  # BASELINE's build, as is
   for rep in 1 2; do
-    for v in "${!variants[@]}"; do
-      IFS=, read -r -a env <<<"${variants[$v]}"
+    for v in "${runs[@]}"; do
+      env=() bin="$DEV/bin/moex" label="this build"
+      if [ "$v" = base ]; then
+        bin="$base/bin/moex" label="baseline ($base)"
+      else
+        IFS=, read -r -a env <<<"${variants[$v]}"
+        label="${variants[$v]:-this build}"
+      fi
       for m in $models; do
-        env "${env[@]}" timeout 150 "$DEV/bin/moex" bench -m "bench/cuda/models/$m" --load-format random --device cuda \
+        env "${env[@]}" timeout 150 "$bin" bench -m "bench/cuda/models/$m" --load-format random --device cuda \
           --prompt-lens 512,2048 --decode-tokens 0 --reps 3 --json 2>>"$out/prefill_err.log" |
           python3 -c "import json, sys
 try: r = json.load(sys.stdin)
 except Exception: r = {}
 print(json.dumps({'variant': sys.argv[1], 'model': sys.argv[2], 'prefill': r.get('prefill') or []}))" \
-            "${variants[$v]:-this build}" "$m" >>"$out/prefill.jsonl"
+            "$label" "$m" >>"$out/prefill.jsonl"
       done
     done
   done
