@@ -634,7 +634,7 @@ prefill() {
   [ -n "$base" ] && [ -x "$base/bin/moex" ] && runs+=(base)  # BASELINE's build, as is
   for rep in 1 2; do
     for v in "${runs[@]}"; do
-      env=() bin="$DEV/bin/moex" label="this build"
+      env=() bin="$DEV/bin/moex"
       if [ "$v" = base ]; then
         bin="$base/bin/moex" label="baseline ($base)"
       else

@@ -387,21 +387,13 @@ class CudaBackend final : public Backend {
       bp = bias->as<float>();
     }
     if (rows > kLinearGemmMinRows && K % 8 == 0) {
-      // A narrow GEMM (the MoE router at prefill) splits K over blocks: room for the chunks' sums after x's copy.
-      const size_t xb_bytes = align16(static_cast<size_t>(rows * K) * 2);
-      const size_t split_floats = dense_gemm_split_floats(rows, K, N, num_sms_);
-      auto* ws = static_cast<char*>(workspace(xb_bytes + split_floats * sizeof(float)));
-      auto* xb = reinterpret_cast<uint16_t*>(ws);
-      if (!capturing_) timeline_.begin(stream_);
-      launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
-      launch_dense_gemm(xb, rows, K, wp, N, bp, out.as<float>(), num_sms_, stream_,
-                        reinterpret_cast<float*>(ws + xb_bytes), split_floats);
-      if (!capturing_) timeline_.end(stream_, "gemm", rows);
-    } else {
-      // Up to kLinearGemmMinRows rows: the launcher picks the few-token tensor-core kernel, fp32 GEMV passes or
-      // the scalar fallback (gemv.cuh).
-      launch_gemv_bf16(x.as<float>(), rows, wp, N, K, bp, out.as<float>(), num_sms_, stream_);
+      const GemvOutput output{wp, bp, out.as<float>(), N};
+      linear_gemm(x, rows, K, &output, 1);
+      return;
     }
+    // Up to kLinearGemmMinRows rows: the launcher picks the few-token tensor-core kernel, fp32 GEMV passes or
+    // the scalar fallback (gemv.cuh).
+    launch_gemv_bf16(x.as<float>(), rows, wp, N, K, bp, out.as<float>(), num_sms_, stream_);
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
@@ -427,21 +419,31 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
+  // The tensor-core path of linear and linear_many (more than kLinearGemmMinRows rows, K % 8 == 0): x rounded to
+  // bf16 once into the workspace for every output, then launch_dense_gemm, which puts q/k/v in one grid (they had
+  // been three GEMMs, each rounding x again, and k and v too narrow for 128-row tiles: H200 trace, Model B at 2048
+  // tokens, q 112 us on wgmma, k and v 51 us each on mma.sync, 10 us per rounding). A single narrow output (the
+  // MoE router) splits K over blocks: room for the chunks' sums after x's copy.
+  void linear_gemm(const TensorView& x, int64_t rows, int64_t K, const GemvOutput* outputs, int count) {
+    const size_t xb_bytes = align16(static_cast<size_t>(rows * K) * 2);
+    const size_t split_floats = count == 1 ? dense_gemm_split_floats(rows, K, outputs[0].rows, num_sms_) : 0;
+    auto* ws = static_cast<char*>(workspace(xb_bytes + split_floats * sizeof(float)));
+    auto* xb = reinterpret_cast<uint16_t*>(ws);
+    if (!capturing_) timeline_.begin(stream_);
+    launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
+    launch_dense_gemm(xb, rows, K, outputs, count, num_sms_, stream_, reinterpret_cast<float*>(ws + xb_bytes),
+                      split_floats);
+    if (!capturing_) timeline_.end(stream_, "gemm", rows);
+    MOEX_CUDA_CHECK_LAUNCH();
+  }
+
   void linear_many(const TensorView& x, std::span<const LinearOutput> outputs) override {
     check_f32(x, "linear_many", "x");
     const int64_t K = x.dim(-1), rows = x.numel() / std::max<int64_t>(K, 1);
     if (rows > kLinearGemmMinRows && K % 8 == 0) {
-      // Prefill: x rounded to bf16 once for every output, and q/k/v in one tensor-core grid (launch_dense_gemm).
-      // They had been three GEMMs, each rounding x again, and k and v too narrow for a grid of 128-row tiles (H200
-      // trace, Model B at 2048 tokens: q 112 us on wgmma, k and v 51 us each on mma.sync, 10 us per rounding).
       std::vector<GemvOutput> gemm(outputs.size());
       gemv_outputs(x, outputs, "linear_many", gemm.data());
-      auto* xb = static_cast<uint16_t*>(workspace(static_cast<size_t>(rows * K) * 2));
-      if (!capturing_) timeline_.begin(stream_);
-      launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
-      launch_dense_gemm(xb, rows, K, gemm.data(), static_cast<int>(gemm.size()), num_sms_, stream_);
-      if (!capturing_) timeline_.end(stream_, "gemm", rows);
-      MOEX_CUDA_CHECK_LAUNCH();
+      linear_gemm(x, rows, K, gemm.data(), static_cast<int>(gemm.size()));
       return;
     }
     // One launch only where every output takes the GEMV path.
