@@ -460,7 +460,8 @@ trace() {
       --models) models="$2"; shift ;;
       --batch) batches="$2"; shift ;;
       --tokens) tokens="$2"; shift ;;
-      --prefill) prefill="$2"; shift ;;
+      --prefill) prefill="${2:-}"; shift
+        [[ "$prefill" =~ ^[1-9][0-9]*$ ]] || { echo "device_cuda.sh: --prefill takes a prompt length in tokens" >&2; exit 2; } ;;
       --env) extra+=("$2"); shift ;;  # NAME=VALUE for both runs (an A/B switch such as MOEX_CUDA_PDL=0)
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
     esac
