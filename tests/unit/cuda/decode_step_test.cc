@@ -456,6 +456,14 @@ TEST(CudaDecodeStep, TopkInGateUpMatchesPlanningRouter) {
   expect_default_matches_switch_off(fixtures, "MOEX_CUDA_TOPK_IN_GATE_UP", 300);
 }
 
+// The MoE block after the logits in one launch (MOEX_CUDA_MOE_ONE_LAUNCH=1: the fixtures' narrow rows take two by
+// default) against the default's two launches: the same greedy tokens over graph replays of 300 steps (each launch
+// must leave its work counters at 0 for the next layer's and the next replay's).
+TEST(CudaDecodeStep, MoeOneLaunchMatchesTwoLaunches) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  expect_switch_on_matches_default(fixtures, "MOEX_CUDA_MOE_ONE_LAUNCH", 300);
+}
+
 // The offloading provider keeps host-side routing (acquire/release, pre-gating); with a budget of top_k + 1
 // experts nearly every step copies experts through copy_from_host_async_path from registered host memory.
 TEST(CudaOffload, GreedyMatchesResident) {

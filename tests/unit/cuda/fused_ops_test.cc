@@ -336,53 +336,62 @@ TEST(CudaResidualNorm, EmbedNormLinearMatchesEmbeddingThenNorm) {
   }
 }
 
-// The top-k and the plan inside the gate/up launch (the default at one token: the router launch writes only the
-// logits, the gate/up blocks of row 0 the residual sum) against the router's own planning launch
-// (MOEX_CUDA_TOPK_IN_GATE_UP=0) on the same device: the same loops in the same orders, so x, the normalised row,
-// the logits and the output must be bit-identical. The second call writes the output over the pending delta, as
-// the decoder does (the residual sum must take d0 before the down kernel writes out).
-TEST_P(CudaResidualNorm, TopkInGateUpMatchesTheRouterLaunch) {
-  MOEX_CUDA_BACKEND_OR_SKIP(backend);
-  const ResidualCase c = GetParam();
+// norm_moe_routed at one token with env set to `tested` (nullptr: the default path) against the same with env set to
+// "0", on the same device: the same loops in the same orders, so x, the normalised row, the logits and the output must be
+// bit-identical. Three calls each (the one-launch path's work counters must be back at 0 after every launch); from
+// the second on, the output is written over the pending delta, as the decoder does (the residual sum must take d0
+// before any block writes out).
+void expect_norm_moe_matches(const ResidualCase& c, Backend& backend, const char* env, const char* tested) {
   std::mt19937 rng(static_cast<uint32_t>(c.hidden * 29 + c.experts + c.first_layer));
   const int64_t h = c.hidden;
-  const ResidualInputs in = make_residual_inputs(*backend, c, rng);
-  const auto& x = in.x;
-  const auto& d0 = in.d0;
-  const auto& d1 = in.d1;
+  const ResidualInputs in = make_residual_inputs(backend, c, rng);
   const TensorView wn = in.norm;
-  const MoeLayer layer = upload_moe_layer(*backend, c, rng);
-  GuardedTensor d1d(*backend, {1, h});
-  d1d.fill(d1);
+  const MoeLayer layer = upload_moe_layer(backend, c, rng);
+  GuardedTensor d1d(backend, {1, h});
+  d1d.fill(in.d1);
   struct Run {  // one path's buffers
     GuardedTensor x, d0, normed, logits, out;
   };
   const auto make_run = [&] {
-    return std::make_unique<Run>(Run{GuardedTensor(*backend, {1, h}), GuardedTensor(*backend, {1, h}),
-                                     GuardedTensor(*backend, {1, h}), GuardedTensor(*backend, {1, c.experts}),
-                                     GuardedTensor(*backend, {1, h})});
+    return std::make_unique<Run>(Run{GuardedTensor(backend, {1, h}), GuardedTensor(backend, {1, h}),
+                                     GuardedTensor(backend, {1, h}), GuardedTensor(backend, {1, c.experts}),
+                                     GuardedTensor(backend, {1, h})});
   };
-  auto fused = make_run(), router_launch = make_run();
-  for (int call = 0; call < 2; ++call) {
-    const bool out_over_pending = call == 1 && !c.first_layer;
-    for (Run* run : {fused.get(), router_launch.get()}) {
-      run->x.fill(x);
-      run->d0.fill(d0);
+  auto fused = make_run(), reference = make_run();
+  for (int call = 0; call < 3; ++call) {
+    const bool out_over_pending = call >= 1 && !c.first_layer;
+    for (Run* run : {fused.get(), reference.get()}) {
+      run->x.fill(in.x);
+      run->d0.fill(in.d0);
       const TensorView d0v = run->d0.view(), d1v = d1d.view();
       const TensorView* pending = c.first_layer ? nullptr : &d0v;
       const TensorView out = out_over_pending ? d0v : run->out.view();
-      const test::ScopedEnv path("MOEX_CUDA_TOPK_IN_GATE_UP", run == fused.get() ? nullptr : "0");
-      backend->norm_moe_routed(run->x.view(), pending, d1v, wn, 1e-5f, run->normed.view(), layer.router,
-                               run->logits.view(), c.top_k, RouterScoring::kSoftmax, true, layer.experts, out);
+      const test::ScopedEnv path(env, run == fused.get() ? tested : "0");
+      backend.norm_moe_routed(run->x.view(), pending, d1v, wn, 1e-5f, run->normed.view(), layer.router,
+                              run->logits.view(), c.top_k, RouterScoring::kSoftmax, true, layer.experts, out);
     }
-    SCOPED_TRACE(testing::Message() << "call " << call
+    SCOPED_TRACE(testing::Message() << env << "=" << (tested ? tested : "default") << " against 0, call " << call
                                     << (out_over_pending ? ", out written over the pending delta" : ""));
-    EXPECT_EQ(fused->x.read(), router_launch->x.read()) << "residual sum";
-    EXPECT_EQ(fused->normed.read(), router_launch->normed.read()) << "normalised row";
-    EXPECT_EQ(fused->logits.read(), router_launch->logits.read()) << "router logits";
-    if (out_over_pending) EXPECT_EQ(fused->d0.read(), router_launch->d0.read()) << "output over the pending delta";
-    else EXPECT_EQ(fused->out.read(), router_launch->out.read()) << "output";
+    EXPECT_EQ(fused->x.read(), reference->x.read()) << "residual sum";
+    EXPECT_EQ(fused->normed.read(), reference->normed.read()) << "normalised row";
+    EXPECT_EQ(fused->logits.read(), reference->logits.read()) << "router logits";
+    if (out_over_pending) EXPECT_EQ(fused->d0.read(), reference->d0.read()) << "output over the pending delta";
+    else EXPECT_EQ(fused->out.read(), reference->out.read()) << "output";
   }
+}
+
+// The top-k and the plan inside the gate/up launch (the default at one token: the router launch writes only the
+// logits) against the router's own planning launch (MOEX_CUDA_TOPK_IN_GATE_UP=0).
+TEST_P(CudaResidualNorm, TopkInGateUpMatchesTheRouterLaunch) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  expect_norm_moe_matches(GetParam(), *backend, "MOEX_CUDA_TOPK_IN_GATE_UP", nullptr);
+}
+
+// The whole MoE block after the logits in one launch (kernels/moe_one_launch.cu; forced on, as it is the default for
+// 4096-wide rows only) against gate/up and down as two launches (MOEX_CUDA_MOE_ONE_LAUNCH=0).
+TEST_P(CudaResidualNorm, MoeOneLaunchMatchesTwoLaunches) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  expect_norm_moe_matches(GetParam(), *backend, "MOEX_CUDA_MOE_ONE_LAUNCH", "1");
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaResidualNorm,

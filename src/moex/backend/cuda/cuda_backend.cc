@@ -136,8 +136,8 @@ class CudaBackend final : public Backend {
     step_values_ = DeviceMemory(16);
     MOEX_CUDA_CHECK(cudaMemset(step_values_.get(), 0, 16));  // [2]: the pick ring's cursor starts at slot 0
     step_host_ = PinnedMemory(16);
-    route_ticket_ = DeviceMemory(16);
-    MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16));
+    route_ticket_ = DeviceMemory(16 + sizeof(MoeOneLaunchCounters));
+    MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16 + sizeof(MoeOneLaunchCounters)));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
     picks_host_ = PinnedMemory(kMaxPendingPicks * sizeof(int32_t));
     for (cudaEvent_t& event : pick_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
@@ -1206,7 +1206,9 @@ class CudaBackend final : public Backend {
   PinnedMemory draws_host_;  // sample_rows' draws on their way to the device
   // Decode-step mode (decode_step): token and position on the device, graphs per context bucket.
   DeviceMemory step_values_;  // int32 [token, position, the pick ring's cursor (PickSink), unused]
-  DeviceMemory route_ticket_;  // launch_moe_router_plan's counter of finished blocks (0 between launches)
+  // launch_moe_router_plan's counter of finished blocks, then (from byte 16) launch_moe_one_launch_one_token's
+  // counters: all 0 between launches.
+  DeviceMemory route_ticket_;
   const bool position_from_kv_ = !env_equals("MOEX_CUDA_STEP_POSITION_UPLOAD", "1");  // decode_step says why
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
@@ -1441,6 +1443,19 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
                          scoring == RouterScoring::kSigmoid, normalize, table, static_cast<int>(group_cap),
                          logits.as<float>(), plan, static_cast<unsigned*>(route_ticket_.get()), stream_, norm,
                          norm ? x.as<float>() : nullptr, topk_in_gate_up);
+  // ... and the rest of the block in the same launch (kernels/moe_one_launch.cu) where that pays
+  // (moe_one_launch_pays). MOEX_CUDA_MOE_ONE_LAUNCH=1 / 0 forces it on / off (A/B; read at every launch so that
+  // tests can switch it).
+  const bool one_launch = topk_in_gate_up && !env_equals("MOEX_CUDA_MOE_ONE_LAUNCH", "0") &&
+                          (env_equals("MOEX_CUDA_MOE_ONE_LAUNCH", "1") || moe_one_launch_pays(hidden));
+  if (one_launch) {
+    auto* counters = reinterpret_cast<MoeOneLaunchCounters*>(static_cast<char*>(route_ticket_.get()) + 16);
+    launch_moe_one_launch_one_token(x.as<float>(), logits.as<float>(), hidden, ffn, num_experts, top_k,
+                                    scoring == RouterScoring::kSigmoid, normalize, table, plan, h, *norm,
+                                    out.as<float>(), counters, num_sms_, stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+    return true;
+  }
   if (topk_in_gate_up) {
     launch_moe_topk_gate_up_one_token(x.as<float>(), logits.as<float>(), hidden, ffn, num_experts, top_k,
                                       scoring == RouterScoring::kSigmoid, normalize, table, plan, h, *norm,

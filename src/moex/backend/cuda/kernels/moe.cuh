@@ -62,6 +62,24 @@ void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int6
                                        const MoeExpertPtrs* table, const MoePlanBuffers& plan, float* h,
                                        const ResidualNormIn& residual, float* out, int num_sms, cudaStream_t stream);
 
+// The top-k, plan, residual sum, gate/up and down + combine of launch_moe_topk_gate_up_one_token in one launch
+// (kernels/moe_one_launch.cu says why), with the same contract and bit-identical outputs. Its blocks draw work
+// items from counters (device memory, all 0 before the first launch; each launch leaves them at 0), which no
+// other launch may use meanwhile.
+struct MoeOneLaunchCounters {
+  unsigned next, gate_up_done, exited, unused;
+};
+void launch_moe_one_launch_one_token(const float* x, const float* logits, int64_t hidden, int64_t ffn,
+                                     int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
+                                     const MoeExpertPtrs* table, const MoePlanBuffers& plan, float* h,
+                                     const ResidualNormIn& residual, float* out, MoeOneLaunchCounters* counters,
+                                     int num_sms, cudaStream_t stream);
+// Whether the one launch is the faster path for rows of this width (H200, against the two launches in the same
+// calls, bench/RESULTS.md): it is for the 8x7B-shaped layer's 4096-wide rows (the gate/up rows with 4 loads in
+// flight, 64 registers: 0.2817-0.2820 vs 0.2863 ms/token, and 0.2772 vs 0.2833), not at 2048 (the 40-register
+// instance: Model A 0.5667 vs 0.4991, 12-layer Model B 0.7808 vs 0.7226; with 64 registers too, 0.5514 and 0.7747).
+bool moe_one_launch_pays(int64_t hidden);
+
 // Largest num_tokens * top_k the device-side planner takes (one block).
 constexpr int kMoeRoutePlanMaxAssignments = 256;
 

@@ -11,6 +11,7 @@
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
+#include "moex/backend/cuda/kernels/moe_one_token_params.cuh"
 #include "moex/backend/cuda/kernels/residual_norm.cuh"
 #include "moex/backend/cuda/kernels/router_warp.cuh"
 
@@ -19,17 +20,6 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-
-struct TopkGateUpParams {
-  const float* x;  // the normalised row [hidden]
-  const float* logits;
-  int hidden, ffn, num_experts, top_k;
-  bool sigmoid_scoring, normalize;
-  const MoeExpertPtrs* table;
-  MoePlanBuffers plan;
-  float* h;  // [top_k, ffn]: row r = the r-th pick in expert order (the plan's row r)
-  ResidualNormIn residual;  // x = (x + d0) + d1, written by the blocks of row 0
-};
 
 // Rank of pick a among the token's picks in expert order (a token's picks are distinct experts).
 __device__ __forceinline__ int pick_rank(const int32_t* ids, int top_k, int a) {
@@ -48,7 +38,7 @@ __device__ __forceinline__ int pick_rank(const int32_t* ids, int top_k, int a) {
 // The launch bounds keep the blocks per SM of moe_gate_up_kernel<1, U> (6 at U = 2: 40 registers, Model B's 768
 // blocks in one wave; 4 at U = 4).
 template <int PER_LANE, int U>
-__global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_kernel(TopkGateUpParams p) {
+__global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_kernel(OneTokenMoeParams p) {
   __shared__ const uint16_t* s_gate[32 * PER_LANE];
   __shared__ const uint16_t* s_up[32 * PER_LANE];
   __shared__ int32_t s_ids[kMoeOneTokenMaxTopK];
@@ -130,18 +120,8 @@ void launch_moe_topk_gate_up_one_token(const float* x, const float* logits, int6
                                        int64_t num_experts, int64_t top_k, bool sigmoid_scoring, bool normalize,
                                        const MoeExpertPtrs* table, const MoePlanBuffers& plan, float* h,
                                        const ResidualNormIn& residual, float* out, int num_sms, cudaStream_t stream) {
-  const TopkGateUpParams p{x,
-                           logits,
-                           static_cast<int>(hidden),
-                           static_cast<int>(ffn),
-                           static_cast<int>(num_experts),
-                           static_cast<int>(top_k),
-                           sigmoid_scoring,
-                           normalize,
-                           table,
-                           plan,
-                           h,
-                           residual};
+  const OneTokenMoeParams p = one_token_moe_params(x, logits, hidden, ffn, num_experts, top_k, sigmoid_scoring,
+                                                  normalize, table, plan, h, residual);
   const dim3 grid(static_cast<unsigned>(ceil_div(ffn, int64_t(kWarps))), static_cast<unsigned>(top_k)), block(kThreads);
   launch_pdl(moe_one_token_gate_up_unroll(hidden) == 2 ? topk_gate_up_instance<2>(num_experts)
                                                        : topk_gate_up_instance<4>(num_experts),
