@@ -336,11 +336,11 @@ TEST(CudaResidualNorm, EmbedNormLinearMatchesEmbeddingThenNorm) {
   }
 }
 
-// norm_moe_routed at one token with env set to `tested` (nullptr: the default path) against the same with env set to
-// "0", on the same device: the same loops in the same orders, so x, the normalised row, the logits and the output must be
-// bit-identical. Three calls each (the one-launch path's work counters must be back at 0 after every launch); from
-// the second on, the output is written over the pending delta, as the decoder does (the residual sum must take d0
-// before any block writes out).
+// norm_moe_routed at one token with env set to `tested` (nullptr: the default path) against the same with env set
+// to "0", on the same device: the same loops in the same orders, so x, the normalised row, the logits and the output
+// must be bit-identical. Three calls each (the one-launch path's work counters must be back at 0 after every
+// launch); from the second on, the output is written over the pending delta, as the decoder does (the residual sum
+// must take d0 before any block writes out).
 void expect_norm_moe_matches(const ResidualCase& c, Backend& backend, const char* env, const char* tested) {
   std::mt19937 rng(static_cast<uint32_t>(c.hidden * 29 + c.experts + c.first_layer));
   const int64_t h = c.hidden;

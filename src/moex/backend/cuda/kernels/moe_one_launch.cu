@@ -168,11 +168,23 @@ __global__ __launch_bounds__(kThreads, MIN_BLOCKS) void moe_one_launch_kernel(On
   }
 }
 
+// A kernel instance and the blocks of it an SM holds at once (asked once per instance: a driver call).
+struct OneLaunchInstance {
+  void (*kernel)(OneLaunchParams);
+  int blocks_per_sm;
+};
+
+template <int PER_LANE, int U, int MIN_BLOCKS>
+OneLaunchInstance one_launch_instance() {
+  static const int per_sm = std::max(blocks_per_sm(moe_one_launch_kernel<PER_LANE, U, MIN_BLOCKS>, kThreads), 1);
+  return {moe_one_launch_kernel<PER_LANE, U, MIN_BLOCKS>, per_sm};
+}
+
 template <int U, int MIN_BLOCKS>
-auto one_launch_instance(int64_t num_experts) {
-  if (num_experts <= 32) return moe_one_launch_kernel<1, U, MIN_BLOCKS>;
-  if (num_experts <= 128) return moe_one_launch_kernel<4, U, MIN_BLOCKS>;
-  return moe_one_launch_kernel<kRouterPerLane, U, MIN_BLOCKS>;
+OneLaunchInstance one_launch_instance(int64_t num_experts) {
+  if (num_experts <= 32) return one_launch_instance<1, U, MIN_BLOCKS>();
+  if (num_experts <= 128) return one_launch_instance<4, U, MIN_BLOCKS>();
+  return one_launch_instance<kRouterPerLane, U, MIN_BLOCKS>();
 }
 
 }  // namespace
@@ -187,11 +199,11 @@ void launch_moe_one_launch_one_token(const float* x, const float* logits, int64_
   const OneLaunchParams p{one_token_moe_params(x, logits, hidden, ffn, num_experts, top_k, sigmoid_scoring, normalize,
                                                table, plan, h, residual),
                           out, counters};
-  const auto kernel = moe_one_token_gate_up_unroll(hidden) == 2 ? one_launch_instance<2, 6>(num_experts)
-                                                                : one_launch_instance<4, 4>(num_experts);
+  const OneLaunchInstance instance = moe_one_token_gate_up_unroll(hidden) == 2 ? one_launch_instance<2, 6>(num_experts)
+                                                                               : one_launch_instance<4, 4>(num_experts);
   // As many blocks as the SMs hold at once: more would only queue behind them (they draw the same items).
-  const int per_sm = std::max(blocks_per_sm(kernel, kThreads), 1);
-  launch_pdl(kernel, dim3(static_cast<unsigned>(num_sms * per_sm)), dim3(kThreads), 0, stream, p);
+  launch_pdl(instance.kernel, dim3(static_cast<unsigned>(num_sms * instance.blocks_per_sm)), dim3(kThreads), 0, stream,
+             p);
 }
 
 }  // namespace moex::cuda
