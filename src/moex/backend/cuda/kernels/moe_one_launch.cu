@@ -11,7 +11,7 @@
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
-#include "moex/backend/cuda/kernels/moe_one_token_params.cuh"
+#include "moex/backend/cuda/kernels/moe_one_token.cuh"
 #include "moex/backend/cuda/kernels/residual_norm.cuh"
 #include "moex/backend/cuda/kernels/router_warp.cuh"
 
@@ -71,8 +71,7 @@ __global__ __launch_bounds__(kThreads, MIN_BLOCKS) void moe_one_launch_kernel(On
     // that no block waits for another's plan.
     const int id = router_warp<false, PER_LANE>(p.logits, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
                                                 s_ids, s_weights);
-    int rank = 0;  // of lane's pick in expert order (lanes < top_k)
-    for (int b = 0; b < p.top_k; ++b) rank += __shfl_sync(0xffffffffu, id, b) < id;
+    const int rank = warp_pick_rank(id, p.top_k);
     if (lane < p.top_k) {
       s_rank_expert[rank] = id;
       s_slot[lane] = rank;
@@ -80,19 +79,14 @@ __global__ __launch_bounds__(kThreads, MIN_BLOCKS) void moe_one_launch_kernel(On
   }
   __syncthreads();
   if (blockIdx.x == 0 && threadIdx.x < p.top_k) {  // what the planning launches write, for the ops after this one
-    const int a = threadIdx.x, e = s_ids[a], rank = s_slot[a];
-    p.plan.ids[a] = e;
-    p.plan.weights[a] = s_weights[a];
-    p.plan.slot[a] = rank;
-    p.plan.row_token[rank] = 0;
-    p.plan.groups[rank] = MoeGroup{s_table[0][e], s_table[1][e], s_table[2][e], rank, 1};
-    if (a == 0) *p.plan.num_groups = p.top_k;
+    const int a = threadIdx.x, e = s_ids[a];
+    write_one_token_plan(p, a, e, s_weights[a], s_slot[a], MoeExpertPtrs{s_table[0][e], s_table[1][e], s_table[2][e]});
   }
   const int blocks_per_pick = (p.ffn + kWarps - 1) / kWarps;
   const unsigned gate_up_items = unsigned(blocks_per_pick * p.top_k);
   const int features_per_item = kWarps / p.top_k;
   const unsigned items = gate_up_items + unsigned((p.hidden + features_per_item - 1) / features_per_item);
-  const int k8_hidden = p.hidden / 8, k8_ffn = p.ffn / 8;
+  const int k8_ffn = p.ffn / 8;
   bool h_ready = false;
   int parity = 0;
   for (unsigned t = s_ticket[0]; t < items;) {
@@ -101,21 +95,10 @@ __global__ __launch_bounds__(kThreads, MIN_BLOCKS) void moe_one_launch_kernel(On
     if (threadIdx.x == kDrawer) next_ticket = atomicAdd(&c->next, 1u);
     if (t < gate_up_items) {
       const int r = int(t) / blocks_per_pick, bx = int(t) % blocks_per_pick;
-      if (r == 0)  // the residual sum (the router launch read x; down writes out, which may be d0, after this)
-        for (int i = bx * kThreads + threadIdx.x; i < p.hidden / 4; i += kThreads * blocks_per_pick)
-          reinterpret_cast<float4*>(p.residual.x)[i] = residual_sum4(p.residual, i);
+      if (r == 0) one_token_residual_sum(p, bx, blocks_per_pick);  // down items run after every part
       const int expert = s_rank_expert[r];
       const int j = bx * kWarps + warp;
-      if (j < p.ffn) {
-        const bf16* w_rows[2] = {reinterpret_cast<const bf16*>(s_table[0][expert]) + int64_t(j) * p.hidden,
-                                 reinterpret_cast<const bf16*>(s_table[1][expert]) + int64_t(j) * p.hidden};
-        const float* x_rows[1] = {p.x};
-        float acc[2][1] = {};
-        warp_dot_bf16<2, 1, U>(w_rows, x_rows, 1, k8_hidden, lane, acc);
-        const float gate = warp_sum(acc[0][0]);
-        const float up = warp_sum(acc[1][0]);
-        if (lane == 0) p.h[int64_t(r) * p.ffn + j] = silu(gate) * up;
-      }
+      if (j < p.ffn) one_token_swiglu_row<U>(p, s_table[0][expert], s_table[1][expert], r, j, lane);
       if (threadIdx.x == kDrawer) s_ticket[parity ^ 1] = next_ticket;
       __syncthreads();  // the item's h and residual stores are all issued
       if (threadIdx.x == 0) {  // released: the block's stores before the count (cumulative through the barrier)

@@ -11,7 +11,7 @@
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
-#include "moex/backend/cuda/kernels/moe_one_token_params.cuh"
+#include "moex/backend/cuda/kernels/moe_one_token.cuh"
 #include "moex/backend/cuda/kernels/residual_norm.cuh"
 #include "moex/backend/cuda/kernels/router_warp.cuh"
 
@@ -57,9 +57,7 @@ __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_ker
   const int r = blockIdx.y;
   // The residual sum: the router launch's blocks all read x, and they are done (the wait); down and the next
   // layer's launches wait for this one. Written by the blocks of row 0.
-  if (blockIdx.y == 0)
-    for (int c = blockIdx.x * kThreads + threadIdx.x; c < p.hidden / 4; c += kThreads * gridDim.x)
-      reinterpret_cast<float4*>(p.residual.x)[c] = residual_sum4(p.residual, c);
+  if (blockIdx.y == 0) one_token_residual_sum(p, blockIdx.x, gridDim.x);
   if (warp == 0) {
     float value[PER_LANE];
 #pragma unroll
@@ -71,8 +69,7 @@ __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_ker
     warp_select_top_k(value, p.num_experts, p.top_k, [&](int k, float, int e) {
       if (lane == k) my_id = e;
     });
-    int rank = 0;  // of this lane's pick in expert order
-    for (int b = 0; b < p.top_k; ++b) rank += __shfl_sync(0xffffffffu, my_id, b) < my_id;
+    const int rank = warp_pick_rank(my_id, p.top_k);  // of this lane's pick in expert order
     // NaN logits leave the selection without valid ids: the block then computes expert 0's rows (garbage out, as
     // on every path, but no read past the table).
     const bool valid = my_id >= 0 && my_id < p.num_experts;
@@ -84,27 +81,13 @@ __global__ __launch_bounds__(kThreads, U == 2 ? 6 : 4) void moe_topk_gate_up_ker
   }
   __syncthreads();
   if (planner && threadIdx.x < p.top_k) {
-    // What launch_moe_router_plan writes for one token: the routing and the plan (group r = row r, one row each).
-    const int a = threadIdx.x, e = s_ids[a], rank = pick_rank(s_ids, p.top_k, a);
-    p.plan.ids[a] = e;
-    p.plan.weights[a] = s_weights[a];
-    p.plan.slot[a] = rank;
-    p.plan.row_token[rank] = 0;
+    const int a = threadIdx.x, e = s_ids[a];
     const MoeExpertPtrs we = p.table[e >= 0 && e < p.num_experts ? e : 0];  // NaN logits: no id (see above)
-    p.plan.groups[rank] = MoeGroup{we.gate, we.up, we.down, rank, 1};
-    if (a == 0) *p.plan.num_groups = p.top_k;
+    write_one_token_plan(p, a, e, s_weights[a], pick_rank(s_ids, p.top_k, a), we);
   }
   const int expert = s_expert;
   const int j = blockIdx.x * kWarps + warp;
-  if (j >= p.ffn) return;
-  const bf16* w_rows[2] = {reinterpret_cast<const bf16*>(s_gate[expert]) + int64_t(j) * p.hidden,
-                           reinterpret_cast<const bf16*>(s_up[expert]) + int64_t(j) * p.hidden};
-  const float* x_rows[1] = {p.x};
-  float acc[2][1] = {};
-  warp_dot_bf16<2, 1, U>(w_rows, x_rows, 1, p.hidden / 8, lane, acc);
-  const float gate = warp_sum(acc[0][0]);
-  const float up = warp_sum(acc[1][0]);
-  if (lane == 0) p.h[int64_t(r) * p.ffn + j] = silu(gate) * up;
+  if (j < p.ffn) one_token_swiglu_row<U>(p, s_gate[expert], s_up[expert], r, j, lane);
 }
 
 template <int U>
