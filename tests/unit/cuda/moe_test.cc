@@ -101,6 +101,19 @@ TEST_P(CudaMoe, MatchesReference) {
       }
     return ref;
   };
+  // The gate/up GEMM reads the tokens' rows through the plan (its own gather): the same bits as from the gathered
+  // copy it had read before (MOEX_CUDA_GEMM_GATHER=0), on both kernels.
+  for (const bool wgmma : {true, false}) {
+    const test::ScopedEnv kernel("MOEX_CUDA_WGMMA", wgmma ? "1" : "0");
+    const test::ScopedEnv copy("MOEX_CUDA_GEMM_GATHER", "0");
+    od.fill(std::vector<float>(static_cast<size_t>(c.tokens * c.hidden), std::nanf("")));
+    backend->moe_experts(xd.view(), routing, experts, od.view());
+    const auto copied = od.read();
+    const auto& gathered = wgmma ? out : out_mma_sync;
+    ASSERT_EQ(0, std::memcmp(copied.data(), gathered.data(), copied.size() * sizeof(float)))
+        << (wgmma ? "default kernel" : "mma.sync kernel") << ": gathered copy vs the GEMM's gather";
+  }
+
   std::vector<double> ref = reference(routing);
   MOEX_EXPECT_CLOSE(out, ref, 1e-2);
   MOEX_EXPECT_CLOSE(out_mma_sync, ref, 1e-2);
@@ -183,6 +196,15 @@ TEST_P(CudaMoeRoutedPrefill, DevicePlanMatchesHostPlan) {
   for (size_t i = 0; i < host_out.size(); ++i)
     ASSERT_EQ(0, std::memcmp(&host_out[i], &device_out[i], sizeof(float)))
         << "element " << i << ": host plan " << host_out[i] << ", device plan " << device_out[i];
+  // Both plans with the gathered copy of x the GEMM had read before (MOEX_CUDA_GEMM_GATHER=0; the router's logits
+  // then from linear()'s own bf16 copy): the same bits.
+  const test::ScopedEnv copy("MOEX_CUDA_GEMM_GATHER", "0");
+  for (const char* device_plan : {"0", "1"}) {
+    SCOPED_TRACE(std::string("MOEX_CUDA_PREFILL_PLAN=") + device_plan);
+    run(device_plan);
+    ASSERT_EQ(0, std::memcmp(host_logits.data(), logits.read().data(), host_logits.size() * sizeof(float)));
+    ASSERT_EQ(0, std::memcmp(host_out.data(), od.read().data(), host_out.size() * sizeof(float)));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -191,6 +213,7 @@ INSTANTIATE_TEST_SUITE_P(
                       RoutedCase{300, 128, 96, 60, 4, false, true, true},    // 64-row tiles, 60 experts
                       RoutedCase{2100, 64, 64, 8, 2, false, false, true},    // 5 chunks of 1024 picks
                       RoutedCase{400, 128, 64, 32, 8, true, true, true},     // sigmoid scores
+                      RoutedCase{1100, 64, 64, 256, 8, false, true, true},   // the planner's most experts, 9 chunks
                       RoutedCase{100, 64, 64, 16, 2, false, true, false}));  // 12 rows an expert: host plan, GEMV
 
 TEST(CudaMoePlan, SortsByExpertAndCutsGroups) {

@@ -98,6 +98,11 @@ DeviceDraw device_draw(const TokenDraw& draw) {
 // into two bf16 parts; gemv.cuh).
 constexpr int64_t kLinearGemmMinRows = 32;
 
+// Prefill's gate/up GEMM reads the tokens' rows itself through the plan's row_token, where a kernel had first
+// written them gathered (top_k bf16 copies of every token: Model B's 2048-token prompt read 134 MB and wrote 67 MB
+// a layer for it). MOEX_CUDA_GEMM_GATHER=0 keeps the gathered copy (A/B; read at every call, so tests compare both).
+bool gemm_gathers() { return !env_equals("MOEX_CUDA_GEMM_GATHER", "0"); }
+
 // Host-side blob of several arrays uploaded in one staging copy.
 class ArgBlob {
  public:
@@ -1310,14 +1315,20 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
   auto* weights = reinterpret_cast<const float*>(args + off_weight);
   const int num_groups = static_cast<int>(plan.groups.size());
   if (plan.use_gemm) {
-    size_t a_bytes = align16(static_cast<size_t>(rows * hidden) * 2);
+    // The gate/up GEMM reads the tokens' rows through row_token (gemm_gathers): only x's n rows are rounded.
+    const bool gather = gemm_gathers();
+    size_t a_bytes = align16(static_cast<size_t>((gather ? n : rows) * hidden) * 2);
     size_t h_bytes = align16(static_cast<size_t>(rows * ffn) * 2);
     auto* ws = static_cast<char*>(workspace(a_bytes + h_bytes + static_cast<size_t>(rows * hidden) * 4));
     auto* a = reinterpret_cast<uint16_t*>(ws);
     auto* h = reinterpret_cast<uint16_t*>(ws + a_bytes);
     auto* y = reinterpret_cast<float*>(ws + a_bytes + h_bytes);
-    launch_gather_rows_bf16(x.as<float>(), row_token, rows, hidden, a, stream_);
-    launch_moe_gemm_gate_up(a, groups, num_groups, plan.tile_rows, hidden, ffn, h, stream_);
+    if (gather)
+      launch_f32_to_bf16(x.as<float>(), a, n * hidden, stream_);
+    else
+      launch_gather_rows_bf16(x.as<float>(), row_token, rows, hidden, a, stream_);
+    launch_moe_gemm_gate_up(a, gather ? row_token : nullptr, groups, num_groups, plan.tile_rows, hidden, ffn, h,
+                            stream_);
     launch_moe_gemm_down(h, groups, num_groups, plan.tile_rows, hidden, ffn, y, stream_);
     launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   } else {
@@ -1499,24 +1510,40 @@ bool CudaBackend::moe_routed_prefill(const TensorView& x, const TensorView& rout
   // checked to be the same bits).
   const int tile_rows = moe_gemm_tile_rows(total, num_experts);
   const int64_t max_tiles = moe_prefill_max_tiles(total, num_experts, tile_rows);
-  linear(x, router, nullptr, logits);  // before workspace(): linear takes the workspace for its bf16 copy of x
+  // Gathering in the GEMM (gemm_gathers): x's rows are rounded to bf16 once, into the plan's workspace, and serve
+  // both the router's GEMM (as linear() would have read its own copy) and the gate/up GEMM through row_token.
+  // Otherwise linear() first (it takes the workspace for its bf16 copy of x), then a gathered copy.
+  const bool gather = gemm_gathers() && n > kLinearGemmMinRows;
+  const uint16_t* router_w = bf16_data(router, "moe_routed", "router");  // shapes: checked by moe_routed_on_device
+  if (!gather) linear(x, router, nullptr, logits);
   if (!capturing_) timeline_.begin(stream_);
   const size_t count = static_cast<size_t>(total);
-  const size_t a_bytes = align16(count * static_cast<size_t>(hidden) * 2);
+  const size_t a_bytes = align16((gather ? static_cast<size_t>(n) : count) * static_cast<size_t>(hidden) * 2);
   const size_t h_bytes = align16(count * static_cast<size_t>(ffn) * 2);
-  const PlanWorkspace ws =
-      plan_workspace(count, static_cast<size_t>(max_tiles), a_bytes + h_bytes + count * hidden * 4);
+  const size_t split_floats = gather ? dense_gemm_split_floats(n, hidden, num_experts, num_sms_) : 0;
+  const size_t y_bytes = align16(count * hidden * 4);
+  const size_t split_bytes = align16(split_floats * sizeof(float));
+  const size_t counts_bytes = static_cast<size_t>(moe_prefill_plan_counts(total, num_experts)) * sizeof(int32_t);
+  const PlanWorkspace ws = plan_workspace(count, static_cast<size_t>(max_tiles),
+                                          a_bytes + h_bytes + y_bytes + split_bytes + counts_bytes);
   const MoePlanBuffers& plan = ws.plan;  // plan.groups: the tiles, plan.num_groups: their count
   auto* a = reinterpret_cast<uint16_t*>(ws.tail);
   auto* h = reinterpret_cast<uint16_t*>(ws.tail + a_bytes);
   auto* y = reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes);
+  if (gather) {
+    launch_f32_to_bf16(x.as<float>(), a, n * hidden, stream_);
+    launch_dense_gemm(a, n, hidden, router_w, num_experts, nullptr, logits.as<float>(), num_sms_, stream_,
+                      reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes + y_bytes), split_floats);
+  }
   launch_router_topk(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
                      plan.ids, plan.weights, stream_);
-  launch_moe_prefill_plan(plan.ids, total, top_k, num_experts, table, tile_rows, plan.row_token, plan.slot,
-                          plan.groups, plan.num_groups, stream_);
-  launch_gather_rows_bf16(x.as<float>(), plan.row_token, total, hidden, a, stream_);
+  auto* plan_counts = reinterpret_cast<int32_t*>(ws.tail + a_bytes + h_bytes + y_bytes + split_bytes);
+  launch_moe_prefill_plan(plan.ids, total, top_k, num_experts, table, tile_rows, plan_counts, plan.row_token,
+                          plan.slot, plan.groups, plan.num_groups, stream_);
+  if (!gather) launch_gather_rows_bf16(x.as<float>(), plan.row_token, total, hidden, a, stream_);
   const int grid_tiles = static_cast<int>(max_tiles);
-  launch_moe_gemm_gate_up(a, plan.groups, grid_tiles, tile_rows, hidden, ffn, h, stream_, plan.num_groups);
+  launch_moe_gemm_gate_up(a, gather ? plan.row_token : nullptr, plan.groups, grid_tiles, tile_rows, hidden, ffn, h,
+                          stream_, plan.num_groups);
   launch_moe_gemm_down(h, plan.groups, grid_tiles, tile_rows, hidden, ffn, y, stream_, plan.num_groups);
   launch_moe_combine(y, plan.slot, plan.weights, n, top_k, hidden, out.as<float>(), stream_);
   if (!capturing_) timeline_.end(stream_, "experts", total);

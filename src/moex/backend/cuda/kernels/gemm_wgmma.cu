@@ -115,7 +115,17 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
   const int tid = threadIdx.x;
 
   // Stage s: A rows at smem_base + s * kStageBytes, B rows after them. Chunk c of the stage's (rows + B rows) x 8
-  // chunks: row c / 8, 16-byte chunk c % 8 of it.
+  // chunks: row c / 8, 16-byte chunk c % 8 of it. A thread's chunk c = tid + i * threads lies in A exactly for
+  // i < kAChunks (2 kRows threads), in the same rows at every stage: their starts are found once, through p.a_rows
+  // where the GEMM gathers the tokens' rows itself (no gathered copy of A written first), null past the tile.
+  constexpr int kAChunks = kRows * 8 / kThreadCount;
+  static_assert(kAChunks == 4, "two threads per A row of 8 chunks");
+  const bf16* a_row[kAChunks];
+#pragma unroll
+  for (int i = 0; i < kAChunks; ++i) {
+    const int row = row_begin + ((tid + i * kThreadCount) >> 3);
+    a_row[i] = row < row_end ? p.a + int64_t(p.a_rows ? __ldg(p.a_rows + row) : row) * K : nullptr;
+  }
   auto load_stage = [&](int stage, int k0) {
     const uint32_t base = smem_base + stage * kStage;
 #pragma unroll
@@ -124,10 +134,9 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
       const bool k_ok = k0 + kc * 8 < K;
       const bf16* src;
       bool valid;
-      if (r < kRows) {
-        const int row = row_begin + r;
-        valid = k_ok && row < row_end;
-        src = p.a + (valid ? int64_t(row) * K + k0 + kc * 8 : 0);
+      if (i < kAChunks) {
+        valid = k_ok && a_row[i];
+        src = valid ? a_row[i] + k0 + kc * 8 : p.a;
       } else {
         const int br = r - kRows;
         const bf16* b = b0;

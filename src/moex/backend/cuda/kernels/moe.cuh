@@ -107,22 +107,26 @@ bool moe_router_plan_fits(const float* x, const uint16_t* router, int64_t hidden
 // The GEMM path's plan made on the device (moe_prefill_plan.cu): ids [total] (all in [0, num_experts), the
 // router's picks, token-major), the layer's expert table -> row_token [total], slot [total], tiles of at most
 // tile_rows rows of one expert and their count, exactly as plan_moe orders them. tiles has room for
-// moe_prefill_max_tiles(total, num_experts, tile_rows). num_experts <= kMoePrefillPlanMaxExperts.
+// moe_prefill_max_tiles(total, num_experts, tile_rows). num_experts <= kMoePrefillPlanMaxExperts. counts: scratch
+// of moe_prefill_plan_counts(total, num_experts) ints (each chunk's picks per expert).
 constexpr int kMoePrefillPlanMaxExperts = 256;
 inline int64_t moe_prefill_max_tiles(int64_t total, int64_t num_experts, int tile_rows) {
   return (total + tile_rows - 1) / tile_rows + num_experts;  // each expert's last tile may be partial
 }
+int64_t moe_prefill_plan_counts(int64_t total, int64_t num_experts);
 void launch_moe_prefill_plan(const int32_t* ids, int64_t total, int64_t top_k, int64_t num_experts,
-                             const MoeExpertPtrs* table, int tile_rows, int32_t* row_token, int32_t* slot,
-                             MoeGroup* tiles, int32_t* num_tiles, cudaStream_t stream);
+                             const MoeExpertPtrs* table, int tile_rows, int32_t* counts, int32_t* row_token,
+                             int32_t* slot, MoeGroup* tiles, int32_t* num_tiles, cudaStream_t stream);
 
-// GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); a bf16 [rows, hidden] (tokens
-// gathered in permuted order). Stage 2: y fp32 [rows, hidden] = h down^T. hidden, ffn % 8 == 0. tile_rows:
+// GEMM path, stage 1: h bf16 [rows, ffn] = silu(a gate^T) * (a up^T); plan row r of a bf16 is row a_rows[r] (the
+// plan's row_token over the tokens' rows: the kernel gathers), or row r where a_rows is null (a gathered in
+// permuted order). Stage 2: y fp32 [rows, hidden] = h down^T. hidden, ffn % 8 == 0. tile_rows:
 // the plan's (kMoeGemmTileRows or kMoeGemmSmallTileRows), no tile has more rows. device_num_tiles (a plan made
 // on the device): the real tile count, read by the kernels; num_tiles then only bounds it (blocks of tiles past
 // it exit at once).
-void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
-                             int64_t ffn, uint16_t* h, cudaStream_t stream, const int32_t* device_num_tiles = nullptr);
+void launch_moe_gemm_gate_up(const uint16_t* a, const int32_t* a_rows, const MoeGroup* tiles, int num_tiles,
+                             int tile_rows, int64_t hidden, int64_t ffn, uint16_t* h, cudaStream_t stream,
+                             const int32_t* device_num_tiles = nullptr);
 void launch_moe_gemm_down(const uint16_t* h, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
                           int64_t ffn, float* y, cudaStream_t stream, const int32_t* device_num_tiles = nullptr);
 

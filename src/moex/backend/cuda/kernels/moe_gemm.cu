@@ -76,7 +76,7 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
       if (r < BM) {
         const int row = row_begin + r;
         valid = k_ok && row < row_end;
-        src = p.a + (valid ? int64_t(row) * K + k0 + kc : 0);
+        src = p.a + (valid ? int64_t(p.a_rows ? __ldg(p.a_rows + row) : row) * K + k0 + kc : 0);
       } else {
         const int br = r - BM;
         const bf16* b = b0;
@@ -199,11 +199,13 @@ void launch_gemm(GemmParams p, int tile_rows, unsigned grid_y, cudaStream_t stre
 
 }  // namespace
 
-void launch_moe_gemm_gate_up(const uint16_t* a, const MoeGroup* tiles, int num_tiles, int tile_rows, int64_t hidden,
-                             int64_t ffn, uint16_t* h, cudaStream_t stream, const int32_t* device_num_tiles) {
+void launch_moe_gemm_gate_up(const uint16_t* a, const int32_t* a_rows, const MoeGroup* tiles, int num_tiles,
+                             int tile_rows, int64_t hidden, int64_t ffn, uint16_t* h, cudaStream_t stream,
+                             const int32_t* device_num_tiles) {
   if (num_tiles == 0) return;
   GemmParams p{};
   p.a = reinterpret_cast<const bf16*>(a);
+  p.a_rows = a_rows;
   p.tiles = tiles;
   p.device_tiles = device_num_tiles;
   p.K = static_cast<int>(hidden);

@@ -27,6 +27,9 @@ constexpr int kDenseGemmMaxOutputs = 3;
 
 struct GemmParams {
   const bf16* a;          // [rows, K]
+  // Grouped: row r of the plan reads A's row a_rows[r] (the plan's row_token: the token's row of the activations,
+  // gathered by the kernel's own copies); null: row r.
+  const int32_t* a_rows;
   const MoeGroup* tiles;  // null: dense, the outputs below for all rows
   DenseGemmOut dense[kDenseGemmMaxOutputs];
   int dense_count;
