@@ -1,11 +1,10 @@
 #include "moex/telemetry/nvml.h"
 
-#include <dlfcn.h>
-
 #include <cstdlib>
-#include <type_traits>
 
 #include <fmt/format.h>
+
+#include "moex/core/shared_library.h"
 
 namespace moex {
 namespace {
@@ -45,35 +44,29 @@ std::string NvmlDevice::library_path() {
 
 std::unique_ptr<NvmlDevice> NvmlDevice::open(const std::string& pci_bus_id, std::string* why_not) {
   const std::string path = library_path();
-  void* library = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  std::string error;
+  std::unique_ptr<SharedLibrary> library = SharedLibrary::open({path}, &error);
   if (!library) {
-    const char* error = dlerror();
-    *why_not = fmt::format("cannot load {} (the NVIDIA driver's NVML): {}", path, error ? error : "unknown error");
+    *why_not = fmt::format("cannot load {} (the NVIDIA driver's NVML): {}", path, error);
     return nullptr;
   }
   auto api = std::make_unique<Api>();
   std::string missing;
-  auto bind = [&](auto& fn, const char* symbol) {
-    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(library, symbol));
-    if (!fn && missing.empty()) missing = symbol;
-  };
-  bind(api->init, "nvmlInit_v2");
-  bind(api->shutdown, "nvmlShutdown");
-  bind(api->error_string, "nvmlErrorString");
-  bind(api->by_index, "nvmlDeviceGetHandleByIndex_v2");
-  bind(api->by_pci_bus_id, "nvmlDeviceGetHandleByPciBusId_v2");
-  bind(api->get_name, "nvmlDeviceGetName");
-  bind(api->power_usage, "nvmlDeviceGetPowerUsage");
-  bind(api->total_energy, "nvmlDeviceGetTotalEnergyConsumption");
-  bind(api->utilization_rates, "nvmlDeviceGetUtilizationRates");
+  library->bind(api->init, "nvmlInit_v2", &missing);
+  library->bind(api->shutdown, "nvmlShutdown", &missing);
+  library->bind(api->error_string, "nvmlErrorString", &missing);
+  library->bind(api->by_index, "nvmlDeviceGetHandleByIndex_v2", &missing);
+  library->bind(api->by_pci_bus_id, "nvmlDeviceGetHandleByPciBusId_v2", &missing);
+  library->bind(api->get_name, "nvmlDeviceGetName", &missing);
+  library->bind(api->power_usage, "nvmlDeviceGetPowerUsage", &missing);
+  library->bind(api->total_energy, "nvmlDeviceGetTotalEnergyConsumption", &missing);
+  library->bind(api->utilization_rates, "nvmlDeviceGetUtilizationRates", &missing);
   if (!missing.empty()) {
     *why_not = fmt::format("{} has no {}: not NVML, or one too old", path, missing);
-    dlclose(library);
     return nullptr;
   }
   if (nvmlReturn_t rc = api->init(); rc != kNvmlSuccess) {
     *why_not = fmt::format("nvmlInit failed: {}", api->error(rc));
-    dlclose(library);
     return nullptr;
   }
   nvmlDevice_t device = nullptr;
@@ -81,21 +74,19 @@ std::unique_ptr<NvmlDevice> NvmlDevice::open(const std::string& pci_bus_id, std:
   if (rc != kNvmlSuccess) {
     *why_not = fmt::format("NVML has no device {}: {}", pci_bus_id.empty() ? "0" : pci_bus_id, api->error(rc));
     api->shutdown();
-    dlclose(library);
     return nullptr;
   }
   char name[96] = {};
   std::string device_name = api->get_name(device, name, sizeof(name)) == kNvmlSuccess ? name : "unknown GPU";
-  return std::unique_ptr<NvmlDevice>(new NvmlDevice(library, std::move(api), device, std::move(device_name)));
+  return std::unique_ptr<NvmlDevice>(
+      new NvmlDevice(std::move(library), std::move(api), device, std::move(device_name)));
 }
 
-NvmlDevice::NvmlDevice(void* library, std::unique_ptr<Api> api, void* device, std::string name)
-    : library_(library), api_(std::move(api)), device_(device), name_(std::move(name)) {}
+NvmlDevice::NvmlDevice(std::unique_ptr<SharedLibrary> library, std::unique_ptr<Api> api, void* device,
+                       std::string name)
+    : library_(std::move(library)), api_(std::move(api)), device_(device), name_(std::move(name)) {}
 
-NvmlDevice::~NvmlDevice() {
-  api_->shutdown();
-  dlclose(library_);
-}
+NvmlDevice::~NvmlDevice() { api_->shutdown(); }  // then library_ closes
 
 std::optional<double> NvmlDevice::power_w() const {
   unsigned int milliwatts = 0;

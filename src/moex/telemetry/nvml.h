@@ -10,6 +10,8 @@
 
 namespace moex {
 
+class SharedLibrary;
+
 // NVML's utilisation rates: percent of the driver's last sample period (1/6 s to 1 s by GPU) during which a
 // kernel ran (gpu) and device memory was read or written (memory).
 struct GpuUtilization {
@@ -41,9 +43,9 @@ class NvmlDevice {
 
  private:
   struct Api;
-  NvmlDevice(void* library, std::unique_ptr<Api> api, void* device, std::string name);
+  NvmlDevice(std::unique_ptr<SharedLibrary> library, std::unique_ptr<Api> api, void* device, std::string name);
 
-  void* library_ = nullptr;  // dlopen handle
+  std::unique_ptr<SharedLibrary> library_;  // closed after the destructor's nvmlShutdown
   std::unique_ptr<Api> api_;
   void* device_ = nullptr;  // nvmlDevice_t
   std::string name_;
