@@ -18,6 +18,7 @@
 
 #include <fmt/format.h>
 
+#include "moex/backend/cuda/cublas_gemm.h"
 #include "moex/backend/cuda/cuda_backend.h"
 #include "moex/backend/cuda/cuda_check.h"
 #include "moex/backend/cuda/kernels/attention.cuh"
@@ -271,14 +272,25 @@ void bench_gemms(Bench& b, std::mt19937& rng) {
     }
     b.free_all();
   }
-  for (Shape3 sh :
-       {Shape3{"dense gemm 2048x2048x2048", 2048, 2048}, Shape3{"dense gemm 2048x32000x2048", 32000, 2048}}) {
+  std::string why_not;
+  const std::unique_ptr<cuda::CublasGemm> blas = cuda::CublasGemm::open(&why_not);
+  if (!blas) std::printf("no cuBLAS figures: %s\n", why_not.c_str());
+  // The dense shapes of a 2048-token prefill: square, Model B's q/k/v (5120 outputs) and o_proj (K 4096), Model A's
+  // lm_head.
+  for (Shape3 sh : {Shape3{"dense gemm 2048x2048x2048", 2048, 2048}, Shape3{"dense gemm 2048x5120x2048", 5120, 2048},
+                    Shape3{"dense gemm 2048x2048x4096", 2048, 4096},
+                    Shape3{"dense gemm 2048x32000x2048", 32000, 2048}}) {
     const int64_t M = 2048;
     auto* a = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(M * sh.k), 1.f));
     auto* w = static_cast<uint16_t*>(b.random_bf16(static_cast<size_t>(sh.n * sh.k), 0.02f));
     float* y = b.random_f32(static_cast<size_t>(M * sh.n));
     Timing t = b.time([&](int) { cuda::launch_dense_gemm(a, M, sh.k, w, sh.n, nullptr, y, b.num_sms(), s); }, 10);
     report(sh.label, t, 2.0 * M * sh.n * sh.k, "GFLOP/s", 0);
+    if (blas) {  // the same GEMM through cuBLAS (MOEX_CUDA_CUBLAS=1 in the backend)
+      std::string why_not;
+      t = b.time([&](int) { MOEX_ASSERT(blas->gemm(a, M, sh.k, w, sh.n, y, s, &why_not), "{}", why_not); }, 10);
+      report(fmt::format("{} (cuBLAS)", sh.label), t, 2.0 * M * sh.n * sh.k, "GFLOP/s", 0);
+    }
     b.free_all();
   }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "cuda_test_util.h"
+#include "moex/backend/cuda/cublas_gemm.h"
 #include "moex/backend/cuda/kernels/gemm_path.h"
 #include "moex/backend/cuda/kernels/moe.cuh"
 #include "unit/scoped_env.h"
@@ -77,6 +78,30 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            // 384, 384 and 232
                                            LinearCase{2048, 2048, 128, false}, LinearCase{512, 2048, 8, true},
                                            LinearCase{100, 1000, 40, true}));
+
+// cuBLAS (MOEX_CUDA_CUBLAS=1) loads from where MOEX_CUBLAS_LIBRARY says, or from the loader's path and the toolkit's
+// directory: a skip, with the reason, where it does not (CudaLinearMany then checks only moex's own GEMMs).
+TEST(CudaCublas, LoadsWhereTheToolkitIs) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  std::string why_not;
+  const auto blas = cuda::CublasGemm::open(&why_not);
+  if (!blas) GTEST_SKIP() << why_not;
+  EXPECT_FALSE(blas->library().empty());
+}
+
+// What it says where the library is not cuBLAS or not there (no GPU needed).
+TEST(CudaCublas, ABadLibraryIsNamed) {
+  std::string why_not;
+  {
+    const test::ScopedEnv path("MOEX_CUBLAS_LIBRARY", "/nonexistent/libcublas.so.13");
+    EXPECT_EQ(cuda::CublasGemm::open(&why_not), nullptr);
+    EXPECT_NE(why_not.find("cannot load cuBLAS"), std::string::npos) << why_not;
+    EXPECT_NE(why_not.find("/nonexistent/libcublas.so.13"), std::string::npos) << why_not;
+  }
+  const test::ScopedEnv path("MOEX_CUBLAS_LIBRARY", "libc.so.6");
+  EXPECT_EQ(cuda::CublasGemm::open(&why_not), nullptr);
+  EXPECT_NE(why_not.find("has no cublasCreate_v2"), std::string::npos) << why_not;
+}
 
 // The narrow GEMMs above take the split path (its scratch is sized), the q/k/v-sized ones do not.
 TEST(CudaGemm, NarrowGemmsSplitK) {

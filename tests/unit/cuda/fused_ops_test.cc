@@ -6,6 +6,7 @@
 
 #include "cuda_test_util.h"
 #include "unit/scoped_env.h"
+#include "moex/backend/cuda/cublas_gemm.h"
 #include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/kernels/elementwise.cuh"
 
@@ -67,12 +68,27 @@ TEST_P(CudaLinearMany, MatchesReference) {
       }
     refs.push_back(std::move(ref));
   }
-  for (const char* wgmma : {static_cast<const char*>(nullptr), "0"}) {
-    if (wgmma && !gemm) continue;
-    const test::ScopedEnv path("MOEX_CUDA_WGMMA", wgmma);
-    SCOPED_TRACE(wgmma ? "MOEX_CUDA_WGMMA=0" : "default kernels");
+  // And cuBLAS (MOEX_CUDA_CUBLAS=1) where it loads: the same products, its own fp32 sums, one call per output.
+  static const bool have_cublas = [] {
+    std::string why_not;
+    return cuda::CublasGemm::open(&why_not) != nullptr;
+  }();
+  struct Variant {
+    const char* wgmma;  // MOEX_CUDA_WGMMA's value (null: unset)
+    bool blas;          // MOEX_CUDA_CUBLAS=1
+    const char* label;
+  };
+  for (const Variant v : {Variant{nullptr, false, "default kernels"}, Variant{"0", false, "MOEX_CUDA_WGMMA=0"},
+                          Variant{nullptr, true, "MOEX_CUDA_CUBLAS=1"}}) {
+    const bool blas = v.blas;
+    if ((v.wgmma && !gemm) || (blas && (!gemm || !have_cublas))) continue;
+    const test::ScopedEnv kernel("MOEX_CUDA_WGMMA", v.wgmma);
+    const test::ScopedEnv library("MOEX_CUDA_CUBLAS", blas ? "1" : nullptr);
+    SCOPED_TRACE(v.label);
     for (auto& y : yd) y->fill(std::vector<float>(static_cast<size_t>(y->view().numel()), std::nanf("")));
+    const int64_t before = cuda_cublas_gemms(*backend);
     backend->linear_many(xd.view(), outputs);
+    EXPECT_EQ(cuda_cublas_gemms(*backend) - before, blas ? static_cast<int64_t>(c.outs.size()) : 0);
     for (size_t i = 0; i < c.outs.size(); ++i) {
       SCOPED_TRACE(testing::Message() << "output " << i);
       MOEX_EXPECT_CLOSE(yd[i]->read(), refs[i], 1e-5);

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -20,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "moex/backend/cuda/cublas_gemm.h"
 #include "moex/backend/cuda/cuda_check.h"
 #include "moex/backend/cuda/cuda_resources.h"
 #include "moex/backend/cuda/moe_plan.h"
@@ -348,6 +350,7 @@ class CudaBackend final : public Backend {
                               kv_rows_reused_};
   }
   int64_t prefill_plans_on_device() const { return prefill_plans_on_device_; }
+  int64_t cublas_gemms() const { return cublas_gemms_; }
 
   void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) override {
     check_f32(out, "embedding", "out");
@@ -436,10 +439,42 @@ class CudaBackend final : public Backend {
     auto* xb = reinterpret_cast<uint16_t*>(ws);
     if (!capturing_) timeline_.begin(stream_);
     launch_f32_to_bf16(x.as<float>(), xb, rows * K, stream_);
-    launch_dense_gemm(xb, rows, K, outputs, count, num_sms_, stream_, reinterpret_cast<float*>(ws + xb_bytes),
-                      split_floats);
+    dense_gemm(xb, rows, K, outputs, count, reinterpret_cast<float*>(ws + xb_bytes), split_floats);
     if (!capturing_) timeline_.end(stream_, "gemm", rows);
     MOEX_CUDA_CHECK_LAUNCH();
+  }
+
+  // y_i fp32 [rows, N_i] = xb bf16 [rows, K] @ w_i^T (+ bias_i) for each output: launch_dense_gemm (moex's
+  // kernels; split_scratch for a narrow single output), or cuBLAS one output at a time where MOEX_CUDA_CUBLAS=1 and
+  // it loads (not inside a recording: cuBLAS's own workspace is not set up for graph capture here).
+  void dense_gemm(const uint16_t* xb, int64_t rows, int64_t K, const GemvOutput* outputs, int count,
+                  float* split_scratch, size_t split_floats) {
+    if (CublasGemm* blas = capturing_ ? nullptr : cublas()) {
+      for (int i = 0; i < count; ++i) {
+        const GemvOutput& o = outputs[i];
+        std::string why_not;
+        MOEX_ASSERT(blas->gemm(xb, rows, K, o.w, o.rows, o.y, stream_, &why_not), "cuda linear through {}: {}",
+                    blas->library(), why_not);
+        if (o.bias) launch_add_row_bias(o.y, o.bias, rows, o.rows, stream_);
+      }
+      cublas_gemms_ += count;
+      return;
+    }
+    launch_dense_gemm(xb, rows, K, outputs, count, num_sms_, stream_, split_scratch, split_floats);
+  }
+
+  // The cuBLAS library for dense GEMMs where MOEX_CUDA_CUBLAS=1 (read at every call, so tests and benchmarks compare
+  // both), loaded on first use; null otherwise or where it does not load (said once on stderr: moex's own GEMMs
+  // then run).
+  CublasGemm* cublas() {
+    if (!env_equals("MOEX_CUDA_CUBLAS", "1")) return nullptr;
+    if (!cublas_tried_) {
+      cublas_tried_ = true;
+      std::string why_not;
+      cublas_ = CublasGemm::open(&why_not);
+      if (!cublas_) std::fprintf(stderr, "moex: MOEX_CUDA_CUBLAS=1, but %s; moex's own GEMMs run\n", why_not.c_str());
+    }
+    return cublas_.get();
   }
 
   void linear_many(const TensorView& x, std::span<const LinearOutput> outputs) override {
@@ -1260,6 +1295,9 @@ class CudaBackend final : public Backend {
   bool kv_row_reused_ = false;  // the prepared step is such a row (no upload yet: resync_kv_row)
   int64_t kv_uploads_ = 0, kv_rows_reused_ = 0;
   int64_t prefill_plans_on_device_ = 0;  // moe_routed_prefill's batches (tests ask which path ran)
+  std::unique_ptr<CublasGemm> cublas_;   // MOEX_CUDA_CUBLAS=1: loaded on first use (cublas())
+  bool cublas_tried_ = false;
+  int64_t cublas_gemms_ = 0;  // outputs computed through cuBLAS (tests ask which path ran)
   struct ExpertTable {
     DeviceMemory pointers;
     std::vector<MoeExpertPtrs> host;  // what pointers holds: a hit must match it whole
@@ -1532,8 +1570,9 @@ bool CudaBackend::moe_routed_prefill(const TensorView& x, const TensorView& rout
   auto* y = reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes);
   if (gather) {
     launch_f32_to_bf16(x.as<float>(), a, n * hidden, stream_);
-    launch_dense_gemm(a, n, hidden, router_w, num_experts, nullptr, logits.as<float>(), num_sms_, stream_,
-                      reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes + y_bytes), split_floats);
+    const GemvOutput router_out{router_w, nullptr, logits.as<float>(), num_experts};
+    dense_gemm(a, n, hidden, &router_out, 1, reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes + y_bytes),
+               split_floats);
   }
   launch_router_topk(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
                      plan.ids, plan.weights, stream_);
@@ -1610,6 +1649,11 @@ CudaStepGraphStats cuda_step_graph_stats(const Backend& backend) {
 int64_t cuda_prefill_plans_on_device(const Backend& backend) {
   const auto* cuda = dynamic_cast<const cuda::CudaBackend*>(&backend);
   return cuda ? cuda->prefill_plans_on_device() : 0;
+}
+
+int64_t cuda_cublas_gemms(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const cuda::CudaBackend*>(&backend);
+  return cuda ? cuda->cublas_gemms() : 0;
 }
 
 std::unique_ptr<Backend> make_cuda_backend(int device_idx) { return std::make_unique<cuda::CudaBackend>(device_idx); }

@@ -54,6 +54,11 @@ __global__ void axpy_kernel(float alpha, const float* x, float* y, int64_t n) {
     y[i] += alpha * x[i];
 }
 
+__global__ void add_row_bias_kernel(float* out, const float* bias, int64_t n, int64_t cols) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] += bias[i % cols];
+}
+
 __global__ void f32_to_bf16_kernel(const float* src, bf16* dst, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     dst[i] = __float2bfloat16_rn(src[i]);
@@ -98,6 +103,12 @@ void launch_add_sigmoid_gated(float* acc, const float* x, const float* gate_logi
 void launch_axpy(float alpha, const float* x, float* y, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
   axpy_kernel<<<grid_for(n), kThreads, 0, stream>>>(alpha, x, y, n);
+}
+
+void launch_add_row_bias(float* out, const float* bias, int64_t rows, int64_t cols, cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  add_row_bias_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, bias, n, cols);
 }
 
 void launch_f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream) {

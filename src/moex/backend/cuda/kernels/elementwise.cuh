@@ -20,6 +20,8 @@ void launch_silu_mul(const float* gate, const float* up, float* out, int64_t n, 
 // acc[r, :] += sigmoid(gate_logit[r]) * x[r, :]; acc/x [rows, cols].
 void launch_add_sigmoid_gated(float* acc, const float* x, const float* gate_logit, int64_t rows, int64_t cols,
                               cudaStream_t stream);
+// out[r, :] += bias over rows rows of cols (the bias of a GEMM that wrote out without it: cuBLAS's).
+void launch_add_row_bias(float* out, const float* bias, int64_t rows, int64_t cols, cudaStream_t stream);
 // y += alpha * x over n elements.
 void launch_axpy(float alpha, const float* x, float* y, int64_t n, cudaStream_t stream);
 // dst = bf16(src) (round to nearest even) over n elements.
