@@ -40,9 +40,11 @@
 #                                  run with --gpu-telemetry on (NVML through moex: J/token and W next to ms/token).
 #   tools/device_cuda.sh prefill   there: prefill of Model A and Model B at 512/2048 tokens, this build as is and with
 #                                  each --variant NAME=VALUE[,NAME=VALUE] (e.g. MOEX_CUDA_WGMMA=0,
-#                                  MOEX_CUDA_PREFILL_PLAN=0), every run twice, interleaved; then the prefill GEMM
-#                                  kernels per variant (moex_cuda_kernels_bench --gemm-only) and, with --timeline, Model
-#                                  B's 2048-token timeline per variant (MOEX_CUDA_TIMELINE, tools/cuda_timeline.py).
+#                                  MOEX_CUDA_PREFILL_PLAN=0, MOEX_CUDA_GEMM_GATHER=0, MOEX_CUDA_CUBLAS=1), every run
+#                                  twice, interleaved; then the prefill GEMM kernels per variant
+#                                  (moex_cuda_kernels_bench --gemm-only, cuBLAS's dense rows where it loads) and,
+#                                  with --timeline, Model B's 2048-token timeline per variant (MOEX_CUDA_TIMELINE,
+#                                  tools/cuda_timeline.py).
 #                                  Options: --models "model_a model_b", --skip-tests (else the GEMM, MoE and routed
 #                                  tests first). BASELINE=DIR (a dir with bin/moex[.gz]): that build's prefill too,
 #                                  interleaved, for changes that have no switch.
@@ -628,7 +630,7 @@ prefill() {
   export LD_LIBRARY_PATH="$PWD/$DEV/lib:${LD_LIBRARY_PATH:-}"
   nvidia-smi -L
   [ "$skip_tests" -eq 0 ] && cuda_tests_to "$out/prefill_tests.log" 200 \
-    --gtest_filter='CudaGemm.*:*CudaLinear*:*CudaMoe*:*Routed*'
+    --gtest_filter='CudaGemm.*:CudaCublas.*:*CudaLinear*:*CudaMoe*:*Routed*'
   : >"$out/prefill.jsonl"
   local rep v m env bin label base="${BASELINE:-}"
   local runs=("${!variants[@]}")
@@ -656,7 +658,7 @@ print(json.dumps({'variant': sys.argv[1], 'model': sys.argv[2], 'prefill': r.get
   for v in "${!variants[@]}"; do
     IFS=, read -r -a env <<<"${variants[$v]}"
     echo "== GEMM kernels: ${variants[$v]:-this build}"
-    env "${env[@]}" timeout 90 "$DEV/bin/moex_cuda_kernels_bench" --gemm-only 2>&1 | tail -7
+    env "${env[@]}" timeout 90 "$DEV/bin/moex_cuda_kernels_bench" --gemm-only 2>&1 | grep -E "gemm|GEMM|cuBLAS" 
     [ "$timeline" -eq 1 ] || continue
     env "${env[@]}" MOEX_CUDA_TIMELINE="$out/timeline_v$v.csv" timeout 150 "$DEV/bin/moex" bench \
       -m bench/cuda/models/model_b --load-format random --device cuda --prompt-lens 2048 --decode-tokens 0 --reps 2 \
