@@ -80,15 +80,14 @@ TEST_P(CudaLinearMany, MatchesReference) {
   };
   for (const Variant v : {Variant{nullptr, false, "default kernels"}, Variant{"0", false, "MOEX_CUDA_WGMMA=0"},
                           Variant{nullptr, true, "MOEX_CUDA_CUBLAS=1"}}) {
-    const bool blas = v.blas;
-    if ((v.wgmma && !gemm) || (blas && (!gemm || !have_cublas))) continue;
+    if ((v.wgmma && !gemm) || (v.blas && (!gemm || !have_cublas))) continue;
     const test::ScopedEnv kernel("MOEX_CUDA_WGMMA", v.wgmma);
-    const test::ScopedEnv library("MOEX_CUDA_CUBLAS", blas ? "1" : nullptr);
+    const test::ScopedEnv library("MOEX_CUDA_CUBLAS", v.blas ? "1" : nullptr);
     SCOPED_TRACE(v.label);
     for (auto& y : yd) y->fill(std::vector<float>(static_cast<size_t>(y->view().numel()), std::nanf("")));
     const int64_t before = cuda_cublas_gemms(*backend);
     backend->linear_many(xd.view(), outputs);
-    EXPECT_EQ(cuda_cublas_gemms(*backend) - before, blas ? static_cast<int64_t>(c.outs.size()) : 0);
+    EXPECT_EQ(cuda_cublas_gemms(*backend) - before, v.blas ? static_cast<int64_t>(c.outs.size()) : 0);
     for (size_t i = 0; i < c.outs.size(); ++i) {
       SCOPED_TRACE(testing::Message() << "output " << i);
       MOEX_EXPECT_CLOSE(yd[i]->read(), refs[i], 1e-5);

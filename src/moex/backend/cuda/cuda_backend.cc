@@ -1568,15 +1568,15 @@ bool CudaBackend::moe_routed_prefill(const TensorView& x, const TensorView& rout
   auto* a = reinterpret_cast<uint16_t*>(ws.tail);
   auto* h = reinterpret_cast<uint16_t*>(ws.tail + a_bytes);
   auto* y = reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes);
+  auto* split = reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes + y_bytes);
+  auto* plan_counts = reinterpret_cast<int32_t*>(ws.tail + a_bytes + h_bytes + y_bytes + split_bytes);
   if (gather) {
     launch_f32_to_bf16(x.as<float>(), a, n * hidden, stream_);
     const GemvOutput router_out{router_w, nullptr, logits.as<float>(), num_experts};
-    dense_gemm(a, n, hidden, &router_out, 1, reinterpret_cast<float*>(ws.tail + a_bytes + h_bytes + y_bytes),
-               split_floats);
+    dense_gemm(a, n, hidden, &router_out, 1, split, split_floats);
   }
   launch_router_topk(logits.as<float>(), n, num_experts, top_k, scoring == RouterScoring::kSigmoid, normalize,
                      plan.ids, plan.weights, stream_);
-  auto* plan_counts = reinterpret_cast<int32_t*>(ws.tail + a_bytes + h_bytes + y_bytes + split_bytes);
   launch_moe_prefill_plan(plan.ids, total, top_k, num_experts, table, tile_rows, plan_counts, plan.row_token,
                           plan.slot, plan.groups, plan.num_groups, stream_);
   if (!gather) launch_gather_rows_bf16(x.as<float>(), plan.row_token, total, hidden, a, stream_);
