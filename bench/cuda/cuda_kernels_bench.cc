@@ -5,7 +5,7 @@
 // launches between two events (launch gaps included, as eager decode sees them).
 // Last, token picks over Model A's and Model B's vocabularies: the greedy argmax against the sampling kernel with
 // moex run's default cuts and with top-p alone.
-// Usage: moex_cuda_kernels_bench [--json FILE] [--sampling-only] [--gemm-only]
+// Usage: moex_cuda_kernels_bench [--json FILE] [--sampling-only] [--gemm-only] [--attention-only]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -296,7 +296,43 @@ void bench_gemms(Bench& b, std::mt19937& rng) {
 
 }
 
-int run(const char* json_path, bool sampling_only, bool gemm_only) {
+// Attention over the paged cache (pages of 32): decode rows (GB/s of fp32 K+V, against hbm where it is known)
+// and prefill chunks (GFLOP/s).
+void bench_attention(Bench& b, double hbm) {
+  cudaStream_t s = b.stream();
+  struct AttnShape {
+    const char* label;
+    int64_t heads, kv_heads, n, start, seqs;  // seqs > 1: one decode row per sequence, each at position start
+  };
+  for (AttnShape a : {AttnShape{"A decode ctx 4096", 16, 8, 1, 4095, 1}, AttnShape{"B decode ctx 4096", 32, 4, 1, 4095, 1},
+                      AttnShape{"A decode ctx 512", 16, 8, 1, 511, 1}, AttnShape{"A decode 32 seqs ctx 512", 16, 8, 32, 511, 32},
+                      AttnShape{"A prefill 2048", 16, 8, 2048, 0, 1}, AttnShape{"B prefill 2048", 32, 4, 2048, 0, 1}}) {
+    const int64_t D = 128, page = 32, keys = a.start + (a.seqs > 1 ? 1 : a.n);
+    const int64_t pages_per_seq = (keys + page - 1) / page;
+    float* q = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
+    float* kc = b.random_f32(static_cast<size_t>(a.seqs * pages_per_seq * page * a.kv_heads * D));
+    float* vc = b.random_f32(static_cast<size_t>(a.seqs * pages_per_seq * page * a.kv_heads * D));
+    float* o = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
+    std::vector<int32_t> meta;  // row_seq [n], row_pos [n], tables [seqs, pages_per_seq]
+    for (int64_t r = 0; r < a.n; ++r) meta.push_back(static_cast<int32_t>(a.seqs > 1 ? r : 0));
+    for (int64_t r = 0; r < a.n; ++r) meta.push_back(static_cast<int32_t>(a.seqs > 1 ? a.start : a.start + r));
+    for (int64_t p = 0; p < a.seqs * pages_per_seq; ++p) meta.push_back(static_cast<int32_t>(p));
+    const auto* dev = static_cast<const int32_t*>(b.upload(meta.data(), meta.size() * 4));
+    const cuda::PagedKvRows rows{dev, dev + a.n, dev + 2 * a.n, pages_per_seq, page};
+    cuda::AttentionShape shape{a.n, a.heads, a.kv_heads, D, keys, a.seqs == 1};
+    size_t ws_bytes = cuda::attention_workspace_bytes(shape, b.num_sms());
+    float* ws = b.random_f32(ws_bytes / 4 + 1);
+    Timing t = b.time([&](int) { cuda::launch_attention(q, kc, vc, rows, o, shape, 0.088f, ws, b.num_sms(), s); },
+                      a.seqs > 1 || a.n == 1 ? 100 : 5);
+    if (a.seqs > 1 || a.n == 1)
+      report(fmt::format("attention {}", a.label), t, 2.0 * a.seqs * keys * a.kv_heads * D * 4, "GB/s", hbm);
+    else
+      report(fmt::format("attention {}", a.label), t, 2.0 * a.n * a.n * a.heads * D, "GFLOP/s", 0);
+    b.free_all();
+  }
+}
+
+int run(const char* json_path, bool sampling_only, bool gemm_only, bool attention_only) {
   if (cuda_device_count() == 0) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: no CUDA device\n");
     return 1;
@@ -304,8 +340,9 @@ int run(const char* json_path, bool sampling_only, bool gemm_only) {
   if (json_path) g_json = std::fopen(json_path, "w");
   std::printf("device: %s\n", cuda_device_description(0).c_str());
   Bench b;
-  if (sampling_only || gemm_only) {
+  if (sampling_only || gemm_only || attention_only) {
     if (sampling_only) bench_sampling(b);
+    if (attention_only) bench_attention(b, 0.0);
     if (gemm_only) {
       std::mt19937 rng(1234);
       bench_gemms(b, rng);
@@ -394,37 +431,7 @@ int run(const char* json_path, bool sampling_only, bool gemm_only) {
 
   bench_gemms(b, rng);
 
-  // ---- attention over the paged cache (pages of 32): decode (bytes of fp32 K+V) and prefill (FLOPs) ----
-  struct AttnShape {
-    const char* label;
-    int64_t heads, kv_heads, n, start, seqs;  // seqs > 1: one decode row per sequence, each at position start
-  };
-  for (AttnShape a : {AttnShape{"A decode ctx 4096", 16, 8, 1, 4095, 1}, AttnShape{"B decode ctx 4096", 32, 4, 1, 4095, 1},
-                      AttnShape{"A decode ctx 512", 16, 8, 1, 511, 1}, AttnShape{"A decode 32 seqs ctx 512", 16, 8, 32, 511, 32},
-                      AttnShape{"A prefill 2048", 16, 8, 2048, 0, 1}, AttnShape{"B prefill 2048", 32, 4, 2048, 0, 1}}) {
-    const int64_t D = 128, page = 32, keys = a.start + (a.seqs > 1 ? 1 : a.n);
-    const int64_t pages_per_seq = (keys + page - 1) / page;
-    float* q = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
-    float* kc = b.random_f32(static_cast<size_t>(a.seqs * pages_per_seq * page * a.kv_heads * D));
-    float* vc = b.random_f32(static_cast<size_t>(a.seqs * pages_per_seq * page * a.kv_heads * D));
-    float* o = b.random_f32(static_cast<size_t>(a.n * a.heads * D));
-    std::vector<int32_t> meta;  // row_seq [n], row_pos [n], tables [seqs, pages_per_seq]
-    for (int64_t r = 0; r < a.n; ++r) meta.push_back(static_cast<int32_t>(a.seqs > 1 ? r : 0));
-    for (int64_t r = 0; r < a.n; ++r) meta.push_back(static_cast<int32_t>(a.seqs > 1 ? a.start : a.start + r));
-    for (int64_t p = 0; p < a.seqs * pages_per_seq; ++p) meta.push_back(static_cast<int32_t>(p));
-    const auto* dev = static_cast<const int32_t*>(b.upload(meta.data(), meta.size() * 4));
-    const cuda::PagedKvRows rows{dev, dev + a.n, dev + 2 * a.n, pages_per_seq, page};
-    cuda::AttentionShape shape{a.n, a.heads, a.kv_heads, D, keys, a.seqs == 1};
-    size_t ws_bytes = cuda::attention_workspace_bytes(shape, b.num_sms());
-    float* ws = b.random_f32(ws_bytes / 4 + 1);
-    Timing t = b.time([&](int) { cuda::launch_attention(q, kc, vc, rows, o, shape, 0.088f, ws, b.num_sms(), s); },
-                      a.seqs > 1 || a.n == 1 ? 100 : 5);
-    if (a.seqs > 1 || a.n == 1)
-      report(fmt::format("attention {}", a.label), t, 2.0 * a.seqs * keys * a.kv_heads * D * 4, "GB/s", hbm);
-    else
-      report(fmt::format("attention {}", a.label), t, 2.0 * a.n * a.n * a.heads * D, "GFLOP/s", 0);
-    b.free_all();
-  }
+  bench_attention(b, hbm);
 
   // ---- router: one launch, 1 and 128 tokens ----
   for (int64_t tokens : {1, 128}) {
@@ -446,7 +453,7 @@ int run(const char* json_path, bool sampling_only, bool gemm_only) {
 
 int main(int argc, char** argv) {
   const char* json = nullptr;
-  bool sampling_only = false, gemm_only = false;
+  bool sampling_only = false, gemm_only = false, attention_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--json" && i + 1 < argc) {
@@ -455,15 +462,17 @@ int main(int argc, char** argv) {
       sampling_only = true;
     } else if (arg == "--gemm-only") {
       gemm_only = true;
+    } else if (arg == "--attention-only") {
+      attention_only = true;
     } else {
       const char* what = arg == "--json" ? "a file name must follow" : "unknown argument";
       std::fprintf(stderr, "moex_cuda_kernels_bench: %s '%s' (usage: moex_cuda_kernels_bench [--json FILE] "
-                   "[--sampling-only] [--gemm-only])\n", what, arg.c_str());
+                   "[--sampling-only] [--gemm-only] [--attention-only])\n", what, arg.c_str());
       return 2;
     }
   }
   try {
-    return moex::run(json, sampling_only, gemm_only);
+    return moex::run(json, sampling_only, gemm_only, attention_only);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: %s\n", e.what());
     return 1;

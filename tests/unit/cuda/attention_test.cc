@@ -91,6 +91,16 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
     backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
     got_cluster_8 = od.read();
   }
+  // The tensor-core prefill kernel reads dense bf16 copies of K and V where head_dim % 8 == 0; =0 gathers and
+  // rounds the fp32 pages in every block, as it did before: the same roundings, so the same bits.
+  std::vector<float> got_gathered;
+  {
+    const test::ScopedEnv gather("MOEX_CUDA_PREFILL_KV_BF16", "0");
+    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
+    got_gathered = od.read();
+  }
+  EXPECT_EQ(std::memcmp(got.data(), got_gathered.data(), got.size() * sizeof(float)), 0)
+      << "dense bf16 K/V and the gathered fp32 pages differ";
 
   // kv_write: exactly the step's rows changed, bit for bit.
   std::vector<float> k_after(d.k_pool.size()), v_after(d.v_pool.size());
@@ -274,6 +284,26 @@ TEST(CudaAttentionRows, OneChunkIsOneSequenceAtConsecutivePositions) {
   EXPECT_TRUE(cuda::rows_form_one_chunk(seq, gap, 1));  // a single row
   EXPECT_FALSE(cuda::rows_form_one_chunk(seq, gap, 3));
   EXPECT_FALSE(cuda::rows_form_one_chunk(mixed, pos, 3));
+}
+
+// Host logic, no device needed: a prefill chunk's workspace holds the dense bf16 K and V after the split partials
+// (head_dim % 8 == 0 only; none with MOEX_CUDA_PREFILL_KV_BF16=0); decode rows need none.
+TEST(CudaAttentionRows, PrefillWorkspaceHoldsDenseBf16Kv) {
+  const cuda::AttentionShape model_b{512, 32, 4, 128, 2048, true, false}, odd{64, 4, 2, 20, 300, true, false};
+  const cuda::AttentionShape decode{1, 32, 4, 128, 2048, false, true};
+  const size_t dense = 2 * sizeof(uint16_t) * 2048 * 4 * 128;
+  size_t gathered = 0, odd_gathered = 0, decode_gathered = 0;
+  {
+    const test::ScopedEnv gather("MOEX_CUDA_PREFILL_KV_BF16", "0");
+    gathered = cuda::attention_workspace_bytes(model_b, 132);
+    odd_gathered = cuda::attention_workspace_bytes(odd, 132);
+    decode_gathered = cuda::attention_workspace_bytes(decode, 132);
+  }
+  const size_t with_dense = cuda::attention_workspace_bytes(model_b, 132);
+  EXPECT_GE(with_dense, gathered + dense);
+  EXPECT_LT(with_dense, gathered + dense + 256);  // the partials rounded up to 256 bytes
+  EXPECT_EQ(cuda::attention_workspace_bytes(odd, 132), odd_gathered);
+  EXPECT_EQ(cuda::attention_workspace_bytes(decode, 132), decode_gathered);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaPagedAttention, ::testing::Range(size_t{0}, cuda_cases().size()),

@@ -867,15 +867,19 @@ void launch_tiled(const Params& p, dim3 grid, cudaStream_t stream) {
     launch(attention_kernel<8>);
 }
 
+// The workspace: split-K partials (none with one split or a cluster), then the prefill kernel's dense bf16 K/V.
+size_t dense_kv_offset(const AttentionShape& shape, const Layout& layout) {
+  if (layout.splits <= 1 || layout.cluster) return 0;
+  const size_t rows = static_cast<size_t>(shape.num_queries * shape.heads);
+  const size_t partials = sizeof(float) * static_cast<size_t>(layout.splits) * rows * size_t(shape.head_dim + 2);
+  return (partials + 255) / 256 * 256;
+}
+
 }  // namespace
 
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms) {
   if (shape.num_queries == 0) return 0;
-  const Layout layout = choose_layout(shape, num_sms);
-  const int splits = layout.splits;
-  if (splits <= 1 || layout.cluster) return 0;
-  size_t rows = static_cast<size_t>(shape.num_queries * shape.heads);
-  return sizeof(float) * static_cast<size_t>(splits) * rows * static_cast<size_t>(shape.head_dim + 2);
+  return dense_kv_offset(shape, choose_layout(shape, num_sms)) + prefill_dense_kv_bytes(shape);
 }
 
 int64_t attention_key_bucket(int64_t keys) {
@@ -952,6 +956,12 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   const int head_blocks = p.kv_heads * (p.group / layout.heads_per_block);
   dim3 grid(static_cast<unsigned>(grid_x(shape)), head_blocks, splits);
   if (prefill_mma_fits(shape)) {
+    if (prefill_dense_kv_takes(shape)) {
+      p.k_dense = reinterpret_cast<const __nv_bfloat16*>(static_cast<char*>(workspace) + dense_kv_offset(shape, layout));
+      p.v_dense = p.k_dense + shape.max_keys * shape.kv_heads * shape.head_dim;
+      p.dense_keys = shape.max_keys;
+      launch_prefill_dense_kv(p, stream);
+    }
     launch_prefill_mma(p, grid, stream);
   } else if (decode_kernel_fits(shape)) {
     const bool dims_per_lane = layout.cluster || dims_per_lane_takes(shape);

@@ -50,8 +50,8 @@ bool rows_are_distinct_sequences(const int32_t* row_seq, int64_t n);
 // at a bucket's max_keys; eager steps split by the same bucket).
 int64_t attention_key_bucket(int64_t keys);
 
-// Scratch needed for the split-K partials at this shape (0 when a single split suffices, or the splits merge in a
-// thread block cluster).
+// Scratch needed at this shape: the split-K partials (none when a single split suffices, or the splits merge in a
+// thread block cluster) and the tensor-core prefill kernel's dense bf16 copies of K and V (shape.max_keys keys).
 size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
 
 // Blocks of the thread block cluster that splits a batch-1 decode row's keys at this shape (they merge through

@@ -5,6 +5,7 @@
 #include "moex/backend/cuda/kernels/attention.cuh"
 #include "moex/backend/cuda/kernels/head_rope.cuh"
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace moex::cuda {
@@ -35,6 +36,11 @@ struct AttentionParams {
   float* k_write;
   float* v_write;
   HeadNormRope q_rope, k_rope;
+  // The tensor-core prefill kernel's K and V as dense bf16 copies [kv_heads][dense_keys][head_dim] of the
+  // sequence's keys 0..row_pos[n - 1] (launch_prefill_dense_kv), or null: the kernel then gathers the fp32 pages.
+  const __nv_bfloat16* k_dense;
+  const __nv_bfloat16* v_dense;
+  int64_t dense_keys;
 };
 
 // The tensor-core kernel for prefill chunks (attention_prefill.cu).
@@ -48,5 +54,15 @@ int prefill_mma_key_tile(int head_dim);
 int prefill_mma_queries(int head_dim);
 // grid (query tiles, heads, splits).
 void launch_prefill_mma(const AttentionParams& p, dim3 grid, cudaStream_t stream);
+
+// Whether the tensor-core kernel reads K and V from dense bf16 copies made once per launch (head_dim % 8 == 0,
+// for 16-byte copies) instead of gathering and rounding the fp32 pages every key tile. MOEX_CUDA_PREFILL_KV_BF16=0
+// keeps the gather (A/B; read at every call, so tests compare both: the same bits).
+bool prefill_dense_kv_takes(const AttentionShape& shape);
+// The copies' bytes (K and V) for shape.max_keys keys, 0 where prefill_dense_kv_takes is false.
+size_t prefill_dense_kv_bytes(const AttentionShape& shape);
+// Writes p.k_dense / p.v_dense (p.dense_keys >= keys) from the pages: keys 0..row_pos[n - 1] of row 0's
+// sequence, each rounded to bf16 as the gathering kernel rounds it in shared memory.
+void launch_prefill_dense_kv(const AttentionParams& p, cudaStream_t stream);
 
 }  // namespace moex::cuda
