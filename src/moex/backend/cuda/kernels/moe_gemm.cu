@@ -65,30 +65,37 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
   // The block's k range: all of K, or chunk blockIdx.z of a split GEMM.
   const int k_begin = p.k_chunk ? int(blockIdx.z) * p.k_chunk : 0;
   const int k_end = p.k_chunk && k_begin + p.k_chunk < K ? k_begin + p.k_chunk : K;
+  // A stage's chunks c = tid + i * kThreads (row c / 8, 16-byte chunk c % 8): those of A come first, exactly
+  // i < kAChunks, and sit in the same rows at every stage, so each one's A row (through p.a_rows where the GEMM
+  // gathers the tokens' rows itself) is found once, before the k loop; -1 past the tile.
+  constexpr int kChunksPerRow = kBK / 8, kAChunks = BM * kChunksPerRow / kThreads;
+  static_assert(kAChunks * kThreads == BM * kChunksPerRow, "A's chunks fill whole rounds of the block's threads");
+  int a_row[kAChunks];
+#pragma unroll
+  for (int i = 0; i < kAChunks; ++i) {
+    const int row = row_begin + (tid + i * kThreads) / kChunksPerRow;
+    a_row[i] = row < row_end ? (p.a_rows ? __ldg(p.a_rows + row) : row) : -1;
+  }
   auto load_stage = [&](int stage, int k0) {
     bf16* s = smem + stage * kStageElems;
+#pragma unroll
+    for (int i = 0; i < kAChunks; ++i) {
+      const int c = tid + i * kThreads, r = c / kChunksPerRow, kc = (c % kChunksPerRow) * 8;
+      const bool valid = k0 + kc < k_end && a_row[i] >= 0;
+      cp_async_16(s + r * kLds + kc, p.a + (valid ? int64_t(a_row[i]) * K + k0 + kc : 0), valid);
+    }
 #pragma unroll 2
-    for (int c = tid; c < (BM + kBB) * (kBK / 8); c += kThreads) {
-      const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-      const bool k_ok = k0 + kc < k_end;
-      const bf16* src;
-      bool valid;
-      if (r < BM) {
-        const int row = row_begin + r;
-        valid = k_ok && row < row_end;
-        src = p.a + (valid ? int64_t(p.a_rows ? __ldg(p.a_rows + row) : row) * K + k0 + kc : 0);
-      } else {
-        const int br = r - BM;
-        const bf16* b = b0;
-        int n = n0 + br;
-        if constexpr (kSwiGLU) {
-          b = (br & 63) < 32 ? b0 : b1;
-          n = n0 + (br >> 6) * 32 + (br & 31);
-        }
-        valid = k_ok && n < N;
-        src = b + (valid ? int64_t(n) * K + k0 + kc : 0);
+    for (int c = tid + kAChunks * kThreads; c < (BM + kBB) * kChunksPerRow; c += kThreads) {
+      const int r = c / kChunksPerRow, kc = (c % kChunksPerRow) * 8;
+      const int br = r - BM;
+      const bf16* b = b0;
+      int n = n0 + br;
+      if constexpr (kSwiGLU) {
+        b = (br & 63) < 32 ? b0 : b1;
+        n = n0 + (br >> 6) * 32 + (br & 31);
       }
-      cp_async_16(s + r * kLds + kc, src, valid);
+      const bool valid = k0 + kc < k_end && n < N;
+      cp_async_16(s + r * kLds + kc, b + (valid ? int64_t(n) * K + k0 + kc : 0), valid);
     }
   };
 
