@@ -40,7 +40,8 @@
 #                                  run with --gpu-telemetry on (NVML through moex: J/token and W next to ms/token).
 #   tools/device_cuda.sh prefill   there: prefill of Model A and Model B at 512/2048 tokens, this build as is and with
 #                                  each --variant NAME=VALUE[,NAME=VALUE] (e.g. MOEX_CUDA_WGMMA=0,
-#                                  MOEX_CUDA_PREFILL_PLAN=0, MOEX_CUDA_GEMM_GATHER=0, MOEX_CUDA_CUBLAS=1), every run
+#                                  MOEX_CUDA_PREFILL_PLAN=0, MOEX_CUDA_GEMM_GATHER=0, MOEX_CUDA_CUBLAS=0,
+#                                  MOEX_CUDA_PREFILL_KV_BF16=0), every run
 #                                  twice, interleaved; then the prefill GEMM kernels per variant
 #                                  (moex_cuda_kernels_bench --gemm-only, cuBLAS's dense rows where it loads) and,
 #                                  with --timeline, Model B's 2048-token timeline per variant (MOEX_CUDA_TIMELINE,

@@ -68,26 +68,28 @@ TEST_P(CudaLinearMany, MatchesReference) {
       }
     refs.push_back(std::move(ref));
   }
-  // And cuBLAS (MOEX_CUDA_CUBLAS=1) where it loads: the same products, its own fp32 sums, one call per output.
+  // cuBLAS (the default where it loads): the same products, its own fp32 sums, one call per output; and moex's own
+  // kernels (MOEX_CUDA_CUBLAS=0), wgmma and mma.sync.
   static const bool have_cublas = [] {
     std::string why_not;
     return cuda::CublasGemm::open(&why_not) != nullptr;
   }();
   struct Variant {
     const char* wgmma;  // MOEX_CUDA_WGMMA's value (null: unset)
-    bool blas;          // MOEX_CUDA_CUBLAS=1
+    bool blas;          // cuBLAS (MOEX_CUDA_CUBLAS unset), else MOEX_CUDA_CUBLAS=0
     const char* label;
   };
-  for (const Variant v : {Variant{nullptr, false, "default kernels"}, Variant{"0", false, "MOEX_CUDA_WGMMA=0"},
-                          Variant{nullptr, true, "MOEX_CUDA_CUBLAS=1"}}) {
-    if ((v.wgmma && !gemm) || (v.blas && (!gemm || !have_cublas))) continue;
+  for (const Variant v : {Variant{nullptr, false, "moex's wgmma kernel (MOEX_CUDA_CUBLAS=0)"},
+                          Variant{"0", false, "MOEX_CUDA_WGMMA=0 MOEX_CUDA_CUBLAS=0"},
+                          Variant{nullptr, true, "cuBLAS (the default)"}}) {
+    if ((v.wgmma && !gemm) || (v.blas && !have_cublas)) continue;
     const test::ScopedEnv kernel("MOEX_CUDA_WGMMA", v.wgmma);
-    const test::ScopedEnv library("MOEX_CUDA_CUBLAS", v.blas ? "1" : nullptr);
+    const test::ScopedEnv library("MOEX_CUDA_CUBLAS", v.blas ? nullptr : "0");
     SCOPED_TRACE(v.label);
     for (auto& y : yd) y->fill(std::vector<float>(static_cast<size_t>(y->view().numel()), std::nanf("")));
     const int64_t before = cuda_cublas_gemms(*backend);
     backend->linear_many(xd.view(), outputs);
-    EXPECT_EQ(cuda_cublas_gemms(*backend) - before, v.blas ? static_cast<int64_t>(c.outs.size()) : 0);
+    EXPECT_EQ(cuda_cublas_gemms(*backend) - before, v.blas && gemm ? static_cast<int64_t>(c.outs.size()) : 0);
     for (size_t i = 0; i < c.outs.size(); ++i) {
       SCOPED_TRACE(testing::Message() << "output " << i);
       MOEX_EXPECT_CLOSE(yd[i]->read(), refs[i], 1e-5);

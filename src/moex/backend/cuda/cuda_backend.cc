@@ -445,8 +445,8 @@ class CudaBackend final : public Backend {
   }
 
   // y_i fp32 [rows, N_i] = xb bf16 [rows, K] @ w_i^T (+ bias_i) for each output: launch_dense_gemm (moex's
-  // kernels; split_scratch for a narrow single output), or cuBLAS one output at a time where MOEX_CUDA_CUBLAS=1 and
-  // it loads (not inside a recording: cuBLAS's own workspace is not set up for graph capture here).
+  // kernels; split_scratch for a narrow single output), or cuBLAS one output at a time where it loads (not inside a
+  // recording: cuBLAS's own workspace is not set up for graph capture here; MOEX_CUDA_CUBLAS=0: moex's kernels).
   void dense_gemm(const uint16_t* xb, int64_t rows, int64_t K, const GemvOutput* outputs, int count,
                   float* split_scratch, size_t split_floats) {
     if (CublasGemm* blas = capturing_ ? nullptr : cublas()) {
@@ -463,16 +463,19 @@ class CudaBackend final : public Backend {
     launch_dense_gemm(xb, rows, K, outputs, count, num_sms_, stream_, split_scratch, split_floats);
   }
 
-  // The cuBLAS library for dense GEMMs where MOEX_CUDA_CUBLAS=1 (read at every call, so tests and benchmarks compare
-  // both), loaded on first use; null otherwise or where it does not load (said once on stderr: moex's own GEMMs
-  // then run).
+  // The cuBLAS library for dense GEMMs, loaded on first use; null where MOEX_CUDA_CUBLAS=0 (read at every call, so
+  // tests and benchmarks compare both) or where it does not load (said once on stderr: moex's own GEMMs then run).
+  // The default since it was measured on an H200 (bench/RESULTS.md, "Prefill: dense bf16 K/V ..."): 1.5-2.0x
+  // moex's wgmma kernel on the dense GEMMs (625-726 against 344-468 TFLOP/s), Model B's 2048-token prefill 1.07x,
+  // batched decode at 128 sequences 1.04-1.08x, 8 and 32 sequences unchanged.
   CublasGemm* cublas() {
-    if (!env_equals("MOEX_CUDA_CUBLAS", "1")) return nullptr;
+    if (env_equals("MOEX_CUDA_CUBLAS", "0")) return nullptr;
     if (!cublas_tried_) {
       cublas_tried_ = true;
       std::string why_not;
       cublas_ = CublasGemm::open(&why_not);
-      if (!cublas_) std::fprintf(stderr, "moex: MOEX_CUDA_CUBLAS=1, but %s; moex's own GEMMs run\n", why_not.c_str());
+      if (!cublas_) std::fprintf(stderr, "moex: no cuBLAS for the dense GEMMs (%s); moex's own GEMMs run\n",
+                                 why_not.c_str());
     }
     return cublas_.get();
   }
@@ -1295,7 +1298,7 @@ class CudaBackend final : public Backend {
   bool kv_row_reused_ = false;  // the prepared step is such a row (no upload yet: resync_kv_row)
   int64_t kv_uploads_ = 0, kv_rows_reused_ = 0;
   int64_t prefill_plans_on_device_ = 0;  // moe_routed_prefill's batches (tests ask which path ran)
-  std::unique_ptr<CublasGemm> cublas_;   // MOEX_CUDA_CUBLAS=1: loaded on first use (cublas())
+  std::unique_ptr<CublasGemm> cublas_;   // loaded on first use (cublas()), unless MOEX_CUDA_CUBLAS=0
   bool cublas_tried_ = false;
   int64_t cublas_gemms_ = 0;  // outputs computed through cuBLAS (tests ask which path ran)
   struct ExpertTable {

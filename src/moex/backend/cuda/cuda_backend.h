@@ -32,8 +32,8 @@ CudaStepGraphStats cuda_step_graph_stats(const Backend& backend);
 // for any other backend).
 int64_t cuda_prefill_plans_on_device(const Backend& backend);
 
-// Dense GEMM outputs a backend made by make_cuda_backend computed through cuBLAS (MOEX_CUDA_CUBLAS=1; 0 for any
-// other backend).
+// Dense GEMM outputs a backend made by make_cuda_backend computed through cuBLAS (where it loads and
+// MOEX_CUDA_CUBLAS is not 0; 0 for any other backend).
 int64_t cuda_cublas_gemms(const Backend& backend);
 
 // Number of usable CUDA devices; 0 (never an error) when there is no driver or no GPU.
