@@ -43,7 +43,8 @@
 #                                  MOEX_CUDA_PREFILL_PLAN=0, MOEX_CUDA_GEMM_GATHER=0, MOEX_CUDA_CUBLAS=0,
 #                                  MOEX_CUDA_PREFILL_KV_BF16=0), every run
 #                                  twice, interleaved; then the prefill GEMM kernels per variant
-#                                  (moex_cuda_kernels_bench --gemm-only, cuBLAS's dense rows where it loads) and,
+#                                  (moex_cuda_kernels_bench --gemm-only, cuBLAS's dense rows where it loads) and
+#                                  the attention kernels (--attention-only) and,
 #                                  with --timeline, Model B's 2048-token timeline per variant (MOEX_CUDA_TIMELINE,
 #                                  tools/cuda_timeline.py).
 #                                  Options: --models "model_a model_b", --skip-tests (else the GEMM, MoE and routed
@@ -659,7 +660,9 @@ print(json.dumps({'variant': sys.argv[1], 'model': sys.argv[2], 'prefill': r.get
   for v in "${!variants[@]}"; do
     IFS=, read -r -a env <<<"${variants[$v]}"
     echo "== GEMM kernels: ${variants[$v]:-this build}"
-    env "${env[@]}" timeout 90 "$DEV/bin/moex_cuda_kernels_bench" --gemm-only 2>&1 | grep -E "gemm|GEMM|cuBLAS" 
+    env "${env[@]}" timeout 90 "$DEV/bin/moex_cuda_kernels_bench" --gemm-only 2>&1 | grep -E "gemm|GEMM|cuBLAS"
+    echo "== attention kernels: ${variants[$v]:-this build}"
+    env "${env[@]}" timeout 60 "$DEV/bin/moex_cuda_kernels_bench" --attention-only 2>&1 | grep -E "^attention" 
     [ "$timeline" -eq 1 ] || continue
     env "${env[@]}" MOEX_CUDA_TIMELINE="$out/timeline_v$v.csv" timeout 150 "$DEV/bin/moex" bench \
       -m bench/cuda/models/model_b --load-format random --device cuda --prompt-lens 2048 --decode-tokens 0 --reps 2 \
