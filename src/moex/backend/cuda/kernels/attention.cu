@@ -99,8 +99,7 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(Params p) {
       int64_t key = tile + j;
       float kv = 0.f, vv = 0.f;
       if (key < split_end) {
-        const int64_t slot = int64_t(table[key / page_size]) * page_size + key % page_size;
-        const int64_t off = (slot * p.kv_heads + kv_head) * D + d;
+        const int64_t off = (paged_slot<int64_t>(table, key, page_size) * p.kv_heads + kv_head) * D + d;
         kv = p.k_pages[off];
         vv = p.v_pages[off];
       }
@@ -241,7 +240,7 @@ struct DecodeKeys {
         head_offset(int64_t(kv_head) * head_dim) {}
   // Where key's row of the kv head starts in k_pages / v_pages.
   __device__ __forceinline__ int64_t offset(int key) const {
-    return (int64_t(table[key / page_size]) * page_size + key % page_size) * head_stride + head_offset;
+    return paged_slot(table, key, page_size) * head_stride + head_offset;
   }
 };
 

@@ -10,6 +10,13 @@
 
 namespace moex::cuda {
 
+// The slot of a sequence's position `key` in the paged pools: its page from the sequence's block table, then the
+// row inside the page. I keeps the caller's integer width (32-bit division in the decode kernels).
+template <typename I>
+__device__ __forceinline__ int64_t paged_slot(const int32_t* table, I key, I page_size) {
+  return int64_t(table[key / page_size]) * page_size + key % page_size;
+}
+
 struct AttentionParams {
   const float* q;
   const float* k_pages;

@@ -147,8 +147,7 @@ __global__ __launch_bounds__(block_queries<DP>() * 2, 2) void prefill_mma_kernel
         const int j = i / C4, d = (i % C4) * 4, key = k0 + j;
         float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
         if (key < split_end && d < D) {
-          const int64_t slot = int64_t(table[key / page_size]) * page_size + key % page_size;
-          const int64_t off = (slot * p.kv_heads + kv_head) * D + d;
+          const int64_t off = (paged_slot(table, key, page_size) * p.kv_heads + kv_head) * D + d;
           kv = __ldg(reinterpret_cast<const float4*>(p.k_pages + off));
           vv = __ldg(reinterpret_cast<const float4*>(p.v_pages + off));
         }
@@ -297,8 +296,7 @@ __global__ void prefill_dense_kv_kernel(AttentionParams p) {
     const int64_t key = i / (int64_t(p.kv_heads) * chunks);
     const int rest = static_cast<int>(i - key * p.kv_heads * chunks);
     const int kv_head = rest / chunks, d = (rest % chunks) * 8;
-    const int64_t slot = int64_t(table[key / page_size]) * page_size + key % page_size;
-    const int64_t src = (slot * p.kv_heads + kv_head) * D + d;
+    const int64_t src = (paged_slot(table, key, page_size) * p.kv_heads + kv_head) * D + d;
     const int64_t dst = (int64_t(kv_head) * p.dense_keys + key) * D + d;
     const float4* k4 = reinterpret_cast<const float4*>(p.k_pages + src);
     const float4* v4 = reinterpret_cast<const float4*>(p.v_pages + src);

@@ -221,11 +221,10 @@ __global__ __launch_bounds__(kWarps * 32, MIN_BLOCKS) void moe_down_combine_one_
 }
 
 // out[token] = sum over the token's picks j, in pick order, of weight_j * y[slot_j] (slot < 0: skipped). One block a
-// token. The picks' slots and weights go to shared memory once; where vec4 (hidden % 4 == 0, y and out 16-byte
-// aligned, top_k <= kCombineMaxPicks), a thread takes 4 columns
-// and issues the loads of up to 8 picks before it sums them (the scalar loop's dependent loads had run Model B's
-// 2048-token combine at ~2 TB/s: 74 us a layer, H200 trace). The same fused multiply-adds in the same order in
-// both loops, so the same bits.
+// token. Where vec4 (hidden % 4 == 0, y and out 16-byte aligned, top_k <= kCombineMaxPicks) the picks' slots and
+// weights go to shared memory once and a thread takes 4 columns, issuing the loads of up to 8 picks before it sums
+// them (the scalar loop's dependent loads had run Model B's 2048-token combine at ~2 TB/s: 74 us a layer, H200
+// trace). The same fused multiply-adds in the same order in both loops, so the same bits.
 constexpr int kCombineMaxPicks = 32;
 __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const float* weights, int top_k,
                                    int64_t hidden, float* out, bool vec4) {
