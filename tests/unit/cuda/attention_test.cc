@@ -9,11 +9,13 @@
 #include <cstdio>
 #include <cstring>
 #include <cstdlib>
+#include <string>
 #include <random>
 
 #include "cuda_test_util.h"
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/backend/cuda/kernels/attention.cuh"
+#include "moex/backend/cuda/kernels/gemv.cuh"
 #include "unit/backend/paged_kv_case.h"
 #include "unit/scoped_env.h"
 
@@ -71,11 +73,12 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   backend->kv_write(step, kn.view(), vn.view(), kp->view, vp->view);
   // Decode rows of distinct sequences run the dims-per-lane kernel by default (at batch 1 its splits as a thread
   // block cluster); MOEX_CUDA_ATTENTION_KEY_LANES=1 (read at every launch) runs the key-per-lane kernel on them,
-  // MOEX_CUDA_ATTENTION_CLUSTER=0 the dims-per-lane kernel without the cluster, =8 clusters of 8: all are checked
-  // below.
+  // MOEX_CUDA_ATTENTION_CLUSTER=0 the dims-per-lane kernel without the cluster, =8 clusters of 8; and
+  // MOEX_CUDA_ATTENTION_WARPS=8 its blocks of 8 warps (one or two heads a block, not in a cluster), with and without
+  // the cluster: all are checked below.
   backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
   const std::vector<float> got = od.read();
-  std::vector<float> got_key_lanes, got_no_cluster, got_cluster_8;
+  std::vector<float> got_key_lanes, got_no_cluster, got_cluster_8, got_wide, got_wide_no_cluster;
   {
     const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
     backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
@@ -90,6 +93,14 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
     const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "8");
     backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
     got_cluster_8 = od.read();
+  }
+  {
+    const test::ScopedEnv wide("MOEX_CUDA_ATTENTION_WARPS", "8");
+    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
+    got_wide = od.read();
+    const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "0");
+    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
+    got_wide_no_cluster = od.read();
   }
   // The tensor-core prefill kernel reads dense bf16 copies of K and V where head_dim % 8 == 0; =0 gathers and
   // rounds the fp32 pages in every block, as it did before: the same roundings, so the same bits.
@@ -136,6 +147,8 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   MOEX_EXPECT_CLOSE(got_key_lanes, d.ref, tol);
   MOEX_EXPECT_CLOSE(got_no_cluster, d.ref, tol);
   MOEX_EXPECT_CLOSE(got_cluster_8, d.ref, tol);
+  MOEX_EXPECT_CLOSE(got_wide, d.ref, tol);
+  MOEX_EXPECT_CLOSE(got_wide_no_cluster, d.ref, tol);
   if (tol > 1e-5) std::printf("[tensor cores] %s: relative error %.2g\n", c.str().c_str(), relative_error(got, d.ref));
   // The CPU backend on the same step: the same answer up to fp32 summation order (or bf16 rounding).
   auto cpu = make_cpu_backend(2);
@@ -210,9 +223,11 @@ TEST_P(CudaPagedAttention, RopeInsideAttentionMatchesSeparateOps) {
     const test::ScopedEnv off("MOEX_CUDA_FUSED_ROPE", "0");
     separate = make_cuda_backend(0);
   }
-  for (const char* key_lanes : {"1", "0"}) {
+  for (const char* key_lanes : {"1", "0", "wide"}) {  // wide: the dims-per-lane kernel with blocks of 8 warps
     SCOPED_TRACE(testing::Message() << "MOEX_CUDA_ATTENTION_KEY_LANES=" << key_lanes);
-    const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", key_lanes);
+    const bool wide = std::string(key_lanes) == "wide";
+    const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", wide ? "0" : key_lanes);
+    const test::ScopedEnv warps("MOEX_CUDA_ATTENTION_WARPS", wide ? "8" : nullptr);
     const test::PagedCase c = cuda_cases()[GetParam()];
     SCOPED_TRACE(c.str());
     test::PagedData d = test::make_paged(c, 3000 + GetParam());
@@ -284,6 +299,41 @@ TEST(CudaAttentionRows, OneChunkIsOneSequenceAtConsecutivePositions) {
   EXPECT_TRUE(cuda::rows_form_one_chunk(seq, gap, 1));  // a single row
   EXPECT_FALSE(cuda::rows_form_one_chunk(seq, gap, 3));
   EXPECT_FALSE(cuda::rows_form_one_chunk(mixed, pos, 3));
+}
+
+// Host logic, no device needed: batch-1 decode blocks of 8 warps where the normed q/k/v GEMV's grid leaves a half SM
+// for each of them (attention.cu, wide_decode_takes), 4 elsewhere. On 132 SMs Model A's q/k/v (4096 rows) leave 8
+// halves for its 16 blocks, Model B's (5120 rows) 50 for its 32.
+TEST(CudaAttentionRows, WideDecodeBlocksWhereTheQkvGridLeavesRoom) {
+  const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "0");  // same answer with or without a device
+  cuda::AttentionShape model_a{1, 16, 8, 128, 256, false, true}, model_b{1, 32, 4, 128, 256, false, true};
+  model_a.free_half_sms = cuda::gemv_normed_free_half_sms(4096, 2048, 132);
+  model_b.free_half_sms = cuda::gemv_normed_free_half_sms(5120, 2048, 132);
+  EXPECT_EQ(model_a.free_half_sms, 8);
+  EXPECT_EQ(model_b.free_half_sms, 50);
+  EXPECT_EQ(cuda::attention_decode_warps(model_a, 132), 4);
+  EXPECT_EQ(cuda::attention_decode_warps(model_b, 132), 8);
+  cuda::AttentionShape unknown = model_b;
+  unknown.free_half_sms = 0;  // no normed GEMV just before
+  EXPECT_EQ(cuda::attention_decode_warps(unknown, 132), 4);
+  cuda::AttentionShape prefill = model_b;
+  prefill.num_queries = 512;
+  prefill.one_sequence = true;
+  prefill.distinct_sequences = false;
+  EXPECT_EQ(cuda::attention_decode_warps(prefill, 132), 0);  // the tensor-core prefill kernel
+  {
+    const test::ScopedEnv eight("MOEX_CUDA_ATTENTION_WARPS", "8");
+    EXPECT_EQ(cuda::attention_decode_warps(model_a, 132), 8);
+    EXPECT_EQ(cuda::attention_decode_warps(unknown, 132), 8);
+  }
+  {
+    const test::ScopedEnv four("MOEX_CUDA_ATTENTION_WARPS", "4");
+    EXPECT_EQ(cuda::attention_decode_warps(model_b, 132), 4);
+  }
+  {
+    const test::ScopedEnv key_lanes("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
+    EXPECT_EQ(cuda::attention_decode_warps(model_b, 132), 4);  // the key-per-lane kernel keeps 4
+  }
 }
 
 // Host logic, no device needed: a prefill chunk's workspace holds the dense bf16 K and V after the split partials

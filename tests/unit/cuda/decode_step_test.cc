@@ -418,6 +418,21 @@ TEST(CudaDecodeStep, DimsPerLaneAttentionMatchesKeyPerLane) {
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_ATTENTION_KEY_LANES", 300);
 }
 
+// Batch-1 decode attention with blocks of 8 warps (the default where the q/k/v GEMV's grid leaves room: Model B,
+// not these fixtures' small grids) against 4 (MOEX_CUDA_ATTENTION_WARPS=8 / 4): the same greedy tokens over graph
+// replays of 300 steps, across the 256-key bucket (past it the cluster split keeps 4).
+TEST(CudaDecodeStep, WideAttentionBlocksMatchFourWarps) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto four = greedy_with_env(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_ATTENTION_WARPS", "4",
+                                      [](Engine&) {});
+    const auto eight = greedy_with_env(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_ATTENTION_WARPS", "8",
+                                       [](Engine&) {});
+    EXPECT_EQ(eight, four);
+  }
+}
+
 // Batch-1 decode attention split over a thread block cluster that merges in distributed shared memory (the
 // default past 256 keys) against one block per head block and a merge launch (MOEX_CUDA_ATTENTION_CLUSTER=0): the
 // same 400 greedy tokens over graph replays, into the 512-key bucket (16 splits of 32 keys, the last ones empty at

@@ -698,6 +698,8 @@ class CudaBackend final : public Backend {
     shape.distinct_sequences = kv_distinct_sequences_;
     // Inside a decode step the grid covers the bucket, so that one recording serves all of its positions.
     shape.max_keys = step_mode_ ? step_bucket_keys_ : kv_max_keys_;
+    // Room the q/k/v GEMV just before leaves (launch_normed); gone once read, so no later launch takes it.
+    shape.free_half_sms = std::exchange(free_half_sms_, 0);
     if (rope && !decode_rope_fits(shape, rotary_dim)) return false;
     void* ws = workspace(attention_workspace_bytes(shape, num_sms_));
     if (!capturing_) timeline_.begin(stream_);
@@ -915,6 +917,9 @@ class CudaBackend final : public Backend {
     if (!launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_, embed))
       return false;
     MOEX_CUDA_CHECK_LAUNCH();
+    int64_t rows = 0;
+    for (const GemvOutput& o : std::span(gemv, outputs.size())) rows += o.rows;
+    free_half_sms_ = gemv_normed_free_half_sms(rows, K, num_sms_);  // for the attention launched next
     return true;
   }
 
@@ -1274,6 +1279,7 @@ class CudaBackend final : public Backend {
   bool sample_on_device_ = true;
   bool fused_rope_ = false;
   bool preload_down_ = false;
+  int64_t free_half_sms_ = 0;  // launch_normed's grid leaves these SM halves empty (AttentionShape::free_half_sms)
   bool pick_in_step_ = true;
   bool fused_embedding_ = true;
   bool step_mode_ = false;

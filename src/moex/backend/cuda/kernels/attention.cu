@@ -203,20 +203,25 @@ bool decode_kernel_fits(const AttentionShape& shape) {
          shape.head_dim % 32 == 0 && shape.head_dim <= kAttentionMaxHeadDim;
 }
 
-constexpr size_t decode_smem_bytes(int group, int head_dim, bool rope) {
+constexpr size_t decode_smem_bytes(int group, int head_dim, bool rope, int warps = kDecodeWarps) {
   // q [G][D], then per warp: m [G], l [G], acc [G][D]; with the RoPE prologue the step's k and v rows [2][D] and
   // a row of scratch per warp.
-  return sizeof(float) * (group * head_dim + kDecodeWarps * group * (head_dim + 2) +
-                          (rope ? (2 + kDecodeWarps) * head_dim : 0));
+  return sizeof(float) * (group * head_dim + warps * group * (head_dim + 2) + (rope ? (2 + warps) * head_dim : 0));
 }
 // So no launch needs the opt-in to more than the default dynamic shared memory.
 static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim, true) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
+// Blocks of twice the warps (twice the keys a round, the first round loaded before the PDL wait) for the
+// dims-per-lane kernel's blocks of one or two heads, where the kernel before leaves room for them (wide_decode_takes).
+constexpr int kWideDecodeWarps = 8, kWideDecodeMaxGroup = 2;
+static_assert(decode_smem_bytes(kWideDecodeMaxGroup, kAttentionMaxHeadDim, true, kWideDecodeWarps) <= 48 * 1024,
+              "wide decode attention outgrew 48 KiB of smem");
+
 // Dynamic shared memory of the dims-per-lane kernel: m, l, acc per warp; with ROPE also q [G][D], the step's k and
 // v [2][D] and a scratch row per warp (the key-per-lane kernel's layout, decode_smem_bytes, checked against the
 // 48 KB default); in cluster mode the block's merged rows [G][2 + D] after them.
-size_t decode_dims_smem_bytes(int group, int head_dim, bool rope, bool cluster) {
-  return (rope ? decode_smem_bytes(group, head_dim, true) : sizeof(float) * (kDecodeWarps * group * (head_dim + 2))) +
+size_t decode_dims_smem_bytes(int group, int head_dim, bool rope, bool cluster, int warps = kDecodeWarps) {
+  return (rope ? decode_smem_bytes(group, head_dim, true, warps) : sizeof(float) * (warps * group * (head_dim + 2))) +
          (cluster ? sizeof(float) * group * (head_dim + 2) : 0);
 }
 
@@ -262,7 +267,7 @@ struct WarpSoftmax {  // a warp's online softmax per head of the block, acc over
 // merged across the block's warps in shared memory (m_s, l_s [warps][G], acc_s [warps][G][D]; a warp that saw
 // no key holds m = -inf, l = 0, acc = 0), then store(g, d, m, l, acc) for each of the block's G * D outputs (m and
 // l repeat along d).
-template <int DPL, int G, typename Store>
+template <int DPL, int G, int W, typename Store>
 __device__ __forceinline__ void merge_warps(const WarpSoftmax<G, DPL>& softmax, float* m_s, float* l_s, float* acc_s,
                                             Store store) {
   constexpr int D = DPL * 32;
@@ -284,11 +289,11 @@ __device__ __forceinline__ void merge_warps(const WarpSoftmax<G, DPL>& softmax, 
     const int g = idx / D, d = idx % D;
     float m_max = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) m_max = fmaxf(m_max, m_s[w * G + g]);
+    for (int w = 0; w < W; ++w) m_max = fmaxf(m_max, m_s[w * G + g]);
     float l_sum = 0.f, a_sum = 0.f;
     if (m_max != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
+      for (int w = 0; w < W; ++w) {
         const float f = exp2f(m_s[w * G + g] - m_max);
         l_sum += l_s[w * G + g] * f;
         a_sum += acc_s[(w * G + g) * D + d] * f;
@@ -299,12 +304,12 @@ __device__ __forceinline__ void merge_warps(const WarpSoftmax<G, DPL>& softmax, 
 }
 
 // The block's rows written: normalised to p.out, or with several splits as the split's partials.
-template <int DPL, int G>
+template <int DPL, int G, int W = kDecodeWarps>
 __device__ __forceinline__ void merge_warps_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax, float* m_s,
                                                       float* l_s, float* acc_s, int query, int head0, int split) {
   constexpr int D = DPL * 32;
   const int kv_head = head0 / p.group, head_in_group = head0 % p.group;
-  merge_warps(softmax, m_s, l_s, acc_s, [&](int g, int d, float m_max, float l_sum, float a_sum) {
+  merge_warps<DPL, G, W>(softmax, m_s, l_s, acc_s, [&](int g, int d, float m_max, float l_sum, float a_sum) {
     const int r = query * p.group + head_in_group + g;  // the (query, head of group) row, as in attention_kernel
     if (p.part_acc) {
       const int64_t prow = int64_t(split) * p.kv_heads * p.rows_per_head + int64_t(kv_head) * p.rows_per_head + r;
@@ -327,12 +332,12 @@ __device__ __forceinline__ void merge_warps_and_store(const Params& p, const War
 // of 32 keys, where the path before ran two splits of 8 rounds and a merge launch (bench/RESULTS.md). A split past
 // the row's keys holds m = -inf, l = 0 and adds nothing (split 0 always has the step's own key). The second
 // barrier keeps each block's shared memory alive until the others have read it.
-template <int DPL, int G>
+template <int DPL, int G, int W>
 __device__ __forceinline__ void merge_cluster_and_store(const Params& p, const WarpSoftmax<G, DPL>& softmax,
                                                         float* m_s, float* l_s, float* acc_s, float* blk_s, int query,
                                                         int head0) {
   constexpr int D = DPL * 32, kRow = D + 2;
-  merge_warps(softmax, m_s, l_s, acc_s, [&](int g, int d, float m_max, float l_sum, float a_sum) {
+  merge_warps<DPL, G, W>(softmax, m_s, l_s, acc_s, [&](int g, int d, float m_max, float l_sum, float a_sum) {
     blk_s[g * kRow + 2 + d] = a_sum;
     if (d == 0) {
       blk_s[g * kRow] = m_max;
@@ -504,18 +509,18 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_kernel(Par
 // memory, and the block of head 0 of the group and split 0 stores the rotated k and the v row in the cache. One
 // launch fewer per layer than qk_norm_rope_kv_write + this kernel (H200, same call: Model A 0.5077 vs 0.5275
 // ms/token, Model B 2.4256 vs 2.5796).
-template <int DPL, int G, int KEYS, bool ROPE>
-__global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kernel(Params p) {
+template <int DPL, int G, int KEYS, bool ROPE, int W = kDecodeWarps>
+__global__ __launch_bounds__(W * 32) void decode_attention_dims_kernel(Params p) {
   extern __shared__ float smem[];
   constexpr int D = DPL * 32;
-  constexpr int kRound = kDecodeWarps * KEYS;
-  float* m_s = smem;                          // [warps][G]
-  float* l_s = m_s + kDecodeWarps * G;        // [warps][G]
-  float* acc_s = l_s + kDecodeWarps * G;      // [warps][G][D]
-  float* q_s = acc_s + kDecodeWarps * G * D;  // ROPE: the rotated q [G][D] (pre-scaled), then the step's k and v
-  float* new_s = q_s + G * D;                 // [2][D], then a row of scratch per warp [warps][D]
+  constexpr int kRound = W * KEYS;
+  float* m_s = smem;               // [warps][G]
+  float* l_s = m_s + W * G;        // [warps][G]
+  float* acc_s = l_s + W * G;      // [warps][G][D]
+  float* q_s = acc_s + W * G * D;  // ROPE: the rotated q [G][D] (pre-scaled), then the step's k and v
+  float* new_s = q_s + G * D;      // [2][D], then a row of scratch per warp [warps][D]
   // Cluster mode: the block's merged rows [G][2 + D] after the ROPE rows (or the warps' rows), read by the cluster.
-  float* blk_s = ROPE ? new_s + (2 + kDecodeWarps) * D : q_s;
+  float* blk_s = ROPE ? new_s + (2 + W) * D : q_s;
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int query = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
@@ -527,11 +532,11 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   // joins the cluster's merge with m = -inf.
   const bool idle = split_begin >= split_end;
   float kr[KEYS][DPL], vr[KEYS][DPL];
-  // Row j of the warp's round: key round + warp + kDecodeWarps j. mine(key): whether it is read now.
+  // Row j of the warp's round: key round + warp + W j. mine(key): whether it is read now.
   auto load_round = [&](int round, auto mine) {
 #pragma unroll
     for (int j = 0; j < KEYS; ++j) {
-      const int key = round + warp + kDecodeWarps * j;
+      const int key = round + warp + W * j;
       if (key < split_end && mine(key)) {
         if (ROPE && key == own) {  // the block's copy: its cache row is stored by one block of this launch
 #pragma unroll
@@ -562,7 +567,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
   [[maybe_unused]] float* k_slot = nullptr;
   [[maybe_unused]] float* v_slot = nullptr;
   if constexpr (ROPE) {
-    const bool kv_warp = warp == G % kDecodeWarps;
+    const bool kv_warp = warp == G % W;
     prepare_lane_rope(D, p.q_rope, static_cast<float>(own), lane, &lr);
 #pragma unroll
     for (int i = 0; i < DPL; ++i) k_w[i] = kv_warp ? head_norm_weight(p.k_rope, lane + 32 * i) : 1.f;
@@ -581,7 +586,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
       for (int i = 0; i < DPL; ++i) q[g][i] = 0.f;
   } else if constexpr (ROPE) {
     float* scratch = new_s + (2 + warp) * D;
-    for (int h = warp; h <= G; h += kDecodeWarps) {  // warp G % kDecodeWarps takes the kv head last
+    for (int h = warp; h <= G; h += W) {  // warp G % W takes the kv head last
       if (h < G) {
         warp_norm_rope_head_prepared(p.q + (int64_t(query) * p.heads + head0 + h) * D, scratch, D, p.q_rope, lr,
                                      lane, [&](int d, float v) { q_s[h * D + d] = v * p.scale_log2; });
@@ -639,7 +644,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
       float m_new = m[g];
 #pragma unroll
       for (int j = 0; j < KEYS; ++j)
-        if (round + warp + kDecodeWarps * j < split_end) m_new = fmaxf(m_new, s[j][g]);
+        if (round + warp + W * j < split_end) m_new = fmaxf(m_new, s[j][g]);
       if (m_new == -INFINITY) continue;  // no key of this warp in the round (warp-uniform)
       const float corr = exp2f(m[g] - m_new);
       l[g] *= corr;
@@ -647,7 +652,7 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
       for (int i = 0; i < DPL; ++i) acc[g][i] *= corr;
 #pragma unroll
       for (int j = 0; j < KEYS; ++j) {
-        if (round + warp + kDecodeWarps * j >= split_end) continue;
+        if (round + warp + W * j >= split_end) continue;
         const float prob = exp2f(s[j][g] - m_new);
         l[g] += prob;
 #pragma unroll
@@ -657,8 +662,8 @@ __global__ __launch_bounds__(kDecodeWarps * 32) void decode_attention_dims_kerne
     }
   }
 
-  if (p.cluster_merge) merge_cluster_and_store<DPL, G>(p, softmax, m_s, l_s, acc_s, blk_s, query, head0);
-  else merge_warps_and_store<DPL, G>(p, softmax, m_s, l_s, acc_s, query, head0, split);
+  if (p.cluster_merge) merge_cluster_and_store<DPL, G, W>(p, softmax, m_s, l_s, acc_s, blk_s, query, head0);
+  else merge_warps_and_store<DPL, G, W>(p, softmax, m_s, l_s, acc_s, query, head0, split);
 }
 
 // f(std::integral_constant<int, DPL>) for DPL = head_dim / 32 (1..8): the decode kernels' dims per lane.
@@ -686,15 +691,15 @@ void with_dims_per_lane(int64_t head_dim, F f) {
 // carveout for every kernel cost more than it saved), and the next round's rows loaded into a second set of
 // registers before the current round is summed (no spills, yet Model A 0.5325 vs 0.4981 ms/token, the 12-layer
 // Model B 0.7247 vs 0.7216: H200, same call). Past 256 keys the rounds go to a cluster of blocks instead.
-template <int G, bool ROPE>
+template <int G, bool ROPE, int W = kDecodeWarps>
 void launch_decode_dims(const Params& p, dim3 grid, cudaStream_t stream) {
   constexpr int KEYS = G <= 2 ? 8 : 4;
-  const size_t smem = decode_dims_smem_bytes(G, p.head_dim, ROPE, p.cluster_merge);
+  const size_t smem = decode_dims_smem_bytes(G, p.head_dim, ROPE, p.cluster_merge, W);
   const dim3 cluster = p.cluster_merge ? dim3(1, 1, grid.z) : dim3(0, 0, 0);
   with_dims_per_lane(p.head_dim, [&](auto dpl) {
-    constexpr auto kernel = decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS, ROPE>;
+    constexpr auto kernel = decode_attention_dims_kernel<decltype(dpl)::value, G, KEYS, ROPE, W>;
     if (cluster.z > 8) allow_nonportable_clusters<kernel>();
-    launch_config(PdlLaunchConfig(grid, dim3(kDecodeWarps * 32), smem, stream, cluster), kernel, p);
+    launch_config(PdlLaunchConfig(grid, dim3(W * 32), smem, stream, cluster), kernel, p);
   });
 }
 
@@ -706,7 +711,13 @@ void launch_decode_group(const Params& p, dim3 grid, cudaStream_t stream) {
 }
 
 template <bool ROPE>
-void launch_decode(const Params& p, int heads_per_block, dim3 grid, cudaStream_t stream, bool dims_per_lane) {
+void launch_decode(const Params& p, int heads_per_block, dim3 grid, cudaStream_t stream, bool dims_per_lane,
+                   bool wide) {
+  if (dims_per_lane && wide) {
+    if (heads_per_block == 1) launch_decode_dims<1, ROPE, kWideDecodeWarps>(p, grid, stream);
+    else launch_decode_dims<2, ROPE, kWideDecodeWarps>(p, grid, stream);
+    return;
+  }
   if (dims_per_lane) {
     switch (heads_per_block) {
       case 1: launch_decode_dims<1, ROPE>(p, grid, stream); break;
@@ -839,6 +850,20 @@ Layout choose_layout(const AttentionShape& shape, int num_sms) {
   return layout;
 }
 
+// Decode blocks of kWideDecodeWarps warps (64 keys a round at one or two heads a block, against 32): a context of
+// 33-64 keys is then one round, loaded before the PDL wait, where 4-warp blocks read a second round after it (~1.6
+// us a layer, H200 trace). A block of 8 warps (~120 registers a thread) needs half an SM's registers, so it starts
+// while the q/k/v GEMV runs only in a half that GEMV's grid left empty (AttentionShape::free_half_sms); a block that
+// starts late has its first round on the critical path. H200, same call, 8 warps against 4: Model A (16 blocks, 8
+// free halves) 0.5194 vs 0.4994 ms/token, the 12-layer Model B (32 blocks, 50 free halves) 0.7072 vs 0.7210. Not
+// in cluster mode (its splits are sized for 4 warps). MOEX_CUDA_ATTENTION_WARPS=4 / 8 forces either (A/B; read at
+// every launch, so tests can switch it).
+bool wide_decode_takes(const AttentionShape& shape, const Layout& layout, int64_t blocks) {
+  if (layout.cluster || layout.heads_per_block > kWideDecodeMaxGroup) return false;
+  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "4")) return false;
+  return env_equals("MOEX_CUDA_ATTENTION_WARPS", "8") || blocks <= shape.free_half_sms;
+}
+
 __global__ void kv_write_paged_kernel(const float* k, const float* v, float* k_pages, float* v_pages, PagedKvRows kv,
                                       int64_t count, int64_t row_elems) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
@@ -891,6 +916,15 @@ int attention_cluster_splits(const AttentionShape& shape, int num_sms) {
   if (shape.num_queries == 0) return 0;
   const Layout layout = choose_layout(shape, num_sms);
   return layout.cluster ? layout.splits : 0;
+}
+
+int attention_decode_warps(const AttentionShape& shape, int num_sms) {
+  if (shape.num_queries == 0 || prefill_mma_fits(shape) || !decode_kernel_fits(shape)) return 0;
+  const Layout layout = choose_layout(shape, num_sms);
+  if (!layout.cluster && !dims_per_lane_takes(shape)) return kDecodeWarps;  // the key-per-lane kernel
+  const int64_t blocks = grid_x(shape) * shape.kv_heads * (shape.heads / shape.kv_heads / layout.heads_per_block) *
+                         layout.splits;
+  return wide_decode_takes(shape, layout, blocks) ? kWideDecodeWarps : kDecodeWarps;
 }
 
 bool attention_rounds_to_bf16(const AttentionShape& shape) { return prefill_mma_fits(shape); }
@@ -964,8 +998,9 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
     launch_prefill_mma(p, grid, stream);
   } else if (decode_kernel_fits(shape)) {
     const bool dims_per_lane = layout.cluster || dims_per_lane_takes(shape);
-    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, dims_per_lane);
-    else launch_decode<false>(p, layout.heads_per_block, grid, stream, dims_per_lane);
+    const bool wide = dims_per_lane && wide_decode_takes(shape, layout, int64_t(grid.x) * grid.y * grid.z);
+    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, dims_per_lane, wide);
+    else launch_decode<false>(p, layout.heads_per_block, grid, stream, dims_per_lane, wide);
   } else {
     launch_tiled(p, grid, stream);
   }

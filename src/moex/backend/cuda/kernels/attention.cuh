@@ -40,6 +40,10 @@ struct AttentionShape {
   // Every row is a different sequence: the keys a row reads besides its own were written by earlier steps, so
   // a decode kernel may load them before its PDL wait (decode_attention_dims_kernel).
   bool distinct_sequences = false;
+  // Halves of the SMs (32 K registers each) the kernel before leaves empty while it runs (decode at batch 1: the
+  // normed q/k/v GEMV's, gemv_normed_free_half_sms): decode blocks of 8 warps are taken where the grid fits there
+  // (attention.cu, wide_decode_takes). 0: unknown (4-warp blocks).
+  int64_t free_half_sms = 0;
 };
 
 // Whether no two of a step's n rows belong to the same sequence (AttentionShape::distinct_sequences).
@@ -58,6 +62,10 @@ size_t attention_workspace_bytes(const AttentionShape& shape, int num_sms);
 // distributed shared memory, without a merge launch), or 0 where the splits are not a cluster. Reads the same A/B
 // switches as launch_attention (MOEX_CUDA_ATTENTION_CLUSTER, MOEX_CUDA_ATTENTION_KEY_LANES).
 int attention_cluster_splits(const AttentionShape& shape, int num_sms);
+// Warps a block of the decode kernels has at this shape: 8 where the dims-per-lane kernel's grid fits in the halves
+// of the SMs the kernel before leaves empty (AttentionShape::free_half_sms), else 4; 0 where no decode kernel takes
+// the shape. Reads MOEX_CUDA_ATTENTION_WARPS as launch_attention does.
+int attention_decode_warps(const AttentionShape& shape, int num_sms);
 
 // The step's RoPE and KV write done by the decode attention kernel itself (decode_rope_fits): q holds the
 // unrotated rows, k / v the step's rows [n, kv_heads, head_dim] (k unrotated); the kernel normalises (q_norm /

@@ -321,6 +321,22 @@ bool residual_norm_fits(const ResidualNormIn& in, int64_t K) {
 // The lanes' first round of 16-byte loads covers a row.
 bool gemv_normed_loops(int64_t K) { return K / 8 <= 32 * kNormedUnroll; }
 
+// The normed GEMV's grid. Blocks per SM (MOEX_CUDA_NORMED_BLOCKS_PER_SM, default 2; 0: a block per 8 rows): enough
+// warps to keep HBM busy, few enough that the row's norm is computed a few hundred times, not once per 8 rows. Only
+// where one round of loads covers a row (K <= 2048 at U = kNormedUnroll = 8), so that the warp's next row loads
+// while its current one is summed; a longer row waits for its second round in the loop. H200, same call
+// (MOEX_CUDA_NORMED_BLOCKS_PER_SM=0 against 2): Model B 3.427 -> 3.301 ms/token, Model A 0.605 -> 0.599; the 8x7B
+// layer (K = 4096) 2.1 us slower.
+int64_t gemv_normed_blocks(int64_t total_rows, int64_t K, int num_sms) {
+  static const int forced = env_int("MOEX_CUDA_NORMED_BLOCKS_PER_SM", -1);
+  const int blocks_per_sm = forced >= 0 ? forced : (gemv_normed_loops(K) ? 2 : 0);
+  return looping_grid_blocks(ceil_div(total_rows, int64_t(kWarps)), blocks_per_sm, num_sms);
+}
+
+int64_t gemv_normed_free_half_sms(int64_t total_rows, int64_t K, int num_sms) {
+  return std::max<int64_t>(0, 2 * int64_t(num_sms) - gemv_normed_blocks(total_rows, K, num_sms));
+}
+
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
                                    int num_sms, cudaStream_t stream, const EmbedRowIn& embed) {
   if (count < 1 || count > kGemvMaxOutputs || K % 8 != 0 || !residual_norm_fits(in, K)) return false;
@@ -334,17 +350,7 @@ bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const Ge
   }
   packed.count = count;
   if (total_rows == 0) return !embed.table;  // nothing would store x
-  // Blocks per SM (MOEX_CUDA_NORMED_BLOCKS_PER_SM, default 2; 0: a block per 8 rows): enough warps to keep HBM
-  // busy, few enough that the row's norm is computed a few hundred times, not once per 8 rows. Only where one
-  // round of loads covers a row (K <= 2048 at U = kNormedUnroll = 8), so that the warp's next row loads while its
-  // current one is summed; a longer row waits for its second round in the loop. H200, same call
-  // (MOEX_CUDA_NORMED_BLOCKS_PER_SM=0 against 2): Model B 3.427 -> 3.301 ms/token, Model A 0.605 -> 0.599; the 8x7B
-  // layer (K = 4096) 2.1 us slower.
-  static const int forced = env_int("MOEX_CUDA_NORMED_BLOCKS_PER_SM", -1);
-  const int blocks_per_sm = forced >= 0 ? forced : (gemv_normed_loops(K) ? 2 : 0);
-  const dim3 grid(static_cast<unsigned>(looping_grid_blocks(ceil_div(total_rows, int64_t(kWarps)), blocks_per_sm,
-                                                            num_sms))),
-      block(kWarps * 32);
+  const dim3 grid(static_cast<unsigned>(gemv_normed_blocks(total_rows, K, num_sms))), block(kWarps * 32);
   const size_t shared = static_cast<size_t>(K) * sizeof(float);
   with_norm_weight_regs(K, kWarps * 32, [&](auto nw) {
     launch_pdl(gemv_normed_kernel<kNormedUnroll, decltype(nw)::value>, grid, block, shared, stream, in,

@@ -67,6 +67,10 @@ struct EmbedRowIn {
 // then normalises and calls launch_gemv_bf16_multi.
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
                                    int num_sms, cudaStream_t stream, const EmbedRowIn& embed = {});
+// Halves of the SMs (32 K registers each) that launch's grid for total_rows rows leaves empty: each of its blocks
+// (256 threads at up to 128 registers) takes one. The decode attention after the q/k/v GEMV sizes its blocks by
+// it (AttentionShape::free_half_sms).
+int64_t gemv_normed_free_half_sms(int64_t total_rows, int64_t K, int num_sms);
 // Whether that launch loops its rows over a grid sized to the SMs (K <= 2048: one round of loads covers a row), so
 // the row is normalised a few hundred times; wider rows take a block per 8 rows, each normalising the row.
 bool gemv_normed_loops(int64_t K);
