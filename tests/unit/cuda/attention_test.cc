@@ -302,8 +302,8 @@ TEST(CudaAttentionRows, OneChunkIsOneSequenceAtConsecutivePositions) {
 }
 
 // Host logic, no device needed: batch-1 decode blocks of 8 warps where the normed q/k/v GEMV's grid leaves a half SM
-// for each of them (attention.cu, wide_decode_takes), 4 elsewhere. On 132 SMs Model A's q/k/v (4096 rows) leave 8
-// halves for its 16 blocks, Model B's (5120 rows) 50 for its 32.
+// for each of them (attention.cu, wide_decode_heads), 4 elsewhere. On 132 SMs Model A's q/k/v (4096 rows) leave 8
+// halves, room for its 16 kv-head blocks only at two heads a block; Model B's (5120 rows) 50 for its 32.
 TEST(CudaAttentionRows, WideDecodeBlocksWhereTheQkvGridLeavesRoom) {
   const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "0");  // same answer with or without a device
   cuda::AttentionShape model_a{1, 16, 8, 128, 256, false, true}, model_b{1, 32, 4, 128, 256, false, true};
@@ -311,8 +311,13 @@ TEST(CudaAttentionRows, WideDecodeBlocksWhereTheQkvGridLeavesRoom) {
   model_b.free_half_sms = cuda::gemv_normed_free_half_sms(5120, 2048, 132);
   EXPECT_EQ(model_a.free_half_sms, 8);
   EXPECT_EQ(model_b.free_half_sms, 50);
-  EXPECT_EQ(cuda::attention_decode_warps(model_a, 132), 4);
+  EXPECT_EQ(cuda::attention_decode_warps(model_a, 132), 8);  // two heads a block: 8 blocks
   EXPECT_EQ(cuda::attention_decode_warps(model_b, 132), 8);
+  {
+    const test::ScopedEnv keep("MOEX_CUDA_ATTENTION_WIDE_REGROUP", "0");  // one head a block: 16 do not fit
+    EXPECT_EQ(cuda::attention_decode_warps(model_a, 132), 4);
+    EXPECT_EQ(cuda::attention_decode_warps(model_b, 132), 8);
+  }
   cuda::AttentionShape unknown = model_b;
   unknown.free_half_sms = 0;  // no normed GEMV just before
   EXPECT_EQ(cuda::attention_decode_warps(unknown, 132), 4);

@@ -212,7 +212,8 @@ constexpr size_t decode_smem_bytes(int group, int head_dim, bool rope, int warps
 static_assert(decode_smem_bytes(8, kAttentionMaxHeadDim, true) <= 48 * 1024, "decode attention outgrew 48 KiB of smem");
 
 // Blocks of twice the warps (twice the keys a round, the first round loaded before the PDL wait) for the
-// dims-per-lane kernel's blocks of one or two heads, where the kernel before leaves room for them (wide_decode_takes).
+// dims-per-lane kernel's blocks of one or two heads, where the kernel before leaves room for them
+// (wide_decode_heads).
 constexpr int kWideDecodeWarps = 8, kWideDecodeMaxGroup = 2;
 static_assert(decode_smem_bytes(kWideDecodeMaxGroup, kAttentionMaxHeadDim, true, kWideDecodeWarps) <= 48 * 1024,
               "wide decode attention outgrew 48 KiB of smem");
@@ -221,7 +222,8 @@ static_assert(decode_smem_bytes(kWideDecodeMaxGroup, kAttentionMaxHeadDim, true,
 // v [2][D] and a scratch row per warp (the key-per-lane kernel's layout, decode_smem_bytes, checked against the
 // 48 KB default); in cluster mode the block's merged rows [G][2 + D] after them.
 size_t decode_dims_smem_bytes(int group, int head_dim, bool rope, bool cluster, int warps = kDecodeWarps) {
-  return (rope ? decode_smem_bytes(group, head_dim, true, warps) : sizeof(float) * (warps * group * (head_dim + 2))) +
+  const size_t warp_rows = sizeof(float) * (warps * group * (head_dim + 2));
+  return (rope ? decode_smem_bytes(group, head_dim, true, warps) : warp_rows) +
          (cluster ? sizeof(float) * group * (head_dim + 2) : 0);
 }
 
@@ -858,10 +860,20 @@ Layout choose_layout(const AttentionShape& shape, int num_sms) {
 // free halves) 0.5194 vs 0.4994 ms/token, the 12-layer Model B (32 blocks, 50 free halves) 0.7072 vs 0.7210. Not
 // in cluster mode (its splits are sized for 4 warps). MOEX_CUDA_ATTENTION_WARPS=4 / 8 forces either (A/B; read at
 // every launch, so tests can switch it).
-bool wide_decode_takes(const AttentionShape& shape, const Layout& layout, int64_t blocks) {
-  if (layout.cluster || layout.heads_per_block > kWideDecodeMaxGroup) return false;
-  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "4")) return false;
-  return env_equals("MOEX_CUDA_ATTENTION_WARPS", "8") || blocks <= shape.free_half_sms;
+// Where the layout's grid does not fit, a block takes two heads of the group instead of one (Model A: 8 blocks
+// beside 8 free halves; MOEX_CUDA_ATTENTION_WIDE_REGROUP=0 keeps the layout's heads). Returns the heads a block of
+// 8 warps takes, or 0 for 4-warp blocks.
+int wide_decode_heads(const AttentionShape& shape, const Layout& layout) {
+  if (layout.cluster || layout.heads_per_block > kWideDecodeMaxGroup) return 0;
+  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "4")) return 0;
+  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "8")) return layout.heads_per_block;
+  const int group = static_cast<int>(shape.heads / shape.kv_heads);
+  const bool regroup = !env_equals("MOEX_CUDA_ATTENTION_WIDE_REGROUP", "0");
+  for (int heads = layout.heads_per_block; heads <= std::min(group, kWideDecodeMaxGroup); heads *= 2) {
+    if (grid_x(shape) * shape.kv_heads * (group / heads) * layout.splits <= shape.free_half_sms) return heads;
+    if (!regroup) break;
+  }
+  return 0;
 }
 
 __global__ void kv_write_paged_kernel(const float* k, const float* v, float* k_pages, float* v_pages, PagedKvRows kv,
@@ -922,9 +934,7 @@ int attention_decode_warps(const AttentionShape& shape, int num_sms) {
   if (shape.num_queries == 0 || prefill_mma_fits(shape) || !decode_kernel_fits(shape)) return 0;
   const Layout layout = choose_layout(shape, num_sms);
   if (!layout.cluster && !dims_per_lane_takes(shape)) return kDecodeWarps;  // the key-per-lane kernel
-  const int64_t blocks = grid_x(shape) * shape.kv_heads * (shape.heads / shape.kv_heads / layout.heads_per_block) *
-                         layout.splits;
-  return wide_decode_takes(shape, layout, blocks) ? kWideDecodeWarps : kDecodeWarps;
+  return wide_decode_heads(shape, layout) > 0 ? kWideDecodeWarps : kDecodeWarps;
 }
 
 bool attention_rounds_to_bf16(const AttentionShape& shape) { return prefill_mma_fits(shape); }
@@ -998,9 +1008,11 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
     launch_prefill_mma(p, grid, stream);
   } else if (decode_kernel_fits(shape)) {
     const bool dims_per_lane = layout.cluster || dims_per_lane_takes(shape);
-    const bool wide = dims_per_lane && wide_decode_takes(shape, layout, int64_t(grid.x) * grid.y * grid.z);
-    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, dims_per_lane, wide);
-    else launch_decode<false>(p, layout.heads_per_block, grid, stream, dims_per_lane, wide);
+    const int wide_heads = dims_per_lane ? wide_decode_heads(shape, layout) : 0;
+    const int heads_per_block = wide_heads > 0 ? wide_heads : layout.heads_per_block;
+    grid.y = static_cast<unsigned>(p.kv_heads * (p.group / heads_per_block));
+    if (rope) launch_decode<true>(p, heads_per_block, grid, stream, dims_per_lane, wide_heads > 0);
+    else launch_decode<false>(p, heads_per_block, grid, stream, dims_per_lane, wide_heads > 0);
   } else {
     launch_tiled(p, grid, stream);
   }

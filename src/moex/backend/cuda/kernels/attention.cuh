@@ -42,7 +42,7 @@ struct AttentionShape {
   bool distinct_sequences = false;
   // Halves of the SMs (32 K registers each) the kernel before leaves empty while it runs (decode at batch 1: the
   // normed q/k/v GEMV's, gemv_normed_free_half_sms): decode blocks of 8 warps are taken where the grid fits there
-  // (attention.cu, wide_decode_takes). 0: unknown (4-warp blocks).
+  // (attention.cu, wide_decode_heads). 0: unknown (4-warp blocks).
   int64_t free_half_sms = 0;
 };
 
