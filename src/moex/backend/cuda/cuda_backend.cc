@@ -520,6 +520,7 @@ class CudaBackend final : public Backend {
     if (fuses_residual_norms(x.numel() / std::max<int64_t>(K, 1)) && gemv_normed_loops(K)) {
       const LinearOutput head[1] = {{&lm_head, nullptr, &logits}};
       norm_linear_many(x, delta, weight, eps, normed, head);
+      free_half_sms_ = 0;  // no attention runs beside the lm_head: the next step's may be a batched one
       return;
     }
     Backend::norm_logits(x, delta, weight, eps, normed, lm_head, logits);
