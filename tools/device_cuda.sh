@@ -662,7 +662,7 @@ print(json.dumps({'variant': sys.argv[1], 'model': sys.argv[2], 'prefill': r.get
     echo "== GEMM kernels: ${variants[$v]:-this build}"
     env "${env[@]}" timeout 90 "$DEV/bin/moex_cuda_kernels_bench" --gemm-only 2>&1 | grep -E "gemm|GEMM|cuBLAS"
     echo "== attention kernels: ${variants[$v]:-this build}"
-    env "${env[@]}" timeout 60 "$DEV/bin/moex_cuda_kernels_bench" --attention-only 2>&1 | grep -E "^attention" 
+    env "${env[@]}" timeout 60 "$DEV/bin/moex_cuda_kernels_bench" --attention-only 2>&1 | grep -E "^attention"
     [ "$timeline" -eq 1 ] || continue
     env "${env[@]}" MOEX_CUDA_TIMELINE="$out/timeline_v$v.csv" timeout 150 "$DEV/bin/moex" bench \
       -m bench/cuda/models/model_b --load-format random --device cuda --prompt-lens 2048 --decode-tokens 0 --reps 2 \

@@ -304,9 +304,12 @@ void bench_attention(Bench& b, double hbm) {
     const char* label;
     int64_t heads, kv_heads, n, start, seqs;  // seqs > 1: one decode row per sequence, each at position start
   };
-  for (AttnShape a : {AttnShape{"A decode ctx 4096", 16, 8, 1, 4095, 1}, AttnShape{"B decode ctx 4096", 32, 4, 1, 4095, 1},
-                      AttnShape{"A decode ctx 512", 16, 8, 1, 511, 1}, AttnShape{"A decode 32 seqs ctx 512", 16, 8, 32, 511, 32},
-                      AttnShape{"A prefill 2048", 16, 8, 2048, 0, 1}, AttnShape{"B prefill 2048", 32, 4, 2048, 0, 1}}) {
+  for (AttnShape a : {AttnShape{"A decode ctx 4096", 16, 8, 1, 4095, 1},
+                      AttnShape{"B decode ctx 4096", 32, 4, 1, 4095, 1},
+                      AttnShape{"A decode ctx 512", 16, 8, 1, 511, 1},
+                      AttnShape{"A decode 32 seqs ctx 512", 16, 8, 32, 511, 32},
+                      AttnShape{"A prefill 2048", 16, 8, 2048, 0, 1},
+                      AttnShape{"B prefill 2048", 32, 4, 2048, 0, 1}}) {
     const int64_t D = 128, page = 32, keys = a.start + (a.seqs > 1 ? 1 : a.n);
     const int64_t pages_per_seq = (keys + page - 1) / page;
     float* q = b.random_f32(static_cast<size_t>(a.n * a.heads * D));

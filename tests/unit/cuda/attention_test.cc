@@ -76,40 +76,29 @@ TEST_P(CudaPagedAttention, MatchesCpuAndReference) {
   // MOEX_CUDA_ATTENTION_CLUSTER=0 the dims-per-lane kernel without the cluster, =8 clusters of 8; and
   // MOEX_CUDA_ATTENTION_WARPS=8 its blocks of 8 warps (one or two heads a block, not in a cluster), with and without
   // the cluster: all are checked below.
-  backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
-  const std::vector<float> got = od.read();
-  std::vector<float> got_key_lanes, got_no_cluster, got_cluster_8, got_wide, got_wide_no_cluster;
-  {
-    const test::ScopedEnv kernel("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
+  // The attention with the environment as it is when called (the switches are read at every launch).
+  const auto attend = [&] {
     backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
-    got_key_lanes = od.read();
-  }
-  {
-    const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "0");
-    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
-    got_no_cluster = od.read();
-  }
-  {
-    const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "8");
-    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
-    got_cluster_8 = od.read();
-  }
+    return od.read();
+  };
+  // With name=value set for the one call.
+  const auto attend_with = [&](const char* name, const char* value) {
+    const test::ScopedEnv env(name, value);
+    return attend();
+  };
+  const std::vector<float> got = attend();
+  const std::vector<float> got_key_lanes = attend_with("MOEX_CUDA_ATTENTION_KEY_LANES", "1");
+  const std::vector<float> got_no_cluster = attend_with("MOEX_CUDA_ATTENTION_CLUSTER", "0");
+  const std::vector<float> got_cluster_8 = attend_with("MOEX_CUDA_ATTENTION_CLUSTER", "8");
+  std::vector<float> got_wide, got_wide_no_cluster;
   {
     const test::ScopedEnv wide("MOEX_CUDA_ATTENTION_WARPS", "8");
-    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
-    got_wide = od.read();
-    const test::ScopedEnv cluster("MOEX_CUDA_ATTENTION_CLUSTER", "0");
-    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
-    got_wide_no_cluster = od.read();
+    got_wide = attend();
+    got_wide_no_cluster = attend_with("MOEX_CUDA_ATTENTION_CLUSTER", "0");
   }
   // The tensor-core prefill kernel reads dense bf16 copies of K and V where head_dim % 8 == 0; =0 gathers and
   // rounds the fp32 pages in every block, as it did before: the same roundings, so the same bits.
-  std::vector<float> got_gathered;
-  {
-    const test::ScopedEnv gather("MOEX_CUDA_PREFILL_KV_BF16", "0");
-    backend->attention(step, qd.view(), kp->view, vp->view, scale, od.view());
-    got_gathered = od.read();
-  }
+  const std::vector<float> got_gathered = attend_with("MOEX_CUDA_PREFILL_KV_BF16", "0");
   EXPECT_EQ(std::memcmp(got.data(), got_gathered.data(), got.size() * sizeof(float)), 0)
       << "dense bf16 K/V and the gathered fp32 pages differ";
 

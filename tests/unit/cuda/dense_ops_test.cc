@@ -79,8 +79,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            LinearCase{2048, 2048, 128, false}, LinearCase{512, 2048, 8, true},
                                            LinearCase{100, 1000, 40, true}));
 
-// cuBLAS (the dense GEMMs' default) loads from where MOEX_CUBLAS_LIBRARY says, or from the loader's path and the toolkit's
-// directory: a skip, with the reason, where it does not (CudaLinearMany then checks only moex's own GEMMs).
+// cuBLAS (the dense GEMMs' default) loads from where MOEX_CUBLAS_LIBRARY says, or from the loader's path and the
+// toolkit's directory: a skip, with the reason, where it does not (CudaLinearMany then checks only moex's own GEMMs).
 TEST(CudaCublas, LoadsWhereTheToolkitIs) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);
   std::string why_not;

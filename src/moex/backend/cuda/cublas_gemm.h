@@ -1,7 +1,7 @@
 // Dense GEMMs through cuBLAS, loaded at run time: the CUDA backend's dense GEMMs past 32 rows where it loads
-// (MOEX_CUDA_CUBLAS=0 keeps moex's own; H200: 1.5-2.0x them, bench/RESULTS.md). dlopen, not a link: the toolkit here ships no static cuBLAS, and a binary linked to
-// the shared one (54 + 542 MB with cuBLASLt) would not start where the toolkit's libraries are absent; loaded at
-// run time, a missing cuBLAS only leaves moex on its own kernels.
+// (MOEX_CUDA_CUBLAS=0 keeps moex's own; H200: 1.5-2.0x them, bench/RESULTS.md). dlopen, not a link: the toolkit
+// here ships no static cuBLAS, and a binary linked to the shared one (54 + 542 MB with cuBLASLt) would not start
+// where the toolkit's libraries are absent; loaded at run time, a missing cuBLAS only leaves moex on its own kernels.
 #pragma once
 
 #include <cuda_runtime_api.h>

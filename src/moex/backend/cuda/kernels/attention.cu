@@ -770,6 +770,7 @@ struct Layout {
   int splits;
   int keys_per_split;
   bool cluster;  // the splits are one thread block cluster that merges itself (merge_cluster_and_store)
+  int warps = kDecodeWarps;  // of a decode block: kWideDecodeWarps where wide_decode_heads takes them
 };
 
 // The decode kernel a step's rows take: dims-per-lane for rows of distinct sequences (it reads earlier keys before
@@ -825,12 +826,39 @@ bool cluster_layout_takes(const AttentionShape& shape) {
          !env_equals("MOEX_CUDA_ATTENTION_CLUSTER", "0") && device_launches_clusters();
 }
 
+// Decode blocks of kWideDecodeWarps warps (64 keys a round at one or two heads a block, against 32): a context of
+// 33-64 keys is then one round, loaded before the PDL wait, where 4-warp blocks read a second round after it (~1.6
+// us a layer, H200 trace). A block of 8 warps (~120 registers a thread) needs half an SM's registers, so it starts
+// while the q/k/v GEMV runs only in a half that GEMV's grid left empty (AttentionShape::free_half_sms); a block that
+// starts late has its first round on the critical path. H200, same call, 8 warps against 4: Model A (16 blocks, 8
+// free halves) 0.5194 vs 0.4994 ms/token, the 12-layer Model B (32 blocks, 50 free halves) 0.7072 vs 0.7210. Not
+// in cluster mode (its splits are sized for 4 warps). MOEX_CUDA_ATTENTION_WARPS=4 / 8 forces either (A/B; read at
+// every launch, so tests can switch it).
+// Where the layout's grid does not fit, a block takes two heads of the group instead of one (Model A: 8 blocks
+// beside 8 free halves; H200, same call: 0.4966 vs 0.4997 ms/token with 4-warp blocks of one head;
+// MOEX_CUDA_ATTENTION_WIDE_REGROUP=0 keeps the layout's heads). Returns the heads a block of 8 warps takes, or 0
+// for 4-warp blocks.
+int wide_decode_heads(const AttentionShape& shape, const Layout& layout) {
+  if (layout.cluster || layout.heads_per_block > kWideDecodeMaxGroup || !dims_per_lane_takes(shape)) return 0;
+  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "4")) return 0;
+  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "8")) return layout.heads_per_block;
+  const int group = static_cast<int>(shape.heads / shape.kv_heads);
+  const bool regroup = !env_equals("MOEX_CUDA_ATTENTION_WIDE_REGROUP", "0");
+  for (int heads = layout.heads_per_block; heads <= std::min(group, kWideDecodeMaxGroup); heads *= 2) {
+    if (grid_x(shape) * shape.kv_heads * (group / heads) * layout.splits <= shape.free_half_sms) return heads;
+    if (!regroup) break;
+  }
+  return 0;
+}
+
 // Decode blocks take the whole GQA group (K/V read once per group) unless that leaves most SMs idle: batch 1
 // at a short context is 4-8 blocks (one per kv head), each with a long serial per-lane chain (a key's dot
 // for every head of the group). Halving the heads per block until the grid covers the SMs turns that into
 // 32 short blocks on Model B; the group's K/V rows are then read by several blocks, from L2.
 // Cluster mode: at most 2 heads a block (8 keys a warp and round, so a round is 32 keys), halved while the grid
-// of splits covers less than half the SMs: Model A 128 blocks of one head, Model B 128 of two.
+// of splits covers less than half the SMs: Model A 128 blocks of one head, Model B 128 of two. Last, blocks of 8
+// warps where the grid fits beside the kernel before (wide_decode_heads), so the launch and its grid follow from
+// the layout alone.
 Layout choose_layout(const AttentionShape& shape, int num_sms) {
   const int group = static_cast<int>(shape.heads / shape.kv_heads);
   Layout layout{prefill_mma_fits(shape) ? 1 : group, 1, 0, false};
@@ -849,32 +877,11 @@ Layout choose_layout(const AttentionShape& shape, int num_sms) {
     layout.heads_per_block /= 2;
     layout.splits = choose_splits(shape, head_blocks(), num_sms, &layout.keys_per_split);
   }
-  return layout;
-}
-
-// Decode blocks of kWideDecodeWarps warps (64 keys a round at one or two heads a block, against 32): a context of
-// 33-64 keys is then one round, loaded before the PDL wait, where 4-warp blocks read a second round after it (~1.6
-// us a layer, H200 trace). A block of 8 warps (~120 registers a thread) needs half an SM's registers, so it starts
-// while the q/k/v GEMV runs only in a half that GEMV's grid left empty (AttentionShape::free_half_sms); a block that
-// starts late has its first round on the critical path. H200, same call, 8 warps against 4: Model A (16 blocks, 8
-// free halves) 0.5194 vs 0.4994 ms/token, the 12-layer Model B (32 blocks, 50 free halves) 0.7072 vs 0.7210. Not
-// in cluster mode (its splits are sized for 4 warps). MOEX_CUDA_ATTENTION_WARPS=4 / 8 forces either (A/B; read at
-// every launch, so tests can switch it).
-// Where the layout's grid does not fit, a block takes two heads of the group instead of one (Model A: 8 blocks
-// beside 8 free halves; H200, same call: 0.4966 vs 0.4997 ms/token with 4-warp blocks of one head;
-// MOEX_CUDA_ATTENTION_WIDE_REGROUP=0 keeps the layout's heads). Returns the heads a block of 8 warps takes, or 0
-// for 4-warp blocks.
-int wide_decode_heads(const AttentionShape& shape, const Layout& layout) {
-  if (layout.cluster || layout.heads_per_block > kWideDecodeMaxGroup) return 0;
-  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "4")) return 0;
-  if (env_equals("MOEX_CUDA_ATTENTION_WARPS", "8")) return layout.heads_per_block;
-  const int group = static_cast<int>(shape.heads / shape.kv_heads);
-  const bool regroup = !env_equals("MOEX_CUDA_ATTENTION_WIDE_REGROUP", "0");
-  for (int heads = layout.heads_per_block; heads <= std::min(group, kWideDecodeMaxGroup); heads *= 2) {
-    if (grid_x(shape) * shape.kv_heads * (group / heads) * layout.splits <= shape.free_half_sms) return heads;
-    if (!regroup) break;
+  if (const int heads = wide_decode_heads(shape, layout)) {
+    layout.heads_per_block = heads;
+    layout.warps = kWideDecodeWarps;
   }
-  return 0;
+  return layout;
 }
 
 __global__ void kv_write_paged_kernel(const float* k, const float* v, float* k_pages, float* v_pages, PagedKvRows kv,
@@ -933,9 +940,7 @@ int attention_cluster_splits(const AttentionShape& shape, int num_sms) {
 
 int attention_decode_warps(const AttentionShape& shape, int num_sms) {
   if (shape.num_queries == 0 || prefill_mma_fits(shape) || !decode_kernel_fits(shape)) return 0;
-  const Layout layout = choose_layout(shape, num_sms);
-  if (!layout.cluster && !dims_per_lane_takes(shape)) return kDecodeWarps;  // the key-per-lane kernel
-  return wide_decode_heads(shape, layout) > 0 ? kWideDecodeWarps : kDecodeWarps;
+  return choose_layout(shape, num_sms).warps;
 }
 
 bool attention_rounds_to_bf16(const AttentionShape& shape) { return prefill_mma_fits(shape); }
@@ -1001,7 +1006,8 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
   dim3 grid(static_cast<unsigned>(grid_x(shape)), head_blocks, splits);
   if (prefill_mma_fits(shape)) {
     if (prefill_dense_kv_takes(shape)) {
-      p.k_dense = reinterpret_cast<const __nv_bfloat16*>(static_cast<char*>(workspace) + dense_kv_offset(shape, layout));
+      const size_t offset = dense_kv_offset(shape, layout);
+      p.k_dense = reinterpret_cast<const __nv_bfloat16*>(static_cast<char*>(workspace) + offset);
       p.v_dense = p.k_dense + shape.max_keys * shape.kv_heads * shape.head_dim;
       p.dense_keys = shape.max_keys;
       launch_prefill_dense_kv(p, stream);
@@ -1009,11 +1015,9 @@ void launch_attention(const float* q, const float* k_pages, const float* v_pages
     launch_prefill_mma(p, grid, stream);
   } else if (decode_kernel_fits(shape)) {
     const bool dims_per_lane = layout.cluster || dims_per_lane_takes(shape);
-    const int wide_heads = dims_per_lane ? wide_decode_heads(shape, layout) : 0;
-    const int heads_per_block = wide_heads > 0 ? wide_heads : layout.heads_per_block;
-    grid.y = static_cast<unsigned>(p.kv_heads * (p.group / heads_per_block));
-    if (rope) launch_decode<true>(p, heads_per_block, grid, stream, dims_per_lane, wide_heads > 0);
-    else launch_decode<false>(p, heads_per_block, grid, stream, dims_per_lane, wide_heads > 0);
+    const bool wide = layout.warps == kWideDecodeWarps;
+    if (rope) launch_decode<true>(p, layout.heads_per_block, grid, stream, dims_per_lane, wide);
+    else launch_decode<false>(p, layout.heads_per_block, grid, stream, dims_per_lane, wide);
   } else {
     launch_tiled(p, grid, stream);
   }

@@ -322,7 +322,7 @@ size_t prefill_dense_kv_bytes(const AttentionShape& shape) {
 void launch_prefill_dense_kv(const AttentionParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t most = p.dense_keys * p.kv_heads * (p.head_dim / 8);
-  const int64_t blocks = std::min<int64_t>((most + kThreads - 1) / kThreads, 4096);
+  const int64_t blocks = std::min<int64_t>(ceil_div(most, kThreads), 4096);
   if (blocks > 0) prefill_dense_kv_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
 }
 
