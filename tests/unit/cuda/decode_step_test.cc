@@ -418,9 +418,10 @@ TEST(CudaDecodeStep, DimsPerLaneAttentionMatchesKeyPerLane) {
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_ATTENTION_KEY_LANES", 300);
 }
 
-// Batch-1 decode attention with blocks of 8 warps (the default where the q/k/v GEMV's grid leaves room: Model B,
-// not these fixtures' small grids) against 4 (MOEX_CUDA_ATTENTION_WARPS=8 / 4): the same greedy tokens over graph
-// replays of 300 steps, across the 256-key bucket (past it the cluster split keeps 4).
+// Batch-1 decode attention with blocks of 8 warps (the default where the q/k/v GEMV's grid leaves room: Model B, and
+// qwen3_moe here; mixtral's and olmoe's 16-dim heads take neither decode kernel) against 4
+// (MOEX_CUDA_ATTENTION_WARPS=8 / 4): the same greedy tokens over graph replays of 300 steps, across the 256-key
+// bucket (past it the cluster split keeps 4).
 TEST(CudaDecodeStep, WideAttentionBlocksMatchFourWarps) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
   for (const LoadedFixture& fixture : fixtures) {
