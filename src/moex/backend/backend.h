@@ -302,6 +302,26 @@ class Backend {
     moe_routed(normed, router, logits, top_k, scoring, normalize, experts, out);
   }
 
+  // A layer's tail at one row, from its attention's output to the next layer's q/k/v: proj = attn @ o_proj^T, then
+  // norm_moe_routed(x, pending, proj, ...) into out, then, with next, norm_linear_many(x, &out, *next->norm, eps,
+  // normed, next->outputs) (x is left without out). The decoder calls it where fuses_layer_tail() says a backend
+  // does it in one pass (CUDA: one persistent launch); proj [1, hidden] is scratch.
+  virtual bool fuses_layer_tail() const { return false; }
+  struct LayerTailNext {
+    const TensorView* norm = nullptr;
+    std::span<const LinearOutput> outputs;
+  };
+  virtual void moe_layer_tail(const TensorView& attn, const TensorView& o_proj, const TensorView& proj,
+                              const TensorView& x, const TensorView* pending, const TensorView& ffn_norm, float eps,
+                              const TensorView& normed, const TensorView& router, const TensorView& logits,
+                              int64_t top_k, RouterScoring scoring, bool normalize,
+                              std::span<const ExpertWeights> experts, const TensorView& out,
+                              const LayerTailNext* next) {
+    linear(attn, o_proj, nullptr, proj);
+    norm_moe_routed(x, pending, proj, ffn_norm, eps, normed, router, logits, top_k, scoring, normalize, experts, out);
+    if (next) norm_linear_many(x, &out, *next->norm, eps, normed, next->outputs);
+  }
+
   // The end of a forward: x += delta (delta may be null), logits = rms_norm(x, weight) @ lm_head^T. normed
   // [rows, hidden] is scratch. A backend may compute the norm inside the lm_head's kernel and leave x without
   // delta: the caller must not read x afterwards.

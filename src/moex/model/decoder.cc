@@ -416,6 +416,10 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
   // The first q/k/v GEMV then reads the token's embedding itself too (embed_norm_linear_many).
   const bool fused_norms = device_routing && norms_fusable_ && backend_.fuses_residual_norms(n);
   if (!fused_norms || layers_.empty()) backend_.embedding(ids, embed_, x);
+  // ... and where the backend runs a layer's tail in one pass (opt-in on CUDA), o_proj, the MoE and the next layer's
+  // q/k/v go together (moe_layer_tail): the attention and that pass are a layer's only launches.
+  const bool fused_tail = fused_norms && backend_.fuses_layer_tail();
+  bool qkv_ready = false;  // the previous layer's tail wrote this layer's q/k/v
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     const DeviceLayer& layer = layers_[layer_idx];
     const LayerWeights& host_layer = host_.layers[layer_idx];
@@ -427,7 +431,9 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
                                           {&layer.v_proj, layer.v_bias.empty() ? nullptr : &layer.v_bias, &v}};
     // The previous layer's MoE output, not yet in x when the norms are fused.
     const TensorView* pending = layer_idx == 0 ? nullptr : &ffn_out;
-    if (fused_norms && layer_idx == 0) {
+    if (qkv_ready) {
+      // q, k and v hold this layer's rows already
+    } else if (fused_norms && layer_idx == 0) {
       backend_.embed_norm_linear_many(ids, embed_, x, layer.attn_norm, eps, h, qkv);
     } else if (fused_norms) {
       backend_.norm_linear_many(x, pending, layer.attn_norm, eps, h, qkv);
@@ -462,6 +468,23 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
                                cfg_.rope_theta, kv_step_, k_pages, v_pages,
                                static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))), attn);
     TensorView proj = scratch(kProj, Shape{n, hidden});
+    if (fused_tail) {
+      TensorView router_logits = scratch(kRouterLogits, Shape{n, cfg_.num_experts});
+      qkv_ready = layer_idx + 1 < layers_.size();
+      Backend::LinearOutput next_qkv[3];
+      Backend::LayerTailNext next;
+      if (qkv_ready) {
+        const DeviceLayer& nl = layers_[layer_idx + 1];
+        next_qkv[0] = {&nl.q_proj, nl.q_bias.empty() ? nullptr : &nl.q_bias, &q};
+        next_qkv[1] = {&nl.k_proj, nl.k_bias.empty() ? nullptr : &nl.k_bias, &k};
+        next_qkv[2] = {&nl.v_proj, nl.v_bias.empty() ? nullptr : &nl.v_bias, &v};
+        next = {&nl.attn_norm, next_qkv};
+      }
+      backend_.moe_layer_tail(attn.reshape(Shape{n, heads * hd}), layer.o_proj, proj, x, pending, layer.ffn_norm, eps,
+                              h, layer.router, router_logits, cfg_.top_k, cfg_.router_scoring, cfg_.norm_topk_prob,
+                              experts_.resident_layer(host_layer.moe_layer_idx), ffn_out, qkv_ready ? &next : nullptr);
+      continue;
+    }
     backend_.linear(attn.reshape(Shape{n, heads * hd}), layer.o_proj, nullptr, proj);
     if (fused_norms) {  // x += pending + proj, h = norm(x), and the MoE: in the router's launch
       TensorView router_logits = scratch(kRouterLogits, Shape{n, cfg_.num_experts});

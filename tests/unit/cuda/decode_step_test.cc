@@ -480,6 +480,25 @@ TEST(CudaDecodeStep, MoeOneLaunchMatchesTwoLaunches) {
   expect_switch_on_matches_default(fixtures, "MOEX_CUDA_MOE_ONE_LAUNCH", 300);
 }
 
+// Batch-1 decode with each layer's tail in one persistent launch (MOEX_CUDA_LAYER_TAIL=1, opt-in: o_proj, the MoE and
+// the next layer's q/k/v; kernels/layer_tail.cu) against the default launch per op: the same greedy tokens over graph
+// replays of 300 steps on the fixtures that take the fused path (the launch's counters must be back at 0 for every
+// next layer and replay). Summation orders differ; the kernel itself is checked in CudaLayerTail.
+TEST(CudaDecodeStep, LayerTailMatchesLaunchPerOp) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto tail = greedy_with_env(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_LAYER_TAIL", "1", [](Engine& e) {
+      EXPECT_GT(cuda_layer_tails(e.backend()), 0) << "the persistent launch did not run";
+    });
+    EngineOptions options;
+    options.device = "cuda";
+    Engine per_op(*fixture.model, options);
+    EXPECT_EQ(greedy(per_op, fixture.prompt, 300), tail);
+    EXPECT_EQ(cuda_layer_tails(per_op.backend()), 0);
+  }
+}
+
 // The offloading provider keeps host-side routing (acquire/release, pre-gating); with a budget of top_k + 1
 // experts nearly every step copies experts through copy_from_host_async_path from registered host memory.
 TEST(CudaOffload, GreedyMatchesResident) {

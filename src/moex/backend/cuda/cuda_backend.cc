@@ -31,6 +31,7 @@
 #include "moex/backend/cuda/kernels/attention.cuh"
 #include "moex/backend/cuda/kernels/elementwise.cuh"
 #include "moex/backend/cuda/kernels/gemv.cuh"
+#include "moex/backend/cuda/kernels/layer_tail.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 #include "moex/backend/cuda/kernels/norm.cuh"
 #include "moex/backend/cuda/kernels/rope.cuh"
@@ -145,6 +146,12 @@ class CudaBackend final : public Backend {
     step_host_ = PinnedMemory(16);
     route_ticket_ = DeviceMemory(16 + sizeof(MoeOneLaunchCounters));
     MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16 + sizeof(MoeOneLaunchCounters)));
+    tail_counters_ = DeviceMemory(sizeof(LayerTailCounters));
+    MOEX_CUDA_CHECK(cudaMemset(tail_counters_.get(), 0, sizeof(LayerTailCounters)));
+    if (env_equals("MOEX_CUDA_TAIL_TIMES", "1")) {
+      tail_times_ = DeviceMemory(sizeof(LayerTailTimes));
+      MOEX_CUDA_CHECK(cudaMemset(tail_times_.get(), 0, sizeof(LayerTailTimes)));
+    }
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
     picks_host_ = PinnedMemory(kMaxPendingPicks * sizeof(int32_t));
     for (cudaEvent_t& event : pick_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
@@ -166,6 +173,7 @@ class CudaBackend final : public Backend {
     cudaStreamSynchronize(stream_);
     cudaStreamSynchronize(copy_stream_);
     timeline_.write();
+    print_tail_times();
     for (void* ptr : registered_) cudaHostUnregister(ptr);
     graphs_.reset();
     if (step_event_) cudaEventDestroy(step_event_);
@@ -351,6 +359,7 @@ class CudaBackend final : public Backend {
   }
   int64_t prefill_plans_on_device() const { return prefill_plans_on_device_; }
   int64_t cublas_gemms() const { return cublas_gemms_; }
+  int64_t layer_tails() const { return layer_tails_; }
 
   void embedding(std::span<const int32_t> ids, const TensorView& table, const TensorView& out) override {
     check_f32(out, "embedding", "out");
@@ -538,6 +547,23 @@ class CudaBackend final : public Backend {
       return;
     Backend::norm_moe_routed(x, delta0, delta1, weight, eps, normed, router, logits, top_k, scoring, normalize,
                              experts, out);
+  }
+
+  // One persistent launch per layer tail (kernels/layer_tail.cu) where it fits, opt-in (MOEX_CUDA_LAYER_TAIL=1;
+  // read at every call so that tests can switch it): on an H200 it is still slower than the launch per op (Model A
+  // 0.612 vs 0.497 ms/token, 12-layer Model B 0.953 vs 0.709, same call; bench/RESULTS.md).
+  bool fuses_layer_tail() const override { return fused_norms_ && env_equals("MOEX_CUDA_LAYER_TAIL", "1"); }
+
+  void moe_layer_tail(const TensorView& attn, const TensorView& o_proj, const TensorView& proj, const TensorView& x,
+                      const TensorView* pending, const TensorView& ffn_norm, float eps, const TensorView& normed,
+                      const TensorView& router, const TensorView& logits, int64_t top_k, RouterScoring scoring,
+                      bool normalize, std::span<const ExpertWeights> experts, const TensorView& out,
+                      const LayerTailNext* next) override {
+    if (fuses_layer_tail() && launch_layer_tail_op(attn, o_proj, x, pending, ffn_norm, eps, normed, router, logits,
+                                                   top_k, scoring, normalize, experts, out, next))
+      return;
+    Backend::moe_layer_tail(attn, o_proj, proj, x, pending, ffn_norm, eps, normed, router, logits, top_k, scoring,
+                            normalize, experts, out, next);
   }
 
   void add_rms_norm(const TensorView& x, const TensorView& delta, const TensorView& weight, float eps,
@@ -924,6 +950,90 @@ class CudaBackend final : public Backend {
     return true;
   }
 
+  // MOEX_CUDA_TAIL_TIMES=1: the layer tails' phases on standard error, at the backend's end (us after each block's
+  // PDL wait; mean over blocks and launches, and the worst block of any launch).
+  void print_tail_times() const {
+    if (!tail_times_.get()) return;
+    LayerTailTimes t{};
+    if (cudaMemcpy(&t, tail_times_.get(), sizeof(t), cudaMemcpyDeviceToHost) != cudaSuccess || t.samples == 0) return;
+    static const char* const kNames[kLayerTailEvents] = {
+        "wait (before it)", "o_proj done", "o_proj barrier", "router rows done", "top-k known (producer)",
+        "gate/up done", "gate/up barrier", "down + combine done", "combine barrier", "next q/k/v done"};
+    const double blocks = static_cast<double>(num_sms_) * static_cast<double>(t.samples);
+    std::fprintf(stderr, "layer tail: %llu launches of %d blocks, us after each block's PDL wait (mean / worst)\n",
+                 t.samples, num_sms_);
+    std::fprintf(stderr, "  %-24s %8.2f\n  %-24s %8.2f\n", "consumer waits (sum)",
+                 static_cast<double>(t.consumer_wait_ns) / blocks / 1e3, "producer waits (sum)",
+                 static_cast<double>(t.producer_wait_ns) / blocks / 1e3);
+    for (int e = 0; e < kLayerTailEvents; ++e)
+      std::fprintf(stderr, "  %-24s %8.2f %8.2f\n", kNames[e], static_cast<double>(t.sum_ns[e]) / blocks / 1e3,
+                   static_cast<double>(t.max_ns[e]) / 1e3);
+  }
+
+  // moe_layer_tail's launch; false (nothing launched) where the kernel does not take the shapes.
+  bool launch_layer_tail_op(const TensorView& attn, const TensorView& o_proj, const TensorView& x,
+                            const TensorView* pending, const TensorView& ffn_norm, float eps, const TensorView& normed,
+                            const TensorView& router, const TensorView& logits, int64_t top_k, RouterScoring scoring,
+                            bool normalize, std::span<const ExpertWeights> experts, const TensorView& out,
+                            const LayerTailNext* next) {
+    const char* op = "moe_layer_tail";
+    const int64_t hidden = x.dim(-1), num_experts = logits.dim(-1);
+    if (x.numel() != hidden || o_proj.shape.ndim != 2 || router.shape.ndim != 2 ||
+        static_cast<int64_t>(experts.size()) != num_experts || (next && next->outputs.size() > kGemvMaxOutputs))
+      return false;
+    for (const TensorView* t : {&attn, &x, &normed, &logits, &out}) check_f32(*t, op, "activation");
+    if (pending) check_f32(*pending, op, "pending");
+    MOEX_ASSERT(attn.numel() == o_proj.dim(1) && o_proj.dim(0) == hidden && normed.numel() == hidden &&
+                    out.numel() == hidden && (!pending || pending->numel() == hidden) && router.dim(0) == num_experts &&
+                    router.dim(1) == hidden && logits.numel() == num_experts,
+                "cuda {}: attn {} o_proj {} x {} router {} logits {}", op, attn.shape.str(), o_proj.shape.str(),
+                x.shape.str(), router.shape.str(), logits.shape.str());
+    LayerTailParams p;
+    p.hidden = static_cast<int>(hidden);
+    p.qdim = static_cast<int>(o_proj.dim(1));
+    p.attn = attn.as<float>();
+    p.o_proj = bf16_data(o_proj, op, "o_proj");
+    p.x = x.as<float>();
+    p.pending = pending ? pending->as<float>() : nullptr;
+    MOEX_ASSERT(ffn_norm.numel() == hidden, "cuda {}: ffn_norm {}", op, ffn_norm.shape.str());
+    p.ffn_norm = vector_data(ffn_norm, &p.ffn_norm_bf16, op);
+    p.eps = eps;
+    p.normed = normed.as<float>();
+    p.router = bf16_data(router, op, "router");
+    p.logits = logits.as<float>();
+    p.num_experts = static_cast<int>(num_experts);
+    p.top_k = static_cast<int>(top_k);
+    p.sigmoid_scoring = scoring == RouterScoring::kSigmoid;
+    p.normalize = normalize;
+    p.out = out.as<float>();
+    if (next) {
+      MOEX_ASSERT(next->norm && next->norm->numel() == hidden, "cuda {}: the next layer's norm", op);
+      GemvOutput gemv[kGemvMaxOutputs];
+      gemv_outputs(x, next->outputs, op, gemv);
+      p.next_count = static_cast<int>(next->outputs.size());
+      for (int i = 0; i < p.next_count; ++i) p.next[i] = gemv[i];
+      p.next_norm = vector_data(*next->norm, &p.next_norm_bf16, op);
+    }
+    // The experts' rows are bulk-copied: every matrix 16-byte aligned (the uploads are; views into a stacked
+    // checkpoint tensor may not be).
+    const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    for (const ExpertWeights& w : experts)
+      if (!w.valid() || !aligned(w.gate.data) || !aligned(w.up.data) || !aligned(w.down.data)) return false;
+    int64_t ffn = 0;
+    p.table = expert_table(experts, hidden, &ffn);
+    p.ffn = static_cast<int>(ffn);
+    p.counters = static_cast<LayerTailCounters*>(tail_counters_.get());
+    p.times = static_cast<LayerTailTimes*>(tail_times_.get());
+    p.slot_bytes = env_int("MOEX_CUDA_TAIL_SLOT_KB", 32) * 1024;
+    p.act = static_cast<float*>(workspace(static_cast<size_t>(top_k * ffn) * sizeof(float)));
+    if (!launch_layer_tail(p, num_sms_, stream_)) return false;
+    MOEX_CUDA_CHECK_LAUNCH();
+    ++layer_tails_;
+    // The attention after it starts its blocks beside these, which hold most of each SM's shared memory.
+    free_half_sms_ = 0;
+    return true;
+  }
+
   // Whether kv_device_ already holds this one-row step (in the layout of its bucket): the same sequence row and
   // table as the last upload, at the position the device's row has reached. A chained greedy step's recorded pick
   // moves that position on by one (decode_step_with_pick), so consecutive steps of a sequence upload only when a
@@ -1258,6 +1368,8 @@ class CudaBackend final : public Backend {
   // launch_moe_router_plan's counter of finished blocks, then (from byte 16) launch_moe_one_launch_one_token's
   // counters: all 0 between launches.
   DeviceMemory route_ticket_;
+  DeviceMemory tail_counters_;  // launch_layer_tail's counters: all 0 between launches
+  DeviceMemory tail_times_;     // MOEX_CUDA_TAIL_TIMES=1: where its launches' time went (print_tail_times)
   const bool position_from_kv_ = !env_equals("MOEX_CUDA_STEP_POSITION_UPLOAD", "1");  // decode_step says why
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
@@ -1308,6 +1420,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<CublasGemm> cublas_;   // loaded on first use (cublas()), unless MOEX_CUDA_CUBLAS=0
   bool cublas_tried_ = false;
   int64_t cublas_gemms_ = 0;  // outputs computed through cuBLAS (tests ask which path ran)
+  int64_t layer_tails_ = 0;   // moe_layer_tail's persistent launches (tests ask which path ran)
   struct ExpertTable {
     DeviceMemory pointers;
     std::vector<MoeExpertPtrs> host;  // what pointers holds: a hit must match it whole
@@ -1664,6 +1777,11 @@ int64_t cuda_prefill_plans_on_device(const Backend& backend) {
 int64_t cuda_cublas_gemms(const Backend& backend) {
   const auto* cuda = dynamic_cast<const cuda::CudaBackend*>(&backend);
   return cuda ? cuda->cublas_gemms() : 0;
+}
+
+int64_t cuda_layer_tails(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const cuda::CudaBackend*>(&backend);
+  return cuda ? cuda->layer_tails() : 0;
 }
 
 std::unique_ptr<Backend> make_cuda_backend(int device_idx) { return std::make_unique<cuda::CudaBackend>(device_idx); }

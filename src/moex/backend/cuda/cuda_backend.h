@@ -36,6 +36,10 @@ int64_t cuda_prefill_plans_on_device(const Backend& backend);
 // MOEX_CUDA_CUBLAS is not 0; 0 for any other backend).
 int64_t cuda_cublas_gemms(const Backend& backend);
 
+// Layer tails a backend made by make_cuda_backend ran as one persistent launch (moe_layer_tail; 0 for any other
+// backend).
+int64_t cuda_layer_tails(const Backend& backend);
+
 // Number of usable CUDA devices; 0 (never an error) when there is no driver or no GPU.
 int cuda_device_count();
 

@@ -9,6 +9,7 @@
 // waits for were all drawn by running blocks, which wait for nothing: no deadlock, whatever the residency).
 // The arithmetic is the two-launch path's, loop for loop: the outputs are bit-identical to it.
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
+#include "moex/backend/cuda/kernels/grid_sync.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 #include "moex/backend/cuda/kernels/moe_one_token.cuh"
@@ -25,18 +26,6 @@ struct OneLaunchParams : OneTokenMoeParams {
   float* out;  // [hidden]; may be residual.d0
   MoeOneLaunchCounters* counters;
 };
-
-// The wait polls with relaxed loads and acquires once: an acquire at every poll would also drop the SM's L1 lines,
-// which the gate/up blocks still running beside it read x through.
-__device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-__device__ __forceinline__ void add_relaxed(unsigned* p, unsigned v) {
-  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 
 // PER_LANE: logits a lane holds (num_experts <= 32 * PER_LANE); U: gate/up loads in flight per lane and row
 // (moe_one_token_gate_up_unroll). MIN_BLOCKS: the gate/up kernel's blocks per SM at that U (6 at U = 2, 4 at 4).
