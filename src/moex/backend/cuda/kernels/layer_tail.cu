@@ -11,8 +11,8 @@
 // far ahead as the ring reaches -- o_proj's rows while the attention still runs (the launch is programmatic:
 // the producer starts before the attention ends), the next layer's q/k/v while down finishes. Only the top-k
 // stops it: gate/up's and down's rows are known once every block's router rows are done. Eight consumer warps dot
-// each slot's rows with the phase's vector (in shared memory) and release the slot; phases hand their vectors on
-// through global memory and a grid-wide counter per phase.
+// the rows they own (round-robin) with the phase's vector (in shared memory) and release each slot on their own;
+// phases hand their vectors on through global memory and a grid-wide counter per phase.
 //
 // Status (H200, bench/RESULTS.md "Batch-1 decode: a layer's tail in one persistent launch"): correct, opt-in, and
 // still slower than the launch per op (Model A 0.612 vs 0.497 ms/token, 12-layer Model B 0.953 vs 0.709). Where its
@@ -21,8 +21,8 @@
 // needs), its barrier 39.2, down + combine 54.7 (341 KB: ~22 GB/s). The streams, not the hand-offs, are what is left.
 //
 // Work split: every phase's rows are cut evenly over the blocks (a block's share of each matrix is contiguous, so
-// a chunk of rows is one bulk copy): o_proj's hidden rows, the router's experts, gate/up's top_k * ffn (a gate and
-// an up row together), down's hidden features (all picks of a feature in one block, combined in pick order), the
+// a chunk of rows is one contiguous copy): o_proj's hidden rows, the router's experts, gate/up's top_k * ffn (a gate
+// and an up row together), down's hidden features (all picks of a feature in one block, combined in pick order), the
 // q/k/v rows. The results differ from the launch-per-op path by summation order only.
 #include <algorithm>
 
@@ -67,8 +67,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
   } while (!done);
 }
 // 16 bytes from global src into shared dst (both 16-byte aligned), through L2 only: the producer warp's 32 lanes
-// each copy a share of a chunk. One bulk copy (cp.async.bulk) per chunk had streamed at ~20 GB/s per SM whatever the
-// ring's depth (H200, MOEX_CUDA_TAIL_TIMES), short of the ~32 GB/s an SM's share of HBM needs.
+// each copy a share of a chunk. One bulk copy (cp.async.bulk) per chunk measured the same, when the consumers were
+// what held the ring back (RESULTS); which of the two streams faster now that they no longer are is not measured.
 __device__ __forceinline__ void copy16_async(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_u32(dst)), "l"(src) : "memory");
 }
