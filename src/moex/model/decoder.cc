@@ -1,6 +1,7 @@
 #include "moex/model/decoder.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 
@@ -419,6 +420,14 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
   // ... and where the backend runs a layer's tail in one pass (opt-in on CUDA), o_proj, the MoE and the next layer's
   // q/k/v go together (moe_layer_tail): the attention and that pass are a layer's only launches.
   const bool fused_tail = fused_norms && backend_.fuses_layer_tail();
+  // A layer's q/k/v projections into q, k and v, each with its bias where the checkpoint has one.
+  const auto qkv_outputs = [](const DeviceLayer& layer, const TensorView& q, const TensorView& k,
+                              const TensorView& v) -> std::array<Backend::LinearOutput, 3> {
+    const auto bias = [](const TensorView& b) { return b.empty() ? nullptr : &b; };
+    return {{{&layer.q_proj, bias(layer.q_bias), &q},
+             {&layer.k_proj, bias(layer.k_bias), &k},
+             {&layer.v_proj, bias(layer.v_bias), &v}}};
+  };
   bool qkv_ready = false;  // the previous layer's tail wrote this layer's q/k/v
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     const DeviceLayer& layer = layers_[layer_idx];
@@ -426,9 +435,7 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
     TensorView q = scratch(kQ, Shape{n, heads * hd});
     TensorView k = scratch(kK, Shape{n, kv_heads * hd});
     TensorView v = scratch(kV, Shape{n, kv_heads * hd});
-    const Backend::LinearOutput qkv[3] = {{&layer.q_proj, layer.q_bias.empty() ? nullptr : &layer.q_bias, &q},
-                                          {&layer.k_proj, layer.k_bias.empty() ? nullptr : &layer.k_bias, &k},
-                                          {&layer.v_proj, layer.v_bias.empty() ? nullptr : &layer.v_bias, &v}};
+    const std::array<Backend::LinearOutput, 3> qkv = qkv_outputs(layer, q, k, v);
     // The previous layer's MoE output, not yet in x when the norms are fused.
     const TensorView* pending = layer_idx == 0 ? nullptr : &ffn_out;
     if (qkv_ready) {
@@ -471,13 +478,11 @@ void Decoder::run_layers(std::span<const int32_t> ids, int64_t start_pos, std::s
     if (fused_tail) {
       TensorView router_logits = scratch(kRouterLogits, Shape{n, cfg_.num_experts});
       qkv_ready = layer_idx + 1 < layers_.size();
-      Backend::LinearOutput next_qkv[3];
+      std::array<Backend::LinearOutput, 3> next_qkv{};
       Backend::LayerTailNext next;
       if (qkv_ready) {
         const DeviceLayer& nl = layers_[layer_idx + 1];
-        next_qkv[0] = {&nl.q_proj, nl.q_bias.empty() ? nullptr : &nl.q_bias, &q};
-        next_qkv[1] = {&nl.k_proj, nl.k_bias.empty() ? nullptr : &nl.k_bias, &k};
-        next_qkv[2] = {&nl.v_proj, nl.v_bias.empty() ? nullptr : &nl.v_bias, &v};
+        next_qkv = qkv_outputs(nl, q, k, v);
         next = {&nl.attn_norm, next_qkv};
       }
       backend_.moe_layer_tail(attn.reshape(Shape{n, heads * hd}), layer.o_proj, proj, x, pending, layer.ffn_norm, eps,

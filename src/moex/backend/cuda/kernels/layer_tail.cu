@@ -533,17 +533,15 @@ bool layer_tail_fits(const LayerTailParams& p) {
       int64_t(p.qdim) * 2 > p.slot_bytes || int64_t(p.ffn) * 2 > p.slot_bytes)
     return false;
   for (const void* ptr : {static_cast<const void*>(p.attn), static_cast<const void*>(p.o_proj),
-                          static_cast<const void*>(p.x), static_cast<const void*>(p.pending),
                           static_cast<const void*>(p.normed), static_cast<const void*>(p.router),
                           static_cast<const void*>(p.logits), static_cast<const void*>(p.act),
                           static_cast<const void*>(p.out)})
-    if (!aligned16(ptr)) return false;
-  if (!p.attn || !p.o_proj || !p.x || !p.normed || !p.router || !p.logits || !p.act || !p.out || !p.ffn_norm)
+    if (!ptr || !aligned16(ptr)) return false;
+  // The two norms read their rows and weights as the other consumer-side norms do (residual_norm.cuh).
+  if (!residual_norm_fits(ResidualNormIn{p.x, p.pending, nullptr, p.ffn_norm, p.ffn_norm_bf16, p.eps}, p.hidden))
     return false;
-  // Norm weights are read 8 (bf16) or 16 (fp32) bytes at a time.
-  if (reinterpret_cast<uintptr_t>(p.ffn_norm) % (p.ffn_norm_bf16 ? 8 : 16) != 0) return false;
   if (p.next_count > 0 &&
-      (!p.next_norm || reinterpret_cast<uintptr_t>(p.next_norm) % (p.next_norm_bf16 ? 8 : 16) != 0))
+      !residual_norm_fits(ResidualNormIn{p.x, p.out, nullptr, p.next_norm, p.next_norm_bf16, p.eps}, p.hidden))
     return false;
   for (int i = 0; i < p.next_count; ++i)
     if (!aligned16(p.next[i].w) || !p.next[i].y || p.next[i].rows <= 0) return false;
