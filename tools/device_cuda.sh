@@ -33,7 +33,9 @@
 #                                  path, overall and per position in the decode (tools/kernel_trace.py).
 #                                  Options: --models, --batch "1 32", --tokens N, --env NAME=VALUE (repeatable:
 #                                  an A/B switch for both runs), --prefill N (instead: prompts of N tokens, the
-#                                  prefill's kernels per prompt, kernel_trace.py --prompts). Output under $OUT.
+#                                  prefill's kernels per prompt, kernel_trace.py --prompts). Tables on standard
+#                                  output; the traces, JSON and each step's launches in order (kernel_trace.py
+#                                  --by-launch) in one archive, $OUT/trace.tgz.
 #   tools/device_cuda.sh optin     there: the opt-in switches (MOEX_CUDA_DOWN_PRELOAD with
 #                                  MOEX_CUDA_TOPK_IN_GATE_UP=0; within 0.4% on an H200):
 #                                  their tests, then Model A / B batch-1 decode with each against the default, each
@@ -511,9 +513,19 @@ print(f"\n## {sys.argv[3]}: ms/token (or ms/step) without the tracer {ms(sys.arg
 PY
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --top 30
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --by-position --top 6
+      # Every launch of the step in order, with how early each started (launches_*.md); its first 16 rows here.
+      python3 tools/kernel_trace.py "$out/trace_$tag.csv" --by-launch >"$out/launches_$tag.md"
+      head -n 18 "$out/launches_$tag.md"
       gzip -f "$out/trace_$tag.csv"
     done
   done
+  # One archive: the run tool brings back at most 8 files from $OUT.
+  local packed=()
+  shopt -s nullglob
+  packed=("$out"/*.json "$out"/trace_*.csv.gz "$out"/launches_*.md "$out"/err.log)
+  shopt -u nullglob
+  [ ${#packed[@]} -gt 0 ] && tar czf "$out/trace.tgz" -C "$out" --remove-files "${packed[@]##*/}" &&
+    echo "trace files: $out/trace.tgz"
 }
 
 # The opt-in switches (measured once on an H200, 2026-11-27: within 0.4% of the default): their tests, then

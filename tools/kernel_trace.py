@@ -2,7 +2,7 @@
 """Where a decode step's time goes, from a kernel timeline (tools/kernel_trace/kernel_trace.cc).
 
     python3 tools/kernel_trace.py trace.csv [--json] [--by-position [--bucket N] [--run-gap-us US]]
-                                            [--prompts [--prompt-gap-us US]]
+                                            [--by-launch] [--prompts [--prompt-gap-us US]]
 
 Kernels of one CUDA graph launch (one recorded decode step) share a correlation id. Within a step the kernels
 run in stream order, each ending after the one before (programmatic dependent launch lets a kernel start early,
@@ -18,6 +18,11 @@ prompts where no kernel runs for --prompt-gap-us, and for the prompts with the m
 repetitions of its longest prompt) it reports the median prompt, the time no kernel ran, and per kernel and grid
 size the launches, the summed duration and the critical-path share per prompt: which kernels a prefill is made
 of, and what lies outside the tensor-core ones.
+
+--by-launch lists a step's launches in stream order with each one's share, its duration and its lead: how long
+before the kernel it follows ended it was already on the GPU. Under programmatic dependent launch a kernel's blocks
+start, and do their work before the wait, only where the kernel ahead leaves room on an SM: a small lead after a
+kernel that fills the SMs' registers marks a kernel whose pre-wait work is on the critical path.
 
 --by-position splits the steps into runs (graph launches back to back: a gap of more than --run-gap-us, a
 prompt's prefill, starts a new run) and reports, per bucket of --bucket positions in the run, the median step and
@@ -54,7 +59,10 @@ def load(path):
     return rows
 
 
-Step = collections.namedtuple("Step", "start end kernels")  # kernels: (name, share_ns, duration_ns) by end
+Step = collections.namedtuple("Step", "start end kernels")  # kernels: Kernel tuples by end
+# share_ns: end minus the previous kernel's end; lead_ns: the previous kernel's end minus this one's start (how long
+# it was on the GPU before the kernel it follows ended; None for a step's first kernel).
+Kernel = collections.namedtuple("Kernel", "name share_ns duration_ns lead_ns grid registers")
 
 
 def graph_steps(rows):
@@ -66,7 +74,8 @@ def graph_steps(rows):
             if int(r["graph_id"]) == 0:
                 continue
             steps[int(r["correlation"])].append(
-                (int(r["start_ns"]), int(r["end_ns"]), short(r["name"] or "?"), int(r.get("grid", 0) or 0)))
+                (int(r["start_ns"]), int(r["end_ns"]), short(r["name"] or "?"), int(r.get("grid", 0) or 0),
+                 int(r.get("registers", 0) or 0)))
         except (TypeError, ValueError):
             sys.exit(f"kernel_trace: line {line} is not a kernel record (a number expected): {dict(r)}")
     if not steps:
@@ -76,8 +85,8 @@ def graph_steps(rows):
         kernels.sort(key=lambda k: k[1])
         start = prev = min(k[0] for k in kernels)
         shares = []
-        for k_start, k_end, name, _ in kernels:
-            shares.append((name, k_end - prev, k_end - k_start))
+        for i, (k_start, k_end, name, grid, registers) in enumerate(kernels):
+            shares.append(Kernel(name, k_end - prev, k_end - k_start, prev - k_start if i else None, grid, registers))
             prev = k_end
         result.append(Step(start, kernels[-1][1], shares))
     return sorted(result, key=lambda step: step.start)
@@ -92,10 +101,10 @@ def analyse(rows):
     for step in graph_steps(rows):
         if previous_end is not None:
             gaps.append(step.start - previous_end)
-        for name, kernel_share, kernel_duration in step.kernels:
-            share[name] += kernel_share
-            duration[name] += kernel_duration
-            launches[name] += 1
+        for k in step.kernels:
+            share[k.name] += k.share_ns
+            duration[k.name] += k.duration_ns
+            launches[k.name] += 1
         spans.append(step.end - step.start)
         previous_end = step.end
     n = len(spans)
@@ -121,8 +130,8 @@ def by_position(rows, bucket, run_gap_us):
         b = buckets[position // bucket]
         b["spans"].append(step.end - step.start)
         per_step = collections.defaultdict(float)  # a kernel launched several times a step: its shares summed
-        for name, kernel_share, _ in step.kernels:
-            per_step[name] += kernel_share
+        for k in step.kernels:
+            per_step[k.name] += k.share_ns
         for name, value in per_step.items():
             b["shares"][name].append(value)
             names[name] += value
@@ -136,6 +145,25 @@ def by_position(rows, bucket, run_gap_us):
                       "step_us": statistics.median(b["spans"]) / 1e3,
                       "share_us": {k: statistics.median(b["shares"][k]) / 1e3 for k in kernels if b["shares"][k]}})
     return {"runs": runs, "bucket": bucket, "kernels": kernels, "buckets": table}
+
+
+def by_launch(rows):
+    """Per launch of a step, in stream order (the steps with the most common kernel count: one recorded bucket):
+    the kernel, its grid and registers, and the medians of its share, its duration and its lead (how long before
+    the kernel it follows ended it was already on the GPU). A kernel with a small lead whose predecessor fills the
+    SMs could not get its blocks on early: its pre-wait work is on the critical path."""
+    steps = graph_steps(rows)
+    count = collections.Counter(len(step.kernels) for step in steps).most_common(1)[0][0]
+    chosen = [step for step in steps if len(step.kernels) == count]
+    table = []
+    for i in range(count):
+        ks = [step.kernels[i] for step in chosen]
+        leads = [k.lead_ns for k in ks if k.lead_ns is not None]
+        table.append({"launch": i, "kernel": ks[0].name, "grid": ks[0].grid, "registers": ks[0].registers,
+                      "share_us": statistics.median(k.share_ns for k in ks) / 1e3,
+                      "duration_us": statistics.median(k.duration_ns for k in ks) / 1e3,
+                      "lead_us": statistics.median(leads) / 1e3 if leads else None})
+    return {"steps": len(chosen), "kernels_per_step": count, "launches": table}
 
 
 def eager_prompts(rows, gap_us):
@@ -208,6 +236,8 @@ def main():
     ap.add_argument("--bucket", type=int, default=8, help="positions per row with --by-position (default 8)")
     ap.add_argument("--run-gap-us", type=float, default=20.0,
                     help="a longer gap between two steps starts a new run (default 20 us)")
+    ap.add_argument("--by-launch", action="store_true",
+                    help="per launch of a step in stream order: share, duration and how early it started")
     ap.add_argument("--prompts", action="store_true",
                     help="the kernels launched one by one, per prompt (prefill), instead of the graph steps")
     ap.add_argument("--prompt-gap-us", type=float, default=100.0,
@@ -226,6 +256,20 @@ def main():
         for e in result["kernels"][:a.top]:
             print(f"| {e['kernel'][:80]} | {e['grid']} | {e['launches']:.0f} | {e['duration_us']:.1f} | "
                   f"{e['share_us']:.1f} | {100 * e['share_us'] / result['prompt_us']:.1f} |")
+        return
+    if a.by_launch:
+        result = by_launch(load(a.trace))
+        if a.json:
+            print(json.dumps(result))
+            return
+        print(f"{result['steps']} graph steps of {result['kernels_per_step']} kernels; medians per launch. lead: how "
+              f"long before the kernel it follows ended it was on the GPU")
+        print("| launch | kernel | grid | registers | critical-path us | lead us | us (start to end) |")
+        print("|---|---|---|---|---|---|---|")
+        for e in result["launches"]:
+            lead = "-" if e["lead_us"] is None else f"{e['lead_us']:.2f}"
+            print(f"| {e['launch']} | {e['kernel'][:60]} | {e['grid']} | {e['registers']} | {e['share_us']:.2f} | "
+                  f"{lead} | {e['duration_us']:.2f} |")
         return
     if a.by_position:
         result = by_position(load(a.trace), a.bucket, a.run_gap_us)

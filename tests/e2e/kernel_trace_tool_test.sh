@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tools/kernel_trace.py (the decode step's critical path from a CUPTI kernel timeline) on a synthetic trace whose
 # shares are known: the averaged table, --by-position (runs split at the prompt's gap, per-position medians, a
-# .gz trace read as such), --prompts (eager kernels per prompt, the longest prompts only), and clear errors for
+# .gz trace read as such), --by-launch (each launch's share, lead and duration), --prompts (eager kernels per prompt, the longest prompts only), and clear errors for
 # input that is not a kernel trace.
 # Usage: kernel_trace_tool_test.sh MOEX_BINARY SOURCE_DIR
 source "$(dirname "$0")/e2e_lib.sh"
@@ -59,6 +59,27 @@ PY
 else
   fail "kernel_trace.py --by-position exited non-zero: $(cat "$tmp/err")"
 fi
+
+# --by-launch: per launch in stream order. gemv first (no kernel before it: no lead), share 10 us; attention starts
+# 2 us before the gemv ends (lead 2), share the median of 4, 6, 8 (twice each) = 6, duration 6 / 8 / 10 -> 8.
+if python3 "$tool" "$tmp/trace.csv" --by-launch --json >"$tmp/launch.json" 2>"$tmp/err"; then
+  python3 - "$tmp/launch.json" <<'PY' && ok || fail "--by-launch is wrong: $(cat "$tmp/launch.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["steps"] == 6 and r["kernels_per_step"] == 2, r
+gemv, attention = r["launches"]
+assert gemv["kernel"] == "gemv_kernel<1; 8>" and gemv["grid"] == 256 and gemv["registers"] == 64, gemv
+assert gemv["lead_us"] is None and abs(gemv["share_us"] - 10.0) < 1e-9, gemv
+assert attention["kernel"] == "decode_attention_kernel" and attention["registers"] == 114, attention
+assert abs(attention["lead_us"] - 2.0) < 1e-9 and abs(attention["share_us"] - 6.0) < 1e-9, attention
+assert abs(attention["duration_us"] - 8.0) < 1e-9, attention
+PY
+else
+  fail "kernel_trace.py --by-launch exited non-zero: $(cat "$tmp/err")"
+fi
+python3 "$tool" "$tmp/trace.csv" --by-launch >"$tmp/ltable" 2>"$tmp/err" &&
+  grep -q "^| 1 | decode_attention_kernel | 16 | 114 | 6.00 | 2.00 | 8.00 |$" "$tmp/ltable" && ok ||
+  fail "--by-launch table: $(cat "$tmp/ltable" "$tmp/err")"
 
 # The gap that splits runs: at 2000 us the six steps are one run, positions 0-5 in buckets of 4.
 one_run='import json, sys; r = json.load(open(sys.argv[1])); assert r["runs"] == 1, r
