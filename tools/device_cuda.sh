@@ -2,7 +2,9 @@
 # The CUDA backend's one script for the GPU machine.
 #   tools/device_cuda.sh prepare   here: build cuda_tests, the kernel benchmark and moex (cuda-release flags,
 #                                  own build dir), copy them stripped with the shared libraries they need
-#                                  into .device/cuda (gitignored), to be named in the run tool's `carry`.
+#                                  into .device/cuda (gitignored), to be named in the run tool's `carry`, with a
+#                                  fingerprint of the sources: every subcommand there stops at once when the
+#                                  copied tree's sources differ (binaries left from before an edit or a revert).
 #   tools/device_cuda.sh run       there: CUDA tests (ops + transformers fixtures), kernel benchmark, then
 #                                  Model A / Model B decode at batch 1 (moex --load-format random) next to
 #                                  transformers eager in the same call, nvidia-smi power/utilisation sampled
@@ -60,6 +62,26 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEV=${MOEX_DEVICE_DIR:-.device/cuda}  # own dirs per engineer: MOEX_DEVICE_DIR=.device/x MOEX_DEVICE_BUILD=build/x
 
+# A fingerprint of the sources the binaries are built from (code and CMake files under the source folders), the
+# same here and in the tree the run tool copies there: prepare records it, and every subcommand there compares it
+# with its tree's, so that binaries left from other sources (a revert or an edit after prepare) stop the call
+# before it spends device time on them. MOEX_DEVICE_STALE_OK=1 runs them anyway.
+source_id() {
+  python3 - <<'PY' 2>/dev/null
+import hashlib, os
+paths = ["CMakeLists.txt"]
+for top in ("src", "apps", "tests", "bench", "tools/kernel_trace"):
+    for folder, _, files in os.walk(top):
+        paths += [os.path.join(folder, f) for f in files
+                  if f == "CMakeLists.txt" or f.endswith((".cc", ".h", ".cu", ".cuh", ".cpp", ".cmake"))]
+digest = hashlib.sha256()
+for path in sorted(paths):
+    with open(path, "rb") as f:
+        digest.update(path.encode() + b"\0" + f.read() + b"\0")
+print(digest.hexdigest()[:16])
+PY
+}
+
 prepare() {
   local build=${MOEX_DEVICE_BUILD:-build/cuda-dev}
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEX_CUDA=ON \
@@ -76,12 +98,21 @@ prepare() {
   done
   # Compressed: the tree and the carried paths travel within 64 MiB; every subcommand unpacks them there.
   gzip -9 -f "$DEV"/bin/*
+  source_id >"$DEV/source_id"
   du -sh "$DEV"
 }
 
 # Unpacks prepare's compressed binaries (and a baseline's) in place.
 unpack() {
-  local dir
+  local dir built here
+  built=$(cat "$DEV/source_id" 2>/dev/null) here=$(source_id)
+  if [ -z "$here" ]; then
+    echo "device_cuda.sh: warning: no python3 to fingerprint the sources; $DEV not checked against them" >&2
+  elif [ "$built" != "$here" ]; then
+    echo "device_cuda.sh: $DEV was built from other sources (${built:-no fingerprint}) than this tree's ($here):" \
+      "run tools/device_cuda.sh prepare again (MOEX_DEVICE_STALE_OK=1 runs them anyway)" >&2
+    [ "${MOEX_DEVICE_STALE_OK:-0}" = 1 ] || exit 1
+  fi
   for dir in "$DEV/bin" "${BASELINE:+$BASELINE/bin}"; do
     [ -n "$dir" ] && [ -d "$dir" ] || continue
     for gz in "$dir"/*.gz; do
