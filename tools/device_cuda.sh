@@ -544,7 +544,7 @@ print(f"\n## {sys.argv[3]}: ms/token (or ms/step) without the tracer {ms(sys.arg
 PY
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --top 30
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --by-position --top 6
-      # Every launch of the step in order, with how early each started (launches_*.md); its first 16 rows here.
+      # Every launch of the step in order, with how early each started (launches_*.md); its first 15 here.
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --by-launch >"$out/launches_$tag.md"
       head -n 18 "$out/launches_$tag.md"
       gzip -f "$out/trace_$tag.csv"
@@ -553,7 +553,7 @@ PY
   # One archive: the run tool brings back at most 8 files from $OUT.
   local packed=()
   shopt -s nullglob
-  packed=("$out"/*.json "$out"/trace_*.csv.gz "$out"/launches_*.md "$out"/err.log)
+  packed=("$out"/plain_*.json "$out"/traced_*.json "$out"/trace_*.csv.gz "$out"/launches_*.md "$out"/err.log)
   shopt -u nullglob
   [ ${#packed[@]} -gt 0 ] && tar czf "$out/trace.tgz" -C "$out" --remove-files "${packed[@]##*/}" &&
     echo "trace files: $out/trace.tgz"

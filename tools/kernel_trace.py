@@ -243,61 +243,65 @@ def main():
     ap.add_argument("--prompt-gap-us", type=float, default=100.0,
                     help="with --prompts: a longer time with no kernel running starts a new prompt (default 100 us)")
     a = ap.parse_args()
+    # The view asked for: what it computes, and how its table is printed (--json prints the result instead).
     if a.prompts:
-        result = prompt_kernels(load(a.trace), a.prompt_gap_us)
-        if a.json:
-            print(json.dumps(result))
-            return
-        print(f"{result['prompts']} prompts of {result['kernels_per_prompt']} kernels: {result['prompt_us']:.1f} us "
-              f"from the first kernel's start to the last's end, {result['idle_us']:.1f} us with no kernel running "
-              f"(medians)")
-        print("| kernel | grid | launches | us (start to end, summed) | critical-path us | % |")
-        print("|---|---|---|---|---|---|")
-        for e in result["kernels"][:a.top]:
-            print(f"| {e['kernel'][:80]} | {e['grid']} | {e['launches']:.0f} | {e['duration_us']:.1f} | "
-                  f"{e['share_us']:.1f} | {100 * e['share_us'] / result['prompt_us']:.1f} |")
-        return
-    if a.by_launch:
-        result = by_launch(load(a.trace))
-        if a.json:
-            print(json.dumps(result))
-            return
-        print(f"{result['steps']} graph steps of {result['kernels_per_step']} kernels; medians per launch. lead: how "
-              f"long before the kernel it follows ended it was on the GPU")
-        print("| launch | kernel | grid | registers | critical-path us | lead us | us (start to end) |")
-        print("|---|---|---|---|---|---|---|")
-        for e in result["launches"]:
-            lead = "-" if e["lead_us"] is None else f"{e['lead_us']:.2f}"
-            print(f"| {e['launch']} | {e['kernel'][:60]} | {e['grid']} | {e['registers']} | {e['share_us']:.2f} | "
-                  f"{lead} | {e['duration_us']:.2f} |")
-        return
-    if a.by_position:
-        result = by_position(load(a.trace), a.bucket, a.run_gap_us)
-        if a.json:
-            print(json.dumps(result))
-            return
-        shown = result["kernels"][:a.top]
-        print(f"{result['runs']} runs of back-to-back graph steps; median us per step, then each kernel's median "
-              f"critical-path share per step")
-        print("| positions | steps | step us | " + " | ".join(k[:40] for k in shown) + " |")
-        print("|---" * (3 + len(shown)) + "|")
-        for b in result["buckets"]:
-            cells = [f"{b['share_us'][k]:.1f}" if k in b["share_us"] else "-" for k in shown]
-            print(f"| {b['positions'][0]}-{b['positions'][1]} | {b['steps']} | {b['step_us']:.1f} | "
-                  + " | ".join(cells) + " |")
-        return
-    result = analyse(load(a.trace))
+        compute, table = (lambda rows: prompt_kernels(rows, a.prompt_gap_us)), print_prompts
+    elif a.by_launch:
+        compute, table = by_launch, print_launches
+    elif a.by_position:
+        compute, table = (lambda rows: by_position(rows, a.bucket, a.run_gap_us)), print_positions
+    else:
+        compute, table = analyse, print_steps
+    result = compute(load(a.trace))
     if a.json:
         print(json.dumps(result))
-        return
+    else:
+        table(result, a.top)
+
+
+def print_prompts(result, top):
+    print(f"{result['prompts']} prompts of {result['kernels_per_prompt']} kernels: {result['prompt_us']:.1f} us "
+          f"from the first kernel's start to the last's end, {result['idle_us']:.1f} us with no kernel running "
+          f"(medians)")
+    print("| kernel | grid | launches | us (start to end, summed) | critical-path us | % |")
+    print("|---|---|---|---|---|---|")
+    for e in result["kernels"][:top]:
+        print(f"| {e['kernel'][:80]} | {e['grid']} | {e['launches']:.0f} | {e['duration_us']:.1f} | "
+              f"{e['share_us']:.1f} | {100 * e['share_us'] / result['prompt_us']:.1f} |")
+
+
+def print_launches(result, top):
+    del top  # every launch of the step: the order is the point
+    print(f"{result['steps']} graph steps of {result['kernels_per_step']} kernels; medians per launch. lead: how "
+          f"long before the kernel it follows ended it was on the GPU")
+    print("| launch | kernel | grid | registers | critical-path us | lead us | us (start to end) |")
+    print("|---|---|---|---|---|---|---|")
+    for e in result["launches"]:
+        lead = "-" if e["lead_us"] is None else f"{e['lead_us']:.2f}"
+        print(f"| {e['launch']} | {e['kernel'][:60]} | {e['grid']} | {e['registers']} | {e['share_us']:.2f} | "
+              f"{lead} | {e['duration_us']:.2f} |")
+
+
+def print_positions(result, top):
+    shown = result["kernels"][:top]
+    print(f"{result['runs']} runs of back-to-back graph steps; median us per step, then each kernel's median "
+          f"critical-path share per step")
+    print("| positions | steps | step us | " + " | ".join(k[:40] for k in shown) + " |")
+    print("|---" * (3 + len(shown)) + "|")
+    for b in result["buckets"]:
+        cells = [f"{b['share_us'][k]:.1f}" if k in b["share_us"] else "-" for k in shown]
+        print(f"| {b['positions'][0]}-{b['positions'][1]} | {b['steps']} | {b['step_us']:.1f} | "
+              + " | ".join(cells) + " |")
+
+
+def print_steps(result, top):
     print(f"{result['steps']} graph steps: {result['step_us']:.1f} us from the first kernel's start to the last's "
           f"end, {result['between_steps_us']:.1f} us between steps (median)")
     print("| kernel | launches / step | critical-path us / step | % | us per launch (start to end) |")
     print("|---|---|---|---|---|")
-    for e in result["kernels"][:a.top]:
+    for e in result["kernels"][:top]:
         print(f"| {e['kernel'][:90]} | {e['launches_per_step']:.0f} | {e['share_us_per_step']:.1f} | "
               f"{100 * e['share_us_per_step'] / result['step_us']:.1f} | {e['duration_us_per_launch']:.2f} |")
-
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # tools/kernel_trace.py (the decode step's critical path from a CUPTI kernel timeline) on a synthetic trace whose
 # shares are known: the averaged table, --by-position (runs split at the prompt's gap, per-position medians, a
-# .gz trace read as such), --by-launch (each launch's share, lead and duration), --prompts (eager kernels per prompt, the longest prompts only), and clear errors for
-# input that is not a kernel trace.
+# .gz trace read as such), --by-launch (each launch's share, lead and duration), --prompts (eager kernels per
+# prompt, the longest prompts only), and clear errors for input that is not a kernel trace.
 # Usage: kernel_trace_tool_test.sh MOEX_BINARY SOURCE_DIR
 source "$(dirname "$0")/e2e_lib.sh"
 tool="$src/tools/kernel_trace.py"
@@ -143,5 +143,7 @@ expect_error "a missing file" "cannot read" python3 "$tool" "$tmp/none.csv"
 expect_error "a zero bucket" "--bucket must be at least 1" python3 "$tool" "$tmp/trace.csv" --by-position --bucket 0
 printf 'start_ns,end_ns,correlation,graph_id,name\n0,10,1,0,eager\n' >"$tmp/eager.csv"
 expect_error "no graph launches" "no kernels from CUDA graph launches" python3 "$tool" "$tmp/eager.csv" --by-position
+expect_error "no graph launches (--by-launch)" "no kernels from CUDA graph launches" python3 "$tool" "$tmp/eager.csv" \
+  --by-launch
 
 finish
