@@ -421,7 +421,8 @@ int run(const char* json_path, bool sampling_only, bool gemm_only, bool attentio
                                             s);
               cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, y, s);
             } else {
-              cuda::launch_moe_gemv(x, p.row_token, p.groups, p.num_groups, p.max_rows, m.hidden, m.ffn, h, y, s);
+              cuda::launch_moe_gemv(x, p.row_token, p.groups, p.num_groups, p.max_rows, m.hidden, m.ffn, h, y, s,
+                                    nullptr, sms, p.num_groups);
             }
             cuda::launch_moe_combine(y, p.slot, p.weights, tokens, m.top_k, m.hidden, out, s);
           },

@@ -79,6 +79,42 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
                                            LinearCase{2048, 2048, 128, false}, LinearCase{512, 2048, 8, true},
                                            LinearCase{100, 1000, 40, true}));
 
+// 2-32 rows: the row-split tensor-core kernel (mma_rows.cuh) and, with MOEX_CUDA_MMA_ROWS=0, the 16-row one
+// (mma_core.cuh), against a double-precision reference. The shapes reach each part of the row-split kernel: one
+// block without a split, K split over clusters of 2-8 blocks, activations staged in two chunks (27 tokens, 22 k
+// blocks a split), a last tile with one warp's rows, rows not a multiple of 16, every n-tile count.
+TEST(CudaFewTokenLinear, RowSplitAndSixteenRowKernelsMatchReference) {
+  MOEX_CUDA_BACKEND_OR_SKIP(backend);
+  for (const LinearCase c : {LinearCase{2, 64, 16, false}, LinearCase{13, 4096, 128, true},
+                             LinearCase{27, 5632, 2048, false}, LinearCase{9, 1024, 1040, true},
+                             LinearCase{5, 256, 100, true}, LinearCase{32, 2048, 4000, false},
+                             LinearCase{20, 2048, 512, true}}) {
+    SCOPED_TRACE(testing::Message() << "linear(rows=" << c.rows << ",in=" << c.in << ",out=" << c.out << ")");
+    std::mt19937 rng(static_cast<uint32_t>(c.rows * 17 + c.in * 3 + c.out));
+    auto w = random_bf16(rng, {c.out, c.in}, 1.f / std::sqrt(float(c.in)));
+    auto x = random_floats(rng, static_cast<size_t>(c.rows * c.in));
+    auto bias = random_floats(rng, static_cast<size_t>(c.out));
+    TensorView wd = backend->upload_weight(w.host_view(), "w");
+    TensorView bd = backend->upload_weight(TensorView(bias.data(), DType::kF32, {c.out}), "b");
+    GuardedTensor xd(*backend, {c.rows, c.in}), yd(*backend, {c.rows, c.out});
+    xd.fill(x);
+    std::vector<double> ref(static_cast<size_t>(c.rows * c.out));
+    for (int64_t r = 0; r < c.rows; ++r)
+      for (int64_t o = 0; o < c.out; ++o) {
+        double acc = c.bias ? bias[o] : 0.0;
+        for (int64_t k = 0; k < c.in; ++k) acc += double(x[r * c.in + k]) * w.values[o * c.in + k];
+        ref[r * c.out + o] = acc;
+      }
+    for (const char* rows : {"1", "0"}) {
+      SCOPED_TRACE(testing::Message() << "MOEX_CUDA_MMA_ROWS=" << rows);
+      const test::ScopedEnv kernel("MOEX_CUDA_MMA_ROWS", rows);
+      yd.fill(std::vector<float>(static_cast<size_t>(c.rows * c.out), std::nanf("")));
+      backend->linear(xd.view(), wd, c.bias ? &bd : nullptr, yd.view());
+      MOEX_EXPECT_CLOSE(yd.read(), ref, 1e-5);
+    }
+  }
+}
+
 // cuBLAS (the dense GEMMs' default) loads from where MOEX_CUBLAS_LIBRARY says, or from the loader's path and the
 // toolkit's directory: a skip, with the reason, where it does not (CudaLinearMany then checks only moex's own GEMMs).
 TEST(CudaCublas, LoadsWhereTheToolkitIs) {

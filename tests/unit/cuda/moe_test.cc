@@ -125,6 +125,14 @@ TEST_P(CudaMoe, MatchesReference) {
     ASSERT_EQ(0, std::memcmp(again.data(), out.data(), out.size() * sizeof(float))) << "run " << rep;
   }
 
+  // Groups of 2-32 rows: the 16-row tensor-core kernels as well (MOEX_CUDA_MMA_ROWS=0; the row-split ones above).
+  {
+    const test::ScopedEnv rows("MOEX_CUDA_MMA_ROWS", "0");
+    od.fill(std::vector<float>(static_cast<size_t>(c.tokens * c.hidden), std::nanf("")));
+    backend->moe_experts(xd.view(), routing, experts, od.view());
+    MOEX_EXPECT_CLOSE(od.read(), ref, 1e-2);
+  }
+
   // A wave of the offloading path: picks with id -1 contribute nothing (token 0 loses all of them).
   Routing wave = routing;
   for (size_t a = 0; a < wave.expert_ids.size(); a += 2) wave.expert_ids[a] = -1;

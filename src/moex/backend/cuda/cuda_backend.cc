@@ -1497,7 +1497,8 @@ void CudaBackend::moe_experts(const TensorView& x, const Routing& routing, std::
     auto* ws = static_cast<char*>(workspace(h_bytes + static_cast<size_t>(rows * hidden) * 4));
     auto* h = reinterpret_cast<float*>(ws);
     auto* y = reinterpret_cast<float*>(ws + h_bytes);
-    launch_moe_gemv(x.as<float>(), row_token, groups, num_groups, plan.max_rows, hidden, ffn, h, y, stream_);
+    launch_moe_gemv(x.as<float>(), row_token, groups, num_groups, plan.max_rows, hidden, ffn, h, y, stream_, nullptr,
+                    num_sms_, num_groups);
     launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   }
   timeline_.end(stream_, "experts", rows);
@@ -1600,9 +1601,14 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   // token count. At 32 sequences every expert had run the 32-token instance (1 block per SM) whatever its
   // tokens: Model A's MoE at ~57% of HBM, Model B's 128 experts with ~2 tokens each. An expert routed more
   // tokens than the cut runs as two groups (its weights read twice).
+  // The row-split kernels (mma_rows.cuh) stage a group's tokens once for all of its weight rows and skip the
+  // n-tiles a group leaves empty, so there every expert is one group of up to kMoeGemvMaxRows rows: its weights read
+  // once.
   const int64_t average_rows = (total + num_experts - 1) / num_experts;
   int64_t group_cap = 8;
-  while (group_cap < 2 * average_rows && group_cap < kMoeGemvMaxRows) group_cap *= 2;
+  const bool rows_kernels =
+      rows_mma_enabled(std::min<int64_t>(n, kMoeGemvMaxRows)) && hidden % 32 == 0 && ffn % 32 == 0;
+  while (group_cap < (rows_kernels ? n : 2 * average_rows) && group_cap < kMoeGemvMaxRows) group_cap *= 2;
   const int max_rows = static_cast<int>(std::min<int64_t>(n, group_cap));
   // One token with the residual step: the router launch writes only the logits, the gate/up launch routes and
   // plans (kernels/moe_topk_gate_up.cu; H200, same call: Model A 0.5280 vs 0.5370 ms/token, Model B 2.5797 vs
@@ -1642,7 +1648,7 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
     return true;
   }
   launch_moe_gemv(x.as<float>(), row_token, groups, static_cast<int>(total), max_rows, hidden, ffn, h, y, stream_,
-                  num_groups);
+                  num_groups, num_sms_, static_cast<int>(std::min(total, num_experts)));
   launch_moe_combine(y, slot, weights, n, top_k, hidden, out.as<float>(), stream_);
   MOEX_CUDA_CHECK_LAUNCH();
   return true;

@@ -11,9 +11,12 @@
 // of the kernel still running ahead.
 #include "moex/backend/cuda/kernels/gemv.cuh"
 
+#include <type_traits>
+
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
+#include "moex/backend/cuda/kernels/mma_rows.cuh"
 #include "moex/backend/cuda/kernels/residual_norm.cuh"
 
 namespace moex::cuda {
@@ -211,6 +214,73 @@ __global__ __launch_bounds__(WARPS * 32) void linear_mma_kernel(const float* x, 
   });
 }
 
+// The row-split shape (mma_rows.cuh): blocks of 128 rows of one output, `splits` blocks (a cluster) along K.
+// outs.tiles_before counts 128-row tiles; block x is split x % splits of tile x / splits.
+template <int NT>
+__global__ __launch_bounds__(kRowsWarps * 32) void linear_rows_mma_kernel(const float* x, int m_count, int K,
+                                                                          MmaOutputs outs, int splits,
+                                                                          int smem_bytes) {
+  extern __shared__ uint4 rows_smem[];
+  pdl_launch_dependents();
+  const int tile = static_cast<int>(blockIdx.x) / splits, split = static_cast<int>(blockIdx.x) % splits;
+  // Constant indices only: a dynamic index into the parameter struct copies it to local memory.
+  GemvOutput o = outs.out[0];
+  int first_tile = 0;
+#pragma unroll
+  for (int i = 1; i < kGemvMaxOutputs; ++i)
+    if (i < outs.count && tile >= outs.tiles_before[i]) {
+      o = outs.out[i];
+      first_tile = outs.tiles_before[i];
+    }
+  const int N = static_cast<int>(o.rows), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = (tile - first_tile) * kRowsTile;
+  const bool active = row0 + warp * kMmaRows < N;
+  const bf16* w[1] = {reinterpret_cast<const bf16*>(o.w)};
+  const RowsLaneWeights<1> lanes(w, row0 + warp * kMmaRows, N, K, lane);
+  int kb_begin, kb_end;
+  rows_split_range(K / kMmaKBlock, splits, split, &kb_begin, &kb_end);
+  RowsRound<1> first;
+  if (active) first.load(lanes, kb_begin, kb_end);  // weights: known before the wait
+  pdl_wait();
+  float acc[1][NT][4] = {};
+  block_rows_mma<1, NT>(lanes, first, [&](int i) { return x + int64_t(i) * K; }, m_count, kb_begin, kb_end, rows_smem,
+                        smem_bytes, active, acc);
+  rows_mma_finish<1, NT>(acc, reinterpret_cast<float*>(rows_smem), splits, row0, N, m_count,
+                         [&](int row, int token, auto sum) {
+                           o.y[int64_t(token) * N + row] = sum(0) + (o.bias ? o.bias[row] : 0.f);
+                         });
+}
+
+void launch_linear_rows_mma(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count,
+                            int sms, cudaStream_t stream) {
+  MmaOutputs outs{};
+  outs.count = count;
+  outs.tiles_before[0] = 0;
+  for (int i = 0; i < count; ++i) {
+    outs.out[i] = outputs[i];
+    outs.tiles_before[i + 1] = outs.tiles_before[i] + static_cast<int>(ceil_div(outputs[i].rows, kRowsTile));
+  }
+  const int tiles = outs.tiles_before[count], kb_count = static_cast<int>(K / kMmaKBlock);
+  // A grid of a tile per SM or more runs unsplit (H200, 32 tokens: Model A's lm_head 56 us against 63 at two blocks
+  // along K and 88 at three); smaller ones split K.
+  const int splits = tiles >= sms ? 1 : rows_mma_splits(tiles, kb_count, sms);
+  const int m = static_cast<int>(m_count), k = static_cast<int>(K);
+  const dim3 grid(static_cast<unsigned>(tiles * splits));
+  auto launch = [&](auto nt) {
+    constexpr int kNt = decltype(nt)::value;
+    launch_rows_mma<linear_rows_mma_kernel<kNt>>(grid, splits, rows_mma_smem_bytes(kb_count, splits, kNt, 1), stream,
+                                                 x, m, k, outs, splits, rows_mma_smem_bytes(kb_count, splits, kNt, 1));
+  };
+  if (m_count <= 8)
+    launch(std::integral_constant<int, 1>{});
+  else if (m_count <= 16)
+    launch(std::integral_constant<int, 2>{});
+  else if (m_count <= 24)
+    launch(std::integral_constant<int, 3>{});
+  else
+    launch(std::integral_constant<int, 4>{});
+}
+
 bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int64_t K) {
   return m_count >= 2 && m_count <= kLinearMmaMaxRows && K % kMmaKBlock == 0 && aligned16(x) && aligned16(w);
 }
@@ -221,6 +291,15 @@ bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int6
 // gives at most one block per SM, so that each SM keeps enough weight bytes in flight.
 void launch_linear_mma(const float* x, int64_t m_count, int64_t K, const GemvOutput* outputs, int count, int sms,
                        cudaStream_t stream) {
+  // The row-split kernel from 17 tokens on, where one wave of unsplit tiles covers the SMs: at 32 tokens it ran
+  // Model A's and B's lm_head in 56 and 260 us against 91 and 424, but a q/k/v or o_proj, split over clusters, in
+  // 10-19 us against 9-14 (H200, moex_cuda_kernels_bench). MOEX_CUDA_MMA_ROWS=1 takes it for every shape.
+  int64_t row_tiles = 0;
+  for (int i = 0; i < count; ++i) row_tiles += ceil_div(outputs[i].rows, kRowsTile);
+  if (rows_mma_enabled(m_count) && (row_tiles >= sms || env_equals("MOEX_CUDA_MMA_ROWS", "1"))) {
+    launch_linear_rows_mma(x, m_count, K, outputs, count, sms, stream);
+    return;
+  }
   bool pairs = true;
   int64_t tiles = 0;
   for (int i = 0; i < count; ++i) {

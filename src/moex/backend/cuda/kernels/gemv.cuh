@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "moex/backend/cuda/cuda_resources.h"
+
 namespace moex::cuda {
 
 constexpr int kGemvMaxRows = 8;
@@ -12,6 +14,15 @@ constexpr int kGemvMaxOutputs = 3;
 // 2..kLinearMmaMaxRows rows with K % 32 == 0 take tensor cores (mma_core.cuh: weights read once, activations
 // split into two bf16 parts, ~1e-5 relative); one row the fp32 GEMV.
 constexpr int kLinearMmaMaxRows = 32;
+// Those tensor-core kernels' shape for `tokens` rows: blocks of 128 rows whose warps split the rows and share the
+// tokens staged once in shared memory (mma_rows.cuh) from MOEX_CUDA_ROWS_MIN_TOKENS (default 17) rows on, else
+// blocks of 16 rows whose warps split K (mma_core.cuh). MOEX_CUDA_MMA_ROWS=0 / 1: the 16-row / row-split kernels at
+// every count (A/B; read at every launch so that tests can switch them). The MoE expert kernels follow it too.
+inline bool rows_mma_enabled(int64_t tokens) {
+  if (env_equals("MOEX_CUDA_MMA_ROWS", "0")) return false;
+  if (env_equals("MOEX_CUDA_MMA_ROWS", "1")) return true;
+  return tokens >= env_int("MOEX_CUDA_ROWS_MIN_TOKENS", 17);
+}
 
 // One weight of a multi-output GEMV: y [m_count, rows] = x @ w^T (+ bias). w bf16 [rows, K], bias fp32 or null.
 struct GemvOutput {

@@ -17,9 +17,12 @@ namespace moex::cuda {
 // max_rows: the largest num_rows among groups (selects the kernel instance). hidden, ffn % 8 == 0.
 // device_num_groups (optional): the real group count, read on the device; num_groups then only bounds it
 // (blocks of groups beyond it exit at once), so a plan made on the device needs no host round trip.
+// num_sms > 0 allows the row-split tensor-core kernels (mma_rows.cuh; MOEX_CUDA_MMA_ROWS=0: the 16-row ones) for
+// groups of 2-kMoeGemvMaxRows rows, which split K over a cluster where expected_groups (about the plan's group
+// count; 0: num_groups) gives too few blocks.
 void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
                      int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
-                     const int32_t* device_num_groups = nullptr);
+                     const int32_t* device_num_groups = nullptr, int num_sms = 0, int expected_groups = 0);
 
 // One token's top_k experts planned on the device (launch_moe_router_plan with one token: top_k groups of one
 // row each, group r = row r): gate/up + SwiGLU into h [top_k, ffn], then down and the weighted combine in one

@@ -6,6 +6,7 @@
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
+#include "moex/backend/cuda/kernels/mma_rows.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
 
 namespace moex::cuda {
@@ -126,6 +127,85 @@ void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* gr
              device_num_groups);
   launch_pdl(moe_down_mma_kernel<NT>, grid_down, block, 0, stream, static_cast<const float*>(h), groups, hidden, ffn,
              y, device_num_groups);
+}
+
+// Row-split instances (mma_rows.cuh): a block owns 128 rows of one group's expert (gate/up: 128 rows of h, i.e. 128
+// gate and 128 up rows) for all the group's tokens, staged once; `splits` blocks of a cluster along K. Block
+// (x, y): group y, split x % splits of row tile x / splits.
+template <int NT>
+__global__ __launch_bounds__(kRowsWarps * 32) void moe_gate_up_rows_kernel(const float* x, const int32_t* row_token,
+                                                                           const MoeGroup* groups, int hidden, int ffn,
+                                                                           float* h, const int32_t* num_groups,
+                                                                           int splits, int smem_bytes) {
+  extern __shared__ uint4 rows_smem[];
+  MoeGroup g;
+  if (!block_group(groups, num_groups, &g)) return;  // the whole cluster shares the group
+  const int tile = static_cast<int>(blockIdx.x) / splits, split = static_cast<int>(blockIdx.x) % splits;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, row0 = tile * kRowsTile;
+  const bool active = row0 + warp * kMmaRows < ffn;
+  const bf16* w[2] = {reinterpret_cast<const bf16*>(g.gate), reinterpret_cast<const bf16*>(g.up)};
+  const RowsLaneWeights<2> lanes(w, row0 + warp * kMmaRows, ffn, hidden, lane);
+  int kb_begin, kb_end;
+  rows_split_range(hidden / kMmaKBlock, splits, split, &kb_begin, &kb_end);
+  RowsRound<2> first;
+  if (active) first.load(lanes, kb_begin, kb_end);
+  float acc[2][NT][4] = {};
+  block_rows_mma<2, NT>(
+      lanes, first, [&](int i) { return x + int64_t(__ldcg(row_token + g.row_begin + i)) * hidden; }, g.num_rows,
+      kb_begin, kb_end, rows_smem, smem_bytes, active, acc);
+  rows_mma_finish<2, NT>(acc, reinterpret_cast<float*>(rows_smem), splits, row0, ffn, g.num_rows,
+                         [&](int row, int token, auto sum) {
+                           h[int64_t(g.row_begin + token) * ffn + row] = silu(sum(0)) * sum(1);
+                         });
+}
+
+template <int NT>
+__global__ __launch_bounds__(kRowsWarps * 32) void moe_down_rows_kernel(const float* h, const MoeGroup* groups,
+                                                                        int hidden, int ffn, float* y,
+                                                                        const int32_t* num_groups, int splits,
+                                                                        int smem_bytes) {
+  extern __shared__ uint4 rows_smem[];
+  MoeGroup g;
+  if (!block_group(groups, num_groups, &g)) return;
+  const int tile = static_cast<int>(blockIdx.x) / splits, split = static_cast<int>(blockIdx.x) % splits;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, row0 = tile * kRowsTile;
+  const bool active = row0 + warp * kMmaRows < hidden;
+  const bf16* w[1] = {reinterpret_cast<const bf16*>(g.down)};
+  const RowsLaneWeights<1> lanes(w, row0 + warp * kMmaRows, hidden, ffn, lane);
+  int kb_begin, kb_end;
+  rows_split_range(ffn / kMmaKBlock, splits, split, &kb_begin, &kb_end);
+  RowsRound<1> first;
+  if (active) first.load(lanes, kb_begin, kb_end);
+  float acc[1][NT][4] = {};
+  block_rows_mma<1, NT>(
+      lanes, first, [&](int i) { return h + int64_t(g.row_begin + i) * ffn; }, g.num_rows, kb_begin, kb_end,
+      rows_smem, smem_bytes, active, acc);
+  rows_mma_finish<1, NT>(acc, reinterpret_cast<float*>(rows_smem), splits, row0, hidden, g.num_rows,
+                         [&](int row, int token, auto sum) {
+                           y[int64_t(g.row_begin + token) * hidden + row] = sum(0);
+                         });
+}
+
+// expected_groups: about how many groups the plan has (the grid's y is num_groups, a bound when the plan is made
+// on the device), for the split along K.
+template <int NT>
+void launch_moe_rows(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
+                     int expected_groups, int hidden, int ffn, float* h, float* y, int num_sms, cudaStream_t stream,
+                     const int32_t* device_num_groups) {
+  const int up_tiles = static_cast<int>(ceil_div(ffn, kRowsTile));
+  const int down_tiles = static_cast<int>(ceil_div(hidden, kRowsTile));
+  const int up_kb = hidden / kMmaKBlock, down_kb = ffn / kMmaKBlock;
+  const int expected = std::max(1, std::min(expected_groups, num_groups));
+  const int up_splits = rows_mma_splits(int64_t(up_tiles) * expected, up_kb, num_sms);
+  const int down_splits = rows_mma_splits(int64_t(down_tiles) * expected, down_kb, num_sms);
+  const int up_smem = rows_mma_smem_bytes(up_kb, up_splits, NT, 2);
+  const int down_smem = rows_mma_smem_bytes(down_kb, down_splits, NT, 1);
+  launch_rows_mma<moe_gate_up_rows_kernel<NT>>(dim3(static_cast<unsigned>(up_tiles * up_splits), num_groups),
+                                               up_splits, up_smem, stream, x, row_token, groups, hidden, ffn, h,
+                                               device_num_groups, up_splits, up_smem);
+  launch_rows_mma<moe_down_rows_kernel<NT>>(dim3(static_cast<unsigned>(down_tiles * down_splits), num_groups),
+                                            down_splits, down_smem, stream, static_cast<const float*>(h), groups,
+                                            hidden, ffn, y, device_num_groups, down_splits, down_smem);
 }
 
 // One token (decode at batch 1): every group is one row and row r of the plan is group r. A block's warps
@@ -279,9 +359,22 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const fl
 
 void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
                      int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
-                     const int32_t* device_num_groups) {
+                     const int32_t* device_num_groups, int num_sms, int expected_groups) {
   if (num_groups == 0) return;
   int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
+  if (num_sms > 0 && max_rows > 1 && max_rows <= kMoeGemvMaxRows && rows_mma_enabled(max_rows) &&
+      hidden % kMmaKBlock == 0 && ffn % kMmaKBlock == 0 && aligned16(x) && aligned16(h)) {
+    const int expected = expected_groups > 0 ? expected_groups : num_groups;
+    if (max_rows <= 8)
+      launch_moe_rows<1>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
+    else if (max_rows <= 16)
+      launch_moe_rows<2>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
+    else if (max_rows <= 24)
+      launch_moe_rows<3>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
+    else
+      launch_moe_rows<4>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
+    return;
+  }
   dim3 grid_up(static_cast<unsigned>(ceil_div(ffn, kWarps)), num_groups);
   dim3 grid_down(static_cast<unsigned>(ceil_div(hidden, kWarps)), num_groups);
   const dim3 block(kWarps * 32);
