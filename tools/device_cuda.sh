@@ -35,9 +35,11 @@
 #                                  path, overall and per position in the decode (tools/kernel_trace.py).
 #                                  Options: --models, --batch "1 32", --tokens N, --env NAME=VALUE (repeatable:
 #                                  an A/B switch for both runs), --prefill N (instead: prompts of N tokens, the
-#                                  prefill's kernels per prompt, kernel_trace.py --prompts). Tables on standard
-#                                  output; the traces, JSON and each step's launches in order (kernel_trace.py
-#                                  --by-launch) in one archive, $OUT/trace.tgz.
+#                                  prefill's kernels per prompt, kernel_trace.py --prompts). At a batch above 1
+#                                  the batched steps, which run eagerly (kernel_trace.py --prompts --common, cut
+#                                  where no kernel runs for MOEX_TRACE_STEP_GAP_US, default 10). Tables on
+#                                  standard output; the traces, JSON and each step's launches in order
+#                                  (kernel_trace.py --by-launch) in one archive, $OUT/trace.tgz.
 #   tools/device_cuda.sh optin     there: the opt-in switches (MOEX_CUDA_DOWN_PRELOAD with
 #                                  MOEX_CUDA_TOPK_IN_GATE_UP=0; within 0.4% on an H200):
 #                                  their tests, then Model A / B batch-1 decode with each against the default, each
@@ -530,18 +532,28 @@ trace() {
       env "${extra[@]}" timeout 150 "$DEV/bin/moex" "${args[@]}" >"$out/plain_$tag.json" 2>>"$out/err.log"
       env "${extra[@]}" CUDA_INJECTION64_PATH="$lib/libmoex_kernel_trace.so" MOEX_KERNEL_TRACE="$out/trace_$tag.csv" \
         timeout 150 "$DEV/bin/moex" "${args[@]}" >"$out/traced_$tag.json" 2>>"$out/err.log"
-      python3 - "$out/plain_$tag.json" "$out/traced_$tag.json" "$tag ${extra[*]}" <<'PY'
+      python3 - "$out/plain_$tag.json" "$out/traced_$tag.json" "$tag ${extra[*]}" "$batch" <<'PY'
 import json, sys
-def ms(path):
+def ms(path, batch):
     try:
         r = json.load(open(path))
     except Exception:
         return None
-    d = r.get("decode") or {}
-    b = r.get("batch_decode") or []
-    return d.get("ms_per_token_mean") or (b[0]["ms_per_step_mean"] if b else None)
-print(f"\n## {sys.argv[3]}: ms/token (or ms/step) without the tracer {ms(sys.argv[1])}, traced {ms(sys.argv[2])}")
+    if batch > 1:  # the batched step's figure, not the batch-1 decode that moex bench runs first
+        return next((b["ms_per_step_mean"] for b in r.get("batch_decode") or [] if b.get("batch") == batch), None)
+    return (r.get("decode") or {}).get("ms_per_token_mean")
+batch = int(sys.argv[4])
+what = "ms/step" if batch > 1 else "ms/token"
+print(f"\n## {sys.argv[3]}: {what} without the tracer {ms(sys.argv[1], batch)}, traced {ms(sys.argv[2], batch)}")
 PY
+      if [ "$batch" != 1 ]; then
+        # Batched steps are launched one by one (no graph): they are the runs of kernels between the host's reads of
+        # the picks, and outnumber the benchmark's prompts (kernel_trace.py --prompts --common).
+        python3 tools/kernel_trace.py "$out/trace_$tag.csv" --prompts --common \
+          --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-10}" --top 30
+        gzip -f "$out/trace_$tag.csv"
+        continue
+      fi
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --top 30
       python3 tools/kernel_trace.py "$out/trace_$tag.csv" --by-position --top 6
       # Every launch of the step in order, with how early each started (launches_*.md); its first 15 here.

@@ -17,7 +17,9 @@ between repetitions of a benchmark hold a prompt's prefill.
 prompts where no kernel runs for --prompt-gap-us, and for the prompts with the most kernels (a benchmark's
 repetitions of its longest prompt) it reports the median prompt, the time no kernel ran, and per kernel and grid
 size the launches, the summed duration and the critical-path share per prompt: which kernels a prefill is made
-of, and what lies outside the tensor-core ones.
+of, and what lies outside the tensor-core ones. With --common it takes the runs of the kernel count most runs have
+instead: batched decode steps (not recorded as graphs, each ended by the host's read of its picks) outnumber the
+prompts a benchmark prefills before them.
 
 --by-launch lists a step's launches in stream order with each one's share, its duration and its lead: how long
 before the kernel it follows ended it was already on the GPU. Under programmatic dependent launch a kernel's blocks
@@ -191,13 +193,15 @@ def eager_prompts(rows, gap_us):
     return prompts
 
 
-def prompt_kernels(rows, gap_us):
-    """The prompts with the most kernels: the median prompt's span and idle time, and per (kernel, grid) the
-    median launches, summed duration and critical-path share per prompt."""
+def prompt_kernels(rows, gap_us, common=False):
+    """The prompts with the most kernels (common: with the kernel count most prompts have, the larger on a tie): the
+    median prompt's span and idle time, and per (kernel, grid) the median launches, summed duration and
+    critical-path share per prompt."""
     if gap_us <= 0:
         sys.exit("kernel_trace: --prompt-gap-us must be positive")
     prompts = eager_prompts(rows, gap_us)
-    most = max(len(p) for p in prompts)
+    counts = collections.Counter(len(p) for p in prompts)
+    most = max(counts, key=lambda n: (counts[n], n)) if common else max(counts)
     chosen = [p for p in prompts if len(p) == most]
     spans, idles = [], []
     per = collections.defaultdict(lambda: {"launches": [], "duration": [], "share": []})
@@ -242,10 +246,13 @@ def main():
                     help="the kernels launched one by one, per prompt (prefill), instead of the graph steps")
     ap.add_argument("--prompt-gap-us", type=float, default=100.0,
                     help="with --prompts: a longer time with no kernel running starts a new prompt (default 100 us)")
+    ap.add_argument("--common", action="store_true",
+                    help="with --prompts: the runs of the kernel count most runs have, not the most kernels (batched "
+                         "decode steps, launched one by one, outnumber a benchmark's prompts)")
     a = ap.parse_args()
     # The view asked for: what it computes, and how its table is printed (--json prints the result instead).
     if a.prompts:
-        compute, table = (lambda rows: prompt_kernels(rows, a.prompt_gap_us)), print_prompts
+        compute, table = (lambda rows: prompt_kernels(rows, a.prompt_gap_us, a.common)), print_prompts
     elif a.by_launch:
         compute, table = by_launch, print_launches
     elif a.by_position:

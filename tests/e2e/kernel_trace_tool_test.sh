@@ -129,6 +129,32 @@ fi
 python3 "$tool" "$tmp/prompts.csv" --prompts >"$tmp/ptable" 2>"$tmp/err" &&
   grep -q "^| gemm | 320 | 1 | 40.0 | 40.0 | 57.1 |$" "$tmp/ptable" && ok ||
   fail "--prompts table: $(cat "$tmp/ptable" "$tmp/err")"
+# --common: the kernel count most runs have. Two more two-kernel runs (norm 0-10 us, gemm 10-50) after the trace
+# above make three two-kernel runs against two four-kernel ones: --common takes the three (as batched decode steps
+# outnumber a benchmark's prompts), plain --prompts still the four-kernel ones.
+python3 - "$tmp/prompts.csv" "$tmp/steps.csv" <<'PY'
+import sys
+rows = open(sys.argv[1]).read().splitlines()
+t = 10_000_000
+for run in range(2):
+    for start, end, name in ((0, 10, "norm"), (10, 50, "gemm")):
+        rows.append(f"{t + start * 1000},{t + end * 1000},{900 + run * 2 + (name == 'gemm')},0,13,2048,256,0,32,{name}")
+    t += 1_000_000
+open(sys.argv[2], "w").write("\n".join(rows) + "\n")
+PY
+if python3 "$tool" "$tmp/steps.csv" --prompts --common --json >"$tmp/steps.json" 2>"$tmp/err"; then
+  python3 - "$tmp/steps.json" <<'PY' && ok || fail "--prompts --common is wrong: $(cat "$tmp/steps.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["prompts"] == 3 and r["kernels_per_prompt"] == 2, r
+assert abs(r["prompt_us"] - 50.0) < 1e-9, r
+PY
+else
+  fail "kernel_trace.py --prompts --common exited non-zero: $(cat "$tmp/err")"
+fi
+python3 "$tool" "$tmp/steps.csv" --prompts --json >"$tmp/most.json" 2>"$tmp/err" &&
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['kernels_per_prompt'] == 4, r" \
+    "$tmp/most.json" && ok || fail "--prompts without --common: $(cat "$tmp/most.json" "$tmp/err")"
 expect_error "a zero prompt gap" "--prompt-gap-us must be positive" python3 "$tool" "$tmp/prompts.csv" --prompts \
   --prompt-gap-us 0
 printf 'start_ns,end_ns,correlation,graph_id,name\n0,10,1,7,in_a_graph\n' >"$tmp/graphs.csv"
