@@ -19,36 +19,50 @@ struct LinearCase {
   bool bias;
 };
 
+// y = x w^T (+ bias) on fresh random data: the weights and bias uploaded, x on the device, the double-precision
+// reference.
+struct LinearProblem {
+  TensorView w, bias;
+  std::vector<double> ref;
+};
+
+LinearProblem make_linear_problem(Backend& backend, const LinearCase& c, uint32_t seed, GuardedTensor& xd) {
+  std::mt19937 rng(seed);
+  auto w = random_bf16(rng, {c.out, c.in}, 1.f / std::sqrt(float(c.in)));
+  auto x = random_floats(rng, static_cast<size_t>(c.rows * c.in));
+  auto bias = random_floats(rng, static_cast<size_t>(c.out));
+  LinearProblem p;
+  p.w = backend.upload_weight(w.host_view(), "w");
+  p.bias = backend.upload_weight(TensorView(bias.data(), DType::kF32, {c.out}), "b");
+  xd.fill(x);
+  p.ref.resize(static_cast<size_t>(c.rows * c.out));
+  for (int64_t r = 0; r < c.rows; ++r)
+    for (int64_t o = 0; o < c.out; ++o) {
+      double acc = c.bias ? bias[o] : 0.0;
+      for (int64_t k = 0; k < c.in; ++k) acc += double(x[r * c.in + k]) * w.values[o * c.in + k];
+      p.ref[r * c.out + o] = acc;
+    }
+  return p;
+}
+
 class CudaLinear : public ::testing::TestWithParam<LinearCase> {};
 
 TEST_P(CudaLinear, MatchesReference) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);
   const LinearCase c = GetParam();
-  std::mt19937 rng(static_cast<uint32_t>(c.rows * 131 + c.in * 7 + c.out));
   SCOPED_TRACE(testing::Message() << "linear(rows=" << c.rows << ",in=" << c.in << ",out=" << c.out << ")");
-  auto w = random_bf16(rng, {c.out, c.in}, 1.f / std::sqrt(float(c.in)));
-  auto x = random_floats(rng, static_cast<size_t>(c.rows * c.in));
-  auto bias = random_floats(rng, static_cast<size_t>(c.out));
-  TensorView wd = backend->upload_weight(w.host_view(), "w");
-  TensorView bd = backend->upload_weight(TensorView(bias.data(), DType::kF32, {c.out}), "b");
   GuardedTensor xd(*backend, {c.rows, c.in}), yd(*backend, {c.rows, c.out});
-  xd.fill(x);
-  std::vector<double> ref(static_cast<size_t>(c.rows * c.out));
-  for (int64_t r = 0; r < c.rows; ++r)
-    for (int64_t o = 0; o < c.out; ++o) {
-      double acc = c.bias ? bias[o] : 0.0;
-      for (int64_t k = 0; k < c.in; ++k) acc += double(x[r * c.in + k]) * w.values[o * c.in + k];
-      ref[r * c.out + o] = acc;
-    }
+  const LinearProblem p =
+      make_linear_problem(*backend, c, static_cast<uint32_t>(c.rows * 131 + c.in * 7 + c.out), xd);
   // The GEMM's tiles (128 or 64 rows) run on the wgmma kernel on an H100/H200, on the mma.sync kernel with
   // MOEX_CUDA_WGMMA=0 (and elsewhere): both are checked.
   for (const char* wgmma : {"1", "0"}) {
     SCOPED_TRACE(testing::Message() << "MOEX_CUDA_WGMMA=" << wgmma);
     const test::ScopedEnv kernel("MOEX_CUDA_WGMMA", wgmma);
     yd.fill(std::vector<float>(static_cast<size_t>(c.rows * c.out), std::nanf("")));
-    backend->linear(xd.view(), wd, c.bias ? &bd : nullptr, yd.view());
+    backend->linear(xd.view(), p.w, c.bias ? &p.bias : nullptr, yd.view());
     // rows > 32 take the tensor-core path, which rounds x to bf16 (about 2^-9 per element).
-    MOEX_EXPECT_CLOSE(yd.read(), ref, c.rows > 32 ? 1e-2 : 1e-5);
+    MOEX_EXPECT_CLOSE(yd.read(), p.ref, c.rows > 32 ? 1e-2 : 1e-5);
   }
 }
 
@@ -90,27 +104,15 @@ TEST(CudaFewTokenLinear, RowSplitAndSixteenRowKernelsMatchReference) {
                              LinearCase{5, 256, 100, true}, LinearCase{32, 2048, 4000, false},
                              LinearCase{20, 2048, 512, true}}) {
     SCOPED_TRACE(testing::Message() << "linear(rows=" << c.rows << ",in=" << c.in << ",out=" << c.out << ")");
-    std::mt19937 rng(static_cast<uint32_t>(c.rows * 17 + c.in * 3 + c.out));
-    auto w = random_bf16(rng, {c.out, c.in}, 1.f / std::sqrt(float(c.in)));
-    auto x = random_floats(rng, static_cast<size_t>(c.rows * c.in));
-    auto bias = random_floats(rng, static_cast<size_t>(c.out));
-    TensorView wd = backend->upload_weight(w.host_view(), "w");
-    TensorView bd = backend->upload_weight(TensorView(bias.data(), DType::kF32, {c.out}), "b");
     GuardedTensor xd(*backend, {c.rows, c.in}), yd(*backend, {c.rows, c.out});
-    xd.fill(x);
-    std::vector<double> ref(static_cast<size_t>(c.rows * c.out));
-    for (int64_t r = 0; r < c.rows; ++r)
-      for (int64_t o = 0; o < c.out; ++o) {
-        double acc = c.bias ? bias[o] : 0.0;
-        for (int64_t k = 0; k < c.in; ++k) acc += double(x[r * c.in + k]) * w.values[o * c.in + k];
-        ref[r * c.out + o] = acc;
-      }
+    const LinearProblem p =
+        make_linear_problem(*backend, c, static_cast<uint32_t>(c.rows * 17 + c.in * 3 + c.out), xd);
     for (const char* rows : {"1", "0"}) {
       SCOPED_TRACE(testing::Message() << "MOEX_CUDA_MMA_ROWS=" << rows);
       const test::ScopedEnv kernel("MOEX_CUDA_MMA_ROWS", rows);
       yd.fill(std::vector<float>(static_cast<size_t>(c.rows * c.out), std::nanf("")));
-      backend->linear(xd.view(), wd, c.bias ? &bd : nullptr, yd.view());
-      MOEX_EXPECT_CLOSE(yd.read(), ref, 1e-5);
+      backend->linear(xd.view(), p.w, c.bias ? &p.bias : nullptr, yd.view());
+      MOEX_EXPECT_CLOSE(yd.read(), p.ref, 1e-5);
     }
   }
 }
