@@ -24,7 +24,8 @@
 #                                  switch, e.g. MOEX_CUDA_DOWN_BLOCKS_PER_SM=0, run alongside), --quick (batch-1
 #                                  and the 8x7B layer only), --screen (batch-1 decode of Model A and the 12-layer
 #                                  Model B, bench/cuda/models/model_b_l12, each build and variant twice,
-#                                  interleaved: for screening switches), --skip-tests.
+#                                  interleaved: for screening switches), --screen-batched (the same for batched
+#                                  decode at 8/24/32 sequences: Model A and the 12-layer Model B), --skip-tests.
 #   tools/device_cuda.sh profile   there: where one decode step's time goes, kernel by kernel (Nsight Compute's
 #                                  gpu__time_duration, eager launches). Each case runs with 1 and 3 decode
 #                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
@@ -141,6 +142,7 @@ ab() {
       --variant) variants+=("$2"); shift ;;  # NAME=VALUE[,NAME=VALUE]: this build with an A/B switch, as its own column
       --quick) quick=1 ;;                    # batch-1 decode and the 8x7B layer only (no batched decode, no prefill)
       --screen) quick=2 ;;                   # batch-1 decode of Model A and the 12-layer Model B, every build twice
+      --screen-batched) quick=3 ;;           # the same for batched decode at 8, 24 and 32 sequences
       --skip-tests) skip_tests=1 ;;
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -186,14 +188,21 @@ print(json.dumps({'build': sys.argv[1], 'case': sys.argv[2], 'r': r}))" "$build"
       one "$build" model_b_l12 cuda/models/model_b_l12 "${decode[@]}" --decode-tokens 64 --reps 3
     done
   fi
+  if [ "$quick" -eq 3 ]; then
+    # Screening switches of the batched kernels (2-32 tokens a step): the same interleaving.
+    for build in $builds $builds; do
+      one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch 8,24,32
+      one "$build" batched_b_l12 cuda/models/model_b_l12 "${decode[@]}" --decode-tokens 32 --reps 2 --batch 8,24,32
+    done
+  fi
   for build in $builds; do
-    [ "$quick" -eq 2 ] && break
+    [ "$quick" -ge 2 ] && break
     one "$build" model_a cuda/models/model_a "${decode[@]}" --decode-tokens 64 --reps 3
     one "$build" model_b cuda/models/model_b "${decode[@]}" --decode-tokens 64 --reps 3
     [ "$quick" -eq 1 ] || one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch 1,8,32,128
   done
   for build in ${base:+base} new $vbuilds; do
-    [ "$quick" -eq 2 ] && break
+    [ "$quick" -ge 2 ] && break
     one "$build" layer_1 cuda/models/mixtral_8x7b_l1 "${decode[@]}" --decode-tokens 64 --reps 3
     one "$build" layer_3 cuda/models/mixtral_8x7b_l3 "${decode[@]}" --decode-tokens 64 --reps 3
     [ "$quick" -eq 1 ] && continue
@@ -224,10 +233,12 @@ for case in ("model_a", "model_b", "model_b_l12"):
     print(f"| {case} | {fmt(new)} | {fmt(base)} | {floor or 0:.3f} | {pct} |")
     for i, v in enumerate(variants):
         print(f"| {case}, {v} | {fmt(ms(f'v{i}', case))} | | | |")
-for build in ("new", "base"):
-    for r in rows[(build, "batched_a")]:
-        line = " | ".join(f"b{b['batch']} {b['tokens_per_s']:.0f} tok/s" for b in r.get("batch_decode") or [])
-        print(f"batched Model A, {build}: {line}")
+for case, label in (("batched_a", "Model A"), ("batched_b_l12", "Model B, 12 layers")):
+    for build in ["new", "base"] + [f"v{i}" for i in range(len(variants))]:
+        name = variants[int(build[1:])] if build.startswith("v") else build
+        for r in rows[(build, case)]:
+            line = " | ".join(f"b{b['batch']} {b['tokens_per_s']:.0f} tok/s" for b in r.get("batch_decode") or [])
+            print(f"batched {label}, {name}: {line or 'failed'}")
 for build in ["new", "base"] + [f"v{i}" for i in range(len(variants))]:
     l1, l3 = rows[(build, "layer_1")], rows[(build, "layer_3")]
     if l1 and l3 and "decode" in l1[0] and "decode" in l3[0]:
