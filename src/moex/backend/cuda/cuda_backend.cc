@@ -1606,8 +1606,7 @@ bool CudaBackend::moe_routed_on_device(const TensorView& x, const TensorView& ro
   // once.
   const int64_t average_rows = (total + num_experts - 1) / num_experts;
   int64_t group_cap = 8;
-  const bool rows_kernels =
-      rows_mma_enabled(std::min<int64_t>(n, kMoeGemvMaxRows)) && hidden % 32 == 0 && ffn % 32 == 0;
+  const bool rows_kernels = moe_rows_kernels_take(std::min<int64_t>(n, kMoeGemvMaxRows), hidden, ffn);
   while (group_cap < (rows_kernels ? n : 2 * average_rows) && group_cap < kMoeGemvMaxRows) group_cap *= 2;
   const int max_rows = static_cast<int>(std::min<int64_t>(n, group_cap));
   // One token with the residual step: the router launch writes only the logits, the gate/up launch routes and

@@ -268,8 +268,8 @@ void launch_linear_rows_mma(const float* x, int64_t m_count, int64_t K, const Ge
   const dim3 grid(static_cast<unsigned>(tiles * splits));
   auto launch = [&](auto nt) {
     constexpr int kNt = decltype(nt)::value;
-    launch_rows_mma<linear_rows_mma_kernel<kNt>>(grid, splits, rows_mma_smem_bytes(kb_count, splits, kNt, 1), stream,
-                                                 x, m, k, outs, splits, rows_mma_smem_bytes(kb_count, splits, kNt, 1));
+    const int smem = rows_mma_smem_bytes(kb_count, splits, kNt, 1);
+    launch_rows_mma<linear_rows_mma_kernel<kNt>>(grid, splits, smem, stream, x, m, k, outs, splits, smem);
   };
   if (m_count <= 8)
     launch(std::integral_constant<int, 1>{});

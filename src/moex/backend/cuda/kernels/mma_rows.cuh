@@ -157,8 +157,7 @@ __device__ __forceinline__ void block_rows_mma(const RowsLaneWeights<NR>& w, Row
 }
 
 // Shared memory the reduction needs (it reuses the staging area): every warp's accumulators.
-template <int NR, int NT>
-constexpr int kRowsReduceBytes = kRowsWarps * NR * NT * 4 * 32 * 4;
+constexpr int rows_reduce_bytes(int nr, int nt) { return kRowsWarps * nr * nt * 4 * 32 * 4; }
 
 // Hands every (row, token) of the block's tile with its sums to out(row, token, sum), sum(r) the value for weight
 // r: at splits == 1 straight from the registers; else the cluster's `splits` blocks (ranks along K) put their
@@ -240,7 +239,7 @@ inline int rows_mma_smem_bytes(int kb_count, int splits, int nt, int nr) {
   int kb = (kb_count + splits - 1) / splits;
   kb += (kRowsChunkAlign - kb % kRowsChunkAlign) % kRowsChunkAlign;
   int bytes = std::min(kRowsStageBytes, kb * cell);
-  if (splits > 1) bytes = std::max(bytes, kRowsWarps * nr * nt * 4 * 32 * 4);
+  if (splits > 1) bytes = std::max(bytes, rows_reduce_bytes(nr, nt));
   return bytes;
 }
 

@@ -23,6 +23,9 @@ namespace moex::cuda {
 void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
                      int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
                      const int32_t* device_num_groups = nullptr, int num_sms = 0, int expected_groups = 0);
+// Whether launch_moe_gemv takes the row-split kernels for groups of up to max_rows rows of these shapes (given
+// num_sms and 16-byte aligned x and h): the device-side planner then keeps every expert one group.
+bool moe_rows_kernels_take(int64_t max_rows, int64_t hidden, int64_t ffn);
 
 // One token's top_k experts planned on the device (launch_moe_router_plan with one token: top_k groups of one
 // row each, group r = row r): gate/up + SwiGLU into h [top_k, ffn], then down and the weighted combine in one

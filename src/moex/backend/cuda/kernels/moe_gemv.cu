@@ -357,13 +357,17 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const fl
 
 }  // namespace
 
+bool moe_rows_kernels_take(int64_t max_rows, int64_t hidden, int64_t ffn) {
+  return max_rows > 1 && max_rows <= kMoeGemvMaxRows && rows_mma_enabled(max_rows) && hidden % kMmaKBlock == 0 &&
+         ffn % kMmaKBlock == 0;
+}
+
 void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* groups, int num_groups,
                      int max_rows, int64_t hidden, int64_t ffn, float* h, float* y, cudaStream_t stream,
                      const int32_t* device_num_groups, int num_sms, int expected_groups) {
   if (num_groups == 0) return;
   int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
-  if (num_sms > 0 && max_rows > 1 && max_rows <= kMoeGemvMaxRows && rows_mma_enabled(max_rows) &&
-      hidden % kMmaKBlock == 0 && ffn % kMmaKBlock == 0 && aligned16(x) && aligned16(h)) {
+  if (num_sms > 0 && moe_rows_kernels_take(max_rows, hidden, ffn) && aligned16(x) && aligned16(h)) {
     const int expected = expected_groups > 0 ? expected_groups : num_groups;
     if (max_rows <= 8)
       launch_moe_rows<1>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
