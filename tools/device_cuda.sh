@@ -39,8 +39,9 @@
 #                                  prefill's kernels per prompt, kernel_trace.py --prompts). At a batch above 1
 #                                  the batched steps, which run eagerly (kernel_trace.py --prompts --common, cut
 #                                  where no kernel runs for MOEX_TRACE_STEP_GAP_US, default 10). Tables on
-#                                  standard output; the traces, JSON and each step's launches in order
-#                                  (kernel_trace.py --by-launch) in one archive, $OUT/trace.tgz.
+#                                  standard output; the traces and JSON in one archive, $OUT/trace.tgz, each
+#                                  step's launches in order (kernel_trace.py --by-launch; batched: with the
+#                                  idle time before each) in $OUT/launches_*.md.
 #   tools/device_cuda.sh optin     there: the opt-in switches (MOEX_CUDA_DOWN_PRELOAD with
 #                                  MOEX_CUDA_TOPK_IN_GATE_UP=0; within 0.4% on an H200):
 #                                  their tests, then Model A / B batch-1 decode with each against the default, each
@@ -562,6 +563,10 @@ PY
         # the picks, and outnumber the benchmark's prompts (kernel_trace.py --prompts --common).
         python3 tools/kernel_trace.py "$out/trace_$tag.csv" --prompts --common \
           --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-10}" --top 30
+        # Every launch of the step in order with the idle time before it: where the host's launches left the GPU
+        # waiting.
+        python3 tools/kernel_trace.py "$out/trace_$tag.csv" --prompts --common --by-launch \
+          --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-10}" >"$out/launches_$tag.md"
         gzip -f "$out/trace_$tag.csv"
         continue
       fi
@@ -573,10 +578,11 @@ PY
       gzip -f "$out/trace_$tag.csv"
     done
   done
-  # One archive: the run tool brings back at most 8 files from $OUT.
+  # One archive (the run tool brings back at most 8 files from $OUT, and none over its size limit): the launch
+  # lists stay beside it, small enough to come back.
   local packed=()
   shopt -s nullglob
-  packed=("$out"/plain_*.json "$out"/traced_*.json "$out"/trace_*.csv.gz "$out"/launches_*.md "$out"/err.log)
+  packed=("$out"/plain_*.json "$out"/traced_*.json "$out"/trace_*.csv.gz "$out"/err.log)
   shopt -u nullglob
   [ ${#packed[@]} -gt 0 ] && tar czf "$out/trace.tgz" -C "$out" --remove-files "${packed[@]##*/}" &&
     echo "trace files: $out/trace.tgz"

@@ -2,7 +2,7 @@
 """Where a decode step's time goes, from a kernel timeline (tools/kernel_trace/kernel_trace.cc).
 
     python3 tools/kernel_trace.py trace.csv [--json] [--by-position [--bucket N] [--run-gap-us US]]
-                                            [--by-launch] [--prompts [--prompt-gap-us US]]
+                                            [--by-launch] [--prompts [--prompt-gap-us US] [--common]]
 
 Kernels of one CUDA graph launch (one recorded decode step) share a correlation id. Within a step the kernels
 run in stream order, each ending after the one before (programmatic dependent launch lets a kernel start early,
@@ -25,6 +25,9 @@ prompts a benchmark prefills before them.
 before the kernel it follows ended it was already on the GPU. Under programmatic dependent launch a kernel's blocks
 start, and do their work before the wait, only where the kernel ahead leaves room on an SM: a small lead after a
 kernel that fills the SMs' registers marks a kernel whose pre-wait work is on the critical path.
+
+With --prompts, --by-launch lists the chosen runs' launches in start order instead, with the idle time before each
+(no kernel running): where eager launches (batched decode steps) leave the GPU waiting for the host.
 
 --by-position splits the steps into runs (graph launches back to back: a gap of more than --run-gap-us, a
 prompt's prefill, starts a new run) and reports, per bucket of --bucket positions in the run, the median step and
@@ -230,6 +233,32 @@ def prompt_kernels(rows, gap_us, common=False):
             "idle_us": statistics.median(idles) / 1e3, "kernels": table}
 
 
+def prompt_launches(rows, gap_us, common=False):
+    """Per launch of the chosen prompts (prompt_kernels' choice) in start order: the kernel, its grid, and the
+    medians of its duration, its share of the prompt's critical path and the idle time before it started (no
+    kernel running: the GPU waited for the host's launch). Batched decode steps run eagerly, so launch-bound
+    stretches show as idle time before small kernels."""
+    if gap_us <= 0:
+        sys.exit("kernel_trace: --prompt-gap-us must be positive")
+    prompts = eager_prompts(rows, gap_us)
+    counts = collections.Counter(len(p) for p in prompts)
+    most = max(counts, key=lambda n: (counts[n], n)) if common else max(counts)
+    chosen = [p for p in prompts if len(p) == most]
+    per = [{"duration": [], "share": [], "idle": []} for _ in range(most)]
+    for p in chosen:
+        prev = p[0][0]
+        for i, (k_start, k_end, _, _) in enumerate(p):
+            per[i]["idle"].append(max(0, k_start - prev))
+            per[i]["duration"].append(k_end - k_start)
+            per[i]["share"].append(max(0, k_end - max(prev, k_start)))
+            prev = max(prev, k_end)
+    first = chosen[0]
+    table = [{"launch": i, "kernel": first[i][2], "grid": first[i][3],
+              "duration_us": statistics.median(v["duration"]) / 1e3, "share_us": statistics.median(v["share"]) / 1e3,
+              "idle_us": statistics.median(v["idle"]) / 1e3} for i, v in enumerate(per)]
+    return {"prompts": len(chosen), "kernels_per_prompt": most, "launches": table}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("trace")
@@ -241,7 +270,8 @@ def main():
     ap.add_argument("--run-gap-us", type=float, default=20.0,
                     help="a longer gap between two steps starts a new run (default 20 us)")
     ap.add_argument("--by-launch", action="store_true",
-                    help="per launch of a step in stream order: share, duration and how early it started")
+                    help="per launch of a step in stream order: share, duration and how early it started (with "
+                         "--prompts: of the chosen runs of eager launches, with the idle time before each)")
     ap.add_argument("--prompts", action="store_true",
                     help="the kernels launched one by one, per prompt (prefill), instead of the graph steps")
     ap.add_argument("--prompt-gap-us", type=float, default=100.0,
@@ -251,7 +281,9 @@ def main():
                          "decode steps, launched one by one, outnumber a benchmark's prompts)")
     a = ap.parse_args()
     # The view asked for: what it computes, and how its table is printed (--json prints the result instead).
-    if a.prompts:
+    if a.prompts and a.by_launch:
+        compute, table = (lambda rows: prompt_launches(rows, a.prompt_gap_us, a.common)), print_prompt_launches
+    elif a.prompts:
         compute, table = (lambda rows: prompt_kernels(rows, a.prompt_gap_us, a.common)), print_prompts
     elif a.by_launch:
         compute, table = by_launch, print_launches
@@ -275,6 +307,17 @@ def print_prompts(result, top):
     for e in result["kernels"][:top]:
         print(f"| {e['kernel'][:80]} | {e['grid']} | {e['launches']:.0f} | {e['duration_us']:.1f} | "
               f"{e['share_us']:.1f} | {100 * e['share_us'] / result['prompt_us']:.1f} |")
+
+
+def print_prompt_launches(result, top):
+    del top  # every launch: the order is the point
+    print(f"{result['prompts']} runs of {result['kernels_per_prompt']} kernels launched one by one; medians per "
+          f"launch. idle: no kernel running before it started")
+    print("| launch | kernel | grid | critical-path us | idle us | us (start to end) |")
+    print("|---|---|---|---|---|---|")
+    for e in result["launches"]:
+        print(f"| {e['launch']} | {e['kernel'][:60]} | {e['grid']} | {e['share_us']:.2f} | {e['idle_us']:.2f} | "
+              f"{e['duration_us']:.2f} |")
 
 
 def print_launches(result, top):

@@ -155,6 +155,23 @@ fi
 python3 "$tool" "$tmp/steps.csv" --prompts --json >"$tmp/most.json" 2>"$tmp/err" &&
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['kernels_per_prompt'] == 4, r" \
     "$tmp/most.json" && ok || fail "--prompts without --common: $(cat "$tmp/most.json" "$tmp/err")"
+# --prompts --by-launch: the four-kernel prompts' launches in start order; the add waited 5 us with nothing running.
+if python3 "$tool" "$tmp/prompts.csv" --prompts --by-launch --json >"$tmp/launches.json" 2>"$tmp/err"; then
+  python3 - "$tmp/launches.json" <<'PY' && ok || fail "--prompts --by-launch is wrong: $(cat "$tmp/launches.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["prompts"] == 2 and r["kernels_per_prompt"] == 4, r
+assert [e["kernel"] for e in r["launches"]] == ["norm", "gemm", "combine", "add"], r
+add, combine = r["launches"][3], r["launches"][2]
+assert abs(add["idle_us"] - 5.0) < 1e-9 and abs(add["share_us"] - 5.0) < 1e-9, add
+assert combine["idle_us"] == 0 and abs(combine["share_us"] - 10.0) < 1e-9 and abs(combine["duration_us"] - 15.0) < 1e-9
+PY
+else
+  fail "kernel_trace.py --prompts --by-launch exited non-zero: $(cat "$tmp/err")"
+fi
+python3 "$tool" "$tmp/prompts.csv" --prompts --by-launch >"$tmp/ltable" 2>"$tmp/err" &&
+  grep -q "^| 3 | add | 4096 | 5.00 | 5.00 | 5.00 |$" "$tmp/ltable" && ok ||
+  fail "--prompts --by-launch table: $(cat "$tmp/ltable" "$tmp/err")"
 expect_error "a zero prompt gap" "--prompt-gap-us must be positive" python3 "$tool" "$tmp/prompts.csv" --prompts \
   --prompt-gap-us 0
 printf 'start_ns,end_ns,correlation,graph_id,name\n0,10,1,7,in_a_graph\n' >"$tmp/graphs.csv"
