@@ -38,7 +38,8 @@
 #                                  an A/B switch for both runs), --prefill N (instead: prompts of N tokens, the
 #                                  prefill's kernels per prompt, kernel_trace.py --prompts). At a batch above 1
 #                                  the batched steps, which run eagerly (kernel_trace.py --prompts --common, cut
-#                                  where no kernel runs for MOEX_TRACE_STEP_GAP_US, default 10). Tables on
+#                                  at each embedding launch, the runs holding the greedy pick: MOEX_TRACE_STEP_WITH,
+#                                  default argmax_merge). Tables on
 #                                  standard output; the traces and JSON in one archive, $OUT/trace.tgz, each
 #                                  step's launches in order (kernel_trace.py --by-launch; batched: with the
 #                                  idle time before each) in $OUT/launches_*.md.
@@ -559,14 +560,14 @@ what = "ms/step" if batch > 1 else "ms/token"
 print(f"\n## {sys.argv[3]}: {what} without the tracer {ms(sys.argv[1], batch)}, traced {ms(sys.argv[2], batch)}")
 PY
       if [ "$batch" != 1 ]; then
-        # Batched steps are launched one by one (no graph): they are the runs of kernels between the host's reads of
-        # the picks, and outnumber the benchmark's prompts (kernel_trace.py --prompts --common).
-        python3 tools/kernel_trace.py "$out/trace_$tag.csv" --prompts --common \
-          --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-10}" --top 30
-        # Every launch of the step in order with the idle time before it: where the host's launches left the GPU
-        # waiting.
-        python3 tools/kernel_trace.py "$out/trace_$tag.csv" --prompts --common --by-launch \
-          --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-10}" >"$out/launches_$tag.md"
+        # Batched steps are launched one by one (no graph): a step starts with the embedding and holds the greedy
+        # pick (the benchmark's prompts, prefilled one by one, hold no pick; a gap cut alone split the 32-sequence
+        # steps wherever the GPU waited for a launch, 2026-11-29). The step's kernels, the idle time inside it and
+        # the host's time before it; then every launch in order with the idle time before it.
+        local step_cut=(--prompts --common --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-1000}" --cut-at embedding_kernel
+          --with "${MOEX_TRACE_STEP_WITH:-argmax_merge}")
+        python3 tools/kernel_trace.py "$out/trace_$tag.csv" "${step_cut[@]}" --top 30
+        python3 tools/kernel_trace.py "$out/trace_$tag.csv" "${step_cut[@]}" --by-launch >"$out/launches_$tag.md"
         gzip -f "$out/trace_$tag.csv"
         continue
       fi

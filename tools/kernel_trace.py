@@ -171,9 +171,11 @@ def by_launch(rows):
     return {"steps": len(chosen), "kernels_per_step": count, "launches": table}
 
 
-def eager_prompts(rows, gap_us):
+def eager_prompts(rows, gap_us, cut_at=None):
     """Kernels launched one by one (graph_id 0), cut into prompts at gaps of more than gap_us with no kernel
-    running; each prompt a list of (start, end, name, grid) by start."""
+    running (and, with cut_at, before every kernel whose name starts with it); each prompt a list of (start, end,
+    name, grid) by start, and beside the list the time since the previous prompt's last end (None for the
+    first)."""
     kernels = []
     for line, r in enumerate(rows, start=2):
         try:
@@ -185,30 +187,47 @@ def eager_prompts(rows, gap_us):
     if not kernels:
         sys.exit("kernel_trace: no kernels launched one by one in the trace (every kernel from a graph launch?)")
     kernels.sort()
-    prompts, current, end = [], [], None
+    prompts, befores, current, end, before = [], [], [], None, None
     for k in kernels:
-        if end is not None and k[0] - end > gap_us * 1e3:
+        if end is not None and (k[0] - end > gap_us * 1e3 or (cut_at and k[2].startswith(cut_at))):
             prompts.append(current)
-            current = []
+            befores.append(before)
+            current, before = [], max(0, k[0] - end)
         current.append(k)
         end = k[1] if end is None else max(end, k[1])
     prompts.append(current)
-    return prompts
+    befores.append(before)
+    return list(zip(prompts, befores))
 
 
-def prompt_kernels(rows, gap_us, common=False):
-    """The prompts with the most kernels (common: with the kernel count most prompts have, the larger on a tie): the
-    median prompt's span and idle time, and per (kernel, grid) the median launches, summed duration and
-    critical-path share per prompt."""
+def chosen_prompts(rows, gap_us, common=False, cut_at=None, with_kernel=None):
+    """The prompts with the most kernels (common: with the kernel count most prompts have, the larger on a tie),
+    among those holding a kernel whose name starts with with_kernel where given; each with the time since the
+    previous prompt ended (None for the first)."""
     if gap_us <= 0:
         sys.exit("kernel_trace: --prompt-gap-us must be positive")
-    prompts = eager_prompts(rows, gap_us)
-    counts = collections.Counter(len(p) for p in prompts)
+    prompts = eager_prompts(rows, gap_us, cut_at)
+    if with_kernel:
+        prompts = [(p, b) for p, b in prompts if any(k[2].startswith(with_kernel) for k in p)]
+        if not prompts:
+            sys.exit(f"kernel_trace: no run of eager kernels holds a kernel named {with_kernel}...")
+    counts = collections.Counter(len(p) for p, _ in prompts)
     most = max(counts, key=lambda n: (counts[n], n)) if common else max(counts)
-    chosen = [p for p in prompts if len(p) == most]
+    return most, [(p, b) for p, b in prompts if len(p) == most]
+
+
+def median_before_us(chosen):
+    befores = [b for _, b in chosen if b is not None]
+    return statistics.median(befores) / 1e3 if befores else None
+
+
+def prompt_kernels(rows, gap_us, common=False, cut_at=None, with_kernel=None):
+    """The chosen prompts (chosen_prompts): the median prompt's span, its idle time and the idle time before it,
+    and per (kernel, grid) the median launches, summed duration and critical-path share per prompt."""
+    most, chosen = chosen_prompts(rows, gap_us, common, cut_at, with_kernel)
     spans, idles = [], []
     per = collections.defaultdict(lambda: {"launches": [], "duration": [], "share": []})
-    for p in chosen:
+    for p, _ in chosen:
         start = prev = p[0][0]
         stats = collections.defaultdict(lambda: [0, 0, 0])
         idle = 0
@@ -230,33 +249,29 @@ def prompt_kernels(rows, gap_us, common=False):
              for (name, grid), v in per.items()]
     table.sort(key=lambda e: -e["share_us"])
     return {"prompts": len(chosen), "kernels_per_prompt": most, "prompt_us": statistics.median(spans) / 1e3,
-            "idle_us": statistics.median(idles) / 1e3, "kernels": table}
+            "idle_us": statistics.median(idles) / 1e3, "before_us": median_before_us(chosen), "kernels": table}
 
 
-def prompt_launches(rows, gap_us, common=False):
-    """Per launch of the chosen prompts (prompt_kernels' choice) in start order: the kernel, its grid, and the
-    medians of its duration, its share of the prompt's critical path and the idle time before it started (no
-    kernel running: the GPU waited for the host's launch). Batched decode steps run eagerly, so launch-bound
-    stretches show as idle time before small kernels."""
-    if gap_us <= 0:
-        sys.exit("kernel_trace: --prompt-gap-us must be positive")
-    prompts = eager_prompts(rows, gap_us)
-    counts = collections.Counter(len(p) for p in prompts)
-    most = max(counts, key=lambda n: (counts[n], n)) if common else max(counts)
-    chosen = [p for p in prompts if len(p) == most]
+def prompt_launches(rows, gap_us, common=False, cut_at=None, with_kernel=None):
+    """Per launch of the chosen prompts (chosen_prompts) in start order: the kernel, its grid, and the medians of
+    its duration, its share of the prompt's critical path and the idle time before it started (no kernel running:
+    the GPU waited for the host's launch). Batched decode steps run eagerly, so launch-bound stretches show as idle
+    time before small kernels."""
+    most, chosen = chosen_prompts(rows, gap_us, common, cut_at, with_kernel)
     per = [{"duration": [], "share": [], "idle": []} for _ in range(most)]
-    for p in chosen:
+    for p, _ in chosen:
         prev = p[0][0]
         for i, (k_start, k_end, _, _) in enumerate(p):
             per[i]["idle"].append(max(0, k_start - prev))
             per[i]["duration"].append(k_end - k_start)
             per[i]["share"].append(max(0, k_end - max(prev, k_start)))
             prev = max(prev, k_end)
-    first = chosen[0]
+    first = chosen[0][0]
     table = [{"launch": i, "kernel": first[i][2], "grid": first[i][3],
               "duration_us": statistics.median(v["duration"]) / 1e3, "share_us": statistics.median(v["share"]) / 1e3,
               "idle_us": statistics.median(v["idle"]) / 1e3} for i, v in enumerate(per)]
-    return {"prompts": len(chosen), "kernels_per_prompt": most, "launches": table}
+    return {"prompts": len(chosen), "kernels_per_prompt": most, "before_us": median_before_us(chosen),
+            "launches": table}
 
 
 def main():
@@ -276,15 +291,21 @@ def main():
                     help="the kernels launched one by one, per prompt (prefill), instead of the graph steps")
     ap.add_argument("--prompt-gap-us", type=float, default=100.0,
                     help="with --prompts: a longer time with no kernel running starts a new prompt (default 100 us)")
+    ap.add_argument("--cut-at", metavar="KERNEL",
+                    help="with --prompts: also start a new run at every kernel whose name starts with KERNEL (a "
+                         "batched decode step's first kernel, e.g. embedding_kernel)")
+    ap.add_argument("--with", dest="with_kernel", metavar="KERNEL",
+                    help="with --prompts: only the runs holding a kernel whose name starts with KERNEL (e.g. "
+                         "argmax_merge: decode steps, not the prompts' prefills)")
     ap.add_argument("--common", action="store_true",
                     help="with --prompts: the runs of the kernel count most runs have, not the most kernels (batched "
                          "decode steps, launched one by one, outnumber a benchmark's prompts)")
     a = ap.parse_args()
     # The view asked for: what it computes, and how its table is printed (--json prints the result instead).
     if a.prompts and a.by_launch:
-        compute, table = (lambda rows: prompt_launches(rows, a.prompt_gap_us, a.common)), print_prompt_launches
+        compute, table = (lambda rows: prompt_launches(rows, a.prompt_gap_us, a.common, a.cut_at, a.with_kernel)), print_prompt_launches
     elif a.prompts:
-        compute, table = (lambda rows: prompt_kernels(rows, a.prompt_gap_us, a.common)), print_prompts
+        compute, table = (lambda rows: prompt_kernels(rows, a.prompt_gap_us, a.common, a.cut_at, a.with_kernel)), print_prompts
     elif a.by_launch:
         compute, table = by_launch, print_launches
     elif a.by_position:
@@ -298,10 +319,15 @@ def main():
         table(result, a.top)
 
 
+def before_text(result):
+    before = result.get("before_us")
+    return "" if before is None else f"; {before:.1f} us from the run before's end to its start (median)"
+
+
 def print_prompts(result, top):
     print(f"{result['prompts']} prompts of {result['kernels_per_prompt']} kernels: {result['prompt_us']:.1f} us "
           f"from the first kernel's start to the last's end, {result['idle_us']:.1f} us with no kernel running "
-          f"(medians)")
+          f"(medians){before_text(result)}")
     print("| kernel | grid | launches | us (start to end, summed) | critical-path us | % |")
     print("|---|---|---|---|---|---|")
     for e in result["kernels"][:top]:
@@ -312,7 +338,7 @@ def print_prompts(result, top):
 def print_prompt_launches(result, top):
     del top  # every launch: the order is the point
     print(f"{result['prompts']} runs of {result['kernels_per_prompt']} kernels launched one by one; medians per "
-          f"launch. idle: no kernel running before it started")
+          f"launch. idle: no kernel running before it started{before_text(result)}")
     print("| launch | kernel | grid | critical-path us | idle us | us (start to end) |")
     print("|---|---|---|---|---|---|")
     for e in result["launches"]:

@@ -172,6 +172,20 @@ fi
 python3 "$tool" "$tmp/prompts.csv" --prompts --by-launch >"$tmp/ltable" 2>"$tmp/err" &&
   grep -q "^| 3 | add | 4096 | 5.00 | 5.00 | 5.00 |$" "$tmp/ltable" && ok ||
   fail "--prompts --by-launch table: $(cat "$tmp/ltable" "$tmp/err")"
+# --cut-at add --with add: each long prompt's add (65-70 us, 5 us after the combine's end) is a run of its own, and
+# only those runs hold an add.
+if python3 "$tool" "$tmp/prompts.csv" --prompts --cut-at add --with add --json >"$tmp/cut.json" 2>"$tmp/err"; then
+  python3 - "$tmp/cut.json" <<'PY' && ok || fail "--cut-at / --with is wrong: $(cat "$tmp/cut.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["prompts"] == 2 and r["kernels_per_prompt"] == 1, r
+assert [e["kernel"] for e in r["kernels"]] == ["add"] and abs(r["before_us"] - 5.0) < 1e-9, r
+PY
+else
+  fail "kernel_trace.py --cut-at / --with exited non-zero: $(cat "$tmp/err")"
+fi
+expect_error "--with matching no run" "no run of eager kernels holds a kernel named argmax" python3 "$tool" \
+  "$tmp/prompts.csv" --prompts --with argmax
 expect_error "a zero prompt gap" "--prompt-gap-us must be positive" python3 "$tool" "$tmp/prompts.csv" --prompts \
   --prompt-gap-us 0
 printf 'start_ns,end_ns,correlation,graph_id,name\n0,10,1,7,in_a_graph\n' >"$tmp/graphs.csv"
