@@ -89,6 +89,15 @@ TEST_P(CudaMoeRouted, MatchesHostRoutedPath) {
     backend->moe_routed(xd.view(), router, logits.view(), c.top_k, scoring, c.normalize, experts, fused.view());
     const auto again = fused.read();
     for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(again[i], got[i]) << "element " << i << " on the second call";
+    if (c.tokens > 1) {
+      // Several tokens: the planning kernel of a warp per token and the router launch's 8-warp block
+      // (MOEX_CUDA_PLAN_WARPS=8) make the same plan, so the same bits.
+      const moex::test::ScopedEnv eight_warps("MOEX_CUDA_PLAN_WARPS", "8");
+      backend->moe_routed(xd.view(), router, logits.view(), c.top_k, scoring, c.normalize, experts, fused.view());
+      const auto old_planner = fused.read();
+      for (size_t i = 0; i < got.size(); ++i)
+        ASSERT_EQ(old_planner[i], got[i]) << "element " << i << " with the 8-warp planner";
+    }
   }
 }
 
@@ -105,6 +114,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaMoeRouted,
                                            RoutedCase{16, 512, 256, 16, 8, false, true, false},     // groups split
                                            RoutedCase{64, 256, 64, 4, 4, false, true, false},       // runs of 64 rows
                                            RoutedCase{32, 256, 128, 128, 8, false, true, false},    // 256 assignments
+                                           RoutedCase{32, 256, 64, 8, 2, false, true, true},        // 1 logit a lane
+                                           RoutedCase{24, 256, 64, 60, 4, true, true, false},       // 2 a lane, sigmoid
+                                           RoutedCase{8, 128, 64, 300, 8, false, true, false},      // 16 a lane
                                            RoutedCase{40, 256, 128, 16, 8, false, true, false},     // host fallback
                                            RoutedCase{3, 64, 36, 8, 2, false, true, false}),        // ffn % 8 != 0
                          [](const auto& info) { return "case" + std::to_string(info.index); });

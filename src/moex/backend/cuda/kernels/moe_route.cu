@@ -47,36 +47,55 @@ struct RoutePlanParams {
   float* normed;
 };
 
-// The plan, by one block of kThreads threads, from logits other blocks wrote (router_warp reads them from
-// L2) or, with s_logits set (a one-block grid at one token), from the block's shared memory. The layer's expert
-// table is in s_table (loaded before the PDL wait). total = num_tokens * top_k <= kThreads.
+// The plan, by one block of WARPS warps, from logits other blocks wrote (router_warp reads them from L2) or,
+// with s_logits set (a one-block grid at one token), from the block's shared memory. The layer's expert table is
+// in s_table (loaded before the PDL wait). total = num_tokens * top_k <= kMoeRoutePlanMaxAssignments <= the
+// block's threads. PER_LANE: logits a lane holds in router_warp (num_experts <= 32 * PER_LANE; the same picks and
+// weights, bit for bit, at any PER_LANE that holds them).
+template <int WARPS, int PER_LANE = kRouterPerLane>
 __device__ void route_and_plan(const RoutePlanParams& p, const float* s_logits, const MoeExpertPtrs* s_table) {
+  constexpr int kBlockThreads = WARPS * 32;
+  // Threads per assignment in the rank scan: each scans a part of the assignments.
+  constexpr int kParts = kBlockThreads / kMoeRoutePlanMaxAssignments;
+  static_assert(kParts >= 1, "the planner gives every assignment a thread");
   __shared__ int32_t s_id[kMoeRoutePlanMaxAssignments];
   __shared__ int32_t s_sorted[kMoeRoutePlanMaxAssignments];  // expert of permuted row r
-  __shared__ int32_t s_warp_starts[kWarps];
+  __shared__ int32_t s_warp_starts[WARPS];
+  __shared__ int32_t s_rank_part[kParts > 1 ? kParts : 1][kMoeRoutePlanMaxAssignments];
   const int total = p.num_tokens * p.top_k;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int token = warp; token < p.num_tokens; token += kWarps) {
-    const int id = s_logits ? router_warp<true>(s_logits, p.num_experts, p.top_k, p.sigmoid_scoring, p.normalize,
-                                                p.plan.ids, p.plan.weights)
-                            : router_warp(p.logits + int64_t(token) * p.num_experts, p.num_experts, p.top_k,
-                                          p.sigmoid_scoring, p.normalize, p.plan.ids + int64_t(token) * p.top_k,
-                                          p.plan.weights + int64_t(token) * p.top_k);
+  for (int token = warp; token < p.num_tokens; token += WARPS) {
+    const int id = s_logits ? router_warp<true, PER_LANE>(s_logits, p.num_experts, p.top_k, p.sigmoid_scoring,
+                                                          p.normalize, p.plan.ids, p.plan.weights)
+                            : router_warp<false, PER_LANE>(p.logits + int64_t(token) * p.num_experts, p.num_experts,
+                                                           p.top_k, p.sigmoid_scoring, p.normalize,
+                                                           p.plan.ids + int64_t(token) * p.top_k,
+                                                           p.plan.weights + int64_t(token) * p.top_k);
     if (lane < p.top_k) s_id[token * p.top_k + lane] = id;
   }
   __syncthreads();
-  // Row of assignment a: its rank in (expert, a) order; total <= 256, so a linear scan per thread is cheap.
-  const int a = threadIdx.x;
+  // Row of assignment a: its rank in (expert, a) order, the count of assignments before it in that order; a
+  // linear scan (total <= 256), split over kParts threads per assignment where the block has them.
+  const int a = threadIdx.x % kMoeRoutePlanMaxAssignments;
+  int rank = 0;
   if (a < total) {
     const int e = s_id[a];
-    int rank = 0;
-    for (int b = 0; b < total; ++b) {
+    const int part = threadIdx.x / kMoeRoutePlanMaxAssignments;
+    for (int b = part * total / kParts; b < (part + 1) * total / kParts; ++b) {
       const int eb = s_id[b];
       rank += eb < e || (eb == e && b < a);
     }
+  }
+  if constexpr (kParts > 1) {
+    if (a < total) s_rank_part[threadIdx.x / kMoeRoutePlanMaxAssignments][a] = rank;
+    __syncthreads();
+    if (threadIdx.x < total)
+      for (int q = 1; q < kParts; ++q) rank += s_rank_part[q][a];
+  }
+  if (threadIdx.x < total) {
     p.plan.slot[a] = rank;
     p.plan.row_token[rank] = a / p.top_k;
-    s_sorted[rank] = e;
+    s_sorted[rank] = s_id[a];
   }
   __syncthreads();
   // Groups: runs of one expert's rows cut every max_group_rows rows. Row r opens a group if it is that far
@@ -90,7 +109,7 @@ __device__ void route_and_plan(const RoutePlanParams& p, const float* s_logits, 
   if (lane == 0) s_warp_starts[warp] = __popc(ballot);
   __syncthreads();
   int index = __popc(ballot & ((1u << lane) - 1u)), count = 0;
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < WARPS; ++w) {
     index += w < warp ? s_warp_starts[w] : 0;
     count += s_warp_starts[w];
   }
@@ -188,7 +207,32 @@ __global__ __launch_bounds__(kThreads) void moe_router_plan_kernel(RoutePlanPara
       reinterpret_cast<float4*>(p.normed)[c] = s_h4[c];
     }
   }
-  route_and_plan(p, one_block || p.cluster_plan ? s_logits : nullptr, s_table);
+  route_and_plan<kWarps>(p, one_block || p.cluster_plan ? s_logits : nullptr, s_table);
+}
+
+// Several tokens (batched decode): the logits come from linear(), and one block of kPlanWarps warps routes them,
+// a warp per token, with PER_LANE logits a lane (the fewest that hold the experts). The router's launch (8 warps,
+// 16 logits a lane for up to 512 experts) had routed 4 tokens a warp one after another at 32 sequences, and its
+// share of the step had grown from 6.7 to 14.1 us a layer on Model A and from 15.9 to 28.6 us on Model B between 8
+// and 32 sequences (H200 trace, 2026-11-29).
+constexpr int kPlanWarps = 32;
+template <int PER_LANE>
+__global__ __launch_bounds__(kPlanWarps * 32) void moe_plan_tokens_kernel(RoutePlanParams p) {
+  __shared__ MoeExpertPtrs s_table[kRouterMaxExperts];
+  pdl_launch_dependents();
+  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) s_table[e] = p.table[e];  // uploaded once per layer
+  pdl_wait();
+  route_and_plan<kPlanWarps, PER_LANE>(p, nullptr, s_table);
+}
+
+// The plan kernel's instance for num_experts: the fewest logits a lane that hold them.
+template <typename F>
+void with_plan_per_lane(int64_t num_experts, F&& f) {
+  if (num_experts <= 32) f(std::integral_constant<int, 1>{});
+  else if (num_experts <= 64) f(std::integral_constant<int, 2>{});
+  else if (num_experts <= 128) f(std::integral_constant<int, 4>{});
+  else if (num_experts <= 256) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, kRouterPerLane>{});
 }
 
 // Whether the device places a cluster of this kernel, grid and shared memory: asked once per combination.
@@ -246,6 +290,14 @@ void launch_moe_router_plan(const float* x, const uint16_t* router, int64_t num_
                           logits_only,
                           norm ? *norm : ResidualNormIn{},
                           normed};
+  // Several tokens, logits given: the planning kernel of a warp per token (MOEX_CUDA_PLAN_WARPS=8: this kernel's
+  // one block of 8 warps, A/B; read at every launch).
+  if (!router && !norm && !env_equals("MOEX_CUDA_PLAN_WARPS", "8")) {
+    with_plan_per_lane(num_experts, [&](auto per_lane) {
+      launch_pdl(moe_plan_tokens_kernel<decltype(per_lane)::value>, dim3(1), dim3(kPlanWarps * 32), 0, stream, p);
+    });
+    return;
+  }
   const dim3 grid(router ? static_cast<unsigned>(ceil_div(num_experts, int64_t(kWarps))) : 1u), block(kThreads);
   const size_t smem = norm ? static_cast<size_t>(hidden) * sizeof(float) : 0;
   // A one-token grid of 2..16 blocks (Model B: 16) runs as one cluster where the device can place it (H200, same
