@@ -5,7 +5,7 @@
 // launches between two events (launch gaps included, as eager decode sees them).
 // Last, token picks over Model A's and Model B's vocabularies: the greedy argmax against the sampling kernel with
 // moex run's default cuts and with top-p alone.
-// Usage: moex_cuda_kernels_bench [--json FILE] [--sampling-only] [--gemm-only] [--attention-only]
+// Usage: moex_cuda_kernels_bench [--json FILE] [--sampling-only] [--gemm-only] [--attention-only] [--gemv-only]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -335,7 +335,7 @@ void bench_attention(Bench& b, double hbm) {
   }
 }
 
-int run(const char* json_path, bool sampling_only, bool gemm_only, bool attention_only) {
+int run(const char* json_path, bool sampling_only, bool gemm_only, bool attention_only, bool gemv_only) {
   if (cuda_device_count() == 0) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: no CUDA device\n");
     return 1;
@@ -376,7 +376,8 @@ int run(const char* json_path, bool sampling_only, bool gemm_only, bool attentio
                                 {"A q/k/v 4096x2048", 4096, 2048},
                                 {"A expert gate 5632x2048", 5632, 2048}, {"A expert down 2048x5632", 2048, 5632},
                                 {"A lm_head 32000x2048", 32000, 2048},   {"B q_proj 4096x2048", 4096, 2048},
-                                {"B expert gate 768x2048", 768, 2048},   {"B lm_head 151936x2048", 151936, 2048}};
+                                {"B expert gate 768x2048", 768, 2048},   {"B lm_head 151936x2048", 151936, 2048},
+                                {"A router 8x2048", 8, 2048},            {"B router 128x2048", 128, 2048}};
   for (const Shape3& sh : gemv_shapes) {
     size_t bytes = static_cast<size_t>(sh.n * sh.k) * 2;
     int copies = static_cast<int>(std::max<size_t>(2, (size_t{512} << 20) / bytes + 1));
@@ -390,6 +391,11 @@ int run(const char* json_path, bool sampling_only, bool gemm_only, bool attentio
       report(fmt::format("gemv m={} {}", m, sh.label), t, static_cast<double>(bytes), "GB/s", hbm);
     }
     b.free_all();
+  }
+
+  if (gemv_only) {  // the copy ceiling and the dense GEMVs only (A/B of the few-token kernels' shapes)
+    if (g_json) std::fclose(g_json);
+    return 0;
   }
 
   // ---- MoE decode layer: gate/up (fused SwiGLU) + down + combine, batch 1 and 8 ----
@@ -457,7 +463,7 @@ int run(const char* json_path, bool sampling_only, bool gemm_only, bool attentio
 
 int main(int argc, char** argv) {
   const char* json = nullptr;
-  bool sampling_only = false, gemm_only = false, attention_only = false;
+  bool sampling_only = false, gemm_only = false, attention_only = false, gemv_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--json" && i + 1 < argc) {
@@ -468,15 +474,17 @@ int main(int argc, char** argv) {
       gemm_only = true;
     } else if (arg == "--attention-only") {
       attention_only = true;
+    } else if (arg == "--gemv-only") {
+      gemv_only = true;
     } else {
       const char* what = arg == "--json" ? "a file name must follow" : "unknown argument";
       std::fprintf(stderr, "moex_cuda_kernels_bench: %s '%s' (usage: moex_cuda_kernels_bench [--json FILE] "
-                   "[--sampling-only] [--gemm-only] [--attention-only])\n", what, arg.c_str());
+                   "[--sampling-only] [--gemm-only] [--attention-only] [--gemv-only])\n", what, arg.c_str());
       return 2;
     }
   }
   try {
-    return moex::run(json, sampling_only, gemm_only, attention_only);
+    return moex::run(json, sampling_only, gemm_only, attention_only, gemv_only);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moex_cuda_kernels_bench: %s\n", e.what());
     return 1;

@@ -96,19 +96,20 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinear,
 // 2-32 rows: the row-split tensor-core kernel (mma_rows.cuh) and, with MOEX_CUDA_MMA_ROWS=0, the 16-row one
 // (mma_core.cuh), against a double-precision reference. The shapes reach each part of the row-split kernel: one
 // block without a split, K split over clusters of 2-8 blocks, activations staged in two chunks (27 tokens, 22 k
-// blocks a split), a last tile with one warp's rows, rows not a multiple of 16, every n-tile count.
+// blocks a split), a last tile with one warp's rows, rows not a multiple of 16, every n-tile count; and with the
+// switch unset, the default's choice for each (an MoE router's 8 rows among them).
 TEST(CudaFewTokenLinear, RowSplitAndSixteenRowKernelsMatchReference) {
   MOEX_CUDA_BACKEND_OR_SKIP(backend);
   for (const LinearCase c : {LinearCase{2, 64, 16, false}, LinearCase{13, 4096, 128, true},
                              LinearCase{27, 5632, 2048, false}, LinearCase{9, 1024, 1040, true},
                              LinearCase{5, 256, 100, true}, LinearCase{32, 2048, 4000, false},
-                             LinearCase{20, 2048, 512, true}}) {
+                             LinearCase{20, 2048, 512, true}, LinearCase{32, 2048, 8, false}}) {
     SCOPED_TRACE(testing::Message() << "linear(rows=" << c.rows << ",in=" << c.in << ",out=" << c.out << ")");
     GuardedTensor xd(*backend, {c.rows, c.in}), yd(*backend, {c.rows, c.out});
     const LinearProblem p =
         make_linear_problem(*backend, c, static_cast<uint32_t>(c.rows * 17 + c.in * 3 + c.out), xd);
-    for (const char* rows : {"1", "0"}) {
-      SCOPED_TRACE(testing::Message() << "MOEX_CUDA_MMA_ROWS=" << rows);
+    for (const char* rows : {"1", "0", static_cast<const char*>(nullptr)}) {
+      SCOPED_TRACE(testing::Message() << "MOEX_CUDA_MMA_ROWS=" << (rows ? rows : "(unset)"));
       const test::ScopedEnv kernel("MOEX_CUDA_MMA_ROWS", rows);
       yd.fill(std::vector<float>(static_cast<size_t>(c.rows * c.out), std::nanf("")));
       backend->linear(xd.view(), p.w, c.bias ? &p.bias : nullptr, yd.view());
