@@ -6,7 +6,8 @@
 // The router GEMV had been a launch of its own (6 us per layer at one token on an H100, for 32 KB of weights
 // on Model A) and the planner built its groups on one thread (10 us per layer on Model B). Several tokens take
 // the logits from linear() instead: a warp per expert re-reading every token's activations made Model A's
-// 32-sequence step 8% slower than linear()'s tensor-core kernel, which reads them once per block.
+// 32-sequence step 8% slower than linear()'s tensor-core kernel, which reads them once per block; one block of a
+// warp per token then routes and plans them (moe_plan_tokens_kernel).
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/moe.cuh"
