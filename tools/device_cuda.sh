@@ -569,9 +569,9 @@ print(f"\n## {sys.argv[3]}: {what} without the tracer {ms(sys.argv[1], batch)}, 
 PY
       if [ "$batch" != 1 ]; then
         # Batched steps are launched one by one (no graph): a step starts with the embedding and holds the greedy
-        # pick (the benchmark's prompts, prefilled one by one, hold no pick; a gap cut alone split the 32-sequence
-        # steps wherever the GPU waited for a launch, 2026-11-29). The step's kernels, the idle time inside it and
-        # the host's time before it; then every launch in order with the idle time before it.
+        # pick (the benchmark's prompts, prefilled one by one, hold no pick: cut at gaps alone, at 32 sequences the
+        # prompts outnumbered the steps and were reported instead, 2026-11-29). The step's kernels, the idle time
+        # inside it and the host's time before it; then every launch in order with the idle time before it.
         local step_cut=(--prompts --common --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-1000}" --cut-at embedding_kernel
           --with "${MOEX_TRACE_STEP_WITH:-argmax_merge}")
         python3 tools/kernel_trace.py "$out/trace_$tag.csv" "${step_cut[@]}" --top 30
