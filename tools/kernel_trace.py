@@ -221,6 +221,18 @@ def median_before_us(chosen):
     return statistics.median(befores) / 1e3 if befores else None
 
 
+def walk_prompt(prompt):
+    """A prompt's kernels by start, each with the idle time before it (no kernel running since the prompt's start)
+    and its share of the prompt's span (the part of it this kernel alone extends); and the prompt's span."""
+    start = prev = prompt[0][0]
+    walked = []
+    for k in prompt:
+        k_start, k_end = k[0], k[1]
+        walked.append((k, max(0, k_start - prev), max(0, k_end - max(prev, k_start))))
+        prev = max(prev, k_end)
+    return walked, prev - start
+
+
 def prompt_kernels(rows, gap_us, common=False, cut_at=None, with_kernel=None):
     """The chosen prompts (chosen_prompts): the median prompt's span, its idle time and the idle time before it,
     and per (kernel, grid) the median launches, summed duration and critical-path share per prompt."""
@@ -228,18 +240,15 @@ def prompt_kernels(rows, gap_us, common=False, cut_at=None, with_kernel=None):
     spans, idles = [], []
     per = collections.defaultdict(lambda: {"launches": [], "duration": [], "share": []})
     for p, _ in chosen:
-        start = prev = p[0][0]
+        walked, span = walk_prompt(p)
         stats = collections.defaultdict(lambda: [0, 0, 0])
-        idle = 0
-        for k_start, k_end, name, grid in p:
-            idle += max(0, k_start - prev)
+        for (k_start, k_end, name, grid), _, share in walked:
             s = stats[(name, grid)]
             s[0] += 1
             s[1] += k_end - k_start
-            s[2] += max(0, k_end - max(prev, k_start))  # the part of the prompt's span this kernel alone extends
-            prev = max(prev, k_end)
-        spans.append(prev - start)
-        idles.append(idle)
+            s[2] += share
+        spans.append(span)
+        idles.append(sum(idle for _, idle, _ in walked))
         for key, (n, duration, share) in stats.items():
             per[key]["launches"].append(n)
             per[key]["duration"].append(duration)
@@ -260,12 +269,10 @@ def prompt_launches(rows, gap_us, common=False, cut_at=None, with_kernel=None):
     most, chosen = chosen_prompts(rows, gap_us, common, cut_at, with_kernel)
     per = [{"duration": [], "share": [], "idle": []} for _ in range(most)]
     for p, _ in chosen:
-        prev = p[0][0]
-        for i, (k_start, k_end, _, _) in enumerate(p):
-            per[i]["idle"].append(max(0, k_start - prev))
+        for i, ((k_start, k_end, _, _), idle, share) in enumerate(walk_prompt(p)[0]):
+            per[i]["idle"].append(idle)
             per[i]["duration"].append(k_end - k_start)
-            per[i]["share"].append(max(0, k_end - max(prev, k_start)))
-            prev = max(prev, k_end)
+            per[i]["share"].append(share)
     first = chosen[0][0]
     table = [{"launch": i, "kernel": first[i][2], "grid": first[i][3],
               "duration_us": statistics.median(v["duration"]) / 1e3, "share_us": statistics.median(v["share"]) / 1e3,
