@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "cuda_test_util.h"
 #include "moex/backend/cuda/cublas_gemm.h"
@@ -113,7 +114,14 @@ TEST(CudaFewTokenLinear, RowSplitAndSixteenRowKernelsMatchReference) {
       const test::ScopedEnv kernel("MOEX_CUDA_MMA_ROWS", rows);
       yd.fill(std::vector<float>(static_cast<size_t>(c.rows * c.out), std::nanf("")));
       backend->linear(xd.view(), p.w, c.bias ? &p.bias : nullptr, yd.view());
-      MOEX_EXPECT_CLOSE(yd.read(), p.ref, 1e-5);
+      const auto y = yd.read();
+      MOEX_EXPECT_CLOSE(y, p.ref, 1e-5);
+      // The row-split kernel's staging one load at a time (MOEX_CUDA_ROWS_STAGE_LOADS=1): the same bits.
+      const test::ScopedEnv one("MOEX_CUDA_ROWS_STAGE_LOADS", "1");
+      yd.fill(std::vector<float>(static_cast<size_t>(c.rows * c.out), std::nanf("")));
+      backend->linear(xd.view(), p.w, c.bias ? &p.bias : nullptr, yd.view());
+      const auto single = yd.read();
+      ASSERT_EQ(0, std::memcmp(single.data(), y.data(), y.size() * sizeof(float))) << "staging one load at a time";
     }
   }
 }

@@ -133,6 +133,22 @@ TEST_P(CudaMoe, MatchesReference) {
     MOEX_EXPECT_CLOSE(od.read(), ref, 1e-2);
   }
 
+  // The row-split kernels (forced for every group size) stage the tokens' rows several loads a thread at a time, or
+  // one at a time with MOEX_CUDA_ROWS_STAGE_LOADS=1: the same staged bits, so the same output.
+  {
+    const test::ScopedEnv rows("MOEX_CUDA_MMA_ROWS", "1");
+    od.fill(std::vector<float>(static_cast<size_t>(c.tokens * c.hidden), std::nanf("")));
+    backend->moe_experts(xd.view(), routing, experts, od.view());
+    const auto batched = od.read();
+    MOEX_EXPECT_CLOSE(batched, ref, 1e-2);
+    const test::ScopedEnv one("MOEX_CUDA_ROWS_STAGE_LOADS", "1");
+    od.fill(std::vector<float>(static_cast<size_t>(c.tokens * c.hidden), std::nanf("")));
+    backend->moe_experts(xd.view(), routing, experts, od.view());
+    const auto single = od.read();
+    ASSERT_EQ(0, std::memcmp(single.data(), batched.data(), single.size() * sizeof(float)))
+        << "row-split staging: one load at a time vs several";
+  }
+
   // A wave of the offloading path: picks with id -1 contribute nothing (token 0 loses all of them).
   Routing wave = routing;
   for (size_t a = 0; a < wave.expert_ids.size(); a += 2) wave.expert_ids[a] = -1;

@@ -217,9 +217,9 @@ __global__ __launch_bounds__(WARPS * 32) void linear_mma_kernel(const float* x, 
 // The row-split shape (mma_rows.cuh): blocks of 128 rows of one output, `splits` blocks (a cluster) along K.
 // outs.tiles_before counts 128-row tiles; block x is split x % splits of tile x / splits.
 template <int NT>
-__global__ __launch_bounds__(kRowsWarps * 32) void linear_rows_mma_kernel(const float* x, int m_count, int K,
+__global__ __launch_bounds__(kRowsWarps * 32, kRowsBlocksPerSm) void linear_rows_mma_kernel(const float* x, int m_count, int K,
                                                                           MmaOutputs outs, int splits,
-                                                                          int smem_bytes) {
+                                                                          int smem_bytes, int stage_loads) {
   extern __shared__ uint4 rows_smem[];
   pdl_launch_dependents();
   const int tile = static_cast<int>(blockIdx.x) / splits, split = static_cast<int>(blockIdx.x) % splits;
@@ -244,7 +244,7 @@ __global__ __launch_bounds__(kRowsWarps * 32) void linear_rows_mma_kernel(const 
   pdl_wait();
   float acc[1][NT][4] = {};
   block_rows_mma<1, NT>(lanes, first, [&](int i) { return x + int64_t(i) * K; }, m_count, kb_begin, kb_end, rows_smem,
-                        smem_bytes, active, acc);
+                        smem_bytes, stage_loads, active, acc);
   rows_mma_finish<1, NT>(acc, reinterpret_cast<float*>(rows_smem), splits, row0, N, m_count,
                          [&](int row, int token, auto sum) {
                            o.y[int64_t(token) * N + row] = sum(0) + (o.bias ? o.bias[row] : 0.f);
@@ -269,7 +269,8 @@ void launch_linear_rows_mma(const float* x, int64_t m_count, int64_t K, const Ge
   auto launch = [&](auto nt) {
     constexpr int kNt = decltype(nt)::value;
     const int smem = rows_mma_smem_bytes(kb_count, splits, kNt, 1);
-    launch_rows_mma<linear_rows_mma_kernel<kNt>>(grid, splits, smem, stream, x, m, k, outs, splits, smem);
+    launch_rows_mma<linear_rows_mma_kernel<kNt>>(grid, splits, smem, stream, x, m, k, outs, splits, smem,
+                                                 rows_stage_loads());
   };
   if (m_count <= 8)
     launch(std::integral_constant<int, 1>{});

@@ -33,6 +33,15 @@ template <int NR>
 constexpr int kRowsUnroll = NR == 1 ? 4 : 2;
 constexpr int kRowsChunkAlign = 4;  // chunks hold a multiple of every round's k blocks
 constexpr int kRowsMaxSplits = 8;   // blocks of a cluster along K (the portable cluster size)
+constexpr int kRowsMaxTokens = 4 * kMmaTileTokens;  // NT <= 4
+// Two blocks an SM at least (<= 128 registers a thread): one block's weight loads in flight are too few for HBM.
+constexpr int kRowsBlocksPerSm = 2;
+// Staging items (k block, token, lane group) a thread loads before it converts and stores any of them. One at a time,
+// each thread waited out an L2 round trip per 32 bytes (8-16 in a row per chunk at 32 tokens) while the block's
+// weight stream had one round in flight; MOEX_CUDA_ROWS_STAGE_LOADS=1 keeps that loop (A/B). H200, same call: 32
+// sequences 1.03x on Model A and 12-layer Model B, 24 sequences 1.02x; the lm_heads at 32 tokens 52 / 253 us against
+// 56 / 272. 8 loads spill at the 128 registers that kRowsBlocksPerSm allows.
+constexpr int kRowsStageLoads = 4;
 // Shared memory of a block: the staged activations (a chunk of k blocks at a time) and, reusing it, the split
 // parts of the cluster's reduction. 64 KB: 16 k blocks of 32 tokens, the whole of a 2048-wide row at <= 8.
 constexpr int kRowsStageBytes = 64 * 1024;
@@ -45,6 +54,37 @@ constexpr int kRowsCellBytes = 128;
 __device__ __forceinline__ int rows_chunk_kb(int stride_tokens, int smem_bytes) {
   const int kb = smem_bytes / (stride_tokens * kRowsCellBytes);
   return kb - kb % kRowsChunkAlign;
+}
+
+// stage_token_rows's work with kRowsStageLoads items' loads in flight a thread; rows[i]: token i's fp32 row.
+__device__ __forceinline__ void stage_token_rows_batched(uint4* xs, const float* const* rows, int tokens, int stride,
+                                                         int kb0, int n_kb) {
+  const int items = n_kb * stride * 4;
+  for (int i0 = threadIdx.x; i0 < items; i0 += kRowsStageLoads * blockDim.x) {
+    float4 v[kRowsStageLoads][2];
+#pragma unroll
+    for (int b = 0; b < kRowsStageLoads; ++b) {
+      const int i = i0 + b * static_cast<int>(blockDim.x);
+      const int t = i & 3, token = (i >> 2) % stride, kb = (i >> 2) / stride;
+      v[b][0] = v[b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (i < items && token < tokens) {
+        const float4* p = reinterpret_cast<const float4*>(rows[token] + int64_t(kb0 + kb) * kMmaKBlock + 8 * t);
+        v[b][0] = __ldcg(p);
+        v[b][1] = __ldcg(p + 1);
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kRowsStageLoads; ++b) {
+      const int i = i0 + b * static_cast<int>(blockDim.x);
+      if (i >= items) break;
+      const int t = i & 3, token = (i >> 2) % stride, kb = (i >> 2) / stride;
+      uint32_t hi[4], lo[4];
+      split_bf16x8(v[b][0], v[b][1], hi, lo);
+      uint4* cell = xs + (kb * stride + token) * 8 + 2 * t;
+      cell[token & 1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+      cell[(token & 1) ^ 1] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    }
+  }
 }
 
 // Stages k blocks [kb0, kb0 + n_kb) of the first `tokens` rows (row_of(i): token i's fp32 row, 16-byte aligned)
@@ -132,20 +172,27 @@ __device__ __forceinline__ void rows_round_mma(const RowsRound<NR>& w, const uin
 // (smem_bytes of dynamic shared memory) and accumulates each warp's 16 rows into acc. `first` holds the round at
 // kb_begin, loaded by the caller (before its PDL wait where the weights are known then); each round's loads are
 // issued before the round before it is multiplied. Every thread of the block must call this (it synchronises);
-// warps with active == false (rows past the output) only stage.
+// warps with active == false (rows past the output) only stage. stage_loads: 1 stages an item at a time (A/B),
+// else kRowsStageLoads at a time from the row pointers, looked up once.
 template <int NR, int NT, typename RowOf>
 __device__ __forceinline__ void block_rows_mma(const RowsLaneWeights<NR>& w, RowsRound<NR> first, RowOf row_of,
                                                int tokens, int kb_begin, int kb_end, uint4* xs, int smem_bytes,
-                                               bool active, float (&acc)[NR][NT][4]) {
+                                               int stage_loads, bool active, float (&acc)[NR][NT][4]) {
+  __shared__ const float* rows[kRowsMaxTokens];
   const int lane = threadIdx.x & 31;
   const int active_nt = (tokens + kMmaTileTokens - 1) / kMmaTileTokens;
   const int stride = active_nt * kMmaTileTokens;
   const int chunk_kb = rows_chunk_kb(stride, smem_bytes);
+  if (stage_loads != 1 && static_cast<int>(threadIdx.x) < min(tokens, kRowsMaxTokens))
+    rows[threadIdx.x] = row_of(static_cast<int>(threadIdx.x));
   RowsRound<NR> cur = first;
   for (int chunk = kb_begin; chunk < kb_end; chunk += chunk_kb) {
     const int n_chunk = min(chunk_kb, kb_end - chunk);
-    __syncthreads();  // every warp is done with the chunk before
-    stage_token_rows(xs, row_of, tokens, stride, chunk, n_chunk);
+    __syncthreads();  // every warp is done with the chunk before (and, first, the row pointers are there)
+    if (stage_loads == 1)
+      stage_token_rows(xs, row_of, tokens, stride, chunk, n_chunk);
+    else
+      stage_token_rows_batched(xs, rows, tokens, stride, chunk, n_chunk);
     __syncthreads();
     for (int kb = chunk; kb < chunk + n_chunk; kb += RowsRound<NR>::kU) {
       RowsRound<NR> next;
@@ -230,6 +277,11 @@ inline int rows_mma_splits(int64_t blocks, int kb_count, int num_sms) {
          kb_count / (splits + 1) >= 2 * kRowsChunkAlign)
     ++splits;
   return splits;
+}
+
+// The kernels' stage_loads argument (block_rows_mma); read at every launch so that tests can switch it.
+inline int rows_stage_loads() {
+  return env_int("MOEX_CUDA_ROWS_STAGE_LOADS", kRowsStageLoads) == 1 ? 1 : kRowsStageLoads;
 }
 
 // Dynamic shared memory of a block: its k blocks for nt n-tiles of tokens (at most kRowsStageBytes, staged in

@@ -133,10 +133,11 @@ void launch_moe_mma(const float* x, const int32_t* row_token, const MoeGroup* gr
 // gate and 128 up rows) for all the group's tokens, staged once; `splits` blocks of a cluster along K. Block
 // (x, y): group y, split x % splits of row tile x / splits.
 template <int NT>
-__global__ __launch_bounds__(kRowsWarps * 32) void moe_gate_up_rows_kernel(const float* x, const int32_t* row_token,
+__global__ __launch_bounds__(kRowsWarps * 32, kRowsBlocksPerSm) void moe_gate_up_rows_kernel(const float* x, const int32_t* row_token,
                                                                            const MoeGroup* groups, int hidden, int ffn,
                                                                            float* h, const int32_t* num_groups,
-                                                                           int splits, int smem_bytes) {
+                                                                           int splits, int smem_bytes,
+                                                                           int stage_loads) {
   extern __shared__ uint4 rows_smem[];
   MoeGroup g;
   if (!block_group(groups, num_groups, &g)) return;  // the whole cluster shares the group
@@ -152,7 +153,7 @@ __global__ __launch_bounds__(kRowsWarps * 32) void moe_gate_up_rows_kernel(const
   float acc[2][NT][4] = {};
   block_rows_mma<2, NT>(
       lanes, first, [&](int i) { return x + int64_t(__ldcg(row_token + g.row_begin + i)) * hidden; }, g.num_rows,
-      kb_begin, kb_end, rows_smem, smem_bytes, active, acc);
+      kb_begin, kb_end, rows_smem, smem_bytes, stage_loads, active, acc);
   rows_mma_finish<2, NT>(acc, reinterpret_cast<float*>(rows_smem), splits, row0, ffn, g.num_rows,
                          [&](int row, int token, auto sum) {
                            h[int64_t(g.row_begin + token) * ffn + row] = silu(sum(0)) * sum(1);
@@ -160,10 +161,10 @@ __global__ __launch_bounds__(kRowsWarps * 32) void moe_gate_up_rows_kernel(const
 }
 
 template <int NT>
-__global__ __launch_bounds__(kRowsWarps * 32) void moe_down_rows_kernel(const float* h, const MoeGroup* groups,
+__global__ __launch_bounds__(kRowsWarps * 32, kRowsBlocksPerSm) void moe_down_rows_kernel(const float* h, const MoeGroup* groups,
                                                                         int hidden, int ffn, float* y,
                                                                         const int32_t* num_groups, int splits,
-                                                                        int smem_bytes) {
+                                                                        int smem_bytes, int stage_loads) {
   extern __shared__ uint4 rows_smem[];
   MoeGroup g;
   if (!block_group(groups, num_groups, &g)) return;
@@ -179,7 +180,7 @@ __global__ __launch_bounds__(kRowsWarps * 32) void moe_down_rows_kernel(const fl
   float acc[1][NT][4] = {};
   block_rows_mma<1, NT>(
       lanes, first, [&](int i) { return h + int64_t(g.row_begin + i) * ffn; }, g.num_rows, kb_begin, kb_end,
-      rows_smem, smem_bytes, active, acc);
+      rows_smem, smem_bytes, stage_loads, active, acc);
   rows_mma_finish<1, NT>(acc, reinterpret_cast<float*>(rows_smem), splits, row0, hidden, g.num_rows,
                          [&](int row, int token, auto sum) {
                            y[int64_t(g.row_begin + token) * hidden + row] = sum(0);
@@ -202,10 +203,11 @@ void launch_moe_rows(const float* x, const int32_t* row_token, const MoeGroup* g
   const int down_smem = rows_mma_smem_bytes(down_kb, down_splits, NT, 1);
   launch_rows_mma<moe_gate_up_rows_kernel<NT>>(dim3(static_cast<unsigned>(up_tiles * up_splits), num_groups),
                                                up_splits, up_smem, stream, x, row_token, groups, hidden, ffn, h,
-                                               device_num_groups, up_splits, up_smem);
+                                               device_num_groups, up_splits, up_smem, rows_stage_loads());
   launch_rows_mma<moe_down_rows_kernel<NT>>(dim3(static_cast<unsigned>(down_tiles * down_splits), num_groups),
                                             down_splits, down_smem, stream, static_cast<const float*>(h), groups,
-                                            hidden, ffn, y, device_num_groups, down_splits, down_smem);
+                                            hidden, ffn, y, device_num_groups, down_splits, down_smem,
+                                            rows_stage_loads());
 }
 
 // One token (decode at batch 1): every group is one row and row r of the plan is group r. A block's warps
