@@ -178,6 +178,7 @@ template <int NR, int NT, typename RowOf>
 __device__ __forceinline__ void block_rows_mma(const RowsLaneWeights<NR>& w, RowsRound<NR> first, RowOf row_of,
                                                int tokens, int kb_begin, int kb_end, uint4* xs, int smem_bytes,
                                                int stage_loads, bool active, float (&acc)[NR][NT][4]) {
+  static_assert(NT * kMmaTileTokens <= kRowsMaxTokens, "a block's tokens (<= NT tiles of 8) have row pointers");
   __shared__ const float* rows[kRowsMaxTokens];
   const int lane = threadIdx.x & 31;
   const int active_nt = (tokens + kMmaTileTokens - 1) / kMmaTileTokens;
