@@ -413,6 +413,10 @@ int run(const char* json_path, bool sampling_only, bool gemm_only, bool attentio
         for (int32_t id : r.expert_ids) used[id] = true;
         bytes += std::count(used.begin(), used.end(), true) * 3.0 * m.hidden * m.ffn * 2 / kPlans;
       }
+      // The expert kernels' instance as batched decode picks it: the device planner's bound on a group's rows is
+      // the step's tokens where the row-split kernels take them (cuda_backend.cc, moe_routed_on_device), not the
+      // largest group of this plan, which would run the 16-row kernels at 32 tokens where decode runs row-split.
+      const int bound = cuda::moe_rows_kernels_take(tokens, m.hidden, m.ffn) ? static_cast<int>(tokens) : 0;
       float* x = b.random_f32(static_cast<size_t>(tokens * m.hidden));
       float* h = b.random_f32(static_cast<size_t>(tokens * m.top_k * m.ffn));
       float* y = b.random_f32(static_cast<size_t>(tokens * m.top_k * m.hidden));
@@ -427,14 +431,15 @@ int run(const char* json_path, bool sampling_only, bool gemm_only, bool attentio
                                             s);
               cuda::launch_moe_gemm_down(hb, p.groups, p.num_groups, p.tile_rows, m.hidden, m.ffn, y, s);
             } else {
-              cuda::launch_moe_gemv(x, p.row_token, p.groups, p.num_groups, p.max_rows, m.hidden, m.ffn, h, y, s,
-                                    nullptr, sms, p.num_groups);
+              cuda::launch_moe_gemv(x, p.row_token, p.groups, p.num_groups, bound > 0 ? bound : p.max_rows, m.hidden,
+                                    m.ffn, h, y, s, nullptr, sms, p.num_groups);
             }
             cuda::launch_moe_combine(y, p.slot, p.weights, tokens, m.top_k, m.hidden, out, s);
           },
           40);
-      report(fmt::format("moe layer {} ({}x top-{}, ffn {}) tokens={}", m.label, m.experts, m.top_k, m.ffn, tokens), t,
-             bytes, "GB/s", hbm);
+      report(fmt::format("moe layer {} ({}x top-{}, ffn {}) tokens={}{}", m.label, m.experts, m.top_k, m.ffn, tokens,
+                         bound > 0 ? " (row-split)" : ""),
+             t, bytes, "GB/s", hbm);
     }
     b.free_all();
   }
