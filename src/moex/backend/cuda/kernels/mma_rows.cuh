@@ -56,6 +56,22 @@ __device__ __forceinline__ int rows_chunk_kb(int stride_tokens, int smem_bytes) 
   return kb - kb % kRowsChunkAlign;
 }
 
+// A staging item i: lane group t (8 k of a k block) of token `token` in k block kb, t fastest (4 threads read
+// 128 B of a row), then tokens (stride of them a k block), then k blocks.
+struct StageItem {
+  int t, token, kb;
+  __device__ __forceinline__ StageItem(int i, int stride) : t(i & 3), token((i >> 2) % stride), kb((i >> 2) / stride) {}
+};
+
+// Stores an item's bf16 hi and lo parts into its cell of the staging area (kRowsCellBytes: the slots swapped on odd
+// tokens).
+__device__ __forceinline__ void store_staged(uint4* xs, int stride, const StageItem& it, const uint32_t (&hi)[4],
+                                             const uint32_t (&lo)[4]) {
+  uint4* cell = xs + (it.kb * stride + it.token) * 8 + 2 * it.t;
+  cell[it.token & 1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  cell[(it.token & 1) ^ 1] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+}
+
 // stage_token_rows's work with kRowsStageLoads items' loads in flight a thread; rows[i]: token i's fp32 row.
 __device__ __forceinline__ void stage_token_rows_batched(uint4* xs, const float* const* rows, int tokens, int stride,
                                                          int kb0, int n_kb) {
@@ -65,10 +81,11 @@ __device__ __forceinline__ void stage_token_rows_batched(uint4* xs, const float*
 #pragma unroll
     for (int b = 0; b < kRowsStageLoads; ++b) {
       const int i = i0 + b * static_cast<int>(blockDim.x);
-      const int t = i & 3, token = (i >> 2) % stride, kb = (i >> 2) / stride;
+      const StageItem it(i, stride);
       v[b][0] = v[b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (i < items && token < tokens) {
-        const float4* p = reinterpret_cast<const float4*>(rows[token] + int64_t(kb0 + kb) * kMmaKBlock + 8 * t);
+      if (i < items && it.token < tokens) {
+        const float4* p =
+            reinterpret_cast<const float4*>(rows[it.token] + int64_t(kb0 + it.kb) * kMmaKBlock + 8 * it.t);
         v[b][0] = __ldcg(p);
         v[b][1] = __ldcg(p + 1);
       }
@@ -77,12 +94,9 @@ __device__ __forceinline__ void stage_token_rows_batched(uint4* xs, const float*
     for (int b = 0; b < kRowsStageLoads; ++b) {
       const int i = i0 + b * static_cast<int>(blockDim.x);
       if (i >= items) break;
-      const int t = i & 3, token = (i >> 2) % stride, kb = (i >> 2) / stride;
       uint32_t hi[4], lo[4];
       split_bf16x8(v[b][0], v[b][1], hi, lo);
-      uint4* cell = xs + (kb * stride + token) * 8 + 2 * t;
-      cell[token & 1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-      cell[(token & 1) ^ 1] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      store_staged(xs, stride, StageItem(i, stride), hi, lo);
     }
   }
 }
@@ -93,17 +107,16 @@ __device__ __forceinline__ void stage_token_rows_batched(uint4* xs, const float*
 // rewritten (docs/cuda.md, "Programmatic dependent launch").
 template <typename RowOf>
 __device__ __forceinline__ void stage_token_rows(uint4* xs, RowOf row_of, int tokens, int stride, int kb0, int n_kb) {
-  const int items = n_kb * stride * 4;  // (k block, token, lane group t), t fastest: 4 threads read 128 B of a row
+  const int items = n_kb * stride * 4;  // StageItem's order
   for (int i = threadIdx.x; i < items; i += blockDim.x) {
-    const int t = i & 3, token = (i >> 2) % stride, kb = (i >> 2) / stride;
+    const StageItem it(i, stride);
     uint32_t hi[4] = {0, 0, 0, 0}, lo[4] = {0, 0, 0, 0};
-    if (token < tokens) {
-      const float4* p = reinterpret_cast<const float4*>(row_of(token) + int64_t(kb0 + kb) * kMmaKBlock + 8 * t);
+    if (it.token < tokens) {
+      const float4* p =
+          reinterpret_cast<const float4*>(row_of(it.token) + int64_t(kb0 + it.kb) * kMmaKBlock + 8 * it.t);
       split_bf16x8(__ldcg(p), __ldcg(p + 1), hi, lo);
     }
-    uint4* cell = xs + (kb * stride + token) * 8 + 2 * t;
-    cell[token & 1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-    cell[(token & 1) ^ 1] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    store_staged(xs, stride, it, hi, lo);
   }
 }
 
