@@ -11,8 +11,6 @@
 // of the kernel still running ahead.
 #include "moex/backend/cuda/kernels/gemv.cuh"
 
-#include <type_traits>
-
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
@@ -266,20 +264,12 @@ void launch_linear_rows_mma(const float* x, int64_t m_count, int64_t K, const Ge
   const int splits = tiles >= sms ? 1 : rows_mma_splits(tiles, kb_count, sms);
   const int m = static_cast<int>(m_count), k = static_cast<int>(K);
   const dim3 grid(static_cast<unsigned>(tiles * splits));
-  auto launch = [&](auto nt) {
+  with_rows_nt(m_count, [&](auto nt) {
     constexpr int kNt = decltype(nt)::value;
     const int smem = rows_mma_smem_bytes(kb_count, splits, kNt, 1);
     launch_rows_mma<linear_rows_mma_kernel<kNt>>(grid, splits, smem, stream, x, m, k, outs, splits, smem,
                                                  rows_stage_loads());
-  };
-  if (m_count <= 8)
-    launch(std::integral_constant<int, 1>{});
-  else if (m_count <= 16)
-    launch(std::integral_constant<int, 2>{});
-  else if (m_count <= 24)
-    launch(std::integral_constant<int, 3>{});
-  else
-    launch(std::integral_constant<int, 4>{});
+  });
 }
 
 bool few_token_mma_fits(const float* x, int64_t m_count, const uint16_t* w, int64_t K) {

@@ -19,6 +19,7 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "moex/backend/cuda/kernels/gemv.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
@@ -296,6 +297,20 @@ inline int rows_mma_splits(int64_t blocks, int kb_count, int num_sms) {
 // The kernels' stage_loads argument (block_rows_mma); read at every launch so that tests can switch it.
 inline int rows_stage_loads() {
   return env_int("MOEX_CUDA_ROWS_STAGE_LOADS", kRowsStageLoads) == 1 ? 1 : kRowsStageLoads;
+}
+
+// Calls f(std::integral_constant<int, NT>) with the kernels' instance for groups of up to `rows` tokens (2-32): the
+// fewest n-tiles of 8 that hold them.
+template <typename F>
+void with_rows_nt(int64_t rows, F&& f) {
+  if (rows <= 8)
+    f(std::integral_constant<int, 1>{});
+  else if (rows <= 16)
+    f(std::integral_constant<int, 2>{});
+  else if (rows <= 24)
+    f(std::integral_constant<int, 3>{});
+  else
+    f(std::integral_constant<int, 4>{});
 }
 
 // Dynamic shared memory of a block: its k blocks for nt n-tiles of tokens (at most kRowsStageBytes, staged in

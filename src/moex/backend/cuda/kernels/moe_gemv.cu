@@ -371,14 +371,10 @@ void launch_moe_gemv(const float* x, const int32_t* row_token, const MoeGroup* g
   int hid = static_cast<int>(hidden), f = static_cast<int>(ffn);
   if (num_sms > 0 && moe_rows_kernels_take(max_rows, hidden, ffn) && aligned16(x) && aligned16(h)) {
     const int expected = expected_groups > 0 ? expected_groups : num_groups;
-    if (max_rows <= 8)
-      launch_moe_rows<1>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
-    else if (max_rows <= 16)
-      launch_moe_rows<2>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
-    else if (max_rows <= 24)
-      launch_moe_rows<3>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
-    else
-      launch_moe_rows<4>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream, device_num_groups);
+    with_rows_nt(max_rows, [&](auto nt) {
+      launch_moe_rows<decltype(nt)::value>(x, row_token, groups, num_groups, expected, hid, f, h, y, num_sms, stream,
+                                           device_num_groups);
+    });
     return;
   }
   dim3 grid_up(static_cast<unsigned>(ceil_div(ffn, kWarps)), num_groups);
