@@ -201,13 +201,13 @@ void launch_moe_rows(const float* x, const int32_t* row_token, const MoeGroup* g
   const int down_splits = rows_mma_splits(int64_t(down_tiles) * expected, down_kb, num_sms);
   const int up_smem = rows_mma_smem_bytes(up_kb, up_splits, NT, 2);
   const int down_smem = rows_mma_smem_bytes(down_kb, down_splits, NT, 1);
+  const int stage_loads = rows_stage_loads();
   launch_rows_mma<moe_gate_up_rows_kernel<NT>>(dim3(static_cast<unsigned>(up_tiles * up_splits), num_groups),
                                                up_splits, up_smem, stream, x, row_token, groups, hidden, ffn, h,
-                                               device_num_groups, up_splits, up_smem, rows_stage_loads());
+                                               device_num_groups, up_splits, up_smem, stage_loads);
   launch_rows_mma<moe_down_rows_kernel<NT>>(dim3(static_cast<unsigned>(down_tiles * down_splits), num_groups),
                                             down_splits, down_smem, stream, static_cast<const float*>(h), groups,
-                                            hidden, ffn, y, device_num_groups, down_splits, down_smem,
-                                            rows_stage_loads());
+                                            hidden, ffn, y, device_num_groups, down_splits, down_smem, stage_loads);
 }
 
 // One token (decode at batch 1): every group is one row and row r of the plan is group r. A block's warps
