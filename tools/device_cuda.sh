@@ -26,7 +26,8 @@
 #                                  and the 8x7B layer only), --screen (batch-1 decode of Model A and the 12-layer
 #                                  Model B, bench/cuda/models/model_b_l12, each build and variant twice,
 #                                  interleaved: for screening switches), --screen-batched (the same for batched
-#                                  decode at 8/24/32 sequences: Model A and the 12-layer Model B), --skip-tests.
+#                                  decode at 8/24/32 sequences: Model A and the 12-layer Model B; --batches
+#                                  "2,4,8" screens other sizes), --skip-tests.
 #   tools/device_cuda.sh profile   there: where one decode step's time goes, kernel by kernel (Nsight Compute's
 #                                  gpu__time_duration, eager launches). Each case runs with 1 and 3 decode
 #                                  steps; the difference / 2 cancels the prompt and setup kernels. Raw CSVs
@@ -147,13 +148,14 @@ cuda_tests_to() {
 }
 
 ab() {
-  local out="${OUT:-/tmp/moex_device_out}" base="${BASELINE:-}" quick=0 skip_tests=0 variants=()
+  local out="${OUT:-/tmp/moex_device_out}" base="${BASELINE:-}" quick=0 skip_tests=0 variants=() screen_batches=8,24,32
   while [ $# -gt 0 ]; do
     case "$1" in
       --variant) variants+=("$2"); shift ;;  # NAME=VALUE[,NAME=VALUE]: this build with an A/B switch, as its own column
       --quick) quick=1 ;;                    # batch-1 decode and the 8x7B layer only (no batched decode, no prefill)
       --screen) quick=2 ;;                   # batch-1 decode of Model A and the 12-layer Model B, every build twice
       --screen-batched) quick=3 ;;           # the same for batched decode at 8, 24 and 32 sequences
+      --batches) screen_batches="$2"; shift ;;  # --screen-batched's sequence counts (comma-separated)
       --skip-tests) skip_tests=1 ;;
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -202,8 +204,9 @@ print(json.dumps({'build': sys.argv[1], 'case': sys.argv[2], 'r': r}))" "$build"
   if [ "$quick" -eq 3 ]; then
     # Screening switches of the batched kernels (2-32 tokens a step): the same interleaving.
     for build in $builds $builds; do
-      one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch 8,24,32
-      one "$build" batched_b_l12 cuda/models/model_b_l12 "${decode[@]}" --decode-tokens 32 --reps 2 --batch 8,24,32
+      one "$build" batched_a cuda/models/model_a "${decode[@]}" --decode-tokens 32 --reps 2 --batch "$screen_batches"
+      one "$build" batched_b_l12 cuda/models/model_b_l12 "${decode[@]}" --decode-tokens 32 --reps 2 \
+        --batch "$screen_batches"
     done
   fi
   for build in $builds; do

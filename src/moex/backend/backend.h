@@ -380,6 +380,15 @@ class Backend {
     (void)token, (void)position;
     ops();
   }
+  // Runs the ops of one batched decode step: row i is ids[i], the next token of a sequence of its own
+  // (Decoder::forward_batch). A backend may record ops() per batch size and context-length bucket and replay the
+  // recording for later steps of that size, under decode_step()'s rules, ids taking the token's place: ops() may
+  // depend on the ids only through the embedding of these rows and on positions only through the prepared KvStep
+  // (whose rows are these). Default: runs ops().
+  virtual void decode_rows_step(std::span<const int32_t> ids, const std::function<void()>& ops) {
+    (void)ids;
+    ops();
+  }
   // One chained step: decode_step(token, position, ops), then pick_token(logits, draw) of the logits ops() wrote.
   // A backend may record the pick with the step (the CUDA backend's greedy pick, inside the step's graph).
   virtual void decode_step_with_pick(int32_t token, int64_t position, const std::function<void()>& ops,

@@ -362,17 +362,19 @@ bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float
   }
   MOEX_ASSERT(draws.empty() || draws.size() == steps.size(), "forward_batch: {} draws for {} steps", draws.size(),
               steps.size());
-  return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, picked_ids, draws);
+  return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, picked_ids, draws,
+                  /*rows_are_sequences=*/true);
 }
 
 void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                          bool want_logits, RouterObserver* observer, const TokenDraw* pick) {
+                          bool want_logits, RouterObserver* observer, const TokenDraw* pick,
+                          bool rows_are_sequences) {
   const int64_t n = static_cast<int64_t>(ids.size());
   kv_step_ = KvStep{row_seq_, positions_, tables_, table_stride, kv_->page_size()};
   backend_.prepare_kv_step(kv_step_);
 
   // All-resident experts and nobody who needs the routing on the host: the backend routes on its device,
-  // and a single-token step becomes one recordable sequence of ops (CUDA graphs).
+  // and a single-token step, or a batched one, becomes one recordable sequence of ops (CUDA graphs).
   const bool device_routing = routes_on_device(observer);
   auto ops = [&] { run_layers(ids, start_pos, positions_, all_logits, want_logits, device_routing, observer); };
   MOEX_ASSERT(!pick || (n == 1 && device_routing && want_logits), "launch_step: a pick needs a recordable step");
@@ -380,14 +382,17 @@ void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64
     backend_.decode_step_with_pick(ids[0], positions_[0], ops, scratch(kLogits, Shape{1, cfg_.vocab_size}), *pick);
   else if (n == 1 && device_routing)
     backend_.decode_step(ids[0], positions_[0], ops);
+  else if (rows_are_sequences && device_routing)
+    backend_.decode_rows_step(ids, ops);
   else
     ops();
 }
 
 bool Decoder::run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
                        std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* picked_ids,
-                       std::span<const TokenDraw> draws) {
-  launch_step(ids, start_pos, table_stride, all_logits, logits != nullptr || picked_ids != nullptr, observer);
+                       std::span<const TokenDraw> draws, bool rows_are_sequences) {
+  launch_step(ids, start_pos, table_stride, all_logits, logits != nullptr || picked_ids != nullptr, observer,
+              nullptr, rows_are_sequences);
   if (!logits && !picked_ids) return false;
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t rows = all_logits ? n : 1;

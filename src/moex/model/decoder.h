@@ -117,15 +117,18 @@ class Decoder {
   // Whether a step may route on the backend's device (no expert ids on the host): see run_step.
   bool routes_on_device(const RouterObserver* observer) const;
   // Enqueues ids as rows of kv_step_ (built from row_seq_, positions_, tables_): one decode step of a single row
-  // routed on the device goes through Backend::decode_step (recordable); the lm head runs when want_logits. With
-  // pick (such a step only), Backend::decode_step_with_pick: the step and the pick of *pick from its logits.
+  // routed on the device goes through Backend::decode_step (recordable), a batched one (rows_are_sequences: row i
+  // the next token of sequence i, forward_batch) through Backend::decode_rows_step; the lm head runs when
+  // want_logits. With pick (a single row only), Backend::decode_step_with_pick: the step and the pick of *pick from
+  // its logits.
   void launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
-                   bool want_logits, RouterObserver* observer, const TokenDraw* pick = nullptr);
+                   bool want_logits, RouterObserver* observer, const TokenDraw* pick = nullptr,
+                   bool rows_are_sequences = false);
   // launch_step(), then reads logits back.
   // With picked_ids (and draws), as forward_batch. Returns whether picked_ids were filled on the device.
   bool run_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
                 std::vector<float>* logits, RouterObserver* observer, std::vector<int32_t>* picked_ids = nullptr,
-                std::span<const TokenDraw> draws = {});
+                std::span<const TokenDraw> draws = {}, bool rows_are_sequences = false);
   // The step's ops from embedding to the lm head (left in the kLogits scratch when want_logits).
   void run_layers(std::span<const int32_t> ids, int64_t start_pos, std::span<const int32_t> positions,
                   bool all_logits, bool want_logits, bool device_routing, RouterObserver* observer);

@@ -1,17 +1,23 @@
 // Batched decode on the GPU: several sequences with different prompt lengths decoded together
 // (Decoder::forward_batch through Engine::generate_batch, pages of 3 positions) must give each sequence's
 // greedy tokens of generate() alone, and their logits step by step. The last sequence left in the batch runs
-// as a single-row step, which takes the recorded (CUDA graph) path.
+// as a single-row step, which takes the recorded (CUDA graph) path; batched steps are recorded per batch size and
+// context bucket (decode_rows_step), checked against eager steps below.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
 
 #include "cuda_test_util.h"
+#include "moex/backend/cuda/cuda_backend.h"
 #include "moex/model/model.h"
 #include "moex/runtime/engine.h"
 #include "moex/runtime/sampler.h"
 #include "unit/model/fixture_util.h"
+#include "unit/scoped_env.h"
 
 namespace moex::cuda_test {
 namespace {
@@ -59,6 +65,83 @@ TEST(CudaBatchedDecode, MatchesEachSequenceAlone) {
       MOEX_EXPECT_CLOSE(got, want, 1e-4) << "prompt " << idx;
       decoder.free_sequence(seqs[idx]);
     }
+  }
+}
+
+// Batched steps recorded per batch size and context bucket must give the tokens and logits of eager steps: two
+// engines step in lockstep, 4 sequences, then 3 from step 100 and 2 from step 200, 300 steps in all, so the longest
+// sequence crosses the 256-key bucket (a recording per size and bucket, and the KV cache's growth drops them all).
+TEST(CudaBatchedDecode, GraphsMatchEagerAcrossSizesAndBuckets) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const Model* model = fixture.model.get();
+    const auto& ref = fixture.prompt;
+    EngineOptions options;
+    options.device = "cuda";
+    auto eager_engine = [&] {
+      const test::ScopedEnv off("MOEX_CUDA_GRAPHS", "0");  // read when the backend is made
+      return std::make_unique<Engine>(*model, options);
+    };
+    const std::unique_ptr<Engine> eager_owner = eager_engine();
+    Engine& eager = *eager_owner;
+    const test::ScopedEnv on("MOEX_CUDA_GRAPHS", nullptr);
+    Engine graphs(*model, options);
+    const int64_t vocab = model->config().vocab_size;
+    struct Live {
+      int32_t eager_seq, graph_seq;
+      int32_t token;
+      int64_t position;
+    };
+    auto argmax = [&](const std::vector<float>& logits, int64_t row) {
+      const auto begin = logits.begin() + row * vocab;
+      return static_cast<int32_t>(std::max_element(begin, begin + vocab) - begin);
+    };
+    std::vector<Live> live;
+    std::vector<float> eager_logits, graph_logits;
+    for (size_t len : {ref.size(), size_t{1}, size_t{4}, size_t{2}}) {
+      const std::vector<int32_t> prompt(ref.begin(), ref.begin() + static_cast<int64_t>(std::min(len, ref.size())));
+      Live seq{eager.decoder().add_sequence(), graphs.decoder().add_sequence(), 0,
+               static_cast<int64_t>(prompt.size())};
+      eager.decoder().forward_sequence(seq.eager_seq, prompt, 0, false, &eager_logits);
+      graphs.decoder().forward_sequence(seq.graph_seq, prompt, 0, false, &graph_logits);
+      seq.token = argmax(eager_logits, 0);
+      live.push_back(seq);
+    }
+    const CudaStepGraphStats before = cuda_step_graph_stats(graphs.backend());
+    for (int step = 0; step < 300; ++step) {
+      if (step == 100 || step == 200) {  // the last sequence ends: the batch shrinks
+        eager.decoder().free_sequence(live.back().eager_seq);
+        graphs.decoder().free_sequence(live.back().graph_seq);
+        live.pop_back();
+      }
+      std::vector<Decoder::DecodeStep> eager_steps, graph_steps;
+      for (const Live& seq : live) {
+        eager_steps.push_back({seq.eager_seq, seq.token, seq.position});
+        graph_steps.push_back({seq.graph_seq, seq.token, seq.position});
+      }
+      eager.decoder().forward_batch(eager_steps, &eager_logits);
+      graphs.decoder().forward_batch(graph_steps, &graph_logits);
+      for (size_t row = 0; row < live.size(); ++row) {
+        const auto r = static_cast<int64_t>(row);
+        const std::vector<double> want(eager_logits.begin() + r * vocab, eager_logits.begin() + (r + 1) * vocab);
+        const std::vector<float> got(graph_logits.begin() + r * vocab, graph_logits.begin() + (r + 1) * vocab);
+        MOEX_EXPECT_CLOSE(got, want, 1e-4) << "step " << step << " row " << row;
+        const int32_t token = argmax(eager_logits, r);
+        ASSERT_EQ(argmax(graph_logits, r), token) << "step " << step << " row " << row;
+        live[row].token = token;
+        ++live[row].position;
+      }
+    }
+    EXPECT_EQ(cuda_step_graph_stats(eager.backend()).replays, 0);
+    const CudaStepGraphStats after = cuda_step_graph_stats(graphs.backend());
+    EXPECT_EQ(after.failures, before.failures);
+    EXPECT_GE(after.captures - before.captures, 4);  // 4, 3 and 2 rows at 256 keys; 2 rows at 512
+    EXPECT_GT(after.replays - before.replays, 250);
+    std::printf("[batched graphs %s] captures %lld replays %lld failures %lld\n", fixture.name.c_str(),
+                static_cast<long long>(after.captures - before.captures),
+                static_cast<long long>(after.replays - before.replays),
+                static_cast<long long>(after.failures - before.failures));
   }
 }
 

@@ -1,9 +1,9 @@
 // CudaBackend: the Backend ops on one CUDA device and one stream. Each op validates its tensors once on the
 // host, then calls a kernel launcher (kernels/*.cuh); no op allocates except when a scratch buffer must grow
 // (never in steady-state decode). Only route() and the copy_* calls synchronise with the host.
-// Decode steps (decode_step) run in "step mode": token and position come from a small device buffer written
-// once per step, so the whole step can be recorded as a CUDA graph and replayed (step_graphs.h), and
-// moe_routed() routes and plans on the device, so no MoE layer needs the host.
+// Decode steps (decode_step, and batched ones: decode_rows_step) run in "step mode": tokens and positions come from
+// small device buffers written once per step, so the whole step can be recorded as a CUDA graph and replayed
+// (step_graphs.h), and moe_routed() routes and plans on the device, so no MoE layer needs the host.
 #include "moex/backend/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -101,6 +101,16 @@ DeviceDraw device_draw(const TokenDraw& draw) {
 // into two bf16 parts; gemv.cuh).
 constexpr int64_t kLinearGemmMinRows = 32;
 
+// Batched decode steps of up to this many rows are recorded (decode_rows_step): more rows take cuBLAS, which is not
+// called inside a recording, so a replay would run other kernels than the step's eager run.
+constexpr int64_t kStepGraphMaxRows = kLinearGemmMinRows;
+
+// A recorded step's key: its context bucket, its rows (1 for decode_step) and whether the recording ends with the
+// pick (decode_step_with_pick).
+int64_t step_graph_key(int64_t bucket, int64_t rows, bool with_pick) {
+  return (bucket * (kStepGraphMaxRows + 1) + rows) * 2 + (with_pick ? 1 : 0);
+}
+
 // Prefill's gate/up GEMM reads the tokens' rows itself through the plan's row_token, where a kernel had first
 // written them gathered (top_k bf16 copies of every token: Model B's 2048-token prompt read 134 MB and wrote 67 MB
 // a layer for it). MOEX_CUDA_GEMM_GATHER=0 keeps the gathered copy (A/B; read at every call, so tests compare both).
@@ -143,7 +153,8 @@ class CudaBackend final : public Backend {
     staging_ = std::make_unique<StagingRing>();
     step_values_ = DeviceMemory(16);
     MOEX_CUDA_CHECK(cudaMemset(step_values_.get(), 0, 16));  // [2]: the pick ring's cursor starts at slot 0
-    step_host_ = PinnedMemory(16);
+    step_host_ = PinnedMemory(kStepHostIds * sizeof(int32_t) + kStepGraphMaxRows * sizeof(int32_t));
+    step_ids_ = DeviceMemory(kStepGraphMaxRows * sizeof(int32_t));
     route_ticket_ = DeviceMemory(16 + sizeof(MoeOneLaunchCounters));
     MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16 + sizeof(MoeOneLaunchCounters)));
     tail_counters_ = DeviceMemory(sizeof(LayerTailCounters));
@@ -350,6 +361,36 @@ class CudaBackend final : public Backend {
 
   void decode_step(int32_t token, int64_t position, const std::function<void()>& ops) override {
     run_step(token, position, ops, /*with_pick=*/false);
+  }
+
+  // A batched decode step (forward_batch: row i the next token of a sequence of its own), recorded per batch size
+  // and context bucket as the single-row steps are per bucket: the rows' tokens are uploaded into step_ids_, which
+  // the embedding reads; positions, block tables and the attention's grid (the bucket's) come from the prepared
+  // KvStep, uploaded before. Dense engines pad a batch up to a bucket of sizes; here a padding row would be routed to
+  // experts, whose weights the step would then read, and an MoE step's time is its experts' bytes: so one recording
+  // per exact size (at most kStepGraphMaxRows - 1 per context bucket, made on a size's second step).
+  void decode_rows_step(std::span<const int32_t> ids, const std::function<void()>& ops) override {
+    const int64_t n = static_cast<int64_t>(ids.size());
+    if (!graphs_enabled_ || n < 2 || n > kStepGraphMaxRows || kv_rows_ != n || !kv_distinct_sequences_) {
+      ops();
+      return;
+    }
+    // The pinned ids are rewritten only after their previous copy has left (as decode_step's pair).
+    MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
+    int32_t* host = static_cast<int32_t*>(step_host_.get()) + kStepHostIds;
+    std::copy(ids.begin(), ids.end(), host);
+    upload_pinned(host, step_ids_.get(), ids.size_bytes());
+    MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
+    step_mode_ = true;
+    step_rows_ = n;
+    step_bucket_keys_ = kv_bucket_keys_;
+    try {
+      graphs_.run(step_graph_key(kv_bucket_keys_, n, /*with_pick=*/false), stream_, ops, &capturing_);
+    } catch (...) {
+      step_mode_ = false;
+      throw;
+    }
+    step_mode_ = false;
   }
 
   void reset_step_recordings() override { graphs_.reset(); }
@@ -914,13 +955,14 @@ class CudaBackend final : public Backend {
     }
     next_token_picked_ = false;
     step_mode_ = true;
+    step_rows_ = 1;
     step_token_ = token;
     step_position_ = position;
     step_bucket_keys_ = bucket;
     try {
       // Rows are reused only with graphs on (prepare_kv_step): only a step that runs eagerly there resyncs.
       if (graphs_enabled_)
-        graphs_.run(2 * bucket + (with_pick ? 1 : 0), stream_, ops, &capturing_, [this] { resync_kv_row(); });
+        graphs_.run(step_graph_key(bucket, 1, with_pick), stream_, ops, &capturing_, [this] { resync_kv_row(); });
       else
         ops();
     } catch (...) {
@@ -1253,13 +1295,18 @@ class CudaBackend final : public Backend {
     }
     MOEX_CUDA_CHECK(status);
   }
-  // Token positions on the device: inside a decode step the step's own device value (so the step can be
+  // Token positions on the device: inside a decode step the step's own device values (so the step can be
   // replayed for later positions), else an upload.
   const int32_t* device_positions(std::span<const int32_t> positions, const char* op) {
-    if (step_mode_ && positions.size() == 1) {
+    if (step_mode_ && step_rows_ == 1 && positions.size() == 1) {
       MOEX_ASSERT(positions[0] == step_position_, "cuda {}: position {} inside the decode step at {}", op,
                   positions[0], step_position_);
       return step_position_device();
+    }
+    if (step_mode_ && step_rows_ > 1 && static_cast<int64_t>(positions.size()) == step_rows_) {
+      MOEX_ASSERT(std::equal(positions.begin(), positions.end(), kv_host_pos_),
+                  "cuda {}: positions other than the prepared rows' inside a batched decode step", op);
+      return kv_device_rows_.row_pos;
     }
     return static_cast<const int32_t*>(upload(positions.data(), positions.size_bytes()));
   }
@@ -1276,13 +1323,18 @@ class CudaBackend final : public Backend {
   // ids on the device, checked against the vocabulary: a decode step's one token is step_values_[0] (a chained
   // step's, kTokenOnDevice, is a pick of the argmax kernel: in range by construction); others are uploaded.
   const int32_t* device_token_ids(std::span<const int32_t> ids, int64_t vocab, const char* op) {
-    const bool chained = step_mode_ && ids.size() == 1 && ids[0] == kTokenOnDevice;
+    const bool chained = step_mode_ && step_rows_ == 1 && ids.size() == 1 && ids[0] == kTokenOnDevice;
     if (!chained)
       for (int32_t id : ids) MOEX_ASSERT(id >= 0 && id < vocab, "cuda {}: token id {} outside [0, {})", op, id, vocab);
-    if (step_mode_ && ids.size() == 1) {
+    if (step_mode_ && step_rows_ == 1 && ids.size() == 1) {
       MOEX_ASSERT(ids[0] == step_token_, "cuda {}: token {} inside the decode step of token {}", op, ids[0],
                   step_token_);
       return step_token_device();
+    }
+    if (step_mode_ && step_rows_ > 1 && static_cast<int64_t>(ids.size()) == step_rows_) {
+      MOEX_ASSERT(std::equal(ids.begin(), ids.end(), static_cast<const int32_t*>(step_host_.get()) + kStepHostIds),
+                  "cuda {}: ids other than the batched decode step's", op);
+      return static_cast<const int32_t*>(step_ids_.get());
     }
     return static_cast<const int32_t*>(upload(ids.data(), ids.size_bytes()));
   }
@@ -1371,8 +1423,11 @@ class CudaBackend final : public Backend {
   DeviceMemory tail_counters_;  // launch_layer_tail's counters: all 0 between launches
   DeviceMemory tail_times_;     // MOEX_CUDA_TAIL_TIMES=1: where its launches' time went (print_tail_times)
   const bool position_from_kv_ = !env_equals("MOEX_CUDA_STEP_POSITION_UPLOAD", "1");  // decode_step says why
+  // Pinned: [token, position] of a single-row step, from kStepHostIds a batched step's ids (decode_rows_step).
+  static constexpr int64_t kStepHostIds = 4;
   PinnedMemory step_host_;
   cudaEvent_t step_event_ = nullptr;
+  DeviceMemory step_ids_;  // a batched decode step's ids (decode_rows_step)
   // Chained decode steps (pick_token): a ring of pinned ids, each with the event of the kernel that wrote it.
   PinnedMemory picks_host_;
   std::array<cudaEvent_t, kMaxPendingPicks> pick_events_{};
@@ -1397,6 +1452,7 @@ class CudaBackend final : public Backend {
   bool fused_embedding_ = true;
   bool step_mode_ = false;
   bool capturing_ = false;
+  int64_t step_rows_ = 0;  // the decode step's rows (1: decode_step; more: decode_rows_step)
   int32_t step_token_ = 0;
   int64_t step_position_ = 0;
   int64_t step_bucket_keys_ = 0;

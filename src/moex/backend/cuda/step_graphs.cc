@@ -7,14 +7,14 @@ namespace moex::cuda {
 StepGraphs::~StepGraphs() { reset(); }
 
 void StepGraphs::reset() {
-  for (auto& [bucket, entry] : entries_)
+  for (auto& [key, entry] : entries_)
     if (entry.exec) cudaGraphExecDestroy(entry.exec);
   entries_.clear();
 }
 
-void StepGraphs::run(int64_t bucket, cudaStream_t stream, const std::function<void()>& ops, bool* capturing,
+void StepGraphs::run(int64_t key, cudaStream_t stream, const std::function<void()>& ops, bool* capturing,
                      const std::function<void()>& before_eager) {
-  auto it = entries_.find(bucket);
+  auto it = entries_.find(key);
   if (it != entries_.end() && it->second.exec) {
     MOEX_CUDA_CHECK(cudaGraphLaunch(it->second.exec, stream));
     ++replays_;
@@ -23,11 +23,11 @@ void StepGraphs::run(int64_t bucket, cudaStream_t stream, const std::function<vo
   if (it == entries_.end() || !it->second.warm || it->second.failed) {
     if (before_eager) before_eager();
     ops();  // may reset() (a workspace grew): look the entry up again
-    entries_[bucket].warm = true;
+    entries_[key].warm = true;
     return;
   }
   cudaGraphExec_t exec = capture(stream, ops, capturing);
-  Entry& entry = entries_[bucket];
+  Entry& entry = entries_[key];
   if (exec) {
     entry.exec = exec;
     ++captures_;

@@ -1,7 +1,8 @@
-// CUDA graphs of single-token decode steps, one per context-length bucket: the first step of a bucket runs
-// eagerly (it grows every workspace to the step's size), the second is captured and launched, later ones
-// replay. A capture that fails (an op that must synchronise, a shape outside the device-side paths) marks
-// the bucket eager for good; the step is then run eagerly, so a failure costs time, never a result.
+// CUDA graphs of decode steps, one per key: a single-token step's context-length bucket, a batched step's batch
+// size and bucket (the caller's step_graph_key). The first step of a key runs eagerly (it grows every workspace to
+// the step's size), the second is captured and launched, later ones replay. A capture that fails (an op that must
+// synchronise, a shape outside the device-side paths) marks the key eager for good; the step is then run eagerly,
+// so a failure costs time, never a result.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -19,9 +20,9 @@ class StepGraphs {
   StepGraphs(const StepGraphs&) = delete;
   StepGraphs& operator=(const StepGraphs&) = delete;
 
-  // Runs (or replays) ops on stream for bucket. *capturing is true while ops() is being recorded. before_eager
+  // Runs (or replays) ops on stream for key. *capturing is true while ops() is being recorded. before_eager
   // (may be empty) runs before ops() runs eagerly, never before a recording is launched.
-  void run(int64_t bucket, cudaStream_t stream, const std::function<void()>& ops, bool* capturing,
+  void run(int64_t key, cudaStream_t stream, const std::function<void()>& ops, bool* capturing,
            const std::function<void()>& before_eager = {});
   // Drops every recording (a buffer the steps use moved).
   void reset();
