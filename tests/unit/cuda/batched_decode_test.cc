@@ -71,8 +71,9 @@ TEST(CudaBatchedDecode, MatchesEachSequenceAlone) {
 // Batched steps recorded per batch size and context bucket must give the tokens and logits of eager steps: two
 // engines step in lockstep, 4 sequences, then 3 from step 100 and 2 from step 200, 300 steps in all, so the longest
 // sequence crosses the 256-key bucket (a recording per size and bucket, and the KV cache's growth drops them all).
+// qwen2_moe adds the shared expert's ops, olmoe_rope_alt the other RoPE layout.
 TEST(CudaBatchedDecode, GraphsMatchEagerAcrossSizesAndBuckets) {
-  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "olmoe_rope_alt");
   for (const LoadedFixture& fixture : fixtures) {
     SCOPED_TRACE(fixture.name);
     const Model* model = fixture.model.get();
