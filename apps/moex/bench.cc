@@ -307,7 +307,7 @@ CommandAction setup_bench(CLI::App* sub) {
       std::vector<double> step_ms, pick_ms;
       std::vector<int32_t> picked;
       std::vector<TokenDraw> draws;
-      bool picked_on_device = false;
+      bool picked_on_device = false, steps_chained = false;
       auto batch_rep = [&](int, bool metered) {
         std::vector<Decoder::DecodeStep> steps;
         for (int64_t idx = 0; idx < batch; ++idx) {
@@ -319,7 +319,22 @@ CommandAction setup_bench(CLI::App* sub) {
         double picking = 0;  // host-side picking (ms)
         window(metered, true);
         auto start = std::chrono::steady_clock::now();
-        for (int64_t step = 0; step < steps_per_rep; ++step) {
+        // Greedy steps chained on the device where the backend can, as Engine::generate_batch runs them: each step
+        // enqueued before the previous one's picks are read (the same rows every step here).
+        const bool chained = !sampled && steps_per_rep > 0 && engine.decoder().can_chain_batches(batch);
+        steps_chained = chained;
+        picked.resize(static_cast<size_t>(batch));
+        for (int64_t step = 0; chained && step < steps_per_rep; ++step) {
+          engine.decoder().enqueue_batch(steps);
+          for (auto& row : steps) {
+            row.token = Backend::kTokenOnDevice;
+            ++row.position;
+          }
+          if (step > 0) engine.decoder().next_batch_tokens(picked);
+        }
+        if (chained) engine.decoder().next_batch_tokens(picked);
+        picked_on_device = picked_on_device || chained;
+        for (int64_t step = 0; !chained && step < steps_per_rep; ++step) {
           // Picks are part of a real step: on the device where the backend can (one id per row comes back), else
           // on the host, timed apart to tell them from the device's part. One generator serves every row here.
           // Greedy steps pass no draws: the backend's argmax then, as Engine::generate_batch.
@@ -360,6 +375,7 @@ CommandAction setup_bench(CLI::App* sub) {
                                {"ms_per_step_stddev", s.stddev},
                                {"host_pick_ms_per_step", summarize(pick_ms).mean},
                                {"pick_on_device", picked_on_device},
+                               {"steps_chained", steps_chained},
                                {"tokens_per_s", s.mean > 0 ? batch * 1000.0 / s.mean : 0.0}});
       if (meter && steps_per_rep > 0) batch_results.back()["gpu"] = energy_pass(batch * steps_per_rep, batch_rep);
     }

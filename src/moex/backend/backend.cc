@@ -117,4 +117,14 @@ int32_t Backend::picked_token() {
   return kTokenOnDevice;
 }
 
+void Backend::pick_rows(const TensorView& logits) {
+  (void)logits;
+  MOEX_ASSERT(false, "{}: pick_rows on a backend that does not chain batched decode steps", name());
+}
+
+void Backend::picked_rows(std::span<int32_t> ids) {
+  (void)ids;
+  MOEX_ASSERT(false, "{}: picked_rows on a backend that does not chain batched decode steps", name());
+}
+
 }  // namespace moex

@@ -368,6 +368,18 @@ class Backend {
   virtual void pick_token(const TensorView& logits, const TokenDraw& draw);  // default: an error (no chaining)
   virtual int32_t picked_token();                                            // default: an error
 
+  // Batched decoding chained the same way (greedy picks): pick_rows() enqueues the pick of every row of logits
+  // ([rows, vocab]) and returns at once; those ids become the tokens of the next decode_rows_step() whose ids are
+  // all kTokenOnDevice (the same sequences in the same rows), and picked_rows() returns them once they reached the
+  // host (the oldest pick_rows() not yet read; waits). Up to kMaxPendingPicks may wait to be read. A backend that
+  // chains batches of this many rows says so in chains_batch_steps().
+  virtual bool chains_batch_steps(int64_t rows) const {
+    (void)rows;
+    return false;
+  }
+  virtual void pick_rows(const TensorView& logits);      // default: an error (no chaining)
+  virtual void picked_rows(std::span<int32_t> ids);     // default: an error
+
   // ---- decode-step recording (optional) ---------------------------------------------------------
   // Runs the ops of one single-token step (token at position). A backend may record ops() once per
   // context-length bucket and replay the recording for later steps (CUDA graphs). ops() must then depend
@@ -384,7 +396,8 @@ class Backend {
   // (Decoder::forward_batch). A backend may record ops() per batch size and context-length bucket and replay the
   // recording for later steps of that size, under decode_step()'s rules, ids taking the token's place: ops() may
   // depend on the ids only through the embedding of these rows and on positions only through the prepared KvStep
-  // (whose rows are these). Default: runs ops().
+  // (whose rows are these). ids may all be kTokenOnDevice after a pick_rows() of as many rows (backends that chain
+  // batches). Default: runs ops().
   virtual void decode_rows_step(std::span<const int32_t> ids, const std::function<void()>& ops) {
     (void)ids;
     ops();

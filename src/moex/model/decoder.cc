@@ -329,13 +329,22 @@ int32_t Decoder::next_token() { return backend_.picked_token(); }
 
 bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float>* logits,
                             std::vector<int32_t>* picked_ids, std::span<const TokenDraw> draws) {
+  const int64_t stride = prepare_batch(steps, /*tokens_on_device=*/false);
+  MOEX_ASSERT(draws.empty() || draws.size() == steps.size(), "forward_batch: {} draws for {} steps", draws.size(),
+              steps.size());
+  chained_seqs_.clear();  // the device's picks, if any, are not this step's tokens any more
+  return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, picked_ids, draws,
+                  /*rows_are_sequences=*/true);
+}
+
+int64_t Decoder::prepare_batch(std::span<const DecodeStep> steps, bool tokens_on_device) {
   const int64_t n = static_cast<int64_t>(steps.size());
   if (n == 0) throw UsageError("forward_batch: no sequences to run");
   if (routing_override_) throw UsageError("forward_batch: a routing override replays one sequence; not a batch");
   ids_.resize(static_cast<size_t>(n));
   for (int64_t row = 0; row < n; ++row) {
     const DecodeStep& step = steps[row];
-    check_token(step.token);
+    if (!tokens_on_device) check_token(step.token);
     const int64_t length = kv_->length(step.seq);
     if (step.position < 0 || step.position > length)
       throw UsageError(fmt::format("forward_batch: sequence {} holds positions 0..{}; cannot continue at position {}",
@@ -360,11 +369,33 @@ bool Decoder::forward_batch(std::span<const DecodeStep> steps, std::vector<float
     const auto table = kv_->block_table(steps[row].seq);
     std::copy(table.begin(), table.end(), tables_.begin() + row * stride);
   }
-  MOEX_ASSERT(draws.empty() || draws.size() == steps.size(), "forward_batch: {} draws for {} steps", draws.size(),
-              steps.size());
-  return run_step(ids_, steps[0].position, stride, /*all_logits=*/true, logits, nullptr, picked_ids, draws,
-                  /*rows_are_sequences=*/true);
+  return stride;
 }
+
+bool Decoder::can_chain_batches(int64_t rows) const {
+  return backend_.chains_batch_steps(rows) && routes_on_device(nullptr);
+}
+
+void Decoder::enqueue_batch(std::span<const DecodeStep> steps) {
+  const int64_t n = static_cast<int64_t>(steps.size());
+  MOEX_ASSERT(can_chain_batches(n), "enqueue_batch: the backend cannot chain batches of {} rows here", n);
+  const auto on_device = [](const DecodeStep& step) { return step.token == Backend::kTokenOnDevice; };
+  const bool tokens_on_device = n > 0 && on_device(steps[0]);
+  if (!std::all_of(steps.begin(), steps.end(), [&](const DecodeStep& step) { return on_device(step) == tokens_on_device; }))
+    throw UsageError("enqueue_batch: the tokens are either all on the device or none");
+  if (tokens_on_device &&
+      !std::equal(steps.begin(), steps.end(), chained_seqs_.begin(), chained_seqs_.end(),
+                  [](const DecodeStep& step, int32_t seq) { return step.seq == seq; }))
+    throw UsageError("enqueue_batch: tokens on the device need the previous batch's sequences in its order");
+  const int64_t stride = prepare_batch(steps, tokens_on_device);
+  launch_step(ids_, steps[0].position, stride, /*all_logits=*/true, /*want_logits=*/true, nullptr, nullptr,
+              /*rows_are_sequences=*/true);
+  backend_.pick_rows(scratch(kLogits, Shape{n, cfg_.vocab_size}));
+  chained_seqs_.resize(static_cast<size_t>(n));
+  for (int64_t row = 0; row < n; ++row) chained_seqs_[row] = steps[row].seq;
+}
+
+void Decoder::next_batch_tokens(std::span<int32_t> ids) { backend_.picked_rows(ids); }
 
 void Decoder::launch_step(std::span<const int32_t> ids, int64_t start_pos, int64_t table_stride, bool all_logits,
                           bool want_logits, RouterObserver* observer, const TokenDraw* pick,

@@ -107,6 +107,17 @@ class Decoder {
   // The oldest enqueued step's pick; waits for it.
   int32_t next_token();
 
+  // Batched decoding chained the same way (Backend::pick_rows, greedy picks): the host enqueues step t+1 of the
+  // same sequences before it has read step t's picks. Possible when the backend chains batches of this many rows
+  // and a step needs nothing from the host (routing on the device).
+  bool can_chain_batches(int64_t rows) const;
+  // Enqueues the batched step (as forward_batch) and the greedy pick of each row, and returns without waiting. The
+  // tokens may all be Backend::kTokenOnDevice: then they are the picks of the previous enqueued batch, which must
+  // have had the same sequences in the same order.
+  void enqueue_batch(std::span<const DecodeStep> steps);
+  // The oldest enqueued batch's picks, one per row; waits for them.
+  void next_batch_tokens(std::span<int32_t> ids);
+
  private:
   struct DeviceLayer;
   TensorView scratch(int slot, Shape shape);
@@ -114,6 +125,10 @@ class Decoder {
   // Grows sequence seq to start_pos + n positions (start_pos <= its length, else UsageError) and fills row_seq_,
   // positions_ and tables_ for its n rows from start_pos; returns the table stride.
   int64_t prepare_rows(int32_t seq, int64_t start_pos, int64_t n);
+  // Checks a batched step (UsageError: a token out of range, a position past a sequence's end, a sequence twice),
+  // grows each sequence by its row and fills row_seq_, positions_, tables_ and ids_; returns the table stride.
+  // tokens_on_device: the tokens are the previous chained batch's picks (not checked here).
+  int64_t prepare_batch(std::span<const DecodeStep> steps, bool tokens_on_device);
   // Whether a step may route on the backend's device (no expert ids on the host): see run_step.
   bool routes_on_device(const RouterObserver* observer) const;
   // Enqueues ids as rows of kv_step_ (built from row_seq_, positions_, tables_): one decode step of a single row
@@ -155,6 +170,7 @@ class Decoder {
   int32_t default_seq_ = 0;
   // The current step: kv_step_ points into row_seq_, positions_ and tables_; ids_ holds forward_batch tokens.
   std::vector<int32_t> row_seq_, positions_, tables_, ids_;
+  std::vector<int32_t> chained_seqs_;  // the sequences of the last enqueue_batch, in row order
   KvStep kv_step_;
   std::vector<std::unique_ptr<Buffer>> scratch_;
   std::vector<ExpertWeights> expert_table_;

@@ -195,19 +195,72 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
   std::vector<float> logits;
   std::vector<Decoder::DecodeStep> steps;
   std::vector<size_t> step_owner;
-  // Takes token (sampled from sequence idx's logits) as its next; false when the sequence is finished.
-  auto take = [&](size_t idx, int32_t token) {
-    Running& r = running[idx];
+  // Records token (sampled from sequence idx's logits) as its next; false when the sequence is finished.
+  auto keep = [&](size_t idx, int32_t token) {
     GenerationResult& result = results[idx];
     result.output_ids.push_back(token);
     if (options.stop_at_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
       result.stop_reason = "eos";
       return false;
     }
-    if (static_cast<int64_t>(result.output_ids.size()) >= options.max_new_tokens) return false;
+    return static_cast<int64_t>(result.output_ids.size()) < options.max_new_tokens;
+  };
+  // keep(), and the sequence's next step into `steps` while it goes on.
+  auto take = [&](size_t idx, int32_t token) {
+    if (!keep(idx, token)) return false;
+    Running& r = running[idx];
     steps.push_back(Decoder::DecodeStep{r.seq, token, r.position++});
     step_owner.push_back(idx);
     return true;
+  };
+  // Greedy batched steps chained on the device (Decoder::enqueue_batch): the next step of the same sequences is
+  // enqueued, its tokens the picks still on the device, before the host reads this step's picks, so the device
+  // does not wait for the host between steps. A sequence that reaches max_new_tokens is not enqueued ahead; one
+  // that ends on EOS is seen only when its picks are read, and the step already enqueued for it is dropped. When
+  // the batch changes, the survivors' next steps go to `steps` (the loop below goes on from the host). Every pick
+  // enqueued is read before this returns or throws.
+  auto run_chained = [&](std::vector<Decoder::DecodeStep>& batch, const std::vector<size_t>& owners) {
+    const size_t n = batch.size();
+    std::vector<int32_t> ids(n);
+    std::vector<bool> done(n, false);
+    bool changed = false;
+    int in_flight = 0;
+    try {
+      decoder_->enqueue_batch(batch);
+      ++in_flight;
+      while (in_flight > 0) {
+        const bool ahead = !changed && in_flight == 1 && std::all_of(owners.begin(), owners.end(), [&](size_t idx) {
+          return static_cast<int64_t>(results[idx].output_ids.size()) + 1 < options.max_new_tokens;
+        });
+        if (ahead) {
+          for (size_t row = 0; row < n; ++row) {
+            batch[row].token = Backend::kTokenOnDevice;
+            batch[row].position = running[owners[row]].position++;
+          }
+          decoder_->enqueue_batch(batch);
+          ++in_flight;
+        }
+        decoder_->next_batch_tokens(ids);
+        --in_flight;
+        for (size_t row = 0; row < n; ++row) {
+          if (done[row]) continue;  // ended at an earlier step: this pick is dropped
+          ++results[owners[row]].decode_steps;
+          if (!keep(owners[row], ids[row])) done[row] = changed = true;
+        }
+      }
+    } catch (...) {
+      try {
+        for (; in_flight > 0; --in_flight) decoder_->next_batch_tokens(ids);
+      } catch (...) {  // the device failed: the first error is the one to report
+      }
+      throw;
+    }
+    for (size_t row = 0; row < n; ++row) {
+      if (done[row]) continue;
+      Running& r = running[owners[row]];
+      steps.push_back(Decoder::DecodeStep{r.seq, ids[row], r.position++});
+      step_owner.push_back(owners[row]);
+    }
   };
   // Tokens are picked on the device when the backend can: one id per sequence comes back, not its logits. Each
   // row's draw comes from its sequence's sampler either way, so a fallback to the host picks the same tokens.
@@ -235,6 +288,10 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
       owners.swap(step_owner);
       steps.clear();
       step_owner.clear();
+      if (greedy && decoder_->can_chain_batches(static_cast<int64_t>(batch.size()))) {
+        run_chained(batch, owners);
+        continue;
+      }
       draws.clear();
       for (size_t row = 0; row < batch.size(); ++row) draws.push_back(running[owners[row]].sampler.next_draw());
       const bool on_device =

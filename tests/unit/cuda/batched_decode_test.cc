@@ -9,7 +9,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
+#include <string>
+
+#include <unistd.h>
 
 #include "cuda_test_util.h"
 #include "moex/backend/cuda/cuda_backend.h"
@@ -144,6 +149,105 @@ TEST(CudaBatchedDecode, GraphsMatchEagerAcrossSizesAndBuckets) {
                 static_cast<long long>(after.replays - before.replays),
                 static_cast<long long>(after.failures - before.failures));
   }
+}
+
+// Chained batched steps (Engine::generate_batch through Decoder::enqueue_batch: each step enqueued before the last
+// one's picks are read) must give the tokens, stop reasons and step counts of steps run one by one
+// (MOEX_CUDA_CHAIN_STEPS=0). The fixture is copied with an EOS id that one sequence picks part-way, so the batch
+// shrinks on an EOS (the step already enqueued for that sequence is dropped) and at max_new_tokens.
+TEST(CudaBatchedDecode, ChainedStepsMatchStepsOneByOne) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral");
+  const LoadedFixture& fixture = fixtures[0];
+  const auto& ref = fixture.prompt;
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t len : {ref.size(), size_t{1}, size_t{4}, size_t{2}, size_t{5}})
+    prompts.emplace_back(ref.begin(), ref.begin() + static_cast<int64_t>(std::min(len, ref.size())));
+  EngineOptions options;
+  options.device = "cuda";
+  GenerationOptions greedy;
+  greedy.max_new_tokens = 40;
+  greedy.sampling.temperature = 0;
+  greedy.stop_at_eos = false;
+  auto run = [&](const Model& model, const GenerationOptions& generation, bool chained) {
+    const test::ScopedEnv chain("MOEX_CUDA_CHAIN_STEPS", chained ? nullptr : "0");  // read when the backend is made
+    Engine engine(model, options);
+    EXPECT_EQ(engine.decoder().can_chain_batches(static_cast<int64_t>(prompts.size())), chained);
+    return engine.generate_batch(prompts, generation);
+  };
+  const auto plain = run(*fixture.model, greedy, false);
+  const auto chained = run(*fixture.model, greedy, true);
+  for (size_t idx = 0; idx < prompts.size(); ++idx)
+    EXPECT_EQ(chained[idx].output_ids, plain[idx].output_ids) << "prompt " << idx;
+
+  // EOS: the 12th token of prompt 1 (a token no output holds before its 12th place where possible).
+  int32_t eos = plain[1].output_ids[11];
+  for (size_t place = 11; place < plain[1].output_ids.size(); ++place) {
+    const int32_t token = plain[1].output_ids[place];
+    bool earlier = false;
+    for (const auto& result : plain)
+      earlier = earlier || std::find(result.output_ids.begin(), result.output_ids.begin() + 3, token) !=
+                               result.output_ids.begin() + 3;
+    if (!earlier) {
+      eos = token;
+      break;
+    }
+  }
+  const auto dir = std::filesystem::temp_directory_path() / ("moex_chained_eos_" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::copy(fixtures_dir() / "mixtral", dir);
+  for (const char* file : {"config.json", "generation_config.json"}) {
+    std::ifstream in(dir / file);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string key = "\"eos_token_id\": 2";
+    ASSERT_NE(text.find(key), std::string::npos) << file;
+    text.replace(text.find(key), key.size(), "\"eos_token_id\": " + std::to_string(eos));
+    std::ofstream(dir / file) << text;
+  }
+  const auto model = Model::load(dir.string());
+  ASSERT_EQ(model->config().eos_token_ids.size(), 1u);
+  ASSERT_EQ(model->config().eos_token_ids[0], eos);
+  GenerationOptions stopping = greedy;
+  stopping.stop_at_eos = true;
+  const auto plain_eos = run(*model, stopping, false);
+  const auto chained_eos = run(*model, stopping, true);
+  std::filesystem::remove_all(dir);
+  int eos_stops = 0, length_stops = 0;
+  for (size_t idx = 0; idx < prompts.size(); ++idx) {
+    EXPECT_EQ(chained_eos[idx].output_ids, plain_eos[idx].output_ids) << "prompt " << idx;
+    EXPECT_EQ(chained_eos[idx].stop_reason, plain_eos[idx].stop_reason) << "prompt " << idx;
+    EXPECT_EQ(chained_eos[idx].decode_steps, plain_eos[idx].decode_steps) << "prompt " << idx;
+    eos_stops += plain_eos[idx].stop_reason == "eos";
+    length_stops += plain_eos[idx].stop_reason == "length";
+  }
+  EXPECT_GE(eos_stops, 1);
+  EXPECT_GE(length_stops, 2);  // the batch goes on past the EOS
+  std::printf("[chained eos] eos %d, length %d, eos token %d\n", eos_stops, length_stops, eos);
+}
+
+// enqueue_batch's contract: tokens on the device all or none, and only for the previous batch's sequences.
+TEST(CudaBatchedDecode, EnqueueBatchRefusesMisuse) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral");
+  EngineOptions options;
+  options.device = "cuda";
+  Engine engine(*fixtures[0].model, options);
+  Decoder& decoder = engine.decoder();
+  std::vector<float> logits;
+  std::vector<int32_t> seqs;
+  for (int idx = 0; idx < 3; ++idx) {
+    seqs.push_back(decoder.add_sequence());
+    decoder.forward_sequence(seqs.back(), fixtures[0].prompt, 0, false, &logits);
+  }
+  const int64_t pos = static_cast<int64_t>(fixtures[0].prompt.size());
+  const int32_t on_device = Backend::kTokenOnDevice;
+  std::vector<Decoder::DecodeStep> first{{seqs[0], 1, pos}, {seqs[1], 1, pos}};
+  std::vector<Decoder::DecodeStep> mixed{{seqs[0], on_device, pos}, {seqs[1], 1, pos}};
+  std::vector<Decoder::DecodeStep> other{{seqs[0], on_device, pos + 1}, {seqs[2], on_device, pos}};
+  EXPECT_THROW(decoder.enqueue_batch(mixed), UsageError);
+  decoder.enqueue_batch(first);
+  EXPECT_THROW(decoder.enqueue_batch(other), UsageError);  // seqs[2] was not in the batch before
+  std::vector<int32_t> ids(2);
+  decoder.next_batch_tokens(ids);
+  for (int32_t id : ids) EXPECT_TRUE(id >= 0 && id < engine.config().vocab_size);
 }
 
 }  // namespace

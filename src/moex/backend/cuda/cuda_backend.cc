@@ -166,6 +166,9 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
     picks_host_ = PinnedMemory(kMaxPendingPicks * sizeof(int32_t));
     for (cudaEvent_t& event : pick_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    row_picks_host_ = PinnedMemory(kMaxPendingPicks * kStepGraphMaxRows * sizeof(int32_t));
+    for (cudaEvent_t& event : row_pick_events_)
+      MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
     for (cudaEvent_t& event : copy_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
@@ -189,6 +192,8 @@ class CudaBackend final : public Backend {
     graphs_.reset();
     if (step_event_) cudaEventDestroy(step_event_);
     for (cudaEvent_t event : pick_events_)
+      if (event) cudaEventDestroy(event);
+    for (cudaEvent_t event : row_pick_events_)
       if (event) cudaEventDestroy(event);
     if (kv_event_) cudaEventDestroy(kv_event_);
     if (compute_mark_) cudaEventDestroy(compute_mark_);
@@ -369,23 +374,34 @@ class CudaBackend final : public Backend {
   // KvStep, uploaded before. Dense engines pad a batch up to a bucket of sizes; here a padding row would be routed to
   // experts, whose weights the step would then read, and an MoE step's time is its experts' bytes: so one recording
   // per exact size (at most kStepGraphMaxRows - 1 per context bucket, made on a size's second step).
+  // A chained batch (ids all kTokenOnDevice: the picks pick_rows() wrote into step_ids_) uploads no tokens.
   void decode_rows_step(std::span<const int32_t> ids, const std::function<void()>& ops) override {
     const int64_t n = static_cast<int64_t>(ids.size());
-    if (!graphs_enabled_ || n < 2 || n > kStepGraphMaxRows || kv_rows_ != n || !kv_distinct_sequences_) {
+    const bool on_device = n > 0 && ids[0] == kTokenOnDevice;
+    MOEX_ASSERT(!on_device || rows_picked_ == n, "cuda decode_rows_step: {} rows on the device only after pick_rows() "
+                "of as many ({} picked)", n, rows_picked_);
+    rows_picked_ = 0;
+    const bool fits = n >= 2 && n <= kStepGraphMaxRows && kv_rows_ == n && kv_distinct_sequences_;
+    MOEX_ASSERT(fits || !on_device, "cuda decode_rows_step: {} chained rows outside the recordable steps", n);
+    if (!fits || (!graphs_enabled_ && !on_device)) {
       ops();
       return;
     }
-    // The pinned ids are rewritten only after their previous copy has left (as decode_step's pair).
-    MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
-    int32_t* host = static_cast<int32_t*>(step_host_.get()) + kStepHostIds;
-    std::copy(ids.begin(), ids.end(), host);
-    upload_pinned(host, step_ids_.get(), ids.size_bytes());
-    MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
+    if (!on_device) {
+      // The pinned ids are rewritten only after their previous copy has left (as decode_step's pair).
+      MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
+      int32_t* host = static_cast<int32_t*>(step_host_.get()) + kStepHostIds;
+      std::copy(ids.begin(), ids.end(), host);
+      upload_pinned(host, step_ids_.get(), ids.size_bytes());
+      MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
+    }
     step_mode_ = true;
     step_rows_ = n;
+    step_ids_on_device_ = on_device;
     step_bucket_keys_ = kv_bucket_keys_;
     try {
-      graphs_.run(step_graph_key(kv_bucket_keys_, n, /*with_pick=*/false), stream_, ops, &capturing_);
+      if (graphs_enabled_) graphs_.run(step_graph_key(kv_bucket_keys_, n, /*with_pick=*/false), stream_, ops, &capturing_);
+      else ops();
     } catch (...) {
       step_mode_ = false;
       throw;
@@ -909,6 +925,43 @@ class CudaBackend final : public Backend {
     note_pick();
     if (kv_device_pos_ >= 0) ++kv_device_pos_;
   }
+  // Batched picks go to step_ids_ (the next chained batch's tokens) and, by a copy after the argmax, into a ring
+  // slot of kStepGraphMaxRows ids with its event. They run after the step's recording, so the slot is the host's
+  // to name (no device cursor as for pick_token).
+  bool chains_batch_steps(int64_t rows) const override {
+    return chain_steps_ && rows >= 2 && rows <= kStepGraphMaxRows;
+  }
+  void pick_rows(const TensorView& logits) override {
+    refuse_while_capturing("pick_rows");
+    check_f32(logits, "pick_rows", "logits");
+    const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
+    MOEX_ASSERT(chains_batch_steps(rows) && cols > 0, "cuda pick_rows: logits {} (2..{} rows)", logits.shape.str(),
+                kStepGraphMaxRows);
+    MOEX_ASSERT(row_picks_enqueued_ - row_picks_read_ < kMaxPendingPicks, "cuda pick_rows: {} picks not read yet",
+                kMaxPendingPicks);
+    auto* ids = static_cast<int32_t*>(step_ids_.get());
+    launch_argmax_rows(logits.as<float>(), rows, cols, ids, workspace(argmax_scratch_bytes(rows, cols)), stream_);
+    MOEX_CUDA_CHECK_LAUNCH();
+    const uint64_t slot = row_picks_enqueued_ % kMaxPendingPicks;
+    auto* host = static_cast<int32_t*>(row_picks_host_.get()) + slot * kStepGraphMaxRows;
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(host, ids, static_cast<size_t>(rows) * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                    stream_));
+    MOEX_CUDA_CHECK(cudaEventRecord(row_pick_events_[slot], stream_));
+    row_pick_rows_[slot] = rows;
+    ++row_picks_enqueued_;
+    rows_picked_ = rows;
+  }
+  void picked_rows(std::span<int32_t> ids) override {
+    MOEX_ASSERT(row_picks_read_ < row_picks_enqueued_, "cuda picked_rows: no pick_rows() waiting to be read");
+    const uint64_t slot = row_picks_read_ % kMaxPendingPicks;
+    MOEX_ASSERT(static_cast<int64_t>(ids.size()) == row_pick_rows_[slot], "cuda picked_rows: {} ids for {} rows",
+                ids.size(), row_pick_rows_[slot]);
+    MOEX_CUDA_CHECK(cudaEventSynchronize(row_pick_events_[slot]));
+    const auto* host = static_cast<const int32_t*>(row_picks_host_.get()) + slot * kStepGraphMaxRows;
+    std::copy(host, host + ids.size(), ids.begin());
+    ++row_picks_read_;
+  }
+
   int32_t picked_token() override {
     MOEX_ASSERT(picks_read_ < picks_enqueued_, "cuda picked_token: no pick_token() waiting to be read");
     const uint64_t slot = picks_read_ % kMaxPendingPicks;
@@ -1323,7 +1376,8 @@ class CudaBackend final : public Backend {
   // ids on the device, checked against the vocabulary: a decode step's one token is step_values_[0] (a chained
   // step's, kTokenOnDevice, is a pick of the argmax kernel: in range by construction); others are uploaded.
   const int32_t* device_token_ids(std::span<const int32_t> ids, int64_t vocab, const char* op) {
-    const bool chained = step_mode_ && step_rows_ == 1 && ids.size() == 1 && ids[0] == kTokenOnDevice;
+    const bool chained = step_mode_ && ((step_rows_ == 1 && ids.size() == 1 && ids[0] == kTokenOnDevice) ||
+                                        (step_rows_ > 1 && step_ids_on_device_));
     if (!chained)
       for (int32_t id : ids) MOEX_ASSERT(id >= 0 && id < vocab, "cuda {}: token id {} outside [0, {})", op, id, vocab);
     if (step_mode_ && step_rows_ == 1 && ids.size() == 1) {
@@ -1332,7 +1386,8 @@ class CudaBackend final : public Backend {
       return step_token_device();
     }
     if (step_mode_ && step_rows_ > 1 && static_cast<int64_t>(ids.size()) == step_rows_) {
-      MOEX_ASSERT(std::equal(ids.begin(), ids.end(), static_cast<const int32_t*>(step_host_.get()) + kStepHostIds),
+      MOEX_ASSERT(step_ids_on_device_ ||
+                      std::equal(ids.begin(), ids.end(), static_cast<const int32_t*>(step_host_.get()) + kStepHostIds),
                   "cuda {}: ids other than the batched decode step's", op);
       return static_cast<const int32_t*>(step_ids_.get());
     }
@@ -1433,6 +1488,13 @@ class CudaBackend final : public Backend {
   std::array<cudaEvent_t, kMaxPendingPicks> pick_events_{};
   uint64_t picks_enqueued_ = 0, picks_read_ = 0;
   bool next_token_picked_ = false;  // step_values_[0] holds a pick no decode step has taken yet
+  // Chained batched steps (pick_rows): a ring of kMaxPendingPicks slots of kStepGraphMaxRows pinned ids, each with
+  // its event and its row count; step_ids_ holds the last pick's rows_picked_ ids for the next batched step.
+  PinnedMemory row_picks_host_;
+  std::array<cudaEvent_t, kMaxPendingPicks> row_pick_events_{};
+  std::array<int64_t, kMaxPendingPicks> row_pick_rows_{};
+  uint64_t row_picks_enqueued_ = 0, row_picks_read_ = 0;
+  int64_t rows_picked_ = 0;
   cudaEvent_t compute_mark_ = nullptr;   // copy_from_host_enqueue: the compute stream's work so far
   StreamTimeline timeline_;              // MOEX_CUDA_TIMELINE: spans of copies, expert work, read-backs
   // Expert copies have run on copy_stream_ (offloading): small uploads are then read by a kernel (upload_pinned).
@@ -1453,6 +1515,7 @@ class CudaBackend final : public Backend {
   bool step_mode_ = false;
   bool capturing_ = false;
   int64_t step_rows_ = 0;  // the decode step's rows (1: decode_step; more: decode_rows_step)
+  bool step_ids_on_device_ = false;  // a batched step's ids are pick_rows()'s (kTokenOnDevice)
   int32_t step_token_ = 0;
   int64_t step_position_ = 0;
   int64_t step_bucket_keys_ = 0;
