@@ -27,23 +27,35 @@
 namespace moex::cuda_test {
 namespace {
 
+// Five prompts of unequal lengths cut from the fixture's reference prompt.
+std::vector<std::vector<int32_t>> unequal_prompts(const std::vector<int32_t>& ref) {
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t len : {ref.size(), size_t{1}, size_t{4}, size_t{2}, size_t{5}})
+    prompts.emplace_back(ref.begin(), ref.begin() + static_cast<int64_t>(std::min(len, ref.size())));
+  return prompts;
+}
+
+// Greedy generation of exactly `tokens` tokens (EOS does not stop it).
+GenerationOptions greedy_tokens(int64_t tokens) {
+  GenerationOptions greedy;
+  greedy.max_new_tokens = tokens;
+  greedy.sampling.temperature = 0;
+  greedy.stop_at_eos = false;
+  return greedy;
+}
+
 TEST(CudaBatchedDecode, MatchesEachSequenceAlone) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
   for (const LoadedFixture& fixture : fixtures) {
     SCOPED_TRACE(fixture.name);
     const Model* model = fixture.model.get();
     const auto& ref = fixture.prompt;
-    std::vector<std::vector<int32_t>> prompts;
-    for (size_t len : {ref.size(), size_t{1}, size_t{4}, size_t{2}, size_t{5}})
-      prompts.emplace_back(ref.begin(), ref.begin() + static_cast<int64_t>(std::min(len, ref.size())));
+    const auto prompts = unequal_prompts(ref);
     EngineOptions options;
     options.device = "cuda";
     options.kv_page_size = 3;
     Engine engine(*model, options);
-    GenerationOptions greedy;
-    greedy.max_new_tokens = 40;
-    greedy.sampling.temperature = 0;
-    greedy.stop_at_eos = false;
+    const GenerationOptions greedy = greedy_tokens(40);
     const auto batched = engine.generate_batch(prompts, greedy);
     for (size_t idx = 0; idx < prompts.size(); ++idx)
       EXPECT_EQ(batched[idx].output_ids, engine.generate(prompts[idx], greedy).output_ids) << "prompt " << idx;
@@ -159,15 +171,10 @@ TEST(CudaBatchedDecode, ChainedStepsMatchStepsOneByOne) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral");
   const LoadedFixture& fixture = fixtures[0];
   const auto& ref = fixture.prompt;
-  std::vector<std::vector<int32_t>> prompts;
-  for (size_t len : {ref.size(), size_t{1}, size_t{4}, size_t{2}, size_t{5}})
-    prompts.emplace_back(ref.begin(), ref.begin() + static_cast<int64_t>(std::min(len, ref.size())));
+  const auto prompts = unequal_prompts(ref);
   EngineOptions options;
   options.device = "cuda";
-  GenerationOptions greedy;
-  greedy.max_new_tokens = 40;
-  greedy.sampling.temperature = 0;
-  greedy.stop_at_eos = false;
+  const GenerationOptions greedy = greedy_tokens(40);
   auto run = [&](const Model& model, const GenerationOptions& generation, bool chained) {
     const test::ScopedEnv chain("MOEX_CUDA_CHAIN_STEPS", chained ? nullptr : "0");  // read when the backend is made
     Engine engine(model, options);
