@@ -319,13 +319,15 @@ CommandAction setup_bench(CLI::App* sub) {
         double picking = 0;  // host-side picking (ms)
         window(metered, true);
         auto start = std::chrono::steady_clock::now();
-        // Greedy steps chained on the device where the backend can, as Engine::generate_batch runs them: each step
+        // Steps chained on the device where the backend can, as Engine::generate_batch runs them: each step
         // enqueued before the previous one's picks are read (the same rows every step here).
-        const bool chained = !sampled && steps_per_rep > 0 && engine.decoder().can_chain_batches(batch);
+        const bool chained = steps_per_rep > 0 && engine.decoder().can_chain_batches(batch, sampled);
         steps_chained = chained;
         picked.resize(static_cast<size_t>(batch));
         for (int64_t step = 0; chained && step < steps_per_rep; ++step) {
-          engine.decoder().enqueue_batch(steps);
+          draws.clear();
+          for (int64_t row = 0; sampled && row < batch; ++row) draws.push_back(sampler.next_draw());
+          engine.decoder().enqueue_batch(steps, draws);
           for (auto& row : steps) {
             row.token = Backend::kTokenOnDevice;
             ++row.position;

@@ -117,8 +117,8 @@ int32_t Backend::picked_token() {
   return kTokenOnDevice;
 }
 
-void Backend::pick_rows(const TensorView& logits) {
-  (void)logits;
+void Backend::pick_rows(const TensorView& logits, std::span<const TokenDraw> draws) {
+  (void)logits, (void)draws;
   MOEX_ASSERT(false, "{}: pick_rows on a backend that does not chain batched decode steps", name());
 }
 

@@ -368,17 +368,18 @@ class Backend {
   virtual void pick_token(const TensorView& logits, const TokenDraw& draw);  // default: an error (no chaining)
   virtual int32_t picked_token();                                            // default: an error
 
-  // Batched decoding chained the same way (greedy picks): pick_rows() enqueues the pick of every row of logits
-  // ([rows, vocab]) and returns at once; those ids become the tokens of the next decode_rows_step() whose ids are
-  // all kTokenOnDevice (the same sequences in the same rows), and picked_rows() returns them once they reached the
-  // host (the oldest pick_rows() not yet read; waits). Up to kMaxPendingPicks may wait to be read. A backend that
-  // chains batches of this many rows says so in chains_batch_steps().
+  // Batched decoding chained the same way: pick_rows() enqueues the pick of every row of logits ([rows, vocab]),
+  // row r's as sample_rows() picks it with draws[r] (greedy without draws), and returns at once; those ids become
+  // the tokens of the next decode_rows_step() whose ids are all kTokenOnDevice (the same sequences in the same
+  // rows), and picked_rows() returns them once they reached the host (the oldest pick_rows() not yet read; waits).
+  // Up to kMaxPendingPicks may wait to be read. A backend that chains batches of this many rows says so in
+  // chains_batch_steps(); sampled draws also need samples_on_device(vocab).
   virtual bool chains_batch_steps(int64_t rows) const {
     (void)rows;
     return false;
   }
-  virtual void pick_rows(const TensorView& logits);      // default: an error (no chaining)
-  virtual void picked_rows(std::span<int32_t> ids);     // default: an error
+  virtual void pick_rows(const TensorView& logits, std::span<const TokenDraw> draws);  // default: an error
+  virtual void picked_rows(std::span<int32_t> ids);                                    // default: an error
 
   // ---- decode-step recording (optional) ---------------------------------------------------------
   // Runs the ops of one single-token step (token at position). A backend may record ops() once per

@@ -372,13 +372,17 @@ int64_t Decoder::prepare_batch(std::span<const DecodeStep> steps, bool tokens_on
   return stride;
 }
 
-bool Decoder::can_chain_batches(int64_t rows) const {
-  return backend_.chains_batch_steps(rows) && routes_on_device(nullptr);
+bool Decoder::can_chain_batches(int64_t rows, bool sampled) const {
+  return backend_.chains_batch_steps(rows) && routes_on_device(nullptr) &&
+         (!sampled || backend_.samples_on_device(cfg_.vocab_size));
 }
 
-void Decoder::enqueue_batch(std::span<const DecodeStep> steps) {
+void Decoder::enqueue_batch(std::span<const DecodeStep> steps, std::span<const TokenDraw> draws) {
   const int64_t n = static_cast<int64_t>(steps.size());
-  MOEX_ASSERT(can_chain_batches(n), "enqueue_batch: the backend cannot chain batches of {} rows here", n);
+  const bool sampled = std::any_of(draws.begin(), draws.end(), [](const TokenDraw& d) { return d.temperature > 0; });
+  MOEX_ASSERT(can_chain_batches(n, sampled), "enqueue_batch: the backend cannot chain batches of {} rows here", n);
+  MOEX_ASSERT(draws.empty() || draws.size() == steps.size(), "enqueue_batch: {} draws for {} steps", draws.size(),
+              steps.size());
   const auto on_device = [](const DecodeStep& step) { return step.token == Backend::kTokenOnDevice; };
   const bool tokens_on_device = n > 0 && on_device(steps[0]);
   if (!std::all_of(steps.begin(), steps.end(), [&](const DecodeStep& step) { return on_device(step) == tokens_on_device; }))
@@ -390,7 +394,7 @@ void Decoder::enqueue_batch(std::span<const DecodeStep> steps) {
   const int64_t stride = prepare_batch(steps, tokens_on_device);
   launch_step(ids_, steps[0].position, stride, /*all_logits=*/true, /*want_logits=*/true, nullptr, nullptr,
               /*rows_are_sequences=*/true);
-  backend_.pick_rows(scratch(kLogits, Shape{n, cfg_.vocab_size}));
+  backend_.pick_rows(scratch(kLogits, Shape{n, cfg_.vocab_size}), draws);
   chained_seqs_.resize(static_cast<size_t>(n));
   for (int64_t row = 0; row < n; ++row) chained_seqs_[row] = steps[row].seq;
 }

@@ -107,14 +107,15 @@ class Decoder {
   // The oldest enqueued step's pick; waits for it.
   int32_t next_token();
 
-  // Batched decoding chained the same way (Backend::pick_rows, greedy picks): the host enqueues step t+1 of the
-  // same sequences before it has read step t's picks. Possible when the backend chains batches of this many rows
-  // and a step needs nothing from the host (routing on the device).
-  bool can_chain_batches(int64_t rows) const;
-  // Enqueues the batched step (as forward_batch) and the greedy pick of each row, and returns without waiting. The
-  // tokens may all be Backend::kTokenOnDevice: then they are the picks of the previous enqueued batch, which must
-  // have had the same sequences in the same order.
-  void enqueue_batch(std::span<const DecodeStep> steps);
+  // Batched decoding chained the same way (Backend::pick_rows): the host enqueues step t+1 of the same sequences
+  // before it has read step t's picks. Possible when the backend chains batches of this many rows, picks such
+  // draws (greedy, or sampled where Backend::samples_on_device) and a step needs nothing from the host (routing on
+  // the device).
+  bool can_chain_batches(int64_t rows, bool sampled) const;
+  // Enqueues the batched step (as forward_batch) and the pick of each row (draws[i] for row i as forward_batch;
+  // greedy without draws), and returns without waiting. The tokens may all be Backend::kTokenOnDevice: then they are
+  // the picks of the previous enqueued batch, which must have had the same sequences in the same order.
+  void enqueue_batch(std::span<const DecodeStep> steps, std::span<const TokenDraw> draws = {});
   // The oldest enqueued batch's picks, one per row; waits for them.
   void next_batch_tokens(std::span<int32_t> ids);
 

@@ -213,20 +213,27 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
     step_owner.push_back(idx);
     return true;
   };
-  // Greedy batched steps chained on the device (Decoder::enqueue_batch): the next step of the same sequences is
+  // Batched steps chained on the device (Decoder::enqueue_batch): the next step of the same sequences is
   // enqueued, its tokens the picks still on the device, before the host reads this step's picks, so the device
   // does not wait for the host between steps. A sequence that reaches max_new_tokens is not enqueued ahead; one
   // that ends on EOS is seen only when its picks are read, and the step already enqueued for it is dropped. When
   // the batch changes, the survivors' next steps go to `steps` (the loop below goes on from the host). Every pick
-  // enqueued is read before this returns or throws.
-  auto run_chained = [&](std::vector<Decoder::DecodeStep>& batch, const std::vector<size_t>& owners) {
+  // enqueued is read before this returns or throws. Each enqueued step takes its rows' next draws, as the steps run
+  // one by one do (a dropped step's draw belongs to a sequence that has ended).
+  auto run_chained = [&](std::vector<Decoder::DecodeStep>& batch, const std::vector<size_t>& owners, bool sampled) {
     const size_t n = batch.size();
+    std::vector<TokenDraw> step_draws;
+    auto enqueue = [&] {
+      step_draws.clear();
+      for (size_t row = 0; sampled && row < n; ++row) step_draws.push_back(running[owners[row]].sampler.next_draw());
+      decoder_->enqueue_batch(batch, step_draws);
+    };
     std::vector<int32_t> ids(n);
     std::vector<bool> done(n, false);
     bool changed = false;
     int in_flight = 0;
     try {
-      decoder_->enqueue_batch(batch);
+      enqueue();
       ++in_flight;
       while (in_flight > 0) {
         const bool ahead = !changed && in_flight == 1 && std::all_of(owners.begin(), owners.end(), [&](size_t idx) {
@@ -237,7 +244,7 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
             batch[row].token = Backend::kTokenOnDevice;
             batch[row].position = running[owners[row]].position++;
           }
-          decoder_->enqueue_batch(batch);
+          enqueue();
           ++in_flight;
         }
         decoder_->next_batch_tokens(ids);
@@ -288,8 +295,8 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
       owners.swap(step_owner);
       steps.clear();
       step_owner.clear();
-      if (greedy && decoder_->can_chain_batches(static_cast<int64_t>(batch.size()))) {
-        run_chained(batch, owners);
+      if (decoder_->can_chain_batches(static_cast<int64_t>(batch.size()), !greedy)) {
+        run_chained(batch, owners, !greedy);
         continue;
       }
       draws.clear();

@@ -165,7 +165,7 @@ TEST(CudaBatchedDecode, GraphsMatchEagerAcrossSizesAndBuckets) {
 
 // Chained batched steps (Engine::generate_batch through Decoder::enqueue_batch: each step enqueued before the last
 // one's picks are read) must give the tokens, stop reasons and step counts of steps run one by one
-// (MOEX_CUDA_CHAIN_STEPS=0). The fixture is copied with an EOS id that one sequence picks part-way, so the batch
+// (MOEX_CUDA_CHAIN_STEPS=0), greedy and sampled. The fixture is copied with an EOS id that one sequence picks part-way, so the batch
 // shrinks on an EOS (the step already enqueued for that sequence is dropped) and at max_new_tokens.
 TEST(CudaBatchedDecode, ChainedStepsMatchStepsOneByOne) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral");
@@ -178,13 +178,24 @@ TEST(CudaBatchedDecode, ChainedStepsMatchStepsOneByOne) {
   auto run = [&](const Model& model, const GenerationOptions& generation, bool chained) {
     const test::ScopedEnv chain("MOEX_CUDA_CHAIN_STEPS", chained ? nullptr : "0");  // read when the backend is made
     Engine engine(model, options);
-    EXPECT_EQ(engine.decoder().can_chain_batches(static_cast<int64_t>(prompts.size())), chained);
+    EXPECT_EQ(engine.decoder().can_chain_batches(static_cast<int64_t>(prompts.size()),
+                                                 generation.sampling.temperature > 0),
+              chained);
     return engine.generate_batch(prompts, generation);
   };
   const auto plain = run(*fixture.model, greedy, false);
   const auto chained = run(*fixture.model, greedy, true);
   for (size_t idx = 0; idx < prompts.size(); ++idx)
     EXPECT_EQ(chained[idx].output_ids, plain[idx].output_ids) << "prompt " << idx;
+  // Sampled: every enqueued step takes its rows' next draws, as the steps run one by one do.
+  GenerationOptions sampled = greedy;
+  sampled.sampling = SamplingParams{0.8f, 0.95f, 40, 7};
+  const auto plain_sampled = run(*fixture.model, sampled, false);
+  const auto chained_sampled = run(*fixture.model, sampled, true);
+  for (size_t idx = 0; idx < prompts.size(); ++idx) {
+    EXPECT_EQ(chained_sampled[idx].output_ids, plain_sampled[idx].output_ids) << "sampled, prompt " << idx;
+    EXPECT_NE(plain_sampled[idx].output_ids, plain[idx].output_ids) << "sampled, prompt " << idx;
+  }
 
   // EOS: the 12th token of prompt 1 (a token no output holds before its 12th place where possible).
   int32_t eos = plain[1].output_ids[11];

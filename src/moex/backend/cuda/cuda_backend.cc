@@ -167,6 +167,8 @@ class CudaBackend final : public Backend {
     picks_host_ = PinnedMemory(kMaxPendingPicks * sizeof(int32_t));
     for (cudaEvent_t& event : pick_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     row_picks_host_ = PinnedMemory(kMaxPendingPicks * kStepGraphMaxRows * sizeof(int32_t));
+    row_draws_host_ = PinnedMemory(kMaxPendingPicks * kStepGraphMaxRows * sizeof(DeviceDraw));
+    row_draws_device_ = DeviceMemory(kMaxPendingPicks * kStepGraphMaxRows * sizeof(DeviceDraw));
     for (cudaEvent_t& event : row_pick_events_)
       MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
@@ -925,24 +927,38 @@ class CudaBackend final : public Backend {
     note_pick();
     if (kv_device_pos_ >= 0) ++kv_device_pos_;
   }
-  // Batched picks go to step_ids_ (the next chained batch's tokens) and, by a copy after the argmax, into a ring
+  // Batched picks go to step_ids_ (the next chained batch's tokens) and, by a copy after the pick, into a ring
   // slot of kStepGraphMaxRows ids with its event. They run after the step's recording, so the slot is the host's
-  // to name (no device cursor as for pick_token).
+  // to name (no device cursor as for pick_token). Sampled draws travel through the slot's own pinned and device
+  // draws (sample_rows' single buffer would be rewritten while an earlier pick still waits for its copy).
   bool chains_batch_steps(int64_t rows) const override {
     return chain_steps_ && rows >= 2 && rows <= kStepGraphMaxRows;
   }
-  void pick_rows(const TensorView& logits) override {
+  void pick_rows(const TensorView& logits, std::span<const TokenDraw> draws) override {
     refuse_while_capturing("pick_rows");
     check_f32(logits, "pick_rows", "logits");
     const int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<int64_t>(cols, 1);
     MOEX_ASSERT(chains_batch_steps(rows) && cols > 0, "cuda pick_rows: logits {} (2..{} rows)", logits.shape.str(),
                 kStepGraphMaxRows);
+    MOEX_ASSERT(draws.empty() || static_cast<int64_t>(draws.size()) == rows, "cuda pick_rows: {} draws for {} rows",
+                draws.size(), rows);
     MOEX_ASSERT(row_picks_enqueued_ - row_picks_read_ < kMaxPendingPicks, "cuda pick_rows: {} picks not read yet",
                 kMaxPendingPicks);
-    auto* ids = static_cast<int32_t*>(step_ids_.get());
-    launch_argmax_rows(logits.as<float>(), rows, cols, ids, workspace(argmax_scratch_bytes(rows, cols)), stream_);
-    MOEX_CUDA_CHECK_LAUNCH();
     const uint64_t slot = row_picks_enqueued_ % kMaxPendingPicks;
+    auto* ids = static_cast<int32_t*>(step_ids_.get());
+    const bool sampled = std::any_of(draws.begin(), draws.end(), [](const TokenDraw& d) { return d.temperature > 0; });
+    if (sampled) {
+      MOEX_ASSERT(samples_on_device(cols), "cuda pick_rows: sampled draws over {} tokens", cols);
+      // The slot's draws were last read by the pick whose ids the host has read since (the limit above).
+      auto* host = static_cast<DeviceDraw*>(row_draws_host_.get()) + slot * kStepGraphMaxRows;
+      auto* dev = static_cast<DeviceDraw*>(row_draws_device_.get()) + slot * kStepGraphMaxRows;
+      for (int64_t r = 0; r < rows; ++r) host[r] = device_draw(draws[r]);
+      upload_pinned(host, dev, static_cast<size_t>(rows) * sizeof(DeviceDraw));
+      launch_sample_rows(logits.as<float>(), rows, cols, dev, DeviceDraw{}, ids, stream_);
+    } else {
+      launch_argmax_rows(logits.as<float>(), rows, cols, ids, workspace(argmax_scratch_bytes(rows, cols)), stream_);
+    }
+    MOEX_CUDA_CHECK_LAUNCH();
     auto* host = static_cast<int32_t*>(row_picks_host_.get()) + slot * kStepGraphMaxRows;
     MOEX_CUDA_CHECK(cudaMemcpyAsync(host, ids, static_cast<size_t>(rows) * sizeof(int32_t), cudaMemcpyDeviceToHost,
                                     stream_));
@@ -1491,6 +1507,8 @@ class CudaBackend final : public Backend {
   // Chained batched steps (pick_rows): a ring of kMaxPendingPicks slots of kStepGraphMaxRows pinned ids, each with
   // its event and its row count; step_ids_ holds the last pick's rows_picked_ ids for the next batched step.
   PinnedMemory row_picks_host_;
+  PinnedMemory row_draws_host_;    // sampled picks' draws, a slot's kStepGraphMaxRows per ring slot
+  DeviceMemory row_draws_device_;
   std::array<cudaEvent_t, kMaxPendingPicks> row_pick_events_{};
   std::array<int64_t, kMaxPendingPicks> row_pick_rows_{};
   uint64_t row_picks_enqueued_ = 0, row_picks_read_ = 0;
