@@ -570,11 +570,21 @@ batch = int(sys.argv[4])
 what = "ms/step" if batch > 1 else "ms/token"
 print(f"\n## {sys.argv[3]}: {what} without the tracer {ms(sys.argv[1], batch)}, traced {ms(sys.argv[2], batch)}")
 PY
+      if [ "$batch" != 1 ] && [ "$batch" -le 32 ]; then
+        # Batched steps of 2-32 rows are CUDA graphs too (decode_rows_step); the benchmark's batch-1 steps before
+        # them are others: the batched ones hold the device planner of several tokens.
+        python3 tools/kernel_trace.py "$out/trace_$tag.csv" --with moe_plan_tokens_kernel --top 30
+        python3 tools/kernel_trace.py "$out/trace_$tag.csv" --with moe_plan_tokens_kernel --by-launch \
+          >"$out/launches_$tag.md"
+        gzip -f "$out/trace_$tag.csv"
+        continue
+      fi
       if [ "$batch" != 1 ]; then
-        # Batched steps are launched one by one (no graph): a step starts with the embedding and holds the greedy
-        # pick (the benchmark's prompts, prefilled one by one, hold no pick: cut at gaps alone, at 32 sequences the
-        # prompts outnumbered the steps and were reported instead, 2026-11-29). The step's kernels, the idle time
-        # inside it and the host's time before it; then every launch in order with the idle time before it.
+        # Batched steps past 32 rows are launched one by one (no graph): a step starts with the embedding and holds
+        # the greedy pick (the benchmark's prompts, prefilled one by one, hold no pick: cut at gaps alone, at 32
+        # sequences the prompts outnumbered the steps and were reported instead, 2026-11-29). The step's kernels,
+        # the idle time inside it and the host's time before it; then every launch in order with the idle time
+        # before it.
         local step_cut=(--prompts --common --prompt-gap-us "${MOEX_TRACE_STEP_GAP_US:-1000}" --cut-at embedding_kernel
           --with "${MOEX_TRACE_STEP_WITH:-argmax_merge}")
         python3 tools/kernel_trace.py "$out/trace_$tag.csv" "${step_cut[@]}" --top 30

@@ -2,7 +2,8 @@
 """Where a decode step's time goes, from a kernel timeline (tools/kernel_trace/kernel_trace.cc).
 
     python3 tools/kernel_trace.py trace.csv [--json] [--by-position [--bucket N] [--run-gap-us US]]
-                                            [--by-launch] [--prompts [--prompt-gap-us US] [--common]]
+                                            [--by-launch] [--with KERNEL]
+                                            [--prompts [--prompt-gap-us US] [--common] [--cut-at KERNEL]]
 
 Kernels of one CUDA graph launch (one recorded decode step) share a correlation id. Within a step the kernels
 run in stream order, each ending after the one before (programmatic dependent launch lets a kernel start early,
@@ -11,15 +12,16 @@ the previous kernel's end. Kernels with a large share are the ones to fuse, over
 duration is long but whose share is small was waiting for its predecessor. Only graph launches are counted
 (steps that ran eagerly, prompts and setup are left out); the time between one step's last kernel and the next
 step's first is the host's part (read-back, sampling, the next launch); its median is reported, since the gaps
-between repetitions of a benchmark hold a prompt's prefill.
+between repetitions of a benchmark hold a prompt's prefill. --with KERNEL keeps the graph steps holding that kernel:
+batched steps of 2-32 rows are recorded too, and `--with moe_plan_tokens_kernel` tells them from batch-1 ones.
 
 --prompts reads the kernels launched one by one instead (prefill: graph launches are left out): they are cut into
 prompts where no kernel runs for --prompt-gap-us, and for the prompts with the most kernels (a benchmark's
 repetitions of its longest prompt) it reports the median prompt, the time no kernel ran, and per kernel and grid
 size the launches, the summed duration and the critical-path share per prompt: which kernels a prefill is made
 of, and what lies outside the tensor-core ones. With --common it takes the runs of the kernel count most runs have
-instead: batched decode steps (not recorded as graphs, each ended by the host's read of its picks) outnumber the
-prompts a benchmark prefills before them.
+instead: batched decode steps past 32 rows (not recorded as graphs) outnumber the prompts a benchmark prefills
+before them.
 
 --by-launch lists a step's launches in stream order with each one's share, its duration and its lead: how long
 before the kernel it follows ended it was already on the GPU. Under programmatic dependent launch a kernel's blocks
@@ -70,9 +72,11 @@ Step = collections.namedtuple("Step", "start end kernels")  # kernels: Kernel tu
 Kernel = collections.namedtuple("Kernel", "name share_ns duration_ns lead_ns grid registers")
 
 
-def graph_steps(rows):
+def graph_steps(rows, with_kernel=None):
     """The graph launches in time order, each a Step: its first start, its last end, and every kernel's share of
-    its critical path (end minus the previous kernel's end, the first kernel's from the step's start)."""
+    its critical path (end minus the previous kernel's end, the first kernel's from the step's start). With
+    with_kernel, only the launches holding a kernel whose name starts with it (a benchmark records batch-1 and
+    batched steps alike: moe_plan_tokens_kernel is in the batched ones only)."""
     steps = collections.defaultdict(list)
     for line, r in enumerate(rows, start=2):
         try:
@@ -93,17 +97,21 @@ def graph_steps(rows):
         for i, (k_start, k_end, name, grid, registers) in enumerate(kernels):
             shares.append(Kernel(name, k_end - prev, k_end - k_start, prev - k_start if i else None, grid, registers))
             prev = k_end
+        if with_kernel and not any(k.name.startswith(with_kernel) for k in shares):
+            continue
         result.append(Step(start, kernels[-1][1], shares))
+    if not result:
+        sys.exit(f"kernel_trace: no CUDA graph launch holds a kernel named {with_kernel}...")
     return sorted(result, key=lambda step: step.start)
 
 
-def analyse(rows):
+def analyse(rows, with_kernel=None):
     share = collections.defaultdict(float)
     duration = collections.defaultdict(float)
     launches = collections.Counter()
     spans, gaps = [], []
     previous_end = None
-    for step in graph_steps(rows):
+    for step in graph_steps(rows, with_kernel):
         if previous_end is not None:
             gaps.append(step.start - previous_end)
         for k in step.kernels:
@@ -122,14 +130,14 @@ def analyse(rows):
     return {"steps": n, "step_us": step_us, "between_steps_us": between, "kernels": table}
 
 
-def by_position(rows, bucket, run_gap_us):
+def by_position(rows, bucket, run_gap_us, with_kernel=None):
     """Median step and median per-step share of each kernel, per bucket of positions within runs of steps."""
     if bucket < 1 or run_gap_us < 0:
         sys.exit("kernel_trace: --bucket must be at least 1 and --run-gap-us not negative")
     buckets = collections.defaultdict(lambda: {"spans": [], "shares": collections.defaultdict(list)})
     names = collections.Counter()
     position, previous_end, runs = 0, None, 0
-    for step in graph_steps(rows):
+    for step in graph_steps(rows, with_kernel):
         if previous_end is None or step.start - previous_end > run_gap_us * 1e3:
             position, runs = 0, runs + 1
         b = buckets[position // bucket]
@@ -152,12 +160,12 @@ def by_position(rows, bucket, run_gap_us):
     return {"runs": runs, "bucket": bucket, "kernels": kernels, "buckets": table}
 
 
-def by_launch(rows):
+def by_launch(rows, with_kernel=None):
     """Per launch of a step, in stream order (the steps with the most common kernel count: one recorded bucket):
     the kernel, its grid and registers, and the medians of its share, its duration and its lead (how long before
     the kernel it follows ended it was already on the GPU). A kernel with a small lead whose predecessor fills the
     SMs could not get its blocks on early: its pre-wait work is on the critical path."""
-    steps = graph_steps(rows)
+    steps = graph_steps(rows, with_kernel)
     count = collections.Counter(len(step.kernels) for step in steps).most_common(1)[0][0]
     chosen = [step for step in steps if len(step.kernels) == count]
     table = []
@@ -302,7 +310,8 @@ def main():
                     help="with --prompts: also start a new run at every kernel whose name starts with KERNEL (a "
                          "batched decode step's first kernel, e.g. embedding_kernel)")
     ap.add_argument("--with", dest="with_kernel", metavar="KERNEL",
-                    help="with --prompts: only the runs holding a kernel whose name starts with KERNEL (e.g. "
+                    help="only the graph steps (with --prompts: the runs) holding a kernel whose name starts with "
+                         "KERNEL (e.g. moe_plan_tokens_kernel: batched steps, not batch-1 ones; with --prompts "
                          "argmax_merge: decode steps, not the prompts' prefills)")
     ap.add_argument("--common", action="store_true",
                     help="with --prompts: the runs of the kernel count most runs have, not the most kernels (batched "
@@ -314,11 +323,11 @@ def main():
     elif a.prompts:
         compute, table = (lambda rows: prompt_kernels(rows, a.prompt_gap_us, a.common, a.cut_at, a.with_kernel)), print_prompts
     elif a.by_launch:
-        compute, table = by_launch, print_launches
+        compute, table = (lambda rows: by_launch(rows, a.with_kernel)), print_launches
     elif a.by_position:
-        compute, table = (lambda rows: by_position(rows, a.bucket, a.run_gap_us)), print_positions
+        compute, table = (lambda rows: by_position(rows, a.bucket, a.run_gap_us, a.with_kernel)), print_positions
     else:
-        compute, table = analyse, print_steps
+        compute, table = (lambda rows: analyse(rows, a.with_kernel)), print_steps
     result = compute(load(a.trace))
     if a.json:
         print(json.dumps(result))

@@ -81,6 +81,36 @@ python3 "$tool" "$tmp/trace.csv" --by-launch >"$tmp/ltable" 2>"$tmp/err" &&
   grep -q "^| 1 | decode_attention_kernel | 16 | 114 | 6.00 | 2.00 | 8.00 |$" "$tmp/ltable" && ok ||
   fail "--by-launch table: $(cat "$tmp/ltable" "$tmp/err")"
 
+# --with: two more graph steps (correlation 50-51, after the six) that hold a planner kernel, 30 us each: only
+# they are kept (batched steps among a benchmark's batch-1 ones), and a kernel no step holds is an error.
+python3 - "$tmp/trace.csv" "$tmp/mixed.csv" <<'PY'
+import sys
+rows = open(sys.argv[1]).read().splitlines()
+t = 20_000_000
+for corr in (50, 51):
+    rows.append(f"{t},{t + 10_000},{corr},8,13,1,1024,0,40,moex::cuda::(anonymous namespace)::moe_plan_tokens_kernel<1>")
+    rows.append(f"{t + 10_000},{t + 30_000},{corr},8,13,64,256,0,128,moe_gate_up_rows_kernel<4>")
+    t += 31_000
+open(sys.argv[2], "w").write("\n".join(rows) + "\n")
+PY
+if python3 "$tool" "$tmp/mixed.csv" --with moe_plan_tokens_kernel --json >"$tmp/with.json" 2>"$tmp/err" &&
+   python3 "$tool" "$tmp/mixed.csv" --json >"$tmp/without.json" 2>>"$tmp/err"; then
+  python3 - "$tmp/with.json" "$tmp/without.json" <<'PY' && ok || fail "--with is wrong: $(cat "$tmp/with.json")"
+import json, sys
+r, every = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+assert r["steps"] == 2 and abs(r["step_us"] - 30.0) < 1e-9 and abs(r["between_steps_us"] - 1.0) < 1e-9, r
+assert {k["kernel"] for k in r["kernels"]} == {"moe_plan_tokens_kernel<1>", "moe_gate_up_rows_kernel<4>"}, r
+assert every["steps"] == 8, every
+PY
+else
+  fail "kernel_trace.py --with exited non-zero: $(cat "$tmp/err")"
+fi
+if python3 "$tool" "$tmp/mixed.csv" --with no_such_kernel >"$tmp/out" 2>"$tmp/err"; then
+  fail "--with a kernel no step holds exited 0"
+else
+  grep -q "no CUDA graph launch holds a kernel named no_such_kernel" "$tmp/err" && ok || fail "--with error: $(cat "$tmp/err")"
+fi
+
 # The gap that splits runs: at 2000 us the six steps are one run, positions 0-5 in buckets of 4.
 one_run='import json, sys; r = json.load(open(sys.argv[1])); assert r["runs"] == 1, r
 assert [b["steps"] for b in r["buckets"]] == [4, 2], r'
