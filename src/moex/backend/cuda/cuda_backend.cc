@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "moex/backend/cuda/batch_picks.h"
 #include "moex/backend/cuda/cublas_gemm.h"
 #include "moex/backend/cuda/cuda_check.h"
 #include "moex/backend/cuda/cuda_resources.h"
@@ -166,11 +167,7 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&step_event_, cudaEventDisableTiming));
     picks_host_ = PinnedMemory(kMaxPendingPicks * sizeof(int32_t));
     for (cudaEvent_t& event : pick_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    row_picks_host_ = PinnedMemory(kMaxPendingPicks * kStepGraphMaxRows * sizeof(int32_t));
-    row_draws_host_ = PinnedMemory(kMaxPendingPicks * kStepGraphMaxRows * sizeof(DeviceDraw));
-    row_draws_device_ = DeviceMemory(kMaxPendingPicks * kStepGraphMaxRows * sizeof(DeviceDraw));
-    for (cudaEvent_t& event : row_pick_events_)
-      MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    batch_picks_ = std::make_unique<BatchPickRing>(kStepGraphMaxRows);
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&kv_event_, cudaEventDisableTiming));
     MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
     for (cudaEvent_t& event : copy_events_) MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
@@ -194,8 +191,6 @@ class CudaBackend final : public Backend {
     graphs_.reset();
     if (step_event_) cudaEventDestroy(step_event_);
     for (cudaEvent_t event : pick_events_)
-      if (event) cudaEventDestroy(event);
-    for (cudaEvent_t event : row_pick_events_)
       if (event) cudaEventDestroy(event);
     if (kv_event_) cudaEventDestroy(kv_event_);
     if (compute_mark_) cudaEventDestroy(compute_mark_);
@@ -927,10 +922,10 @@ class CudaBackend final : public Backend {
     note_pick();
     if (kv_device_pos_ >= 0) ++kv_device_pos_;
   }
-  // Batched picks go to step_ids_ (the next chained batch's tokens) and, by a copy after the pick, into a ring
-  // slot of kStepGraphMaxRows ids with its event. They run after the step's recording, so the slot is the host's
-  // to name (no device cursor as for pick_token). Sampled draws travel through the slot's own pinned and device
-  // draws (sample_rows' single buffer would be rewritten while an earlier pick still waits for its copy).
+  // Batched picks go to step_ids_ (the next chained batch's tokens) and, by a copy after the pick, into a slot of
+  // the BatchPickRing. They run after the step's recording, so the slot is the host's to name (no device cursor as
+  // for pick_token). Sampled draws travel through the slot's own pinned and device draws (sample_rows' single
+  // buffer would be rewritten while an earlier pick still waits for its copy).
   bool chains_batch_steps(int64_t rows) const override {
     return chain_steps_ && rows >= 2 && rows <= kStepGraphMaxRows;
   }
@@ -942,41 +937,24 @@ class CudaBackend final : public Backend {
                 kStepGraphMaxRows);
     MOEX_ASSERT(draws.empty() || static_cast<int64_t>(draws.size()) == rows, "cuda pick_rows: {} draws for {} rows",
                 draws.size(), rows);
-    MOEX_ASSERT(row_picks_enqueued_ - row_picks_read_ < kMaxPendingPicks, "cuda pick_rows: {} picks not read yet",
-                kMaxPendingPicks);
-    const uint64_t slot = row_picks_enqueued_ % kMaxPendingPicks;
+    MOEX_ASSERT(batch_picks_->pending() < BatchPickRing::kSlots, "cuda pick_rows: {} picks not read yet",
+                BatchPickRing::kSlots);
     auto* ids = static_cast<int32_t*>(step_ids_.get());
     const bool sampled = std::any_of(draws.begin(), draws.end(), [](const TokenDraw& d) { return d.temperature > 0; });
     if (sampled) {
       MOEX_ASSERT(samples_on_device(cols), "cuda pick_rows: sampled draws over {} tokens", cols);
-      // The slot's draws were last read by the pick whose ids the host has read since (the limit above).
-      auto* host = static_cast<DeviceDraw*>(row_draws_host_.get()) + slot * kStepGraphMaxRows;
-      auto* dev = static_cast<DeviceDraw*>(row_draws_device_.get()) + slot * kStepGraphMaxRows;
-      for (int64_t r = 0; r < rows; ++r) host[r] = device_draw(draws[r]);
-      upload_pinned(host, dev, static_cast<size_t>(rows) * sizeof(DeviceDraw));
-      launch_sample_rows(logits.as<float>(), rows, cols, dev, DeviceDraw{}, ids, stream_);
+      const BatchPickRing::Draws slot = batch_picks_->next_draws();
+      for (int64_t r = 0; r < rows; ++r) slot.host[r] = device_draw(draws[r]);
+      upload_pinned(slot.host, slot.device, static_cast<size_t>(rows) * sizeof(DeviceDraw));
+      launch_sample_rows(logits.as<float>(), rows, cols, slot.device, DeviceDraw{}, ids, stream_);
     } else {
       launch_argmax_rows(logits.as<float>(), rows, cols, ids, workspace(argmax_scratch_bytes(rows, cols)), stream_);
     }
     MOEX_CUDA_CHECK_LAUNCH();
-    auto* host = static_cast<int32_t*>(row_picks_host_.get()) + slot * kStepGraphMaxRows;
-    MOEX_CUDA_CHECK(cudaMemcpyAsync(host, ids, static_cast<size_t>(rows) * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                    stream_));
-    MOEX_CUDA_CHECK(cudaEventRecord(row_pick_events_[slot], stream_));
-    row_pick_rows_[slot] = rows;
-    ++row_picks_enqueued_;
+    batch_picks_->enqueue(ids, rows, stream_);
     rows_picked_ = rows;
   }
-  void picked_rows(std::span<int32_t> ids) override {
-    MOEX_ASSERT(row_picks_read_ < row_picks_enqueued_, "cuda picked_rows: no pick_rows() waiting to be read");
-    const uint64_t slot = row_picks_read_ % kMaxPendingPicks;
-    MOEX_ASSERT(static_cast<int64_t>(ids.size()) == row_pick_rows_[slot], "cuda picked_rows: {} ids for {} rows",
-                ids.size(), row_pick_rows_[slot]);
-    MOEX_CUDA_CHECK(cudaEventSynchronize(row_pick_events_[slot]));
-    const auto* host = static_cast<const int32_t*>(row_picks_host_.get()) + slot * kStepGraphMaxRows;
-    std::copy(host, host + ids.size(), ids.begin());
-    ++row_picks_read_;
-  }
+  void picked_rows(std::span<int32_t> ids) override { batch_picks_->read(ids); }
 
   int32_t picked_token() override {
     MOEX_ASSERT(picks_read_ < picks_enqueued_, "cuda picked_token: no pick_token() waiting to be read");
@@ -1504,14 +1482,9 @@ class CudaBackend final : public Backend {
   std::array<cudaEvent_t, kMaxPendingPicks> pick_events_{};
   uint64_t picks_enqueued_ = 0, picks_read_ = 0;
   bool next_token_picked_ = false;  // step_values_[0] holds a pick no decode step has taken yet
-  // Chained batched steps (pick_rows): a ring of kMaxPendingPicks slots of kStepGraphMaxRows pinned ids, each with
-  // its event and its row count; step_ids_ holds the last pick's rows_picked_ ids for the next batched step.
-  PinnedMemory row_picks_host_;
-  PinnedMemory row_draws_host_;    // sampled picks' draws, a slot's kStepGraphMaxRows per ring slot
-  DeviceMemory row_draws_device_;
-  std::array<cudaEvent_t, kMaxPendingPicks> row_pick_events_{};
-  std::array<int64_t, kMaxPendingPicks> row_pick_rows_{};
-  uint64_t row_picks_enqueued_ = 0, row_picks_read_ = 0;
+  // Chained batched steps (pick_rows): the ring the picks reach the host through; step_ids_ holds the last pick's
+  // rows_picked_ ids for the next batched step.
+  std::unique_ptr<BatchPickRing> batch_picks_;
   int64_t rows_picked_ = 0;
   cudaEvent_t compute_mark_ = nullptr;   // copy_from_host_enqueue: the compute stream's work so far
   StreamTimeline timeline_;              // MOEX_CUDA_TIMELINE: spans of copies, expert work, read-backs
