@@ -9,12 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <memory>
 #include <string>
-
-#include <unistd.h>
 
 #include "cuda_test_util.h"
 #include "moex/backend/cuda/cuda_backend.h"
@@ -210,17 +206,7 @@ TEST(CudaBatchedDecode, ChainedStepsMatchStepsOneByOne) {
       break;
     }
   }
-  const auto dir = std::filesystem::temp_directory_path() / ("moex_chained_eos_" + std::to_string(getpid()));
-  std::filesystem::remove_all(dir);
-  std::filesystem::copy(fixtures_dir() / "mixtral", dir);
-  for (const char* file : {"config.json", "generation_config.json"}) {
-    std::ifstream in(dir / file);
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const std::string key = "\"eos_token_id\": 2";
-    ASSERT_NE(text.find(key), std::string::npos) << file;
-    text.replace(text.find(key), key.size(), "\"eos_token_id\": " + std::to_string(eos));
-    std::ofstream(dir / file) << text;
-  }
+  const auto dir = test::copy_with_eos(fixtures_dir() / "mixtral", eos, "chained_eos");
   const auto model = Model::load(dir.string());
   ASSERT_EQ(model->config().eos_token_ids.size(), 1u);
   ASSERT_EQ(model->config().eos_token_ids[0], eos);

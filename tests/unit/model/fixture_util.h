@@ -13,6 +13,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
 namespace moex::test {
 
 inline std::filesystem::path fixtures_root() { return std::filesystem::path(MOEX_SOURCE_DIR) / "tests/fixtures"; }
@@ -39,6 +41,22 @@ inline nlohmann::json read_json(const std::filesystem::path& path) {
 // The prompt token ids of a fixture directory's reference.json.
 inline std::vector<int32_t> reference_prompt(const std::filesystem::path& fixture_dir) {
   return read_json(fixture_dir / "reference.json")["prompt_ids"].get<std::vector<int32_t>>();
+}
+
+// A copy of the checkpoint at source, in a folder of its own under the temporary directory, whose config.json and
+// generation_config.json name eos as the only EOS id: a fixture that stops where a test wants it to. The caller
+// loads it and removes the folder.
+inline std::filesystem::path copy_with_eos(const std::filesystem::path& source, int32_t eos, const std::string& tag) {
+  const auto dir = std::filesystem::temp_directory_path() / ("moex_" + tag + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::copy(source, dir);
+  for (const char* file : {"config.json", "generation_config.json"}) {
+    if (!std::filesystem::exists(dir / file)) continue;
+    nlohmann::json config = read_json(dir / file);
+    config["eos_token_id"] = eos;
+    std::ofstream(dir / file) << config.dump(2);
+  }
+  return dir;
 }
 
 // The largest |a[i] - b[i]|; infinity when the sizes differ, so that a bound on it fails.

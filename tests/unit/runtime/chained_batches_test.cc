@@ -9,11 +9,7 @@
 
 #include <deque>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <string>
-
-#include <unistd.h>
 
 #include "moex/backend/cpu/cpu_backend.h"
 #include "moex/model/model.h"
@@ -178,19 +174,11 @@ TEST(ChainedBatches, AnEosDropsTheStepAlreadyEnqueued) {
     if (!earlier) eos = token;
   }
   ASSERT_GE(eos, 0) << "no token of prompt 2's output qualifies as the EOS";
-  const auto dir = std::filesystem::temp_directory_path() / ("moex_chained_batches_" + std::to_string(getpid()));
-  std::filesystem::remove_all(dir);
-  std::filesystem::copy(source, dir);
-  for (const char* file : {"config.json", "generation_config.json"}) {
-    std::ifstream in(dir / file);
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const std::string key = "\"eos_token_id\": 2";
-    ASSERT_NE(text.find(key), std::string::npos) << file;
-    text.replace(text.find(key), key.size(), "\"eos_token_id\": " + std::to_string(eos));
-    std::ofstream(dir / file) << text;
-  }
+  const auto dir = test::copy_with_eos(source, eos, "chained_batches");
   auto eos_model = Model::load(dir.string());
   std::filesystem::remove_all(dir);
+  ASSERT_EQ(eos_model->config().eos_token_ids.size(), 1u);
+  ASSERT_EQ(eos_model->config().eos_token_ids[0], eos);
   options.stop_at_eos = true;
   const Outcome plain = generate_batch(*eos_model, false, prompts, options);
   const Outcome chained = generate_batch(*eos_model, true, prompts, options);
