@@ -205,12 +205,16 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
     }
     return static_cast<int64_t>(result.output_ids.size()) < options.max_new_tokens;
   };
-  // keep(), and the sequence's next step into `steps` while it goes on.
-  auto take = [&](size_t idx, int32_t token) {
-    if (!keep(idx, token)) return false;
+  // Sequence idx's next step, of token, into `steps`.
+  auto push_step = [&](size_t idx, int32_t token) {
     Running& r = running[idx];
     steps.push_back(Decoder::DecodeStep{r.seq, token, r.position++});
     step_owner.push_back(idx);
+  };
+  // keep(), and the sequence's next step while it goes on.
+  auto take = [&](size_t idx, int32_t token) {
+    if (!keep(idx, token)) return false;
+    push_step(idx, token);
     return true;
   };
   // Batched steps chained on the device (Decoder::enqueue_batch): the next step of the same sequences is
@@ -262,12 +266,8 @@ std::vector<GenerationResult> Engine::generate_batch(std::span<const std::vector
       }
       throw;
     }
-    for (size_t row = 0; row < n; ++row) {
-      if (done[row]) continue;
-      Running& r = running[owners[row]];
-      steps.push_back(Decoder::DecodeStep{r.seq, ids[row], r.position++});
-      step_owner.push_back(owners[row]);
-    }
+    for (size_t row = 0; row < n; ++row)
+      if (!done[row]) push_step(owners[row], ids[row]);
   };
   // Tokens are picked on the device when the backend can: one id per sequence comes back, not its logits. Each
   // row's draw comes from its sequence's sampler either way, so a fallback to the host picks the same tokens.

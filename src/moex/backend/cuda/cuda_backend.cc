@@ -384,26 +384,11 @@ class CudaBackend final : public Backend {
       ops();
       return;
     }
-    if (!on_device) {
-      // The pinned ids are rewritten only after their previous copy has left (as decode_step's pair).
-      MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
-      int32_t* host = static_cast<int32_t*>(step_host_.get()) + kStepHostIds;
-      std::copy(ids.begin(), ids.end(), host);
-      upload_pinned(host, step_ids_.get(), ids.size_bytes());
-      MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
-    }
-    step_mode_ = true;
+    if (!on_device) upload_step_values(kStepHostIds, ids, step_ids_.get());
     step_rows_ = n;
     step_ids_on_device_ = on_device;
     step_bucket_keys_ = kv_bucket_keys_;
-    try {
-      if (graphs_enabled_) graphs_.run(step_graph_key(kv_bucket_keys_, n, /*with_pick=*/false), stream_, ops, &capturing_);
-      else ops();
-    } catch (...) {
-      step_mode_ = false;
-      throw;
-    }
-    step_mode_ = false;
+    run_in_step_mode(step_graph_key(kv_bucket_keys_, n, /*with_pick=*/false), ops);
   }
 
   void reset_step_recordings() override { graphs_.reset(); }
@@ -989,34 +974,41 @@ class CudaBackend final : public Backend {
     // The step's position is its prepared KV row's (step_position_device), so a chained step, whose token the
     // pick kernel already wrote into step_values_[0], uploads nothing here: a copy of its own had sat between
     // every two recorded steps. MOEX_CUDA_STEP_POSITION_UPLOAD=1 uploads the position as before (A/B).
-    if (!token_on_device || !position_from_kv_) {
-      // The pinned pair is rewritten only after its previous copy has left (one event, rarely waited on: it left
-      // at the start of the step before).
-      MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
-      auto* host = static_cast<int32_t*>(step_host_.get());
-      host[0] = token;
-      host[1] = static_cast<int32_t>(position);
-      if (token_on_device) upload_pinned(host + 1, static_cast<int32_t*>(step_values_.get()) + 1, sizeof(int32_t));
-      else upload_pinned(host, step_values_.get(), 2 * sizeof(int32_t));
-      MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
-    }
+    auto* values = static_cast<int32_t*>(step_values_.get());
+    const int32_t pair[2] = {token, static_cast<int32_t>(position)};
+    if (!token_on_device) upload_step_values(0, pair, values);
+    else if (!position_from_kv_) upload_step_values(1, std::span<const int32_t>(pair + 1, 1), values + 1);
     next_token_picked_ = false;
-    step_mode_ = true;
     step_rows_ = 1;
     step_token_ = token;
     step_position_ = position;
     step_bucket_keys_ = bucket;
+    // Rows are reused only with graphs on (prepare_kv_step): only a step that runs eagerly there resyncs.
+    run_in_step_mode(step_graph_key(bucket, 1, with_pick), ops, [this] { resync_kv_row(); });
+  }
+
+  // ops() in step mode: replayed from, or recorded into, the graph of key (before_eager, if any, runs first when
+  // ops() runs eagerly there), or run eagerly with graphs off.
+  void run_in_step_mode(int64_t key, const std::function<void()>& ops, const std::function<void()>& before_eager = {}) {
+    step_mode_ = true;
     try {
-      // Rows are reused only with graphs on (prepare_kv_step): only a step that runs eagerly there resyncs.
-      if (graphs_enabled_)
-        graphs_.run(step_graph_key(bucket, 1, with_pick), stream_, ops, &capturing_, [this] { resync_kv_row(); });
-      else
-        ops();
+      if (graphs_enabled_) graphs_.run(key, stream_, ops, &capturing_, before_eager);
+      else ops();
     } catch (...) {
       step_mode_ = false;
       throw;
     }
     step_mode_ = false;
+  }
+
+  // values into step_host_ from offset, uploaded to device. The pinned slots are rewritten only after their
+  // previous copy has left (one event, rarely waited on: it left at the start of the step before).
+  void upload_step_values(int64_t offset, std::span<const int32_t> values, void* device) {
+    MOEX_CUDA_CHECK(cudaEventSynchronize(step_event_));
+    int32_t* host = static_cast<int32_t*>(step_host_.get()) + offset;
+    std::copy(values.begin(), values.end(), host);
+    upload_pinned(host, device, values.size_bytes());
+    MOEX_CUDA_CHECK(cudaEventRecord(step_event_, stream_));
   }
 
   // The normed GEMV of one row (gemv_normed_kernel) for the ops above and below, with the first layer's embedding
