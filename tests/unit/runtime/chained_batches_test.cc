@@ -12,6 +12,7 @@
 #include <string>
 
 #include "moex/backend/cpu/cpu_backend.h"
+#include "moex/core/error.h"
 #include "moex/model/model.h"
 #include "moex/runtime/engine.h"
 #include "moex/runtime/sampler.h"
@@ -190,6 +191,46 @@ TEST(ChainedBatches, AnEosDropsTheStepAlreadyEnqueued) {
   EXPECT_GT(chained.log.device_token_steps, 0);
   std::printf("[chained batches] eos token %d: %d EOS stops, %lld picks, %lld chained steps\n", eos, eos_stops,
               static_cast<long long>(chained.log.picks), static_cast<long long>(chained.log.device_token_steps));
+}
+
+// enqueue_batch's contract, on the CPU: tokens on the device all or none, only for the previous enqueued batch's
+// sequences in its order, and a plain forward_batch in between ends that (its tokens were the host's).
+TEST(ChainedBatches, EnqueueBatchRefusesMisuse) {
+  const auto dir = test::fixtures_root() / "mixtral";
+  auto model = Model::load(dir.string());
+  BatchChainLog log;
+  Engine engine(*model, EngineOptions{}, std::make_unique<BatchChainingBackend>(make_cpu_backend(1), true, &log));
+  Decoder& decoder = engine.decoder();
+  const auto prompt = test::reference_prompt(dir);
+  std::vector<float> logits;
+  std::vector<int32_t> seqs;
+  for (int idx = 0; idx < 3; ++idx) {
+    seqs.push_back(decoder.add_sequence());
+    decoder.forward_sequence(seqs.back(), prompt, 0, false, &logits);
+  }
+  const int64_t pos = static_cast<int64_t>(prompt.size());
+  const int32_t on_device = Backend::kTokenOnDevice;
+  std::vector<Decoder::DecodeStep> first{{seqs[0], 1, pos}, {seqs[1], 1, pos}};
+  EXPECT_THROW(decoder.enqueue_batch(std::vector<Decoder::DecodeStep>{{seqs[0], on_device, pos}, {seqs[1], on_device, pos}}),
+               UsageError);  // no batch enqueued yet
+  decoder.enqueue_batch(first);
+  EXPECT_THROW(decoder.enqueue_batch(std::vector<Decoder::DecodeStep>{{seqs[0], on_device, pos + 1},
+                                                                      {seqs[1], 1, pos + 1}}),
+               UsageError);  // one row's token on the device, the other's the host's
+  EXPECT_THROW(decoder.enqueue_batch(std::vector<Decoder::DecodeStep>{{seqs[1], on_device, pos + 1},
+                                                                      {seqs[0], on_device, pos + 1}}),
+               UsageError);  // the other order
+  EXPECT_THROW(decoder.enqueue_batch(std::vector<Decoder::DecodeStep>{{seqs[0], on_device, pos + 1},
+                                                                      {seqs[2], on_device, pos}}),
+               UsageError);  // seqs[2] was not in the batch
+  std::vector<int32_t> ids(2);
+  decoder.next_batch_tokens(ids);
+  std::vector<Decoder::DecodeStep> next{{seqs[0], ids[0], pos + 1}, {seqs[1], ids[1], pos + 1}};
+  decoder.forward_batch(next, &logits);
+  EXPECT_THROW(decoder.enqueue_batch(std::vector<Decoder::DecodeStep>{{seqs[0], on_device, pos + 2},
+                                                                      {seqs[1], on_device, pos + 2}}),
+               UsageError);  // forward_batch ran since
+  EXPECT_EQ(log.picks, log.read);
 }
 
 }  // namespace
