@@ -376,6 +376,25 @@ TEST(CudaDecodeStep, FusedEmbeddingMatchesEmbeddingLaunch) {
   expect_default_matches_switch_off(fixtures, "MOEX_CUDA_FUSED_EMBEDDING", 300);
 }
 
+// The greedy pick from the argmax key the lm_head's blocks fold (the default in a step whose pick follows) against
+// the argmax's own launches over the logits (MOEX_CUDA_PICK_IN_LM_HEAD=0): the same tokens over 300 steps and
+// their graph replays (ties and NaNs: CudaArgmaxKey, on the host).
+TEST(CudaDecodeStep, PickInLmHeadMatchesArgmaxLaunches) {
+  MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
+  for (const LoadedFixture& fixture : fixtures) {
+    SCOPED_TRACE(fixture.name);
+    const auto launches = greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_PICK_IN_LM_HEAD",
+                                                 [](Engine& engine) {
+                                                   EXPECT_EQ(cuda_step_graph_stats(engine.backend()).argmax_key_picks, 0);
+                                                 });
+    EngineOptions options;
+    options.device = "cuda";
+    Engine folded(*fixture.model, options);
+    EXPECT_EQ(greedy(folded, fixture.prompt, 300), launches);
+    EXPECT_GT(cuda_step_graph_stats(folded.backend()).argmax_key_picks, 0);
+  }
+}
+
 // Sampled decoding chained on the device (the sampling kernel picks from the host generator's draws) against steps
 // that read the logits back and sample on the host: with the same seed, the same tokens, for plain temperature,
 // top-p, and top-k with top-p.

@@ -156,6 +156,8 @@ class CudaBackend final : public Backend {
     MOEX_CUDA_CHECK(cudaMemset(step_values_.get(), 0, 16));  // [2]: the pick ring's cursor starts at slot 0
     step_host_ = PinnedMemory(kStepHostIds * sizeof(int32_t) + kStepGraphMaxRows * sizeof(int32_t));
     step_ids_ = DeviceMemory(kStepGraphMaxRows * sizeof(int32_t));
+    argmax_key_ = DeviceMemory(sizeof(unsigned long long));
+    MOEX_CUDA_CHECK(cudaMemset(argmax_key_.get(), 0, sizeof(unsigned long long)));
     route_ticket_ = DeviceMemory(16 + sizeof(MoeOneLaunchCounters));
     MOEX_CUDA_CHECK(cudaMemset(route_ticket_.get(), 0, 16 + sizeof(MoeOneLaunchCounters)));
     tail_counters_ = DeviceMemory(sizeof(LayerTailCounters));
@@ -178,6 +180,7 @@ class CudaBackend final : public Backend {
     fused_rope_ = !env_equals("MOEX_CUDA_FUSED_ROPE", "0");         // RoPE + KV write as launches of their own (A/B)
     preload_down_ = env_equals("MOEX_CUDA_DOWN_PRELOAD", "1");      // batch-1 down weights before the PDL wait
     pick_in_step_ = !env_equals("MOEX_CUDA_PICK_IN_STEP", "0");     // greedy picks after the step's graph (A/B)
+    pick_in_lm_head_ = !env_equals("MOEX_CUDA_PICK_IN_LM_HEAD", "0");  // the argmax's own launches (A/B)
     fused_embedding_ = !env_equals("MOEX_CUDA_FUSED_EMBEDDING", "0");  // the embedding as a launch of its own
     memory_at_start_ = device_memory_use().used;
   }
@@ -394,7 +397,7 @@ class CudaBackend final : public Backend {
   void reset_step_recordings() override { graphs_.reset(); }
   CudaStepGraphStats step_graph_stats() const {
     return CudaStepGraphStats{graphs_.replays(), graphs_.captures(), graphs_.failures(), kv_uploads_,
-                              kv_rows_reused_};
+                              kv_rows_reused_, argmax_key_picks_};
   }
   int64_t prefill_plans_on_device() const { return prefill_plans_on_device_; }
   int64_t cublas_gemms() const { return cublas_gemms_; }
@@ -567,7 +570,17 @@ class CudaBackend final : public Backend {
     const int64_t K = x.dim(-1);
     if (fuses_residual_norms(x.numel() / std::max<int64_t>(K, 1)) && gemv_normed_loops(K)) {
       const LinearOutput head[1] = {{&lm_head, nullptr, &logits}};
-      norm_linear_many(x, delta, weight, eps, normed, head);
+      // A step whose greedy pick follows (decode_step_with_pick): the lm_head's blocks fold the argmax too.
+      auto* key = greedy_pick_follows_ && pick_in_lm_head_ ? static_cast<unsigned long long*>(argmax_key_.get())
+                                                           : nullptr;
+      if (key && argmax_key_logits_) {  // a step before stopped between its lm_head and its pick: the key is stale
+        MOEX_CUDA_CHECK(cudaMemsetAsync(key, 0, sizeof(unsigned long long), stream_));
+        argmax_key_logits_ = nullptr;
+      }
+      if (launch_normed(x, delta, weight, eps, head, "norm_logits", {}, key))
+        argmax_key_logits_ = key ? logits.as<float>() : nullptr;
+      else
+        Backend::norm_linear_many(x, delta, weight, eps, normed, head);
       free_half_sms_ = 0;  // no attention runs beside the lm_head: the next step's may be a batched one
       return;
     }
@@ -901,7 +914,14 @@ class CudaBackend final : public Backend {
     }
     check_pick(logits, draw);
     run_step(token, position, [&] {
-      ops();
+      greedy_pick_follows_ = true;
+      try {
+        ops();
+      } catch (...) {
+        greedy_pick_follows_ = false;
+        throw;
+      }
+      greedy_pick_follows_ = false;
       enqueue_pick(logits, draw, /*advance_kv_row=*/true);
     }, /*with_pick=*/true);
     note_pick();
@@ -1014,7 +1034,8 @@ class CudaBackend final : public Backend {
   // The normed GEMV of one row (gemv_normed_kernel) for the ops above and below, with the first layer's embedding
   // where embed is set; false, launching nothing, where it does not apply (the caller takes the Backend default).
   bool launch_normed(const TensorView& x, const TensorView* delta, const TensorView& weight, float eps,
-                     std::span<const LinearOutput> outputs, const char* op, const EmbedRowIn& embed = {}) {
+                     std::span<const LinearOutput> outputs, const char* op, const EmbedRowIn& embed = {},
+                     unsigned long long* argmax_key = nullptr) {
     ResidualNormIn in;
     const int64_t K = x.dim(-1);
     if (x.numel() != K || outputs.size() > static_cast<size_t>(kGemvMaxOutputs) ||
@@ -1022,7 +1043,8 @@ class CudaBackend final : public Backend {
       return false;
     GemvOutput gemv[kGemvMaxOutputs];
     gemv_outputs(x, outputs, op, gemv);
-    if (!launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_, embed))
+    if (!launch_gemv_bf16_multi_normed(in, K, gemv, static_cast<int>(outputs.size()), num_sms_, stream_, embed,
+                                       argmax_key))
       return false;
     MOEX_CUDA_CHECK_LAUNCH();
     int64_t rows = 0;
@@ -1165,8 +1187,12 @@ class CudaBackend final : public Backend {
     const PickSink sink = pick_sink(advance_kv_row);
     if (draw.temperature > 0.0f)
       launch_sample_rows(last_row, 1, cols, nullptr, device_draw(draw), values, stream_, sink);
-    else
+    else if (argmax_key_logits_ == last_row) {  // the lm_head's blocks folded this row's argmax (norm_logits)
+      launch_argmax_key_pick(last_row, static_cast<unsigned long long*>(argmax_key_.get()), values, stream_, sink);
+      ++argmax_key_picks_;
+    } else
       launch_argmax_rows(last_row, 1, cols, values, workspace(argmax_scratch_bytes(1, cols)), stream_, sink);
+    if (argmax_key_logits_ == last_row) argmax_key_logits_ = nullptr;  // the key pick set it back to 0
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
@@ -1461,6 +1487,13 @@ class CudaBackend final : public Backend {
   // launch_moe_router_plan's counter of finished blocks, then (from byte 16) launch_moe_one_launch_one_token's
   // counters: all 0 between launches.
   DeviceMemory route_ticket_;
+  // The lm_head's argmax key (argmax_key.h) for the greedy pick that follows it in a step (launch_argmax_key_pick);
+  // 0 between steps. argmax_key_logits_: the logits whose key it holds until their pick is enqueued (else null).
+  DeviceMemory argmax_key_;
+  const float* argmax_key_logits_ = nullptr;
+  int64_t argmax_key_picks_ = 0;
+  bool greedy_pick_follows_ = false;  // inside decode_step_with_pick's ops: a greedy pick of the last row follows
+  bool pick_in_lm_head_ = true;       // MOEX_CUDA_PICK_IN_LM_HEAD=0: the argmax's own two launches (A/B)
   DeviceMemory tail_counters_;  // launch_layer_tail's counters: all 0 between launches
   DeviceMemory tail_times_;     // MOEX_CUDA_TAIL_TIMES=1: where its launches' time went (print_tail_times)
   const bool position_from_kv_ = !env_equals("MOEX_CUDA_STEP_POSITION_UPLOAD", "1");  // decode_step says why

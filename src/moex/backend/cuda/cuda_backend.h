@@ -25,6 +25,8 @@ struct CudaStepGraphStats {
   // the previous step's recorded pick).
   int64_t kv_uploads = 0;
   int64_t kv_rows_reused = 0;
+  // Greedy picks enqueued (eagerly or into a recording) from the lm_head's argmax key (MOEX_CUDA_PICK_IN_LM_HEAD).
+  int64_t argmax_key_picks = 0;
 };
 CudaStepGraphStats cuda_step_graph_stats(const Backend& backend);
 

@@ -11,6 +11,7 @@
 // of the kernel still running ahead.
 #include "moex/backend/cuda/kernels/gemv.cuh"
 
+#include "moex/backend/cuda/kernels/argmax_key.h"
 #include "moex/backend/cuda/kernels/gemv_core.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/mma_core.cuh"
@@ -93,12 +94,17 @@ __global__ __launch_bounds__(kWarps * 32) void gemv_kernel(const float* x, int m
 // normalise it, so a block per 8 rows had read about as many bytes from L2 as the weights from HBM (8x7B q/k/v,
 // 768 blocks: 43 MB against 50 MB) and ran at 2.5 TB/s on an H200. While a row's dot runs, the warp's next row
 // is already loading (its first round, as before the wait), so its rows follow each other without a gap.
+// best (the lm_head of a step whose greedy pick follows, or null): lane 0 keeps the argmax_key of its warp's rows,
+// the block folds its warps' into *best with one atomicMax (launch_gemv_bf16_multi_normed).
 constexpr int kNormedUnroll = 8;  // U of gemv_normed_kernel: a 2048-wide row in one round of loads per lane
 template <int U, int NW>
 __global__ __launch_bounds__(kWarps * 32) void gemv_normed_kernel(ResidualNormIn in, int K, GemvOutputs outputs,
-                                                                  int total_rows, bool preload, EmbedRowIn embed) {
+                                                                  int total_rows, bool preload, EmbedRowIn embed,
+                                                                  unsigned long long* best) {
   extern __shared__ float4 s_h4[];
   __shared__ float s_scratch[32];
+  __shared__ unsigned long long s_best[kWarps];
+  unsigned long long warp_best = 0;
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int stride = gridDim.x * kWarps;
@@ -144,7 +150,11 @@ __global__ __launch_bounds__(kWarps * 32) void gemv_normed_kernel(ResidualNormIn
       acc = part[0][0];
     }
     const float v = warp_sum(acc);
-    if (lane == 0) o.y[row] = v + (o.bias ? o.bias[row] : 0.f);
+    if (lane == 0) {
+      const float y = v + (o.bias ? o.bias[row] : 0.f);
+      o.y[row] = y;
+      if (best) warp_best = max(warp_best, static_cast<unsigned long long>(argmax_key(y, row)));
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) first[u] = next_first[u];
     grid_row = next_grid_row;
@@ -152,6 +162,15 @@ __global__ __launch_bounds__(kWarps * 32) void gemv_normed_kernel(ResidualNormIn
     row = next_row;
     w_row = next_w;
     active = next_active;
+  }
+  if (best) {  // a kernel argument: the whole block takes this branch or none of it
+    if (lane == 0) s_best[threadIdx.x >> 5] = warp_best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long block_best = s_best[0];
+      for (int w = 1; w < kWarps; ++w) block_best = max(block_best, s_best[w]);
+      if (block_best != 0) atomicMax(best, block_best);
+    }
   }
 }
 
@@ -410,8 +429,10 @@ int64_t gemv_normed_free_half_sms(int64_t total_rows, int64_t K, int num_sms) {
 }
 
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
-                                   int num_sms, cudaStream_t stream, const EmbedRowIn& embed) {
+                                   int num_sms, cudaStream_t stream, const EmbedRowIn& embed,
+                                   unsigned long long* argmax_key) {
   if (count < 1 || count > kGemvMaxOutputs || K % 8 != 0 || !residual_norm_fits(in, K)) return false;
+  if (argmax_key && (count != 1 || outputs[0].rows > INT32_MAX)) return false;
   if (embed.table && (!embed.token || !aligned16(embed.table) || in.d0 || in.d1)) return false;
   GemvOutputs packed{};
   int64_t total_rows = 0;
@@ -426,7 +447,7 @@ bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const Ge
   const size_t shared = static_cast<size_t>(K) * sizeof(float);
   with_norm_weight_regs(K, kWarps * 32, [&](auto nw) {
     launch_pdl(gemv_normed_kernel<kNormedUnroll, decltype(nw)::value>, grid, block, shared, stream, in,
-               static_cast<int>(K), packed, static_cast<int>(total_rows), gemv_preload_enabled(), embed);
+               static_cast<int>(K), packed, static_cast<int>(total_rows), gemv_preload_enabled(), embed, argmax_key);
   });
   return true;
 }

@@ -76,8 +76,12 @@ struct EmbedRowIn {
 // memory first (in.x is not written, unless embed). Returns false, launching nothing, unless residual_norm_fits,
 // K % 8 == 0, count <= kGemvMaxOutputs and every weight (and the embedding table) is 16-byte aligned; the caller
 // then normalises and calls launch_gemv_bf16_multi.
+// argmax_key (one output, the lm_head; or null): each block also folds the argmax_key (argmax_key.h) of its rows'
+// best logit into *argmax_key with one atomicMax, so the greedy pick reads one word (launch_argmax_key_pick, which
+// sets it back to 0); *argmax_key must be 0 before the launch.
 bool launch_gemv_bf16_multi_normed(const ResidualNormIn& in, int64_t K, const GemvOutput* outputs, int count,
-                                   int num_sms, cudaStream_t stream, const EmbedRowIn& embed = {});
+                                   int num_sms, cudaStream_t stream, const EmbedRowIn& embed = {},
+                                   unsigned long long* argmax_key = nullptr);
 // Halves of the SMs (32 K registers each) that launch's grid for total_rows rows leaves empty: each of its blocks
 // (256 threads at up to 128 registers) takes one. The decode attention after the q/k/v GEMV sizes its blocks by
 // it (AttentionShape::free_half_sms).

@@ -1,6 +1,7 @@
 // Row argmax in two launches: blocks scan slices of a row, one warp per row merges the slices' bests. "Better" =
 // larger value, or equal value and lower index, so the result is the first index of the maximum whatever the
 // split. NaN never wins; row[0] wins when it is NaN (the host sampler's argmax).
+#include "moex/backend/cuda/kernels/argmax_key.h"
 #include "moex/backend/cuda/kernels/common.cuh"
 #include "moex/backend/cuda/kernels/launch.cuh"
 #include "moex/backend/cuda/kernels/pick_sink.cuh"
@@ -86,7 +87,26 @@ __global__ void argmax_merge_kernel(const float* logits, int64_t cols, const Bes
   }
 }
 
+// launch_argmax_key_pick's one thread. The key and logits[0] are read through L2 (ld.global.cg): this SM's L1 may
+// hold the words a step before.
+__global__ void argmax_key_pick_kernel(const float* logits, unsigned long long* argmax_key, int32_t* ids,
+                                       PickSink sink) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const unsigned long long key = __ldcg(argmax_key);
+  const float first = __ldcg(logits);
+  *argmax_key = 0;
+  const int32_t id = argmax_key_pick(key, first);
+  ids[0] = id;
+  deliver_pick(sink, id);
+}
+
 }  // namespace
+
+void launch_argmax_key_pick(const float* logits, unsigned long long* argmax_key, int32_t* ids, cudaStream_t stream,
+                            const PickSink& sink) {
+  launch_pdl(argmax_key_pick_kernel, dim3(1), dim3(1), 0, stream, logits, argmax_key, ids, sink);
+}
 
 size_t argmax_scratch_bytes(int64_t rows, int64_t cols) {
   return static_cast<size_t>(rows * ceil_div(cols, int64_t(kArgmaxSplitCols))) * sizeof(Best);

@@ -33,6 +33,13 @@ struct PickSink {
 void launch_argmax_rows(const float* logits, int64_t rows, int64_t cols, int32_t* ids, void* scratch,
                         cudaStream_t stream, const PickSink& sink = {});
 
+// The greedy pick of one row whose argmax key the lm_head GEMV folded into *argmax_key (launch_gemv_bf16_multi_normed):
+// ids[0] = that column, as launch_argmax_rows would give it (row[0] when logits[0] is NaN, 0 when every logit is
+// NaN), then *argmax_key = 0 for the next step's lm_head. sink as launch_argmax_rows. One launch of one thread in
+// place of the argmax's two, which read the whole row.
+void launch_argmax_key_pick(const float* logits, unsigned long long* argmax_key, int32_t* ids, cudaStream_t stream,
+                            const PickSink& sink = {});
+
 // One row's draw as the kernel takes it: inv_t = 1 / temperature as the host sampler rounds it (0: greedy).
 struct DeviceDraw {
   float inv_t = 0.0f;
