@@ -237,16 +237,20 @@ std::vector<int32_t> greedy_with_switch_off(const Model& model, const std::vecto
   return greedy_with_env(model, prompt, tokens, env_var, "0", check);
 }
 
-// The default must not change a greedy token against the path env_var=0 keeps, on each fixture.
+// The default must not change a greedy token against the path env_var=0 keeps, on each fixture. check_off and
+// check_default look at each run's engine afterwards (did the path each should take run?).
 void expect_default_matches_switch_off(const std::vector<LoadedFixture>& fixtures, const char* env_var,
-                                       int64_t tokens) {
+                                       int64_t tokens, const std::function<void(Engine&)>& check_off = {},
+                                       const std::function<void(Engine&, const std::string&)>& check_default = {}) {
   for (const LoadedFixture& fixture : fixtures) {
     SCOPED_TRACE(fixture.name);
-    const auto switched_off = greedy_with_switch_off(*fixture.model, fixture.prompt, tokens, env_var, [](Engine&) {});
+    const auto switched_off = greedy_with_switch_off(*fixture.model, fixture.prompt, tokens, env_var,
+                                                     check_off ? check_off : [](Engine&) {});
     EngineOptions options;
     options.device = "cuda";
     Engine plain(*fixture.model, options);
     EXPECT_EQ(greedy(plain, fixture.prompt, tokens), switched_off);
+    if (check_default) check_default(plain, fixture.name);
   }
 }
 
@@ -349,23 +353,17 @@ TEST(CudaDecodeStep, ChainedGreedyMatchesStepByStep) {
 // and the KV cache's growth (both need an upload), and the rows must really be reused.
 TEST(CudaDecodeStep, PickInStepMatchesPickAfterStep) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  for (const LoadedFixture& fixture : fixtures) {
-    SCOPED_TRACE(fixture.name);
-    const auto after = greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_PICK_IN_STEP",
-                                              [](Engine& engine) {
-                                                EXPECT_EQ(cuda_step_graph_stats(engine.backend()).kv_rows_reused, 0);
-                                              });
-    EngineOptions options;
-    options.device = "cuda";
-    Engine in_step(*fixture.model, options);
-    EXPECT_EQ(greedy(in_step, fixture.prompt, 300), after);
-    const CudaStepGraphStats stats = cuda_step_graph_stats(in_step.backend());
-    EXPECT_EQ(stats.failures, 0);
-    EXPECT_GT(stats.kv_rows_reused, 250);
-    EXPECT_LT(stats.kv_uploads, 40);  // the prompt, the first step, a page every 32 positions, a bucket change
-    std::printf("[pick in step %s] kv uploads %lld, rows reused %lld\n", fixture.name.c_str(),
-                static_cast<long long>(stats.kv_uploads), static_cast<long long>(stats.kv_rows_reused));
-  }
+  expect_default_matches_switch_off(
+      fixtures, "MOEX_CUDA_PICK_IN_STEP", 300,
+      [](Engine& after) { EXPECT_EQ(cuda_step_graph_stats(after.backend()).kv_rows_reused, 0); },
+      [](Engine& in_step, const std::string& name) {
+        const CudaStepGraphStats stats = cuda_step_graph_stats(in_step.backend());
+        EXPECT_EQ(stats.failures, 0);
+        EXPECT_GT(stats.kv_rows_reused, 250);
+        EXPECT_LT(stats.kv_uploads, 40);  // the prompt, the first step, a page every 32 positions, a bucket change
+        std::printf("[pick in step %s] kv uploads %lld, rows reused %lld\n", name.c_str(),
+                    static_cast<long long>(stats.kv_uploads), static_cast<long long>(stats.kv_rows_reused));
+      });
 }
 
 // The first layer's q/k/v GEMV reading the token's embedding itself (the default at one token) against the
@@ -381,18 +379,10 @@ TEST(CudaDecodeStep, FusedEmbeddingMatchesEmbeddingLaunch) {
 // their graph replays (ties and NaNs: CudaArgmaxKey, on the host).
 TEST(CudaDecodeStep, PickInLmHeadMatchesArgmaxLaunches) {
   MOEX_CUDA_FIXTURES_OR_SKIP(fixtures, "mixtral", "qwen3_moe", "olmoe");
-  for (const LoadedFixture& fixture : fixtures) {
-    SCOPED_TRACE(fixture.name);
-    const auto launches = greedy_with_switch_off(*fixture.model, fixture.prompt, 300, "MOEX_CUDA_PICK_IN_LM_HEAD",
-                                                 [](Engine& engine) {
-                                                   EXPECT_EQ(cuda_step_graph_stats(engine.backend()).argmax_key_picks, 0);
-                                                 });
-    EngineOptions options;
-    options.device = "cuda";
-    Engine folded(*fixture.model, options);
-    EXPECT_EQ(greedy(folded, fixture.prompt, 300), launches);
-    EXPECT_GT(cuda_step_graph_stats(folded.backend()).argmax_key_picks, 0);
-  }
+  expect_default_matches_switch_off(
+      fixtures, "MOEX_CUDA_PICK_IN_LM_HEAD", 300,
+      [](Engine& launches) { EXPECT_EQ(cuda_step_graph_stats(launches.backend()).argmax_key_picks, 0); },
+      [](Engine& folded, const std::string&) { EXPECT_GT(cuda_step_graph_stats(folded.backend()).argmax_key_picks, 0); });
 }
 
 // Sampled decoding chained on the device (the sampling kernel picks from the host generator's draws) against steps
