@@ -102,6 +102,19 @@ DeviceDraw device_draw(const TokenDraw& draw) {
 // into two bf16 parts; gemv.cuh).
 constexpr int64_t kLinearGemmMinRows = 32;
 
+// *flag is true for the scope's life and false again on the way out, an exception included: the backend's
+// "inside a step" states (step mode; a greedy pick follows the step's ops) must not outlive a step that threw.
+class ScopedFlag {
+ public:
+  explicit ScopedFlag(bool* flag) : flag_(flag) { *flag_ = true; }
+  ~ScopedFlag() { *flag_ = false; }
+  ScopedFlag(const ScopedFlag&) = delete;
+  ScopedFlag& operator=(const ScopedFlag&) = delete;
+
+ private:
+  bool* flag_;
+};
+
 // Batched decode steps of up to this many rows are recorded (decode_rows_step): more rows take cuBLAS, which is not
 // called inside a recording, so a replay would run other kernels than the step's eager run.
 constexpr int64_t kStepGraphMaxRows = kLinearGemmMinRows;
@@ -914,14 +927,10 @@ class CudaBackend final : public Backend {
     }
     check_pick(logits, draw);
     run_step(token, position, [&] {
-      greedy_pick_follows_ = true;
-      try {
+      {
+        const ScopedFlag pick_follows(&greedy_pick_follows_);
         ops();
-      } catch (...) {
-        greedy_pick_follows_ = false;
-        throw;
       }
-      greedy_pick_follows_ = false;
       enqueue_pick(logits, draw, /*advance_kv_row=*/true);
     }, /*with_pick=*/true);
     note_pick();
@@ -1010,15 +1019,9 @@ class CudaBackend final : public Backend {
   // ops() in step mode: replayed from, or recorded into, the graph of key (before_eager, if any, runs first when
   // ops() runs eagerly there), or run eagerly with graphs off.
   void run_in_step_mode(int64_t key, const std::function<void()>& ops, const std::function<void()>& before_eager = {}) {
-    step_mode_ = true;
-    try {
-      if (graphs_enabled_) graphs_.run(key, stream_, ops, &capturing_, before_eager);
-      else ops();
-    } catch (...) {
-      step_mode_ = false;
-      throw;
-    }
-    step_mode_ = false;
+    const ScopedFlag in_step(&step_mode_);
+    if (graphs_enabled_) graphs_.run(key, stream_, ops, &capturing_, before_eager);
+    else ops();
   }
 
   // values into step_host_ from offset, uploaded to device. The pinned slots are rewritten only after their
@@ -1189,10 +1192,11 @@ class CudaBackend final : public Backend {
       launch_sample_rows(last_row, 1, cols, nullptr, device_draw(draw), values, stream_, sink);
     else if (argmax_key_logits_ == last_row) {  // the lm_head's blocks folded this row's argmax (norm_logits)
       launch_argmax_key_pick(last_row, static_cast<unsigned long long*>(argmax_key_.get()), values, stream_, sink);
+      argmax_key_logits_ = nullptr;  // the pick sets the key back to 0
       ++argmax_key_picks_;
-    } else
+    } else {
       launch_argmax_rows(last_row, 1, cols, values, workspace(argmax_scratch_bytes(1, cols)), stream_, sink);
-    if (argmax_key_logits_ == last_row) argmax_key_logits_ = nullptr;  // the key pick set it back to 0
+    }
     MOEX_CUDA_CHECK_LAUNCH();
   }
 
