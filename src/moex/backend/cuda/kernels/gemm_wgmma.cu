@@ -15,8 +15,13 @@
 // call (moex_cuda_kernels_bench --gemm-only, MOEX_CUDA_WGMMA=0 as the baseline): grouped gate/up + down at 2048
 // tokens, Model A 0.915 vs 1.382 ms (310 TFLOP/s), Model B 0.694 vs 1.008; Model B at 512 tokens (64-row tiles)
 // 0.469 vs 0.523; dense 2048^3 0.058 vs 0.081, 2048 x 32000 x 2048 0.802 vs 1.144-1.169.
-// What bounds it now (not profiled): each block pulls 48 KB through L2 per 64 k, ~3.5 TB/s over the SMs at
-// these rates, with every thread issuing the copies; TMA from a producer warp and a weight tile multicast to a
+// What bounds it (Nsight Compute, H200, Model A's grouped GEMMs at 2048 tokens, before the row starts were found
+// once): neither the tensor pipe (44-47% of its cycles) nor L2 (54-64%) nor DRAM (21-27%); the warps' top stalls
+// were fixed-latency dependencies and dispatch, and the integer ALU and FMA pipes carried the copies' address
+// arithmetic (a 64-bit multiply per B chunk and stage). With each thread's row starts found once (kRowPtrs) the
+// same GEMMs took 1.04-1.13x less time (bench/RESULTS.md, "Prefill: the wgmma GEMM's copy rows found once"). Three
+// k tiles ahead with the products waited for at every tile, and a persistent grid copying a block's next tile
+// while it writes the last, were slower (same section). TMA from a producer warp and a weight tile multicast to a
 // cluster of two blocks are the next steps (docs/cuda.md).
 #include "moex/backend/cuda/kernels/prefill_gemm.cuh"
 
@@ -97,7 +102,11 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
 }
 #endif
 
-template <bool kSwiGLU, int kRows>
+// kRowPtrs: each thread finds the starts of its copies' rows (A and B) once; a stage's copy is then the start
+// plus k0. Every chunk of a thread lies in the same 16-byte column kc = tid % 8 of its row and in rows tid / 8 +
+// i * threads / 8, whose swizzled column (row % 8 == tid / 8 % 8: threads / 8 is a multiple of 8) is the same too.
+// Off (MOEX_CUDA_WGMMA_ROW_PTRS=0): the row, the column and the B row's start are worked out per chunk and stage.
+template <bool kSwiGLU, int kRows, bool kRowPtrs>
 __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmParams p) {
   constexpr int kThreadCount = kThreads<kRows>, kStage = kStageBytes<kRows>;
 #ifdef MOEX_WGMMA_BUILT
@@ -120,35 +129,66 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
   // where the GEMM gathers the tokens' rows itself (no gathered copy of A written first), null past the tile.
   constexpr int kAChunks = kRows * 8 / kThreadCount;
   static_assert(kAChunks == 4, "two threads per A row of 8 chunks");
+  constexpr int kChunks = (kRows + kBRows) * 8 / kThreadCount, kBChunks = kChunks - kAChunks;
+  static_assert(kThreadCount % 64 == 0, "a thread's rows share their swizzled column");
+  const int kc = tid & 7;
   const bf16* a_row[kAChunks];
 #pragma unroll
   for (int i = 0; i < kAChunks; ++i) {
     const int row = row_begin + ((tid + i * kThreadCount) >> 3);
     a_row[i] = row < row_end ? p.a + int64_t(p.a_rows ? __ldg(p.a_rows + row) : row) * K : nullptr;
+    if (kRowPtrs && a_row[i]) a_row[i] += kc * 8;
   }
+  // The B row of chunk kAChunks + i: its weights and output column n (>= N: past the output).
+  const auto b_row_of = [&](int i, const bf16** b, int* n) {
+    const int br = ((tid + (kAChunks + i) * kThreadCount) >> 3) - kRows;
+    *b = b0;
+    *n = n0 + br;
+    if constexpr (kSwiGLU) {
+      *b = br < kCols ? b0 : b1;
+      *n = n0 + (br < kCols ? br : br - kCols);
+    }
+  };
+  const bf16* b_row[kRowPtrs ? kBChunks : 1];
+  if constexpr (kRowPtrs) {
+#pragma unroll
+    for (int i = 0; i < kBChunks; ++i) {
+      const bf16* b;
+      int n;
+      b_row_of(i, &b, &n);
+      b_row[i] = n < N ? b + int64_t(n) * K + kc * 8 : nullptr;
+    }
+  }
+  const uint32_t thread_dst = (tid >> 3) * kARowBytes + ((kc ^ ((tid >> 3) & 7)) << 4);
   auto load_stage = [&](int stage, int k0) {
     const uint32_t base = smem_base + stage * kStage;
-#pragma unroll
-    for (int i = 0; i < (kRows + kBRows) * 8 / kThreadCount; ++i) {
-      const int c = tid + i * kThreadCount, r = c >> 3, kc = c & 7;
+    if constexpr (kRowPtrs) {
       const bool k_ok = k0 + kc * 8 < K;
-      const bf16* src;
-      bool valid;
-      if (i < kAChunks) {
-        valid = k_ok && a_row[i];
-        src = valid ? a_row[i] + k0 + kc * 8 : p.a;
-      } else {
-        const int br = r - kRows;
-        const bf16* b = b0;
-        int n = n0 + br;
-        if constexpr (kSwiGLU) {
-          b = br < kCols ? b0 : b1;
-          n = n0 + (br < kCols ? br : br - kCols);
-        }
-        valid = k_ok && n < N;
-        src = b + (valid ? int64_t(n) * K + k0 + kc * 8 : 0);
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        const bf16* row = i < kAChunks ? a_row[i] : b_row[i - kAChunks];
+        const bool valid = k_ok && row;
+        cp_async_16(base + thread_dst + i * (kThreadCount / 8) * kARowBytes, valid ? row + k0 : p.a, valid);
       }
-      cp_async_16(base + r * kARowBytes + ((kc ^ (r & 7)) << 4), src, valid);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        const int r = (tid + i * kThreadCount) >> 3;  // column kc: the thread's
+        const bool k_ok = k0 + kc * 8 < K;
+        const bf16* src;
+        bool valid;
+        if (i < kAChunks) {
+          valid = k_ok && a_row[i];
+          src = valid ? a_row[i] + k0 + kc * 8 : p.a;
+        } else {
+          const bf16* b;
+          int n;
+          b_row_of(i - kAChunks, &b, &n);
+          valid = k_ok && n < N;
+          src = b + (valid ? int64_t(n) * K + k0 + kc * 8 : 0);
+        }
+        cp_async_16(base + r * kARowBytes + ((kc ^ (r & 7)) << 4), src, valid);
+      }
     }
   };
 
@@ -212,16 +252,24 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
 #endif
 }
 
-template <bool kSwiGLU, int kRows>
-void launch_kernel(GemmParams p, unsigned row_tiles, cudaStream_t stream) {
+template <bool kSwiGLU, int kRows, bool kRowPtrs>
+void launch_instance(GemmParams p, unsigned row_tiles, cudaStream_t stream) {
   constexpr size_t smem = kSmemBytes<kRows>;
   static const bool configured = [] {  // above 48 KiB of shared memory a kernel must opt in, once
-    cudaFuncSetAttribute(gemm_wgmma_kernel<kSwiGLU, kRows>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    cudaFuncSetAttribute(gemm_wgmma_kernel<kSwiGLU, kRows, kRowPtrs>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(smem));
     return true;
   }();
   (void)configured;
   const unsigned col_blocks = gemm_col_blocks(p, kSwiGLU ? kBRows / 2 : kBRows);
-  gemm_wgmma_kernel<kSwiGLU, kRows><<<dim3(row_tiles, col_blocks), kThreads<kRows>, smem, stream>>>(p);
+  gemm_wgmma_kernel<kSwiGLU, kRows, kRowPtrs><<<dim3(row_tiles, col_blocks), kThreads<kRows>, smem, stream>>>(p);
+}
+
+template <bool kSwiGLU, int kRows>
+void launch_kernel(const GemmParams& p, unsigned row_tiles, cudaStream_t stream) {
+  static const bool row_ptrs = !env_equals("MOEX_CUDA_WGMMA_ROW_PTRS", "0");
+  row_ptrs ? launch_instance<kSwiGLU, kRows, true>(p, row_tiles, stream)
+           : launch_instance<kSwiGLU, kRows, false>(p, row_tiles, stream);
 }
 
 }  // namespace
