@@ -19,7 +19,8 @@
 // once): neither the tensor pipe (44-47% of its cycles) nor L2 (54-64%) nor DRAM (21-27%); the warps' top stalls
 // were fixed-latency dependencies and dispatch, and the integer ALU and FMA pipes carried the copies' address
 // arithmetic (a 64-bit multiply per B chunk and stage). With each thread's row starts found once (kRowPtrs) the
-// same GEMMs took 1.04-1.13x less time (bench/RESULTS.md, "Prefill: the wgmma GEMM's copy rows found once"). Three
+// same GEMMs took 1.04-1.13x less time, and with the results stored as pairs another 1.05-1.33x (bench/RESULTS.md,
+// "Prefill: the wgmma GEMM's copy rows found once, its results stored as pairs"). Three
 // k tiles ahead with the products waited for at every tile, and a persistent grid copying a block's next tile
 // while it writes the last, were slower (same section). TMA from a producer warp and a weight tile multicast to a
 // cluster of two blocks are the next steps (docs/cuda.md).
@@ -226,27 +227,48 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
   cp_async_wait<0>();
 
   const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // A thread's two columns 2t, 2t + 1 of each 8 are adjacent: one 4-byte (bf16 pair) or 8-byte (float pair) store
+  // where the row stride and the output's start keep the pair aligned (n0 is a multiple of 128), else two.
+  const bool pairs = N % 2 == 0 && (reinterpret_cast<uintptr_t>(kSwiGLU ? static_cast<const void*>(p.out_bf16)
+                                                                        : static_cast<const void*>(cols.out)) &
+                                    (kSwiGLU ? 3 : 7)) == 0;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row_begin + wg * 64 + warp * 16 + g + half * 8;
     if (row >= row_end) continue;
     if constexpr (kSwiGLU) {
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < 16; ++j) {
+        const int col = n0 + j * 8 + 2 * t;
+        float v[2];
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = n0 + j * 8 + 2 * t + c;
-          const float gate = d[j * 4 + half * 2 + c], up = d[(j + 16) * 4 + half * 2 + c];
-          if (col < N) p.out_bf16[int64_t(row) * N + col] = __float2bfloat16_rn(silu(gate) * up);
+        for (int c = 0; c < 2; ++c) v[c] = silu(d[j * 4 + half * 2 + c]) * d[(j + 16) * 4 + half * 2 + c];
+        bf16* const dst = p.out_bf16 + int64_t(row) * N + col;
+        if (pairs && col + 1 < N) {
+          *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
+        } else {
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            if (col + c < N) dst[c] = __float2bfloat16_rn(v[c]);
         }
+      }
     } else {
 #pragma unroll
-      for (int j = 0; j < 32; ++j)
+      for (int j = 0; j < 32; ++j) {
+        const int col = n0 + j * 8 + 2 * t;
+        float v[2];
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = n0 + j * 8 + 2 * t + c;
-          if (col < N) cols.out[int64_t(row) * N + col] = d[j * 4 + half * 2 + c] + (cols.bias ? cols.bias[col] : 0.f);
+        for (int c = 0; c < 2; ++c)
+          v[c] = d[j * 4 + half * 2 + c] + (cols.bias && col + c < N ? cols.bias[col + c] : 0.f);
+        float* const dst = cols.out + int64_t(row) * N + col;
+        if (pairs && col + 1 < N) {
+          *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+        } else {
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            if (col + c < N) dst[c] = v[c];
         }
+      }
     }
   }
 #endif
