@@ -20,7 +20,7 @@
 // were fixed-latency dependencies and dispatch, and the integer ALU and FMA pipes carried the copies' address
 // arithmetic (a 64-bit multiply per B chunk and stage). With each thread's row starts found once (kRowPtrs) the
 // same GEMMs took 1.04-1.13x less time, and with the results stored as pairs another 1.05-1.33x (bench/RESULTS.md,
-// "Prefill: the wgmma GEMM's copy rows found once, its results stored as pairs"). Three
+// "Prefill: the wgmma GEMM's copy rows found once, the GEMMs' results stored as pairs"). Three
 // k tiles ahead with the products waited for at every tile, and a persistent grid copying a block's next tile
 // while it writes the last, were slower (same section). TMA from a producer warp and a weight tile multicast to a
 // cluster of two blocks are the next steps (docs/cuda.md).

@@ -145,23 +145,48 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
   const int g = lane >> 2, t = lane & 3;
   float* const out = p.k_chunk ? p.split_out + int64_t(blockIdx.z) * p.rows * N : cols.out;
   const float* const bias = p.k_chunk ? nullptr : cols.bias;
+  // acc[i][j][2h] and [2h + 1] are adjacent columns of one row: one 4-byte (bf16 pair) or 8-byte (float pair) store
+  // where an even N and the output's start keep the pair aligned (n0 is a multiple of 64), else two.
+  const bool pairs = N % 2 == 0 && (reinterpret_cast<uintptr_t>(kSwiGLU ? static_cast<const void*>(p.out_bf16)
+                                                                        : static_cast<const void*>(out)) &
+                                    (kSwiGLU ? 3 : 7)) == 0;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int row = row_begin + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
+    for (int h = 0; h < 2; ++h) {
+      const int row = row_begin + wm * 32 + i * 16 + g + h * 8;
       if (row >= row_end) continue;
       if constexpr (kSwiGLU) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int col = n0 + wn * 32 + j * 8 + 2 * t + (c & 1);
-          if (col < N) p.out_bf16[int64_t(row) * N + col] = __float2bfloat16_rn(silu(acc[i][j][c]) * acc[i][j + 4][c]);
+          const int col = n0 + wn * 32 + j * 8 + 2 * t;
+          float v[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) v[c] = silu(acc[i][j][2 * h + c]) * acc[i][j + 4][2 * h + c];
+          bf16* const dst = p.out_bf16 + int64_t(row) * N + col;
+          if (pairs && col + 1 < N) {
+            *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
+          } else {
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+              if (col + c < N) dst[c] = __float2bfloat16_rn(v[c]);
+          }
         }
       } else {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const int col = n0 + wn * 64 + j * 8 + 2 * t + (c & 1);
-          if (col < N) out[int64_t(row) * N + col] = acc[i][j][c] + (bias ? bias[col] : 0.f);
+          const int col = n0 + wn * 64 + j * 8 + 2 * t;
+          float v[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) v[c] = acc[i][j][2 * h + c] + (bias && col + c < N ? bias[col + c] : 0.f);
+          float* const dst = out + int64_t(row) * N + col;
+          if (pairs && col + 1 < N) {
+            *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+          } else {
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+              if (col + c < N) dst[c] = v[c];
+          }
         }
       }
     }
