@@ -227,11 +227,9 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
   cp_async_wait<0>();
 
   const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  // A thread's two columns 2t, 2t + 1 of each 8 are adjacent: one 4-byte (bf16 pair) or 8-byte (float pair) store
-  // where the row stride and the output's start keep the pair aligned (n0 is a multiple of 128), else two.
-  const bool pairs = N % 2 == 0 && (reinterpret_cast<uintptr_t>(kSwiGLU ? static_cast<const void*>(p.out_bf16)
-                                                                        : static_cast<const void*>(cols.out)) &
-                                    (kSwiGLU ? 3 : 7)) == 0;
+  // A thread's two columns 2t, 2t + 1 of each 8 are adjacent: one store a pair where they stay aligned (n0 is a
+  // multiple of 128).
+  const bool pairs = kSwiGLU ? pair_stores_aligned(p.out_bf16, N) : pair_stores_aligned(cols.out, N);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row_begin + wg * 64 + warp * 16 + g + half * 8;
@@ -243,14 +241,7 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
         float v[2];
 #pragma unroll
         for (int c = 0; c < 2; ++c) v[c] = silu(d[j * 4 + half * 2 + c]) * d[(j + 16) * 4 + half * 2 + c];
-        bf16* const dst = p.out_bf16 + int64_t(row) * N + col;
-        if (pairs && col + 1 < N) {
-          *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
-        } else {
-#pragma unroll
-          for (int c = 0; c < 2; ++c)
-            if (col + c < N) dst[c] = __float2bfloat16_rn(v[c]);
-        }
+        store_pair(p.out_bf16 + int64_t(row) * N + col, v, col, N, pairs);
       }
     } else {
 #pragma unroll
@@ -260,14 +251,7 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
 #pragma unroll
         for (int c = 0; c < 2; ++c)
           v[c] = d[j * 4 + half * 2 + c] + (cols.bias && col + c < N ? cols.bias[col + c] : 0.f);
-        float* const dst = cols.out + int64_t(row) * N + col;
-        if (pairs && col + 1 < N) {
-          *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
-        } else {
-#pragma unroll
-          for (int c = 0; c < 2; ++c)
-            if (col + c < N) dst[c] = v[c];
-        }
+        store_pair(cols.out + int64_t(row) * N + col, v, col, N, pairs);
       }
     }
   }

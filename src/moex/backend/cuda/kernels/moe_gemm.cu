@@ -145,11 +145,9 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
   const int g = lane >> 2, t = lane & 3;
   float* const out = p.k_chunk ? p.split_out + int64_t(blockIdx.z) * p.rows * N : cols.out;
   const float* const bias = p.k_chunk ? nullptr : cols.bias;
-  // acc[i][j][2h] and [2h + 1] are adjacent columns of one row: one 4-byte (bf16 pair) or 8-byte (float pair) store
-  // where an even N and the output's start keep the pair aligned (n0 is a multiple of 64), else two.
-  const bool pairs = N % 2 == 0 && (reinterpret_cast<uintptr_t>(kSwiGLU ? static_cast<const void*>(p.out_bf16)
-                                                                        : static_cast<const void*>(out)) &
-                                    (kSwiGLU ? 3 : 7)) == 0;
+  // acc[i][j][2h] and [2h + 1] are adjacent columns of one row: one store a pair where they stay aligned (n0 is a
+  // multiple of 64).
+  const bool pairs = kSwiGLU ? pair_stores_aligned(p.out_bf16, N) : pair_stores_aligned(out, N);
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -163,14 +161,7 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
           float v[2];
 #pragma unroll
           for (int c = 0; c < 2; ++c) v[c] = silu(acc[i][j][2 * h + c]) * acc[i][j + 4][2 * h + c];
-          bf16* const dst = p.out_bf16 + int64_t(row) * N + col;
-          if (pairs && col + 1 < N) {
-            *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
-          } else {
-#pragma unroll
-            for (int c = 0; c < 2; ++c)
-              if (col + c < N) dst[c] = __float2bfloat16_rn(v[c]);
-          }
+          store_pair(p.out_bf16 + int64_t(row) * N + col, v, col, N, pairs);
         }
       } else {
 #pragma unroll
@@ -179,14 +170,7 @@ __global__ __launch_bounds__(threads<BM>(), 2) void gemm_kernel(GemmParams p) {
           float v[2];
 #pragma unroll
           for (int c = 0; c < 2; ++c) v[c] = acc[i][j][2 * h + c] + (bias && col + c < N ? bias[col + c] : 0.f);
-          float* const dst = out + int64_t(row) * N + col;
-          if (pairs && col + 1 < N) {
-            *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
-          } else {
-#pragma unroll
-            for (int c = 0; c < 2; ++c)
-              if (col + c < N) dst[c] = v[c];
-          }
+          store_pair(out + int64_t(row) * N + col, v, col, N, pairs);
         }
       }
     }

@@ -104,6 +104,35 @@ __device__ __forceinline__ bool gemm_tile(const GemmParams& p, int tile, int til
   return true;
 }
 
+// Whether two adjacent results (an even column, then the next) can go out as one aligned pair: an even row stride N
+// and an output whose start is aligned to the pair (4 bytes for bf16, 8 for float); block-uniform.
+template <typename T>
+__device__ __forceinline__ bool pair_stores_aligned(const T* out, int N) {
+  return N % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & (2 * sizeof(T) - 1)) == 0;
+}
+
+// v[0], v[1] to dst[0], dst[1], the columns col and col + 1 of a row N wide (only those < N): one store of the pair
+// where `pair` (pair_stores_aligned) allows it and both columns exist, else one value a store. The values are
+// rounded alike either way (bf16: round to nearest).
+__device__ __forceinline__ void store_pair(bf16* dst, const float (&v)[2], int col, int N, bool pair) {
+  if (pair && col + 1 < N) {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+    if (col + c < N) dst[c] = __float2bfloat16_rn(v[c]);
+}
+__device__ __forceinline__ void store_pair(float* dst, const float (&v)[2], int col, int N, bool pair) {
+  if (pair && col + 1 < N) {
+    *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+    if (col + c < N) dst[c] = v[c];
+}
+
 // 16 bytes global -> shared (a shared-space address); invalid: zero-filled, nothing read.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
