@@ -5,6 +5,12 @@
 #                                  into .device/cuda (gitignored), to be named in the run tool's `carry`, with a
 #                                  fingerprint of the sources: every subcommand there stops at once when the
 #                                  copied tree's sources differ (binaries left from before an edit or a revert).
+#   tools/device_cuda.sh keep DIR [moex] [moex_cuda_kernels_bench]
+#                                  here, before the next prepare: those prepared binaries (default both; ~13 MB each
+#                                  compressed) into DIR/bin, to be carried and named BASELINE=DIR there (ab,
+#                                  prefill). The carry limit is 64 MiB with the tracked tree: beside the ~47 MB
+#                                  bundle one of them fits once models/default/model.safetensors (22 MB) is moved
+#                                  out of the tree for the call, and $DEV/lib/libcupti* (4 MB, trace only) too.
 #   tools/device_cuda.sh run       there: CUDA tests (ops + transformers fixtures), kernel benchmark, then
 #                                  Model A / Model B decode at batch 1 (moex --load-format random) next to
 #                                  transformers eager in the same call, nvidia-smi power/utilisation sampled
@@ -59,8 +65,12 @@
 #                                  with --timeline, Model B's 2048-token timeline per variant (MOEX_CUDA_TIMELINE,
 #                                  tools/cuda_timeline.py).
 #                                  Options: --models "model_a model_b", --skip-tests (else the GEMM, MoE and routed
-#                                  tests first). BASELINE=DIR (a dir with bin/moex[.gz]): that build's prefill too,
-#                                  interleaved, for changes that have no switch.
+#                                  tests first), --skip-kernels (no kernel benchmarks: ~15 s a variant less).
+#                                  BASELINE=DIR (a dir with bin/moex[.gz], and optionally
+#                                  bin/moex_cuda_kernels_bench[.gz]): that build's prefill and GEMM kernels too,
+#                                  interleaved, for changes that have no switch. A call's time: ~30 s a variant
+#                                  and model for the prefill runs (two each), ~30 s a variant for the kernels;
+#                                  three variants and the build overran 300 s (2026-11-29).
 #   tools/device_cuda.sh peers     there: llama.cpp and moex on the same cases in one call (bench/peers/llama_cpp_bench.sh:
 #                                  Model A batch 1, the 8x7B layers with experts on the CPU against moex's Mixtral-8x7B
 #                                  at 16 GiB, the offloaded 4-layer prefill), a table with the ratios. LLAMA_BIN: the
@@ -711,13 +721,14 @@ PY
 
 # Prefill A/B: this build and its --variant environments interleaved, a tokens/s table last.
 prefill() {
-  local out="${OUT:-/tmp/moex_device_out}" models="model_a model_b" timeline=0 skip_tests=0 variants=("")
+  local out="${OUT:-/tmp/moex_device_out}" models="model_a model_b" timeline=0 skip_tests=0 skip_kernels=0 variants=("")
   while [ $# -gt 0 ]; do
     case "$1" in
       --variant) variants+=("$2"); shift ;;
       --models) models=$2; shift ;;
       --timeline) timeline=1 ;;
       --skip-tests) skip_tests=1 ;;
+      --skip-kernels) skip_kernels=1 ;;
       *) echo "device_cuda.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -751,12 +762,29 @@ print(json.dumps({'variant': sys.argv[1], 'model': sys.argv[2], 'prefill': r.get
       done
     done
   done
+  # The GEMM kernels of each variant and of BASELINE's kernel bench where it has one, alternately, twice.
+  if [ "$skip_kernels" -eq 0 ]; then
+    for rep in 1 2; do
+      for v in "${runs[@]}"; do
+        env=() bin="$DEV/bin/moex_cuda_kernels_bench"
+        if [ "$v" = base ]; then
+          bin="$base/bin/moex_cuda_kernels_bench" label="baseline ($base)"
+          [ -x "$bin" ] || continue
+        else
+          IFS=, read -r -a env <<<"${variants[$v]}"
+          label="${variants[$v]:-this build}"
+        fi
+        echo "== GEMM kernels, run $rep: $label"
+        env "${env[@]}" timeout 90 "$bin" --gemm-only 2>&1 | grep -E "gemm|GEMM|cuBLAS"
+      done
+    done
+  fi
   for v in "${!variants[@]}"; do
     IFS=, read -r -a env <<<"${variants[$v]}"
-    echo "== GEMM kernels: ${variants[$v]:-this build}"
-    env "${env[@]}" timeout 90 "$DEV/bin/moex_cuda_kernels_bench" --gemm-only 2>&1 | grep -E "gemm|GEMM|cuBLAS"
-    echo "== attention kernels: ${variants[$v]:-this build}"
-    env "${env[@]}" timeout 60 "$DEV/bin/moex_cuda_kernels_bench" --attention-only 2>&1 | grep -E "^attention"
+    if [ "$skip_kernels" -eq 0 ]; then
+      echo "== attention kernels: ${variants[$v]:-this build}"
+      env "${env[@]}" timeout 60 "$DEV/bin/moex_cuda_kernels_bench" --attention-only 2>&1 | grep -E "^attention"
+    fi
     [ "$timeline" -eq 1 ] || continue
     env "${env[@]}" MOEX_CUDA_TIMELINE="$out/timeline_v$v.csv" timeout 150 "$DEV/bin/moex" bench \
       -m bench/cuda/models/model_b --load-format random --device cuda --prompt-lens 2048 --decode-tokens 0 --reps 2 \
@@ -781,8 +809,24 @@ for model, tokens in dict.fromkeys((m, t) for m, t, _ in runs):
 PY
 }
 
+# Here, before the next prepare: binaries of the prepared bundle (compressed, with their source fingerprint) into
+# DIR/bin, to run there as BASELINE=DIR against the build after a change that has no switch.
+#   keep DIR [NAME...]   NAME: moex, moex_cuda_kernels_bench (default: both)
+keep() {
+  local dir=${1:?usage: tools/device_cuda.sh keep DIR [moex] [moex_cuda_kernels_bench]} name
+  shift
+  [ $# -gt 0 ] || set -- moex moex_cuda_kernels_bench
+  mkdir -p "$dir/bin" || exit 1
+  for name in "$@"; do
+    [ -f "$DEV/bin/$name.gz" ] || { echo "device_cuda.sh keep: no $name.gz in $DEV (run prepare first)" >&2; exit 1; }
+    cp "$DEV/bin/$name.gz" "$dir/bin/" || exit 1
+  done
+  cp "$DEV/source_id" "$dir/source_id" && du -sh "$dir"
+}
+
 case "${1:-}" in
   prepare) prepare ;;
+  keep) shift; keep "$@" ;;
   prefill) shift; unpack; prefill "$@" ;;
   peers) shift; unpack; peers "$@" ;;
   run) shift; unpack; run "$@" ;;
