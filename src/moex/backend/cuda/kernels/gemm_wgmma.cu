@@ -174,7 +174,7 @@ __global__ __launch_bounds__(kThreads<kRows>, 1) void gemm_wgmma_kernel(GemmPara
     } else {
 #pragma unroll
       for (int i = 0; i < kChunks; ++i) {
-        const int r = (tid + i * kThreadCount) >> 3;  // column kc: the thread's
+        const int r = (tid + i * kThreadCount) >> 3;  // the chunk's row; its 16-byte column is kc
         const bool k_ok = k0 + kc * 8 < K;
         const bf16* src;
         bool valid;
